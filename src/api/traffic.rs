@@ -1,0 +1,271 @@
+//! `TrafficPolicy`: how clients call one Service — timeout, retries,
+//! circuit breaking, rate limit, load balancing.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Duration, HttpMethod, PolicyStatus, ServiceReference};
+
+/// Resilience settings every client proxy applies when calling the target
+/// Service. One per Service: when several target it the oldest wins.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    plural = "trafficpolicies",
+    namespaced,
+    doc = "How clients call one Service: timeout, retries (safe by default), circuit breaking, rate limit, load balancing.",
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "tp",
+    category = "weft",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+    printcolumn(name = "Timeout", type_ = "string", json_path = ".spec.timeout"),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.timeout) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(self.timeout)").message("retries.perTryTimeout must not exceed timeout: the whole request would time out before one try does"))]
+pub struct TrafficPolicySpec {
+    /// The Service this policy applies to, in the policy's namespace.
+    pub target_ref: ServiceReference,
+    /// Deadline for the whole request, retries included. Unset: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Retries of failed requests. Only idempotent methods, or requests that
+    /// carry an `Idempotency-Key` header, are retried unless `methods` says
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+    /// Stop sending to a failing endpoint (or the whole Service) for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// A token bucket each client proxy applies to its calls to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// How endpoints are picked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Request paths (exact, query ignored) that never count as failures and
+    /// are never retried, such as health checks: `/health`, `/readyz`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^/[^\s?#]*$")), extend("x-kubernetes-list-type" = "set"))]
+    pub excluded_paths: Vec<String>,
+}
+
+/// When and how often a failed request is sent again.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.backoff) || duration(self.backoff.base) <= duration(self.backoff.max)").message("retries.backoff.base must not exceed retries.backoff.max"))]
+pub struct RetryPolicy {
+    /// How many times a failed request is retried, not counting the first try.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(max = 10))]
+    pub attempts: u32,
+    /// Deadline of each try. Unset: each try may use what is left of `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// Which failures are retried. Default: `connect-failure`, `reset`,
+    /// `gateway-error`.
+    #[serde(default = "default_retry_on")]
+    #[schemars(length(min = 1), extend("x-kubernetes-list-type" = "set"))]
+    pub retry_on: Vec<RetryOn>,
+    /// Response status codes retried in addition to `retryOn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(range(min = 100, max = 599)), extend("x-kubernetes-list-type" = "set"))]
+    pub status_codes: Vec<u16>,
+    /// Methods that may be retried. Default: the idempotent ones, GET, HEAD,
+    /// OPTIONS, PUT, DELETE, TRACE. A request with an `Idempotency-Key` header
+    /// is retried whatever its method. Add POST only if its handler is
+    /// idempotent: a retried POST can charge a customer twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub methods: Option<Vec<HttpMethod>>,
+    /// Caps retries to a share of live traffic so an outage cannot multiply
+    /// the load on a struggling Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+    /// Exponential backoff with jitter between tries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+
+pub fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::GatewayError]
+}
+
+/// A class of failure that may be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RetryOn {
+    /// Any 5xx response.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// 502, 503 and 504.
+    #[serde(rename = "gateway-error")]
+    GatewayError,
+    /// The connection to the endpoint could not be made (the request never
+    /// left, so any method is safe to retry).
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The endpoint reset or closed the connection before responding.
+    #[serde(rename = "reset")]
+    Reset,
+}
+
+/// The share of requests that may be retries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries allowed as a percentage of requests (default 20).
+    #[serde(default = "default_budget_percent")]
+    #[schemars(range(max = 100))]
+    pub percent: u32,
+    /// Retries per second always allowed, however little traffic there is
+    /// (default 10).
+    #[serde(default = "default_min_retries")]
+    pub min_retries_per_second: u32,
+    /// The window over which requests and retries are counted (default 10s).
+    #[serde(default = "default_budget_window")]
+    pub window: Duration,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: default_budget_percent(),
+            min_retries_per_second: default_min_retries(),
+            window: default_budget_window(),
+        }
+    }
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_min_retries() -> u32 {
+    10
+}
+fn default_budget_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Exponential backoff between tries: `base * 2^n`, capped at `max`, with
+/// full jitter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    /// First backoff (default 25ms).
+    #[serde(default = "default_backoff_base")]
+    pub base: Duration,
+    /// Largest backoff (default 250ms).
+    #[serde(default = "default_backoff_max")]
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(25)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_millis(250)
+}
+
+/// Trips per endpoint (and for the Service when every endpoint is out).
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.openDuration) <= duration(self.maxOpenDuration)").message("circuitBreaker.openDuration must not exceed circuitBreaker.maxOpenDuration"))]
+pub struct CircuitBreaker {
+    /// Consecutive failures that open the circuit (default 5).
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: u32,
+    /// Also open when the failure rate over a window passes a threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRate>,
+    /// How long the circuit stays open the first time (default 5s); it
+    /// doubles on each trip that follows a failed probe.
+    #[serde(default = "default_open_duration")]
+    pub open_duration: Duration,
+    /// The longest the circuit stays open (default 1m).
+    #[serde(default = "default_max_open_duration")]
+    pub max_open_duration: Duration,
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_open_duration() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_open_duration() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// A failure-rate trip condition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRate {
+    /// Failure percentage that opens the circuit.
+    #[schemars(range(min = 1, max = 100))]
+    pub percent: u32,
+    /// Requests the window must hold before the rate counts (default 20).
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: u32,
+    /// The sliding window (default 10s).
+    #[serde(default = "default_rate_window")]
+    pub window: Duration,
+}
+
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_rate_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A token bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1))]
+    pub requests_per_second: u32,
+    /// Requests allowed in a burst above the rate; default equals
+    /// `requestsPerSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+}
+
+/// Endpoint selection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// `PeakEwma` (default): power of two choices by peak-EWMA latency.
+    /// `RoundRobin`: each endpoint in turn.
+    #[serde(default)]
+    pub algorithm: LoadBalancerAlgorithm,
+}
+
+/// Load-balancing algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LoadBalancerAlgorithm {
+    #[default]
+    PeakEwma,
+    RoundRobin,
+}

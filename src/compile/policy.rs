@@ -1,0 +1,308 @@
+//! TrafficPolicy and ServiceRoute: from specs to the resolved per-Service
+//! policy and routes of the proxy config, with every default filled in so
+//! the proxy never guesses.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+
+use super::verdict::{PolicyKind, Verdicts};
+use super::{ClusterFacts, ServiceKey, age_order};
+use crate::api::conditions::reason;
+use crate::api::{
+    HttpMethod, LoadBalancerAlgorithm, RetryBudget, RetryOn, RetryPolicy, ServiceRoute, TrafficPolicy,
+};
+use crate::config::{
+    CircuitBreakerConfig, FailureRateConfig, IDEMPOTENCY_HEADER, MatchConfig, PathMatchConfig,
+    ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy,
+    WeightedBackend,
+};
+
+/// Backoff when a policy sets none: 25ms doubling to 250ms.
+const DEFAULT_BACKOFF_MS: (u64, u64) = (25, 250);
+
+/// The policy of a Service no TrafficPolicy targets: no deadline, and one
+/// retry of a connection that could not be made (such a request never left,
+/// so retrying it is safe for any method).
+pub fn default_service_policy() -> ServicePolicy {
+    ServicePolicy {
+        source: None,
+        timeout_ms: None,
+        retry: RetryConfig {
+            max_retries: 1,
+            retry_on: vec![RetryOn::ConnectFailure],
+            ..retry_config(None)
+        },
+        circuit_breaker: None,
+        rate_limit: None,
+        load_balancer: LoadBalancerAlgorithm::PeakEwma,
+        excluded_paths: Vec::new(),
+    }
+}
+
+/// Retries with defaults filled in: idempotent methods only (plus any
+/// request carrying `Idempotency-Key`), a budget of 20 % of requests plus
+/// 10 retries/s, backoff 25ms..250ms.
+pub fn retry_config(policy: Option<&RetryPolicy>) -> RetryConfig {
+    let default_policy;
+    let r = match policy {
+        Some(r) => r,
+        None => {
+            default_policy = serde_json::from_value::<RetryPolicy>(serde_json::json!({}))
+                .unwrap_or_else(|e| unreachable!("RetryPolicy defaults deserialise: {e}"));
+            &default_policy
+        }
+    };
+    let mut retry_on = r.retry_on.clone();
+    retry_on.sort();
+    retry_on.dedup();
+    let mut status_codes = r.status_codes.clone();
+    status_codes.sort_unstable();
+    status_codes.dedup();
+    let mut methods: Vec<HttpMethod> = r.methods.clone().unwrap_or_else(|| HttpMethod::IDEMPOTENT.to_vec());
+    methods.sort();
+    methods.dedup();
+    let budget = r.budget.clone().unwrap_or_else(RetryBudget::default);
+    let (base, max) = r
+        .backoff
+        .as_ref()
+        .map(|b| (b.base.as_millis(), b.max.as_millis()))
+        .unwrap_or(DEFAULT_BACKOFF_MS);
+    RetryConfig {
+        max_retries: r.attempts,
+        per_try_timeout_ms: r.per_try_timeout.map(|d| d.as_millis()),
+        retry_on,
+        status_codes,
+        methods,
+        idempotency_header: IDEMPOTENCY_HEADER.to_owned(),
+        budget: RetryBudgetConfig {
+            percent: budget.percent,
+            min_per_second: budget.min_retries_per_second,
+            window_ms: budget.window.as_millis(),
+        },
+        backoff_base_ms: base,
+        backoff_max_ms: max,
+    }
+}
+
+fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
+    let spec = &tp.spec;
+    let mut excluded_paths = spec.excluded_paths.clone();
+    excluded_paths.sort();
+    excluded_paths.dedup();
+    ServicePolicy {
+        source: Some(format!("{}/{}", tp.namespace().unwrap_or_default(), tp.name_any())),
+        timeout_ms: spec.timeout.map(|d| d.as_millis()),
+        retry: match &spec.retries {
+            Some(r) => retry_config(Some(r)),
+            None => default_service_policy().retry,
+        },
+        circuit_breaker: spec.circuit_breaker.as_ref().map(|cb| CircuitBreakerConfig {
+            consecutive_failures: cb.consecutive_failures,
+            failure_rate: cb.failure_rate.as_ref().map(|fr| FailureRateConfig {
+                percent: fr.percent,
+                min_requests: fr.min_requests,
+                window_ms: fr.window.as_millis(),
+            }),
+            open_ms: cb.open_duration.as_millis(),
+            max_open_ms: cb.max_open_duration.as_millis(),
+        }),
+        rate_limit: spec.rate_limit.as_ref().map(|rl| RateLimitConfig {
+            requests_per_second: rl.requests_per_second,
+            burst: rl.burst.unwrap_or(rl.requests_per_second),
+        }),
+        load_balancer: spec.load_balancer.as_ref().map(|lb| lb.algorithm).unwrap_or_default(),
+        excluded_paths,
+    }
+}
+
+/// Orders policies by age, resolves each target and settles conflicts.
+/// Calls `accept` for each winner and returns what it produced per target.
+fn resolve<P, T>(
+    kind: PolicyKind,
+    policies: &[P],
+    services: &BTreeMap<ServiceKey, &Service>,
+    verdicts: &mut Verdicts,
+    target_name: impl Fn(&P) -> &str,
+    mut accept: impl FnMut(&P, &mut super::verdict::PolicyVerdict) -> T,
+) -> HashMap<ServiceKey, T>
+where
+    P: kube::Resource,
+{
+    let mut sorted: Vec<&P> = policies.iter().collect();
+    sorted.sort_by(|a, b| age_order(*a, *b));
+    let mut winners: HashMap<ServiceKey, String> = HashMap::new();
+    let mut out = HashMap::new();
+    for policy in sorted {
+        let ns = policy.namespace().unwrap_or_default();
+        let key: ServiceKey = (ns.clone(), target_name(policy).to_owned());
+        let mut v = verdicts.start(kind, policy);
+        if let Some(winner) = winners.get(&key) {
+            v.conflict(format!(
+                "{kind:?} {ns}/{winner} is older and already targets Service {ns}/{}; merge the two or delete one",
+                key.1
+            ));
+            verdicts.push(v);
+            continue;
+        }
+        v.accept();
+        if !services.contains_key(&key) {
+            v.unresolved(
+                reason::TARGET_NOT_FOUND,
+                format!("Service {ns}/{} not found; nothing is applied until it exists", key.1),
+            );
+            verdicts.push(v);
+            continue;
+        }
+        winners.insert(key.clone(), policy.name_any());
+        v.resolved();
+        let produced = accept(policy, &mut v);
+        verdicts.placed(kind, &ns, &policy.name_any(), key.clone());
+        verdicts.push(v);
+        out.insert(key, produced);
+    }
+    out
+}
+
+pub(crate) fn resolve_traffic(
+    facts: &ClusterFacts,
+    services: &BTreeMap<ServiceKey, &Service>,
+    verdicts: &mut Verdicts,
+) -> HashMap<ServiceKey, ServicePolicy> {
+    resolve(
+        PolicyKind::TrafficPolicy,
+        &facts.traffic_policies,
+        services,
+        verdicts,
+        |tp| tp.spec.target_ref.name.as_str(),
+        |tp, _| service_policy(tp),
+    )
+}
+
+pub(crate) fn resolve_routes(
+    facts: &ClusterFacts,
+    services: &BTreeMap<ServiceKey, &Service>,
+    verdicts: &mut Verdicts,
+) -> HashMap<ServiceKey, Vec<RouteConfig>> {
+    resolve(
+        PolicyKind::ServiceRoute,
+        &facts.service_routes,
+        services,
+        verdicts,
+        |sr| sr.spec.parent_ref.name.as_str(),
+        |sr, v| route_configs(sr, services, v),
+    )
+}
+
+fn route_configs(
+    sr: &ServiceRoute,
+    services: &BTreeMap<ServiceKey, &Service>,
+    v: &mut super::verdict::PolicyVerdict,
+) -> Vec<RouteConfig> {
+    let ns = sr.namespace().unwrap_or_default();
+    let mut problems = Vec::new();
+    let routes = sr
+        .spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let rule_name = rule.name.clone().unwrap_or_else(|| i.to_string());
+            let total: u32 = rule.backend_refs.iter().map(|b| b.weight).sum();
+            let mut backends = Vec::new();
+            for b in &rule.backend_refs {
+                if services.contains_key(&(ns.clone(), b.name.clone())) {
+                    backends.push(WeightedBackend {
+                        service: format!("{}.{ns}", b.name),
+                        port: b.port,
+                        weight: b.weight,
+                    });
+                } else {
+                    problems.push(format!(
+                        "rule {rule_name}: backend Service {ns}/{} not found; its share ({} of {total}) goes to the remaining backends",
+                        b.name, b.weight
+                    ));
+                }
+            }
+            if backends.iter().all(|b| b.weight == 0) && !rule.backend_refs.is_empty() {
+                if !backends.is_empty() || problems.is_empty() {
+                    problems.push(format!("rule {rule_name}: no backend with a weight above 0 exists"));
+                }
+                problems.push(format!("rule {rule_name}: its requests are answered 503 until a backend exists"));
+                backends.clear();
+            }
+            RouteConfig {
+                name: format!("{ns}/{}/{rule_name}", sr.name_any()),
+                matches: rule
+                    .matches
+                    .iter()
+                    .map(|m| MatchConfig {
+                        path: m.path.as_ref().map(|p| PathMatchConfig {
+                            type_: p.type_,
+                            value: p.value.clone(),
+                        }),
+                        method: m.method,
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                            .collect(),
+                    })
+                    .collect(),
+                backends,
+                timeout_ms: rule.timeout.map(|d| d.as_millis()),
+                retry: rule.retries.as_ref().map(|r| retry_config(Some(r))),
+            }
+        })
+        .collect();
+    if !problems.is_empty() {
+        v.unresolved(reason::BACKEND_NOT_FOUND, problems.join("; "));
+    }
+    routes
+}
+
+/// `Programmed` for TrafficPolicies and ServiceRoutes: in how many meshed
+/// namespaces' configs their Service appears.
+pub(crate) fn mark_programmed(
+    verdicts: &mut Verdicts,
+    configs: &BTreeMap<String, ProxyConfig>,
+    meshed: &BTreeSet<String>,
+) {
+    for (kind, ns, name, (svc_ns, svc_name)) in verdicts.take_placements() {
+        let clients: Vec<&str> = configs
+            .iter()
+            .filter(|(_, c)| {
+                c.outbound
+                    .services
+                    .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(svc_ns.as_str(), svc_name.as_str())))
+                    .is_ok()
+            })
+            .map(|(client, _)| client.as_str())
+            .collect();
+        let Some(v) = verdicts.get_mut(kind, &ns, &name) else {
+            continue;
+        };
+        if clients.is_empty() {
+            let why = if meshed.is_empty() {
+                "no namespace is meshed yet (label one weft.dev/inject=enabled)".to_owned()
+            } else {
+                format!("no meshed namespace may reach Service {svc_ns}/{svc_name}")
+            };
+            v.not_programmed(reason::NOT_PROGRAMMED, why);
+        } else {
+            v.programmed(format!("in the proxy config of {}", summarize(&clients)));
+        }
+    }
+}
+
+/// `a, b, c` or `a, b, c and 7 more namespaces`.
+pub(crate) fn summarize(names: &[&str]) -> String {
+    const SHOWN: usize = 5;
+    let head = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    match names.len() {
+        1 => format!("namespace {head}"),
+        n if n <= SHOWN => format!("namespaces {head}"),
+        n => format!("namespaces {head} and {} more", n - SHOWN),
+    }
+}

@@ -1,0 +1,484 @@
+//! The contract between the operator and every proxy: `ProxyConfig`, the
+//! document stored under key `config.json` of ConfigMap `weft-proxy-config`
+//! in each meshed namespace.
+//!
+//! Versioning: `schemaVersion` is `MAJOR.MINOR`. A reader accepts any minor
+//! version of its major (unknown fields from a newer minor are ignored, so
+//! new fields must be optional with a safe default) and refuses a newer
+//! major. `generation` is a content hash: two configs with the same
+//! generation are identical, so proxies and the operator compare it to tell
+//! whether a change has reached everyone.
+//!
+//! Durations are integer milliseconds and addresses are strings, so a proxy
+//! does no parsing beyond JSON. The document is written compactly; at 1000
+//! reachable Services it stays well under the 1 MiB object limit (see
+//! `bench/results/compile.md`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use crate::api::{HttpMethod, LoadBalancerAlgorithm, PathMatchType, RetryOn};
+
+/// The version this build writes.
+pub const SCHEMA_VERSION: &str = "1.0";
+/// The major version this build reads.
+pub const SCHEMA_MAJOR: u32 = 1;
+/// ConfigMap holding the document, one per meshed namespace.
+pub const CONFIG_MAP_NAME: &str = "weft-proxy-config";
+/// Key of the document in the ConfigMap.
+pub const CONFIG_KEY: &str = "config.json";
+/// Header that makes any request retryable.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// The compiled proxy configuration of one namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// `MAJOR.MINOR` of this document's schema.
+    pub schema_version: String,
+    /// Content hash of everything else (16 hex digits).
+    pub generation: String,
+    /// The namespace whose proxies run this config.
+    pub namespace: String,
+    /// Trust domain of SPIFFE identities.
+    pub trust_domain: String,
+    pub inbound: InboundConfig,
+    pub outbound: OutboundConfig,
+}
+
+/// What the namespace's proxies admit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundConfig {
+    /// Applies to every workload of the namespace.
+    pub mode: InboundMode,
+    /// Container ports that accept plaintext under `Strict`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plaintext_ports: Vec<u16>,
+    /// Access rules; a port no authorization covers admits everyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorizations: Vec<Authorization>,
+}
+
+/// The inbound mTLS mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    Permissive,
+    Strict,
+}
+
+/// The allow rules guarding some ports of the namespace's workloads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authorization {
+    /// The AccessPolicy this came from, `namespace/name`, for metrics.
+    pub policy: String,
+    /// The guarded Service; unset for a namespace-wide policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Container ports guarded: numbers, or port names the proxy resolves
+    /// from its pod's container ports. Empty: every port (namespace-wide).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRef>,
+    /// A request is admitted when any rule matches; none denies all.
+    #[serde(default)]
+    pub rules: Vec<AccessRuleConfig>,
+}
+
+/// A container port by number or by name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+/// One allow rule with identities resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessRuleConfig {
+    /// Callers admitted.
+    pub identities: Vec<IdentityMatch>,
+    /// Container ports; empty: all the authorization guards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathMatchConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<HttpMethod>,
+}
+
+/// A caller: one ServiceAccount, or any in a namespace (`serviceAccount`
+/// unset).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityMatch {
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+/// A path comparison.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathMatchConfig {
+    #[serde(rename = "type")]
+    pub type_: PathMatchType,
+    pub value: String,
+}
+
+/// Every Service the namespace may call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundConfig {
+    /// The policy of a Service that has no TrafficPolicy.
+    pub defaults: ServicePolicy,
+    /// Sorted by namespace, then name.
+    pub services: Vec<OutboundService>,
+}
+
+/// A Service as its clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundService {
+    pub name: String,
+    pub namespace: String,
+    /// The names clients may use: `name.ns.svc.<domain>`, `name.ns.svc`,
+    /// `name.ns`; a proxy in the same namespace also accepts `name`.
+    pub hostnames: Vec<String>,
+    /// ClusterIPs; empty for a headless Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePortConfig>,
+    /// Set when the Service's pods run a proxy: connections use mesh mTLS and
+    /// the server must present one of these identities. Unset: plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshedServer>,
+    /// Routes, first match wins; a request no route matches goes to this
+    /// Service's own endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// This Service's TrafficPolicy; unset means `outbound.defaults`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ServicePolicy>,
+}
+
+/// A Service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortConfig {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the endpoints listen; a name when the Service uses a named
+    /// targetPort.
+    pub target_port: PortRef,
+    pub protocol: PortProtocol,
+}
+
+/// How a port's traffic is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// Peek at the first bytes to tell HTTP/1, HTTP/2 and opaque TCP apart.
+    Detect,
+    Http1,
+    Http2,
+    /// Plain TCP, never inspected (server-speaks-first protocols).
+    Opaque,
+}
+
+/// Who serves a meshed Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshedServer {
+    /// Namespace of the serving identities.
+    pub namespace: String,
+    /// ServiceAccounts that may serve; empty: any of `namespace`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    /// The server namespace is enforcing (or about to enforce) STRICT:
+    /// never fall back to plaintext.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
+}
+
+/// A route: requests that match go to weighted backends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteConfig {
+    /// `namespace/route-name/rule-name-or-index`, for metrics.
+    pub name: String,
+    /// Any match selects the route; empty matches everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<MatchConfig>,
+    /// Empty when every backend was missing: the proxy answers 503.
+    pub backends: Vec<WeightedBackend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+}
+
+/// Conditions that must all hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatchConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<HttpMethod>,
+    /// Header names lowercased; exact values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A backend Service and its share.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedBackend {
+    /// `name.namespace`, a key into `outbound.services`.
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+/// The resolved resilience policy for calls to one Service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePolicy {
+    /// The TrafficPolicy, `namespace/name`; unset for the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    pub retry: RetryConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+    pub load_balancer: LoadBalancerAlgorithm,
+    /// Exact paths that never count as failures and are never retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_paths: Vec<String>,
+}
+
+/// Retries, with every default filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    /// Retries after the first try; 0 disables retries.
+    pub max_retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    pub retry_on: Vec<RetryOn>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_codes: Vec<u16>,
+    /// Methods retried without an idempotency header.
+    pub methods: Vec<HttpMethod>,
+    /// A request carrying this header (lowercase) is retried whatever its
+    /// method.
+    pub idempotency_header: String,
+    pub budget: RetryBudgetConfig,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+/// Retries allowed: `percent` of requests in `window`, plus a floor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudgetConfig {
+    pub percent: u32,
+    pub min_per_second: u32,
+    pub window_ms: u64,
+}
+
+/// Circuit breaking, with defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerConfig {
+    pub consecutive_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRateConfig>,
+    pub open_ms: u64,
+    pub max_open_ms: u64,
+}
+
+/// Failure-rate trip condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRateConfig {
+    pub percent: u32,
+    pub min_requests: u32,
+    pub window_ms: u64,
+}
+
+/// Token bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+/// Why a config document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("proxy config is not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("proxy config has no schemaVersion string")]
+    NoVersion,
+    #[error("proxy config schemaVersion {0:?} is not MAJOR.MINOR")]
+    BadVersion(String),
+    #[error(
+        "proxy config schemaVersion {found} is newer than this proxy understands (major {SCHEMA_MAJOR}); upgrade the proxy image to match the operator"
+    )]
+    NewerMajor { found: String },
+    #[error("proxy config field {path}: {source}")]
+    Field {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ProxyConfig {
+    /// Fills in `schemaVersion` and `generation`: call after building.
+    pub fn seal(mut self) -> Self {
+        self.schema_version = SCHEMA_VERSION.to_owned();
+        self.generation = String::new();
+        self.generation = content_hash(&self);
+        self
+    }
+
+    /// The compact JSON written to the ConfigMap.
+    pub fn to_json(&self) -> String {
+        // Plain data with string keys: serialising cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads a document, accepting any minor version of our major.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(ConfigError::Json)?;
+        let version = value
+            .get("schemaVersion")
+            .and_then(serde_json::Value::as_str)
+            .ok_or(ConfigError::NoVersion)?;
+        let major: u32 = version
+            .split_once('.')
+            .and_then(|(major, minor)| minor.parse::<u32>().ok().and(major.parse().ok()))
+            .ok_or_else(|| ConfigError::BadVersion(version.to_owned()))?;
+        if major > SCHEMA_MAJOR {
+            return Err(ConfigError::NewerMajor {
+                found: version.to_owned(),
+            });
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Field {
+            path: e.path().to_string(),
+            source: e.into_inner(),
+        })
+    }
+}
+
+/// Sha-256 of the compact JSON, first 8 bytes in hex.
+fn content_hash(config: &ProxyConfig) -> String {
+    let digest = Sha256::digest(config.to_json().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ProxyConfig {
+        ProxyConfig {
+            schema_version: String::new(),
+            generation: String::new(),
+            namespace: "shop".into(),
+            trust_domain: "cluster.local".into(),
+            inbound: InboundConfig {
+                mode: InboundMode::Permissive,
+                plaintext_ports: vec![],
+                authorizations: vec![],
+            },
+            outbound: OutboundConfig {
+                defaults: ServicePolicy {
+                    source: None,
+                    timeout_ms: None,
+                    retry: RetryConfig {
+                        max_retries: 1,
+                        per_try_timeout_ms: None,
+                        retry_on: vec![RetryOn::ConnectFailure],
+                        status_codes: vec![],
+                        methods: HttpMethod::IDEMPOTENT.to_vec(),
+                        idempotency_header: IDEMPOTENCY_HEADER.into(),
+                        budget: RetryBudgetConfig {
+                            percent: 20,
+                            min_per_second: 10,
+                            window_ms: 10_000,
+                        },
+                        backoff_base_ms: 25,
+                        backoff_max_ms: 250,
+                    },
+                    circuit_breaker: None,
+                    rate_limit: None,
+                    load_balancer: LoadBalancerAlgorithm::PeakEwma,
+                    excluded_paths: vec![],
+                },
+                services: vec![],
+            },
+        }
+        .seal()
+    }
+
+    #[test]
+    fn round_trips_and_hash_tracks_content() {
+        let a = sample();
+        assert_eq!(a.schema_version, SCHEMA_VERSION);
+        assert_eq!(a.generation.len(), 16);
+        let back = ProxyConfig::from_json(a.to_json().as_bytes()).expect("reads back");
+        assert_eq!(back, a);
+        let mut b = sample();
+        b.inbound.mode = InboundMode::Strict;
+        let b = b.seal();
+        assert_ne!(a.generation, b.generation, "a content change must change the generation");
+        assert_eq!(sample().generation, a.generation, "the hash is deterministic");
+    }
+
+    #[test]
+    fn newer_minor_with_unknown_fields_is_read() {
+        let mut v = serde_json::to_value(sample()).expect("json");
+        v["schemaVersion"] = "1.7".into();
+        v["futureKnob"] = serde_json::json!({"x": 1});
+        v["inbound"]["futureInbound"] = true.into();
+        let cfg = ProxyConfig::from_json(v.to_string().as_bytes()).expect("newer minor is tolerated");
+        assert_eq!(cfg.namespace, "shop");
+    }
+
+    #[test]
+    fn newer_major_is_refused_with_advice() {
+        let mut v = serde_json::to_value(sample()).expect("json");
+        v["schemaVersion"] = "2.0".into();
+        let err = ProxyConfig::from_json(v.to_string().as_bytes()).expect_err("major 2");
+        assert!(matches!(err, ConfigError::NewerMajor { .. }));
+        assert!(err.to_string().contains("upgrade the proxy"), "{err}");
+    }
+
+    #[test]
+    fn broken_documents_name_the_problem() {
+        let cases: [(&str, &str); 4] = [
+            ("{", "not valid JSON"),
+            ("{}", "no schemaVersion"),
+            (r#"{"schemaVersion":"one"}"#, "not MAJOR.MINOR"),
+            (r#"{"schemaVersion":"1.0","generation":"x","namespace":"shop","trustDomain":"t","inbound":{"mode":"sometimes"},"outbound":{}}"#, "inbound.mode"),
+        ];
+        for (doc, expected) in cases {
+            let err = ProxyConfig::from_json(doc.as_bytes()).expect_err(doc);
+            assert!(err.to_string().contains(expected), "{doc}: {err}");
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The `weft` binary: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Weft: a lightweight service mesh for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the weft.dev CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crdgen {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Compile policy YAML (what you would `kubectl apply`) into each meshed
+    /// namespace's proxy config and every policy's status verdict.
+    Compile(weft::manifest::CompileArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crdgen { out_dir } => crdgen(out_dir),
+        Command::Compile(args) => weft::manifest::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    for crd in weft::api::crds() {
+        let yaml = weft::api::crd_yaml(&crd);
+        match &out_dir {
+            Some(dir) => {
+                let path = dir.join(weft::api::crd_file_name(&crd));
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+            }
+            None => print!("{yaml}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
