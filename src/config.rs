@@ -10,9 +10,15 @@
 //! whether a change has reached everyone.
 //!
 //! Durations are integer milliseconds and addresses are strings, so a proxy
-//! does no parsing beyond JSON. The document is written compactly; at 1000
-//! reachable Services it stays well under the 1 MiB object limit (see
-//! `bench/results/compile.md`).
+//! does no parsing beyond JSON.
+//!
+//! Size: the document is compact JSON under `config.json` (about 300 bytes
+//! per reachable Service: 1000 Services is under 300 KiB). Above
+//! [`COMPRESS_ABOVE`] it is stored gzip-compressed under binaryData key
+//! `config.json.gz` instead (about a tenth of the size), so a namespace that
+//! reaches thousands of Services stays under the 1 MiB object limit. The
+//! ConfigMap holds exactly one of the two keys; readers accept either (see
+//! [`ProxyConfig::from_bytes`]). Figures: `bench/results/compile.md`.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +35,14 @@ pub const SCHEMA_MAJOR: u32 = 1;
 pub const CONFIG_MAP_NAME: &str = "weft-proxy-config";
 /// Key of the document in the ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
+/// binaryData key of the gzip-compressed document, used above
+/// [`COMPRESS_ABOVE`].
+pub const CONFIG_GZ_KEY: &str = "config.json.gz";
+/// Compact JSON larger than this is stored compressed.
+pub const COMPRESS_ABOVE: usize = 256 * 1024;
+/// The most a compressed document may inflate to; guards the proxy against
+/// a corrupt or hostile file.
+pub const MAX_INFLATED: u64 = 64 * 1024 * 1024;
 /// Header that makes any request retryable.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
@@ -325,9 +339,32 @@ pub struct RateLimitConfig {
     pub burst: u32,
 }
 
+/// The document as stored in the ConfigMap: one key or the other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredConfig {
+    /// `data["config.json"]`.
+    Json(String),
+    /// `binaryData["config.json.gz"]`.
+    Gzip(Vec<u8>),
+}
+
+impl StoredConfig {
+    /// Bytes the payload takes in the ConfigMap (binaryData is base64).
+    pub fn stored_len(&self) -> usize {
+        match self {
+            StoredConfig::Json(s) => s.len(),
+            StoredConfig::Gzip(b) => b.len().div_ceil(3) * 4,
+        }
+    }
+}
+
 /// Why a config document was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("compressed proxy config is corrupt: {0}")]
+    Gzip(#[source] std::io::Error),
+    #[error("compressed proxy config inflates past {MAX_INFLATED} bytes")]
+    TooLarge,
     #[error("proxy config is not valid JSON: {0}")]
     Json(#[source] serde_json::Error),
     #[error("proxy config has no schemaVersion string")]
@@ -359,6 +396,37 @@ impl ProxyConfig {
     pub fn to_json(&self) -> String {
         // Plain data with string keys: serialising cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The ConfigMap payload: plain JSON, or gzip above [`COMPRESS_ABOVE`].
+    pub fn to_stored(&self) -> StoredConfig {
+        use std::io::Write;
+        let json = self.to_json();
+        if json.len() <= COMPRESS_ABOVE {
+            return StoredConfig::Json(json);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        // Writing into a Vec cannot fail.
+        let _ = gz.write_all(json.as_bytes());
+        StoredConfig::Gzip(gz.finish().unwrap_or_default())
+    }
+
+    /// Reads either stored form: gzip (recognised by its magic bytes) or
+    /// plain JSON.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ConfigError> {
+        use std::io::Read;
+        if !bytes.starts_with(&[0x1f, 0x8b]) {
+            return Self::from_json(bytes);
+        }
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .take(MAX_INFLATED + 1)
+            .read_to_end(&mut json)
+            .map_err(ConfigError::Gzip)?;
+        if json.len() as u64 > MAX_INFLATED {
+            return Err(ConfigError::TooLarge);
+        }
+        Self::from_json(&json)
     }
 
     /// Reads a document, accepting any minor version of our major.
@@ -445,8 +513,40 @@ mod tests {
         let mut b = sample();
         b.inbound.mode = InboundMode::Strict;
         let b = b.seal();
-        assert_ne!(a.generation, b.generation, "a content change must change the generation");
-        assert_eq!(sample().generation, a.generation, "the hash is deterministic");
+        assert_ne!(
+            a.generation, b.generation,
+            "a content change must change the generation"
+        );
+        assert_eq!(
+            sample().generation,
+            a.generation,
+            "the hash is deterministic"
+        );
+    }
+
+    #[test]
+    fn large_configs_are_stored_compressed_and_read_back() {
+        let small = sample();
+        assert!(matches!(small.to_stored(), StoredConfig::Json(_)));
+        let mut big = sample();
+        big.inbound.plaintext_ports = (1..=u16::MAX).collect();
+        let big = big.seal();
+        let stored = big.to_stored();
+        let StoredConfig::Gzip(bytes) = &stored else {
+            panic!("a {} byte config must be compressed", big.to_json().len());
+        };
+        assert!(
+            stored.stored_len() < COMPRESS_ABOVE,
+            "{}",
+            stored.stored_len()
+        );
+        assert_eq!(ProxyConfig::from_bytes(bytes).expect("inflates"), big);
+        assert_eq!(
+            ProxyConfig::from_bytes(small.to_json().as_bytes()).expect("plain"),
+            small
+        );
+        let err = ProxyConfig::from_bytes(&bytes[..bytes.len() / 2]).expect_err("truncated");
+        assert!(matches!(err, ConfigError::Gzip(_)), "{err}");
     }
 
     #[test]
@@ -455,7 +555,8 @@ mod tests {
         v["schemaVersion"] = "1.7".into();
         v["futureKnob"] = serde_json::json!({"x": 1});
         v["inbound"]["futureInbound"] = true.into();
-        let cfg = ProxyConfig::from_json(v.to_string().as_bytes()).expect("newer minor is tolerated");
+        let cfg =
+            ProxyConfig::from_json(v.to_string().as_bytes()).expect("newer minor is tolerated");
         assert_eq!(cfg.namespace, "shop");
     }
 
@@ -474,7 +575,10 @@ mod tests {
             ("{", "not valid JSON"),
             ("{}", "no schemaVersion"),
             (r#"{"schemaVersion":"one"}"#, "not MAJOR.MINOR"),
-            (r#"{"schemaVersion":"1.0","generation":"x","namespace":"shop","trustDomain":"t","inbound":{"mode":"sometimes"},"outbound":{}}"#, "inbound.mode"),
+            (
+                r#"{"schemaVersion":"1.0","generation":"x","namespace":"shop","trustDomain":"t","inbound":{"mode":"sometimes"},"outbound":{}}"#,
+                "inbound.mode",
+            ),
         ];
         for (doc, expected) in cases {
             let err = ProxyConfig::from_json(doc.as_bytes()).expect_err(doc);

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "weft", version, about = "Weft: a lightweight service mesh for Kubernetes")]
+#[command(
+    name = "weft",
+    version,
+    about = "Weft: a lightweight service mesh for Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,11 +37,23 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // A closed pipe (`weft compile ... | head`) is the reader's choice, not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind())
+                .is_some_and(|k| k == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -47,7 +63,8 @@ fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         match &out_dir {
             Some(dir) => {
                 let path = dir.join(weft::api::crd_file_name(&crd));
-                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             None => print!("{yaml}"),
         }

@@ -23,10 +23,22 @@ use super::common::{HttpMethod, PathMatch, PolicyStatus};
     derive = "PartialEq",
     shortname = "ap",
     category = "weft",
-    printcolumn(name = "Target Kind", type_ = "string", json_path = ".spec.targetRef.kind"),
+    printcolumn(
+        name = "Target Kind",
+        type_ = "string",
+        json_path = ".spec.targetRef.kind"
+    ),
     printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AccessPolicySpec {

@@ -41,7 +41,9 @@ impl Duration {
 
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: write up to four number+unit groups with units h, m, s or ms, such as 250ms, 5s or 1m30s")]
+#[error(
+    "invalid duration {input:?}: write up to four number+unit groups with units h, m, s or ms, such as 250ms, 5s or 1m30s"
+)]
 pub struct DurationError {
     input: String,
 }
@@ -50,7 +52,9 @@ impl FromStr for Duration {
     type Err = DurationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || DurationError { input: s.to_owned() };
+        let err = || DurationError {
+            input: s.to_owned(),
+        };
         let bytes = s.as_bytes();
         let (mut i, mut groups, mut total_ms) = (0usize, 0u32, 0u64);
         if bytes.is_empty() {
@@ -267,7 +271,17 @@ mod tests {
             let d: Duration = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(d.as_millis(), ms, "{text}");
         }
-        for bad in ["", "5", "5 seconds", "-1s", "1.5s", "1d", "123456s", "1h1m1s1ms1h", "s"] {
+        for bad in [
+            "",
+            "5",
+            "5 seconds",
+            "-1s",
+            "1.5s",
+            "1d",
+            "123456s",
+            "1h1m1s1ms1h",
+            "s",
+        ] {
             let err = bad.parse::<Duration>().expect_err(bad);
             assert!(err.to_string().contains("such as 250ms"), "{bad}: {err}");
         }
@@ -275,7 +289,12 @@ mod tests {
 
     #[test]
     fn durations_print_canonically() {
-        for (text, canonical) in [("90s", "1m30s"), ("1500ms", "1s500ms"), ("0ms", "0s"), ("24h", "24h")] {
+        for (text, canonical) in [
+            ("90s", "1m30s"),
+            ("1500ms", "1s500ms"),
+            ("0ms", "0s"),
+            ("24h", "24h"),
+        ] {
             let d: Duration = text.parse().expect(text);
             assert_eq!(d.to_string(), canonical);
             assert_eq!(canonical.parse::<Duration>().expect(canonical), d);

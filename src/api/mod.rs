@@ -2,6 +2,10 @@
 //! version `v1alpha1`. The CRD YAML in `crds/` is generated from these types
 //! (`weft crdgen`), never written by hand.
 
+// kube's `printcolumn(...)` repeats `type_ = ...` once per column, which
+// clippy mistakes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 mod access;
 mod common;
 mod mesh;

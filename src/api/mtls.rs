@@ -22,10 +22,24 @@ use super::common::Duration;
     derive = "PartialEq",
     shortname = "mtls",
     category = "weft",
-    printcolumn(name = "Mode", type_ = "string", description = "desired mode", json_path = ".spec.mode"),
-    printcolumn(name = "Phase", type_ = "string", description = "rollout phase", json_path = ".status.phase"),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        description = "desired mode",
+        json_path = ".spec.mode"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        description = "rollout phase",
+        json_path = ".status.phase"
+    ),
     printcolumn(name = "Since", type_ = "date", json_path = ".status.phaseSince"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MTLSPolicySpec {

@@ -23,9 +23,21 @@ use super::traffic::RetryPolicy;
     shortname = "sr",
     category = "weft",
     printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parentRef.name"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Resolved", type_ = "string", json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Resolved",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRouteSpec {
@@ -82,7 +94,10 @@ pub struct RouteMatch {
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name, such as `x-canary`.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"), length(min = 1, max = 256))]
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"),
+        length(min = 1, max = 256)
+    )]
     pub name: String,
     /// The exact value.
     #[schemars(length(max = 4096))]

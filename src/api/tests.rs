@@ -47,14 +47,23 @@ fn check_structural(node: &Value, path: &str, problems: &mut Vec<String>) {
     }
     for banned in ["$ref", "definitions", "$defs", "oneOf", "const"] {
         if obj.contains_key(banned) {
-            problems.push(format!("{path}: `{banned}` is not allowed in a structural schema"));
+            problems.push(format!(
+                "{path}: `{banned}` is not allowed in a structural schema"
+            ));
         }
     }
     if let Some(Value::Object(props)) = obj.get("properties") {
         for (name, prop) in props {
             let p = format!("{path}.{name}");
-            let is_meta = path == "" && matches!(name.as_str(), "apiVersion" | "kind" | "metadata");
-            if !is_meta && prop.get("description").and_then(Value::as_str).unwrap_or("").is_empty() {
+            let is_meta =
+                path.is_empty() && matches!(name.as_str(), "apiVersion" | "kind" | "metadata");
+            if !is_meta
+                && prop
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .is_empty()
+            {
                 problems.push(format!("{p}: no description"));
             }
             check_structural(prop, &p, problems);
@@ -76,27 +85,48 @@ fn every_crd_is_structural_and_documented() {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         assert!(
-            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
             "{kind} has no status subresource"
         );
         assert!(
-            crd.spec.names.short_names.as_ref().is_some_and(|s| !s.is_empty()),
+            crd.spec
+                .names
+                .short_names
+                .as_ref()
+                .is_some_and(|s| !s.is_empty()),
             "{kind} has no short name"
         );
         assert!(
-            version.additional_printer_columns.as_ref().is_some_and(|c| c.len() >= 2),
+            version
+                .additional_printer_columns
+                .as_ref()
+                .is_some_and(|c| c.len() >= 2),
             "{kind} has no printer columns"
         );
         let schema = serde_json::to_value(
-            version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("schema"),
+            version
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .expect("schema"),
         )
         .expect("schema serialises");
         let mut problems = Vec::new();
         check_structural(&schema, "", &mut problems);
         assert!(problems.is_empty(), "{kind}:\n{}", problems.join("\n"));
         let status = &schema["properties"]["status"]["properties"];
-        assert!(status.get("observedGeneration").is_some(), "{kind}: status.observedGeneration");
-        assert!(status.get("conditions").is_some(), "{kind}: status.conditions");
+        assert!(
+            status.get("observedGeneration").is_some(),
+            "{kind}: status.observedGeneration"
+        );
+        assert!(
+            status.get("conditions").is_some(),
+            "{kind}: status.conditions"
+        );
     }
 }
 
@@ -105,14 +135,31 @@ fn schema_carries_the_validation_users_rely_on() {
     let tp = serde_json::to_value(TrafficPolicy::crd()).expect("crd");
     let spec = &tp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert_eq!(spec["properties"]["timeout"]["pattern"], DURATION_PATTERN);
-    assert_eq!(spec["properties"]["retries"]["properties"]["attempts"]["maximum"], 10);
-    assert_eq!(spec["properties"]["retries"]["properties"]["attempts"]["default"], 2);
+    assert_eq!(
+        spec["properties"]["retries"]["properties"]["attempts"]["maximum"],
+        10.0
+    );
+    assert_eq!(
+        spec["properties"]["retries"]["properties"]["attempts"]["default"],
+        2
+    );
     let sr = serde_json::to_value(ServiceRoute::crd()).expect("crd");
-    let rule = &sr["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]["items"];
+    let rule = &sr["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["rules"]["items"];
     assert_eq!(rule["properties"]["backendRefs"]["minItems"], 1);
-    assert_eq!(rule["properties"]["backendRefs"]["items"]["properties"]["weight"]["maximum"], 1000);
-    assert!(rule["x-kubernetes-validations"].to_string().contains("weight > 0"));
+    assert_eq!(
+        rule["properties"]["backendRefs"]["items"]["properties"]["weight"]["maximum"],
+        1000.0
+    );
+    assert!(
+        rule["x-kubernetes-validations"]
+            .to_string()
+            .contains("weight > 0")
+    );
     let mtls = serde_json::to_value(MTLSPolicy::crd()).expect("crd");
     let columns = mtls["spec"]["versions"][0]["additionalPrinterColumns"].to_string();
-    assert!(columns.contains(".spec.mode") && columns.contains(".status.phase"), "{columns}");
+    assert!(
+        columns.contains(".spec.mode") && columns.contains(".status.phase"),
+        "{columns}"
+    );
 }

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::policy::summarize;
@@ -38,15 +37,24 @@ pub(crate) struct Guards {
 impl Guards {
     /// Whether some identity of `client_ns` is admitted by the Service's
     /// guard (its own policy, else its namespace's).
-    pub(crate) fn may_reach(&self, client_ns: &str, client_accounts: &BTreeSet<String>, key: &ServiceKey) -> bool {
-        let Some(guard) = self.services.get(key).or_else(|| self.namespaces.get(&key.0)) else {
+    pub(crate) fn may_reach(
+        &self,
+        client_ns: &str,
+        client_accounts: &BTreeSet<String>,
+        key: &ServiceKey,
+    ) -> bool {
+        let Some(guard) = self
+            .services
+            .get(key)
+            .or_else(|| self.namespaces.get(&key.0))
+        else {
             return true;
         };
         guard.sources.iter().any(|s| {
             s.namespace == client_ns
-                && s.service_account.as_deref().is_none_or(|sa| {
-                    sa == DEFAULT_SERVICE_ACCOUNT || client_accounts.contains(sa)
-                })
+                && s.service_account
+                    .as_deref()
+                    .is_none_or(|sa| sa == DEFAULT_SERVICE_ACCOUNT || client_accounts.contains(sa))
         })
     }
 
@@ -54,7 +62,12 @@ impl Guards {
     /// ones first (by Service name), the namespace-wide one last, as the
     /// fallback for ports no Service guard covers.
     pub(crate) fn authorizations(&self, ns: &str) -> Vec<Authorization> {
-        let mut out: Vec<&Guard> = self.services.iter().filter(|(k, _)| k.0 == ns).map(|(_, g)| g).collect();
+        let mut out: Vec<&Guard> = self
+            .services
+            .iter()
+            .filter(|(k, _)| k.0 == ns)
+            .map(|(_, g)| g)
+            .collect();
         out.sort_by(|a, b| a.authorization.service.cmp(&b.authorization.service));
         out.extend(self.namespaces.get(ns));
         out.into_iter().map(|g| g.authorization.clone()).collect()
@@ -135,7 +148,10 @@ pub(crate) fn resolve(
                         .filter_map(|p| {
                             let found = port_map.get(p).cloned();
                             if found.is_none() {
-                                problems.push(format!("rules[{i}].ports: Service {ns}/{} has no port {p}", service_name.as_deref().unwrap_or_default()));
+                                problems.push(format!(
+                                    "rules[{i}].ports: Service {ns}/{} has no port {p}",
+                                    service_name.as_deref().unwrap_or_default()
+                                ));
                             }
                             found
                         })
@@ -160,10 +176,16 @@ pub(crate) fn resolve(
         if !problems.is_empty() {
             v.reject(
                 reason::INVALID,
-                format!("{}; those rules admit nothing on the missing ports", problems.join("; ")),
+                format!(
+                    "{}; those rules admit nothing on the missing ports",
+                    problems.join("; ")
+                ),
             );
         }
-        let mut sources: Vec<IdentityMatch> = rules.iter().flat_map(|r| r.identities.iter().cloned()).collect();
+        let mut sources: Vec<IdentityMatch> = rules
+            .iter()
+            .flat_map(|r| r.identities.iter().cloned())
+            .collect();
         sources.sort();
         sources.dedup();
         let mut guarded: Vec<PortRef> = port_map.into_values().collect();
@@ -190,20 +212,8 @@ pub(crate) fn resolve(
 
 /// Service port -> the container port it forwards to.
 fn target_ports(svc: &Service) -> BTreeMap<u16, PortRef> {
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.ports.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let port = u16::try_from(p.port).ok()?;
-            let target = match &p.target_port {
-                None => PortRef::Number(port),
-                Some(IntOrString::Int(n)) => PortRef::Number(u16::try_from(*n).ok()?),
-                Some(IntOrString::String(s)) => PortRef::Name(s.clone()),
-            };
-            Some((port, target))
-        })
+    super::tcp_ports(svc)
+        .map(|(_, port, target)| (port, target))
         .collect()
 }
 
@@ -215,7 +225,10 @@ pub(crate) fn mark_programmed(guards: &Guards, verdicts: &mut Verdicts, meshed: 
             continue;
         };
         if meshed.contains(ns) {
-            v.programmed(format!("enforced by the proxies of {}", summarize(&[ns.as_str()])));
+            v.programmed(format!(
+                "enforced by the proxies of {}",
+                summarize(&[ns.as_str()])
+            ));
         } else {
             v.not_programmed(
                 reason::NAMESPACE_NOT_MESHED,

@@ -20,7 +20,7 @@ mod verdict;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
@@ -129,7 +129,10 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
             .filter(|(key, _)| guards.may_reach(ns, client_accounts, key))
             .map(|(_, entry)| entry.clone())
             .collect();
-        let mode = mtls.get(ns).map(|m| m.inbound).unwrap_or(InboundMode::Permissive);
+        let mode = mtls
+            .get(ns)
+            .map(|m| m.inbound)
+            .unwrap_or(InboundMode::Permissive);
         let config = ProxyConfig {
             schema_version: String::new(),
             generation: String::new(),
@@ -137,7 +140,10 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
             trust_domain: mesh.trust_domain.clone(),
             inbound: InboundConfig {
                 mode,
-                plaintext_ports: mtls.get(ns).map(|m| m.plaintext_ports.clone()).unwrap_or_default(),
+                plaintext_ports: mtls
+                    .get(ns)
+                    .map(|m| m.plaintext_ports.clone())
+                    .unwrap_or_default(),
                 authorizations: guards.authorizations(ns),
             },
             outbound: OutboundConfig {
@@ -230,15 +236,16 @@ fn mtls_modes(
         v.accept();
         v.resolved();
         let phase = policy.status.as_ref().and_then(|s| s.phase);
-        let (inbound, clients_expect_strict) = match (policy.spec.mode, policy.spec.rollout.strategy) {
-            (MtlsMode::Permissive, _) => (InboundMode::Permissive, false),
-            (MtlsMode::Strict, RolloutStrategy::Immediate) => (InboundMode::Strict, true),
-            (MtlsMode::Strict, RolloutStrategy::Staged) => match phase {
-                Some(RolloutPhase::Strict) => (InboundMode::Strict, true),
-                Some(RolloutPhase::Enforcing) => (InboundMode::Permissive, true),
-                _ => (InboundMode::Permissive, false),
-            },
-        };
+        let (inbound, clients_expect_strict) =
+            match (policy.spec.mode, policy.spec.rollout.strategy) {
+                (MtlsMode::Permissive, _) => (InboundMode::Permissive, false),
+                (MtlsMode::Strict, RolloutStrategy::Immediate) => (InboundMode::Strict, true),
+                (MtlsMode::Strict, RolloutStrategy::Staged) => match phase {
+                    Some(RolloutPhase::Strict) => (InboundMode::Strict, true),
+                    Some(RolloutPhase::Enforcing) => (InboundMode::Permissive, true),
+                    _ => (InboundMode::Permissive, false),
+                },
+            };
         if meshed.contains(&ns) {
             let note = match (policy.spec.mode, inbound) {
                 (MtlsMode::Strict, InboundMode::Permissive) => {
@@ -284,25 +291,12 @@ fn outbound_entry(
         .get(OPAQUE_PORTS_ANNOTATION)
         .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
         .unwrap_or_default();
-    let ports = spec
-        .ports
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|p| {
-            let port = u16::try_from(p.port).ok()?;
-            let target_port = match &p.target_port {
-                None => PortRef::Number(port),
-                Some(IntOrString::Int(n)) => PortRef::Number(u16::try_from(*n).ok()?),
-                Some(IntOrString::String(s)) => PortRef::Name(s.clone()),
-            };
-            let protocol = port_protocol(port, p.app_protocol.as_deref(), opaque.contains(&port));
-            Some(ServicePortConfig {
-                port,
-                name: p.name,
-                target_port,
-                protocol,
-            })
+    let ports = tcp_ports(svc)
+        .map(|(p, port, target_port)| ServicePortConfig {
+            port,
+            name: p.name.clone(),
+            target_port,
+            protocol: port_protocol(port, p.app_protocol.as_deref(), opaque.contains(&port)),
         })
         .collect();
     let cluster_ips = spec
@@ -347,6 +341,27 @@ fn outbound_entry(
     }
 }
 
+/// A Service's TCP ports (the proxy carries nothing else) with the container
+/// port each forwards to: a number, or a name the proxy resolves from its
+/// pod's container ports.
+pub(crate) fn tcp_ports(svc: &Service) -> impl Iterator<Item = (&ServicePort, u16, PortRef)> {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok()?;
+            let target = match &p.target_port {
+                None => PortRef::Number(port),
+                Some(IntOrString::Int(n)) => PortRef::Number(u16::try_from(*n).ok()?),
+                Some(IntOrString::String(s)) => PortRef::Name(s.clone()),
+            };
+            Some((p, port, target))
+        })
+}
+
 /// Protocol from `appProtocol` (Kubernetes' standard values), the opaque
 /// annotation, and well-known server-speaks-first ports.
 fn port_protocol(port: u16, app_protocol: Option<&str>, opaque: bool) -> PortProtocol {
@@ -356,7 +371,9 @@ fn port_protocol(port: u16, app_protocol: Option<&str>, opaque: bool) -> PortPro
     match app_protocol.map(str::to_ascii_lowercase).as_deref() {
         Some("http" | "http/1.1") => PortProtocol::Http1,
         Some("kubernetes.io/h2c" | "http2" | "grpc") => PortProtocol::Http2,
-        Some("tcp" | "kubernetes.io/ws" | "kubernetes.io/wss" | "https" | "tls") => PortProtocol::Opaque,
+        Some("tcp" | "kubernetes.io/ws" | "kubernetes.io/wss" | "https" | "tls") => {
+            PortProtocol::Opaque
+        }
         _ => PortProtocol::Detect,
     }
 }

@@ -11,7 +11,8 @@ use super::verdict::{PolicyKind, Verdicts};
 use super::{ClusterFacts, ServiceKey, age_order};
 use crate::api::conditions::reason;
 use crate::api::{
-    HttpMethod, LoadBalancerAlgorithm, RetryBudget, RetryOn, RetryPolicy, ServiceRoute, TrafficPolicy,
+    HttpMethod, LoadBalancerAlgorithm, RetryBudget, RetryOn, RetryPolicy, ServiceRoute,
+    TrafficPolicy,
 };
 use crate::config::{
     CircuitBreakerConfig, FailureRateConfig, IDEMPOTENCY_HEADER, MatchConfig, PathMatchConfig,
@@ -60,7 +61,10 @@ pub fn retry_config(policy: Option<&RetryPolicy>) -> RetryConfig {
     let mut status_codes = r.status_codes.clone();
     status_codes.sort_unstable();
     status_codes.dedup();
-    let mut methods: Vec<HttpMethod> = r.methods.clone().unwrap_or_else(|| HttpMethod::IDEMPOTENT.to_vec());
+    let mut methods: Vec<HttpMethod> = r
+        .methods
+        .clone()
+        .unwrap_or_else(|| HttpMethod::IDEMPOTENT.to_vec());
     methods.sort();
     methods.dedup();
     let budget = r.budget.clone().unwrap_or_else(RetryBudget::default);
@@ -92,27 +96,38 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
     excluded_paths.sort();
     excluded_paths.dedup();
     ServicePolicy {
-        source: Some(format!("{}/{}", tp.namespace().unwrap_or_default(), tp.name_any())),
+        source: Some(format!(
+            "{}/{}",
+            tp.namespace().unwrap_or_default(),
+            tp.name_any()
+        )),
         timeout_ms: spec.timeout.map(|d| d.as_millis()),
         retry: match &spec.retries {
             Some(r) => retry_config(Some(r)),
             None => default_service_policy().retry,
         },
-        circuit_breaker: spec.circuit_breaker.as_ref().map(|cb| CircuitBreakerConfig {
-            consecutive_failures: cb.consecutive_failures,
-            failure_rate: cb.failure_rate.as_ref().map(|fr| FailureRateConfig {
-                percent: fr.percent,
-                min_requests: fr.min_requests,
-                window_ms: fr.window.as_millis(),
+        circuit_breaker: spec
+            .circuit_breaker
+            .as_ref()
+            .map(|cb| CircuitBreakerConfig {
+                consecutive_failures: cb.consecutive_failures,
+                failure_rate: cb.failure_rate.as_ref().map(|fr| FailureRateConfig {
+                    percent: fr.percent,
+                    min_requests: fr.min_requests,
+                    window_ms: fr.window.as_millis(),
+                }),
+                open_ms: cb.open_duration.as_millis(),
+                max_open_ms: cb.max_open_duration.as_millis(),
             }),
-            open_ms: cb.open_duration.as_millis(),
-            max_open_ms: cb.max_open_duration.as_millis(),
-        }),
         rate_limit: spec.rate_limit.as_ref().map(|rl| RateLimitConfig {
             requests_per_second: rl.requests_per_second,
             burst: rl.burst.unwrap_or(rl.requests_per_second),
         }),
-        load_balancer: spec.load_balancer.as_ref().map(|lb| lb.algorithm).unwrap_or_default(),
+        load_balancer: spec
+            .load_balancer
+            .as_ref()
+            .map(|lb| lb.algorithm)
+            .unwrap_or_default(),
         excluded_paths,
     }
 }
@@ -150,7 +165,10 @@ where
         if !services.contains_key(&key) {
             v.unresolved(
                 reason::TARGET_NOT_FOUND,
-                format!("Service {ns}/{} not found; nothing is applied until it exists", key.1),
+                format!(
+                    "Service {ns}/{} not found; nothing is applied until it exists",
+                    key.1
+                ),
             );
             verdicts.push(v);
             continue;
@@ -275,7 +293,10 @@ pub(crate) fn mark_programmed(
             .filter(|(_, c)| {
                 c.outbound
                     .services
-                    .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(svc_ns.as_str(), svc_name.as_str())))
+                    .binary_search_by(|s| {
+                        (s.namespace.as_str(), s.name.as_str())
+                            .cmp(&(svc_ns.as_str(), svc_name.as_str()))
+                    })
                     .is_ok()
             })
             .map(|(client, _)| client.as_str())
@@ -299,7 +320,12 @@ pub(crate) fn mark_programmed(
 /// `a, b, c` or `a, b, c and 7 more namespaces`.
 pub(crate) fn summarize(names: &[&str]) -> String {
     const SHOWN: usize = 5;
-    let head = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+    let head = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     match names.len() {
         1 => format!("namespace {head}"),
         n if n <= SHOWN => format!("namespaces {head}"),

@@ -32,7 +32,11 @@ fn ns(name: &str, meshed: bool) -> Namespace {
 }
 
 fn svc(ns: &str, name: &str) -> Service {
-    svc_ports(ns, name, json!([{ "name": "http", "port": 80, "targetPort": 8080 }]))
+    svc_ports(
+        ns,
+        name,
+        json!([{ "name": "http", "port": 80, "targetPort": 8080 }]),
+    )
 }
 
 fn svc_ports(ns: &str, name: &str, ports: Value) -> Service {
@@ -48,7 +52,12 @@ fn sa(ns: &str, name: &str) -> ServiceAccount {
 }
 
 /// A weft policy from its spec; `age` orders conflicts (smaller is older).
-fn policy<K: serde::de::DeserializeOwned>(ns: &str, name: &str, age: Option<i64>, spec: Value) -> K {
+fn policy<K: serde::de::DeserializeOwned>(
+    ns: &str,
+    name: &str,
+    age: Option<i64>,
+    spec: Value,
+) -> K {
     serde_json::from_value(json!({ "metadata": meta(Some(ns), name, age), "spec": spec }))
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -77,7 +86,11 @@ fn base() -> ClusterFacts {
             svc("payments", "payments"),
             svc("legacy", "mainframe"),
         ],
-        service_accounts: vec![sa("shop", "checkout"), sa("shop", "cart"), sa("payments", "payments")],
+        service_accounts: vec![
+            sa("shop", "checkout"),
+            sa("shop", "cart"),
+            sa("payments", "payments"),
+        ],
         ..Default::default()
     }
 }
@@ -90,24 +103,40 @@ fn verdict<'a>(c: &'a Compiled, kind: PolicyKind, name: &str) -> &'a PolicyVerdi
 }
 
 fn cond<'a>(v: &'a PolicyVerdict, type_: &str) -> &'a VerdictCondition {
-    v.condition(type_).unwrap_or_else(|| panic!("{} has no {type_}: {:#?}", v.object(), v.conditions))
+    v.condition(type_)
+        .unwrap_or_else(|| panic!("{} has no {type_}: {:#?}", v.object(), v.conditions))
 }
 
 fn service<'a>(c: &'a Compiled, client: &str, ns: &str, name: &str) -> Option<&'a OutboundService> {
-    c.configs[client].outbound.services.iter().find(|s| s.namespace == ns && s.name == name)
+    c.configs[client]
+        .outbound
+        .services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)
 }
 
 #[test]
 fn only_meshed_namespaces_get_a_config() {
     let c = compile(&base());
     assert_eq!(c.configs.keys().collect::<Vec<_>>(), ["payments", "shop"]);
-    let mainframe = service(&c, "shop", "legacy", "mainframe").expect("unmeshed services are callable");
-    assert!(mainframe.mesh.is_none(), "an unmeshed Service is called in plaintext");
+    let mainframe =
+        service(&c, "shop", "legacy", "mainframe").expect("unmeshed services are callable");
+    assert!(
+        mainframe.mesh.is_none(),
+        "an unmeshed Service is called in plaintext"
+    );
     let payments = service(&c, "shop", "payments", "payments").expect("payments listed");
-    assert_eq!(payments.mesh.as_ref().map(|m| m.namespace.as_str()), Some("payments"));
+    assert_eq!(
+        payments.mesh.as_ref().map(|m| m.namespace.as_str()),
+        Some("payments")
+    );
     assert_eq!(
         payments.hostnames,
-        ["payments.payments.svc.cluster.local", "payments.payments.svc", "payments.payments"]
+        [
+            "payments.payments.svc.cluster.local",
+            "payments.payments.svc",
+            "payments.payments"
+        ]
     );
     assert_eq!(payments.ports[0].target_port, PortRef::Number(8080));
 }
@@ -115,7 +144,13 @@ fn only_meshed_namespaces_get_a_config() {
 #[test]
 fn missing_targets_are_unresolved_and_emit_nothing() {
     let mut f = base();
-    f.traffic_policies.push(tp("shop", "ghost-tp", None, "ghost", json!({ "timeout": "1s" })));
+    f.traffic_policies.push(tp(
+        "shop",
+        "ghost-tp",
+        None,
+        "ghost",
+        json!({ "timeout": "1s" }),
+    ));
     f.service_routes.push(policy(
         "shop",
         "ghost-route",
@@ -138,13 +173,23 @@ fn missing_targets_are_unresolved_and_emit_nothing() {
         let rr = cond(v, conditions::RESOLVED_REFS);
         assert!(!rr.status, "{kind:?}");
         assert_eq!(rr.reason, reason::TARGET_NOT_FOUND);
-        assert!(rr.message.contains("Service shop/ghost not found"), "{}", rr.message);
+        assert!(
+            rr.message.contains("Service shop/ghost not found"),
+            "{}",
+            rr.message
+        );
         assert!(!cond(v, conditions::PROGRAMMED).status);
     }
     // Nothing was emitted: no Service carries a policy or routes, and no
     // deny-all authorization appeared.
     for config in c.configs.values() {
-        assert!(config.outbound.services.iter().all(|s| s.policy.is_none() && s.routes.is_empty()));
+        assert!(
+            config
+                .outbound
+                .services
+                .iter()
+                .all(|s| s.policy.is_none() && s.routes.is_empty())
+        );
         assert!(config.inbound.authorizations.is_empty());
     }
 }
@@ -163,16 +208,32 @@ fn missing_backend_is_dropped_and_its_weight_shared() {
         ]}]}),
     ));
     let c = compile(&f);
-    let route = &service(&c, "shop", "shop", "checkout").expect("checkout").routes[0];
-    let backends: Vec<(&str, u32)> = route.backends.iter().map(|b| (b.service.as_str(), b.weight)).collect();
+    let route = &service(&c, "shop", "shop", "checkout")
+        .expect("checkout")
+        .routes[0];
+    let backends: Vec<(&str, u32)> = route
+        .backends
+        .iter()
+        .map(|b| (b.service.as_str(), b.weight))
+        .collect();
     // Weights are relative, so dropping 10 of 100 leaves 80:10, i.e. the
     // missing share is spread proportionally.
-    assert_eq!(backends, [("checkout.shop", 80), ("checkout-canary.shop", 10)]);
+    assert_eq!(
+        backends,
+        [("checkout.shop", 80), ("checkout-canary.shop", 10)]
+    );
     let v = verdict(&c, PolicyKind::ServiceRoute, "canary");
     let rr = cond(v, conditions::RESOLVED_REFS);
     assert_eq!((rr.status, rr.reason), (false, reason::BACKEND_NOT_FOUND));
-    assert!(rr.message.contains("shop/checkout-v3 not found") && rr.message.contains("10 of 100"), "{}", rr.message);
-    assert!(cond(v, conditions::PROGRAMMED).status, "the route still works with what exists");
+    assert!(
+        rr.message.contains("shop/checkout-v3 not found") && rr.message.contains("10 of 100"),
+        "{}",
+        rr.message
+    );
+    assert!(
+        cond(v, conditions::PROGRAMMED).status,
+        "the route still works with what exists"
+    );
 }
 
 #[test]
@@ -185,9 +246,14 @@ fn a_rule_with_no_existing_backend_answers_503_rather_than_falling_through() {
         json!({ "parentRef": { "name": "checkout" }, "rules": [{ "backendRefs": [{ "name": "nope" }] }] }),
     ));
     let c = compile(&f);
-    let route = &service(&c, "shop", "shop", "checkout").expect("checkout").routes[0];
+    let route = &service(&c, "shop", "shop", "checkout")
+        .expect("checkout")
+        .routes[0];
     assert!(route.backends.is_empty());
-    let rr = cond(verdict(&c, PolicyKind::ServiceRoute, "gone"), conditions::RESOLVED_REFS);
+    let rr = cond(
+        verdict(&c, PolicyKind::ServiceRoute, "gone"),
+        conditions::RESOLVED_REFS,
+    );
     assert!(rr.message.contains("503"), "{}", rr.message);
 }
 
@@ -200,15 +266,33 @@ fn conflicts_go_to_the_oldest_then_the_name() {
         winner: &'static str,
     }
     let cases = [
-        Case { what: "older timestamp wins", policies: [("b-new", Some(100)), ("z-old", Some(10))], winner: "z-old" },
-        Case { what: "same timestamp: name", policies: [("b", Some(10)), ("a", Some(10))], winner: "a" },
-        Case { what: "stored beats unstored", policies: [("a", None), ("b", Some(10))], winner: "b" },
+        Case {
+            what: "older timestamp wins",
+            policies: [("b-new", Some(100)), ("z-old", Some(10))],
+            winner: "z-old",
+        },
+        Case {
+            what: "same timestamp: name",
+            policies: [("b", Some(10)), ("a", Some(10))],
+            winner: "a",
+        },
+        Case {
+            what: "stored beats unstored",
+            policies: [("a", None), ("b", Some(10))],
+            winner: "b",
+        },
     ];
     for case in cases {
         let mut f = base();
         for (i, (name, age)) in case.policies.iter().enumerate() {
             let timeout = format!("{}s", i + 1);
-            f.traffic_policies.push(tp("shop", name, *age, "inventory", json!({ "timeout": timeout })));
+            f.traffic_policies.push(tp(
+                "shop",
+                name,
+                *age,
+                "inventory",
+                json!({ "timeout": timeout }),
+            ));
             f.access_policies.push(policy(
                 "shop",
                 name,
@@ -218,20 +302,45 @@ fn conflicts_go_to_the_oldest_then_the_name() {
             ));
         }
         let c = compile(&f);
-        let loser = case.policies.iter().map(|p| p.0).find(|n| *n != case.winner).expect("two");
+        let loser = case
+            .policies
+            .iter()
+            .map(|p| p.0)
+            .find(|n| *n != case.winner)
+            .expect("two");
         for kind in [PolicyKind::TrafficPolicy, PolicyKind::AccessPolicy] {
             let win = cond(verdict(&c, kind, case.winner), conditions::ACCEPTED);
             assert!(win.status, "{}: {kind:?} winner", case.what);
             let lose = cond(verdict(&c, kind, loser), conditions::ACCEPTED);
-            assert_eq!((lose.status, lose.reason), (false, reason::CONFLICTED), "{}: {kind:?}", case.what);
-            assert!(lose.message.contains(&format!("shop/{}", case.winner)), "{}: {}", case.what, lose.message);
+            assert_eq!(
+                (lose.status, lose.reason),
+                (false, reason::CONFLICTED),
+                "{}: {kind:?}",
+                case.what
+            );
+            assert!(
+                lose.message.contains(&format!("shop/{}", case.winner)),
+                "{}: {}",
+                case.what,
+                lose.message
+            );
         }
         let inv = service(&c, "shop", "shop", "inventory").map(|s| s.policy.clone());
         let source = inv.flatten().and_then(|p| p.source);
-        assert_eq!(source, Some(format!("shop/{}", case.winner)), "{}", case.what);
+        assert_eq!(
+            source,
+            Some(format!("shop/{}", case.winner)),
+            "{}",
+            case.what
+        );
         let auth = &c.configs["shop"].inbound.authorizations;
         assert_eq!(auth.len(), 1, "{}", case.what);
-        assert_eq!(auth[0].policy, format!("shop/{}", case.winner), "{}", case.what);
+        assert_eq!(
+            auth[0].policy,
+            format!("shop/{}", case.winner),
+            "{}",
+            case.what
+        );
     }
 }
 
@@ -253,42 +362,92 @@ fn conflicting_routes_and_mtls_policies_keep_the_oldest() {
         ));
     }
     let c = compile(&f);
-    assert_eq!(service(&c, "shop", "shop", "checkout").expect("checkout").routes[0].backends[0].weight, 7);
+    assert_eq!(
+        service(&c, "shop", "shop", "checkout")
+            .expect("checkout")
+            .routes[0]
+            .backends[0]
+            .weight,
+        7
+    );
     assert_eq!(c.configs["shop"].inbound.mode, InboundMode::Strict);
     for kind in [PolicyKind::ServiceRoute, PolicyKind::MTLSPolicy] {
-        assert_eq!(cond(verdict(&c, kind, "new"), conditions::ACCEPTED).reason, reason::CONFLICTED, "{kind:?}");
+        assert_eq!(
+            cond(verdict(&c, kind, "new"), conditions::ACCEPTED).reason,
+            reason::CONFLICTED,
+            "{kind:?}"
+        );
     }
 }
 
 #[test]
 fn retries_are_safe_by_default() {
-    let cases: [(&str, Value, fn(&crate::config::RetryConfig)); 4] = [
-        ("no policy: only connection failures, once", Value::Null, |r| {
-            assert_eq!(r.max_retries, 1);
-            assert_eq!(r.retry_on, [RetryOn::ConnectFailure]);
-        }),
+    type Check = fn(&crate::config::RetryConfig);
+    let cases: [(&str, Value, Check); 4] = [
+        (
+            "no policy: only connection failures, once",
+            Value::Null,
+            |r| {
+                assert_eq!(r.max_retries, 1);
+                assert_eq!(r.retry_on, [RetryOn::ConnectFailure]);
+            },
+        ),
         ("empty retries block", json!({ "retries": {} }), |r| {
             assert_eq!(r.max_retries, 2);
-            assert!(!r.methods.contains(&HttpMethod::Post) && !r.methods.contains(&HttpMethod::Patch));
-            for m in [HttpMethod::Get, HttpMethod::Head, HttpMethod::Options, HttpMethod::Put, HttpMethod::Delete] {
+            assert!(
+                !r.methods.contains(&HttpMethod::Post) && !r.methods.contains(&HttpMethod::Patch)
+            );
+            for m in [
+                HttpMethod::Get,
+                HttpMethod::Head,
+                HttpMethod::Options,
+                HttpMethod::Put,
+                HttpMethod::Delete,
+            ] {
                 assert!(r.methods.contains(&m), "{m:?}");
             }
             assert_eq!(r.idempotency_header, "idempotency-key");
             assert_eq!((r.budget.percent, r.budget.min_per_second), (20, 10));
-            assert_eq!(r.retry_on, [RetryOn::GatewayError, RetryOn::ConnectFailure, RetryOn::Reset]);
+            assert_eq!(
+                r.retry_on,
+                [
+                    RetryOn::GatewayError,
+                    RetryOn::ConnectFailure,
+                    RetryOn::Reset
+                ]
+            );
         }),
-        ("explicit budget and methods", json!({ "retries": { "methods": ["POST", "GET"], "budget": { "percent": 5, "minRetriesPerSecond": 1 } } }), |r| {
-            assert_eq!(r.methods, [HttpMethod::Get, HttpMethod::Post]);
-            assert_eq!((r.budget.percent, r.budget.min_per_second, r.budget.window_ms), (5, 1, 10_000));
-        }),
-        ("policy without retries keeps the safe default", json!({ "timeout": "1s" }), |r| {
-            assert_eq!((r.max_retries, r.retry_on.as_slice()), (1, [RetryOn::ConnectFailure].as_slice()));
-        }),
+        (
+            "explicit budget and methods",
+            json!({ "retries": { "methods": ["POST", "GET"], "budget": { "percent": 5, "minRetriesPerSecond": 1 } } }),
+            |r| {
+                assert_eq!(r.methods, [HttpMethod::Get, HttpMethod::Post]);
+                assert_eq!(
+                    (
+                        r.budget.percent,
+                        r.budget.min_per_second,
+                        r.budget.window_ms
+                    ),
+                    (5, 1, 10_000)
+                );
+            },
+        ),
+        (
+            "policy without retries keeps the safe default",
+            json!({ "timeout": "1s" }),
+            |r| {
+                assert_eq!(
+                    (r.max_retries, r.retry_on.as_slice()),
+                    (1, [RetryOn::ConnectFailure].as_slice())
+                );
+            },
+        ),
     ];
     for (what, extra, check) in cases {
         let mut f = base();
         if !extra.is_null() {
-            f.traffic_policies.push(tp("shop", "inv", None, "inventory", extra));
+            f.traffic_policies
+                .push(tp("shop", "inv", None, "inventory", extra));
         }
         let c = compile(&f);
         let config = &c.configs["shop"];
@@ -310,10 +469,15 @@ fn health_paths_are_excluded_and_circuit_breaker_defaults_filled() {
         json!({ "excludedPaths": ["/health", "/ready", "/health"], "circuitBreaker": {} }),
     ));
     let c = compile(&f);
-    let policy = service(&c, "payments", "shop", "inventory").and_then(|s| s.policy.clone()).expect("policy");
+    let policy = service(&c, "payments", "shop", "inventory")
+        .and_then(|s| s.policy.clone())
+        .expect("policy");
     assert_eq!(policy.excluded_paths, ["/health", "/ready"]);
     let cb = policy.circuit_breaker.expect("circuit breaker");
-    assert_eq!((cb.consecutive_failures, cb.open_ms, cb.max_open_ms), (5, 5_000, 60_000));
+    assert_eq!(
+        (cb.consecutive_failures, cb.open_ms, cb.max_open_ms),
+        (5, 5_000, 60_000)
+    );
 }
 
 #[test]
@@ -327,7 +491,12 @@ fn access_allows_by_default_then_denies_by_default() {
     }
     let svc_target = json!({ "kind": "Service", "name": "payments" });
     let cases = [
-        Case { what: "no policy", rules: Value::Null, target: svc_target.clone(), reach: [("shop", true), ("payments", true)] },
+        Case {
+            what: "no policy",
+            rules: Value::Null,
+            target: svc_target.clone(),
+            reach: [("shop", true), ("payments", true)],
+        },
         Case {
             what: "checkout only",
             rules: json!([{ "from": [{ "serviceAccount": "checkout", "namespace": "shop" }] }]),
@@ -346,7 +515,12 @@ fn access_allows_by_default_then_denies_by_default() {
             target: svc_target.clone(),
             reach: [("shop", false), ("payments", true)],
         },
-        Case { what: "no rules denies all", rules: json!([]), target: svc_target.clone(), reach: [("shop", false), ("payments", false)] },
+        Case {
+            what: "no rules denies all",
+            rules: json!([]),
+            target: svc_target.clone(),
+            reach: [("shop", false), ("payments", false)],
+        },
         Case {
             what: "namespace-wide target",
             rules: json!([{ "from": [{ "serviceAccount": "checkout", "namespace": "shop" }] }]),
@@ -357,15 +531,28 @@ fn access_allows_by_default_then_denies_by_default() {
     for case in cases {
         let mut f = base();
         if !case.rules.is_null() {
-            f.access_policies.push(policy("payments", "ap", None, json!({ "targetRef": case.target, "rules": case.rules })));
+            f.access_policies.push(policy(
+                "payments",
+                "ap",
+                None,
+                json!({ "targetRef": case.target, "rules": case.rules }),
+            ));
         }
         let c = compile(&f);
         for (client, expected) in case.reach {
             let listed = service(&c, client, "payments", "payments").is_some();
-            assert_eq!(listed, expected, "{}: may {client} reach payments?", case.what);
+            assert_eq!(
+                listed, expected,
+                "{}: may {client} reach payments?",
+                case.what
+            );
         }
         // Scoping never hides Services no policy guards.
-        assert!(service(&c, "payments", "shop", "checkout").is_some(), "{}", case.what);
+        assert!(
+            service(&c, "payments", "shop", "checkout").is_some(),
+            "{}",
+            case.what
+        );
         let auth = &c.configs["payments"].inbound.authorizations;
         assert_eq!(auth.is_empty(), case.rules.is_null(), "{}", case.what);
     }
@@ -390,14 +577,24 @@ fn access_rules_speak_container_ports() {
     let c = compile(&f);
     let auth = &c.configs["payments"].inbound.authorizations[0];
     assert_eq!(auth.service.as_deref(), Some("ledger"));
-    assert_eq!(auth.ports, [PortRef::Number(9091), PortRef::Name("web".into())]);
+    assert_eq!(
+        auth.ports,
+        [PortRef::Number(9091), PortRef::Name("web".into())]
+    );
     let rule = &auth.rules[0];
-    assert_eq!(rule.ports, [PortRef::Number(9091)], "Service port 9090 forwards to 9091");
+    assert_eq!(
+        rule.ports,
+        [PortRef::Number(9091)],
+        "Service port 9090 forwards to 9091"
+    );
     assert_eq!(rule.methods, [HttpMethod::Get]);
     assert_eq!(rule.paths[0].value, "/v1");
     assert_eq!(
         rule.identities,
-        [crate::config::IdentityMatch { namespace: "shop".into(), service_account: Some("checkout".into()) }]
+        [crate::config::IdentityMatch {
+            namespace: "shop".into(),
+            service_account: Some("checkout".into())
+        }]
     );
 }
 
@@ -412,9 +609,18 @@ fn access_rule_naming_a_missing_port_is_invalid() {
                 "rules": [{ "from": [{ "namespace": "shop" }], "ports": [443] }] }),
     ));
     let c = compile(&f);
-    let accepted = cond(verdict(&c, PolicyKind::AccessPolicy, "ap"), conditions::ACCEPTED);
+    let accepted = cond(
+        verdict(&c, PolicyKind::AccessPolicy, "ap"),
+        conditions::ACCEPTED,
+    );
     assert_eq!((accepted.status, accepted.reason), (false, reason::INVALID));
-    assert!(accepted.message.contains("rules[0].ports: Service payments/payments has no port 443"), "{}", accepted.message);
+    assert!(
+        accepted
+            .message
+            .contains("rules[0].ports: Service payments/payments has no port 443"),
+        "{}",
+        accepted.message
+    );
 }
 
 #[test]
@@ -427,9 +633,16 @@ fn access_policy_in_an_unmeshed_namespace_warns_it_enforces_nothing() {
         json!({ "targetRef": { "kind": "Service", "name": "mainframe" }, "rules": [] }),
     ));
     let c = compile(&f);
-    let p = cond(verdict(&c, PolicyKind::AccessPolicy, "ap"), conditions::PROGRAMMED);
+    let p = cond(
+        verdict(&c, PolicyKind::AccessPolicy, "ap"),
+        conditions::PROGRAMMED,
+    );
     assert_eq!((p.status, p.reason), (false, reason::NAMESPACE_NOT_MESHED));
-    assert!(p.message.contains("every caller is still admitted"), "{}", p.message);
+    assert!(
+        p.message.contains("every caller is still admitted"),
+        "{}",
+        p.message
+    );
 }
 
 #[test]
@@ -439,10 +652,34 @@ fn staged_strict_follows_the_rollout_phase() {
         ("Permissive", "Staged", None, InboundMode::Permissive, false),
         ("Strict", "Immediate", None, InboundMode::Strict, true),
         ("Strict", "Staged", None, InboundMode::Permissive, false),
-        ("Strict", "Staged", Some(RolloutPhase::Observing), InboundMode::Permissive, false),
-        ("Strict", "Staged", Some(RolloutPhase::Enforcing), InboundMode::Permissive, true),
-        ("Strict", "Staged", Some(RolloutPhase::Strict), InboundMode::Strict, true),
-        ("Strict", "Staged", Some(RolloutPhase::RolledBack), InboundMode::Permissive, false),
+        (
+            "Strict",
+            "Staged",
+            Some(RolloutPhase::Observing),
+            InboundMode::Permissive,
+            false,
+        ),
+        (
+            "Strict",
+            "Staged",
+            Some(RolloutPhase::Enforcing),
+            InboundMode::Permissive,
+            true,
+        ),
+        (
+            "Strict",
+            "Staged",
+            Some(RolloutPhase::Strict),
+            InboundMode::Strict,
+            true,
+        ),
+        (
+            "Strict",
+            "Staged",
+            Some(RolloutPhase::RolledBack),
+            InboundMode::Permissive,
+            false,
+        ),
     ];
     for (mode, strategy, phase, inbound, clients_strict) in cases {
         let mut f = base();
@@ -452,14 +689,26 @@ fn staged_strict_follows_the_rollout_phase() {
             None,
             json!({ "mode": mode, "rollout": { "strategy": strategy }, "plaintextPorts": [9102, 9100, 9102] }),
         );
-        p.status = phase.map(|phase| crate::api::MTLSPolicyStatus { phase: Some(phase), ..Default::default() });
+        p.status = phase.map(|phase| crate::api::MTLSPolicyStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
         f.mtls_policies.push(p);
         let c = compile(&f);
         let what = format!("{mode}/{strategy}/{phase:?}");
         assert_eq!(c.configs["payments"].inbound.mode, inbound, "{what}");
-        assert_eq!(c.configs["payments"].inbound.plaintext_ports, [9100, 9102], "{what}");
-        let seen = service(&c, "shop", "payments", "payments").and_then(|s| s.mesh.clone()).expect("meshed");
-        assert_eq!(seen.strict, clients_strict, "{what}: clients told to expect strict");
+        assert_eq!(
+            c.configs["payments"].inbound.plaintext_ports,
+            [9100, 9102],
+            "{what}"
+        );
+        let seen = service(&c, "shop", "payments", "payments")
+            .and_then(|s| s.mesh.clone())
+            .expect("meshed");
+        assert_eq!(
+            seen.strict, clients_strict,
+            "{what}: clients told to expect strict"
+        );
     }
 }
 
@@ -478,11 +727,16 @@ fn protocols_come_from_app_protocol_annotations_and_well_known_ports() {
             { "name": "dns", "port": 53, "protocol": "UDP" },
         ]),
     );
-    db.metadata.annotations = Some([(OPAQUE_PORTS_ANNOTATION.to_owned(), "7001".to_owned())].into());
+    db.metadata.annotations =
+        Some([(OPAQUE_PORTS_ANNOTATION.to_owned(), "7001".to_owned())].into());
     f.services.push(db);
     let c = compile(&f);
-    let ports: Vec<(u16, PortProtocol)> =
-        service(&c, "shop", "shop", "db").expect("db").ports.iter().map(|p| (p.port, p.protocol)).collect();
+    let ports: Vec<(u16, PortProtocol)> = service(&c, "shop", "shop", "db")
+        .expect("db")
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol))
+        .collect();
     assert_eq!(
         ports,
         [
@@ -499,7 +753,13 @@ fn protocols_come_from_app_protocol_annotations_and_well_known_ports() {
 #[test]
 fn output_is_deterministic_whatever_the_input_order() {
     let mut f = base();
-    f.traffic_policies.push(tp("shop", "inv", None, "inventory", json!({ "timeout": "1s" })));
+    f.traffic_policies.push(tp(
+        "shop",
+        "inv",
+        None,
+        "inventory",
+        json!({ "timeout": "1s" }),
+    ));
     f.access_policies.push(policy(
         "payments",
         "ap",
@@ -519,9 +779,15 @@ fn output_is_deterministic_whatever_the_input_order() {
 fn mesh_singleton_sets_the_trust_domain() {
     let mut f = base();
     let mesh = |name: &str, td: &str| -> Mesh {
-        serde_json::from_value(json!({ "metadata": meta(None, name, None), "spec": { "trustDomain": td } })).expect("mesh")
+        serde_json::from_value(
+            json!({ "metadata": meta(None, name, None), "spec": { "trustDomain": td } }),
+        )
+        .expect("mesh")
     };
-    f.meshes = vec![mesh("default", "shop.example"), mesh("other", "ignored.example")];
+    f.meshes = vec![
+        mesh("default", "shop.example"),
+        mesh("other", "ignored.example"),
+    ];
     let c = compile(&f);
     assert_eq!(c.configs["shop"].trust_domain, "shop.example");
     let other = cond(verdict(&c, PolicyKind::Mesh, "other"), conditions::ACCEPTED);

@@ -81,19 +81,35 @@ impl Verdicts {
     }
 
     pub(crate) fn push(&mut self, v: PolicyVerdict) {
-        self.done.insert((v.kind, v.namespace.clone(), v.name.clone()), v);
+        self.done
+            .insert((v.kind, v.namespace.clone(), v.name.clone()), v);
     }
 
-    pub(crate) fn placed(&mut self, kind: PolicyKind, ns: &str, name: &str, target: super::ServiceKey) {
-        self.placements.push((kind, ns.to_owned(), name.to_owned(), target));
+    pub(crate) fn placed(
+        &mut self,
+        kind: PolicyKind,
+        ns: &str,
+        name: &str,
+        target: super::ServiceKey,
+    ) {
+        self.placements
+            .push((kind, ns.to_owned(), name.to_owned(), target));
     }
 
-    pub(crate) fn take_placements(&mut self) -> Vec<(PolicyKind, String, String, super::ServiceKey)> {
+    pub(crate) fn take_placements(
+        &mut self,
+    ) -> Vec<(PolicyKind, String, String, super::ServiceKey)> {
         std::mem::take(&mut self.placements)
     }
 
-    pub(crate) fn get_mut(&mut self, kind: PolicyKind, ns: &str, name: &str) -> Option<&mut PolicyVerdict> {
-        self.done.get_mut(&(kind, Some(ns.to_owned()), name.to_owned()))
+    pub(crate) fn get_mut(
+        &mut self,
+        kind: PolicyKind,
+        ns: &str,
+        name: &str,
+    ) -> Option<&mut PolicyVerdict> {
+        self.done
+            .get_mut(&(kind, Some(ns.to_owned()), name.to_owned()))
     }
 
     /// Every verdict, with `Programmed=False` filled in where nothing
@@ -129,7 +145,12 @@ impl PolicyVerdict {
     }
 
     pub(crate) fn accept(&mut self) {
-        self.set(conditions::ACCEPTED, true, reason::ACCEPTED, "accepted".to_owned());
+        self.set(
+            conditions::ACCEPTED,
+            true,
+            reason::ACCEPTED,
+            "accepted".to_owned(),
+        );
     }
 
     pub(crate) fn reject(&mut self, reason: &'static str, message: String) {
@@ -141,7 +162,12 @@ impl PolicyVerdict {
     }
 
     pub(crate) fn resolved(&mut self) {
-        self.set(conditions::RESOLVED_REFS, true, reason::RESOLVED_REFS, "all references resolved".to_owned());
+        self.set(
+            conditions::RESOLVED_REFS,
+            true,
+            reason::RESOLVED_REFS,
+            "all references resolved".to_owned(),
+        );
     }
 
     pub(crate) fn unresolved(&mut self, reason: &'static str, message: String) {

@@ -49,7 +49,10 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<ExitCode> {
     if let Some(ns) = &args.namespace {
         if !compiled.configs.contains_key(ns) {
             let known: Vec<&str> = compiled.configs.keys().map(String::as_str).collect();
-            anyhow::bail!("namespace {ns} has no config: it is not meshed or not defined (meshed: {})", known.join(", "));
+            anyhow::bail!(
+                "namespace {ns} has no config: it is not meshed or not defined (meshed: {})",
+                known.join(", ")
+            );
         }
         compiled.configs.retain(|k, _| k == ns);
     }
@@ -65,20 +68,35 @@ pub fn run(args: &CompileArgs) -> anyhow::Result<ExitCode> {
         }
         Output::Text => print_text(&mut out, &compiled, &loaded.skipped)?,
     }
-    let unhealthy = compiled.verdicts.iter().any(|v| v.conditions.iter().any(|c| !c.status));
-    Ok(if args.strict && unhealthy { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    let unhealthy = compiled
+        .verdicts
+        .iter()
+        .any(|v| v.conditions.iter().any(|c| !c.status));
+    Ok(if args.strict && unhealthy {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn print_text(out: &mut impl Write, compiled: &Compiled, skipped: &[String]) -> anyhow::Result<()> {
     writeln!(out, "# Policies")?;
     for v in &compiled.verdicts {
-        let summary: Vec<String> = [conditions::ACCEPTED, conditions::RESOLVED_REFS, conditions::PROGRAMMED]
-            .iter()
-            .filter_map(|t| v.condition(t))
-            .map(|c| format!("{}={}", c.type_, if c.status { "True" } else { "False" }))
-            .collect();
+        let summary: Vec<String> = [
+            conditions::ACCEPTED,
+            conditions::RESOLVED_REFS,
+            conditions::PROGRAMMED,
+        ]
+        .iter()
+        .filter_map(|t| v.condition(t))
+        .map(|c| format!("{}={}", c.type_, if c.status { "True" } else { "False" }))
+        .collect();
         writeln!(out, "{:<48} {}", v.object(), summary.join(" "))?;
-        for c in v.conditions.iter().filter(|c| !c.status || c.type_ == conditions::PROGRAMMED) {
+        for c in v
+            .conditions
+            .iter()
+            .filter(|c| !c.status || c.type_ == conditions::PROGRAMMED)
+        {
             writeln!(out, "    {} ({}): {}", c.type_, c.reason, c.message)?;
         }
     }

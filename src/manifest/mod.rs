@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use kube::core::cel::{RootContext, Validator, apply_defaults};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::api::{self, GROUP};
@@ -75,7 +75,11 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Vec<ManifestError>> {
             Err(e) => errors.push(error(&file, 0, None, "", format!("cannot read: {e}"))),
         }
     }
-    if errors.is_empty() { Ok(loaded) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
 }
 
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<ManifestError>) {
@@ -119,9 +123,24 @@ pub fn load_str(file: &Path, text: &str, loaded: &mut Loaded, errors: &mut Vec<M
     }
 }
 
-fn load_object(file: &Path, index: usize, prefix: &str, value: Value, loaded: &mut Loaded, errors: &mut Vec<ManifestError>) {
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+fn load_object(
+    file: &Path,
+    index: usize,
+    prefix: &str,
+    value: Value,
+    loaded: &mut Loaded,
+    errors: &mut Vec<ManifestError>,
+) {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if api_version.is_empty() || kind.is_empty() {
         let message = "not a Kubernetes object: `apiVersion` and `kind` are required".to_owned();
         return errors.push(error(file, index, None, prefix, message));
@@ -139,36 +158,69 @@ fn load_object(file: &Path, index: usize, prefix: &str, value: Value, loaded: &m
                 _ => return push("items", "a List needs an `items` array".into()),
             };
             for (i, item) in items.into_iter().enumerate() {
-                load_object(file, index, &join(prefix, &format!("items[{i}]")), item, loaded, errors);
+                load_object(
+                    file,
+                    index,
+                    &join(prefix, &format!("items[{i}]")),
+                    item,
+                    loaded,
+                    errors,
+                );
             }
         }
-        ("v1", "Namespace") => typed::<Namespace>(value, &mut push).into_iter().for_each(|o| facts.namespaces.push(o)),
-        ("v1", "Service") => {
-            typed::<Service>(namespaced(value), &mut push).into_iter().for_each(|o| facts.services.push(o))
-        }
+        ("v1", "Namespace") => typed::<Namespace>(value, &mut push)
+            .into_iter()
+            .for_each(|o| facts.namespaces.push(o)),
+        ("v1", "Service") => typed::<Service>(namespaced(value), &mut push)
+            .into_iter()
+            .for_each(|o| facts.services.push(o)),
         ("v1", "ServiceAccount") => typed::<ServiceAccount>(namespaced(value), &mut push)
             .into_iter()
             .for_each(|o| facts.service_accounts.push(o)),
         (v, _) if v.split('/').next() == Some(GROUP) => {
             let Some(crd) = weft_schema(v, &kind) else {
-                let known = crd_schemas().iter().map(|c| c.kind.as_str()).collect::<Vec<_>>().join(", ");
+                let known = crd_schemas()
+                    .iter()
+                    .map(|c| c.kind.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 return push(
                     "",
-                    format!("unknown weft resource {v} {kind}; this weft reads {GROUP}/v1alpha1 kinds {known}"),
+                    format!(
+                        "unknown weft resource {v} {kind}; this weft reads {GROUP}/v1alpha1 kinds {known}"
+                    ),
                 );
             };
-            let value = if crd.namespaced { namespaced(value) } else { value };
-            let Some(value) = validate_weft(crd, value, &mut push) else { return };
+            let value = if crd.namespaced {
+                namespaced(value)
+            } else {
+                value
+            };
+            let Some(value) = validate_weft(crd, value, &mut push) else {
+                return;
+            };
             match kind.as_str() {
-                "Mesh" => typed(value, &mut push).into_iter().for_each(|o| facts.meshes.push(o)),
-                "MTLSPolicy" => typed(value, &mut push).into_iter().for_each(|o| facts.mtls_policies.push(o)),
-                "TrafficPolicy" => typed(value, &mut push).into_iter().for_each(|o| facts.traffic_policies.push(o)),
-                "ServiceRoute" => typed(value, &mut push).into_iter().for_each(|o| facts.service_routes.push(o)),
-                "AccessPolicy" => typed(value, &mut push).into_iter().for_each(|o| facts.access_policies.push(o)),
+                "Mesh" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.meshes.push(o)),
+                "MTLSPolicy" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.mtls_policies.push(o)),
+                "TrafficPolicy" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.traffic_policies.push(o)),
+                "ServiceRoute" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.service_routes.push(o)),
+                "AccessPolicy" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.access_policies.push(o)),
                 other => push("", format!("internal: no loader for {other}")),
             }
         }
-        _ => loaded.skipped.push(format!("{}: document {index} ({kind})", file.display())),
+        _ => loaded
+            .skipped
+            .push(format!("{}: document {index} ({kind})", file.display())),
     }
 }
 
@@ -205,12 +257,18 @@ fn crd_schemas() -> &'static [CrdSchema] {
 
 fn weft_schema(api_version: &str, kind: &str) -> Option<&'static CrdSchema> {
     let version = api_version.strip_prefix(GROUP)?.strip_prefix('/')?;
-    crd_schemas().iter().find(|c| c.kind == kind && c.version == version)
+    crd_schemas()
+        .iter()
+        .find(|c| c.kind == kind && c.version == version)
 }
 
 /// Schema, then CEL rules, then defaults: the API server's order. `None`
 /// when anything failed (and was pushed).
-fn validate_weft(crd: &CrdSchema, value: Value, push: &mut impl FnMut(&str, String)) -> Option<Value> {
+fn validate_weft(
+    crd: &CrdSchema,
+    value: Value,
+    push: &mut impl FnMut(&str, String),
+) -> Option<Value> {
     let violations = schemacheck::validate(&crd.schema, &value);
     if !violations.is_empty() {
         for v in violations {
@@ -223,7 +281,9 @@ fn validate_weft(crd: &CrdSchema, value: Value, push: &mut impl FnMut(&str, Stri
         api_group: GROUP.to_owned(),
         kind: crd.kind.clone(),
     };
-    if let Err(errors) = Validator::new().validate_with_context(&crd.schema, &value, None, Some(&root)) {
+    if let Err(errors) =
+        Validator::new().validate_with_context(&crd.schema, &value, None, Some(&root))
+    {
         for e in errors.iter() {
             let path = e.field_path.trim_start_matches('.');
             push(path, format!("{} (rule: {})", e.message, e.rule));
@@ -246,15 +306,22 @@ fn typed<T: DeserializeOwned>(value: Value, push: &mut impl FnMut(&str, String))
 /// `kubectl apply` puts an object without a namespace into `default`.
 fn namespaced(mut value: Value) -> Value {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.entry("namespace").or_insert_with(|| Value::String("default".into()));
+        meta.entry("namespace")
+            .or_insert_with(|| Value::String("default".into()));
     }
     value
 }
 
 fn describe(kind: &str, value: &Value) -> String {
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>");
-    match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+    {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
     }
@@ -268,7 +335,13 @@ fn join(prefix: &str, path: &str) -> String {
     }
 }
 
-fn error(file: &Path, document: usize, object: Option<String>, path: &str, message: String) -> ManifestError {
+fn error(
+    file: &Path,
+    document: usize,
+    object: Option<String>,
+    path: &str,
+    message: String,
+) -> ManifestError {
     ManifestError {
         file: file.to_owned(),
         document,

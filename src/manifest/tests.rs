@@ -1,0 +1,178 @@
+//! What `weft compile` says about the YAML users write.
+
+use std::path::Path;
+
+use super::*;
+
+fn load_text(text: &str) -> (Loaded, Vec<ManifestError>) {
+    let mut loaded = Loaded::default();
+    let mut errors = Vec::new();
+    load_str(Path::new("policies.yaml"), text, &mut loaded, &mut errors);
+    (loaded, errors)
+}
+
+fn only_error(text: &str) -> ManifestError {
+    let (_, errors) = load_text(text);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    errors.into_iter().next().expect("one error")
+}
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n";
+
+#[test]
+fn misspelt_field_names_file_document_path_and_the_fix() {
+    let text = format!(
+        "{NAMESPACE}---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: inv\n  namespace: shop\nspec:\n  targetRef: {{kind: Service, name: inventory}}\n  retries:\n    attemps: 3\n"
+    );
+    let e = only_error(&text);
+    assert_eq!((e.document, e.path.as_str()), (2, "spec.retries.attemps"));
+    assert_eq!(e.object.as_deref(), Some("TrafficPolicy shop/inv"));
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(
+            "policies.yaml: document 2 (TrafficPolicy shop/inv): spec.retries.attemps: "
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("attempts"),
+        "suggests the right spelling: {shown}"
+    );
+}
+
+#[test]
+fn invalid_duration_names_the_field_and_the_format() {
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  timeout: 5 seconds\n",
+    );
+    assert_eq!((e.document, e.path.as_str()), (1, "spec.timeout"));
+    assert!(
+        e.message.contains("5 seconds") && e.message.contains("pattern"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cel_rules_spanning_fields_are_checked() {
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  timeout: 1s\n  retries: {perTryTimeout: 2s}\n",
+    );
+    assert!(
+        e.message.contains("perTryTimeout must not exceed timeout"),
+        "{e}"
+    );
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRef: {name: checkout}\n  rules:\n  - backendRefs: [{name: a, weight: 0}]\n",
+    );
+    assert!(e.message.contains("weight above 0"), "{e}");
+    assert!(e.path.starts_with("spec.rules"), "{e}");
+    let e =
+        only_error("apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: prod}\nspec: {}\n");
+    assert!(e.message.contains("name it `default`"), "{e}");
+}
+
+#[test]
+fn schema_ranges_and_enums_are_enforced() {
+    let cases = [
+        (
+            "spec:\n  parentRef: {name: c}\n  rules:\n  - backendRefs: [{name: a, weight: 1001}]\n",
+            "ServiceRoute",
+            "spec.rules[0].backendRefs[0].weight",
+        ),
+        (
+            "spec:\n  parentRef: {name: c}\n  rules:\n  - backendRefs: []\n",
+            "ServiceRoute",
+            "spec.rules[0].backendRefs",
+        ),
+        ("spec:\n  mode: Strickt\n", "MTLSPolicy", "spec.mode"),
+        (
+            "spec:\n  targetRef: {kind: Deployment, name: x}\n",
+            "TrafficPolicy",
+            "spec.targetRef.kind",
+        ),
+    ];
+    for (spec, kind, path) in cases {
+        let text = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: x, namespace: shop}}\n{spec}"
+        );
+        let (_, errors) = load_text(&text);
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{kind} {path}: {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn defaults_are_applied_like_the_api_server() {
+    let (loaded, errors) = load_text(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv}\nspec:\n  targetRef: {name: inventory}\n  retries: {}\n",
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    let tp = &loaded.facts.traffic_policies[0];
+    assert_eq!(
+        tp.metadata.namespace.as_deref(),
+        Some("default"),
+        "kubectl's default namespace"
+    );
+    let retries = tp.spec.retries.as_ref().expect("retries");
+    assert_eq!(retries.attempts, 2);
+    assert_eq!(retries.retry_on, crate::api::default_retry_on());
+}
+
+#[test]
+fn lists_core_objects_and_other_kinds() {
+    let (loaded, errors) = load_text(
+        "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ServiceAccount, metadata: {name: cart, namespace: shop}}\n- {apiVersion: v1, kind: Service, metadata: {name: cart, namespace: shop}, spec: {ports: [{port: 80}]}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: cart}\n",
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(
+        (
+            loaded.facts.service_accounts.len(),
+            loaded.facts.services.len()
+        ),
+        (1, 1)
+    );
+    assert_eq!(loaded.skipped, ["policies.yaml: document 2 (Deployment)"]);
+}
+
+#[test]
+fn bad_documents_are_reported_not_skipped() {
+    let cases = [
+        (
+            "kind: Service\nmetadata: {name: x}\n",
+            "",
+            "apiVersion` and `kind` are required",
+        ),
+        (
+            "apiVersion: weft.dev/v1\nkind: TrafficPolicy\nmetadata: {name: x}\n",
+            "",
+            "unknown weft resource weft.dev/v1 TrafficPolicy",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: eighty}]}\n",
+            "spec.ports[0].port",
+            "invalid type",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
+            "",
+            "not valid YAML",
+        ),
+    ];
+    for (text, path, message) in cases {
+        let e = only_error(text);
+        assert_eq!(e.path, path, "{text}");
+        assert!(e.message.contains(message), "{text}: {e}");
+    }
+}
+
+#[test]
+fn missing_paths_are_errors() {
+    let errors = load(&[PathBuf::from("/nonexistent/weft")]).expect_err("missing");
+    assert!(
+        errors[0].to_string().contains("no such file"),
+        "{}",
+        errors[0]
+    );
+}

@@ -1,0 +1,32 @@
+# Weft developer targets. `make test` is what CI runs (.ci/run).
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: build test fmt fmt-check lint crds check-crds bench bench-compile
+
+build:
+	$(CARGO) build --release --bin weft
+
+## fmt check + clippy (-D warnings) + every test tier that runs here
+test: fmt-check lint
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## regenerate crds/ from the Rust types (a test fails when they differ)
+crds:
+	$(CARGO) run --quiet --bin weft -- crdgen --out-dir crds
+
+bench: bench-compile
+
+## policy compiler: compile time and config size -> bench/results/compile.md
+bench-compile:
+	$(CARGO) bench --bench compile
