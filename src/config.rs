@@ -178,6 +178,10 @@ pub struct OutboundService {
     /// This Service's TrafficPolicy; unset means `outbound.defaults`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<ServicePolicy>,
+    /// Explicit endpoint addresses (`ip:port`), as `weft local` and tests
+    /// write them. Empty in a cluster: the proxy resolves `hostnames[0]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
 }
 
 /// A Service port.

@@ -9,4 +9,5 @@ pub mod api;
 pub mod compile;
 pub mod config;
 pub mod manifest;
+pub mod proxy;
 pub mod schemacheck;

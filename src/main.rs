@@ -16,6 +16,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print the weft.dev CustomResourceDefinitions as YAML (what `crds/` holds).
@@ -27,13 +29,23 @@ enum Command {
     /// Compile policy YAML (what you would `kubectl apply`) into each meshed
     /// namespace's proxy config and every policy's status verdict.
     Compile(weft::manifest::CompileArgs),
+    /// Run the sidecar proxy.
+    Proxy(weft::proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Crdgen { out_dir } => crdgen(out_dir),
         Command::Compile(args) => weft::manifest::run(&args),
+        Command::Proxy(args) => weft::proxy::main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -338,6 +338,7 @@ fn outbound_entry(
         mesh,
         routes,
         policy,
+        endpoints: Vec::new(),
     }
 }
 

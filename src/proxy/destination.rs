@@ -1,0 +1,222 @@
+//! A destination as the proxy sees it: one Service port (or, for traffic
+//! to an address no config knows, that address), its resolved policy, and
+//! the state that policy needs — retry budget, circuit breakers, rate
+//! limiter, endpoints with their latency estimates.
+//!
+//! Destinations outlive config reloads: a reload that leaves a Service's
+//! policy and endpoints unchanged keeps its state (an open circuit stays
+//! open), anything else gets fresh state.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
+
+use super::resilience::{
+    BreakerSettings, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget, TokenBucket,
+};
+
+/// Latency assumed for an endpoint before it has answered.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// How fast the peak-EWMA forgets.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// How long resolved DNS answers are used.
+const DNS_TTL: Duration = Duration::from_secs(5);
+
+/// Where a destination's endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// Addresses known up front: explicit endpoints, a ClusterIP, or the
+    /// original destination itself.
+    Static(Vec<SocketAddr>),
+    /// A headless Service: resolve this name.
+    Dns { host: String, port: u16 },
+}
+
+/// One endpoint and what the balancer knows of it.
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    pub load: Arc<PeakEwma>,
+    pub breaker: Option<CircuitBreaker>,
+}
+
+/// A destination's endpoints, shared with requests in flight.
+pub type EndpointList = Arc<Vec<Arc<EndpointState>>>;
+
+/// A destination's state.
+pub struct Destination {
+    /// `name.ns:port` for a Service, `ip:port` otherwise: the metrics label.
+    pub label: String,
+    pub policy: ServicePolicy,
+    pub budget: RetryBudget,
+    pub breaker: Option<CircuitBreaker>,
+    pub limiter: Option<TokenBucket>,
+    source: EndpointSource,
+    /// When DNS last answered (None: never), and the endpoints.
+    endpoints: Mutex<(Option<Instant>, EndpointList)>,
+}
+
+fn breaker(cfg: &Option<CircuitBreakerConfig>) -> Option<CircuitBreaker> {
+    cfg.as_ref().map(|cb| {
+        CircuitBreaker::new(BreakerSettings {
+            consecutive_failures: cb.consecutive_failures,
+            failure_rate: cb.failure_rate.as_ref().map(|fr| FailureRateSettings {
+                percent: fr.percent,
+                min_requests: fr.min_requests,
+                window: Duration::from_millis(fr.window_ms),
+            }),
+            open: Duration::from_millis(cb.open_ms),
+            max_open: Duration::from_millis(cb.max_open_ms),
+        })
+    })
+}
+
+impl Destination {
+    pub fn new(label: String, policy: ServicePolicy, source: EndpointSource) -> Self {
+        let budget = RetryBudget::new(
+            policy.retry.budget.percent,
+            policy.retry.budget.min_per_second,
+            Duration::from_millis(policy.retry.budget.window_ms.max(1)),
+        );
+        let limiter = policy
+            .rate_limit
+            .as_ref()
+            .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
+        let static_endpoints = match &source {
+            EndpointSource::Static(addrs) => Some(Arc::new(
+                addrs.iter().map(|a| endpoint(*a, &policy)).collect(),
+            )),
+            EndpointSource::Dns { .. } => None,
+        };
+        let fixed = static_endpoints.is_some();
+        Self {
+            label,
+            breaker: breaker(&policy.circuit_breaker),
+            budget,
+            limiter,
+            endpoints: Mutex::new((
+                fixed.then(Instant::now),
+                static_endpoints.unwrap_or_default(),
+            )),
+            source,
+            policy,
+        }
+    }
+
+    /// Current endpoints, resolving DNS when the last answer is stale.
+    pub async fn endpoints(&self) -> EndpointList {
+        let (host, port) = match &self.source {
+            EndpointSource::Static(_) => return self.cached().1,
+            EndpointSource::Dns { host, port } => (host.clone(), *port),
+        };
+        let (resolved_at, current) = self.cached();
+        if resolved_at.is_some_and(|t| t.elapsed() < DNS_TTL) {
+            return current;
+        }
+        let fresh: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "resolving endpoints failed; keeping the last answer");
+                return current;
+            }
+        };
+        // Keep the state of endpoints that are still there.
+        let known: HashMap<SocketAddr, Arc<EndpointState>> =
+            current.iter().map(|e| (e.addr, e.clone())).collect();
+        let next: EndpointList = Arc::new(
+            fresh
+                .into_iter()
+                .map(|a| {
+                    known
+                        .get(&a)
+                        .cloned()
+                        .unwrap_or_else(|| endpoint(a, &self.policy))
+                })
+                .collect(),
+        );
+        let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        *guard = (Some(Instant::now()), next.clone());
+        next
+    }
+
+    fn cached(&self) -> (Option<Instant>, EndpointList) {
+        let guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    fn same_as(&self, policy: &ServicePolicy, source: &EndpointSource) -> bool {
+        &self.policy == policy && &self.source == source
+    }
+}
+
+fn endpoint(addr: SocketAddr, policy: &ServicePolicy) -> Arc<EndpointState> {
+    Arc::new(EndpointState {
+        addr,
+        load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
+        breaker: breaker(&policy.circuit_breaker),
+    })
+}
+
+/// Where a Service port's endpoints come from: explicit endpoints, else its
+/// ClusterIPs, else (headless) DNS.
+pub fn source_for(svc: &OutboundService, port: u16) -> EndpointSource {
+    if !svc.endpoints.is_empty() {
+        return EndpointSource::Static(
+            svc.endpoints
+                .iter()
+                .filter_map(|e| e.parse().ok())
+                .collect(),
+        );
+    }
+    let ips: Vec<SocketAddr> = svc
+        .cluster_ips
+        .iter()
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    if ips.is_empty() {
+        let host = svc
+            .hostnames
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{}.{}", svc.name, svc.namespace));
+        EndpointSource::Dns { host, port }
+    } else {
+        EndpointSource::Static(ips)
+    }
+}
+
+/// Destinations by label, carried across config reloads.
+#[derive(Default)]
+pub struct Destinations {
+    by_label: Mutex<HashMap<String, Arc<Destination>>>,
+}
+
+impl Destinations {
+    /// The destination for `label`, reusing its state when nothing that
+    /// shapes it changed.
+    pub fn get(
+        &self,
+        label: &str,
+        policy: &ServicePolicy,
+        source: EndpointSource,
+    ) -> Arc<Destination> {
+        let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(label)
+            && d.same_as(policy, &source)
+        {
+            return d.clone();
+        }
+        let d = Arc::new(Destination::new(label.to_owned(), policy.clone(), source));
+        map.insert(label.to_owned(), d.clone());
+        d
+    }
+
+    /// Forgets destinations a new config no longer names.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|label, _| keep(label));
+    }
+}

@@ -1,0 +1,257 @@
+//! Protocol detection: read the first bytes a client sends and decide
+//! whether the connection is HTTP/1.x, HTTP/2 with prior knowledge, a TLS
+//! ClientHello, or something else (opaque TCP). The bytes read are replayed
+//! to whoever handles the connection, so detection is invisible.
+//!
+//! A client that sends nothing within the timeout is handled as opaque: a
+//! server-speaks-first protocol on an undeclared port must not stall.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest token we need to see: the HTTP/2 preface.
+const MAX_PEEK: usize = H2_PREFACE.len();
+/// Request methods that start an HTTP/1 request line.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tls,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Tls => "tls",
+            Protocol::Opaque => "opaque",
+        }
+    }
+}
+
+/// Decides from a prefix, or `None` when more bytes are needed.
+pub fn classify(prefix: &[u8]) -> Option<Protocol> {
+    if prefix.is_empty() {
+        return None;
+    }
+    // TLS record: handshake (0x16), version 3.x.
+    if prefix[0] == 0x16 {
+        return match prefix.get(1) {
+            None => None,
+            Some(3) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
+    }
+    let n = prefix.len().min(MAX_PEEK);
+    if H2_PREFACE[..n] == prefix[..n] {
+        return if n == MAX_PEEK {
+            Some(Protocol::Http2)
+        } else {
+            None
+        };
+    }
+    let mut undecided = false;
+    for m in METHODS {
+        let k = prefix.len().min(m.len());
+        if m[..k] == prefix[..k] {
+            if k == m.len() {
+                return Some(Protocol::Http1);
+            }
+            undecided = true;
+        }
+    }
+    if undecided {
+        None
+    } else {
+        Some(Protocol::Opaque)
+    }
+}
+
+/// The outcome of detection: the protocol, the stream with its consumed
+/// bytes ready to replay, and whether the timeout decided.
+pub struct Detected<S> {
+    pub protocol: Protocol,
+    pub io: PrefixedIo<S>,
+    pub timed_out: bool,
+}
+
+/// Reads until [`classify`] decides, the peer closes, or `timeout` passes.
+pub async fn detect<S: AsyncRead + Unpin>(mut io: S, timeout: Duration) -> io::Result<Detected<S>> {
+    let mut buf = BytesMut::with_capacity(MAX_PEEK);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(protocol) = classify(&buf) {
+            return Ok(Detected {
+                protocol,
+                io: PrefixedIo::new(buf.freeze(), io),
+                timed_out: false,
+            });
+        }
+        let mut chunk = [0u8; MAX_PEEK];
+        let want = MAX_PEEK - buf.len().min(MAX_PEEK - 1);
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..want])).await {
+            Ok(Ok(0)) => {
+                // Closed before deciding: whatever it was, it is opaque now.
+                return Ok(Detected {
+                    protocol: Protocol::Opaque,
+                    io: PrefixedIo::new(buf.freeze(), io),
+                    timed_out: false,
+                });
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Ok(Detected {
+                    protocol: Protocol::Opaque,
+                    io: PrefixedIo::new(buf.freeze(), io),
+                    timed_out: true,
+                });
+            }
+        }
+    }
+}
+
+/// A stream that first yields `prefix`, then reads from `inner`.
+pub struct PrefixedIo<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> PrefixedIo<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_prefixes() {
+        let cases: [(&[u8], Option<Protocol>); 12] = [
+            (b"", None),
+            (b"GE", None),
+            (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
+            (b"DELETE /x", Some(Protocol::Http1)),
+            (b"GETX", Some(Protocol::Opaque)),
+            (b"PRI * HTTP/2.0\r\n", None),
+            (H2_PREFACE, Some(Protocol::Http2)),
+            (b"PRI * HTTP/1.1", Some(Protocol::Opaque)),
+            (&[0x16, 0x03, 0x01, 0x02], Some(Protocol::Tls)),
+            (&[0x16], None),
+            (&[0x16, 0x09], Some(Protocol::Opaque)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Protocol::Opaque)),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                classify(input),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn replays_what_it_read() {
+        let (mut client, server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"POST /pay HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let d = detect(server, Duration::from_secs(5))
+            .await
+            .expect("detect");
+        assert_eq!(d.protocol, Protocol::Http1);
+        let mut io = d.io;
+        drop(client);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"POST /pay HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn silence_is_opaque_after_the_timeout() {
+        let (_client, server) = tokio::io::duplex(64);
+        let d = detect(server, Duration::from_millis(50))
+            .await
+            .expect("detect");
+        assert_eq!((d.protocol, d.timed_out), (Protocol::Opaque, true));
+    }
+}

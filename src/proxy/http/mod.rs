@@ -1,0 +1,69 @@
+//! The HTTP data path. Each file is one layer; read them in this order,
+//! which is the order a request passes through them:
+//!
+//! `route` (match and weighted split) -> per backend: `metrics` ->
+//! `timeout` -> `retry` (budget) -> `breaker` + `ratelimit` -> `balance`
+//! (P2C peak-EWMA over endpoints) -> `pool` (pooled upstream connections).
+//!
+//! Errors the proxy makes travel boxed through the stack as [`ProxyError`]
+//! and are turned into HTTP responses once, at the edge (`errors`).
+
+pub mod balance;
+pub mod body;
+pub mod breaker;
+pub mod errors;
+pub mod metrics;
+pub mod pool;
+pub mod ratelimit;
+pub mod retry;
+pub mod route;
+pub mod timeout;
+
+pub use body::{Body, BoxError, Request, Response};
+pub use errors::ProxyError;
+
+use std::sync::Arc;
+
+use super::destination::Destination;
+use super::metrics::ProxyMetrics;
+
+/// Sends a request through a service once it is ready. The future is boxed
+/// on purpose: an unboxed tower future awaited inside a `Send` async block
+/// trips the compiler's higher-ranked lifetime check on the boxed error.
+pub fn call<S>(
+    mut svc: S,
+    req: Request,
+) -> futures_util::future::BoxFuture<'static, Result<Response, BoxError>>
+where
+    S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(async move {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        svc.call(req).await
+    })
+}
+
+/// What every layer may need besides its destination.
+pub struct Shared {
+    pub metrics: Arc<ProxyMetrics>,
+    pub pool: pool::Pool,
+    /// This proxy's workload, the `src` of its metrics.
+    pub workload: String,
+}
+
+/// The stack for one destination, outermost first.
+pub type Backend = metrics::Metrics<
+    timeout::Timeout<retry::Retry<breaker::Breaker<ratelimit::RateLimit<balance::Balance>>>>,
+>;
+
+/// Builds the per-destination stack: metrics -> timeout -> retry ->
+/// circuit breaker -> rate limit -> load balancer -> pool.
+pub fn backend(dst: Arc<Destination>, shared: &Arc<Shared>) -> Backend {
+    let balance = balance::Balance::new(dst.clone(), shared.pool.clone());
+    let limited = ratelimit::RateLimit::new(dst.clone(), balance);
+    let broken = breaker::Breaker::new(dst.clone(), shared.clone(), limited);
+    let retried = retry::Retry::new(dst.clone(), shared.clone(), broken);
+    let timed = timeout::Timeout::new(dst.clone(), retried);
+    metrics::Metrics::new(dst, shared.clone(), timed)
+}

@@ -1,0 +1,105 @@
+//! Inbound: connections from other pods to this pod's application,
+//! redirected to the proxy. They are forwarded to the application on
+//! localhost at the port the client called — HTTP-aware (counted per
+//! request) when the bytes are HTTP, opaque otherwise.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use super::Proxy;
+use super::detect::{Protocol, detect};
+use super::http::errors;
+use super::http::pool::Endpoint;
+use super::http::{Request, Response};
+use super::metrics::{ConnLabels, Direction, EdgeLabels, RequestLabels, status_class};
+
+/// Handles one inbound connection meant for `app_port`.
+pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
+    let app = SocketAddr::from((proxy.app_ip, app_port));
+    let (protocol, io) = if crate::compile::SERVER_FIRST_PORTS.contains(&app_port) {
+        (
+            Protocol::Opaque,
+            super::detect::PrefixedIo::new(Default::default(), conn),
+        )
+    } else {
+        match detect(conn, proxy.detect_timeout).await {
+            Ok(d) => {
+                if d.timed_out {
+                    proxy.metrics.detect_timeouts.inc();
+                }
+                (d.protocol, d.io)
+            }
+            Err(e) => {
+                return tracing::debug!(%peer, error = %e, "inbound connection failed before detection");
+            }
+        }
+    };
+    let labels = ConnLabels {
+        direction: Direction::Inbound,
+        protocol: protocol.label().to_owned(),
+        tls: false,
+        port: app_port,
+    };
+    proxy.metrics.connections_total.get_or_create(&labels).inc();
+    proxy.metrics.connections_open.get_or_create(&labels).inc();
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let p = proxy.clone();
+            super::server::serve_http(io, &proxy.drain, move |req| {
+                forward_http(p.clone(), app, req)
+            })
+            .await;
+        }
+        Protocol::Tls | Protocol::Opaque => {
+            let mut io = io;
+            match TcpStream::connect(app).await {
+                Ok(mut upstream) => {
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(%app, error = %e, "app refused an opaque connection"),
+            }
+        }
+    }
+    proxy.metrics.connections_open.get_or_create(&labels).dec();
+}
+
+/// Sends one request to the application and counts it.
+pub async fn forward_http(proxy: Arc<Proxy>, app: SocketAddr, mut req: Request) -> Response {
+    let started = Instant::now();
+    req.extensions_mut().insert(Endpoint(app));
+    let rsp = match super::http::call(proxy.shared.pool.clone(), req).await {
+        Ok(rsp) => rsp,
+        Err(e) => errors::response(&errors::classify(&e, &app.to_string())),
+    };
+    let edge = EdgeLabels {
+        direction: Direction::Inbound,
+        src: "unknown".to_owned(),
+        dst: proxy.shared.workload.clone(),
+        route: "default".to_owned(),
+    };
+    proxy
+        .metrics
+        .latency
+        .get_or_create(&edge)
+        .observe(started.elapsed().as_secs_f64() * 1e3);
+    proxy
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: Direction::Inbound,
+            src: edge.src,
+            dst: edge.dst,
+            route: edge.route,
+            status_class: status_class(rsp.status()),
+            tls: false,
+        })
+        .inc();
+    rsp
+}
+
+/// The loopback address the application listens on.
+pub const APP_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;

@@ -1,0 +1,235 @@
+//! The proxy's Prometheus metrics, served as text on the admin port.
+//!
+//! Label sets are small structs so every call site names what it counts.
+//! Families are created once per proxy; requests only increment.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// One request, as counted on an edge of the service graph.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    /// This proxy's workload.
+    pub src: String,
+    /// The destination Service (`name.ns`) or address.
+    pub dst: String,
+    /// The route that matched (`ns/route/rule`), or `default`.
+    pub route: String,
+    /// `2xx` .. `5xx`, or `error` when no response came.
+    pub status_class: String,
+    pub tls: bool,
+}
+
+/// Latency has no status class: one histogram per edge and route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeLabels {
+    pub direction: Direction,
+    pub src: String,
+    pub dst: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DstLabels {
+    pub dst: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyErrorLabels {
+    pub direction: Direction,
+    pub dst: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    /// `http1`, `http2`, `tls`, `opaque`.
+    pub protocol: String,
+    pub tls: bool,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenerationLabels {
+    pub generation: String,
+}
+
+/// Every metric the proxy exports.
+pub struct ProxyMetrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<EdgeLabels, Histogram>,
+    pub proxy_errors: Family<ProxyErrorLabels, Counter>,
+    pub retries: Family<DstLabels, Counter>,
+    pub retry_budget_exhausted: Family<DstLabels, Counter>,
+    /// 0 closed, 1 open, 2 half-open.
+    pub circuit_state: Family<DstLabels, Gauge>,
+    pub circuit_opened: Family<DstLabels, Counter>,
+    pub connections_total: Family<ConnLabels, Counter>,
+    pub connections_open: Family<ConnLabels, Gauge>,
+    pub detect_timeouts: Counter,
+    pub config_generation: Family<GenerationLabels, Gauge>,
+    pub config_reloads: Counter,
+    pub config_reload_failures: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // Milliseconds, 0.5 ms .. 10 s.
+    Histogram::new([
+        0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0,
+        2000.0, 5000.0, 10000.0,
+    ])
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProxyMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weft_proxy");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "HTTP requests by edge, route and status class",
+            requests.clone(),
+        );
+        let latency = Family::<EdgeLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_ms",
+            "HTTP request latency in milliseconds",
+            latency.clone(),
+        );
+        let proxy_errors = Family::default();
+        registry.register(
+            "proxy_errors",
+            "Responses the proxy generated instead of the application, by reason",
+            proxy_errors.clone(),
+        );
+        let retries = Family::default();
+        registry.register("retries", "Retries sent", retries.clone());
+        let retry_budget_exhausted = Family::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the destination's retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let circuit_state = Family::default();
+        registry.register(
+            "circuit_state",
+            "Service circuit breaker: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let circuit_opened = Family::default();
+        registry.register(
+            "circuit_opened",
+            "Times a circuit opened",
+            circuit_opened.clone(),
+        );
+        let connections_total = Family::default();
+        registry.register(
+            "tcp_connections",
+            "TCP connections accepted",
+            connections_total.clone(),
+        );
+        let connections_open = Family::default();
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open now",
+            connections_open.clone(),
+        );
+        let detect_timeouts = Counter::default();
+        registry.register(
+            "protocol_detect_timeouts",
+            "Connections that sent nothing to detect in time and were handled as opaque TCP",
+            detect_timeouts.clone(),
+        );
+        let config_generation = Family::default();
+        registry.register(
+            "config_generation",
+            "The ProxyConfig generation in use (value 1 on the current generation)",
+            config_generation.clone(),
+        );
+        let config_reloads = Counter::default();
+        registry.register(
+            "config_reloads",
+            "Config changes applied",
+            config_reloads.clone(),
+        );
+        let config_reload_failures = Counter::default();
+        registry.register(
+            "config_reload_failures",
+            "Config files that could not be read or parsed (the last good config stays in use)",
+            config_reload_failures.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            proxy_errors,
+            retries,
+            retry_budget_exhausted,
+            circuit_state,
+            circuit_opened,
+            connections_total,
+            connections_open,
+            detect_timeouts,
+            config_generation,
+            config_reloads,
+            config_reload_failures,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn set_generation(&self, generation: &str) {
+        self.config_generation.clear();
+        self.config_generation
+            .get_or_create(&GenerationLabels {
+                generation: generation.to_owned(),
+            })
+            .set(1);
+    }
+}
+
+/// `2xx`-style class of a status code.
+pub fn status_class(status: http::StatusCode) -> String {
+    format!("{}xx", status.as_u16() / 100)
+}

@@ -1,0 +1,284 @@
+//! `weft proxy`: the sidecar. Listeners (outbound 15101, inbound 15106,
+//! admin 15120, probes 15121) accept connections; `outbound` and `inbound`
+//! decide what each connection is and hand HTTP to the layered stack in
+//! `http`; `state` and `watch` keep the config current; `server` drains on
+//! shutdown.
+
+pub mod admin;
+pub mod destination;
+pub mod detect;
+pub mod http;
+pub mod inbound;
+pub mod metrics;
+pub mod orig_dst;
+pub mod outbound;
+pub mod resilience;
+pub mod server;
+pub mod state;
+pub mod watch;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use self::metrics::ProxyMetrics;
+use self::outbound::Target;
+use self::server::Drain;
+use self::state::ConfigStore;
+
+/// Ports of the proxy (distinct from Istio's, Linkerd's and Kuma's).
+pub const OUTBOUND_PORT: u16 = 15101;
+pub const INBOUND_PORT: u16 = 15106;
+pub const ADMIN_PORT: u16 = 15120;
+pub const PROBE_PORT: u16 = 15121;
+/// The uid and gid the proxy runs as; iptables skips this uid's traffic.
+pub const PROXY_UID: u32 = 1450;
+
+/// Command line of `weft proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// The ProxyConfig file (the mounted ConfigMap key; gzip or JSON).
+    #[arg(
+        long,
+        env = "WEFT_CONFIG",
+        default_value = "/var/run/weft/config/config.json"
+    )]
+    pub config: PathBuf,
+    /// This workload's name, the `src` of outbound metrics.
+    #[arg(long, env = "WEFT_WORKLOAD", default_value = "unknown")]
+    pub workload: String,
+    /// Transparent outbound listener (iptables redirects here).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT)))]
+    pub outbound: SocketAddr,
+    /// Transparent inbound listener.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT)))]
+    pub inbound: SocketAddr,
+    /// Admin server: /live, /ready, /metrics, /config, POST /shutdown.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
+    pub admin: SocketAddr,
+    /// Probe server: /probe/<port>/<path> is forwarded to the app.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], PROBE_PORT)))]
+    pub probe: SocketAddr,
+    /// Do not bind the transparent listeners (no iptables in front).
+    #[arg(long)]
+    pub no_transparent: bool,
+    /// Explicit outbound listener `LISTEN=TARGET`: connections to LISTEN are
+    /// treated as if headed to TARGET (`host:port` of a Service, or `ip:port`).
+    #[arg(long = "outbound-map", value_parser = parse_outbound_map)]
+    pub outbound_map: Vec<(SocketAddr, Target)>,
+    /// Explicit inbound listener `LISTEN=APP_PORT`: forwards to the app on
+    /// that port.
+    #[arg(long = "inbound-map", value_parser = parse_inbound_map)]
+    pub inbound_map: Vec<(SocketAddr, u16)>,
+    /// Address the application listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub app_ip: IpAddr,
+    /// Request paths that are health checks: never retried, never a failure.
+    #[arg(long = "health-path", env = "WEFT_HEALTH_PATHS", value_delimiter = ',')]
+    pub health_paths: Vec<String>,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long to wait for a client's first bytes before treating the
+    /// connection as opaque TCP.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    /// Worker threads (0: one per core).
+    #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<crate::api::Duration>()
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_outbound_map(s: &str) -> Result<(SocketAddr, Target), String> {
+    let (listen, target) = s
+        .split_once('=')
+        .ok_or("expected LISTEN=TARGET, such as 127.0.0.1:16001=inventory.shop:80")?;
+    let listen = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
+    Ok((listen, Target::parse(target)?))
+}
+
+fn parse_inbound_map(s: &str) -> Result<(SocketAddr, u16), String> {
+    let (listen, port) = s
+        .split_once('=')
+        .ok_or("expected LISTEN=APP_PORT, such as 127.0.0.1:16101=8080")?;
+    let listen = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
+    Ok((
+        listen,
+        port.parse().map_err(|_| format!("{port:?}: not a port"))?,
+    ))
+}
+
+/// What every connection handler shares.
+pub struct Proxy {
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub shared: Arc<http::Shared>,
+    pub drain: Drain,
+    pub app_ip: IpAddr,
+    pub health_paths: Vec<String>,
+    pub detect_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(args: &ProxyArgs) -> Arc<Self> {
+        let metrics = Arc::new(ProxyMetrics::new());
+        Arc::new(Self {
+            store: Arc::new(ConfigStore::new(metrics.clone())),
+            shared: Arc::new(http::Shared {
+                metrics: metrics.clone(),
+                pool: http::pool::Pool::new(),
+                workload: args.workload.clone(),
+            }),
+            metrics,
+            drain: Drain::new(),
+            app_ip: args.app_ip,
+            health_paths: args.health_paths.clone(),
+            detect_timeout: args.detect_timeout,
+        })
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`, then drains.
+pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.workers > 0 {
+        rt.worker_threads(args.workers);
+    }
+    let rt = rt.enable_all().thread_name("weft-proxy").build()?;
+    rt.block_on(async move {
+        let proxy = Proxy::new(&args);
+        let running = start(&args, proxy.clone()).await?;
+        wait_for_signal(&proxy).await?;
+        proxy.drain.start();
+        drop(running);
+        let left = proxy.drain.wait(args.drain_timeout).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "drain timeout passed; closing the remaining connections"
+            );
+        } else {
+            tracing::info!("drained");
+        }
+        Ok(())
+    })
+}
+
+/// Handles of a started proxy; the listeners run as tasks.
+pub struct Running {
+    pub admin: SocketAddr,
+    pub probe: SocketAddr,
+    pub outbound: Vec<SocketAddr>,
+    pub inbound: Vec<SocketAddr>,
+}
+
+/// Loads the config (if present), binds every listener and starts serving.
+pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Running> {
+    if args.config.exists()
+        && let Err(why) = watch::load_file(&args.config, &proxy.store)
+    {
+        proxy.store.record_failure(&why);
+    }
+    tokio::spawn(watch::watch_file(args.config.clone(), proxy.store.clone()));
+
+    let admin = bind(args.admin, "admin").await?;
+    let probe = bind(args.probe, "probe").await?;
+    let mut running = Running {
+        admin: admin.local_addr()?,
+        probe: probe.local_addr()?,
+        outbound: Vec::new(),
+        inbound: Vec::new(),
+    };
+    tokio::spawn(admin::serve(admin, admin::admin_router(proxy.clone())));
+    tokio::spawn(admin::serve(probe, admin::probe_router(proxy.clone())));
+
+    if !args.no_transparent {
+        let l = bind(args.outbound, "outbound").await?;
+        running.outbound.push(l.local_addr()?);
+        let p = proxy.clone();
+        tokio::spawn(server::accept_loop(
+            l,
+            proxy.drain.clone(),
+            move |conn, peer| {
+                let p = p.clone();
+                async move {
+                    match orig_dst::original_dst(&conn) {
+                        Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+                        }
+                    }
+                }
+            },
+        ));
+        let l = bind(args.inbound, "inbound").await?;
+        running.inbound.push(l.local_addr()?);
+        let p = proxy.clone();
+        tokio::spawn(server::accept_loop(
+            l,
+            proxy.drain.clone(),
+            move |conn, peer| {
+                let p = p.clone();
+                async move {
+                    match orig_dst::original_dst(&conn) {
+                        Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+                        }
+                    }
+                }
+            },
+        ));
+    }
+    for (listen, target) in &args.outbound_map {
+        let l = bind(*listen, "explicit outbound").await?;
+        running.outbound.push(l.local_addr()?);
+        let (p, target) = (proxy.clone(), target.clone());
+        tokio::spawn(server::accept_loop(
+            l,
+            proxy.drain.clone(),
+            move |conn, _| outbound::serve(p.clone(), conn, target.clone()),
+        ));
+    }
+    for (listen, app_port) in &args.inbound_map {
+        let l = bind(*listen, "explicit inbound").await?;
+        running.inbound.push(l.local_addr()?);
+        let (p, app_port) = (proxy.clone(), *app_port);
+        tokio::spawn(server::accept_loop(
+            l,
+            proxy.drain.clone(),
+            move |conn, peer| inbound::serve(p.clone(), conn, peer, app_port),
+        ));
+    }
+    proxy.store.set_listening();
+    tracing::info!(admin = %running.admin, "proxy listening");
+    Ok(running)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut stop = proxy.drain.watch();
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = server::stopped(&mut stop) => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Outbound: connections the local application makes, redirected to the
+//! proxy. The original destination names a Service (by ClusterIP, or by
+//! hostname for explicit listeners); HTTP goes through the routing and
+//! resilience stack, anything else is forwarded as opaque TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::compile::SERVER_FIRST_PORTS;
+use crate::config::{OutboundService, PortProtocol};
+
+use super::Proxy;
+use super::detect::{Protocol, detect};
+use super::http::errors::{self, ProxyError};
+use super::http::route::{self, RouteCtx};
+use super::http::{self as stack, BoxError, Request, Response};
+use super::metrics::{ConnLabels, Direction};
+use super::state::Snapshot;
+
+/// Where an outbound connection was headed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// From `SO_ORIGINAL_DST`, or an explicit listener mapped to an address.
+    Addr(SocketAddr),
+    /// An explicit listener mapped to a Service hostname and port.
+    Host(String, u16),
+}
+
+impl Target {
+    pub fn port(&self) -> u16 {
+        match self {
+            Target::Addr(a) => a.port(),
+            Target::Host(_, p) => *p,
+        }
+    }
+
+    /// Parses `ip:port` or `host:port`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse() {
+            return Ok(Target::Addr(addr));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected HOST:PORT"))?;
+        let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+        Ok(Target::Host(host.to_owned(), port))
+    }
+}
+
+fn find<'a>(snapshot: &'a Snapshot, target: &Target) -> Option<&'a OutboundService> {
+    match target {
+        Target::Addr(a) => snapshot.by_addr(*a),
+        Target::Host(h, _) => snapshot.by_host(h),
+    }
+}
+
+/// Handles one outbound connection.
+pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
+    let port = target.port();
+    let declared_opaque = proxy.store.load().and_then(|s| {
+        find(&s, &target)
+            .and_then(|svc| svc.ports.iter().find(|p| p.port == port))
+            .map(|p| p.protocol)
+    }) == Some(PortProtocol::Opaque);
+    let (protocol, io) = if declared_opaque || SERVER_FIRST_PORTS.contains(&port) {
+        (
+            Protocol::Opaque,
+            super::detect::PrefixedIo::new(Default::default(), conn),
+        )
+    } else {
+        match detect(conn, proxy.detect_timeout).await {
+            Ok(d) => {
+                if d.timed_out {
+                    proxy.metrics.detect_timeouts.inc();
+                }
+                (d.protocol, d.io)
+            }
+            Err(e) => {
+                return tracing::debug!(error = %e, "outbound connection failed before detection");
+            }
+        }
+    };
+    let labels = ConnLabels {
+        direction: Direction::Outbound,
+        protocol: protocol.label().to_owned(),
+        tls: false,
+        port,
+    };
+    proxy.metrics.connections_total.get_or_create(&labels).inc();
+    proxy.metrics.connections_open.get_or_create(&labels).inc();
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let p = proxy.clone();
+            let target = target.clone();
+            super::server::serve_http(io, &proxy.drain, move |req| {
+                let (p, target) = (p.clone(), target.clone());
+                async move {
+                    match dispatch(&p, &target, req).await {
+                        Ok(rsp) => rsp,
+                        Err(e) => errors::response(&errors::classify(&e, &target_label(&target))),
+                    }
+                }
+            })
+            .await;
+        }
+        Protocol::Tls | Protocol::Opaque => forward_tcp(&proxy, io, &target).await,
+    }
+    proxy.metrics.connections_open.get_or_create(&labels).dec();
+}
+
+fn target_label(target: &Target) -> String {
+    match target {
+        Target::Addr(a) => a.to_string(),
+        Target::Host(h, p) => format!("{h}:{p}"),
+    }
+}
+
+/// Routes one request on the snapshot in force when it arrived.
+pub async fn dispatch(
+    proxy: &Arc<Proxy>,
+    target: &Target,
+    mut req: Request,
+) -> Result<Response, BoxError> {
+    let Some(snapshot) = proxy.store.load() else {
+        return Err(ProxyError::NoEndpoints("no config loaded yet".into()).into());
+    };
+    let port = target.port();
+    let Some(svc) = find(&snapshot, target) else {
+        let addr = match target {
+            Target::Addr(a) => *a,
+            Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ProxyError::NoEndpoints(format!("{h}:{p}")))?,
+        };
+        let dst = snapshot.address_destination(addr, &proxy.store.destinations);
+        req.extensions_mut().insert(RouteCtx::default_route());
+        return stack::call(stack::backend(dst, &proxy.shared), req).await;
+    };
+    let (backend_svc, backend_port, mut ctx) = match route::find(&svc.routes, &req) {
+        None => (svc, port, RouteCtx::default_route()),
+        Some(r) => {
+            let weights: Vec<u32> = r.backends.iter().map(|b| b.weight).collect();
+            let picked = route::pick_weighted(&weights, &mut fastrand::Rng::new())
+                .and_then(|i| r.backends.get(i))
+                .and_then(|b| {
+                    snapshot
+                        .by_key(&b.service)
+                        .map(|s| (s, b.port.unwrap_or(port)))
+                });
+            let Some((backend, backend_port)) = picked else {
+                return Err(ProxyError::NoBackends(r.name.clone()).into());
+            };
+            let ctx = RouteCtx {
+                name: Arc::from(r.name.as_str()),
+                timeout: r.timeout_ms.map(std::time::Duration::from_millis),
+                retry: r.retry.clone().map(Arc::new),
+                excluded: false,
+            };
+            (backend, backend_port, ctx)
+        }
+    };
+    let policy = snapshot.policy(backend_svc);
+    let path = req.uri().path();
+    ctx.excluded = policy.excluded_paths.iter().any(|p| p == path)
+        || proxy.health_paths.iter().any(|p| p == path);
+    req.extensions_mut().insert(ctx);
+    let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
+    stack::call(stack::backend(dst, &proxy.shared), req).await
+}
+
+/// Opaque TCP: pick an endpoint and copy bytes both ways.
+async fn forward_tcp<I>(proxy: &Arc<Proxy>, mut io: I, target: &Target)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let addr = match resolve_tcp(proxy, target).await {
+        Some(a) => a,
+        None => {
+            return tracing::debug!(target = %target_label(target), "no endpoint for opaque connection");
+        }
+    };
+    match TcpStream::connect(addr).await {
+        Ok(mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+                tracing::debug!(%addr, error = %e, "opaque connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(%addr, error = %e, "opaque connect failed"),
+    }
+}
+
+async fn resolve_tcp(proxy: &Arc<Proxy>, target: &Target) -> Option<SocketAddr> {
+    let snapshot = proxy.store.load();
+    if let Some(snapshot) = &snapshot
+        && let Some(svc) = find(snapshot, target)
+    {
+        let dst = snapshot.service_destination(svc, target.port(), &proxy.store.destinations);
+        let endpoints = dst.endpoints().await;
+        return fastrand::choice(endpoints.iter()).map(|e| e.addr);
+    }
+    match target {
+        Target::Addr(a) => Some(*a),
+        Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p)).await.ok()?.next(),
+    }
+}

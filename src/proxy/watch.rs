@@ -1,0 +1,66 @@
+//! Keeping the config current. The mounted file is polled (the kubelet
+//! swaps ConfigMap volumes by re-pointing a symlink, which a poll of the
+//! resolved file's identity sees reliably); a file that cannot be read or
+//! parsed leaves the last good config in force and is counted.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ProxyConfig;
+
+use super::state::ConfigStore;
+
+/// How often the file is checked.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What identifies one version of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stamp(path: &Path) -> std::io::Result<FileStamp> {
+    let m = std::fs::metadata(path)?;
+    Ok(FileStamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+/// Reads and applies the file once. `Ok(false)`: read but unchanged.
+pub fn load_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let config = ProxyConfig::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(store.apply(config))
+}
+
+/// Polls `path` until the process ends.
+pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
+    let mut last: Option<FileStamp> = None;
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = match stamp(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                if last.is_some() || store.load().is_none() {
+                    tracing::debug!(path = %path.display(), error = %e, "config file not readable yet");
+                }
+                continue;
+            }
+        };
+        if last == Some(now) {
+            continue;
+        }
+        last = Some(now);
+        if let Err(why) = load_file(&path, &store) {
+            store.record_failure(&why);
+        }
+    }
+}

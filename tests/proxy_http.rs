@@ -1,0 +1,378 @@
+//! Tier 3: the real proxy between a real client and a real upstream on
+//! loopback. Each test asserts what a user of the mesh would see: status
+//! codes, the `weft-proxy-error` header, how many requests the upstream
+//! received, metric values.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const INVENTORY: &str = "inventory.shop.svc.cluster.local:80";
+
+/// Fails the first `n` requests with `status`, then answers 200.
+fn fail_first(n: usize, status: u16) -> Behaviour {
+    Arc::new(move |i, _| {
+        if i < n {
+            (status, "down".into(), Duration::ZERO)
+        } else {
+            (200, "ok".into(), Duration::ZERO)
+        }
+    })
+}
+
+fn retries(attempts: u32, retry_on: &[&str], budget: serde_json::Value) -> serde_json::Value {
+    json!({ "retry": { "maxRetries": attempts, "retryOn": retry_on, "budget": budget } })
+}
+
+#[tokio::test]
+async fn a_failed_get_is_retried_and_succeeds() {
+    let up = Upstream::start(fail_first(1, 503)).await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(policy(retries(2, &["gateway-error"], json!({})))),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let r = get(&format!("{}/stock", p.outbound_url(0))).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    assert_eq!(up.hits(), 2, "one failure and one retry");
+    assert_eq!(p.metric("weft_proxy_retries_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_post_is_retried_only_with_an_idempotency_key() {
+    let up = Upstream::start(fail_first(1, 503)).await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(policy(retries(2, &["5xx"], json!({})))),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let url = format!("{}/reserve", p.outbound_url(0));
+    let r = send(&client(), "POST", &url, &[]).await;
+    assert_eq!(r.status, 503, "the application's own 503 comes back");
+    assert_eq!(r.proxy_error, None, "and untouched");
+    assert_eq!(
+        up.hits(),
+        1,
+        "a POST without Idempotency-Key is never retried"
+    );
+
+    up.set(fail_first(2, 503)); // the counter is at 1: one more failure, then success
+    let r = send(&client(), "POST", &url, &[("Idempotency-Key", "order-42")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 3, "with the key it was retried");
+}
+
+#[tokio::test]
+async fn retries_stop_when_the_budget_is_spent() {
+    let up = Upstream::fixed(503, "down").await;
+    // 10 % of requests plus a floor of 1/s over a 10 s window: 10 floor
+    // retries plus 10 % of the 100 requests, however many attempts a
+    // request may make.
+    let budget = json!({ "percent": 10, "minPerSecond": 1, "windowMs": 10000 });
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(policy(retries(3, &["5xx"], budget))),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(
+            send(&c, "GET", &format!("{}/stock", p.outbound_url(0)), &[])
+                .await
+                .status,
+            503
+        );
+    }
+    let hits = up.hits();
+    assert!(hits > 100, "some retries were sent: {hits}");
+    assert!(
+        hits <= 100 + 10 + 10 + 2,
+        "without a budget it would be 400; got {hits}"
+    );
+    assert!(p.metric("weft_proxy_retry_budget_exhausted_total").await >= 50.0);
+}
+
+#[tokio::test]
+async fn a_slow_upstream_times_out_with_504() {
+    let up = Upstream::start(Arc::new(|_, _| {
+        (200, "late".into(), Duration::from_secs(5))
+    }))
+    .await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(policy(
+            json!({ "timeoutMs": 200, "retry": { "maxRetries": 0 } }),
+        )),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let r = get(&format!("{}/stock", p.outbound_url(0))).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.proxy_error.as_deref(), Some("timeout"));
+    assert!(p.metric("weft_proxy_proxy_errors_total{direction=\"outbound\",dst=\"inventory.shop:80\",reason=\"timeout\"}").await >= 1.0);
+}
+
+fn breaker_policy() -> serde_json::Value {
+    policy(json!({
+        "retry": { "maxRetries": 0 },
+        "circuitBreaker": { "consecutiveFailures": 3, "openMs": 300, "maxOpenMs": 1000 },
+        "excludedPaths": ["/health"],
+    }))
+}
+
+#[tokio::test]
+async fn the_circuit_opens_fails_fast_and_closes_after_recovery() {
+    let up = Upstream::fixed(500, "broken").await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(breaker_policy()),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let url = format!("{}/stock", p.outbound_url(0));
+    for _ in 0..3 {
+        assert_eq!(get(&url).await.status, 500);
+    }
+    let r = get(&url).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (503, Some("circuit-open"))
+    );
+    assert_eq!(up.hits(), 3, "the open circuit did not reach the upstream");
+    assert_eq!(
+        p.metric("weft_proxy_circuit_state{dst=\"inventory.shop:80\"}")
+            .await,
+        1.0
+    );
+
+    up.set(Arc::new(|_, _| (200, "ok".into(), Duration::ZERO)));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = get(&url).await;
+    assert_eq!(
+        r.status, 200,
+        "the probe after the open period closes the circuit"
+    );
+    assert_eq!(get(&url).await.status, 200);
+    assert_eq!(
+        p.metric("weft_proxy_circuit_state{dst=\"inventory.shop:80\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn health_check_failures_never_open_the_circuit() {
+    let up = Upstream::start(Arc::new(|_, req| {
+        if req.uri().path() == "/health" {
+            (500, "sick".into(), Duration::ZERO)
+        } else {
+            (200, "ok".into(), Duration::ZERO)
+        }
+    }))
+    .await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(breaker_policy()),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(&format!("{}/health", p.outbound_url(0))).await.status,
+            500
+        );
+    }
+    let r = get(&format!("{}/stock", p.outbound_url(0))).await;
+    assert_eq!(
+        r.status, 200,
+        "ten failed health checks did not open the circuit: {r:?}"
+    );
+    assert_eq!(up.hits(), 11);
+}
+
+fn canary_routes() -> serde_json::Value {
+    json!([
+        { "name": "shop/checkout/opt-in", "matches": [{ "headers": { "x-canary": "true" } }],
+          "backends": [{ "service": "checkout-canary.shop", "weight": 1 }] },
+        { "name": "shop/checkout/split",
+          "backends": [{ "service": "checkout.shop", "weight": 90 }, { "service": "checkout-canary.shop", "weight": 10 }] },
+    ])
+}
+
+#[tokio::test]
+async fn a_90_10_split_lands_near_10_percent_and_headers_pick_the_canary() {
+    let stable = Upstream::fixed(200, "stable").await;
+    let canary = Upstream::fixed(200, "canary").await;
+    let cfg = config(vec![
+        service("checkout", &[stable.addr], None, canary_routes()),
+        service("checkout-canary", &[canary.addr], None, json!([])),
+    ]);
+    let p = start_proxy(&cfg, &["checkout.shop:80"], &[]).await;
+    let c = client();
+    let url = format!("{}/cart", p.outbound_url(0));
+    let mut to_canary = 0;
+    for _ in 0..2000 {
+        let r = send(&c, "GET", &url, &[]).await;
+        assert_eq!(r.status, 200);
+        if r.body == "canary" {
+            to_canary += 1;
+        }
+    }
+    let share = f64::from(to_canary) / 20.0;
+    assert!(
+        (7.0..=13.0).contains(&share),
+        "canary share {share} % is not 10 ± 3"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            send(&c, "GET", &url, &[("x-canary", "true")]).await.body,
+            "canary"
+        );
+    }
+    let m = p.metrics().await;
+    assert!(
+        m.contains("route=\"shop/checkout/split\""),
+        "per-route metrics:\n{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_config_swap_under_load_fails_nothing_and_a_corrupt_file_is_ignored() {
+    let stable = Upstream::fixed(200, "stable").await;
+    let canary = Upstream::fixed(200, "canary").await;
+    let all_to = |name: &str| json!([{ "name": "shop/checkout/all", "backends": [{ "service": format!("{name}.shop"), "weight": 1 }] }]);
+    let cfg = |name: &str| {
+        config(vec![
+            service("checkout", &[stable.addr], None, all_to(name)),
+            service("checkout-canary", &[canary.addr], None, json!([])),
+        ])
+    };
+    let p = start_proxy(&cfg("checkout"), &["checkout.shop:80"], &[]).await;
+    let url = format!("{}/cart", p.outbound_url(0));
+    let load = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let c = client();
+            let mut bodies = Vec::new();
+            for _ in 0..400 {
+                let r = send(&c, "GET", &url, &[]).await;
+                assert_eq!(r.status, 200, "no request fails during the swap: {r:?}");
+                bodies.push(r.body);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            bodies
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.write_config(&cfg("checkout-canary"));
+    let bodies = load.await.expect("load task");
+    assert_eq!(bodies.first().map(String::as_str), Some("stable"));
+    assert_eq!(
+        bodies.last().map(String::as_str),
+        Some("canary"),
+        "the new config took effect"
+    );
+
+    write_atomic(&p.config_path(), b"{ this is not json");
+    let mut failures = 0.0;
+    for _ in 0..40 {
+        failures = p.metric("weft_proxy_config_reload_failures_total").await;
+        if failures >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        failures, 1.0,
+        "the corrupt file was noticed and counted once"
+    );
+    assert_eq!(
+        get(&url).await.body,
+        "canary",
+        "the last good config stays in force"
+    );
+}
+
+#[tokio::test]
+async fn h2c_works_end_to_end() {
+    let up = Upstream::fixed(200, "h2").await;
+    let cfg = config(vec![service("inventory", &[up.addr], None, json!([]))]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let r = send(
+        &h2_client(),
+        "GET",
+        &format!("{}/stock", p.outbound_url(0)),
+        &[],
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, "h2"));
+    let m = p.metrics().await;
+    assert!(m.contains("protocol=\"http2\""), "{m}");
+}
+
+#[tokio::test]
+async fn unknown_destinations_are_forwarded_with_the_default_policy() {
+    let up = Upstream::fixed(200, "elsewhere").await;
+    let p = start_proxy(&config(vec![]), &[&up.addr.to_string()], &[]).await;
+    let r = get(&format!("{}/x", p.outbound_url(0))).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "elsewhere"));
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_is_a_502_connect_error() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    // The listener is dropped: connections are refused.
+    let cfg = config(vec![service("inventory", &[dead], None, json!([]))]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let r = get(&format!("{}/stock", p.outbound_url(0))).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (502, Some("connect-error"))
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429() {
+    let up = Upstream::fixed(200, "ok").await;
+    let cfg = config(vec![service(
+        "inventory",
+        &[up.addr],
+        Some(policy(
+            json!({ "rateLimit": { "requestsPerSecond": 1, "burst": 3 } }),
+        )),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = send(&c, "GET", &format!("{}/stock", p.outbound_url(0)), &[]).await;
+        statuses.push((r.status, r.proxy_error));
+    }
+    // A burst of 3, then 1/s: a slow run may earn one more token.
+    let passed = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert!((3..=4).contains(&passed), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .any(|(s, e)| *s == 429 && e.as_deref() == Some("rate-limited")),
+        "{statuses:?}"
+    );
+    assert!(up.hits() <= 4);
+}
