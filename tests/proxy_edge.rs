@@ -26,17 +26,30 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn malformed_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() {
     let up = Upstream::fixed(200, "ok").await;
-    let p = start_proxy(&config(vec![service("inventory", &[up.addr], None, json!([]))]), &[INVENTORY], &[]).await;
+    let p = start_proxy(
+        &config(vec![service("inventory", &[up.addr], None, json!([]))]),
+        &[INVENTORY],
+        &[],
+    )
+    .await;
     let addr = p.running.outbound[0];
 
     let reply = raw(addr, b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(reply.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&reply));
+    assert!(
+        reply.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
 
     let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 100 * 1024));
     big.extend_from_slice(b"\r\n\r\n");
     let reply = raw(addr, &big).await;
-    assert!(reply.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&reply[..reply.len().min(200)]));
+    assert!(
+        reply.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&reply[..reply.len().min(200)])
+    );
 
     // An HTTP/2 preface followed by a frame of an undefined size for its
     // type (SETTINGS must be a multiple of 6 bytes): a connection error.
@@ -47,11 +60,16 @@ async fn malformed_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() 
     let mut i = 0;
     let mut frame_types = Vec::new();
     while i + 9 <= reply.len() {
-        let len = (usize::from(reply[i]) << 16) | (usize::from(reply[i + 1]) << 8) | usize::from(reply[i + 2]);
+        let len = (usize::from(reply[i]) << 16)
+            | (usize::from(reply[i + 1]) << 8)
+            | usize::from(reply[i + 2]);
         frame_types.push(reply[i + 3]);
         i += 9 + len;
     }
-    assert!(frame_types.contains(&7), "expected a GOAWAY, got frame types {frame_types:?}");
+    assert!(
+        frame_types.contains(&7),
+        "expected a GOAWAY, got frame types {frame_types:?}"
+    );
 
     let r = get(&format!("{}/stock", p.outbound_url(0))).await;
     assert_eq!(r.status, 200, "still serving after bad clients");
@@ -75,12 +93,22 @@ async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn opaque_tcp_is_echoed_through() {
     let (echo, _task) = echo_server().await;
-    let p = start_proxy(&config(vec![service("cache", &[echo], None, json!([]))]), &["cache.shop:80"], &[]).await;
-    let mut s = TcpStream::connect(p.running.outbound[0]).await.expect("connect");
+    let p = start_proxy(
+        &config(vec![service("cache", &[echo], None, json!([]))]),
+        &["cache.shop:80"],
+        &[],
+    )
+    .await;
+    let mut s = TcpStream::connect(p.running.outbound[0])
+        .await
+        .expect("connect");
     let payload = b"\x00\x01binary-protocol\xff";
     s.write_all(payload).await.expect("write");
     let mut back = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.expect("echo in time").expect("read");
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
     assert_eq!(&back, payload);
     assert!(p.metrics().await.contains("protocol=\"opaque\""));
 }
@@ -98,8 +126,15 @@ async fn a_server_speaks_first_port_is_not_stalled_by_detection() {
     svc["ports"] = json!([{ "port": 5432, "targetPort": 5432, "protocol": "opaque" }]);
     // A detection timeout far longer than the wait below: only skipping
     // detection can deliver the greeting in time.
-    let p = start_proxy(&config(vec![svc]), &["db.shop:5432"], &["--detect-timeout", "60s"]).await;
-    let mut s = TcpStream::connect(p.running.outbound[0]).await.expect("connect");
+    let p = start_proxy(
+        &config(vec![svc]),
+        &["db.shop:5432"],
+        &["--detect-timeout", "60s"],
+    )
+    .await;
+    let mut s = TcpStream::connect(p.running.outbound[0])
+        .await
+        .expect("connect");
     let mut greeting = vec![0u8; 20];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut greeting))
         .await
@@ -110,16 +145,30 @@ async fn a_server_speaks_first_port_is_not_stalled_by_detection() {
 
 #[tokio::test]
 async fn inbound_forwards_to_the_app_and_probes_reach_it_in_plaintext() {
-    let app = Upstream::start(std::sync::Arc::new(|_, req| (200, format!("app saw {}", req.uri()), Duration::ZERO))).await;
+    let app = Upstream::start(std::sync::Arc::new(|_, req| {
+        (200, format!("app saw {}", req.uri()), Duration::ZERO)
+    }))
+    .await;
     let inbound = format!("127.0.0.1:0={}", app.addr.port());
     let p = start_proxy(&config(vec![]), &[], &["--inbound-map", &inbound]).await;
     let r = get(&format!("http://{}/orders?id=7", p.running.inbound[0])).await;
     assert_eq!((r.status, r.body.as_str()), (200, "app saw /orders?id=7"));
     let m = p.metrics().await;
-    assert!(m.contains("direction=\"inbound\"") && m.contains("status_class=\"2xx\""), "{m}");
+    assert!(
+        m.contains("direction=\"inbound\"") && m.contains("status_class=\"2xx\""),
+        "{m}"
+    );
 
-    let r = get(&format!("http://{}/probe/{}/healthz?full=1", p.running.probe, app.addr.port())).await;
-    assert_eq!((r.status, r.body.as_str()), (200, "app saw /healthz?full=1"));
+    let r = get(&format!(
+        "http://{}/probe/{}/healthz?full=1",
+        p.running.probe,
+        app.addr.port()
+    ))
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "app saw /healthz?full=1")
+    );
 }
 
 #[tokio::test]
@@ -129,27 +178,53 @@ async fn admin_reports_readiness_config_and_drains_on_request() {
     assert_eq!(get(&format!("{admin}/live")).await.status, 200);
     let ready = get(&format!("{admin}/ready")).await;
     assert_eq!(ready.status, 200);
-    let cfg: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/config")).await.body).expect("json");
-    assert!(ready.body.contains(cfg["generation"].as_str().expect("generation")));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&get(&format!("{admin}/config")).await.body).expect("json");
+    assert!(
+        ready
+            .body
+            .contains(cfg["generation"].as_str().expect("generation"))
+    );
     let gen_metric = p.metrics().await;
-    assert!(gen_metric.contains(&format!("weft_proxy_config_generation{{generation=\"{}\"}} 1", cfg["generation"].as_str().unwrap_or_default())), "{gen_metric}");
+    assert!(
+        gen_metric.contains(&format!(
+            "weft_proxy_config_generation{{generation=\"{}\"}} 1",
+            cfg["generation"].as_str().unwrap_or_default()
+        )),
+        "{gen_metric}"
+    );
 
     let r = send(&client(), "POST", &format!("{admin}/shutdown"), &[]).await;
     assert_eq!(r.status, 202);
-    assert_eq!(get(&format!("{admin}/ready")).await.status, 503, "not ready while draining");
+    assert_eq!(
+        get(&format!("{admin}/ready")).await.status,
+        503,
+        "not ready while draining"
+    );
 }
 
 #[tokio::test]
 async fn not_ready_until_a_config_exists_then_picks_it_up() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.json");
-    let argv: Vec<String> = ["proxy", "--config", &path.display().to_string(), "--no-transparent", "--admin", "127.0.0.1:0", "--probe", "127.0.0.1:0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let argv: Vec<String> = [
+        "proxy",
+        "--config",
+        &path.display().to_string(),
+        "--no-transparent",
+        "--admin",
+        "127.0.0.1:0",
+        "--probe",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let args = parse_args(&argv);
     let proxy = weft::proxy::Proxy::new(&args);
-    let running = weft::proxy::start(&args, proxy.clone()).await.expect("start");
+    let running = weft::proxy::start(&args, proxy.clone())
+        .await
+        .expect("start");
     let admin = format!("http://{}/ready", running.admin);
     assert_eq!(get(&admin).await.status, 503);
     write_atomic(&path, config(vec![]).to_string().as_bytes());
@@ -165,7 +240,11 @@ async fn not_ready_until_a_config_exists_then_picks_it_up() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 struct Kill(Child);
@@ -178,14 +257,32 @@ impl Drop for Kill {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
-    let up = Upstream::start(std::sync::Arc::new(|_, _| (200, "slow but done".into(), Duration::from_millis(1500)))).await;
+    let up = Upstream::start(std::sync::Arc::new(|_, _| {
+        (200, "slow but done".into(), Duration::from_millis(1500))
+    }))
+    .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.json");
-    write_atomic(&path, config(vec![service("inventory", &[up.addr], None, json!([]))]).to_string().as_bytes());
+    write_atomic(
+        &path,
+        config(vec![service("inventory", &[up.addr], None, json!([]))])
+            .to_string()
+            .as_bytes(),
+    );
     let (admin, listen) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["proxy", "--config", &path.display().to_string(), "--no-transparent"])
-        .args(["--admin", &format!("127.0.0.1:{admin}"), "--probe", "127.0.0.1:0"])
+        .args([
+            "proxy",
+            "--config",
+            &path.display().to_string(),
+            "--no-transparent",
+        ])
+        .args([
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+            "--probe",
+            "127.0.0.1:0",
+        ])
         .args(["--outbound-map", &format!("127.0.0.1:{listen}={INVENTORY}")])
         .stderr(Stdio::null())
         .spawn()
@@ -202,7 +299,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "proxy became ready");
-    let in_flight = tokio::spawn(async move { get(&format!("http://127.0.0.1:{listen}/stock")).await });
+    let in_flight =
+        tokio::spawn(async move { get(&format!("http://127.0.0.1:{listen}/stock")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
@@ -221,5 +319,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(exited.is_some_and(|s| s.success()), "exits cleanly after draining: {exited:?}");
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exits cleanly after draining: {exited:?}"
+    );
 }

@@ -5,6 +5,7 @@
 //! shutdown.
 
 pub mod admin;
+pub mod apiwatch;
 pub mod destination;
 pub mod detect;
 pub mod http;
@@ -87,6 +88,14 @@ pub struct ProxyArgs {
     /// connection as opaque TCP.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// The pod's namespace, whose `weft-proxy-config` is watched through the
+    /// API server (default: the service-account namespace file).
+    #[arg(long, env = "WEFT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Do not watch the ConfigMap through the API server even when a
+    /// service-account token is present.
+    #[arg(long)]
+    pub no_api_watch: bool,
     /// Worker threads (0: one per core).
     #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -189,6 +198,12 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         proxy.store.record_failure(&why);
     }
     tokio::spawn(watch::watch_file(args.config.clone(), proxy.store.clone()));
+    if !args.no_api_watch
+        && let Some(ns) = apiwatch::pod_namespace(args.namespace.as_deref())
+        && let Some(client) = apiwatch::in_cluster_client().await
+    {
+        tokio::spawn(apiwatch::watch_configmap(client, ns, proxy.store.clone()));
+    }
 
     let admin = bind(args.admin, "admin").await?;
     let probe = bind(args.probe, "probe").await?;

@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# Proxy benchmark: the latency `weft proxy` adds per hop, side by side with
+# nginx and HAProxy as plain reverse proxies, all against one upstream on
+# loopback. Writes bench/results/proxy.md and the raw figures next to it
+# (proxy.jsonl). See bench/proxy/README.md for the method.
+#
+# Usage: make bench-proxy   (or: bash bench/proxy/run.sh)
+# Settings, from the environment:
+#   BENCH_SECONDS=10          measured seconds per cell
+#   BENCH_ROUNDS=3            rounds; the scenario order rotates each round
+#   BENCH_WARMUP=1            unrecorded warm-up seconds before each cell
+#   BENCH_RATES="1000 4000"   target request rates (req/s)
+#   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
+#   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
+#   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
+#   BENCH_PORT_BASE=18700     14 consecutive loopback ports from here
+#   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
+#   BENCH_OUT=bench/results/proxy.md
+#   BENCH_KEEP=1              keep the work directory (configs, logs)
+#   BENCH_ALLOW_MISSING_WEFT=1  exit 0 even when the weft scenarios could not run
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+HERE=bench/proxy
+
+CELL_SECONDS=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+WARMUP=${BENCH_WARMUP:-1}
+RATES=${BENCH_RATES:-1000 4000}
+PROTOCOLS=${BENCH_PROTOCOLS:-h1 h2}
+H1_CONN=${BENCH_H1_CONNECTIONS:-32}
+H2_CONN=${BENCH_H2_CONNECTIONS:-4}
+PORT_BASE=${BENCH_PORT_BASE:-18700}
+READY_TIMEOUT=${BENCH_READY_TIMEOUT:-20}
+OUT=${BENCH_OUT:-bench/results/proxy.md}
+CARGO=${CARGO:-cargo}
+# Host header / :authority of every request, whatever the first hop.
+HOST_HEADER=upstream.bench.svc.cluster.local
+SCENARIOS=(direct weft1 weft2 nginx haproxy)
+
+say() { printf '[bench-proxy] %s\n' "$*" >&2; }
+die() {
+	say "ERROR: $*"
+	exit 1
+}
+
+for v in CELL_SECONDS ROUNDS WARMUP H1_CONN H2_CONN PORT_BASE READY_TIMEOUT; do
+	[[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+done
+((CELL_SECONDS > 0 && ROUNDS > 0 && READY_TIMEOUT > 0)) || die "BENCH_SECONDS, BENCH_ROUNDS and BENCH_READY_TIMEOUT must be positive"
+((PORT_BASE >= 1024 && PORT_BASE <= 65500)) || die "BENCH_PORT_BASE must be in 1024..65500"
+for r in $RATES; do [[ $r =~ ^[1-9][0-9]*$ ]] || die "BENCH_RATES: '$r' is not a rate"; done
+for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "BENCH_PROTOCOLS: '$p' is neither h1 nor h2"; done
+((ROUNDS >= 3)) || say "warning: BENCH_ROUNDS=$ROUNDS (< 3): a smoke run, not a measurement"
+
+# ---------------------------------------------------------------- tools
+
+find_tool() {
+	command -v "$1" 2>/dev/null && return 0
+	[[ -x /usr/sbin/$1 ]] && echo "/usr/sbin/$1" && return 0
+	return 0
+}
+
+NGINX=$(find_tool nginx)
+HAPROXY=$(find_tool haproxy)
+if [[ -z $NGINX || -z $HAPROXY ]]; then
+	say "nginx or haproxy missing: installing both with apt-get"
+	if [[ $(id -u) -eq 0 ]]; then
+		SUDO=()
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+		SUDO=(sudo -n)
+	else
+		die "nginx/haproxy are missing and this user cannot install them: apt-get install -y nginx haproxy"
+	fi
+	"${SUDO[@]}" apt-get update -qq || die "apt-get update failed"
+	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy >/dev/null ||
+		die "apt-get install -y nginx haproxy failed"
+	NGINX=$(find_tool nginx)
+	HAPROXY=$(find_tool haproxy)
+	[[ -n $NGINX && -n $HAPROXY ]] || die "nginx/haproxy still not found after apt-get install"
+fi
+command -v setsid >/dev/null || die "setsid (util-linux) is required"
+
+say "building weft and weft-bench (release)"
+"$CARGO" build --release --bin weft --bin weft-bench || die "cargo build --release --bin weft --bin weft-bench failed"
+TARGET_DIR=$("$CARGO" metadata --format-version 1 --no-deps 2>/dev/null |
+	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p') || true
+TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}}
+WEFT=$TARGET_DIR/release/weft
+BENCH=$TARGET_DIR/release/weft-bench
+[[ -x $BENCH ]] || die "$BENCH was not built"
+
+# ---------------------------------------------------------------- processes
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/weft-bench-proxy.XXXXXX")
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+STARTED=()         # every pid this script started (each leads its own process group)
+declare -A PID=()  # process name -> pid
+declare -A NOTRUN=() # scenario or scenario/protocol -> reason
+declare -A DEAD=()   # scenario -> why its later cells were skipped
+
+# Stops the given processes (and their process groups): TERM, up to 5 s, KILL.
+stop_pids() {
+	local pid i alive
+	for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+	for ((i = 0; i < 50; i++)); do
+		alive=0
+		for pid in "$@"; do
+			if kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null; then alive=1; fi
+		done
+		((alive)) || break
+		sleep 0.1
+	done
+	for pid in "$@"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+	for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if ((${#STARTED[@]})); then stop_pids "${STARTED[@]}"; fi
+	if [[ ${BENCH_KEEP:-0} == 1 || $rc -ne 0 ]]; then
+		say "work directory (configs, logs) kept: $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_bg NAME COMMAND...: runs COMMAND in its own session, output to WORK/NAME.log.
+start_bg() {
+	local name=$1
+	shift
+	setsid "$@" >"$WORK/$name.log" 2>&1 </dev/null &
+	PID[$name]=$!
+	STARTED+=("$!")
+}
+
+log_tail() { tail -n "${2:-8}" "$WORK/$1.log" 2>/dev/null | sed 's/^/    | /' >&2 || true; }
+
+# wait_ready NAME URL SECONDS: 0 once URL answers 200; 1 on timeout or exit of NAME.
+wait_ready() {
+	"$BENCH" wait-ready --url "$2" --timeout "${3}s" --pid "${PID[$1]}"
+}
+
+# A string made safe to embed in a JSON string literal.
+json_safe() {
+	local s=$1
+	s=${s//\\//}
+	s=${s//\"/\'}
+	s=${s//[$'\n\r\t']/ }
+	printf '%s' "$s"
+}
+
+emit() { printf '%s\n' "$1" >>"$RESULTS"; }
+
+# not_run SCENARIO PROTOCOL|"" REASON
+not_run() {
+	local key=$1
+	[[ -n $2 ]] && key=$1/$2
+	NOTRUN[$key]=$3
+	emit "{\"kind\":\"not_run\",\"scenario\":\"$1\",\"protocol\":\"$2\",\"reason\":\"$(json_safe "$3")\"}"
+	say "$key not run: $3"
+}
+
+is_not_run() { [[ -n ${NOTRUN[$1]:-} || -n ${NOTRUN[$1/$2]:-} ]]; }
+
+scenario_pids() {
+	case $1 in
+	weft1) echo "${PID[weft1]:-}" ;;
+	weft2) echo "${PID[weft2a]:-} ${PID[weft2b]:-}" ;;
+	nginx) echo "${PID[nginx]:-}" ;;
+	haproxy) echo "${PID[haproxy]:-}" ;;
+	esac
+}
+
+# stop_scenario SCENARIO: ends its processes (e.g. when it cannot run).
+stop_scenario() {
+	local pids
+	read -r -a pids <<<"$(scenario_pids "$1")"
+	if ((${#pids[@]})); then stop_pids "${pids[@]}"; fi
+}
+
+alive() {
+	local pid
+	for pid in $(scenario_pids "$1"); do kill -0 "$pid" 2>/dev/null || return 1; done
+}
+
+# proc_json SCENARIO: RSS and CPU ticks of its processes (nginx: with its worker).
+proc_json() {
+	local args=() pid
+	for pid in $(scenario_pids "$1"); do args+=(--pid "$pid"); done
+	if ((${#args[@]} == 0)); then
+		echo null
+		return
+	fi
+	"$BENCH" proc --children "${args[@]}"
+}
+
+# ---------------------------------------------------------------- ports
+
+UP_PORT=$PORT_BASE
+W1_OUT=$((PORT_BASE + 1)) W1_ADMIN=$((PORT_BASE + 2)) W1_PROBE=$((PORT_BASE + 3))
+WA_OUT=$((PORT_BASE + 4)) WA_ADMIN=$((PORT_BASE + 5)) WA_PROBE=$((PORT_BASE + 6))
+WB_IN=$((PORT_BASE + 7)) WB_ADMIN=$((PORT_BASE + 8)) WB_PROBE=$((PORT_BASE + 9))
+NG_H1=$((PORT_BASE + 10)) NG_H2=$((PORT_BASE + 11))
+HA_H1=$((PORT_BASE + 12)) HA_H2=$((PORT_BASE + 13))
+
+if command -v ss >/dev/null; then
+	for ((port = PORT_BASE; port < PORT_BASE + 14; port++)); do
+		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 13)) are needed): set BENCH_PORT_BASE"
+		fi
+	done
+fi
+
+url_for() { # SCENARIO PROTOCOL
+	local port
+	case $1 in
+	direct) port=$UP_PORT ;;
+	weft1) port=$W1_OUT ;;
+	weft2) port=$WA_OUT ;;
+	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
+	haproxy) if [[ $2 == h2 ]]; then port=$HA_H2; else port=$HA_H1; fi ;;
+	esac
+	echo "http://127.0.0.1:$port/"
+}
+
+# ---------------------------------------------------------------- servers
+
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+cells=0
+for _ in $RATES; do for _ in $PROTOCOLS; do cells=$((cells + 1)); done; done
+cells=$((cells * ROUNDS * ${#SCENARIOS[@]}))
+say "$cells cells of ${WARMUP}+${CELL_SECONDS} s: about $(((cells * (CELL_SECONDS + WARMUP + 1) + 59) / 60)) min"
+
+start_bg upstream "$BENCH" upstream --listen "127.0.0.1:$UP_PORT"
+if ! wait_ready upstream "http://127.0.0.1:$UP_PORT/" "$READY_TIMEOUT"; then
+	log_tail upstream
+	die "the upstream (weft-bench upstream) did not start"
+fi
+
+# weft: three proxies. weft1 = scenario 2; weft2a -> weft2b = scenario 3.
+weft_config() { # FILE ENDPOINT
+	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"detect"}],"endpoints":["'"$2"'"]}]}}' >"$1"
+}
+
+weft_reason=
+if [[ ! -x $WEFT ]]; then
+	weft_reason="$WEFT was not built"
+elif ! "$WEFT" proxy --help >/dev/null 2>&1; then
+	weft_reason="this weft build has no 'proxy' subcommand ('weft proxy --help' fails)"
+fi
+if [[ -n $weft_reason ]]; then
+	say "ERROR: weft proxy is not available: $weft_reason"
+	not_run weft1 "" "$weft_reason"
+	not_run weft2 "" "$weft_reason"
+else
+	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
+	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
+	common=(proxy --no-transparent --workers 1)
+	start_bg weft1 "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+		--admin "127.0.0.1:$W1_ADMIN" --probe "127.0.0.1:$W1_PROBE" \
+		--outbound-map "127.0.0.1:$W1_OUT=$HOST_HEADER:80"
+	start_bg weft2b "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+		--admin "127.0.0.1:$WB_ADMIN" --probe "127.0.0.1:$WB_PROBE" \
+		--inbound-map "127.0.0.1:$WB_IN=$UP_PORT"
+	start_bg weft2a "$WEFT" "${common[@]}" --config "$WORK/weft-via-b.json" \
+		--admin "127.0.0.1:$WA_ADMIN" --probe "127.0.0.1:$WA_PROBE" \
+		--outbound-map "127.0.0.1:$WA_OUT=$HOST_HEADER:80"
+fi
+
+mkdir -p "$WORK/nginx-tmp"
+sed -e "s|@WORKDIR@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" \
+	-e "s|@H1_PORT@|$NG_H1|g" -e "s|@H2_PORT@|$NG_H2|g" \
+	"$HERE/nginx.conf.tmpl" >"$WORK/nginx.conf"
+sed -e "s|@UPSTREAM_PORT@|$UP_PORT|g" -e "s|@H1_PORT@|$HA_H1|g" -e "s|@H2_PORT@|$HA_H2|g" \
+	"$HERE/haproxy.cfg.tmpl" >"$WORK/haproxy.cfg"
+nginx_args=(-p "$WORK/" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf")
+if "$NGINX" -t -q "${nginx_args[@]}" >"$WORK/nginx-check.log" 2>&1; then
+	start_bg nginx "$NGINX" "${nginx_args[@]}"
+else
+	sed 's/^/    | /' "$WORK/nginx-check.log" >&2
+	not_run nginx "" "nginx -t rejected the configuration"
+fi
+if "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy-check.log" 2>&1; then
+	start_bg haproxy "$HAPROXY" -db -f "$WORK/haproxy.cfg"
+else
+	sed 's/^/    | /' "$WORK/haproxy-check.log" >&2
+	not_run haproxy "" "haproxy -c rejected the configuration"
+fi
+
+# Readiness, with one shared deadline: the proxies started together.
+ready_deadline=$((SECONDS + READY_TIMEOUT))
+check_ready() { # SCENARIO NAME URL
+	local left=$((ready_deadline - SECONDS))
+	((left >= 1)) || left=1
+	if ! wait_ready "$2" "$3" "$left"; then
+		log_tail "$2"
+		if [[ $2 == nginx ]]; then tail -n 5 "$WORK/nginx-error.log" 2>/dev/null | sed 's/^/    | /' >&2 || true; fi
+		return 1
+	fi
+}
+if [[ -z ${NOTRUN[weft1]:-} ]]; then
+	if ! check_ready weft1 weft1 "http://127.0.0.1:$W1_ADMIN/ready"; then
+		say "ERROR: weft proxy (scenario weft1) did not become ready within ${READY_TIMEOUT} s"
+		stop_scenario weft1
+		not_run weft1 "" "weft proxy did not answer 200 on /ready within ${READY_TIMEOUT} s (or exited)"
+	fi
+	for name in weft2b weft2a; do
+		admin=$WB_ADMIN
+		[[ $name == weft2a ]] && admin=$WA_ADMIN
+		if [[ -z ${NOTRUN[weft2]:-} ]] && ! check_ready weft2 "$name" "http://127.0.0.1:$admin/ready"; then
+			say "ERROR: weft proxy ($name of scenario weft2) did not become ready within ${READY_TIMEOUT} s"
+			stop_scenario weft2
+			not_run weft2 "" "weft proxy $name did not answer 200 on /ready within ${READY_TIMEOUT} s (or exited)"
+		fi
+	done
+fi
+for scn in nginx haproxy; do
+	if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$scn" "$scn" "$(url_for "$scn" h1)"; then
+		stop_scenario "$scn"
+		not_run "$scn" "" "$scn did not serve a request within ${READY_TIMEOUT} s"
+	fi
+done
+
+# Idle memory, before any load went through the proxies.
+sleep 1
+for scn in "${SCENARIOS[@]:1}"; do
+	is_not_run "$scn" "" && continue
+	emit "{\"kind\":\"idle\",\"scenario\":\"$scn\",\"proc\":$(proc_json "$scn")}"
+done
+
+# Smoke test of each path and protocol: a failing one is reported, not measured.
+for scn in "${SCENARIOS[@]}"; do
+	for proto in $PROTOCOLS; do
+		is_not_run "$scn" "$proto" && continue
+		args=(--url "$(url_for "$scn" "$proto")" --host "$HOST_HEADER" --rate 50 --duration 1s
+			--connections 2 --check --label "smoke $scn $proto")
+		[[ $proto == h2 ]] && args+=(--http2)
+		if ! "$BENCH" load "${args[@]}" 2>"$WORK/smoke-$scn-$proto.log"; then
+			sed 's/^/    | /' "$WORK/smoke-$scn-$proto.log" >&2
+			[[ $scn == direct ]] && die "the upstream fails its smoke test"
+			not_run "$scn" "$proto" "smoke test failed: $(tail -n 1 "$WORK/smoke-$scn-$proto.log")"
+		fi
+	done
+done
+
+# ---------------------------------------------------------------- rounds
+
+run_cell() { # ROUND SCENARIO RATE PROTOCOL
+	local round=$1 scn=$2 rate=$3 proto=$4 before after load
+	is_not_run "$scn" "$proto" && return 0
+	if [[ -z ${DEAD[$scn]:-} ]] && ! alive "$scn"; then
+		DEAD[$scn]="a $scn process exited during the run (round $round)"
+		say "ERROR: ${DEAD[$scn]}"
+		log_tail "$scn" 2>/dev/null || true
+	fi
+	if [[ -n ${DEAD[$scn]:-} ]]; then
+		emit "{\"kind\":\"skipped\",\"round\":$round,\"scenario\":\"$scn\",\"rate\":$rate,\"protocol\":\"$proto\",\"reason\":\"$(json_safe "${DEAD[$scn]}")\"}"
+		return 0
+	fi
+	local args=(--url "$(url_for "$scn" "$proto")" --host "$HOST_HEADER" --rate "$rate"
+		--duration "${CELL_SECONDS}s" --warmup "${WARMUP}s"
+		--upstream-stats "http://127.0.0.1:$UP_PORT/__bench/stats" --json
+		--label "round $round/$ROUNDS $proto $rate/s $scn")
+	if [[ $proto == h2 ]]; then args+=(--http2 --connections "$H2_CONN"); else args+=(--connections "$H1_CONN"); fi
+	before=$(proc_json "$scn")
+	load=$("$BENCH" load "${args[@]}") || die "weft-bench load failed (round $round, $scn, $proto, $rate/s)"
+	after=$(proc_json "$scn")
+	emit "{\"kind\":\"cell\",\"round\":$round,\"scenario\":\"$scn\",\"rate\":$rate,\"protocol\":\"$proto\",\"load\":$load,\"before\":$before,\"after\":$after}"
+	sleep 0.5
+}
+
+n=${#SCENARIOS[@]}
+for ((round = 1; round <= ROUNDS; round++)); do
+	order=()
+	for ((i = 0; i < n; i++)); do order+=("${SCENARIOS[$(((i + round - 1) % n))]}"); done
+	say "round $round/$ROUNDS: ${order[*]}"
+	for rate in $RATES; do
+		for proto in $PROTOCOLS; do
+			for scn in "${order[@]}"; do run_cell "$round" "$scn" "$rate" "$proto"; done
+		done
+	done
+done
+
+for scn in "${SCENARIOS[@]:1}"; do
+	is_not_run "$scn" "" && continue
+	emit "{\"kind\":\"after\",\"scenario\":\"$scn\",\"proc\":$(proc_json "$scn")}"
+done
+
+# ---------------------------------------------------------------- report
+
+nginx_version=$("$NGINX" -v 2>&1 | sed -n 's|.*nginx/\([^ ]*\).*|\1|p' | head -n 1) || true
+haproxy_version=$("$HAPROXY" -v 2>/dev/null | awk 'NR == 1 { print $3 }') || true
+weft_version=$("$WEFT" --version 2>/dev/null | head -n 1) || true
+git_rev=$(git rev-parse --short HEAD 2>/dev/null) || true
+if [[ -n $git_rev ]] && ! git diff --quiet HEAD 2>/dev/null; then git_rev="$git_rev, uncommitted changes"; fi
+versions="Compared: ${weft_version:-weft (unknown version)}${git_rev:+ (git $git_rev)}, nginx ${nginx_version:-?}, HAProxy ${haproxy_version:-?}."
+
+mkdir -p "$(dirname "$OUT")"
+"$BENCH" report --input "$RESULTS" --out "$OUT" --date "$DATE" \
+	--clk-tck "$(getconf CLK_TCK 2>/dev/null || echo 100)" \
+	--seconds "$CELL_SECONDS" --warmup "$WARMUP" --rounds "$ROUNDS" \
+	--h1-connections "$H1_CONN" --h2-connections "$H2_CONN" --versions "$versions"
+cp "$RESULTS" "${OUT%.md}.jsonl"
+
+if [[ -n ${NOTRUN[weft1]:-} || -n ${NOTRUN[weft2]:-} ]]; then
+	say "ERROR: the weft scenarios did not run (${NOTRUN[weft1]:-${NOTRUN[weft2]}}); $OUT marks them 'not run'"
+	[[ ${BENCH_ALLOW_MISSING_WEFT:-0} == 1 ]] || exit 3
+fi
