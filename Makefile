@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test fmt fmt-check lint crds check-crds bench bench-compile
+.PHONY: build test fmt fmt-check lint crds bench bench-compile bench-proxy fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft
@@ -30,3 +30,9 @@ bench: bench-compile
 ## policy compiler: compile time and config size -> bench/results/compile.md
 bench-compile:
 	$(CARGO) bench --bench compile
+
+## fuzz the proxy's wire parsing for 60 s (needs cargo-fuzz; not part of `make test`)
+FUZZ_SECONDS ?= 60
+fuzz-smoke:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run proxy_detect_http -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
