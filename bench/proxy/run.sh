@@ -17,6 +17,7 @@
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
 #   BENCH_KEEP=1              keep the work directory (configs, logs)
+#   BENCH_WEFT=PATH           benchmark this weft binary instead of the one built here
 #   BENCH_ALLOW_MISSING_WEFT=1  exit 0 even when the weft scenarios could not run
 set -euo pipefail
 
@@ -81,13 +82,16 @@ if [[ -z $NGINX || -z $HAPROXY ]]; then
 	[[ -n $NGINX && -n $HAPROXY ]] || die "nginx/haproxy still not found after apt-get install"
 fi
 command -v setsid >/dev/null || die "setsid (util-linux) is required"
+# The proxies and the load generator hold a few hundred sockets at most, but
+# haproxy sizes its descriptor table from maxconn at startup.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 say "building weft and weft-bench (release)"
 "$CARGO" build --release --bin weft --bin weft-bench || die "cargo build --release --bin weft --bin weft-bench failed"
 TARGET_DIR=$("$CARGO" metadata --format-version 1 --no-deps 2>/dev/null |
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p') || true
 TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}}
-WEFT=$TARGET_DIR/release/weft
+WEFT=${BENCH_WEFT:-$TARGET_DIR/release/weft}
 BENCH=$TARGET_DIR/release/weft-bench
 [[ -x $BENCH ]] || die "$BENCH was not built"
 
@@ -141,7 +145,14 @@ start_bg() {
 	STARTED+=("$!")
 }
 
-log_tail() { tail -n "${2:-8}" "$WORK/$1.log" 2>/dev/null | sed 's/^/    | /' >&2 || true; }
+log_tail() { # NAME [LINES]
+	local f
+	for f in "$WORK/$1".log "$WORK/$1"?.log; do
+		[[ -f $f ]] || continue
+		say "last lines of $f:"
+		tail -n "${2:-8}" "$f" | sed 's/^/    | /' >&2 || true
+	done
+}
 
 # wait_ready NAME URL SECONDS: 0 once URL answers 200; 1 on timeout or exit of NAME.
 wait_ready() {
@@ -295,37 +306,43 @@ else
 	not_run haproxy "" "haproxy -c rejected the configuration"
 fi
 
-# Readiness, with one shared deadline: the proxies started together.
+# Readiness, with one shared deadline: the servers started together.
+# check_ready NAME URL WHAT: on failure sets READY_WHY and shows the log.
 ready_deadline=$((SECONDS + READY_TIMEOUT))
-check_ready() { # SCENARIO NAME URL
-	local left=$((ready_deadline - SECONDS))
+READY_WHY=
+check_ready() {
+	local left=$((ready_deadline - SECONDS)) last
 	((left >= 1)) || left=1
-	if ! wait_ready "$2" "$3" "$left"; then
-		log_tail "$2"
-		if [[ $2 == nginx ]]; then tail -n 5 "$WORK/nginx-error.log" 2>/dev/null | sed 's/^/    | /' >&2 || true; fi
-		return 1
+	wait_ready "$1" "$2" "$left" && return 0
+	if kill -0 "${PID[$1]}" 2>/dev/null; then
+		READY_WHY="$1 did not answer 200 on $3 within ${READY_TIMEOUT} s"
+	else
+		last=$(grep -v '^[[:space:]]*$' "$WORK/$1.log" 2>/dev/null | tail -n 1 | sed 's/\x1b\[[0-9;]*m//g')
+		READY_WHY="$1 exited at startup${last:+ (last log line: ${last:0:200})}"
 	fi
+	say "ERROR: $READY_WHY"
+	log_tail "$1"
+	if [[ $1 == nginx ]]; then log_tail nginx-error; fi
+	return 1
 }
 if [[ -z ${NOTRUN[weft1]:-} ]]; then
-	if ! check_ready weft1 weft1 "http://127.0.0.1:$W1_ADMIN/ready"; then
-		say "ERROR: weft proxy (scenario weft1) did not become ready within ${READY_TIMEOUT} s"
+	if ! check_ready weft1 "http://127.0.0.1:$W1_ADMIN/ready" /ready; then
 		stop_scenario weft1
-		not_run weft1 "" "weft proxy did not answer 200 on /ready within ${READY_TIMEOUT} s (or exited)"
+		not_run weft1 "" "$READY_WHY"
 	fi
 	for name in weft2b weft2a; do
 		admin=$WB_ADMIN
 		[[ $name == weft2a ]] && admin=$WA_ADMIN
-		if [[ -z ${NOTRUN[weft2]:-} ]] && ! check_ready weft2 "$name" "http://127.0.0.1:$admin/ready"; then
-			say "ERROR: weft proxy ($name of scenario weft2) did not become ready within ${READY_TIMEOUT} s"
+		if [[ -z ${NOTRUN[weft2]:-} ]] && ! check_ready "$name" "http://127.0.0.1:$admin/ready" /ready; then
 			stop_scenario weft2
-			not_run weft2 "" "weft proxy $name did not answer 200 on /ready within ${READY_TIMEOUT} s (or exited)"
+			not_run weft2 "" "$READY_WHY"
 		fi
 	done
 fi
 for scn in nginx haproxy; do
-	if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$scn" "$scn" "$(url_for "$scn" h1)"; then
+	if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$scn" "$(url_for "$scn" h1)" "a request through it"; then
 		stop_scenario "$scn"
-		not_run "$scn" "" "$scn did not serve a request within ${READY_TIMEOUT} s"
+		not_run "$scn" "" "$READY_WHY"
 	fi
 done
 

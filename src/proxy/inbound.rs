@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::Proxy;
-use super::detect::{Protocol, detect};
+use super::detect::Protocol;
 use super::http::errors;
 use super::http::pool::Endpoint;
 use super::http::{Request, Response};
@@ -19,23 +19,10 @@ use super::metrics::{ConnLabels, Direction, EdgeLabels, RequestLabels, status_cl
 /// Handles one inbound connection meant for `app_port`.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
     let app = SocketAddr::from((proxy.app_ip, app_port));
-    let (protocol, io) = if crate::compile::SERVER_FIRST_PORTS.contains(&app_port) {
-        (
-            Protocol::Opaque,
-            super::detect::PrefixedIo::new(Default::default(), conn),
-        )
-    } else {
-        match detect(conn, proxy.detect_timeout).await {
-            Ok(d) => {
-                if d.timed_out {
-                    proxy.metrics.detect_timeouts.inc();
-                }
-                (d.protocol, d.io)
-            }
-            Err(e) => {
-                return tracing::debug!(%peer, error = %e, "inbound connection failed before detection");
-            }
-        }
+    tracing::trace!(%peer, app_port, "inbound connection");
+    let skip = crate::compile::SERVER_FIRST_PORTS.contains(&app_port);
+    let Some((protocol, io)) = proxy.detect(conn, skip).await else {
+        return;
     };
     let labels = ConnLabels {
         direction: Direction::Inbound,

@@ -138,6 +138,34 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Detects a connection's protocol, or takes it as opaque when `skip`
+    /// (declared opaque, or a server-speaks-first port). `None`: the client
+    /// went away first.
+    pub async fn detect(
+        &self,
+        conn: tokio::net::TcpStream,
+        skip: bool,
+    ) -> Option<(detect::Protocol, detect::PrefixedIo<tokio::net::TcpStream>)> {
+        if skip {
+            return Some((
+                detect::Protocol::Opaque,
+                detect::PrefixedIo::new(Default::default(), conn),
+            ));
+        }
+        match detect::detect(conn, self.detect_timeout).await {
+            Ok(d) => {
+                if d.timed_out {
+                    self.metrics.detect_timeouts.inc();
+                }
+                Some((d.protocol, d.io))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection failed before its protocol was known");
+                None
+            }
+        }
+    }
+
     pub fn new(args: &ProxyArgs) -> Arc<Self> {
         let metrics = Arc::new(ProxyMetrics::new());
         Arc::new(Self {
@@ -219,64 +247,58 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
     if !args.no_transparent {
         let l = bind(args.outbound, "outbound").await?;
         running.outbound.push(l.local_addr()?);
-        let p = proxy.clone();
-        tokio::spawn(server::accept_loop(
-            l,
-            proxy.drain.clone(),
-            move |conn, peer| {
-                let p = p.clone();
-                async move {
-                    match orig_dst::original_dst(&conn) {
-                        Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
-                        }
-                    }
+        serve_listener(l, &proxy, |p, conn, peer| async move {
+            match orig_dst::original_dst(&conn) {
+                Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
                 }
-            },
-        ));
+            }
+        });
         let l = bind(args.inbound, "inbound").await?;
         running.inbound.push(l.local_addr()?);
-        let p = proxy.clone();
-        tokio::spawn(server::accept_loop(
-            l,
-            proxy.drain.clone(),
-            move |conn, peer| {
-                let p = p.clone();
-                async move {
-                    match orig_dst::original_dst(&conn) {
-                        Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
-                        }
-                    }
+        serve_listener(l, &proxy, |p, conn, peer| async move {
+            match orig_dst::original_dst(&conn) {
+                Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
                 }
-            },
-        ));
+            }
+        });
     }
     for (listen, target) in &args.outbound_map {
         let l = bind(*listen, "explicit outbound").await?;
         running.outbound.push(l.local_addr()?);
-        let (p, target) = (proxy.clone(), target.clone());
-        tokio::spawn(server::accept_loop(
-            l,
-            proxy.drain.clone(),
-            move |conn, _| outbound::serve(p.clone(), conn, target.clone()),
-        ));
+        let target = target.clone();
+        serve_listener(l, &proxy, move |p, conn, _| {
+            outbound::serve(p, conn, target.clone())
+        });
     }
     for (listen, app_port) in &args.inbound_map {
         let l = bind(*listen, "explicit inbound").await?;
         running.inbound.push(l.local_addr()?);
-        let (p, app_port) = (proxy.clone(), *app_port);
-        tokio::spawn(server::accept_loop(
-            l,
-            proxy.drain.clone(),
-            move |conn, peer| inbound::serve(p.clone(), conn, peer, app_port),
-        ));
+        let app_port = *app_port;
+        serve_listener(l, &proxy, move |p, conn, peer| {
+            inbound::serve(p, conn, peer, app_port)
+        });
     }
     proxy.store.set_listening();
     tracing::info!(admin = %running.admin, "proxy listening");
     Ok(running)
+}
+
+/// Accepts on `listener` until shutdown, handing connections to `handle`.
+fn serve_listener<F, Fut>(listener: TcpListener, proxy: &Arc<Proxy>, handle: F)
+where
+    F: Fn(Arc<Proxy>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let p = proxy.clone();
+    tokio::spawn(server::accept_loop(
+        listener,
+        proxy.drain.clone(),
+        move |conn, peer| handle(p.clone(), conn, peer),
+    ));
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -12,7 +12,7 @@ use crate::compile::SERVER_FIRST_PORTS;
 use crate::config::{OutboundService, PortProtocol};
 
 use super::Proxy;
-use super::detect::{Protocol, detect};
+use super::detect::Protocol;
 use super::http::errors::{self, ProxyError};
 use super::http::route::{self, RouteCtx};
 use super::http::{self as stack, BoxError, Request, Response};
@@ -64,23 +64,9 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
             .and_then(|svc| svc.ports.iter().find(|p| p.port == port))
             .map(|p| p.protocol)
     }) == Some(PortProtocol::Opaque);
-    let (protocol, io) = if declared_opaque || SERVER_FIRST_PORTS.contains(&port) {
-        (
-            Protocol::Opaque,
-            super::detect::PrefixedIo::new(Default::default(), conn),
-        )
-    } else {
-        match detect(conn, proxy.detect_timeout).await {
-            Ok(d) => {
-                if d.timed_out {
-                    proxy.metrics.detect_timeouts.inc();
-                }
-                (d.protocol, d.io)
-            }
-            Err(e) => {
-                return tracing::debug!(error = %e, "outbound connection failed before detection");
-            }
-        }
+    let skip = declared_opaque || SERVER_FIRST_PORTS.contains(&port);
+    let Some((protocol, io)) = proxy.detect(conn, skip).await else {
+        return;
     };
     let labels = ConnLabels {
         direction: Direction::Outbound,

@@ -4,11 +4,9 @@
 //! neither count as failures nor as successes.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use tower::Service;
 
 use super::Shared;
 use super::body::{BoxError, Request, Response};
@@ -61,20 +59,10 @@ fn state_value(state: BreakerState) -> i64 {
     }
 }
 
-impl<S> Service<Request> for Breaker<S>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+super::layer_service!(Breaker);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl<S: super::Inner> Breaker<S> {
+    fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         let Some(breaker) = self.dst.breaker.clone() else {
             return Box::pin(self.inner.call(req));
         };

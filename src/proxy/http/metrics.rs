@@ -3,11 +3,9 @@
 //! counted with the status they will get, and by reason.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use tower::Service;
 
 use super::Shared;
 use super::body::{BoxError, Request, Response};
@@ -29,20 +27,10 @@ impl<S> Metrics<S> {
     }
 }
 
-impl<S> Service<Request> for Metrics<S>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+super::layer_service!(Metrics);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl<S: super::Inner> Metrics<S> {
+    fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         let route = req
             .extensions()
             .get::<RouteCtx>()

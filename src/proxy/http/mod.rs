@@ -27,6 +27,50 @@ use std::sync::Arc;
 use super::destination::Destination;
 use super::metrics::ProxyMetrics;
 
+/// What a layer may wrap: a cloneable service of the stack's types.
+pub trait Inner:
+    tower::Service<Request, Response = Response, Error = BoxError, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<Request, Response = Response, Error = BoxError, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The tower plumbing every wrapping layer shares: readiness is the inner
+/// service's, and the layer's own `handle` makes the boxed future.
+macro_rules! layer_service {
+    ($layer:ident) => {
+        impl<S: $crate::proxy::http::Inner> tower::Service<$crate::proxy::http::Request>
+            for $layer<S>
+        {
+            type Response = $crate::proxy::http::Response;
+            type Error = $crate::proxy::http::BoxError;
+            type Future =
+                futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, req: $crate::proxy::http::Request) -> Self::Future {
+                self.handle(req)
+            }
+        }
+    };
+}
+pub(crate) use layer_service;
+
 /// Sends a request through a service once it is ready. The future is boxed
 /// on purpose: an unboxed tower future awaited inside a `Send` async block
 /// trips the compiler's higher-ranked lifetime check on the boxed error.

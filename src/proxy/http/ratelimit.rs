@@ -2,11 +2,9 @@
 //! proxy: calls beyond the rate get 429 without leaving the pod.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::{BoxFuture, FutureExt};
-use tower::Service;
 
 use super::body::{BoxError, Request, Response};
 use super::errors::ProxyError;
@@ -24,20 +22,10 @@ impl<S> RateLimit<S> {
     }
 }
 
-impl<S> Service<Request> for RateLimit<S>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+super::layer_service!(RateLimit);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl<S: super::Inner> RateLimit<S> {
+    fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         if let Some(limiter) = &self.dst.limiter
             && !limiter.try_take(Instant::now())
         {

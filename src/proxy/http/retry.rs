@@ -8,13 +8,11 @@
 //! exponential backoff with full jitter.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
-use tower::Service;
 
 use super::Shared;
 use super::body::{self, BoxError, Request, Response};
@@ -88,20 +86,10 @@ fn judge(result: &Result<Response, BoxError>, policy: &RetryConfig, label: &str)
     }
 }
 
-impl<S> Service<Request> for Retry<S>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+super::layer_service!(Retry);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl<S: super::Inner> Retry<S> {
+    fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         let (dst, shared, inner) = (self.dst.clone(), self.shared.clone(), self.inner.clone());
         Box::pin(async move {
             let ctx = req.extensions().get::<RouteCtx>().cloned();
@@ -190,16 +178,12 @@ fn replay(parts: &http::request::Parts, bytes: Bytes) -> Request {
 }
 
 /// One try, under the per-try deadline.
-async fn attempt<S>(
+async fn attempt<S: super::Inner>(
     inner: S,
     req: Request,
     per_try: Option<Duration>,
     label: &str,
-) -> Result<Response, BoxError>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
+) -> Result<Response, BoxError> {
     match per_try {
         None => super::call(inner, req).await,
         Some(limit) => match tokio::time::timeout(limit, super::call(inner, req)).await {

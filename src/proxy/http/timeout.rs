@@ -2,11 +2,9 @@
 //! It covers every retry; on expiry the client gets 504.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tower::Service;
 
 use super::body::{BoxError, Request, Response};
 use super::errors::ProxyError;
@@ -25,20 +23,10 @@ impl<S> Timeout<S> {
     }
 }
 
-impl<S> Service<Request> for Timeout<S>
-where
-    S: Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+super::layer_service!(Timeout);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
+impl<S: super::Inner> Timeout<S> {
+    fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         let deadline = req
             .extensions()
             .get::<RouteCtx>()
