@@ -31,6 +31,10 @@ bench: bench-compile
 bench-compile:
 	$(CARGO) bench --bench compile
 
+## proxy: latency added per hop vs nginx and haproxy (~12 min) -> bench/results/proxy.md
+bench-proxy:
+	CARGO="$(CARGO)" bash bench/proxy/run.sh
+
 ## fuzz the proxy's wire parsing for 60 s (needs cargo-fuzz; not part of `make test`)
 FUZZ_SECONDS ?= 60
 fuzz-smoke:

@@ -81,7 +81,7 @@ if [[ -z $NGINX || -z $HAPROXY ]]; then
 	HAPROXY=$(find_tool haproxy)
 	[[ -n $NGINX && -n $HAPROXY ]] || die "nginx/haproxy still not found after apt-get install"
 fi
-command -v setsid >/dev/null || die "setsid (util-linux) is required"
+for t in setsid timeout; do command -v "$t" >/dev/null || die "$t (util-linux/coreutils) is required"; done
 # The proxies and the load generator hold a few hundred sockets at most, but
 # haproxy sizes its descriptor table from maxconn at startup.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -245,6 +245,10 @@ url_for() { # SCENARIO PROTOCOL
 # ---------------------------------------------------------------- servers
 
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 0.5) }'; then
+	say "warning: load average $LOAD_START before the run: other work on this machine skews the figures"
+fi
 cells=0
 for _ in $RATES; do for _ in $PROTOCOLS; do cells=$((cells + 1)); done; done
 cells=$((cells * ROUNDS * ${#SCENARIOS[@]}))
@@ -264,7 +268,7 @@ weft_config() { # FILE ENDPOINT
 weft_reason=
 if [[ ! -x $WEFT ]]; then
 	weft_reason="$WEFT was not built"
-elif ! "$WEFT" proxy --help >/dev/null 2>&1; then
+elif ! timeout 10 "$WEFT" proxy --help >/dev/null 2>&1; then
 	weft_reason="this weft build has no 'proxy' subcommand ('weft proxy --help' fails)"
 fi
 if [[ -n $weft_reason ]]; then
@@ -415,7 +419,7 @@ done
 
 nginx_version=$("$NGINX" -v 2>&1 | sed -n 's|.*nginx/\([^ ]*\).*|\1|p' | head -n 1) || true
 haproxy_version=$("$HAPROXY" -v 2>/dev/null | awk 'NR == 1 { print $3 }') || true
-weft_version=$("$WEFT" --version 2>/dev/null | head -n 1) || true
+weft_version=$(timeout 5 "$WEFT" --version 2>/dev/null | head -n 1) || true
 git_rev=$(git rev-parse --short HEAD 2>/dev/null) || true
 if [[ -n $git_rev ]] && ! git diff --quiet HEAD 2>/dev/null; then git_rev="$git_rev, uncommitted changes"; fi
 versions="Compared: ${weft_version:-weft (unknown version)}${git_rev:+ (git $git_rev)}, nginx ${nginx_version:-?}, HAProxy ${haproxy_version:-?}."
@@ -424,7 +428,8 @@ mkdir -p "$(dirname "$OUT")"
 "$BENCH" report --input "$RESULTS" --out "$OUT" --date "$DATE" \
 	--clk-tck "$(getconf CLK_TCK 2>/dev/null || echo 100)" \
 	--seconds "$CELL_SECONDS" --warmup "$WARMUP" --rounds "$ROUNDS" \
-	--h1-connections "$H1_CONN" --h2-connections "$H2_CONN" --versions "$versions"
+	--h1-connections "$H1_CONN" --h2-connections "$H2_CONN" --versions "$versions" \
+	--note "Load average (1, 5, 15 min) before the run: $LOAD_START; after: $(cut -d' ' -f1-3 /proc/loadavg). Anything else running on the machine during the run adds noise to every row."
 cp "$RESULTS" "${OUT%.md}.jsonl"
 
 if [[ -n ${NOTRUN[weft1]:-} || -n ${NOTRUN[weft2]:-} ]]; then

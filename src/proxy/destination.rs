@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
+use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
     BreakerSettings, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget, TokenBucket,
@@ -53,6 +54,8 @@ pub struct Destination {
     pub budget: RetryBudget,
     pub breaker: Option<CircuitBreaker>,
     pub limiter: Option<TokenBucket>,
+    /// Metric series per route, for the metrics layer.
+    pub edges: EdgeCache,
     source: EndpointSource,
     /// When DNS last answered (None: never), and the endpoints.
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
@@ -96,6 +99,7 @@ impl Destination {
             breaker: breaker(&policy.circuit_breaker),
             budget,
             limiter,
+            edges: EdgeCache::default(),
             endpoints: Mutex::new((
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),

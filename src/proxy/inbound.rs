@@ -14,7 +14,7 @@ use super::detect::Protocol;
 use super::http::errors;
 use super::http::pool::Endpoint;
 use super::http::{Request, Response};
-use super::metrics::{ConnLabels, Direction, EdgeLabels, RequestLabels, status_class};
+use super::metrics::{ConnLabels, Direction, EdgeLabels, EdgeSeries};
 
 /// Handles one inbound connection meant for `app_port`.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
@@ -62,29 +62,17 @@ pub async fn forward_http(proxy: Arc<Proxy>, app: SocketAddr, mut req: Request) 
         Ok(rsp) => rsp,
         Err(e) => errors::response(&errors::classify(&e, &app.to_string())),
     };
-    let edge = EdgeLabels {
-        direction: Direction::Inbound,
-        src: "unknown".to_owned(),
-        dst: proxy.shared.workload.clone(),
-        route: "default".to_owned(),
-    };
-    proxy
-        .metrics
-        .latency
-        .get_or_create(&edge)
-        .observe(started.elapsed().as_secs_f64() * 1e3);
-    proxy
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
+    // No peer identity yet (plaintext): one series per workload.
+    let series = proxy.inbound_edges.get(&proxy.unknown_source, || {
+        let edge = EdgeLabels {
             direction: Direction::Inbound,
-            src: edge.src,
-            dst: edge.dst,
-            route: edge.route,
-            status_class: status_class(rsp.status()),
-            tls: false,
-        })
-        .inc();
+            src: proxy.unknown_source.to_string(),
+            dst: proxy.shared.workload.clone(),
+            route: "default".to_owned(),
+        };
+        EdgeSeries::new(&proxy.metrics, edge, false)
+    });
+    series.record(&proxy.metrics, rsp.status(), started);
     rsp
 }
 

@@ -229,6 +229,74 @@ impl ProxyMetrics {
     }
 }
 
+/// One edge's series (a destination and route, or an inbound source),
+/// looked up in the families once and then reused by every request, so the
+/// data path neither allocates label strings nor hashes them.
+pub struct EdgeSeries {
+    edge: EdgeLabels,
+    tls: bool,
+    latency: Histogram,
+    /// By status class 1xx..5xx, created on first use so idle classes do
+    /// not show up as zero series.
+    requests: [std::sync::OnceLock<Counter>; 5],
+}
+
+impl EdgeSeries {
+    pub fn new(metrics: &ProxyMetrics, edge: EdgeLabels, tls: bool) -> Self {
+        Self {
+            latency: metrics.latency.get_or_create_owned(&edge),
+            edge,
+            tls,
+            requests: Default::default(),
+        }
+    }
+
+    /// Counts one request and its latency.
+    pub fn record(
+        &self,
+        metrics: &ProxyMetrics,
+        status: http::StatusCode,
+        started: std::time::Instant,
+    ) {
+        self.latency.observe(started.elapsed().as_secs_f64() * 1e3);
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5);
+        self.requests[class - 1]
+            .get_or_init(|| {
+                metrics.requests.get_or_create_owned(&RequestLabels {
+                    direction: self.edge.direction,
+                    src: self.edge.src.clone(),
+                    dst: self.edge.dst.clone(),
+                    route: self.edge.route.clone(),
+                    status_class: format!("{class}xx"),
+                    tls: self.tls,
+                })
+            })
+            .inc();
+    }
+}
+
+/// Edge series by a short key (a route name, a source identity).
+#[derive(Default)]
+pub struct EdgeCache(
+    std::sync::Mutex<std::collections::HashMap<std::sync::Arc<str>, std::sync::Arc<EdgeSeries>>>,
+);
+
+impl EdgeCache {
+    pub fn get(
+        &self,
+        key: &std::sync::Arc<str>,
+        make: impl FnOnce() -> EdgeSeries,
+    ) -> std::sync::Arc<EdgeSeries> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = map.get(key) {
+            return series.clone();
+        }
+        let series = std::sync::Arc::new(make());
+        map.insert(key.clone(), series.clone());
+        series
+    }
+}
+
 /// `2xx`-style class of a status code.
 pub fn status_class(status: http::StatusCode) -> String {
     format!("{}xx", status.as_u16() / 100)

@@ -135,6 +135,10 @@ pub struct Proxy {
     pub app_ip: IpAddr,
     pub health_paths: Vec<String>,
     pub detect_timeout: Duration,
+    /// Inbound request series by source.
+    pub inbound_edges: metrics::EdgeCache,
+    /// The source label of callers without a mesh identity.
+    pub unknown_source: Arc<str>,
 }
 
 impl Proxy {
@@ -180,6 +184,8 @@ impl Proxy {
             app_ip: args.app_ip,
             health_paths: args.health_paths.clone(),
             detect_timeout: args.detect_timeout,
+            inbound_edges: metrics::EdgeCache::default(),
+            unknown_source: Arc::from("unknown"),
         })
     }
 }

@@ -12,7 +12,7 @@ use super::body::{BoxError, Request, Response};
 use super::errors::classify;
 use super::route::RouteCtx;
 use crate::proxy::destination::Destination;
-use crate::proxy::metrics::{Direction, EdgeLabels, ProxyErrorLabels, RequestLabels, status_class};
+use crate::proxy::metrics::{Direction, EdgeLabels, EdgeSeries, ProxyErrorLabels};
 
 #[derive(Clone)]
 pub struct Metrics<S> {
@@ -31,18 +31,18 @@ super::layer_service!(Metrics);
 
 impl<S: super::Inner> Metrics<S> {
     fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
-        let route = req
+        let route: Arc<str> = req
             .extensions()
             .get::<RouteCtx>()
-            .map(|r| r.name.to_string())
-            .unwrap_or_else(|| "default".to_owned());
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| Arc::from("default"));
         let (dst, shared) = (self.dst.clone(), self.shared.clone());
         let started = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
-            let class = match &result {
-                Ok(rsp) => status_class(rsp.status()),
+            let status = match &result {
+                Ok(rsp) => rsp.status(),
                 Err(e) => {
                     let err = classify(e, &dst.label);
                     shared
@@ -54,32 +54,19 @@ impl<S: super::Inner> Metrics<S> {
                             reason: err.reason().to_owned(),
                         })
                         .inc();
-                    status_class(err.status_and_reason().0)
+                    err.status_and_reason().0
                 }
             };
-            let edge = EdgeLabels {
-                direction: Direction::Outbound,
-                src: shared.workload.clone(),
-                dst: dst.label.clone(),
-                route: route.clone(),
-            };
-            shared
-                .metrics
-                .latency
-                .get_or_create(&edge)
-                .observe(started.elapsed().as_secs_f64() * 1e3);
-            shared
-                .metrics
-                .requests
-                .get_or_create(&RequestLabels {
+            let series = dst.edges.get(&route, || {
+                let edge = EdgeLabels {
                     direction: Direction::Outbound,
-                    src: edge.src,
-                    dst: edge.dst,
-                    route,
-                    status_class: class,
-                    tls: false,
-                })
-                .inc();
+                    src: shared.workload.clone(),
+                    dst: dst.label.clone(),
+                    route: route.to_string(),
+                };
+                EdgeSeries::new(&shared.metrics, edge, false)
+            });
+            series.record(&shared.metrics, status, started);
             result
         })
     }
