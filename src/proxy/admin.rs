@@ -126,7 +126,7 @@ async fn forward_probe(
         Err(_) => return (StatusCode::BAD_REQUEST, "bad probe path\n").into_response(),
     };
     let req = http::Request::from_parts(parts, body::boxed(body_in));
-    let app = SocketAddr::from((p.app_ip, port));
+    let app = super::http::pool::Endpoint::new(SocketAddr::from((p.app_ip, port)));
     super::inbound::forward_http(p, app, req)
         .await
         .map(axum::body::Body::new)

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
+use crate::proxy::http::pool::Endpoint;
 use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
@@ -39,6 +40,7 @@ pub enum EndpointSource {
 /// One endpoint and what the balancer knows of it.
 pub struct EndpointState {
     pub addr: SocketAddr,
+    pub endpoint: Endpoint,
     pub load: Arc<PeakEwma>,
     pub breaker: Option<CircuitBreaker>,
 }
@@ -158,6 +160,7 @@ impl Destination {
 fn endpoint(addr: SocketAddr, policy: &ServicePolicy) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
+        endpoint: Endpoint::new(addr),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
     })

@@ -35,8 +35,9 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let p = proxy.clone();
+            let endpoint = Endpoint::new(app);
             super::server::serve_http(io, &proxy.drain, move |req| {
-                forward_http(p.clone(), app, req)
+                forward_http(p.clone(), endpoint.clone(), req)
             })
             .await;
         }
@@ -55,12 +56,13 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
 }
 
 /// Sends one request to the application and counts it.
-pub async fn forward_http(proxy: Arc<Proxy>, app: SocketAddr, mut req: Request) -> Response {
+pub async fn forward_http(proxy: Arc<Proxy>, app: Endpoint, mut req: Request) -> Response {
     let started = Instant::now();
-    req.extensions_mut().insert(Endpoint(app));
+    let label = app.addr;
+    req.extensions_mut().insert(app);
     let rsp = match super::http::call(proxy.shared.pool.clone(), req).await {
         Ok(rsp) => rsp,
-        Err(e) => errors::response(&errors::classify(&e, &app.to_string())),
+        Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
     };
     // No peer identity yet (plaintext): one series per workload.
     let series = proxy.inbound_edges.get(&proxy.unknown_source, || {

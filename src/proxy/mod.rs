@@ -192,10 +192,18 @@ impl Proxy {
 
 /// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`, then drains.
 pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if args.workers > 0 {
-        rt.worker_threads(args.workers);
-    }
+    // One worker is an event loop on this thread, as nginx runs one: no
+    // work stealing, no cross-thread wake-ups on the data path.
+    let mut rt = match args.workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     let rt = rt.enable_all().thread_name("weft-proxy").build()?;
     rt.block_on(async move {
         let proxy = Proxy::new(&args);

@@ -12,7 +12,7 @@ use tower::Service;
 use super::body::{BoxError, Request, Response};
 use super::breaker::{is_failure, report};
 use super::errors::ProxyError;
-use super::pool::{Endpoint, Pool};
+use super::pool::Pool;
 use super::route::RouteCtx;
 use crate::proxy::destination::Destination;
 use crate::proxy::resilience::p2c_pick;
@@ -73,7 +73,7 @@ impl Service<Request> for Balance {
                 .extensions()
                 .get::<RouteCtx>()
                 .is_some_and(|r| r.excluded);
-            req.extensions_mut().insert(Endpoint(chosen.addr));
+            req.extensions_mut().insert(chosen.endpoint.clone());
             let pending = chosen.load.start(Instant::now());
             let result = super::call(pool, req).await;
             pending.complete(Instant::now());

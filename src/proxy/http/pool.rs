@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,9 +23,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle pooled connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The address a request is sent to, chosen by the balancer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint(pub SocketAddr);
+/// The address a request is sent to, chosen by the balancer, with its URI
+/// authority made once rather than per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    authority: Authority,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|e| unreachable!("a socket address is a valid authority: {e}"));
+        Self { addr, authority }
+    }
+}
 
 /// Shared upstream clients, one per HTTP version.
 #[derive(Clone)]
@@ -96,12 +109,11 @@ impl Service<Request> for Pool {
     }
 
     fn call(&mut self, mut req: Request) -> Self::Future {
-        let Some(Endpoint(addr)) = req.extensions().get::<Endpoint>().copied() else {
+        let Some(endpoint) = req.extensions_mut().remove::<Endpoint>() else {
             return Box::pin(async {
                 Err(ProxyError::NoEndpoints("request had no endpoint".into()).into())
             });
         };
-        let target = addr.to_string();
         // Keep the authority the client used: HTTP/2 carries it in the URI,
         // HTTP/1 in Host; the URI is rewritten to the chosen endpoint.
         if !req.headers().contains_key(http::header::HOST)
@@ -112,24 +124,23 @@ impl Service<Request> for Pool {
         {
             req.headers_mut().insert(http::header::HOST, authority);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(target.as_str())
-            .path_and_query(path)
-            .build()
-        {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(endpoint.authority);
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = match Uri::from_parts(parts) {
             Ok(uri) => uri,
             Err(e) => {
-                let err = ProxyError::BadRequest(format!("cannot forward {path}: {e}"));
+                let err = ProxyError::BadRequest(format!("cannot forward {}: {e}", req.uri()));
                 return Box::pin(async move { Err(err.into()) });
             }
         };
-        *req.uri_mut() = uri;
+        let addr = endpoint.addr;
         strip_hop_by_hop(req.headers_mut());
         let client = if req.version() == Version::HTTP_2 {
             self.http2.clone()
@@ -141,9 +152,9 @@ impl Service<Request> for Pool {
             match client.request(req).await {
                 Ok(rsp) => Ok(rsp.map(body::boxed)),
                 Err(e) if e.is_connect() => {
-                    Err(ProxyError::Connect(target, error_chain(&e)).into())
+                    Err(ProxyError::Connect(addr.to_string(), error_chain(&e)).into())
                 }
-                Err(e) => Err(ProxyError::UpstreamReset(target, error_chain(&e)).into()),
+                Err(e) => Err(ProxyError::UpstreamReset(addr.to_string(), error_chain(&e)).into()),
             }
         })
     }

@@ -20,10 +20,14 @@ pub struct RouteCtx {
     pub excluded: bool,
 }
 
+thread_local! {
+    static DEFAULT_ROUTE: Arc<str> = Arc::from("default");
+}
+
 impl RouteCtx {
     pub fn default_route() -> Self {
         Self {
-            name: Arc::from("default"),
+            name: DEFAULT_ROUTE.with(Arc::clone),
             timeout: None,
             retry: None,
             excluded: false,
