@@ -8,6 +8,7 @@
 pub mod api;
 pub mod compile;
 pub mod config;
+pub mod identity;
 pub mod manifest;
 pub mod proxy;
 pub mod schemacheck;

@@ -1,0 +1,378 @@
+//! Mesh identities: the mesh CA, the workload certificates it issues, and
+//! the checks every proxy makes of a peer's certificate.
+//!
+//! A workload's identity is `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`,
+//! carried as the only URI SAN of a short-lived ECDSA P-256 leaf signed by
+//! the mesh CA (a long-lived self-signed root, in Secret `weft-ca` of
+//! `weft-system`). Leaves are re-issued at two thirds of their life, so a
+//! proxy always holds a certificate with a third of its life to spare.
+//! X.509 is built by rcgen and read by x509-parser; chains are verified by
+//! rustls' webpki. Nothing here parses ASN.1 by hand.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use sha2::{Digest, Sha256};
+
+/// Secret in `weft-system` holding the mesh CA.
+pub const CA_SECRET: &str = "weft-ca";
+/// Per-namespace Secret holding the trust bundle and workload key pairs.
+pub const IDENTITY_SECRET: &str = "weft-identity";
+/// Key of the trust bundle (and of the CA certificate in `weft-ca`).
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// Key of the CA's private key in `weft-ca`.
+pub const CA_KEY_KEY: &str = "ca.key";
+/// How long the mesh CA is valid: ten years.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates are valid from a little before issue, for clock skew.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+/// A workload identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || IdentityError::BadSpiffeId(s.to_owned());
+        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let mut parts = rest.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+                if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
+            {
+                Ok(Self::new(td, ns, sa))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// What went wrong making or reading identities.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error(
+        "not a weft SPIFFE id (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>): {0:?}"
+    )]
+    BadSpiffeId(String),
+    #[error("reading a certificate: {0}")]
+    Parse(String),
+}
+
+/// The mesh CA: signs every workload certificate.
+pub struct MeshCa {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn offset(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(t)
+}
+
+impl MeshCa {
+    /// A new self-signed root for `trust_domain`, valid from `now` for
+    /// `lifetime`.
+    pub fn generate(
+        trust_domain: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "weft");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("weft mesh CA for {trust_domain}"),
+        );
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = offset(now - BACKDATE);
+        params.not_after = offset(now + lifetime);
+        let cert = params.self_signed(&key)?;
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// The CA stored in Secret `weft-ca`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The PEM every proxy trusts.
+    pub fn trust_bundle(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// A workload certificate for `id`, valid from `now` for `lifetime`.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("{}.{}", id.service_account, id.namespace),
+        );
+        let uri = id.to_string().try_into()?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let not_before = now - BACKDATE;
+        let not_after = now + lifetime;
+        params.not_before = offset(not_before);
+        params.not_after = offset(not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(WorkloadCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issued_at: now,
+            not_after,
+        })
+    }
+}
+
+/// A workload's certificate and key.
+#[derive(Clone, Debug)]
+pub struct WorkloadCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl WorkloadCert {
+    /// When to issue the next one: two thirds into its life.
+    pub fn renew_at(&self) -> SystemTime {
+        renew_at(self.issued_at, self.not_after)
+    }
+}
+
+/// Two thirds of the way from `issued` to `expires`.
+pub fn renew_at(issued: SystemTime, expires: SystemTime) -> SystemTime {
+    let life = expires.duration_since(issued).unwrap_or_default();
+    issued + life * 2 / 3
+}
+
+/// What a certificate says, as far as the mesh cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// URI SANs that are weft SPIFFE ids.
+    pub spiffe_ids: Vec<SpiffeId>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    /// When a certificate read back (say, from a Secret) is due for
+    /// renewal. The validity start was backdated for clock skew; the
+    /// renewal point is computed from the intended issue time.
+    pub fn renew_at(&self) -> SystemTime {
+        renew_at(self.not_before + BACKDATE, self.not_after)
+    }
+}
+
+/// Reads the first certificate of a PEM document.
+pub fn inspect_pem(pem: &str) -> Result<CertInfo, IdentityError> {
+    let (_, doc) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    inspect_der(&doc.contents)
+}
+
+/// Reads a DER certificate.
+pub fn inspect_der(der: &[u8]) -> Result<CertInfo, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let spiffe_ids = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Parse(e.to_string()))?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::URI(uri) => uri.parse::<SpiffeId>().ok(),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let to_system = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    Ok(CertInfo {
+        spiffe_ids,
+        not_before: to_system(cert.validity().not_before),
+        not_after: to_system(cert.validity().not_after),
+        is_ca: cert.is_ca(),
+    })
+}
+
+/// A short, stable fingerprint of a trust bundle, reported by proxies so the
+/// operator can tell when a new bundle has reached everyone.
+pub fn bundle_hash(pem: &str) -> String {
+    hex::encode(&Sha256::digest(pem.trim().as_bytes())[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn spiffe_ids_round_trip_and_reject_junk() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/checkout"
+            .parse()
+            .expect("parses");
+        assert_eq!(id, SpiffeId::new("cluster.local", "shop", "checkout"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/checkout");
+        for bad in [
+            "https://cluster.local/ns/shop/sa/checkout",
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns//sa/x",
+            "spiffe://cluster.local/ns/shop/sa/checkout/extra",
+            "spiffe:///ns/shop/sa/x",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn issued_certificates_carry_the_identity_and_lifetime() {
+        let t = now();
+        let ca = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let ca_info = inspect_pem(ca.cert_pem()).expect("ca info");
+        assert!(ca_info.is_ca);
+        let id = SpiffeId::new("cluster.local", "payments", "payments");
+        let leaf = ca
+            .issue(&id, t, Duration::from_secs(24 * 3600))
+            .expect("leaf");
+        let info = inspect_pem(&leaf.cert_pem).expect("leaf info");
+        assert_eq!(info.spiffe_ids, [id]);
+        assert!(!info.is_ca);
+        let life = info
+            .not_after
+            .duration_since(t)
+            .expect("after now")
+            .as_secs();
+        assert!((24 * 3600 - 1..=24 * 3600).contains(&life), "{life}");
+        let renew = leaf.renew_at().duration_since(t).expect("later").as_secs();
+        assert_eq!(renew, 16 * 3600, "re-issued at two thirds of 24 h");
+        let read_back = info.renew_at().duration_since(t).expect("later").as_secs();
+        assert!(
+            (16 * 3600 - 1..=16 * 3600).contains(&read_back),
+            "{read_back}"
+        );
+    }
+
+    #[test]
+    fn a_ca_read_from_its_secret_keeps_issuing_for_the_same_root() {
+        let t = now();
+        let ca = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let again = MeshCa::from_pem(ca.cert_pem(), ca.key_pem()).expect("reload");
+        assert_eq!(
+            bundle_hash(&again.trust_bundle()),
+            bundle_hash(&ca.trust_bundle())
+        );
+        let leaf = again
+            .issue(
+                &SpiffeId::new("cluster.local", "shop", "cart"),
+                t,
+                Duration::from_secs(3600),
+            )
+            .expect("leaf");
+        // The reloaded CA's leaves chain to the original root.
+        let (_, root) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()).expect("pem");
+        let root = root.parse_x509().expect("root");
+        let (_, leaf_pem) =
+            x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).expect("pem");
+        let leaf = leaf_pem.parse_x509().expect("leaf");
+        assert_eq!(leaf.issuer(), root.subject());
+        assert!(
+            leaf.verify_signature(Some(root.public_key())).is_ok(),
+            "signed by the original root key"
+        );
+        assert!(MeshCa::from_pem(ca.cert_pem(), "not a key").is_err());
+    }
+}
