@@ -16,6 +16,7 @@ pub mod outbound;
 pub mod resilience;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod watch;
 
 use std::net::{IpAddr, SocketAddr};
