@@ -35,6 +35,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for the whole process (kube's client and mesh TLS):
+    // aws-lc-rs, which offers the post-quantum hybrid key exchange.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")

@@ -1,5 +1,6 @@
 //! Fuzzes what the proxy reads off the wire before any policy applies:
-//! protocol detection on every prefix of the input, then the whole input
+//! the TLS ClientHello reader, protocol detection on every prefix of the
+//! input, then the whole input
 //! served as a client's bytes by the proxy's HTTP server (HTTP/1 head
 //! parsing, HTTP/2 framing) with its real limits. Neither may panic, hang
 //! or answer a malformed request with a 2xx.
@@ -14,6 +15,11 @@ use weft::proxy::http::body;
 use weft::proxy::server::{Drain, serve_http};
 
 fuzz_target!(|data: &[u8]| {
+    // The ClientHello reader never asks for less than it was given.
+    if let weft::proxy::hello::Hello::NeedMore(n) = weft::proxy::hello::parse(data) {
+        assert!(n > data.len(), "asked for {n} bytes with {} in hand", data.len());
+    }
+
     // Detection is monotonic: once decided, longer prefixes agree.
     let mut decided = None;
     for end in 0..=data.len().min(64) {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod apiwatch;
 pub mod destination;
 pub mod detect;
+pub mod hello;
 pub mod http;
 pub mod inbound;
 pub mod metrics;
