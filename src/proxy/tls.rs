@@ -294,6 +294,34 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     inspect_der(leaf).ok()?.spiffe_ids.into_iter().next()
 }
 
+/// The handshake-signature half of a verifier, the same on both sides: TLS
+/// 1.3 signatures checked with the provider's algorithms.
+macro_rules! handshake_signatures {
+    ($self:ident => $identity:expr) => {
+        fn verify_tls12_signature(
+            &$self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Err(tls13_only())
+        }
+
+        fn verify_tls13_signature(
+            &$self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &$identity.algorithms())
+        }
+
+        fn supported_verify_schemes(&$self) -> Vec<SignatureScheme> {
+            $identity.algorithms().supported_schemes()
+        }
+    };
+}
+
 /// The configs offer TLS 1.3 only, so a TLS 1.2 signature never arrives.
 fn tls13_only() -> Error {
     Error::General("mesh TLS is TLS 1.3 only".into())
@@ -345,27 +373,7 @@ impl ClientCertVerifier for InboundVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(tls13_only())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.algorithms().supported_schemes()
-    }
+    handshake_signatures!(self => self.0);
 }
 
 /// Verifies servers: the chain (webpki, server-auth usage, no host name:
@@ -407,25 +415,5 @@ impl ServerCertVerifier for OutboundVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(tls13_only())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.identity.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.identity.algorithms().supported_schemes()
-    }
+    handshake_signatures!(self => self.identity);
 }
