@@ -324,3 +324,80 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
         "exits cleanly after draining: {exited:?}"
     );
 }
+
+#[tokio::test]
+async fn the_proxy_waits_for_its_identity_then_reports_expiry_and_bundle() {
+    use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId, bundle_hash};
+    let ids = tempfile::tempdir().expect("tempdir");
+    let dir = ids.path().display().to_string();
+    let p = start_proxy(
+        &config(vec![]),
+        &[],
+        &["--identity-dir", &dir, "--service-account", "checkout"],
+    )
+    .await;
+    let ready = format!("http://{}/ready", p.running.admin);
+    let r = get(&ready).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "no identity loaded yet\n")
+    );
+
+    let now = std::time::SystemTime::now();
+    let ca = MeshCa::generate("cluster.local", now, CA_LIFETIME).expect("ca");
+    let leaf = ca
+        .issue(
+            &SpiffeId::new("cluster.local", "shop", "checkout"),
+            now,
+            Duration::from_secs(24 * 3600),
+        )
+        .expect("leaf");
+    write_atomic(&ids.path().join("ca.crt"), ca.trust_bundle().as_bytes());
+    write_atomic(&ids.path().join("checkout.key"), leaf.key_pem.as_bytes());
+    write_atomic(&ids.path().join("checkout.crt"), leaf.cert_pem.as_bytes());
+    let mut status = 0;
+    for _ in 0..50 {
+        status = get(&ready).await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "ready once the identity is loaded");
+    let m = p.metrics().await;
+    let expiry = leaf
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs();
+    assert!(
+        m.contains(&format!(
+            "weft_proxy_certificate_expiry_timestamp_seconds {expiry}"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "weft_proxy_trust_bundle{{hash=\"{}\"}} 1",
+            bundle_hash(&ca.trust_bundle())
+        )),
+        "{m}"
+    );
+
+    // A broken key keeps the loaded identity and is counted.
+    write_atomic(&ids.path().join("checkout.key"), b"not a key");
+    let mut failures = 0.0;
+    for _ in 0..50 {
+        failures = p.metric("weft_proxy_identity_reload_failures_total").await;
+        if failures >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failures, 1.0);
+    assert_eq!(
+        get(&ready).await.status,
+        200,
+        "the last good identity stays"
+    );
+}

@@ -30,6 +30,12 @@ async fn ready(State(p): State<Arc<Proxy>>) -> impl IntoResponse {
     if p.drain.started() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned());
     }
+    if p.store.load().is_some() && p.store.ready() && !p.ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no identity loaded yet\n".to_owned(),
+        );
+    }
     match p.store.load() {
         Some(s) if p.store.ready() => (
             StatusCode::OK,

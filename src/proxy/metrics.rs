@@ -98,6 +98,18 @@ pub struct ProxyMetrics {
     pub config_generation: Family<GenerationLabels, Gauge>,
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
+    /// Peer certificates refused in mesh TLS, by direction and reason.
+    pub tls_rejections: Family<crate::proxy::tls::RejectLabels, Counter>,
+    /// When this proxy's certificate expires (unix seconds).
+    pub certificate_expiry: Gauge,
+    /// The trust bundle in use (value 1 on the current hash).
+    pub trust_bundle: Family<BundleLabels, Gauge>,
+    pub identity_reload_failures: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleLabels {
+    pub hash: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -193,8 +205,36 @@ impl ProxyMetrics {
             "Config files that could not be read or parsed (the last good config stays in use)",
             config_reload_failures.clone(),
         );
+        let tls_rejections = Family::default();
+        registry.register(
+            "tls_rejections",
+            "Peer certificates refused in mesh TLS, by direction and reason",
+            tls_rejections.clone(),
+        );
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When this proxy's workload certificate expires",
+            certificate_expiry.clone(),
+        );
+        let trust_bundle = Family::default();
+        registry.register(
+            "trust_bundle",
+            "The trust bundle in use (value 1 on the current hash)",
+            trust_bundle.clone(),
+        );
+        let identity_reload_failures = Counter::default();
+        registry.register(
+            "identity_reload_failures",
+            "Identity files that could not be read or loaded (the last good identity stays in use)",
+            identity_reload_failures.clone(),
+        );
         Self {
             registry,
+            tls_rejections,
+            certificate_expiry,
+            trust_bundle,
+            identity_reload_failures,
             requests,
             latency,
             proxy_errors,

@@ -98,6 +98,16 @@ pub struct ProxyArgs {
     /// service-account token is present.
     #[arg(long)]
     pub no_api_watch: bool,
+    /// The mounted identity Secret: `<service-account>.crt`, `.key` and
+    /// `ca.crt`. When set, the proxy is not ready until an identity loads.
+    #[arg(long, env = "WEFT_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+    /// This pod's ServiceAccount, naming its key pair in the identity dir.
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// The mesh trust domain peers must belong to.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// Worker threads (0: one per core).
     #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -141,9 +151,17 @@ pub struct Proxy {
     pub inbound_edges: metrics::EdgeCache,
     /// The source label of callers without a mesh identity.
     pub unknown_source: Arc<str>,
+    /// This proxy's mesh identity, when an identity dir is configured.
+    pub identity: Option<Arc<tls::MeshIdentity>>,
 }
 
 impl Proxy {
+    /// Ready: config loaded, listeners bound, and an identity loaded when
+    /// one is configured.
+    pub fn ready(&self) -> bool {
+        self.store.ready() && self.identity.as_ref().is_none_or(|i| i.ready())
+    }
+
     /// Detects a connection's protocol, or takes it as opaque when `skip`
     /// (declared opaque, or a server-speaks-first port). `None`: the client
     /// went away first.
@@ -181,13 +199,16 @@ impl Proxy {
                 pool: http::pool::Pool::new(),
                 workload: args.workload.clone(),
             }),
-            metrics,
             drain: Drain::new(),
             app_ip: args.app_ip,
             health_paths: args.health_paths.clone(),
             detect_timeout: args.detect_timeout,
             inbound_edges: metrics::EdgeCache::default(),
             unknown_source: Arc::from("unknown"),
+            identity: args.identity_dir.as_ref().map(|_| {
+                tls::MeshIdentity::new(&args.trust_domain, metrics.tls_rejections.clone())
+            }),
+            metrics,
         })
     }
 }
@@ -242,6 +263,14 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         proxy.store.record_failure(&why);
     }
     tokio::spawn(watch::watch_file(args.config.clone(), proxy.store.clone()));
+    if let (Some(dir), Some(identity)) = (&args.identity_dir, &proxy.identity) {
+        tokio::spawn(watch::watch_identity(
+            dir.clone(),
+            args.service_account.clone(),
+            identity.clone(),
+            proxy.metrics.clone(),
+        ));
+    }
     if !args.no_api_watch
         && let Some(ns) = apiwatch::pod_namespace(args.namespace.as_deref())
         && let Some(client) = apiwatch::in_cluster_client().await

@@ -64,3 +64,72 @@ pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
         }
     }
 }
+
+/// Polls the mounted identity Secret (`<sa>.crt`, `<sa>.key`, `ca.crt`)
+/// and installs each complete, valid version. A half-written or invalid set
+/// leaves the current identity in use and is counted.
+pub async fn watch_identity(
+    dir: PathBuf,
+    service_account: String,
+    identity: Arc<super::tls::MeshIdentity>,
+    metrics: Arc<super::metrics::ProxyMetrics>,
+) {
+    let files = [
+        dir.join(format!("{service_account}.crt")),
+        dir.join(format!("{service_account}.key")),
+        dir.join(crate::identity::CA_CERT_KEY),
+    ];
+    let mut last: Option<Vec<FileStamp>> = None;
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Ok(stamps) = files
+            .iter()
+            .map(|f| stamp(f))
+            .collect::<std::io::Result<Vec<_>>>()
+        else {
+            continue;
+        };
+        if last.as_ref() == Some(&stamps) {
+            continue;
+        }
+        last = Some(stamps);
+        match load_identity(&files, &identity, &metrics) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "identity loaded"),
+            Err(why) => {
+                metrics.identity_reload_failures.inc();
+                tracing::warn!(error = %why, "identity not loaded; keeping the last good one");
+            }
+        }
+    }
+}
+
+fn load_identity(
+    files: &[PathBuf; 3],
+    identity: &super::tls::MeshIdentity,
+    metrics: &super::metrics::ProxyMetrics,
+) -> Result<(), String> {
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let (cert, key, bundle) = (read(&files[0])?, read(&files[1])?, read(&files[2])?);
+    let info = crate::identity::inspect_pem(&cert).map_err(|e| e.to_string())?;
+    identity
+        .update(&cert, &key, &bundle)
+        .map_err(|e| e.to_string())?;
+    let expiry = info
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics
+        .certificate_expiry
+        .set(i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX));
+    metrics.trust_bundle.clear();
+    if let Some(hash) = identity.bundle_hash() {
+        metrics
+            .trust_bundle
+            .get_or_create(&super::metrics::BundleLabels { hash })
+            .set(1);
+    }
+    Ok(())
+}
