@@ -116,14 +116,9 @@ async fn a_configmap_change_through_the_api_server_takes_effect_without_the_file
     tx.send(Bytes::from(format!("{broken}\n")))
         .await
         .expect("send event");
-    let mut failures = 0.0;
-    for _ in 0..100 {
-        failures = p.metric("weft_proxy_config_reload_failures_total").await;
-        if failures >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let failures = p
+        .wait_metric("weft_proxy_config_reload_failures_total", 1.0)
+        .await;
     assert_eq!(failures, 1.0);
     assert_eq!(
         get(&url).await.body,

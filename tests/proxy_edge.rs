@@ -228,14 +228,7 @@ async fn not_ready_until_a_config_exists_then_picks_it_up() {
     let admin = format!("http://{}/ready", running.admin);
     assert_eq!(get(&admin).await.status, 503);
     write_atomic(&path, config(vec![]).to_string().as_bytes());
-    let mut status = 0;
-    for _ in 0..50 {
-        status = get(&admin).await.status;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = wait_status(&admin, 200).await;
     assert_eq!(status, 200, "ready once the config file appears");
 }
 
@@ -355,14 +348,7 @@ async fn the_proxy_waits_for_its_identity_then_reports_expiry_and_bundle() {
     write_atomic(&ids.path().join("ca.crt"), ca.trust_bundle().as_bytes());
     write_atomic(&ids.path().join("checkout.key"), leaf.key_pem.as_bytes());
     write_atomic(&ids.path().join("checkout.crt"), leaf.cert_pem.as_bytes());
-    let mut status = 0;
-    for _ in 0..50 {
-        status = get(&ready).await.status;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = wait_status(&ready, 200).await;
     assert_eq!(status, 200, "ready once the identity is loaded");
     let m = p.metrics().await;
     let expiry = leaf
@@ -386,14 +372,9 @@ async fn the_proxy_waits_for_its_identity_then_reports_expiry_and_bundle() {
 
     // A broken key keeps the loaded identity and is counted.
     write_atomic(&ids.path().join("checkout.key"), b"not a key");
-    let mut failures = 0.0;
-    for _ in 0..50 {
-        failures = p.metric("weft_proxy_identity_reload_failures_total").await;
-        if failures >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = p
+        .wait_metric("weft_proxy_identity_reload_failures_total", 1.0)
+        .await;
     assert_eq!(failures, 1.0);
     assert_eq!(
         get(&ready).await.status,

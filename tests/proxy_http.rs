@@ -287,14 +287,9 @@ async fn a_config_swap_under_load_fails_nothing_and_a_corrupt_file_is_ignored() 
     );
 
     write_atomic(&p.config_path(), b"{ this is not json");
-    let mut failures = 0.0;
-    for _ in 0..40 {
-        failures = p.metric("weft_proxy_config_reload_failures_total").await;
-        if failures >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = p
+        .wait_metric("weft_proxy_config_reload_failures_total", 1.0)
+        .await;
     assert_eq!(
         failures, 1.0,
         "the corrupt file was noticed and counted once"

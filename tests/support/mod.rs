@@ -207,6 +207,20 @@ impl TestProxy {
         .expect("utf8")
     }
 
+    /// Polls a metric until it reaches `at_least` (at most 5 s); returns
+    /// its last value.
+    pub async fn wait_metric(&self, prefix: &str, at_least: f64) -> f64 {
+        let mut value = 0.0;
+        for _ in 0..50 {
+            value = self.metric(prefix).await;
+            if value >= at_least {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        value
+    }
+
     /// The value of one sample line, e.g. `weft_proxy_retries_total{dst="inventory.shop:80"}`.
     pub async fn metric(&self, prefix: &str) -> f64 {
         self.metrics()
@@ -315,6 +329,20 @@ pub async fn send(
         proxy_error,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// Polls `url` until it answers `status` (at most 5 s); returns the last
+/// status seen.
+pub async fn wait_status(url: &str, status: u16) -> u16 {
+    let mut last = 0;
+    for _ in 0..50 {
+        last = get(url).await.status;
+        if last == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
 
 pub async fn get(url: &str) -> Reply {
