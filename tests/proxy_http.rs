@@ -28,16 +28,24 @@ fn retries(attempts: u32, retry_on: &[&str], budget: serde_json::Value) -> serde
     json!({ "retry": { "maxRetries": attempts, "retryOn": retry_on, "budget": budget } })
 }
 
+/// A proxy whose explicit outbound listener reaches Service `inventory`
+/// at `endpoint`, with `policy` (or the defaults).
+async fn inventory_proxy(
+    endpoint: std::net::SocketAddr,
+    policy: Option<serde_json::Value>,
+) -> TestProxy {
+    let cfg = config(vec![service("inventory", &[endpoint], policy, json!([]))]);
+    start_proxy(&cfg, &[INVENTORY], &[]).await
+}
+
 #[tokio::test]
 async fn a_failed_get_is_retried_and_succeeds() {
     let up = Upstream::start(fail_first(1, 503)).await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
+    let p = inventory_proxy(
+        up.addr,
         Some(policy(retries(2, &["gateway-error"], json!({})))),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    )
+    .await;
     let r = get(&format!("{}/stock", p.outbound_url(0))).await;
     assert_eq!((r.status, r.body.as_str()), (200, "ok"));
     assert_eq!(up.hits(), 2, "one failure and one retry");
@@ -47,13 +55,7 @@ async fn a_failed_get_is_retried_and_succeeds() {
 #[tokio::test]
 async fn a_post_is_retried_only_with_an_idempotency_key() {
     let up = Upstream::start(fail_first(1, 503)).await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
-        Some(policy(retries(2, &["5xx"], json!({})))),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(up.addr, Some(policy(retries(2, &["5xx"], json!({}))))).await;
     let url = format!("{}/reserve", p.outbound_url(0));
     let r = send(&client(), "POST", &url, &[]).await;
     assert_eq!(r.status, 503, "the application's own 503 comes back");
@@ -77,13 +79,7 @@ async fn retries_stop_when_the_budget_is_spent() {
     // retries plus 10 % of the 100 requests, however many attempts a
     // request may make.
     let budget = json!({ "percent": 10, "minPerSecond": 1, "windowMs": 10000 });
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
-        Some(policy(retries(3, &["5xx"], budget))),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(up.addr, Some(policy(retries(3, &["5xx"], budget)))).await;
     let c = client();
     for _ in 0..100 {
         assert_eq!(
@@ -108,15 +104,13 @@ async fn a_slow_upstream_times_out_with_504() {
         (200, "late".into(), Duration::from_secs(5))
     }))
     .await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
+    let p = inventory_proxy(
+        up.addr,
         Some(policy(
             json!({ "timeoutMs": 200, "retry": { "maxRetries": 0 } }),
         )),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    )
+    .await;
     let r = get(&format!("{}/stock", p.outbound_url(0))).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.proxy_error.as_deref(), Some("timeout"));
@@ -134,13 +128,7 @@ fn breaker_policy() -> serde_json::Value {
 #[tokio::test]
 async fn the_circuit_opens_fails_fast_and_closes_after_recovery() {
     let up = Upstream::fixed(500, "broken").await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
-        Some(breaker_policy()),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(up.addr, Some(breaker_policy())).await;
     let url = format!("{}/stock", p.outbound_url(0));
     for _ in 0..3 {
         assert_eq!(get(&url).await.status, 500);
@@ -182,13 +170,7 @@ async fn health_check_failures_never_open_the_circuit() {
         }
     }))
     .await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
-        Some(breaker_policy()),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(up.addr, Some(breaker_policy())).await;
     for _ in 0..10 {
         assert_eq!(
             get(&format!("{}/health", p.outbound_url(0))).await.status,
@@ -304,8 +286,7 @@ async fn a_config_swap_under_load_fails_nothing_and_a_corrupt_file_is_ignored() 
 #[tokio::test]
 async fn h2c_works_end_to_end() {
     let up = Upstream::fixed(200, "h2").await;
-    let cfg = config(vec![service("inventory", &[up.addr], None, json!([]))]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(up.addr, None).await;
     let r = send(
         &h2_client(),
         "GET",
@@ -333,8 +314,7 @@ async fn a_dead_endpoint_is_a_502_connect_error() {
         .local_addr()
         .expect("addr");
     // The listener is dropped: connections are refused.
-    let cfg = config(vec![service("inventory", &[dead], None, json!([]))]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let p = inventory_proxy(dead, None).await;
     let r = get(&format!("{}/stock", p.outbound_url(0))).await;
     assert_eq!(
         (r.status, r.proxy_error.as_deref()),
@@ -345,15 +325,13 @@ async fn a_dead_endpoint_is_a_502_connect_error() {
 #[tokio::test]
 async fn rate_limits_answer_429() {
     let up = Upstream::fixed(200, "ok").await;
-    let cfg = config(vec![service(
-        "inventory",
-        &[up.addr],
+    let p = inventory_proxy(
+        up.addr,
         Some(policy(
             json!({ "rateLimit": { "requestsPerSecond": 1, "burst": 3 } }),
         )),
-        json!([]),
-    )]);
-    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    )
+    .await;
     let c = client();
     let mut statuses = Vec::new();
     for _ in 0..6 {
