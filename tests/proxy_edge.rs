@@ -221,7 +221,7 @@ async fn not_ready_until_a_config_exists_then_picks_it_up() {
     .map(|s| s.to_string())
     .collect();
     let args = parse_args(&argv);
-    let proxy = weft::proxy::Proxy::new(&args);
+    let proxy = weft::proxy::Proxy::new(&args).expect("proxy");
     let running = weft::proxy::start(&args, proxy.clone())
         .await
         .expect("start");

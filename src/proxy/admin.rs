@@ -131,9 +131,10 @@ async fn forward_probe(
         Ok(uri) => uri,
         Err(_) => return (StatusCode::BAD_REQUEST, "bad probe path\n").into_response(),
     };
+    parts.headers.remove(super::inbound::CLIENT_ID_HEADER);
     let req = http::Request::from_parts(parts, body::boxed(body_in));
     let app = super::http::pool::Endpoint::new(SocketAddr::from((p.app_ip, port)));
-    super::inbound::forward_http(p, app, req)
+    super::inbound::send_to_app(&p, app, req)
         .await
         .map(axum::body::Body::new)
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
 use crate::proxy::http::pool::Endpoint;
+use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
@@ -56,8 +57,12 @@ pub struct Destination {
     pub budget: RetryBudget,
     pub breaker: Option<CircuitBreaker>,
     pub limiter: Option<TokenBucket>,
-    /// Metric series per route, for the metrics layer.
+    /// Metric series per route, for the metrics layer: over plaintext
+    /// and over mesh TLS.
     pub edges: EdgeCache,
+    pub tls_edges: EdgeCache,
+    /// Who serves a meshed destination (its endpoints get mesh mTLS).
+    pub mesh: Option<Arc<MeshTarget>>,
     source: EndpointSource,
     /// When DNS last answered (None: never), and the endpoints.
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
@@ -79,7 +84,12 @@ fn breaker(cfg: &Option<CircuitBreakerConfig>) -> Option<CircuitBreaker> {
 }
 
 impl Destination {
-    pub fn new(label: String, policy: ServicePolicy, source: EndpointSource) -> Self {
+    pub fn new(
+        label: String,
+        policy: ServicePolicy,
+        source: EndpointSource,
+        mesh: Option<Arc<MeshTarget>>,
+    ) -> Self {
         let budget = RetryBudget::new(
             policy.retry.budget.percent,
             policy.retry.budget.min_per_second,
@@ -91,7 +101,7 @@ impl Destination {
             .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
         let static_endpoints = match &source {
             EndpointSource::Static(addrs) => Some(Arc::new(
-                addrs.iter().map(|a| endpoint(*a, &policy)).collect(),
+                addrs.iter().map(|a| endpoint(*a, &policy, &mesh)).collect(),
             )),
             EndpointSource::Dns { .. } => None,
         };
@@ -102,6 +112,8 @@ impl Destination {
             budget,
             limiter,
             edges: EdgeCache::default(),
+            tls_edges: EdgeCache::default(),
+            mesh,
             endpoints: Mutex::new((
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),
@@ -138,7 +150,7 @@ impl Destination {
                     known
                         .get(&a)
                         .cloned()
-                        .unwrap_or_else(|| endpoint(a, &self.policy))
+                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh))
                 })
                 .collect(),
         );
@@ -152,15 +164,24 @@ impl Destination {
         (guard.0, guard.1.clone())
     }
 
-    fn same_as(&self, policy: &ServicePolicy, source: &EndpointSource) -> bool {
-        &self.policy == policy && &self.source == source
+    fn same_as(
+        &self,
+        policy: &ServicePolicy,
+        source: &EndpointSource,
+        mesh: &Option<Arc<MeshTarget>>,
+    ) -> bool {
+        &self.policy == policy && &self.source == source && &self.mesh == mesh
     }
 }
 
-fn endpoint(addr: SocketAddr, policy: &ServicePolicy) -> Arc<EndpointState> {
+fn endpoint(
+    addr: SocketAddr,
+    policy: &ServicePolicy,
+    mesh: &Option<Arc<MeshTarget>>,
+) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
-        endpoint: Endpoint::new(addr),
+        endpoint: Endpoint::meshed(addr, mesh.clone()),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
     })
@@ -209,14 +230,20 @@ impl Destinations {
         label: &str,
         policy: &ServicePolicy,
         source: EndpointSource,
+        mesh: Option<Arc<MeshTarget>>,
     ) -> Arc<Destination> {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = map.get(label)
-            && d.same_as(policy, &source)
+            && d.same_as(policy, &source, &mesh)
         {
             return d.clone();
         }
-        let d = Arc::new(Destination::new(label.to_owned(), policy.clone(), source));
+        let d = Arc::new(Destination::new(
+            label.to_owned(),
+            policy.clone(),
+            source,
+            mesh,
+        ));
         map.insert(label.to_owned(), d.clone());
         d
     }

@@ -153,6 +153,35 @@ impl<S> PrefixedIo<S> {
     }
 }
 
+/// The longest first record a ClientHello is read into: one TLS record.
+const MAX_HELLO: usize = 5 + 16 * 1024;
+
+/// Reads the whole first TLS record of a connection detected as TLS and
+/// parses its ClientHello; the bytes stay buffered for whoever handles the
+/// connection next (the TLS acceptor, or an opaque relay).
+pub async fn read_client_hello<S: AsyncRead + Unpin>(
+    io: PrefixedIo<S>,
+    timeout: Duration,
+) -> io::Result<(crate::proxy::hello::Hello, PrefixedIo<S>)> {
+    use crate::proxy::hello::{Hello, parse};
+    let PrefixedIo { prefix, mut inner } = io;
+    let mut buf = BytesMut::from(prefix);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let hello = parse(&buf);
+        let want = match hello {
+            Hello::NeedMore(n) if n <= MAX_HELLO => n,
+            _ => return Ok((hello, PrefixedIo::new(buf.freeze(), inner))),
+        };
+        buf.reserve(want - buf.len());
+        match tokio::time::timeout_at(deadline, inner.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return Ok((Hello::Other, PrefixedIo::new(buf.freeze(), inner))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

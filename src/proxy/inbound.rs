@@ -1,81 +1,300 @@
 //! Inbound: connections from other pods to this pod's application,
-//! redirected to the proxy. They are forwarded to the application on
-//! localhost at the port the client called — HTTP-aware (counted per
-//! request) when the bytes are HTTP, opaque otherwise.
+//! redirected to the proxy. In order:
+//!
+//! 1. **Detect** what the client speaks. A TLS ClientHello is read whole:
+//!    ALPN `weft/...` is mesh TLS, which this proxy terminates (checking the
+//!    client's certificate); any other TLS is the application's own and
+//!    passes through untouched.
+//! 2. **Admit** by mode: PERMISSIVE takes mesh TLS and plaintext, STRICT
+//!    only mesh TLS except on the config's plaintext ports. (The probe port
+//!    is a listener of its own and always plaintext.) Every plaintext
+//!    connection is counted by port and source address: the evidence the
+//!    STRICT rollout waits for.
+//! 3. **Authorize** by AccessPolicy: per request for HTTP (403 with
+//!    `weft-proxy-error: forbidden`), once per connection for TCP (closed).
+//! 4. **Forward** to the application on localhost at the port the client
+//!    called, HTTP-aware (counted per request, the caller's SPIFFE id in
+//!    [`CLIENT_ID_HEADER`]) or opaque.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::Proxy;
-use super::detect::Protocol;
-use super::http::errors;
+use super::authz::{self, Access, HttpRequest};
+use super::detect::{self, Protocol};
+use super::hello::Hello;
+use super::http::errors::{self, ProxyError};
 use super::http::pool::Endpoint;
 use super::http::{Request, Response};
-use super::metrics::{ConnLabels, Direction, EdgeLabels, EdgeSeries};
+use super::metrics::{
+    ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
+    PortLabels,
+};
+use super::tls::{ALPN_H2, ALPN_TCP, peer_identity};
+use crate::config::InboundMode;
+use crate::identity::SpiffeId;
+
+/// The header that tells the application who called: the caller's verified
+/// SPIFFE id. Whatever a client sends under this name is removed first, so
+/// the application can trust it.
+pub const CLIENT_ID_HEADER: &str = "weft-client-id";
+
+/// On a server-speaks-first port the client may say nothing; a meshed
+/// client opens with its ClientHello at once, so this short wait is enough
+/// to tell the two apart without stalling a plaintext client for long.
+const SERVER_FIRST_TLS_WAIT: Duration = Duration::from_millis(100);
+/// How long a mesh TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One admitted inbound connection.
+struct Conn {
+    app: Endpoint,
+    port: u16,
+    /// The caller's verified mesh identity (mesh TLS only).
+    peer_id: Option<Arc<SpiffeId>>,
+    /// The `src` of request metrics: the SPIFFE id, or "unknown".
+    source: Arc<str>,
+}
 
 /// Handles one inbound connection meant for `app_port`.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
-    let app = SocketAddr::from((proxy.app_ip, app_port));
     tracing::trace!(%peer, app_port, "inbound connection");
-    let skip = crate::compile::SERVER_FIRST_PORTS.contains(&app_port);
-    let Some((protocol, io)) = proxy.detect(conn, skip).await else {
-        return;
+    let server_first = crate::compile::SERVER_FIRST_PORTS.contains(&app_port);
+    let wait = if server_first {
+        SERVER_FIRST_TLS_WAIT
+    } else {
+        proxy.detect_timeout
     };
+    let detected = match detect::detect(conn, wait).await {
+        Ok(d) => d,
+        Err(e) => {
+            return tracing::debug!(%peer, error = %e, "connection failed before its protocol was known");
+        }
+    };
+    if detected.timed_out && !server_first {
+        proxy.metrics.detect_timeouts.inc();
+    }
+    let (protocol, io) = (detected.protocol, detected.io);
+    let mut conn = Conn {
+        app: Endpoint::new(SocketAddr::from((proxy.app_ip, app_port))),
+        port: app_port,
+        peer_id: None,
+        source: proxy.unknown_source.clone(),
+    };
+    if protocol == Protocol::Tls {
+        let (hello, io) = match detect::read_client_hello(io, proxy.detect_timeout).await {
+            Ok(read) => read,
+            Err(e) => return tracing::debug!(%peer, error = %e, "reading the ClientHello failed"),
+        };
+        if hello.is_mesh()
+            && let Some(config) = proxy.mesh_server.clone()
+        {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    return handshake_failed(&proxy, peer, &e.to_string());
+                }
+                Err(_) => return handshake_failed(&proxy, peer, "timed out"),
+            };
+            let session = tls.get_ref().1;
+            conn.peer_id = peer_identity(session.peer_certificates()).map(Arc::new);
+            if let Some(id) = &conn.peer_id {
+                conn.source = Arc::from(id.to_string());
+            }
+            let inner = match session.alpn_protocol() {
+                Some(ALPN_TCP) => Protocol::Opaque,
+                Some(ALPN_H2) => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            return handle(&proxy, tls, conn, inner, true).await;
+        }
+        if let Hello::ClientHello { alpn, .. } = &hello
+            && hello.is_mesh()
+        {
+            tracing::debug!(%peer, ?alpn, "mesh TLS offered but this proxy has no identity configured");
+        }
+        // The application's own TLS: end to end, opaque to the mesh.
+        if !admit_plaintext(&proxy, peer, app_port) {
+            return;
+        }
+        return handle(&proxy, io, conn, Protocol::Opaque, false).await;
+    }
+    if !admit_plaintext(&proxy, peer, app_port) {
+        return;
+    }
+    handle(&proxy, io, conn, protocol, false).await;
+}
+
+fn handshake_failed(proxy: &Proxy, peer: SocketAddr, why: &str) {
+    // A refused certificate was counted by reason in the verifier.
+    proxy
+        .metrics
+        .tls_handshake_failures
+        .get_or_create(&HandshakeLabels {
+            direction: Direction::Inbound,
+        })
+        .inc();
+    tracing::debug!(%peer, error = why, "inbound mesh TLS handshake failed");
+}
+
+/// Counts a plaintext connection and decides it by mode.
+fn admit_plaintext(proxy: &Proxy, peer: SocketAddr, port: u16) -> bool {
+    proxy
+        .metrics
+        .plaintext_connections
+        .get_or_create(&PlaintextLabels {
+            port,
+            src_addr: peer.ip().to_string(),
+        })
+        .inc();
+    let strict = proxy.store.load().is_some_and(|s| {
+        let inbound = &s.config.inbound;
+        inbound.mode == InboundMode::Strict && !inbound.plaintext_ports.contains(&port)
+    });
+    if strict {
+        proxy
+            .metrics
+            .plaintext_rejected
+            .get_or_create(&PortLabels { port })
+            .inc();
+        tracing::debug!(%peer, port, "plaintext refused: the namespace is STRICT");
+    }
+    !strict
+}
+
+/// Serves an admitted connection: HTTP through the per-request path,
+/// anything else relayed to the application once authorized.
+async fn handle<I>(proxy: &Arc<Proxy>, io: I, conn: Conn, protocol: Protocol, tls: bool)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let labels = ConnLabels {
         direction: Direction::Inbound,
         protocol: protocol.label().to_owned(),
-        tls: false,
-        port: app_port,
+        tls,
+        port: conn.port,
     };
     proxy.metrics.connections_total.get_or_create(&labels).inc();
     proxy.metrics.connections_open.get_or_create(&labels).inc();
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let p = proxy.clone();
-            let endpoint = Endpoint::new(app);
+            let (p, conn) = (proxy.clone(), Arc::new(conn));
             super::server::serve_http(io, &proxy.drain, move |req| {
-                forward_http(p.clone(), endpoint.clone(), req)
+                forward_http(p.clone(), conn.clone(), req)
             })
             .await;
         }
-        Protocol::Tls | Protocol::Opaque => {
-            let mut io = io;
-            match TcpStream::connect(app).await {
-                Ok(mut upstream) => {
-                    let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
-                }
-                Err(e) => tracing::debug!(%app, error = %e, "app refused an opaque connection"),
-            }
-        }
+        Protocol::Tls | Protocol::Opaque => relay(proxy, io, &conn).await,
     }
     proxy.metrics.connections_open.get_or_create(&labels).dec();
 }
 
-/// Sends one request to the application and counts it.
-pub async fn forward_http(proxy: Arc<Proxy>, app: Endpoint, mut req: Request) -> Response {
+async fn relay<I>(proxy: &Proxy, mut io: I, conn: &Conn)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Access::Denied { policy } = authorize(proxy, conn, None) {
+        deny(proxy, &policy, "tcp");
+        return tracing::debug!(port = conn.port, peer = ?conn.peer_id, %policy, "connection refused by AccessPolicy");
+    }
+    let app = conn.app.addr;
+    match TcpStream::connect(app).await {
+        Ok(mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+        }
+        Err(e) => tracing::debug!(%app, error = %e, "app refused an opaque connection"),
+    }
+}
+
+fn authorize(proxy: &Proxy, conn: &Conn, request: Option<HttpRequest<'_>>) -> Access {
+    match proxy.store.load() {
+        Some(s) => authz::check(
+            &s.config.inbound,
+            &proxy.port_names,
+            conn.port,
+            conn.peer_id.as_deref(),
+            request,
+        ),
+        // Not ready without a config: nothing is guarded yet.
+        None => Access::Allowed,
+    }
+}
+
+fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
+    proxy
+        .metrics
+        .access_denied
+        .get_or_create(&DenialLabels {
+            policy: policy.to_owned(),
+            protocol: protocol.to_owned(),
+        })
+        .inc();
+}
+
+/// Authorizes one request, sends it to the application and counts it.
+async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
     let started = Instant::now();
-    let label = app.addr;
-    req.extensions_mut().insert(app);
-    let rsp = match super::http::call(proxy.shared.pool.clone(), req).await {
-        Ok(rsp) => rsp,
-        Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
+    req.headers_mut().remove(CLIENT_ID_HEADER);
+    let access = authorize(
+        &proxy,
+        &conn,
+        Some(HttpRequest {
+            method: req.method(),
+            path: req.uri().path(),
+        }),
+    );
+    let rsp = match access {
+        Access::Denied { policy } => {
+            deny(&proxy, &policy, "http");
+            let who = conn.peer_id.as_ref().map_or_else(
+                || "a caller without a mesh identity".to_owned(),
+                |id| id.to_string(),
+            );
+            errors::response(&ProxyError::Forbidden(format!(
+                "AccessPolicy {policy} does not allow {who} to {} {} on port {}",
+                req.method(),
+                req.uri().path(),
+                conn.port
+            )))
+        }
+        Access::Allowed => {
+            if let Some(id) = &conn.peer_id
+                && let Ok(v) = HeaderValue::from_str(&id.to_string())
+            {
+                req.headers_mut().insert(CLIENT_ID_HEADER, v);
+            }
+            send_to_app(&proxy, conn.app.clone(), req).await
+        }
     };
-    // No peer identity yet (plaintext): one series per workload.
-    let series = proxy.inbound_edges.get(&proxy.unknown_source, || {
+    let tls = conn.peer_id.is_some();
+    let series = proxy.inbound_edges.get(&conn.source, || {
         let edge = EdgeLabels {
             direction: Direction::Inbound,
-            src: proxy.unknown_source.to_string(),
+            src: conn.source.to_string(),
             dst: proxy.shared.workload.clone(),
             route: "default".to_owned(),
         };
-        EdgeSeries::new(&proxy.metrics, edge, false)
+        EdgeSeries::new(&proxy.metrics, edge, tls)
     });
     series.record(&proxy.metrics, rsp.status(), started);
     rsp
+}
+
+/// Sends one request to the application on `app`.
+pub async fn send_to_app(proxy: &Proxy, app: Endpoint, mut req: Request) -> Response {
+    let label = app.addr;
+    req.extensions_mut().insert(app);
+    match super::http::call(proxy.shared.pool.clone(), req).await {
+        Ok(rsp) => rsp,
+        Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
+    }
 }
 
 /// The loopback address the application listens on.

@@ -76,6 +76,33 @@ pub struct ConnLabels {
     pub port: u16,
 }
 
+/// A plaintext inbound connection: the container port it reached and the
+/// address it came from (the rollout maps addresses to pods).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaintextLabels {
+    pub port: u16,
+    pub src_addr: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: u16,
+}
+
+/// A refusal by an AccessPolicy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// `namespace/name` of the AccessPolicy.
+    pub policy: String,
+    /// `http` (answered 403) or `tcp` (connection closed).
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GenerationLabels {
     pub generation: String,
@@ -105,6 +132,18 @@ pub struct ProxyMetrics {
     /// The trust bundle in use (value 1 on the current hash).
     pub trust_bundle: Family<BundleLabels, Gauge>,
     pub identity_reload_failures: Counter,
+    /// Plaintext inbound connections by port and source address.
+    pub plaintext_connections: Family<PlaintextLabels, Counter>,
+    /// Plaintext inbound connections refused under STRICT, by port.
+    pub plaintext_rejected: Family<PortLabels, Counter>,
+    /// Requests and connections refused by AccessPolicy.
+    pub access_denied: Family<DenialLabels, Counter>,
+    /// Mesh TLS handshakes that failed for a reason other than a refused
+    /// certificate (those are in `tls_rejections`): timeouts, protocol.
+    pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Outbound connections to a meshed, non-STRICT destination whose
+    /// endpoint did not speak TLS, sent in plaintext instead.
+    pub plaintext_fallbacks: Family<DstLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,8 +268,43 @@ impl ProxyMetrics {
             "Identity files that could not be read or loaded (the last good identity stays in use)",
             identity_reload_failures.clone(),
         );
+        let plaintext_connections = Family::default();
+        registry.register(
+            "inbound_plaintext_connections",
+            "Inbound connections without mesh TLS, by container port and source address (the STRICT rollout gate)",
+            plaintext_connections.clone(),
+        );
+        let plaintext_rejected = Family::default();
+        registry.register(
+            "inbound_plaintext_rejected",
+            "Inbound plaintext connections refused because the namespace is STRICT, by container port",
+            plaintext_rejected.clone(),
+        );
+        let access_denied = Family::default();
+        registry.register(
+            "access_denied",
+            "Requests (http) and connections (tcp) refused by an AccessPolicy",
+            access_denied.clone(),
+        );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Mesh TLS handshakes that failed for a reason other than a refused certificate",
+            tls_handshake_failures.clone(),
+        );
+        let plaintext_fallbacks = Family::default();
+        registry.register(
+            "outbound_plaintext_fallbacks",
+            "Connections to a meshed, non-STRICT destination sent in plaintext because the endpoint does not speak mesh TLS",
+            plaintext_fallbacks.clone(),
+        );
         Self {
             registry,
+            plaintext_connections,
+            plaintext_rejected,
+            access_denied,
+            tls_handshake_failures,
+            plaintext_fallbacks,
             tls_rejections,
             certificate_expiry,
             trust_bundle,

@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod apiwatch;
+pub mod authz;
 pub mod destination;
 pub mod detect;
 pub mod hello;
 pub mod http;
 pub mod inbound;
+pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
@@ -108,6 +110,15 @@ pub struct ProxyArgs {
     /// The mesh trust domain peers must belong to.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// This pod's named container ports, `NAME=PORT`, for AccessPolicy rules
+    /// that name ports (the injector passes the pod's ports).
+    #[arg(
+        long = "port-name",
+        env = "WEFT_PORT_NAMES",
+        value_delimiter = ',',
+        value_parser = parse_port_name
+    )]
+    pub port_names: Vec<(String, u16)>,
     /// Worker threads (0: one per core).
     #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -117,6 +128,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<crate::api::Duration>()
         .map(|d| d.as_std())
         .map_err(|e| e.to_string())
+}
+
+fn parse_port_name(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .split_once('=')
+        .ok_or("expected NAME=PORT, such as http=8080")?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{port:?}: not a port number"))?;
+    Ok((name.to_owned(), port))
 }
 
 fn parse_outbound_map(s: &str) -> Result<(SocketAddr, Target), String> {
@@ -153,6 +174,12 @@ pub struct Proxy {
     pub unknown_source: Arc<str>,
     /// This proxy's mesh identity, when an identity dir is configured.
     pub identity: Option<Arc<tls::MeshIdentity>>,
+    /// The server side of mesh TLS (with an identity).
+    pub mesh_server: Option<Arc<rustls::ServerConfig>>,
+    /// Opens mesh TLS to meshed destinations (with an identity).
+    pub originator: Option<Arc<mesh::Originator>>,
+    /// This pod's container ports by name.
+    pub port_names: authz::PortNames,
 }
 
 impl Proxy {
@@ -190,13 +217,25 @@ impl Proxy {
         }
     }
 
-    pub fn new(args: &ProxyArgs) -> Arc<Self> {
+    pub fn new(args: &ProxyArgs) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(ProxyMetrics::new());
-        Arc::new(Self {
+        let identity = args
+            .identity_dir
+            .as_ref()
+            .map(|_| tls::MeshIdentity::new(&args.trust_domain, metrics.tls_rejections.clone()));
+        let mesh_server = identity
+            .as_ref()
+            .map(|i| i.server_config())
+            .transpose()
+            .context("building the mesh TLS server configuration")?;
+        let originator = identity
+            .as_ref()
+            .map(|i| Arc::new(mesh::Originator::new(i.clone(), metrics.clone())));
+        Ok(Arc::new(Self {
             store: Arc::new(ConfigStore::new(metrics.clone())),
             shared: Arc::new(http::Shared {
                 metrics: metrics.clone(),
-                pool: http::pool::Pool::new(),
+                pool: http::pool::Pool::new(originator.clone()),
                 workload: args.workload.clone(),
             }),
             drain: Drain::new(),
@@ -205,11 +244,12 @@ impl Proxy {
             detect_timeout: args.detect_timeout,
             inbound_edges: metrics::EdgeCache::default(),
             unknown_source: Arc::from("unknown"),
-            identity: args.identity_dir.as_ref().map(|_| {
-                tls::MeshIdentity::new(&args.trust_domain, metrics.tls_rejections.clone())
-            }),
+            identity,
+            mesh_server,
+            originator,
+            port_names: authz::PortNames::new(args.port_names.iter().cloned()),
             metrics,
-        })
+        }))
     }
 }
 
@@ -229,7 +269,7 @@ pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
     };
     let rt = rt.enable_all().thread_name("weft-proxy").build()?;
     rt.block_on(async move {
-        let proxy = Proxy::new(&args);
+        let proxy = Proxy::new(&args)?;
         let running = start(&args, proxy.clone()).await?;
         wait_for_signal(&proxy).await?;
         proxy.drain.start();

@@ -16,8 +16,10 @@ use super::detect::Protocol;
 use super::http::errors::{self, ProxyError};
 use super::http::route::{self, RouteCtx};
 use super::http::{self as stack, BoxError, Request, Response};
+use super::mesh::{MeshStream, MeshTarget, connect_tcp};
 use super::metrics::{ConnLabels, Direction};
 use super::state::Snapshot;
+use super::tls::ALPN_TCP;
 
 /// Where an outbound connection was headed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,15 +165,16 @@ async fn forward_tcp<I>(proxy: &Arc<Proxy>, mut io: I, target: &Target)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let addr = match resolve_tcp(proxy, target).await {
-        Some(a) => a,
-        None => {
-            return tracing::debug!(target = %target_label(target), "no endpoint for opaque connection");
-        }
+    let Some((addr, mesh)) = resolve_tcp(proxy, target).await else {
+        return tracing::debug!(target = %target_label(target), "no endpoint for opaque connection");
     };
-    match TcpStream::connect(addr).await {
+    let upstream = match (mesh, &proxy.originator) {
+        // Mesh TLS carrying opaque bytes; the server's proxy unwraps them.
+        (Some(mesh), Some(originator)) => originator.connect(addr, &mesh, ALPN_TCP).await,
+        _ => connect_tcp(addr).await.map(MeshStream::Plain),
+    };
+    match upstream {
         Ok(mut upstream) => {
-            let _ = upstream.set_nodelay(true);
             if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
                 tracing::debug!(%addr, error = %e, "opaque connection ended");
             }
@@ -180,17 +183,26 @@ where
     }
 }
 
-async fn resolve_tcp(proxy: &Arc<Proxy>, target: &Target) -> Option<SocketAddr> {
+/// An endpoint for an opaque connection, and who must serve it when the
+/// destination is meshed.
+async fn resolve_tcp(
+    proxy: &Arc<Proxy>,
+    target: &Target,
+) -> Option<(SocketAddr, Option<Arc<MeshTarget>>)> {
     let snapshot = proxy.store.load();
     if let Some(snapshot) = &snapshot
         && let Some(svc) = find(snapshot, target)
     {
         let dst = snapshot.service_destination(svc, target.port(), &proxy.store.destinations);
         let endpoints = dst.endpoints().await;
-        return fastrand::choice(endpoints.iter()).map(|e| e.addr);
+        return fastrand::choice(endpoints.iter()).map(|e| (e.addr, dst.mesh.clone()));
     }
-    match target {
-        Target::Addr(a) => Some(*a),
-        Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p)).await.ok()?.next(),
-    }
+    let addr = match target {
+        Target::Addr(a) => *a,
+        Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p))
+            .await
+            .ok()?
+            .next()?,
+    };
+    Some((addr, None))
 }

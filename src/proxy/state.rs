@@ -97,7 +97,13 @@ impl Snapshot {
     ) -> Arc<Destination> {
         let label = format!("{}.{}:{port}", svc.name, svc.namespace);
         self.destination(label, all, || {
-            (self.policy(svc).clone(), source_for(svc, port))
+            (
+                self.policy(svc).clone(),
+                source_for(svc, port),
+                svc.mesh
+                    .as_ref()
+                    .map(|m| Arc::new(crate::proxy::mesh::MeshTarget::from_config(m))),
+            )
         })
     }
 
@@ -108,6 +114,7 @@ impl Snapshot {
             (
                 self.config.outbound.defaults.clone(),
                 EndpointSource::Static(vec![addr]),
+                None,
             )
         })
     }
@@ -116,14 +123,18 @@ impl Snapshot {
         &self,
         label: String,
         all: &Destinations,
-        make: impl FnOnce() -> (ServicePolicy, EndpointSource),
+        make: impl FnOnce() -> (
+            ServicePolicy,
+            EndpointSource,
+            Option<Arc<crate::proxy::mesh::MeshTarget>>,
+        ),
     ) -> Arc<Destination> {
         let mut cache = self.dsts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = cache.get(&label) {
             return d.clone();
         }
-        let (policy, source) = make();
-        let d = all.get(&label, &policy, source);
+        let (policy, source, mesh) = make();
+        let d = all.get(&label, &policy, source, mesh);
         cache.insert(label, d.clone());
         d
     }

@@ -54,6 +54,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                let _ = stream.set_nodelay(true);
                 let (h, b) = (h.clone(), b.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -260,7 +261,7 @@ pub async fn start_proxy(config: &Value, targets: &[&str], extra: &[&str]) -> Te
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
     let args = parse_args(&argv);
-    let proxy = Proxy::new(&args);
+    let proxy = Proxy::new(&args).expect("proxy");
     let running = weft::proxy::start(&args, proxy.clone())
         .await
         .expect("proxy starts");
@@ -287,9 +288,11 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build(HttpConnector::new())
+        .build(connector)
 }
 
 /// A finished response: status, the proxy error header, body.

@@ -41,8 +41,15 @@ impl<S: super::Inner> Metrics<S> {
         let fut = self.inner.call(req);
         Box::pin(async move {
             let result = fut.await;
+            let mut tls = false;
             let status = match &result {
-                Ok(rsp) => rsp.status(),
+                Ok(rsp) => {
+                    tls = rsp
+                        .extensions()
+                        .get::<super::pool::OverMeshTls>()
+                        .is_some_and(|t| t.0);
+                    rsp.status()
+                }
                 Err(e) => {
                     let err = classify(e, &dst.label);
                     shared
@@ -57,14 +64,15 @@ impl<S: super::Inner> Metrics<S> {
                     err.status_and_reason().0
                 }
             };
-            let series = dst.edges.get(&route, || {
+            let edges = if tls { &dst.tls_edges } else { &dst.edges };
+            let series = edges.get(&route, || {
                 let edge = EdgeLabels {
                     direction: Direction::Outbound,
                     src: shared.workload.clone(),
                     dst: dst.label.clone(),
                     route: route.to_string(),
                 };
-                EdgeSeries::new(&shared.metrics, edge, false)
+                EdgeSeries::new(&shared.metrics, edge, tls)
             });
             series.record(&shared.metrics, status, started);
             result
