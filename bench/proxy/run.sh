@@ -13,7 +13,8 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     14 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     20 consecutive loopback ports from here
+#   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
 #   BENCH_KEEP=1              keep the work directory (configs, logs)
@@ -38,7 +39,8 @@ OUT=${BENCH_OUT:-bench/results/proxy.md}
 CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
-SCENARIOS=(direct weft1 weft2 nginx haproxy)
+HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
+SCENARIOS=(direct weft1 weft2 weft2tls nginx haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -46,7 +48,7 @@ die() {
 	exit 1
 }
 
-for v in CELL_SECONDS ROUNDS WARMUP H1_CONN H2_CONN PORT_BASE READY_TIMEOUT; do
+for v in CELL_SECONDS ROUNDS WARMUP H1_CONN H2_CONN PORT_BASE READY_TIMEOUT HANDSHAKE_RATE; do
 	[[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
 done
 ((CELL_SECONDS > 0 && ROUNDS > 0 && READY_TIMEOUT > 0)) || die "BENCH_SECONDS, BENCH_ROUNDS and BENCH_READY_TIMEOUT must be positive"
@@ -185,6 +187,8 @@ scenario_pids() {
 	case $1 in
 	weft1) echo "${PID[weft1]:-}" ;;
 	weft2) echo "${PID[weft2a]:-} ${PID[weft2b]:-}" ;;
+	weft2tls) echo "${PID[weft2ta]:-} ${PID[weft2tb]:-}" ;;
+	weft2tb) echo "${PID[weft2tb]:-}" ;;
 	nginx) echo "${PID[nginx]:-}" ;;
 	haproxy) echo "${PID[haproxy]:-}" ;;
 	esac
@@ -221,11 +225,13 @@ WA_OUT=$((PORT_BASE + 4)) WA_ADMIN=$((PORT_BASE + 5)) WA_PROBE=$((PORT_BASE + 6)
 WB_IN=$((PORT_BASE + 7)) WB_ADMIN=$((PORT_BASE + 8)) WB_PROBE=$((PORT_BASE + 9))
 NG_H1=$((PORT_BASE + 10)) NG_H2=$((PORT_BASE + 11))
 HA_H1=$((PORT_BASE + 12)) HA_H2=$((PORT_BASE + 13))
+TA_OUT=$((PORT_BASE + 14)) TA_ADMIN=$((PORT_BASE + 15)) TA_PROBE=$((PORT_BASE + 16))
+TB_IN=$((PORT_BASE + 17)) TB_ADMIN=$((PORT_BASE + 18)) TB_PROBE=$((PORT_BASE + 19))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 14; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 20; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 13)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 19)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -236,6 +242,7 @@ url_for() { # SCENARIO PROTOCOL
 	direct) port=$UP_PORT ;;
 	weft1) port=$W1_OUT ;;
 	weft2) port=$WA_OUT ;;
+	weft2tls) port=$TA_OUT ;;
 	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
 	haproxy) if [[ $2 == h2 ]]; then port=$HA_H2; else port=$HA_H1; fi ;;
 	esac
@@ -252,6 +259,7 @@ fi
 cells=0
 for _ in $RATES; do for _ in $PROTOCOLS; do cells=$((cells + 1)); done; done
 cells=$((cells * ROUNDS * ${#SCENARIOS[@]}))
+cells=$((cells + ROUNDS * 2)) # new-connection cells
 say "$cells cells of ${WARMUP}+${CELL_SECONDS} s: about $(((cells * (CELL_SECONDS + WARMUP + 1) + 59) / 60)) min"
 
 start_bg upstream "$BENCH" upstream --listen "127.0.0.1:$UP_PORT"
@@ -260,9 +268,12 @@ if ! wait_ready upstream "http://127.0.0.1:$UP_PORT/" "$READY_TIMEOUT"; then
 	die "the upstream (weft-bench upstream) did not start"
 fi
 
-# weft: three proxies. weft1 = scenario 2; weft2a -> weft2b = scenario 3.
-weft_config() { # FILE ENDPOINT
-	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"detect"}],"endpoints":["'"$2"'"]}]}}' >"$1"
+# weft: five proxies. weft1 = one hop; weft2a -> weft2b = two plaintext
+# hops; weft2ta -> weft2tb = two hops with mesh mTLS between them.
+weft_config() { # FILE ENDPOINT [MESH-JSON]
+	local mesh=
+	[[ -n ${3:-} ]] && mesh=',"mesh":'$3
+	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"detect"}],"endpoints":["'"$2"'"]'"$mesh"'}]}}' >"$1"
 }
 
 weft_reason=
@@ -275,6 +286,7 @@ if [[ -n $weft_reason ]]; then
 	say "ERROR: weft proxy is not available: $weft_reason"
 	not_run weft1 "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
+	not_run weft2tls "" "$weft_reason"
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
@@ -288,6 +300,22 @@ else
 	start_bg weft2a "$WEFT" "${common[@]}" --config "$WORK/weft-via-b.json" \
 		--admin "127.0.0.1:$WA_ADMIN" --probe "127.0.0.1:$WA_PROBE" \
 		--outbound-map "127.0.0.1:$WA_OUT=$HOST_HEADER:80"
+	# Identities minted by the mesh's own CA code: the server side is
+	# bench/upstream, the client side bench/client.
+	if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client >"$WORK/certs.log" 2>&1; then
+		weft_config "$WORK/weft-via-tb.json" "127.0.0.1:$TB_IN" '{"namespace":"bench","serviceAccounts":["upstream"],"strict":true}'
+		start_bg weft2tb "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+			--admin "127.0.0.1:$TB_ADMIN" --probe "127.0.0.1:$TB_PROBE" \
+			--inbound-map "127.0.0.1:$TB_IN=$UP_PORT" \
+			--identity-dir "$WORK/ids" --service-account upstream
+		start_bg weft2ta "$WEFT" "${common[@]}" --config "$WORK/weft-via-tb.json" \
+			--admin "127.0.0.1:$TA_ADMIN" --probe "127.0.0.1:$TA_PROBE" \
+			--outbound-map "127.0.0.1:$TA_OUT=$HOST_HEADER:80" \
+			--identity-dir "$WORK/ids" --service-account client
+	else
+		sed 's/^/    | /' "$WORK/certs.log" >&2
+		not_run weft2tls "" "weft-bench certs could not mint the identities"
+	fi
 fi
 
 mkdir -p "$WORK/nginx-tmp"
@@ -334,12 +362,16 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft2b weft2a; do
-		admin=$WB_ADMIN
-		[[ $name == weft2a ]] && admin=$WA_ADMIN
-		if [[ -z ${NOTRUN[weft2]:-} ]] && ! check_ready "$name" "http://127.0.0.1:$admin/ready" /ready; then
-			stop_scenario weft2
-			not_run weft2 "" "$READY_WHY"
+	for name in weft2b weft2a weft2tb weft2ta; do
+		case $name in
+		weft2b) admin=$WB_ADMIN scn=weft2 ;;
+		weft2a) admin=$WA_ADMIN scn=weft2 ;;
+		weft2tb) admin=$TB_ADMIN scn=weft2tls ;;
+		weft2ta) admin=$TA_ADMIN scn=weft2tls ;;
+		esac
+		if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$name" "http://127.0.0.1:$admin/ready" /ready; then
+			stop_scenario "$scn"
+			not_run "$scn" "" "$READY_WHY"
 		fi
 	done
 fi
@@ -409,6 +441,33 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		done
 	done
 done
+
+# ---------------------------------------------------------------- new connections
+
+# Handshake cost: every request on a new connection straight to weft B's
+# inbound listener (of the mTLS pair), in plaintext and in mesh mTLS (the
+# load generator holds a mesh identity, as a client proxy would). CPU is
+# weft B's alone.
+run_handshake_cell() { # ROUND MODE
+	local round=$1 mode=$2 before after load
+	local args=(--url "http://127.0.0.1:$TB_IN/" --host "$HOST_HEADER" --rate "$HANDSHAKE_RATE"
+		--duration "${CELL_SECONDS}s" --warmup "${WARMUP}s" --connections 16
+		--new-connection-per-request --json
+		--label "round $round/$ROUNDS new connections, $mode, $HANDSHAKE_RATE/s")
+	[[ $mode == mtls ]] && args+=(--mesh-identity "$WORK/ids" --mesh-service-account client)
+	before=$(proc_json weft2tb)
+	load=$("$BENCH" load "${args[@]}") || die "weft-bench load failed (round $round, new connections, $mode)"
+	after=$(proc_json weft2tb)
+	emit "{\"kind\":\"handshake\",\"round\":$round,\"mode\":\"$mode\",\"rate\":$HANDSHAKE_RATE,\"load\":$load,\"before\":$before,\"after\":$after}"
+	sleep 0.5
+}
+if [[ -z ${NOTRUN[weft2tls]:-} ]] && alive weft2tls; then
+	for ((round = 1; round <= ROUNDS; round++)); do
+		if ((round % 2)); then modes=(plain mtls); else modes=(mtls plain); fi
+		say "round $round/$ROUNDS: new connections (${modes[*]})"
+		for mode in "${modes[@]}"; do run_handshake_cell "$round" "$mode"; done
+	done
+fi
 
 for scn in "${SCENARIOS[@]:1}"; do
 	is_not_run "$scn" "" && continue

@@ -9,6 +9,8 @@
 //! - `wait-ready`: poll a URL until it answers 200, bounded in time.
 //! - `proc`: RSS, peak RSS and CPU ticks of processes, from /proc.
 //! - `report`: turn the run's JSON lines into the Markdown report.
+//! - `certs`: mint a mesh CA and workload identities (the mesh's own CA
+//!   code) into a directory laid out like the mounted identity Secret.
 //!
 //! Every loop is bounded in time and network errors are counted, never fatal.
 
@@ -61,6 +63,8 @@ enum Command {
     Proc(ProcArgs),
     /// Render the run's JSON lines as the Markdown report.
     Report(ReportArgs),
+    /// Mint a mesh CA and workload identities into a directory.
+    Certs(CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::WaitReady(a) => wait_ready(&a),
         Command::Proc(a) => proc_cmd(&a),
         Command::Report(a) => report(&a),
+        Command::Certs(a) => certs(&a),
     };
     match result {
         Ok(code) => code,
@@ -274,6 +279,54 @@ async fn h1_connect(addr: SocketAddr) -> Result<H1Sender, String> {
     Ok(tx)
 }
 
+/// The client side of mesh TLS, as a meshed workload's proxy would have it.
+fn mesh_client_config(a: &LoadArgs, dir: &std::path::Path) -> Result<Arc<rustls::ClientConfig>> {
+    use weft::proxy::tls::{ALPN_HTTP1, ExpectedServer, MeshIdentity};
+    let read = |name: String| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let sa = &a.mesh_service_account;
+    let identity = MeshIdentity::new("cluster.local", Default::default());
+    identity.update(
+        &read(format!("{sa}.crt"))?,
+        &read(format!("{sa}.key"))?,
+        &read(weft::identity::CA_CERT_KEY.to_owned())?,
+    )?;
+    let expected = ExpectedServer {
+        namespace: a.mesh_server_namespace.clone(),
+        service_accounts: Vec::new(),
+    };
+    Ok(identity.client_config(expected, ALPN_HTTP1)?)
+}
+
+/// An HTTP/1.1 connection inside mesh mTLS.
+async fn h1_connect_mesh(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<H1Sender, String> {
+    let s = connect_tcp(addr).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config).connect(name, s),
+    )
+    .await
+    .map_err(|_| "mesh TLS handshake: timed out".to_string())?
+    .map_err(|e| format!("mesh TLS handshake: {e}"))?;
+    let (tx, conn) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)),
+    )
+    .await
+    .map_err(|_| "http/1.1 handshake: timed out".to_string())?
+    .map_err(|e| format!("http/1.1 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tx)
+}
+
 async fn h2_connect(addr: SocketAddr) -> Result<H2Sender, String> {
     let s = connect_tcp(addr).await?;
     let (tx, conn) = tokio::time::timeout(
@@ -320,6 +373,45 @@ async fn http_get(url: &str, limit: Duration) -> Result<(StatusCode, Bytes)> {
     .map_err(|_| anyhow!("no answer within {limit:?}"))?
 }
 
+// ---------------------------------------------------------------- certs
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Directory to write `ca.crt` and `<sa>.crt`/`<sa>.key` into.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// An identity to issue, `NAMESPACE/SERVICE_ACCOUNT` (repeatable).
+    #[arg(long = "identity", required = true)]
+    identities: Vec<String>,
+}
+
+fn certs(a: &CertsArgs) -> Result<ExitCode> {
+    use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
+    let now = std::time::SystemTime::now();
+    let ca = MeshCa::generate(&a.trust_domain, now, CA_LIFETIME)?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let write = |name: String, text: &str| {
+        let path = a.dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write(weft::identity::CA_CERT_KEY.to_owned(), &ca.trust_bundle())?;
+    for id in &a.identities {
+        let (ns, sa) = id
+            .split_once('/')
+            .with_context(|| format!("--identity {id:?}: expected NAMESPACE/SERVICE_ACCOUNT"))?;
+        let leaf = ca.issue(
+            &SpiffeId::new(&a.trust_domain, ns, sa),
+            now,
+            Duration::from_secs(24 * 3600),
+        )?;
+        write(format!("{sa}.key"), &leaf.key_pem)?;
+        write(format!("{sa}.crt"), &leaf.cert_pem)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 // ---------------------------------------------------------------- load
 
 #[derive(Args)]
@@ -361,6 +453,20 @@ struct LoadArgs {
     /// Prefix of the one-line summary printed on stderr.
     #[arg(long, default_value = "load")]
     label: String,
+    /// HTTP/1.1 only: open a new connection for every request (and close
+    /// it after), so connection setup is part of each request's latency.
+    #[arg(long)]
+    new_connection_per_request: bool,
+    /// Act as a meshed client: speak mesh mTLS (ALPN weft/http1) with the
+    /// identity in this directory (`ca.crt`, `<sa>.crt`, `<sa>.key`).
+    #[arg(long, requires = "new_connection_per_request")]
+    mesh_identity: Option<PathBuf>,
+    /// The ServiceAccount naming the key pair in --mesh-identity.
+    #[arg(long, default_value = "client")]
+    mesh_service_account: String,
+    /// Namespace whose identities may serve (--mesh-identity).
+    #[arg(long, default_value = "bench")]
+    mesh_server_namespace: String,
 }
 
 struct Job {
@@ -391,6 +497,10 @@ struct LoadCtx {
     request_timeout: Duration,
     warmup_count: u64,
     rec: Mutex<Recorder>,
+    /// A new connection for every request.
+    fresh: bool,
+    /// Mesh mTLS on those connections.
+    mesh: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl LoadCtx {
@@ -426,11 +536,14 @@ impl LoadCtx {
     }
 
     fn h1_request(&self) -> Result<Request<Empty<Bytes>>, String> {
-        Request::builder()
+        let mut req = Request::builder()
             .method(Method::GET)
             .uri(self.h1_uri.clone())
-            .header(header::HOST, self.host.clone())
-            .body(Empty::new())
+            .header(header::HOST, self.host.clone());
+        if self.fresh {
+            req = req.header(header::CONNECTION, "close");
+        }
+        req.body(Empty::new())
             .map_err(|e| format!("building request: {e}"))
     }
 
@@ -450,6 +563,9 @@ fn load(a: &LoadArgs) -> Result<ExitCode> {
     }
     if a.duration.is_zero() {
         bail!("--duration must be positive");
+    }
+    if a.new_connection_per_request && a.http2 {
+        bail!("--new-connection-per-request is for HTTP/1.1 (drop --http2)");
     }
     let t = parse_target(&a.url, a.host.as_deref())?;
     let connections = a.connections.unwrap_or(if a.http2 { 4 } else { 32 });
@@ -506,6 +622,12 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
         h2_uri,
         request_timeout: a.timeout,
         warmup_count,
+        fresh: a.new_connection_per_request,
+        mesh: a
+            .mesh_identity
+            .as_ref()
+            .map(|dir| mesh_client_config(a, dir))
+            .transpose()?,
         rec: Mutex::new(Recorder {
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
             start_delay: Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
@@ -523,7 +645,10 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
     let mut h1_pool = Vec::new();
     let mut h2_pool = Vec::new();
     let mut connect_errors = 0u64;
-    if a.http2 {
+    if a.new_connection_per_request {
+        // Connections are opened per request, inside the measurement.
+        h1_pool.resize_with(connections, || None);
+    } else if a.http2 {
         let mut set = JoinSet::new();
         for _ in 0..connections {
             set.spawn(h2_connect(t.addr));
@@ -694,7 +819,12 @@ async fn h1_worker(
 }
 
 async fn h1_send(sender: &mut Option<H1Sender>, ctx: &LoadCtx) -> Result<(), String> {
-    if sender.as_ref().is_none_or(|s| s.is_closed()) {
+    if ctx.fresh {
+        *sender = Some(match &ctx.mesh {
+            Some(config) => h1_connect_mesh(ctx.addr, config.clone()).await?,
+            None => h1_connect(ctx.addr).await?,
+        });
+    } else if sender.as_ref().is_none_or(|s| s.is_closed()) {
         *sender = Some(h1_connect(ctx.addr).await?);
     }
     let Some(s) = sender.as_mut() else {
@@ -957,7 +1087,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -977,6 +1107,12 @@ const SCENARIOS: [Scenario; 5] = [
         processes: "weft A + weft B (summed)",
     },
     Scenario {
+        key: "weft2tls",
+        name: "weft ×2 mTLS",
+        path: "loadgen → weft A outbound → mesh mTLS → weft B inbound → upstream",
+        processes: "weft A + weft B (summed)",
+    },
+    Scenario {
         key: "nginx",
         name: "nginx",
         path: "loadgen → nginx (1 worker) → upstream",
@@ -992,6 +1128,8 @@ const SCENARIOS: [Scenario; 5] = [
 
 const TARGET_RSS_KB: u64 = 10 * 1024;
 const TARGET_RATIO: f64 = 1.5;
+/// Two weft hops with mTLS between them against one plaintext nginx hop.
+const TARGET_MTLS_RATIO: f64 = 3.0;
 
 struct Cell {
     round: u64,
@@ -1095,8 +1233,71 @@ fn hops_text(key: &str, seen: &str) -> String {
     match key {
         "direct" => "— (no hop)".to_string(),
         "weft2" => format!("A→B: as weft chooses (not observed); B→upstream: {seen}"),
+        "weft2tls" => format!(
+            "A→B: mesh mTLS (TLS 1.3, pooled), HTTP inside as weft chooses; B→upstream: {seen}"
+        ),
         "nginx" => format!("→upstream: {seen} (nginx speaks only HTTP/1.1 upstream)"),
         _ => format!("→upstream: {seen}"),
+    }
+}
+
+/// The new-connection table: each request on a fresh connection to weft
+/// B's inbound listener, plaintext against mesh mTLS.
+fn handshake_section(md: &mut String, cells: &[Cell], clk_tck: u64) {
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## New connections (handshake cost)\n");
+    let _ = writeln!(
+        md,
+        "Every request opens a new connection straight to weft B's inbound listener and closes it after the response \
+         (`weft-bench load --new-connection-per-request`, 16 concurrent connections at most), in plaintext and in mesh mTLS \
+         (TLS 1.3, X25519MLKEM768, both sides presenting certificates from the mesh CA; the load generator holds a mesh identity, as a client proxy would). \
+         Latency runs from the scheduled time to the end of the response, so it includes the connect and the handshake. \
+         CPU is weft B's alone, per 1000 connections. Medians across the kept rounds.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| mode | new connections/s | rounds kept | p50 µs | p99 µs | CPU s / 1000 connections |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let mut cpu_by_mode = BTreeMap::new();
+    for (mode, label) in [("plain", "plaintext"), ("mtls", "mesh mTLS")] {
+        let kept: Vec<&Cell> = cells
+            .iter()
+            .filter(|c| c.scenario == mode && c.kept())
+            .collect();
+        let total = cells.iter().filter(|c| c.scenario == mode).count();
+        let q = |k: &str| median(kept.iter().filter_map(|c| c.load[k].as_f64()).collect());
+        let cpu = median(
+            kept.iter()
+                .filter_map(|c| c.cpu_per_1000(clk_tck))
+                .collect(),
+        );
+        if let Some(c) = cpu {
+            cpu_by_mode.insert(mode, c);
+        }
+        let rate = cells
+            .iter()
+            .find(|c| c.scenario == mode)
+            .map_or(0, |c| c.rate);
+        let _ = writeln!(
+            md,
+            "| {label} | {rate} | {} of {total} | {} | {} | {} |",
+            kept.len(),
+            us(q("p50_us")),
+            us(q("p99_us")),
+            cpu.map_or("–".to_string(), |c| format!("{c:.3}")),
+        );
+    }
+    if let (Some(p), Some(m)) = (cpu_by_mode.get("plain"), cpu_by_mode.get("mtls")) {
+        let _ = writeln!(
+            md,
+            "\nA mesh mTLS connection costs weft B {:.1}x the CPU of a plaintext one ({:.0} µs more per connection). \
+             Mesh connections between proxies are pooled and reused, so this is paid per new connection, not per request.",
+            m / p.max(1e-9),
+            (m - p) * 1000.0
+        );
     }
 }
 
@@ -1117,6 +1318,8 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
     let mut idle: BTreeMap<String, Value> = BTreeMap::new();
     let mut after_load: BTreeMap<String, Value> = BTreeMap::new();
     let mut skipped: Vec<String> = Vec::new();
+    // New-connection cells, by mode (`plain`, `mtls`) in `scenario`.
+    let mut handshakes: Vec<Cell> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -1147,6 +1350,15 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
                 v["rate"],
                 s("reason")
             )),
+            Some("handshake") => handshakes.push(Cell {
+                round: v["round"].as_u64().unwrap_or(0),
+                scenario: s("mode"),
+                rate: v["rate"].as_u64().unwrap_or(0),
+                protocol: "h1".to_string(),
+                load: v["load"].clone(),
+                before: v["before"].clone(),
+                after: v["after"].clone(),
+            }),
             Some("cell") => cells.push(Cell {
                 round: v["round"].as_u64().unwrap_or(0),
                 scenario: s("scenario"),
@@ -1454,6 +1666,40 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
         "CPU per 1000 requests of one weft proxy within {TARGET_RATIO}x of nginx's, at every rate and protocol: **{v}** — {}",
         detail(&cpu_parts)
     ));
+    let mut mtls_ok = Vec::new();
+    let mut mtls_parts = Vec::new();
+    for (rate, proto) in &combos {
+        let get = |k: &'static str| rows.get(&(*rate, proto.clone(), k));
+        if let (Some(w), Some(n)) = (
+            get("weft2tls").and_then(|r| r.added[0]),
+            get("nginx").and_then(|r| r.added[0]),
+        ) {
+            let ok = w <= TARGET_MTLS_RATIO * n.max(0.0);
+            mtls_ok.push(ok);
+            mtls_parts.push(format!(
+                "{} {rate}/s: weft ×2 mTLS {} µs vs nginx {} µs ({})",
+                protocol_label(proto),
+                signed_us(Some(w)),
+                signed_us(Some(n)),
+                if ok { "met" } else { "missed" }
+            ));
+        }
+    }
+    let v = verdict(&mtls_ok);
+    verdicts.push(v);
+    targets.push(format!(
+        "Added p50 latency of two weft hops with mTLS between them within {TARGET_MTLS_RATIO}x of one plaintext nginx hop, at every rate and protocol: **{v}** — {}",
+        if mtls_parts.is_empty() {
+            not_run
+                .get("weft2tls")
+                .map_or("no kept weft ×2 mTLS and nginx cells".to_string(), |r| {
+                    format!("not run: {r}")
+                })
+        } else {
+            mtls_parts.join("; ")
+        }
+    ));
+    handshake_section(&mut md, &handshakes, a.clk_tck);
 
     let _ = writeln!(md, "\n## Targets\n");
     for t in &targets {
