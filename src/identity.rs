@@ -175,20 +175,58 @@ impl MeshCa {
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<WorkloadCert, IdentityError> {
+        let uri = id.to_string().try_into()?;
+        self.sign(
+            &format!("{}.{}", id.service_account, id.namespace),
+            vec![SanType::URI(uri)],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            now,
+            lifetime,
+        )
+    }
+
+    /// A TLS server certificate for DNS names (the webhook's serving
+    /// certificate, from a CA of its own).
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let sans = dns_names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.clone().try_into()?)))
+            .collect::<Result<Vec<_>, IdentityError>>()?;
+        let cn = dns_names.first().map_or("weft", String::as_str);
+        self.sign(
+            cn,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            now,
+            lifetime,
+        )
+    }
+
+    fn sign(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("{}.{}", id.service_account, id.namespace),
-        );
-        let uri = id.to_string().try_into()?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let not_before = now - BACKDATE;
         let not_after = now + lifetime;

@@ -8,7 +8,9 @@
 pub mod api;
 pub mod compile;
 pub mod config;
+pub mod controlplane;
 pub mod identity;
+pub mod inject;
 pub mod manifest;
 pub mod proxy;
 pub mod schemacheck;

@@ -31,6 +31,19 @@ enum Command {
     Compile(weft::manifest::CompileArgs),
     /// Run the sidecar proxy.
     Proxy(weft::proxy::ProxyArgs),
+    /// Run the control plane: the sidecar injector (admission webhook) and
+    /// its serving certificate.
+    ControlPlane(weft::controlplane::ControlPlaneArgs),
+    /// Wait until the local proxy is ready (the classic sidecar's postStart
+    /// hook, which holds the app's start until then).
+    WaitReady {
+        /// The proxy's readiness endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:15120/ready")]
+        url: String,
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "120s")]
+        timeout: weft::api::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +63,8 @@ fn main() -> ExitCode {
         Command::Crdgen { out_dir } => crdgen(out_dir),
         Command::Compile(args) => weft::manifest::run(&args),
         Command::Proxy(args) => weft::proxy::main(args).map(|()| ExitCode::SUCCESS),
+        Command::ControlPlane(args) => weft::controlplane::main(args).map(|()| ExitCode::SUCCESS),
+        Command::WaitReady { url, timeout } => wait_ready(&url, timeout.as_std()),
     };
     match result {
         Ok(code) => code,
@@ -70,6 +85,46 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
                 .and_then(|j| j.io_error_kind())
                 .is_some_and(|k| k == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Polls `url` (plain HTTP on this host) until it answers 200.
+fn wait_ready(url: &str, timeout: std::time::Duration) -> anyhow::Result<ExitCode> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("--url {url:?}: expected http://HOST:PORT/PATH"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let deadline = std::time::Instant::now() + timeout;
+    let step = std::time::Duration::from_millis(200);
+    let mut last = String::from("no answer yet");
+    while std::time::Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<String> {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+                .next()
+                .ok_or_else(|| std::io::Error::other("no address"))?;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, step * 5)?;
+            s.set_read_timeout(Some(step * 5))?;
+            write!(
+                s,
+                "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut head = [0u8; 64];
+            let n = s.read(&mut head)?;
+            Ok(String::from_utf8_lossy(&head[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned())
+        })();
+        match attempt {
+            Ok(status) if status.split(' ').nth(1) == Some("200") => return Ok(ExitCode::SUCCESS),
+            Ok(status) => last = status,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(step);
+    }
+    eprintln!("error: {url} was not ready within {timeout:?} (last: {last})");
+    Ok(ExitCode::FAILURE)
 }
 
 fn crdgen(out_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {

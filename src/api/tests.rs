@@ -7,7 +7,14 @@ use super::*;
 /// `crds/` is what users apply; it must be exactly what the types generate.
 #[test]
 fn crds_directory_matches_generated() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    // crds/ for kubectl, and the chart's copy (Helm installs a chart's
+    // crds/ before its templates).
+    for dir in ["crds", "charts/weft/crds"] {
+        crds_dir_matches(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
+    }
+}
+
+fn crds_dir_matches(dir: &Path) {
     let mut expected: Vec<String> = Vec::new();
     for crd in crds() {
         let name = crd_file_name(&crd);
@@ -21,8 +28,8 @@ fn crds_directory_matches_generated() {
         );
         expected.push(name);
     }
-    let mut present: Vec<String> = std::fs::read_dir(&dir)
-        .expect("crds/ exists")
+    let mut present: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make crds`", dir.display()))
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".yaml"))

@@ -44,7 +44,7 @@ use crate::identity::SpiffeId;
 /// the application can trust it.
 pub const CLIENT_ID_HEADER: &str = "weft-client-id";
 
-/// On a server-speaks-first port the client may say nothing; a meshed
+/// On a server-speaks-first (or declared opaque) port the client may say nothing; a meshed
 /// client opens with its ClientHello at once, so this short wait is enough
 /// to tell the two apart without stalling a plaintext client for long.
 const SERVER_FIRST_TLS_WAIT: Duration = Duration::from_millis(100);
@@ -64,7 +64,8 @@ struct Conn {
 /// Handles one inbound connection meant for `app_port`.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
     tracing::trace!(%peer, app_port, "inbound connection");
-    let server_first = crate::compile::SERVER_FIRST_PORTS.contains(&app_port);
+    let server_first = crate::compile::SERVER_FIRST_PORTS.contains(&app_port)
+        || proxy.inbound_opaque_ports.contains(&app_port);
     let wait = if server_first {
         SERVER_FIRST_TLS_WAIT
     } else {

@@ -119,6 +119,15 @@ pub struct ProxyArgs {
         value_parser = parse_port_name
     )]
     pub port_names: Vec<(String, u16)>,
+    /// Inbound container ports carrying a server-speaks-first or other
+    /// non-HTTP protocol (the pod's `weft.dev/opaque-ports`): never held
+    /// for HTTP detection.
+    #[arg(
+        long = "inbound-opaque-ports",
+        env = "WEFT_INBOUND_OPAQUE_PORTS",
+        value_delimiter = ','
+    )]
+    pub inbound_opaque_ports: Vec<u16>,
     /// Worker threads (0: one per core).
     #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -180,6 +189,8 @@ pub struct Proxy {
     pub originator: Option<Arc<mesh::Originator>>,
     /// This pod's container ports by name.
     pub port_names: authz::PortNames,
+    /// Inbound ports that are never held for HTTP detection.
+    pub inbound_opaque_ports: Vec<u16>,
 }
 
 impl Proxy {
@@ -248,6 +259,7 @@ impl Proxy {
             mesh_server,
             originator,
             port_names: authz::PortNames::new(args.port_names.iter().cloned()),
+            inbound_opaque_ports: args.inbound_opaque_ports.clone(),
             metrics,
         }))
     }

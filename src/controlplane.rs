@@ -1,0 +1,176 @@
+//! `weft control-plane`: the cluster side of weft. Today it runs the
+//! sidecar injector — the admission webhook over HTTPS, its serving
+//! certificate (`inject::certs`), and the caches the injector reads (the
+//! Mesh defaults, namespace labels, the API server's version).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::{MESH_NAME, Mesh, MeshSpec};
+use crate::inject::certs::{self, WebhookNames};
+use crate::inject::webhook::{self, Namespaces, ServingCert, Webhook};
+use crate::inject::{ClusterCaps, InjectSettings, NamespaceInfo};
+
+/// Command line of `weft control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Where the admission webhook listens (HTTPS).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], 9443)))]
+    pub webhook_listen: SocketAddr,
+    /// The control plane's namespace.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    pub namespace: String,
+    /// The Service in front of the webhook (its DNS names go into the
+    /// serving certificate).
+    #[arg(long, default_value = "weft-injector")]
+    pub webhook_service: String,
+    /// The Secret holding the webhook's CA and serving certificate.
+    #[arg(long, default_value = "weft-injector-tls")]
+    pub webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "weft-injector")]
+    pub webhook_configuration: String,
+    /// The webhook's entry in that configuration.
+    #[arg(long, default_value = "inject.weft.dev")]
+    pub webhook_name: String,
+    /// Who makes the webhook's serving certificate: `self` (the control
+    /// plane makes, renews and publishes it) or `external` (cert-manager or
+    /// another tool writes the Secret and the caBundle; the control plane
+    /// only loads and reloads it).
+    #[arg(long, value_enum, default_value_t = CertSource::SelfManaged)]
+    pub webhook_cert_source: CertSource,
+    /// The image injected as weft-init and weft-proxy.
+    #[arg(long, env = "WEFT_PROXY_IMAGE", default_value = concat!("ghcr.io/weft-mesh/weft:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+}
+
+/// Who makes the webhook's serving certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertSource {
+    #[value(name = "self")]
+    SelfManaged,
+    External,
+}
+
+/// Namespaces from a reflector's cache.
+struct NamespaceCache(Store<Namespace>);
+
+impl Namespaces for NamespaceCache {
+    fn get(&self, name: &str) -> Option<NamespaceInfo> {
+        let ns = self.0.get(&ObjectRef::new(name))?;
+        Some(NamespaceInfo {
+            name: name.to_owned(),
+            labels: ns.labels().clone(),
+            annotations: ns.annotations().clone(),
+        })
+    }
+}
+
+pub fn main(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-control-plane")
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reading the API server version")?;
+    let caps = ClusterCaps::from_version(&version.major, &version.minor);
+    tracing::info!(
+        version = %version.git_version,
+        native_sidecars = caps.native_sidecars,
+        "API server"
+    );
+    let settings = InjectSettings {
+        image: args.proxy_image.clone(),
+        mesh: MeshSpec::default(),
+        caps,
+    };
+
+    let (store, writer) = reflector::store::<Namespace>();
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects();
+    tokio::spawn(async move {
+        futures_util::pin_mut!(namespaces);
+        while let Some(ev) = namespaces.next().await {
+            if let Err(e) = ev {
+                tracing::warn!(error = %e, "namespace watch");
+            }
+        }
+    });
+
+    let hook = Arc::new(Webhook {
+        settings: ArcSwap::from_pointee(settings),
+        namespaces: Box::new(NamespaceCache(store)),
+    });
+    tokio::spawn(watch_mesh(client.clone(), hook.clone()));
+
+    let serving = Arc::new(ServingCert::default());
+    let names = WebhookNames {
+        namespace: args.namespace.clone(),
+        service: args.webhook_service.clone(),
+        secret: args.webhook_secret.clone(),
+        configuration: args.webhook_configuration.clone(),
+        webhook: args.webhook_name.clone(),
+    };
+    match args.webhook_cert_source {
+        CertSource::SelfManaged => {
+            tokio::spawn(certs::run(client.clone(), names, serving.clone()));
+        }
+        CertSource::External => {
+            tokio::spawn(certs::run_external(client.clone(), names, serving.clone()));
+        }
+    }
+    while !serving.ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let listener = tokio::net::TcpListener::bind(args.webhook_listen)
+        .await
+        .with_context(|| format!("binding the webhook listener on {}", args.webhook_listen))?;
+    tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
+    webhook::serve_https(listener, serving, webhook::router(hook)).await
+}
+
+/// Keeps the injector's Mesh defaults current (the Mesh named `default`;
+/// built-in defaults while there is none).
+async fn watch_mesh(client: Client, hook: Arc<Webhook>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={MESH_NAME}"));
+    let stream = watcher(Api::<Mesh>::all(client), config)
+        .default_backoff()
+        .touched_objects();
+    futures_util::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(mesh) => {
+                let current = hook.settings.load();
+                if current.mesh != mesh.spec {
+                    let mut next = InjectSettings::clone(&current);
+                    next.mesh = mesh.spec;
+                    hook.settings.store(Arc::new(next));
+                    tracing::info!("Mesh defaults updated");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Mesh watch"),
+        }
+    }
+}

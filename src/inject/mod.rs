@@ -1,0 +1,933 @@
+//! Sidecar injection: a pure function from a pod (plus its namespace, the
+//! Mesh defaults and what the cluster supports) to a decision, an RFC 6902
+//! JSON Patch and admission warnings. The webhook (`webhook`) is a thin
+//! HTTPS shell around it; `certs` keeps its serving certificate.
+//!
+//! What an injected pod gets:
+//!
+//! - `weft-init`, first of the init containers: `weft init` installs the
+//!   iptables redirect (flags below), as a non-root user with NET_ADMIN and
+//!   NET_RAW only;
+//! - `weft-proxy`: a native sidecar (an init container with
+//!   `restartPolicy: Always` right after `weft-init`, with a startup probe)
+//!   when the cluster runs Kubernetes 1.29 or newer, otherwise the first
+//!   regular container with a `postStart` hook that holds the app's start
+//!   until the proxy is ready;
+//! - the proxy's config (ConfigMap `weft-proxy-config`) and identity (Secret
+//!   `weft-identity`, projected to the pod's own ServiceAccount's key pair
+//!   only) as volumes, plus an API token for the proxy's config watch (the
+//!   ServiceAccount admission plugin ran before webhooks, so the containers
+//!   we add would otherwise have none);
+//! - HTTP probes of the app rewritten to the proxy's probe port as
+//!   `/probe/<port>/<path>`, their paths handed to the proxy as health paths;
+//! - `weft.dev/injected-version` and `weft.dev/injection-hash` annotations.
+//!
+//! A pod that already has `weft-proxy` gets an empty patch, so injecting
+//! twice is injecting once.
+//!
+//! ## `weft init` flags (the contract with the init container)
+//!
+//! `--proxy-uid`, `--proxy-gid`, `--inbound-port`, `--outbound-port`,
+//! `--skip-inbound-ports P,...`, `--skip-outbound-ports P,...`,
+//! `--skip-outbound-cidrs CIDR,...`, `--ipv6`.
+
+pub mod certs;
+pub mod webhook;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use jsonptr::PointerBuf;
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
+    DownwardAPIVolumeFile, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::api::{INJECT_ANNOTATION, INJECT_ENABLED, INJECT_LABEL, MeshSpec, SidecarMode};
+use crate::compile::SERVER_FIRST_PORTS;
+use crate::proxy::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROBE_PORT, PROXY_UID};
+
+/// Names of what the injector adds.
+pub const PROXY_CONTAINER: &str = "weft-proxy";
+pub const INIT_CONTAINER: &str = "weft-init";
+const CONFIG_VOLUME: &str = "weft-config";
+const IDENTITY_VOLUME: &str = "weft-identity";
+const TOKEN_VOLUME: &str = "weft-token";
+const CONFIG_DIR: &str = "/var/run/weft/config";
+const IDENTITY_DIR: &str = "/var/run/weft/identity";
+const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Pod annotations the injector reads.
+pub mod annotations {
+    pub const SKIP_INBOUND_PORTS: &str = "weft.dev/skip-inbound-ports";
+    pub const SKIP_OUTBOUND_PORTS: &str = "weft.dev/skip-outbound-ports";
+    pub const SKIP_OUTBOUND_CIDRS: &str = "weft.dev/skip-outbound-cidrs";
+    pub const OPAQUE_PORTS: &str = "weft.dev/opaque-ports";
+    pub const PROXY_CPU_REQUEST: &str = "weft.dev/proxy-cpu-request";
+    pub const PROXY_MEMORY_REQUEST: &str = "weft.dev/proxy-memory-request";
+    pub const PROXY_CPU_LIMIT: &str = "weft.dev/proxy-cpu-limit";
+    pub const PROXY_MEMORY_LIMIT: &str = "weft.dev/proxy-memory-limit";
+    /// Set by the injector: the weft version that injected the pod.
+    pub const INJECTED_VERSION: &str = "weft.dev/injected-version";
+    /// Set by the injector: a hash of everything the injection depended on.
+    pub const INJECTION_HASH: &str = "weft.dev/injection-hash";
+}
+
+/// The uid `weft-init` runs as: not root, not the proxy.
+const INIT_UID: i64 = 65534;
+
+/// The namespace a pod is created in, as the injector sees it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl NamespaceInfo {
+    /// A namespace labelled `weft.dev/inject=enabled`.
+    pub fn meshed(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            labels: [(INJECT_LABEL.to_owned(), INJECT_ENABLED.to_owned())].into(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+/// What the cluster supports.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ClusterCaps {
+    /// The API server is 1.29 or newer: native sidecars.
+    pub native_sidecars: bool,
+}
+
+impl ClusterCaps {
+    /// From the API server's `major`/`minor` version strings (`"1"`, `"29+"`).
+    pub fn from_version(major: &str, minor: &str) -> Self {
+        let num = |s: &str| {
+            s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse::<u32>()
+                .unwrap_or(0)
+        };
+        let (major, minor) = (num(major), num(minor));
+        Self {
+            native_sidecars: major > 1 || (major == 1 && minor >= 29),
+        }
+    }
+}
+
+/// Everything an injection depends on besides the pod.
+#[derive(Clone, Debug, Serialize)]
+pub struct InjectSettings {
+    /// The image of `weft-init` and `weft-proxy` (the weft binary).
+    pub image: String,
+    pub mesh: MeshSpec,
+    pub caps: ClusterCaps,
+}
+
+impl InjectSettings {
+    /// The built-in Mesh defaults, `image` for both containers.
+    pub fn new(image: &str, caps: ClusterCaps) -> Self {
+        Self {
+            image: image.to_owned(),
+            mesh: MeshSpec::default(),
+            caps,
+        }
+    }
+}
+
+/// Whether the pod was injected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Injected,
+    Skipped(String),
+}
+
+/// The injector's answer: the decision, the patch (empty when skipped) and
+/// warnings for whoever creates the pod.
+#[derive(Clone, Debug)]
+pub struct Injection {
+    pub decision: Decision,
+    pub patch: Patch,
+    pub warnings: Vec<String>,
+}
+
+impl Injection {
+    fn skip(reason: impl Into<String>) -> Self {
+        Self {
+            decision: Decision::Skipped(reason.into()),
+            patch: Patch(Vec::new()),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Decides and builds the patch for `pod` created in `ns`.
+pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injection {
+    let meta_annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let Some(spec) = &pod.spec else {
+        return Injection::skip("the pod has no spec");
+    };
+    if meta_annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("disabled") {
+        return Injection::skip(format!(
+            "opted out: annotation {INJECT_ANNOTATION}=disabled"
+        ));
+    }
+    if ns.labels.get(INJECT_LABEL).map(String::as_str) != Some(INJECT_ENABLED) {
+        return Injection::skip(format!(
+            "namespace {} is not labelled {INJECT_LABEL}={INJECT_ENABLED}",
+            ns.name
+        ));
+    }
+    if spec.host_network == Some(true) {
+        return Injection::skip(
+            "hostNetwork: the pod shares the node's network, which a sidecar must not redirect",
+        );
+    }
+    let has_proxy = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY_CONTAINER);
+    if has_proxy {
+        return Injection::skip(format!("already injected: {PROXY_CONTAINER} is present"));
+    }
+
+    let mut warnings = Vec::new();
+    let ports = |key: &str, warnings: &mut Vec<String>| {
+        parse_ports(meta_annotations.get(key), key, warnings)
+    };
+    let skip_inbound = ports(annotations::SKIP_INBOUND_PORTS, &mut warnings);
+    let skip_outbound = ports(annotations::SKIP_OUTBOUND_PORTS, &mut warnings);
+    let opaque = ports(annotations::OPAQUE_PORTS, &mut warnings);
+    let skip_cidrs = parse_cidrs(
+        meta_annotations.get(annotations::SKIP_OUTBOUND_CIDRS),
+        &mut warnings,
+    );
+    let native = match settings.mesh.sidecar_mode {
+        SidecarMode::Native => true,
+        SidecarMode::Classic => false,
+        SidecarMode::Auto => settings.caps.native_sidecars,
+    };
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+
+    warn_about_app(pod, &opaque, native, &mut warnings);
+
+    // Probes: rewritten to the probe port; their paths become health paths.
+    let mut ops = Vec::new();
+    let mut health_paths = BTreeSet::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (field, probe) in [
+            ("livenessProbe", &c.liveness_probe),
+            ("readinessProbe", &c.readiness_probe),
+            ("startupProbe", &c.startup_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            match rewrite_probe(probe, c) {
+                Ok(Some((rewritten, path))) => {
+                    health_paths.insert(path);
+                    ops.push(replace(
+                        &format!("/spec/containers/{i}/{field}"),
+                        to_value(&rewritten),
+                    ));
+                }
+                Ok(None) => {}
+                Err(why) => warnings.push(format!("container {}: {field}: {why}", c.name)),
+            }
+        }
+    }
+
+    let port_names: Vec<String> = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| Some(format!("{}={}", p.name.as_deref()?, p.container_port)))
+        .collect();
+    let proxy = proxy_container(&mut ProxyInputs {
+        settings,
+        annotations: &meta_annotations,
+        workload: workload_name(pod, &service_account),
+        health_paths: health_paths.into_iter().collect(),
+        port_names,
+        opaque: &opaque,
+        native,
+        warnings: &mut warnings,
+    });
+    let init = init_container(settings, &skip_inbound, &skip_outbound, &skip_cidrs);
+
+    // Containers: weft-init first, then (native) weft-proxy, then the
+    // app's own init containers; classic puts weft-proxy first of the
+    // regular containers.
+    match &spec.init_containers {
+        Some(existing) if !existing.is_empty() => {
+            ops.push(add("/spec/initContainers/0", to_value(&init)));
+            if native {
+                ops.push(add("/spec/initContainers/1", to_value(&proxy)));
+            }
+        }
+        _ => {
+            let mut list = vec![init];
+            if native {
+                list.push(proxy.clone());
+            }
+            ops.push(add("/spec/initContainers", to_value(&list)));
+        }
+    }
+    if !native {
+        ops.push(add("/spec/containers/0", to_value(&proxy)));
+    }
+
+    // The ServiceAccount admission plugin mounted the API token into the
+    // containers it saw, before webhooks run: the proxy gets its own.
+    let volumes = vec![
+        config_volume(),
+        identity_volume(&service_account),
+        token_volume(),
+    ];
+    match &spec.volumes {
+        Some(existing) if !existing.is_empty() => {
+            for v in volumes {
+                ops.push(add("/spec/volumes/-", to_value(&v)));
+            }
+        }
+        _ => ops.push(add("/spec/volumes", to_value(&volumes))),
+    }
+
+    let mut new_annotations = BTreeMap::new();
+    new_annotations.insert(
+        annotations::INJECTED_VERSION.to_owned(),
+        env!("CARGO_PKG_VERSION").to_owned(),
+    );
+    new_annotations.insert(
+        annotations::INJECTION_HASH.to_owned(),
+        input_hash(pod, ns, settings),
+    );
+    if pod.metadata.annotations.is_none() {
+        ops.push(add("/metadata/annotations", to_value(&new_annotations)));
+    } else {
+        for (k, v) in new_annotations {
+            let path = format!("/metadata/annotations/{}", escape(&k));
+            ops.push(add(&path, Value::String(v)));
+        }
+    }
+
+    Injection {
+        decision: Decision::Injected,
+        patch: Patch(ops),
+        warnings,
+    }
+}
+
+/// Everything the proxy container is made from.
+struct ProxyInputs<'a> {
+    settings: &'a InjectSettings,
+    annotations: &'a BTreeMap<String, String>,
+    workload: String,
+    health_paths: Vec<String>,
+    port_names: Vec<String>,
+    opaque: &'a [u16],
+    native: bool,
+    warnings: &'a mut Vec<String>,
+}
+
+fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let from_field = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(field(path)),
+        ..Default::default()
+    };
+    let value = |name: &str, v: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(v),
+        ..Default::default()
+    };
+    let mut env = vec![
+        from_field("WEFT_POD_NAME", "metadata.name"),
+        from_field("WEFT_NAMESPACE", "metadata.namespace"),
+        from_field("WEFT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        from_field("WEFT_POD_IP", "status.podIP"),
+        value("WEFT_WORKLOAD", p.workload.clone()),
+        value("WEFT_TRUST_DOMAIN", p.settings.mesh.trust_domain.clone()),
+        value("WEFT_CONFIG", format!("{CONFIG_DIR}/config.json")),
+        value("WEFT_IDENTITY_DIR", IDENTITY_DIR.to_owned()),
+        value(
+            "WEFT_LOG",
+            serde_json::to_value(p.settings.mesh.proxy.log_level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "info".to_owned()),
+        ),
+    ];
+    if !p.health_paths.is_empty() {
+        env.push(value("WEFT_HEALTH_PATHS", p.health_paths.join(",")));
+    }
+    if !p.port_names.is_empty() {
+        env.push(value("WEFT_PORT_NAMES", p.port_names.join(",")));
+    }
+    if !p.opaque.is_empty() {
+        env.push(value("WEFT_INBOUND_OPAQUE_PORTS", join(p.opaque)));
+    }
+    let http = |path: &str| HTTPGetAction {
+        path: Some(path.to_owned()),
+        port: IntOrString::Int(i32::from(ADMIN_PORT)),
+        ..Default::default()
+    };
+    let mounts = vec![
+        VolumeMount {
+            name: CONFIG_VOLUME.to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: IDENTITY_VOLUME.to_owned(),
+            mount_path: IDENTITY_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: TOKEN_VOLUME.to_owned(),
+            mount_path: TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    let proxy_uid = i64::from(PROXY_UID);
+    Container {
+        name: PROXY_CONTAINER.to_owned(),
+        image: Some(p.settings.image.clone()),
+        args: Some(vec![
+            "proxy".to_owned(),
+            "--drain-timeout".to_owned(),
+            p.settings.mesh.proxy.drain_timeout.to_string(),
+        ]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("weft-admin".to_owned()),
+                container_port: i32::from(ADMIN_PORT),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("weft-probe".to_owned()),
+                container_port: i32::from(PROBE_PORT),
+                ..Default::default()
+            },
+        ]),
+        resources: Some(resources(p.settings, p.annotations, p.warnings)),
+        readiness_probe: Some(Probe {
+            http_get: Some(http("/ready")),
+            period_seconds: Some(5),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(http("/live")),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        startup_probe: p.native.then(|| Probe {
+            http_get: Some(http("/ready")),
+            period_seconds: Some(1),
+            failure_threshold: Some(120),
+            ..Default::default()
+        }),
+        // Classic: the kubelet runs postStart to completion before it
+        // starts the next container, so the app waits for the proxy.
+        lifecycle: (!p.native).then(|| Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "/weft".to_owned(),
+                        "wait-ready".to_owned(),
+                        "--timeout".to_owned(),
+                        "120s".to_owned(),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        restart_policy: p.native.then(|| "Always".to_owned()),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(proxy_uid),
+            run_as_group: Some(proxy_uid),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+fn init_container(
+    settings: &InjectSettings,
+    skip_inbound: &[u16],
+    skip_outbound: &[u16],
+    skip_cidrs: &[String],
+) -> Container {
+    let uid = PROXY_UID.to_string();
+    let mut args = vec![
+        "init".to_owned(),
+        "--proxy-uid".to_owned(),
+        uid.clone(),
+        "--proxy-gid".to_owned(),
+        uid,
+        "--inbound-port".to_owned(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".to_owned(),
+        OUTBOUND_PORT.to_string(),
+    ];
+    // The proxy's own admin and probe ports are never redirected.
+    let mut inbound: Vec<u16> = vec![ADMIN_PORT, PROBE_PORT];
+    inbound.extend(skip_inbound);
+    inbound.sort_unstable();
+    inbound.dedup();
+    args.extend(["--skip-inbound-ports".to_owned(), join(&inbound)]);
+    if !skip_outbound.is_empty() {
+        args.extend(["--skip-outbound-ports".to_owned(), join(skip_outbound)]);
+    }
+    if !skip_cidrs.is_empty() {
+        args.extend(["--skip-outbound-cidrs".to_owned(), skip_cidrs.join(",")]);
+    }
+    let quantity = |s: &str| Quantity(s.to_owned());
+    Container {
+        name: INIT_CONTAINER.to_owned(),
+        image: Some(settings.image.clone()),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_owned(), quantity("10m")),
+                    ("memory".to_owned(), quantity("10Mi")),
+                ]
+                .into(),
+            ),
+            limits: Some([("memory".to_owned(), quantity("50Mi"))].into()),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(INIT_UID),
+            run_as_group: Some(INIT_UID),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            // The image grants iptables the two capabilities as file
+            // capabilities, which a process only gains when privilege
+            // escalation (no_new_privs unset) is allowed.
+            allow_privilege_escalation: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn config_volume() -> Volume {
+    Volume {
+        name: CONFIG_VOLUME.to_owned(),
+        config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+            name: crate::config::CONFIG_MAP_NAME.to_owned(),
+            // The operator creates it once the namespace is labelled; until
+            // then the proxy starts, reports not ready, and watches for it.
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The identity Secret, projected to this pod's own key pair: a pod never
+/// sees another ServiceAccount's key.
+fn identity_volume(service_account: &str) -> Volume {
+    let item = |key: String| KeyToPath {
+        key: key.clone(),
+        path: key,
+        ..Default::default()
+    };
+    Volume {
+        name: IDENTITY_VOLUME.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(crate::identity::IDENTITY_SECRET.to_owned()),
+            items: Some(vec![
+                item(format!("{service_account}.crt")),
+                item(format!("{service_account}.key")),
+                item(crate::identity::CA_CERT_KEY.to_owned()),
+            ]),
+            default_mode: Some(0o440),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A service-account token for the proxy's config watch.
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".to_owned(),
+                        expiration_seconds: Some(3600),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".to_owned(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".to_owned(),
+                            path: "ca.crt".to_owned(),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".to_owned(),
+                            field_ref: Some(ObjectFieldSelector {
+                                field_path: "metadata.namespace".to_owned(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Requests and limits: the Mesh defaults, each overridable by annotation.
+fn resources(
+    settings: &InjectSettings,
+    annotations: &BTreeMap<String, String>,
+    warnings: &mut Vec<String>,
+) -> ResourceRequirements {
+    let r = &settings.mesh.proxy.resources;
+    let mut pick = |key: &str, default: Option<&Quantity>| -> Option<Quantity> {
+        match annotations.get(key) {
+            Some(v) if is_quantity(v) => Some(Quantity(v.clone())),
+            Some(v) => {
+                warnings.push(format!(
+                    "annotation {key}: {v:?} is not a quantity (such as 100m or 64Mi); using the Mesh default"
+                ));
+                default.cloned()
+            }
+            None => default.cloned(),
+        }
+    };
+    let requests: BTreeMap<String, Quantity> = [
+        (
+            "cpu",
+            pick(annotations::PROXY_CPU_REQUEST, Some(&r.cpu_request)),
+        ),
+        (
+            "memory",
+            pick(annotations::PROXY_MEMORY_REQUEST, Some(&r.memory_request)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+    .collect();
+    let limits: BTreeMap<String, Quantity> = [
+        (
+            "cpu",
+            pick(annotations::PROXY_CPU_LIMIT, r.cpu_limit.as_ref()),
+        ),
+        (
+            "memory",
+            pick(annotations::PROXY_MEMORY_LIMIT, Some(&r.memory_limit)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+    .collect();
+    ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        ..Default::default()
+    }
+}
+
+/// A Kubernetes quantity: a number with an optional suffix.
+fn is_quantity(s: &str) -> bool {
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei|[eE][0-9]+)?$")
+            .unwrap_or_else(|e| unreachable!("a valid regex: {e}"))
+    });
+    RE.is_match(s)
+}
+
+/// The probe rewritten to the proxy's probe port, and its path; `None` for
+/// probes that are not plain-HTTP `httpGet`.
+fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, String)>, String> {
+    let Some(get) = &probe.http_get else {
+        return Ok(None);
+    };
+    if get
+        .scheme
+        .as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
+    {
+        return Err("an HTTPS probe is left as it is; under STRICT mTLS it fails unless its port is a plaintext exception".to_owned());
+    }
+    let port = match &get.port {
+        IntOrString::Int(p) => *p,
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+            .ok_or_else(|| {
+                format!("port {name:?} is not a port of the container; the probe is left as it is")
+            })?,
+    };
+    let original = get.path.clone().unwrap_or_else(|| "/".to_owned());
+    let path_only = original.split('?').next().unwrap_or("/").to_owned();
+    let mut rewritten = probe.clone();
+    rewritten.http_get = Some(HTTPGetAction {
+        path: Some(format!(
+            "/probe/{port}/{}",
+            original.trim_start_matches('/')
+        )),
+        port: IntOrString::Int(i32::from(PROBE_PORT)),
+        ..get.clone()
+    });
+    Ok(Some((rewritten, path_only)))
+}
+
+fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<String>) {
+    let Some(spec) = &pod.spec else { return };
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let proxy_ports = [OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, PROBE_PORT];
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let uid = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_uid);
+        if uid == Some(i64::from(PROXY_UID)) {
+            warnings.push(format!(
+                "container {} runs as uid {PROXY_UID}, the proxy's uid: its traffic bypasses the proxy (no mTLS, no policy); run it as another user",
+                c.name
+            ));
+        }
+        for p in c.ports.iter().flatten() {
+            let Ok(port) = u16::try_from(p.container_port) else {
+                continue;
+            };
+            if proxy_ports.contains(&port) {
+                warnings.push(format!(
+                    "container {} listens on port {port}, which the weft proxy uses; move the app to another port",
+                    c.name
+                ));
+            }
+            if SERVER_FIRST_PORTS.contains(&port) && !opaque.contains(&port) {
+                warnings.push(format!(
+                    "container {} port {port} usually speaks first (a database or mail protocol): add it to the {} annotation of the pod and its Service so the proxy never waits for the client",
+                    c.name,
+                    annotations::OPAQUE_PORTS
+                ));
+            }
+        }
+    }
+    let owned_by_job = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job");
+    if owned_by_job && !native {
+        warnings.push(
+            "a Job's pod with a classic sidecar: the proxy keeps running after the job's work ends, so the pod never completes; on Kubernetes 1.29+ use the native sidecar mode, or have the job POST http://127.0.0.1:15120/shutdown when done"
+                .to_owned(),
+        );
+    }
+}
+
+/// The workload's name for metrics: the app label, else the ServiceAccount.
+fn workload_name(pod: &Pod, service_account: &str) -> String {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| labels.get(*k).cloned())
+        .unwrap_or_else(|| service_account.to_owned())
+}
+
+fn parse_ports(value: Option<&String>, key: &str, warnings: &mut Vec<String>) -> Vec<u16> {
+    let mut out = Vec::new();
+    for item in value.into_iter().flat_map(|v| v.split(',')) {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        match item.parse::<u16>() {
+            Ok(p) if p > 0 => out.push(p),
+            _ => warnings.push(format!(
+                "annotation {key}: {item:?} is not a port number (1-65535); ignored"
+            )),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn parse_cidrs(value: Option<&String>, warnings: &mut Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for item in value.into_iter().flat_map(|v| v.split(',')) {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let valid = item.split_once('/').is_some_and(|(ip, len)| {
+            match (ip.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
+                (Ok(std::net::IpAddr::V4(_)), Ok(n)) => n <= 32,
+                (Ok(std::net::IpAddr::V6(_)), Ok(n)) => n <= 128,
+                _ => false,
+            }
+        });
+        if valid {
+            out.push(item.to_owned());
+        } else {
+            warnings.push(format!(
+                "annotation {}: {item:?} is not a CIDR such as 10.0.0.0/8; ignored",
+                annotations::SKIP_OUTBOUND_CIDRS
+            ));
+        }
+    }
+    out
+}
+
+fn join(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A hash of everything the injection depended on, so a changed input can
+/// be told from an unchanged one.
+fn input_hash(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&pod.spec).unwrap_or_default());
+    h.update(serde_json::to_vec(&pod.metadata.annotations).unwrap_or_default());
+    h.update(serde_json::to_vec(ns).unwrap_or_default());
+    h.update(serde_json::to_vec(settings).unwrap_or_default());
+    h.update(env!("CARGO_PKG_VERSION"));
+    hex::encode(&h.finalize()[..8])
+}
+
+fn to_value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or_else(|e| unreachable!("k8s types serialize: {e}"))
+}
+
+/// A JSON Pointer token (RFC 6901): `~` and `/` escaped.
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn pointer(path: &str) -> PointerBuf {
+    PointerBuf::parse(path).unwrap_or_else(|e| unreachable!("{path} is a JSON pointer: {e}"))
+}
+
+fn add(path: &str, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: pointer(path),
+        value,
+    })
+}
+
+fn replace(path: &str, value: Value) -> PatchOperation {
+    PatchOperation::Replace(ReplaceOperation {
+        path: pointer(path),
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_sidecars_from_1_29() {
+        let cases = [
+            ("1", "28", false),
+            ("1", "29", true),
+            ("1", "30+", true),
+            ("2", "0", true),
+            ("1", "", false),
+        ];
+        for (major, minor, native) in cases {
+            assert_eq!(
+                ClusterCaps::from_version(major, minor).native_sidecars,
+                native,
+                "{major}.{minor}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantities_and_annotation_lists_are_checked() {
+        assert!(
+            is_quantity("100m")
+                && is_quantity("64Mi")
+                && is_quantity("1.5")
+                && !is_quantity("lots")
+        );
+        let mut w = Vec::new();
+        let ports = parse_ports(Some(&"8080, 9090,x,0".to_owned()), "k", &mut w);
+        assert_eq!(ports, vec![8080, 9090]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        let cidrs = parse_cidrs(
+            Some(&"10.0.0.0/8,fd00::/8,10.0.0.1,1.2.3.4/40".to_owned()),
+            &mut w,
+        );
+        assert_eq!(cidrs, vec!["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(w.len(), 4, "{w:?}");
+    }
+}

@@ -1,0 +1,196 @@
+//! Golden files of the sidecar injector: each `tests/golden/inject/<case>.pod.yaml`
+//! is injected and the decision, warnings and JSON Patch compared with
+//! `<case>.golden.json`. Every patch is applied to its pod: the result must
+//! be a valid Pod, and injecting it again must change nothing.
+//!
+//! After an intended change: `UPDATE_GOLDEN=1 cargo test --test inject_golden`,
+//! then review the diff of the golden files.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use weft::inject::{ClusterCaps, Decision, InjectSettings, NamespaceInfo, inject};
+
+/// Case name, and whether the cluster has native sidecars.
+const CASES: [(&str, bool); 11] = [
+    ("plain", true),
+    ("own-init", true),
+    ("classic", false),
+    ("opt-out", true),
+    ("host-network", true),
+    ("already-injected", true),
+    ("probes", true),
+    ("skip-ports", true),
+    ("custom-sa", true),
+    ("job-classic", false),
+    ("warnings", true),
+];
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject")
+}
+
+fn shop() -> NamespaceInfo {
+    NamespaceInfo::meshed("shop")
+}
+
+fn settings(native: bool) -> InjectSettings {
+    InjectSettings::new(
+        "weft:test",
+        ClusterCaps {
+            native_sidecars: native,
+        },
+    )
+}
+
+fn load(case: &str) -> (Value, Pod) {
+    let path = dir().join(format!("{case}.pod.yaml"));
+    let text = std::fs::read_to_string(&path).expect("pod yaml");
+    let value: Value = serde_norway::from_str(&text).expect("yaml");
+    let pod: Pod = serde_json::from_value(value.clone()).expect("a Pod");
+    (value, pod)
+}
+
+#[test]
+fn injection_matches_the_golden_files() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    for (case, native) in CASES {
+        let (_, pod) = load(case);
+        let got = inject(&pod, &shop(), &settings(native));
+        let decision = match &got.decision {
+            Decision::Injected => "inject".to_owned(),
+            Decision::Skipped(why) => format!("skip: {why}"),
+        };
+        let actual = json!({
+            "decision": decision,
+            "warnings": got.warnings,
+            "patch": serde_json::to_value(&got.patch).expect("patch json"),
+        });
+        let path = dir().join(format!("{case}.golden.json"));
+        let text = serde_json::to_string_pretty(&actual).expect("json") + "\n";
+        if update {
+            std::fs::write(&path, &text).expect("write golden");
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(expected) if expected == text => {}
+            Ok(expected) => mismatches.push(format!(
+                "{case}: differs from {}\n--- expected\n{expected}\n--- actual\n{text}",
+                path.display()
+            )),
+            Err(e) => mismatches.push(format!("{case}: {}: {e}", path.display())),
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{}\n(after an intended change: UPDATE_GOLDEN=1 cargo test --test inject_golden)",
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
+    for (case, native) in CASES {
+        let (mut value, pod) = load(case);
+        let settings = settings(native);
+        let first = inject(&pod, &shop(), &settings);
+        json_patch::patch(&mut value, &first.patch).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let injected: Pod = serde_json::from_value(value.clone())
+            .unwrap_or_else(|e| panic!("{case}: not a Pod: {e}"));
+        let second = inject(&injected, &shop(), &settings);
+        assert!(
+            second.patch.0.is_empty(),
+            "{case}: a second injection changes nothing"
+        );
+        if first.decision != Decision::Injected {
+            continue;
+        }
+        assert!(
+            matches!(&second.decision, Decision::Skipped(why) if why.contains("already injected")),
+            "{case}: {:?}",
+            second.decision
+        );
+        let spec = injected.spec.expect("spec");
+        let inits = spec.init_containers.clone().unwrap_or_default();
+        assert_eq!(inits[0].name, "weft-init", "{case}: weft-init runs first");
+        let proxy = if native {
+            assert_eq!(
+                inits[1].name, "weft-proxy",
+                "{case}: the native sidecar comes next"
+            );
+            assert_eq!(inits[1].restart_policy.as_deref(), Some("Always"));
+            &inits[1]
+        } else {
+            assert_eq!(
+                spec.containers[0].name, "weft-proxy",
+                "{case}: classic: first container"
+            );
+            &spec.containers[0]
+        };
+        let sc = proxy.security_context.clone().expect("security context");
+        assert_eq!(
+            (
+                sc.run_as_user,
+                sc.read_only_root_filesystem,
+                sc.allow_privilege_escalation
+            ),
+            (Some(1450), Some(true), Some(false)),
+            "{case}"
+        );
+        // The identity volume carries this pod's own key pair, nothing else.
+        let sa = spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let identity = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "weft-identity")
+            .and_then(|v| v.secret.clone())
+            .expect("identity volume");
+        let keys: Vec<String> = identity
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![format!("{sa}.crt"), format!("{sa}.key"), "ca.crt".into()],
+            "{case}"
+        );
+        // Every HTTP probe of the app now goes to the probe port.
+        for c in spec.containers.iter().filter(|c| c.name != "weft-proxy") {
+            for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(get) = &probe.http_get
+                    && get.scheme.as_deref() != Some("HTTPS")
+                {
+                    assert_eq!(
+                        get.port,
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15121),
+                        "{case}: {}",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unlabelled_namespace_is_left_alone() {
+    let (_, pod) = load("plain");
+    let ns = NamespaceInfo {
+        name: "default".into(),
+        ..Default::default()
+    };
+    let got = inject(&pod, &ns, &settings(true));
+    assert!(got.patch.0.is_empty());
+    assert!(matches!(got.decision, Decision::Skipped(why) if why.contains("not labelled")));
+}

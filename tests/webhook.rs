@@ -1,0 +1,392 @@
+//! The admission webhook: AdmissionReview in and out (in process and over
+//! HTTPS), the answers to bad input, the serving certificate swapped while
+//! serving, and (tier 2) the serving-certificate flow against a mock API
+//! server that checks the exact server-side-apply request for the caBundle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, patch, post};
+use base64::Engine;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use weft::inject::certs::{self, Plan, WebhookNames};
+use weft::inject::webhook::{self, AllMeshed, ServingCert, Webhook};
+use weft::inject::{ClusterCaps, InjectSettings};
+
+fn hook() -> Webhook {
+    Webhook::new(
+        InjectSettings::new(
+            "weft:test",
+            ClusterCaps {
+                native_sidecars: true,
+            },
+        ),
+        Box::new(AllMeshed),
+    )
+}
+
+fn pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "generateName": "catalog-", "namespace": "shop", "labels": { "app": "catalog" } },
+        "spec": { "containers": [{ "name": "catalog", "image": "shop/catalog:1", "ports": [{ "containerPort": 15120 }] }] },
+    })
+}
+
+fn review(kind: &str, operation: &str, object: Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": { "group": "", "version": "v1", "kind": kind },
+            "resource": { "group": "", "version": "v1", "resource": format!("{}s", kind.to_lowercase()) },
+            "namespace": "shop",
+            "operation": operation,
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller" },
+            "object": object,
+            "dryRun": false,
+        },
+    })
+}
+
+/// A review's patch bytes: the API server (Go's `[]byte`) reads a base64
+/// string or an array of byte values; kube-rs writes the array.
+fn patch_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::String(s) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .expect("base64"),
+        ),
+        Value::Array(a) => Some(
+            a.iter()
+                .map(|b| {
+                    b.as_u64()
+                        .and_then(|b| u8::try_from(b).ok())
+                        .expect("a byte")
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The response part of an answered review, with the patch decoded.
+fn response(answer: &Value) -> (bool, Option<Value>, Vec<String>) {
+    let r = &answer["response"];
+    assert_eq!(
+        r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "the uid is echoed"
+    );
+    let patch = patch_bytes(&r["patch"]).map(|bytes| {
+        assert_eq!(r["patchType"], "JSONPatch");
+        serde_json::from_slice(&bytes).expect("patch json")
+    });
+    let warnings = r["warnings"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    (r["allowed"].as_bool().unwrap_or(false), patch, warnings)
+}
+
+#[test]
+fn a_pod_create_gets_the_patch_and_warnings_anything_else_passes_unchanged() {
+    let h = hook();
+    let body = review("Pod", "CREATE", pod()).to_string();
+    let answer =
+        serde_json::to_value(webhook::review(&h, body.as_bytes()).expect("review")).expect("json");
+    let (allowed, patch, warnings) = response(&answer);
+    assert!(allowed);
+    let patch = patch.expect("a patch");
+    let mut injected = pod();
+    let patch: json_patch::Patch = serde_json::from_value(patch).expect("patch");
+    json_patch::patch(&mut injected, &patch).expect("applies");
+    assert_eq!(injected["spec"]["initContainers"][1]["name"], "weft-proxy");
+    assert!(
+        warnings.iter().any(|w| w.contains("15120")),
+        "the port collision is reported: {warnings:?}"
+    );
+
+    for (kind, op, object) in [
+        ("Pod", "UPDATE", pod()),
+        ("Pod", "DELETE", pod()),
+        (
+            "Service",
+            "CREATE",
+            json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "name": "x" } }),
+        ),
+    ] {
+        let body = review(kind, op, object).to_string();
+        let answer = serde_json::to_value(webhook::review(&h, body.as_bytes()).expect("review"))
+            .expect("json");
+        assert_eq!(response(&answer), (true, None, vec![]), "{kind} {op}");
+    }
+}
+
+#[test]
+fn bodies_that_are_not_admission_reviews_are_refused_with_a_message() {
+    let h = hook();
+    for body in [
+        &b"not json"[..],
+        b"{}",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+    ] {
+        let err = webhook::review(&h, body).expect_err("refused");
+        assert!(err.contains("AdmissionReview"), "{err}");
+    }
+}
+
+/// An HTTPS client that trusts `ca_pem` only.
+fn https_client(ca_pem: &str) -> reqwest_like::Client {
+    reqwest_like::Client::new(ca_pem)
+}
+
+/// A minimal HTTPS client on hyper and rustls, enough for these tests.
+mod reqwest_like {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    pub struct Client {
+        config: Arc<rustls::ClientConfig>,
+    }
+
+    impl Client {
+        pub fn new(ca_pem: &str) -> Self {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+                roots.add(c.expect("pem")).expect("root");
+            }
+            let config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Self {
+                config: Arc::new(config),
+            }
+        }
+
+        /// Sends one request to `addr` as `host`; returns status, body and
+        /// the server certificate's serial.
+        pub async fn send(
+            &self,
+            addr: std::net::SocketAddr,
+            host: &str,
+            method: &str,
+            path: &str,
+            body: Vec<u8>,
+        ) -> (u16, String, Vec<u8>) {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = ServerName::try_from(host.to_owned()).expect("name");
+            let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake with the webhook");
+            let serial = tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("http");
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", host)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("request");
+            let rsp = tx.send_request(req).await.expect("response");
+            let status = rsp.status().as_u16();
+            let body = rsp.into_body().collect().await.expect("body").to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned(), serial)
+        }
+    }
+}
+
+fn names() -> WebhookNames {
+    WebhookNames::default()
+}
+
+fn material() -> certs::Material {
+    match certs::plan(None, &names(), SystemTime::now()).expect("plan") {
+        Plan::Store(m, _) => m,
+        Plan::Keep(_) => unreachable!("nothing was stored"),
+    }
+}
+
+#[tokio::test]
+async fn the_https_server_answers_reviews_refuses_junk_and_swaps_its_certificate() {
+    let m = material();
+    let serving = Arc::new(ServingCert::default());
+    serving.set(&m.cert, &m.key).expect("cert");
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(webhook::serve_https(
+        l,
+        serving.clone(),
+        webhook::router(Arc::new(hook())),
+    ));
+    let client = https_client(&m.ca_cert);
+    let host = "weft-injector.weft-system.svc";
+
+    let (status, body, first_cert) = client.send(addr, host, "GET", "/healthz", vec![]).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let review = review("Pod", "CREATE", pod()).to_string().into_bytes();
+    let (status, body, _) = client.send(addr, host, "POST", "/mutate", review).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert!(response(&answer).1.is_some(), "patched");
+
+    let (status, body, _) = client
+        .send(addr, host, "POST", "/mutate", b"{not json".to_vec())
+        .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("not an AdmissionReview"), "{body}");
+    let huge = vec![b' '; webhook::MAX_BODY + 1];
+    let (status, body, _) = client.send(addr, host, "POST", "/mutate", huge).await;
+    assert_eq!(status, 400, "{body}");
+
+    // A renewed certificate (same CA) is served on the next handshake.
+    let ca = weft::identity::MeshCa::from_pem(&m.ca_cert, &m.ca_key).expect("ca");
+    let renewed = ca
+        .issue_server(
+            &names().dns_names(),
+            SystemTime::now(),
+            certs::SERVING_LIFETIME,
+        )
+        .expect("renewed");
+    serving
+        .set(&renewed.cert_pem, &renewed.key_pem)
+        .expect("swap");
+    // A new client: no session to resume, so a full handshake.
+    let fresh = https_client(&m.ca_cert);
+    let (status, _, second_cert) = fresh.send(addr, host, "GET", "/healthz", vec![]).await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        first_cert, second_cert,
+        "the new certificate is served without a restart"
+    );
+}
+
+/// What the mock API server saw.
+#[derive(Default)]
+struct Seen {
+    secret: Option<Value>,
+    apply: Option<(HashMap<String, String>, String, Value)>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+async fn get_secret(
+    State(seen): State<Shared>,
+    Path((ns, name)): Path<(String, String)>,
+) -> (StatusCode, axum::Json<Value>) {
+    let stored = seen.lock().expect("seen").secret.clone();
+    match stored {
+        Some(s) => (StatusCode::OK, axum::Json(s)),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                "message": format!("secrets \"{name}\" not found in {ns}"),
+            })),
+        ),
+    }
+}
+
+async fn create_secret(State(seen): State<Shared>, body: Bytes) -> (StatusCode, axum::Json<Value>) {
+    let mut secret: Value = serde_json::from_slice(&body).expect("secret json");
+    secret["metadata"]["resourceVersion"] = json!("1");
+    seen.lock().expect("seen").secret = Some(secret.clone());
+    (StatusCode::CREATED, axum::Json(secret))
+}
+
+async fn apply_webhook(
+    State(seen): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::Json<Value> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: Value = serde_json::from_slice(&body).expect("apply body is JSON");
+    seen.lock().expect("seen").apply = Some((q, content_type, body.clone()));
+    // The merged object, as the API server would return it.
+    let mut stored = body;
+    stored["metadata"]["name"] = json!(name);
+    stored["webhooks"][0]["sideEffects"] = json!("None");
+    stored["webhooks"][0]["admissionReviewVersions"] = json!(["v1"]);
+    axum::Json(stored)
+}
+
+#[tokio::test]
+async fn tier2_the_serving_certificate_is_created_and_its_ca_applied_to_the_webhook_configuration()
+{
+    let seen: Shared = Arc::default();
+    let api = axum::Router::new()
+        .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
+        .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
+        .route(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
+            patch(apply_webhook),
+        )
+        .with_state(seen.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, api).await });
+    let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
+    let client = kube::Client::try_from(config).expect("client");
+
+    let serving = Arc::new(ServingCert::default());
+    let task = tokio::spawn(certs::run(client, names(), serving.clone()));
+    let mut applied = None;
+    for _ in 0..100 {
+        applied = seen.lock().expect("seen").apply.clone();
+        if applied.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let (query, content_type, body) = applied.expect("the caBundle was applied");
+    assert!(serving.ready(), "the server has its certificate");
+
+    let secret = seen
+        .lock()
+        .expect("seen")
+        .secret
+        .clone()
+        .expect("secret created");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let ca_b64 = secret["data"]["ca.crt"].as_str().expect("ca.crt");
+    let expected = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": "weft-injector" },
+        "webhooks": [{ "name": "inject.weft.dev", "clientConfig": { "caBundle": ca_b64 } }],
+    });
+    assert_eq!(body, expected, "exactly the caBundle, nothing else");
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert_eq!(
+        query.get("fieldManager").map(String::as_str),
+        Some("weft-control-plane")
+    );
+    assert_eq!(query.get("force").map(String::as_str), Some("true"));
+}
