@@ -174,12 +174,25 @@ async fn over_https(body: Vec<u8>) -> Histogram<u64> {
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
     ));
     let body = bytes::Bytes::from(body);
-    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    // The pacer is an OS thread: tokio's timer is too coarse to schedule
+    // requests 5 ms apart without adding its own lag to every one.
     let total = HTTPS_RATE * HTTPS_SECONDS;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let start = Instant::now() + Duration::from_millis(50);
+    std::thread::spawn(move || {
+        for i in 0..total {
+            let scheduled = start + Duration::from_micros(i * 1_000_000 / HTTPS_RATE);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            if tx.send((i, scheduled)).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let scheduled = start + Duration::from_micros(i * 1_000_000 / HTTPS_RATE);
-        tokio::time::sleep_until(scheduled).await;
+    while let Some((i, scheduled)) = rx.recv().await {
         let (sender, body, hist) = (
             senders[(i as usize) % senders.len()].clone(),
             body.clone(),
@@ -195,10 +208,7 @@ async fn over_https(body: Vec<u8>) -> Histogram<u64> {
             let rsp = tx.send_request(req).await.expect("response");
             assert_eq!(rsp.status(), 200);
             let _ = rsp.into_body().collect().await.expect("body");
-            let us = tokio::time::Instant::now()
-                .duration_since(scheduled)
-                .as_micros()
-                .max(1) as u64;
+            let us = scheduled.elapsed().as_micros().max(1) as u64;
             hist.lock().expect("hist").saturating_record(us);
         });
     }

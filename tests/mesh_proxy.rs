@@ -136,6 +136,36 @@ impl Tap {
     }
 }
 
+/// Handshakes with a mesh server as a meshed client would and returns the
+/// expiry (unix seconds) of the certificate the server presented.
+async fn presented_expiry(pki: &Pki, addr: SocketAddr) -> u64 {
+    let id = SpiffeId::new("cluster.local", "shop", "probe-client");
+    let leaf = pki.ca.issue(&id, SystemTime::now(), DAY).expect("leaf");
+    let me = weft::proxy::tls::MeshIdentity::new("cluster.local", Default::default());
+    me.update(&leaf.cert_pem, &leaf.key_pem, &pki.ca.trust_bundle())
+        .expect("identity");
+    let expected = weft::proxy::tls::ExpectedServer {
+        namespace: "shop".into(),
+        service_accounts: vec![],
+    };
+    let config = me
+        .client_config(expected, weft::proxy::tls::ALPN_HTTP1)
+        .expect("client config");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("mesh handshake");
+    let cert = tls.get_ref().1.peer_certificates().expect("certs")[0].clone();
+    weft::identity::inspect_der(&cert)
+        .expect("certificate")
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs()
+}
+
 /// The content types of the TLS records in `wire`, which must be nothing
 /// but whole TLS records.
 fn tls_records(wire: &[u8]) -> Vec<u8> {
@@ -577,10 +607,9 @@ async fn access_policy_answers_403_to_http_and_closes_tcp_and_counts_per_policy(
     assert_eq!(server.wait_metric(&denied("tcp"), 1.0).await, 1.0);
 }
 
-#[tokio::test]
-async fn an_applications_own_tls_passes_through_untouched() {
-    use rustls::pki_types::ServerName;
-    // The app terminates its own TLS with a certificate from its own CA.
+/// The app's own TLS: a server with a certificate from the app's own CA
+/// (ALPN h2, nothing weft), and a client config that trusts it.
+async fn app_tls_server() -> (u16, Arc<rustls::ClientConfig>) {
     let app_ca = MeshCa::generate("app.example", SystemTime::now(), CA_LIFETIME).expect("app ca");
     let app_leaf = app_ca
         .issue(
@@ -597,7 +626,6 @@ async fn an_applications_own_tls_passes_through_untouched() {
             &app_ca.trust_bundle(),
         )
         .expect("identity");
-    // Reuse the mesh config types for a plain TLS echo server with ALPN h2.
     let mut server_cfg = (*identity.server_config().expect("cfg")).clone();
     server_cfg.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
@@ -616,40 +644,74 @@ async fn an_applications_own_tls_passes_through_untouched() {
             });
         }
     });
+    let expected = weft::proxy::tls::ExpectedServer {
+        namespace: "shop".into(),
+        service_accounts: vec![],
+    };
+    let mut client_cfg = (*identity.client_config(expected, b"h2").expect("client cfg")).clone();
+    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
+    (app_port, Arc::new(client_cfg))
+}
+
+/// An end-to-end TLS exchange with the app through `addr`.
+async fn app_tls_echo(addr: SocketAddr, config: Arc<rustls::ClientConfig>) {
+    use rustls::pki_types::ServerName;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("payments.shop").expect("name"), tcp)
+        .await
+        .expect("end-to-end TLS with the app through the proxies");
+    tls.write_all(b"hello").await.expect("write");
+    let mut back = [0u8; 5];
+    tls.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"hello");
+}
+
+#[tokio::test]
+async fn an_applications_own_tls_passes_through_untouched_in_both_modes() {
+    let (app_port, app_client) = app_tls_server().await;
     let pki = Pki::new();
-    let (server, _sid) = server_proxy(
+
+    // PERMISSIVE: a client without a sidecar speaks TLS to the app; the
+    // server proxy relays it (it is not mesh TLS: counted as plaintext).
+    let (permissive, _sid) = server_proxy(
         &pki,
         &server_config("permissive", &[], json!([])),
         &[app_port],
     )
     .await;
-    let mut client_cfg = (*identity
-        .client_config(
-            weft::proxy::tls::ExpectedServer {
-                namespace: "shop".into(),
-                service_accounts: vec![],
-            },
-            b"h2",
-        )
-        .expect("client cfg"))
-    .clone();
-    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(server.running.inbound[0])
-        .await
-        .expect("connect");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_cfg))
-        .connect(ServerName::try_from("payments.shop").expect("name"), tcp)
-        .await
-        .expect("end-to-end TLS with the app through the proxy");
-    tls.write_all(b"hello").await.expect("write");
-    let mut back = [0u8; 5];
-    tls.read_exact(&mut back).await.expect("read");
-    assert_eq!(&back, b"hello");
-    let m = server.metrics().await;
+    app_tls_echo(permissive.running.inbound[0], app_client.clone()).await;
+    let m = permissive.metrics().await;
     assert!(
         m.contains(&format!(
             "weft_proxy_tcp_connections_total{{direction=\"inbound\",protocol=\"opaque\",tls=\"false\",port=\"{app_port}\"}} 1"
         )),
+        "{m}"
+    );
+
+    // STRICT: a meshed client's app speaks TLS through its own sidecar,
+    // which wraps it in mesh mTLS (weft/tcp); the server proxy unwraps it
+    // and the app's TLS arrives untouched.
+    let (strict, _sid2) =
+        server_proxy(&pki, &server_config("strict", &[], json!([])), &[app_port]).await;
+    let cid = pki.dir("shop", "checkout");
+    let checkout = meshed(
+        &client_config(strict.running.inbound[0], true),
+        &["payments.shop:80"],
+        &cid,
+        &[],
+    )
+    .await;
+    app_tls_echo(checkout.running.outbound[0], app_client).await;
+    let m = strict.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "weft_proxy_tcp_connections_total{{direction=\"inbound\",protocol=\"opaque\",tls=\"true\",port=\"{app_port}\"}} 1"
+        )),
+        "the app's TLS crossed the hop inside mesh mTLS: {m}"
+    );
+    assert!(
+        !m.contains("weft_proxy_inbound_plaintext_rejected_total{"),
         "{m}"
     );
 }
@@ -736,6 +798,12 @@ async fn rotating_certificates_under_load_fails_no_request_on_a_long_h2_connecti
     let failures = load.await.expect("load");
     assert!(failures.is_empty(), "no request failed: {failures:?}");
     assert_eq!(payments.hits(), 300);
+    // A new handshake with the server proxy presents the rotated certificate.
+    let presented = presented_expiry(&pki, server.running.inbound[0]).await;
+    let held = server
+        .metric("weft_proxy_certificate_expiry_timestamp_seconds")
+        .await;
+    assert_eq!(presented as f64, held, "the new certificate is presented");
     // New connections after the rotation handshake with the new certificates.
     let fresh = send(&client(), "GET", &url, &[]).await;
     assert_eq!(fresh.body, format!("client-id={CHECKOUT_ID}"));

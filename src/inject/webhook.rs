@@ -218,6 +218,7 @@ pub async fn serve_https(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     loop {
         let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
             serve_connection(acceptor, tcp, peer, router).await;
