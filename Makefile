@@ -5,7 +5,7 @@ export CARGO_TERM_COLOR ?= never
 .PHONY: build test test-apiserver fmt fmt-check lint crds bench bench-compile bench-webhook bench-proxy fuzz-smoke
 
 build:
-	$(CARGO) build --release --bin weft
+	$(CARGO) build --release --bin weft --bin weft-proxy
 
 ## fmt check + clippy (-D warnings) + every test tier that runs here
 test: fmt-check lint

@@ -48,17 +48,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One TLS provider for the whole process (kube's client and mesh TLS):
-    // aws-lc-rs, which offers the post-quantum hybrid key exchange.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    weft::init_process();
     let result = match cli.command {
         Command::Crdgen { out_dir } => crdgen(out_dir),
         Command::Compile(args) => weft::manifest::run(&args),

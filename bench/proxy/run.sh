@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Proxy benchmark: the latency `weft proxy` adds per hop, side by side with
+# Proxy benchmark: the latency the weft sidecar (`weft-proxy`) adds per hop, side by side with
 # nginx and HAProxy as plain reverse proxies, all against one upstream on
 # loopback. Writes bench/results/proxy.md and the raw figures next to it
 # (proxy.jsonl). See bench/proxy/README.md for the method.
@@ -18,7 +18,7 @@
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
 #   BENCH_KEEP=1              keep the work directory (configs, logs)
-#   BENCH_WEFT=PATH           benchmark this weft binary instead of the one built here
+#   BENCH_WEFT=PATH           benchmark this weft-proxy binary (or `weft`, run as `weft proxy`) instead of the one built here
 #   BENCH_ALLOW_MISSING_WEFT=1  exit 0 even when the weft scenarios could not run
 set -euo pipefail
 
@@ -89,11 +89,14 @@ for t in setsid timeout; do command -v "$t" >/dev/null || die "$t (util-linux/co
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 say "building weft and weft-bench (release)"
-"$CARGO" build --release --bin weft --bin weft-bench || die "cargo build --release --bin weft --bin weft-bench failed"
+"$CARGO" build --release --bin weft-proxy --bin weft-bench || die "cargo build --release --bin weft-proxy --bin weft-bench failed"
 TARGET_DIR=$("$CARGO" metadata --format-version 1 --no-deps 2>/dev/null |
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p') || true
 TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}}
-WEFT=${BENCH_WEFT:-$TARGET_DIR/release/weft}
+WEFT=${BENCH_WEFT:-$TARGET_DIR/release/weft-proxy}
+# The sidecar binary takes the proxy flags directly; `weft` needs its subcommand.
+WEFT_CMD=("$WEFT")
+[[ $(basename "$WEFT") == weft ]] && WEFT_CMD+=(proxy)
 BENCH=$TARGET_DIR/release/weft-bench
 [[ -x $BENCH ]] || die "$BENCH was not built"
 
@@ -279,8 +282,8 @@ weft_config() { # FILE ENDPOINT [MESH-JSON]
 weft_reason=
 if [[ ! -x $WEFT ]]; then
 	weft_reason="$WEFT was not built"
-elif ! timeout 10 "$WEFT" proxy --help >/dev/null 2>&1; then
-	weft_reason="this weft build has no 'proxy' subcommand ('weft proxy --help' fails)"
+elif ! timeout 10 "${WEFT_CMD[@]}" --help >/dev/null 2>&1; then
+	weft_reason="'${WEFT_CMD[*]} --help' fails: not a weft proxy"
 fi
 if [[ -n $weft_reason ]]; then
 	say "ERROR: weft proxy is not available: $weft_reason"
@@ -290,25 +293,25 @@ if [[ -n $weft_reason ]]; then
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
-	common=(proxy --no-transparent --workers 1)
-	start_bg weft1 "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+	common=(--no-transparent --workers 1)
+	start_bg weft1 "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$W1_ADMIN" --probe "127.0.0.1:$W1_PROBE" \
 		--outbound-map "127.0.0.1:$W1_OUT=$HOST_HEADER:80"
-	start_bg weft2b "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+	start_bg weft2b "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$WB_ADMIN" --probe "127.0.0.1:$WB_PROBE" \
 		--inbound-map "127.0.0.1:$WB_IN=$UP_PORT"
-	start_bg weft2a "$WEFT" "${common[@]}" --config "$WORK/weft-via-b.json" \
+	start_bg weft2a "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-via-b.json" \
 		--admin "127.0.0.1:$WA_ADMIN" --probe "127.0.0.1:$WA_PROBE" \
 		--outbound-map "127.0.0.1:$WA_OUT=$HOST_HEADER:80"
 	# Identities minted by the mesh's own CA code: the server side is
 	# bench/upstream, the client side bench/client.
 	if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client >"$WORK/certs.log" 2>&1; then
 		weft_config "$WORK/weft-via-tb.json" "127.0.0.1:$TB_IN" '{"namespace":"bench","serviceAccounts":["upstream"],"strict":true}'
-		start_bg weft2tb "$WEFT" "${common[@]}" --config "$WORK/weft-upstream.json" \
+		start_bg weft2tb "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 			--admin "127.0.0.1:$TB_ADMIN" --probe "127.0.0.1:$TB_PROBE" \
 			--inbound-map "127.0.0.1:$TB_IN=$UP_PORT" \
 			--identity-dir "$WORK/ids" --service-account upstream
-		start_bg weft2ta "$WEFT" "${common[@]}" --config "$WORK/weft-via-tb.json" \
+		start_bg weft2ta "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-via-tb.json" \
 			--admin "127.0.0.1:$TA_ADMIN" --probe "127.0.0.1:$TA_PROBE" \
 			--outbound-map "127.0.0.1:$TA_OUT=$HOST_HEADER:80" \
 			--identity-dir "$WORK/ids" --service-account client

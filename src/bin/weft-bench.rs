@@ -1098,7 +1098,7 @@ const SCENARIOS: [Scenario; 6] = [
         key: "weft1",
         name: "weft ×1",
         path: "loadgen → weft outbound → upstream",
-        processes: "weft proxy",
+        processes: "weft-proxy",
     },
     Scenario {
         key: "weft2",

@@ -25,6 +25,10 @@
 //! A pod that already has `weft-proxy` gets an empty patch, so injecting
 //! twice is injecting once.
 //!
+//! The image holds `/weft` (every subcommand) and `/weft-proxy` (the
+//! sidecar alone); the containers name their binary, so the image's
+//! entrypoint does not matter.
+//!
 //! ## `weft init` flags (the contract with the init container)
 //!
 //! `--proxy-uid`, `--proxy-gid`, `--inbound-port`, `--outbound-port`,
@@ -416,8 +420,9 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
     Container {
         name: PROXY_CONTAINER.to_owned(),
         image: Some(p.settings.image.clone()),
+        // The sidecar binary: the proxy alone, fewer code pages resident.
+        command: Some(vec!["/weft-proxy".to_owned()]),
         args: Some(vec![
-            "proxy".to_owned(),
             "--drain-timeout".to_owned(),
             p.settings.mesh.proxy.drain_timeout.to_string(),
         ]),
@@ -519,6 +524,7 @@ fn init_container(
     Container {
         name: INIT_CONTAINER.to_owned(),
         image: Some(settings.image.clone()),
+        command: Some(vec!["/weft".to_owned()]),
         args: Some(args),
         resources: Some(ResourceRequirements {
             requests: Some(
