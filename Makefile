@@ -11,8 +11,8 @@ build:
 test: fmt-check lint
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
-	@# Tier 5 again with its output shown, so a skip is visible.
-	$(CARGO) test --test apiserver -- --nocapture 2>&1 | grep -E 'SKIPPED|\*\*\*|test result' || true
+	@# Tiers 4 and 5 again with their output shown, so a skip is visible.
+	$(CARGO) test --test netns --test apiserver -- --nocapture 2>&1 | grep -E 'SKIPPED|\*\*\*|test result' || true
 
 fmt:
 	$(CARGO) fmt --all

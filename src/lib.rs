@@ -13,6 +13,7 @@ pub mod compile;
 pub mod config;
 pub mod controlplane;
 pub mod identity;
+pub mod init;
 pub mod inject;
 pub mod manifest;
 pub mod proxy;

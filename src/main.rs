@@ -31,6 +31,9 @@ enum Command {
     Compile(weft::manifest::CompileArgs),
     /// Run the sidecar proxy.
     Proxy(weft::proxy::ProxyArgs),
+    /// Install the pod's iptables redirect through the proxy (the weft-init
+    /// init container); `--dry-run` prints the rules.
+    Init(weft::init::InitArgs),
     /// Run the control plane: the sidecar injector (admission webhook) and
     /// its serving certificate.
     ControlPlane(weft::controlplane::ControlPlaneArgs),
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Crdgen { out_dir } => crdgen(out_dir),
         Command::Compile(args) => weft::manifest::run(&args),
         Command::Proxy(args) => weft::proxy::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Init(args) => weft::init::main(&args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane(args) => weft::controlplane::main(args).map(|()| ExitCode::SUCCESS),
         Command::WaitReady { url, timeout } => wait_ready(&url, timeout.as_std()),
     };

@@ -829,14 +829,7 @@ fn parse_cidrs(value: Option<&String>, warnings: &mut Vec<String>) -> Vec<String
         if item.is_empty() {
             continue;
         }
-        let valid = item.split_once('/').is_some_and(|(ip, len)| {
-            match (ip.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
-                (Ok(std::net::IpAddr::V4(_)), Ok(n)) => n <= 32,
-                (Ok(std::net::IpAddr::V6(_)), Ok(n)) => n <= 128,
-                _ => false,
-            }
-        });
-        if valid {
+        if crate::init::is_cidr(item) {
             out.push(item.to_owned());
         } else {
             warnings.push(format!(
