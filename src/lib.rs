@@ -16,6 +16,7 @@ pub mod identity;
 pub mod init;
 pub mod inject;
 pub mod manifest;
+pub mod netns;
 pub mod proxy;
 pub mod schemacheck;
 

@@ -1,36 +1,26 @@
 //! Tier 4: real iptables in network namespaces this test creates (and
-//! removes, even when it fails). Needs root, `ip`, `iptables` and
-//! `setpriv`; without them every test here says SKIPPED loudly and passes.
-//! CI installs iptables and iproute2 and runs as root.
+//! removes, even when it fails): `weft init` for real, then pods whose app
+//! talks plainly to another pod's IP while both sidecars carry the hop in
+//! mTLS. Needs root, `ip`, `iptables` and `setpriv`; without them every test
+//! here says SKIPPED loudly and passes. CI installs iptables, iproute2 and
+//! util-linux and runs as root.
 
-use std::process::{Command, Output};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, SystemTime};
 
-/// Why this machine cannot run the tier, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        return Some("not running as root (network namespaces and iptables need it)".into());
-    }
-    for tool in ["ip", "iptables", "iptables-save", "setpriv"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Some(format!(
-                "{tool} is not installed (apt-get install -y iptables iproute2 util-linux)"
-            ));
-        }
-    }
-    None
-}
+use serde_json::{Value, json};
+use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
+use weft::netns::{Netns, Network, missing_prerequisite};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
+const DEMO: &str = env!("CARGO_BIN_EXE_weft-demo");
+/// The apps run as this user; the proxy as 1450.
+const APP_UID: u32 = 1000;
+const NOBODY: u32 = 65534;
+const CAPS: &str = "+net_admin,+net_raw";
 
 fn skip() -> bool {
     match missing_prerequisite() {
@@ -42,65 +32,15 @@ fn skip() -> bool {
     }
 }
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("weft-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("ip");
-        assert!(
-            out.status.success(),
-            "ip netns add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(name)
-    }
-
-    fn exec(&self, argv: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .output()
-            .expect("ip netns exec")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `weft init` as an unprivileged user holding only `caps`.
 fn init_as_nobody(ns: &Netns, caps: &str, extra: &[&str]) -> Output {
-    let weft = env!("CARGO_BIN_EXE_weft");
-    let inh = if caps.is_empty() {
-        "-all".to_owned()
-    } else {
-        format!("-all,{caps}")
-    };
-    let mut argv = vec![
-        "setpriv",
-        "--reuid",
-        "65534",
-        "--regid",
-        "65534",
-        "--clear-groups",
-        "--inh-caps",
-        &inh,
-    ];
-    let ambient = format!("--ambient-caps={caps}");
-    if !caps.is_empty() {
-        argv.push(&ambient);
-    }
-    argv.extend([weft, "init"]);
+    let mut argv = vec![WEFT, "init"];
     argv.extend(extra);
-    ns.exec(&argv)
+    ns.run(Some(NOBODY), caps, &argv).expect("weft init runs")
 }
 
 #[test]
@@ -108,7 +48,7 @@ fn init_runs_unprivileged_with_two_capabilities_and_twice_leaves_one_copy() {
     if skip() {
         return;
     }
-    let ns = Netns::new("init");
+    let ns = Netns::new(&format!("weft-init-{}", std::process::id())).expect("netns");
     let extra = [
         "--skip-outbound-ports",
         "5432",
@@ -116,14 +56,13 @@ fn init_runs_unprivileged_with_two_capabilities_and_twice_leaves_one_copy() {
         "10.96.0.0/12",
     ];
     for run in 1..=2 {
-        let out = init_as_nobody(&ns, "+net_admin,+net_raw", &extra);
-        assert!(
-            out.status.success(),
-            "run {run}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = init_as_nobody(&ns, CAPS, &extra);
+        assert!(out.status.success(), "run {run}: {}", stderr(&out));
     }
-    let saved = String::from_utf8(ns.exec(&["iptables-save", "-t", "nat"]).stdout).expect("utf8");
+    let saved = ns
+        .run(None, "", &["iptables-save", "-t", "nat"])
+        .expect("save");
+    let saved = String::from_utf8(saved.stdout).expect("utf8");
     let rules: Vec<&str> = saved.lines().filter(|l| l.starts_with("-A ")).collect();
     let mut unique = rules.clone();
     unique.sort();
@@ -151,14 +90,344 @@ fn init_without_the_capabilities_says_which_are_missing() {
     if skip() {
         return;
     }
-    let ns = Netns::new("nocap");
+    let ns = Netns::new(&format!("weft-nocap-{}", std::process::id())).expect("netns");
     let out = init_as_nobody(&ns, "+net_raw", &[]);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(
         err.contains("missing: NET_ADMIN") && !err.contains("NET_RAW,"),
         "{err}"
     );
-    let saved = String::from_utf8(ns.exec(&["iptables-save", "-t", "nat"]).stdout).expect("utf8");
+    let saved = ns
+        .run(None, "", &["iptables-save", "-t", "nat"])
+        .expect("save");
+    let saved = String::from_utf8(saved.stdout).expect("utf8");
     assert!(!saved.contains("WEFT_"), "nothing was installed:\n{saved}");
+}
+
+/// Files the pods' users can read: a directory of mode 0755.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        Self { dir }
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::rename(&tmp, &path).expect("rename");
+        path
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+/// The config of namespace `shop`: mode, and Service `b` at `b_ip` served
+/// by identity shop/b (a ClusterIP stand-in: the pod's own address).
+fn config(mode: &str, b_ip: &str) -> Value {
+    json!({
+        "schemaVersion": "1.0", "generation": format!("netns-{mode}"),
+        "namespace": "shop", "trustDomain": "cluster.local",
+        "inbound": { "mode": mode },
+        "outbound": {
+            "defaults": {
+                "retry": {
+                    "maxRetries": 1, "retryOn": ["connect-failure"], "methods": ["GET"],
+                    "idempotencyHeader": "idempotency-key",
+                    "budget": { "percent": 20, "minPerSecond": 10, "windowMs": 10000 },
+                    "backoffBaseMs": 5, "backoffMaxMs": 50
+                },
+                "loadBalancer": "PeakEwma"
+            },
+            "services": [{
+                "name": "b", "namespace": "shop",
+                "hostnames": ["b.shop.svc.cluster.local", "b.shop"],
+                "clusterIps": [b_ip],
+                "ports": [{ "port": 8080, "targetPort": 8080, "protocol": "detect" }],
+                "mesh": { "namespace": "shop", "serviceAccounts": ["b"] },
+            }],
+        },
+    })
+}
+
+/// Starts pod `name` with `weft init` (as nobody, two capabilities), its
+/// sidecar (uid 1450) and a demo app (uid 1000) on 8080.
+fn meshed_pod(
+    net: &mut Network,
+    files: &Files,
+    ca: &MeshCa,
+    name: &str,
+    config: &Value,
+    init_extra: &[&str],
+) -> usize {
+    let i = net.add_pod(name).expect("pod");
+    let out = init_as_nobody(&net.pods[i].ns, CAPS, init_extra);
+    assert!(
+        out.status.success(),
+        "weft init in {name}: {}",
+        stderr(&out)
+    );
+    let leaf = ca
+        .issue(
+            &SpiffeId::new("cluster.local", "shop", name),
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .expect("leaf");
+    files.write(&format!("{name}/id/ca.crt"), &ca.trust_bundle());
+    files.write(&format!("{name}/id/{name}.crt"), &leaf.cert_pem);
+    files.write(&format!("{name}/id/{name}.key"), &leaf.key_pem);
+    let cfg = files.write(&format!("{name}/config.json"), &config.to_string());
+    let (cfg, ids) = (
+        cfg.display().to_string(),
+        files.path(&format!("{name}/id")).display().to_string(),
+    );
+    let pod = &mut net.pods[i];
+    pod.spawn(
+        Some(1450),
+        &[
+            PROXY,
+            "--config",
+            &cfg,
+            "--identity-dir",
+            &ids,
+            "--service-account",
+            name,
+            "--workload",
+            name,
+            "--no-api-watch",
+        ],
+        &files.path(&format!("{name}/proxy.log")),
+    )
+    .expect("proxy");
+    let demo_log = files.path(&format!("{name}/app.log"));
+    pod.spawn(
+        Some(APP_UID),
+        &[DEMO, "--listen", "0.0.0.0:8080", "--name", name],
+        &demo_log,
+    )
+    .expect("app");
+    wait_ok(&net.pods[i].ns, "http://127.0.0.1:15120/ready", files, name);
+    wait_ok(
+        &net.pods[i].ns,
+        "http://127.0.0.1:8080/healthz",
+        files,
+        name,
+    );
+    i
+}
+
+/// GET from inside a pod as the app user: (status, body), or None.
+fn fetch(ns: &Netns, url: &str) -> Option<(u16, String)> {
+    let out = ns.run(Some(APP_UID), "", &[DEMO, "--fetch", url]).ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n')?;
+    Some((status.trim().parse().ok()?, body.trim().to_owned()))
+}
+
+fn wait_ok(ns: &Netns, url: &str, files: &Files, pod: &str) {
+    for _ in 0..100 {
+        if fetch(ns, url).is_some_and(|(s, _)| s == 200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log =
+        |f: &str| std::fs::read_to_string(files.path(&format!("{pod}/{f}"))).unwrap_or_default();
+    panic!(
+        "{url} in pod {pod} never answered 200\nproxy log:\n{}\napp log:\n{}",
+        log("proxy.log"),
+        log("app.log")
+    );
+}
+
+fn metric(ns: &Netns, prefix: &str) -> f64 {
+    let (_, text) = fetch(ns, "http://127.0.0.1:15120/metrics").expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn ca() -> MeshCa {
+    MeshCa::generate("cluster.local", SystemTime::now(), CA_LIFETIME).expect("ca")
+}
+
+#[test]
+fn a_plain_call_to_a_pod_ip_crosses_both_sidecars_in_mtls() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new("e2e").expect("network");
+    // B first, so A's config can name its address.
+    let b_ip = format!(
+        "{}.{}.{}.11",
+        weft::netns::SUBNET[0],
+        weft::netns::SUBNET[1],
+        weft::netns::SUBNET[2]
+    );
+    let cfg = config("strict", &b_ip);
+    let a = meshed_pod(
+        &mut net,
+        &files,
+        &ca,
+        "a",
+        &cfg,
+        &["--skip-outbound-ports", "9090"],
+    );
+    let b = meshed_pod(
+        &mut net,
+        &files,
+        &ca,
+        "b",
+        &cfg,
+        &["--skip-inbound-ports", "9090"],
+    );
+    assert_eq!(net.pods[b].ip.to_string(), b_ip);
+    // B also serves 9090 outside the mesh's view of A (excluded port).
+    net.pods[b]
+        .spawn(
+            Some(APP_UID),
+            &[DEMO, "--listen", "0.0.0.0:9090", "--name", "b-admin"],
+            &files.path("b/admin.log"),
+        )
+        .expect("second app");
+
+    let (status, body) =
+        fetch(&net.pods[a].ns, &format!("http://{b_ip}:8080/orders")).expect("a response");
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        seen["caller"], "spiffe://cluster.local/ns/shop/sa/a",
+        "B's app learns A's identity: the hop was mesh mTLS"
+    );
+    let (a_ns, b_ns) = (&net.pods[a].ns, &net.pods[b].ns);
+    assert_eq!(
+        metric(
+            a_ns,
+            "weft_proxy_requests_total{direction=\"outbound\",src=\"a\",dst=\"b.shop:8080\",route=\"default\",status_class=\"2xx\",tls=\"true\"}"
+        ),
+        1.0,
+        "A's outbound proxy carried it, in TLS"
+    );
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_requests_total{direction=\"inbound\",src=\"spiffe://cluster.local/ns/shop/sa/a\""
+        ),
+        1.0,
+        "B's inbound proxy carried it"
+    );
+    // The proxy's own upstream connection was not looped back into itself:
+    // A's outbound listener saw exactly one connection.
+    assert_eq!(
+        metric(
+            a_ns,
+            "weft_proxy_tcp_connections_total{direction=\"outbound\""
+        ),
+        1.0
+    );
+
+    // An excluded port bypasses both sidecars: A skips it outbound, B
+    // inbound, so the app's plaintext reaches B's second app directly.
+    let before = metric(
+        a_ns,
+        "weft_proxy_tcp_connections_total{direction=\"outbound\"",
+    );
+    let (status, body) = fetch(a_ns, &format!("http://{b_ip}:9090/")).expect("direct answer");
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (seen["service"].as_str(), seen["caller"].as_str()),
+        (Some("b-admin"), None)
+    );
+    assert_eq!(
+        metric(
+            a_ns,
+            "weft_proxy_tcp_connections_total{direction=\"outbound\""
+        ),
+        before,
+        "port 9090 did not pass A's proxy"
+    );
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_tcp_connections_total{direction=\"inbound\",protocol=\"http1\",tls=\"false\",port=\"9090\"}"
+        ),
+        0.0,
+        "nor B's"
+    );
+}
+
+#[test]
+fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new("strict").expect("network");
+    let b_ip = format!(
+        "{}.{}.{}.10",
+        weft::netns::SUBNET[0],
+        weft::netns::SUBNET[1],
+        weft::netns::SUBNET[2]
+    );
+    let b = meshed_pod(&mut net, &files, &ca, "b", &config("strict", &b_ip), &[]);
+    let c = net.add_pod("c").expect("plain pod");
+    let c_ip = net.pods[c].ip.to_string();
+    let url = format!("http://{b_ip}:8080/");
+
+    assert!(
+        fetch(&net.pods[c].ns, &url).is_none(),
+        "STRICT refuses a pod without a sidecar"
+    );
+    let b_ns = &net.pods[b].ns;
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"}"
+        ),
+        1.0
+    );
+
+    files.write("b/config.json", &config("permissive", &b_ip).to_string());
+    let mut answer = None;
+    for _ in 0..50 {
+        answer = fetch(&net.pods[c].ns, &url);
+        if answer.as_ref().is_some_and(|(s, _)| *s == 200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = answer.expect("PERMISSIVE lets it through");
+    assert_eq!(status, 200, "{body}");
+    let counted = metric(
+        b_ns,
+        &format!(
+            "weft_proxy_inbound_plaintext_connections_total{{port=\"8080\",src_addr=\"{c_ip}\"}}"
+        ),
+    );
+    assert!(
+        counted >= 2.0,
+        "both attempts counted as plaintext from {c_ip}: {counted}"
+    );
 }

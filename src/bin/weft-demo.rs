@@ -1,0 +1,300 @@
+//! `weft-demo`: a stand-in for the shop's services in demos and tests. It
+//! serves HTTP/1.1 and h2c on one port, calls the downstream services named
+//! on its command line for every request it serves, and injects failures
+//! on request, so an outage can be staged without touching the mesh.
+//!
+//! - `GET /...`: answers JSON with its name, the caller identity its proxy
+//!   handed it (`weft-client-id`), and the status of each downstream call;
+//!   the status is 502 if a downstream call failed.
+//! - `GET /healthz`: 200 unless hard down (never slowed or failed by the
+//!   error rate: a health path).
+//! - `POST /__demo/faults?error_rate=0.2&latency=50ms&down=false`: sets the
+//!   faults (each parameter optional; `POST /__demo/faults` alone clears).
+//!
+//! Faults: `--error-rate` answers that share of requests 503, `--latency`
+//! delays every answer, `--down` answers everything 503 (health included).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "weft-demo",
+    about = "A demo service for the weft mesh: serves, calls downstream, fails on request"
+)]
+struct Args {
+    /// Where to listen (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// This service's name, in every answer.
+    #[arg(long, default_value = "demo")]
+    name: String,
+    /// A downstream service to call for every request served (repeatable),
+    /// such as http://inventory.shop:80/items.
+    #[arg(long = "call")]
+    calls: Vec<String>,
+    /// Share of requests answered 503 (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Added to every answer.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    latency: Duration,
+    /// Answer everything 503.
+    #[arg(long)]
+    down: bool,
+    /// Instead of serving: GET this URL once, print the status on the first
+    /// line and the body after it, exit 0 (1 when no response came).
+    #[arg(long)]
+    fetch: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<weft::api::Duration>()
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Faults {
+    error_rate: f64,
+    latency: Duration,
+    down: bool,
+}
+
+struct State {
+    name: String,
+    calls: Vec<http::Uri>,
+    faults: Mutex<Faults>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut rsp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn set_faults(state: &State, query: &str) -> Result<Faults, String> {
+    let mut f = Faults::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "error_rate" => {
+                f.error_rate = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| format!("error_rate={v}: a share between 0 and 1"))?;
+            }
+            "latency" => f.latency = parse_duration(v).map_err(|e| format!("latency: {e}"))?,
+            "down" => f.down = v == "true" || v == "1",
+            other => {
+                return Err(format!(
+                    "unknown fault {other:?}: error_rate, latency, down"
+                ));
+            }
+        }
+    }
+    *state.faults.lock().unwrap_or_else(|e| e.into_inner()) = f;
+    Ok(f)
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path == "/__demo/faults" && req.method() == http::Method::POST {
+        let query = req.uri().query().unwrap_or("").to_owned();
+        return Ok(match set_faults(&state, &query) {
+            Ok(f) => json_response(
+                StatusCode::OK,
+                json!({ "error_rate": f.error_rate, "latency_ms": f.latency.as_millis() as u64, "down": f.down }),
+            ),
+            Err(e) => json_response(StatusCode::BAD_REQUEST, json!({ "error": e })),
+        });
+    }
+    let faults = *state.faults.lock().unwrap_or_else(|e| e.into_inner());
+    if faults.down {
+        return Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "service": state.name, "error": "down" }),
+        ));
+    }
+    if path == "/healthz" {
+        return Ok(json_response(
+            StatusCode::OK,
+            json!({ "service": state.name }),
+        ));
+    }
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
+        return Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "service": state.name, "error": "injected failure" }),
+        ));
+    }
+    let caller = req
+        .headers()
+        .get("weft-client-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let _ = req.into_body().collect().await;
+    let mut downstream = Vec::new();
+    let mut ok = true;
+    for uri in &state.calls {
+        let status = match tokio::time::timeout(
+            Duration::from_secs(10),
+            state.client.get(uri.clone()),
+        )
+        .await
+        {
+            Ok(Ok(rsp)) => {
+                let status = rsp.status().as_u16();
+                let _ = rsp.into_body().collect().await;
+                status
+            }
+            _ => 0,
+        };
+        ok &= (200..300).contains(&status);
+        downstream.push(json!({ "url": uri.to_string(), "status": status }));
+    }
+    Ok(json_response(
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_GATEWAY
+        },
+        json!({ "service": state.name, "caller": caller, "downstream": downstream }),
+    ))
+}
+
+/// `--fetch`: one GET, for scripts and tests inside a pod.
+async fn fetch(url: &str) -> ExitCode {
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: --fetch {url:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
+        Ok(Ok(rsp)) => {
+            let status = rsp.status().as_u16();
+            let body = rsp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            println!("{status}\n{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: GET {url}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("error: GET {url}: no answer within 10 s");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(url) = &args.fetch {
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(fetch(url)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let calls: Result<Vec<http::Uri>, String> = args
+        .calls
+        .iter()
+        .map(|c| c.parse().map_err(|e| format!("--call {c:?}: {e}")))
+        .collect();
+    let calls = match calls {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        eprintln!("error: --error-rate must be between 0 and 1");
+        return ExitCode::from(2);
+    }
+    let state = Arc::new(State {
+        name: args.name.clone(),
+        calls,
+        faults: Mutex::new(Faults {
+            error_rate: args.error_rate,
+            latency: args.latency,
+            down: args.down,
+        }),
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+    });
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: std::io::Result<()> = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        eprintln!(
+            "weft-demo {}: listening on {}",
+            args.name,
+            listener.local_addr()?
+        );
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

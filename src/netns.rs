@@ -1,0 +1,235 @@
+//! "Pods" as Linux network namespaces, for tier-4 tests and `weft local`:
+//! each pod gets its own namespace with an `eth0` joined by a veth pair to
+//! a bridge that lives in a namespace of its own, and an address from one
+//! private /24 that exists only inside these namespaces. Processes run
+//! inside a pod as a given user (with `setpriv`).
+//!
+//! Everything is torn down on drop — processes killed, namespaces (and with
+//! them their links) deleted — so a failing test leaves nothing behind.
+//! Needs root, `ip` (iproute2) and `setpriv` (util-linux).
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, bail};
+
+/// The /24 the pods' addresses come from (first three octets).
+pub const SUBNET: [u8; 3] = [10, 77, 0];
+
+/// Why this machine cannot run network-namespace pods, if it cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("not running as root (network namespaces and iptables need it)".into());
+    }
+    for tool in ["ip", "iptables", "iptables-save", "setpriv"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (apt-get install -y iptables iproute2 util-linux)"
+            ));
+        }
+    }
+    None
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name])?;
+        Ok(Self {
+            name: name.to_owned(),
+        })
+    }
+
+    /// `ip` inside this namespace.
+    fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend(args);
+        ip(&all)
+    }
+
+    /// A command inside this namespace, as `uid` (and the same gid) when
+    /// given, holding only `caps` (such as `+net_admin,+net_raw`).
+    pub fn command(&self, uid: Option<u32>, caps: &str, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]);
+        if let Some(uid) = uid {
+            let uid = uid.to_string();
+            c.args([
+                "setpriv",
+                "--reuid",
+                &uid,
+                "--regid",
+                &uid,
+                "--clear-groups",
+            ]);
+            if caps.is_empty() {
+                c.args(["--inh-caps", "-all"]);
+            } else {
+                c.args(["--inh-caps", &format!("-all,{caps}")]);
+                c.arg(format!("--ambient-caps={caps}"));
+            }
+        }
+        c.args(argv);
+        c
+    }
+
+    /// Runs a command to completion inside this namespace.
+    pub fn run(&self, uid: Option<u32>, caps: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        self.command(uid, caps, argv)
+            .output()
+            .with_context(|| format!("running {argv:?} in {}", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// One pod: a namespace with an address, and the processes started in it.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    children: Vec<Child>,
+    // Dropped last: the processes go before their namespace.
+    pub ns: Netns,
+}
+
+impl Pod {
+    /// Starts a long-running process in the pod, its output to `log`.
+    pub fn spawn(
+        &mut self,
+        uid: Option<u32>,
+        argv: &[&str],
+        log: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = file.try_clone()?;
+        let child = self
+            .ns
+            .command(uid, "", argv)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {argv:?} in pod {}", self.name))?;
+        self.children.push(child);
+        Ok(())
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A bridge and the pods on it.
+pub struct Network {
+    tag: String,
+    next_host: u8,
+    /// Declared before the bridge: pods are torn down first.
+    pub pods: Vec<Pod>,
+    bridge: Netns,
+}
+
+static NETWORKS: AtomicU32 = AtomicU32::new(0);
+
+impl Network {
+    /// A new bridge; `tag` keeps names apart (namespaces are global).
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let n = NETWORKS.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{tag}{}x{n}", std::process::id());
+        let bridge = Netns::new(&format!("wbr-{tag}"))?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        bridge.ip(&["link", "set", "lo", "up"])?;
+        Ok(Self {
+            tag,
+            next_host: 10,
+            pods: Vec::new(),
+            bridge,
+        })
+    }
+
+    /// Adds a pod with the next free address; returns its index.
+    pub fn add_pod(&mut self, name: &str) -> anyhow::Result<usize> {
+        let host = self.next_host;
+        if host == 250 {
+            bail!("this network holds at most 240 pods");
+        }
+        self.next_host += 1;
+        let ns = Netns::new(&format!("wp-{}-{name}", self.tag))?;
+        let addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], host);
+        // Interface names are at most 15 bytes: short, unique per network.
+        let (pod_end, bridge_end) = (format!("wv{host}p"), format!("wv{host}b"));
+        ip(&[
+            "link",
+            "add",
+            &pod_end,
+            "netns",
+            &ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &bridge_end,
+            "netns",
+            &self.bridge.name,
+        ])?;
+        ns.ip(&["link", "set", &pod_end, "name", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        self.bridge
+            .ip(&["link", "set", &bridge_end, "master", "br0"])?;
+        self.bridge.ip(&["link", "set", &bridge_end, "up"])?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            ip: addr,
+            children: Vec::new(),
+            ns,
+        });
+        Ok(self.pods.len() - 1)
+    }
+}
