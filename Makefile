@@ -23,8 +23,13 @@ fmt-check:
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## tier 5: a real kube-apiserver and etcd from $$KUBEBUILDER_ASSETS (setup-envtest); skips loudly without them
+## tier 5: a real kube-apiserver and etcd from $$KUBEBUILDER_ASSETS (setup-envtest); fails, naming what is missing, without them
 test-apiserver:
+	@if [ -z "$$KUBEBUILDER_ASSETS" ] || [ ! -x "$$KUBEBUILDER_ASSETS/kube-apiserver" ] || [ ! -x "$$KUBEBUILDER_ASSETS/etcd" ]; then \
+	  echo "test-apiserver: KUBEBUILDER_ASSETS must point at kube-apiserver and etcd binaries"; \
+	  echo "  go install sigs.k8s.io/controller-runtime/tools/setup-envtest@latest"; \
+	  echo "  export KUBEBUILDER_ASSETS=\$$(setup-envtest use -p path)"; \
+	  exit 1; fi
 	$(CARGO) test --test apiserver -- --nocapture
 
 ## regenerate crds/ (and the chart's copy) from the Rust types (a test fails when they differ)

@@ -1,7 +1,8 @@
 //! Tier 5: a real kube-apiserver (with etcd) from `KUBEBUILDER_ASSETS`
 //! (`setup-envtest use -p path`), and the real webhook in this process.
-//! Run with `make test-apiserver`; without the binaries every test here
-//! says SKIPPED loudly and passes.
+//! Run with `make test-apiserver`, which fails, naming what is missing,
+//! without the binaries. Under `make test` (no binaries on CI) every test
+//! here says SKIPPED loudly instead, and `make test` prints that line.
 //!
 //! - The webhook is registered by URL with its caBundle; a pod created in a
 //!   labelled namespace comes back injected, one in an unlabelled namespace
