@@ -88,7 +88,7 @@ for t in setsid timeout; do command -v "$t" >/dev/null || die "$t (util-linux/co
 # haproxy sizes its descriptor table from maxconn at startup.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-say "building weft and weft-bench (release)"
+say "building weft-proxy and weft-bench (release)"
 "$CARGO" build --release --bin weft-proxy --bin weft-bench || die "cargo build --release --bin weft-proxy --bin weft-bench failed"
 TARGET_DIR=$("$CARGO" metadata --format-version 1 --no-deps 2>/dev/null |
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p') || true
