@@ -151,26 +151,39 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     webhook::serve_https(listener, serving, webhook::router(hook)).await
 }
 
-/// Keeps the injector's Mesh defaults current (the Mesh named `default`;
-/// built-in defaults while there is none).
+/// Keeps the injector's Mesh defaults current: the Mesh named `default`,
+/// or the built-in defaults while there is none (never created, or
+/// deleted).
 async fn watch_mesh(client: Client, hook: Arc<Webhook>) {
     let config = watcher::Config::default().fields(&format!("metadata.name={MESH_NAME}"));
-    let stream = watcher(Api::<Mesh>::all(client), config)
-        .default_backoff()
-        .touched_objects();
+    let stream = watcher(Api::<Mesh>::all(client), config).default_backoff();
     futures_util::pin_mut!(stream);
+    // Whether the current (re)list has delivered the Mesh.
+    let mut listed = false;
     while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(mesh) => {
-                let current = hook.settings.load();
-                if current.mesh != mesh.spec {
-                    let mut next = InjectSettings::clone(&current);
-                    next.mesh = mesh.spec;
-                    hook.settings.store(Arc::new(next));
-                    tracing::info!("Mesh defaults updated");
-                }
+        let spec = match ev {
+            Ok(watcher::Event::Apply(mesh) | watcher::Event::InitApply(mesh)) => {
+                listed = true;
+                Some(mesh.spec)
             }
-            Err(e) => tracing::warn!(error = %e, "Mesh watch"),
+            Ok(watcher::Event::Delete(_)) => Some(MeshSpec::default()),
+            Ok(watcher::Event::Init) => {
+                listed = false;
+                None
+            }
+            Ok(watcher::Event::InitDone) => (!listed).then(MeshSpec::default),
+            Err(e) => {
+                tracing::warn!(error = %e, "Mesh watch");
+                None
+            }
+        };
+        let Some(spec) = spec else { continue };
+        let current = hook.settings.load();
+        if current.mesh != spec {
+            let mut next = InjectSettings::clone(&current);
+            next.mesh = spec;
+            hook.settings.store(Arc::new(next));
+            tracing::info!("Mesh defaults updated");
         }
     }
 }
