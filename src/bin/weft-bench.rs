@@ -265,10 +265,17 @@ async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, String> {
 }
 
 async fn h1_connect(addr: SocketAddr) -> Result<H1Sender, String> {
-    let s = connect_tcp(addr).await?;
+    h1_handshake(connect_tcp(addr).await?).await
+}
+
+/// HTTP/1.1 over an open connection (plain TCP or TLS), driven in a task.
+async fn h1_handshake<IO>(io: IO) -> Result<H1Sender, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, conn) = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        hyper::client::conn::http1::handshake(TokioIo::new(s)),
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
     )
     .await
     .map_err(|_| "http/1.1 handshake: timed out".to_string())?
@@ -314,17 +321,7 @@ async fn h1_connect_mesh(
     .await
     .map_err(|_| "mesh TLS handshake: timed out".to_string())?
     .map_err(|e| format!("mesh TLS handshake: {e}"))?;
-    let (tx, conn) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)),
-    )
-    .await
-    .map_err(|_| "http/1.1 handshake: timed out".to_string())?
-    .map_err(|e| format!("http/1.1 handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(tx)
+    h1_handshake(tls).await
 }
 
 async fn h2_connect(addr: SocketAddr) -> Result<H2Sender, String> {
