@@ -5,14 +5,14 @@ export CARGO_TERM_COLOR ?= never
 .PHONY: build test test-apiserver fmt fmt-check lint crds bench bench-compile bench-webhook bench-proxy fuzz-smoke
 
 build:
-	$(CARGO) build --release --bin weft --bin weft-proxy
+	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
 
 ## fmt check + clippy (-D warnings) + every test tier that runs here
 test: fmt-check lint
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
-	@# Tiers 4 and 5 again with their output shown, so a skip is visible.
-	$(CARGO) test --test netns --test apiserver -- --nocapture 2>&1 | grep -E 'SKIPPED|\*\*\*|test result' || true
+	@# The tier 4 and 5 prerequisite checks again, output shown, so a skip is visible.
+	$(CARGO) test --test netns --test apiserver -- --nocapture tier4_prerequisites tier5 2>&1 | grep -E 'SKIPPED|\*\*\*|test result' || true
 
 fmt:
 	$(CARGO) fmt --all

@@ -15,6 +15,7 @@ pub mod controlplane;
 pub mod identity;
 pub mod init;
 pub mod inject;
+pub mod local;
 pub mod manifest;
 pub mod netns;
 pub mod proxy;

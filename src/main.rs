@@ -37,6 +37,10 @@ enum Command {
     /// Run the control plane: the sidecar injector (admission webhook) and
     /// its serving certificate.
     ControlPlane(weft::controlplane::ControlPlaneArgs),
+    /// The whole mesh on this machine, without a cluster: `up DIR` starts
+    /// demo services with real sidecars from DIR's policies and topology,
+    /// `status` shows the traffic per edge, `down` removes everything.
+    Local(weft::local::LocalArgs),
     /// Wait until the local proxy is ready (the classic sidecar's postStart
     /// hook, which holds the app's start until then).
     WaitReady {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => weft::proxy::main(args).map(|()| ExitCode::SUCCESS),
         Command::Init(args) => weft::init::main(&args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane(args) => weft::controlplane::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Local(args) => weft::local::main(args),
         Command::WaitReady { url, timeout } => wait_ready(&url, timeout.as_std()),
     };
     match result {

@@ -106,6 +106,15 @@ impl Netns {
         c
     }
 
+    /// Writes `/etc/netns/<name>/<file>`, which `ip netns exec` mounts over
+    /// `/etc/<file>` for the processes it starts (such as `hosts`).
+    pub fn set_etc_file(&self, file: &str, text: &str) -> anyhow::Result<()> {
+        let dir = etc_dir(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(file);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Runs a command to completion inside this namespace.
     pub fn run(&self, uid: Option<u32>, caps: &str, argv: &[&str]) -> anyhow::Result<Output> {
         self.command(uid, caps, argv)
@@ -116,10 +125,55 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        delete_namespace(&self.name);
     }
+}
+
+fn etc_dir(netns: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns").join(netns)
+}
+
+/// Deletes a network namespace (its links go with it) and its
+/// `/etc/netns` files; quiet when it is already gone.
+pub fn delete_namespace(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+    let _ = std::fs::remove_dir_all(etc_dir(name));
+}
+
+/// The network namespaces that exist, by name (`ip netns list`).
+pub fn list_namespaces() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A TCP connection made from inside network namespace `netns` (the
+/// socket stays in it; the calling process does not move). A short-lived
+/// thread enters the namespace, so the caller's threads are untouched.
+pub fn connect_in(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let path = std::path::Path::new("/run/netns").join(netns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+    })
 }
 
 /// One pod: a namespace with an address, and the processes started in it.
@@ -152,6 +206,13 @@ impl Pod {
             .with_context(|| format!("starting {argv:?} in pod {}", self.name))?;
         self.children.push(child);
         Ok(())
+    }
+}
+
+impl Pod {
+    /// The processes started in this pod.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
     }
 }
 
@@ -192,6 +253,13 @@ impl Network {
         })
     }
 
+    /// Every namespace of this network: the bridge's and the pods'.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names = vec![self.bridge.name.clone()];
+        names.extend(self.pods.iter().map(|p| p.ns.name.clone()));
+        names
+    }
+
     /// Adds a pod with the next free address; returns its index.
     pub fn add_pod(&mut self, name: &str) -> anyhow::Result<usize> {
         let host = self.next_host;
@@ -221,6 +289,10 @@ impl Network {
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["link", "set", "lo", "up"])?;
+        // Every destination leaves by eth0, so a connect to an address no
+        // pod has (a Service's ClusterIP) reaches the OUTPUT chain and its
+        // redirect to the sidecar instead of failing "unreachable".
+        ns.ip(&["route", "add", "default", "dev", "eth0"])?;
         self.bridge
             .ip(&["link", "set", &bridge_end, "master", "br0"])?;
         self.bridge.ip(&["link", "set", &bridge_end, "up"])?;

@@ -431,3 +431,15 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
         "both attempts counted as plaintext from {c_ip}: {counted}"
     );
 }
+
+/// `make test` runs this one again with its output shown, so whether tier
+/// 4 ran or was skipped is visible in the log.
+#[test]
+fn tier4_prerequisites() {
+    match missing_prerequisite() {
+        Some(why) => eprintln!("\n*** SKIPPED tier 4 (network namespaces): {why}\n"),
+        None => eprintln!(
+            "*** tier 4 (network namespaces) ran: root, ip, iptables and setpriv are here"
+        ),
+    }
+}

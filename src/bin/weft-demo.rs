@@ -11,6 +11,9 @@
 //! - `POST /__demo/faults?error_rate=0.2&latency=50ms&down=false`: sets the
 //!   faults (each parameter optional; `POST /__demo/faults` alone clears).
 //!
+//! `--drive URL --rps N` also sends N GETs a second to URL (a shopper), so
+//! `weft local` has traffic to show.
+//!
 //! Faults: `--error-rate` answers that share of requests 503, `--latency`
 //! delays every answer, `--down` answers everything 503 (health included).
 
@@ -55,6 +58,13 @@ struct Args {
     /// Answer everything 503.
     #[arg(long)]
     down: bool,
+    /// Also drive load: GET this URL `--rps` times a second, for ever
+    /// (repeatable; each URL gets its own rate). The demo's shoppers.
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// Requests per second for each `--drive` URL.
+    #[arg(long, default_value_t = 10.0)]
+    rps: f64,
     /// Instead of serving: GET this URL once, print the status on the first
     /// line and the body after it, exit 0 (1 when no response came).
     #[arg(long)]
@@ -187,6 +197,29 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     ))
 }
 
+/// `--drive`: GETs `uri` at `rps`, each request on its own task so a slow
+/// answer does not lower the rate; at most 256 in flight.
+async fn drive(client: Client<HttpConnector, Empty<Bytes>>, uri: http::Uri, rps: f64) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (client, uri) = (client.clone(), uri.clone());
+        tokio::spawn(async move {
+            if let Ok(Ok(rsp)) =
+                tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await
+            {
+                let _ = rsp.into_body().collect().await;
+            }
+            drop(permit);
+        });
+    }
+}
+
 /// `--fetch`: one GET, for scripts and tests inside a pod.
 async fn fetch(url: &str) -> ExitCode {
     let uri: http::Uri = match url.parse() {
@@ -235,18 +268,22 @@ fn main() -> ExitCode {
             }
         };
     }
-    let calls: Result<Vec<http::Uri>, String> = args
-        .calls
-        .iter()
-        .map(|c| c.parse().map_err(|e| format!("--call {c:?}: {e}")))
-        .collect();
-    let calls = match calls {
-        Ok(c) => c,
-        Err(e) => {
+    let uris = |flag: &str, list: &[String]| -> Result<Vec<http::Uri>, String> {
+        list.iter()
+            .map(|c| c.parse().map_err(|e| format!("{flag} {c:?}: {e}")))
+            .collect()
+    };
+    let (calls, drives) = match (uris("--call", &args.calls), uris("--drive", &args.drives)) {
+        (Ok(c), Ok(d)) => (c, d),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    if !(args.rps > 0.0 && args.rps <= 10_000.0) {
+        eprintln!("error: --rps must be above 0 and at most 10000");
+        return ExitCode::from(2);
+    }
     if !(0.0..=1.0).contains(&args.error_rate) {
         eprintln!("error: --error-rate must be between 0 and 1");
         return ExitCode::from(2);
@@ -278,6 +315,9 @@ fn main() -> ExitCode {
             args.name,
             listener.local_addr()?
         );
+        for uri in drives {
+            tokio::spawn(drive(state.client.clone(), uri, args.rps));
+        }
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);

@@ -1,0 +1,500 @@
+//! What `weft local up` will start, decided without touching the machine:
+//! the compiled configs (with each Service's endpoints filled in from the
+//! topology's pods), and per pod its address, ports, the app's command line
+//! and the sidecar's. The runner only carries it out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+
+use super::topology::{CallUrl, Topology, Workload};
+use crate::compile::{ClusterFacts, PolicyVerdict, compile};
+use crate::config::{OutboundService, ProxyConfig};
+use crate::proxy::{ADMIN_PORT, PROBE_PORT};
+
+/// Where the pods run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Each pod a network namespace with real `weft init` rules (root).
+    Netns,
+    /// Every process on 127.0.0.1, the proxies on explicit ports from
+    /// `base_port` up (no root needed).
+    Loopback { base_port: u16 },
+}
+
+/// ClusterIPs handed to Services that have none (the pods' hosts files
+/// and the proxies' configs agree on them).
+const VIRTUAL_IPS: [u8; 3] = [10, 96, 255];
+
+/// Where every probe and health check goes: never retried, never a failure.
+pub const HEALTH_PATH: &str = "/healthz";
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub mode: Mode,
+    pub trust_domain: String,
+    /// Per meshed namespace, endpoints filled in.
+    pub configs: BTreeMap<String, ProxyConfig>,
+    pub pods: Vec<PodPlan>,
+    /// Every policy's verdict, as `weft compile` prints them.
+    pub verdicts: Vec<PolicyVerdict>,
+    /// Things that will work, but maybe not as the author meant.
+    pub warnings: Vec<String>,
+}
+
+/// One pod: a demo app and its sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlan {
+    /// `<workload>-<i>`.
+    pub name: String,
+    pub workload: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod's address (127.0.0.1 on loopback).
+    pub ip: Ipv4Addr,
+    /// The app's port.
+    pub app_port: u16,
+    /// The sidecar's admin server, as seen from inside the pod.
+    pub admin: SocketAddr,
+    /// `weft-demo` arguments.
+    pub app_args: Vec<String>,
+    /// The app drives load (`drive` in the topology): it starts last.
+    pub drives: bool,
+    /// `weft-proxy` arguments, but for `--config` and `--identity-dir`.
+    pub proxy_args: Vec<String>,
+    /// The pod's `/etc/hosts` (network namespaces only): Service names to
+    /// ClusterIPs, which the sidecar intercepts.
+    pub hosts: Option<String>,
+    /// Every port the pod listens on in the host's own network (loopback
+    /// only), so the runner can check they are free.
+    pub host_ports: Vec<u16>,
+}
+
+/// A problem that stops the plan, with the topology field it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Plans the mesh: compiles `facts` (after giving ClusterIPs to Services
+/// without one) and lays the topology's pods out for `mode`.
+pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Plan, Vec<PlanError>> {
+    let mut facts = facts.clone();
+    assign_cluster_ips(&mut facts.services);
+    let compiled = compile(&facts);
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let err = |path: String, message: String| PlanError { path, message };
+
+    let accounts: BTreeSet<(String, String)> = facts
+        .service_accounts
+        .iter()
+        .map(|sa| (sa.namespace().unwrap_or_default(), sa.name_any()))
+        .collect();
+    for (i, w) in topology.workloads.iter().enumerate() {
+        if !compiled.configs.contains_key(&w.namespace) {
+            errors.push(err(
+                format!("spec.workloads[{i}].namespace"),
+                format!(
+                    "namespace {:?} is not meshed or not defined: define it with the label weft.dev/inject=enabled (meshed: {})",
+                    w.namespace,
+                    compiled.configs.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let sa = w.service_account();
+        if sa != "default" && !accounts.contains(&(w.namespace.clone(), sa.to_owned())) {
+            errors.push(err(
+                format!("spec.workloads[{i}].serviceAccount"),
+                format!(
+                    "no ServiceAccount {}/{sa} in the manifests: add it, or use `default`",
+                    w.namespace
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    // Pods, in topology order; addresses and ports follow from the order.
+    let mut ports = PortAllocator::new(mode);
+    let mut pods = Vec::new();
+    let mut inbound_ports = Vec::new();
+    for (i, w) in topology.workloads.iter().enumerate() {
+        let config = &compiled.configs[&w.namespace];
+        let mut targets: Vec<(String, CallUrl, String)> = Vec::new();
+        for (field, urls) in [("calls", &w.calls), ("drive", &w.drive)] {
+            for (j, url) in urls.iter().enumerate() {
+                let path = format!("spec.workloads[{i}].{field}[{j}]");
+                let Ok(call) = CallUrl::parse(url) else {
+                    continue; // the topology check reported it
+                };
+                match resolve(config, &w.namespace, &call) {
+                    Ok(svc) => targets.push((field.to_owned(), call, svc)),
+                    Err(message) => errors.push(err(path, message)),
+                }
+            }
+        }
+        for r in 0..w.replicas {
+            let ip = ports.pod_ip(pods.len());
+            let app_port = ports.next_or(w.port);
+            let inbound = ports.next_or(0);
+            let admin = SocketAddr::from((ports.listen_ip(), ports.next_or(ADMIN_PORT)));
+            let probe = SocketAddr::from((ports.listen_ip(), ports.next_or(PROBE_PORT)));
+            let mut maps = Vec::new();
+            let mut app_args = vec![
+                "--listen".to_owned(),
+                SocketAddr::from((ports.listen_ip(), app_port)).to_string(),
+                "--name".to_owned(),
+                w.name.clone(),
+            ];
+            for (field, call, svc) in &targets {
+                let url = match mode {
+                    Mode::Netns => format!("http://{}:{}{}", call.host, call.port, call.path),
+                    Mode::Loopback { .. } => {
+                        let target = format!("{svc}:{}", call.port);
+                        let port = match maps.iter().find(|(_, t)| *t == target) {
+                            Some((p, _)) => *p,
+                            None => {
+                                let p = ports.next_or(0);
+                                maps.push((p, target));
+                                p
+                            }
+                        };
+                        format!("http://127.0.0.1:{port}{}", call.path)
+                    }
+                };
+                let flag = if field == "calls" {
+                    "--call"
+                } else {
+                    "--drive"
+                };
+                app_args.extend([flag.to_owned(), url]);
+            }
+            if !w.drive.is_empty() {
+                app_args.extend(["--rps".to_owned(), w.rps.to_string()]);
+            }
+            if w.error_rate > 0.0 {
+                app_args.extend(["--error-rate".to_owned(), w.error_rate.to_string()]);
+            }
+            if let Some(latency) = w.latency {
+                app_args.extend(["--latency".to_owned(), latency.to_string()]);
+            }
+            let mut proxy_args: Vec<String> = [
+                "--workload",
+                &w.name,
+                "--namespace",
+                &w.namespace,
+                "--service-account",
+                w.service_account(),
+                "--trust-domain",
+                &compiled.configs[&w.namespace].trust_domain,
+                "--health-path",
+                HEALTH_PATH,
+                "--no-api-watch",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            if let Mode::Loopback { .. } = mode {
+                proxy_args.extend([
+                    "--no-transparent".to_owned(),
+                    "--admin".to_owned(),
+                    admin.to_string(),
+                    "--probe".to_owned(),
+                    probe.to_string(),
+                    "--inbound-map".to_owned(),
+                    format!("127.0.0.1:{inbound}={app_port}"),
+                ]);
+                for (port, target) in &maps {
+                    proxy_args.extend([
+                        "--outbound-map".to_owned(),
+                        format!("127.0.0.1:{port}={target}"),
+                    ]);
+                }
+            }
+            let host_ports = match mode {
+                Mode::Netns => Vec::new(),
+                Mode::Loopback { .. } => [app_port, inbound, admin.port(), probe.port()]
+                    .into_iter()
+                    .chain(maps.iter().map(|(p, _)| *p))
+                    .collect(),
+            };
+            inbound_ports.push(inbound);
+            pods.push(PodPlan {
+                name: format!("{}-{r}", w.name),
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                service_account: w.service_account().to_owned(),
+                ip,
+                app_port,
+                admin,
+                app_args,
+                drives: !w.drive.is_empty(),
+                proxy_args,
+                hosts: None,
+                host_ports,
+            });
+        }
+    }
+    if let Some(e) = ports.exhausted() {
+        errors.push(err(String::new(), e));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    // Endpoints: the pods each Service selects.
+    let workloads: Vec<(&Workload, BTreeMap<String, String>)> = topology
+        .workloads
+        .iter()
+        .map(|w| (w, w.pod_labels()))
+        .collect();
+    let mut endpoints: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for svc in &facts.services {
+        let key = (svc.namespace().unwrap_or_default(), svc.name_any());
+        let selector = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        let port_count = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .map_or(0, Vec::len);
+        let selected = |w: &Workload, labels: &BTreeMap<String, String>| {
+            w.namespace == key.0
+                && !selector.is_empty()
+                && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        };
+        let mut list = Vec::new();
+        for (pod, inbound) in pods.iter().zip(&inbound_ports) {
+            let Some((w, _)) = workloads
+                .iter()
+                .find(|(w, labels)| w.name == pod.workload && selected(w, labels))
+            else {
+                continue;
+            };
+            list.push(match mode {
+                Mode::Netns => SocketAddr::from((pod.ip, w.port)).to_string(),
+                Mode::Loopback { .. } => format!("127.0.0.1:{inbound}"),
+            });
+        }
+        if list.is_empty() {
+            if compiled.configs.contains_key(&key.0) {
+                warnings.push(format!(
+                    "Service {}/{} selects no workload of the topology: calls to it fail",
+                    key.0, key.1
+                ));
+            }
+            continue;
+        }
+        if port_count > 1 {
+            warnings.push(format!(
+                "Service {}/{} has {port_count} ports; weft local sends all of them to the app's one port",
+                key.0, key.1
+            ));
+        }
+        check_target_ports(svc, &key, &workloads, &selected, &mut warnings);
+        endpoints.insert(key, list);
+    }
+    let mut configs = compiled.configs;
+    for config in configs.values_mut() {
+        for svc in &mut config.outbound.services {
+            if let Some(list) = endpoints.get(&(svc.namespace.clone(), svc.name.clone())) {
+                svc.endpoints = list.clone();
+            }
+        }
+        *config = config.clone().seal();
+    }
+    if mode == Mode::Netns {
+        for pod in &mut pods {
+            pod.hosts = Some(hosts_file(&configs[&pod.namespace], pod));
+        }
+    }
+    let trust_domain = configs
+        .values()
+        .next()
+        .map(|c| c.trust_domain.clone())
+        .unwrap_or_else(|| crate::compile::CLUSTER_DOMAIN.to_owned());
+    Ok(Plan {
+        mode,
+        trust_domain,
+        configs,
+        pods,
+        verdicts: compiled.verdicts,
+        warnings,
+    })
+}
+
+/// Warns when a Service's numeric targetPort is not the port the selected
+/// workloads listen on (weft local uses the workload's port).
+fn check_target_ports(
+    svc: &Service,
+    key: &(String, String),
+    workloads: &[(&Workload, BTreeMap<String, String>)],
+    selected: &dyn Fn(&Workload, &BTreeMap<String, String>) -> bool,
+    warnings: &mut Vec<String>,
+) {
+    let target = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p.first())
+        .and_then(|p| p.target_port.as_ref());
+    let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(target)) = target
+    else {
+        return;
+    };
+    for (w, labels) in workloads {
+        if selected(w, labels) && i32::from(w.port) != *target {
+            warnings.push(format!(
+                "Service {}/{} targets port {target} but workload {} listens on {}; weft local uses {}",
+                key.0, key.1, w.name, w.port, w.port
+            ));
+        }
+    }
+}
+
+/// The Service a call URL names from `namespace`, as the proxy's target
+/// `name.ns`; the message says what is reachable when nothing matches.
+fn resolve(config: &ProxyConfig, namespace: &str, call: &CallUrl) -> Result<String, String> {
+    let matches = |svc: &OutboundService| {
+        svc.hostnames.contains(&call.host) || (svc.namespace == namespace && svc.name == call.host)
+    };
+    let Some(svc) = config.outbound.services.iter().find(|s| matches(s)) else {
+        let known: Vec<String> = config
+            .outbound
+            .services
+            .iter()
+            .map(|s| format!("{}.{}", s.name, s.namespace))
+            .collect();
+        return Err(format!(
+            "no Service {:?} is reachable from namespace {namespace} (reachable: {})",
+            call.host,
+            known.join(", ")
+        ));
+    };
+    if !svc.ports.iter().any(|p| p.port == call.port) {
+        let ports: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
+        return Err(format!(
+            "Service {}.{} has no port {} (ports: {})",
+            svc.name,
+            svc.namespace,
+            call.port,
+            ports.join(", ")
+        ));
+    }
+    Ok(format!("{}.{}", svc.name, svc.namespace))
+}
+
+/// Gives every Service without a ClusterIP (or headless) one from
+/// 10.96.255.0/24, in name order, so hosts files have an address to name.
+fn assign_cluster_ips(services: &mut [Service]) {
+    let mut sorted: Vec<&mut Service> = services.iter_mut().collect();
+    sorted.sort_by_key(|s| (s.namespace(), s.name_any()));
+    let mut next = 1u8;
+    for svc in sorted {
+        let spec = svc.spec.get_or_insert_with(Default::default);
+        let has_ip = spec
+            .cluster_ip
+            .as_deref()
+            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+        if !has_ip && next < 255 {
+            let ip = Ipv4Addr::new(VIRTUAL_IPS[0], VIRTUAL_IPS[1], VIRTUAL_IPS[2], next);
+            spec.cluster_ip = Some(ip.to_string());
+            spec.cluster_ips = Some(vec![ip.to_string()]);
+            next += 1;
+        }
+    }
+}
+
+/// `/etc/hosts` of a pod: every Service its namespace's config can reach,
+/// by each of its names (the short one in its own namespace).
+fn hosts_file(config: &ProxyConfig, pod: &PodPlan) -> String {
+    let mut out = format!(
+        "127.0.0.1 localhost\n::1 localhost\n{} {}\n",
+        pod.ip, pod.name
+    );
+    for svc in &config.outbound.services {
+        let Some(ip) = svc.cluster_ips.first() else {
+            continue;
+        };
+        let mut names = svc.hostnames.clone();
+        if svc.namespace == pod.namespace {
+            names.push(svc.name.clone());
+        }
+        out.push_str(&format!("{ip} {}\n", names.join(" ")));
+    }
+    out
+}
+
+/// Addresses and ports in plan order.
+struct PortAllocator {
+    mode: Mode,
+    next: u32,
+}
+
+impl PortAllocator {
+    fn new(mode: Mode) -> Self {
+        let next = match mode {
+            Mode::Netns => 0,
+            Mode::Loopback { base_port } => u32::from(base_port),
+        };
+        Self { mode, next }
+    }
+
+    fn pod_ip(&self, index: usize) -> Ipv4Addr {
+        match self.mode {
+            // The order `netns::Network::add_pod` hands addresses out in.
+            Mode::Netns => {
+                let s = crate::netns::SUBNET;
+                Ipv4Addr::new(s[0], s[1], s[2], 10 + index as u8)
+            }
+            Mode::Loopback { .. } => Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    fn listen_ip(&self) -> Ipv4Addr {
+        match self.mode {
+            Mode::Netns => Ipv4Addr::UNSPECIFIED,
+            Mode::Loopback { .. } => Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// In a pod of its own a process keeps its usual port; on loopback
+    /// every port is the next free number.
+    fn next_or(&mut self, in_pod: u16) -> u16 {
+        match self.mode {
+            Mode::Netns => in_pod,
+            Mode::Loopback { .. } => {
+                let p = self.next;
+                self.next += 1;
+                u16::try_from(p).unwrap_or(0)
+            }
+        }
+    }
+
+    fn exhausted(&self) -> Option<String> {
+        (self.next > u32::from(u16::MAX))
+            .then(|| "the loopback ports run past 65535: pass a lower --base-port".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+use std::path::PathBuf;
+
+use super::*;
+use crate::local::topology;
+
+fn shop() -> (ClusterFacts, Topology) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/shop");
+    let loaded = crate::manifest::load(std::slice::from_ref(&dir)).expect("the example loads");
+    let topo = topology::load(&dir.join(topology::DEFAULT_PATH)).expect("the topology loads");
+    (loaded.facts, topo)
+}
+
+fn topo(workloads: &str) -> Topology {
+    topology::parse(&format!(
+        "apiVersion: local.weft.dev/v1alpha1\nkind: LocalTopology\nspec:\n  workloads:\n{workloads}"
+    ))
+    .expect("valid topology")
+}
+
+#[test]
+fn netns_pods_get_addresses_in_order_and_services_their_endpoints() {
+    let (facts, topo) = shop();
+    let plan = plan(&facts, &topo, Mode::Netns).expect("plans");
+    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    let names: Vec<&str> = plan.pods.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "shopper-0",
+            "catalog-0",
+            "cart-0",
+            "checkout-0",
+            "checkout-1",
+            "checkout-canary-0",
+            "inventory-0",
+            "inventory-1",
+            "notifications-0",
+            "payments-0"
+        ]
+    );
+    assert_eq!(plan.pods[0].ip, Ipv4Addr::new(10, 77, 0, 10));
+    let shop = &plan.configs["shop"];
+    let endpoints = |name: &str| {
+        shop.outbound
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.endpoints.clone())
+            .expect(name)
+    };
+    assert_eq!(
+        endpoints("checkout"),
+        ["10.77.0.13:8080", "10.77.0.14:8080"]
+    );
+    assert_eq!(endpoints("checkout-canary"), ["10.77.0.15:8080"]);
+    assert_eq!(endpoints("payments"), ["10.77.0.19:8080"]);
+    // The generation covers the endpoints.
+    assert_eq!(shop.generation, shop.clone().seal().generation);
+
+    let checkout = &plan.pods[3];
+    assert_eq!(
+        checkout.app_args,
+        [
+            "--listen",
+            "0.0.0.0:8080",
+            "--name",
+            "checkout",
+            "--call",
+            "http://inventory.shop:80/reserve",
+            "--call",
+            "http://payments.payments:80/charge",
+            "--call",
+            "http://notifications.shop:80/send"
+        ]
+    );
+    let hosts = checkout.hosts.as_deref().expect("hosts");
+    assert!(
+        hosts.contains(
+            "10.96.12.1 checkout.shop.svc.cluster.local checkout.shop.svc checkout.shop checkout\n"
+        ),
+        "{hosts}"
+    );
+    assert!(hosts.contains("10.96.20.1 payments.payments.svc.cluster.local payments.payments.svc payments.payments\n"), "{hosts}");
+    assert!(checkout.host_ports.is_empty());
+    assert!(!checkout.proxy_args.contains(&"--no-transparent".to_owned()));
+    let shopper = &plan.pods[0];
+    assert!(
+        shopper.app_args.windows(2).any(|w| w == ["--rps", "10"]),
+        "{:?}",
+        shopper.app_args
+    );
+    let inventory = &plan.pods[6];
+    assert!(
+        inventory
+            .app_args
+            .windows(2)
+            .any(|w| w == ["--error-rate", "0.2"])
+    );
+}
+
+#[test]
+fn loopback_pods_get_distinct_ports_and_call_through_their_sidecar() {
+    let (facts, topo) = shop();
+    let plan = plan(&facts, &topo, Mode::Loopback { base_port: 20000 }).expect("plans");
+    let mut all: Vec<u16> = plan
+        .pods
+        .iter()
+        .flat_map(|p| p.host_ports.clone())
+        .collect();
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n, "no port is used twice");
+    assert_eq!(all[0], 20000);
+    let catalog = &plan.pods[1];
+    // catalog: app, inbound, admin, probe, then one outbound map.
+    assert_eq!(catalog.host_ports.len(), 5);
+    let out = catalog.host_ports[4];
+    assert!(
+        catalog
+            .app_args
+            .contains(&format!("http://127.0.0.1:{out}/stock"))
+    );
+    assert!(
+        catalog
+            .proxy_args
+            .contains(&format!("127.0.0.1:{out}=inventory.shop:80"))
+    );
+    let inbound = catalog.host_ports[1];
+    assert!(
+        catalog
+            .proxy_args
+            .contains(&format!("127.0.0.1:{inbound}={}", catalog.app_port))
+    );
+    let catalog_svc = plan.configs["shop"]
+        .outbound
+        .services
+        .iter()
+        .find(|s| s.name == "catalog")
+        .expect("catalog");
+    assert_eq!(catalog_svc.endpoints, [format!("127.0.0.1:{inbound}")]);
+    assert!(catalog.hosts.is_none());
+}
+
+#[test]
+fn bad_references_name_the_topology_field() {
+    let (facts, _) = shop();
+    let errors = plan(
+        &facts,
+        &topo(
+            "  - name: a\n    namespace: shop\n    serviceAccount: default\n    calls: [http://nowhere.shop/x, http://cart.shop:81/]\n  - name: b\n    namespace: unmeshed\n",
+        ),
+        Mode::Netns,
+    )
+    .expect_err("bad references");
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        text[0].starts_with("spec.workloads[1].namespace: namespace \"unmeshed\" is not meshed"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].starts_with("spec.workloads[1].serviceAccount: no ServiceAccount unmeshed/b"),
+        "{text:?}"
+    );
+
+    let errors = plan(
+        &facts,
+        &topo("  - name: a\n    namespace: shop\n    serviceAccount: default\n    calls: [http://nowhere.shop/x, http://cart.shop:81/]\n"),
+        Mode::Netns,
+    )
+    .expect_err("bad calls");
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(text[0].starts_with("spec.workloads[0].calls[0]: no Service \"nowhere.shop\" is reachable from namespace shop"), "{text:?}");
+    assert_eq!(
+        text[1],
+        "spec.workloads[0].calls[1]: Service cart.shop has no port 81 (ports: 80)"
+    );
+}
+
+#[test]
+fn services_without_a_cluster_ip_get_one_and_unselected_services_warn() {
+    let (mut facts, _) = shop();
+    for svc in &mut facts.services {
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.cluster_ip = None;
+        }
+    }
+    let plan = plan(
+        &facts,
+        &topo("  - name: cart\n    namespace: shop\n"),
+        Mode::Netns,
+    )
+    .expect("plans");
+    let ips: Vec<&str> = plan.configs["shop"]
+        .outbound
+        .services
+        .iter()
+        .map(|s| s.cluster_ips[0].as_str())
+        .collect();
+    assert!(ips.iter().all(|ip| ip.starts_with("10.96.255.")), "{ips:?}");
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w
+                == "Service shop/inventory selects no workload of the topology: calls to it fail"),
+        "{:?}",
+        plan.warnings
+    );
+}

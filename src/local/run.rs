@@ -1,0 +1,837 @@
+//! Carries a [`Plan`] out: files, processes, network namespaces; the state
+//! file that lets `status` find the proxies and `down` remove everything;
+//! and the scrape behind `status`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use super::plan::{HEALTH_PATH, Mode, Plan, PodPlan, plan};
+use super::status::{self, Snapshot, View};
+use super::{Format, ModeArg, StateArgs, StatusArgs, UpArgs, topology};
+use crate::identity::{CA_LIFETIME, MeshCa, SpiffeId};
+use crate::netns::{self, Network};
+use crate::proxy::PROXY_UID;
+
+const STATE_FILE: &str = "state.json";
+/// The apps run as this user in network-namespace pods.
+const APP_UID: u32 = 1000;
+/// `weft init` runs as nobody with only these capabilities, as in a pod.
+const INIT_UID: u32 = 65534;
+const INIT_CAPS: &str = "+net_admin,+net_raw";
+/// Names of the namespaces `up` creates start with these (see `Network`).
+const NETNS_PREFIXES: [&str; 2] = ["wbr-local", "wp-local"];
+const TAG: &str = "local";
+/// How long a pod may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Workload certificates live this long (no rotation in weft local).
+const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What `up` leaves for `status` and `down`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct State {
+    /// The `weft local up` process.
+    up_pid: u32,
+    mode: String,
+    manifests: PathBuf,
+    /// Network namespaces created (network-namespace mode).
+    namespaces: Vec<String>,
+    pods: Vec<PodState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodState {
+    name: String,
+    workload: String,
+    namespace: String,
+    ip: Ipv4Addr,
+    /// The pod's network namespace; None on loopback.
+    netns: Option<String>,
+    admin_port: u16,
+    app_port: u16,
+    pids: Vec<u32>,
+}
+
+fn state_dir(args: &StateArgs) -> PathBuf {
+    if let Some(dir) = &args.state_dir {
+        return dir.clone();
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/run/weft-local");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("weft-local"),
+        _ => std::env::temp_dir().join(format!("weft-local-{}", nix::unistd::Uid::effective())),
+    }
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<Option<State>> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether `pid` is a live weft process (not a recycled pid).
+fn alive(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie has exited; it only waits for its parent.
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).contains("weft")
+}
+
+/// A binary installed next to this one.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the weft binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{name} is not next to {} (`make build` builds weft, weft-proxy and weft-demo together)",
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Processes and namespaces, removed on drop (even on an error or panic).
+struct Running {
+    /// Loopback processes.
+    children: Vec<Child>,
+    /// Dropped after the loopback processes; its own drop kills pods'
+    /// processes and deletes the namespaces.
+    network: Option<Network>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn choose_mode(args: &UpArgs) -> anyhow::Result<(Mode, String)> {
+    let loopback = Mode::Loopback {
+        base_port: args.base_port,
+    };
+    let missing = netns::missing_prerequisite();
+    Ok(match (args.mode, missing) {
+        (ModeArg::Netns, Some(why)) => {
+            bail!("--mode netns needs network namespaces, but {why}; use --mode loopback")
+        }
+        (ModeArg::Netns | ModeArg::Auto, None) => (
+            Mode::Netns,
+            "network namespaces with real weft init rules".to_owned(),
+        ),
+        (ModeArg::Auto, Some(why)) => (
+            loopback,
+            format!("loopback ports from {} ({why})", args.base_port),
+        ),
+        (ModeArg::Loopback, _) => (loopback, format!("loopback ports from {}", args.base_port)),
+    })
+}
+
+/// `weft local up DIR`.
+pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.state);
+    if let Some(state) = read_state(&dir)? {
+        if alive(state.up_pid) {
+            bail!(
+                "weft local is already up (pid {}, state in {}): `weft local down` stops it",
+                state.up_pid,
+                dir.display()
+            );
+        }
+        eprintln!("weft local: cleaning up after an earlier run that did not stop cleanly");
+        cleanup(&dir, &state);
+    }
+
+    let loaded = match crate::manifest::load(std::slice::from_ref(&args.dir)) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "{} problem(s) in {}; nothing started",
+                errors.len(),
+                args.dir.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let topo_path = args
+        .topology
+        .clone()
+        .unwrap_or_else(|| args.dir.join(topology::DEFAULT_PATH));
+    let topology = match topology::load(&topo_path) {
+        Ok(t) => t,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let (mode, how) = choose_mode(args)?;
+    let plan = match plan(&loaded.facts, &topology, mode) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {}: {e}", topo_path.display());
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    report_plan(&plan, &how);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => r?,
+                    _ = term.recv() => {}
+                }
+                stop.store(true, Ordering::SeqCst);
+                std::io::Result::Ok(())
+            })
+        })
+    };
+    let _ = signals; // lives until the process exits
+
+    let running = start(&plan, &dir, args, &stop)?;
+    let Some((mut running, state)) = running else {
+        eprintln!("weft local: interrupted while starting; everything it started is removed");
+        return Ok(ExitCode::from(130));
+    };
+    println!(
+        "\nthe mesh is up: {} pods. `weft local status` shows the traffic; Ctrl-C or `weft local down` stops it.\nconfigs, identities and logs: {}",
+        state.pods.len(),
+        dir.display()
+    );
+    let every = match args.status_every {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => std::io::stdout()
+            .is_terminal()
+            .then_some(Duration::from_secs(2)),
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut earlier: Option<(Snapshot, Instant)> = None;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(every) = every
+            && Instant::now() >= next
+        {
+            next = Instant::now() + every;
+            let view = picture(&state, &mut earlier);
+            if tty {
+                print!("\x1b[H\x1b[2J");
+            }
+            println!("{}(Ctrl-C stops the mesh)", status::render(&view));
+            let _ = std::io::stdout().flush();
+        }
+        if let Some(dead) = exited(&mut running) {
+            eprintln!("weft local: {dead} exited; stopping everything");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\nstopping {} pods...", state.pods.len());
+    drop(running);
+    cleanup(&dir, &state);
+    println!(
+        "stopped: no namespace or process of weft local is left; logs kept in {}",
+        dir.join("logs").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first loopback process that died, if one did (pods in namespaces
+/// are watched through their readiness instead).
+fn exited(running: &mut Running) -> Option<String> {
+    running
+        .children
+        .iter_mut()
+        .find_map(|c| match c.try_wait() {
+            Ok(Some(status)) => Some(format!("process {} ({status})", c.id())),
+            _ => None,
+        })
+}
+
+fn report_plan(plan: &Plan, how: &str) {
+    println!("weft local: {} pods in {}", plan.pods.len(), how);
+    let not_ok: Vec<_> = plan
+        .verdicts
+        .iter()
+        .filter(|v| {
+            ["Accepted", "ResolvedRefs", "Programmed"]
+                .iter()
+                .any(|t| v.condition(t).is_some_and(|c| !c.status))
+        })
+        .collect();
+    println!(
+        "compiled {} namespace configs from {} policies ({} not fully programmed)",
+        plan.configs.len(),
+        plan.verdicts.len(),
+        not_ok.len()
+    );
+    for v in not_ok {
+        for c in v.conditions.iter().filter(|c| !c.status) {
+            println!(
+                "  warning: {:?} {}/{}: {} {}: {}",
+                v.kind,
+                v.namespace.as_deref().unwrap_or(""),
+                v.name,
+                c.type_,
+                c.reason,
+                c.message
+            );
+        }
+    }
+    for w in &plan.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// Writes every pod's files and starts its processes, then waits until
+/// every proxy and app answers. The apps that drive load start last, once
+/// everything they reach is ready, so no request fails for a pod that has
+/// not started yet. None when interrupted.
+fn start(
+    plan: &Plan,
+    dir: &Path,
+    args: &UpArgs,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<(Running, State)>> {
+    let (weft, proxy, demo) = (
+        std::env::current_exe().context("finding the weft binary")?,
+        sibling("weft-proxy")?,
+        sibling("weft-demo")?,
+    );
+    for sub in ["", "pods", "logs"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if let Mode::Loopback { .. } = plan.mode {
+        for pod in &plan.pods {
+            for port in &pod.host_ports {
+                std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).with_context(|| {
+                    format!(
+                        "port {port} (pod {}) is taken: pass another --base-port",
+                        pod.name
+                    )
+                })?;
+            }
+        }
+    }
+    let ca = MeshCa::generate(&plan.trust_domain, SystemTime::now(), CA_LIFETIME)?;
+    let mut running = Running {
+        children: Vec::new(),
+        network: match plan.mode {
+            Mode::Netns => Some(Network::new(TAG)?),
+            Mode::Loopback { .. } => None,
+        },
+    };
+    let mut state = State {
+        up_pid: std::process::id(),
+        mode: match plan.mode {
+            Mode::Netns => "netns".into(),
+            Mode::Loopback { .. } => "loopback".into(),
+        },
+        manifests: args.dir.clone(),
+        namespaces: Vec::new(),
+        pods: Vec::new(),
+    };
+    let total = plan.pods.len();
+    let log = |pod: &PodPlan, kind: &str| {
+        dir.join("logs")
+            .join(format!("{}.{}.{kind}.log", pod.namespace, pod.name))
+    };
+    let app_argv = |pod: &PodPlan| {
+        let mut argv = vec![demo.display().to_string()];
+        argv.extend(pod.app_args.iter().cloned());
+        argv
+    };
+    for (i, pod) in plan.pods.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let files = write_pod_files(plan, dir, pod, &ca)?;
+        let mut proxy_argv: Vec<String> = vec![
+            proxy.display().to_string(),
+            "--config".into(),
+            files.config.display().to_string(),
+            "--identity-dir".into(),
+            files.identity.display().to_string(),
+        ];
+        proxy_argv.extend(pod.proxy_args.iter().cloned());
+        let netns = match &mut running.network {
+            Some(net) => {
+                let k = net.add_pod(&pod.name)?;
+                let p = &mut net.pods[k];
+                if p.ip != pod.ip || k != i {
+                    bail!("pod {} got {} but the plan says {}", pod.name, p.ip, pod.ip);
+                }
+                if let Some(hosts) = &pod.hosts {
+                    p.ns.set_etc_file("hosts", hosts)?;
+                }
+                let weft = weft.display().to_string();
+                let out =
+                    p.ns.run(Some(INIT_UID), INIT_CAPS, &[weft.as_str(), "init"])?;
+                if !out.status.success() {
+                    bail!(
+                        "weft init in pod {}: {}",
+                        pod.name,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                Some(p.ns.name.clone())
+            }
+            None => None,
+        };
+        let mut pids = vec![running.spawn(i, Some(PROXY_UID), &proxy_argv, &log(pod, "proxy"))?];
+        if !pod.drives {
+            pids.push(running.spawn(i, Some(APP_UID), &app_argv(pod), &log(pod, "app"))?);
+        }
+        println!(
+            "[{:>2}/{total}] started {}/{} ({})",
+            i + 1,
+            pod.namespace,
+            pod.name,
+            match plan.mode {
+                Mode::Netns => format!("{}, app :{}", pod.ip, pod.app_port),
+                Mode::Loopback { .. } =>
+                    format!("app :{}, proxy admin :{}", pod.app_port, pod.admin.port()),
+            }
+        );
+        state.pods.push(PodState {
+            name: pod.name.clone(),
+            workload: pod.workload.clone(),
+            namespace: pod.namespace.clone(),
+            ip: pod.ip,
+            netns,
+            admin_port: pod.admin.port(),
+            app_port: pod.app_port,
+            pids,
+        });
+        if let Some(net) = &running.network {
+            state.namespaces = net.namespace_names();
+        }
+        // Written as it grows, so `down` finds everything even if this
+        // process is killed half-way.
+        write_state(dir, &state)?;
+    }
+
+    let started = Instant::now();
+    for (i, pod) in state.pods.iter().enumerate() {
+        if !wait_ready(dir, pod, !plan.pods[i].drives, started, stop)? {
+            return Ok(None);
+        }
+        println!(
+            "[{:>2}/{total}] ready   {}/{}",
+            i + 1,
+            pod.namespace,
+            pod.name
+        );
+    }
+    let drivers: Vec<usize> = (0..total).filter(|i| plan.pods[*i].drives).collect();
+    for &i in &drivers {
+        let pod = &plan.pods[i];
+        let pid = running.spawn(i, Some(APP_UID), &app_argv(pod), &log(pod, "app"))?;
+        state.pods[i].pids.push(pid);
+        write_state(dir, &state)?;
+    }
+    let started = Instant::now();
+    for &i in &drivers {
+        if !wait_ready(dir, &state.pods[i], true, started, stop)? {
+            return Ok(None);
+        }
+        println!(
+            "[{:>2}/{total}] driving load: {}/{}",
+            i + 1,
+            state.pods[i].namespace,
+            state.pods[i].name
+        );
+    }
+    Ok(Some((running, state)))
+}
+
+impl Running {
+    /// Starts a process in pod `index` (as `uid` in a network namespace;
+    /// as the caller on loopback); returns its pid.
+    fn spawn(
+        &mut self,
+        index: usize,
+        uid: Option<u32>,
+        argv: &[String],
+        log: &Path,
+    ) -> anyhow::Result<u32> {
+        match &mut self.network {
+            Some(net) => {
+                let pod = &mut net.pods[index];
+                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                pod.spawn(uid, &argv, log)?;
+                Ok(*pod.pids().last().unwrap_or(&0))
+            }
+            None => {
+                let child = spawn_logged(argv, log)?;
+                let pid = child.id();
+                self.children.push(child);
+                Ok(pid)
+            }
+        }
+    }
+}
+
+/// Waits until the pod's proxy (and app, with `app`) answer; Ok(false)
+/// when interrupted; an error naming the silent process, with its log's
+/// last lines, after [`READY_TIMEOUT`] from `started`.
+fn wait_ready(
+    dir: &Path,
+    pod: &PodState,
+    app: bool,
+    started: Instant,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let proxy_ready = get(pod, pod.admin_port, "/ready").is_ok_and(|(s, _)| s == 200);
+        let app_ready = !app
+            || (proxy_ready && get(pod, pod.app_port, HEALTH_PATH).is_ok_and(|(s, _)| s == 200));
+        if proxy_ready && app_ready {
+            return Ok(true);
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            let tail = |kind: &str| {
+                let log = dir
+                    .join("logs")
+                    .join(format!("{}.{}.{kind}.log", pod.namespace, pod.name));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "--- {} (last lines) ---\n{}",
+                    log.display(),
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                )
+            };
+            bail!(
+                "pod {}/{} was not ready within {READY_TIMEOUT:?} ({} not answering)\n{}\n{}",
+                pod.namespace,
+                pod.name,
+                if proxy_ready { "app" } else { "proxy" },
+                tail("proxy"),
+                tail("app")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_logged(argv: &[String], log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = file.try_clone()?;
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {}", argv[0]))
+}
+
+struct PodFiles {
+    config: PathBuf,
+    identity: PathBuf,
+}
+
+/// The pod's config (its namespace's) and identity (its ServiceAccount's
+/// key pair and the trust bundle), readable by the proxy's user only where
+/// it matters: the key.
+fn write_pod_files(
+    plan: &Plan,
+    dir: &Path,
+    pod: &PodPlan,
+    ca: &MeshCa,
+) -> anyhow::Result<PodFiles> {
+    let root = dir
+        .join("pods")
+        .join(format!("{}.{}", pod.namespace, pod.name));
+    let identity = root.join("identity");
+    std::fs::create_dir_all(&identity)?;
+    for d in [&root, &identity] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let write = |path: &Path, text: &str, mode: u32| -> anyhow::Result<()> {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    let config = root.join("config.json");
+    write(&config, &plan.configs[&pod.namespace].to_json(), 0o644)?;
+    let leaf = ca.issue(
+        &SpiffeId::new(&plan.trust_domain, &pod.namespace, &pod.service_account),
+        SystemTime::now(),
+        LEAF_LIFETIME,
+    )?;
+    write(&identity.join("ca.crt"), &ca.trust_bundle(), 0o644)?;
+    write(
+        &identity.join(format!("{}.crt", pod.service_account)),
+        &leaf.cert_pem,
+        0o644,
+    )?;
+    let key = identity.join(format!("{}.key", pod.service_account));
+    write(&key, &leaf.key_pem, 0o600)?;
+    if plan.mode == Mode::Netns {
+        std::os::unix::fs::chown(&key, Some(PROXY_UID), Some(PROXY_UID))
+            .with_context(|| format!("handing {} to the proxy's user", key.display()))?;
+    }
+    Ok(PodFiles { config, identity })
+}
+
+/// GET `path` from 127.0.0.1:`port` as seen inside the pod: (status, body).
+fn get(pod: &PodState, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = match &pod.netns {
+        Some(ns) => netns::connect_in(ns, addr, timeout)?,
+        None => TcpStream::connect_timeout(&addr, timeout)?,
+    };
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Scrapes every proxy once.
+fn scrape(state: &State) -> (Snapshot, usize) {
+    let texts: Vec<Option<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = state
+            .pods
+            .iter()
+            .map(|pod| s.spawn(move || get(pod, pod.admin_port, "/metrics").ok().map(|(_, b)| b)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    let mut snap = Snapshot::default();
+    let mut reachable = 0;
+    for (pod, text) in state.pods.iter().zip(texts) {
+        if let Some(text) = text {
+            reachable += 1;
+            snap.add(&pod.workload, &status::parse_metrics(&text));
+        }
+    }
+    (snap, reachable)
+}
+
+/// The status view now, with rates since the previous call.
+fn picture(state: &State, earlier: &mut Option<(Snapshot, Instant)>) -> View {
+    let (now, reachable) = scrape(state);
+    let at = Instant::now();
+    let (before, seconds) = match earlier.as_ref() {
+        Some((snap, t)) => (Some(snap), at.duration_since(*t).as_secs_f64()),
+        None => (None, 0.0),
+    };
+    let view = View {
+        pods: state.pods.len(),
+        reachable,
+        edges: status::view(&now, before, seconds),
+        servers: status::server_view(&now, before, seconds),
+    };
+    *earlier = Some((now, at));
+    view
+}
+
+/// `weft local status`.
+pub fn status_command(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(&args.state);
+    let Some(state) = read_state(&dir)? else {
+        eprintln!(
+            "weft local is not up (no {} in {}): start it with `weft local up examples/shop`",
+            STATE_FILE,
+            dir.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let mut earlier = None;
+    picture(&state, &mut earlier);
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        std::thread::sleep(args.interval);
+        let view = picture(&state, &mut earlier);
+        match args.output {
+            Format::Json => println!("{}", serde_json::to_string(&view)?),
+            Format::Text => {
+                if tty && !args.once {
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!("{}", status::render(&view));
+            }
+        }
+        let _ = std::io::stdout().flush();
+        if args.once {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// `weft local down`.
+pub fn down(args: &StateArgs) -> anyhow::Result<ExitCode> {
+    let dir = state_dir(args);
+    let state = read_state(&dir)?;
+    if let Some(state) = &state
+        && alive(state.up_pid)
+    {
+        println!("stopping weft local (pid {})...", state.up_pid);
+        let pid = nix::unistd::Pid::from_raw(state.up_pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(state.up_pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if let Some(state) = &state {
+        cleanup(&dir, state);
+    }
+    let swept = sweep();
+    let Some(state) = state else {
+        println!(
+            "weft local is down: nothing was up{}",
+            if swept > 0 {
+                format!(" (removed {swept} namespaces left by an earlier run)")
+            } else {
+                String::new()
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    // Check, rather than trust, that nothing is left.
+    let existing = netns::list_namespaces();
+    let namespaces_left: Vec<&String> = state
+        .namespaces
+        .iter()
+        .filter(|n| existing.contains(n))
+        .collect();
+    let pids: Vec<u32> = state.pods.iter().flat_map(|p| p.pids.clone()).collect();
+    let processes_left: Vec<&u32> = pids.iter().filter(|p| alive(**p)).collect();
+    if !namespaces_left.is_empty() || !processes_left.is_empty() {
+        eprintln!(
+            "error: still there after weft local down: namespaces {namespaces_left:?}, processes {processes_left:?}"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "weft local is down: {} pods, {} network namespaces and {} processes are gone{}",
+        state.pods.len(),
+        state.namespaces.len(),
+        pids.len(),
+        if swept > 0 {
+            format!(" (and {swept} namespaces of an earlier run)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Kills what `state` lists that still runs, deletes its namespaces, and
+/// removes the state file and identities (logs stay).
+fn cleanup(dir: &Path, state: &State) {
+    let pids: Vec<u32> = state
+        .pods
+        .iter()
+        .flat_map(|p| p.pids.iter().copied())
+        .filter(|p| alive(*p))
+        .collect();
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // SIGKILL is asynchronous: wait (briefly) until they are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for ns in &state.namespaces {
+        netns::delete_namespace(ns);
+    }
+    let _ = std::fs::remove_dir_all(dir.join("pods"));
+    let _ = std::fs::remove_file(dir.join(STATE_FILE));
+}
+
+/// Deletes namespaces of earlier runs that no state file remembers: those
+/// named by `up` (`wbr-local<pid>x<n>`, `wp-local<pid>x<n>-<pod>`) whose
+/// `up` process is gone. A run that is still up is left alone, whatever
+/// its state directory.
+fn sweep() -> usize {
+    if !nix::unistd::Uid::effective().is_root() {
+        return 0;
+    }
+    let mut n = 0;
+    for ns in netns::list_namespaces() {
+        let Some(pid) = NETNS_PREFIXES
+            .iter()
+            .find_map(|p| ns.strip_prefix(p))
+            .and_then(|rest| rest.split('x').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !alive(pid) {
+            netns::delete_namespace(&ns);
+            n += 1;
+        }
+    }
+    n
+}

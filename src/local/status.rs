@@ -1,0 +1,483 @@
+//! `weft local status`: the service graph as the sidecars count it. Every
+//! proxy's admin `/metrics` is scraped; outbound series give each edge
+//! (client workload → Service) its rate, success rate, retries, latency and
+//! — for a split route — its share; inbound series give each workload's own
+//! view, so an injected failure rate shows on the server while the client,
+//! behind its retries, barely sees it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// One line of Prometheus text: `name{labels} value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses Prometheus/OpenMetrics text, skipping comments and lines it
+/// cannot read (a scrape is a picture, not a contract).
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => return None,
+    };
+    let mut labels = BTreeMap::new();
+    let rest = if let Some(mut body) = rest.strip_prefix('{') {
+        loop {
+            body = body.trim_start_matches([',', ' ']);
+            if let Some(after) = body.strip_prefix('}') {
+                break after;
+            }
+            let (key, after) = body.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    '"' => break i,
+                    c => value.push(c),
+                }
+            };
+            labels.insert(key.trim().to_owned(), value);
+            body = &after[end + 1..];
+        }
+    } else {
+        rest
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// Requests and latency of one edge or workload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    pub requests: f64,
+    /// Not 5xx and not a failed exchange.
+    pub succeeded: f64,
+    /// Cumulative histogram: (upper bound in ms, count), +Inf last.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl Counts {
+    fn add_bucket(&mut self, le: f64, count: f64) {
+        match self.buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, c)) => *c += count,
+            None => {
+                self.buckets.push((le, count));
+                self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+        }
+    }
+
+    /// `self - earlier`, for rates over a window.
+    fn minus(&self, earlier: &Counts) -> Counts {
+        let before = |le: f64| {
+            earlier
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, c)| *c)
+        };
+        Counts {
+            requests: self.requests - earlier.requests,
+            succeeded: self.succeeded - earlier.succeeded,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, c)| (*le, c - before(*le)))
+                .collect(),
+        }
+    }
+
+    /// The `q` quantile in ms, interpolated within its bucket; None with
+    /// no observations. Past the last finite bound it answers that bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, count) in &self.buckets {
+            if count >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let in_bucket = count - lower.1;
+                let frac = if in_bucket > 0.0 {
+                    (rank - lower.1) / in_bucket
+                } else {
+                    1.0
+                };
+                return Some(lower.0 + (le - lower.0) * frac);
+            }
+            lower = (le, count);
+        }
+        Some(lower.0)
+    }
+}
+
+/// Everything one scrape of every proxy says, summed over replicas.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// (client workload, destination, route).
+    pub edges: BTreeMap<(String, String, String), Counts>,
+    /// (client workload, destination).
+    pub retries: BTreeMap<(String, String), f64>,
+    /// Server workload, as its inbound proxies count.
+    pub servers: BTreeMap<String, Counts>,
+}
+
+impl Snapshot {
+    /// Adds one proxy's metrics; `workload` is whose sidecar it is.
+    pub fn add(&mut self, workload: &str, samples: &[Sample]) {
+        for s in samples {
+            let label = |k: &str| s.labels.get(k).map(String::as_str).unwrap_or("");
+            let inbound = label("direction") == "inbound";
+            fn counts<'a>(
+                snap: &'a mut Snapshot,
+                inbound: bool,
+                workload: &str,
+                dst: &str,
+                route: &str,
+            ) -> &'a mut Counts {
+                if inbound {
+                    snap.servers.entry(workload.to_owned()).or_default()
+                } else {
+                    snap.edges
+                        .entry((workload.to_owned(), dst.to_owned(), route.to_owned()))
+                        .or_default()
+                }
+            }
+            match s.name.as_str() {
+                "weft_proxy_requests_total" => {
+                    let c = counts(self, inbound, workload, label("dst"), label("route"));
+                    c.requests += s.value;
+                    if !matches!(label("status_class"), "5xx" | "error") {
+                        c.succeeded += s.value;
+                    }
+                }
+                "weft_proxy_request_duration_ms_bucket" => {
+                    let le = match label("le") {
+                        "+Inf" => f64::INFINITY,
+                        le => match le.parse() {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        },
+                    };
+                    counts(self, inbound, workload, label("dst"), label("route"))
+                        .add_bucket(le, s.value);
+                }
+                "weft_proxy_retries_total" => {
+                    *self
+                        .retries
+                        .entry((workload.to_owned(), label("dst").to_owned()))
+                        .or_default() += s.value;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One edge of the status table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EdgeRow {
+    pub src: String,
+    pub dst: String,
+    pub route: String,
+    /// Since start.
+    pub requests: u64,
+    /// Since start: not 5xx, not failed.
+    pub succeeded: u64,
+    /// Over the refresh window (0 on the first picture).
+    pub rps: f64,
+    /// Over the refresh window when it saw traffic, else since start.
+    pub success_rate: Option<f64>,
+    pub retries: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// For a route that splits: this destination's share of the route's
+    /// requests from this client.
+    pub share: Option<f64>,
+}
+
+/// One workload's own (inbound) view.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServerRow {
+    pub workload: String,
+    pub requests: u64,
+    pub succeeded: u64,
+    pub rps: f64,
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct View {
+    pub pods: usize,
+    pub reachable: usize,
+    pub edges: Vec<EdgeRow>,
+    pub servers: Vec<ServerRow>,
+}
+
+/// The table rows: totals since start, rates, success and latency over the
+/// window since `earlier` (taken `seconds` before) when there is one and it
+/// saw traffic, otherwise since start.
+pub fn view(now: &Snapshot, earlier: Option<&Snapshot>, seconds: f64) -> Vec<EdgeRow> {
+    let mut route_totals: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+    for ((src, _, route), c) in &now.edges {
+        *route_totals.entry((src, route)).or_default() += c.requests;
+    }
+    let split_routes: BTreeMap<(&str, &str), usize> = now
+        .edges
+        .keys()
+        .filter(|(_, _, r)| r != "default")
+        .fold(BTreeMap::new(), |mut m, (s, _, r)| {
+            *m.entry((s.as_str(), r.as_str())).or_default() += 1;
+            m
+        });
+    now.edges
+        .iter()
+        .map(|((src, dst, route), c)| {
+            let window = windowed(
+                c,
+                earlier.and_then(|e| e.edges.get(&(src.clone(), dst.clone(), route.clone()))),
+            );
+            let total = route_totals[&(src.as_str(), route.as_str())];
+            let splits = split_routes
+                .get(&(src.as_str(), route.as_str()))
+                .copied()
+                .unwrap_or(0);
+            EdgeRow {
+                src: src.clone(),
+                dst: dst.clone(),
+                route: route.clone(),
+                requests: c.requests as u64,
+                succeeded: c.succeeded as u64,
+                rps: rate(
+                    c,
+                    earlier.and_then(|e| e.edges.get(&(src.clone(), dst.clone(), route.clone()))),
+                    seconds,
+                ),
+                success_rate: ratio(window.succeeded, window.requests),
+                retries: now
+                    .retries
+                    .get(&(src.clone(), dst.clone()))
+                    .copied()
+                    .unwrap_or(0.0) as u64,
+                p50_ms: window.quantile(0.5),
+                p99_ms: window.quantile(0.99),
+                share: (route != "default" && splits > 1)
+                    .then(|| ratio(c.requests, total))
+                    .flatten(),
+            }
+        })
+        .collect()
+}
+
+pub fn server_view(now: &Snapshot, earlier: Option<&Snapshot>, seconds: f64) -> Vec<ServerRow> {
+    now.servers
+        .iter()
+        .map(|(workload, c)| {
+            let before = earlier.and_then(|e| e.servers.get(workload));
+            let window = windowed(c, before);
+            ServerRow {
+                workload: workload.clone(),
+                requests: c.requests as u64,
+                succeeded: c.succeeded as u64,
+                rps: rate(c, before, seconds),
+                success_rate: ratio(window.succeeded, window.requests),
+                p50_ms: window.quantile(0.5),
+                p99_ms: window.quantile(0.99),
+            }
+        })
+        .collect()
+}
+
+fn windowed(now: &Counts, before: Option<&Counts>) -> Counts {
+    match before {
+        Some(b) if now.requests > b.requests => now.minus(b),
+        _ => now.clone(),
+    }
+}
+
+fn rate(now: &Counts, before: Option<&Counts>, seconds: f64) -> f64 {
+    match before {
+        Some(b) if seconds > 0.0 => ((now.requests - b.requests) / seconds).max(0.0),
+        None if seconds > 0.0 => 0.0,
+        _ => 0.0,
+    }
+}
+
+fn ratio(part: f64, whole: f64) -> Option<f64> {
+    (whole > 0.0).then(|| part / whole)
+}
+
+/// The table, as `weft local status` prints it.
+pub fn render(view: &View) -> String {
+    let mut out = format!(
+        "weft local: {} pods, {} answering\n\n",
+        view.pods, view.reachable
+    );
+    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0));
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
+    out.push_str(&format!(
+        "{:<44} {:<28} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}\n",
+        "CLIENT -> SERVICE",
+        "ROUTE",
+        "RPS",
+        "REQUESTS",
+        "SUCCESS",
+        "RETRIES",
+        "P50",
+        "P99",
+        "SHARE"
+    ));
+    for e in &view.edges {
+        out.push_str(&format!(
+            "{:<44} {:<28} {:>7.1} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}\n",
+            format!("{} -> {}", e.src, e.dst),
+            e.route,
+            e.rps,
+            e.requests,
+            pct(e.success_rate),
+            e.retries,
+            ms(e.p50_ms),
+            ms(e.p99_ms),
+            pct(e.share),
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<44} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
+        "WORKLOAD (as its own sidecars count)", "RPS", "REQUESTS", "SUCCESS", "P50", "P99"
+    ));
+    for s in &view.servers {
+        out.push_str(&format!(
+            "{:<44} {:>7.1} {:>9} {:>8} {:>9} {:>9}\n",
+            s.workload,
+            s.rps,
+            s.requests,
+            pct(s.success_rate),
+            ms(s.p50_ms),
+            ms(s.p99_ms),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_labels_with_escapes_and_skips_comments() {
+        let text = "# HELP x\n# TYPE x counter\nweft_proxy_requests_total{direction=\"outbound\",src=\"a\\\"b\",dst=\"c\"} 12\nup 1\nbad{x=\"1\" \n";
+        let s = parse_metrics(text);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].labels["src"], "a\"b");
+        assert_eq!(s[0].value, 12.0);
+        assert_eq!(s[1].name, "up");
+    }
+
+    fn proxy_text(dst: &str, route: &str, ok: u32, failed: u32, retries: u32) -> String {
+        format!(
+            "weft_proxy_requests_total{{direction=\"outbound\",src=\"w\",dst=\"{dst}\",route=\"{route}\",status_class=\"2xx\",tls=\"true\"}} {ok}\n\
+             weft_proxy_requests_total{{direction=\"outbound\",src=\"w\",dst=\"{dst}\",route=\"{route}\",status_class=\"5xx\",tls=\"true\"}} {failed}\n\
+             weft_proxy_request_duration_ms_bucket{{direction=\"outbound\",src=\"w\",dst=\"{dst}\",route=\"{route}\",le=\"1.0\"}} {ok}\n\
+             weft_proxy_request_duration_ms_bucket{{direction=\"outbound\",src=\"w\",dst=\"{dst}\",route=\"{route}\",le=\"2.0\"}} {}\n\
+             weft_proxy_request_duration_ms_bucket{{direction=\"outbound\",src=\"w\",dst=\"{dst}\",route=\"{route}\",le=\"+Inf\"}} {}\n\
+             weft_proxy_retries_total{{dst=\"{dst}\"}} {retries}\n",
+            ok + failed,
+            ok + failed
+        )
+    }
+
+    #[test]
+    fn replicas_sum_and_a_split_route_shows_shares() {
+        let mut snap = Snapshot::default();
+        snap.add(
+            "shopper",
+            &parse_metrics(&proxy_text("checkout.shop:80", "shop/r/split", 80, 0, 0)),
+        );
+        snap.add(
+            "shopper",
+            &parse_metrics(&proxy_text("checkout.shop:80", "shop/r/split", 10, 0, 0)),
+        );
+        snap.add(
+            "shopper",
+            &parse_metrics(&proxy_text("canary.shop:80", "shop/r/split", 10, 0, 0)),
+        );
+        snap.add(
+            "cart",
+            &parse_metrics(&proxy_text("inventory.shop:80", "default", 99, 1, 25)),
+        );
+        let rows = view(&snap, None, 0.0);
+        let row = |dst: &str| rows.iter().find(|r| r.dst == dst).expect(dst);
+        assert_eq!(row("checkout.shop:80").requests, 90);
+        assert_eq!(row("checkout.shop:80").share, Some(0.9));
+        assert_eq!(row("canary.shop:80").share, Some(0.1));
+        let inv = row("inventory.shop:80");
+        assert_eq!(
+            (inv.share, inv.retries, inv.success_rate),
+            (None, 25, Some(0.99))
+        );
+        // 99 of 100 at most 1 ms: the median is inside the first bucket.
+        assert!(inv.p50_ms.is_some_and(|p| p > 0.0 && p <= 1.0), "{inv:?}");
+        assert_eq!(inv.p99_ms, Some(1.0));
+    }
+
+    #[test]
+    fn a_window_gives_rates_and_recent_success() {
+        let mut before = Snapshot::default();
+        before.add(
+            "cart",
+            &parse_metrics(&proxy_text("inv", "default", 100, 0, 0)),
+        );
+        let mut now = Snapshot::default();
+        now.add(
+            "cart",
+            &parse_metrics(&proxy_text("inv", "default", 110, 10, 0)),
+        );
+        let rows = view(&now, Some(&before), 2.0);
+        assert_eq!(rows[0].rps, 10.0);
+        assert_eq!(rows[0].success_rate, Some(0.5), "over the window only");
+        assert_eq!(rows[0].requests, 120);
+    }
+
+    #[test]
+    fn quantiles_interpolate_and_stop_at_the_last_bound() {
+        let c = Counts {
+            requests: 10.0,
+            succeeded: 10.0,
+            buckets: vec![(1.0, 0.0), (3.0, 10.0), (f64::INFINITY, 10.0)],
+        };
+        assert_eq!(c.quantile(0.5), Some(2.0));
+        let slow = Counts {
+            requests: 1.0,
+            succeeded: 1.0,
+            buckets: vec![(1.0, 0.0), (f64::INFINITY, 1.0)],
+        };
+        assert_eq!(slow.quantile(0.99), Some(1.0));
+        assert_eq!(Counts::default().quantile(0.5), None);
+    }
+}
