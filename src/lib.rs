@@ -18,6 +18,7 @@ pub mod inject;
 pub mod local;
 pub mod manifest;
 pub mod netns;
+pub mod operator;
 pub mod proxy;
 pub mod schemacheck;
 

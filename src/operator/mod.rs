@@ -1,0 +1,5 @@
+//! The operator: weft policies and the cluster reconciled into each meshed
+//! namespace's `weft-proxy-config` ConfigMap and `weft-identity` Secret,
+//! policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
+
+pub mod rollout;

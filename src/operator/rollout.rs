@@ -1,0 +1,421 @@
+//! The staged move of a namespace from PERMISSIVE to STRICT mTLS, as a pure
+//! state machine: given the policy, where the rollout stands and what was
+//! observed, [`step`] says where it goes next, what holds it back (by name)
+//! and when to look again. No I/O: the operator gathers the [`Evidence`]
+//! (pods, what each proxy reports, plaintext counters) and writes the
+//! [`Decision`] into `status`; the compiler reads `status.phase` back, so
+//! the phase is what changes the proxies' configs.
+//!
+//! ```text
+//! Permissive -> Preparing -> Observing -> Enforcing -> Strict
+//!                  |   ^          |                     |
+//!                  v   |          v (plaintext: window  v (rejected burst)
+//!                Blocked          restarts)          RolledBack
+//! ```
+//!
+//! - Preparing: every pod carries the sidecar, has an identity, and runs the
+//!   namespace's current config generation and trust bundle. A pod without
+//!   the sidecar needs the user (a restart re-injects it): Blocked.
+//! - Observing: a whole window without plaintext on a non-excepted port.
+//!   Plaintext restarts the window and names its sources.
+//! - Enforcing: client namespaces were told to expect STRICT (the compiler
+//!   does that in this phase); wait until every client proxy runs that
+//!   generation, so none falls back to plaintext after the flip.
+//! - Strict: the servers reject plaintext. A burst of rejections above the
+//!   threshold within the rollback window rolls back to Permissive
+//!   (RolledBack), which holds until the policy is edited.
+
+use std::time::{Duration, SystemTime};
+
+use crate::api::{MTLSPolicySpec, MtlsMode, RolloutPhase, RolloutStrategy};
+
+/// Condition reasons the rollout writes (type `Ready` of the policy's
+/// rollout, and Event reasons).
+pub mod reason {
+    pub const PERMISSIVE: &str = "Permissive";
+    pub const WAITING_FOR_PROXIES: &str = "WaitingForProxies";
+    pub const PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
+    pub const OBSERVING: &str = "Observing";
+    pub const PLAINTEXT_SEEN: &str = "PlaintextSeen";
+    pub const WAITING_FOR_CLIENTS: &str = "WaitingForClients";
+    pub const STRICT: &str = "Strict";
+    pub const IMMEDIATE: &str = "Immediate";
+    pub const REJECTED_PLAINTEXT_BURST: &str = "RejectedPlaintextBurst";
+    pub const ROLLED_BACK: &str = "RolledBack";
+}
+
+/// One pod of the namespace, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvidence {
+    pub name: String,
+    /// The pod carries the weft-proxy sidecar.
+    pub injected: bool,
+    /// What its proxy reports; None when it could not be asked (not ready,
+    /// not reachable) or has no sidecar.
+    pub proxy: Option<ProxyReport>,
+}
+
+/// What one proxy reports on its admin `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyReport {
+    /// The config generation it runs.
+    pub generation: Option<String>,
+    /// The trust bundle it trusts.
+    pub trust_bundle_hash: Option<String>,
+    /// It holds a workload certificate.
+    pub has_identity: bool,
+}
+
+/// Plaintext connections from one source to one port of the namespace,
+/// counted since the current phase began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaintextSource {
+    pub src_addr: String,
+    /// The pod that has `src_addr`, when one does.
+    pub pod: Option<String>,
+    pub port: u16,
+    pub connections: u64,
+}
+
+/// A proxy elsewhere in the mesh that calls this namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEvidence {
+    /// `namespace/pod`.
+    pub pod: String,
+    /// The generation it runs; None when it could not be asked.
+    pub running: Option<String>,
+    /// Its namespace's current generation (which, during Enforcing,
+    /// expects STRICT from this namespace).
+    pub expected: String,
+}
+
+/// Everything [`step`] decides on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evidence {
+    pub pods: Vec<PodEvidence>,
+    /// The namespace's current config generation.
+    pub config_generation: String,
+    /// The mesh's current trust bundle.
+    pub trust_bundle_hash: String,
+    /// Since the current phase began.
+    pub plaintext: Vec<PlaintextSource>,
+    /// Client proxies of this namespace's Services in other pods.
+    pub clients: Vec<ClientEvidence>,
+    /// Plaintext connections the namespace's proxies rejected within the
+    /// auto-rollback window.
+    pub rejected_recently: u64,
+}
+
+/// Where the rollout stands (from the policy's status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Current {
+    pub phase: RolloutPhase,
+    pub since: SystemTime,
+    /// The policy generation the status was written for.
+    pub observed_generation: Option<i64>,
+}
+
+/// What to write and when to look again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub phase: RolloutPhase,
+    pub since: SystemTime,
+    /// What holds the rollout back, by name.
+    pub blockers: Vec<String>,
+    pub reason: &'static str,
+    pub message: String,
+    /// Worth an Event: a phase change or a restarted window.
+    pub event: bool,
+    pub requeue_after: Duration,
+}
+
+const RECHECK: Duration = Duration::from_secs(10);
+const RECHECK_FAST: Duration = Duration::from_secs(5);
+const IDLE: Duration = Duration::from_secs(300);
+/// At most this many blockers are listed; the message says how many more.
+const MAX_BLOCKERS: usize = 20;
+
+/// One step of the rollout of a namespace whose MTLSPolicy has `spec` at
+/// `generation`.
+pub fn step(
+    spec: &MTLSPolicySpec,
+    generation: Option<i64>,
+    current: Option<Current>,
+    evidence: &Evidence,
+    now: SystemTime,
+) -> Decision {
+    let phase = current.map(|c| c.phase);
+    let since = current.map_or(now, |c| c.since);
+    let to = |phase: RolloutPhase, reason, message: String, blockers, requeue_after| {
+        let changed = current.is_none_or(|c| c.phase != phase);
+        Decision {
+            phase,
+            since: if changed { now } else { since },
+            blockers,
+            reason,
+            message,
+            event: changed,
+            requeue_after,
+        }
+    };
+
+    if spec.mode == MtlsMode::Permissive {
+        return to(
+            RolloutPhase::Permissive,
+            reason::PERMISSIVE,
+            "the policy asks for Permissive: plaintext and mesh mTLS are both accepted".into(),
+            Vec::new(),
+            IDLE,
+        );
+    }
+    if spec.rollout.strategy == RolloutStrategy::Immediate {
+        return to(
+            RolloutPhase::Strict,
+            reason::IMMEDIATE,
+            "strategy Immediate: only mesh mTLS is accepted, without a staged rollout".into(),
+            Vec::new(),
+            IDLE,
+        );
+    }
+
+    let edited = current.is_some_and(|c| c.observed_generation != generation);
+    match phase {
+        Some(RolloutPhase::RolledBack) if !edited => {
+            return to(
+                RolloutPhase::RolledBack,
+                reason::ROLLED_BACK,
+                "rolled back to Permissive; edit the policy (any change) to start the rollout again"
+                    .into(),
+                current_blockers(evidence),
+                IDLE,
+            );
+        }
+        Some(RolloutPhase::Strict) => {
+            let rb = &spec.rollout.auto_rollback;
+            if rb.enabled && evidence.rejected_recently >= u64::from(rb.rejected_connections) {
+                return to(
+                    RolloutPhase::RolledBack,
+                    reason::REJECTED_PLAINTEXT_BURST,
+                    format!(
+                        "{} plaintext connections were rejected within {} (threshold {}): back to Permissive",
+                        evidence.rejected_recently, rb.window, rb.rejected_connections
+                    ),
+                    current_blockers(evidence),
+                    IDLE,
+                );
+            }
+            return to(
+                RolloutPhase::Strict,
+                reason::STRICT,
+                "only mesh mTLS is accepted".into(),
+                Vec::new(),
+                RECHECK,
+            );
+        }
+        Some(RolloutPhase::Enforcing) => {
+            let lagging: Vec<String> = evidence
+                .clients
+                .iter()
+                .filter(|c| c.running.as_deref() != Some(c.expected.as_str()))
+                .map(|c| match &c.running {
+                    Some(g) => format!(
+                        "client {} runs config {g}, not {} (which expects Strict)",
+                        c.pod, c.expected
+                    ),
+                    None => format!("client {} did not report its config generation", c.pod),
+                })
+                .collect();
+            if lagging.is_empty() {
+                return to(
+                    RolloutPhase::Strict,
+                    reason::STRICT,
+                    format!(
+                        "all {} client proxies expect Strict; the servers now accept only mesh mTLS",
+                        evidence.clients.len()
+                    ),
+                    Vec::new(),
+                    RECHECK,
+                );
+            }
+            let n = lagging.len();
+            let (blockers, more) = capped(lagging);
+            return to(
+                RolloutPhase::Enforcing,
+                reason::WAITING_FOR_CLIENTS,
+                format!(
+                    "waiting for {n} client proxies to run the config that expects Strict{more}"
+                ),
+                blockers,
+                RECHECK_FAST,
+            );
+        }
+        _ => {}
+    }
+
+    // Preparing, Observing, Blocked, a fresh policy, or an edited one.
+    let uninjected: Vec<String> = evidence
+        .pods
+        .iter()
+        .filter(|p| !p.injected)
+        .map(|p| {
+            format!(
+                "pod {} has no weft sidecar (restart it to inject one)",
+                p.name
+            )
+        })
+        .collect();
+    if !uninjected.is_empty() {
+        let n = uninjected.len();
+        let (blockers, more) = capped(uninjected);
+        return to(
+            RolloutPhase::Blocked,
+            reason::PODS_WITHOUT_SIDECAR,
+            format!("{n} pods have no sidecar and would lose their traffic under Strict{more}"),
+            blockers,
+            RECHECK,
+        );
+    }
+    let unready = unready_proxies(evidence);
+    if !unready.is_empty() {
+        let n = unready.len();
+        let (blockers, more) = capped(unready);
+        return to(
+            RolloutPhase::Preparing,
+            reason::WAITING_FOR_PROXIES,
+            format!(
+                "waiting for {n} proxies to run config {} with an identity{more}",
+                evidence.config_generation
+            ),
+            blockers,
+            RECHECK,
+        );
+    }
+    let window = spec.rollout.observation_window.as_std();
+    if phase != Some(RolloutPhase::Observing) || edited {
+        return to(
+            RolloutPhase::Observing,
+            reason::OBSERVING,
+            format!(
+                "every pod is meshed and current; watching {} for plaintext",
+                spec.rollout.observation_window
+            ),
+            Vec::new(),
+            window.min(RECHECK),
+        );
+    }
+    let plaintext: Vec<&PlaintextSource> = evidence
+        .plaintext
+        .iter()
+        .filter(|p| p.connections > 0 && !spec.plaintext_ports.contains(&p.port))
+        .collect();
+    if !plaintext.is_empty() {
+        let n = plaintext.len();
+        let (blockers, more) = capped(plaintext.iter().map(|p| describe(p)).collect());
+        return Decision {
+            phase: RolloutPhase::Observing,
+            since: now,
+            message: format!(
+                "plaintext seen from {n} sources; the {} window starts again{more}",
+                spec.rollout.observation_window
+            ),
+            blockers,
+            reason: reason::PLAINTEXT_SEEN,
+            event: true,
+            requeue_after: window.min(RECHECK),
+        };
+    }
+    let observed = now.duration_since(since).unwrap_or_default();
+    if observed >= window {
+        return to(
+            RolloutPhase::Enforcing,
+            reason::WAITING_FOR_CLIENTS,
+            format!(
+                "no plaintext for {}; client proxies are told to expect Strict",
+                spec.rollout.observation_window
+            ),
+            Vec::new(),
+            RECHECK_FAST,
+        );
+    }
+    to(
+        RolloutPhase::Observing,
+        reason::OBSERVING,
+        format!(
+            "no plaintext for {}s of {}",
+            observed.as_secs(),
+            spec.rollout.observation_window
+        ),
+        Vec::new(),
+        (window - observed).min(RECHECK),
+    )
+}
+
+fn unready_proxies(evidence: &Evidence) -> Vec<String> {
+    evidence
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let Some(proxy) = &p.proxy else {
+                return Some(format!("pod {}: its proxy did not report", p.name));
+            };
+            if proxy.generation.as_deref() != Some(evidence.config_generation.as_str()) {
+                return Some(format!(
+                    "pod {} runs config {}, not {}",
+                    p.name,
+                    proxy.generation.as_deref().unwrap_or("(none)"),
+                    evidence.config_generation
+                ));
+            }
+            if !proxy.has_identity {
+                return Some(format!("pod {} has no workload certificate yet", p.name));
+            }
+            if proxy.trust_bundle_hash.as_deref() != Some(evidence.trust_bundle_hash.as_str()) {
+                return Some(format!(
+                    "pod {} does not trust the current mesh CA yet",
+                    p.name
+                ));
+            }
+            None
+        })
+        .collect()
+}
+
+/// After a rollback: who still speaks plaintext (what broke).
+fn current_blockers(evidence: &Evidence) -> Vec<String> {
+    capped(
+        evidence
+            .plaintext
+            .iter()
+            .filter(|p| p.connections > 0)
+            .map(describe)
+            .collect(),
+    )
+    .0
+}
+
+fn describe(p: &PlaintextSource) -> String {
+    let who = match &p.pod {
+        Some(pod) => format!("{} (pod {pod})", p.src_addr),
+        None => p.src_addr.clone(),
+    };
+    format!(
+        "plaintext from {who} to port {}: {} connections",
+        p.port, p.connections
+    )
+}
+
+/// At most [`MAX_BLOCKERS`], and " (N more not listed)" when cut.
+fn capped(mut all: Vec<String>) -> (Vec<String>, String) {
+    all.sort();
+    let more = all.len().saturating_sub(MAX_BLOCKERS);
+    all.truncate(MAX_BLOCKERS);
+    let note = if more > 0 {
+        format!(" ({more} more not listed)")
+    } else {
+        String::new()
+    };
+    (all, note)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,437 @@
+//! Table-driven: each case is a policy, where the rollout stands, what was
+//! observed, and where it must go.
+
+use super::*;
+use crate::api::{AutoRollback, Duration as ApiDuration, Rollout};
+
+const GEN: &str = "g-current";
+const BUNDLE: &str = "b-current";
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn minutes(m: u64) -> Duration {
+    Duration::from_secs(60 * m)
+}
+
+fn spec(mode: MtlsMode, strategy: RolloutStrategy) -> MTLSPolicySpec {
+    MTLSPolicySpec {
+        mode,
+        rollout: Rollout {
+            strategy,
+            observation_window: ApiDuration::from_secs(600),
+            auto_rollback: AutoRollback::default(),
+        },
+        plaintext_ports: vec![9090],
+    }
+}
+
+fn staged() -> MTLSPolicySpec {
+    spec(MtlsMode::Strict, RolloutStrategy::Staged)
+}
+
+fn pod(name: &str) -> PodEvidence {
+    PodEvidence {
+        name: name.into(),
+        injected: true,
+        proxy: Some(ProxyReport {
+            generation: Some(GEN.into()),
+            trust_bundle_hash: Some(BUNDLE.into()),
+            has_identity: true,
+        }),
+    }
+}
+
+fn uninjected(name: &str) -> PodEvidence {
+    PodEvidence {
+        name: name.into(),
+        injected: false,
+        proxy: None,
+    }
+}
+
+fn on_generation(name: &str, generation: &str) -> PodEvidence {
+    let mut p = pod(name);
+    if let Some(proxy) = p.proxy.as_mut() {
+        proxy.generation = Some(generation.into());
+    }
+    p
+}
+
+fn evidence(pods: Vec<PodEvidence>) -> Evidence {
+    Evidence {
+        pods,
+        config_generation: GEN.into(),
+        trust_bundle_hash: BUNDLE.into(),
+        ..Evidence::default()
+    }
+}
+
+fn plaintext(src: &str, pod: Option<&str>, port: u16, n: u64) -> PlaintextSource {
+    PlaintextSource {
+        src_addr: src.into(),
+        pod: pod.map(str::to_owned),
+        port,
+        connections: n,
+    }
+}
+
+fn client(pod: &str, running: &str, expected: &str) -> ClientEvidence {
+    ClientEvidence {
+        pod: pod.into(),
+        running: Some(running.into()),
+        expected: expected.into(),
+    }
+}
+
+/// In `phase` since `ago` before now, for policy generation 1.
+fn at(phase: RolloutPhase, ago: Duration) -> Option<Current> {
+    Some(Current {
+        phase,
+        since: t0() - ago,
+        observed_generation: Some(1),
+    })
+}
+
+struct Case {
+    name: &'static str,
+    spec: MTLSPolicySpec,
+    generation: i64,
+    current: Option<Current>,
+    evidence: Evidence,
+    phase: RolloutPhase,
+    reason: &'static str,
+    /// The phase (or window) starts now.
+    restarts: bool,
+    /// Every one of these appears in a blocker.
+    blockers: &'static [&'static str],
+}
+
+fn cases() -> Vec<Case> {
+    use RolloutPhase::*;
+    let mut no_rollback = staged();
+    no_rollback.rollout.auto_rollback.enabled = false;
+    vec![
+        Case {
+            name: "an uninjected pod blocks the rollout and is named",
+            spec: staged(),
+            generation: 1,
+            current: None,
+            evidence: evidence(vec![pod("checkout-0"), uninjected("legacy-7f9c")]),
+            phase: Blocked,
+            reason: reason::PODS_WITHOUT_SIDECAR,
+            restarts: true,
+            blockers: &["pod legacy-7f9c has no weft sidecar"],
+        },
+        Case {
+            name: "an uninjected pod appearing while observing blocks again",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(5)),
+            evidence: evidence(vec![pod("a"), uninjected("b")]),
+            phase: Blocked,
+            reason: reason::PODS_WITHOUT_SIDECAR,
+            restarts: true,
+            blockers: &["pod b has no weft sidecar"],
+        },
+        Case {
+            name: "a proxy on an old config keeps it preparing, named with both generations",
+            spec: staged(),
+            generation: 1,
+            current: at(Blocked, minutes(1)),
+            evidence: evidence(vec![pod("a"), on_generation("b", "g-old")]),
+            phase: Preparing,
+            reason: reason::WAITING_FOR_PROXIES,
+            restarts: true,
+            blockers: &["pod b runs config g-old, not g-current"],
+        },
+        Case {
+            name: "a proxy that did not report keeps it preparing",
+            spec: staged(),
+            generation: 1,
+            current: at(Preparing, minutes(1)),
+            evidence: evidence(vec![PodEvidence {
+                proxy: None,
+                ..pod("a")
+            }]),
+            phase: Preparing,
+            reason: reason::WAITING_FOR_PROXIES,
+            restarts: false,
+            blockers: &["pod a: its proxy did not report"],
+        },
+        Case {
+            name: "every pod meshed and current: the window opens",
+            spec: staged(),
+            generation: 1,
+            current: at(Preparing, minutes(1)),
+            evidence: evidence(vec![pod("a"), pod("b")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "plaintext during the window restarts it and names the source",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(9)),
+            evidence: Evidence {
+                plaintext: vec![plaintext("10.244.1.7", Some("shop/legacy-0"), 8080, 3)],
+                ..evidence(vec![pod("a")])
+            },
+            phase: Observing,
+            reason: reason::PLAINTEXT_SEEN,
+            restarts: true,
+            blockers: &[
+                "plaintext from 10.244.1.7 (pod shop/legacy-0) to port 8080: 3 connections",
+            ],
+        },
+        Case {
+            name: "plaintext on an excepted port does not count",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(11)),
+            evidence: Evidence {
+                plaintext: vec![plaintext("10.244.1.8", None, 9090, 40)],
+                ..evidence(vec![pod("a")])
+            },
+            phase: Enforcing,
+            reason: reason::WAITING_FOR_CLIENTS,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "a clean window not yet over keeps observing",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(4)),
+            evidence: evidence(vec![pod("a")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: false,
+            blockers: &[],
+        },
+        Case {
+            name: "a clean full window moves to Enforcing",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(10)),
+            evidence: evidence(vec![pod("a")]),
+            phase: Enforcing,
+            reason: reason::WAITING_FOR_CLIENTS,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "Enforcing waits for a client proxy still on the old generation",
+            spec: staged(),
+            generation: 1,
+            current: at(Enforcing, minutes(1)),
+            evidence: Evidence {
+                clients: vec![
+                    client("shop/checkout-0", "c-new", "c-new"),
+                    client("shop/checkout-1", "c-old", "c-new"),
+                ],
+                ..evidence(vec![pod("a")])
+            },
+            phase: Enforcing,
+            reason: reason::WAITING_FOR_CLIENTS,
+            restarts: false,
+            blockers: &["client shop/checkout-1 runs config c-old, not c-new"],
+        },
+        Case {
+            name: "Strict only once every client proxy runs the generation that expects it",
+            spec: staged(),
+            generation: 1,
+            current: at(Enforcing, minutes(2)),
+            evidence: Evidence {
+                clients: vec![
+                    client("shop/checkout-0", "c-new", "c-new"),
+                    client("shop/checkout-1", "c-new", "c-new"),
+                ],
+                ..evidence(vec![pod("a")])
+            },
+            phase: Strict,
+            reason: reason::STRICT,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "a burst of rejected plaintext rolls back, with its reason",
+            spec: staged(),
+            generation: 1,
+            current: at(Strict, minutes(30)),
+            evidence: Evidence {
+                rejected_recently: 12,
+                plaintext: vec![plaintext("10.244.3.3", Some("shop/cron-1"), 8080, 12)],
+                ..evidence(vec![pod("a")])
+            },
+            phase: RolledBack,
+            reason: reason::REJECTED_PLAINTEXT_BURST,
+            restarts: true,
+            blockers: &["plaintext from 10.244.3.3 (pod shop/cron-1)"],
+        },
+        Case {
+            name: "rejections below the threshold keep Strict",
+            spec: staged(),
+            generation: 1,
+            current: at(Strict, minutes(30)),
+            evidence: Evidence {
+                rejected_recently: 9,
+                ..evidence(vec![pod("a")])
+            },
+            phase: Strict,
+            reason: reason::STRICT,
+            restarts: false,
+            blockers: &[],
+        },
+        Case {
+            name: "auto-rollback disabled keeps Strict whatever is rejected",
+            spec: no_rollback,
+            generation: 1,
+            current: at(Strict, minutes(30)),
+            evidence: Evidence {
+                rejected_recently: 500,
+                ..evidence(vec![pod("a")])
+            },
+            phase: Strict,
+            reason: reason::STRICT,
+            restarts: false,
+            blockers: &[],
+        },
+        Case {
+            name: "rolled back stays rolled back until the policy is edited",
+            spec: staged(),
+            generation: 1,
+            current: at(RolledBack, minutes(60)),
+            evidence: evidence(vec![pod("a")]),
+            phase: RolledBack,
+            reason: reason::ROLLED_BACK,
+            restarts: false,
+            blockers: &[],
+        },
+        Case {
+            name: "an edit after a rollback starts again",
+            spec: staged(),
+            generation: 2,
+            current: at(RolledBack, minutes(60)),
+            evidence: evidence(vec![pod("a")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "the Immediate strategy flips at once, uninjected pods or not",
+            spec: spec(MtlsMode::Strict, RolloutStrategy::Immediate),
+            generation: 1,
+            current: None,
+            evidence: evidence(vec![uninjected("legacy")]),
+            phase: Strict,
+            reason: reason::IMMEDIATE,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "asking for Permissive again goes there from any phase",
+            spec: spec(MtlsMode::Permissive, RolloutStrategy::Staged),
+            generation: 2,
+            current: at(Strict, minutes(5)),
+            evidence: evidence(vec![pod("a")]),
+            phase: Permissive,
+            reason: reason::PERMISSIVE,
+            restarts: true,
+            blockers: &[],
+        },
+    ]
+}
+
+#[test]
+fn rollout_table() {
+    for case in cases() {
+        let d = step(
+            &case.spec,
+            Some(case.generation),
+            case.current,
+            &case.evidence,
+            t0(),
+        );
+        let n = case.name;
+        assert_eq!(d.phase, case.phase, "{n}: {d:#?}");
+        assert_eq!(d.reason, case.reason, "{n}: {d:#?}");
+        let restarted = d.since == t0();
+        assert_eq!(restarted, case.restarts, "{n}: since {d:#?}");
+        assert_eq!(
+            d.event, case.restarts,
+            "{n}: an Event on every change: {d:#?}"
+        );
+        for want in case.blockers {
+            assert!(
+                d.blockers.iter().any(|b| b.contains(want)),
+                "{n}: no blocker says {want:?}: {:?}",
+                d.blockers
+            );
+        }
+        if case.blockers.is_empty() && case.phase != RolloutPhase::RolledBack {
+            assert!(d.blockers.is_empty(), "{n}: {:?}", d.blockers);
+        }
+        assert!(
+            d.requeue_after > Duration::ZERO && d.requeue_after <= Duration::from_secs(300),
+            "{n}: requeue {:?}",
+            d.requeue_after
+        );
+    }
+}
+
+#[test]
+fn a_full_staged_rollout_walks_every_phase_in_order() {
+    use RolloutPhase::*;
+    let spec = staged();
+    let mut now = t0();
+    let mut current: Option<Current> = None;
+    let mut seen = Vec::new();
+    let mut ev = evidence(vec![pod("a"), uninjected("b")]);
+    let advance = |ev: &Evidence, now: SystemTime, current: &mut Option<Current>| {
+        let d = step(&spec, Some(1), *current, ev, now);
+        *current = Some(Current {
+            phase: d.phase,
+            since: d.since,
+            observed_generation: Some(1),
+        });
+        d
+    };
+    seen.push(advance(&ev, now, &mut current).phase);
+    ev.pods[1] = pod("b");
+    seen.push(advance(&ev, now, &mut current).phase);
+    now += minutes(3);
+    ev.plaintext = vec![plaintext("10.0.0.9", None, 8080, 1)];
+    let d = advance(&ev, now, &mut current);
+    assert_eq!((d.phase, d.since), (Observing, now), "the window restarted");
+    ev.plaintext.clear();
+    now += minutes(9);
+    seen.push(advance(&ev, now, &mut current).phase);
+    now += minutes(1);
+    seen.push(advance(&ev, now, &mut current).phase);
+    ev.clients = vec![client("shop/c-0", "old", "new")];
+    seen.push(advance(&ev, now, &mut current).phase);
+    ev.clients = vec![client("shop/c-0", "new", "new")];
+    seen.push(advance(&ev, now, &mut current).phase);
+    assert_eq!(
+        seen,
+        [Blocked, Observing, Observing, Enforcing, Enforcing, Strict]
+    );
+}
+
+#[test]
+fn long_blocker_lists_are_capped_and_say_how_many_more() {
+    let pods: Vec<PodEvidence> = (0..25).map(|i| uninjected(&format!("p{i:02}"))).collect();
+    let d = step(&staged(), Some(1), None, &evidence(pods), t0());
+    assert_eq!(d.blockers.len(), 20);
+    assert!(
+        d.message.starts_with("25 pods have no sidecar"),
+        "{}",
+        d.message
+    );
+    assert!(d.message.ends_with("(5 more not listed)"), "{}", d.message);
+}
