@@ -3,3 +3,5 @@
 //! policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
 pub mod rollout;
+pub mod desired;
+pub mod status;

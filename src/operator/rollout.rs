@@ -296,7 +296,7 @@ pub fn step(
             RolloutPhase::Observing,
             reason::OBSERVING,
             format!(
-                "every pod is meshed and current; watching {} for plaintext",
+                "every pod is meshed and current; no plaintext so far (Enforcing after {} without any, counted from phaseSince)",
                 spec.rollout.observation_window
             ),
             Vec::new(),
@@ -337,12 +337,13 @@ pub fn step(
             RECHECK_FAST,
         );
     }
+    // The message stays the same for the whole window, so the status is
+    // not rewritten on every look.
     to(
         RolloutPhase::Observing,
         reason::OBSERVING,
         format!(
-            "no plaintext for {}s of {}",
-            observed.as_secs(),
+            "every pod is meshed and current; no plaintext so far (Enforcing after {} without any, counted from phaseSince)",
             spec.rollout.observation_window
         ),
         Vec::new(),
