@@ -19,6 +19,7 @@ pub mod local;
 pub mod manifest;
 pub mod netns;
 pub mod operator;
+pub mod promtext;
 pub mod proxy;
 pub mod schemacheck;
 

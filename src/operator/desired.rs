@@ -168,7 +168,10 @@ pub fn identities(
         out.data.insert(crt, cert);
         out.data.insert(key, k);
         out.next_renewal = Some(out.next_renewal.map_or(renew, |r: SystemTime| r.min(renew)));
-        out.earliest_expiry = Some(out.earliest_expiry.map_or(expiry, |r: SystemTime| r.min(expiry)));
+        out.earliest_expiry = Some(
+            out.earliest_expiry
+                .map_or(expiry, |r: SystemTime| r.min(expiry)),
+        );
     }
     Ok(out)
 }
@@ -250,7 +253,10 @@ mod tests {
 
         let role = role(&ns());
         let rule = &role.rules.as_ref().expect("rules")[0];
-        assert_eq!(rule.resource_names.as_deref(), Some(&[CONFIG_MAP_NAME.to_owned()][..]));
+        assert_eq!(
+            rule.resource_names.as_deref(),
+            Some(&[CONFIG_MAP_NAME.to_owned()][..])
+        );
         assert!(!rule.verbs.iter().any(|v| v == "update" || v == "patch"));
         let rb = role_binding(&ns());
         assert_eq!(
@@ -264,8 +270,16 @@ mod tests {
         let t0 = SystemTime::now();
         let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
         let accounts = vec!["cart".to_owned(), "default".to_owned()];
-        let first = identities("shop", "cluster.local", &accounts, &BTreeMap::new(), &ca, DAY, t0)
-            .expect("issue");
+        let first = identities(
+            "shop",
+            "cluster.local",
+            &accounts,
+            &BTreeMap::new(),
+            &ca,
+            DAY,
+            t0,
+        )
+        .expect("issue");
         assert_eq!(first.issued, accounts);
         assert_eq!(first.data.len(), 5, "ca.crt and a pair per account");
         let renew = first.next_renewal.expect("renewal");
@@ -273,21 +287,45 @@ mod tests {
         assert!(life > DAY * 2 / 3 - Duration::from_secs(5) && life <= DAY * 2 / 3);
 
         let later = t0 + DAY / 2;
-        let kept = identities("shop", "cluster.local", &accounts, &first.data, &ca, DAY, later)
-            .expect("keep");
+        let kept = identities(
+            "shop",
+            "cluster.local",
+            &accounts,
+            &first.data,
+            &ca,
+            DAY,
+            later,
+        )
+        .expect("keep");
         assert!(kept.issued.is_empty());
         assert_eq!(kept.data, first.data);
 
         let due = t0 + DAY * 2 / 3 + Duration::from_secs(1);
-        let renewed = identities("shop", "cluster.local", &accounts, &first.data, &ca, DAY, due)
-            .expect("renew");
+        let renewed = identities(
+            "shop",
+            "cluster.local",
+            &accounts,
+            &first.data,
+            &ca,
+            DAY,
+            due,
+        )
+        .expect("renew");
         assert_eq!(renewed.issued, accounts);
         assert_ne!(renewed.data["cart.crt"], first.data["cart.crt"]);
 
         // Another CA's certificates are replaced at once.
         let other = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
-        let moved = identities("shop", "cluster.local", &accounts, &first.data, &other, DAY, later)
-            .expect("re-issue");
+        let moved = identities(
+            "shop",
+            "cluster.local",
+            &accounts,
+            &first.data,
+            &other,
+            DAY,
+            later,
+        )
+        .expect("re-issue");
         assert_eq!(moved.issued, accounts);
 
         let secret = identity_secret(&ns(), &kept);

@@ -2,6 +2,7 @@
 //! namespace's `weft-proxy-config` ConfigMap and `weft-identity` Secret,
 //! policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
-pub mod rollout;
 pub mod desired;
+pub mod observe;
+pub mod rollout;
 pub mod status;

@@ -82,7 +82,10 @@ pub fn mtls_status(
     let mut wanted: Vec<Wanted<'_>> = verdict.conditions.iter().map(Wanted::from).collect();
     wanted.push(Wanted {
         type_: ROLLOUT_CONDITION,
-        status: matches!(decision.phase, RolloutPhase::Strict | RolloutPhase::Permissive),
+        status: matches!(
+            decision.phase,
+            RolloutPhase::Strict | RolloutPhase::Permissive
+        ),
         reason: decision.reason,
         message: &decision.message,
     });
@@ -142,7 +145,11 @@ mod tests {
                 VerdictCondition {
                     type_: "Programmed",
                     status: programmed,
-                    reason: if programmed { "Programmed" } else { "NamespaceNotMeshed" },
+                    reason: if programmed {
+                        "Programmed"
+                    } else {
+                        "NamespaceNotMeshed"
+                    },
                     message: "m".into(),
                 },
             ],
@@ -162,8 +169,14 @@ mod tests {
         // A status change moves that condition's transition time only.
         let changed = policy_status(&verdict(false, 3), &conds, &time(200));
         assert!(differs(Some(&first), &changed));
-        assert_eq!(changed["conditions"][0]["lastTransitionTime"], first["conditions"][0]["lastTransitionTime"]);
-        assert_ne!(changed["conditions"][1]["lastTransitionTime"], first["conditions"][1]["lastTransitionTime"]);
+        assert_eq!(
+            changed["conditions"][0]["lastTransitionTime"],
+            first["conditions"][0]["lastTransitionTime"]
+        );
+        assert_ne!(
+            changed["conditions"][1]["lastTransitionTime"],
+            first["conditions"][1]["lastTransitionTime"]
+        );
 
         // A new generation with the same verdict is still a write
         // (observedGeneration moves).

@@ -1,0 +1,251 @@
+//! The rollout's eyes: what each proxy reports on its admin `/metrics`
+//! (config generation, trust bundle, identity, plaintext seen and refused),
+//! and the memory that turns cumulative counters into "since the phase
+//! began" and "within the rollback window". Scraping sits behind
+//! [`Scraper`] so `weft local` and tests can feed the rollout directly.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+
+use super::rollout::ProxyReport;
+use crate::promtext::parse_metrics;
+use crate::proxy::ADMIN_PORT;
+
+/// One proxy's metrics, as the rollout reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scrape {
+    pub report: ProxyReport,
+    /// Cumulative plaintext connections by (container port, source address).
+    pub plaintext: BTreeMap<(u16, String), u64>,
+    /// Cumulative plaintext connections refused under STRICT.
+    pub rejected: u64,
+}
+
+/// Reads a proxy's `/metrics` text.
+pub fn read(text: &str) -> Scrape {
+    let mut out = Scrape::default();
+    for s in parse_metrics(text) {
+        let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
+        match s.name.as_str() {
+            "weft_proxy_config_generation" if s.value >= 1.0 => {
+                out.report.generation = Some(label("generation"));
+            }
+            "weft_proxy_trust_bundle" if s.value >= 1.0 => {
+                out.report.trust_bundle_hash = Some(label("hash"));
+            }
+            "weft_proxy_certificate_expiry_timestamp_seconds" if s.value > 0.0 => {
+                out.report.has_identity = true;
+            }
+            "weft_proxy_inbound_plaintext_connections_total" => {
+                if let Ok(port) = label("port").parse() {
+                    *out.plaintext.entry((port, label("src_addr"))).or_default() += s.value as u64;
+                }
+            }
+            "weft_proxy_inbound_plaintext_rejected_total" => out.rejected += s.value as u64,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Why a proxy could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("scraping {addr}: {reason}")]
+pub struct ScrapeError {
+    pub addr: String,
+    pub reason: String,
+}
+
+/// Fetches a pod's proxy metrics text.
+pub trait Scraper: Send + Sync {
+    fn scrape(&self, pod_ip: IpAddr) -> BoxFuture<'static, Result<String, ScrapeError>>;
+}
+
+/// Plain HTTP to `<pod IP>:15120/metrics`, with a short timeout.
+pub struct HttpScraper {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+}
+
+impl Default for HttpScraper {
+    fn default() -> Self {
+        Self {
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+        }
+    }
+}
+
+impl Scraper for HttpScraper {
+    fn scrape(&self, pod_ip: IpAddr) -> BoxFuture<'static, Result<String, ScrapeError>> {
+        let client = self.client.clone();
+        let addr = std::net::SocketAddr::new(pod_ip, ADMIN_PORT).to_string();
+        Box::pin(async move {
+            let err = |reason: String| ScrapeError {
+                addr: addr.clone(),
+                reason,
+            };
+            let uri: http::Uri = format!("http://{addr}/metrics")
+                .parse()
+                .map_err(|e| err(format!("{e}")))?;
+            let rsp = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
+                .await
+                .map_err(|_| err("no answer within 3 s".into()))?
+                .map_err(|e| err(e.to_string()))?;
+            if !rsp.status().is_success() {
+                return Err(err(format!("status {}", rsp.status())));
+            }
+            let body = http_body_util::BodyExt::collect(rsp.into_body())
+                .await
+                .map_err(|e| err(e.to_string()))?
+                .to_bytes();
+            String::from_utf8(body.to_vec()).map_err(|e| err(e.to_string()))
+        })
+    }
+}
+
+/// A plaintext counter's key: (pod, container port, source address).
+pub type PlaintextKey = (String, u16, String);
+
+/// What the operator remembers between looks, per namespace. Lost on a
+/// restart: the first look after one takes the counters as they are.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Counters when the current phase began, and that phase's start.
+    baselines: HashMap<String, (SystemTime, HashMap<PlaintextKey, u64>)>,
+    /// (when, the namespace's total refused so far per pod).
+    rejected: HashMap<String, VecDeque<(SystemTime, HashMap<String, u64>)>>,
+}
+
+impl Counters {
+    /// Plaintext connections since `since` (the current phase's start), by
+    /// key. A new `since` takes the current counters as the baseline; a
+    /// counter below its baseline (the proxy restarted) counts from zero.
+    pub fn plaintext_since(
+        &mut self,
+        namespace: &str,
+        since: SystemTime,
+        now: &HashMap<PlaintextKey, u64>,
+    ) -> BTreeMap<PlaintextKey, u64> {
+        let entry = self
+            .baselines
+            .entry(namespace.to_owned())
+            .or_insert_with(|| (since, now.clone()));
+        if entry.0 != since {
+            *entry = (since, now.clone());
+        }
+        now.iter()
+            .filter_map(|(k, &v)| {
+                let base = entry.1.get(k).copied().unwrap_or(0);
+                let seen = if v >= base { v - base } else { v };
+                (seen > 0).then(|| (k.clone(), seen))
+            })
+            .collect()
+    }
+
+    /// Plaintext connections refused within `window` before `now`, from
+    /// per-pod cumulative counters.
+    pub fn rejected_within(
+        &mut self,
+        namespace: &str,
+        now: SystemTime,
+        window: Duration,
+        per_pod: HashMap<String, u64>,
+    ) -> u64 {
+        let samples = self.rejected.entry(namespace.to_owned()).or_default();
+        samples.push_back((now, per_pod));
+        // Keep one sample at or before the window's start, as the base.
+        while samples.len() > 1
+            && samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t).unwrap_or_default() >= window)
+        {
+            samples.pop_front();
+        }
+        let (Some((_, first)), Some((_, last))) = (samples.front(), samples.back()) else {
+            return 0;
+        };
+        last.iter()
+            .map(|(pod, &v)| {
+                let base = first.get(pod).copied().unwrap_or(0);
+                if v >= base { v - base } else { v }
+            })
+            .sum()
+    }
+
+    /// Forgets a namespace (its policy went away or settled).
+    pub fn forget(&mut self, namespace: &str) {
+        self.baselines.remove(namespace);
+        self.rejected.remove(namespace);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_the_proxy_exports() {
+        let text = "\
+# TYPE weft_proxy_config_generation gauge
+weft_proxy_config_generation{generation=\"old\"} 0
+weft_proxy_config_generation{generation=\"abc123\"} 1
+weft_proxy_trust_bundle{hash=\"h1\"} 1
+weft_proxy_certificate_expiry_timestamp_seconds 1.9e9
+weft_proxy_inbound_plaintext_connections_total{port=\"8080\",src_addr=\"10.0.0.7\"} 3
+weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"} 2
+weft_proxy_inbound_plaintext_rejected_total{port=\"9090\"} 1
+";
+        let s = read(text);
+        assert_eq!(s.report.generation.as_deref(), Some("abc123"));
+        assert_eq!(s.report.trust_bundle_hash.as_deref(), Some("h1"));
+        assert!(s.report.has_identity);
+        assert_eq!(s.plaintext[&(8080, "10.0.0.7".into())], 3);
+        assert_eq!(s.rejected, 3);
+    }
+
+    fn key(pod: &str) -> PlaintextKey {
+        (pod.into(), 8080, "10.0.0.7".into())
+    }
+
+    #[test]
+    fn plaintext_counts_from_the_phase_start_and_survives_a_proxy_restart() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut c = Counters::default();
+        let now = HashMap::from([(key("a"), 5)]);
+        assert!(
+            c.plaintext_since("shop", t0, &now).is_empty(),
+            "the baseline"
+        );
+        let now = HashMap::from([(key("a"), 7)]);
+        assert_eq!(c.plaintext_since("shop", t0, &now)[&key("a")], 2);
+        // The window restarts: a new baseline.
+        let t1 = t0 + Duration::from_secs(60);
+        assert!(c.plaintext_since("shop", t1, &now).is_empty());
+        // The proxy restarted: its counter starts again from zero.
+        let now = HashMap::from([(key("a"), 1)]);
+        assert_eq!(c.plaintext_since("shop", t1, &now)[&key("a")], 1);
+    }
+
+    #[test]
+    fn rejections_are_counted_within_the_window_only() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let w = Duration::from_secs(60);
+        let mut c = Counters::default();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let pods = |n: u64| HashMap::from([("a".to_owned(), n)]);
+        assert_eq!(c.rejected_within("ns", at(0), w, pods(0)), 0);
+        assert_eq!(c.rejected_within("ns", at(30), w, pods(4)), 4);
+        assert_eq!(c.rejected_within("ns", at(59), w, pods(9)), 9);
+        // The first sample leaves the window: counted from the one at 30 s.
+        assert_eq!(c.rejected_within("ns", at(95), w, pods(10)), 6);
+        assert_eq!(c.rejected_within("ns", at(200), w, pods(10)), 0);
+    }
+}
