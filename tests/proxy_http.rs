@@ -160,6 +160,63 @@ async fn the_circuit_opens_fails_fast_and_closes_after_recovery() {
     );
 }
 
+/// Breakers trip per endpoint: a broken endpoint is ejected and retries go
+/// to the healthy one, so the Service never fails as a whole; only when
+/// every endpoint is out does the Service's circuit open.
+#[tokio::test]
+async fn one_broken_endpoint_is_ejected_and_the_service_circuit_stays_closed() {
+    let broken = Upstream::fixed(503, "broken").await;
+    let healthy = Upstream::fixed(200, "ok").await;
+    let mut pol = breaker_policy();
+    pol["retry"] = json!({
+        "maxRetries": 2, "retryOn": ["5xx"], "methods": ["GET"],
+        "idempotencyHeader": "idempotency-key",
+        "budget": { "percent": 100, "minPerSecond": 100, "windowMs": 10000 },
+        "backoffBaseMs": 1, "backoffMaxMs": 2
+    });
+    let cfg = config(vec![service(
+        "inventory",
+        &[broken.addr, healthy.addr],
+        Some(pol),
+        json!([]),
+    )]);
+    let p = start_proxy(&cfg, &[INVENTORY], &[]).await;
+    let url = format!("{}/stock", p.outbound_url(0));
+    for i in 0..40 {
+        assert_eq!(get(&url).await.status, 200, "request {i}");
+    }
+    assert!(
+        broken.hits() <= 6,
+        "the broken endpoint was ejected after 3 failures (and a probe or so): {} hits",
+        broken.hits()
+    );
+    let state = "weft_proxy_circuit_state{dst=\"inventory.shop:80\"}";
+    assert_eq!(p.metric(state).await, 0.0);
+    assert_eq!(
+        p.metric("weft_proxy_circuit_opened_total{dst=\"inventory.shop:80\"}")
+            .await,
+        0.0
+    );
+
+    // Now the healthy one breaks too: every endpoint out, the Service's
+    // circuit opens and requests fail fast.
+    healthy.set(Arc::new(|_, _| (503, "broken".into(), Duration::ZERO)));
+    for _ in 0..6 {
+        let _ = get(&url).await;
+    }
+    let r = get(&url).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (503, Some("circuit-open"))
+    );
+    assert_eq!(p.metric(state).await, 1.0);
+    assert_eq!(
+        p.metric("weft_proxy_circuit_opened_total{dst=\"inventory.shop:80\"}")
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn health_check_failures_never_open_the_circuit() {
     let up = Upstream::start(Arc::new(|_, req| {

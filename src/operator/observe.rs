@@ -114,6 +114,10 @@ impl Scraper for HttpScraper {
 /// A plaintext counter's key: (pod, container port, source address).
 pub type PlaintextKey = (String, u16, String);
 
+/// One look at a namespace's refused-plaintext counters: when, and the
+/// cumulative count per pod.
+type RejectedSample = (SystemTime, HashMap<String, u64>);
+
 /// What the operator remembers between looks, per namespace. Lost on a
 /// restart: the first look after one takes the counters as they are.
 #[derive(Debug, Default)]
@@ -121,7 +125,7 @@ pub struct Counters {
     /// Counters when the current phase began, and that phase's start.
     baselines: HashMap<String, (SystemTime, HashMap<PlaintextKey, u64>)>,
     /// (when, the namespace's total refused so far per pod).
-    rejected: HashMap<String, VecDeque<(SystemTime, HashMap<String, u64>)>>,
+    rejected: HashMap<String, VecDeque<RejectedSample>>,
 }
 
 impl Counters {

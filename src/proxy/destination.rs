@@ -18,7 +18,8 @@ use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
-    BreakerSettings, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget, TokenBucket,
+    BreakerSettings, BreakerState, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget,
+    TokenBucket,
 };
 
 /// Latency assumed for an endpoint before it has answered.
@@ -55,7 +56,11 @@ pub struct Destination {
     pub label: String,
     pub policy: ServicePolicy,
     pub budget: RetryBudget,
-    pub breaker: Option<CircuitBreaker>,
+    /// Whether the policy has a circuit breaker (kept per endpoint).
+    pub has_breaker: bool,
+    /// The Service's circuit state last published: Open only when every
+    /// endpoint's breaker is open (see [`Destination::circuit_state`]).
+    pub published_circuit: std::sync::atomic::AtomicU8,
     pub limiter: Option<TokenBucket>,
     /// Metric series per route, for the metrics layer: over plaintext
     /// and over mesh TLS.
@@ -108,7 +113,8 @@ impl Destination {
         let fixed = static_endpoints.is_some();
         Self {
             label,
-            breaker: breaker(&policy.circuit_breaker),
+            has_breaker: policy.circuit_breaker.is_some(),
+            published_circuit: std::sync::atomic::AtomicU8::new(0),
             budget,
             limiter,
             edges: EdgeCache::default(),
@@ -157,6 +163,29 @@ impl Destination {
         let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         *guard = (Some(Instant::now()), next.clone());
         next
+    }
+
+    /// The Service's circuit: Open when every endpoint's breaker is open
+    /// (the balancer then fails fast), HalfOpen when none is closed but one
+    /// may take a probe, else Closed. None without a breaker policy.
+    pub fn circuit_state(&self, now: Instant) -> Option<BreakerState> {
+        if !self.has_breaker {
+            return None;
+        }
+        let (_, endpoints) = self.cached();
+        let states: Vec<BreakerState> = endpoints
+            .iter()
+            .filter_map(|e| e.breaker.as_ref().map(|b| b.state(now)))
+            .collect();
+        Some(
+            if states.is_empty() || states.contains(&BreakerState::Closed) {
+                BreakerState::Closed
+            } else if states.contains(&BreakerState::HalfOpen) {
+                BreakerState::HalfOpen
+            } else {
+                BreakerState::Open
+            },
+        )
     }
 
     fn cached(&self) -> (Option<Instant>, EndpointList) {

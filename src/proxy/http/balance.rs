@@ -53,9 +53,21 @@ impl Service<Request> for Balance {
                 .map(|(i, e)| (i, e.load.cost(now)))
                 .collect();
             let mut rng = fastrand::Rng::new();
+            let tried = req.extensions().get::<TriedEndpoints>().cloned();
+            let mut candidates = admitted;
+            if let Some(tried) = &tried {
+                let seen = tried.0.lock().unwrap_or_else(|e| e.into_inner());
+                let fresh: Vec<(usize, f64)> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|(i, _)| !seen.contains(&endpoints[*i].addr))
+                    .collect();
+                if !fresh.is_empty() {
+                    candidates = fresh;
+                }
+            }
             // Try the two best candidates' breakers in P2C order; a
             // half-open breaker may refuse a second concurrent probe.
-            let mut candidates = admitted;
             let (chosen, permit) = loop {
                 let Some(i) = p2c_pick(&candidates, &mut rng) else {
                     return Err(ProxyError::CircuitOpen(dst.label.clone()).into());
@@ -73,6 +85,13 @@ impl Service<Request> for Balance {
                 .extensions()
                 .get::<RouteCtx>()
                 .is_some_and(|r| r.excluded);
+            if let Some(tried) = &tried {
+                tried
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(chosen.addr);
+            }
             req.extensions_mut().insert(chosen.endpoint.clone());
             let pending = chosen.load.start(Instant::now());
             let result = super::call(pool, req).await;
@@ -84,3 +103,10 @@ impl Service<Request> for Balance {
         })
     }
 }
+
+/// The endpoints earlier attempts of a request went to (the retry layer
+/// puts one in every attempt's extensions): a retry goes elsewhere when
+/// another endpoint is admitted, so a fast-failing endpoint, cheap in the
+/// latency estimate, does not take every attempt.
+#[derive(Clone, Debug, Default)]
+pub struct TriedEndpoints(pub Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>);

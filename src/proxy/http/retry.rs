@@ -127,6 +127,12 @@ impl<S: super::Inner> Retry<S> {
             };
             let mut rng = fastrand::Rng::new();
             let mut tries: u32 = 0;
+            // Shared by every attempt's copy: retries go to another endpoint
+            // when there is one.
+            let mut parts = parts;
+            parts
+                .extensions
+                .insert(super::balance::TriedEndpoints::default());
             loop {
                 let req = replay(&parts, bytes.clone());
                 let result = attempt(inner.clone(), req, per_try, &dst.label).await;
