@@ -1,10 +1,14 @@
-//! `weft control-plane`: the cluster side of weft. Today it runs the
-//! sidecar injector — the admission webhook over HTTPS, its serving
-//! certificate (`inject::certs`), and the caches the injector reads (the
-//! Mesh defaults, namespace labels, the API server's version).
+//! `weft control-plane`: the cluster side of weft, one binary per replica:
+//! - the sidecar injector on every replica: the admission webhook over
+//!   HTTPS, its serving certificate (`inject::certs`), and the caches it
+//!   reads (the Mesh defaults, namespace labels, the API server's version);
+//! - the operator (`crate::operator`), whose watches run on every replica
+//!   and whose writers run only on the one holding the Lease;
+//! - the admin server: `/livez`, `/readyz`, `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -50,6 +54,21 @@ pub struct ControlPlaneArgs {
     /// The image injected as weft-init and weft-proxy.
     #[arg(long, env = "WEFT_PROXY_IMAGE", default_value = concat!("ghcr.io/weft-mesh/weft:", env!("CARGO_PKG_VERSION")))]
     pub proxy_image: String,
+    /// Where `/livez`, `/readyz` and `/metrics` are served (plain HTTP).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], 9090)))]
+    pub admin_listen: SocketAddr,
+    /// The Lease the replicas compete for; only its holder writes.
+    #[arg(long, default_value = "weft-operator")]
+    pub lease_name: String,
+    /// How long a leader that stopped renewing keeps the lease.
+    #[arg(long, default_value = "15s", value_parser = crate::api::parse_std_duration)]
+    pub lease_duration: std::time::Duration,
+    /// This replica's name in the Lease and in Events (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Namespaces reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u16,
 }
 
 /// Who makes the webhook's serving certificate.
@@ -141,14 +160,67 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
             tokio::spawn(certs::run_external(client.clone(), names, serving.clone()));
         }
     }
-    while !serving.ready() {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let metrics = Arc::new(crate::operator::metrics::Metrics::default());
+    let synced = Arc::new(AtomicBool::new(false));
+    let ready = {
+        let (synced, serving) = (synced.clone(), serving.clone());
+        Arc::new(move || synced.load(Ordering::Relaxed) && serving.ready())
+    };
+    let admin = crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready);
+    let identity = args.pod_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "weft-control-plane".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let operator = crate::operator::run(
+        client.clone(),
+        crate::operator::Options {
+            namespace: args.namespace.clone(),
+            lease: args.lease_name.clone(),
+            identity,
+            lease_duration: args.lease_duration,
+            concurrency: args.concurrency,
+        },
+        metrics,
+        synced,
+        shutdown_signal(),
+    );
+
+    let webhook = async {
+        while !serving.ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let listener = tokio::net::TcpListener::bind(args.webhook_listen)
+            .await
+            .with_context(|| format!("binding the webhook listener on {}", args.webhook_listen))?;
+        tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
+        webhook::serve_https(listener, serving.clone(), webhook::router(hook)).await
+    };
+    // The operator returns on SIGTERM (after releasing the lease) or with an
+    // error when the lease is lost; either ends the process, and a lost
+    // lease exits non-zero so the pod restarts as a candidate.
+    tokio::select! {
+        r = operator => r,
+        r = webhook => r,
+        r = admin => r,
     }
-    let listener = tokio::net::TcpListener::bind(args.webhook_listen)
-        .await
-        .with_context(|| format!("binding the webhook listener on {}", args.webhook_listen))?;
-    tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
-    webhook::serve_https(listener, serving, webhook::router(hook)).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
 }
 
 /// Keeps the injector's Mesh defaults current: the Mesh named `default`,

@@ -21,6 +21,14 @@ pub const DURATION_PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration(std::time::Duration);
 
+/// Parses a duration written as in the CRDs (`500ms`, `15s`, `1m30s`), for
+/// command-line flags.
+pub fn parse_std_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<Duration>()
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
 impl Duration {
     pub const fn from_millis(ms: u64) -> Self {
         Self(std::time::Duration::from_millis(ms))

@@ -49,7 +49,7 @@ impl PolicyVerdict {
 }
 
 /// One condition, without the timestamp the operator adds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct VerdictCondition {
     #[serde(rename = "type")]
     pub type_: &'static str,

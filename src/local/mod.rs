@@ -63,7 +63,7 @@ pub struct UpArgs {
     pub base_port: u16,
     /// Print the status table every this often while up (0s: never; the
     /// default refreshes in place on a terminal and stays quiet otherwise).
-    #[arg(long, value_parser = parse_interval)]
+    #[arg(long, value_parser = crate::api::parse_std_duration)]
     pub status_every: Option<std::time::Duration>,
     #[command(flatten)]
     pub state: StateArgs,
@@ -82,7 +82,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub once: bool,
     /// Refresh period, and the rate window of `--once`.
-    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    #[arg(long, default_value = "2s", value_parser = crate::api::parse_std_duration)]
     pub interval: std::time::Duration,
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub output: Format,
@@ -94,12 +94,6 @@ pub struct StatusArgs {
 pub enum Format {
     Text,
     Json,
-}
-
-fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
-    s.parse::<crate::api::Duration>()
-        .map(|d| d.as_std())
-        .map_err(|e| e.to_string())
 }
 
 /// Runs `weft local ...`.

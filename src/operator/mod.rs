@@ -2,7 +2,199 @@
 //! namespace's `weft-proxy-config` ConfigMap and `weft-identity` Secret,
 //! policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
+pub mod ca;
 pub mod desired;
+pub mod driver;
+pub mod leader;
+pub mod metrics;
 pub mod observe;
+pub mod plan;
+pub mod reconcile;
 pub mod rollout;
 pub mod status;
+pub mod world;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use axum::routing::get;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::mpsc;
+
+use crate::identity::CA_SECRET;
+
+/// How the operator runs (from `weft control-plane`'s flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The control plane's namespace: the CA and the Lease live there.
+    pub namespace: String,
+    pub lease: String,
+    /// This replica's name (the pod name), for the Lease and Events.
+    pub identity: String,
+    pub lease_duration: std::time::Duration,
+    /// Namespaces reconciled at once.
+    pub concurrency: u16,
+}
+
+/// `/livez`, `/readyz` and `/metrics` of the control plane. `ready` says
+/// whether this replica can serve (caches synced, webhook certificate
+/// loaded); it does not depend on leading, so standby replicas keep
+/// serving the webhook.
+pub async fn serve_admin(
+    listen: SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> anyhow::Result<()> {
+    let app = axum::Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready() {
+                        (http::StatusCode::OK, "ready")
+                    } else {
+                        (
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "caches not synced yet",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {listen}"))?;
+    tracing::info!(%listen, "admin server (/livez /readyz /metrics)");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// Runs the operator: watches on this replica at once (`synced` turns true
+/// when they have listed), then, once this replica holds the Lease, the
+/// CA, the compile loop and the namespace controller. Returns an error
+/// when leadership is lost (the process should exit and restart as a
+/// candidate), Ok on `shutdown`.
+pub async fn run(
+    client: Client,
+    opts: Options,
+    metrics: Arc<metrics::Metrics>,
+    synced: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let writers = world::Writers::default();
+    let world = writers.world();
+    let (changes_tx, changes) = mpsc::unbounded_channel();
+    world::watch_all(&client, writers, changes_tx.clone());
+    world.synced().await;
+    synced.store(true, Ordering::Relaxed);
+    tracing::info!("caches synced");
+
+    let leadership = leader::Candidate {
+        namespace: opts.namespace.clone(),
+        lease: opts.lease.clone(),
+        identity: opts.identity.clone(),
+        duration: opts.lease_duration,
+    }
+    .acquire(client.clone())
+    .await;
+    metrics.leading(true);
+
+    let ctx = Arc::new(reconcile::Ctx::new(
+        client.clone(),
+        world,
+        Arc::new(observe::HttpScraper::default()),
+        metrics.clone(),
+        opts.namespace.clone(),
+        Some(opts.identity.clone()),
+    ));
+    driver::recompile(&ctx).await;
+    if let Err(e) = ca::ensure(&ctx).await {
+        tracing::warn!(error = %e, "reading the mesh CA; retrying when it changes");
+    }
+    let (one_tx, one) = mpsc::unbounded_channel();
+    let (all_tx, all) = mpsc::unbounded_channel();
+    tokio::spawn(watch_ca(ctx.clone(), all_tx.clone()));
+    tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx));
+    driver::write_policy_statuses(&ctx).await;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(driver::run_controller(
+        ctx,
+        one,
+        all,
+        opts.concurrency,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let result = tokio::select! {
+        () = leadership.lost() => Err(anyhow::anyhow!("lost the lease {}: stopping so that only one replica writes", opts.lease)),
+        () = shutdown => Ok(()),
+    };
+    let _ = stop_tx.send(());
+    let _ = controller.await;
+    metrics.leading(false);
+    if result.is_ok() {
+        leadership.release().await;
+    }
+    drop(changes_tx);
+    result
+}
+
+/// Re-reads the CA whenever Secret `weft-ca` changes (or every 5 minutes),
+/// and asks for every namespace when the CA in use changed.
+async fn watch_ca(ctx: Arc<reconcile::Ctx>, all: mpsc::UnboundedSender<()>) {
+    let api: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CA_SECRET}"));
+    let events = watcher(api, config).default_backoff();
+    futures_util::pin_mut!(events);
+    loop {
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(300),
+            futures_util::StreamExt::next(&mut events),
+        )
+        .await;
+        match next {
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "watching the mesh CA");
+                continue;
+            }
+            Ok(Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_)))) => continue,
+            Ok(Some(Ok(_))) | Err(_) => {}
+        }
+        match ca::ensure(&ctx).await {
+            Ok(true) => {
+                tracing::info!("the mesh CA changed: re-issuing identities everywhere");
+                if all.send(()).is_err() {
+                    return;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the mesh CA"),
+        }
+        // Statuses carry the CA's condition.
+        driver::write_policy_statuses(&ctx).await;
+    }
+}

@@ -1,0 +1,254 @@
+//! What runs the reconciles: the compile loop and the namespace controller.
+//!
+//! The compile loop recompiles the whole mesh when a compiler input
+//! changes (debounced, so a `kubectl apply -f dir/` is one compile), writes
+//! the status of every policy but MTLSPolicies (those are the namespace
+//! reconcile's, with their rollout), and sends the namespaces whose
+//! [`plan::fingerprints`] moved to the controller. The controller
+//! (kube-runtime) reconciles a namespace when the Namespace changes, when
+//! the compile loop names it, when one of its children drifts or goes, and
+//! when its own requeue time comes; it never runs two reconciles of one
+//! namespace at once.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::ca;
+use super::plan;
+use super::reconcile::{self, Ctx, Snapshot, write_status};
+use super::status::{self, Wanted};
+use super::world::Change;
+use crate::api::{MESH_NAME, Mesh, MeshSpec};
+use crate::compile::{self, PolicyKind, PolicyVerdict};
+
+/// Changes arriving within this long of the first are compiled together.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A failed status write is retried after this long.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
+
+/// Compiles what the caches hold into a new snapshot and returns the
+/// namespaces whose reconcile reads something that changed.
+pub async fn recompile(ctx: &Ctx) -> BTreeSet<String> {
+    let facts = ctx.world.facts();
+    let (facts, compiled) = tokio::task::spawn_blocking(move || {
+        let compiled = compile::compile(&facts);
+        (facts, compiled)
+    })
+    .await
+    .expect("the compiler does not panic");
+    ctx.metrics.compiled();
+    let fingerprints = plan::fingerprints(&facts, &compiled);
+    let mesh = facts
+        .meshes
+        .iter()
+        .find(|m| m.name_any() == MESH_NAME)
+        .map(|m| m.spec.clone())
+        .unwrap_or_else(MeshSpec::default);
+    let prev = ctx.snapshot.load_full();
+    let affected = plan::affected(&prev.fingerprints, &fingerprints);
+    ctx.snapshot.store(Arc::new(Snapshot {
+        compiled,
+        fingerprints,
+        mesh,
+    }));
+    affected
+}
+
+/// Writes the status of every Mesh, TrafficPolicy, ServiceRoute and
+/// AccessPolicy whose verdict differs from what it holds. Returns how many
+/// writes failed (each is logged).
+pub async fn write_policy_statuses(ctx: &Ctx) -> usize {
+    let snap = ctx.snapshot.load_full();
+    let w = &ctx.world;
+    let mut failed = 0;
+    for v in &snap.compiled.verdicts {
+        let result = match v.kind {
+            PolicyKind::Mesh => match find(&w.meshes, v) {
+                Some(mesh) => {
+                    let api = Api::<Mesh>::all(ctx.client.clone());
+                    let st = mesh_status(ctx, v, &existing_conditions(mesh.as_ref()));
+                    write_status(ctx, api, mesh.as_ref(), st).await
+                }
+                None => Ok(false),
+            },
+            PolicyKind::TrafficPolicy => one(ctx, &w.traffic_policies, v).await,
+            PolicyKind::ServiceRoute => one(ctx, &w.service_routes, v).await,
+            PolicyKind::AccessPolicy => one(ctx, &w.access_policies, v).await,
+            // Written by the namespace reconcile, with the rollout.
+            PolicyKind::MTLSPolicy => Ok(false),
+        };
+        if let Err(e) = result {
+            tracing::warn!(policy = %v.object(), error = %e, "status not written");
+            failed += 1;
+        }
+    }
+    failed
+}
+
+async fn one<K>(ctx: &Ctx, store: &Store<K>, v: &PolicyVerdict) -> Result<bool, reconcile::Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug
+        + 'static,
+{
+    let Some(obj) = find(store, v) else {
+        return Ok(false);
+    };
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), v.namespace.as_deref().unwrap_or(""));
+    let st = status::policy_status(v, &existing_conditions(obj.as_ref()), &now());
+    write_status(ctx, api, obj.as_ref(), st).await
+}
+
+fn find<K>(store: &Store<K>, v: &PolicyVerdict) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let r = ObjectRef::new(&v.name);
+    store.get(&match &v.namespace {
+        Some(ns) => r.within(ns),
+        None => r,
+    })
+}
+
+fn existing_conditions<K: Serialize>(obj: &K) -> Vec<Condition> {
+    serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.pointer("/status/conditions").cloned())
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default()
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// The Mesh's status: its verdict and the CA's condition.
+fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_json::Value {
+    let mut wanted: Vec<Wanted<'_>> = v.conditions.iter().map(Wanted::from).collect();
+    let ca_state = ctx.ca.load();
+    let (ok, reason, message) = ca::condition(&ca_state);
+    if v.name == MESH_NAME {
+        wanted.push(Wanted {
+            type_: ca::CONDITION,
+            status: ok,
+            reason,
+            message: &message,
+        });
+    }
+    json!({
+        "observedGeneration": v.generation,
+        "conditions": status::conditions(&wanted, v.generation, existing, &now()),
+    })
+}
+
+/// Turns watch changes into compiles and reconcile triggers until
+/// `changes` closes.
+pub async fn compile_loop(
+    ctx: Arc<Ctx>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    one: mpsc::UnboundedSender<ObjectRef<Namespace>>,
+    all: mpsc::UnboundedSender<()>,
+) {
+    let mut retry_statuses: Option<tokio::time::Instant> = None;
+    loop {
+        let first = match retry_statuses {
+            Some(at) => tokio::select! {
+                c = changes.recv() => c,
+                () = tokio::time::sleep_until(at) => Some(Change::Inputs),
+            },
+            None => changes.recv().await,
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        if batch.contains(&Change::Inputs) {
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+        while let Ok(c) = changes.try_recv() {
+            batch.push(c);
+        }
+        let mut names = BTreeSet::new();
+        let mut everyone = false;
+        let mut inputs = false;
+        for c in batch {
+            match c {
+                Change::Inputs => inputs = true,
+                Change::Child(ns) => {
+                    names.insert(ns);
+                }
+                Change::AllChildren => everyone = true,
+            }
+        }
+        if inputs {
+            let affected = recompile(&ctx).await;
+            if !affected.is_empty() {
+                tracing::debug!(namespaces = affected.len(), "compile changed namespaces");
+            }
+            names.extend(affected);
+            let failed = write_policy_statuses(&ctx).await;
+            retry_statuses = (failed > 0).then(|| tokio::time::Instant::now() + STATUS_RETRY);
+        }
+        if everyone && all.send(()).is_err() {
+            return;
+        }
+        for ns in names {
+            if one.send(ObjectRef::new(&ns)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn receiver<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+/// Runs the namespace controller until `shutdown` resolves. `one` names
+/// namespaces to reconcile, `all` asks for every namespace.
+pub async fn run_controller(
+    ctx: Arc<Ctx>,
+    one: mpsc::UnboundedReceiver<ObjectRef<Namespace>>,
+    all: mpsc::UnboundedReceiver<()>,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    Controller::new(namespaces, watcher::Config::default())
+        .with_config(
+            controller::Config::default()
+                .concurrency(concurrency)
+                .debounce(Duration::from_millis(50)),
+        )
+        .reconcile_on(receiver(one))
+        .reconcile_all_on(receiver(all))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                // Reconcile errors went through the error policy already;
+                // what is left are watch and queue errors.
+                match e {
+                    controller::Error::ReconcilerFailed(..) => {}
+                    other => tracing::warn!(error = %other, "namespace controller"),
+                }
+            }
+        })
+        .await;
+}

@@ -1,0 +1,792 @@
+//! The per-namespace reconcile: make a namespace hold what [`super::desired`]
+//! says (or nothing, once it is no longer meshed), write its MTLSPolicy
+//! status, and move its staged rollout one [`rollout::step`].
+//!
+//! Reads come from the reflector caches ([`World`]) and the latest compile
+//! ([`Snapshot`]); a child is applied (server-side apply, field manager
+//! `weft-operator`, forced) only when the cached copy differs from what is
+//! wanted, and a status only when [`status::differs`], so a reconcile of a
+//! settled namespace writes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::desired::{self, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL};
+use super::metrics::Metrics;
+use super::observe::{self, Counters, PlaintextKey, Scrape, Scraper};
+use super::plan::Fingerprints;
+use super::rollout::{
+    self, ClientEvidence, Current, Decision, Evidence, PlaintextSource, PodEvidence,
+};
+use super::status;
+use super::world::World;
+use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
+use crate::compile::{Compiled, PolicyKind, PolicyVerdict};
+use crate::config::CONFIG_MAP_NAME;
+use crate::identity::{IDENTITY_SECRET, IdentityError, MeshCa, bundle_hash};
+use crate::inject::PROXY_CONTAINER;
+
+/// The latest compile of the whole mesh.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub compiled: Compiled,
+    pub fingerprints: Fingerprints,
+    pub mesh: MeshSpec,
+}
+
+/// The mesh CA as the operator last found it.
+#[derive(Clone, Default)]
+pub enum CaState {
+    /// Not looked at yet.
+    #[default]
+    Unknown,
+    Ready(Arc<MeshCa>),
+    /// `weft-ca` is gone (or unreadable) while these namespaces hold
+    /// certificates from it: nothing is minted until a human restores it.
+    Missing {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Everything a reconcile needs.
+pub struct Ctx {
+    pub client: Client,
+    pub world: World,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub ca: ArcSwap<CaState>,
+    pub scraper: Arc<dyn Scraper>,
+    pub metrics: Arc<Metrics>,
+    /// The control plane's namespace (where `weft-ca` lives).
+    pub control_namespace: String,
+    recorder: Recorder,
+    counters: Mutex<Counters>,
+    /// Consecutive failures per namespace, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Ctx {
+    pub fn new(
+        client: Client,
+        world: World,
+        scraper: Arc<dyn Scraper>,
+        metrics: Arc<Metrics>,
+        control_namespace: String,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            world,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            ca: ArcSwap::from_pointee(CaState::Unknown),
+            scraper,
+            metrics,
+            control_namespace,
+            counters: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Publishes an Event about `obj`; a failure to publish is logged, never
+    /// fails the reconcile.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    Api {
+        action: &'static str,
+        kind: String,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("issuing workload certificates for namespace {namespace}: {source}")]
+    Identity {
+        namespace: String,
+        #[source]
+        source: IdentityError,
+    },
+}
+
+impl Error {
+    /// A short, bounded label for metrics and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Api { source, .. } => match source {
+                kube::Error::Api(s) if s.code == 403 => "Forbidden",
+                kube::Error::Api(s) if s.code == 409 => "Conflict",
+                kube::Error::Api(s) if s.code == 422 => "Invalid",
+                kube::Error::Api(s) if s.code >= 500 => "ApiServerError",
+                kube::Error::Api(_) => "ApiRejected",
+                _ => "ApiUnreachable",
+            },
+            Self::Identity { .. } => "CertificateIssueFailed",
+        }
+    }
+}
+
+/// How long a settled namespace waits before it is looked at again anyway.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one namespace.
+pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&ns, &ctx).await;
+    ctx.metrics.reconciled(
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::reason),
+    );
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("failures")
+            .remove(&ns.name_any());
+    }
+    result
+}
+
+/// After a failure: retry with a backoff that doubles per consecutive
+/// failure of the namespace, from 1 s up to 5 min, with jitter so a
+/// flapping API server is not hit by every namespace at once. An Event on
+/// the Namespace says what failed.
+pub fn error_policy(ns: Arc<Namespace>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    let name = ns.name_any();
+    let n = {
+        let mut failures = ctx.failures.lock().expect("failures");
+        let n = failures.entry(name.clone()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(namespace = %name, error = %error, attempt = n, retry_in = ?delay, "reconcile failed");
+    let (reason, note) = (error.reason(), error.to_string());
+    tokio::spawn(async move {
+        ctx.event(
+            ns.as_ref(),
+            true,
+            reason,
+            "Reconcile",
+            format!("{note}; retrying in {delay:?}"),
+        )
+        .await;
+    });
+    Action::requeue(delay)
+}
+
+/// The delay before retry `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(1) * 2u32.saturating_pow(n.saturating_sub(1).min(9));
+    let capped = base.min(Duration::from_secs(300));
+    // Up to +20 % jitter.
+    capped + capped.mul_f64(fastrand::f64() * 0.2)
+}
+
+/// The clock, to whole seconds: what the API server stores, so a time
+/// written and read back compares equal.
+fn now_secs() -> SystemTime {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn time(t: SystemTime) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default())
+}
+
+async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
+    let name = ns.name_any();
+    if ns.metadata.deletion_timestamp.is_some() {
+        // The garbage collector removes the children with the Namespace.
+        return Ok(Action::await_change());
+    }
+    let now = now_secs();
+    let snap = ctx.snapshot.load_full();
+    let Some(config) = snap.compiled.configs.get(&name) else {
+        prune(ns, ctx).await?;
+        write_mtls_status(ns, ctx, &snap, None, now).await?;
+        ctx.metrics.expiry(&name, None);
+        return Ok(Action::await_change());
+    };
+
+    let w = &ctx.world;
+    apply(
+        ctx,
+        &desired::config_map(ns, config),
+        World::child(&w.config_maps, &name, CONFIG_MAP_NAME).as_deref(),
+    )
+    .await?;
+    apply(
+        ctx,
+        &desired::role(ns),
+        World::child(&w.roles, &name, desired::CONFIG_READER).as_deref(),
+    )
+    .await?;
+    apply(
+        ctx,
+        &desired::role_binding(ns),
+        World::child(&w.role_bindings, &name, desired::CONFIG_READER).as_deref(),
+    )
+    .await?;
+
+    let mut requeue = RESYNC;
+    let ca = ctx.ca.load_full();
+    let bundle = match ca.as_ref() {
+        CaState::Ready(ca) => {
+            let mut accounts: Vec<String> = w
+                .service_accounts
+                .state()
+                .iter()
+                .filter(|sa| sa.namespace().as_deref() == Some(&name))
+                .map(|sa| sa.name_any())
+                .collect();
+            accounts.sort();
+            let stored = World::child(&w.secrets, &name, IDENTITY_SECRET);
+            let existing = stored
+                .as_deref()
+                .map(desired::secret_text)
+                .unwrap_or_default();
+            let ids = desired::identities(
+                &name,
+                &snap.mesh.trust_domain,
+                &accounts,
+                &existing,
+                ca,
+                snap.mesh.certificates.workload_ttl.as_std(),
+                SystemTime::now(),
+            )
+            .map_err(|source| Error::Identity {
+                namespace: name.clone(),
+                source,
+            })?;
+            if !ids.issued.is_empty() {
+                tracing::info!(namespace = %name, accounts = ?ids.issued, "issued workload certificates");
+            }
+            apply(ctx, &desired::identity_secret(ns, &ids), stored.as_deref()).await?;
+            ctx.metrics.expiry(&name, ids.earliest_expiry);
+            if let Some(at) = ids.next_renewal {
+                let due = at.duration_since(SystemTime::now()).unwrap_or_default();
+                requeue = requeue.min(due.max(Duration::from_secs(1)));
+            }
+            bundle_hash(&ca.trust_bundle())
+        }
+        // Without a CA nothing is minted; the Secret the namespace holds
+        // stays as it is, and the Mesh status says why.
+        CaState::Missing { .. } | CaState::Unknown => String::new(),
+    };
+
+    if let Some(after) = write_mtls_status(ns, ctx, &snap, Some(&bundle), now).await? {
+        requeue = requeue.min(after);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// What wants writing, by comparing the wanted object with the cached one:
+/// every field the operator sets must be there with its value (fields
+/// others set are theirs); `data` and `binaryData` must match exactly, so a
+/// key the operator dropped (a deleted ServiceAccount's certificate) goes.
+pub fn needs_apply(desired: &Value, stored: &Value) -> bool {
+    fn contains(stored: Option<&Value>, want: &Value) -> bool {
+        match (want, stored) {
+            (Value::Object(w), Some(Value::Object(s))) => {
+                w.iter().all(|(k, v)| contains(s.get(k), v))
+            }
+            (Value::Null, None) => true,
+            (w, Some(s)) => w == s,
+            (_, None) => false,
+        }
+    }
+    let exact = ["data", "binaryData"];
+    let Some(fields) = desired.as_object() else {
+        return true;
+    };
+    fields
+        .iter()
+        .filter(|(k, _)| !exact.contains(&k.as_str()))
+        .any(|(k, v)| !contains(stored.get(k), v))
+        || exact.iter().any(|k| desired.get(k) != stored.get(k))
+}
+
+/// Server-side applies `obj` unless `stored` already matches it.
+async fn apply<K>(ctx: &Ctx, obj: &K, stored: Option<&K>) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    if let Some(stored) = stored {
+        let (want, have) = (serde_json::to_value(obj), serde_json::to_value(stored));
+        if let (Ok(want), Ok(have)) = (want, have)
+            && !needs_apply(&want, &have)
+        {
+            return Ok(false);
+        }
+    }
+    let (ns, name) = (
+        ResourceExt::namespace(obj).unwrap_or_default(),
+        obj.name_any(),
+    );
+    let kind = <K as Resource>::kind(&()).into_owned();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        action: "applying",
+        kind: kind.clone(),
+        namespace: ns.clone(),
+        name: name.clone(),
+        source,
+    })?;
+    ctx.metrics.wrote(&kind, "apply");
+    tracing::debug!(%kind, namespace = %ns, %name, "applied");
+    Ok(true)
+}
+
+/// Deletes what the operator put in a namespace that is no longer meshed.
+async fn prune(ns: &Namespace, ctx: &Ctx) -> Result<(), Error> {
+    let name = ns.name_any();
+    let w = &ctx.world;
+    delete_managed(ctx, &w.config_maps, &name, CONFIG_MAP_NAME).await?;
+    delete_managed(ctx, &w.secrets, &name, IDENTITY_SECRET).await?;
+    delete_managed(ctx, &w.roles, &name, desired::CONFIG_READER).await?;
+    delete_managed(ctx, &w.role_bindings, &name, desired::CONFIG_READER).await?;
+    ctx.counters.lock().expect("counters").forget(&name);
+    Ok(())
+}
+
+async fn delete_managed<K>(ctx: &Ctx, store: &Store<K>, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + 'static,
+{
+    let Some(obj) = World::child(store, ns, name) else {
+        return Ok(());
+    };
+    if obj.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
+        return Ok(());
+    }
+    let kind = <K as Resource>::kind(&()).into_owned();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(source) => {
+            return Err(Error::Api {
+                action: "deleting",
+                kind,
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                source,
+            });
+        }
+    }
+    ctx.metrics.wrote(&kind, "delete");
+    tracing::info!(%kind, namespace = %ns, %name, "pruned: the namespace is no longer meshed");
+    Ok(())
+}
+
+/// Writes `status` on `obj` (server-side apply on the status subresource)
+/// when it differs from what `obj` holds.
+pub async fn write_status<K>(ctx: &Ctx, api: Api<K>, obj: &K, status: Value) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let existing = serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| v.get("status").cloned());
+    if !status::differs(existing.as_ref(), &status) {
+        return Ok(false);
+    }
+    let kind = <K as Resource>::kind(&()).into_owned();
+    let name = obj.name_any();
+    let patch = json!({
+        "apiVersion": <K as Resource>::api_version(&()),
+        "kind": kind,
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Api {
+        action: "writing the status of",
+        kind: kind.clone(),
+        namespace: ResourceExt::namespace(obj).unwrap_or_default(),
+        name,
+        source,
+    })?;
+    ctx.metrics.wrote(&kind, "status");
+    Ok(true)
+}
+
+fn conditions_of(status: Option<&[Condition]>) -> &[Condition] {
+    status.unwrap_or_default()
+}
+
+/// The MTLSPolicies of the namespace: the one in force gets its rollout
+/// stepped (when the namespace is meshed; `bundle` is then the mesh's
+/// trust-bundle hash), the others their verdict. Returns when to look
+/// again for the rollout's sake.
+async fn write_mtls_status(
+    ns: &Namespace,
+    ctx: &Ctx,
+    snap: &Snapshot,
+    bundle: Option<&str>,
+    now: SystemTime,
+) -> Result<Option<Duration>, Error> {
+    let name = ns.name_any();
+    let policies: Vec<Arc<MTLSPolicy>> = ctx
+        .world
+        .mtls_policies
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(&name))
+        .collect();
+    let api: Api<MTLSPolicy> = Api::namespaced(ctx.client.clone(), &name);
+    let mut requeue = None;
+    let mut phase = None;
+    for policy in policies {
+        let Some(verdict) = verdict_of(&snap.compiled, &policy) else {
+            // Newer than the last compile: the recompile that follows
+            // reconciles this namespace again.
+            continue;
+        };
+        let existing = policy.status.as_ref().map(|s| s.conditions.as_slice());
+        let in_force = verdict.condition("Accepted").is_some_and(|c| c.status);
+        let (Some(bundle), true) = (bundle, in_force) else {
+            let st = status::policy_status(verdict, conditions_of(existing), &time(now));
+            write_status(ctx, api.clone(), policy.as_ref(), st).await?;
+            continue;
+        };
+        let current = policy.status.as_ref().and_then(|s| {
+            Some(Current {
+                phase: s.phase?,
+                since: s
+                    .phase_since
+                    .as_ref()
+                    .map_or(now, |t| SystemTime::from(t.0)),
+                observed_generation: s.observed_generation,
+            })
+        });
+        let evidence = gather(ctx, &snap.compiled, &name, &policy, current, bundle, now).await;
+        let decision = rollout::step(
+            &policy.spec,
+            policy.metadata.generation,
+            current,
+            &evidence,
+            now,
+        );
+        let st = status::mtls_status(verdict, &decision, conditions_of(existing), &time(now));
+        write_status(ctx, api.clone(), policy.as_ref(), st).await?;
+        if decision.event {
+            announce(ctx, &policy, &decision).await;
+        }
+        phase = Some(decision.phase);
+        requeue = Some(decision.requeue_after);
+    }
+    ctx.metrics.phase(&name, phase);
+    if phase.is_none() {
+        ctx.counters.lock().expect("counters").forget(&name);
+    }
+    Ok(requeue)
+}
+
+fn verdict_of<'a>(compiled: &'a Compiled, policy: &MTLSPolicy) -> Option<&'a PolicyVerdict> {
+    compiled.verdicts.iter().find(|v| {
+        v.kind == PolicyKind::MTLSPolicy
+            && v.namespace == policy.namespace()
+            && v.name == policy.name_any()
+    })
+}
+
+async fn announce(ctx: &Ctx, policy: &MTLSPolicy, d: &Decision) {
+    let warning = matches!(d.phase, RolloutPhase::Blocked | RolloutPhase::RolledBack)
+        || d.reason == rollout::reason::PLAINTEXT_SEEN;
+    let mut note = d.message.clone();
+    if !d.blockers.is_empty() {
+        note = format!("{note}: {}", d.blockers.join("; "));
+    }
+    tracing::info!(
+        namespace = %policy.namespace().unwrap_or_default(),
+        phase = ?d.phase,
+        reason = d.reason,
+        "{}", d.message
+    );
+    ctx.event(policy, warning, d.reason, "Rollout", note).await;
+}
+
+/// Live pods of a namespace (not finished, not being deleted).
+fn live_pods(pods: &Store<Pod>, ns: &str) -> Vec<Arc<Pod>> {
+    pods.state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .collect()
+}
+
+fn injected(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == PROXY_CONTAINER)
+    })
+}
+
+fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Scrapes the proxies of `pods` at once; a proxy that cannot be read is
+/// `None` (the rollout treats it as "not reporting").
+async fn scrape_all(ctx: &Ctx, pods: &[Arc<Pod>]) -> HashMap<String, Scrape> {
+    let jobs = pods
+        .iter()
+        .filter(|p| injected(p))
+        .filter_map(|p| Some((p.name_any(), pod_ip(p)?)))
+        .map(|(name, ip)| {
+            let fut = ctx.scraper.scrape(ip);
+            async move {
+                match fut.await {
+                    Ok(text) => Some((name, observe::read(&text))),
+                    Err(e) => {
+                        tracing::debug!(pod = %name, error = %e, "proxy not readable");
+                        None
+                    }
+                }
+            }
+        });
+    futures_util::future::join_all(jobs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// What the rollout of namespace `ns` decides on.
+async fn gather(
+    ctx: &Ctx,
+    compiled: &Compiled,
+    ns: &str,
+    policy: &MTLSPolicy,
+    current: Option<Current>,
+    bundle: &str,
+    now: SystemTime,
+) -> Evidence {
+    let pods = live_pods(&ctx.world.pods, ns);
+    let scrapes = scrape_all(ctx, &pods).await;
+    let by_ip: HashMap<IpAddr, String> = ctx
+        .world
+        .pods
+        .state()
+        .iter()
+        .filter_map(|p| Some((pod_ip(p)?, format!("{}/{}", p.namespace()?, p.name_any()))))
+        .collect();
+
+    let mut plaintext_now: HashMap<PlaintextKey, u64> = HashMap::new();
+    let mut rejected_now: HashMap<String, u64> = HashMap::new();
+    for (pod, s) in &scrapes {
+        for ((port, src), n) in &s.plaintext {
+            plaintext_now.insert((pod.clone(), *port, src.clone()), *n);
+        }
+        rejected_now.insert(pod.clone(), s.rejected);
+    }
+    let since = current.map_or(now, |c| c.since);
+    let window = policy.spec.rollout.auto_rollback.window.as_std();
+    let (plaintext, rejected_recently) = {
+        let mut counters = ctx.counters.lock().expect("counters");
+        let seen = counters.plaintext_since(ns, since, &plaintext_now);
+        let rejected = counters.rejected_within(ns, now, window, rejected_now);
+        (seen, rejected)
+    };
+    let plaintext = plaintext
+        .into_iter()
+        .map(|((_, port, src), connections)| PlaintextSource {
+            pod: src.parse().ok().and_then(|ip| by_ip.get(&ip).cloned()),
+            src_addr: src,
+            port,
+            connections,
+        })
+        .collect();
+
+    let clients = match current.map(|c| c.phase) {
+        Some(RolloutPhase::Observing | RolloutPhase::Enforcing) => {
+            clients(ctx, compiled, ns, &scrapes).await
+        }
+        _ => Vec::new(),
+    };
+
+    Evidence {
+        pods: pods
+            .iter()
+            .map(|p| PodEvidence {
+                name: p.name_any(),
+                injected: injected(p),
+                proxy: scrapes.get(&p.name_any()).map(|s| s.report.clone()),
+            })
+            .collect(),
+        config_generation: compiled
+            .configs
+            .get(ns)
+            .map(|c| c.generation.clone())
+            .unwrap_or_default(),
+        trust_bundle_hash: bundle.to_owned(),
+        plaintext,
+        clients,
+        rejected_recently,
+    }
+}
+
+/// The proxies that call `ns`'s Services: every injected pod of every
+/// meshed namespace whose config lists one of them (`ns` itself included),
+/// with the generation it runs and the one it should.
+async fn clients(
+    ctx: &Ctx,
+    compiled: &Compiled,
+    ns: &str,
+    own: &HashMap<String, Scrape>,
+) -> Vec<ClientEvidence> {
+    let callers: BTreeMap<&String, &String> = compiled
+        .configs
+        .iter()
+        .filter(|(_, c)| c.outbound.services.iter().any(|s| s.namespace == ns))
+        .map(|(name, c)| (name, &c.generation))
+        .collect();
+    let mut out = Vec::new();
+    for (caller, expected) in callers {
+        let pods: Vec<Arc<Pod>> = live_pods(&ctx.world.pods, caller)
+            .into_iter()
+            .filter(|p| injected(p))
+            .collect();
+        let scraped;
+        let scrapes = if caller == ns {
+            own
+        } else {
+            scraped = scrape_all(ctx, &pods).await;
+            &scraped
+        };
+        out.extend(pods.iter().map(|p| {
+            ClientEvidence {
+                pod: format!("{caller}/{}", p.name_any()),
+                running: scrapes
+                    .get(&p.name_any())
+                    .and_then(|s| s.report.generation.clone()),
+                expected: expected.clone(),
+            }
+        }));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_real_difference_is_applied() {
+        let want = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "weft-proxy-config", "namespace": "shop",
+                         "labels": {"app.kubernetes.io/managed-by": "weft"}},
+            "data": {"config.json": "{}"},
+        });
+        let mut have = want.clone();
+        have["metadata"]["resourceVersion"] = json!("7");
+        have["metadata"]["labels"]["team"] = json!("shop");
+        assert!(!needs_apply(&want, &have), "fields others own are theirs");
+
+        let mut drifted = have.clone();
+        drifted["data"]["config.json"] = json!("{\"edited\":true}");
+        assert!(needs_apply(&want, &drifted));
+
+        let mut extra = have.clone();
+        extra["data"]["old.crt"] = json!("x");
+        assert!(needs_apply(&want, &extra), "a dropped key must go");
+
+        let mut relabelled = have;
+        relabelled["metadata"]["labels"]["app.kubernetes.io/managed-by"] = json!("helm");
+        assert!(needs_apply(&want, &relabelled));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_bounded() {
+        let at = |n| backoff(n).as_secs_f64();
+        assert!((1.0..=1.2).contains(&at(1)));
+        assert!((8.0..=9.6).contains(&at(4)));
+        assert!((300.0..=360.0).contains(&at(30)));
+    }
+}

@@ -1,0 +1,309 @@
+//! What the operator knows of the cluster: one reflector store per kind it
+//! reads, filled by watches on every replica (so a new leader starts warm
+//! and `/readyz` means "caches synced"), and turned into the compiler's
+//! [`ClusterFacts`] on demand.
+//!
+//! Watches report two kinds of change: to the compiler's inputs (any weft
+//! policy, Namespace, Service or ServiceAccount: recompile, then reconcile
+//! the namespaces whose result changed) and to a namespace's own children
+//! (a drifted or deleted ConfigMap, Secret, Role or RoleBinding: reconcile
+//! that namespace).
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::desired::MANAGED_SELECTOR;
+use crate::api::{AccessPolicy, MTLSPolicy, Mesh, ServiceRoute, TrafficPolicy};
+use crate::compile::ClusterFacts;
+
+/// Reflector stores of everything the operator reads.
+#[derive(Clone)]
+pub struct World {
+    pub namespaces: Store<Namespace>,
+    pub services: Store<Service>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub meshes: Store<Mesh>,
+    pub mtls_policies: Store<MTLSPolicy>,
+    pub traffic_policies: Store<TrafficPolicy>,
+    pub service_routes: Store<ServiceRoute>,
+    pub access_policies: Store<AccessPolicy>,
+    pub pods: Store<Pod>,
+    /// Only what the operator manages (`app.kubernetes.io/managed-by=weft`).
+    pub config_maps: Store<ConfigMap>,
+    pub secrets: Store<Secret>,
+    pub roles: Store<Role>,
+    pub role_bindings: Store<RoleBinding>,
+}
+
+/// The writing side of each store: the watches in a cluster, the test's
+/// hand in tier-2 tests.
+#[derive(Default)]
+pub struct Writers {
+    pub namespaces: Writer<Namespace>,
+    pub services: Writer<Service>,
+    pub service_accounts: Writer<ServiceAccount>,
+    pub meshes: Writer<Mesh>,
+    pub mtls_policies: Writer<MTLSPolicy>,
+    pub traffic_policies: Writer<TrafficPolicy>,
+    pub service_routes: Writer<ServiceRoute>,
+    pub access_policies: Writer<AccessPolicy>,
+    pub pods: Writer<Pod>,
+    pub config_maps: Writer<ConfigMap>,
+    pub secrets: Writer<Secret>,
+    pub roles: Writer<Role>,
+    pub role_bindings: Writer<RoleBinding>,
+}
+
+impl Writers {
+    pub fn world(&self) -> World {
+        World {
+            namespaces: self.namespaces.as_reader(),
+            services: self.services.as_reader(),
+            service_accounts: self.service_accounts.as_reader(),
+            meshes: self.meshes.as_reader(),
+            mtls_policies: self.mtls_policies.as_reader(),
+            traffic_policies: self.traffic_policies.as_reader(),
+            service_routes: self.service_routes.as_reader(),
+            access_policies: self.access_policies.as_reader(),
+            pods: self.pods.as_reader(),
+            config_maps: self.config_maps.as_reader(),
+            secrets: self.secrets.as_reader(),
+            roles: self.roles.as_reader(),
+            role_bindings: self.role_bindings.as_reader(),
+        }
+    }
+}
+
+fn all<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<K>
+where
+    <K as Resource>::DynamicType: Eq + Hash + Clone,
+{
+    store.state().iter().map(|k| K::clone(k)).collect()
+}
+
+impl World {
+    /// The compiler's input, as the caches hold it now.
+    pub fn facts(&self) -> ClusterFacts {
+        ClusterFacts {
+            namespaces: all(&self.namespaces),
+            services: all(&self.services),
+            service_accounts: all(&self.service_accounts),
+            meshes: all(&self.meshes),
+            mtls_policies: all(&self.mtls_policies),
+            traffic_policies: all(&self.traffic_policies),
+            service_routes: all(&self.service_routes),
+            access_policies: all(&self.access_policies),
+        }
+    }
+
+    /// Waits until every watch has listed once.
+    pub async fn synced(&self) {
+        // A dropped writer means its watch task ended; the caller's
+        // readiness then never turns true, which is what it should report.
+        let _ = futures_util::join!(
+            self.namespaces.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.service_accounts.wait_until_ready(),
+            self.meshes.wait_until_ready(),
+            self.mtls_policies.wait_until_ready(),
+            self.traffic_policies.wait_until_ready(),
+            self.service_routes.wait_until_ready(),
+            self.access_policies.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+            self.roles.wait_until_ready(),
+            self.role_bindings.wait_until_ready(),
+        );
+    }
+
+    /// The namespace's object of a managed kind, if the cache holds it.
+    pub fn child<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<std::sync::Arc<K>>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        store.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// What a watch saw change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A compiler input changed: recompile.
+    Inputs,
+    /// A managed child of this namespace changed or went away.
+    Child(String),
+    /// A watch of managed children relisted: any child may have changed
+    /// while it was down, so every namespace is looked at again.
+    AllChildren,
+}
+
+/// Starts a watch per kind feeding `writers`; changes go to `changes`.
+/// The tasks end when `changes` is dropped.
+pub fn watch_all(client: &Client, writers: Writers, changes: mpsc::UnboundedSender<Change>) {
+    let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let plain = watcher::Config::default;
+    let c = client;
+    let ch = &changes;
+    spawn_watch(Api::all(c.clone()), plain(), writers.namespaces, ch, INPUT);
+    spawn_watch(Api::all(c.clone()), plain(), writers.services, ch, INPUT);
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.service_accounts,
+        ch,
+        INPUT,
+    );
+    spawn_watch(Api::all(c.clone()), plain(), writers.meshes, ch, INPUT);
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.mtls_policies,
+        ch,
+        INPUT,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.traffic_policies,
+        ch,
+        INPUT,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.service_routes,
+        ch,
+        INPUT,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.access_policies,
+        ch,
+        INPUT,
+    );
+    // Pods feed the rollout's evidence, read when a namespace reconciles;
+    // a pod event alone triggers nothing (the rollout polls).
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.pods,
+        ch,
+        Classify::Quiet,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        managed.clone(),
+        writers.config_maps,
+        ch,
+        CHILD,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        managed.clone(),
+        writers.secrets,
+        ch,
+        CHILD,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        managed.clone(),
+        writers.roles,
+        ch,
+        CHILD,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        managed,
+        writers.role_bindings,
+        ch,
+        CHILD,
+    );
+}
+
+/// What a kind's events mean.
+#[derive(Clone, Copy)]
+enum Classify {
+    Input,
+    Child,
+    Quiet,
+}
+const INPUT: Classify = Classify::Input;
+const CHILD: Classify = Classify::Child;
+
+impl Classify {
+    fn event<K: Resource>(self, obj: &K) -> Option<Change> {
+        match self {
+            Self::Input => Some(Change::Inputs),
+            Self::Child => obj.namespace().map(Change::Child),
+            Self::Quiet => None,
+        }
+    }
+
+    /// A (re)list finished: the set may have changed in ways no single
+    /// event shows (objects deleted while the watch was down).
+    fn relisted(self) -> Option<Change> {
+        match self {
+            Self::Input => Some(Change::Inputs),
+            Self::Child => Some(Change::AllChildren),
+            Self::Quiet => None,
+        }
+    }
+}
+
+fn spawn_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    changes: &mpsc::UnboundedSender<Change>,
+    classify: Classify,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let changes = changes.clone();
+    let kind = K::kind(&());
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|k| {
+            // Nobody reads managedFields here; dropping them roughly
+            // halves the cache.
+            k.managed_fields_mut().clear();
+        })
+        .reflect(writer);
+    tokio::spawn(forward(kind.into_owned(), stream, changes, classify));
+}
+
+async fn forward<K: Resource>(
+    kind: String,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    changes: mpsc::UnboundedSender<Change>,
+    classify: Classify,
+) {
+    futures_util::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        let change = match &ev {
+            Ok(watcher::Event::Apply(k) | watcher::Event::Delete(k)) => classify.event(k),
+            Ok(watcher::Event::InitDone) => classify.relisted(),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                None
+            }
+        };
+        if let Some(change) = change
+            && changes.send(change).is_err()
+        {
+            return;
+        }
+    }
+}
