@@ -348,3 +348,223 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
     );
     assert_eq!(spec.containers.len(), 1);
 }
+
+/// Server-side applies every document of `yaml` as `kubectl apply
+/// --server-side` would, resolving kinds through discovery.
+async fn apply_all(client: &kube::Client, discovery: &kube::Discovery, yaml: &str) {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use serde::Deserialize;
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let v = serde_json::Value::deserialize(doc).expect("yaml");
+        if v.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(v.clone()).expect("object");
+        let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types"))
+            .expect("gvk");
+        let (ar, caps) = discovery.resolve_gvk(&gvk).unwrap_or_else(|| panic!("{gvk:?} unknown"));
+        let name = obj.metadata.name.clone().expect("name");
+        let api: Api<DynamicObject> = match (&caps.scope, obj.metadata.namespace.as_deref()) {
+            (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                Api::namespaced_with(client.clone(), ns, &ar)
+            }
+            (kube::discovery::Scope::Namespaced, None) => {
+                Api::namespaced_with(client.clone(), "default", &ar)
+            }
+            (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
+        };
+        api.patch(&name, &PatchParams::apply("tier5-test").force(), &Patch::Apply(&v))
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
+    }
+}
+
+async fn install_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("crds/") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+        let crd: CustomResourceDefinition = serde_norway::from_str(&text).expect("crd");
+        let name = crd.metadata.name.clone().expect("name");
+        api.patch(&name, &PatchParams::apply("tier5-test"), &Patch::Apply(&crd))
+            .await
+            .expect("crd applied");
+        names.push(name);
+    }
+    for name in names {
+        let established = wait_for(Duration::from_secs(30), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let crd = api.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+        assert!(established.is_some(), "CRD {name} established");
+    }
+}
+
+/// Polls `f` every 200 ms until it returns Some or `limit` passes.
+async fn wait_for<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_status() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Patch, PatchParams};
+    use std::sync::atomic::AtomicBool;
+    use weft::api::TrafficPolicy;
+    use weft::config::ProxyConfig;
+
+    let Some(assets) = assets() else { return };
+    let cluster = start_cluster(&assets).await;
+    let client = cluster.client.clone();
+    install_crds(&client).await;
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "weft-system"}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("weft-system");
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let shop = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/shop");
+    let mut files: Vec<_> = std::fs::read_dir(&shop)
+        .expect("examples/shop")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        apply_all(&client, &discovery, &std::fs::read_to_string(f).expect("read")).await;
+    }
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(weft::operator::run(
+        client.clone(),
+        weft::operator::Options {
+            namespace: "weft-system".into(),
+            lease: "weft-operator".into(),
+            identity: "tier5-replica".into(),
+            lease_duration: Duration::from_secs(15),
+            concurrency: 4,
+        },
+        Arc::new(weft::operator::metrics::Metrics::default()),
+        Arc::new(AtomicBool::new(false)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let config_of = |ns: &'static str| {
+        let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
+        async move {
+            let cm = api.get_opt("weft-proxy-config").await.ok()??;
+            let managers: Vec<String> = cm
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .filter_map(|m| m.manager.clone())
+                .collect();
+            assert!(managers.contains(&"weft-operator".to_owned()), "{managers:?}");
+            let json = cm.data.as_ref()?.get("config.json")?.clone();
+            ProxyConfig::from_json(json.as_bytes()).ok()
+        }
+    };
+    let shop_config = wait_for(Duration::from_secs(30), || config_of("shop"))
+        .await
+        .expect("shop's ConfigMap within 30 s");
+    let payments_config = wait_for(Duration::from_secs(10), || config_of("payments"))
+        .await
+        .expect("payments' ConfigMap");
+    assert_eq!(shop_config.namespace, "shop");
+    assert_eq!(payments_config.namespace, "payments");
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), "shop");
+    let identity = wait_for(Duration::from_secs(10), || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt("weft-identity").await.ok()? }
+    })
+    .await
+    .expect("shop's identity Secret");
+    let keys: Vec<&String> = identity.data.as_ref().expect("data").keys().collect();
+    assert!(keys.iter().any(|k| k.as_str() == "ca.crt"), "{keys:?}");
+    assert!(keys.iter().any(|k| k.as_str() == "checkout.crt"), "{keys:?}");
+    assert!(
+        Api::<Secret>::namespaced(client.clone(), "weft-system")
+            .get_opt("weft-ca")
+            .await
+            .expect("get")
+            .is_some(),
+        "the mesh CA was created"
+    );
+
+    let policies = Api::<TrafficPolicy>::namespaced(client.clone(), "shop");
+    let accepted = wait_for(Duration::from_secs(10), || {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get("inventory").await.ok()?;
+            let st = p.status?;
+            let ok = st.conditions.iter().any(|c| {
+                c.type_ == "Accepted" && c.status == "True" && c.observed_generation == p.metadata.generation
+            });
+            ok.then_some(())
+        }
+    })
+    .await;
+    assert!(accepted.is_some(), "TrafficPolicy shop/inventory is Accepted");
+
+    // An edit reaches the ConfigMap within seconds.
+    let inventory_timeout = |c: &ProxyConfig| {
+        c.outbound
+            .services
+            .iter()
+            .find(|s| s.name == "inventory" && s.namespace == "shop")
+            .and_then(|s| s.policy.as_ref())
+            .and_then(|p| p.timeout_ms)
+    };
+    assert_eq!(inventory_timeout(&shop_config), Some(3000));
+    let edited = std::time::Instant::now();
+    policies
+        .patch(
+            "inventory",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"timeout": "1s"}})),
+        )
+        .await
+        .expect("edit");
+    let updated = wait_for(Duration::from_secs(10), || async {
+        config_of("shop")
+            .await
+            .filter(|c| inventory_timeout(c) == Some(1000))
+    })
+    .await;
+    assert!(updated.is_some(), "the edit reached shop's ConfigMap");
+    eprintln!("policy edit -> ConfigMap: {:?}", edited.elapsed());
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+}
