@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test test-apiserver fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-proxy fuzz-smoke
+.PHONY: build test test-apiserver fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
@@ -41,7 +41,7 @@ crds:
 	$(CARGO) run --quiet --bin weft -- crdgen --out-dir crds
 	mkdir -p charts/weft/crds && rm -f charts/weft/crds/*.yaml && cp crds/*.yaml charts/weft/crds/
 
-bench: bench-compile bench-webhook
+bench: bench-compile bench-webhook bench-operator
 
 ## policy compiler: compile time and config size -> bench/results/compile.md
 bench-compile:
@@ -50,6 +50,10 @@ bench-compile:
 ## admission webhook: AdmissionReview latency in process and over HTTPS -> bench/results/webhook.md
 bench-webhook:
 	$(CARGO) bench --bench webhook
+
+## operator: convergence after a change with 100 and 1000 namespaces, API requests per reconcile -> bench/results/operator.md
+bench-operator:
+	$(CARGO) bench --bench operator
 
 ## proxy: latency added per hop vs nginx and haproxy (~12 min) -> bench/results/proxy.md
 bench-proxy:

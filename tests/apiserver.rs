@@ -360,9 +360,11 @@ async fn apply_all(client: &kube::Client, discovery: &kube::Discovery, yaml: &st
             continue;
         }
         let obj: DynamicObject = serde_json::from_value(v.clone()).expect("object");
-        let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types"))
-            .expect("gvk");
-        let (ar, caps) = discovery.resolve_gvk(&gvk).unwrap_or_else(|| panic!("{gvk:?} unknown"));
+        let gvk =
+            kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types")).expect("gvk");
+        let (ar, caps) = discovery
+            .resolve_gvk(&gvk)
+            .unwrap_or_else(|| panic!("{gvk:?} unknown"));
         let name = obj.metadata.name.clone().expect("name");
         let api: Api<DynamicObject> = match (&caps.scope, obj.metadata.namespace.as_deref()) {
             (kube::discovery::Scope::Namespaced, Some(ns)) => {
@@ -373,9 +375,13 @@ async fn apply_all(client: &kube::Client, discovery: &kube::Discovery, yaml: &st
             }
             (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
         };
-        api.patch(&name, &PatchParams::apply("tier5-test").force(), &Patch::Apply(&v))
-            .await
-            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
+        api.patch(
+            &name,
+            &PatchParams::apply("tier5-test").force(),
+            &Patch::Apply(&v),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
     }
 }
 
@@ -389,9 +395,13 @@ async fn install_crds(client: &kube::Client) {
         let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
         let crd: CustomResourceDefinition = serde_norway::from_str(&text).expect("crd");
         let name = crd.metadata.name.clone().expect("name");
-        api.patch(&name, &PatchParams::apply("tier5-test"), &Patch::Apply(&crd))
-            .await
-            .expect("crd applied");
+        api.patch(
+            &name,
+            &PatchParams::apply("tier5-test"),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("crd applied");
         names.push(name);
     }
     for name in names {
@@ -458,7 +468,12 @@ async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_sta
         .collect();
     files.sort();
     for f in files {
-        apply_all(&client, &discovery, &std::fs::read_to_string(f).expect("read")).await;
+        apply_all(
+            &client,
+            &discovery,
+            &std::fs::read_to_string(f).expect("read"),
+        )
+        .await;
     }
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -489,7 +504,10 @@ async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_sta
                 .flatten()
                 .filter_map(|m| m.manager.clone())
                 .collect();
-            assert!(managers.contains(&"weft-operator".to_owned()), "{managers:?}");
+            assert!(
+                managers.contains(&"weft-operator".to_owned()),
+                "{managers:?}"
+            );
             let json = cm.data.as_ref()?.get("config.json")?.clone();
             ProxyConfig::from_json(json.as_bytes()).ok()
         }
@@ -512,7 +530,10 @@ async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_sta
     .expect("shop's identity Secret");
     let keys: Vec<&String> = identity.data.as_ref().expect("data").keys().collect();
     assert!(keys.iter().any(|k| k.as_str() == "ca.crt"), "{keys:?}");
-    assert!(keys.iter().any(|k| k.as_str() == "checkout.crt"), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.as_str() == "checkout.crt"),
+        "{keys:?}"
+    );
     assert!(
         Api::<Secret>::namespaced(client.clone(), "weft-system")
             .get_opt("weft-ca")
@@ -529,13 +550,18 @@ async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_sta
             let p = policies.get("inventory").await.ok()?;
             let st = p.status?;
             let ok = st.conditions.iter().any(|c| {
-                c.type_ == "Accepted" && c.status == "True" && c.observed_generation == p.metadata.generation
+                c.type_ == "Accepted"
+                    && c.status == "True"
+                    && c.observed_generation == p.metadata.generation
             });
             ok.then_some(())
         }
     })
     .await;
-    assert!(accepted.is_some(), "TrafficPolicy shop/inventory is Accepted");
+    assert!(
+        accepted.is_some(),
+        "TrafficPolicy shop/inventory is Accepted"
+    );
 
     // An edit reaches the ConfigMap within seconds.
     let inventory_timeout = |c: &ProxyConfig| {

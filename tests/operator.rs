@@ -9,9 +9,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::Method;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -20,8 +18,11 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+#[path = "support/fakeapi.rs"]
+mod fakeapi;
+
+use fakeapi::{Seen, Shared};
 use weft::api::{AccessPolicy, MTLSPolicy, TrafficPolicy};
 use weft::identity::{CA_LIFETIME, MeshCa};
 use weft::operator::ca;
@@ -30,105 +31,6 @@ use weft::operator::metrics::Metrics;
 use weft::operator::observe::{ScrapeError, Scraper};
 use weft::operator::reconcile::{self, CaState, Ctx};
 use weft::operator::world::{Change, Writers};
-
-/// One request the operator made.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-#[derive(Default)]
-struct FakeState {
-    seen: Vec<Seen>,
-    /// Stored objects by path (`/api/v1/namespaces/shop/configmaps/x`).
-    objects: HashMap<String, Value>,
-    next_rv: u64,
-}
-
-type Shared = Arc<Mutex<FakeState>>;
-
-fn status(code: u16, reason: &str, message: &str) -> (StatusCode, axum::Json<Value>) {
-    (
-        StatusCode::from_u16(code).expect("code"),
-        axum::Json(json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "reason": reason, "code": code, "message": message,
-        })),
-    )
-}
-
-/// Answers like the API server for the verbs the operator uses: GET, POST
-/// (create; 409 when present), PATCH (server-side apply, or status), PUT,
-/// DELETE.
-async fn api(
-    State(fake): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, axum::Json<Value>) {
-    let path = uri.path().to_owned();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut f = fake.lock().expect("fake");
-    f.seen.push(Seen {
-        method: method.clone(),
-        path: path.clone(),
-        query: uri.query().unwrap_or("").to_owned(),
-        content_type: headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned(),
-        body: body.clone(),
-    });
-    f.next_rv += 1;
-    let rv = f.next_rv.to_string();
-    match method {
-        Method::GET => match f.objects.get(&path) {
-            Some(o) => (StatusCode::OK, axum::Json(o.clone())),
-            None => status(404, "NotFound", &format!("{path} not found")),
-        },
-        Method::POST => {
-            let name = body["metadata"]["name"].as_str().unwrap_or("generated");
-            let at = format!("{path}/{name}");
-            if f.objects.contains_key(&at) {
-                return status(409, "AlreadyExists", &format!("{at} already exists"));
-            }
-            let mut obj = body.clone();
-            obj["metadata"]["resourceVersion"] = json!(rv);
-            f.objects.insert(at, obj.clone());
-            (StatusCode::CREATED, axum::Json(obj))
-        }
-        Method::PATCH if path.ends_with("/status") => {
-            let base = path.trim_end_matches("/status").to_owned();
-            let Some(mut obj) = f.objects.get(&base).cloned() else {
-                return status(404, "NotFound", &format!("{base} not found"));
-            };
-            obj["status"] = body["status"].clone();
-            obj["metadata"]["resourceVersion"] = json!(rv);
-            f.objects.insert(base, obj.clone());
-            (StatusCode::OK, axum::Json(obj))
-        }
-        Method::PATCH | Method::PUT => {
-            let mut obj = body.clone();
-            obj["metadata"]["resourceVersion"] = json!(rv);
-            f.objects.insert(path, obj.clone());
-            (StatusCode::OK, axum::Json(obj))
-        }
-        Method::DELETE => match f.objects.remove(&path) {
-            Some(_) => (
-                StatusCode::OK,
-                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
-            ),
-            None => status(404, "NotFound", &format!("{path} not found")),
-        },
-        _ => status(405, "MethodNotAllowed", "no"),
-    }
-}
 
 /// A scraper that answers from a table of pod IP -> metrics text.
 #[derive(Default, Clone)]
@@ -156,13 +58,7 @@ struct Harness {
 const CONTROL_NS: &str = "weft-system";
 
 async fn harness() -> Harness {
-    let fake: Shared = Arc::default();
-    let app = axum::Router::new().fallback(api).with_state(fake.clone());
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(l, app).await });
-    let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
-    let client = kube::Client::try_from(config).expect("client");
+    let (fake, client) = fakeapi::start().await;
     let writers = Writers::default();
     let scraper = TableScraper::default();
     let ctx = Arc::new(Ctx::new(

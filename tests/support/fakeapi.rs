@@ -1,0 +1,126 @@
+//! A fake Kubernetes API server on loopback for the operator's tier-2
+//! tests and its benchmark: it records every request and keeps the objects
+//! written to it, answering GET, POST (409 when present), PATCH (apply, or
+//! `/status` onto a stored object), PUT and DELETE as the API server would.
+//! No watches: the callers fill the operator's caches themselves.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// One request the operator made.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub seen: Vec<Seen>,
+    /// Stored objects by path (`/api/v1/namespaces/shop/configmaps/x`).
+    pub objects: HashMap<String, Value>,
+    next_rv: u64,
+}
+
+pub type Shared = Arc<Mutex<FakeState>>;
+
+fn status(code: u16, reason: &str, message: &str) -> (StatusCode, axum::Json<Value>) {
+    (
+        StatusCode::from_u16(code).expect("code"),
+        axum::Json(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": reason, "code": code, "message": message,
+        })),
+    )
+}
+
+/// Answers like the API server for the verbs the operator uses: GET, POST
+/// (create; 409 when present), PATCH (server-side apply, or status), PUT,
+/// DELETE.
+async fn api(
+    State(fake): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, axum::Json<Value>) {
+    let path = uri.path().to_owned();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut f = fake.lock().expect("fake");
+    f.seen.push(Seen {
+        method: method.clone(),
+        path: path.clone(),
+        query: uri.query().unwrap_or("").to_owned(),
+        content_type: headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+        body: body.clone(),
+    });
+    f.next_rv += 1;
+    let rv = f.next_rv.to_string();
+    match method {
+        Method::GET => match f.objects.get(&path) {
+            Some(o) => (StatusCode::OK, axum::Json(o.clone())),
+            None => status(404, "NotFound", &format!("{path} not found")),
+        },
+        Method::POST => {
+            let name = body["metadata"]["name"].as_str().unwrap_or("generated");
+            let at = format!("{path}/{name}");
+            if f.objects.contains_key(&at) {
+                return status(409, "AlreadyExists", &format!("{at} already exists"));
+            }
+            let mut obj = body.clone();
+            obj["metadata"]["resourceVersion"] = json!(rv);
+            f.objects.insert(at, obj.clone());
+            (StatusCode::CREATED, axum::Json(obj))
+        }
+        Method::PATCH if path.ends_with("/status") => {
+            let base = path.trim_end_matches("/status").to_owned();
+            let Some(mut obj) = f.objects.get(&base).cloned() else {
+                return status(404, "NotFound", &format!("{base} not found"));
+            };
+            obj["status"] = body["status"].clone();
+            obj["metadata"]["resourceVersion"] = json!(rv);
+            f.objects.insert(base, obj.clone());
+            (StatusCode::OK, axum::Json(obj))
+        }
+        Method::PATCH | Method::PUT => {
+            let mut obj = body.clone();
+            obj["metadata"]["resourceVersion"] = json!(rv);
+            f.objects.insert(path, obj.clone());
+            (StatusCode::OK, axum::Json(obj))
+        }
+        Method::DELETE => match f.objects.remove(&path) {
+            Some(_) => (
+                StatusCode::OK,
+                axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            ),
+            None => status(404, "NotFound", &format!("{path} not found")),
+        },
+        _ => status(405, "MethodNotAllowed", "no"),
+    }
+}
+
+/// Starts the fake; returns its state and a client for it.
+pub async fn start() -> (Shared, kube::Client) {
+    let fake: Shared = Arc::default();
+    let app = axum::Router::new().fallback(api).with_state(fake.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
+    (fake, kube::Client::try_from(config).expect("client"))
+}
