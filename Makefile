@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test test-apiserver fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy fuzz-smoke
+.PHONY: build test test-apiserver e2e fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
@@ -31,6 +31,10 @@ test-apiserver:
 	  echo "  export KUBEBUILDER_ASSETS=\$$(setup-envtest use -p path)"; \
 	  exit 1; fi
 	$(CARGO) test --test apiserver -- --nocapture
+
+## tier 6: the whole system in a kind cluster with the demo shop (needs docker, kind, kubectl, helm, python3; exits 2 naming what is missing)
+e2e:
+	bash e2e/run.sh
 
 ## regenerate manifests/ from charts/weft with its default values (needs helm; a test fails when they differ)
 manifests:

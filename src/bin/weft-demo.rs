@@ -69,6 +69,19 @@ struct Args {
     /// line and the body after it, exit 0 (1 when no response came).
     #[arg(long)]
     fetch: Option<String>,
+    /// With `--fetch`: send this many GETs one after another and print a
+    /// JSON summary instead (counts by status, by answering service, by
+    /// `weft-proxy-error`, and requests with no response).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// With `--fetch`: the method (GET, or POST with an empty body, e.g.
+    /// to set faults: `--fetch http://127.0.0.1:8080/__demo/faults?down=true
+    /// --method POST`).
+    #[arg(long, default_value = "GET")]
+    method: http::Method,
+    /// With `--fetch`: a request header `name:value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -220,8 +233,9 @@ async fn drive(client: Client<HttpConnector, Empty<Bytes>>, uri: http::Uri, rps:
     }
 }
 
-/// `--fetch`: one GET, for scripts and tests inside a pod.
-async fn fetch(url: &str) -> ExitCode {
+/// `--fetch`: one GET (status, then body), or with `--count` many and a
+/// summary, for scripts and tests inside a pod (the kind end-to-end tier).
+async fn fetch(url: &str, method: &http::Method, count: u32, headers: &[String]) -> ExitCode {
     let uri: http::Uri = match url.parse() {
         Ok(u) => u,
         Err(e) => {
@@ -229,29 +243,90 @@ async fn fetch(url: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut extra = Vec::new();
+    for h in headers {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            Some((
+                http::HeaderName::try_from(k.trim()).ok()?,
+                http::HeaderValue::try_from(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some(kv) => extra.push(kv),
+            None => {
+                eprintln!("error: --header {h:?}: expected name:value");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    match tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await {
-        Ok(Ok(rsp)) => {
+    let get = |uri: http::Uri| {
+        let mut req = http::Request::builder().method(method.clone()).uri(uri);
+        for (k, v) in &extra {
+            req = req.header(k, v);
+        }
+        let req = req.body(Empty::new()).expect("a GET request");
+        let client = client.clone();
+        async move {
+            let rsp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .map_err(|_| "no answer within 10 s".to_owned())?
+                .map_err(|e| e.to_string())?;
             let status = rsp.status().as_u16();
+            let proxy_error = rsp
+                .headers()
+                .get("weft-proxy-error")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = rsp
                 .into_body()
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            println!("{status}\n{}", String::from_utf8_lossy(&body));
-            ExitCode::SUCCESS
+            Ok::<_, String>((status, proxy_error, body))
         }
-        Ok(Err(e)) => {
-            eprintln!("error: GET {url}: {e}");
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("error: GET {url}: no answer within 10 s");
-            ExitCode::FAILURE
+    };
+    if count <= 1 {
+        return match get(uri).await {
+            Ok((status, _, body)) => {
+                println!("{status}\n{}", String::from_utf8_lossy(&body));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {method} {url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut statuses = std::collections::BTreeMap::<String, u32>::new();
+    let mut services = std::collections::BTreeMap::<String, u32>::new();
+    let mut proxy_errors = std::collections::BTreeMap::<String, u32>::new();
+    let mut failed = 0u32;
+    for _ in 0..count {
+        match get(uri.clone()).await {
+            Ok((status, proxy_error, body)) => {
+                *statuses.entry(status.to_string()).or_default() += 1;
+                if let Some(e) = proxy_error {
+                    *proxy_errors.entry(e).or_default() += 1;
+                }
+                let service = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["service"].as_str().map(str::to_owned));
+                if let Some(s) = service {
+                    *services.entry(s).or_default() += 1;
+                }
+            }
+            Err(_) => failed += 1,
         }
     }
+    println!(
+        "{}",
+        json!({ "requests": count, "statuses": statuses, "services": services,
+                "proxy_errors": proxy_errors, "no_response": failed })
+    );
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -261,7 +336,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(rt) => rt.block_on(fetch(url)),
+            Ok(rt) => rt.block_on(fetch(url, &args.method, args.count, &args.headers)),
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
