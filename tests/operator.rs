@@ -58,17 +58,24 @@ struct Harness {
 const CONTROL_NS: &str = "weft-system";
 
 async fn harness() -> Harness {
+    harness_compiling_with(Arc::new(weft::compile::compile)).await
+}
+
+async fn harness_compiling_with(compiler: reconcile::Compiler) -> Harness {
     let (fake, client) = fakeapi::start().await;
     let writers = Writers::default();
     let scraper = TableScraper::default();
-    let ctx = Arc::new(Ctx::new(
-        client,
-        writers.world(),
-        Arc::new(scraper.clone()),
-        Arc::new(Metrics::default()),
-        CONTROL_NS.into(),
-        Some("test-replica".into()),
-    ));
+    let ctx = Arc::new(
+        Ctx::new(
+            client,
+            writers.world(),
+            Arc::new(scraper.clone()),
+            Arc::new(Metrics::default()),
+            CONTROL_NS.into(),
+            Some("test-replica".into()),
+        )
+        .with_compiler(compiler),
+    );
     Harness {
         fake,
         writers,
@@ -640,4 +647,432 @@ async fn a_pod_without_the_sidecar_blocks_the_rollout_by_name() {
 fn b64(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+const PAYMENTS_POLICY: &str = "/apis/weft.dev/v1alpha1/namespaces/payments/mtlspolicies/payments";
+const PAYMENTS_POD_IP: &str = "10.1.0.1";
+
+/// Namespace `payments` with one meshed pod, a Service, and a staged
+/// Strict MTLSPolicy whose status is `status` (in the caches and in the
+/// fake), compiled once.
+async fn payments_rollout(status: Value) -> Harness {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("payments", true));
+    put(
+        &mut h.writers.service_accounts,
+        account("payments", "default"),
+    );
+    put(
+        &mut h.writers.services,
+        service("payments", "payments", "10.0.0.30"),
+    );
+    let policy: MTLSPolicy = obj(
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MTLSPolicy",
+        "metadata": {"namespace": "payments", "name": "payments", "generation": 1},
+        "spec": {"mode": "Strict", "rollout": {"strategy": "Staged", "observationWindow": "10m"}},
+        "status": status}),
+    );
+    h.seed(PAYMENTS_POLICY, &policy);
+    put(&mut h.writers.mtls_policies, policy);
+    let pod: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "payments", "name": "payments-0"},
+        "spec": {"containers": [{"name": "app", "image": "payments"},
+                                {"name": "weft-proxy", "image": "weft"}]},
+        "status": {"phase": "Running", "podIP": PAYMENTS_POD_IP}}));
+    put(&mut h.writers.pods, pod);
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h
+}
+
+impl Harness {
+    /// The payments proxy reports the namespace's current config, trust
+    /// bundle and identity, and `plaintext` connections so far from
+    /// 10.9.9.9 to port 8080.
+    fn payments_proxy_reports(&self, generation: &str, plaintext: u64) {
+        let bundle = match self.ctx.ca.load().as_ref() {
+            CaState::Ready(ca) => weft::identity::bundle_hash(&ca.trust_bundle()),
+            _ => panic!("no CA"),
+        };
+        let text = format!(
+            "weft_proxy_config_generation{{generation=\"{generation}\"}} 1\n\
+             weft_proxy_trust_bundle{{hash=\"{bundle}\"}} 1\n\
+             weft_proxy_certificate_expiry_timestamp_seconds 1.9e9\n\
+             weft_proxy_inbound_plaintext_connections_total{{port=\"8080\",src_addr=\"10.9.9.9\"}} {plaintext}\n"
+        );
+        self.scraper
+            .0
+            .lock()
+            .expect("table")
+            .insert(PAYMENTS_POD_IP.parse().expect("ip"), text);
+    }
+
+    fn compiled_generation(&self, ns: &str) -> String {
+        self.ctx.snapshot.load().compiled.configs[ns]
+            .generation
+            .clone()
+    }
+
+    /// The watch delivers the payments policy as the fake holds it.
+    fn sync_payments_policy(&mut self) {
+        let p: MTLSPolicy = self.stored(PAYMENTS_POLICY).expect("stored policy");
+        put(&mut self.writers.mtls_policies, p);
+    }
+
+    /// The payments policy statuses written since the last `clear`.
+    fn payments_statuses(&self) -> Vec<Value> {
+        self.writes()
+            .into_iter()
+            .filter(|s| s.path == format!("{PAYMENTS_POLICY}/status"))
+            .map(|s| s.body["status"].clone())
+            .collect()
+    }
+
+    /// The one status write to payments' MTLSPolicy since the last clear.
+    fn the_payments_status(&self) -> Value {
+        let mut st = self.payments_statuses();
+        assert_eq!(st.len(), 1, "exactly one status write: {st:#?}");
+        st.remove(0)
+    }
+}
+
+fn rollout_reason(status: &Value) -> String {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "RolloutComplete")
+        .and_then(|c| c["reason"].as_str())
+        .expect("a RolloutComplete condition")
+        .to_owned()
+}
+
+/// Plaintext that arrives between the reconcile that opens the observation
+/// window and the next one is plaintext inside the window: it must stop
+/// it. (The baseline is the counters read by the reconcile that opened the
+/// window, not those of the first look after.)
+#[tokio::test]
+async fn plaintext_right_after_the_window_opens_is_seen() {
+    let mut h = payments_rollout(
+        json!({"phase": "Preparing", "phaseSince": "2020-01-01T00:00:00Z",
+            "observedGeneration": 1}),
+    )
+    .await;
+    let generation = h.compiled_generation("payments");
+    h.payments_proxy_reports(&generation, 5);
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Observing");
+    assert_eq!(rollout_reason(&st), "Observing");
+    h.sync_payments_policy();
+
+    // Two more plaintext connections before the next look.
+    h.payments_proxy_reports(&generation, 7);
+    h.clear();
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Observing");
+    assert_eq!(rollout_reason(&st), "PlaintextSeen", "{:#}", st);
+    assert!(st["blockers"].to_string().contains("10.9.9.9"), "{:#}", st);
+}
+
+/// A replica that starts (or takes over) holds no counters from the
+/// window's start: it must not trust `phaseSince` and pass the gate, but
+/// start the window again and say why.
+#[tokio::test]
+async fn an_operator_without_counters_from_the_window_start_restarts_the_window() {
+    let h = payments_rollout(
+        json!({"phase": "Observing", "phaseSince": "2020-01-01T00:00:00Z",
+        "observedGeneration": 1}),
+    )
+    .await;
+    let generation = h.compiled_generation("payments");
+    h.payments_proxy_reports(&generation, 3);
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Observing", "{:#}", st);
+    assert_eq!(rollout_reason(&st), "ObservationRestarted");
+    assert_ne!(st["phaseSince"], "2020-01-01T00:00:00Z");
+    let events = h.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "ObservationRestarted"),
+        "{events:#?}"
+    );
+}
+
+/// Enforcing -> Strict needs every client to run the config that expects
+/// Strict; a compile that read the policy before it reached Enforcing made
+/// configs that do not, so clients running "the compiled generation" do
+/// not pass the gate until the recompile.
+#[tokio::test]
+async fn strict_waits_for_the_compile_that_read_enforcing() {
+    let mut h = payments_rollout(
+        json!({"phase": "Observing", "phaseSince": "2020-01-01T00:00:00Z",
+        "observedGeneration": 1}),
+    )
+    .await;
+    let before = h.compiled_generation("payments");
+    // The policy reached Enforcing; the compile of that is still to come.
+    let mut policy: MTLSPolicy = h.stored(PAYMENTS_POLICY).expect("policy");
+    if let Some(s) = policy.status.as_mut() {
+        s.phase = Some(weft::api::RolloutPhase::Enforcing);
+    }
+    h.seed(PAYMENTS_POLICY, &policy);
+    put(&mut h.writers.mtls_policies, policy);
+    h.payments_proxy_reports(&before, 0);
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Enforcing", "{:#}", st);
+    assert_eq!(rollout_reason(&st), "WaitingForCompile");
+    assert!(
+        st["blockers"]
+            .to_string()
+            .contains("waiting for the config that expects Strict to be compiled"),
+        "{:#}",
+        st
+    );
+    h.sync_payments_policy();
+
+    // The recompile tells clients to expect Strict: a new generation, which
+    // the client proxy does not run yet.
+    driver::recompile(&h.ctx).await;
+    let after = h.compiled_generation("payments");
+    assert_ne!(before, after);
+    h.clear();
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Enforcing");
+    assert_eq!(rollout_reason(&st), "WaitingForClients");
+    h.sync_payments_policy();
+
+    h.payments_proxy_reports(&after, 0);
+    h.clear();
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Strict");
+}
+
+/// Plaintext that keeps coming from the same source restarts nothing a
+/// user reads after the first look: one status write and one Event, not
+/// one of each per look.
+#[tokio::test]
+async fn persisting_plaintext_is_one_status_write_and_one_event() {
+    let mut h = payments_rollout(
+        json!({"phase": "Preparing", "phaseSince": "2020-01-01T00:00:00Z",
+        "observedGeneration": 1}),
+    )
+    .await;
+    let generation = h.compiled_generation("payments");
+    h.payments_proxy_reports(&generation, 0);
+    h.reconcile("payments").await;
+    h.sync_payments_policy();
+    h.clear();
+    let mut plaintext = 0;
+    let mut statuses = Vec::new();
+    let mut events = Vec::new();
+    for _ in 0..4 {
+        plaintext += 25;
+        h.payments_proxy_reports(&generation, plaintext);
+        h.reconcile("payments").await;
+        h.sync_payments_policy();
+        statuses.extend(h.payments_statuses());
+        events.extend(h.events());
+        h.clear();
+    }
+    assert_eq!(statuses.len(), 1, "{statuses:#?}");
+    assert_eq!(rollout_reason(&statuses[0]), "PlaintextSeen");
+    let plaintext_events: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "PlaintextSeen")
+        .collect();
+    assert_eq!(plaintext_events.len(), 1, "{events:#?}");
+    assert_eq!(plaintext_events[0]["type"], "Warning");
+    assert!(
+        plaintext_events[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("10.9.9.9")),
+        "{:#}",
+        plaintext_events[0]
+    );
+
+    // The source stops: the window starts at the first look without it.
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(rollout_reason(&st), "Observing");
+}
+
+/// A compiler panic is a bug, but it must not freeze the operator: it is
+/// counted, and the compile loop keeps going and retries, so the namespace
+/// still gets reconciled once a compile succeeds.
+#[tokio::test]
+async fn a_compiler_panic_is_counted_and_the_compile_is_retried() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let h = harness_compiling_with(Arc::new(move |facts| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("a compiler bug");
+        }
+        weft::compile::compile(facts)
+    }))
+    .await;
+    let mut h = h;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    let (changes_tx, mut one, _all) = h.compile_loop();
+    changes_tx.send(Change::Inputs).expect("send");
+    let r = tokio::time::timeout(Duration::from_secs(10), one.recv())
+        .await
+        .expect("the loop survived the panic and compiled again")
+        .expect("open");
+    assert_eq!(r.name, "shop");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let metrics = h.ctx.metrics.render();
+    assert!(
+        metrics.contains("weft_operator_compile_errors_total{reason=\"CompilerPanicked\"} 1"),
+        "{metrics}"
+    );
+    assert!(h.ctx.snapshot.load().compiled.configs.contains_key("shop"));
+}
+
+/// Once the lease is lost nothing the leader started writes any more: the
+/// compile loop, the CA watch and the controller stop with it. A policy
+/// edit arriving afterwards gets no status write from this replica.
+#[tokio::test]
+async fn after_the_lease_is_lost_nothing_writes() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(
+        &mut h.writers.services,
+        service("shop", "inventory", "10.0.0.10"),
+    );
+    let path = "/apis/weft.dev/v1alpha1/namespaces/shop/trafficpolicies/inventory";
+    let tp = traffic_policy("shop", "inventory", "2s", 1);
+    h.seed(path, &tp);
+    put(&mut h.writers.traffic_policies, tp);
+
+    let (changes_tx, changes) = mpsc::unbounded_channel();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let leading = tokio::spawn(weft::operator::lead(
+        h.ctx.clone(),
+        changes,
+        changes_tx.clone(),
+        2,
+        async move {
+            let _ = lost_rx.await;
+        },
+        std::future::pending(),
+    ));
+    // Leading: the policy's status is written.
+    let status_path = format!("{path}/status");
+    let mut written = false;
+    for _ in 0..100 {
+        if h.writes().iter().any(|s| s.path == status_path) {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(written, "{:#?}", h.writes());
+    // The compile loop runs: an edit is written while leading.
+    put(
+        &mut h.writers.traffic_policies,
+        traffic_policy("shop", "inventory", "3s", 2),
+    );
+    h.clear();
+    changes_tx
+        .send(Change::Inputs)
+        .expect("the compile loop runs");
+    let mut rewritten = false;
+    for _ in 0..100 {
+        if h.writes().iter().any(|s| s.path == status_path) {
+            rewritten = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rewritten, "{:#?}", h.writes());
+
+    lost_tx.send(()).expect("lost");
+    let ended = tokio::time::timeout(Duration::from_secs(5), leading)
+        .await
+        .expect("lead stops promptly")
+        .expect("join");
+    assert_eq!(ended, weft::operator::Ended::Lost);
+
+    h.clear();
+    put(
+        &mut h.writers.traffic_policies,
+        traffic_policy("shop", "inventory", "4s", 3),
+    );
+    // Whoever still listens would compile and write this status.
+    let _ = changes_tx.send(Change::Inputs);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(h.writes().is_empty(), "{:#?}", h.writes());
+}
+
+/// A policy whose condition turns False gets one Warning Event naming the
+/// condition, once: not again on the next compile that finds the same, and
+/// a Normal one when it recovers.
+#[tokio::test]
+async fn a_condition_change_is_announced_once_on_the_policy() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    let path = "/apis/weft.dev/v1alpha1/namespaces/shop/trafficpolicies/inventory";
+    // Its target Service does not exist (yet).
+    let tp = traffic_policy("shop", "inventory", "2s", 1);
+    h.seed(path, &tp);
+    put(&mut h.writers.traffic_policies, tp);
+    driver::recompile(&h.ctx).await;
+    assert_eq!(driver::write_policy_statuses(&h.ctx).await, 0);
+    let events = h.events();
+    let on_policy: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["regarding"]["kind"] == "TrafficPolicy" && e["regarding"]["name"] == "inventory"
+        })
+        .collect();
+    assert!(!on_policy.is_empty(), "{events:#?}");
+    assert!(
+        on_policy.iter().all(|e| e["type"] == "Warning"),
+        "{on_policy:#?}"
+    );
+    assert!(
+        on_policy.iter().any(|e| e["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("ResolvedRefs is False"))),
+        "{on_policy:#?}"
+    );
+    let first = on_policy.len();
+    let types: std::collections::BTreeSet<String> = on_policy
+        .iter()
+        .filter_map(|e| e["note"].as_str()?.split(' ').next().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        types.len(),
+        first,
+        "one Event per condition: {on_policy:#?}"
+    );
+
+    // The watch delivers the status; the next compile finds the same.
+    let stored: TrafficPolicy = h.stored(path).expect("stored");
+    put(&mut h.writers.traffic_policies, stored);
+    h.clear();
+    driver::recompile(&h.ctx).await;
+    driver::write_policy_statuses(&h.ctx).await;
+    assert!(h.events().is_empty(), "{:#?}", h.events());
+
+    // The Service appears: the recovery is announced, as Normal.
+    put(
+        &mut h.writers.services,
+        service("shop", "inventory", "10.0.0.10"),
+    );
+    driver::recompile(&h.ctx).await;
+    driver::write_policy_statuses(&h.ctx).await;
+    let events = h.events();
+    assert!(
+        events.iter().any(|e| e["type"] == "Normal"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ResolvedRefs is True"))),
+        "{events:#?}"
+    );
 }

@@ -34,23 +34,75 @@ use super::reconcile::{self, Ctx, Snapshot, write_status};
 use super::status::{self, Wanted};
 use super::world::Change;
 use crate::api::{MESH_NAME, Mesh, MeshSpec};
-use crate::compile::{self, PolicyKind, PolicyVerdict};
+use crate::compile::{PolicyKind, PolicyVerdict};
 
 /// Changes arriving within this long of the first are compiled together.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A failed status write is retried after this long.
 const STATUS_RETRY: Duration = Duration::from_secs(5);
 
+/// Why a whole-mesh compile produced nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("the policy compiler panicked: {0}")]
+    Panicked(String),
+    #[error("the compile was cancelled (the runtime is shutting down)")]
+    Cancelled,
+}
+
+impl CompileError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Panicked(_) => "CompilerPanicked",
+            Self::Cancelled => "CompileCancelled",
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for CompileError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        if !e.is_panic() {
+            return Self::Cancelled;
+        }
+        let payload = e.into_panic();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        Self::Panicked(message)
+    }
+}
+
 /// Compiles what the caches hold into a new snapshot and returns the
-/// namespaces whose reconcile reads something that changed.
+/// namespaces whose reconcile reads something that changed. A failed
+/// compile is logged and counted and leaves the previous snapshot in
+/// place (see [`try_recompile`] to retry it).
 pub async fn recompile(ctx: &Ctx) -> BTreeSet<String> {
+    try_recompile(ctx).await.unwrap_or_default()
+}
+
+/// [`recompile`], saying whether the compile failed. A compiler panic is a
+/// bug, but one input that trips it must not freeze the operator: the
+/// previous snapshot stays in force and the caller retries later.
+pub async fn try_recompile(ctx: &Ctx) -> Result<BTreeSet<String>, CompileError> {
     let facts = ctx.world.facts();
-    let (facts, compiled) = tokio::task::spawn_blocking(move || {
-        let compiled = compile::compile(&facts);
+    let compiler = ctx.compiler.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let compiled = compiler(&facts);
         (facts, compiled)
     })
-    .await
-    .expect("the compiler does not panic");
+    .await;
+    let (facts, compiled) = match joined {
+        Ok(done) => done,
+        Err(e) => {
+            let e = CompileError::from(e);
+            tracing::error!(error = %e, "compiling the mesh failed; the previous config stays in force");
+            ctx.metrics.compile_failed(e.reason());
+            return Err(e);
+        }
+    };
     ctx.metrics.compiled();
     let fingerprints = plan::fingerprints(&facts, &compiled);
     let mesh = facts
@@ -59,14 +111,23 @@ pub async fn recompile(ctx: &Ctx) -> BTreeSet<String> {
         .find(|m| m.name_any() == MESH_NAME)
         .map(|m| m.spec.clone())
         .unwrap_or_else(MeshSpec::default);
+    let mtls_phases = facts
+        .mtls_policies
+        .iter()
+        .map(|p| {
+            let key = (p.namespace().unwrap_or_default(), p.name_any());
+            (key, p.status.as_ref().and_then(|s| s.phase))
+        })
+        .collect();
     let prev = ctx.snapshot.load_full();
     let affected = plan::affected(&prev.fingerprints, &fingerprints);
     ctx.snapshot.store(Arc::new(Snapshot {
         compiled,
         fingerprints,
         mesh,
+        mtls_phases,
     }));
-    affected
+    Ok(affected)
 }
 
 /// Writes the status of every Mesh, TrafficPolicy, ServiceRoute and
@@ -113,8 +174,13 @@ where
         return Ok(false);
     };
     let api: Api<K> = Api::namespaced(ctx.client.clone(), v.namespace.as_deref().unwrap_or(""));
-    let st = status::policy_status(v, &existing_conditions(obj.as_ref()), &now());
-    write_status(ctx, api, obj.as_ref(), st).await
+    let existing = existing_conditions(obj.as_ref());
+    let st = status::policy_status(v, &existing, &now());
+    let written = write_status(ctx, api, obj.as_ref(), st.clone()).await?;
+    if written {
+        reconcile::announce_conditions(ctx, obj.as_ref(), &existing, &st).await;
+    }
+    Ok(written)
 }
 
 fn find<K>(store: &Store<K>, v: &PolicyVerdict) -> Option<Arc<K>>
@@ -167,9 +233,11 @@ pub async fn compile_loop(
     one: mpsc::UnboundedSender<ObjectRef<Namespace>>,
     all: mpsc::UnboundedSender<()>,
 ) {
-    let mut retry_statuses: Option<tokio::time::Instant> = None;
+    // When to compile and write statuses again after a failure of either.
+    let mut retry: Option<tokio::time::Instant> = None;
+    let mut compile_failures = 0u32;
     loop {
-        let first = match retry_statuses {
+        let first = match retry {
             Some(at) => tokio::select! {
                 c = changes.recv() => c,
                 () = tokio::time::sleep_until(at) => Some(Change::Inputs),
@@ -197,13 +265,25 @@ pub async fn compile_loop(
             }
         }
         if inputs {
-            let affected = recompile(&ctx).await;
-            if !affected.is_empty() {
-                tracing::debug!(namespaces = affected.len(), "compile changed namespaces");
+            match try_recompile(&ctx).await {
+                Ok(affected) => {
+                    compile_failures = 0;
+                    if !affected.is_empty() {
+                        tracing::debug!(namespaces = affected.len(), "compile changed namespaces");
+                    }
+                    names.extend(affected);
+                    let failed = write_policy_statuses(&ctx).await;
+                    retry = (failed > 0).then(|| tokio::time::Instant::now() + STATUS_RETRY);
+                }
+                Err(_) => {
+                    // Logged and counted already; the same inputs may pass
+                    // once something changes, or not: retry with a backoff
+                    // either way, and keep serving triggers meanwhile.
+                    compile_failures = compile_failures.saturating_add(1);
+                    retry =
+                        Some(tokio::time::Instant::now() + reconcile::backoff(compile_failures));
+                }
             }
-            names.extend(affected);
-            let failed = write_policy_statuses(&ctx).await;
-            retry_statuses = (failed > 0).then(|| tokio::time::Instant::now() + STATUS_RETRY);
         }
         if everyone && all.send(()).is_err() {
             return;

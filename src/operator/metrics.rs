@@ -1,5 +1,5 @@
 //! The operator's `/metrics`: reconciles and their durations, errors by
-//! reason, API writes by kind and verb (what "API requests per reconcile"
+//! reason, failed compiles by reason, API writes by kind and verb (what "API requests per reconcile"
 //! is computed from), the rollout phase per namespace, the earliest
 //! workload-certificate expiry per namespace, and whether this replica
 //! leads.
@@ -48,6 +48,7 @@ pub struct Metrics {
     writes: Family<Write, Counter>,
     writes_total: std::sync::atomic::AtomicU64,
     compiles: Counter,
+    compile_errors: Family<Reason, Counter>,
     phase: Family<Phase, Gauge>,
     expiry: Family<Ns, Gauge>,
     leader: Gauge,
@@ -82,6 +83,12 @@ impl Default for Metrics {
         );
         let compiles = Counter::default();
         registry.register("compiles", "Whole-mesh policy compiles", compiles.clone());
+        let compile_errors = Family::<Reason, Counter>::default();
+        registry.register(
+            "compile_errors",
+            "Whole-mesh policy compiles that failed (and are retried), by reason",
+            compile_errors.clone(),
+        );
         let phase = Family::<Phase, Gauge>::default();
         registry.register(
             "rollout_phase",
@@ -108,6 +115,7 @@ impl Default for Metrics {
             writes,
             writes_total: Default::default(),
             compiles,
+            compile_errors,
             phase,
             expiry,
             leader,
@@ -149,6 +157,10 @@ impl Metrics {
 
     pub fn compiled(&self) {
         self.compiles.inc();
+    }
+
+    pub fn compile_failed(&self, reason: &'static str) {
+        self.compile_errors.get_or_create(&Reason { reason }).inc();
     }
 
     pub fn phase(&self, namespace: &str, phase: Option<RolloutPhase>) {

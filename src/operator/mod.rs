@@ -23,7 +23,7 @@ use axum::routing::get;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::identity::CA_SECRET;
 
@@ -91,10 +91,9 @@ pub async fn serve_admin(
 }
 
 /// Runs the operator: watches on this replica at once (`synced` turns true
-/// when they have listed), then, once this replica holds the Lease, the
-/// CA, the compile loop and the namespace controller. Returns an error
-/// when leadership is lost (the process should exit and restart as a
-/// candidate), Ok on `shutdown`.
+/// when they have listed), then, once this replica holds the Lease,
+/// [`lead`]. Returns an error when leadership is lost (the process should
+/// exit and restart as a candidate), Ok on `shutdown`.
 pub async fn run(
     client: Client,
     opts: Options,
@@ -105,7 +104,15 @@ pub async fn run(
     let writers = world::Writers::default();
     let world = writers.world();
     let (changes_tx, changes) = mpsc::unbounded_channel();
-    world::watch_all(&client, writers, changes_tx.clone());
+    let (leading_tx, leading) = watch::channel(false);
+    world::watch_all(
+        &client,
+        writers,
+        world::ChangeSink {
+            changes: changes_tx.clone(),
+            leading,
+        },
+    );
     world.synced().await;
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
@@ -128,38 +135,146 @@ pub async fn run(
         opts.namespace.clone(),
         Some(opts.identity.clone()),
     ));
-    driver::recompile(&ctx).await;
-    if let Err(e) = ca::ensure(&ctx).await {
-        tracing::warn!(error = %e, "reading the mesh CA; retrying when it changes");
+    // Changes from now on reach the compile loop; earlier ones are in the
+    // caches, which the first compile in `lead` reads.
+    leading_tx.send_replace(true);
+    let ended = lead(
+        ctx,
+        changes,
+        changes_tx,
+        opts.concurrency,
+        leadership.lost(),
+        shutdown,
+    )
+    .await;
+    leading_tx.send_replace(false);
+    metrics.leading(false);
+    match ended {
+        Ended::Lost => Err(anyhow::anyhow!(
+            "lost the lease {}: stopped writing so that only one replica writes",
+            opts.lease
+        )),
+        Ended::Shutdown => {
+            leadership.release().await;
+            Ok(())
+        }
+    }
+}
+
+/// How [`lead`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Leadership was lost: everything that writes was stopped at once.
+    Lost,
+    /// Shutdown: in-flight reconciles were let finish.
+    Shutdown,
+}
+
+/// Aborts its tasks when dropped, so no writer outlives [`lead`] whichever
+/// way it returns.
+struct WriterTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl WriterTasks {
+    fn abort(&self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+
+    /// Aborts every task and waits until none runs any more.
+    async fn stop(mut self) {
+        self.abort();
+        for t in self.0.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for WriterTasks {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// What the leader runs: the first compile, the CA, the policy statuses,
+/// the compile loop (fed by `changes`; `retry` is its own sender, for a
+/// first compile that failed), the CA watch and the namespace controller,
+/// until `lost` or `shutdown` resolves. Every task that writes is tied to
+/// this call: when leadership is lost they are all aborted, the controller
+/// included (its in-flight reconciles are dropped rather than let finish
+/// under a lease another replica may hold), and awaited before this
+/// returns; on shutdown the controller's in-flight reconciles finish first.
+pub async fn lead(
+    ctx: Arc<reconcile::Ctx>,
+    changes: mpsc::UnboundedReceiver<world::Change>,
+    retry: mpsc::UnboundedSender<world::Change>,
+    concurrency: u16,
+    lost: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Ended {
+    tokio::pin!(lost, shutdown);
+    let setup = async {
+        if driver::try_recompile(&ctx).await.is_err() {
+            // The compile loop retries it with its backoff.
+            let _ = retry.send(world::Change::Inputs);
+        }
+        if let Err(e) = ca::ensure(&ctx).await {
+            tracing::warn!(error = %e, "reading the mesh CA; retrying when it changes");
+        }
+        driver::write_policy_statuses(&ctx).await;
+    };
+    tokio::select! {
+        () = &mut lost => return Ended::Lost,
+        () = &mut shutdown => return Ended::Shutdown,
+        () = setup => {}
     }
     let (one_tx, one) = mpsc::unbounded_channel();
     let (all_tx, all) = mpsc::unbounded_channel();
-    tokio::spawn(watch_ca(ctx.clone(), all_tx.clone()));
-    tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx));
-    driver::write_policy_statuses(&ctx).await;
-
+    let writers = WriterTasks(vec![
+        tokio::spawn(watch_ca(ctx.clone(), all_tx.clone())),
+        tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx)),
+    ]);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(driver::run_controller(
+    let mut controller = tokio::spawn(driver::run_controller(
         ctx,
         one,
         all,
-        opts.concurrency,
+        concurrency,
         async move {
             let _ = stop_rx.await;
         },
     ));
-    let result = tokio::select! {
-        () = leadership.lost() => Err(anyhow::anyhow!("lost the lease {}: stopping so that only one replica writes", opts.lease)),
-        () = shutdown => Ok(()),
+    let mut controller_ended = false;
+    let ended = tokio::select! {
+        () = &mut lost => Ended::Lost,
+        () = &mut shutdown => Ended::Shutdown,
+        _ = &mut controller => {
+            controller_ended = true;
+            // The controller ends only when its triggers close, which
+            // they do not while the writers run; should it end anyway,
+            // wait for the lease or the shutdown as before.
+            tracing::error!("the namespace controller stopped");
+            tokio::select! {
+                () = &mut lost => Ended::Lost,
+                () = &mut shutdown => Ended::Shutdown,
+            }
+        }
     };
-    let _ = stop_tx.send(());
-    let _ = controller.await;
-    metrics.leading(false);
-    if result.is_ok() {
-        leadership.release().await;
+    match ended {
+        Ended::Lost => {
+            tracing::error!("leadership lost: stopping every writer now");
+            controller.abort();
+            writers.abort();
+        }
+        Ended::Shutdown => {
+            let _ = stop_tx.send(());
+        }
     }
-    drop(changes_tx);
-    result
+    if !controller_ended {
+        let _ = controller.await;
+    }
+    writers.stop().await;
+    ended
 }
 
 /// Re-reads the CA whenever Secret `weft-ca` changes (or every 5 minutes),

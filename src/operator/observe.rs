@@ -119,39 +119,52 @@ pub type PlaintextKey = (String, u16, String);
 type RejectedSample = (SystemTime, HashMap<String, u64>);
 
 /// What the operator remembers between looks, per namespace. Lost on a
-/// restart: the first look after one takes the counters as they are.
+/// restart, and not shared with other replicas: a namespace the operator
+/// holds no baseline for reads as "not counted", and the rollout restarts
+/// its window rather than trust counters it never saw.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Counters when the current phase began, and that phase's start.
+    /// The start of the current phase (or window), and the counters read
+    /// in the look that started it.
     baselines: HashMap<String, (SystemTime, HashMap<PlaintextKey, u64>)>,
     /// (when, the namespace's total refused so far per pod).
     rejected: HashMap<String, VecDeque<RejectedSample>>,
 }
 
 impl Counters {
-    /// Plaintext connections since `since` (the current phase's start), by
-    /// key. A new `since` takes the current counters as the baseline; a
-    /// counter below its baseline (the proxy restarted) counts from zero.
+    /// Plaintext connections since `since` (the current phase's or
+    /// window's start), by key, counted from the baseline [`Self::recount`]
+    /// took then; None when there is no baseline for `since` (this replica
+    /// did not see that start). A counter below its baseline (the proxy
+    /// restarted) counts from zero; a key without one counts whole.
     pub fn plaintext_since(
-        &mut self,
+        &self,
         namespace: &str,
         since: SystemTime,
         now: &HashMap<PlaintextKey, u64>,
-    ) -> BTreeMap<PlaintextKey, u64> {
-        let entry = self
-            .baselines
-            .entry(namespace.to_owned())
-            .or_insert_with(|| (since, now.clone()));
-        if entry.0 != since {
-            *entry = (since, now.clone());
+    ) -> Option<BTreeMap<PlaintextKey, u64>> {
+        // Taking the baseline here, at the first look that carries a new
+        // `since`, would lose what arrived between the look that moved
+        // `since` and this one; only the look that moved it may take it.
+        let (at, base) = self.baselines.get(namespace)?;
+        if *at != since {
+            return None;
         }
-        now.iter()
-            .filter_map(|(k, &v)| {
-                let base = entry.1.get(k).copied().unwrap_or(0);
-                let seen = if v >= base { v - base } else { v };
-                (seen > 0).then(|| (k.clone(), seen))
-            })
-            .collect()
+        Some(
+            now.iter()
+                .filter_map(|(k, &v)| {
+                    let base = base.get(k).copied().unwrap_or(0);
+                    let seen = if v >= base { v - base } else { v };
+                    (seen > 0).then(|| (k.clone(), seen))
+                })
+                .collect(),
+        )
+    }
+
+    /// Makes `now` (the counters read in this look) the baseline of the
+    /// phase or window that starts (or is re-counted) at `since`.
+    pub fn recount(&mut self, namespace: &str, since: SystemTime, now: HashMap<PlaintextKey, u64>) {
+        self.baselines.insert(namespace.to_owned(), (since, now));
     }
 
     /// Plaintext connections refused within `window` before `now`, from
@@ -220,22 +233,42 @@ weft_proxy_inbound_plaintext_rejected_total{port=\"9090\"} 1
     }
 
     #[test]
-    fn plaintext_counts_from_the_phase_start_and_survives_a_proxy_restart() {
+    fn plaintext_counts_from_the_look_that_started_the_window() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut c = Counters::default();
         let now = HashMap::from([(key("a"), 5)]);
-        assert!(
-            c.plaintext_since("shop", t0, &now).is_empty(),
-            "the baseline"
+        assert_eq!(
+            c.plaintext_since("shop", t0, &now),
+            None,
+            "no baseline: not counted (a restart, or another replica's window)"
         );
+        // The look that starts the window at t0 read 5.
+        c.recount("shop", t0, now);
+        // Plaintext arrives before the next look: it counts.
         let now = HashMap::from([(key("a"), 7)]);
-        assert_eq!(c.plaintext_since("shop", t0, &now)[&key("a")], 2);
-        // The window restarts: a new baseline.
+        assert_eq!(
+            c.plaintext_since("shop", t0, &now),
+            Some(BTreeMap::from([(key("a"), 2)]))
+        );
+        // A window that this replica did not start is not counted.
         let t1 = t0 + Duration::from_secs(60);
-        assert!(c.plaintext_since("shop", t1, &now).is_empty());
+        assert_eq!(c.plaintext_since("shop", t1, &now), None);
+        // The window restarts at t1 with the counters of that look; what
+        // comes after counts, also when it arrives before the next look.
+        c.recount("shop", t1, now);
+        let now = HashMap::from([(key("a"), 8), (key("b"), 1)]);
+        assert_eq!(
+            c.plaintext_since("shop", t1, &now),
+            Some(BTreeMap::from([(key("a"), 1), (key("b"), 1)]))
+        );
         // The proxy restarted: its counter starts again from zero.
         let now = HashMap::from([(key("a"), 1)]);
-        assert_eq!(c.plaintext_since("shop", t1, &now)[&key("a")], 1);
+        assert_eq!(
+            c.plaintext_since("shop", t1, &now),
+            Some(BTreeMap::from([(key("a"), 1)]))
+        );
+        c.forget("shop");
+        assert_eq!(c.plaintext_since("shop", t1, &now), None);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::rollout::{
 use super::status;
 use super::world::World;
 use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
-use crate::compile::{Compiled, PolicyKind, PolicyVerdict};
+use crate::compile::{ClusterFacts, Compiled, PolicyKind, PolicyVerdict};
 use crate::config::CONFIG_MAP_NAME;
 use crate::identity::{IDENTITY_SECRET, IdentityError, MeshCa, bundle_hash};
 use crate::inject::PROXY_CONTAINER;
@@ -48,6 +48,11 @@ pub struct Snapshot {
     pub compiled: Compiled,
     pub fingerprints: Fingerprints,
     pub mesh: MeshSpec,
+    /// The rollout phase each MTLSPolicy's status held in the facts this
+    /// compile read, by (namespace, name): the compiler derives what
+    /// clients expect from it, so a gate on "clients run the compiled
+    /// config" holds only for a compile that read the phase it is about.
+    pub mtls_phases: BTreeMap<(String, String), Option<RolloutPhase>>,
 }
 
 /// The mesh CA as the operator last found it.
@@ -65,6 +70,10 @@ pub enum CaState {
     },
 }
 
+/// The whole-mesh compile the operator runs ([`crate::compile::compile`];
+/// tests put in one that fails).
+pub type Compiler = Arc<dyn Fn(&ClusterFacts) -> Compiled + Send + Sync>;
+
 /// Everything a reconcile needs.
 pub struct Ctx {
     pub client: Client,
@@ -75,6 +84,7 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// The control plane's namespace (where `weft-ca` lives).
     pub control_namespace: String,
+    pub(crate) compiler: Compiler,
     recorder: Recorder,
     counters: Mutex<Counters>,
     /// Consecutive failures per namespace, for the error backoff.
@@ -103,9 +113,16 @@ impl Ctx {
             scraper,
             metrics,
             control_namespace,
+            compiler: Arc::new(crate::compile::compile),
             counters: Mutex::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same, compiling with `compiler` instead of the policy compiler.
+    pub fn with_compiler(mut self, compiler: Compiler) -> Self {
+        self.compiler = compiler;
+        self
     }
 
     /// Publishes an Event about `obj`; a failure to publish is logged, never
@@ -489,6 +506,33 @@ where
     Ok(true)
 }
 
+/// After `obj`'s status was written with `status` over `existing`
+/// conditions: an Event on `obj` for each condition that changed (Warning
+/// when it turned False), so `kubectl describe` tells when and why a
+/// policy stopped (or started) working. Only on a write: an unchanged
+/// verdict is neither written nor announced. The rollout's own condition
+/// has its own Events.
+pub async fn announce_conditions<K: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    obj: &K,
+    existing: &[Condition],
+    status: &Value,
+) {
+    let written: Vec<Condition> = status
+        .get("conditions")
+        .cloned()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default();
+    for c in status::transitions(existing, &written) {
+        if c.type_ == status::ROLLOUT_CONDITION {
+            continue;
+        }
+        let warning = c.status == "False";
+        let note = format!("{} is {}: {}", c.type_, c.status, c.message);
+        ctx.event(obj, warning, &c.reason, "Compile", note).await;
+    }
+}
+
 fn conditions_of(status: Option<&[Condition]>) -> &[Condition] {
     status.unwrap_or_default()
 }
@@ -525,7 +569,9 @@ async fn write_mtls_status(
         let in_force = verdict.condition("Accepted").is_some_and(|c| c.status);
         let (Some(bundle), true) = (bundle, in_force) else {
             let st = status::policy_status(verdict, conditions_of(existing), &time(now));
-            write_status(ctx, api.clone(), policy.as_ref(), st).await?;
+            if write_status(ctx, api.clone(), policy.as_ref(), st.clone()).await? {
+                announce_conditions(ctx, policy.as_ref(), conditions_of(existing), &st).await;
+            }
             continue;
         };
         let current = policy.status.as_ref().and_then(|s| {
@@ -536,18 +582,34 @@ async fn write_mtls_status(
                     .as_ref()
                     .map_or(now, |t| SystemTime::from(t.0)),
                 observed_generation: s.observed_generation,
+                plaintext_seen: s.conditions.iter().any(|c| {
+                    c.type_ == status::ROLLOUT_CONDITION
+                        && c.reason == rollout::reason::PLAINTEXT_SEEN
+                }),
+                blockers: s.blockers.clone(),
             })
         });
-        let evidence = gather(ctx, &snap.compiled, &name, &policy, current, bundle, now).await;
+        let (evidence, plaintext_now) =
+            gather(ctx, snap, &name, &policy, current.as_ref(), bundle, now).await;
         let decision = rollout::step(
             &policy.spec,
             policy.metadata.generation,
-            current,
+            current.as_ref(),
             &evidence,
             now,
         );
         let st = status::mtls_status(verdict, &decision, conditions_of(existing), &time(now));
-        write_status(ctx, api.clone(), policy.as_ref(), st).await?;
+        if write_status(ctx, api.clone(), policy.as_ref(), st.clone()).await? {
+            announce_conditions(ctx, policy.as_ref(), conditions_of(existing), &st).await;
+        }
+        // Only once the status holds the new phaseSince: a failed write
+        // leaves the old start and its baseline, and is decided again.
+        if decision.recount || !evidence.plaintext_counted {
+            ctx.counters
+                .lock()
+                .expect("counters")
+                .recount(&name, decision.since, plaintext_now);
+        }
         if decision.event {
             announce(ctx, &policy, &decision).await;
         }
@@ -637,16 +699,19 @@ async fn scrape_all(ctx: &Ctx, pods: &[Arc<Pod>]) -> HashMap<String, Scrape> {
         .collect()
 }
 
-/// What the rollout of namespace `ns` decides on.
+/// What the rollout of namespace `ns` decides on, and the plaintext
+/// counters read in this look (the baseline, should the decision start a
+/// phase or window now).
 async fn gather(
     ctx: &Ctx,
-    compiled: &Compiled,
+    snap: &Snapshot,
     ns: &str,
     policy: &MTLSPolicy,
-    current: Option<Current>,
+    current: Option<&Current>,
     bundle: &str,
     now: SystemTime,
-) -> Evidence {
+) -> (Evidence, HashMap<PlaintextKey, u64>) {
+    let compiled = &snap.compiled;
     let pods = live_pods(&ctx.world.pods, ns);
     let scrapes = scrape_all(ctx, &pods).await;
     let by_ip: HashMap<IpAddr, String> = ctx
@@ -673,7 +738,9 @@ async fn gather(
         let rejected = counters.rejected_within(ns, now, window, rejected_now);
         (seen, rejected)
     };
+    let plaintext_counted = plaintext.is_some();
     let plaintext = plaintext
+        .unwrap_or_default()
         .into_iter()
         .map(|((_, port, src), connections)| PlaintextSource {
             pod: src.parse().ok().and_then(|ip| by_ip.get(&ip).cloned()),
@@ -689,8 +756,13 @@ async fn gather(
         }
         _ => Vec::new(),
     };
+    let compiled_phase = snap
+        .mtls_phases
+        .get(&(ns.to_owned(), policy.name_any()))
+        .copied()
+        .flatten();
 
-    Evidence {
+    let evidence = Evidence {
         pods: pods
             .iter()
             .map(|p| PodEvidence {
@@ -706,9 +778,12 @@ async fn gather(
             .unwrap_or_default(),
         trust_bundle_hash: bundle.to_owned(),
         plaintext,
+        plaintext_counted,
+        compiled_phase,
         clients,
         rejected_recently,
-    }
+    };
+    (evidence, plaintext_now)
 }
 
 /// The proxies that call `ns`'s Services: every injected pod of every

@@ -16,11 +16,17 @@
 //! - Preparing: every pod carries the sidecar, has an identity, and runs the
 //!   namespace's current config generation and trust bundle. A pod without
 //!   the sidecar needs the user (a restart re-injects it): Blocked.
-//! - Observing: a whole window without plaintext on a non-excepted port.
-//!   Plaintext restarts the window and names its sources.
+//! - Observing: a whole window without plaintext on a non-excepted port,
+//!   counted from counters the operator read when the window began (an
+//!   operator that restarted or took over has none, so the window starts
+//!   again). Plaintext stops the window and names its sources; while it
+//!   keeps coming the status stays as it is (no write, no Event, unless a
+//!   new source appears), and the first look without any starts the window
+//!   again.
 //! - Enforcing: client namespaces were told to expect STRICT (the compiler
-//!   does that in this phase); wait until every client proxy runs that
-//!   generation, so none falls back to plaintext after the flip.
+//!   does that in this phase); wait until the config that says so has been
+//!   compiled and every client proxy runs it, so none falls back to
+//!   plaintext after the flip.
 //! - Strict: the servers reject plaintext. A burst of rejections above the
 //!   threshold within the rollback window rolls back to Permissive
 //!   (RolledBack), which holds until the policy is edited.
@@ -37,6 +43,8 @@ pub mod reason {
     pub const PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
     pub const OBSERVING: &str = "Observing";
     pub const PLAINTEXT_SEEN: &str = "PlaintextSeen";
+    pub const OBSERVATION_RESTARTED: &str = "ObservationRestarted";
+    pub const WAITING_FOR_COMPILE: &str = "WaitingForCompile";
     pub const WAITING_FOR_CLIENTS: &str = "WaitingForClients";
     pub const STRICT: &str = "Strict";
     pub const IMMEDIATE: &str = "Immediate";
@@ -67,7 +75,7 @@ pub struct ProxyReport {
 }
 
 /// Plaintext connections from one source to one port of the namespace,
-/// counted since the current phase began.
+/// counted since the current phase (or window) began.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaintextSource {
     pub src_addr: String,
@@ -97,8 +105,17 @@ pub struct Evidence {
     pub config_generation: String,
     /// The mesh's current trust bundle.
     pub trust_bundle_hash: String,
-    /// Since the current phase began.
+    /// Since the current phase (or window) began.
     pub plaintext: Vec<PlaintextSource>,
+    /// The operator holds the counters it read when the current phase (or
+    /// window) began, so `plaintext` is complete. False after the operator
+    /// restarted or another replica took over: `plaintext` is then empty
+    /// and says nothing.
+    pub plaintext_counted: bool,
+    /// The rollout phase this policy's status held when the latest compile
+    /// read it (what the client namespaces' configs were made from); None
+    /// when that compile did not see the policy or it had no phase.
+    pub compiled_phase: Option<RolloutPhase>,
     /// Client proxies of this namespace's Services in other pods.
     pub clients: Vec<ClientEvidence>,
     /// Plaintext connections the namespace's proxies rejected within the
@@ -107,12 +124,17 @@ pub struct Evidence {
 }
 
 /// Where the rollout stands (from the policy's status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {
     pub phase: RolloutPhase,
     pub since: SystemTime,
     /// The policy generation the status was written for.
     pub observed_generation: Option<i64>,
+    /// The last look saw plaintext ([`reason::PLAINTEXT_SEEN`]): no window
+    /// runs until a look sees none.
+    pub plaintext_seen: bool,
+    /// The blockers the status lists.
+    pub blockers: Vec<String>,
 }
 
 /// What to write and when to look again.
@@ -124,8 +146,13 @@ pub struct Decision {
     pub blockers: Vec<String>,
     pub reason: &'static str,
     pub message: String,
-    /// Worth an Event: a phase change or a restarted window.
+    /// Worth an Event: a phase change, a restarted window, or a new
+    /// plaintext source.
     pub event: bool,
+    /// The plaintext counters read in this look become the baseline that
+    /// later looks count from (the phase or window starts now, or plaintext
+    /// was seen and the next look must tell whether more came).
+    pub recount: bool,
     pub requeue_after: Duration,
 }
 
@@ -140,7 +167,7 @@ const MAX_BLOCKERS: usize = 20;
 pub fn step(
     spec: &MTLSPolicySpec,
     generation: Option<i64>,
-    current: Option<Current>,
+    current: Option<&Current>,
     evidence: &Evidence,
     now: SystemTime,
 ) -> Decision {
@@ -155,6 +182,7 @@ pub fn step(
             reason,
             message,
             event: changed,
+            recount: changed,
             requeue_after,
         }
     };
@@ -181,12 +209,21 @@ pub fn step(
     let edited = current.is_some_and(|c| c.observed_generation != generation);
     match phase {
         Some(RolloutPhase::RolledBack) if !edited => {
+            // What broke stays listed; a source that starts speaking
+            // plaintext later joins it. Without counts, so the list (and
+            // the status) changes only when the set of sources does.
+            let mut sources = current.map(|c| c.blockers.clone()).unwrap_or_default();
+            for b in current_blockers(evidence) {
+                if !sources.contains(&b) {
+                    sources.push(b);
+                }
+            }
             return to(
                 RolloutPhase::RolledBack,
                 reason::ROLLED_BACK,
                 "rolled back to Permissive; edit the policy (any change) to start the rollout again"
                     .into(),
-                current_blockers(evidence),
+                capped(sources).0,
                 IDLE,
             );
         }
@@ -200,7 +237,7 @@ pub fn step(
                         "{} plaintext connections were rejected within {} (threshold {}): back to Permissive",
                         evidence.rejected_recently, rb.window, rb.rejected_connections
                     ),
-                    current_blockers(evidence),
+                    capped(current_blockers(evidence)).0,
                     IDLE,
                 );
             }
@@ -213,6 +250,28 @@ pub fn step(
             );
         }
         Some(RolloutPhase::Enforcing) => {
+            // The clients' expected generation below comes from the latest
+            // compile; unless that compile read this policy in Enforcing,
+            // the configs it made do not tell clients to expect Strict yet,
+            // and clients "running the expected generation" means nothing.
+            // (A compile that read Strict made the same client configs.)
+            if !matches!(
+                evidence.compiled_phase,
+                Some(RolloutPhase::Enforcing | RolloutPhase::Strict)
+            ) {
+                let read = evidence
+                    .compiled_phase
+                    .map_or_else(|| "no phase".to_owned(), |p| format!("phase {p:?}"));
+                return to(
+                    RolloutPhase::Enforcing,
+                    reason::WAITING_FOR_COMPILE,
+                    "waiting for the config that expects Strict to be compiled".into(),
+                    vec![format!(
+                        "waiting for the config that expects Strict to be compiled (the latest compile read this policy in {read})"
+                    )],
+                    RECHECK_FAST,
+                );
+            }
             let lagging: Vec<String> = evidence
                 .clients
                 .iter()
@@ -291,17 +350,32 @@ pub fn step(
         );
     }
     let window = spec.rollout.observation_window.as_std();
-    if phase != Some(RolloutPhase::Observing) || edited {
+    let Some(current) = current.filter(|c| c.phase == RolloutPhase::Observing && !edited) else {
         return to(
             RolloutPhase::Observing,
             reason::OBSERVING,
-            format!(
-                "every pod is meshed and current; no plaintext so far (Enforcing after {} without any, counted from phaseSince)",
-                spec.rollout.observation_window
-            ),
+            window_message(spec),
             Vec::new(),
             window.min(RECHECK),
         );
+    };
+    if !evidence.plaintext_counted {
+        // The counters from the window's start are gone (this replica
+        // restarted or took over): plaintext since phaseSince cannot be
+        // told, so the window cannot be trusted and starts again now.
+        return Decision {
+            phase: RolloutPhase::Observing,
+            since: now,
+            blockers: Vec::new(),
+            reason: reason::OBSERVATION_RESTARTED,
+            message: format!(
+                "the operator holds no plaintext counters from the window's start (it restarted, or another replica took over): the {} window starts again",
+                spec.rollout.observation_window
+            ),
+            event: true,
+            recount: true,
+            requeue_after: window.min(RECHECK),
+        };
     }
     let plaintext: Vec<&PlaintextSource> = evidence
         .plaintext
@@ -309,18 +383,51 @@ pub fn step(
         .filter(|p| p.connections > 0 && !spec.plaintext_ports.contains(&p.port))
         .collect();
     if !plaintext.is_empty() {
-        let n = plaintext.len();
-        let (blockers, more) = capped(plaintext.iter().map(|p| describe(p)).collect());
+        // Sources add up while plaintext keeps coming; counts stay out of
+        // the blockers so that more of the same writes nothing.
+        let mut sources = if current.plaintext_seen {
+            current.blockers.clone()
+        } else {
+            Vec::new()
+        };
+        for b in plaintext.iter().map(|p| describe(p)) {
+            if !sources.contains(&b) {
+                sources.push(b);
+            }
+        }
+        let n = sources.len();
+        let (blockers, more) = capped(sources);
+        let event = !current.plaintext_seen || blockers != current.blockers;
         return Decision {
             phase: RolloutPhase::Observing,
-            since: now,
+            // phaseSince says when plaintext was first seen; no window runs
+            // until a look sees none.
+            since: if current.plaintext_seen {
+                current.since
+            } else {
+                now
+            },
             message: format!(
-                "plaintext seen from {n} sources; the {} window starts again{more}",
+                "plaintext seen from {n} sources; the {} window starts again once none is seen{more}",
                 spec.rollout.observation_window
             ),
             blockers,
             reason: reason::PLAINTEXT_SEEN,
-            event: true,
+            event,
+            recount: true,
+            requeue_after: window.min(RECHECK),
+        };
+    }
+    if current.plaintext_seen {
+        // The first look without plaintext: the window starts now.
+        return Decision {
+            phase: RolloutPhase::Observing,
+            since: now,
+            blockers: Vec::new(),
+            reason: reason::OBSERVING,
+            message: window_message(spec),
+            event: false,
+            recount: true,
             requeue_after: window.min(RECHECK),
         };
     }
@@ -342,12 +449,16 @@ pub fn step(
     to(
         RolloutPhase::Observing,
         reason::OBSERVING,
-        format!(
-            "every pod is meshed and current; no plaintext so far (Enforcing after {} without any, counted from phaseSince)",
-            spec.rollout.observation_window
-        ),
+        window_message(spec),
         Vec::new(),
         (window - observed).min(RECHECK),
+    )
+}
+
+fn window_message(spec: &MTLSPolicySpec) -> String {
+    format!(
+        "every pod is meshed and current; no plaintext so far (Enforcing after {} without any, counted from phaseSince)",
+        spec.rollout.observation_window
     )
 }
 
@@ -381,17 +492,14 @@ fn unready_proxies(evidence: &Evidence) -> Vec<String> {
         .collect()
 }
 
-/// After a rollback: who still speaks plaintext (what broke).
+/// After a rollback: who still speaks plaintext (what broke), uncapped.
 fn current_blockers(evidence: &Evidence) -> Vec<String> {
-    capped(
-        evidence
-            .plaintext
-            .iter()
-            .filter(|p| p.connections > 0)
-            .map(describe)
-            .collect(),
-    )
-    .0
+    evidence
+        .plaintext
+        .iter()
+        .filter(|p| p.connections > 0)
+        .map(describe)
+        .collect()
 }
 
 fn describe(p: &PlaintextSource) -> String {
@@ -399,10 +507,9 @@ fn describe(p: &PlaintextSource) -> String {
         Some(pod) => format!("{} (pod {pod})", p.src_addr),
         None => p.src_addr.clone(),
     };
-    format!(
-        "plaintext from {who} to port {}: {} connections",
-        p.port, p.connections
-    )
+    // No connection count: it grows on every look, and a blocker that
+    // changes on every look is a status write on every look.
+    format!("plaintext from {who} to port {}", p.port)
 }
 
 /// At most [`MAX_BLOCKERS`], and " (N more not listed)" when cut.

@@ -103,6 +103,19 @@ fn jiff_from(t: std::time::SystemTime) -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default()
 }
 
+/// The conditions of `written` worth an Event against `existing`: those
+/// whose status or reason changed, and those new and False (a first
+/// verdict that something is wrong is news; a first "all is well" is not).
+pub fn transitions<'a>(existing: &[Condition], written: &'a [Condition]) -> Vec<&'a Condition> {
+    written
+        .iter()
+        .filter(|w| match existing.iter().find(|e| e.type_ == w.type_) {
+            Some(e) => e.status != w.status || e.reason != w.reason,
+            None => w.status == "False",
+        })
+        .collect()
+}
+
 /// Whether writing `desired` would change `existing` (a `status` value as
 /// read back); empty lists and absent fields are the same.
 pub fn differs(existing: Option<&Value>, desired: &Value) -> bool {
@@ -154,6 +167,27 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn only_condition_transitions_are_worth_an_event() {
+        let first = policy_status(&verdict(false, 3), &[], &time(100));
+        let conds: Vec<Condition> =
+            serde_json::from_value(first["conditions"].clone()).expect("conditions");
+        let news: Vec<&str> = transitions(&[], &conds)
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(news, ["Programmed"], "new and False only");
+        assert!(transitions(&conds, &conds).is_empty(), "nothing changed");
+        let fixed = policy_status(&verdict(true, 3), &conds, &time(200));
+        let fixed: Vec<Condition> =
+            serde_json::from_value(fixed["conditions"].clone()).expect("conditions");
+        let news: Vec<(&str, &str)> = transitions(&conds, &fixed)
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str()))
+            .collect();
+        assert_eq!(news, [("Programmed", "True")]);
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! policy, Namespace, Service or ServiceAccount: recompile, then reconcile
 //! the namespaces whose result changed) and to a namespace's own children
 //! (a drifted or deleted ConfigMap, Secret, Role or RoleBinding: reconcile
-//! that namespace).
+//! that namespace). Changes are passed on only while this replica leads:
+//! a standby keeps its caches warm but queues nothing (nobody would drain
+//! the queue), and a new leader starts from a full compile and resync of
+//! what the caches hold by then.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -19,7 +22,7 @@ use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::desired::MANAGED_SELECTOR;
 use crate::api::{AccessPolicy, MTLSPolicy, Mesh, ServiceRoute, TrafficPolicy};
@@ -147,13 +150,34 @@ pub enum Change {
     AllChildren,
 }
 
-/// Starts a watch per kind feeding `writers`; changes go to `changes`.
-/// The tasks end when `changes` is dropped.
-pub fn watch_all(client: &Client, writers: Writers, changes: mpsc::UnboundedSender<Change>) {
+/// Changes go to this channel while `leading` holds true, and are dropped
+/// otherwise.
+#[derive(Clone)]
+pub struct ChangeSink {
+    pub changes: mpsc::UnboundedSender<Change>,
+    pub leading: watch::Receiver<bool>,
+}
+
+impl ChangeSink {
+    /// Passes `change` on if this replica leads; false once the receiving
+    /// side is gone.
+    fn send(&self, change: Change) -> bool {
+        if !*self.leading.borrow() {
+            // The caches hold the change; a replica that starts leading
+            // compiles and resyncs from them.
+            return true;
+        }
+        self.changes.send(change).is_ok()
+    }
+}
+
+/// Starts a watch per kind feeding `writers`; changes go to `sink`. The
+/// tasks end when the sink's receiver is dropped.
+pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
     let plain = watcher::Config::default;
     let c = client;
-    let ch = &changes;
+    let ch = &sink;
     spawn_watch(Api::all(c.clone()), plain(), writers.namespaces, ch, INPUT);
     spawn_watch(Api::all(c.clone()), plain(), writers.services, ch, INPUT);
     spawn_watch(
@@ -265,7 +289,7 @@ fn spawn_watch<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<K>,
-    changes: &mpsc::UnboundedSender<Change>,
+    changes: &ChangeSink,
     classify: Classify,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -286,7 +310,7 @@ fn spawn_watch<K>(
 async fn forward<K: Resource>(
     kind: String,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    changes: mpsc::UnboundedSender<Change>,
+    changes: ChangeSink,
     classify: Classify,
 ) {
     futures_util::pin_mut!(stream);
@@ -301,9 +325,59 @@ async fn forward<K: Resource>(
             }
         };
         if let Some(change) = change
-            && changes.send(change).is_err()
+            && !changes.send(change)
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_map(ns: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some("weft-proxy-config".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn events(n: usize) -> impl Stream<Item = Result<watcher::Event<ConfigMap>, watcher::Error>> {
+        futures_util::stream::iter(
+            (0..n).map(|i| Ok(watcher::Event::Apply(config_map(&format!("ns-{i}"))))),
+        )
+    }
+
+    /// A standby sees every event (its caches stay warm) but queues none
+    /// of them: nothing drains the queue until it leads, and then it
+    /// resyncs from the caches anyway.
+    #[tokio::test]
+    async fn a_standby_queues_no_changes_and_a_leader_gets_them() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (leading_tx, leading) = watch::channel(false);
+        let sink = ChangeSink {
+            changes: tx,
+            leading,
+        };
+        forward("ConfigMap".into(), events(10_000), sink.clone(), CHILD).await;
+        assert_eq!(rx.len(), 0, "a standby queued changes");
+
+        leading_tx.send_replace(true);
+        forward("ConfigMap".into(), events(3), sink, CHILD).await;
+        let mut got = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            got.push(c);
+        }
+        assert_eq!(
+            got,
+            (0..3)
+                .map(|i| Change::Child(format!("ns-{i}")))
+                .collect::<Vec<_>>()
+        );
     }
 }

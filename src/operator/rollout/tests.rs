@@ -64,6 +64,8 @@ fn evidence(pods: Vec<PodEvidence>) -> Evidence {
         pods,
         config_generation: GEN.into(),
         trust_bundle_hash: BUNDLE.into(),
+        plaintext_counted: true,
+        compiled_phase: Some(RolloutPhase::Enforcing),
         ..Evidence::default()
     }
 }
@@ -91,7 +93,20 @@ fn at(phase: RolloutPhase, ago: Duration) -> Option<Current> {
         phase,
         since: t0() - ago,
         observed_generation: Some(1),
+        plaintext_seen: false,
+        blockers: Vec::new(),
     })
+}
+
+/// Where a decision leaves the rollout (what the next look reads back).
+fn after(d: &Decision) -> Current {
+    Current {
+        phase: d.phase,
+        since: d.since,
+        observed_generation: Some(1),
+        plaintext_seen: d.reason == reason::PLAINTEXT_SEEN,
+        blockers: d.blockers.clone(),
+    }
 }
 
 struct Case {
@@ -183,9 +198,21 @@ fn cases() -> Vec<Case> {
             phase: Observing,
             reason: reason::PLAINTEXT_SEEN,
             restarts: true,
-            blockers: &[
-                "plaintext from 10.244.1.7 (pod shop/legacy-0) to port 8080: 3 connections",
-            ],
+            blockers: &["plaintext from 10.244.1.7 (pod shop/legacy-0) to port 8080"],
+        },
+        Case {
+            name: "observing without the counters from the window's start (the operator restarted) starts the window again",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(11)),
+            evidence: Evidence {
+                plaintext_counted: false,
+                ..evidence(vec![pod("a")])
+            },
+            phase: Observing,
+            reason: reason::OBSERVATION_RESTARTED,
+            restarts: true,
+            blockers: &[],
         },
         Case {
             name: "plaintext on an excepted port does not count",
@@ -239,6 +266,21 @@ fn cases() -> Vec<Case> {
             reason: reason::WAITING_FOR_CLIENTS,
             restarts: false,
             blockers: &["client shop/checkout-1 runs config c-old, not c-new"],
+        },
+        Case {
+            name: "Enforcing on a compile that read the policy in Observing waits for the compile",
+            spec: staged(),
+            generation: 1,
+            current: at(Enforcing, minutes(1)),
+            evidence: Evidence {
+                clients: vec![client("shop/checkout-0", "c-old", "c-old")],
+                compiled_phase: Some(Observing),
+                ..evidence(vec![pod("a")])
+            },
+            phase: Enforcing,
+            reason: reason::WAITING_FOR_COMPILE,
+            restarts: false,
+            blockers: &["waiting for the config that expects Strict to be compiled"],
         },
         Case {
             name: "Strict only once every client proxy runs the generation that expects it",
@@ -353,7 +395,7 @@ fn rollout_table() {
         let d = step(
             &case.spec,
             Some(case.generation),
-            case.current,
+            case.current.as_ref(),
             &case.evidence,
             t0(),
         );
@@ -393,12 +435,8 @@ fn a_full_staged_rollout_walks_every_phase_in_order() {
     let mut seen = Vec::new();
     let mut ev = evidence(vec![pod("a"), uninjected("b")]);
     let advance = |ev: &Evidence, now: SystemTime, current: &mut Option<Current>| {
-        let d = step(&spec, Some(1), *current, ev, now);
-        *current = Some(Current {
-            phase: d.phase,
-            since: d.since,
-            observed_generation: Some(1),
-        });
+        let d = step(&spec, Some(1), current.as_ref(), ev, now);
+        *current = Some(after(&d));
         d
     };
     seen.push(advance(&ev, now, &mut current).phase);
@@ -407,8 +445,15 @@ fn a_full_staged_rollout_walks_every_phase_in_order() {
     now += minutes(3);
     ev.plaintext = vec![plaintext("10.0.0.9", None, 8080, 1)];
     let d = advance(&ev, now, &mut current);
-    assert_eq!((d.phase, d.since), (Observing, now), "the window restarted");
+    assert_eq!((d.phase, d.since), (Observing, now), "the window stopped");
     ev.plaintext.clear();
+    now += minutes(1);
+    let d = advance(&ev, now, &mut current);
+    assert_eq!(
+        (d.phase, d.reason, d.since),
+        (Observing, reason::OBSERVING, now),
+        "the first look without plaintext starts the window"
+    );
     now += minutes(9);
     seen.push(advance(&ev, now, &mut current).phase);
     now += minutes(1);
@@ -421,6 +466,91 @@ fn a_full_staged_rollout_walks_every_phase_in_order() {
         seen,
         [Blocked, Observing, Observing, Enforcing, Enforcing, Strict]
     );
+}
+
+/// While plaintext keeps coming, a look that sees only more of it from the
+/// same sources changes nothing a user reads (so the status is not
+/// rewritten and no Event goes out); a new source is news; the window only
+/// runs from the first look without plaintext.
+#[test]
+fn persisting_plaintext_keeps_the_status_still_until_a_new_source_appears() {
+    let spec = staged();
+    let mut now = t0();
+    let mut current = at(RolloutPhase::Observing, minutes(4)).expect("current");
+    let mut ev = evidence(vec![pod("a")]);
+    let look = |ev: &Evidence, now: SystemTime, current: &mut Current| {
+        let d = step(&spec, Some(1), Some(&*current), ev, now);
+        *current = after(&d);
+        d
+    };
+    ev.plaintext = vec![plaintext("10.0.0.9", None, 8080, 3)];
+    let first = look(&ev, now, &mut current);
+    assert_eq!(first.reason, reason::PLAINTEXT_SEEN);
+    assert!(first.event && first.recount, "{first:#?}");
+    assert_eq!(first.since, now);
+
+    for _ in 0..5 {
+        now += Duration::from_secs(10);
+        ev.plaintext[0].connections += 40;
+        let d = look(&ev, now, &mut current);
+        assert!(!d.event, "the same source again is no news: {d:#?}");
+        assert!(d.recount, "the next look counts from this one");
+        assert_eq!(
+            (d.since, &d.blockers, &d.message),
+            (first.since, &first.blockers, &first.message),
+            "nothing a user reads changed"
+        );
+    }
+
+    now += Duration::from_secs(10);
+    ev.plaintext = vec![plaintext("10.0.0.12", Some("shop/cron-1"), 8080, 1)];
+    let d = look(&ev, now, &mut current);
+    assert!(d.event, "a new source: {d:#?}");
+    assert_eq!(d.since, first.since);
+    assert_eq!(
+        d.blockers.len(),
+        2,
+        "both sources stay named: {:?}",
+        d.blockers
+    );
+
+    now += Duration::from_secs(10);
+    ev.plaintext.clear();
+    let d = look(&ev, now, &mut current);
+    assert_eq!((d.reason, d.since), (reason::OBSERVING, now));
+    assert!(d.blockers.is_empty() && d.recount);
+
+    // A whole window from that look, not from the plaintext's first sight.
+    let d = look(&ev, now + minutes(9), &mut current);
+    assert_eq!(d.phase, RolloutPhase::Observing);
+    let d = look(&ev, now + minutes(10), &mut current);
+    assert_eq!(d.phase, RolloutPhase::Enforcing);
+}
+
+/// After a rollback, growing counts do not change the blockers (so the
+/// status is not rewritten); a new source joins them.
+#[test]
+fn rolled_back_blockers_change_only_with_the_set_of_sources() {
+    let spec = staged();
+    let mut current = at(RolloutPhase::Strict, minutes(30)).expect("current");
+    let mut ev = Evidence {
+        rejected_recently: 12,
+        plaintext: vec![plaintext("10.244.3.3", Some("shop/cron-1"), 8080, 12)],
+        ..evidence(vec![pod("a")])
+    };
+    let d = step(&spec, Some(1), Some(&current), &ev, t0());
+    assert_eq!(d.phase, RolloutPhase::RolledBack);
+    current = after(&d);
+    let blockers = d.blockers.clone();
+    ev.plaintext[0].connections = 500;
+    let d = step(&spec, Some(1), Some(&current), &ev, t0() + minutes(5));
+    assert_eq!(
+        (d.phase, &d.blockers, d.event),
+        (RolloutPhase::RolledBack, &blockers, false)
+    );
+    ev.plaintext.push(plaintext("10.244.3.4", None, 8080, 1));
+    let d = step(&spec, Some(1), Some(&current), &ev, t0() + minutes(10));
+    assert_eq!(d.blockers.len(), 2, "{:?}", d.blockers);
 }
 
 #[test]
