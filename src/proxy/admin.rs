@@ -133,7 +133,10 @@ async fn forward_probe(
     };
     parts.headers.remove(super::inbound::CLIENT_ID_HEADER);
     let req = http::Request::from_parts(parts, body::boxed(body_in));
-    let app = super::http::pool::Endpoint::new(SocketAddr::from((p.app_ip, port)));
+    let app = p
+        .shared
+        .pool
+        .app_endpoint(SocketAddr::from((p.app_ip, port)));
     super::inbound::send_to_app(&p, app, req)
         .await
         .map(axum::body::Body::new)

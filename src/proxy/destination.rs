@@ -55,6 +55,9 @@ pub struct Destination {
     /// `name.ns:port` for a Service, `ip:port` otherwise: the metrics label.
     pub label: String,
     pub policy: ServicePolicy,
+    /// The policy's retries, shared with every request that has no
+    /// route-level retry of its own.
+    pub retry: Arc<crate::config::RetryConfig>,
     pub budget: RetryBudget,
     /// Whether the policy has a circuit breaker (kept per endpoint).
     pub has_breaker: bool,
@@ -113,6 +116,7 @@ impl Destination {
         let fixed = static_endpoints.is_some();
         Self {
             label,
+            retry: Arc::new(policy.retry.clone()),
             has_breaker: policy.circuit_breaker.is_some(),
             published_circuit: std::sync::atomic::AtomicU8::new(0),
             budget,

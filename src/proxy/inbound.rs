@@ -82,7 +82,10 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
     }
     let (protocol, io) = (detected.protocol, detected.io);
     let mut conn = Conn {
-        app: Endpoint::new(SocketAddr::from((proxy.app_ip, app_port))),
+        app: proxy
+            .shared
+            .pool
+            .app_endpoint(SocketAddr::from((proxy.app_ip, app_port))),
         port: app_port,
         peer_id: None,
         source: proxy.unknown_source.clone(),

@@ -151,6 +151,12 @@ pub async fn dispatch(
             (backend, backend_port, ctx)
         }
     };
+    let declared = backend_svc
+        .ports
+        .iter()
+        .find(|p| p.port == backend_port)
+        .map(|p| p.protocol);
+    *req.version_mut() = upstream_version(declared, &req);
     let policy = snapshot.policy(backend_svc);
     let path = req.uri().path();
     ctx.excluded = policy.excluded_paths.iter().any(|p| p == path)
@@ -158,6 +164,23 @@ pub async fn dispatch(
     req.extensions_mut().insert(ctx);
     let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
     stack::call(stack::backend(dst, &proxy.shared), req).await
+}
+
+/// The HTTP version to speak to a Service port: the one its Service
+/// declares (`appProtocol`), else the client's. A port declared HTTP/1.1 is
+/// served by an HTTP/1.1 server, so an HTTP/2 client's requests reach it as
+/// HTTP/1.1 — except gRPC, which exists only over HTTP/2; a port declared
+/// HTTP/2 (h2c, gRPC) gets HTTP/2 whatever the client spoke.
+pub fn upstream_version(declared: Option<PortProtocol>, req: &Request) -> http::Version {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    match declared {
+        Some(PortProtocol::Http1) if !grpc => http::Version::HTTP_11,
+        Some(PortProtocol::Http2) => http::Version::HTTP_2,
+        _ => req.version(),
+    }
 }
 
 /// Opaque TCP: pick an endpoint and copy bytes both ways.

@@ -1,26 +1,28 @@
-//! The innermost layer: pooled upstream connections. HTTP/1.1 connections
-//! are kept alive and reused, HTTP/2 connections multiplexed; the version
-//! the client spoke is preserved upstream. Endpoints of meshed destinations
-//! get mesh mTLS (`super::super::mesh`), pooled apart per expected server
-//! identity and inner protocol. Upstream failures are classified here,
-//! where it is still known whether a connection was ever made.
+//! The innermost layer: upstream connections, kept per endpoint. The
+//! balancer has already chosen the endpoint, so there is no keyed pool to
+//! search: each [`Endpoint`] carries its own idle HTTP/1.1 connections and
+//! its one multiplexed HTTP/2 connection. Endpoints of meshed destinations
+//! get mesh mTLS (`super::super::mesh`); an endpoint's mesh expectation is
+//! fixed, so its connections are too. Upstream failures are classified
+//! here, where it is still known whether a connection was ever made.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
 
-use crate::proxy::mesh::{MeshStream, MeshTarget, Originator};
+use crate::proxy::mesh::{MeshStream, MeshTarget, Originator, connect_tcp};
 use crate::proxy::tls::{ALPN_H2, ALPN_HTTP1};
 
 use super::body::{self, Body, BoxError, Request, Response};
@@ -28,190 +30,375 @@ use super::errors::ProxyError;
 
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = crate::proxy::mesh::CONNECT_TIMEOUT;
-/// Idle pooled connections are closed after this.
+/// Idle HTTP/1.1 connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idle connections past [`IDLE_TIMEOUT`] are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(15);
+/// Idle HTTP/1.1 connections kept per endpoint at most.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
-/// The address a request is sent to, chosen by the balancer, with its URI
-/// authority made once rather than per request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The address a request is sent to, chosen by the balancer, with the
+/// connections already open to it.
+#[derive(Clone)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    authority: Authority,
     /// Set for an endpoint of a meshed destination: speak mesh mTLS.
     pub mesh: Option<Arc<MeshTarget>>,
+    conns: Arc<Conns>,
 }
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("mesh", &self.mesh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two endpoints are the same when they name the same address with the
+/// same mesh expectation; their open connections are state, not identity.
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr && self.mesh == other.mesh
+    }
+}
+impl Eq for Endpoint {}
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
-        let authority = Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|e| unreachable!("a socket address is a valid authority: {e}"));
-        Self {
-            addr,
-            authority,
-            mesh: None,
-        }
+        Self::meshed(addr, None)
     }
 
     pub fn meshed(addr: SocketAddr, mesh: Option<Arc<MeshTarget>>) -> Self {
         Self {
+            addr,
             mesh,
-            ..Self::new(addr)
+            conns: Arc::default(),
         }
     }
 }
 
-/// Marks a response that came over mesh TLS (hyper copies a connection's
-/// extra into every response it carries).
+/// Marks a response that came over mesh TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OverMeshTls(pub bool);
 
-/// Shared upstream clients: plaintext ones per HTTP version, mesh ones per
-/// (expected server, HTTP version), made on first use.
+/// An endpoint's open connections.
+#[derive(Default)]
+struct Conns {
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    http1: Mutex<Vec<Idle>>,
+    /// The multiplexed HTTP/2 connection, once made.
+    http2: Mutex<Option<H2Conn>>,
+    /// Held while an HTTP/2 connection is being made, so that the
+    /// requests arriving meanwhile share it rather than each making one.
+    connecting_h2: tokio::sync::Mutex<()>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    tls: bool,
+    since: Instant,
+}
+
 #[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    tls: bool,
+}
+
+impl Conns {
+    /// An idle connection ready for a request, dropping the ones the
+    /// server closed or that idled too long.
+    fn take_idle(&self, now: Instant) -> Option<Idle> {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if conn.sender.is_ready() && now.duration_since(conn.since) < IDLE_TIMEOUT {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: http1::SendRequest<Body>, tls: bool) {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(Idle {
+                sender,
+                tls,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes idle connections past the idle timeout (by dropping their
+    /// senders, which ends their connection tasks).
+    fn reap(&self, now: Instant) {
+        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+    }
+
+    fn h2(&self) -> Option<H2Conn> {
+        let conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        conn.as_ref().filter(|c| !c.sender.is_closed()).cloned()
+    }
+}
+
+/// Opens upstream connections and sends requests on them. Cheap to clone.
+#[derive(Clone, Default)]
 pub struct Pool {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
-    mesh: Option<Arc<MeshClients>>,
+    inner: Arc<PoolInner>,
 }
 
-type MeshClient = Client<MeshConnector, Body>;
-
-struct MeshClients {
-    originator: Arc<Originator>,
-    clients: Mutex<HashMap<(Arc<MeshTarget>, bool), MeshClient>>,
-}
-
-fn builder(http2: bool) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(IDLE_TIMEOUT);
-    if http2 {
-        b.http2_only(true);
-    } else {
-        b.pool_max_idle_per_host(1024);
-    }
-    b
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Self::new(None)
-    }
+#[derive(Default)]
+struct PoolInner {
+    /// Without an originator every endpoint is reached in plaintext.
+    originator: Option<Arc<Originator>>,
+    /// Endpoints with HTTP/1.1 connections, for the idle reaper.
+    registered: Mutex<Vec<Weak<Conns>>>,
+    reaper_started: std::sync::atomic::AtomicBool,
+    /// The application's ports (inbound), so that connections to the app
+    /// are shared by every inbound connection.
+    apps: Mutex<HashMap<SocketAddr, Endpoint>>,
 }
 
 impl Pool {
-    /// Without an originator every endpoint is reached in plaintext.
     pub fn new(originator: Option<Arc<Originator>>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.enforce_http(true);
         Self {
-            http1: builder(false).build(connector.clone()),
-            http2: builder(true).build(connector),
-            mesh: originator.map(|originator| {
-                Arc::new(MeshClients {
-                    originator,
-                    clients: Mutex::default(),
-                })
+            inner: Arc::new(PoolInner {
+                originator,
+                ..Default::default()
             }),
         }
     }
 
-    fn mesh_client(&self, target: &Arc<MeshTarget>, http2: bool) -> Option<MeshClient> {
-        let mesh = self.mesh.as_ref()?;
-        let mut clients = mesh.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let client = clients.entry((target.clone(), http2)).or_insert_with(|| {
-            builder(http2).build(MeshConnector {
-                originator: mesh.originator.clone(),
-                target: target.clone(),
-                alpn: if http2 { ALPN_H2 } else { ALPN_HTTP1 },
-            })
-        });
-        Some(client.clone())
+    /// The endpoint of the local application at `addr`, with the
+    /// connections every inbound connection shares.
+    pub fn app_endpoint(&self, addr: SocketAddr) -> Endpoint {
+        let mut apps = self.inner.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.entry(addr)
+            .or_insert_with(|| Endpoint::new(addr))
+            .clone()
+    }
+
+    /// Keeps an endpoint's idle connections under the reaper's eye.
+    fn register(&self, conns: &Arc<Conns>) {
+        use std::sync::atomic::Ordering;
+        {
+            let mut registered = self
+                .inner
+                .registered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if registered
+                .iter()
+                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(conns)))
+            {
+                return;
+            }
+            registered.push(Arc::downgrade(conns));
+        }
+        if !self.inner.reaper_started.swap(true, Ordering::AcqRel) {
+            let inner = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REAP_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = inner.upgrade() else { return };
+                    let now = Instant::now();
+                    let mut registered = inner.registered.lock().unwrap_or_else(|e| e.into_inner());
+                    registered.retain(|w| match w.upgrade() {
+                        Some(conns) => {
+                            conns.reap(now);
+                            true
+                        }
+                        None => false,
+                    });
+                }
+            });
+        }
+    }
+
+    /// TCP, then mesh TLS when the endpoint is meshed and this proxy has an
+    /// identity; a failure is a connect error (the server never saw the
+    /// request).
+    async fn connect(&self, ep: &Endpoint, alpn: &'static [u8]) -> Result<MeshStream, BoxError> {
+        let stream = match (&ep.mesh, &self.inner.originator) {
+            (Some(target), Some(originator)) => originator.connect(ep.addr, target, alpn).await,
+            _ => connect_tcp(ep.addr).await.map(MeshStream::Plain),
+        };
+        stream.map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into())
+    }
+
+    async fn connect_http1(
+        &self,
+        ep: &Endpoint,
+    ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
+        let stream = self.connect(ep, ALPN_HTTP1).await?;
+        let tls = stream.is_tls();
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)))?;
+        drive(ep.addr, "HTTP/1.1", conn);
+        self.register(&ep.conns);
+        Ok((sender, tls))
+    }
+
+    /// The endpoint's HTTP/2 connection, made on first use and again when
+    /// the server closed it.
+    async fn http2(&self, ep: &Endpoint) -> Result<H2Conn, BoxError> {
+        if let Some(conn) = ep.conns.h2() {
+            return Ok(conn);
+        }
+        let _making = ep.conns.connecting_h2.lock().await;
+        if let Some(conn) = ep.conns.h2() {
+            return Ok(conn);
+        }
+        let stream = self.connect(ep, ALPN_H2).await?;
+        let tls = stream.is_tls();
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)))?;
+        drive(ep.addr, "HTTP/2", conn);
+        let conn = H2Conn { sender, tls };
+        *ep.conns.http2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn send_http1(&self, ep: Endpoint, mut req: Request) -> Result<Response, BoxError> {
+        // A pooled connection that the server closed meanwhile hands the
+        // request back unsent: it goes once more, on a new connection.
+        let mut reuse = true;
+        loop {
+            let idle = if reuse {
+                ep.conns.take_idle(Instant::now())
+            } else {
+                None
+            };
+            let reused = idle.is_some();
+            let (mut sender, tls) = match idle {
+                Some(idle) => (idle.sender, idle.tls),
+                None => self.connect_http1(&ep).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    let conns = ep.conns.clone();
+                    return Ok(finish(rsp, tls, move |rsp| {
+                        body::boxed(Checkin {
+                            body: rsp,
+                            back: Some((sender, tls, conns)),
+                            done: false,
+                        })
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        reuse = false;
+                    }
+                    _ => return Err(reset(ep.addr, e.error())),
+                },
+            }
+        }
+    }
+
+    async fn send_http2(&self, ep: Endpoint, req: Request) -> Result<Response, BoxError> {
+        let H2Conn { mut sender, tls } = self.http2(&ep).await?;
+        if let Err(e) = sender.ready().await {
+            return Err(reset(ep.addr, &e));
+        }
+        match sender.send_request(req).await {
+            Ok(rsp) => Ok(finish(rsp, tls, body::boxed)),
+            Err(e) => Err(reset(ep.addr, &e)),
+        }
     }
 }
 
-/// Connects hyper's mesh clients: TCP, then mesh TLS for one expectation.
-#[derive(Clone)]
-pub struct MeshConnector {
-    originator: Arc<Originator>,
-    target: Arc<MeshTarget>,
-    alpn: &'static [u8],
+/// Runs a connection's I/O as a task of its own until it closes.
+fn drive<C>(addr: SocketAddr, version: &'static str, conn: C)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, version, error = %e, "upstream connection ended");
+        }
+    });
 }
 
-impl Service<Uri> for MeshConnector {
-    type Response = MeshIo;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<MeshIo, BoxError>>;
+fn reset(addr: SocketAddr, e: &hyper::Error) -> BoxError {
+    ProxyError::UpstreamReset(addr.to_string(), error_chain(e)).into()
+}
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+fn finish(
+    rsp: http::Response<Incoming>,
+    tls: bool,
+    wrap: impl FnOnce(Incoming) -> Body,
+) -> Response {
+    let mut rsp = rsp.map(wrap);
+    rsp.extensions_mut().insert(OverMeshTls(tls));
+    rsp
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1.1 response body that hands its connection back to the
+    /// endpoint once the body was read to its end (a body dropped early
+    /// takes the connection with it: its remaining bytes were never read).
+    struct Checkin {
+        #[pin]
+        body: Incoming,
+        back: Option<(http1::SendRequest<Body>, bool, Arc<Conns>)>,
+        done: bool,
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .map(|a| a.as_str())
-                .unwrap_or_default()
-                .parse()
-                .map_err(|e| format!("{uri}: not an endpoint address: {e}"))?;
-            let stream = this
-                .originator
-                .connect(addr, &this.target, this.alpn)
-                .await?;
-            Ok(MeshIo(TokioIo::new(stream)))
-        })
+    impl PinnedDrop for Checkin {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !(*this.done || this.body.is_end_stream()) {
+                return;
+            }
+            let Some((mut sender, tls, conns)) = this.back.take() else { return };
+            if sender.is_ready() {
+                conns.put_idle(sender, tls);
+            } else if !sender.is_closed() {
+                // The connection task has not seen the end of the
+                // exchange yet: hand it back once it has.
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        conns.put_idle(sender, tls);
+                    }
+                });
+            }
+        }
     }
 }
 
-/// A mesh connection as hyper reads and writes it.
-pub struct MeshIo(TokioIo<MeshStream>);
+impl http_body::Body for Checkin {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
 
-impl Connection for MeshIo {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(OverMeshTls(self.0.inner().is_tls()))
-    }
-}
-
-impl hyper::rt::Read for MeshIo {
-    fn poll_read(
+    fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MeshIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            *this.done = true;
+        }
+        polled
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    fn is_end_stream(&self) -> bool {
+        self.done || self.body.is_end_stream()
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -244,6 +431,16 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The authority a request is for: its URI's, else its Host header's.
+fn request_authority(req: &Request) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+}
+
 impl Service<Request> for Pool {
     type Response = Response;
     type Error = BoxError;
@@ -259,56 +456,57 @@ impl Service<Request> for Pool {
                 Err(ProxyError::NoEndpoints("request had no endpoint".into()).into())
             });
         };
-        // Keep the authority the client used: HTTP/2 carries it in the URI,
-        // HTTP/1 in Host; the URI is rewritten to the chosen endpoint.
+        // The request keeps the authority the client used (HTTP/1.1 in
+        // Host, HTTP/2 in `:authority`); the connection goes to the
+        // endpoint the balancer chose.
+        let authority = request_authority(&req);
         if !req.headers().contains_key(http::header::HOST)
-            && let Some(authority) = req
-                .uri()
-                .authority()
+            && let Some(host) = authority
+                .as_ref()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         {
-            req.headers_mut().insert(http::header::HOST, authority);
+            req.headers_mut().insert(http::header::HOST, host);
         }
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(endpoint.authority);
-        parts.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = match Uri::from_parts(parts) {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        strip_hop_by_hop(req.headers_mut());
+        let http2 = req.version() == Version::HTTP_2;
+        let uri = if http2 {
+            // HTTP/2 takes `:scheme` and `:authority` from an absolute URI.
+            let authority = authority.unwrap_or_else(|| {
+                Authority::try_from(endpoint.addr.to_string().as_str())
+                    .unwrap_or_else(|e| unreachable!("a socket address is an authority: {e}"))
+            });
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            Uri::from_parts(parts)
+        } else {
+            // HTTP/1.1 to an origin server: origin-form, the host in Host.
+            *req.version_mut() = Version::HTTP_11;
+            Uri::from_parts({
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(path);
+                parts
+            })
+        };
+        *req.uri_mut() = match uri {
             Ok(uri) => uri,
             Err(e) => {
                 let err = ProxyError::BadRequest(format!("cannot forward {}: {e}", req.uri()));
                 return Box::pin(async move { Err(err.into()) });
             }
         };
-        let addr = endpoint.addr;
-        strip_hop_by_hop(req.headers_mut());
-        let http2 = req.version() == Version::HTTP_2;
-        if !http2 {
-            *req.version_mut() = Version::HTTP_11;
+        let pool = self.clone();
+        if http2 {
+            Box::pin(async move { pool.send_http2(endpoint, req).await })
+        } else {
+            Box::pin(async move { pool.send_http1(endpoint, req).await })
         }
-        let sent = match endpoint
-            .mesh
-            .as_ref()
-            .and_then(|t| self.mesh_client(t, http2))
-        {
-            Some(mesh) => mesh.request(req),
-            None if http2 => self.http2.request(req),
-            None => self.http1.request(req),
-        };
-        Box::pin(async move {
-            match sent.await {
-                Ok(rsp) => Ok(rsp.map(body::boxed)),
-                Err(e) if e.is_connect() => {
-                    Err(ProxyError::Connect(addr.to_string(), error_chain(&e)).into())
-                }
-                Err(e) => Err(ProxyError::UpstreamReset(addr.to_string(), error_chain(&e)).into()),
-            }
-        })
     }
 }
 

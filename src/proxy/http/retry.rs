@@ -96,7 +96,7 @@ impl<S: super::Inner> Retry<S> {
             let policy: Arc<RetryConfig> = ctx
                 .as_ref()
                 .and_then(|c| c.retry.clone())
-                .unwrap_or_else(|| Arc::new(dst.policy.retry.clone()));
+                .unwrap_or_else(|| dst.retry.clone());
             let excluded = ctx.as_ref().is_some_and(|c| c.excluded);
             dst.budget.record_request(Instant::now());
             let per_try = policy.per_try_timeout_ms.map(Duration::from_millis);

@@ -1,0 +1,303 @@
+//! Tier 3: how the proxy talks to upstream servers — which HTTP version it
+//! speaks (the Service port's declared protocol, else the client's), the
+//! authority the server sees, and connection reuse per endpoint. Real
+//! sockets on loopback: a real upstream, the real proxy, a real client.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::Version;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+/// An upstream that answers every request with `<version> <authority>`
+/// (the authority from `:authority` for HTTP/2, Host for HTTP/1.1) and
+/// counts the connections it accepted. With `close_after_response` it
+/// closes each connection right after its first response, without saying
+/// so (no `Connection: close`): a keep-alive connection that a server
+/// dropped.
+struct Echo {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    async fn start(close_after_response: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (r, c) = (requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    if close_after_response {
+                        return serve_one_and_close(stream, &r).await;
+                    }
+                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .or_else(|| {
+                                req.headers()
+                                    .get(http::header::HOST)
+                                    .and_then(|h| h.to_str().ok())
+                                    .map(str::to_owned)
+                            })
+                            .unwrap_or_default();
+                        let body = format!("{:?} {authority}", req.version());
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            connections,
+            task,
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and a Content-Length body), answers
+/// 200 as if the connection stayed open, and closes it.
+async fn serve_one_and_close(mut stream: TcpStream, requests: &AtomicUsize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    // Dropping the stream closes the connection.
+}
+
+/// A Service `name.shop` on port 80 declaring `protocol` for that port.
+fn declared(name: &str, endpoint: SocketAddr, protocol: &str) -> Value {
+    let mut svc = service(name, &[endpoint], None, json!([]));
+    svc["ports"][0]["protocol"] = json!(protocol);
+    svc
+}
+
+/// One request over a fresh client connection to `proxy_addr`, in
+/// `version`, for `http://<host>/`, with extra headers. Returns the
+/// status and the body.
+async fn request(
+    proxy_addr: &str,
+    version: Version,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let addr = proxy_addr.trim_start_matches("http://");
+    let stream = TcpStream::connect(addr).await.expect("connect to proxy");
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(format!("http://{host}/"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let rsp = if version == Version::HTTP_2 {
+        let (mut tx, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = req.body(Full::new(Bytes::new())).expect("request");
+        tx.send_request(req).await.expect("h2 response")
+    } else {
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .expect("h1 handshake");
+        tokio::spawn(conn);
+        let req = req
+            .uri("/")
+            .header(http::header::HOST, host)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        tx.send_request(req).await.expect("h1 response")
+    };
+    let status = rsp.status().as_u16();
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_declared_port_protocol_decides_what_the_upstream_hears() {
+    let echo = Echo::start(false).await;
+    let cfg = config(vec![
+        declared("detected", echo.addr, "detect"),
+        declared("legacy", echo.addr, "http1"),
+        declared("grpcish", echo.addr, "http2"),
+    ]);
+    let hosts = [
+        "detected.shop.svc.cluster.local:80",
+        "legacy.shop.svc.cluster.local:80",
+        "grpcish.shop.svc.cluster.local:80",
+    ];
+    let p = start_proxy(&cfg, &hosts, &[]).await;
+    let (detected, legacy, h2port) = (p.outbound_url(0), p.outbound_url(1), p.outbound_url(2));
+
+    // `detect` keeps the client's version, and the server sees the
+    // authority the client used, not the endpoint's address.
+    let host = "detected.shop.svc.cluster.local";
+    assert_eq!(
+        request(&detected, Version::HTTP_2, host, &[]).await,
+        (200, format!("HTTP/2.0 {host}"))
+    );
+    assert_eq!(
+        request(&detected, Version::HTTP_11, host, &[]).await,
+        (200, format!("HTTP/1.1 {host}"))
+    );
+
+    // A port declared HTTP/1.1 gets HTTP/1.1 from an HTTP/2 client...
+    let host = "legacy.shop.svc.cluster.local";
+    assert_eq!(
+        request(&legacy, Version::HTTP_2, host, &[]).await,
+        (200, format!("HTTP/1.1 {host}"))
+    );
+    // ...except gRPC, which exists only over HTTP/2.
+    assert_eq!(
+        request(
+            &legacy,
+            Version::HTTP_2,
+            host,
+            &[("content-type", "application/grpc+proto")]
+        )
+        .await,
+        (200, format!("HTTP/2.0 {host}"))
+    );
+
+    // A port declared HTTP/2 gets HTTP/2 from an HTTP/1.1 client.
+    let host = "grpcish.shop.svc.cluster.local";
+    assert_eq!(
+        request(&h2port, Version::HTTP_11, host, &[]).await,
+        (200, format!("HTTP/2.0 {host}"))
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let echo = Echo::start(false).await;
+    let cfg = config(vec![
+        declared("keepalive", echo.addr, "http1"),
+        declared("multiplexed", echo.addr, "http2"),
+    ]);
+    let p = start_proxy(
+        &cfg,
+        &[
+            "keepalive.shop.svc.cluster.local:80",
+            "multiplexed.shop.svc.cluster.local:80",
+        ],
+        &[],
+    )
+    .await;
+
+    // HTTP/1.1: requests one after another, each on a new client
+    // connection, share one upstream connection.
+    for _ in 0..20 {
+        let (status, _) =
+            request(&p.outbound_url(0), Version::HTTP_11, "keepalive.shop", &[]).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        echo.connections.load(Ordering::SeqCst),
+        1,
+        "sequential HTTP/1.1 requests reuse the idle upstream connection"
+    );
+
+    // HTTP/2: concurrent requests multiplex on one more connection.
+    let url = p.outbound_url(1);
+    let sent: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                request(&url, Version::HTTP_11, "multiplexed.shop", &[])
+                    .await
+                    .0
+            })
+        })
+        .collect();
+    for s in sent {
+        assert_eq!(s.await.expect("request task"), 200);
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 40);
+    assert_eq!(
+        echo.connections.load(Ordering::SeqCst),
+        2,
+        "concurrent requests to an HTTP/2 port share one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_server_dropped_fails_no_request() {
+    // The server closes every connection after one response. POST is never
+    // retried, so each request must find a live connection (or get its
+    // unsent request moved to a new one): none may fail.
+    let echo = Echo::start(true).await;
+    let cfg = config(vec![declared("flaky", echo.addr, "http1")]);
+    let p = start_proxy(&cfg, &["flaky.shop.svc.cluster.local:80"], &[]).await;
+    let client = client();
+    for i in 0..10 {
+        let reply = send(&client, "POST", &p.outbound_url(0), &[]).await;
+        assert_eq!(reply.status, 200, "request {i}: {reply:?}");
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 10);
+    assert_eq!(echo.connections.load(Ordering::SeqCst), 10);
+}
