@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test test-apiserver e2e fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy fuzz-smoke
+.PHONY: build test test-apiserver e2e fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy proxy-order fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
@@ -62,6 +62,10 @@ bench-operator:
 ## proxy: latency added per hop vs nginx and haproxy (~12 min) -> bench/results/proxy.md
 bench-proxy:
 	CARGO="$(CARGO)" bash bench/proxy/run.sh
+
+## regenerate src/bin/weft-proxy.order, the sidecar's hot functions for the linker to pack together (needs valgrind)
+proxy-order:
+	CARGO="$(CARGO)" bash bench/proxy/order.sh
 
 ## fuzz the proxy's wire parsing and the admission webhook, 60 s each (needs cargo-fuzz; not part of `make test`)
 FUZZ_SECONDS ?= 60

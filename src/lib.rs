@@ -47,9 +47,7 @@ pub fn init_process() {
 /// levels (`info,weft::proxy=debug,h2=warn`); `info` when unset. A value it
 /// cannot parse gives `info` and the reason. (A plain target filter needs
 /// no regular expressions, so a sidecar's start-up compiles none.)
-pub fn log_filter(
-    value: Option<&str>,
-) -> (tracing_subscriber::filter::Targets, Option<String>) {
+pub fn log_filter(value: Option<&str>) -> (tracing_subscriber::filter::Targets, Option<String>) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     let default = || Targets::new().with_default(LevelFilter::INFO);
     match value.map(str::trim).filter(|v| !v.is_empty()) {
