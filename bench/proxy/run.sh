@@ -13,7 +13,7 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     20 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     23 consecutive loopback ports from here
 #   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
@@ -40,7 +40,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft2 weft2tls nginx haproxy)
+SCENARIOS=(direct weft1 weft1d weft2 weft2tls nginx haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -189,6 +189,7 @@ is_not_run() { [[ -n ${NOTRUN[$1]:-} || -n ${NOTRUN[$1/$2]:-} ]]; }
 scenario_pids() {
 	case $1 in
 	weft1) echo "${PID[weft1]:-}" ;;
+	weft1d) echo "${PID[weft1d]:-}" ;;
 	weft2) echo "${PID[weft2a]:-} ${PID[weft2b]:-}" ;;
 	weft2tls) echo "${PID[weft2ta]:-} ${PID[weft2tb]:-}" ;;
 	weft2tb) echo "${PID[weft2tb]:-}" ;;
@@ -230,11 +231,12 @@ NG_H1=$((PORT_BASE + 10)) NG_H2=$((PORT_BASE + 11))
 HA_H1=$((PORT_BASE + 12)) HA_H2=$((PORT_BASE + 13))
 TA_OUT=$((PORT_BASE + 14)) TA_ADMIN=$((PORT_BASE + 15)) TA_PROBE=$((PORT_BASE + 16))
 TB_IN=$((PORT_BASE + 17)) TB_ADMIN=$((PORT_BASE + 18)) TB_PROBE=$((PORT_BASE + 19))
+D1_OUT=$((PORT_BASE + 20)) D1_ADMIN=$((PORT_BASE + 21)) D1_PROBE=$((PORT_BASE + 22))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 20; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 23; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 19)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 22)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -244,6 +246,7 @@ url_for() { # SCENARIO PROTOCOL
 	case $1 in
 	direct) port=$UP_PORT ;;
 	weft1) port=$W1_OUT ;;
+	weft1d) port=$D1_OUT ;;
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
 	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
@@ -273,10 +276,13 @@ fi
 
 # weft: five proxies. weft1 = one hop; weft2a -> weft2b = two plaintext
 # hops; weft2ta -> weft2tb = two hops with mesh mTLS between them.
-weft_config() { # FILE ENDPOINT [MESH-JSON]
-	local mesh=
+# The upstream.bench port is declared HTTP/1.1 (a Service's appProtocol:
+# http), the hop nginx and HAProxy are configured for; weft1d leaves it to
+# detection, so the client's HTTP version goes through unchanged.
+weft_config() { # FILE ENDPOINT [MESH-JSON] [PORT-PROTOCOL]
+	local mesh= protocol=${4:-http1}
 	[[ -n ${3:-} ]] && mesh=',"mesh":'$3
-	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"detect"}],"endpoints":["'"$2"'"]'"$mesh"'}]}}' >"$1"
+	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"'"$protocol"'"}],"endpoints":["'"$2"'"]'"$mesh"'}]}}' >"$1"
 }
 
 weft_reason=
@@ -288,15 +294,20 @@ fi
 if [[ -n $weft_reason ]]; then
 	say "ERROR: weft proxy is not available: $weft_reason"
 	not_run weft1 "" "$weft_reason"
+	not_run weft1d "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
 	not_run weft2tls "" "$weft_reason"
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
+	weft_config "$WORK/weft-detect.json" "127.0.0.1:$UP_PORT" "" detect
 	common=(--no-transparent --workers 1)
 	start_bg weft1 "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$W1_ADMIN" --probe "127.0.0.1:$W1_PROBE" \
 		--outbound-map "127.0.0.1:$W1_OUT=$HOST_HEADER:80"
+	start_bg weft1d "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-detect.json" \
+		--admin "127.0.0.1:$D1_ADMIN" --probe "127.0.0.1:$D1_PROBE" \
+		--outbound-map "127.0.0.1:$D1_OUT=$HOST_HEADER:80"
 	start_bg weft2b "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$WB_ADMIN" --probe "127.0.0.1:$WB_PROBE" \
 		--inbound-map "127.0.0.1:$WB_IN=$UP_PORT"
@@ -365,8 +376,9 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft2b weft2a weft2tb weft2ta; do
+	for name in weft1d weft2b weft2a weft2tb weft2ta; do
 		case $name in
+		weft1d) admin=$D1_ADMIN scn=weft1d ;;
 		weft2b) admin=$WB_ADMIN scn=weft2 ;;
 		weft2a) admin=$WA_ADMIN scn=weft2 ;;
 		weft2tb) admin=$TB_ADMIN scn=weft2tls ;;

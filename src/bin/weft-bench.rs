@@ -1084,7 +1084,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -1095,6 +1095,12 @@ const SCENARIOS: [Scenario; 6] = [
         key: "weft1",
         name: "weft ×1",
         path: "loadgen → weft outbound → upstream",
+        processes: "weft-proxy",
+    },
+    Scenario {
+        key: "weft1d",
+        name: "weft ×1 (detect)",
+        path: "loadgen → weft outbound → upstream, the port left to detection",
         processes: "weft-proxy",
     },
     Scenario {
@@ -1233,6 +1239,10 @@ fn hops_text(key: &str, seen: &str) -> String {
         "weft2tls" => format!(
             "A→B: mesh mTLS (TLS 1.3, pooled), HTTP inside as weft chooses; B→upstream: {seen}"
         ),
+        "weft1" => {
+            format!("→upstream: {seen} (the port declared HTTP/1.1, as nginx is configured)")
+        }
+        "weft1d" => format!("→upstream: {seen} (the client's version kept)"),
         "nginx" => format!("→upstream: {seen} (nginx speaks only HTTP/1.1 upstream)"),
         _ => format!("→upstream: {seen}"),
     }
