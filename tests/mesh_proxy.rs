@@ -850,3 +850,68 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
         "only the fallback request reached the app in plaintext"
     );
 }
+
+/// HTTP/1.1 between two proxies rides the one multiplexed mesh connection
+/// as HTTP/2 (a burst costs streams, not a TLS handshake each), and the
+/// server's proxy hands it to the app as HTTP/1.1, as its client spoke,
+/// with no trace of the marker. A plaintext caller cannot use the marker.
+#[tokio::test]
+async fn http1_between_proxies_rides_one_mesh_connection_and_reaches_the_app_as_http1() {
+    let pki = Pki::new();
+    let payments = Upstream::start(Arc::new(|_, req| {
+        let marker = req.headers().contains_key("weft-orig-proto");
+        (
+            200,
+            format!("{:?} marker={marker}", req.version()),
+            Duration::ZERO,
+        )
+    }))
+    .await;
+    let (server, _sid) = server_proxy(
+        &pki,
+        &server_config("permissive", &[], json!([])),
+        &[payments.addr.port()],
+    )
+    .await;
+    let cid = pki.dir("shop", "checkout");
+    let client = meshed(
+        &client_config(server.running.inbound[0], true),
+        &["payments.shop:80"],
+        &cid,
+        &[],
+    )
+    .await;
+
+    let url = client.outbound_url(0);
+    let calls: Vec<_> = (0..24)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for call in calls {
+        let r = call.await.expect("request task");
+        assert_eq!((r.status, r.body.as_str()), (200, "HTTP/1.1 marker=false"));
+    }
+    assert_eq!(
+        server
+            .metric("weft_proxy_tcp_connections_total{direction=\"inbound\",protocol=\"http2\",tls=\"true\"")
+            .await,
+        1.0,
+        "concurrent HTTP/1.1 requests share one mesh connection"
+    );
+
+    // Sent in plaintext straight to the server's proxy, the marker is
+    // removed and changes nothing: an HTTP/2 request stays HTTP/2.
+    let h2 = send(
+        &h2_client(),
+        "GET",
+        &format!("http://{}/", server.running.inbound[0]),
+        &[("weft-orig-proto", "HTTP/1.1")],
+    )
+    .await;
+    assert_eq!(
+        (h2.status, h2.body.as_str()),
+        (200, "HTTP/2.0 marker=false")
+    );
+}

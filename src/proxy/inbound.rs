@@ -29,7 +29,7 @@ use super::authz::{self, Access, HttpRequest};
 use super::detect::{self, Protocol};
 use super::hello::Hello;
 use super::http::errors::{self, ProxyError};
-use super::http::pool::Endpoint;
+use super::http::pool::{Endpoint, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
 use super::http::{Request, Response};
 use super::metrics::{
     ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
@@ -246,6 +246,15 @@ fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
 async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
     let started = Instant::now();
     req.headers_mut().remove(CLIENT_ID_HEADER);
+    // A client proxy carries HTTP/1.1 to this one as HTTP/2 over the mesh
+    // connection; the application gets the version its client spoke. Only
+    // a mesh peer's word counts, and the marker never reaches the app.
+    if let Some(orig) = req.headers_mut().remove(ORIG_PROTO_HEADER)
+        && conn.peer_id.is_some()
+        && orig == ORIG_PROTO_HTTP1
+    {
+        *req.version_mut() = http::Version::HTTP_11;
+    }
     let access = authorize(
         &proxy,
         &conn,

@@ -236,6 +236,14 @@ impl Pool {
         ep: &Endpoint,
     ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
         let stream = self.connect(ep, ALPN_HTTP1).await?;
+        self.handshake_http1(ep, stream).await
+    }
+
+    async fn handshake_http1(
+        &self,
+        ep: &Endpoint,
+        stream: MeshStream,
+    ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
         let tls = stream.is_tls();
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -247,17 +255,27 @@ impl Pool {
     }
 
     /// The endpoint's HTTP/2 connection, made on first use and again when
-    /// the server closed it.
-    async fn http2(&self, ep: &Endpoint) -> Result<H2Conn, BoxError> {
+    /// the server closed it. `mesh_only`: the connection is wanted only if
+    /// it is mesh TLS (to carry upgraded HTTP/1.1 between proxies); a
+    /// meshed endpoint that answered in plaintext (no sidecar there) hands
+    /// back that plaintext stream instead, for HTTP/1.1.
+    async fn http2(
+        &self,
+        ep: &Endpoint,
+        mesh_only: bool,
+    ) -> Result<Result<H2Conn, MeshStream>, BoxError> {
         if let Some(conn) = ep.conns.h2() {
-            return Ok(conn);
+            return Ok(Ok(conn));
         }
         let _making = ep.conns.connecting_h2.lock().await;
         if let Some(conn) = ep.conns.h2() {
-            return Ok(conn);
+            return Ok(Ok(conn));
         }
         let stream = self.connect(ep, ALPN_H2).await?;
         let tls = stream.is_tls();
+        if mesh_only && !tls {
+            return Ok(Err(stream));
+        }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -266,10 +284,11 @@ impl Pool {
         drive(ep.addr, "HTTP/2", conn);
         let conn = H2Conn { sender, tls };
         *ep.conns.http2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        Ok(conn)
+        Ok(Ok(conn))
     }
 
-    async fn send_http1(&self, ep: Endpoint, mut req: Request) -> Result<Response, BoxError> {
+    async fn send_http1(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
+        let mut req = parts.into_http1()?;
         // A pooled connection that the server closed meanwhile hands the
         // request back unsent: it goes once more, on a new connection.
         let mut reuse = true;
@@ -280,41 +299,119 @@ impl Pool {
                 None
             };
             let reused = idle.is_some();
-            let (mut sender, tls) = match idle {
+            let (sender, tls) = match idle {
                 Some(idle) => (idle.sender, idle.tls),
                 None => self.connect_http1(&ep).await?,
             };
-            match sender.try_send_request(req).await {
-                Ok(rsp) => {
-                    let conns = ep.conns.clone();
-                    return Ok(finish(rsp, tls, move |rsp| {
-                        body::boxed(Checkin {
-                            body: rsp,
-                            back: Some((sender, tls, conns)),
-                            done: false,
-                        })
-                    }));
+            match self.send_on_http1(&ep, sender, tls, req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(Http1Failure::Unsent(unsent)) if reused => {
+                    req = *unsent;
+                    reuse = false;
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        reuse = false;
-                    }
-                    _ => return Err(reset(ep.addr, e.error())),
-                },
+                Err(failure) => return Err(failure.into_error(ep.addr)),
             }
         }
     }
 
-    async fn send_http2(&self, ep: Endpoint, req: Request) -> Result<Response, BoxError> {
-        let H2Conn { mut sender, tls } = self.http2(&ep).await?;
-        if let Err(e) = sender.ready().await {
-            return Err(reset(ep.addr, &e));
+    /// One request on one HTTP/1.1 connection.
+    async fn send_on_http1(
+        &self,
+        ep: &Endpoint,
+        mut sender: http1::SendRequest<Body>,
+        tls: bool,
+        req: Request,
+    ) -> Result<Response, Http1Failure> {
+        match sender.try_send_request(req).await {
+            Ok(rsp) => {
+                let conns = ep.conns.clone();
+                Ok(finish(rsp, tls, move |rsp| {
+                    body::boxed(Checkin {
+                        body: rsp,
+                        back: Some((sender, tls, conns)),
+                        done: false,
+                    })
+                }))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Err(Http1Failure::Unsent(Box::new(unsent))),
+                None => Err(Http1Failure::Reset(e.into_error())),
+            },
         }
-        match sender.send_request(req).await {
-            Ok(rsp) => Ok(finish(rsp, tls, body::boxed)),
-            Err(e) => Err(reset(ep.addr, &e)),
+    }
+
+    async fn send_http2(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
+        let conn = match self.http2(&ep, false).await? {
+            Ok(conn) => conn,
+            Err(_) => unreachable!("only a mesh-only request is handed a plaintext stream"),
+        };
+        send_on_http2(ep.addr, conn, parts.into_http2(ep.addr)?).await
+    }
+
+    /// HTTP/1.1 to a meshed endpoint rides the endpoint's one multiplexed
+    /// mesh connection as HTTP/2, marked with [`ORIG_PROTO_HEADER`] so that
+    /// the server's proxy hands it to the application as HTTP/1.1 again: a
+    /// burst of requests then costs streams, not a TLS handshake each. A
+    /// meshed endpoint that answers in plaintext (no sidecar) gets HTTP/1.1.
+    async fn send_upgraded(&self, ep: Endpoint, mut parts: Forward) -> Result<Response, BoxError> {
+        match self.http2(&ep, true).await? {
+            Ok(conn) => {
+                parts.req.headers_mut().insert(
+                    ORIG_PROTO_HEADER,
+                    HeaderValue::from_static(ORIG_PROTO_HTTP1),
+                );
+                let mut rsp = send_on_http2(ep.addr, conn, parts.into_http2(ep.addr)?).await?;
+                *rsp.version_mut() = Version::HTTP_11;
+                Ok(rsp)
+            }
+            Err(plain) => {
+                let (sender, tls) = self.handshake_http1(&ep, plain).await?;
+                self.send_on_http1(&ep, sender, tls, parts.into_http1()?)
+                    .await
+                    .map_err(|failure| failure.into_error(ep.addr))
+            }
         }
+    }
+}
+
+/// The header a client proxy adds to HTTP/1.1 requests it carries to
+/// another proxy as HTTP/2; the server's proxy removes it and speaks
+/// HTTP/1.1 to the application.
+pub const ORIG_PROTO_HEADER: &str = "weft-orig-proto";
+pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
+
+/// Why a request on an HTTP/1.1 connection got no response.
+enum Http1Failure {
+    /// The connection closed before the request went: it may go again.
+    Unsent(Box<Request>),
+    /// The request went and the connection failed: the server may have
+    /// seen it.
+    Reset(hyper::Error),
+}
+
+impl Http1Failure {
+    fn into_error(self, addr: SocketAddr) -> BoxError {
+        match self {
+            // Nothing was sent on a connection that was closed under it:
+            // to the retry layer, a connection that could not be used.
+            Http1Failure::Unsent(_) => ProxyError::Connect(
+                addr.to_string(),
+                "the connection closed before the request was sent".into(),
+            )
+            .into(),
+            Http1Failure::Reset(e) => reset(addr, &e),
+        }
+    }
+}
+
+async fn send_on_http2(addr: SocketAddr, conn: H2Conn, req: Request) -> Result<Response, BoxError> {
+    let H2Conn { mut sender, tls } = conn;
+    if let Err(e) = sender.ready().await {
+        return Err(reset(addr, &e));
+    }
+    match sender.send_request(req).await {
+        Ok(rsp) => Ok(finish(rsp, tls, body::boxed)),
+        Err(e) => Err(reset(addr, &e)),
     }
 }
 
@@ -474,39 +571,62 @@ impl Service<Request> for Pool {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         strip_hop_by_hop(req.headers_mut());
         let http2 = req.version() == Version::HTTP_2;
-        let uri = if http2 {
-            // HTTP/2 takes `:scheme` and `:authority` from an absolute URI.
-            let authority = authority.unwrap_or_else(|| {
-                Authority::try_from(endpoint.addr.to_string().as_str())
-                    .unwrap_or_else(|e| unreachable!("a socket address is an authority: {e}"))
-            });
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(authority);
-            parts.path_and_query = Some(path);
-            Uri::from_parts(parts)
-        } else {
-            // HTTP/1.1 to an origin server: origin-form, the host in Host.
-            *req.version_mut() = Version::HTTP_11;
-            Uri::from_parts({
-                let mut parts = http::uri::Parts::default();
-                parts.path_and_query = Some(path);
-                parts
-            })
-        };
-        *req.uri_mut() = match uri {
-            Ok(uri) => uri,
-            Err(e) => {
-                let err = ProxyError::BadRequest(format!("cannot forward {}: {e}", req.uri()));
-                return Box::pin(async move { Err(err.into()) });
-            }
+        let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
+        let parts = Forward {
+            req,
+            authority,
+            path,
         };
         let pool = self.clone();
-        if http2 {
-            Box::pin(async move { pool.send_http2(endpoint, req).await })
-        } else {
-            Box::pin(async move { pool.send_http1(endpoint, req).await })
-        }
+        Box::pin(async move {
+            if http2 {
+                pool.send_http2(endpoint, parts).await
+            } else if meshed {
+                pool.send_upgraded(endpoint, parts).await
+            } else {
+                pool.send_http1(endpoint, parts).await
+            }
+        })
+    }
+}
+
+/// A request on its way upstream, its URI still to be put in the form the
+/// HTTP version it goes in wants.
+struct Forward {
+    req: Request,
+    authority: Option<Authority>,
+    path: PathAndQuery,
+}
+
+impl Forward {
+    /// HTTP/1.1 to an origin server: origin-form, the host in Host.
+    fn into_http1(self) -> Result<Request, BoxError> {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(self.path.clone());
+        self.with_uri(parts, Version::HTTP_11)
+    }
+
+    /// HTTP/2 takes `:scheme` and `:authority` from an absolute URI: the
+    /// authority the client used, else the endpoint's address.
+    fn into_http2(mut self, addr: SocketAddr) -> Result<Request, BoxError> {
+        let authority = match self.authority.take() {
+            Some(a) => a,
+            None => Authority::try_from(addr.to_string().as_str())
+                .map_err(|e| ProxyError::BadRequest(format!("{addr}: {e}")))?,
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(self.path.clone());
+        self.with_uri(parts, Version::HTTP_2)
+    }
+
+    fn with_uri(self, parts: http::uri::Parts, version: Version) -> Result<Request, BoxError> {
+        let mut req = self.req;
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot forward {}: {e}", req.uri())))?;
+        *req.version_mut() = version;
+        Ok(req)
     }
 }
 
