@@ -231,6 +231,31 @@ async fn server_proxy(pki: &Pki, config: &Value, app_ports: &[u16]) -> (TestProx
     (p, id)
 }
 
+/// checkout's proxy calling payments' proxy (in `mode`) in front of
+/// `payments`: the client proxy, the server proxy, and their identity dirs
+/// (server's, then client's).
+async fn checkout_to_payments(
+    pki: &Pki,
+    payments: &Upstream,
+    mode: &str,
+) -> (TestProxy, TestProxy, IdDir, IdDir) {
+    let (server, sid) = server_proxy(
+        pki,
+        &server_config(mode, &[], json!([])),
+        &[payments.addr.port()],
+    )
+    .await;
+    let cid = pki.dir("shop", "checkout");
+    let client = meshed(
+        &client_config(server.running.inbound[0], true),
+        &["payments.shop:80"],
+        &cid,
+        &[],
+    )
+    .await;
+    (client, server, sid, cid)
+}
+
 /// A raw plaintext HTTP/1.1 request; returns what came back before the
 /// connection closed (empty: closed without an answer).
 async fn raw_plaintext(addr: SocketAddr) -> String {
@@ -720,20 +745,7 @@ async fn an_applications_own_tls_passes_through_untouched_in_both_modes() {
 async fn rotating_certificates_under_load_fails_no_request_on_a_long_h2_connection() {
     let pki = Pki::new();
     let payments = app().await;
-    let (server, sid) = server_proxy(
-        &pki,
-        &server_config("strict", &[], json!([])),
-        &[payments.addr.port()],
-    )
-    .await;
-    let cid = pki.dir("shop", "checkout");
-    let checkout = meshed(
-        &client_config(server.running.inbound[0], true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (checkout, server, sid, cid) = checkout_to_payments(&pki, &payments, "strict").await;
     // One long-lived h2 connection from the app, multiplexed requests.
     let h2 = h2_client();
     let url = checkout.outbound_url(0);
@@ -867,20 +879,7 @@ async fn http1_between_proxies_rides_one_mesh_connection_and_reaches_the_app_as_
         )
     }))
     .await;
-    let (server, _sid) = server_proxy(
-        &pki,
-        &server_config("permissive", &[], json!([])),
-        &[payments.addr.port()],
-    )
-    .await;
-    let cid = pki.dir("shop", "checkout");
-    let client = meshed(
-        &client_config(server.running.inbound[0], true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (client, server, _sid, _cid) = checkout_to_payments(&pki, &payments, "permissive").await;
 
     let url = client.outbound_url(0);
     let calls: Vec<_> = (0..24)
