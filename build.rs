@@ -1,5 +1,6 @@
-//! Link options for weft's binaries on Linux (GNU): a sidecar runs in every
-//! pod, so what its binary costs in resident memory is paid many times.
+//! Link options for weft's binaries on x86_64 Linux (GNU), where rust-lld is
+//! the default linker: a sidecar runs in every pod, so what its binary
+//! costs in resident memory is paid many times.
 //!
 //! - `-z pack-relative-relocs` stores the position-independent binary's
 //!   relative relocations as DT_RELR bitmaps, a few KiB instead of ~500 KiB
@@ -20,9 +21,14 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    if os == "linux" && env == "gnu" && std::env::var_os("WEFT_PLAIN_LINK").is_none() {
+    let target = |key: &str| std::env::var(key).unwrap_or_default();
+    // rust-lld links x86_64-unknown-linux-gnu by default (Rust 1.90+); the
+    // ordering and folding options are lld's, so other targets, whose
+    // default linker may be GNU ld, link plainly.
+    let lld_by_default = target("CARGO_CFG_TARGET_OS") == "linux"
+        && target("CARGO_CFG_TARGET_ENV") == "gnu"
+        && target("CARGO_CFG_TARGET_ARCH") == "x86_64";
+    if lld_by_default && std::env::var_os("WEFT_PLAIN_LINK").is_none() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
         println!("cargo:rustc-link-arg-bins=-Wl,--icf=all");
         let order =
