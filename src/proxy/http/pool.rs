@@ -93,6 +93,8 @@ struct Conns {
     /// Held while an HTTP/2 connection is being made, so that the
     /// requests arriving meanwhile share it rather than each making one.
     connecting_h2: tokio::sync::Mutex<()>,
+    /// Whether the idle reaper looks after these connections yet.
+    registered: std::sync::atomic::AtomicBool,
 }
 
 struct Idle {
@@ -184,20 +186,14 @@ impl Pool {
     /// Keeps an endpoint's idle connections under the reaper's eye.
     fn register(&self, conns: &Arc<Conns>) {
         use std::sync::atomic::Ordering;
-        {
-            let mut registered = self
-                .inner
-                .registered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if registered
-                .iter()
-                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(conns)))
-            {
-                return;
-            }
-            registered.push(Arc::downgrade(conns));
+        if conns.registered.swap(true, Ordering::AcqRel) {
+            return;
         }
+        self.inner
+            .registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(conns));
         if !self.inner.reaper_started.swap(true, Ordering::AcqRel) {
             let inner = Arc::downgrade(&self.inner);
             tokio::spawn(async move {
@@ -356,7 +352,7 @@ impl Pool {
     async fn send_upgraded(&self, ep: Endpoint, mut parts: Forward) -> Result<Response, BoxError> {
         match self.http2(&ep, true).await? {
             Ok(conn) => {
-                parts.req.headers_mut().insert(
+                parts.0.headers_mut().insert(
                     ORIG_PROTO_HEADER,
                     HeaderValue::from_static(ORIG_PROTO_HTTP1),
                 );
@@ -528,16 +524,6 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// The authority a request is for: its URI's, else its Host header's.
-fn request_authority(req: &Request) -> Option<Authority> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.clone());
-    }
-    req.headers()
-        .get(http::header::HOST)
-        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-}
-
 impl Service<Request> for Pool {
     type Response = Response;
     type Error = BoxError;
@@ -556,27 +542,20 @@ impl Service<Request> for Pool {
         // The request keeps the authority the client used (HTTP/1.1 in
         // Host, HTTP/2 in `:authority`); the connection goes to the
         // endpoint the balancer chose.
-        let authority = request_authority(&req);
+        // The request keeps the authority its client used: HTTP/1.1
+        // carries it in Host, which an HTTP/2 client's request gets here.
         if !req.headers().contains_key(http::header::HOST)
-            && let Some(host) = authority
-                .as_ref()
+            && let Some(host) = req
+                .uri()
+                .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         {
             req.headers_mut().insert(http::header::HOST, host);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         strip_hop_by_hop(req.headers_mut());
         let http2 = req.version() == Version::HTTP_2;
         let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
-        let parts = Forward {
-            req,
-            authority,
-            path,
-        };
+        let parts = Forward(req);
         let pool = self.clone();
         Box::pin(async move {
             if http2 {
@@ -592,24 +571,35 @@ impl Service<Request> for Pool {
 
 /// A request on its way upstream, its URI still to be put in the form the
 /// HTTP version it goes in wants.
-struct Forward {
-    req: Request,
-    authority: Option<Authority>,
-    path: PathAndQuery,
-}
+struct Forward(Request);
 
 impl Forward {
+    fn path(&self) -> PathAndQuery {
+        self.0
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    }
+
     /// HTTP/1.1 to an origin server: origin-form, the host in Host.
     fn into_http1(self) -> Result<Request, BoxError> {
         let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(self.path.clone());
+        parts.path_and_query = Some(self.path());
         self.with_uri(parts, Version::HTTP_11)
     }
 
     /// HTTP/2 takes `:scheme` and `:authority` from an absolute URI: the
-    /// authority the client used, else the endpoint's address.
-    fn into_http2(mut self, addr: SocketAddr) -> Result<Request, BoxError> {
-        let authority = match self.authority.take() {
+    /// authority the client used (its URI's, else its Host), else the
+    /// endpoint's address.
+    fn into_http2(self, addr: SocketAddr) -> Result<Request, BoxError> {
+        let used = self.0.uri().authority().cloned().or_else(|| {
+            self.0
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        });
+        let authority = match used {
             Some(a) => a,
             None => Authority::try_from(addr.to_string().as_str())
                 .map_err(|e| ProxyError::BadRequest(format!("{addr}: {e}")))?,
@@ -617,12 +607,12 @@ impl Forward {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(authority);
-        parts.path_and_query = Some(self.path.clone());
+        parts.path_and_query = Some(self.path());
         self.with_uri(parts, Version::HTTP_2)
     }
 
     fn with_uri(self, parts: http::uri::Parts, version: Version) -> Result<Request, BoxError> {
-        let mut req = self.req;
+        let mut req = self.0;
         *req.uri_mut() = Uri::from_parts(parts)
             .map_err(|e| ProxyError::BadRequest(format!("cannot forward {}: {e}", req.uri())))?;
         *req.version_mut() = version;
