@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use crate::compile::SERVER_FIRST_PORTS;
-use crate::config::{OutboundService, PortProtocol};
+use crate::config::PortProtocol;
 
 use super::Proxy;
 use super::detect::Protocol;
@@ -18,7 +18,7 @@ use super::http::route::{self, RouteCtx};
 use super::http::{self as stack, BoxError, Request, Response};
 use super::mesh::{MeshStream, MeshTarget, connect_tcp};
 use super::metrics::{ConnLabels, Direction};
-use super::state::Snapshot;
+use super::state::{ServiceRef, Snapshot};
 use super::tls::ALPN_TCP;
 
 /// Where an outbound connection was headed.
@@ -51,7 +51,7 @@ impl Target {
     }
 }
 
-fn find<'a>(snapshot: &'a Snapshot, target: &Target) -> Option<&'a OutboundService> {
+fn find<'a>(snapshot: &'a Snapshot, target: &Target) -> Option<ServiceRef<'a>> {
     match target {
         Target::Addr(a) => snapshot.by_addr(*a),
         Target::Host(h, _) => snapshot.by_host(h),
@@ -63,7 +63,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
     let port = target.port();
     let declared_opaque = proxy.store.load().and_then(|s| {
         find(&s, &target)
-            .and_then(|svc| svc.ports.iter().find(|p| p.port == port))
+            .and_then(|svc| svc.get().ports.iter().find(|p| p.port == port))
             .map(|p| p.protocol)
     }) == Some(PortProtocol::Opaque);
     let skip = declared_opaque || SERVER_FIRST_PORTS.contains(&port);
@@ -157,7 +157,7 @@ pub async fn dispatch(
         .find(|p| p.port == backend_port)
         .map(|p| p.protocol);
     *req.version_mut() = upstream_version(declared, &req);
-    let policy = snapshot.policy(backend_svc);
+    let policy = snapshot.policy(&backend_svc);
     let path = req.uri().path();
     ctx.excluded = policy.excluded_paths.iter().any(|p| p == path)
         || proxy.health_paths.iter().any(|p| p == path);

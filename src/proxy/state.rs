@@ -14,14 +14,42 @@ use crate::config::{OutboundService, ProxyConfig, ServicePolicy};
 use super::destination::{Destination, Destinations, EndpointSource, source_for};
 use super::metrics::ProxyMetrics;
 
+/// A Service's destinations by port: a short list, searched in order.
+type PortDestinations = Vec<(u16, Arc<Destination>)>;
+
+/// One of a snapshot's Services, as its lookups hand it out: the index
+/// keys the snapshot's per-Service caches.
+#[derive(Clone, Copy)]
+pub struct ServiceRef<'a> {
+    index: usize,
+    svc: &'a OutboundService,
+}
+
+impl<'a> ServiceRef<'a> {
+    pub fn get(self) -> &'a OutboundService {
+        self.svc
+    }
+}
+
+impl std::ops::Deref for ServiceRef<'_> {
+    type Target = OutboundService;
+
+    fn deref(&self) -> &OutboundService {
+        self.svc
+    }
+}
+
 /// One config, indexed for the data path.
 pub struct Snapshot {
     pub config: ProxyConfig,
     by_addr: HashMap<SocketAddr, usize>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
-    /// Destinations already looked up on this snapshot.
-    dsts: Mutex<HashMap<String, Arc<Destination>>>,
+    /// Destinations already looked up on this snapshot, so that a request
+    /// costs no label formatting or string hashing: per Service (by its
+    /// index in the config) the ports seen, and per bare address.
+    by_service_port: Mutex<Vec<PortDestinations>>,
+    by_address: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
 }
 
 impl Snapshot {
@@ -47,12 +75,14 @@ impl Snapshot {
                 }
             }
         }
+        let services = config.outbound.services.len();
         Self {
             config,
             by_addr,
             by_host,
             by_key,
-            dsts: Mutex::default(),
+            by_service_port: Mutex::new(vec![Vec::new(); services]),
+            by_address: Mutex::default(),
         }
     }
 
@@ -61,25 +91,26 @@ impl Snapshot {
     }
 
     /// The Service behind a ClusterIP and port.
-    pub fn by_addr(&self, addr: SocketAddr) -> Option<&OutboundService> {
-        self.by_addr
-            .get(&addr)
-            .map(|i| &self.config.outbound.services[*i])
+    pub fn by_addr(&self, addr: SocketAddr) -> Option<ServiceRef<'_>> {
+        self.by_addr.get(&addr).map(|i| self.service(*i))
     }
 
     /// The Service a hostname names (`name`, `name.ns`, FQDN), port ignored.
-    pub fn by_host(&self, host: &str) -> Option<&OutboundService> {
+    pub fn by_host(&self, host: &str) -> Option<ServiceRef<'_>> {
         let host = host.trim_end_matches('.');
-        self.by_host
-            .get(host)
-            .map(|i| &self.config.outbound.services[*i])
+        self.by_host.get(host).map(|i| self.service(*i))
     }
 
     /// A Service by `name.namespace`.
-    pub fn by_key(&self, key: &str) -> Option<&OutboundService> {
-        self.by_key
-            .get(key)
-            .map(|i| &self.config.outbound.services[*i])
+    pub fn by_key(&self, key: &str) -> Option<ServiceRef<'_>> {
+        self.by_key.get(key).map(|i| self.service(*i))
+    }
+
+    fn service(&self, index: usize) -> ServiceRef<'_> {
+        ServiceRef {
+            index,
+            svc: &self.config.outbound.services[index],
+        }
     }
 
     pub fn policy<'a>(&'a self, svc: &'a OutboundService) -> &'a ServicePolicy {
@@ -88,56 +119,50 @@ impl Snapshot {
             .unwrap_or(&self.config.outbound.defaults)
     }
 
-    /// The destination for a Service port.
+    /// The destination for a port of one of this snapshot's Services.
     pub fn service_destination(
         &self,
-        svc: &OutboundService,
+        svc: ServiceRef<'_>,
         port: u16,
         all: &Destinations,
     ) -> Arc<Destination> {
-        let label = format!("{}.{}:{port}", svc.name, svc.namespace);
-        self.destination(label, all, || {
-            (
-                self.policy(svc).clone(),
-                source_for(svc, port),
-                svc.mesh
-                    .as_ref()
-                    .map(|m| Arc::new(crate::proxy::mesh::MeshTarget::from_config(m))),
-            )
-        })
+        let mut cache = lock(&self.by_service_port);
+        let ports = &mut cache[svc.index];
+        if let Some((_, d)) = ports.iter().find(|(p, _)| *p == port) {
+            return d.clone();
+        }
+        let d = all.get(
+            &format!("{}.{}:{port}", svc.name, svc.namespace),
+            self.policy(&svc),
+            source_for(&svc, port),
+            svc.mesh
+                .as_ref()
+                .map(|m| Arc::new(crate::proxy::mesh::MeshTarget::from_config(m))),
+        );
+        ports.push((port, d.clone()));
+        d
     }
 
     /// The destination for an address no Service claims: the default
     /// policy, straight to that address.
     pub fn address_destination(&self, addr: SocketAddr, all: &Destinations) -> Arc<Destination> {
-        self.destination(addr.to_string(), all, || {
-            (
-                self.config.outbound.defaults.clone(),
-                EndpointSource::Static(vec![addr]),
-                None,
-            )
-        })
-    }
-
-    fn destination(
-        &self,
-        label: String,
-        all: &Destinations,
-        make: impl FnOnce() -> (
-            ServicePolicy,
-            EndpointSource,
-            Option<Arc<crate::proxy::mesh::MeshTarget>>,
-        ),
-    ) -> Arc<Destination> {
-        let mut cache = self.dsts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = cache.get(&label) {
+        let mut cache = lock(&self.by_address);
+        if let Some(d) = cache.get(&addr) {
             return d.clone();
         }
-        let (policy, source, mesh) = make();
-        let d = all.get(&label, &policy, source, mesh);
-        cache.insert(label, d.clone());
+        let d = all.get(
+            &addr.to_string(),
+            &self.config.outbound.defaults,
+            EndpointSource::Static(vec![addr]),
+            None,
+        );
+        cache.insert(addr, d.clone());
         d
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The current snapshot and whether the proxy may report ready.
