@@ -151,8 +151,11 @@ where
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .timer(hyper_util::rt::TokioTimer::new());
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let handle = handle.clone();
-        async move { Ok::<_, Infallible>(handle(req.map(body::boxed)).await) }
+        // Boxed: hyper spawns a task per HTTP/2 stream around this future
+        // and moves it whole more than once on the way; a pointer is
+        // cheaper to move than the request path's state.
+        let rsp = Box::pin(handle(req.map(body::boxed)));
+        async move { Ok::<_, Infallible>(rsp.await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
