@@ -136,9 +136,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 impl MeshIdentity {
     pub fn new(trust_domain: &str, rejections: Family<RejectLabels, Counter>) -> Arc<Self> {
+        let provider = provider();
+        // aws-lc seeds its random generator from CPU jitter entropy on first
+        // use, tens of milliseconds of CPU: done here, at start-up, before
+        // the proxy reports ready, not inside the first request's handshake.
+        let _ = provider.secure_random.fill(&mut [0u8; 32]);
         Arc::new(Self {
             trust_domain: trust_domain.to_owned(),
-            provider: provider(),
+            provider,
             key: ArcSwapOption::empty(),
             trust: ArcSwapOption::empty(),
             rejections,
