@@ -21,7 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use support::*;
 
 /// An upstream that answers every request with `<version> <authority>`
-/// (the authority from `:authority` for HTTP/2, Host for HTTP/1.1) and
+/// (the authority from `:authority` for HTTP/2, Host for HTTP/1.1), and
+/// ` te=<value>` when a TE header reached it, and
 /// counts the connections it accepted. With `close_after_response` it
 /// closes each connection right after its first response, without saying
 /// so (no `Connection: close`): a keep-alive connection that a server
@@ -70,7 +71,12 @@ impl Echo {
                                     .map(str::to_owned)
                             })
                             .unwrap_or_default();
-                        let body = format!("{:?} {authority}", req.version());
+                        let te = req
+                            .headers()
+                            .get(http::header::TE)
+                            .map(|v| format!(" te={}", v.to_str().unwrap_or("?")))
+                            .unwrap_or_default();
+                        let body = format!("{:?} {authority}{te}", req.version());
                         async move {
                             let _ = req.into_body().collect().await;
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
@@ -228,6 +234,40 @@ async fn the_declared_port_protocol_decides_what_the_upstream_hears() {
     assert_eq!(
         request(&h2port, Version::HTTP_11, host, &[]).await,
         (200, format!("HTTP/2.0 {host}"))
+    );
+}
+
+#[tokio::test]
+async fn te_trailers_reaches_an_http2_upstream_and_no_te_an_http1_one() {
+    let echo = Echo::start(false).await;
+    let cfg = config(vec![
+        declared("grpc", echo.addr, "http2"),
+        declared("legacy", echo.addr, "http1"),
+    ]);
+    let hosts = [
+        "grpc.shop.svc.cluster.local:80",
+        "legacy.shop.svc.cluster.local:80",
+    ];
+    let p = start_proxy(&cfg, &hosts, &[]).await;
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+
+    // gRPC servers look for `te: trailers`; HTTP/2 allows that one value.
+    let host = "grpc.shop.svc.cluster.local";
+    assert_eq!(
+        request(&p.outbound_url(0), Version::HTTP_2, host, &grpc).await,
+        (200, format!("HTTP/2.0 {host} te=trailers"))
+    );
+    // HTTP/1.1 upstream: TE is a hop-by-hop header like any other.
+    let host = "legacy.shop.svc.cluster.local";
+    assert_eq!(
+        request(
+            &p.outbound_url(1),
+            Version::HTTP_11,
+            host,
+            &[("te", "trailers"), ("connection", "te")]
+        )
+        .await,
+        (200, format!("HTTP/1.1 {host}"))
     );
 }
 

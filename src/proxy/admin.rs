@@ -131,7 +131,7 @@ async fn forward_probe(
         Ok(uri) => uri,
         Err(_) => return (StatusCode::BAD_REQUEST, "bad probe path\n").into_response(),
     };
-    parts.headers.remove(super::inbound::CLIENT_ID_HEADER);
+    parts.headers.remove(&super::inbound::CLIENT_ID_HEADER);
     let req = http::Request::from_parts(parts, body::boxed(body_in));
     let app = p
         .shared

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -42,7 +42,7 @@ use crate::identity::SpiffeId;
 /// The header that tells the application who called: the caller's verified
 /// SPIFFE id. Whatever a client sends under this name is removed first, so
 /// the application can trust it.
-pub const CLIENT_ID_HEADER: &str = "weft-client-id";
+pub static CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("weft-client-id");
 
 /// On a server-speaks-first (or declared opaque) port the client may say nothing; a meshed
 /// client opens with its ClientHello at once, so this short wait is enough
@@ -59,6 +59,9 @@ struct Conn {
     peer_id: Option<Arc<SpiffeId>>,
     /// The `src` of request metrics: the SPIFFE id, or "unknown".
     source: Arc<str>,
+    /// The SPIFFE id as the [`CLIENT_ID_HEADER`] value, made once per
+    /// connection rather than per request.
+    peer_id_header: Option<HeaderValue>,
 }
 
 /// Handles one inbound connection meant for `app_port`.
@@ -89,6 +92,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
         port: app_port,
         peer_id: None,
         source: proxy.unknown_source.clone(),
+        peer_id_header: None,
     };
     if protocol == Protocol::Tls {
         let (hello, io) = match detect::read_client_hello(io, proxy.detect_timeout).await {
@@ -109,7 +113,9 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
             let session = tls.get_ref().1;
             conn.peer_id = peer_identity(session.peer_certificates()).map(Arc::new);
             if let Some(id) = &conn.peer_id {
-                conn.source = Arc::from(id.to_string());
+                let id = id.to_string();
+                conn.peer_id_header = HeaderValue::from_str(&id).ok();
+                conn.source = Arc::from(id);
             }
             let inner = match session.alpn_protocol() {
                 Some(ALPN_TCP) => Protocol::Opaque,
@@ -245,11 +251,11 @@ fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
 /// Authorizes one request, sends it to the application and counts it.
 async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
     let started = Instant::now();
-    req.headers_mut().remove(CLIENT_ID_HEADER);
+    req.headers_mut().remove(&CLIENT_ID_HEADER);
     // A client proxy carries HTTP/1.1 to this one as HTTP/2 over the mesh
     // connection; the application gets the version its client spoke. Only
     // a mesh peer's word counts, and the marker never reaches the app.
-    if let Some(orig) = req.headers_mut().remove(ORIG_PROTO_HEADER)
+    if let Some(orig) = req.headers_mut().remove(&ORIG_PROTO_HEADER)
         && conn.peer_id.is_some()
         && orig == ORIG_PROTO_HTTP1
     {
@@ -278,10 +284,9 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
             )))
         }
         Access::Allowed => {
-            if let Some(id) = &conn.peer_id
-                && let Ok(v) = HeaderValue::from_str(&id.to_string())
-            {
-                req.headers_mut().insert(CLIENT_ID_HEADER, v);
+            if let Some(id) = &conn.peer_id_header {
+                req.headers_mut()
+                    .insert(CLIENT_ID_HEADER.clone(), id.clone());
             }
             send_to_app(&proxy, conn.app.clone(), req).await
         }

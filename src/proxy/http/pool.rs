@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use http::header::{self, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -353,7 +354,7 @@ impl Pool {
         match self.http2(&ep, true).await? {
             Ok(conn) => {
                 parts.0.headers_mut().insert(
-                    ORIG_PROTO_HEADER,
+                    ORIG_PROTO_HEADER.clone(),
                     HeaderValue::from_static(ORIG_PROTO_HTTP1),
                 );
                 let mut rsp = send_on_http2(ep.addr, conn, parts.into_http2(ep.addr)?).await?;
@@ -373,7 +374,7 @@ impl Pool {
 /// The header a client proxy adds to HTTP/1.1 requests it carries to
 /// another proxy as HTTP/2; the server's proxy removes it and speaks
 /// HTTP/1.1 to the application.
-pub const ORIG_PROTO_HEADER: &str = "weft-orig-proto";
+pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("weft-orig-proto");
 pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 
 /// Why a request on an HTTP/1.1 connection got no response.
@@ -496,19 +497,32 @@ impl http_body::Body for Checkin {
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
 ];
 
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+/// Removes the hop-by-hop headers, and those the Connection header names.
+/// A request going out as HTTP/2 keeps `te: trailers`, the one TE value
+/// HTTP/2 allows (RFC 9113 §8.2.2), which gRPC servers expect.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, http2: bool) {
+    // Most requests carry none of them: one pass over the names says so,
+    // cheaper than hashing each of the seven.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    let keep_te = http2
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if let Some(listed) = headers
-        .get(http::header::CONNECTION)
+        .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
     {
         let listed: Vec<String> = listed
@@ -519,8 +533,11 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
             headers.remove(name.as_str());
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
+    }
+    if keep_te {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -539,21 +556,20 @@ impl Service<Request> for Pool {
                 Err(ProxyError::NoEndpoints("request had no endpoint".into()).into())
             });
         };
-        // The request keeps the authority the client used (HTTP/1.1 in
-        // Host, HTTP/2 in `:authority`); the connection goes to the
-        // endpoint the balancer chose.
-        // The request keeps the authority its client used: HTTP/1.1
-        // carries it in Host, which an HTTP/2 client's request gets here.
-        if !req.headers().contains_key(http::header::HOST)
+        // The request keeps the authority its client used (HTTP/1.1 in
+        // Host, HTTP/2 in `:authority`, which an HTTP/2 client's request
+        // gets in Host here); the connection goes to the endpoint the
+        // balancer chose.
+        if !req.headers().contains_key(header::HOST)
             && let Some(host) = req
                 .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         {
-            req.headers_mut().insert(http::header::HOST, host);
+            req.headers_mut().insert(header::HOST, host);
         }
-        strip_hop_by_hop(req.headers_mut());
         let http2 = req.version() == Version::HTTP_2;
+        strip_hop_by_hop(req.headers_mut(), http2);
         let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
         let parts = Forward(req);
         let pool = self.clone();
@@ -596,7 +612,7 @@ impl Forward {
         let used = self.0.uri().authority().cloned().or_else(|| {
             self.0
                 .headers()
-                .get(http::header::HOST)
+                .get(header::HOST)
                 .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         });
         let authority = match used {
