@@ -235,6 +235,7 @@ pub async fn lead(
         tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx)),
     ]);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let detached = ctx.detached.clone();
     let mut controller = tokio::spawn(driver::run_controller(
         ctx,
         one,
@@ -265,6 +266,9 @@ pub async fn lead(
             tracing::error!("leadership lost: stopping every writer now");
             controller.abort();
             writers.abort();
+            // Closed, not only aborted: a reconcile of the controller
+            // still winding down cannot start another.
+            detached.close();
         }
         Ended::Shutdown => {
             let _ = stop_tx.send(());

@@ -89,6 +89,43 @@ pub struct Ctx {
     counters: Mutex<Counters>,
     /// Consecutive failures per namespace, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Writes started outside a reconcile (the failure Event of
+    /// `error_policy`, which cannot wait), stopped with the other writers
+    /// when the lease is lost.
+    pub(crate) detached: Detached,
+}
+
+/// Tasks that write but belong to no caller that could wait for them: each
+/// runs on its own, and [`Detached::close`] stops the ones still running
+/// and refuses new ones, so none writes after this replica lost its lease.
+/// Cheap to clone; clones share the tasks.
+#[derive(Clone, Default)]
+pub(crate) struct Detached(Arc<Mutex<DetachedTasks>>);
+
+#[derive(Default)]
+struct DetachedTasks {
+    running: tokio::task::JoinSet<()>,
+    closed: bool,
+}
+
+impl Detached {
+    /// Runs `task` on its own, unless closed (then it is dropped unrun).
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if tasks.closed {
+            return;
+        }
+        // Forget the finished ones, so the set holds only running tasks.
+        while tasks.running.try_join_next().is_some() {}
+        tasks.running.spawn(task);
+    }
+
+    /// Aborts the running tasks and refuses any later one.
+    pub(crate) fn close(&self) {
+        let mut tasks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.closed = true;
+        tasks.running.abort_all();
+    }
 }
 
 impl Ctx {
@@ -116,6 +153,7 @@ impl Ctx {
             compiler: Arc::new(crate::compile::compile),
             counters: Mutex::default(),
             failures: Mutex::default(),
+            detached: Detached::default(),
         }
     }
 
@@ -235,7 +273,8 @@ pub fn error_policy(ns: Arc<Namespace>, error: &Error, ctx: Arc<Ctx>) -> Action 
     let delay = backoff(n);
     tracing::warn!(namespace = %name, error = %error, attempt = n, retry_in = ?delay, "reconcile failed");
     let (reason, note) = (error.reason(), error.to_string());
-    tokio::spawn(async move {
+    let detached = ctx.detached.clone();
+    detached.spawn(async move {
         ctx.event(
             ns.as_ref(),
             true,
@@ -855,6 +894,41 @@ mod tests {
         let mut relabelled = have;
         relabelled["metadata"]["labels"]["app.kubernetes.io/managed-by"] = json!("helm");
         assert!(needs_apply(&want, &relabelled));
+    }
+
+    #[tokio::test]
+    async fn closing_the_detached_writers_stops_the_running_and_refuses_new_ones() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let detached = Detached::default();
+        let wrote = Arc::new(AtomicUsize::new(0));
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let w = wrote.clone();
+        detached.spawn(async move {
+            let _ = go_rx.await;
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        let w = wrote.clone();
+        detached.spawn(async move {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(wrote.load(Ordering::SeqCst), 1, "an unblocked task runs");
+
+        // The lease is lost while one task still waits to write.
+        detached.close();
+        let _ = go_tx.send(());
+        let w = wrote.clone();
+        detached.spawn(async move {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            wrote.load(Ordering::SeqCst),
+            1,
+            "neither the waiting task nor one spawned after close may write"
+        );
     }
 
     #[test]
