@@ -219,6 +219,21 @@ async fn meshed(config: &Value, targets: &[&str], id: &IdDir, extra: &[&str]) ->
     p
 }
 
+/// `checkout`'s proxy (identity shop/checkout) sending `payments.shop:80`
+/// to `endpoint`, meshed (`strict`: never falling back to plaintext), and
+/// its identity dir.
+async fn checkout_client(pki: &Pki, endpoint: SocketAddr, strict: bool) -> (TestProxy, IdDir) {
+    let cid = pki.dir("shop", "checkout");
+    let client = meshed(
+        &client_config(endpoint, strict),
+        &["payments.shop:80"],
+        &cid,
+        &[],
+    )
+    .await;
+    (client, cid)
+}
+
 /// The server side: a proxy in front of `app_port` (and more ports).
 async fn server_proxy(pki: &Pki, config: &Value, app_ports: &[u16]) -> (TestProxy, IdDir) {
     let id = pki.dir("shop", "payments");
@@ -245,14 +260,7 @@ async fn checkout_to_payments(
         &[payments.addr.port()],
     )
     .await;
-    let cid = pki.dir("shop", "checkout");
-    let client = meshed(
-        &client_config(server.running.inbound[0], true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (client, cid) = checkout_client(pki, server.running.inbound[0], true).await;
     (client, server, sid, cid)
 }
 
@@ -281,14 +289,7 @@ async fn meshed_hops_are_mtls_on_the_wire_and_the_server_app_learns_the_caller()
     )
     .await;
     let tap = Tap::start(server.running.inbound[0]).await;
-    let cid = pki.dir("shop", "checkout");
-    let client = meshed(
-        &client_config(tap.addr, true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (client, _cid) = checkout_client(&pki, tap.addr, true).await;
 
     let r = get(&client.outbound_url(0)).await;
     assert_eq!(
@@ -373,14 +374,7 @@ async fn strict_refuses_plaintext_but_serves_the_probe_port_and_excepted_ports()
     assert_eq!(payments.hits(), 1, "only the probe reached the guarded app");
 
     // A meshed client still gets through.
-    let cid = pki.dir("shop", "checkout");
-    let client = meshed(
-        &client_config(server.running.inbound[0], true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (client, _cid) = checkout_client(&pki, server.running.inbound[0], true).await;
     assert_eq!(get(&client.outbound_url(0)).await.status, 200);
 }
 
@@ -410,14 +404,7 @@ async fn permissive_admits_both_and_counts_them_apart() {
         "a forged identity header is removed"
     );
 
-    let cid = pki.dir("shop", "checkout");
-    let checkout = meshed(
-        &client_config(inbound, false),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (checkout, _cid) = checkout_client(&pki, inbound, false).await;
     let r = get(&checkout.outbound_url(0)).await;
     assert_eq!(r.body, format!("client-id={CHECKOUT_ID}"));
 
@@ -719,14 +706,7 @@ async fn an_applications_own_tls_passes_through_untouched_in_both_modes() {
     // and the app's TLS arrives untouched.
     let (strict, _sid2) =
         server_proxy(&pki, &server_config("strict", &[], json!([])), &[app_port]).await;
-    let cid = pki.dir("shop", "checkout");
-    let checkout = meshed(
-        &client_config(strict.running.inbound[0], true),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (checkout, _cid) = checkout_client(&pki, strict.running.inbound[0], true).await;
     app_tls_echo(checkout.running.outbound[0], app_client).await;
     let m = strict.metrics().await;
     assert!(
@@ -826,14 +806,7 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
     let pki = Pki::new();
     // No proxy in front of this app: it answers a ClientHello with a 400.
     let bare = app().await;
-    let cid = pki.dir("shop", "checkout");
-    let migrating = meshed(
-        &client_config(bare.addr, false),
-        &["payments.shop:80"],
-        &cid,
-        &[],
-    )
-    .await;
+    let (migrating, cid) = checkout_client(&pki, bare.addr, false).await;
     let r = get(&migrating.outbound_url(0)).await;
     assert_eq!((r.status, r.body.as_str()), (200, "client-id=none"));
     let fallbacks = format!(

@@ -62,9 +62,12 @@ fn find<'a>(snapshot: &'a Snapshot, target: &Target) -> Option<ServiceRef<'a>> {
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
     let port = target.port();
     let declared_opaque = proxy.store.load().and_then(|s| {
-        find(&s, &target)
-            .and_then(|svc| svc.get().ports.iter().find(|p| p.port == port))
-            .map(|p| p.protocol)
+        find(&s, &target).and_then(|svc| {
+            svc.ports
+                .iter()
+                .find(|p| p.port == port)
+                .map(|p| p.protocol)
+        })
     }) == Some(PortProtocol::Opaque);
     let skip = declared_opaque || SERVER_FIRST_PORTS.contains(&port);
     let Some((protocol, io)) = proxy.detect(conn, skip).await else {

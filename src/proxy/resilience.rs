@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 const BUCKETS: usize = 10;
 
 /// A poisoned lock only means another request panicked mid-update; the
-/// counters are still usable, and refusing all traffic would be worse.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// state is still usable, and refusing all traffic would be worse.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 

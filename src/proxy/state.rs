@@ -13,6 +13,7 @@ use crate::config::{OutboundService, ProxyConfig, ServicePolicy};
 
 use super::destination::{Destination, Destinations, EndpointSource, source_for};
 use super::metrics::ProxyMetrics;
+use super::resilience::lock;
 
 /// A Service's destinations by port: a short list, searched in order.
 type PortDestinations = Vec<(u16, Arc<Destination>)>;
@@ -23,12 +24,6 @@ type PortDestinations = Vec<(u16, Arc<Destination>)>;
 pub struct ServiceRef<'a> {
     index: usize,
     svc: &'a OutboundService,
-}
-
-impl<'a> ServiceRef<'a> {
-    pub fn get(self) -> &'a OutboundService {
-        self.svc
-    }
 }
 
 impl std::ops::Deref for ServiceRef<'_> {
@@ -159,10 +154,6 @@ impl Snapshot {
         cache.insert(addr, d.clone());
         d
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The current snapshot and whether the proxy may report ready.
