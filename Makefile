@@ -40,10 +40,11 @@ e2e:
 manifests:
 	WEFT_UPDATE_MANIFESTS=1 $(CARGO) test --quiet --test manifests manifests_are_the_chart_rendered
 
-## regenerate crds/ (and the chart's copy) from the Rust types (a test fails when they differ)
+## regenerate crds/, the chart's copy and manifests/05-crds.yaml from the Rust types (a test fails when they differ)
 crds:
 	$(CARGO) run --quiet --bin weft -- crdgen --out-dir crds
 	mkdir -p charts/weft/crds && rm -f charts/weft/crds/*.yaml && cp crds/*.yaml charts/weft/crds/
+	$(MAKE) manifests
 
 bench: bench-compile bench-webhook bench-operator
 
