@@ -587,7 +587,11 @@ fn identity_volume(service_account: &str) -> Volume {
                 item(format!("{service_account}.key")),
                 item(crate::identity::CA_CERT_KEY.to_owned()),
             ]),
-            default_mode: Some(0o440),
+            // The kubelet writes these files as root:root (no fsGroup is set,
+            // and setting one would re-own the app's volumes too), so the
+            // proxy (uid/gid 1450) reads them only through the "other" bits.
+            // Only the proxy container mounts this volume.
+            default_mode: Some(0o444),
             optional: Some(true),
             ..Default::default()
         }),
