@@ -93,6 +93,12 @@ pub struct Authorization {
     /// The guarded Service; unset for a namespace-wide policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The guarded Service's pod selector. Every workload of the namespace
+    /// shares this config, so a proxy applies a Service's guard only when
+    /// its pod's labels match; unset (namespace-wide, or a Service without
+    /// a selector) when membership cannot be told from labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
     /// Container ports guarded: numbers, or port names the proxy resolves
     /// from its pod's container ports. Empty: every port (namespace-wide).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

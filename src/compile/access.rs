@@ -196,6 +196,9 @@ pub(crate) fn resolve(
             authorization: Authorization {
                 policy: format!("{ns}/{}", policy.name_any()),
                 service: service_name.clone(),
+                selector: service
+                    .and_then(|svc| svc.spec.as_ref()?.selector.clone())
+                    .filter(|sel| !sel.is_empty()),
                 ports: guarded,
                 rules,
             },

@@ -558,6 +558,48 @@ fn access_allows_by_default_then_denies_by_default() {
     }
 }
 
+/// Every workload of a namespace shares its config: a Service's guard
+/// carries the Service's selector, so a proxy applies it to that Service's
+/// pods only.
+#[test]
+fn a_service_guard_carries_the_services_selector() {
+    let mut f = base();
+    let mut ledger = svc_ports(
+        "payments",
+        "ledger",
+        json!([{ "name": "http", "port": 80, "targetPort": 8080 }]),
+    );
+    ledger.spec.as_mut().expect("spec").selector =
+        Some([("app".to_owned(), "ledger".to_owned())].into());
+    f.services.push(ledger);
+    f.access_policies.push(policy(
+        "payments",
+        "ledger",
+        None,
+        json!({ "targetRef": { "kind": "Service", "name": "ledger" },
+                "rules": [{ "from": [{ "serviceAccount": "checkout", "namespace": "shop" }] }] }),
+    ));
+    f.access_policies.push(policy(
+        "payments",
+        "everyone-in-shop",
+        None,
+        json!({ "targetRef": { "kind": "Namespace" },
+                "rules": [{ "from": [{ "namespace": "shop" }] }] }),
+    ));
+    let c = compile(&f);
+    let auth = &c.configs["payments"].inbound.authorizations;
+    let ledger = auth.iter().find(|a| a.service.as_deref() == Some("ledger"));
+    assert_eq!(
+        ledger.and_then(|a| a.selector.clone()),
+        Some([("app".to_owned(), "ledger".to_owned())].into())
+    );
+    let wide = auth
+        .iter()
+        .find(|a| a.service.is_none())
+        .expect("namespace-wide");
+    assert_eq!(wide.selector, None);
+}
+
 #[test]
 fn access_rules_speak_container_ports() {
     let mut f = base();
@@ -577,6 +619,7 @@ fn access_rules_speak_container_ports() {
     let c = compile(&f);
     let auth = &c.configs["payments"].inbound.authorizations[0];
     assert_eq!(auth.service.as_deref(), Some("ledger"));
+    assert_eq!(auth.selector, None, "a Service without a selector");
     assert_eq!(
         auth.ports,
         [PortRef::Number(9091), PortRef::Name("web".into())]

@@ -62,7 +62,10 @@ pub struct PodPlan {
     pub app_args: Vec<String>,
     /// The app drives load (`drive` in the topology): it starts last.
     pub drives: bool,
-    /// `weft-proxy` arguments, but for `--config` and `--identity-dir`.
+    /// The pod's labels (the workload's), for the sidecar's labels file.
+    pub labels: BTreeMap<String, String>,
+    /// `weft-proxy` arguments, but for `--config`, `--identity-dir` and
+    /// `--pod-labels-file`.
     pub proxy_args: Vec<String>,
     /// The pod's `/etc/hosts` (network namespaces only): Service names to
     /// ClusterIPs, which the sidecar intercepts.
@@ -245,6 +248,7 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                 admin,
                 app_args,
                 drives: !w.drive.is_empty(),
+                labels: w.pod_labels(),
                 proxy_args,
                 hosts: None,
                 host_ports,

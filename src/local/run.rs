@@ -400,6 +400,8 @@ fn start(
             files.config.display().to_string(),
             "--identity-dir".into(),
             files.identity.display().to_string(),
+            "--pod-labels-file".into(),
+            files.labels.display().to_string(),
         ];
         proxy_argv.extend(pod.proxy_args.iter().cloned());
         let netns = match &mut running.network {
@@ -581,6 +583,7 @@ fn spawn_logged(argv: &[String], log: &Path) -> anyhow::Result<Child> {
 struct PodFiles {
     config: PathBuf,
     identity: PathBuf,
+    labels: PathBuf,
 }
 
 /// The pod's config (its namespace's) and identity (its ServiceAccount's
@@ -624,7 +627,19 @@ fn write_pod_files(
         std::os::unix::fs::chown(&key, Some(PROXY_UID), Some(PROXY_UID))
             .with_context(|| format!("handing {} to the proxy's user", key.display()))?;
     }
-    Ok(PodFiles { config, identity })
+    // As the downward API writes `metadata.labels`.
+    let labels = root.join("labels");
+    let text: String = pod
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}\n"))
+        .collect();
+    write(&labels, &text, 0o644)?;
+    Ok(PodFiles {
+        config,
+        identity,
+        labels,
+    })
 }
 
 /// GET `path` from 127.0.0.1:`port` as seen inside the pod: (status, body).

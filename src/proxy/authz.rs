@@ -3,12 +3,18 @@
 //! a method. The caller is its verified SPIFFE id; a plaintext caller has
 //! none and so matches no rule (every rule names its callers).
 //!
-//! Which authorization guards a port: the first Service-level one listing
-//! the port, else the namespace-wide one; a port neither covers admits
-//! everyone. Within an authorization a request is admitted when any rule
-//! matches it, and refused (with the policy named, for metrics) otherwise.
+//! Which authorizations guard a port: those of the Services that select
+//! this pod (by its labels) and list the port, else the namespace-wide one;
+//! a port none covers admits everyone. Every workload of a namespace shares
+//! one config, so a Service's guard must not leak onto another Service's
+//! pods that happen to use the same port. When membership cannot be told
+//! (the pod's labels are unknown, or a Service has no selector) the guard
+//! applies: guarding too much refuses a caller, guarding too little would
+//! admit one. With several guards, a request must satisfy every one.
+//! Within an authorization a request is admitted when any rule matches it,
+//! and refused (with the policy named, for metrics) otherwise.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::config::{AccessRuleConfig, Authorization, InboundConfig, PortRef};
 use crate::identity::SpiffeId;
@@ -48,17 +54,40 @@ impl PortNames {
     }
 }
 
-/// The authorization guarding `port`, if any.
-fn guard<'a>(
+/// This pod's labels, from the downward API.
+pub type PodLabels = BTreeMap<String, String>;
+
+/// Whether a Service guard applies to this pod. Unknown labels or an
+/// unknown selector count as a member.
+fn selects(auth: &Authorization, labels: Option<&PodLabels>) -> bool {
+    match (&auth.selector, labels) {
+        (Some(selector), Some(labels)) => selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        _ => true,
+    }
+}
+
+/// The authorizations guarding `port`: every Service-level one that lists
+/// the port and selects this pod, else the namespace-wide one.
+fn guards<'a>(
     inbound: &'a InboundConfig,
     names: &PortNames,
+    labels: Option<&PodLabels>,
     port: u16,
-) -> Option<&'a Authorization> {
+) -> Vec<&'a Authorization> {
+    let services: Vec<&Authorization> = inbound
+        .authorizations
+        .iter()
+        .filter(|a| a.service.is_some() && names.covers(&a.ports, port) && selects(a, labels))
+        .collect();
+    if !services.is_empty() {
+        return services;
+    }
     inbound
         .authorizations
         .iter()
-        .find(|a| !a.ports.is_empty() && names.covers(&a.ports, port))
-        .or_else(|| inbound.authorizations.iter().find(|a| a.ports.is_empty()))
+        .filter(|a| a.service.is_none())
+        .take(1)
+        .collect()
 }
 
 fn rule_admits(
@@ -105,23 +134,24 @@ fn rule_admits(
 pub fn check(
     inbound: &InboundConfig,
     names: &PortNames,
+    labels: Option<&PodLabels>,
     port: u16,
     peer: Option<&SpiffeId>,
     request: Option<HttpRequest<'_>>,
 ) -> Access {
-    let Some(auth) = guard(inbound, names, port) else {
-        return Access::Allowed;
-    };
-    if auth
-        .rules
-        .iter()
-        .any(|r| rule_admits(r, names, port, peer, request))
-    {
-        Access::Allowed
-    } else {
-        Access::Denied {
+    let refused = guards(inbound, names, labels, port)
+        .into_iter()
+        .find(|auth| {
+            !auth
+                .rules
+                .iter()
+                .any(|r| rule_admits(r, names, port, peer, request))
+        });
+    match refused {
+        None => Access::Allowed,
+        Some(auth) => Access::Denied {
             policy: auth.policy.clone(),
-        }
+        },
     }
 }
 
@@ -151,6 +181,7 @@ mod tests {
                 Authorization {
                     policy: "shop/payments-callers".into(),
                     service: Some("payments".into()),
+                    selector: Some([("app".to_owned(), "payments".to_owned())].into()),
                     ports: vec![PortRef::Number(8080), PortRef::Name("admin".into())],
                     rules: vec![
                         AccessRuleConfig {
@@ -173,6 +204,7 @@ mod tests {
                 Authorization {
                     policy: "shop/namespace-wide".into(),
                     service: None,
+                    selector: None,
                     ports: vec![],
                     rules: vec![AccessRuleConfig {
                         identities: vec![caller("shop", None)],
@@ -276,7 +308,11 @@ mod tests {
             ),
         ];
         for (what, port, peer, request, want) in cases {
-            assert_eq!(check(&cfg, &names, port, peer, request), want, "{what}");
+            assert_eq!(
+                check(&cfg, &names, None, port, peer, request),
+                want,
+                "{what}"
+            );
         }
     }
 
@@ -285,6 +321,85 @@ mod tests {
         let names = PortNames::default();
         let mut cfg = inbound();
         cfg.authorizations.pop();
-        assert_eq!(check(&cfg, &names, 7000, None, None), Access::Allowed);
+        assert_eq!(check(&cfg, &names, None, 7000, None, None), Access::Allowed);
+    }
+
+    /// Two Services on the same container port, over different pods: each
+    /// pod is guarded by its own Service's policy only.
+    #[test]
+    fn a_services_guard_stays_on_the_pods_it_selects() {
+        let service = |name: &str, policy: &str, allowed_sa: Option<&str>| Authorization {
+            policy: format!("shop/{policy}"),
+            service: Some(name.into()),
+            selector: Some([("app".to_owned(), name.to_owned())].into()),
+            ports: vec![PortRef::Number(8080)],
+            rules: vec![AccessRuleConfig {
+                identities: vec![IdentityMatch {
+                    namespace: "shop".into(),
+                    service_account: allowed_sa.map(str::to_owned),
+                }],
+                ports: vec![],
+                paths: vec![],
+                methods: vec![],
+            }],
+        };
+        let cfg = InboundConfig {
+            mode: InboundMode::Permissive,
+            plaintext_ports: vec![],
+            authorizations: vec![
+                // Sorts first by name, as the compiler orders them.
+                service("a-web", "web-open", None),
+                service("billing", "billing-ops-only", Some("ops")),
+            ],
+        };
+        let names = PortNames::default();
+        let (cart, ops) = (id("shop", "cart"), id("shop", "ops"));
+        let pod = |app: &str| PodLabels::from([("app".to_owned(), app.to_owned())]);
+        let billing = pod("billing");
+        let web = pod("a-web");
+        let at = |labels: Option<&PodLabels>, peer: &SpiffeId| {
+            check(&cfg, &names, labels, 8080, Some(peer), None)
+        };
+        assert_eq!(
+            at(Some(&billing), &cart),
+            Access::Denied {
+                policy: "shop/billing-ops-only".into()
+            },
+            "the open web policy must not admit cart into billing"
+        );
+        assert_eq!(at(Some(&billing), &ops), Access::Allowed);
+        assert_eq!(at(Some(&web), &cart), Access::Allowed);
+        // Labels unknown: both guards apply, and both must admit.
+        assert_eq!(
+            at(None, &cart),
+            Access::Denied {
+                policy: "shop/billing-ops-only".into()
+            }
+        );
+        assert_eq!(at(None, &ops), Access::Allowed);
+        // A pod neither Service selects is not guarded by them.
+        assert_eq!(at(Some(&pod("cart")), &cart), Access::Allowed);
+    }
+
+    /// The namespace-wide fallback is the namespace's policy, never a
+    /// Service's guard that lists no port.
+    #[test]
+    fn a_service_guard_without_ports_is_not_the_namespace_fallback() {
+        let cfg = InboundConfig {
+            mode: InboundMode::Permissive,
+            plaintext_ports: vec![],
+            authorizations: vec![Authorization {
+                policy: "shop/udp-only".into(),
+                service: Some("dns".into()),
+                selector: None,
+                ports: vec![],
+                rules: vec![],
+            }],
+        };
+        let cart = id("shop", "cart");
+        assert_eq!(
+            check(&cfg, &PortNames::default(), None, 8080, Some(&cart), None),
+            Access::Allowed
+        );
     }
 }

@@ -30,6 +30,7 @@ use super::detect::{self, Protocol};
 use super::hello::Hello;
 use super::http::errors::{self, ProxyError};
 use super::http::pool::{Endpoint, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
+use super::http::route::normalize_path;
 use super::http::{Request, Response};
 use super::metrics::{
     ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
@@ -228,6 +229,7 @@ fn authorize(proxy: &Proxy, conn: &Conn, request: Option<HttpRequest<'_>>) -> Ac
         Some(s) => authz::check(
             &s.config.inbound,
             &proxy.port_names,
+            proxy.pod_labels.load().as_deref(),
             conn.port,
             conn.peer_id.as_deref(),
             request,
@@ -248,6 +250,25 @@ fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
         .inc();
 }
 
+/// Replaces the request's path with its normal form (see
+/// [`normalize_path`]); the query is kept as it came.
+fn normalize_uri(req: &mut Request) -> Result<(), ProxyError> {
+    let std::borrow::Cow::Owned(path) = normalize_path(req.uri().path()) else {
+        return Ok(());
+    };
+    let raw = req.uri().path().to_owned();
+    let bad =
+        |why: String| ProxyError::BadRequest(format!("path {raw:?} normalises to {path:?}, {why}"));
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|e| bad(format!("{e}")))?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|e| bad(format!("{e}")))?;
+    Ok(())
+}
+
 /// Authorizes one request, sends it to the application and counts it.
 async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
     let started = Instant::now();
@@ -261,16 +282,20 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
     {
         *req.version_mut() = http::Version::HTTP_11;
     }
-    let access = authorize(
-        &proxy,
-        &conn,
-        Some(HttpRequest {
-            method: req.method(),
-            path: req.uri().path(),
-        }),
-    );
+    // Rules match, and the app receives, the normalised path.
+    let access = normalize_uri(&mut req).map(|()| {
+        authorize(
+            &proxy,
+            &conn,
+            Some(HttpRequest {
+                method: req.method(),
+                path: req.uri().path(),
+            }),
+        )
+    });
     let rsp = match access {
-        Access::Denied { policy } => {
+        Err(bad) => errors::response(&bad),
+        Ok(Access::Denied { policy }) => {
             deny(&proxy, &policy, "http");
             let who = conn.peer_id.as_ref().map_or_else(
                 || "a caller without a mesh identity".to_owned(),
@@ -283,7 +308,7 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
                 conn.port
             )))
         }
-        Access::Allowed => {
+        Ok(Access::Allowed) => {
             if let Some(id) = &conn.peer_id_header {
                 req.headers_mut()
                     .insert(CLIENT_ID_HEADER.clone(), id.clone());

@@ -119,6 +119,12 @@ pub struct ProxyArgs {
         value_parser = parse_port_name
     )]
     pub port_names: Vec<(String, u16)>,
+    /// This pod's labels as the downward API writes them (`key="value"`
+    /// lines), kept current: a Service's AccessPolicy guards only the pods
+    /// its selector picks. Without it every Service guard listing a port
+    /// applies to it. The injector mounts it with the token volume.
+    #[arg(long, env = "WEFT_POD_LABELS_FILE")]
+    pub pod_labels_file: Option<PathBuf>,
     /// Inbound container ports carrying a server-speaks-first or other
     /// non-HTTP protocol (the pod's `weft.dev/opaque-ports`): never held
     /// for HTTP detection.
@@ -189,6 +195,8 @@ pub struct Proxy {
     pub originator: Option<Arc<mesh::Originator>>,
     /// This pod's container ports by name.
     pub port_names: authz::PortNames,
+    /// This pod's labels, when a labels file is configured and readable.
+    pub pod_labels: Arc<arc_swap::ArcSwapOption<authz::PodLabels>>,
     /// Inbound ports that are never held for HTTP detection.
     pub inbound_opaque_ports: Vec<u16>,
 }
@@ -259,6 +267,7 @@ impl Proxy {
             mesh_server,
             originator,
             port_names: authz::PortNames::new(args.port_names.iter().cloned()),
+            pod_labels: Arc::default(),
             inbound_opaque_ports: args.inbound_opaque_ports.clone(),
             metrics,
         }))
@@ -315,6 +324,10 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         proxy.store.record_failure(&why);
     }
     tokio::spawn(watch::watch_file(args.config.clone(), proxy.store.clone()));
+    if let Some(path) = &args.pod_labels_file {
+        watch::load_labels(path, &proxy.pod_labels);
+        tokio::spawn(watch::watch_labels(path.clone(), proxy.pod_labels.clone()));
+    }
     if let (Some(dir), Some(identity)) = (&args.identity_dir, &proxy.identity) {
         tokio::spawn(watch::watch_identity(
             dir.clone(),

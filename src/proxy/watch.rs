@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+
 use crate::config::ProxyConfig;
 
 use super::state::ConfigStore;
@@ -61,6 +63,68 @@ pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
         last = Some(now);
         if let Err(why) = load_file(&path, &store) {
             store.record_failure(&why);
+        }
+    }
+}
+
+/// Parses the downward API's labels file: one `key="value"` line per label
+/// (Go-quoted; label keys and values have no characters that need more
+/// than `\"` and `\\`).
+pub fn parse_labels(text: &str) -> Result<super::authz::PodLabels, String> {
+    let mut labels = super::authz::PodLabels::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let quoted = line
+            .split_once('=')
+            .and_then(|(k, v)| Some((k, v.strip_prefix('"')?.strip_suffix('"')?)));
+        let Some((key, value)) = quoted else {
+            return Err(format!(
+                "line {}: {line:?} is not key=\"value\" as the downward API writes labels",
+                n + 1
+            ));
+        };
+        labels.insert(
+            key.to_owned(),
+            value.replace("\\\"", "\"").replace("\\\\", "\\"),
+        );
+    }
+    Ok(labels)
+}
+
+/// Reads the labels file once; an unreadable or malformed file keeps the
+/// labels last read (none at start: every Service guard then applies).
+pub fn load_labels(path: &Path, into: &ArcSwapOption<super::authz::PodLabels>) {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| parse_labels(&text));
+    match parsed {
+        Ok(labels) => {
+            if into.load().as_deref() != Some(&labels) {
+                tracing::info!(path = %path.display(), count = labels.len(), "pod labels loaded");
+                into.store(Some(Arc::new(labels)));
+            }
+        }
+        Err(why) => {
+            tracing::warn!(path = %path.display(), error = %why, "pod labels not read; keeping the last ones")
+        }
+    }
+}
+
+/// Polls the labels file (the kubelet rewrites it when the pod is
+/// relabelled, which can move it in or out of a Service).
+pub async fn watch_labels(path: PathBuf, into: Arc<ArcSwapOption<super::authz::PodLabels>>) {
+    let mut last = stamp(&path).ok();
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = stamp(&path).ok();
+        if now.is_some() && now != last {
+            last = now;
+            load_labels(&path, &into);
         }
     }
 }
@@ -132,4 +196,42 @@ fn load_identity(
             .set(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::authz::PodLabels;
+
+    #[test]
+    fn labels_parse_as_the_downward_api_writes_them() {
+        let text = "app=\"payments\"\npod-template-hash=\"7d9f\"\nweft.dev/tier=\"\"\n";
+        let labels = parse_labels(text).expect("parses");
+        assert_eq!(labels.get("app").map(String::as_str), Some("payments"));
+        assert_eq!(
+            labels.get("pod-template-hash").map(String::as_str),
+            Some("7d9f")
+        );
+        assert_eq!(labels.get("weft.dev/tier").map(String::as_str), Some(""));
+        assert_eq!(parse_labels("").expect("empty file"), PodLabels::new());
+    }
+
+    #[test]
+    fn a_malformed_labels_file_names_the_line_and_keeps_the_last_labels() {
+        let err = parse_labels("app=\"web\"\nbroken\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("key=\"value\""),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("labels");
+        let into = ArcSwapOption::empty();
+        std::fs::write(&path, "app=\"web\"\n").expect("write");
+        load_labels(&path, &into);
+        std::fs::write(&path, "garbage").expect("write");
+        load_labels(&path, &into);
+        let kept = into.load_full().expect("labels kept");
+        assert_eq!(kept.get("app").map(String::as_str), Some("web"));
+    }
 }

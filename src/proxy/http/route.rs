@@ -76,6 +76,72 @@ pub fn path_matches(kind: PathMatchType, pattern: &str, path: &str) -> bool {
     }
 }
 
+/// A request path as RFC 3986 normalises it: percent-encoded unreserved
+/// characters decoded (`%2e` is `.`), other escapes' hex upper-cased, and
+/// `.` and `..` segments removed (section 5.2.4). Access rules match, and
+/// the app receives, this form: otherwise `/charges/../admin` would pass a
+/// `/charges` prefix rule and reach `/admin` in any app that resolves dot
+/// segments itself. Encoded `/` and `\` stay encoded (and so fail closed
+/// against prefix rules), as Envoy keeps them by default. Paths that are
+/// not absolute (`*`) are returned as they are.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let dotted = |p: &str| p.split('/').any(|seg| seg == "." || seg == "..");
+    if !path.starts_with('/') || (!path.contains('%') && !dotted(path)) {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| Some((hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?)))
+            .flatten();
+        match escape {
+            Some((hi, lo)) => {
+                let c = char::from((hi * 16 + lo) as u8);
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') {
+                    decoded.push(c);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+            }
+            None => {
+                // Not an escape: copy up to the next '%' (UTF-8 stays whole).
+                let next = bytes[i + 1..]
+                    .iter()
+                    .position(|&b| b == b'%')
+                    .map_or(bytes.len(), |n| i + 1 + n);
+                decoded.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    if !dotted(&decoded) {
+        return Cow::Owned(decoded);
+    }
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (n, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+        // `/a/.` and `/a/b/..` name a directory: keep the trailing slash.
+        if n == last && (*seg == "." || *seg == "..") {
+            out.push("");
+        }
+    }
+    Cow::Owned(format!("/{}", out.join("/")))
+}
+
 /// Index of a backend chosen by weight; `None` when every weight is 0.
 pub fn pick_weighted(weights: &[u32], rng: &mut fastrand::Rng) -> Option<usize> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
@@ -96,6 +162,34 @@ pub fn pick_weighted(weights: &[u32], rng: &mut fastrand::Rng) -> Option<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_normalise_as_rfc_3986_says() {
+        for (raw, want) in [
+            ("/charges/7", "/charges/7"),
+            ("/charges/../admin", "/admin"),
+            ("/charges/%2e%2e/admin", "/admin"),
+            ("/charges/%2E%2e/admin", "/admin"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/..", "/"),
+            ("/../../etc", "/etc"),
+            ("/a//b/../c", "/a//c"),
+            ("/%7Euser/%41", "/~user/A"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%5c..%5cb", "/a%5C..%5Cb"),
+            ("/bad%zz/%4", "/bad%zz/%4"),
+            ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
+            ("*", "*"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+        assert!(matches!(
+            normalize_path("/plain/path"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn prefixes_match_at_segment_boundaries() {
