@@ -122,13 +122,51 @@ pub struct Identities {
     pub next_renewal: Option<SystemTime>,
     /// ServiceAccounts that got a new certificate this time.
     pub issued: Vec<String>,
+    /// ServiceAccounts that get no certificate: a key of theirs would be
+    /// the trust bundle's ([`identity_key_collides`]).
+    pub refused: Vec<String>,
     /// The earliest expiry, for the certificate-expiry metric.
     pub earliest_expiry: Option<SystemTime>,
 }
 
+/// Event reason on the Namespace for ServiceAccounts that get no identity.
+pub const IDENTITY_KEY_COLLISION: &str = "IdentityKeyCollision";
+
+/// The Secret keys a ServiceAccount's identity is stored under.
+fn identity_keys(sa: &str) -> (String, String) {
+    (format!("{sa}.crt"), format!("{sa}.key"))
+}
+
+/// Whether a key of `sa`'s identity would be the trust bundle's
+/// ([`CA_CERT_KEY`]): ServiceAccount `ca`. The Secret's key layout is a
+/// contract (the injector projects these paths), so such an account gets
+/// no identity rather than another layout; its leaf would replace the
+/// bundle every proxy of the namespace trusts.
+pub fn identity_key_collides(sa: &str) -> bool {
+    let (crt, key) = identity_keys(sa);
+    crt == CA_CERT_KEY || key == CA_CERT_KEY
+}
+
+/// What to tell the user about ServiceAccounts that get no identity.
+pub fn collision_message(refused: &[String]) -> String {
+    refused
+        .iter()
+        .map(|sa| {
+            let (crt, _) = identity_keys(sa);
+            format!(
+                "ServiceAccount {sa} cannot get a mesh identity: its certificate key would be \
+                 {crt}, the trust bundle's; rename it"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Workload identities for `accounts` of namespace `ns`: an existing key
 /// pair is kept while it is from this CA, names the right SPIFFE id and is
-/// not yet two thirds through its life; otherwise a new one is issued.
+/// not yet two thirds through its life; otherwise a new one is issued. An
+/// account whose keys would collide with the trust bundle's gets none
+/// (listed in `refused`): the bundle is never overwritten.
 pub fn identities(
     ns: &str,
     trust_domain: &str,
@@ -144,11 +182,16 @@ pub fn identities(
         data: BTreeMap::from([(CA_CERT_KEY.to_owned(), bundle)]),
         next_renewal: None,
         issued: Vec::new(),
+        refused: Vec::new(),
         earliest_expiry: None,
     };
     for sa in accounts {
+        if identity_key_collides(sa) {
+            out.refused.push(sa.clone());
+            continue;
+        }
         let id = SpiffeId::new(trust_domain, ns, sa);
-        let (crt, key) = (format!("{sa}.crt"), format!("{sa}.key"));
+        let (crt, key) = identity_keys(sa);
         let kept = match (same_ca, existing.get(&crt), existing.get(&key)) {
             (true, Some(cert), Some(k)) => inspect_pem(cert)
                 .ok()
@@ -227,6 +270,16 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
+    /// [`identities`] of namespace `shop`, a day long.
+    fn shop_identities(
+        accounts: &[String],
+        existing: &BTreeMap<String, String>,
+        ca: &MeshCa,
+        now: SystemTime,
+    ) -> Result<Identities, IdentityError> {
+        identities("shop", "cluster.local", accounts, existing, ca, DAY, now)
+    }
+
     #[test]
     fn children_carry_the_owner_label_and_the_config() {
         let mut meshed = ns();
@@ -266,20 +319,72 @@ mod tests {
     }
 
     #[test]
+    fn a_service_account_named_ca_never_replaces_the_trust_bundle() {
+        let t0 = SystemTime::now();
+        let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
+        let accounts = vec!["ca".to_owned(), "web".to_owned()];
+        let ids = shop_identities(&accounts, &BTreeMap::new(), &ca, t0).expect("issue");
+        assert_eq!(ids.issued, ["web"]);
+        assert_eq!(ids.refused, ["ca"]);
+        assert_eq!(
+            ids.data[CA_CERT_KEY],
+            ca.trust_bundle(),
+            "ca.crt is the bundle"
+        );
+        assert!(ids.data.contains_key("web.crt") && ids.data.contains_key("web.key"));
+        assert!(!ids.data.contains_key("ca.key"));
+        assert_eq!(ids.data.len(), 3);
+        assert_eq!(
+            collision_message(&ids.refused),
+            "ServiceAccount ca cannot get a mesh identity: its certificate key would be \
+             ca.crt, the trust bundle's; rename it"
+        );
+        let secret = identity_secret(&ns(), &ids);
+        assert_eq!(
+            secret.annotations()[BUNDLE_HASH_ANNOTATION],
+            bundle_hash(&ca.trust_bundle())
+        );
+
+        // The next reconcile reads that Secret back: nothing is issued and
+        // nothing needs applying.
+        let again = shop_identities(
+            &accounts,
+            &secret_text(&secret),
+            &ca,
+            t0 + Duration::from_secs(60),
+        )
+        .expect("keep");
+        assert!(again.issued.is_empty(), "re-issued: {:?}", again.issued);
+        assert_eq!(again.refused, ["ca"]);
+        assert_eq!(again.data, ids.data);
+        let (want, have) = (
+            serde_json::to_value(identity_secret(&ns(), &again)).expect("json"),
+            serde_json::to_value(&secret).expect("json"),
+        );
+        assert!(!super::super::reconcile::needs_apply(&want, &have));
+
+        // A Secret the old code wrote (the `ca` leaf over the bundle, and
+        // its key) is put right once, and only once.
+        let mut broken = secret_text(&secret);
+        let leaf = ca
+            .issue(&SpiffeId::new("cluster.local", "shop", "ca"), t0, DAY)
+            .expect("leaf");
+        broken.insert(CA_CERT_KEY.to_owned(), leaf.cert_pem);
+        broken.insert("ca.key".to_owned(), leaf.key_pem);
+        let healed = shop_identities(&accounts, &broken, &ca, t0).expect("heal");
+        assert_eq!(healed.data[CA_CERT_KEY], ca.trust_bundle());
+        assert!(!healed.data.contains_key("ca.key"));
+        let settled = shop_identities(&accounts, &healed.data, &ca, t0).expect("settle");
+        assert!(settled.issued.is_empty());
+        assert_eq!(settled.data, healed.data);
+    }
+
+    #[test]
     fn identities_are_kept_until_two_thirds_of_their_life_then_reissued() {
         let t0 = SystemTime::now();
         let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
         let accounts = vec!["cart".to_owned(), "default".to_owned()];
-        let first = identities(
-            "shop",
-            "cluster.local",
-            &accounts,
-            &BTreeMap::new(),
-            &ca,
-            DAY,
-            t0,
-        )
-        .expect("issue");
+        let first = shop_identities(&accounts, &BTreeMap::new(), &ca, t0).expect("issue");
         assert_eq!(first.issued, accounts);
         assert_eq!(first.data.len(), 5, "ca.crt and a pair per account");
         let renew = first.next_renewal.expect("renewal");
@@ -287,45 +392,18 @@ mod tests {
         assert!(life > DAY * 2 / 3 - Duration::from_secs(5) && life <= DAY * 2 / 3);
 
         let later = t0 + DAY / 2;
-        let kept = identities(
-            "shop",
-            "cluster.local",
-            &accounts,
-            &first.data,
-            &ca,
-            DAY,
-            later,
-        )
-        .expect("keep");
+        let kept = shop_identities(&accounts, &first.data, &ca, later).expect("keep");
         assert!(kept.issued.is_empty());
         assert_eq!(kept.data, first.data);
 
         let due = t0 + DAY * 2 / 3 + Duration::from_secs(1);
-        let renewed = identities(
-            "shop",
-            "cluster.local",
-            &accounts,
-            &first.data,
-            &ca,
-            DAY,
-            due,
-        )
-        .expect("renew");
+        let renewed = shop_identities(&accounts, &first.data, &ca, due).expect("renew");
         assert_eq!(renewed.issued, accounts);
         assert_ne!(renewed.data["cart.crt"], first.data["cart.crt"]);
 
         // Another CA's certificates are replaced at once.
         let other = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
-        let moved = identities(
-            "shop",
-            "cluster.local",
-            &accounts,
-            &first.data,
-            &other,
-            DAY,
-            later,
-        )
-        .expect("re-issue");
+        let moved = shop_identities(&accounts, &first.data, &other, later).expect("re-issue");
         assert_eq!(moved.issued, accounts);
 
         let secret = identity_secret(&ns(), &kept);

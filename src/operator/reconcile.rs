@@ -89,6 +89,10 @@ pub struct Ctx {
     counters: Mutex<Counters>,
     /// Consecutive failures per namespace, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The ServiceAccounts per namespace last reported as getting no
+    /// identity ([`desired::Identities::refused`]), so the Event is sent
+    /// once per change, not on every reconcile.
+    refused: Mutex<HashMap<String, Vec<String>>>,
     /// Writes started outside a reconcile (the failure Event of
     /// `error_policy`, which cannot wait), stopped with the other writers
     /// when the lease is lost.
@@ -153,6 +157,7 @@ impl Ctx {
             compiler: Arc::new(crate::compile::compile),
             counters: Mutex::default(),
             failures: Mutex::default(),
+            refused: Mutex::default(),
             detached: Detached::default(),
         }
     }
@@ -313,6 +318,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     let name = ns.name_any();
     if ns.metadata.deletion_timestamp.is_some() {
         // The garbage collector removes the children with the Namespace.
+        ctx.refused.lock().expect("refused").remove(&name);
         return Ok(Action::await_change());
     }
     let now = now_secs();
@@ -377,6 +383,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             if !ids.issued.is_empty() {
                 tracing::info!(namespace = %name, accounts = ?ids.issued, "issued workload certificates");
             }
+            report_refused(ns, ctx, &ids.refused).await;
             apply(ctx, &desired::identity_secret(ns, &ids), stored.as_deref()).await?;
             ctx.metrics.expiry(&name, ids.earliest_expiry);
             if let Some(at) = ids.next_renewal {
@@ -394,6 +401,37 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         requeue = requeue.min(after);
     }
     Ok(Action::requeue(requeue))
+}
+
+/// Says which ServiceAccounts of `ns` get no identity (their keys would
+/// collide with the trust bundle's): a Warning Event on the Namespace, as
+/// for a failed reconcile, when that set changes to a non-empty one.
+async fn report_refused(ns: &Namespace, ctx: &Ctx, refused: &[String]) {
+    let name = ns.name_any();
+    let news = {
+        let mut known = ctx.refused.lock().expect("refused");
+        if refused.is_empty() {
+            known.remove(&name);
+            false
+        } else if known.get(&name).map(Vec::as_slice) == Some(refused) {
+            false
+        } else {
+            known.insert(name.clone(), refused.to_vec());
+            true
+        }
+    };
+    if news {
+        let message = desired::collision_message(refused);
+        tracing::warn!(namespace = %name, accounts = ?refused, "{message}");
+        ctx.event(
+            ns,
+            true,
+            desired::IDENTITY_KEY_COLLISION,
+            "IssueCertificates",
+            message,
+        )
+        .await;
+    }
 }
 
 /// What wants writing, by comparing the wanted object with the cached one:
@@ -472,6 +510,7 @@ async fn prune(ns: &Namespace, ctx: &Ctx) -> Result<(), Error> {
     delete_managed(ctx, &w.roles, &name, desired::CONFIG_READER).await?;
     delete_managed(ctx, &w.role_bindings, &name, desired::CONFIG_READER).await?;
     ctx.counters.lock().expect("counters").forget(&name);
+    ctx.refused.lock().expect("refused").remove(&name);
     Ok(())
 }
 
@@ -686,7 +725,9 @@ async fn announce(ctx: &Ctx, policy: &MTLSPolicy, d: &Decision) {
     ctx.event(policy, warning, d.reason, "Rollout", note).await;
 }
 
-/// Live pods of a namespace (not finished, not being deleted).
+/// Live pods of a namespace (not finished, not being deleted): what the
+/// sidecar gate looks at, Pending ones included (a pod created without the
+/// sidecar speaks plaintext once it starts).
 fn live_pods(pods: &Store<Pod>, ns: &str) -> Vec<Arc<Pod>> {
     pods.state()
         .into_iter()
@@ -697,6 +738,15 @@ fn live_pods(pods: &Store<Pod>, ns: &str) -> Vec<Arc<Pod>> {
             !matches!(phase, Some("Succeeded" | "Failed"))
         })
         .collect()
+}
+
+/// The pod runs (phase Running, not being deleted): its proxy is expected
+/// to report, and only such proxies count for the evidence gates (current
+/// config, identity, plaintext, clients). A Pending pod has no IP to
+/// scrape and often none coming (unschedulable, waiting on a volume).
+fn running(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
 fn injected(pod: &Pod) -> bool {
@@ -712,25 +762,31 @@ fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
 
-/// Scrapes the proxies of `pods` at once; a proxy that cannot be read is
-/// `None` (the rollout treats it as "not reporting").
-async fn scrape_all(ctx: &Ctx, pods: &[Arc<Pod>]) -> HashMap<String, Scrape> {
-    let jobs = pods
-        .iter()
-        .filter(|p| injected(p))
+/// The proxies of `pods` worth asking: injected and running, by name and
+/// address.
+fn scrape_targets(pods: &[Arc<Pod>]) -> Vec<(String, IpAddr)> {
+    pods.iter()
+        .filter(|p| injected(p) && running(p))
         .filter_map(|p| Some((p.name_any(), pod_ip(p)?)))
-        .map(|(name, ip)| {
-            let fut = ctx.scraper.scrape(ip);
-            async move {
-                match fut.await {
-                    Ok(text) => Some((name, observe::read(&text))),
-                    Err(e) => {
-                        tracing::debug!(pod = %name, error = %e, "proxy not readable");
-                        None
-                    }
+        .collect()
+}
+
+/// Scrapes the proxies of `pods` at once ([`scrape_targets`]); a proxy
+/// that cannot be read is left out (the rollout treats it as "not
+/// reporting").
+async fn scrape_all(ctx: &Ctx, pods: &[Arc<Pod>]) -> HashMap<String, Scrape> {
+    let jobs = scrape_targets(pods).into_iter().map(|(name, ip)| {
+        let fut = ctx.scraper.scrape(ip);
+        async move {
+            match fut.await {
+                Ok(text) => Some((name, observe::read(&text))),
+                Err(e) => {
+                    tracing::debug!(pod = %name, error = %e, "proxy not readable");
+                    None
                 }
             }
-        });
+        }
+    });
     futures_util::future::join_all(jobs)
         .await
         .into_iter()
@@ -802,14 +858,7 @@ async fn gather(
         .flatten();
 
     let evidence = Evidence {
-        pods: pods
-            .iter()
-            .map(|p| PodEvidence {
-                name: p.name_any(),
-                injected: injected(p),
-                proxy: scrapes.get(&p.name_any()).map(|s| s.report.clone()),
-            })
-            .collect(),
+        pods: pod_evidence(&pods, &scrapes),
         config_generation: compiled
             .configs
             .get(ns)
@@ -825,9 +874,49 @@ async fn gather(
     (evidence, plaintext_now)
 }
 
-/// The proxies that call `ns`'s Services: every injected pod of every
-/// meshed namespace whose config lists one of them (`ns` itself included),
-/// with the generation it runs and the one it should.
+/// Every live pod of the namespace for the sidecar gate, and what the
+/// running ones' proxies report.
+fn pod_evidence(pods: &[Arc<Pod>], scrapes: &HashMap<String, Scrape>) -> Vec<PodEvidence> {
+    pods.iter()
+        .map(|p| PodEvidence {
+            name: p.name_any(),
+            injected: injected(p),
+            running: running(p),
+            proxy: scrapes.get(&p.name_any()).map(|s| s.report.clone()),
+        })
+        .collect()
+}
+
+/// The pods of a client namespace whose proxies must run the config that
+/// expects Strict: injected and running (one that starts later reads that
+/// config when it does).
+fn client_pods(pods: Vec<Arc<Pod>>) -> Vec<Arc<Pod>> {
+    pods.into_iter()
+        .filter(|p| injected(p) && running(p))
+        .collect()
+}
+
+/// What `caller`'s client pods run against what they should (`expected`).
+fn client_evidence(
+    caller: &str,
+    expected: &str,
+    pods: &[Arc<Pod>],
+    scrapes: &HashMap<String, Scrape>,
+) -> Vec<ClientEvidence> {
+    pods.iter()
+        .map(|p| ClientEvidence {
+            pod: format!("{caller}/{}", p.name_any()),
+            running: scrapes
+                .get(&p.name_any())
+                .and_then(|s| s.report.generation.clone()),
+            expected: expected.to_owned(),
+        })
+        .collect()
+}
+
+/// The proxies that call `ns`'s Services: every running injected pod of
+/// every meshed namespace whose config lists one of them (`ns` itself
+/// included), with the generation it runs and the one it should.
 async fn clients(
     ctx: &Ctx,
     compiled: &Compiled,
@@ -842,10 +931,7 @@ async fn clients(
         .collect();
     let mut out = Vec::new();
     for (caller, expected) in callers {
-        let pods: Vec<Arc<Pod>> = live_pods(&ctx.world.pods, caller)
-            .into_iter()
-            .filter(|p| injected(p))
-            .collect();
+        let pods = client_pods(live_pods(&ctx.world.pods, caller));
         let scraped;
         let scrapes = if caller == ns {
             own
@@ -853,15 +939,7 @@ async fn clients(
             scraped = scrape_all(ctx, &pods).await;
             &scraped
         };
-        out.extend(pods.iter().map(|p| {
-            ClientEvidence {
-                pod: format!("{caller}/{}", p.name_any()),
-                running: scrapes
-                    .get(&p.name_any())
-                    .and_then(|s| s.report.generation.clone()),
-                expected: expected.clone(),
-            }
-        }));
+        out.extend(client_evidence(caller, expected, &pods, scrapes));
     }
     out
 }
@@ -928,6 +1006,157 @@ mod tests {
             wrote.load(Ordering::SeqCst),
             1,
             "neither the waiting task nor one spawned after close may write"
+        );
+    }
+
+    /// A pod of `shop` as the API server shows it: `status` its phase and
+    /// IP, with the sidecar when `sidecar`.
+    fn pod(name: &str, sidecar: bool, status: Value) -> Arc<Pod> {
+        let mut containers = vec![json!({"name": "app", "image": "app"})];
+        if sidecar {
+            containers.push(json!({"name": PROXY_CONTAINER, "image": "weft"}));
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"containers": containers},
+                "status": status,
+            }))
+            .expect("pod"),
+        )
+    }
+
+    fn pending(name: &str, sidecar: bool) -> Arc<Pod> {
+        pod(
+            name,
+            sidecar,
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+                "status": "False", "reason": "Unschedulable"}]}),
+        )
+    }
+
+    fn running_at(name: &str, ip: &str) -> Arc<Pod> {
+        pod(name, true, json!({"phase": "Running", "podIP": ip}))
+    }
+
+    fn reporting(generation: &str, bundle: &str) -> Scrape {
+        Scrape {
+            report: rollout::ProxyReport {
+                generation: Some(generation.into()),
+                trust_bundle_hash: Some(bundle.into()),
+                has_identity: true,
+            },
+            ..Scrape::default()
+        }
+    }
+
+    fn staged() -> crate::api::MTLSPolicySpec {
+        serde_json::from_value(json!({"mode": "Strict"})).expect("spec")
+    }
+
+    /// One rollout step of `shop` in `phase` (a minute in), from what
+    /// `gather` would make of `pods` and `scrapes`.
+    fn step_in(
+        phase: RolloutPhase,
+        pods: &[Arc<Pod>],
+        scrapes: &HashMap<String, Scrape>,
+    ) -> Decision {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let current = Current {
+            phase,
+            since: now - Duration::from_secs(60),
+            observed_generation: Some(1),
+            plaintext_seen: false,
+            blockers: Vec::new(),
+        };
+        let evidence = Evidence {
+            pods: pod_evidence(pods, scrapes),
+            config_generation: "g1".into(),
+            trust_bundle_hash: "b1".into(),
+            plaintext_counted: true,
+            compiled_phase: Some(RolloutPhase::Enforcing),
+            clients: client_evidence("shop", "g1", &client_pods(pods.to_vec()), scrapes),
+            ..Evidence::default()
+        };
+        rollout::step(&staged(), Some(1), Some(&current), &evidence, now)
+    }
+
+    #[test]
+    fn a_pending_injected_pod_without_an_ip_holds_neither_preparing_nor_enforcing() {
+        let pods = vec![running_at("web-0", "10.0.0.5"), pending("db-0", true)];
+        let targets = scrape_targets(&pods);
+        assert_eq!(
+            targets,
+            vec![("web-0".to_owned(), "10.0.0.5".parse().expect("ip"))],
+            "only the running proxy is asked"
+        );
+        let scrapes = HashMap::from([("web-0".to_owned(), reporting("g1", "b1"))]);
+
+        let d = step_in(RolloutPhase::Preparing, &pods, &scrapes);
+        assert_eq!(d.phase, RolloutPhase::Observing, "{d:#?}");
+        assert!(d.blockers.is_empty(), "{d:#?}");
+
+        let d = step_in(RolloutPhase::Enforcing, &pods, &scrapes);
+        assert_eq!(d.phase, RolloutPhase::Strict, "{d:#?}");
+        assert!(d.blockers.is_empty(), "{d:#?}");
+
+        // A pod with an IP but not running yet (its init containers run),
+        // or Unknown, or running but being deleted, is not asked either.
+        let mut terminating = (*running_at("web-1", "10.0.0.7")).clone();
+        terminating.metadata.deletion_timestamp = Some(time(now_secs()));
+        let others = vec![
+            pod(
+                "init-0",
+                true,
+                json!({"phase": "Pending", "podIP": "10.0.0.6"}),
+            ),
+            pod(
+                "lost-0",
+                true,
+                json!({"phase": "Unknown", "podIP": "10.0.0.8"}),
+            ),
+            Arc::new(terminating),
+        ];
+        assert!(scrape_targets(&others).is_empty());
+        assert!(client_pods(others).is_empty());
+    }
+
+    #[test]
+    fn a_pending_pod_without_the_sidecar_still_blocks_and_is_named() {
+        let pods = vec![running_at("web-0", "10.0.0.5"), pending("legacy-0", false)];
+        let scrapes = HashMap::from([("web-0".to_owned(), reporting("g1", "b1"))]);
+        for phase in [RolloutPhase::Preparing, RolloutPhase::Observing] {
+            let d = step_in(phase, &pods, &scrapes);
+            assert_eq!(d.phase, RolloutPhase::Blocked, "{d:#?}");
+            assert_eq!(d.reason, rollout::reason::PODS_WITHOUT_SIDECAR);
+            assert_eq!(
+                d.blockers,
+                vec!["pod legacy-0 has no weft sidecar (restart it to inject one)".to_owned()]
+            );
+        }
+    }
+
+    #[test]
+    fn a_running_pod_that_did_not_report_still_blocks() {
+        let pods = vec![
+            running_at("web-0", "10.0.0.5"),
+            running_at("web-1", "10.0.0.6"),
+            pending("db-0", true),
+        ];
+        let scrapes = HashMap::from([("web-0".to_owned(), reporting("g1", "b1"))]);
+
+        let d = step_in(RolloutPhase::Preparing, &pods, &scrapes);
+        assert_eq!(d.phase, RolloutPhase::Preparing, "{d:#?}");
+        assert_eq!(
+            d.blockers,
+            vec!["pod web-1: its proxy did not report".to_owned()]
+        );
+
+        let d = step_in(RolloutPhase::Enforcing, &pods, &scrapes);
+        assert_eq!(d.phase, RolloutPhase::Enforcing, "{d:#?}");
+        assert_eq!(
+            d.blockers,
+            vec!["client shop/web-1 did not report its config generation".to_owned()]
         );
     }
 

@@ -13,9 +13,12 @@
 //!                Blocked          restarts)          RolledBack
 //! ```
 //!
-//! - Preparing: every pod carries the sidecar, has an identity, and runs the
-//!   namespace's current config generation and trust bundle. A pod without
-//!   the sidecar needs the user (a restart re-injects it): Blocked.
+//! - Preparing: every pod carries the sidecar (Pending ones included), and
+//!   every running pod has an identity and runs the namespace's current
+//!   config generation and trust bundle. A pod without the sidecar needs
+//!   the user (a restart re-injects it): Blocked. A pod not running yet
+//!   (unschedulable, waiting on a volume) holds nothing: it starts on
+//!   whatever config and identity are current then.
 //! - Observing: a whole window without plaintext on a non-excepted port,
 //!   counted from counters the operator read when the window began (an
 //!   operator that restarted or took over has none, so the window starts
@@ -58,8 +61,14 @@ pub struct PodEvidence {
     pub name: String,
     /// The pod carries the weft-proxy sidecar.
     pub injected: bool,
-    /// What its proxy reports; None when it could not be asked (not ready,
-    /// not reachable) or has no sidecar.
+    /// The pod runs (phase Running, not being deleted), so its proxy is
+    /// expected to report. A pod not running yet (Pending: unscheduled,
+    /// waiting on a volume or image; Unknown) counts for the sidecar gate
+    /// only: it has nothing to report and speaks to nobody, and once it
+    /// starts it reads the then-current config and identity.
+    pub running: bool,
+    /// What its proxy reports; None when it could not be asked (not
+    /// running, not ready, not reachable) or has no sidecar.
     pub proxy: Option<ProxyReport>,
 }
 
@@ -85,7 +94,8 @@ pub struct PlaintextSource {
     pub connections: u64,
 }
 
-/// A proxy elsewhere in the mesh that calls this namespace.
+/// A proxy elsewhere in the mesh that calls this namespace (in a running
+/// pod: one not running yet starts on the config that expects Strict).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientEvidence {
     /// `namespace/pod`.
@@ -466,6 +476,7 @@ fn unready_proxies(evidence: &Evidence) -> Vec<String> {
     evidence
         .pods
         .iter()
+        .filter(|p| p.running)
         .filter_map(|p| {
             let Some(proxy) = &p.proxy else {
                 return Some(format!("pod {}: its proxy did not report", p.name));

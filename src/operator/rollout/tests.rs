@@ -35,6 +35,7 @@ fn pod(name: &str) -> PodEvidence {
     PodEvidence {
         name: name.into(),
         injected: true,
+        running: true,
         proxy: Some(ProxyReport {
             generation: Some(GEN.into()),
             trust_bundle_hash: Some(BUNDLE.into()),
@@ -47,7 +48,17 @@ fn uninjected(name: &str) -> PodEvidence {
     PodEvidence {
         name: name.into(),
         injected: false,
+        running: true,
         proxy: None,
+    }
+}
+
+/// Not running yet (Pending, say unschedulable): nothing reported.
+fn pending(name: &str) -> PodEvidence {
+    PodEvidence {
+        running: false,
+        proxy: None,
+        ..pod(name)
     }
 }
 
@@ -162,18 +173,60 @@ fn cases() -> Vec<Case> {
             blockers: &["pod b runs config g-old, not g-current"],
         },
         Case {
-            name: "a proxy that did not report keeps it preparing",
+            name: "a running proxy that did not report keeps it preparing (a pending one does not)",
             spec: staged(),
             generation: 1,
             current: at(Preparing, minutes(1)),
-            evidence: evidence(vec![PodEvidence {
-                proxy: None,
-                ..pod("a")
-            }]),
+            evidence: evidence(vec![
+                pending("db-0"),
+                PodEvidence {
+                    proxy: None,
+                    ..pod("a")
+                },
+            ]),
             phase: Preparing,
             reason: reason::WAITING_FOR_PROXIES,
             restarts: false,
             blockers: &["pod a: its proxy did not report"],
+        },
+        Case {
+            name: "a pending injected pod that never reported does not hold Preparing",
+            spec: staged(),
+            generation: 1,
+            current: at(Preparing, minutes(1)),
+            evidence: evidence(vec![pod("a"), pending("db-0")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "a pending injected pod appearing while observing keeps the window",
+            spec: staged(),
+            generation: 1,
+            current: at(Observing, minutes(4)),
+            evidence: evidence(vec![pod("a"), pending("a-new")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: false,
+            blockers: &[],
+        },
+        Case {
+            name: "a pending pod without the sidecar still blocks, named",
+            spec: staged(),
+            generation: 1,
+            current: at(Preparing, minutes(1)),
+            evidence: evidence(vec![
+                pod("a"),
+                PodEvidence {
+                    running: false,
+                    ..uninjected("legacy-0")
+                },
+            ]),
+            phase: Blocked,
+            reason: reason::PODS_WITHOUT_SIDECAR,
+            restarts: true,
+            blockers: &["pod legacy-0 has no weft sidecar"],
         },
         Case {
             name: "every pod meshed and current: the window opens",
