@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, patch, post};
+use axum::routing::{get, post};
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -336,6 +336,20 @@ async fn apply_webhook(
     axum::Json(stored)
 }
 
+/// The configuration as installed: the control plane reads it to see
+/// whether its caBundle is in order.
+async fn get_webhook(Path(name): Path<String>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": name },
+        "webhooks": [{
+            "name": "inject.weft.dev", "sideEffects": "None",
+            "admissionReviewVersions": ["v1"], "clientConfig": {},
+        }],
+    }))
+}
+
 #[tokio::test]
 async fn tier2_the_serving_certificate_is_created_and_its_ca_applied_to_the_webhook_configuration()
 {
@@ -345,7 +359,7 @@ async fn tier2_the_serving_certificate_is_created_and_its_ca_applied_to_the_webh
         .route("/api/v1/namespaces/{ns}/secrets", post(create_secret))
         .route(
             "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
-            patch(apply_webhook),
+            get(get_webhook).patch(apply_webhook),
         )
         .with_state(seen.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

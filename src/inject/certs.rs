@@ -7,12 +7,22 @@
 //!   does not change on a renewal);
 //! - the CA as `caBundle` of the MutatingWebhookConfiguration, set with
 //!   server-side apply (field manager `weft-control-plane`, forced: the
-//!   control plane owns that one field);
+//!   control plane owns that one field). It is compared with the live
+//!   object on every check, not with what this process last wrote: a
+//!   configuration recreated by `helm upgrade --force`, `kubectl replace` or
+//!   a delete and re-apply comes back without a caBundle, and with
+//!   `failurePolicy: Fail` every pod creation in a meshed namespace is
+//!   refused until it is set again. When the CA changes (the Secret was
+//!   deleted, or the CA neared its end), the old CA stays in the bundle
+//!   beside the new one for [`CA_OVERLAP`], so that a replica still serving
+//!   a certificate from the old CA is trusted until it has read the new
+//!   Secret;
 //! - the serving certificate swapped into the running HTTPS server, without
-//!   a restart.
+//!   a restart, once its CA is in the caBundle.
 //!
-//! `plan` decides from what is stored (pure); `ensure` and `apply_ca_bundle`
-//! talk to the API server; `run` loops.
+//! `plan` and `ca_bundle_wanted` decide (pure); `ensure`, `sync_ca_bundle`
+//! and `apply_ca_bundle` talk to the API server; `check` is one pass and
+//! `run` loops.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,16 +36,24 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use super::webhook::ServingCert;
-use crate::identity::{MeshCa, inspect_pem};
+use crate::identity::{MeshCa, inspect_der, inspect_pem};
 
 /// Lifetime of the webhook CA and of its serving certificates.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const SERVING_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The field manager of every write the control plane makes.
 pub const FIELD_MANAGER: &str = "weft-control-plane";
-/// How often the Secret is checked even when nothing is due (it may have
-/// been deleted or edited).
-const RECHECK: Duration = Duration::from_secs(300);
+/// How often the Secret and the live caBundle are checked even when nothing
+/// is due: either may have been deleted, edited or replaced, and a webhook
+/// configuration without its caBundle blocks pod creation. Each check is two
+/// GETs of one small object; writes happen only when something differs.
+pub const RECHECK: Duration = Duration::from_secs(15);
+/// How long a replaced webhook CA stays in the caBundle beside the new one,
+/// counted from the newer CA's notBefore (which is backdated five minutes):
+/// far longer than any replica takes to read the new Secret (one RECHECK,
+/// or the retry backoff of at most a minute), short enough that a CA
+/// replaced on purpose stops being trusted soon.
+pub const CA_OVERLAP: Duration = Duration::from_secs(20 * 60);
 
 /// Keys of the serving Secret (`kubernetes.io/tls` plus the CA).
 pub mod keys {
@@ -286,8 +304,8 @@ pub async fn ensure(client: &kube::Client, names: &WebhookNames) -> anyhow::Resu
     )
 }
 
-/// The server-side-apply body that sets the webhook's `caBundle`.
-pub fn ca_bundle_apply(names: &WebhookNames, ca_pem: &str) -> serde_json::Value {
+/// The server-side-apply body that sets the webhook's `caBundle` (PEM).
+pub fn ca_bundle_apply(names: &WebhookNames, bundle_pem: &str) -> serde_json::Value {
     use base64::Engine;
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -296,24 +314,113 @@ pub fn ca_bundle_apply(names: &WebhookNames, ca_pem: &str) -> serde_json::Value 
         "webhooks": [{
             "name": names.webhook,
             "clientConfig": {
-                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(bundle_pem),
             },
         }],
     })
 }
 
-/// Sets the webhook's `caBundle` with server-side apply.
+/// One certificate of a caBundle.
+struct BundleCert {
+    der: Vec<u8>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// The readable certificates of a PEM bundle, in order; anything else in it
+/// is left out (and so dropped on the next write).
+fn bundle_certs(pem: &[u8]) -> Vec<BundleCert> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .map_while(Result::ok)
+        .filter_map(|der| {
+            let info = inspect_der(&der).ok()?;
+            Some(BundleCert {
+                der: der.to_vec(),
+                not_before: info.not_before,
+                not_after: info.not_after,
+            })
+        })
+        .collect()
+}
+
+/// A DER certificate as PEM.
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// The caBundle to write, or `None` when the live one (`live`, PEM as
+/// stored; `None` when the webhook has none) already holds exactly the
+/// certificates wanted: the CA in force, plus each other CA of the live
+/// bundle that is unexpired and whose rotation against the CA in force
+/// (the later of the two notBefores) is less than [`CA_OVERLAP`] ago. That
+/// keeps an old CA while replicas move off it, and also a newer one that
+/// another replica has just minted and this one has not read yet, so two
+/// replicas never undo each other. Compared as sets: order and PEM layout
+/// do not cause a write.
+pub fn ca_bundle_wanted(
+    ca_pem: &str,
+    live: Option<&[u8]>,
+    now: SystemTime,
+) -> anyhow::Result<Option<String>> {
+    let current = bundle_certs(ca_pem.as_bytes())
+        .into_iter()
+        .next()
+        .context("the webhook CA certificate is unreadable")?;
+    let live = live.map(bundle_certs).unwrap_or_default();
+    let mut kept: Vec<&BundleCert> = Vec::new();
+    for cert in &live {
+        let rotated = cert.not_before.max(current.not_before);
+        let keep = cert.der != current.der
+            && cert.not_after > now
+            && now < rotated + CA_OVERLAP
+            && !kept.iter().any(|k| k.der == cert.der);
+        if keep {
+            kept.push(cert);
+        }
+    }
+    let mut want: Vec<&[u8]> = kept.iter().map(|c| c.der.as_slice()).collect();
+    want.push(&current.der);
+    let mut have: Vec<&[u8]> = live.iter().map(|c| c.der.as_slice()).collect();
+    want.sort_unstable();
+    have.sort_unstable();
+    have.dedup();
+    if want == have {
+        return Ok(None);
+    }
+    // The CA in force first and as stored; the others after it.
+    let mut bundle = ca_pem.to_owned();
+    if !kept.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    for cert in kept {
+        bundle.push_str(&der_to_pem(&cert.der));
+    }
+    Ok(Some(bundle))
+}
+
+/// Sets the webhook's `caBundle` (PEM, one or more CAs) with server-side
+/// apply.
 pub async fn apply_ca_bundle(
     client: &kube::Client,
     names: &WebhookNames,
-    ca_pem: &str,
+    bundle_pem: &str,
 ) -> anyhow::Result<()> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
     api.patch(
         &names.configuration,
         &params,
-        &Patch::Apply(ca_bundle_apply(names, ca_pem)),
+        &Patch::Apply(ca_bundle_apply(names, bundle_pem)),
     )
     .await
     .with_context(|| {
@@ -325,28 +432,90 @@ pub async fn apply_ca_bundle(
     Ok(())
 }
 
+/// Reads the live webhook configuration and sets its caBundle when it is
+/// not what [`ca_bundle_wanted`] says. Returns whether it wrote.
+pub async fn sync_ca_bundle(
+    client: &kube::Client,
+    names: &WebhookNames,
+    ca_pem: &str,
+) -> anyhow::Result<bool> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let live = api
+        .get_opt(&names.configuration)
+        .await
+        .with_context(|| {
+            format!(
+                "reading MutatingWebhookConfiguration {}",
+                names.configuration
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "MutatingWebhookConfiguration {} not found (is it installed? see manifests/)",
+                names.configuration
+            )
+        })?;
+    // Applying to a webhook the configuration lacks would add a bare entry
+    // the API server rejects: say what is wrong instead.
+    let webhook = live
+        .webhooks
+        .iter()
+        .flatten()
+        .find(|w| w.name == names.webhook)
+        .with_context(|| {
+            format!(
+                "MutatingWebhookConfiguration {} has no webhook {}",
+                names.configuration, names.webhook
+            )
+        })?;
+    let live_bundle = webhook
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .map(|b| b.0.as_slice());
+    let Some(bundle) = ca_bundle_wanted(ca_pem, live_bundle, SystemTime::now())? else {
+        return Ok(false);
+    };
+    apply_ca_bundle(client, names, &bundle).await?;
+    tracing::info!(
+        configuration = %names.configuration,
+        cas = bundle_certs(bundle.as_bytes()).len(),
+        was_empty = live_bundle.is_none_or(|b| b.is_empty()),
+        "webhook caBundle set"
+    );
+    Ok(true)
+}
+
+/// One pass of [`run`]: the Secret, then the live caBundle, then the
+/// running server. A new serving certificate is served only once its CA is
+/// in the caBundle (before the first one, anything beats nothing). Returns
+/// the material in force.
+pub async fn check(
+    client: &kube::Client,
+    names: &WebhookNames,
+    serving: &ServingCert,
+) -> anyhow::Result<Material> {
+    let material = ensure(client, names).await?;
+    let trusted = sync_ca_bundle(client, names, &material.ca_cert).await;
+    if trusted.is_ok() || !serving.ready() {
+        serving.set(&material.cert, &material.key)?;
+    }
+    trusted?;
+    Ok(material)
+}
+
 /// Keeps the serving certificate valid, in the Secret, in the webhook
 /// configuration and in the running server. Never returns; errors are
 /// logged and retried with backoff.
 pub async fn run(client: kube::Client, names: WebhookNames, serving: Arc<ServingCert>) {
-    let mut applied_bundle: Option<String> = None;
     let mut failures = 0u32;
     loop {
-        let result = async {
-            let material = ensure(&client, &names).await?;
-            serving.set(&material.cert, &material.key)?;
-            if applied_bundle.as_deref() != Some(material.ca_cert.as_str()) {
-                apply_ca_bundle(&client, &names, &material.ca_cert).await?;
-                tracing::info!(configuration = %names.configuration, "webhook caBundle set");
-                applied_bundle = Some(material.ca_cert.clone());
-            }
-            anyhow::Ok(material.renew_at())
-        }
-        .await;
+        let result = check(&client, &names, &serving).await;
         let wait = match result {
-            Ok(renew_at) => {
+            Ok(material) => {
                 failures = 0;
-                let due = renew_at
+                let due = material
+                    .renew_at()
                     .and_then(|t| t.duration_since(SystemTime::now()).ok())
                     .unwrap_or(RECHECK);
                 due.min(RECHECK)
@@ -445,5 +614,83 @@ mod tests {
             plan(Some(&broken), &names(), now).expect("plan"),
             Plan::Store(..)
         ));
+    }
+
+    fn ca(at: SystemTime, lifetime: Duration) -> String {
+        MeshCa::generate("weft-webhook", at, lifetime)
+            .expect("ca")
+            .cert_pem()
+            .to_owned()
+    }
+
+    fn ders(bundle: &str) -> Vec<Vec<u8>> {
+        bundle_certs(bundle.as_bytes())
+            .into_iter()
+            .map(|c| c.der)
+            .collect()
+    }
+
+    #[test]
+    fn the_live_ca_bundle_is_written_only_when_it_differs() {
+        let now = SystemTime::now();
+        let current = ca(now, CA_LIFETIME);
+        // A recreated configuration: no caBundle, or an empty one.
+        for live in [None, Some(&b""[..])] {
+            assert_eq!(
+                ca_bundle_wanted(&current, live, now).expect("wanted"),
+                Some(current.clone()),
+                "exactly the stored CA"
+            );
+        }
+        // Already there: nothing to write, in whatever PEM layout.
+        assert_eq!(
+            ca_bundle_wanted(&current, Some(current.as_bytes()), now).expect("wanted"),
+            None
+        );
+        let relaid = der_to_pem(&ders(&current)[0]).replace('\n', "\r\n");
+        assert_eq!(
+            ca_bundle_wanted(&current, Some(relaid.as_bytes()), now).expect("wanted"),
+            None
+        );
+        // A CA replaced more than CA_OVERLAP ago, an expired one and junk
+        // are dropped.
+        let foreign = ca(now - Duration::from_secs(3600), CA_LIFETIME);
+        let expired = ca(now - Duration::from_secs(7200), Duration::from_secs(3600));
+        let live = format!("{expired}junk\n{foreign}{current}");
+        let wanted = ca_bundle_wanted(&current, Some(live.as_bytes()), now + CA_OVERLAP)
+            .expect("wanted")
+            .expect("a write");
+        assert_eq!(wanted, current);
+        assert!(ca_bundle_wanted("junk", None, now).is_err());
+    }
+
+    #[test]
+    fn a_new_ca_is_published_beside_the_old_one_until_the_overlap_ends() {
+        let minted = SystemTime::now();
+        let old = ca(minted - Duration::from_secs(86_400), CA_LIFETIME);
+        let new = ca(minted, CA_LIFETIME);
+        // The replica that minted the new CA: new first, old kept.
+        let both = ca_bundle_wanted(&new, Some(old.as_bytes()), minted)
+            .expect("wanted")
+            .expect("a write");
+        assert!(both.starts_with(&new), "the CA in force first, as stored");
+        assert_eq!(ders(&both), [ders(&new), ders(&old)].concat());
+        // Once published, neither replica writes again during the overlap:
+        // not the one on the new CA, nor one that has not read it yet (it
+        // must not take the new CA out again), whatever the order.
+        let soon = minted + Duration::from_secs(60);
+        let reversed = format!("{old}{new}");
+        for (in_force, live) in [(&new, &both), (&old, &both), (&new, &reversed)] {
+            assert_eq!(
+                ca_bundle_wanted(in_force, Some(live.as_bytes()), soon).expect("wanted"),
+                None
+            );
+        }
+        // After the overlap, the old CA goes.
+        let after = minted + CA_OVERLAP;
+        assert_eq!(
+            ca_bundle_wanted(&new, Some(both.as_bytes()), after).expect("wanted"),
+            Some(new.clone())
+        );
     }
 }
