@@ -341,3 +341,102 @@ async fn a_connection_the_server_dropped_fails_no_request() {
     assert_eq!(echo.requests.load(Ordering::SeqCst), 10);
     assert_eq!(echo.connections.load(Ordering::SeqCst), 10);
 }
+
+/// An HTTP/2 server that shuts each connection down gracefully (GOAWAY)
+/// as soon as it has answered one request, as a draining server proxy does.
+async fn h2_one_request_per_connection() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (r, c) = (requests.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let done_tx = Arc::new(std::sync::Mutex::new(Some(done_tx)));
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let done = done_tx.lock().expect("lock").take();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = done_rx => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        }
+    });
+    (addr, requests, connections)
+}
+
+#[tokio::test]
+async fn an_http2_connection_closing_under_a_request_fails_no_request() {
+    // POST is never retried: each request must find a live connection or
+    // get its unsent request moved to a new one. None may fail.
+    let (addr, requests, connections) = h2_one_request_per_connection().await;
+    let cfg = config(vec![declared("draining", addr, "http2")]);
+    let p = start_proxy(&cfg, &["draining.shop.svc.cluster.local:80"], &[]).await;
+    let client = client();
+    for i in 0..30 {
+        let reply = send(&client, "POST", &p.outbound_url(0), &[]).await;
+        assert_eq!(reply.status, 200, "request {i}: {reply:?}");
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 30);
+    assert!(connections.load(Ordering::SeqCst) >= 2);
+}
+
+/// An HTTP/2 server that refuses its very first stream with RST_STREAM
+/// REFUSED_STREAM (which promises it did not process it) and answers the
+/// rest.
+async fn h2_refusing_the_first_stream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = served.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (s, refused) = (s.clone(), refused.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if !refused.swap(true, Ordering::SeqCst) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    s.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test]
+async fn a_stream_the_server_refused_unprocessed_goes_again_even_for_a_post() {
+    let (addr, served) = h2_refusing_the_first_stream().await;
+    let cfg = config(vec![declared("refusing", addr, "http2")]);
+    let p = start_proxy(&cfg, &["refusing.shop.svc.cluster.local:80"], &[]).await;
+    let reply = send(&client(), "POST", &p.outbound_url(0), &[]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(served.load(Ordering::SeqCst), 1, "processed exactly once");
+}

@@ -108,7 +108,12 @@ struct Idle {
 struct H2Conn {
     sender: http2::SendRequest<Body>,
     tls: bool,
+    /// Tells this connection from a newer one to the same endpoint.
+    id: u64,
 }
+
+/// Numbers HTTP/2 connections, for [`Conns::forget_h2`].
+static H2_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Conns {
     /// An idle connection ready for a request, dropping the ones the
@@ -144,6 +149,15 @@ impl Conns {
     fn h2(&self) -> Option<H2Conn> {
         let conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
         conn.as_ref().filter(|c| !c.sender.is_closed()).cloned()
+    }
+
+    /// Drops the cached HTTP/2 connection if it is still connection `id`
+    /// (a newer one made meanwhile stays).
+    fn forget_h2(&self, id: u64) {
+        let mut conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.as_ref().is_some_and(|c| c.id == id) {
+            *conn = None;
+        }
     }
 }
 
@@ -279,7 +293,11 @@ impl Pool {
             .await
             .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)))?;
         drive(ep.addr, "HTTP/2", conn);
-        let conn = H2Conn { sender, tls };
+        let conn = H2Conn {
+            sender,
+            tls,
+            id: H2_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
         *ep.conns.http2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(Ok(conn))
     }
@@ -302,7 +320,7 @@ impl Pool {
             };
             match self.send_on_http1(&ep, sender, tls, req).await {
                 Ok(rsp) => return Ok(rsp),
-                Err(Http1Failure::Unsent(unsent)) if reused => {
+                Err(SendFailure::Unsent(unsent)) if reused => {
                     req = *unsent;
                     reuse = false;
                 }
@@ -318,7 +336,7 @@ impl Pool {
         mut sender: http1::SendRequest<Body>,
         tls: bool,
         req: Request,
-    ) -> Result<Response, Http1Failure> {
+    ) -> Result<Response, SendFailure> {
         match sender.try_send_request(req).await {
             Ok(rsp) => {
                 let conns = ep.conns.clone();
@@ -331,18 +349,32 @@ impl Pool {
                 }))
             }
             Err(mut e) => match e.take_message() {
-                Some(unsent) => Err(Http1Failure::Unsent(Box::new(unsent))),
-                None => Err(Http1Failure::Reset(e.into_error())),
+                Some(unsent) => Err(SendFailure::Unsent(Box::new(unsent))),
+                None => Err(SendFailure::Reset(e.into_error())),
             },
         }
     }
 
     async fn send_http2(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
-        let conn = match self.http2(&ep, false).await? {
-            Ok(conn) => conn,
-            Err(_) => unreachable!("only a mesh-only request is handed a plaintext stream"),
-        };
-        send_on_http2(ep.addr, conn, parts.into_http2(ep.addr)?).await
+        let mut req = parts.into_http2(ep.addr)?;
+        let mut fresh = false;
+        loop {
+            let conn = match self.http2(&ep, false).await? {
+                Ok(conn) => conn,
+                Err(_) => unreachable!("only a mesh-only request is handed a plaintext stream"),
+            };
+            match send_on_http2(&ep, conn, req).await {
+                Ok(rsp) => return Ok(rsp),
+                // The cached connection was closing (GOAWAY, the server
+                // proxy draining): the request was not sent, so it goes
+                // once more on a new connection, whatever its method.
+                Err(SendFailure::Unsent(unsent)) if !fresh => {
+                    req = *unsent;
+                    fresh = true;
+                }
+                Err(failure) => return Err(failure.into_error(ep.addr)),
+            }
+        }
     }
 
     /// HTTP/1.1 to a meshed endpoint rides the endpoint's one multiplexed
@@ -350,23 +382,39 @@ impl Pool {
     /// the server's proxy hands it to the application as HTTP/1.1 again: a
     /// burst of requests then costs streams, not a TLS handshake each. A
     /// meshed endpoint that answers in plaintext (no sidecar) gets HTTP/1.1.
-    async fn send_upgraded(&self, ep: Endpoint, mut parts: Forward) -> Result<Response, BoxError> {
-        match self.http2(&ep, true).await? {
-            Ok(conn) => {
-                parts.0.headers_mut().insert(
-                    ORIG_PROTO_HEADER.clone(),
-                    HeaderValue::from_static(ORIG_PROTO_HTTP1),
-                );
-                let mut rsp = send_on_http2(ep.addr, conn, parts.into_http2(ep.addr)?).await?;
-                *rsp.version_mut() = Version::HTTP_11;
-                Ok(rsp)
-            }
-            Err(plain) => {
-                let (sender, tls) = self.handshake_http1(&ep, plain).await?;
-                self.send_on_http1(&ep, sender, tls, parts.into_http1()?)
-                    .await
-                    .map_err(|failure| failure.into_error(ep.addr))
-            }
+    async fn send_upgraded(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
+        let mut req = parts.0;
+        let mut fresh = false;
+        loop {
+            let plain = match self.http2(&ep, true).await? {
+                Ok(conn) => {
+                    let mut upgraded = Forward(req).into_http2(ep.addr)?;
+                    upgraded.headers_mut().insert(
+                        ORIG_PROTO_HEADER.clone(),
+                        HeaderValue::from_static(ORIG_PROTO_HTTP1),
+                    );
+                    match send_on_http2(&ep, conn, upgraded).await {
+                        Ok(mut rsp) => {
+                            *rsp.version_mut() = Version::HTTP_11;
+                            return Ok(rsp);
+                        }
+                        // Unsent on a closing connection: once more.
+                        Err(SendFailure::Unsent(unsent)) if !fresh => {
+                            req = *unsent;
+                            req.headers_mut().remove(&ORIG_PROTO_HEADER);
+                            fresh = true;
+                            continue;
+                        }
+                        Err(failure) => return Err(failure.into_error(ep.addr)),
+                    }
+                }
+                Err(plain) => plain,
+            };
+            let (sender, tls) = self.handshake_http1(&ep, plain).await?;
+            return self
+                .send_on_http1(&ep, sender, tls, Forward(req).into_http1()?)
+                .await
+                .map_err(|failure| failure.into_error(ep.addr));
         }
     }
 }
@@ -377,8 +425,8 @@ impl Pool {
 pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("weft-orig-proto");
 pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 
-/// Why a request on an HTTP/1.1 connection got no response.
-enum Http1Failure {
+/// Why a request on a pooled connection got no response.
+enum SendFailure {
     /// The connection closed before the request went: it may go again.
     Unsent(Box<Request>),
     /// The request went and the connection failed: the server may have
@@ -386,29 +434,43 @@ enum Http1Failure {
     Reset(hyper::Error),
 }
 
-impl Http1Failure {
+impl SendFailure {
     fn into_error(self, addr: SocketAddr) -> BoxError {
         match self {
             // Nothing was sent on a connection that was closed under it:
             // to the retry layer, a connection that could not be used.
-            Http1Failure::Unsent(_) => ProxyError::Connect(
+            SendFailure::Unsent(_) => ProxyError::Connect(
                 addr.to_string(),
                 "the connection closed before the request was sent".into(),
             )
             .into(),
-            Http1Failure::Reset(e) => reset(addr, &e),
+            SendFailure::Reset(e) => reset(addr, &e),
         }
     }
 }
 
-async fn send_on_http2(addr: SocketAddr, conn: H2Conn, req: Request) -> Result<Response, BoxError> {
-    let H2Conn { mut sender, tls } = conn;
-    if let Err(e) = sender.ready().await {
-        return Err(reset(addr, &e));
+/// One request on the endpoint's HTTP/2 connection. A connection that
+/// turns out closed, or closes before the request is written, hands it back
+/// unsent and is forgotten, so the next request makes a new one.
+async fn send_on_http2(ep: &Endpoint, conn: H2Conn, req: Request) -> Result<Response, SendFailure> {
+    let H2Conn {
+        mut sender,
+        tls,
+        id,
+    } = conn;
+    if sender.ready().await.is_err() {
+        ep.conns.forget_h2(id);
+        return Err(SendFailure::Unsent(Box::new(req)));
     }
-    match sender.send_request(req).await {
+    match sender.try_send_request(req).await {
         Ok(rsp) => Ok(finish(rsp, tls, body::boxed)),
-        Err(e) => Err(reset(addr, &e)),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => {
+                ep.conns.forget_h2(id);
+                Err(SendFailure::Unsent(Box::new(unsent)))
+            }
+            None => Err(SendFailure::Reset(e.into_error())),
+        },
     }
 }
 
@@ -425,6 +487,20 @@ where
 }
 
 fn reset(addr: SocketAddr, e: &hyper::Error) -> BoxError {
+    // REFUSED_STREAM promises the stream was not processed (RFC 9113
+    // §8.7): to the retry layer that is a connection that could not be
+    // used, safe to send again whatever the method. A GOAWAY is not: the
+    // same error reaches streams the server may have processed.
+    let refused = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+    if refused {
+        return ProxyError::Connect(
+            addr.to_string(),
+            format!("refused the stream unprocessed: {}", error_chain(e)),
+        )
+        .into();
+    }
     ProxyError::UpstreamReset(addr.to_string(), error_chain(e)).into()
 }
 
@@ -434,6 +510,7 @@ fn finish(
     wrap: impl FnOnce(Incoming) -> Body,
 ) -> Response {
     let mut rsp = rsp.map(wrap);
+    strip_response_hop_by_hop(rsp.headers_mut());
     rsp.extensions_mut().insert(OverMeshTls(tls));
     rsp
 }
@@ -497,6 +574,7 @@ impl http_body::Body for Checkin {
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+/// The last two concern requests only.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -511,9 +589,20 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 /// A request going out as HTTP/2 keeps `te: trailers`, the one TE value
 /// HTTP/2 allows (RFC 9113 §8.2.2), which gRPC servers expect.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, http2: bool) {
-    // Most requests carry none of them: one pass over the names says so,
+    strip(headers, &HOP_BY_HOP, http2);
+}
+
+/// The same for a response: an HTTP/1.1 upstream's `Connection: close` or
+/// `Keep-Alive: timeout=5` describes its connection to this proxy, not the
+/// client's, and must not close or reshape the client's connection.
+fn strip_response_hop_by_hop(headers: &mut http::HeaderMap) {
+    strip(headers, &HOP_BY_HOP[..5], false);
+}
+
+fn strip(headers: &mut http::HeaderMap, hop_by_hop: &[HeaderName], http2: bool) {
+    // Most messages carry none of them: one pass over the names says so,
     // cheaper than hashing each of the seven.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(|name| hop_by_hop.contains(name)) {
         return;
     }
     let keep_te = http2
@@ -521,19 +610,19 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, http2: bool) {
             .get_all(header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if let Some(listed) = headers
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let listed: Vec<String> = listed
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .collect();
-        for name in listed {
-            headers.remove(name.as_str());
-        }
+    // Every Connection line counts, not only the first.
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    for name in listed {
+        headers.remove(name.as_str());
     }
-    for name in &HOP_BY_HOP {
+    for name in hop_by_hop {
         headers.remove(name);
     }
     if keep_te {
@@ -646,4 +735,59 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                )
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(http::HeaderMap::new(), |mut m, (k, v)| {
+                m.append(k, v);
+                m
+            })
+    }
+
+    fn names(h: &http::HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn every_connection_line_names_hop_by_hop_headers() {
+        let mut h = headers(&[
+            ("connection", "x-one"),
+            ("connection", "X-Two, keep-alive"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-kept", "3"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_response_loses_its_upstream_connection_headers_but_keeps_trailer() {
+        let mut h = headers(&[
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("trailer", "grpc-status"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_response_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "trailer"]);
+    }
 }
