@@ -318,7 +318,7 @@ pub struct Running {
 
 /// Loads the config (if present), binds every listener and starts serving.
 pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Running> {
-    if args.config.exists()
+    if watch::effective_path(&args.config).exists()
         && let Err(why) = watch::load_file(&args.config, &proxy.store)
     {
         proxy.store.record_failure(&why);

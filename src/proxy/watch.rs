@@ -34,8 +34,23 @@ fn stamp(path: &Path) -> std::io::Result<FileStamp> {
     })
 }
 
-/// Reads and applies the file once. `Ok(false)`: read but unchanged.
+/// The mounted config file, or its gzip sibling: above
+/// [`crate::config::COMPRESS_ABOVE`] the ConfigMap holds only
+/// `config.json.gz`, and the kubelet mounts no `config.json` at all.
+pub fn effective_path(path: &Path) -> PathBuf {
+    if path.exists() {
+        return path.to_path_buf();
+    }
+    let mut gz = path.as_os_str().to_owned();
+    gz.push(".gz");
+    let gz = PathBuf::from(gz);
+    if gz.exists() { gz } else { path.to_path_buf() }
+}
+
+/// Reads and applies the file (or its gzip sibling) once. `Ok(false)`:
+/// read but unchanged.
 pub fn load_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
+    let path = &effective_path(path);
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let config = ProxyConfig::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(store.apply(config))
@@ -48,7 +63,7 @@ pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let now = match stamp(&path) {
+        let now = match stamp(&effective_path(&path)) {
             Ok(s) => s,
             Err(e) => {
                 if last.is_some() || store.load().is_none() {
@@ -202,6 +217,24 @@ fn load_identity(
 mod tests {
     use super::*;
     use crate::proxy::authz::PodLabels;
+
+    #[test]
+    fn a_config_mounted_only_gzipped_is_read() {
+        use std::io::Write;
+        let json = r#"{"schemaVersion":"1.0","generation":"g1","namespace":"shop","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[]}}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(json.as_bytes()).expect("gzip");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("config.json.gz"),
+            gz.finish().expect("gzip"),
+        )
+        .expect("write");
+        let store = ConfigStore::new(Arc::new(super::super::metrics::ProxyMetrics::new()));
+        let configured = dir.path().join("config.json");
+        assert_eq!(load_file(&configured, &store), Ok(true));
+        assert_eq!(store.load().expect("loaded").config.generation, "g1");
+    }
 
     #[test]
     fn labels_parse_as_the_downward_api_writes_them() {
