@@ -814,6 +814,12 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
         bare.addr
     );
     assert_eq!(migrating.metric(&fallbacks).await, 1.0);
+    // Later requests reuse the plaintext connection: no TCP connect and
+    // failed TLS handshake per request.
+    for _ in 0..5 {
+        assert_eq!(get(&migrating.outbound_url(0)).await.status, 200);
+    }
+    assert_eq!(migrating.metric(&fallbacks).await, 1.0);
 
     let strict = meshed(
         &client_config(bare.addr, true),
@@ -831,8 +837,8 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
     assert_eq!(strict.metric(&fallbacks).await, 0.0);
     assert_eq!(
         bare.hits(),
-        1,
-        "only the fallback request reached the app in plaintext"
+        6,
+        "only the fallback requests reached the app in plaintext"
     );
 }
 

@@ -96,7 +96,16 @@ struct Conns {
     connecting_h2: tokio::sync::Mutex<()>,
     /// Whether the idle reaper looks after these connections yet.
     registered: std::sync::atomic::AtomicBool,
+    /// When this meshed endpoint last answered mesh TLS in plaintext (it has
+    /// no sidecar): until [`PLAINTEXT_MEMORY`] later, HTTP/1.1 goes to it
+    /// on plaintext connections without a TLS attempt under the HTTP/2 lock.
+    plaintext_at: Mutex<Option<Instant>>,
 }
+
+/// How long a meshed endpoint found without a sidecar is taken to have
+/// none, before mesh TLS is tried on it again (it may have been restarted
+/// with one).
+const PLAINTEXT_MEMORY: Duration = Duration::from_secs(30);
 
 struct Idle {
     sender: http1::SendRequest<Body>,
@@ -144,6 +153,11 @@ impl Conns {
     fn reap(&self, now: Instant) {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+    }
+
+    fn seen_plaintext(&self, now: Instant) -> bool {
+        let at = self.plaintext_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|t| now.duration_since(t) < PLAINTEXT_MEMORY)
     }
 
     fn h2(&self) -> Option<H2Conn> {
@@ -383,6 +397,11 @@ impl Pool {
     /// burst of requests then costs streams, not a TLS handshake each. A
     /// meshed endpoint that answers in plaintext (no sidecar) gets HTTP/1.1.
     async fn send_upgraded(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
+        // An endpoint without a sidecar: its pooled plaintext connections,
+        // not a TCP connect and a failed TLS handshake per request.
+        if ep.conns.seen_plaintext(Instant::now()) {
+            return self.send_http1(ep, parts).await;
+        }
         let mut req = parts.0;
         let mut fresh = false;
         loop {
@@ -408,7 +427,13 @@ impl Pool {
                         Err(failure) => return Err(failure.into_error(ep.addr)),
                     }
                 }
-                Err(plain) => plain,
+                Err(plain) => {
+                    *ep.conns
+                        .plaintext_at
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    plain
+                }
             };
             let (sender, tls) = self.handshake_http1(&ep, plain).await?;
             return self
