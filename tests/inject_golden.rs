@@ -162,7 +162,21 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
             vec![format!("{sa}.crt"), format!("{sa}.key"), "ca.crt".into()],
             "{case}"
         );
-        // Every HTTP probe of the app now goes to the probe port.
+        // The probe targets the proxy is told parse as it parses them.
+        let targets: Vec<String> = proxy
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name == "WEFT_PROBE_TARGETS")
+            .flat_map(|e| e.value.as_deref().unwrap_or_default().split(','))
+            .map(|t| {
+                weft::proxy::admin::parse_probe_target(t)
+                    .unwrap_or_else(|e| panic!("{case}: {e}"))
+                    .to_string()
+            })
+            .collect();
+        // Every HTTP probe of the app now goes to the probe port, and is one
+        // of the probe targets, the only requests the probe port forwards.
         for c in spec.containers.iter().filter(|c| c.name != "weft-proxy") {
             for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
                 .into_iter()
@@ -175,6 +189,14 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
                         get.port,
                         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15121),
                         "{case}: {}",
+                        c.name
+                    );
+                    let path = get.path.as_deref().unwrap_or_default();
+                    let path = path.split('?').next().unwrap_or_default();
+                    let target = path.strip_prefix("/probe/").expect("a /probe/ path");
+                    assert!(
+                        targets.iter().any(|t| t == target),
+                        "{case}: {}: {target} is not in WEFT_PROBE_TARGETS {targets:?}",
                         c.name
                     );
                 }

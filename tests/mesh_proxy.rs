@@ -342,10 +342,12 @@ async fn strict_refuses_plaintext_but_serves_the_probe_port_and_excepted_ports()
     let pki = Pki::new();
     let payments = app().await;
     let health = app().await;
-    let (server, _sid) = server_proxy(
+    let port = payments.addr.port();
+    let (server, _sid) = probe_server(
         &pki,
         &server_config("strict", &[health.addr.port()], json!([])),
-        &[payments.addr.port(), health.addr.port()],
+        &[port, health.addr.port()],
+        &["--probe-target", &format!("{port}/healthz")],
     )
     .await;
 
@@ -353,7 +355,6 @@ async fn strict_refuses_plaintext_but_serves_the_probe_port_and_excepted_ports()
     let answer = raw_plaintext(server.running.inbound[0]).await;
     assert_eq!(answer, "", "closed without an answer");
     assert_eq!(payments.hits(), 0, "the app never saw the request");
-    let port = payments.addr.port();
     assert_eq!(
         server
             .metric(&format!(
@@ -376,6 +377,241 @@ async fn strict_refuses_plaintext_but_serves_the_probe_port_and_excepted_ports()
     // A meshed client still gets through.
     let (client, _cid) = checkout_client(&pki, server.running.inbound[0], true).await;
     assert_eq!(get(&client.outbound_url(0)).await.status, 200);
+}
+
+/// A payments proxy with an identity in front of `app_ports`, with `extra`
+/// flags (the probe targets); ready.
+async fn probe_server(
+    pki: &Pki,
+    config: &Value,
+    app_ports: &[u16],
+    extra: &[&str],
+) -> (TestProxy, IdDir) {
+    let id = pki.dir("shop", "payments");
+    let mut args: Vec<String> = app_ports
+        .iter()
+        .flat_map(|p| ["--inbound-map".to_owned(), format!("127.0.0.1:0={p}")])
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = meshed(config, &[], &id, &args).await;
+    (p, id)
+}
+
+/// An app that records `METHOD uri` of every request it receives.
+async fn recording_app() -> (Upstream, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = Upstream::start(Arc::new(move |_, req| {
+        s.lock()
+            .expect("seen")
+            .push(format!("{} {}", req.method(), req.uri()));
+        (200, "app".into(), Duration::ZERO)
+    }))
+    .await;
+    (app, seen)
+}
+
+fn seen(log: &Mutex<Vec<String>>) -> Vec<String> {
+    log.lock().expect("seen").clone()
+}
+
+#[tokio::test]
+async fn the_probe_port_forwards_only_the_probes_the_injector_rewrote() {
+    let pki = Pki::new();
+    let (payments, log) = recording_app().await;
+    let other = app().await;
+    let port = payments.addr.port();
+    let targets = format!("{port}/healthz,{port}/ready");
+    let (server, _sid) = probe_server(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[port, other.addr.port()],
+        &["--probe-target", &targets],
+    )
+    .await;
+    let base = format!("http://{}/probe", server.running.probe);
+    let c = client();
+
+    // The rewritten probes reach the app, GET and HEAD, with their query.
+    let r = get(&format!("{base}/{port}/healthz")).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "app"), "{r:?}");
+    assert_eq!(r.proxy_error, None);
+    assert_eq!(
+        get(&format!("{base}/{port}/ready?full=1")).await.status,
+        200
+    );
+    let head = send(&c, "HEAD", &format!("{base}/{port}/healthz"), &[]).await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""), "{head:?}");
+    let forwarded = ["GET /healthz", "GET /ready?full=1", "HEAD /healthz"];
+    assert_eq!(seen(&log), forwarded);
+
+    // Any other method, even on a probe path: 405, never forwarded.
+    for (method, path) in [
+        ("POST", "healthz"),
+        ("PUT", "healthz"),
+        ("DELETE", "ready"),
+        ("PATCH", "healthz"),
+        ("OPTIONS", "healthz"),
+        ("POST", "charges"),
+    ] {
+        let r = send(&c, method, &format!("{base}/{port}/{path}"), &[]).await;
+        assert_eq!(r.status, 405, "{method} {path}: {r:?}");
+        assert_eq!(r.proxy_error.as_deref(), Some("method-not-allowed"));
+        assert!(
+            r.body.contains(&format!("method {method} is not allowed"))
+                && r.body.contains("GET and HEAD"),
+            "{}",
+            r.body
+        );
+    }
+
+    // Any other path or port of the app: 403, never forwarded.
+    let r = get(&format!("{base}/{port}/charges")).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (403, Some("forbidden"))
+    );
+    assert!(
+        r.body.contains(&format!(
+            "port {port} path /charges is not a probe the injector rewrote"
+        )),
+        "{}",
+        r.body
+    );
+    for path in [
+        format!("{port}/charges?x=/healthz"),
+        format!("{port}/healthz/../charges"),
+        format!("{port}/healthz%2F..%2Fcharges"),
+        format!("{port}/healthz/"),
+        format!("{port}/"),
+        port.to_string(),
+        format!("{}/healthz", other.addr.port()),
+    ] {
+        let r = get(&format!("{base}/{path}")).await;
+        assert_eq!(
+            (r.status, r.proxy_error.as_deref()),
+            (403, Some("forbidden")),
+            "{path}: {r:?}"
+        );
+    }
+
+    // The admin server through the probe port: refused; the proxy runs on.
+    let admin = server.running.admin.port();
+    for (method, path, status) in [
+        ("GET", "ready", 403),
+        ("GET", "shutdown", 403),
+        ("POST", "shutdown", 405),
+    ] {
+        let r = send(&c, method, &format!("{base}/{admin}/{path}"), &[]).await;
+        assert_eq!(r.status, status, "{method} {path}: {r:?}");
+    }
+    assert!(!server.proxy.drain.started(), "the proxy is not draining");
+    assert_eq!(
+        get(&format!("http://{}/ready", server.running.admin))
+            .await
+            .status,
+        200
+    );
+
+    assert_eq!(seen(&log), forwarded, "the app saw the probes only");
+    assert_eq!(payments.hits(), 3);
+    assert_eq!(other.hits(), 0, "the pod's other port saw nothing");
+}
+
+#[tokio::test]
+async fn the_probe_port_never_forwards_to_the_proxys_own_ports_even_when_configured() {
+    let pki = Pki::new();
+    let (payments, log) = recording_app().await;
+    let port = payments.addr.port();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let targets = format!("{admin}/shutdown,{admin}/ready,{admin}/live,{port}/healthz");
+    // The admin port is fixed up front so that a probe target can name it.
+    let id = pki.dir("shop", "payments");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.json");
+    let strict = server_config("strict", &[], json!([])).to_string();
+    write_atomic(&config, strict.as_bytes());
+    let flags = format!(
+        "proxy --no-transparent --admin 127.0.0.1:{admin} --probe 127.0.0.1:0 \
+         --inbound-map 127.0.0.1:0={port} --probe-target {targets} --config"
+    );
+    let argv: Vec<String> = (flags.split_whitespace().map(str::to_owned))
+        .chain([config.display().to_string()])
+        .chain(id.args())
+        .collect();
+    let args = parse_args(&argv);
+    let proxy = weft::proxy::Proxy::new(&args).expect("proxy");
+    let running = weft::proxy::start(&args, proxy.clone())
+        .await
+        .expect("proxy starts");
+    let server = TestProxy {
+        proxy,
+        running,
+        dir,
+    };
+    wait_ready(&server).await;
+    assert_eq!(server.running.admin.port(), admin);
+    let base = format!("http://{}/probe", server.running.probe);
+    let c = client();
+    for path in ["ready", "live", "shutdown"] {
+        let r = get(&format!("{base}/{admin}/{path}")).await;
+        assert_eq!(
+            (r.status, r.proxy_error.as_deref()),
+            (403, Some("forbidden")),
+            "{path}: {r:?}"
+        );
+        assert!(
+            r.body
+                .contains(&format!("port {admin} is a port of the weft proxy itself")),
+            "{}",
+            r.body
+        );
+    }
+    let r = send(&c, "POST", &format!("{base}/{admin}/shutdown"), &[]).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    // Nor the inbound listener (a loop back in past STRICT) or itself.
+    let inbound = server.running.inbound[0].port();
+    let probe = server.running.probe.port();
+    for path in [
+        format!("{inbound}/healthz"),
+        format!("{probe}/probe/{port}/healthz"),
+    ] {
+        assert_eq!(get(&format!("{base}/{path}")).await.status, 403, "{path}");
+    }
+    assert!(!server.proxy.drain.started(), "the proxy is not draining");
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{admin}/ready")).await.status,
+        200
+    );
+
+    assert_eq!(get(&format!("{base}/{port}/healthz")).await.status, 200);
+    assert_eq!(seen(&log), ["GET /healthz"]);
+}
+
+#[tokio::test]
+async fn without_probe_targets_the_probe_port_forwards_nothing() {
+    let pki = Pki::new();
+    let (payments, log) = recording_app().await;
+    let port = payments.addr.port();
+    let (server, _sid) =
+        probe_server(&pki, &server_config("strict", &[], json!([])), &[port], &[]).await;
+    let r = get(&format!(
+        "http://{}/probe/{port}/healthz",
+        server.running.probe
+    ))
+    .await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (403, Some("forbidden")),
+        "{r:?}"
+    );
+    assert!(r.body.contains("none are configured"), "{}", r.body);
+    assert_eq!(payments.hits(), 0);
+    assert!(seen(&log).is_empty());
 }
 
 #[tokio::test]

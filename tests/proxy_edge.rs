@@ -150,7 +150,13 @@ async fn inbound_forwards_to_the_app_and_probes_reach_it_in_plaintext() {
     }))
     .await;
     let inbound = format!("127.0.0.1:0={}", app.addr.port());
-    let p = start_proxy(&config(vec![]), &[], &["--inbound-map", &inbound]).await;
+    let probe = format!("{}/healthz", app.addr.port());
+    let p = start_proxy(
+        &config(vec![]),
+        &[],
+        &["--inbound-map", &inbound, "--probe-target", &probe],
+    )
+    .await;
     let r = get(&format!("http://{}/orders?id=7", p.running.inbound[0])).await;
     assert_eq!((r.status, r.body.as_str()), (200, "app saw /orders?id=7"));
     let m = p.metrics().await;

@@ -19,7 +19,9 @@
 //!   ServiceAccount admission plugin ran before webhooks, so the containers
 //!   we add would otherwise have none);
 //! - HTTP probes of the app rewritten to the proxy's probe port as
-//!   `/probe/<port>/<path>`, their paths handed to the proxy as health paths;
+//!   `/probe/<port>/<path>`, their paths handed to the proxy as health paths
+//!   and each `<port>/<path>` as a probe target (`WEFT_PROBE_TARGETS`), the
+//!   only requests the probe port forwards;
 //! - `weft.dev/injected-version` and `weft.dev/injection-hash` annotations.
 //!
 //! A pod that already has `weft-proxy` gets an empty patch, so injecting
@@ -230,9 +232,11 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
 
     warn_about_app(pod, &opaque, native, &mut warnings);
 
-    // Probes: rewritten to the probe port; their paths become health paths.
+    // Probes: rewritten to the probe port; their paths become health paths
+    // and, with their ports, the probe targets the proxy forwards.
     let mut ops = Vec::new();
     let mut health_paths = BTreeSet::new();
+    let mut probe_targets = BTreeSet::new();
     for (i, c) in spec.containers.iter().enumerate() {
         for (field, probe) in [
             ("livenessProbe", &c.liveness_probe),
@@ -241,7 +245,8 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         ] {
             let Some(probe) = probe else { continue };
             match rewrite_probe(probe, c) {
-                Ok(Some((rewritten, path))) => {
+                Ok(Some((rewritten, port, path))) => {
+                    probe_targets.insert(format!("{port}/{}", path.trim_start_matches('/')));
                     health_paths.insert(path);
                     ops.push(replace(
                         &format!("/spec/containers/{i}/{field}"),
@@ -265,6 +270,7 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         annotations: &meta_annotations,
         workload: workload_name(pod, &service_account),
         health_paths: health_paths.into_iter().collect(),
+        probe_targets: probe_targets.into_iter().collect(),
         port_names,
         opaque: &opaque,
         native,
@@ -341,6 +347,9 @@ struct ProxyInputs<'a> {
     annotations: &'a BTreeMap<String, String>,
     workload: String,
     health_paths: Vec<String>,
+    /// `<port>/<path>` of every rewritten probe, as the kubelet sends it
+    /// (no query): what the proxy's probe port forwards.
+    probe_targets: Vec<String>,
     port_names: Vec<String>,
     opaque: &'a [u16],
     native: bool,
@@ -384,6 +393,9 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
     ];
     if !p.health_paths.is_empty() {
         env.push(value("WEFT_HEALTH_PATHS", p.health_paths.join(",")));
+    }
+    if !p.probe_targets.is_empty() {
+        env.push(value("WEFT_PROBE_TARGETS", p.probe_targets.join(",")));
     }
     if !p.port_names.is_empty() {
         env.push(value("WEFT_PORT_NAMES", p.port_names.join(",")));
@@ -706,9 +718,9 @@ fn is_quantity(s: &str) -> bool {
     RE.is_match(s)
 }
 
-/// The probe rewritten to the proxy's probe port, and its path; `None` for
-/// probes that are not plain-HTTP `httpGet`.
-fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, String)>, String> {
+/// The probe rewritten to the proxy's probe port, its app port and its path
+/// (no query); `None` for probes that are not plain-HTTP `httpGet`.
+fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, i32, String)>, String> {
     let Some(get) = &probe.http_get else {
         return Ok(None);
     };
@@ -733,6 +745,16 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, String)>
     };
     let original = get.path.clone().unwrap_or_else(|| "/".to_owned());
     let path_only = original.split('?').next().unwrap_or("/").to_owned();
+    // The proxy is told the probe targets comma-delimited, and matches them
+    // against the path as sent on the wire.
+    if path_only
+        .chars()
+        .any(|ch| ch == ',' || ch == '#' || ch.is_whitespace() || ch.is_control() || !ch.is_ascii())
+    {
+        return Err(format!(
+            "path {path_only:?} holds a comma, '#', whitespace or a non-ASCII character; the probe is left as it is"
+        ));
+    }
     let mut rewritten = probe.clone();
     rewritten.http_get = Some(HTTPGetAction {
         path: Some(format!(
@@ -742,7 +764,7 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, String)>
         port: IntOrString::Int(i32::from(PROBE_PORT)),
         ..get.clone()
     });
-    Ok(Some((rewritten, path_only)))
+    Ok(Some((rewritten, port, path_only)))
 }
 
 fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<String>) {
@@ -911,6 +933,29 @@ mod tests {
                 native,
                 "{major}.{minor}"
             );
+        }
+    }
+
+    #[test]
+    fn probes_yield_their_port_and_path_and_unlistable_paths_are_left_alone() {
+        let probe = |path: &str| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(path.to_owned()),
+                port: IntOrString::Int(8080),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = Container::default();
+        let (rewritten, port, path) = rewrite_probe(&probe("/ready?full=1"), &c)
+            .expect("rewritten")
+            .expect("an HTTP probe");
+        assert_eq!((port, path.as_str()), (8080, "/ready"));
+        let get = rewritten.http_get.expect("httpGet");
+        assert_eq!(get.path.as_deref(), Some("/probe/8080/ready?full=1"));
+        for bad in ["/a,b", "/a b", "/caf\u{e9}", "/a#b"] {
+            let err = rewrite_probe(&probe(bad), &c).expect_err(bad);
+            assert!(err.contains("left as it is"), "{bad}: {err}");
         }
     }
 

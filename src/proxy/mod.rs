@@ -65,9 +65,20 @@ pub struct ProxyArgs {
     /// Admin server: /live, /ready, /metrics, /config, POST /shutdown.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT)))]
     pub admin: SocketAddr,
-    /// Probe server: /probe/<port>/<path> is forwarded to the app.
+    /// Probe server: /probe/<port>/<path> is forwarded to the app, for the
+    /// probe targets only.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], PROBE_PORT)))]
     pub probe: SocketAddr,
+    /// The probes the injector rewrote, `<port>/<path>` (`8080/healthz`):
+    /// the only requests (GET or HEAD) the probe server forwards to the app.
+    /// None: it forwards nothing.
+    #[arg(
+        long = "probe-target",
+        env = "WEFT_PROBE_TARGETS",
+        value_delimiter = ',',
+        value_parser = admin::parse_probe_target
+    )]
+    pub probe_targets: Vec<admin::ProbeTarget>,
     /// Do not bind the transparent listeners (no iptables in front).
     #[arg(long)]
     pub no_transparent: bool,
@@ -182,6 +193,8 @@ pub struct Proxy {
     pub drain: Drain,
     pub app_ip: IpAddr,
     pub health_paths: Vec<String>,
+    /// The probes the probe server forwards; nothing else.
+    pub probe_targets: Vec<admin::ProbeTarget>,
     pub detect_timeout: Duration,
     /// Inbound request series by source.
     pub inbound_edges: metrics::EdgeCache,
@@ -260,6 +273,12 @@ impl Proxy {
             drain: Drain::new(),
             app_ip: args.app_ip,
             health_paths: args.health_paths.clone(),
+            probe_targets: {
+                let mut t = args.probe_targets.clone();
+                t.sort_unstable();
+                t.dedup();
+                t
+            },
             detect_timeout: args.detect_timeout,
             inbound_edges: metrics::EdgeCache::default(),
             unknown_source: Arc::from("unknown"),
@@ -352,7 +371,6 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         inbound: Vec::new(),
     };
     tokio::spawn(admin::serve(admin, admin::admin_router(proxy.clone())));
-    tokio::spawn(admin::serve(probe, admin::probe_router(proxy.clone())));
 
     if !args.no_transparent {
         let l = bind(args.outbound, "outbound").await?;
@@ -392,6 +410,29 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
             inbound::serve(p, conn, peer, app_port)
         });
     }
+    // The probe server never forwards to the proxy's own ports: as given
+    // and as bound (a port 0 becomes a real one).
+    let mut own_ports: Vec<u16> = [args.admin, args.probe, args.outbound, args.inbound]
+        .into_iter()
+        .chain(args.outbound_map.iter().map(|(l, _)| *l))
+        .chain(args.inbound_map.iter().map(|(l, _)| *l))
+        .chain([running.admin, running.probe])
+        .chain(running.outbound.iter().copied())
+        .chain(running.inbound.iter().copied())
+        .map(|a| a.port())
+        .filter(|p| *p != 0)
+        .collect();
+    own_ports.sort_unstable();
+    own_ports.dedup();
+    for t in &proxy.probe_targets {
+        if own_ports.contains(&t.port) {
+            tracing::warn!(probe = %t, "probe target names a port of the proxy itself; it is never forwarded");
+        }
+    }
+    tokio::spawn(admin::serve(
+        probe,
+        admin::probe_router(proxy.clone(), own_ports),
+    ));
     proxy.store.set_listening();
     tracing::info!(admin = %running.admin, "proxy listening");
     Ok(running)
