@@ -731,6 +731,14 @@ async fn a_foreign_ca_an_expired_certificate_and_a_wrong_trust_domain_are_refuse
         assert!(counted >= 1.0, "{reason} counted");
     }
     assert_eq!(payments.hits(), 0);
+    // Counted once, by reason: a refused certificate is not also a failed
+    // handshake.
+    assert_eq!(
+        server
+            .metric("weft_proxy_tls_handshake_failures_total{direction=\"inbound\"}")
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -211,6 +211,7 @@ async fn admin_reports_readiness_config_and_drains_on_request() {
 
 #[tokio::test]
 async fn not_ready_until_a_config_exists_then_picks_it_up() {
+    let app = Upstream::fixed(200, "app").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.json");
     let argv: Vec<String> = [
@@ -222,6 +223,8 @@ async fn not_ready_until_a_config_exists_then_picks_it_up() {
         "127.0.0.1:0",
         "--probe",
         "127.0.0.1:0",
+        "--inbound-map",
+        &format!("127.0.0.1:0={}", app.addr.port()),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -233,9 +236,33 @@ async fn not_ready_until_a_config_exists_then_picks_it_up() {
         .expect("start");
     let admin = format!("http://{}/ready", running.admin);
     assert_eq!(get(&admin).await.status, 503);
+
+    // Inbound fails closed until a config says the mode and the rules: the
+    // connection is closed and the app sees nothing.
+    let mut raw = TcpStream::connect(running.inbound[0])
+        .await
+        .expect("connect");
+    let _ = raw.write_all(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer))
+        .await
+        .expect("closed in time");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(app.hits(), 0);
+    let refused = "weft_proxy_inbound_refused_no_config_total";
+    let metrics = format!("http://{}/metrics", running.admin);
+    assert!(get(&metrics).await.body.contains(&format!("{refused} 1")));
+
     write_atomic(&path, config(vec![]).to_string().as_bytes());
     let status = wait_status(&admin, 200).await;
     assert_eq!(status, 200, "ready once the config file appears");
+    let inbound = format!("http://{}/", running.inbound[0]);
+    assert_eq!(
+        get(&inbound).await.status,
+        200,
+        "served once it has a config"
+    );
+    assert_eq!(app.hits(), 1);
 }
 
 fn free_port() -> u16 {

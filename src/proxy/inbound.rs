@@ -68,6 +68,12 @@ struct Conn {
 /// Handles one inbound connection meant for `app_port`.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
     tracing::trace!(%peer, app_port, "inbound connection");
+    // Until a config says the mode and the access rules, nothing is known
+    // to be allowed: fail closed (the probe port is served apart).
+    if proxy.store.load().is_none() {
+        proxy.metrics.inbound_refused_no_config.inc();
+        return tracing::debug!(%peer, app_port, "inbound connection refused: no config loaded yet");
+    }
     let server_first = crate::compile::SERVER_FIRST_PORTS.contains(&app_port)
         || proxy.inbound_opaque_ports.contains(&app_port);
     let wait = if server_first {
@@ -107,9 +113,12 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    return handshake_failed(&proxy, peer, &e.to_string());
+                    return handshake_failed(&proxy, peer, &e);
                 }
-                Err(_) => return handshake_failed(&proxy, peer, "timed out"),
+                Err(_) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+                    return handshake_failed(&proxy, peer, &e);
+                }
             };
             let session = tls.get_ref().1;
             conn.peer_id = peer_identity(session.peer_certificates()).map(Arc::new);
@@ -142,16 +151,18 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
     handle(&proxy, io, conn, protocol, false).await;
 }
 
-fn handshake_failed(proxy: &Proxy, peer: SocketAddr, why: &str) {
+fn handshake_failed(proxy: &Proxy, peer: SocketAddr, err: &std::io::Error) {
     // A refused certificate was counted by reason in the verifier.
-    proxy
-        .metrics
-        .tls_handshake_failures
-        .get_or_create(&HandshakeLabels {
-            direction: Direction::Inbound,
-        })
-        .inc();
-    tracing::debug!(%peer, error = why, "inbound mesh TLS handshake failed");
+    if !super::tls::refused_by_verifier(err) {
+        proxy
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: Direction::Inbound,
+            })
+            .inc();
+    }
+    tracing::debug!(%peer, error = %err, "inbound mesh TLS handshake failed");
 }
 
 /// Counts a plaintext connection and decides it by mode.
@@ -234,8 +245,10 @@ fn authorize(proxy: &Proxy, conn: &Conn, request: Option<HttpRequest<'_>>) -> Ac
             conn.peer_id.as_deref(),
             request,
         ),
-        // Not ready without a config: nothing is guarded yet.
-        None => Access::Allowed,
+        // Connections are refused before a config loads (see `serve`).
+        None => Access::Denied {
+            policy: "(no config loaded)".to_owned(),
+        },
     }
 }
 

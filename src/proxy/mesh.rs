@@ -186,12 +186,14 @@ impl Originator {
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
         };
         if target.strict || !peer_is_not_tls(&err) {
-            self.metrics
-                .tls_handshake_failures
-                .get_or_create(&super::metrics::HandshakeLabels {
-                    direction: super::metrics::Direction::Outbound,
-                })
-                .inc();
+            if !super::tls::refused_by_verifier(&err) {
+                self.metrics
+                    .tls_handshake_failures
+                    .get_or_create(&super::metrics::HandshakeLabels {
+                        direction: super::metrics::Direction::Outbound,
+                    })
+                    .inc();
+            }
             return Err(io::Error::new(
                 err.kind(),
                 format!("mesh TLS with {addr} failed: {err}"),

@@ -144,6 +144,9 @@ pub struct ProxyMetrics {
     /// Outbound connections to a meshed, non-STRICT destination whose
     /// endpoint did not speak TLS, sent in plaintext instead.
     pub plaintext_fallbacks: Family<DstLabels, Counter>,
+    /// Inbound connections closed because no config was loaded yet (the
+    /// mode and the access rules are unknown until then).
+    pub inbound_refused_no_config: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -298,8 +301,15 @@ impl ProxyMetrics {
             "Connections to a meshed, non-STRICT destination sent in plaintext because the endpoint does not speak mesh TLS",
             plaintext_fallbacks.clone(),
         );
+        let inbound_refused_no_config = Counter::default();
+        registry.register(
+            "inbound_refused_no_config",
+            "Inbound connections closed because no config was loaded yet",
+            inbound_refused_no_config.clone(),
+        );
         Self {
             registry,
+            inbound_refused_no_config,
             plaintext_connections,
             plaintext_rejected,
             access_denied,

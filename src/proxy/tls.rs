@@ -293,6 +293,15 @@ impl ExpectedServer {
     }
 }
 
+/// Whether a failed handshake is this side's verifier refusing the peer's
+/// certificate: those are counted by reason in `tls_rejections`, and must
+/// not be counted again as handshake failures.
+pub fn refused_by_verifier(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<Error>())
+        .is_some_and(|e| matches!(e, Error::InvalidCertificate(_)))
+}
+
 /// The SPIFFE id of a TLS peer whose chain was verified in the handshake.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
