@@ -70,6 +70,8 @@ const TOKEN_VOLUME: &str = "weft-token";
 const CONFIG_DIR: &str = "/var/run/weft/config";
 const IDENTITY_DIR: &str = "/var/run/weft/identity";
 const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The pod's labels in the token volume, from the downward API.
+const POD_LABELS_FILE: &str = "pod-labels";
 
 /// Pod annotations the injector reads.
 pub mod annotations {
@@ -384,6 +386,10 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
         value("WEFT_CONFIG", format!("{CONFIG_DIR}/config.json")),
         value("WEFT_IDENTITY_DIR", IDENTITY_DIR.to_owned()),
         value(
+            "WEFT_POD_LABELS_FILE",
+            format!("{TOKEN_DIR}/{POD_LABELS_FILE}"),
+        ),
+        value(
             "WEFT_LOG",
             serde_json::to_value(p.settings.mesh.proxy.log_level)
                 .ok()
@@ -639,14 +645,26 @@ fn token_volume() -> Volume {
                 },
                 VolumeProjection {
                     downward_api: Some(DownwardAPIProjection {
-                        items: Some(vec![DownwardAPIVolumeFile {
-                            path: "namespace".to_owned(),
-                            field_ref: Some(ObjectFieldSelector {
-                                field_path: "metadata.namespace".to_owned(),
+                        items: Some(vec![
+                            DownwardAPIVolumeFile {
+                                path: "namespace".to_owned(),
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.namespace".to_owned(),
+                                    ..Default::default()
+                                }),
                                 ..Default::default()
-                            }),
-                            ..Default::default()
-                        }]),
+                            },
+                            // Kept current by the kubelet: which Services
+                            // select this pod, for their AccessPolicies.
+                            DownwardAPIVolumeFile {
+                                path: POD_LABELS_FILE.to_owned(),
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.labels".to_owned(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            },
+                        ]),
                     }),
                     ..Default::default()
                 },
