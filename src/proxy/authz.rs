@@ -66,30 +66,6 @@ fn selects(auth: &Authorization, labels: Option<&PodLabels>) -> bool {
     }
 }
 
-/// The authorizations guarding `port`: every Service-level one that lists
-/// the port and selects this pod, else the namespace-wide one.
-fn guards<'a>(
-    inbound: &'a InboundConfig,
-    names: &PortNames,
-    labels: Option<&PodLabels>,
-    port: u16,
-) -> Vec<&'a Authorization> {
-    let services: Vec<&Authorization> = inbound
-        .authorizations
-        .iter()
-        .filter(|a| a.service.is_some() && names.covers(&a.ports, port) && selects(a, labels))
-        .collect();
-    if !services.is_empty() {
-        return services;
-    }
-    inbound
-        .authorizations
-        .iter()
-        .filter(|a| a.service.is_none())
-        .take(1)
-        .collect()
-}
-
 fn rule_admits(
     rule: &AccessRuleConfig,
     names: &PortNames,
@@ -130,7 +106,9 @@ fn rule_admits(
     path_ok && method_ok
 }
 
-/// Decides one connection (`request: None`) or one HTTP request.
+/// Decides one connection (`request: None`) or one HTTP request: by the
+/// guards of the Services that list `port` and select this pod, every one
+/// of which must admit it, else by the namespace-wide guard.
 pub fn check(
     inbound: &InboundConfig,
     names: &PortNames,
@@ -139,19 +117,31 @@ pub fn check(
     peer: Option<&SpiffeId>,
     request: Option<HttpRequest<'_>>,
 ) -> Access {
-    let refused = guards(inbound, names, labels, port)
-        .into_iter()
-        .find(|auth| {
-            !auth
-                .rules
-                .iter()
-                .any(|r| rule_admits(r, names, port, peer, request))
-        });
-    match refused {
-        None => Access::Allowed,
-        Some(auth) => Access::Denied {
-            policy: auth.policy.clone(),
-        },
+    let admits = |auth: &Authorization| {
+        auth.rules
+            .iter()
+            .any(|r| rule_admits(r, names, port, peer, request))
+    };
+    let denied = |auth: &Authorization| Access::Denied {
+        policy: auth.policy.clone(),
+    };
+    let mut guarded = false;
+    for auth in inbound
+        .authorizations
+        .iter()
+        .filter(|a| a.service.is_some() && names.covers(&a.ports, port) && selects(a, labels))
+    {
+        if !admits(auth) {
+            return denied(auth);
+        }
+        guarded = true;
+    }
+    if guarded {
+        return Access::Allowed;
+    }
+    match inbound.authorizations.iter().find(|a| a.service.is_none()) {
+        Some(auth) if !admits(auth) => denied(auth),
+        _ => Access::Allowed,
     }
 }
 
