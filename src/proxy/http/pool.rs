@@ -119,6 +119,20 @@ struct H2Conn {
     tls: bool,
     /// Tells this connection from a newer one to the same endpoint.
     id: u64,
+    born: Instant,
+}
+
+/// New requests stop using an HTTP/2 connection this old; it closes once
+/// its streams finish. A Service reached through its ClusterIP is balanced
+/// by kube-proxy once per connection, and every request to the endpoint
+/// rides this one connection: without a limit, all of a pod's calls to a
+/// Service would stay on whichever backend pod its first connection drew.
+/// The cost is one mesh handshake per endpoint per minute.
+const MAX_H2_AGE: Duration = Duration::from_secs(60);
+
+/// Whether a connection made at `born` may take new requests at `now`.
+fn young(born: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(born) < MAX_H2_AGE
 }
 
 /// Numbers HTTP/2 connections, for [`Conns::forget_h2`].
@@ -162,7 +176,9 @@ impl Conns {
 
     fn h2(&self) -> Option<H2Conn> {
         let conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-        conn.as_ref().filter(|c| !c.sender.is_closed()).cloned()
+        conn.as_ref()
+            .filter(|c| !c.sender.is_closed() && young(c.born, Instant::now()))
+            .cloned()
     }
 
     /// Drops the cached HTTP/2 connection if it is still connection `id`
@@ -311,6 +327,7 @@ impl Pool {
             sender,
             tls,
             id: H2_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            born: Instant::now(),
         };
         *ep.conns.http2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(Ok(conn))
@@ -482,6 +499,7 @@ async fn send_on_http2(ep: &Endpoint, conn: H2Conn, req: Request) -> Result<Resp
         mut sender,
         tls,
         id,
+        ..
     } = conn;
     if sender.ready().await.is_err() {
         ep.conns.forget_h2(id);
@@ -787,6 +805,15 @@ mod tests {
         let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         n.sort_unstable();
         n
+    }
+
+    #[test]
+    fn an_http2_connection_past_its_age_takes_no_new_requests() {
+        let born = Instant::now();
+        assert!(young(born, born + MAX_H2_AGE - Duration::from_millis(1)));
+        assert!(!young(born, born + MAX_H2_AGE));
+        // A clock read before `born` (another thread's) is not an age.
+        assert!(young(born + Duration::from_secs(1), born));
     }
 
     #[test]
