@@ -281,6 +281,14 @@ impl Destinations {
         d
     }
 
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.by_label
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// Forgets destinations a new config no longer names.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());

@@ -145,6 +145,17 @@ impl Snapshot {
         if let Some(d) = cache.get(&addr) {
             return d.clone();
         }
+        if cache.len() >= MAX_ADDRESS_DESTINATIONS {
+            // External APIs behind rotating IPs, pod IPs as pods churn:
+            // start over rather than keep every address ever called (and
+            // its endpoint state and connections) for the proxy's life.
+            tracing::debug!(
+                cached = cache.len(),
+                "address destinations at their limit; forgetting them"
+            );
+            cache.clear();
+            all.retain(|label| label.parse::<SocketAddr>().is_err());
+        }
         let d = all.get(
             &addr.to_string(),
             &self.config.outbound.defaults,
@@ -155,6 +166,10 @@ impl Snapshot {
         d
     }
 }
+
+/// Destinations kept for addresses no Service claims, before they are
+/// forgotten all at once.
+const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 
 /// The current snapshot and whether the proxy may report ready.
 pub struct ConfigStore {
@@ -221,5 +236,29 @@ impl ConfigStore {
     /// Ready: a config is loaded and the listeners are bound.
     pub fn ready(&self) -> bool {
         self.listening.load(Ordering::Acquire) && self.current.load().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_no_service_claims_are_kept_within_a_limit() {
+        let json = r#"{"schemaVersion":"1.0","generation":"g1","namespace":"shop","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[]}}"#;
+        let snapshot = Snapshot::new(ProxyConfig::from_json(json.as_bytes()).expect("config"));
+        let all = Destinations::default();
+        let addr =
+            |n: usize| SocketAddr::from(([10, (n >> 16) as u8, (n >> 8) as u8, n as u8], 443));
+        let first = snapshot.address_destination(addr(0), &all);
+        assert!(Arc::ptr_eq(
+            &first,
+            &snapshot.address_destination(addr(0), &all)
+        ));
+        for n in 1..=MAX_ADDRESS_DESTINATIONS + 10 {
+            snapshot.address_destination(addr(n), &all);
+        }
+        assert!(lock(&snapshot.by_address).len() <= MAX_ADDRESS_DESTINATIONS);
+        assert!(all.count() <= MAX_ADDRESS_DESTINATIONS);
     }
 }
