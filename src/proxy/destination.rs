@@ -28,6 +28,10 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// How long resolved DNS answers are used.
 const DNS_TTL: Duration = Duration::from_secs(5);
+/// How long a lookup may take before the last answer is kept.
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed first lookup, how long before the next.
+const DNS_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a destination's endpoints come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,8 +76,10 @@ pub struct Destination {
     /// Who serves a meshed destination (its endpoints get mesh mTLS).
     pub mesh: Option<Arc<MeshTarget>>,
     source: EndpointSource,
-    /// When DNS last answered (None: never), and the endpoints.
+    /// When DNS was last asked (None: never), and the endpoints.
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
+    /// Held by the one request refreshing DNS.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 fn breaker(cfg: &Option<CircuitBreakerConfig>) -> Option<CircuitBreaker> {
@@ -130,6 +136,7 @@ impl Destination {
             )),
             source,
             policy,
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -143,10 +150,35 @@ impl Destination {
         if resolved_at.is_some_and(|t| t.elapsed() < DNS_TTL) {
             return current;
         }
-        let fresh: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-            Ok(addrs) => addrs.collect(),
-            Err(e) => {
-                tracing::warn!(%host, error = %e, "resolving endpoints failed; keeping the last answer");
+        // One refresh at a time: the others keep using the last answer
+        // (with none yet, they wait for it), and endpoint state is never
+        // split between two refreshes that both saw a new address.
+        let _refreshing = match self.refreshing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if !current.is_empty() => return current,
+            Err(_) => {
+                let _wait = self.refreshing.lock().await;
+                return self.cached().1;
+            }
+        };
+        let lookup = tokio::net::lookup_host((host.as_str(), port));
+        let fresh: Vec<SocketAddr> = match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {DNS_TIMEOUT:?}"),
+                };
+                tracing::warn!(%host, error = %why, "resolving endpoints failed; keeping the last answer");
+                // Asked again after the TTL (a second, with no answer at
+                // all yet), not on every request while the resolver is down.
+                let wait = if current.is_empty() {
+                    DNS_RETRY
+                } else {
+                    DNS_TTL
+                };
+                let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                guard.0 = Instant::now().checked_sub(DNS_TTL - wait);
                 return current;
             }
         };
@@ -293,5 +325,35 @@ impl Destinations {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|label, _| keep(label));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_lookup_is_not_repeated_on_every_request() {
+        let policy: ServicePolicy = serde_json::from_str(
+            r#"{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"}"#,
+        )
+        .expect("policy");
+        let d = Destination::new(
+            "nowhere:80".into(),
+            policy,
+            EndpointSource::Dns {
+                // RFC 6761: never resolves.
+                host: "weft-test.invalid".into(),
+                port: 80,
+            },
+            None,
+        );
+        assert!(d.endpoints().await.is_empty());
+        let (asked, _) = d.cached();
+        assert!(asked.is_some(), "the failure is remembered");
+        // Within the retry interval the next request does not ask again
+        // (asking would move the timestamp).
+        assert!(d.endpoints().await.is_empty());
+        assert_eq!(d.cached().0, asked);
     }
 }
