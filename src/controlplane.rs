@@ -1,19 +1,28 @@
 //! `weft control-plane`: the cluster side of weft, one binary per replica:
 //! - the sidecar injector on every replica: the admission webhook over
 //!   HTTPS, its serving certificate (`inject::certs`), and the caches it
-//!   reads (the Mesh defaults, namespace labels, the API server's version);
+//!   reads (the Mesh defaults, namespace labels, the API server's and the
+//!   kubelets' versions);
 //! - the operator (`crate::operator`), whose watches run on every replica
 //!   and whose writers run only on the one holding the Lease;
 //! - the admin server: `/livez`, `/readyz`, `/metrics`.
+//!
+//! On SIGTERM or SIGINT (every replica, leading or not) `/readyz` fails
+//! at once, the webhook keeps answering for [`SHUTDOWN_GRACE`] while the
+//! operator stops (the leader releases the Lease), then the process exits.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -102,23 +111,34 @@ pub fn main(args: ControlPlaneArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
-    let version = client
-        .apiserver_version()
-        .await
-        .context("reading the API server version")?;
-    let caps = ClusterCaps::from_version(&version.major, &version.minor);
-    tracing::info!(
-        version = %version.git_version,
-        native_sidecars = caps.native_sidecars,
-        "API server"
-    );
+    // First, on every replica: without a handler SIGTERM kills the process
+    // outright, webhook and all.
+    let signal = shutdown_signal()?;
+    tokio::pin!(signal);
+    let connect = async {
+        let client = Client::try_default()
+            .await
+            .context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
+        let version = client
+            .apiserver_version()
+            .await
+            .context("reading the API server version")?;
+        anyhow::Ok((client, version))
+    };
+    let (client, version) = tokio::select! {
+        r = connect => r?,
+        () = &mut signal => return Ok(()),
+    };
+    let apiserver = apiserver_version(&version);
+    tracing::info!(version = %version.git_version, "API server");
+    // Classic until the Nodes are listed: native sidecars need every
+    // kubelet at 1.29 too (`watch_kubelets`).
     let settings = InjectSettings {
         image: args.proxy_image.clone(),
         mesh: MeshSpec::default(),
-        caps,
+        caps: ClusterCaps {
+            native_sidecars: false,
+        },
     };
 
     let (store, writer) = reflector::store::<Namespace>();
@@ -143,6 +163,7 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         namespaces: Box::new(NamespaceCache(store)),
     });
     tokio::spawn(watch_mesh(client.clone(), hook.clone()));
+    tokio::spawn(watch_kubelets(client.clone(), apiserver, hook.clone()));
 
     let serving = Arc::new(ServingCert::default());
     let names = WebhookNames {
@@ -162,9 +183,12 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(crate::operator::metrics::Metrics::default());
     let synced = Arc::new(AtomicBool::new(false));
+    let draining = Arc::new(AtomicBool::new(false));
     let ready = {
-        let (synced, serving) = (synced.clone(), serving.clone());
-        Arc::new(move || synced.load(Ordering::Relaxed) && serving.ready())
+        let (synced, serving, draining) = (synced.clone(), serving.clone(), draining.clone());
+        Arc::new(move || {
+            synced.load(Ordering::Relaxed) && serving.ready() && !draining.load(Ordering::Relaxed)
+        })
     };
     let admin = crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready);
     let identity = args.pod_name.clone().unwrap_or_else(|| {
@@ -173,6 +197,7 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "weft-control-plane".into());
         format!("{host}-{}", std::process::id())
     });
+    let (stop_operator, mut operator_stop) = tokio::sync::watch::channel(false);
     let operator = crate::operator::run(
         client.clone(),
         crate::operator::Options {
@@ -184,7 +209,9 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         },
         metrics,
         synced,
-        shutdown_signal(),
+        async move {
+            let _ = operator_stop.wait_for(|stop| *stop).await;
+        },
     );
 
     let webhook = async {
@@ -197,30 +224,82 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
         webhook::serve_https(listener, serving.clone(), webhook::router(hook)).await
     };
-    // The operator returns on SIGTERM (after releasing the lease) or with an
-    // error when the lease is lost; either ends the process, and a lost
-    // lease exits non-zero so the pod restarts as a candidate.
-    tokio::select! {
-        r = operator => r,
-        r = webhook => r,
-        r = admin => r,
-    }
+    serve_until_shutdown(
+        signal,
+        SHUTDOWN_GRACE,
+        &draining,
+        stop_operator,
+        operator,
+        webhook,
+        admin,
+    )
+    .await
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+/// How long the webhook keeps answering after SIGTERM, `/readyz` failing.
+/// A terminating pod leaves the Service's EndpointSlices at once, but
+/// kube-proxy on every node and the API server (which calls the webhook
+/// through the Service) take a few seconds to stop sending to it; requests
+/// that reach a closed listener fail, and with `failurePolicy: Fail` they
+/// deny pod creations. Well inside the default 30 s
+/// `terminationGracePeriodSeconds`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the control plane's parts until one fails or `signal` fires. A
+/// part ending first ends the process: the operator returns an error when
+/// the lease is lost (exit non-zero, restart as a candidate); the webhook
+/// and the admin server only on an error. On `signal`: `draining` turns
+/// true (`/readyz` fails), the operator is told to stop (`stop_operator`;
+/// it releases the lease if it leads) and, while the webhook and the admin
+/// server keep serving, this waits for both `grace` and the operator, then
+/// returns the operator's result (dropping the webhook's listener).
+pub async fn serve_until_shutdown(
+    signal: impl Future<Output = ()>,
+    grace: Duration,
+    draining: &AtomicBool,
+    stop_operator: tokio::sync::watch::Sender<bool>,
+    operator: impl Future<Output = anyhow::Result<()>>,
+    webhook: impl Future<Output = anyhow::Result<()>>,
+    admin: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::pin!(signal, operator, webhook, admin);
+    tokio::select! {
+        r = &mut operator => return r,
+        r = &mut webhook => return r,
+        r = &mut admin => return r,
+        () = &mut signal => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!(
+        ?grace,
+        "shutting down: not ready; the webhook serves on while the endpoint is removed"
+    );
+    draining.store(true, Ordering::Relaxed);
+    let _ = stop_operator.send(true);
+    let drained = async {
+        let ((), stopped) = tokio::join!(tokio::time::sleep(grace), &mut operator);
+        stopped
+    };
+    let r = tokio::select! {
+        r = drained => r,
+        r = &mut webhook => r,
+        r = &mut admin => r,
+    };
+    tracing::info!("stopped");
+    r
+}
+
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed
+/// when this is called, not when the future is first polled.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Keeps the injector's Mesh defaults current: the Mesh named `default`,
@@ -250,12 +329,548 @@ async fn watch_mesh(client: Client, hook: Arc<Webhook>) {
             }
         };
         let Some(spec) = spec else { continue };
-        let current = hook.settings.load();
-        if current.mesh != spec {
-            let mut next = InjectSettings::clone(&current);
-            next.mesh = spec;
-            hook.settings.store(Arc::new(next));
+        if hook.settings.load().mesh != spec {
+            // rcu: the kubelet watch writes the settings too.
+            hook.settings.rcu(|current| {
+                let mut next = InjectSettings::clone(current);
+                next.mesh = spec.clone();
+                next
+            });
             tracing::info!("Mesh defaults updated");
         }
+    }
+}
+
+/// A Kubernetes `major.minor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KubeVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// The first release with native sidecars on by default (init containers
+/// with `restartPolicy: Always`; the SidecarContainers feature is beta and
+/// on from 1.29). An older kubelet runs such an init container as an
+/// ordinary one that never exits, and the pod stays in Init for good.
+pub const NATIVE_SIDECARS_SINCE: KubeVersion = KubeVersion {
+    major: 1,
+    minor: 29,
+};
+
+impl KubeVersion {
+    /// From a version as Kubernetes reports it: `v1.29.3`, `1.29`,
+    /// `v1.30.0-eks-abc`, `v1.28.15+k3s1`. None for anything else.
+    pub fn parse(version: &str) -> Option<Self> {
+        let v = version.trim();
+        let v = v.strip_prefix(['v', 'V']).unwrap_or(v);
+        // The version proper ends at a pre-release (`-`) or build (`+`) suffix.
+        let core = v.split(['-', '+']).next()?;
+        let mut parts = core.split('.');
+        let major = number(parts.next()?)?;
+        let minor = number(parts.next()?)?;
+        match (parts.next(), parts.next()) {
+            (None, _) => {}
+            (Some(patch), None) if number(patch).is_some() => {}
+            _ => return None,
+        }
+        Some(Self { major, minor })
+    }
+}
+
+impl std::fmt::Display for KubeVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Digits only (`str::parse` would take a leading `+`).
+fn number(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The API server's version: its `major`/`minor` (`"1"`, `"29+"` on some
+/// providers), else its `gitVersion`.
+pub fn apiserver_version(info: &Info) -> Option<KubeVersion> {
+    let trimmed = |s: &str| number(s.trim_end_matches(|c: char| !c.is_ascii_digit()));
+    match (trimmed(&info.major), trimmed(&info.minor)) {
+        (Some(major), Some(minor)) => Some(KubeVersion { major, minor }),
+        _ => KubeVersion::parse(&info.git_version),
+    }
+}
+
+/// Whether `sidecarMode: Auto` injects native sidecars, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarSupport {
+    pub native: bool,
+    pub reason: String,
+}
+
+/// Native sidecars only when the API server and every Node's kubelet are
+/// 1.29 or newer (kubelets may lag the API server by three minors, and the
+/// control plane is upgraded first). `kubelets` holds each Node's
+/// `status.nodeInfo.kubeletVersion` by name, or why the Nodes are not
+/// known (the list failed or is forbidden). Anything unknown — an
+/// unparseable version, no Nodes, no list — means classic, the mode every
+/// kubelet runs.
+pub fn sidecar_support(
+    apiserver: Option<KubeVersion>,
+    kubelets: Result<&BTreeMap<String, String>, &str>,
+) -> SidecarSupport {
+    let classic = |reason: String| SidecarSupport {
+        native: false,
+        reason,
+    };
+    match apiserver {
+        None => return classic("the API server's version is unknown".into()),
+        Some(v) if v < NATIVE_SIDECARS_SINCE => {
+            return classic(format!(
+                "the API server is {v}, before {NATIVE_SIDECARS_SINCE}"
+            ));
+        }
+        Some(_) => {}
+    }
+    let kubelets = match kubelets {
+        Ok(k) => k,
+        Err(e) => return classic(format!("the Nodes' kubelet versions are unknown: {e}")),
+    };
+    if kubelets.is_empty() {
+        return classic("no Node is known yet".into());
+    }
+    let old: Vec<String> = kubelets
+        .iter()
+        .filter_map(|(node, raw)| match KubeVersion::parse(raw) {
+            Some(v) if v >= NATIVE_SIDECARS_SINCE => None,
+            Some(_) => Some(format!("{node} ({raw})")),
+            None => Some(format!("{node} (unparseable {raw:?})")),
+        })
+        .collect();
+    if old.is_empty() {
+        return SidecarSupport {
+            native: true,
+            reason: format!(
+                "the API server and the kubelets of all {} Nodes are {NATIVE_SIDECARS_SINCE}+",
+                kubelets.len()
+            ),
+        };
+    }
+    const SHOWN: usize = 5;
+    let more = match old.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    classic(format!(
+        "{} Node(s) with a kubelet before {NATIVE_SIDECARS_SINCE} or of unknown version: {}{more}",
+        old.len(),
+        old[..old.len().min(SHOWN)].join(", ")
+    ))
+}
+
+/// The Nodes' kubelet versions as a Node watch reports them.
+#[derive(Debug, Default)]
+struct Kubelets {
+    /// By Node name; None until a list has completed.
+    nodes: Option<BTreeMap<String, String>>,
+    /// A (re)list in progress.
+    listing: Option<BTreeMap<String, String>>,
+    /// The watch's last error, until it delivers again: Nodes may have
+    /// joined meanwhile.
+    failed: Option<String>,
+}
+
+fn kubelet_version(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.kubelet_version.clone())
+        .unwrap_or_default()
+}
+
+impl Kubelets {
+    fn event(&mut self, ev: watcher::Event<Node>) {
+        match ev {
+            watcher::Event::Init => self.listing = Some(BTreeMap::new()),
+            watcher::Event::InitApply(node) => {
+                let version = self.note(&node);
+                self.listing
+                    .get_or_insert_default()
+                    .insert(node.name_any(), version);
+            }
+            watcher::Event::InitDone => {
+                self.nodes = Some(self.listing.take().unwrap_or_default());
+                self.failed = None;
+            }
+            // After an error the watch resumes where it was (or lists
+            // again, above): an event means nothing was missed.
+            watcher::Event::Apply(node) => {
+                let version = self.note(&node);
+                if let Some(nodes) = &mut self.nodes {
+                    nodes.insert(node.name_any(), version);
+                    self.failed = None;
+                }
+            }
+            watcher::Event::Delete(node) => {
+                if let Some(nodes) = &mut self.nodes {
+                    nodes.remove(&node.name_any());
+                    self.failed = None;
+                }
+            }
+        }
+    }
+
+    fn error(&mut self, error: String) {
+        self.failed = Some(error);
+    }
+
+    /// The Node's kubelet version, warning (once per version) when it does
+    /// not parse.
+    fn note(&self, node: &Node) -> String {
+        let version = kubelet_version(node);
+        let name = node.name_any();
+        let known = self
+            .nodes
+            .iter()
+            .chain(self.listing.iter())
+            .any(|nodes| nodes.get(&name) == Some(&version));
+        if !known && KubeVersion::parse(&version).is_none() {
+            tracing::warn!(
+                node = %name,
+                kubelet_version = %version,
+                "unparseable kubelet version: taken as older than {NATIVE_SIDECARS_SINCE} (classic sidecars)"
+            );
+        }
+        version
+    }
+
+    fn support(&self, apiserver: Option<KubeVersion>) -> SidecarSupport {
+        let kubelets = match (&self.failed, &self.nodes) {
+            (Some(e), _) => Err(e.as_str()),
+            (None, None) => Err("not listed yet"),
+            (None, Some(nodes)) => Ok(nodes),
+        };
+        sidecar_support(apiserver, kubelets)
+    }
+}
+
+/// Keeps the injector's native-sidecar capability current from a watch on
+/// the Nodes (cheaper than listing them all again every minute, and a Node
+/// that joins counts at once), logging each change of decision once.
+async fn watch_kubelets(client: Client, apiserver: Option<KubeVersion>, hook: Arc<Webhook>) {
+    let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    futures_util::pin_mut!(stream);
+    let mut kubelets = Kubelets::default();
+    let mut current: Option<SidecarSupport> = None;
+    // A failing list or watch is logged once, not at every retry.
+    let mut failing = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(ev) => kubelets.event(ev),
+            Err(e) => kubelets.error(e.to_string()),
+        }
+        match &kubelets.failed {
+            Some(e) if !failing => {
+                tracing::warn!(
+                    error = %e,
+                    "listing or watching Nodes (needs list and watch on nodes): \
+                     classic sidecars until it works again"
+                );
+                failing = true;
+            }
+            Some(_) => {}
+            None if failing => {
+                tracing::info!("listing and watching Nodes again");
+                failing = false;
+                current = None;
+            }
+            None => {}
+        }
+        // Mid-list, the decision stands until the list completes.
+        if kubelets.listing.is_some() && !failing {
+            continue;
+        }
+        let support = kubelets.support(apiserver);
+        // Logged when the mode changes, not at every Node joining or leaving.
+        let flipped = current.as_ref().is_none_or(|c| c.native != support.native);
+        if !failing && current.as_ref() != Some(&support) && !flipped {
+            tracing::debug!(reason = %support.reason, native = support.native, "sidecarMode Auto");
+        } else if !failing && flipped {
+            if support.native {
+                tracing::info!(reason = %support.reason, "sidecarMode Auto: native sidecars");
+            } else {
+                tracing::warn!(reason = %support.reason, "sidecarMode Auto: classic sidecars");
+            }
+        }
+        let native = support.native;
+        current = Some(support);
+        if hook.settings.load().caps.native_sidecars != native {
+            hook.settings.rcu(|settings| {
+                let mut next = InjectSettings::clone(settings);
+                next.caps.native_sidecars = native;
+                next
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(major: u32, minor: u32) -> Option<KubeVersion> {
+        Some(KubeVersion { major, minor })
+    }
+
+    #[test]
+    fn kube_versions_parse_with_provider_suffixes_and_nothing_else() {
+        for (s, want) in [
+            ("v1.29.3", v(1, 29)),
+            ("v1.30.0-eks-abc", v(1, 30)),
+            ("v1.28.15+k3s1", v(1, 28)),
+            ("v1.29.1-gke.1589017", v(1, 29)),
+            ("1.29", v(1, 29)),
+            (" V1.31.0 ", v(1, 31)),
+            ("v2.0.0", v(2, 0)),
+            ("", None),
+            ("v", None),
+            ("1", None),
+            ("v1.x.3", None),
+            ("+1.29.0", None),
+            ("v1.+29.0", None),
+            ("v1..3", None),
+            ("v1.29.3.4", None),
+            ("v1.29.x", None),
+            ("kubelet", None),
+        ] {
+            assert_eq!(KubeVersion::parse(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn the_api_servers_version_comes_from_major_minor_else_git_version() {
+        let info = |major: &str, minor: &str, git: &str| Info {
+            major: major.into(),
+            minor: minor.into(),
+            git_version: git.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            apiserver_version(&info("1", "29+", "v1.29.1-gke.1")),
+            v(1, 29)
+        );
+        assert_eq!(apiserver_version(&info("", "", "v1.30.2")), v(1, 30));
+        assert_eq!(apiserver_version(&info("", "", "")), None);
+    }
+
+    fn nodes(list: &[(&str, &str)]) -> BTreeMap<String, String> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn native_sidecars_only_when_the_api_server_and_every_kubelet_are_1_29() {
+        let new = nodes(&[
+            ("a", "v1.29.3"),
+            ("b", "v1.30.0-eks-abc"),
+            ("c", "v1.31.1+k3s1"),
+        ]);
+        assert!(sidecar_support(v(1, 30), Ok(&new)).native);
+
+        let one_old = nodes(&[("a", "v1.29.3"), ("old-1", "v1.28.15+k3s1")]);
+        let s = sidecar_support(v(1, 30), Ok(&one_old));
+        assert!(!s.native);
+        assert!(s.reason.contains("old-1 (v1.28.15+k3s1)"), "{}", s.reason);
+        assert!(!s.reason.contains("a ("), "{}", s.reason);
+
+        let unparseable = nodes(&[("a", "v1.29.3"), ("odd", "banana")]);
+        let s = sidecar_support(v(1, 30), Ok(&unparseable));
+        assert!(!s.native);
+        assert!(
+            s.reason.contains("odd (unparseable \"banana\")"),
+            "{}",
+            s.reason
+        );
+
+        let no_status = nodes(&[("fresh", "")]);
+        assert!(!sidecar_support(v(1, 30), Ok(&no_status)).native);
+
+        let s = sidecar_support(v(1, 30), Err("nodes is forbidden"));
+        assert!(!s.native);
+        assert!(s.reason.contains("forbidden"), "{}", s.reason);
+
+        assert!(
+            !sidecar_support(v(1, 28), Ok(&new)).native,
+            "old API server"
+        );
+        assert!(
+            !sidecar_support(None, Ok(&new)).native,
+            "unknown API server"
+        );
+        assert!(
+            !sidecar_support(v(1, 30), Ok(&BTreeMap::new())).native,
+            "no Nodes"
+        );
+    }
+
+    #[test]
+    fn many_old_kubelets_are_counted_not_all_named() {
+        let many: BTreeMap<String, String> = (0..20)
+            .map(|i| (format!("n{i:02}"), "v1.27.0".to_owned()))
+            .collect();
+        let s = sidecar_support(v(1, 30), Ok(&many));
+        assert!(!s.native);
+        assert!(s.reason.starts_with("20 Node(s)"), "{}", s.reason);
+        assert!(s.reason.ends_with("and 15 more"), "{}", s.reason);
+    }
+
+    fn node(name: &str, kubelet: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"nodeInfo": {
+                "kubeletVersion": kubelet,
+                "architecture": "", "bootID": "", "containerRuntimeVersion": "",
+                "kernelVersion": "", "kubeProxyVersion": "", "machineID": "",
+                "operatingSystem": "", "osImage": "", "systemUUID": "",
+            }},
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn the_node_watch_decides_from_complete_lists_and_falls_back_on_errors() {
+        use watcher::Event;
+        let api = v(1, 30);
+        let mut k = Kubelets::default();
+        assert!(!k.support(api).native, "nothing listed yet");
+
+        k.event(Event::Init);
+        k.event(Event::InitApply(node("a", "v1.29.3")));
+        k.event(Event::InitDone);
+        assert!(k.support(api).native);
+
+        // A 1.28 Node joins, then leaves.
+        k.event(Event::Apply(node("b", "v1.28.15")));
+        assert!(!k.support(api).native);
+        k.event(Event::Delete(node("b", "v1.28.15")));
+        assert!(k.support(api).native);
+
+        // An error: classic until the watch delivers again.
+        k.error("connection refused".into());
+        let s = k.support(api);
+        assert!(
+            !s.native && s.reason.contains("connection refused"),
+            "{s:?}"
+        );
+        k.event(Event::Apply(node("a", "v1.29.4")));
+        assert!(k.support(api).native);
+
+        // A relist replaces what was known: b is gone unless listed again.
+        k.event(Event::Apply(node("b", "v1.28.15")));
+        k.event(Event::Init);
+        k.event(Event::InitApply(node("a", "v1.29.4")));
+        k.event(Event::InitDone);
+        assert!(k.support(api).native);
+
+        // The list itself forbidden: classic.
+        let mut k = Kubelets::default();
+        k.error("nodes is forbidden".into());
+        assert!(!k.support(api).native);
+    }
+
+    /// Plain HTTP/1.1 GET; the status code.
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf);
+        Ok(text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0))
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_readiness_fails_while_the_webhook_answers_then_both_stop() {
+        use axum::routing::get as route;
+        let grace = Duration::from_millis(600);
+        let draining = Arc::new(AtomicBool::new(false));
+
+        let admin_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let ready = {
+            let d = draining.clone();
+            Arc::new(move || !d.load(Ordering::Relaxed))
+        };
+        let admin = crate::operator::serve_admin(admin_addr, Arc::default(), ready);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let hook_addr = listener.local_addr().expect("addr");
+        let webhook = async move {
+            let app = axum::Router::new().route("/healthz", route(|| async { "ok" }));
+            axum::serve(listener, app).await?;
+            anyhow::Ok(())
+        };
+
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let operator = {
+            let stopped = stopped.clone();
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+                stopped.store(true, Ordering::Relaxed);
+                anyhow::Ok(())
+            }
+        };
+        let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async {
+            let _ = signal_rx.await;
+        };
+        let run = tokio::spawn({
+            let draining = draining.clone();
+            async move {
+                serve_until_shutdown(signal, grace, &draining, stop_tx, operator, webhook, admin)
+                    .await
+            }
+        });
+
+        // Serving and ready.
+        let mut up = false;
+        for _ in 0..100 {
+            if get(admin_addr, "/readyz").await.ok() == Some(200) {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(up, "the admin server came up");
+        assert_eq!(get(hook_addr, "/healthz").await.expect("webhook"), 200);
+        assert!(!stopped.load(Ordering::Relaxed));
+
+        let signalled = tokio::time::Instant::now();
+        signal_tx.send(()).expect("signal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Not ready, the operator told to stop, the webhook still answering.
+        assert_eq!(get(admin_addr, "/readyz").await.expect("admin"), 503);
+        assert!(stopped.load(Ordering::Relaxed), "the operator is stopped");
+        assert_eq!(get(hook_addr, "/healthz").await.expect("webhook"), 200);
+        assert!(!run.is_finished(), "still in the grace period");
+
+        run.await.expect("join").expect("a clean stop");
+        assert!(signalled.elapsed() >= grace, "{:?}", signalled.elapsed());
+        assert!(
+            get(hook_addr, "/healthz").await.is_err(),
+            "the webhook's listener is closed"
+        );
     }
 }

@@ -380,6 +380,8 @@ fn the_operator_may_do_what_it_does() {
     for (group, resource, verb) in [
         ("", "namespaces", "watch"),
         ("", "pods", "list"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
         ("", "services", "watch"),
         ("", "serviceaccounts", "watch"),
         ("", "configmaps", "patch"),

@@ -42,8 +42,8 @@ pub struct Options {
 
 /// `/livez`, `/readyz` and `/metrics` of the control plane. `ready` says
 /// whether this replica can serve (caches synced, webhook certificate
-/// loaded); it does not depend on leading, so standby replicas keep
-/// serving the webhook.
+/// loaded, not shutting down); it does not depend on leading, so standby
+/// replicas keep serving the webhook.
 pub async fn serve_admin(
     listen: SocketAddr,
     metrics: Arc<metrics::Metrics>,
@@ -61,7 +61,7 @@ pub async fn serve_admin(
                     } else {
                         (
                             http::StatusCode::SERVICE_UNAVAILABLE,
-                            "caches not synced yet",
+                            "not ready: caches syncing, certificate loading, or shutting down",
                         )
                     }
                 }
@@ -93,7 +93,9 @@ pub async fn serve_admin(
 /// Runs the operator: watches on this replica at once (`synced` turns true
 /// when they have listed), then, once this replica holds the Lease,
 /// [`lead`]. Returns an error when leadership is lost (the process should
-/// exit and restart as a candidate), Ok on `shutdown`.
+/// exit and restart as a candidate), Ok on `shutdown` — also while still
+/// syncing or standing by for the Lease (a standby holds nothing to give
+/// up).
 pub async fn run(
     client: Client,
     opts: Options,
@@ -113,18 +115,27 @@ pub async fn run(
             leading,
         },
     );
-    world.synced().await;
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = world.synced() => {}
+        () = &mut shutdown => return Ok(()),
+    }
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
 
-    let leadership = leader::Candidate {
+    let candidate = leader::Candidate {
         namespace: opts.namespace.clone(),
         lease: opts.lease.clone(),
         identity: opts.identity.clone(),
         duration: opts.lease_duration,
-    }
-    .acquire(client.clone())
-    .await;
+    };
+    let leadership = tokio::select! {
+        l = candidate.acquire(client.clone()) => l,
+        () = &mut shutdown => {
+            tracing::info!("shutting down while standing by for the lease");
+            return Ok(());
+        }
+    };
     metrics.leading(true);
 
     let ctx = Arc::new(reconcile::Ctx::new(
