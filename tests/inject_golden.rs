@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 use weft::inject::{ClusterCaps, Decision, InjectSettings, NamespaceInfo, inject};
 
 /// Case name, and whether the cluster has native sidecars.
-const CASES: [(&str, bool); 11] = [
+const CASES: [(&str, bool); 12] = [
     ("plain", true),
     ("own-init", true),
     ("classic", false),
+    ("classic-own-init", false),
     ("opt-out", true),
     ("host-network", true),
     ("already-injected", true),
@@ -114,7 +115,29 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
         );
         let spec = injected.spec.expect("spec");
         let inits = spec.init_containers.clone().unwrap_or_default();
-        assert_eq!(inits[0].name, "weft-init", "{case}: weft-init runs first");
+        let own_inits: Vec<&str> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .map(|c| c.name.as_str())
+            .collect();
+        let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
+        if native {
+            // The native sidecar starts before the init containers after it.
+            assert_eq!(
+                names,
+                [&["weft-init", "weft-proxy"][..], &own_inits].concat(),
+                "{case}: weft-init, the native sidecar, then the app's own"
+            );
+        } else {
+            // The classic proxy starts only after every init container: the
+            // app's own must run before the redirect.
+            assert_eq!(
+                names,
+                [&own_inits[..], &["weft-init"]].concat(),
+                "{case}: the app's own init containers, then weft-init"
+            );
+        }
         let proxy = if native {
             assert_eq!(
                 inits[1].name, "weft-proxy",
@@ -175,8 +198,9 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
                     .to_string()
             })
             .collect();
-        // Every HTTP probe of the app now goes to the probe port, and is one
-        // of the probe targets, the only requests the probe port forwards.
+        // Every HTTP and TCP probe of the app now goes to the probe port,
+        // and is one of the probe targets, the only requests the probe port
+        // serves.
         for c in spec.containers.iter().filter(|c| c.name != "weft-proxy") {
             for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
                 .into_iter()
@@ -193,13 +217,24 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
                     );
                     let path = get.path.as_deref().unwrap_or_default();
                     let path = path.split('?').next().unwrap_or_default();
-                    let target = path.strip_prefix("/probe/").expect("a /probe/ path");
+                    let target = match path.strip_prefix("/probe-tcp/") {
+                        Some(port) => format!("tcp:{port}"),
+                        None => path
+                            .strip_prefix("/probe/")
+                            .expect("a /probe/ path")
+                            .to_owned(),
+                    };
                     assert!(
-                        targets.iter().any(|t| t == target),
+                        targets.contains(&target),
                         "{case}: {}: {target} is not in WEFT_PROBE_TARGETS {targets:?}",
                         c.name
                     );
                 }
+                assert!(
+                    probe.tcp_socket.is_none(),
+                    "{case}: {}: a TCP probe of the pod is rewritten",
+                    c.name
+                );
             }
         }
     }

@@ -520,6 +520,113 @@ async fn the_probe_port_forwards_only_the_probes_the_injector_rewrote() {
 }
 
 #[tokio::test]
+async fn the_probe_port_answers_the_tcp_probes_the_injector_rewrote_by_connecting_to_the_app() {
+    let pki = Pki::new();
+    // The app's port accepts (the kernel completes the handshake) without
+    // the test accepting, so the connections the proxy made can be counted.
+    let db = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the app");
+    db.set_nonblocking(true).expect("nonblocking");
+    let port = db.local_addr().expect("addr").port();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind another port");
+    other.set_nonblocking(true).expect("nonblocking");
+    let (server, _sid) = probe_server(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[port],
+        &["--probe-target", &format!("tcp:{port}")],
+    )
+    .await;
+    let base = format!("http://{}", server.running.probe);
+    let c = client();
+    let accepted = |l: &std::net::TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
+
+    // The app listens: 200, GET and HEAD; each one connection to the app.
+    let r = get(&format!("{base}/probe-tcp/{port}")).await;
+    assert_eq!((r.status, r.proxy_error.as_deref()), (200, None), "{r:?}");
+    let head = send(&c, "HEAD", &format!("{base}/probe-tcp/{port}"), &[]).await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""), "{head:?}");
+    assert_eq!(accepted(&db), 2, "the proxy connected once per probe");
+
+    // Never any other method, nor the HTTP form of the port.
+    let r = send(&c, "POST", &format!("{base}/probe-tcp/{port}"), &[]).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    for path in [format!("probe/{port}/"), format!("probe/{port}")] {
+        let r = get(&format!("{base}/{path}")).await;
+        assert_eq!(
+            (r.status, r.proxy_error.as_deref()),
+            (403, Some("forbidden")),
+            "{path}: {r:?}"
+        );
+    }
+    // A port of the pod that is not a registered TCP probe: 403, untouched.
+    let r = get(&format!(
+        "{base}/probe-tcp/{}",
+        other.local_addr().expect("addr").port()
+    ))
+    .await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (403, Some("forbidden")),
+        "{r:?}"
+    );
+    assert!(
+        r.body.contains("is not a probe the injector rewrote"),
+        "{}",
+        r.body
+    );
+    assert_eq!(accepted(&other), 0, "the unregistered port saw nothing");
+    // The proxy's own admin port: 403.
+    let admin = server.running.admin.port();
+    let r = get(&format!("{base}/probe-tcp/{admin}")).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (403, Some("forbidden")),
+        "{r:?}"
+    );
+    assert!(
+        r.body
+            .contains(&format!("port {admin} is a port of the weft proxy itself")),
+        "{}",
+        r.body
+    );
+    // A malformed port: 400.
+    let r = get(&format!("{base}/probe-tcp/{port}x")).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (400, Some("bad-request")),
+        "{r:?}"
+    );
+    assert_eq!(accepted(&db), 0, "only the allowed probes reached the app");
+
+    // The app's listener closed: 503, marked as the proxy's answer.
+    drop(db);
+    let r = get(&format!("{base}/probe-tcp/{port}")).await;
+    assert_eq!(
+        (r.status, r.proxy_error.as_deref()),
+        (503, Some("connect-error")),
+        "{r:?}"
+    );
+    assert!(
+        r.body
+            .contains(&format!("connecting to 127.0.0.1:{port} failed")),
+        "{}",
+        r.body
+    );
+    let head = send(&c, "HEAD", &format!("{base}/probe-tcp/{port}"), &[]).await;
+    assert_eq!(head.status, 503, "{head:?}");
+    assert!(!server.proxy.drain.started(), "the proxy runs on");
+    // The probes never went through the inbound listener: no plaintext
+    // traffic for a STRICT rollout to see.
+    assert!(
+        !server
+            .metrics()
+            .await
+            .contains("weft_proxy_inbound_plaintext_connections_total{"),
+        "TCP probes are not counted as plaintext connections"
+    );
+}
+
+#[tokio::test]
 async fn the_probe_port_never_forwards_to_the_proxys_own_ports_even_when_configured() {
     let pki = Pki::new();
     let (payments, log) = recording_app().await;

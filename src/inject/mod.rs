@@ -5,9 +5,12 @@
 //!
 //! What an injected pod gets:
 //!
-//! - `weft-init`, first of the init containers: `weft init` installs the
-//!   iptables redirect (flags below), as a non-root user with NET_ADMIN and
-//!   NET_RAW only;
+//! - `weft-init`, an init container: `weft init` installs the iptables
+//!   redirect (flags below), as a non-root user with NET_ADMIN and NET_RAW
+//!   only. With a native sidecar it runs first; with a classic one it runs
+//!   last, after the app's own init containers, since the proxy starts only
+//!   once they are done and their traffic would otherwise be redirected to
+//!   a port nothing listens on;
 //! - `weft-proxy`: a native sidecar (an init container with
 //!   `restartPolicy: Always` right after `weft-init`, with a startup probe)
 //!   when the cluster runs Kubernetes 1.29 or newer, otherwise the first
@@ -21,7 +24,11 @@
 //! - HTTP probes of the app rewritten to the proxy's probe port as
 //!   `/probe/<port>/<path>`, their paths handed to the proxy as health paths
 //!   and each `<port>/<path>` as a probe target (`WEFT_PROBE_TARGETS`), the
-//!   only requests the probe port forwards;
+//!   only requests the probe port forwards; TCP probes rewritten to HTTP
+//!   probes of `/probe-tcp/<port>` on the probe port (target `tcp:<port>`),
+//!   which the proxy answers by connecting to the app's port, so the
+//!   kubelet's connections are never counted as plaintext traffic nor
+//!   refused under STRICT. gRPC probes are left as they are, with a warning;
 //! - `weft.dev/injected-version` and `weft.dev/injection-hash` annotations.
 //!
 //! A pod that already has `weft-proxy` gets an empty patch, so injecting
@@ -234,8 +241,8 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
 
     warn_about_app(pod, &opaque, native, &mut warnings);
 
-    // Probes: rewritten to the probe port; their paths become health paths
-    // and, with their ports, the probe targets the proxy forwards.
+    // Probes: rewritten to the probe port; HTTP paths become health paths
+    // and, with their ports, the probe targets the proxy serves.
     let mut ops = Vec::new();
     let mut health_paths = BTreeSet::new();
     let mut probe_targets = BTreeSet::new();
@@ -247,9 +254,11 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         ] {
             let Some(probe) = probe else { continue };
             match rewrite_probe(probe, c) {
-                Ok(Some((rewritten, port, path))) => {
-                    probe_targets.insert(format!("{port}/{}", path.trim_start_matches('/')));
-                    health_paths.insert(path);
+                Ok(Some((rewritten, target))) => {
+                    probe_targets.insert(target.to_string());
+                    if let ProbeTarget::Http { path, .. } = target {
+                        health_paths.insert(path);
+                    }
                     ops.push(replace(
                         &format!("/spec/containers/{i}/{field}"),
                         to_value(&rewritten),
@@ -280,14 +289,28 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
     });
     let init = init_container(settings, &skip_inbound, &skip_outbound, &skip_cidrs);
 
-    // Containers: weft-init first, then (native) weft-proxy, then the
-    // app's own init containers; classic puts weft-proxy first of the
-    // regular containers.
+    // Containers, native: weft-init first, then weft-proxy (a native
+    // sidecar starts before the init containers after it), then the app's
+    // own init containers. Classic: weft-proxy first of the regular
+    // containers, which start only once every init container is done, so
+    // weft-init goes last: the app's init containers (migrations,
+    // wait-for-db) run before the redirect, not into a port nothing
+    // listens on yet.
     match &spec.init_containers {
         Some(existing) if !existing.is_empty() => {
-            ops.push(add("/spec/initContainers/0", to_value(&init)));
             if native {
+                ops.push(add("/spec/initContainers/0", to_value(&init)));
                 ops.push(add("/spec/initContainers/1", to_value(&proxy)));
+            } else {
+                ops.push(add("/spec/initContainers/-", to_value(&init)));
+                warnings.push(format!(
+                    "classic sidecar: the app's init containers ({}) run before {INIT_CONTAINER} and the proxy, so their traffic bypasses the mesh (plaintext, no identity) and a STRICT destination refuses it; on Kubernetes 1.29+ the native sidecar mode meshes it",
+                    existing
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
         }
         _ => {
@@ -349,8 +372,9 @@ struct ProxyInputs<'a> {
     annotations: &'a BTreeMap<String, String>,
     workload: String,
     health_paths: Vec<String>,
-    /// `<port>/<path>` of every rewritten probe, as the kubelet sends it
-    /// (no query): what the proxy's probe port forwards.
+    /// `<port>/<path>` of every rewritten HTTP probe, as the kubelet sends
+    /// it (no query), and `tcp:<port>` of every rewritten TCP probe: what
+    /// the proxy's probe port serves.
     probe_targets: Vec<String>,
     port_names: Vec<String>,
     opaque: &'a [u16],
@@ -736,9 +760,55 @@ fn is_quantity(s: &str) -> bool {
     RE.is_match(s)
 }
 
-/// The probe rewritten to the proxy's probe port, its app port and its path
-/// (no query); `None` for probes that are not plain-HTTP `httpGet`.
-fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, i32, String)>, String> {
+/// What a rewritten probe has the proxy's probe port serve, as the proxy
+/// parses it (`WEFT_PROBE_TARGETS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ProbeTarget {
+    /// An `httpGet` probe: the app port and the path (no query), forwarded.
+    Http { port: i32, path: String },
+    /// A `tcpSocket` probe: the app port the proxy connects to.
+    Tcp { port: i32 },
+}
+
+impl std::fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http { port, path } => write!(f, "{port}/{}", path.trim_start_matches('/')),
+            Self::Tcp { port } => write!(f, "tcp:{port}"),
+        }
+    }
+}
+
+/// The probe rewritten to the proxy's probe port, and what the proxy is to
+/// serve for it; `None` for probes left as they are without a word (`exec`,
+/// a TCP probe of another host). HTTP probes become `/probe/<port>/<path>`;
+/// TCP probes become HTTP probes of `/probe-tcp/<port>`, every other field
+/// (timings, thresholds) kept. gRPC probes are left as they are, with a
+/// warning: the proxy does not speak gRPC health.
+fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, ProbeTarget)>, String> {
+    if let Some(grpc) = &probe.grpc {
+        return Err(format!(
+            "a gRPC probe (port {port}) is left as it is: it bypasses the weft proxy, so it counts as plaintext traffic and fails under STRICT mTLS unless port {port} is in the namespace's MTLSPolicy plaintextPorts",
+            port = grpc.port
+        ));
+    }
+    if let Some(tcp) = &probe.tcp_socket {
+        // Another host's port: the kubelet never reaches this pod's proxy.
+        if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
+            return Ok(None);
+        }
+        let port = probe_port(&tcp.port, c)?;
+        let rewritten = Probe {
+            tcp_socket: None,
+            http_get: Some(HTTPGetAction {
+                path: Some(format!("/probe-tcp/{port}")),
+                port: IntOrString::Int(i32::from(PROBE_PORT)),
+                ..Default::default()
+            }),
+            ..probe.clone()
+        };
+        return Ok(Some((rewritten, ProbeTarget::Tcp { port })));
+    }
     let Some(get) = &probe.http_get else {
         return Ok(None);
     };
@@ -749,18 +819,7 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, i32, Str
     {
         return Err("an HTTPS probe is left as it is; under STRICT mTLS it fails unless its port is a plaintext exception".to_owned());
     }
-    let port = match &get.port {
-        IntOrString::Int(p) => *p,
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .map(|p| p.container_port)
-            .ok_or_else(|| {
-                format!("port {name:?} is not a port of the container; the probe is left as it is")
-            })?,
-    };
+    let port = probe_port(&get.port, c)?;
     let original = get.path.clone().unwrap_or_else(|| "/".to_owned());
     let path_only = original.split('?').next().unwrap_or("/").to_owned();
     // The proxy is told the probe targets comma-delimited, and matches them
@@ -782,7 +841,36 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, i32, Str
         port: IntOrString::Int(i32::from(PROBE_PORT)),
         ..get.clone()
     });
-    Ok(Some((rewritten, port, path_only)))
+    Ok(Some((
+        rewritten,
+        ProbeTarget::Http {
+            port,
+            path: path_only,
+        },
+    )))
+}
+
+/// A probe's port, a name resolved against the container's own ports.
+fn probe_port(port: &IntOrString, c: &Container) -> Result<i32, String> {
+    let port = match port {
+        IntOrString::Int(p) => *p,
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+            .ok_or_else(|| {
+                format!("port {name:?} is not a port of the container; the probe is left as it is")
+            })?,
+    };
+    // The proxy refuses to start on a target outside 1-65535.
+    if !(1..=65535).contains(&port) {
+        return Err(format!(
+            "port {port} is not in 1-65535; the probe is left as it is"
+        ));
+    }
+    Ok(port)
 }
 
 fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<String>) {
@@ -965,16 +1053,204 @@ mod tests {
             ..Default::default()
         };
         let c = Container::default();
-        let (rewritten, port, path) = rewrite_probe(&probe("/ready?full=1"), &c)
+        let (rewritten, target) = rewrite_probe(&probe("/ready?full=1"), &c)
             .expect("rewritten")
             .expect("an HTTP probe");
-        assert_eq!((port, path.as_str()), (8080, "/ready"));
+        assert_eq!(
+            target,
+            ProbeTarget::Http {
+                port: 8080,
+                path: "/ready".into()
+            }
+        );
+        assert_eq!(target.to_string(), "8080/ready");
         let get = rewritten.http_get.expect("httpGet");
         assert_eq!(get.path.as_deref(), Some("/probe/8080/ready?full=1"));
         for bad in ["/a,b", "/a b", "/caf\u{e9}", "/a#b"] {
             let err = rewrite_probe(&probe(bad), &c).expect_err(bad);
             assert!(err.contains("left as it is"), "{bad}: {err}");
         }
+    }
+
+    fn redis() -> Container {
+        Container {
+            name: "redis".into(),
+            ports: Some(vec![ContainerPort {
+                name: Some("redis".into()),
+                container_port: 6379,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tcp_probes_become_http_probes_of_the_probe_port_with_their_timings_kept() {
+        use k8s_openapi::api::core::v1::TCPSocketAction;
+        let tcp = |port: IntOrString| Probe {
+            tcp_socket: Some(TCPSocketAction { port, host: None }),
+            initial_delay_seconds: Some(5),
+            period_seconds: Some(7),
+            timeout_seconds: Some(3),
+            success_threshold: Some(1),
+            failure_threshold: Some(9),
+            termination_grace_period_seconds: Some(42),
+            ..Default::default()
+        };
+        let c = redis();
+        for port in [IntOrString::String("redis".into()), IntOrString::Int(6379)] {
+            let original = tcp(port.clone());
+            let (rewritten, target) = rewrite_probe(&original, &c)
+                .expect("rewritten")
+                .expect("a TCP probe");
+            assert_eq!(target, ProbeTarget::Tcp { port: 6379 }, "{port:?}");
+            assert_eq!(target.to_string(), "tcp:6379");
+            assert_eq!(
+                rewritten,
+                Probe {
+                    tcp_socket: None,
+                    http_get: Some(HTTPGetAction {
+                        path: Some("/probe-tcp/6379".into()),
+                        port: IntOrString::Int(i32::from(PROBE_PORT)),
+                        ..Default::default()
+                    }),
+                    ..original
+                },
+                "{port:?}: every timing field kept"
+            );
+        }
+        // The injector's target is one the proxy parses, as the same target.
+        assert_eq!(
+            crate::proxy::admin::parse_probe_target("tcp:6379"),
+            Ok(crate::proxy::admin::ProbeTarget::tcp(6379))
+        );
+        let err = rewrite_probe(&tcp(IntOrString::String("db".into())), &c).expect_err("unknown");
+        assert!(
+            err.contains("\"db\" is not a port of the container") && err.contains("left as it is"),
+            "{err}"
+        );
+        for bad in [0, 70000] {
+            let err = rewrite_probe(&tcp(IntOrString::Int(bad)), &c).expect_err("out of range");
+            assert!(err.contains("not in 1-65535"), "{err}");
+        }
+        // A TCP probe of another host never reaches this pod's proxy.
+        let other = Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(6379),
+                host: Some("10.0.0.9".into()),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(rewrite_probe(&other, &c), Ok(None));
+    }
+
+    #[test]
+    fn grpc_probes_are_left_as_they_are_with_a_warning_naming_the_container() {
+        use k8s_openapi::api::core::v1::GRPCAction;
+        let mut c = redis();
+        c.name = "ledger".into();
+        c.readiness_probe = Some(Probe {
+            grpc: Some(GRPCAction {
+                port: 50051,
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            ..Default::default()
+        });
+        let pod = Pod {
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                containers: vec![c],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let got = inject(
+            &pod,
+            &NamespaceInfo::meshed("shop"),
+            &InjectSettings::new("weft:test", ClusterCaps::from_version("1", "30")),
+        );
+        assert_eq!(got.decision, Decision::Injected);
+        let warning = got
+            .warnings
+            .iter()
+            .find(|w| w.contains("gRPC"))
+            .expect("a gRPC warning");
+        assert_eq!(
+            warning,
+            "container ledger: readinessProbe: a gRPC probe (port 50051) is left as it is: it bypasses the weft proxy, so it counts as plaintext traffic and fails under STRICT mTLS unless port 50051 is in the namespace's MTLSPolicy plaintextPorts"
+        );
+        let field = serde_json::to_value(crate::api::MTLSPolicySpec {
+            mode: Default::default(),
+            rollout: Default::default(),
+            plaintext_ports: vec![1],
+        })
+        .expect("json");
+        assert!(field.get("plaintextPorts").is_some(), "the field named");
+        let patch = serde_json::to_string(&got.patch).expect("json");
+        assert!(
+            !patch.contains("/spec/containers/0/readinessProbe")
+                && !patch.contains("WEFT_PROBE_TARGETS"),
+            "the probe is left as it is: {patch}"
+        );
+    }
+
+    #[test]
+    fn classic_puts_weft_init_after_the_apps_init_containers_and_native_before() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "orders-0" },
+            "spec": {
+                "initContainers": [
+                    { "name": "migrate", "image": "shop/migrate" },
+                    { "name": "wait-for-db", "image": "busybox" }
+                ],
+                "containers": [{ "name": "orders", "image": "shop/orders" }]
+            }
+        }))
+        .expect("a pod");
+        let inits = |native: bool| {
+            let mut value = serde_json::to_value(&pod).expect("json");
+            let got = inject(
+                &pod,
+                &NamespaceInfo::meshed("shop"),
+                &InjectSettings::new(
+                    "weft:test",
+                    ClusterCaps {
+                        native_sidecars: native,
+                    },
+                ),
+            );
+            json_patch::patch(&mut value, &got.patch).expect("the patch applies");
+            let injected: Pod = serde_json::from_value(value).expect("a pod");
+            let spec = injected.spec.expect("spec");
+            (
+                spec.init_containers
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>(),
+                spec.containers[0].name.clone(),
+                got.warnings,
+            )
+        };
+        let (classic, first, warnings) = inits(false);
+        assert_eq!(classic, ["migrate", "wait-for-db", "weft-init"]);
+        assert_eq!(first, "weft-proxy");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("(migrate, wait-for-db) run before weft-init")),
+            "{warnings:?}"
+        );
+        let (native, first, warnings) = inits(true);
+        assert_eq!(
+            native,
+            ["weft-init", "weft-proxy", "migrate", "wait-for-db"]
+        );
+        assert_eq!(first, "orders");
+        assert!(
+            !warnings.iter().any(|w| w.contains("run before weft-init")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -1,20 +1,22 @@
 //! The admin server (`/live`, `/ready`, `/metrics`, `/config`, and
 //! `POST /shutdown` from localhost) and the probe server, which forwards
 //! kubelet probes rewritten to `/probe/<port>/<path>` to the application —
-//! plaintext, so probes keep working when the namespace is STRICT. It
-//! forwards only GET and HEAD for the probes the injector rewrote
-//! (`--probe-target`), never to the proxy's own ports: it answers anyone
-//! who can reach the pod, past STRICT mode and AccessPolicy.
+//! plaintext, so probes keep working when the namespace is STRICT, and
+//! answers TCP probes rewritten to `/probe-tcp/<port>` by connecting to the
+//! application's port. It serves only GET and HEAD for the probes the
+//! injector rewrote (`--probe-target`), never for the proxy's own ports: it
+//! answers anyone who can reach the pod, past STRICT mode and AccessPolicy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request as AxumRequest, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::Proxy;
 use super::http::body;
@@ -100,40 +102,79 @@ async fn shutdown(
 pub const PROBE_TARGET_FLAG: &str = "--probe-target";
 pub const PROBE_TARGET_ENV: &str = "WEFT_PROBE_TARGETS";
 
-/// A probe the injector rewrote to `/probe/<port>/<path>`: the app port and
-/// the path the kubelet sends (without the query, which passes through).
+/// A probe the injector rewrote: the app port and what is checked there.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ProbeTarget {
     pub port: u16,
-    /// Starts with `/`.
-    pub path: String,
+    pub check: ProbeCheck,
 }
 
-impl std::fmt::Display for ProbeTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}{}", self.port, self.path)
+/// What a probe target checks on its port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProbeCheck {
+    /// An HTTP probe rewritten to `/probe/<port>/<path>`: the path the
+    /// kubelet sends (starts with `/`; without the query, which passes
+    /// through), forwarded to the app.
+    Http { path: String },
+    /// A TCP probe rewritten to `/probe-tcp/<port>`: the probe server
+    /// answers by connecting to the app's port.
+    Tcp,
+}
+
+impl ProbeTarget {
+    pub fn http(port: u16, path: &str) -> Self {
+        Self {
+            port,
+            check: ProbeCheck::Http {
+                path: path.to_owned(),
+            },
+        }
+    }
+
+    pub fn tcp(port: u16) -> Self {
+        Self {
+            port,
+            check: ProbeCheck::Tcp,
+        }
     }
 }
 
-/// One `--probe-target` value, `<port>/<path>` such as `8080/healthz`
-/// (`8080/` for the root); a query is dropped, as matching ignores it.
+/// As parsed: `8080/healthz`, `tcp:5432`.
+impl std::fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.check {
+            ProbeCheck::Http { path } => write!(f, "{}{path}", self.port),
+            ProbeCheck::Tcp => write!(f, "tcp:{}", self.port),
+        }
+    }
+}
+
+/// One `--probe-target` value: `<port>/<path>` such as `8080/healthz`
+/// (`8080/` for the root) for an HTTP probe, a query dropped as matching
+/// ignores it; `tcp:<port>` such as `tcp:5432` for a TCP probe.
 pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
     let bad = |why: &str| {
         format!(
-            "{PROBE_TARGET_FLAG} ({PROBE_TARGET_ENV}) entry {s:?}: {why}; expected <port>/<path>, such as 8080/healthz"
+            "{PROBE_TARGET_FLAG} ({PROBE_TARGET_ENV}) entry {s:?}: {why}; expected <port>/<path>, such as 8080/healthz, or tcp:<port>, such as tcp:5432"
         )
     };
+    let port_number = |port: &str, what: &str| -> Result<u16, String> {
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(&format!("{what} is not a port number")));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(bad("the port is not in 1-65535")),
+        }
+    };
     let entry = s.trim();
+    if let Some(port) = entry.strip_prefix("tcp:") {
+        return Ok(ProbeTarget::tcp(port_number(port, "the part after tcp:")?));
+    }
     let (port, path) = entry
         .split_once('/')
         .ok_or_else(|| bad("no / between the port and the path"))?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad("the part before the first / is not a port number"));
-    }
-    let port = match port.parse::<u16>() {
-        Ok(p) if p > 0 => p,
-        _ => return Err(bad("the port is not in 1-65535")),
-    };
+    let port = port_number(port, "the part before the first /")?;
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if path
         .bytes()
@@ -141,11 +182,13 @@ pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
     {
         return Err(bad("the path holds whitespace or control characters"));
     }
-    Ok(ProbeTarget {
-        port,
-        path: format!("/{path}"),
-    })
+    Ok(ProbeTarget::http(port, &format!("/{path}")))
 }
+
+/// How long the probe server waits for the app to accept a TCP probe's
+/// connection. The kubelet enforces the probe's own `timeoutSeconds`; a
+/// port that takes longer than this to accept counts as down.
+pub const TCP_PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the probe server needs: the proxy, and the ports of its own
 /// listeners, which it never forwards to even when configured.
@@ -154,11 +197,14 @@ struct ProbeServer {
     own_ports: Vec<u16>,
 }
 
-/// The probe server. It forwards only GET and HEAD requests for the probes
-/// the injector rewrote (`Proxy::probe_targets`) and never to a port of the
-/// proxy itself: it listens on every address, outside the iptables
+/// The probe server. It serves only GET and HEAD requests for the probes
+/// the injector rewrote (`Proxy::probe_targets`) and never for a port of
+/// the proxy itself: it listens on every address, outside the iptables
 /// redirect, STRICT mode and AccessPolicy, so anything more would let any
 /// pod reach any port of the app (and the admin server from loopback).
+/// HTTP probes (`/probe/<port>/<path>`) are forwarded to the app; TCP
+/// probes (`/probe-tcp/<port>`) get 200 when the app's port accepts a
+/// connection, else 503.
 pub fn probe_router(proxy: Arc<Proxy>, own_ports: Vec<u16>) -> Router {
     Router::new()
         .fallback(probe)
@@ -166,16 +212,23 @@ pub fn probe_router(proxy: Arc<Proxy>, own_ports: Vec<u16>) -> Router {
 }
 
 /// `/probe/<port>` and `/probe/<port>/<path>`: the port and the path to
-/// forward (as received, still percent-encoded); `None` for anything else.
-fn probe_path(path: &str) -> Option<Result<(u16, String), String>> {
-    let rest = path.strip_prefix("/probe/")?;
-    let (port, path) = rest.split_once('/').unwrap_or((rest, ""));
-    Some(
+/// forward (as received, still percent-encoded); `/probe-tcp/<port>`: the
+/// port to connect to; `None` for anything else.
+fn probe_path(path: &str) -> Option<Result<ProbeTarget, String>> {
+    let port_number = |port: &str, form: &str| {
         port.parse::<u16>()
             .ok()
             .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))
-            .map(|p| (p, format!("/{path}")))
-            .ok_or_else(|| format!("{port:?} is not a port number")),
+            .ok_or_else(|| format!("{port:?} is not a port number; the probe port serves {form}"))
+    };
+    if let Some(port) = path.strip_prefix("/probe-tcp/") {
+        return Some(port_number(port, "/probe-tcp/<port>").map(ProbeTarget::tcp));
+    }
+    let rest = path.strip_prefix("/probe/")?;
+    let (port, path) = rest.split_once('/').unwrap_or((rest, ""));
+    Some(
+        port_number(port, "/probe/<port>/<path>")
+            .map(|p| ProbeTarget::http(p, &format!("/{path}"))),
     )
 }
 
@@ -185,26 +238,26 @@ async fn probe(State(s): State<Arc<ProbeServer>>, req: AxumRequest) -> axum::res
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_default();
-    let (port, path) = match probe_path(req.uri().path()) {
+    let target = match probe_path(req.uri().path()) {
         Some(Ok(target)) => target,
         Some(Err(why)) => {
             tracing::debug!(%peer, uri = %req.uri(), "probe refused: {why}");
-            return proxy_error(&ProxyError::BadRequest(format!(
-                "{why}; the probe port serves /probe/<port>/<path>"
-            )));
+            return proxy_error(&ProxyError::BadRequest(why));
         }
         None => {
             tracing::debug!(%peer, uri = %req.uri(), "probe refused: not a /probe/ path");
             return refused(
                 StatusCode::NOT_FOUND,
                 "not-found",
-                "the probe port serves /probe/<port>/<path> only\n".to_owned(),
+                "the probe port serves /probe/<port>/<path> and /probe-tcp/<port> only\n"
+                    .to_owned(),
             );
         }
     };
+    let port = target.port;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let method = req.method().clone();
-        tracing::debug!(%peer, %method, port, path, "probe refused: method not allowed");
+        tracing::debug!(%peer, %method, probe = %target, "probe refused: method not allowed");
         let mut rsp = refused(
             StatusCode::METHOD_NOT_ALLOWED,
             "method-not-allowed",
@@ -217,28 +270,61 @@ async fn probe(State(s): State<Arc<ProbeServer>>, req: AxumRequest) -> axum::res
         return rsp;
     }
     if s.own_ports.contains(&port) {
-        tracing::debug!(%peer, port, path, "probe refused: a port of the proxy itself");
+        tracing::debug!(%peer, probe = %target, "probe refused: a port of the proxy itself");
         return proxy_error(&ProxyError::Forbidden(format!(
-            "port {port} is a port of the weft proxy itself; the probe port forwards only the pod's own HTTP probes to the application"
+            "port {port} is a port of the weft proxy itself; the probe port serves only the pod's own probes of the application"
         )));
     }
     let p = &s.proxy;
-    if !p
-        .probe_targets
-        .iter()
-        .any(|t| t.port == port && t.path == path)
-    {
-        tracing::debug!(%peer, port, path, "probe refused: not a probe the injector rewrote");
+    if !p.probe_targets.contains(&target) {
+        tracing::debug!(%peer, probe = %target, "probe refused: not a probe the injector rewrote");
         let none = if p.probe_targets.is_empty() {
             format!(" (none are configured: {PROBE_TARGET_FLAG} / {PROBE_TARGET_ENV})")
         } else {
             String::new()
         };
+        let what = match &target.check {
+            ProbeCheck::Http { path } => format!("port {port} path {path}"),
+            ProbeCheck::Tcp => format!("TCP port {port}"),
+        };
         return proxy_error(&ProxyError::Forbidden(format!(
-            "port {port} path {path} is not a probe the injector rewrote; the probe port forwards only the pod's own HTTP probes{none}"
+            "{what} is not a probe the injector rewrote; the probe port serves only the pod's own probes{none}"
         )));
     }
-    forward_probe(p, port, path, req).await
+    match target.check {
+        ProbeCheck::Http { path } => forward_probe(p, port, path, req).await,
+        ProbeCheck::Tcp => tcp_probe(p, port).await,
+    }
+}
+
+/// A TCP probe: 200 when the app's port accepts a connection (closed at
+/// once, as the kubelet's own TCP probe does), else 503.
+async fn tcp_probe(p: &Proxy, port: u16) -> axum::response::Response {
+    let app = SocketAddr::from((p.app_ip, port));
+    let why = match tokio::time::timeout(TCP_PROBE_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
+        Ok(Ok(conn)) => {
+            drop(conn);
+            let mut rsp = axum::response::Response::new(axum::body::Body::from(format!(
+                "port {port} accepts connections\n"
+            )));
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return rsp;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "no answer within {}ms",
+            TCP_PROBE_CONNECT_TIMEOUT.as_millis()
+        ),
+    };
+    tracing::debug!(%app, "TCP probe failed: {why}");
+    refused(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "connect-error",
+        format!("connecting to {app} failed: {why}\n"),
+    )
 }
 
 async fn forward_probe(
@@ -300,10 +386,7 @@ mod tests {
     use super::*;
 
     fn target(port: u16, path: &str) -> ProbeTarget {
-        ProbeTarget {
-            port,
-            path: path.to_owned(),
-        }
+        ProbeTarget::http(port, path)
     }
 
     #[test]
@@ -320,6 +403,14 @@ mod tests {
             "the query is not part of the match"
         );
         assert_eq!(target(9090, "/live").to_string(), "9090/live");
+        assert_eq!(parse_probe_target("tcp:5432"), Ok(ProbeTarget::tcp(5432)));
+        assert_eq!(parse_probe_target(" tcp:6379 "), Ok(ProbeTarget::tcp(6379)));
+        assert_eq!(ProbeTarget::tcp(5432).to_string(), "tcp:5432");
+        assert_ne!(
+            parse_probe_target("5432/"),
+            parse_probe_target("tcp:5432"),
+            "an HTTP probe of the root is not a TCP probe"
+        );
         for bad in [
             "",
             "8080",
@@ -329,12 +420,20 @@ mod tests {
             "70000/x",
             "-1/x",
             "8080/a b",
+            "tcp:",
+            "tcp:0",
+            "tcp:70000",
+            "tcp:5432/x",
+            "tcp:db",
+            "TCP:5432",
+            "udp:53",
         ] {
             let err = parse_probe_target(bad).expect_err(bad);
             assert!(
                 err.contains("--probe-target")
                     && err.contains("WEFT_PROBE_TARGETS")
                     && err.contains("<port>/<path>")
+                    && err.contains("tcp:<port>")
                     && err.contains(&format!("{bad:?}")),
                 "{bad:?}: {err}"
             );
@@ -354,7 +453,7 @@ mod tests {
             "--probe-target",
             "8080/healthz,8080/ready",
             "--probe-target",
-            "9090/",
+            "9090/,tcp:5432",
         ])
         .expect("valid targets");
         assert_eq!(
@@ -362,7 +461,8 @@ mod tests {
             vec![
                 target(8080, "/healthz"),
                 target(8080, "/ready"),
-                target(9090, "/")
+                target(9090, "/"),
+                ProbeTarget::tcp(5432),
             ]
         );
         assert!(parse(&["proxy"]).expect("no flag").probe_targets.is_empty());
@@ -379,17 +479,31 @@ mod tests {
     fn probe_paths_keep_the_raw_path() {
         assert_eq!(
             probe_path("/probe/8080/healthz"),
-            Some(Ok((8080, "/healthz".into())))
+            Some(Ok(target(8080, "/healthz")))
         );
-        assert_eq!(probe_path("/probe/8080/"), Some(Ok((8080, "/".into()))));
-        assert_eq!(probe_path("/probe/8080"), Some(Ok((8080, "/".into()))));
+        assert_eq!(probe_path("/probe/8080/"), Some(Ok(target(8080, "/"))));
+        assert_eq!(probe_path("/probe/8080"), Some(Ok(target(8080, "/"))));
         assert_eq!(
             probe_path("/probe/8080/a%2Fb"),
-            Some(Ok((8080, "/a%2Fb".into())))
+            Some(Ok(target(8080, "/a%2Fb")))
         );
         assert!(matches!(probe_path("/probe/+80/x"), Some(Err(_))));
         assert!(matches!(probe_path("/probe/x/y"), Some(Err(_))));
         assert_eq!(probe_path("/ready"), None);
         assert_eq!(probe_path("/probe"), None);
+        assert_eq!(
+            probe_path("/probe-tcp/5432"),
+            Some(Ok(ProbeTarget::tcp(5432)))
+        );
+        for bad in [
+            "/probe-tcp/",
+            "/probe-tcp/5432/",
+            "/probe-tcp/5432/x",
+            "/probe-tcp/+80",
+        ] {
+            let err = probe_path(bad).expect("a probe path").expect_err(bad);
+            assert!(err.contains("/probe-tcp/<port>"), "{bad}: {err}");
+        }
+        assert_eq!(probe_path("/probe-tcp"), None);
     }
 }
