@@ -40,8 +40,8 @@ pub struct MeshSpec {
     pub proxy: ProxyDefaults,
     /// How the sidecar is injected: `Native` (an init container with
     /// `restartPolicy: Always`, Kubernetes 1.29+), `Classic` (a regular
-    /// container the app waits for) or `Auto` (native where the API server
-    /// supports it).
+    /// container the app waits for) or `Auto` (native when the API server
+    /// and every node's kubelet are 1.29 or newer).
     #[serde(default)]
     pub sidecar_mode: SidecarMode,
 }
@@ -168,7 +168,8 @@ pub enum LogLevel {
 /// How the proxy sidecar is injected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SidecarMode {
-    /// Native sidecar where the API server is 1.29 or newer, else classic.
+    /// Native sidecar when the API server and every node's kubelet are 1.29
+    /// or newer (kubelets may lag the control plane), else classic.
     #[default]
     Auto,
     /// Always a native sidecar (init container with `restartPolicy: Always`).

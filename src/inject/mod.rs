@@ -121,7 +121,8 @@ impl NamespaceInfo {
 /// What the cluster supports.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct ClusterCaps {
-    /// The API server is 1.29 or newer: native sidecars.
+    /// Native sidecars work here: the API server and (as the control plane
+    /// checks) every node's kubelet are 1.29 or newer.
     pub native_sidecars: bool,
 }
 

@@ -69,9 +69,10 @@ pub struct ProxyArgs {
     /// probe targets only.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], PROBE_PORT)))]
     pub probe: SocketAddr,
-    /// The probes the injector rewrote, `<port>/<path>` (`8080/healthz`):
-    /// the only requests (GET or HEAD) the probe server forwards to the app.
-    /// None: it forwards nothing.
+    /// The probes the injector rewrote, `<port>/<path>` (`8080/healthz`) for
+    /// HTTP and `tcp:<port>` for TCP: the only requests (GET or HEAD) the
+    /// probe server forwards to, or checks on, the app. None: it forwards
+    /// nothing.
     #[arg(
         long = "probe-target",
         env = "WEFT_PROBE_TARGETS",
