@@ -412,16 +412,30 @@ impl TokenBucket {
     }
 }
 
+/// The RTT a failed request (connect error, reset, timeout, 5xx) counts
+/// as, at least: it must make its endpoint look expensive, never cheap. A
+/// refused connection takes ~0.1 ms, faster than any real answer; recorded
+/// as it is, it made a dead endpoint the cheapest and P2C sent it nearly
+/// every first try. One second is over 30 times the default RTT and slower
+/// than any healthy endpoint worth preferring, so a failing endpoint loses
+/// every P2C comparison against a working one until its estimate has
+/// decayed (time constant: the EWMA decay), or until the working ones are
+/// loaded enough to cost more, and then it is tried again. A fixed floor
+/// rather than a multiple of the current estimate: a multiple of a
+/// fast-failing endpoint's 0.1 ms would still be cheap.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 /// Peak-EWMA load estimate of one endpoint (as in Finagle/linkerd2-proxy):
 /// the cost is the decayed peak RTT times (pending + 1). A new endpoint
 /// starts with a default RTT.
 ///
 /// Responses update the estimate as tower's `PeakEwma` does: a slower RTT
 /// replaces it at once, a faster one is blended in with weight
-/// `1 - e^(-elapsed/decay)`. Between responses the estimate drifts back
-/// toward the default RTT (tower drifts toward zero): an endpoint that was
-/// slow once is eventually tried again, and an idle endpoint is never free,
-/// so its pending count still counts.
+/// `1 - e^(-elapsed/decay)`. A failure counts as a peak of at least
+/// [`FAILURE_PENALTY`] and never lowers the estimate. Between responses the
+/// estimate drifts back toward the default RTT (tower drifts toward zero):
+/// an endpoint that was slow or failing once is eventually tried again,
+/// and an idle endpoint is never free, so its pending count still counts.
 #[derive(Debug)]
 pub struct PeakEwma {
     default_rtt: f64,
@@ -452,16 +466,22 @@ impl PeakEwma {
         })
     }
 
+    /// The RTT estimate in seconds at `now`, drifted toward the default.
+    fn rtt(&self, estimate: (f64, Option<Instant>), now: Instant) -> f64 {
+        let (rtt, at) = estimate;
+        self.default_rtt + (rtt - self.default_rtt) * self.memory(at, now)
+    }
+
     /// Estimated RTT in seconds times (pending + 1); lower is better.
     pub fn cost(&self, now: Instant) -> f64 {
-        let (rtt, at) = *lock(&self.estimate);
-        let rtt = self.default_rtt + (rtt - self.default_rtt) * self.memory(at, now);
+        let rtt = self.rtt(*lock(&self.estimate), now);
         let pending = self.pending.load(Ordering::Relaxed);
         rtt * (pending as f64 + 1.0)
     }
 
     /// Call when a request starts; the guard records the RTT when
-    /// `.complete(now)` is called, and decrements pending when dropped.
+    /// `.complete(now)` is called (a failure penalty on `.fail(now)`), and
+    /// decrements pending when dropped.
     pub fn start(self: &Arc<Self>, now: Instant) -> PendingRequest {
         self.pending.fetch_add(1, Ordering::Relaxed);
         PendingRequest {
@@ -483,6 +503,16 @@ impl PeakEwma {
         };
         *estimate = (next, Some(now));
     }
+
+    /// A failure: a peak of at least [`FAILURE_PENALTY`], taken at once,
+    /// and never below what the estimate is now (a fast failure of a slow
+    /// endpoint must not make it look faster).
+    fn observe_failure(&self, elapsed: Duration, now: Instant) {
+        let mut estimate = lock(&self.estimate);
+        let current = self.rtt(*estimate, now);
+        let penalty = elapsed.max(FAILURE_PENALTY).as_secs_f64().max(current);
+        *estimate = (penalty, Some(now));
+    }
 }
 
 /// One request in flight to an endpoint; counts as pending until dropped.
@@ -493,11 +523,20 @@ pub struct PendingRequest {
 }
 
 impl PendingRequest {
-    /// The response arrived: record its RTT. A request dropped without this
-    /// (cancelled, failed to connect) leaves the estimate alone.
+    /// A good response arrived: record its RTT. A request dropped without
+    /// `complete` or `fail` (the client cancelled) leaves the estimate
+    /// alone.
     pub fn complete(self, now: Instant) {
         self.endpoint
             .observe(now.saturating_duration_since(self.started), now);
+    }
+
+    /// The request failed (no connection, a reset, a timeout, a 5xx):
+    /// record a penalty, at least [`FAILURE_PENALTY`] and at least as long
+    /// as it took, so the endpoint looks expensive rather than fast.
+    pub fn fail(self, now: Instant) {
+        self.endpoint
+            .observe_failure(now.saturating_duration_since(self.started), now);
     }
 }
 
@@ -765,6 +804,69 @@ mod tests {
             endpoint.cost(t1),
             0.1 * memory + 0.02 * (1.0 - memory)
         ));
+    }
+
+    #[test]
+    fn a_fast_failure_makes_an_endpoint_expensive_then_decays_back() {
+        let t0 = Instant::now();
+        let endpoint = Arc::new(PeakEwma::new(30 * MS, 10 * SEC));
+        // A refused connection: 0.1 ms. Recorded as an RTT it would have
+        // replaced the 30 ms default and made this the cheapest endpoint.
+        endpoint.start(t0).fail(t0 + MS / 10);
+        let failed = endpoint.cost(t0 + MS / 10);
+        assert!(close(failed, FAILURE_PENALTY.as_secs_f64()), "{failed}");
+        let later = endpoint.cost(t0 + 10 * SEC);
+        assert!(later < failed && later > 0.030, "decays: {later}");
+        assert!(
+            close(endpoint.cost(t0 + 600 * SEC), 0.030),
+            "and is forgotten"
+        );
+    }
+
+    #[test]
+    fn a_failure_never_lowers_the_estimate_and_a_slow_one_counts_in_full() {
+        let t0 = Instant::now();
+        let endpoint = Arc::new(PeakEwma::new(30 * MS, 10 * SEC));
+        endpoint.start(t0).complete(t0 + 3 * SEC);
+        let t1 = t0 + 3 * SEC + MS;
+        let before = endpoint.cost(t1);
+        assert!(before > 2.9, "{before}");
+        endpoint.start(t0 + 3 * SEC).fail(t1);
+        let after = endpoint.cost(t1);
+        assert!(
+            after >= before,
+            "a fast failure lowered it: {before} -> {after}"
+        );
+        // A timeout after 5 s: at least that slow.
+        endpoint.start(t0 + 4 * SEC).fail(t0 + 9 * SEC);
+        assert!(close(endpoint.cost(t0 + 9 * SEC), 5.0));
+    }
+
+    /// The balancer's choice between a healthy endpoint and one that
+    /// refuses connections, after the refusing one failed once: P2C must
+    /// keep away from it.
+    #[test]
+    fn p2c_keeps_away_from_an_endpoint_that_failed_fast() {
+        let t0 = Instant::now();
+        let (healthy, dead) = (
+            Arc::new(PeakEwma::new(30 * MS, 10 * SEC)),
+            Arc::new(PeakEwma::new(30 * MS, 10 * SEC)),
+        );
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut to_dead = 0;
+        for i in 0..1000u32 {
+            let now = t0 + i * MS;
+            let costs = [(0, healthy.cost(now)), (1, dead.cost(now))];
+            let end = now + MS / 2;
+            match p2c_pick(&costs, &mut rng) {
+                Some(0) => healthy.start(now).complete(end),
+                _ => {
+                    to_dead += 1;
+                    dead.start(now).fail(now + MS / 10);
+                }
+            }
+        }
+        assert!(to_dead <= 1, "{to_dead} of 1000 went to the dead endpoint");
     }
 
     #[test]

@@ -1,6 +1,14 @@
 //! Load balancing: power of two choices by peak-EWMA latency among the
 //! endpoints whose own circuit breaker admits a request. When every
 //! endpoint's breaker is open the destination fails fast with 503.
+//!
+//! Each try's outcome goes to its endpoint's breaker and latency estimate.
+//! A failure (no connection, a reset, a 5xx, a timeout) counts against the
+//! endpoint and makes it look expensive, never fast. The try's deadline
+//! (the [`Deadline`] the timeout and retry layers set) is enforced here,
+//! where the endpoint is known, so a try that never got an answer counts
+//! as failed rather than vanishing with the dropped future; a try dropped
+//! before its deadline (the client went away) counts as nothing.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,8 +22,9 @@ use super::breaker::{is_failure, report};
 use super::errors::ProxyError;
 use super::pool::Pool;
 use super::route::RouteCtx;
+use super::timeout::Deadline;
 use crate::proxy::destination::Destination;
-use crate::proxy::resilience::p2c_pick;
+use crate::proxy::resilience::{BreakerPermit, PendingRequest, p2c_pick};
 
 #[derive(Clone)]
 pub struct Balance {
@@ -93,14 +102,69 @@ impl Service<Request> for Balance {
                     .push(chosen.addr);
             }
             req.extensions_mut().insert(chosen.endpoint.clone());
-            let pending = chosen.load.start(Instant::now());
-            let result = super::call(pool, req).await;
-            pending.complete(Instant::now());
-            if let Some(permit) = permit {
-                report(permit, excluded, is_failure(&result, &dst.label));
-            }
+            let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+            let mut outcome = Outcome {
+                pending: Some(chosen.load.start(Instant::now())),
+                permit,
+                excluded,
+                deadline,
+            };
+            let call = super::call(pool, req);
+            let result = match deadline {
+                None => call.await,
+                Some(at) => match tokio::time::timeout_at(at, call).await {
+                    Ok(result) => result,
+                    // What the layer whose deadline it is would answer.
+                    Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
+                },
+            };
+            outcome.settle(is_failure(&result, &dst.label));
             result
         })
+    }
+}
+
+/// What one try tells its endpoint's breaker and latency estimate, told
+/// once: when the try ends, or when it is dropped past its deadline.
+struct Outcome {
+    pending: Option<PendingRequest>,
+    permit: Option<BreakerPermit>,
+    /// A health-check path: the breaker ignores it.
+    excluded: bool,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Outcome {
+    fn settle(&mut self, failed: bool) {
+        if let Some(pending) = self.pending.take() {
+            let now = Instant::now();
+            if failed {
+                pending.fail(now);
+            } else {
+                pending.complete(now);
+            }
+        }
+        if let Some(permit) = self.permit.take() {
+            report(permit, self.excluded, failed);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    /// Dropped unsettled: the client went away, or the timer of the layer
+    /// that set the deadline fired before ours. Tokio's `Timeout` polls its
+    /// inner future first, so ours normally answers, but on a multi-thread
+    /// runtime the two timers (in different driver shards or wake batches)
+    /// can fire apart. Past the deadline it is a timeout either way; before
+    /// it, a cancel, which says nothing about the endpoint (dropping the
+    /// permit frees a half-open probe slot).
+    fn drop(&mut self) {
+        if self
+            .deadline
+            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        {
+            self.settle(true);
+        }
     }
 }
 
@@ -110,3 +174,226 @@ impl Service<Request> for Balance {
 /// latency estimate, does not take every attempt.
 #[derive(Clone, Debug, Default)]
 pub struct TriedEndpoints(pub Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>);
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use serde_json::json;
+    use tokio::time::Instant as TokioInstant;
+
+    use super::*;
+    use crate::proxy::destination::{EndpointSource, EndpointState};
+    use crate::proxy::http::body;
+    use crate::proxy::http::errors::classify;
+    use crate::proxy::resilience::{BreakerState, FAILURE_PENALTY};
+
+    const MS: Duration = Duration::from_millis(1);
+    const LABEL: &str = "inventory.shop:80";
+    /// The latency a never-measured endpoint is assumed to have.
+    const DEFAULT_RTT: f64 = 0.030;
+
+    /// A destination with one endpoint at `addr`, a breaker that opens
+    /// after `consecutive` failures and stays open, and the given extra
+    /// policy fields (e.g. `timeoutMs`, or `retry` overrides).
+    pub(crate) fn destination(
+        addr: SocketAddr,
+        consecutive: u32,
+        extra: serde_json::Value,
+    ) -> Arc<Destination> {
+        let mut policy = json!({
+            "retry": {
+                "maxRetries": 0, "retryOn": ["connect-failure"], "methods": ["GET"],
+                "idempotencyHeader": "idempotency-key",
+                "budget": { "percent": 20, "minPerSecond": 10, "windowMs": 10000 },
+                "backoffBaseMs": 1, "backoffMaxMs": 2
+            },
+            "circuitBreaker": {
+                "consecutiveFailures": consecutive, "openMs": 60000, "maxOpenMs": 60000
+            },
+            "loadBalancer": "PeakEwma"
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            match (k.as_str(), v.as_object()) {
+                ("retry", Some(retry)) => {
+                    for (rk, rv) in retry {
+                        policy["retry"][rk] = rv.clone();
+                    }
+                }
+                _ => policy[k] = v.clone(),
+            }
+        }
+        let policy = serde_json::from_value(policy).expect("policy");
+        Arc::new(Destination::new(
+            LABEL.into(),
+            policy,
+            EndpointSource::Static(vec![addr]),
+            None,
+        ))
+    }
+
+    /// A GET carrying `deadline`, if any.
+    pub(crate) fn request(deadline: Option<TokioInstant>) -> Request {
+        let mut req = http::Request::get("http://inventory.shop/stock")
+            .body(body::empty())
+            .expect("request");
+        if let Some(at) = deadline {
+            req.extensions_mut().insert(Deadline(at));
+        }
+        req
+    }
+
+    /// A server that accepts connections and never answers.
+    async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        (addr, task)
+    }
+
+    async fn only_endpoint(dst: &Destination) -> Arc<EndpointState> {
+        dst.endpoints().await[0].clone()
+    }
+
+    fn state(ep: &EndpointState) -> BreakerState {
+        ep.breaker.as_ref().expect("breaker").state(Instant::now())
+    }
+
+    fn is_timeout(err: &BoxError) -> bool {
+        classify(err, LABEL) == ProxyError::Timeout(LABEL.into())
+    }
+
+    /// Polls `fut` for a while: long enough to choose the endpoint and
+    /// start connecting, and it never completes (the server is silent).
+    async fn start(fut: &mut BoxFuture<'static, Result<Response, BoxError>>) {
+        tokio::select! {
+            biased;
+            _ = fut => panic!("a silent endpoint answered"),
+            _ = tokio::time::sleep(50 * MS) => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn a_try_past_its_deadline_is_a_timeout_that_counts_against_the_endpoint() {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, 1, json!({}));
+        let mut balance = Balance::new(dst.clone(), Pool::default());
+        let at = TokioInstant::now() + 200 * MS;
+        // Not forever if the balancer ignored the deadline.
+        let err = tokio::time::timeout(Duration::from_secs(5), balance.call(request(Some(at))))
+            .await
+            .expect("the balancer timed out by itself")
+            .expect_err("no answer");
+        assert!(is_timeout(&err), "the outer layers' own error: {err}");
+        let ep = only_endpoint(&dst).await;
+        assert_eq!(state(&ep), BreakerState::Open);
+        let cost = ep.load.cost(Instant::now());
+        assert!(cost >= FAILURE_PENALTY.as_secs_f64() * 0.99, "{cost}");
+    }
+
+    /// `tries` tries to a silent endpoint, each under an outer timer for
+    /// the same deadline as the balancer's, as the layer that set it has;
+    /// each on a task of its own, as a server connection's request is.
+    /// Every one must be a timeout and count; `balancer_first`: the
+    /// balancer's timer must be the one that answered.
+    async fn time_out_with_equal_deadlines(tries: u32, balancer_first: bool) {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, tries, json!({}));
+        let balance = Balance::new(dst.clone(), Pool::default());
+        let ep = only_endpoint(&dst).await;
+        for i in 0..tries {
+            assert_eq!(state(&ep), BreakerState::Closed, "after {i} timeouts");
+            let at = TokioInstant::now() + 100 * MS;
+            let fut = balance.clone().call(request(Some(at)));
+            let outer = tokio::spawn(tokio::time::timeout_at(at, fut))
+                .await
+                .expect("task");
+            match outer {
+                Ok(Err(e)) => assert!(is_timeout(&e), "try {i}: {e}"),
+                Ok(Ok(_)) => panic!("try {i}: a silent endpoint answered"),
+                Err(_) => assert!(!balancer_first, "try {i}: the outer timer fired first"),
+            }
+        }
+        assert_eq!(state(&ep), BreakerState::Open, "each timeout counted");
+    }
+
+    /// On one thread both timers fire in one driver pass, and tokio's
+    /// `Timeout` polls its inner future first: the balancer answers.
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_equal_deadlines_on_one_thread_the_balancer_answers() {
+        time_out_with_equal_deadlines(4, true).await;
+    }
+
+    /// With worker threads the two timers may fire apart and the outer one
+    /// may win; the timeout counts all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whichever_timer_fires_first_the_timeout_counts() {
+        time_out_with_equal_deadlines(6, false).await;
+    }
+
+    /// The outer timer won and dropped the balancer's future, which never
+    /// saw its own timer fire: past the deadline, that is a timeout.
+    #[tokio::test]
+    async fn a_try_dropped_past_its_deadline_counts_as_a_timeout() {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, 1, json!({}));
+        let at = TokioInstant::now() + 200 * MS;
+        let mut fut = Balance::new(dst.clone(), Pool::default()).call(request(Some(at)));
+        start(&mut fut).await;
+        tokio::time::sleep_until(at + 50 * MS).await;
+        drop(fut);
+        let ep = only_endpoint(&dst).await;
+        assert_eq!(state(&ep), BreakerState::Open);
+        assert!(ep.load.cost(Instant::now()) >= FAILURE_PENALTY.as_secs_f64() * 0.99);
+    }
+
+    /// The client went away before the deadline: that says nothing about
+    /// the endpoint, to its breaker or its latency estimate.
+    #[tokio::test]
+    async fn a_try_cancelled_before_its_deadline_counts_as_nothing() {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, 1, json!({}));
+        let at = TokioInstant::now() + 10 * Duration::from_secs(1);
+        for _ in 0..3 {
+            let mut fut = Balance::new(dst.clone(), Pool::default()).call(request(Some(at)));
+            start(&mut fut).await;
+            drop(fut);
+        }
+        let ep = only_endpoint(&dst).await;
+        assert_eq!(state(&ep), BreakerState::Closed);
+        let cost = ep.load.cost(Instant::now());
+        assert!(
+            (cost - DEFAULT_RTT).abs() < 1e-9,
+            "estimate untouched: {cost}"
+        );
+    }
+
+    /// A refused connection answers in ~0.1 ms; as an RTT it made the dead
+    /// endpoint the cheapest. It must cost at least the failure penalty.
+    #[tokio::test]
+    async fn a_refused_connection_makes_the_endpoint_expensive() {
+        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let dst = destination(refusing, 100, json!({}));
+        let err = Balance::new(dst.clone(), Pool::default())
+            .call(request(None))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(classify(&err, LABEL), ProxyError::Connect(..)),
+            "{err}"
+        );
+        let cost = only_endpoint(&dst).await.load.cost(Instant::now());
+        assert!(cost >= FAILURE_PENALTY.as_secs_f64() * 0.99, "{cost}");
+    }
+}

@@ -5,7 +5,8 @@
 //! length are buffered for replay; larger or streamed bodies are sent once.
 //! Every retry must be allowed by the destination's budget, so an outage
 //! cannot multiply the load on a struggling Service. Tries are spaced by
-//! exponential backoff with full jitter.
+//! exponential backoff with full jitter. A try past the request's deadline
+//! is not retried: the timeout layer is about to answer 504.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use super::Shared;
 use super::body::{self, BoxError, Request, Response};
 use super::errors::{ProxyError, classify};
 use super::route::RouteCtx;
+use super::timeout::Deadline;
 use crate::config::{RetryConfig, RetryOn};
 use crate::proxy::destination::Destination;
 use crate::proxy::metrics::DstLabels;
@@ -133,6 +135,8 @@ impl<S: super::Inner> Retry<S> {
             parts
                 .extensions
                 .insert(super::balance::TriedEndpoints::default());
+            // The request's deadline (each try's copy gets its own, tighter).
+            let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
             loop {
                 let req = replay(&parts, bytes.clone());
                 let result = attempt(inner.clone(), req, per_try, &dst.label).await;
@@ -142,7 +146,11 @@ impl<S: super::Inner> Retry<S> {
                     Verdict::RetryAlways => true,
                     Verdict::RetryIfSafe => safe,
                 };
-                if !retry || tries >= policy.max_retries {
+                // The balancer timed the try out at the request's deadline:
+                // no time is left for another, so neither budget nor a
+                // retry is spent on it.
+                let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                if !retry || tries >= policy.max_retries || expired {
                     return result;
                 }
                 let label = DstLabels {
@@ -183,18 +191,114 @@ fn replay(parts: &http::request::Parts, bytes: Bytes) -> Request {
     req
 }
 
-/// One try, under the per-try deadline.
+/// One try, under the per-try deadline. The deadline goes with the try
+/// (the earlier of it and the request's) so that the balancer times the
+/// try out itself and counts it against the endpoint; this timer stays for
+/// a try that never reached the balancer.
 async fn attempt<S: super::Inner>(
     inner: S,
-    req: Request,
+    mut req: Request,
     per_try: Option<Duration>,
     label: &str,
 ) -> Result<Response, BoxError> {
-    match per_try {
-        None => super::call(inner, req).await,
-        Some(limit) => match tokio::time::timeout(limit, super::call(inner, req)).await {
-            Ok(result) => result,
-            Err(_) => Err(ProxyError::Timeout(label.to_owned()).into()),
-        },
+    // A limit too large to add to the clock is no limit.
+    let Some(deadline) = per_try.and_then(|l| tokio::time::Instant::now().checked_add(l)) else {
+        return super::call(inner, req).await;
+    };
+    Deadline::tighten(req.extensions_mut(), deadline);
+    match tokio::time::timeout_at(deadline, super::call(inner, req)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::Timeout(label.to_owned()).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::json;
+    use tokio::time::Instant as TokioInstant;
+
+    use super::*;
+    use crate::proxy::http::balance::tests::{destination, request};
+    use crate::proxy::http::pool::Pool;
+    use crate::proxy::metrics::ProxyMetrics;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Records each try's deadline and answers it with a timeout, as the
+    /// balancer does once the deadline passes.
+    fn timing_out(tries: Arc<Mutex<Vec<Option<Deadline>>>>) -> impl super::super::Inner {
+        tower::service_fn(move |req: Request| {
+            tries
+                .lock()
+                .expect("tries")
+                .push(req.extensions().get::<Deadline>().copied());
+            async { Err::<Response, BoxError>(ProxyError::Timeout("x".into()).into()) }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_try_carries_the_earlier_of_its_own_and_the_request_deadline() {
+        let now = TokioInstant::now();
+        let (far, near) = (now + 10 * Duration::from_secs(1), now + 50 * MS);
+        // (the request's deadline, the per-try limit)
+        let cases = [
+            (Some(far), Some(200 * MS)),
+            (Some(near), Some(200 * MS)),
+            (None, None),
+        ];
+        let tries = Arc::new(Mutex::new(Vec::new()));
+        for (deadline, per_try) in cases {
+            let _ = attempt(timing_out(tries.clone()), request(deadline), per_try, "x").await;
+        }
+        let seen = tries.lock().expect("tries").clone();
+        let Some(Deadline(per_try)) = seen[0] else {
+            panic!("no deadline: {seen:?}")
+        };
+        assert!(per_try >= now + 200 * MS && per_try < far, "{per_try:?}");
+        assert_eq!(seen[1], Some(Deadline(near)), "the request's is earlier");
+        assert_eq!(seen[2], None);
+    }
+
+    /// A try the balancer timed out at the request's deadline is not
+    /// retried (the timeout layer answers 504 now): no retry is counted and
+    /// no budget spent. Before the deadline, a timed-out try is retried.
+    #[tokio::test]
+    async fn no_retry_is_spent_past_the_request_deadline() {
+        let unused = "127.0.0.1:9".parse().expect("addr");
+        let policy = json!({ "retry": { "maxRetries": 2, "retryOn": ["gateway-error"] } });
+        let dst = destination(unused, 1, policy);
+        let shared = Arc::new(Shared {
+            metrics: Arc::new(ProxyMetrics::new()),
+            pool: Pool::default(),
+            workload: "test".into(),
+        });
+        let retries = || {
+            shared
+                .metrics
+                .retries
+                .get_or_create(&DstLabels {
+                    dst: dst.label.clone(),
+                })
+                .get()
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let run = |deadline| {
+            let tries = Arc::new(Mutex::new(Vec::new()));
+            let mut retry = Retry::new(dst.clone(), shared.clone(), timing_out(tries.clone()));
+            let calls = calls.clone();
+            async move {
+                let _ = tower::Service::call(&mut retry, request(deadline)).await;
+                calls.fetch_add(tries.lock().expect("tries").len(), Ordering::SeqCst);
+            }
+        };
+        run(Some(TokioInstant::now())).await;
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 1, "one try, no retry");
+        assert_eq!(retries(), 0);
+        run(Some(TokioInstant::now() + 10 * Duration::from_secs(1))).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "tried and retried twice");
+        assert_eq!(retries(), 2);
     }
 }
