@@ -129,7 +129,7 @@ impl Service<Request> for Balance {
 struct Outcome {
     pending: Option<PendingRequest>,
     permit: Option<BreakerPermit>,
-    /// A health-check path: the breaker ignores it.
+    /// A health-check path: the breaker and the latency estimate ignore it.
     excluded: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -138,7 +138,12 @@ impl Outcome {
     fn settle(&mut self, failed: bool) {
         if let Some(pending) = self.pending.take() {
             let now = Instant::now();
-            if failed {
+            // A health check says nothing about serving traffic (and a
+            // failing one would otherwise look fast or be a penalty):
+            // outlier accounting ignores it, as the breaker does.
+            if self.excluded {
+                drop(pending);
+            } else if failed {
                 pending.fail(now);
             } else {
                 pending.complete(now);
@@ -395,5 +400,34 @@ pub(crate) mod tests {
         );
         let cost = only_endpoint(&dst).await.load.cost(Instant::now());
         assert!(cost >= FAILURE_PENALTY.as_secs_f64() * 0.99, "{cost}");
+    }
+
+    /// Health paths are outside outlier accounting: a failing one neither
+    /// opens the breaker nor moves the latency estimate.
+    #[tokio::test]
+    async fn a_failing_health_check_leaves_the_endpoint_alone() {
+        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let dst = destination(refusing, 1, json!({}));
+        let mut req = request(None);
+        req.extensions_mut().insert(RouteCtx {
+            name: Arc::from("default"),
+            timeout: None,
+            retry: None,
+            excluded: true,
+        });
+        let _ = Balance::new(dst.clone(), Pool::default())
+            .call(req)
+            .await
+            .expect_err("refused");
+        let ep = only_endpoint(&dst).await;
+        assert_eq!(state(&ep), BreakerState::Closed);
+        let cost = ep.load.cost(Instant::now());
+        assert!(
+            (cost - DEFAULT_RTT).abs() < 1e-9,
+            "estimate untouched: {cost}"
+        );
     }
 }
