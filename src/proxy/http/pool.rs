@@ -417,7 +417,7 @@ impl Pool {
         // An endpoint without a sidecar: its pooled plaintext connections,
         // not a TCP connect and a failed TLS handshake per request.
         if ep.conns.seen_plaintext(Instant::now()) {
-            return self.send_http1(ep, parts).await;
+            return Box::pin(self.send_http1(ep, parts)).await;
         }
         let mut req = parts.0;
         let mut fresh = false;
@@ -653,14 +653,21 @@ fn strip(headers: &mut http::HeaderMap, hop_by_hop: &[HeaderName], http2: bool) 
             .get_all(header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Every Connection line counts, not only the first.
+    // Every Connection line counts, not only the first. `close` and
+    // `keep-alive`, by far the most common, name no other header: nothing
+    // to collect for them.
     let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|h| h.trim().to_ascii_lowercase())
-        .filter(|h| !h.is_empty())
+        .map(str::trim)
+        .filter(|h| {
+            !(h.is_empty()
+                || h.eq_ignore_ascii_case("close")
+                || h.eq_ignore_ascii_case("keep-alive"))
+        })
+        .map(str::to_ascii_lowercase)
         .collect();
     for name in listed {
         headers.remove(name.as_str());
@@ -705,15 +712,15 @@ impl Service<Request> for Pool {
         let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
         let parts = Forward(req);
         let pool = self.clone();
-        Box::pin(async move {
-            if http2 {
-                pool.send_http2(endpoint, parts).await
-            } else if meshed {
-                pool.send_upgraded(endpoint, parts).await
-            } else {
-                pool.send_http1(endpoint, parts).await
-            }
-        })
+        // One box per kind: a future holding all three would be as large
+        // as the largest, and that size is copied on every request.
+        if http2 {
+            Box::pin(async move { pool.send_http2(endpoint, parts).await })
+        } else if meshed {
+            Box::pin(async move { pool.send_upgraded(endpoint, parts).await })
+        } else {
+            Box::pin(async move { pool.send_http1(endpoint, parts).await })
+        }
     }
 }
 
