@@ -66,6 +66,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{INJECT_ANNOTATION, INJECT_ENABLED, INJECT_LABEL, MeshSpec, SidecarMode};
 use crate::compile::SERVER_FIRST_PORTS;
+use crate::proxy::admin::ProbeTarget;
 use crate::proxy::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROBE_PORT, PROXY_UID};
 
 /// Names of what the injector adds.
@@ -255,11 +256,9 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         ] {
             let Some(probe) = probe else { continue };
             match rewrite_probe(probe, c) {
-                Ok(Some((rewritten, target))) => {
+                Ok(Some((rewritten, health_path, target))) => {
                     probe_targets.insert(target.to_string());
-                    if let ProbeTarget::Http { path, .. } = target {
-                        health_paths.insert(path);
-                    }
+                    health_paths.extend(health_path);
                     ops.push(replace(
                         &format!("/spec/containers/{i}/{field}"),
                         to_value(&rewritten),
@@ -761,32 +760,17 @@ fn is_quantity(s: &str) -> bool {
     RE.is_match(s)
 }
 
-/// What a rewritten probe has the proxy's probe port serve, as the proxy
-/// parses it (`WEFT_PROBE_TARGETS`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum ProbeTarget {
-    /// An `httpGet` probe: the app port and the path (no query), forwarded.
-    Http { port: i32, path: String },
-    /// A `tcpSocket` probe: the app port the proxy connects to.
-    Tcp { port: i32 },
-}
-
-impl std::fmt::Display for ProbeTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Http { port, path } => write!(f, "{port}/{}", path.trim_start_matches('/')),
-            Self::Tcp { port } => write!(f, "tcp:{port}"),
-        }
-    }
-}
-
-/// The probe rewritten to the proxy's probe port, and what the proxy is to
-/// serve for it; `None` for probes left as they are without a word (`exec`,
+/// The probe rewritten to the proxy's probe port, its health path (HTTP
+/// probes), and what the proxy is to serve for it (`WEFT_PROBE_TARGETS`,
+/// in the proxy's own form); `None` for probes left as they are without a word (`exec`,
 /// a TCP probe of another host). HTTP probes become `/probe/<port>/<path>`;
 /// TCP probes become HTTP probes of `/probe-tcp/<port>`, every other field
 /// (timings, thresholds) kept. gRPC probes are left as they are, with a
 /// warning: the proxy does not speak gRPC health.
-fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, ProbeTarget)>, String> {
+fn rewrite_probe(
+    probe: &Probe,
+    c: &Container,
+) -> Result<Option<(Probe, Option<String>, ProbeTarget)>, String> {
     if let Some(grpc) = &probe.grpc {
         return Err(format!(
             "a gRPC probe (port {port}) is left as it is: it bypasses the weft proxy, so it counts as plaintext traffic and fails under STRICT mTLS unless port {port} is in the namespace's MTLSPolicy plaintextPorts",
@@ -808,7 +792,7 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, ProbeTar
             }),
             ..probe.clone()
         };
-        return Ok(Some((rewritten, ProbeTarget::Tcp { port })));
+        return Ok(Some((rewritten, None, ProbeTarget::tcp(port))));
     }
     let Some(get) = &probe.http_get else {
         return Ok(None);
@@ -842,17 +826,13 @@ fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, ProbeTar
         port: IntOrString::Int(i32::from(PROBE_PORT)),
         ..get.clone()
     });
-    Ok(Some((
-        rewritten,
-        ProbeTarget::Http {
-            port,
-            path: path_only,
-        },
-    )))
+    // As the proxy sees the path on the wire: with its leading `/`.
+    let target = ProbeTarget::http(port, &format!("/{}", path_only.trim_start_matches('/')));
+    Ok(Some((rewritten, Some(path_only), target)))
 }
 
 /// A probe's port, a name resolved against the container's own ports.
-fn probe_port(port: &IntOrString, c: &Container) -> Result<i32, String> {
+fn probe_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
     let port = match port {
         IntOrString::Int(p) => *p,
         IntOrString::String(name) => c
@@ -866,12 +846,12 @@ fn probe_port(port: &IntOrString, c: &Container) -> Result<i32, String> {
             })?,
     };
     // The proxy refuses to start on a target outside 1-65535.
-    if !(1..=65535).contains(&port) {
-        return Err(format!(
+    match u16::try_from(port) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!(
             "port {port} is not in 1-65535; the probe is left as it is"
-        ));
+        )),
     }
-    Ok(port)
 }
 
 fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<String>) {
@@ -1054,16 +1034,11 @@ mod tests {
             ..Default::default()
         };
         let c = Container::default();
-        let (rewritten, target) = rewrite_probe(&probe("/ready?full=1"), &c)
+        let (rewritten, health_path, target) = rewrite_probe(&probe("/ready?full=1"), &c)
             .expect("rewritten")
             .expect("an HTTP probe");
-        assert_eq!(
-            target,
-            ProbeTarget::Http {
-                port: 8080,
-                path: "/ready".into()
-            }
-        );
+        assert_eq!(target, ProbeTarget::http(8080, "/ready"));
+        assert_eq!(health_path.as_deref(), Some("/ready"));
         assert_eq!(target.to_string(), "8080/ready");
         let get = rewritten.http_get.expect("httpGet");
         assert_eq!(get.path.as_deref(), Some("/probe/8080/ready?full=1"));
@@ -1101,10 +1076,11 @@ mod tests {
         let c = redis();
         for port in [IntOrString::String("redis".into()), IntOrString::Int(6379)] {
             let original = tcp(port.clone());
-            let (rewritten, target) = rewrite_probe(&original, &c)
+            let (rewritten, health_path, target) = rewrite_probe(&original, &c)
                 .expect("rewritten")
                 .expect("a TCP probe");
-            assert_eq!(target, ProbeTarget::Tcp { port: 6379 }, "{port:?}");
+            assert_eq!(target, ProbeTarget::tcp(6379), "{port:?}");
+            assert_eq!(health_path, None);
             assert_eq!(target.to_string(), "tcp:6379");
             assert_eq!(
                 rewritten,
