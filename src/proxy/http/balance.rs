@@ -264,6 +264,14 @@ pub(crate) mod tests {
         (addr, task)
     }
 
+    /// An address whose listener is already closed: connections are refused.
+    fn refusing_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+    }
+
     async fn only_endpoint(dst: &Destination) -> Arc<EndpointState> {
         dst.endpoints().await[0].clone()
     }
@@ -385,10 +393,7 @@ pub(crate) mod tests {
     /// endpoint the cheapest. It must cost at least the failure penalty.
     #[tokio::test]
     async fn a_refused_connection_makes_the_endpoint_expensive() {
-        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr");
+        let refusing = refusing_addr();
         let dst = destination(refusing, 100, json!({}));
         let err = Balance::new(dst.clone(), Pool::default())
             .call(request(None))
@@ -406,10 +411,7 @@ pub(crate) mod tests {
     /// opens the breaker nor moves the latency estimate.
     #[tokio::test]
     async fn a_failing_health_check_leaves_the_endpoint_alone() {
-        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr");
+        let refusing = refusing_addr();
         let dst = destination(refusing, 1, json!({}));
         let mut req = request(None);
         req.extensions_mut().insert(RouteCtx {
