@@ -63,6 +63,11 @@ impl fmt::Display for SpiffeId {
 impl FromStr for SpiffeId {
     type Err = IdentityError;
 
+    /// Parses `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
+    /// held to the SPIFFE ID rules (lower-case trust domain of letters,
+    /// digits, `.`, `-` and `_`; no empty, `.` or `..` segment; no percent
+    /// encoding) and to Kubernetes' names for the namespace (a DNS-1123
+    /// label) and the service account (a DNS-1123 subdomain).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || IdentityError::BadSpiffeId(s.to_owned());
         let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
@@ -76,13 +81,41 @@ impl FromStr for SpiffeId {
             parts.next(),
         ) {
             (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-                if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
+                if trust_domain_ok(td) && dns1123_label(ns) && dns1123_subdomain(sa) =>
             {
                 Ok(Self::new(td, ns, sa))
             }
             _ => Err(bad()),
         }
     }
+}
+
+/// A SPIFFE trust domain: `[a-z0-9._-]+`, at most 255 bytes.
+fn trust_domain_ok(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// A DNS-1123 label (a namespace name): `[a-z0-9-]`, at most 63 bytes,
+/// starting and ending with a letter or digit.
+fn dns1123_label(s: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|&b| alnum(b) || b == b'-')
+        && alnum(bytes[0])
+        && alnum(bytes[bytes.len() - 1])
+}
+
+/// A DNS-1123 subdomain (a service account name): dot-separated labels, at
+/// most 253 bytes. This also rules out the `.` and `..` segments SPIFFE
+/// forbids.
+fn dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns1123_label)
 }
 
 /// What went wrong making or reading identities.
@@ -267,14 +300,25 @@ pub fn renew_at(issued: SystemTime, expires: SystemTime) -> SystemTime {
 /// What a certificate says, as far as the mesh cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertInfo {
-    /// URI SANs that are weft SPIFFE ids.
-    pub spiffe_ids: Vec<SpiffeId>,
+    /// Every URI SAN, as written.
+    pub uri_sans: Vec<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub is_ca: bool,
 }
 
 impl CertInfo {
+    /// The workload identity the certificate carries: its URI SAN, when it
+    /// has exactly one and that is a weft SPIFFE id. An X.509-SVID has
+    /// exactly one URI SAN; with several, which one names the workload
+    /// would be the reader's guess.
+    pub fn spiffe_id(&self) -> Option<SpiffeId> {
+        match self.uri_sans.as_slice() {
+            [uri] => uri.parse().ok(),
+            _ => None,
+        }
+    }
+
     /// When a certificate read back (say, from a Secret) is due for
     /// renewal. The validity start was backdated for clock skew; the
     /// renewal point is computed from the intended issue time.
@@ -294,7 +338,7 @@ pub fn inspect_pem(pem: &str) -> Result<CertInfo, IdentityError> {
 pub fn inspect_der(der: &[u8]) -> Result<CertInfo, IdentityError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let spiffe_ids = cert
+    let uri_sans = cert
         .subject_alternative_name()
         .map_err(|e| IdentityError::Parse(e.to_string()))?
         .map(|san| {
@@ -302,7 +346,7 @@ pub fn inspect_der(der: &[u8]) -> Result<CertInfo, IdentityError> {
                 .general_names
                 .iter()
                 .filter_map(|name| match name {
-                    x509_parser::extensions::GeneralName::URI(uri) => uri.parse::<SpiffeId>().ok(),
+                    x509_parser::extensions::GeneralName::URI(uri) => Some((*uri).to_owned()),
                     _ => None,
                 })
                 .collect()
@@ -317,7 +361,7 @@ pub fn inspect_der(der: &[u8]) -> Result<CertInfo, IdentityError> {
         }
     };
     Ok(CertInfo {
-        spiffe_ids,
+        uri_sans,
         not_before: to_system(cert.validity().not_before),
         not_after: to_system(cert.validity().not_after),
         is_ca: cert.is_ca(),
@@ -345,12 +389,28 @@ mod tests {
             .expect("parses");
         assert_eq!(id, SpiffeId::new("cluster.local", "shop", "checkout"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/checkout");
+        // A service account name may be a DNS-1123 subdomain.
+        let dotted: SpiffeId = "spiffe://my_domain.example/ns/shop-eu/sa/ci.deployer"
+            .parse()
+            .expect("parses");
+        assert_eq!(dotted.service_account, "ci.deployer");
         for bad in [
             "https://cluster.local/ns/shop/sa/checkout",
             "spiffe://cluster.local/ns/shop",
             "spiffe://cluster.local/ns//sa/x",
             "spiffe://cluster.local/ns/shop/sa/checkout/extra",
             "spiffe:///ns/shop/sa/x",
+            // SPIFFE: a lower-case trust domain, no percent encoding, no
+            // dot segments; Kubernetes: DNS-1123 names.
+            "spiffe://Cluster.Local/ns/shop/sa/x",
+            "spiffe://cluster.local/ns/shop/sa/%2e%2e",
+            "spiffe://cluster.local/ns/shop/sa/..",
+            "spiffe://cluster.local/ns/./sa/x",
+            "spiffe://cluster.local/ns/Shop/sa/x",
+            "spiffe://cluster.local/ns/-shop/sa/x",
+            "spiffe://cluster.local/ns/shop.eu/sa/x",
+            "spiffe://cluster.local/ns/shop/sa/a..b",
+            "spiffe://cluster:8080/ns/shop/sa/x",
         ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
         }
@@ -367,7 +427,7 @@ mod tests {
             .issue(&id, t, Duration::from_secs(24 * 3600))
             .expect("leaf");
         let info = inspect_pem(&leaf.cert_pem).expect("leaf info");
-        assert_eq!(info.spiffe_ids, [id]);
+        assert_eq!(info.spiffe_id(), Some(id));
         assert!(!info.is_ca);
         let life = info
             .not_after

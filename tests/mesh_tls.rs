@@ -155,6 +155,81 @@ async fn foreign_ca_expired_and_wrong_trust_domain_are_refused_for_their_own_rea
     assert_eq!(rejected(&server, "inbound", "foreign-trust-domain"), 1);
 }
 
+/// A CA made with rcgen directly, to sign what the mesh CA never issues.
+/// Returns its PEM (the trust bundle) and the issuer.
+fn odd_ca() -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let key = KeyPair::generate().expect("ca key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let cert = params.self_signed(&key).expect("ca cert");
+    (cert.pem(), Issuer::new(params, key))
+}
+
+/// A side whose leaf, signed by `issuer`, carries the URI SANs `uris`.
+fn odd_side(bundle: &str, issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, uris: &[&str]) -> Side {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().expect("uri")))
+        .collect();
+    let cert = params.signed_by(&key, issuer).expect("leaf");
+    let rejections = Family::default();
+    let identity = MeshIdentity::new("cluster.local", rejections.clone());
+    identity
+        .update(&cert.pem(), &key.serialize_pem(), bundle)
+        .expect("load identity");
+    Side {
+        identity,
+        rejections,
+    }
+}
+
+/// An X.509-SVID carries exactly one URI SAN: a certificate with a second
+/// one (whichever comes first) names no one workload, and one whose URI is
+/// not a weft SPIFFE id names none; each is refused for its own reason.
+#[tokio::test]
+async fn several_uri_sans_or_a_non_spiffe_uri_are_refused_for_their_own_reasons() {
+    let checkout = "spiffe://cluster.local/ns/shop/sa/checkout";
+    let (bundle, issuer) = odd_ca();
+    let server = odd_side(
+        &bundle,
+        &issuer,
+        &["spiffe://cluster.local/ns/payments/sa/payments"],
+    );
+    // The control: the same CA's well-formed client is admitted.
+    let good = odd_side(&bundle, &issuer, &[checkout]);
+    let (seen_by_server, seen_by_client) = handshake(&server, &good, payments()).await;
+    assert_eq!(seen_by_server, Some(ids().1));
+    assert_eq!(seen_by_client, Some(ids().0));
+    let mut expected = std::collections::HashMap::<&str, u64>::new();
+    for (uris, reason) in [
+        (
+            vec!["https://example.com/checkout", checkout],
+            "multiple-uri-sans",
+        ),
+        (
+            vec![checkout, "spiffe://cluster.local/ns/shop/sa/admin"],
+            "multiple-uri-sans",
+        ),
+        (vec!["https://example.com/checkout"], "no-spiffe-id"),
+        (
+            vec!["spiffe://cluster.local/ns/shop/sa/%2e%2e"],
+            "no-spiffe-id",
+        ),
+    ] {
+        let client = odd_side(&bundle, &issuer, &uris);
+        let (seen_by_server, _) = handshake(&server, &client, payments()).await;
+        assert_eq!(seen_by_server, None, "{uris:?}");
+        *expected.entry(reason).or_default() += 1;
+        for (reason, n) in &expected {
+            assert_eq!(rejected(&server, "inbound", reason), *n, "{uris:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn clients_refuse_a_server_that_is_not_the_expected_identity() {
     let now = SystemTime::now();

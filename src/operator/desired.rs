@@ -195,7 +195,7 @@ pub fn identities(
         let kept = match (same_ca, existing.get(&crt), existing.get(&key)) {
             (true, Some(cert), Some(k)) => inspect_pem(cert)
                 .ok()
-                .filter(|info| info.spiffe_ids.contains(&id) && now < info.renew_at())
+                .filter(|info| info.spiffe_id().as_ref() == Some(&id) && now < info.renew_at())
                 .map(|info| (cert.clone(), k.clone(), info.renew_at(), info.not_after)),
             _ => None,
         };

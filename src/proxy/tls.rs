@@ -44,8 +44,10 @@ pub enum RejectReason {
     UnknownCa,
     Expired,
     NotYetValid,
-    /// No `spiffe://` URI SAN.
+    /// No URI SAN that is a weft SPIFFE id.
     NoSpiffeId,
+    /// More than one URI SAN: an X.509-SVID carries exactly one.
+    MultipleUriSans,
     /// A SPIFFE id of another trust domain.
     ForeignTrustDomain,
     /// A valid mesh identity, but not one that serves this destination.
@@ -61,6 +63,7 @@ impl RejectReason {
             RejectReason::Expired => "expired",
             RejectReason::NotYetValid => "not-yet-valid",
             RejectReason::NoSpiffeId => "no-spiffe-id",
+            RejectReason::MultipleUriSans => "multiple-uri-sans",
             RejectReason::ForeignTrustDomain => "foreign-trust-domain",
             RejectReason::UnexpectedIdentity => "unexpected-identity",
             RejectReason::BadCertificate => "bad-certificate",
@@ -227,7 +230,10 @@ impl MeshIdentity {
     ) -> Result<SpiffeId, Error> {
         let info = inspect_der(end_entity)
             .map_err(|_| self.reject(direction, RejectReason::BadCertificate))?;
-        let Some(id) = info.spiffe_ids.into_iter().next() else {
+        if info.uri_sans.len() > 1 {
+            return Err(self.reject(direction, RejectReason::MultipleUriSans));
+        }
+        let Some(id) = info.spiffe_id() else {
             return Err(self.reject(direction, RejectReason::NoSpiffeId));
         };
         if id.trust_domain != self.trust_domain {
@@ -305,7 +311,7 @@ pub fn refused_by_verifier(err: &std::io::Error) -> bool {
 /// The SPIFFE id of a TLS peer whose chain was verified in the handshake.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
-    inspect_der(leaf).ok()?.spiffe_ids.into_iter().next()
+    inspect_der(leaf).ok()?.spiffe_id()
 }
 
 /// The handshake-signature half of a verifier, the same on both sides: TLS
