@@ -294,8 +294,32 @@ impl Proxy {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit, and returns both
+/// limits as they are then. Every proxied connection holds two descriptors
+/// (the client's and the upstream's), and container runtimes differ in the
+/// soft limit they hand a container: containerd 2 leaves the kernel's 1024,
+/// which a proxy with 500 connections would exhaust. Go programs raise it
+/// themselves at start; this is the same for the proxy.
+pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    getrlimit(Resource::RLIMIT_NOFILE)
+}
+
 /// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`, then drains.
 pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
+    match raise_open_files_limit() {
+        Ok((soft, _)) if soft < 16_384 => tracing::warn!(
+            limit = soft,
+            "the open-files limit is low for a proxy (two per proxied connection); \
+             raise the container runtime's RLIMIT_NOFILE"
+        ),
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     // One worker is an event loop on this thread, as nginx runs one: no
     // work stealing, no cross-thread wake-ups on the data path.
     let mut rt = match args.workers {
@@ -470,4 +494,25 @@ async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
         _ = server::stopped(&mut stop) => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        // One below the hard limit: lowered, but not so far that the other
+        // tests running in this process could run out.
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).expect("lower the soft limit");
+        assert_eq!(
+            super::raise_open_files_limit().expect("raise"),
+            (hard, hard)
+        );
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit"),
+            (hard, hard)
+        );
+    }
 }
