@@ -440,3 +440,71 @@ async fn a_stream_the_server_refused_unprocessed_goes_again_even_for_a_post() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(served.load(Ordering::SeqCst), 1, "processed exactly once");
 }
+
+/// Past its in-flight limit the proxy sheds: a request is answered 503
+/// `overloaded` at once (the upstream never sees it) and counted, and the
+/// requests already in flight finish; once they have, requests go through
+/// again.
+#[tokio::test]
+async fn past_the_in_flight_limit_requests_are_shed_at_once_and_counted() {
+    let up = Upstream::start(Arc::new(|n, _| {
+        // The first two wait long enough for the third to arrive meanwhile.
+        let delay = if n < 2 { 3000 } else { 0 };
+        (200, "stock".into(), std::time::Duration::from_millis(delay))
+    }))
+    .await;
+    let cfg = config(vec![service("inventory", &[up.addr], None, json!([]))]);
+    let p = start_proxy(
+        &cfg,
+        &["inventory.shop.svc.cluster.local:80"],
+        &["--outbound-max-in-flight", "2"],
+    )
+    .await;
+    let url = format!("{}/stock", p.outbound_url(0));
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    let mut arrived = false;
+    for _ in 0..100 {
+        if up.hits() == 2 {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(arrived, "the first two requests reached the upstream");
+
+    let shed = get(&url).await;
+    assert_eq!(
+        (shed.status, shed.proxy_error.as_deref()),
+        (503, Some("overloaded")),
+        "{}",
+        shed.body
+    );
+    assert!(
+        shed.body.contains("--outbound-max-in-flight"),
+        "{}",
+        shed.body
+    );
+    assert_eq!(up.hits(), 2, "a shed request never reaches the upstream");
+    assert_eq!(
+        p.metric("weft_proxy_requests_shed_total{direction=\"outbound\"}")
+            .await,
+        1.0
+    );
+
+    for w in waiting {
+        let r = w.await.expect("request task");
+        assert_eq!((r.status, r.body.as_str()), (200, "stock"));
+    }
+    let after = get(&url).await;
+    assert_eq!((after.status, after.body.as_str()), (200, "stock"));
+    assert_eq!(
+        p.metric("weft_proxy_requests_shed_total{direction=\"inbound\"}")
+            .await,
+        0.0
+    );
+}

@@ -207,7 +207,7 @@ where
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let (p, conn) = (proxy.clone(), Arc::new(conn));
-            super::server::serve_http(io, &proxy.drain, move |req| {
+            super::server::serve_http(io, &proxy.drain, &proxy.inbound_in_flight, move |req| {
                 forward_http(p.clone(), conn.clone(), req)
             })
             .await;

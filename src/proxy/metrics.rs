@@ -56,6 +56,11 @@ pub struct EdgeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DstLabels {
     pub dst: String,
 }
@@ -147,6 +152,9 @@ pub struct ProxyMetrics {
     /// Inbound connections closed because no config was loaded yet (the
     /// mode and the access rules are unknown until then).
     pub inbound_refused_no_config: Counter,
+    /// Requests answered `overloaded` because the direction's in-flight
+    /// limit was reached.
+    pub requests_shed: Family<DirectionLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -307,9 +315,16 @@ impl ProxyMetrics {
             "Inbound connections closed because no config was loaded yet",
             inbound_refused_no_config.clone(),
         );
+        let requests_shed = Family::default();
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 overloaded at once because the direction's in-flight limit was reached",
+            requests_shed.clone(),
+        );
         Self {
             registry,
             inbound_refused_no_config,
+            requests_shed,
             plaintext_connections,
             plaintext_rejected,
             access_denied,

@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use self::metrics::ProxyMetrics;
+use self::metrics::{Direction, ProxyMetrics};
 use self::outbound::Target;
 use self::server::Drain;
 use self::state::ConfigStore;
@@ -149,6 +149,24 @@ pub struct ProxyArgs {
     /// Worker threads (0: one per core).
     #[arg(long, env = "WEFT_PROXY_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Inbound requests waiting for the application's response at most;
+    /// past it a request is answered 503 `overloaded` at once.
+    #[arg(
+        long,
+        env = "WEFT_INBOUND_MAX_IN_FLIGHT",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub inbound_max_in_flight: u32,
+    /// Outbound requests waiting for a response at most; past it a request
+    /// is answered 503 `overloaded` at once.
+    #[arg(
+        long,
+        env = "WEFT_OUTBOUND_MAX_IN_FLIGHT",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub outbound_max_in_flight: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -213,6 +231,9 @@ pub struct Proxy {
     pub pod_labels: Arc<arc_swap::ArcSwapOption<authz::PodLabels>>,
     /// Inbound ports that are never held for HTTP detection.
     pub inbound_opaque_ports: Vec<u16>,
+    /// Caps on requests waiting for a response, per direction.
+    pub inbound_in_flight: Arc<server::InFlight>,
+    pub outbound_in_flight: Arc<server::InFlight>,
 }
 
 impl Proxy {
@@ -289,9 +310,27 @@ impl Proxy {
             port_names: authz::PortNames::new(args.port_names.iter().cloned()),
             pod_labels: Arc::default(),
             inbound_opaque_ports: args.inbound_opaque_ports.clone(),
+            inbound_in_flight: in_flight(&metrics, Direction::Inbound, args.inbound_max_in_flight),
+            outbound_in_flight: in_flight(
+                &metrics,
+                Direction::Outbound,
+                args.outbound_max_in_flight,
+            ),
             metrics,
         }))
     }
+}
+
+fn in_flight(metrics: &ProxyMetrics, direction: Direction, limit: u32) -> Arc<server::InFlight> {
+    let flag = match direction {
+        Direction::Inbound => "inbound-max-in-flight",
+        Direction::Outbound => "outbound-max-in-flight",
+    };
+    let shed = metrics
+        .requests_shed
+        .get_or_create(&metrics::DirectionLabels { direction })
+        .clone();
+    server::InFlight::new(direction.as_str(), flag, limit as usize, shed)
 }
 
 /// Raises the soft limit on open files to the hard limit, and returns both

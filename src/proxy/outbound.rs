@@ -85,7 +85,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
         Protocol::Http1 | Protocol::Http2 => {
             let p = proxy.clone();
             let target = target.clone();
-            super::server::serve_http(io, &proxy.drain, move |req| {
+            super::server::serve_http(io, &proxy.drain, &proxy.outbound_in_flight, move |req| {
                 let (p, target) = (p.clone(), target.clone());
                 async move {
                     match dispatch(&p, &target, req).await {

@@ -17,10 +17,76 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
+use prometheus_client::metrics::counter::Counter;
+
+use super::http::errors::{self, ProxyError};
 use super::http::{Request, Response, body};
 
 /// Largest HTTP/1 request head accepted; beyond it the client gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Caps the requests one direction of the proxy has waiting for their
+/// response, across all its connections. Past the cap a request is answered
+/// at once with 503 `weft-proxy-error: overloaded` and counted, instead of
+/// queueing: a proxy in front of a stalled service then sheds load rather
+/// than holding memory and descriptors for every caller (the count of
+/// HTTP/2 streams per connection alone does not bound this).
+pub struct InFlight {
+    direction: &'static str,
+    flag: &'static str,
+    limit: usize,
+    now: AtomicUsize,
+    shed: Counter,
+}
+
+impl InFlight {
+    /// `flag` names the setting, for the error a shed request gets.
+    pub fn new(
+        direction: &'static str,
+        flag: &'static str,
+        limit: usize,
+        shed: Counter,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            direction,
+            flag,
+            limit,
+            now: AtomicUsize::new(0),
+            shed,
+        })
+    }
+
+    /// A place for one more request, or `None` when all are taken.
+    fn enter(self: &Arc<Self>) -> Option<InFlightGuard> {
+        let entered = self
+            .now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok();
+        if entered {
+            Some(InFlightGuard(self.clone()))
+        } else {
+            self.shed.inc();
+            None
+        }
+    }
+
+    fn overloaded(&self) -> Response {
+        errors::response(&ProxyError::Overloaded(format!(
+            "{} {} requests are already waiting for a response in this proxy (--{})",
+            self.limit, self.direction, self.flag
+        )))
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Tells connections to wind down, and counts them until they have.
 #[derive(Clone)]
@@ -135,7 +201,7 @@ where
 
 /// Serves HTTP/1.1 and HTTP/2 on one connection until it closes or the
 /// drain asks it to finish its in-flight requests and close.
-pub async fn serve_http<I, F, Fut>(io: I, drain: &Drain, handle: F)
+pub async fn serve_http<I, F, Fut>(io: I, drain: &Drain, in_flight: &Arc<InFlight>, handle: F)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
@@ -150,12 +216,26 @@ where
         .http2()
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .timer(hyper_util::rt::TokioTimer::new());
+    let in_flight = in_flight.clone();
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         // Boxed: hyper spawns a task per HTTP/2 stream around this future
         // and moves it whole more than once on the way; a pointer is
         // cheaper to move than the request path's state.
-        let rsp = Box::pin(handle(req.map(body::boxed)));
-        async move { Ok::<_, Infallible>(rsp.await) }
+        let work = match in_flight.enter() {
+            Some(entered) => Ok((entered, Box::pin(handle(req.map(body::boxed))))),
+            None => Err(in_flight.overloaded()),
+        };
+        async move {
+            let rsp = match work {
+                Ok((entered, rsp)) => {
+                    let rsp = rsp.await;
+                    drop(entered);
+                    rsp
+                }
+                Err(overloaded) => overloaded,
+            };
+            Ok::<_, Infallible>(rsp)
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);

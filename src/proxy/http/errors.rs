@@ -30,6 +30,8 @@ pub enum ProxyError {
     Forbidden(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl ProxyError {
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ProxyError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 
