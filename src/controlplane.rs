@@ -9,7 +9,11 @@
 //!
 //! On SIGTERM or SIGINT (every replica, leading or not) `/readyz` fails
 //! at once, the webhook keeps answering for [`SHUTDOWN_GRACE`] while the
-//! operator stops (the leader releases the Lease), then the process exits.
+//! operator stops (the leader releases the Lease), then the webhook drains
+//! (no new connections; the admission requests in flight are answered,
+//! for at most [`webhook::DRAIN_TIMEOUT`]) and the process exits. Losing
+//! the Lease is no shutdown: the operator stops writing and stands by to
+//! lead again, and the webhook serves on.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -183,11 +187,11 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(crate::operator::metrics::Metrics::default());
     let synced = Arc::new(AtomicBool::new(false));
-    let draining = Arc::new(AtomicBool::new(false));
+    let (stage, _) = tokio::sync::watch::channel(Stage::Up);
     let ready = {
-        let (synced, serving, draining) = (synced.clone(), serving.clone(), draining.clone());
+        let (synced, serving, stage) = (synced.clone(), serving.clone(), stage.subscribe());
         Arc::new(move || {
-            synced.load(Ordering::Relaxed) && serving.ready() && !draining.load(Ordering::Relaxed)
+            synced.load(Ordering::Relaxed) && serving.ready() && *stage.borrow() == Stage::Up
         })
     };
     let admin = crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready);
@@ -197,7 +201,6 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "weft-control-plane".into());
         format!("{host}-{}", std::process::id())
     });
-    let (stop_operator, mut operator_stop) = tokio::sync::watch::channel(false);
     let operator = crate::operator::run(
         client.clone(),
         crate::operator::Options {
@@ -209,31 +212,48 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         },
         metrics,
         synced,
-        async move {
-            let _ = operator_stop.wait_for(|stop| *stop).await;
-        },
+        reached(stage.subscribe(), Stage::Leaving),
     );
 
     let webhook = async {
-        while !serving.ready() {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut drain = std::pin::pin!(reached(stage.subscribe(), Stage::Draining));
+        let loaded = async {
+            while !serving.ready() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            () = loaded => {}
+            () = &mut drain => return Ok(()),
         }
         let listener = tokio::net::TcpListener::bind(args.webhook_listen)
             .await
             .with_context(|| format!("binding the webhook listener on {}", args.webhook_listen))?;
         tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
-        webhook::serve_https(listener, serving.clone(), webhook::router(hook)).await
+        let router = webhook::router(hook);
+        let limit = webhook::DRAIN_TIMEOUT;
+        webhook::serve_https_until(listener, serving.clone(), router, drain, limit).await
     };
-    serve_until_shutdown(
-        signal,
-        SHUTDOWN_GRACE,
-        &draining,
-        stop_operator,
-        operator,
-        webhook,
-        admin,
-    )
-    .await
+    serve_until_shutdown(signal, SHUTDOWN_GRACE, &stage, operator, webhook, admin).await
+}
+
+/// How far a replica's shutdown has gone; each part watches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Serving.
+    Up,
+    /// SIGTERM came: `/readyz` fails and the operator stops, while the
+    /// webhook answers on for [`SHUTDOWN_GRACE`].
+    Leaving,
+    /// The grace is over: the webhook stops accepting and answers the
+    /// requests in flight.
+    Draining,
+}
+
+/// Resolves once the shutdown has reached `stage` (or whoever drives it is
+/// gone).
+pub async fn reached(mut stages: tokio::sync::watch::Receiver<Stage>, stage: Stage) {
+    let _ = stages.wait_for(|s| *s >= stage).await;
 }
 
 /// How long the webhook keeps answering after SIGTERM, `/readyz` failing.
@@ -245,26 +265,25 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
 /// `terminationGracePeriodSeconds`.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the control plane's parts until one fails or `signal` fires. A
-/// part ending first ends the process: the operator returns an error when
-/// the lease is lost (exit non-zero, restart as a candidate); the webhook
-/// and the admin server only on an error. On `signal`: `draining` turns
-/// true (`/readyz` fails), the operator is told to stop (`stop_operator`;
-/// it releases the lease if it leads) and, while the webhook and the admin
-/// server keep serving, this waits for both `grace` and the operator, then
-/// returns the operator's result (dropping the webhook's listener).
+/// Runs the control plane's parts until one fails or `signal` fires. The
+/// webhook or the admin server ending first (only on an error) ends the
+/// process; the operator ends only when told to, losing the lease included.
+/// On `signal`, driving the parts through `stage`: [`Stage::Leaving`]
+/// (`/readyz` fails, the operator stops and releases the lease if it
+/// leads) while the webhook and the admin server keep serving, until both
+/// `grace` has passed and the operator has stopped; then
+/// [`Stage::Draining`], and this returns when the webhook has drained.
 pub async fn serve_until_shutdown(
     signal: impl Future<Output = ()>,
     grace: Duration,
-    draining: &AtomicBool,
-    stop_operator: tokio::sync::watch::Sender<bool>,
-    operator: impl Future<Output = anyhow::Result<()>>,
+    stage: &tokio::sync::watch::Sender<Stage>,
+    operator: impl Future<Output = ()>,
     webhook: impl Future<Output = anyhow::Result<()>>,
     admin: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     tokio::pin!(signal, operator, webhook, admin);
     tokio::select! {
-        r = &mut operator => return r,
+        () = &mut operator => anyhow::bail!("the operator stopped unasked"),
         r = &mut webhook => return r,
         r = &mut admin => return r,
         () = &mut signal => {}
@@ -273,14 +292,15 @@ pub async fn serve_until_shutdown(
         ?grace,
         "shutting down: not ready; the webhook serves on while the endpoint is removed"
     );
-    draining.store(true, Ordering::Relaxed);
-    let _ = stop_operator.send(true);
-    let drained = async {
-        let ((), stopped) = tokio::join!(tokio::time::sleep(grace), &mut operator);
-        stopped
-    };
+    stage.send_replace(Stage::Leaving);
+    let left = async { tokio::join!(tokio::time::sleep(grace), &mut operator) };
+    tokio::select! {
+        _ = left => {}
+        r = &mut webhook => return r,
+        r = &mut admin => return r,
+    }
+    stage.send_replace(Stage::Draining);
     let r = tokio::select! {
-        r = drained => r,
         r = &mut webhook => r,
         r = &mut admin => r,
     };
@@ -801,14 +821,14 @@ mod tests {
     async fn on_shutdown_readiness_fails_while_the_webhook_answers_then_both_stop() {
         use axum::routing::get as route;
         let grace = Duration::from_millis(600);
-        let draining = Arc::new(AtomicBool::new(false));
+        let (stage, _) = tokio::sync::watch::channel(Stage::Up);
 
         let admin_addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
         let ready = {
-            let d = draining.clone();
-            Arc::new(move || !d.load(Ordering::Relaxed))
+            let stage = stage.subscribe();
+            Arc::new(move || *stage.borrow() == Stage::Up)
         };
         let admin = crate::operator::serve_admin(admin_addr, Arc::default(), ready);
 
@@ -816,32 +836,34 @@ mod tests {
             .await
             .expect("bind");
         let hook_addr = listener.local_addr().expect("addr");
-        let webhook = async move {
-            let app = axum::Router::new().route("/healthz", route(|| async { "ok" }));
-            axum::serve(listener, app).await?;
-            anyhow::Ok(())
+        let drained = Arc::new(AtomicBool::new(false));
+        let webhook = {
+            let (drain, drained) = (reached(stage.subscribe(), Stage::Draining), drained.clone());
+            async move {
+                let app = axum::Router::new().route("/healthz", route(|| async { "ok" }));
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(drain)
+                    .await?;
+                drained.store(true, Ordering::Relaxed);
+                anyhow::Ok(())
+            }
         };
 
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let stopped = Arc::new(AtomicBool::new(false));
         let operator = {
-            let stopped = stopped.clone();
+            let (stop, stopped) = (reached(stage.subscribe(), Stage::Leaving), stopped.clone());
             async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
+                stop.await;
                 stopped.store(true, Ordering::Relaxed);
-                anyhow::Ok(())
             }
         };
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async {
             let _ = signal_rx.await;
         };
-        let run = tokio::spawn({
-            let draining = draining.clone();
-            async move {
-                serve_until_shutdown(signal, grace, &draining, stop_tx, operator, webhook, admin)
-                    .await
-            }
+        let mut stages = stage.subscribe();
+        let run = tokio::spawn(async move {
+            serve_until_shutdown(signal, grace, &stage, operator, webhook, admin).await
         });
 
         // Serving and ready.
@@ -865,9 +887,28 @@ mod tests {
         assert!(stopped.load(Ordering::Relaxed), "the operator is stopped");
         assert_eq!(get(hook_addr, "/healthz").await.expect("webhook"), 200);
         assert!(!run.is_finished(), "still in the grace period");
+        assert!(
+            !drained.load(Ordering::Relaxed),
+            "the webhook drains after the grace"
+        );
 
-        run.await.expect("join").expect("a clean stop");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            stages.wait_for(|s| *s == Stage::Draining),
+        )
+        .await
+        .expect("the drain starts")
+        .expect("stage");
         assert!(signalled.elapsed() >= grace, "{:?}", signalled.elapsed());
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stops once the webhook drained")
+            .expect("join")
+            .expect("a clean stop");
+        assert!(
+            drained.load(Ordering::Relaxed),
+            "the webhook was drained, not dropped"
+        );
         assert!(
             get(hook_addr, "/healthz").await.is_err(),
             "the webhook's listener is closed"

@@ -1,6 +1,7 @@
 //! The mutating admission webhook: `POST /mutate` (AdmissionReview v1 in
 //! and out) and `GET /healthz`, over HTTPS with a serving certificate that
-//! can be swapped while serving.
+//! can be swapped while serving, drained on shutdown so that every
+//! request in flight is answered.
 //!
 //! The answers: a body that is not an AdmissionReview gets HTTP 400 with a
 //! message; anything but a Pod CREATE is allowed unchanged; a pod is
@@ -19,6 +20,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -209,6 +211,37 @@ pub async fn serve_https(
     cert: Arc<ServingCert>,
     router: Router,
 ) -> anyhow::Result<()> {
+    serve_https_until(
+        listener,
+        cert,
+        router,
+        std::future::pending(),
+        DRAIN_TIMEOUT,
+    )
+    .await
+}
+
+/// How long a drain waits for the requests in flight: the API server's
+/// `timeoutSeconds` for this webhook, past which nobody waits for the
+/// answer.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`serve_https`] until `shutdown` resolves, then a drain: the listener
+/// closes (new connections are refused) and every open connection is told
+/// to finish — HTTP/1.1 answers the request in flight without keep-alive,
+/// HTTP/2 sends GOAWAY and answers its open streams — so that the API
+/// server, which keeps its connections open, gets every answer it is
+/// waiting for and sends what comes next to another replica. Connections
+/// still open after `limit` are closed; none outlives this call. A
+/// connection still in its TLS handshake is closed once it completes,
+/// before a request is read.
+pub async fn serve_https_until(
+    listener: TcpListener,
+    cert: Arc<ServingCert>,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let config = rustls::ServerConfig::builder_with_provider(crate::proxy::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -216,14 +249,41 @@ pub async fn serve_https(
     let mut config = config;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => break,
+        };
         let _ = tcp.set_nodelay(true);
+        // Forget the finished ones, so the set holds only open connections.
+        while connections.try_join_next().is_some() {}
+        // Watched from the accept on, so a drain waits for the handshake.
+        let watcher = graceful.watcher();
         let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            serve_connection(acceptor, tcp, peer, router).await;
-        });
+        connections.spawn(serve_connection(acceptor, tcp, peer, router, watcher));
     }
+    drop(listener);
+    while connections.try_join_next().is_some() {}
+    tracing::info!(
+        connections = connections.len(),
+        ?limit,
+        "webhook draining: no new connections, the open ones finish their requests"
+    );
+    if tokio::time::timeout(limit, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?limit,
+            "webhook drain: connections still open past the limit are closed"
+        );
+    }
+    connections.shutdown().await;
+    tracing::info!("webhook drained");
+    Ok(())
 }
 
 async fn serve_connection(
@@ -231,6 +291,7 @@ async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     router: Router,
+    drain: Watcher,
 ) {
     let tls = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -246,10 +307,236 @@ async fn serve_connection(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(REQUEST_TIMEOUT);
-    if let Err(e) = builder
-        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-        .await
-    {
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+    if let Err(e) = drain.watch(connection).await {
         tracing::debug!(%peer, error = %e, "webhook connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::net::TcpStream;
+    use tokio::sync::{mpsc, oneshot, watch};
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::inject::certs::{self, Plan, WebhookNames};
+
+    const HOST: &str = "weft-injector.weft-system.svc";
+    /// Bounds every wait, so that a broken drain fails the test instead of
+    /// hanging it.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A loaded serving certificate, and its CA (PEM).
+    fn certificate() -> (Arc<ServingCert>, String) {
+        let Plan::Store(m, _) =
+            certs::plan(None, &WebhookNames::default(), SystemTime::now()).expect("plan")
+        else {
+            unreachable!("nothing was stored")
+        };
+        let serving = Arc::new(ServingCert::default());
+        serving.set(&m.cert, &m.key).expect("cert");
+        (serving, m.ca_cert)
+    }
+
+    /// `GET /slow` says it started on `started`, then answers "done" once
+    /// `release` turns true.
+    fn slow_router(started: mpsc::UnboundedSender<()>, release: watch::Receiver<bool>) -> Router {
+        let slow = move || {
+            let (started, mut release) = (started.clone(), release.clone());
+            async move {
+                let _ = started.send(());
+                let _ = release.wait_for(|go| *go).await;
+                "done"
+            }
+        };
+        Router::new()
+            .route("/slow", get(slow))
+            .route("/healthz", get(|| async { "ok\n" }))
+    }
+
+    /// Serves `router` on loopback until `drain` is sent, with a drain that
+    /// gives up after `limit`.
+    async fn serve(
+        router: Router,
+        limit: Duration,
+    ) -> (
+        SocketAddr,
+        String,
+        oneshot::Sender<()>,
+        JoinHandle<anyhow::Result<()>>,
+    ) {
+        let (serving, ca) = certificate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (drain, drained) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = drained.await;
+        };
+        let server = tokio::spawn(serve_https_until(
+            listener, serving, router, shutdown, limit,
+        ));
+        (addr, ca, drain, server)
+    }
+
+    /// One client connection, as the API server keeps it open.
+    enum Client {
+        H1(http1::SendRequest<Empty<Bytes>>),
+        H2(http2::SendRequest<Empty<Bytes>>),
+    }
+
+    impl Client {
+        /// Connects over TLS, HTTP/2 if `h2`; the task ends when the
+        /// server closes the connection.
+        async fn open(addr: SocketAddr, ca_pem: &str, h2: bool) -> (Self, JoinHandle<()>) {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+                roots.add(c.expect("pem")).expect("root");
+            }
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(crate::proxy::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+            config.alpn_protocols = vec![alpn.to_vec()];
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from(HOST).expect("name"), tcp)
+                .await
+                .expect("TLS handshake");
+            let io = TokioIo::new(tls);
+            if h2 {
+                let (tx, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .expect("h2");
+                let task = tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                (Self::H2(tx), task)
+            } else {
+                let (tx, conn) = http1::handshake(io).await.expect("http/1.1");
+                let task = tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                (Self::H1(tx), task)
+            }
+        }
+
+        /// Status and body of `GET path`.
+        async fn get(&mut self, path: &str) -> hyper::Result<(u16, String)> {
+            let request = |uri: String| {
+                http::Request::get(uri)
+                    .header(http::header::HOST, HOST)
+                    .body(Empty::new())
+                    .expect("request")
+            };
+            let rsp = match self {
+                Self::H1(tx) => tx.send_request(request(path.to_owned())).await?,
+                Self::H2(tx) => {
+                    tx.send_request(request(format!("https://{HOST}{path}")))
+                        .await?
+                }
+            };
+            let status = rsp.status().as_u16();
+            let body = rsp.into_body().collect().await?.to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        }
+    }
+
+    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(WAIT, f).await {
+            Ok(t) => t,
+            Err(_) => panic!("{what}: not within {WAIT:?}"),
+        }
+    }
+
+    /// Shutdown while the API server's connections are open, two of them
+    /// with an admission request in flight: the listener closes, the idle
+    /// connection is closed, the requests in flight are answered, and only
+    /// then does the server end, its connections closed.
+    #[tokio::test]
+    async fn a_drain_answers_the_requests_in_flight_and_refuses_new_connections() {
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let (release, released) = watch::channel(false);
+        // A limit the test never reaches: the requests end when it says.
+        let limit = Duration::from_secs(3600);
+        let (addr, ca, drain, mut server) = serve(slow_router(started_tx, released), limit).await;
+
+        let (mut idle, idle_conn) = Client::open(addr, &ca, false).await;
+        let answer = within("healthz", idle.get("/healthz")).await;
+        assert_eq!(answer.expect("healthz"), (200, "ok\n".to_owned()));
+        let mut in_flight = Vec::new();
+        for h2 in [false, true] {
+            let (mut client, conn) = Client::open(addr, &ca, h2).await;
+            let answer = tokio::spawn(async move { client.get("/slow").await });
+            within("the request reaches the handler", started.recv()).await;
+            in_flight.push((h2, answer, conn));
+        }
+
+        drain.send(()).expect("the server runs");
+        within("new connections are refused", async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        within("the idle connection is closed", idle_conn)
+            .await
+            .expect("join");
+        assert!(
+            !server.is_finished(),
+            "the server ended with requests in flight"
+        );
+
+        release.send_replace(true);
+        for (h2, answer, conn) in in_flight {
+            let answer = within("the answer", answer).await.expect("join");
+            assert_eq!(
+                answer.expect("an answer, not a dropped connection"),
+                (200, "done".to_owned()),
+                "h2: {h2}"
+            );
+            within("the connection is closed after its answer", conn)
+                .await
+                .expect("join");
+        }
+        within("the server ends once drained", &mut server)
+            .await
+            .expect("join")
+            .expect("a clean stop");
+    }
+
+    /// A request that does not finish within the drain's limit does not
+    /// hold the shutdown: the server ends and its connection is closed.
+    #[tokio::test]
+    async fn a_drain_closes_what_is_still_open_at_its_limit() {
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let (_never, released) = watch::channel(false);
+        let limit = Duration::from_millis(100);
+        let (addr, ca, drain, server) = serve(slow_router(started_tx, released), limit).await;
+        let (mut client, conn) = Client::open(addr, &ca, false).await;
+        let answer = tokio::spawn(async move { client.get("/slow").await });
+        within("the request reaches the handler", started.recv()).await;
+
+        drain.send(()).expect("the server runs");
+        within("the server ends at the limit", server)
+            .await
+            .expect("join")
+            .expect("a clean stop");
+        within("the connection is closed", conn)
+            .await
+            .expect("join");
+        let answer = within("the client gives up", answer).await.expect("join");
+        assert!(answer.is_err(), "{answer:?}");
     }
 }

@@ -15,10 +15,10 @@
 //! leader past its lease). A leader that has not renewed within the renew
 //! deadline (two thirds of the duration after its last successful renewal
 //! began, so a third of the lease is left) stops writing at once
-//! ([`Leadership::lost`] resolves) — the process then exits and restarts as
-//! a candidate, which is simpler and safer than unwinding half-done work.
-//! On shutdown the leader releases the lease so a standby takes over
-//! without waiting.
+//! ([`Leadership::lost`] resolves): every writer is aborted rather than
+//! unwound (`super::lead`), and only then does the replica campaign again,
+//! as a standby. On shutdown the leader releases the lease so a standby
+//! takes over without waiting.
 
 use std::time::{Duration, SystemTime};
 
@@ -218,7 +218,7 @@ async fn renew(c: Candidate, api: Api<Lease>, lost: watch::Sender<bool>, mut ren
                 continue;
             }
             Ok(false) => {
-                tracing::error!(lease = %c.lease, "the lease was taken over");
+                tracing::warn!(lease = %c.lease, "the lease was taken over");
                 let _ = lost.send(true);
                 return;
             }
@@ -227,7 +227,7 @@ async fn renew(c: Candidate, api: Api<Lease>, lost: watch::Sender<bool>, mut ren
         // Stop while a third of the lease is left, before a standby can
         // take it over while this replica still writes.
         if Instant::now() >= deadline {
-            tracing::error!(lease = %c.lease, "could not renew the lease in time; stopping");
+            tracing::warn!(lease = %c.lease, "could not renew the lease in time; stopping");
             let _ = lost.send(true);
             return;
         }
@@ -236,10 +236,13 @@ async fn renew(c: Candidate, api: Api<Lease>, lost: watch::Sender<bool>, mut ren
 }
 
 impl Leadership {
-    /// Resolves when leadership is lost.
-    pub async fn lost(&self) {
+    /// Resolves when leadership is lost; it does not borrow `self`, so it
+    /// can be handed to the term it ends.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + use<> {
         let mut rx = self.lost.clone();
-        let _ = rx.wait_for(|lost| *lost).await;
+        async move {
+            let _ = rx.wait_for(|lost| *lost).await;
+        }
     }
 
     /// Gives the lease up (on shutdown), so a standby takes over at once;
@@ -278,7 +281,7 @@ impl Leadership {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -330,7 +333,7 @@ mod tests {
 
     /// An in-memory Lease API: GET, POST and PUT of one Lease; once `hang`
     /// is set, requests are accepted and never answered.
-    fn lease_api(hang: Arc<AtomicBool>) -> (Client, Arc<Mutex<Option<Value>>>) {
+    pub(crate) fn lease_api(hang: Arc<AtomicBool>) -> (Client, Arc<Mutex<Option<Value>>>) {
         let stored: Arc<Mutex<Option<Value>>> = Arc::default();
         let rv = Arc::new(AtomicU64::new(0));
         let store = stored.clone();

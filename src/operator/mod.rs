@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use axum::routing::get;
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -90,35 +92,36 @@ pub async fn serve_admin(
     Ok(())
 }
 
-/// Runs the operator: watches on this replica at once (`synced` turns true
-/// when they have listed), then, once this replica holds the Lease,
-/// [`lead`]. Returns an error when leadership is lost (the process should
-/// exit and restart as a candidate), Ok on `shutdown` — also while still
-/// syncing or standing by for the Lease (a standby holds nothing to give
-/// up).
+/// Runs the operator until `shutdown`: watches on this replica at once
+/// (`synced` turns true when they have listed), then campaigns for the
+/// Lease and, each time it wins it, runs [`lead`] for as long as it holds
+/// it. A replica that loses the lease stops writing and stands by to lead
+/// again, without a restart (so the webhook in the same process serves
+/// on). Returns on `shutdown` — also while still syncing or standing by
+/// for the Lease (a standby holds nothing to give up).
 pub async fn run(
     client: Client,
     opts: Options,
     metrics: Arc<metrics::Metrics>,
     synced: Arc<AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let writers = world::Writers::default();
     let world = writers.world();
-    let (changes_tx, changes) = mpsc::unbounded_channel();
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let (leading_tx, leading) = watch::channel(false);
     world::watch_all(
         &client,
         writers,
         world::ChangeSink {
-            changes: changes_tx.clone(),
+            changes: changes_tx,
             leading,
         },
     );
-    tokio::pin!(shutdown);
+    let shutdown = shutdown.shared();
     tokio::select! {
         () = world.synced() => {}
-        () = &mut shutdown => return Ok(()),
+        () = shutdown.clone() => return,
     }
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
@@ -129,45 +132,115 @@ pub async fn run(
         identity: opts.identity.clone(),
         duration: opts.lease_duration,
     };
-    let leadership = tokio::select! {
-        l = candidate.acquire(client.clone()) => l,
-        () = &mut shutdown => {
-            tracing::info!("shutting down while standing by for the lease");
-            return Ok(());
-        }
-    };
-    metrics.leading(true);
-
-    let ctx = Arc::new(reconcile::Ctx::new(
-        client.clone(),
-        world,
-        Arc::new(observe::HttpScraper::default()),
-        metrics.clone(),
-        opts.namespace.clone(),
-        Some(opts.identity.clone()),
-    ));
-    // Changes from now on reach the compile loop; earlier ones are in the
-    // caches, which the first compile in `lead` reads.
-    leading_tx.send_replace(true);
-    let ended = lead(
-        ctx,
-        changes,
-        changes_tx,
-        opts.concurrency,
-        leadership.lost(),
+    campaign(
+        candidate,
+        &client,
+        &metrics,
+        &leading_tx,
+        &mut changes,
         shutdown,
+        |term| {
+            // A new context each term, as a restarted process would have:
+            // nothing the last term left (its closed detached writers
+            // included) carries over; the caches do.
+            let ctx = Arc::new(reconcile::Ctx::new(
+                client.clone(),
+                world.clone(),
+                Arc::new(observe::HttpScraper::default()),
+                metrics.clone(),
+                opts.namespace.clone(),
+                Some(opts.identity.clone()),
+            ));
+            lead(
+                ctx,
+                term.changes,
+                term.retry,
+                opts.concurrency,
+                term.lost,
+                term.shutdown,
+            )
+        },
     )
     .await;
-    leading_tx.send_replace(false);
-    metrics.leading(false);
-    match ended {
-        Ended::Lost => Err(anyhow::anyhow!(
-            "lost the lease {}: stopped writing so that only one replica writes",
-            opts.lease
-        )),
-        Ended::Shutdown => {
-            leadership.release().await;
-            Ok(())
+}
+
+/// One term as leader: what [`lead`] is given.
+struct Term<S> {
+    /// The watches' changes from the start of this term.
+    changes: mpsc::UnboundedReceiver<world::Change>,
+    /// A sender into `changes`.
+    retry: mpsc::UnboundedSender<world::Change>,
+    /// Resolves when this term's lease is lost.
+    lost: BoxFuture<'static, ()>,
+    shutdown: S,
+}
+
+/// Campaigns for the lease with `client` and, each time this replica
+/// wins it, runs `term` until it returns: on [`Ended::Lost`] (its
+/// writers all stopped, as [`lead`] guarantees) this replica stands by
+/// and campaigns again; on [`Ended::Shutdown`] it releases the lease and
+/// returns, as it does on `shutdown` while standing by. `leading` says
+/// whether the watches pass their changes on, to `changes`; `metrics`
+/// shows whether this replica leads.
+async fn campaign<S, T, F>(
+    candidate: leader::Candidate,
+    client: &Client,
+    metrics: &metrics::Metrics,
+    leading: &watch::Sender<bool>,
+    changes: &mut mpsc::UnboundedReceiver<world::Change>,
+    shutdown: S,
+    mut term: T,
+) where
+    S: Future<Output = ()> + Clone,
+    T: FnMut(Term<S>) -> F,
+    F: Future<Output = Ended>,
+{
+    loop {
+        let leadership = tokio::select! {
+            l = candidate.clone().acquire(client.clone()) => l,
+            () = shutdown.clone() => {
+                tracing::info!("shutting down while standing by for the lease");
+                return;
+            }
+        };
+        metrics.leading(true);
+        // Changes from now on reach this term's compile loop; earlier
+        // ones (queued while the last term wound down) are in the
+        // caches, which the first compile in `lead` reads.
+        while changes.try_recv().is_ok() {}
+        // A channel per term: the compile loop that holds its receiver
+        // is aborted with the term, while the watches' sender lives on.
+        let (retry, term_changes) = mpsc::unbounded_channel();
+        leading.send_replace(true);
+        let forward = async {
+            while let Some(change) = changes.recv().await {
+                if retry.send(change).is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let this = Term {
+            changes: term_changes,
+            retry: retry.clone(),
+            lost: Box::pin(leadership.lost()),
+            shutdown: shutdown.clone(),
+        };
+        let ended = tokio::select! {
+            ended = term(this) => ended,
+            never = forward => match never {},
+        };
+        leading.send_replace(false);
+        metrics.leading(false);
+        match ended {
+            Ended::Lost => tracing::warn!(
+                lease = %candidate.lease,
+                "lost the lease: every writer stopped; standing by to lead again"
+            ),
+            Ended::Shutdown => {
+                leadership.release().await;
+                return;
+            }
         }
     }
 }
@@ -274,7 +347,7 @@ pub async fn lead(
     };
     match ended {
         Ended::Lost => {
-            tracing::error!("leadership lost: stopping every writer now");
+            tracing::warn!("leadership lost: stopping every writer now");
             controller.abort();
             writers.abort();
             // Closed, not only aborted: a reconcile of the controller
@@ -326,5 +399,224 @@ async fn watch_ca(ctx: Arc<reconcile::Ctx>, all: mpsc::UnboundedSender<()>) {
         }
         // Statuses carry the CA's condition.
         driver::write_policy_statuses(&ctx).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use futures_util::future::Shared;
+    use serde_json::{Value, json};
+
+    use super::world::Change;
+    use super::*;
+
+    /// Bounds every wait, so that a broken campaign fails the test instead
+    /// of hanging it.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(WAIT, f).await {
+            Ok(t) => t,
+            Err(_) => panic!("{what}: not within {WAIT:?}"),
+        }
+    }
+
+    /// What a term saw, in order.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Started,
+        Change(Change),
+        Ended(Ended),
+    }
+
+    /// A [`campaign`] of replica-a against an in-memory Lease API, with a
+    /// term that reports what it sees and ends as [`lead`] does.
+    struct Campaign {
+        lease: Arc<Mutex<Option<Value>>>,
+        metrics: Arc<metrics::Metrics>,
+        leading: watch::Receiver<bool>,
+        changes: mpsc::UnboundedSender<Change>,
+        seen: mpsc::UnboundedReceiver<Seen>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+    fn start() -> Campaign {
+        let (client, lease) = leader::tests::lease_api(Arc::default());
+        // Renewed every 200 ms: a take-over is noticed at once.
+        let candidate = leader::Candidate {
+            namespace: "weft-system".into(),
+            lease: "weft-operator".into(),
+            identity: "replica-a".into(),
+            duration: Duration::from_millis(600),
+        };
+        let metrics = Arc::new(metrics::Metrics::default());
+        let (leading_tx, leading) = watch::channel(false);
+        let (changes, mut changes_rx) = mpsc::unbounded_channel();
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = watch::channel(false);
+        let shutdown: Shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+        .boxed()
+        .shared();
+        let term = move |t: Term<Shutdown>| {
+            let seen = seen_tx.clone();
+            async move {
+                let Term {
+                    mut changes,
+                    mut lost,
+                    mut shutdown,
+                    ..
+                } = t;
+                let _ = seen.send(Seen::Started);
+                let ended = loop {
+                    tokio::select! {
+                        () = &mut lost => break Ended::Lost,
+                        () = &mut shutdown => break Ended::Shutdown,
+                        Some(c) = changes.recv() => {
+                            let _ = seen.send(Seen::Change(c));
+                        }
+                    }
+                };
+                let _ = seen.send(Seen::Ended(ended));
+                ended
+            }
+        };
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                let rx = &mut changes_rx;
+                campaign(
+                    candidate,
+                    &client,
+                    &metrics,
+                    &leading_tx,
+                    rx,
+                    shutdown,
+                    term,
+                )
+                .await;
+            }
+        });
+        Campaign {
+            lease,
+            metrics,
+            leading,
+            changes,
+            seen,
+            stop,
+            task,
+        }
+    }
+
+    impl Campaign {
+        async fn next(&mut self) -> Seen {
+            within("what the term saw", self.seen.recv())
+                .await
+                .expect("the campaign runs")
+        }
+
+        fn gauge(&self) -> String {
+            let text = self.metrics.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("weft_operator_leader "));
+            line.unwrap_or_default().to_owned()
+        }
+
+        fn lease(&self) -> Value {
+            self.lease.lock().expect("lease").clone().expect("stored")
+        }
+
+        /// Replaces the stored lease's holder, as another replica (or its
+        /// release) would.
+        fn hand_to(&self, holder: Value) {
+            let mut stored = self.lease.lock().expect("lease");
+            let lease = stored.as_mut().expect("stored");
+            lease["spec"]["holderIdentity"] = holder.clone();
+            lease["spec"]["leaseDurationSeconds"] = json!(3600);
+            lease["metadata"]["resourceVersion"] = json!(format!("handed to {holder}"));
+        }
+
+        /// Until this replica stands by: not leading, by the watches and
+        /// by the metric.
+        async fn standing_by(&mut self) {
+            within("standing by", self.leading.wait_for(|l| !*l))
+                .await
+                .expect("the campaign runs");
+            within("the metric", async {
+                while self.gauge() != "weft_operator_leader 0" {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Losing the lease ends the term (its writers stopped), and the
+    /// replica stands by — writing nothing, not even to the Lease, while
+    /// another replica holds it — then leads again in a new term once the
+    /// lease is free, with the watches' changes from then on. Shutdown ends
+    /// the term and releases the lease.
+    #[tokio::test]
+    async fn a_replica_that_loses_the_lease_stands_by_and_leads_again() {
+        let mut c = start();
+        assert_eq!(c.next().await, Seen::Started);
+        assert_eq!(c.gauge(), "weft_operator_leader 1");
+        assert!(*c.leading.borrow());
+        assert_eq!(c.lease()["spec"]["holderIdentity"], "replica-a");
+        c.changes.send(Change::Inputs).expect("send");
+        assert_eq!(c.next().await, Seen::Change(Change::Inputs));
+
+        c.hand_to(json!("replica-b"));
+        assert_eq!(c.next().await, Seen::Ended(Ended::Lost));
+        c.standing_by().await;
+        // Queued as the term wound down: in the caches already.
+        c.changes.send(Change::Child("stale".into())).expect("send");
+        assert_eq!(c.lease()["spec"]["holderIdentity"], "replica-b");
+        assert!(c.seen.try_recv().is_err(), "a term while replica-b leads");
+        assert!(!c.task.is_finished());
+
+        c.hand_to(Value::Null);
+        assert_eq!(c.next().await, Seen::Started);
+        assert_eq!(c.gauge(), "weft_operator_leader 1");
+        assert!(*c.leading.borrow());
+        let lease = c.lease();
+        assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+        c.changes.send(Change::AllChildren).expect("send");
+        assert_eq!(c.next().await, Seen::Change(Change::AllChildren));
+
+        c.stop.send_replace(true);
+        assert_eq!(c.next().await, Seen::Ended(Ended::Shutdown));
+        within("the campaign ends", &mut c.task)
+            .await
+            .expect("join");
+        assert_eq!(c.gauge(), "weft_operator_leader 0");
+        assert_eq!(c.lease()["spec"]["holderIdentity"], Value::Null, "released");
+    }
+
+    /// Shutdown while standing by after a loss ends the campaign at once,
+    /// leaving the other replica's lease alone.
+    #[tokio::test]
+    async fn shutdown_while_standing_by_after_a_loss_ends_the_campaign() {
+        let mut c = start();
+        assert_eq!(c.next().await, Seen::Started);
+        c.hand_to(json!("replica-b"));
+        assert_eq!(c.next().await, Seen::Ended(Ended::Lost));
+        c.standing_by().await;
+
+        c.stop.send_replace(true);
+        within("the campaign ends", &mut c.task)
+            .await
+            .expect("join");
+        assert!(c.seen.try_recv().is_err(), "no term after the loss");
+        assert_eq!(c.lease()["spec"]["holderIdentity"], "replica-b");
     }
 }
