@@ -520,6 +520,142 @@ async fn the_probe_port_forwards_only_the_probes_the_injector_rewrote() {
 }
 
 #[tokio::test]
+async fn the_probe_port_serves_the_paths_the_kubelet_escapes_as_the_injector_registered_them() {
+    use k8s_openapi::api::core::v1::Pod;
+    use weft::inject::{ClusterCaps, InjectSettings, NamespaceInfo, PROXY_CONTAINER, inject};
+    let pki = Pki::new();
+    let (payments, log) = recording_app().await;
+    let port = payments.addr.port();
+    // The injector's own rewrite of probes whose paths the kubelet escapes.
+    let http = |path: &str| json!({ "httpGet": { "path": path, "port": port } });
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "payments-0" },
+        "spec": { "containers": [{
+            "name": "payments",
+            "image": "shop/payments",
+            "livenessProbe": http("/health check"),
+            "readinessProbe": http("/sant\u{e9}"),
+            "startupProbe": http("/ready?full=1"),
+        }] }
+    }))
+    .expect("a pod");
+    let caps = ClusterCaps {
+        native_sidecars: true,
+    };
+    let injection = inject(
+        &pod,
+        &NamespaceInfo::meshed("shop"),
+        &InjectSettings::new("weft:test", caps),
+    );
+    let mut value = serde_json::to_value(&pod).expect("json");
+    json_patch::patch(&mut value, &injection.patch).expect("the patch applies");
+    let spec = serde_json::from_value::<Pod>(value)
+        .expect("a pod")
+        .spec
+        .expect("spec");
+    let app = &spec.containers[0];
+    let probes: Vec<String> = [
+        &app.liveness_probe,
+        &app.readiness_probe,
+        &app.startup_probe,
+    ]
+    .into_iter()
+    .map(|p| {
+        let get = p.clone().and_then(|p| p.http_get).expect("an HTTP probe");
+        get.path.expect("a path")
+    })
+    .collect();
+    // What the kubelet sends: Go's net/url leaves these paths as they are.
+    assert_eq!(
+        probes,
+        [
+            format!("/probe/{port}/health%20check"),
+            format!("/probe/{port}/sant%C3%A9"),
+            format!("/probe/{port}/ready?full=1"),
+        ]
+    );
+    let proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == PROXY_CONTAINER)
+        .expect("the proxy");
+    let targets = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "WEFT_PROBE_TARGETS")
+        .and_then(|e| e.value.clone())
+        .expect("probe targets");
+    let (server, _sid) = probe_server(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[port],
+        &["--probe-target", &targets],
+    )
+    .await;
+    let base = format!("http://{}", server.running.probe);
+    let c = client();
+
+    // The kubelet's requests reach the app; so does another spelling of a
+    // registered path, as the path registered.
+    for path in &probes {
+        let r = get(&format!("{base}{path}")).await;
+        assert_eq!((r.status, r.proxy_error.as_deref()), (200, None), "{path}");
+    }
+    for path in ["sant%c3%a9", "health%20ch%65ck"] {
+        let r = get(&format!("{base}/probe/{port}/{path}")).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    let head = send(&c, "HEAD", &format!("{base}{}", probes[0]), &[]).await;
+    assert_eq!(head.status, 200, "{head:?}");
+    let forwarded = [
+        "GET /health%20check",
+        "GET /sant%C3%A9",
+        "GET /ready?full=1",
+        "GET /sant%C3%A9",
+        "GET /health%20check",
+        "HEAD /health%20check",
+    ];
+    assert_eq!(seen(&log), forwarded);
+
+    // A path near a registered one, however close: 403, never forwarded.
+    for path in [
+        "health+check",
+        "health%2520check",
+        "health%20check/",
+        "health%20checks",
+        "health",
+        "sant%C3",
+        "sante",
+        "sant%C3%A9%2F..%2Fcharges",
+        "sant%C3%A9/../charges",
+        "ready%3Ffull=1",
+    ] {
+        let r = get(&format!("{base}/probe/{port}/{path}")).await;
+        assert_eq!(
+            (r.status, r.proxy_error.as_deref()),
+            (403, Some("forbidden")),
+            "{path}: {r:?}"
+        );
+    }
+    // Nor any other method, nor the proxy's own ports however spelt.
+    let r = send(&c, "POST", &format!("{base}{}", probes[1]), &[]).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    let admin = server.running.admin.port();
+    for path in ["re%61dy", "sh%75tdown"] {
+        let r = get(&format!("{base}/probe/{admin}/{path}")).await;
+        assert_eq!(
+            (r.status, r.proxy_error.as_deref()),
+            (403, Some("forbidden")),
+            "{path}: {r:?}"
+        );
+    }
+    assert!(!server.proxy.drain.started(), "the proxy is not draining");
+    assert_eq!(seen(&log), forwarded, "the app saw the probes only");
+}
+
+#[tokio::test]
 async fn the_probe_port_answers_the_tcp_probes_the_injector_rewrote_by_connecting_to_the_app() {
     let pki = Pki::new();
     // The app's port accepts (the kernel completes the handshake) without

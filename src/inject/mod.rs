@@ -22,13 +22,16 @@
 //!   ServiceAccount admission plugin ran before webhooks, so the containers
 //!   we add would otherwise have none);
 //! - HTTP probes of the app rewritten to the proxy's probe port as
-//!   `/probe/<port>/<path>`, their paths handed to the proxy as health paths
-//!   and each `<port>/<path>` as a probe target (`WEFT_PROBE_TARGETS`), the
-//!   only requests the probe port forwards; TCP probes rewritten to HTTP
-//!   probes of `/probe-tcp/<port>` on the probe port (target `tcp:<port>`),
-//!   which the proxy answers by connecting to the app's port, so the
-//!   kubelet's connections are never counted as plaintext traffic nor
-//!   refused under STRICT. gRPC probes are left as they are, with a warning;
+//!   `/probe/<port>/<path>`, the path in the proxy's canonical form (what
+//!   the kubelet then sends byte for byte), their paths handed to the proxy
+//!   as health paths and each `<port>/<path>` as a probe target
+//!   (`WEFT_PROBE_TARGETS`), the only requests the probe port forwards; TCP
+//!   probes rewritten to HTTP probes of `/probe-tcp/<port>` on the probe
+//!   port (target `tcp:<port>`), which the proxy answers by connecting to
+//!   the app's port, so the kubelet's connections are never counted as
+//!   plaintext traffic nor refused under STRICT. gRPC probes, and probes
+//!   with a `host` (the kubelet sends those to that host, not to the pod),
+//!   are left as they are, with a warning;
 //! - `weft.dev/injected-version` and `weft.dev/injection-hash` annotations.
 //!
 //! A pod that already has `weft-proxy` gets an empty patch, so injecting
@@ -66,7 +69,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{INJECT_ANNOTATION, INJECT_ENABLED, INJECT_LABEL, MeshSpec, SidecarMode};
 use crate::compile::SERVER_FIRST_PORTS;
-use crate::proxy::admin::ProbeTarget;
+use crate::proxy::admin::{ProbeCheck, ProbeTarget};
 use crate::proxy::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROBE_PORT, PROXY_UID};
 
 /// Names of what the injector adds.
@@ -256,9 +259,11 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         ] {
             let Some(probe) = probe else { continue };
             match rewrite_probe(probe, c) {
-                Ok(Some((rewritten, health_path, target))) => {
+                Ok(Some((rewritten, target))) => {
+                    if let ProbeCheck::Http { path } = &target.check {
+                        health_paths.insert(path.clone());
+                    }
                     probe_targets.insert(target.to_string());
-                    health_paths.extend(health_path);
                     ops.push(replace(
                         &format!("/spec/containers/{i}/{field}"),
                         to_value(&rewritten),
@@ -372,9 +377,9 @@ struct ProxyInputs<'a> {
     annotations: &'a BTreeMap<String, String>,
     workload: String,
     health_paths: Vec<String>,
-    /// `<port>/<path>` of every rewritten HTTP probe, as the kubelet sends
-    /// it (no query), and `tcp:<port>` of every rewritten TCP probe: what
-    /// the proxy's probe port serves.
+    /// `<port>/<path>` of every rewritten HTTP probe, the path canonical as
+    /// the kubelet sends it (no query), and `tcp:<port>` of every rewritten
+    /// TCP probe: what the proxy's probe port serves.
     probe_targets: Vec<String>,
     port_names: Vec<String>,
     opaque: &'a [u16],
@@ -760,39 +765,50 @@ fn is_quantity(s: &str) -> bool {
     RE.is_match(s)
 }
 
-/// The probe rewritten to the proxy's probe port, its health path (HTTP
-/// probes), and what the proxy is to serve for it (`WEFT_PROBE_TARGETS`,
-/// in the proxy's own form); `None` for probes left as they are without a word (`exec`,
-/// a TCP probe of another host). HTTP probes become `/probe/<port>/<path>`;
+/// The probe rewritten to the proxy's probe port and what the proxy is to
+/// serve for it (`WEFT_PROBE_TARGETS`, in the proxy's own form; an HTTP
+/// target's path is also a health path); `None` for probes left as they
+/// are without a word (`exec`). HTTP probes become `/probe/<port>/<path>`;
 /// TCP probes become HTTP probes of `/probe-tcp/<port>`, every other field
 /// (timings, thresholds) kept. gRPC probes are left as they are, with a
-/// warning: the proxy does not speak gRPC health.
-fn rewrite_probe(
-    probe: &Probe,
-    c: &Container,
-) -> Result<Option<(Probe, Option<String>, ProbeTarget)>, String> {
+/// warning: the proxy does not speak gRPC health; so are probes with a
+/// `host`, which the kubelet sends to that host rather than to the pod.
+fn rewrite_probe(probe: &Probe, c: &Container) -> Result<Option<(Probe, ProbeTarget)>, String> {
     if let Some(grpc) = &probe.grpc {
         return Err(format!(
             "a gRPC probe (port {port}) is left as it is: it bypasses the weft proxy, so it counts as plaintext traffic and fails under STRICT mTLS unless port {port} is in the namespace's MTLSPolicy plaintextPorts",
             port = grpc.port
         ));
     }
+    // Rewritten, the kubelet would ask that host's port 15121 instead.
+    let host = match (&probe.tcp_socket, &probe.http_get) {
+        (Some(tcp), _) => tcp.host.as_deref().map(|h| ("a TCP", h)),
+        (None, Some(get)) => get.host.as_deref().map(|h| ("an HTTP", h)),
+        (None, None) => None,
+    };
+    if let Some((kind, host)) = host.filter(|(_, h)| !h.is_empty()) {
+        return Err(format!(
+            "{kind} probe of host {host:?} is left as it is: the kubelet sends it to that host, not to this pod, so it does not go through this pod's weft proxy"
+        ));
+    }
+    // `get`'s other fields (headers, scheme) kept.
+    let to_probe_port =
+        |get: HTTPGetAction, target: &ProbeTarget, query: Option<&str>| HTTPGetAction {
+            path: Some(match query {
+                Some(q) => format!("{}?{q}", target.request_path()),
+                None => target.request_path(),
+            }),
+            port: IntOrString::Int(i32::from(PROBE_PORT)),
+            ..get
+        };
     if let Some(tcp) = &probe.tcp_socket {
-        // Another host's port: the kubelet never reaches this pod's proxy.
-        if tcp.host.as_deref().is_some_and(|h| !h.is_empty()) {
-            return Ok(None);
-        }
-        let port = probe_port(&tcp.port, c)?;
+        let target = ProbeTarget::tcp(probe_port(&tcp.port, c)?);
         let rewritten = Probe {
             tcp_socket: None,
-            http_get: Some(HTTPGetAction {
-                path: Some(format!("/probe-tcp/{port}")),
-                port: IntOrString::Int(i32::from(PROBE_PORT)),
-                ..Default::default()
-            }),
+            http_get: Some(to_probe_port(HTTPGetAction::default(), &target, None)),
             ..probe.clone()
         };
-        return Ok(Some((rewritten, None, ProbeTarget::tcp(port))));
+        return Ok(Some((rewritten, target)));
     }
     let Some(get) = &probe.http_get else {
         return Ok(None);
@@ -805,30 +821,32 @@ fn rewrite_probe(
         return Err("an HTTPS probe is left as it is; under STRICT mTLS it fails unless its port is a plaintext exception".to_owned());
     }
     let port = probe_port(&get.port, c)?;
-    let original = get.path.clone().unwrap_or_else(|| "/".to_owned());
-    let path_only = original.split('?').next().unwrap_or("/").to_owned();
-    // The proxy is told the probe targets comma-delimited, and matches them
-    // against the path as sent on the wire.
-    if path_only
-        .chars()
-        .any(|ch| ch == ',' || ch == '#' || ch.is_whitespace() || ch.is_control() || !ch.is_ascii())
-    {
+    let original = get.path.as_deref().unwrap_or("/");
+    if original.bytes().any(|b| b.is_ascii_control()) {
         return Err(format!(
-            "path {path_only:?} holds a comma, '#', whitespace or a non-ASCII character; the probe is left as it is"
+            "path {original:?} holds a control character; the probe is left as it is"
         ));
     }
-    let mut rewritten = probe.clone();
-    rewritten.http_get = Some(HTTPGetAction {
-        path: Some(format!(
-            "/probe/{port}/{}",
-            original.trim_start_matches('/')
-        )),
-        port: IntOrString::Int(i32::from(PROBE_PORT)),
-        ..get.clone()
-    });
-    // As the proxy sees the path on the wire: with its leading `/`.
-    let target = ProbeTarget::http(port, &format!("/{}", path_only.trim_start_matches('/')));
-    Ok(Some((rewritten, Some(path_only), target)))
+    // As the kubelet's Go net/url reads it: a fragment is never sent, the
+    // query is sent as written.
+    let sent = original.split('#').next().unwrap_or_default();
+    let (path, query) = match sent.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (sent, None),
+    };
+    // The canonical form keeps a comma as it is, and the proxy is told its
+    // probe targets comma-delimited.
+    if path.contains(',') {
+        return Err(format!(
+            "path {path:?} holds a comma, which the proxy's comma-delimited list of probe targets cannot carry; the probe is left as it is"
+        ));
+    }
+    let target = ProbeTarget::http(port, &format!("/{}", path.trim_start_matches('/')));
+    let rewritten = Probe {
+        http_get: Some(to_probe_port(get.clone(), &target, query)),
+        ..probe.clone()
+    };
+    Ok(Some((rewritten, target)))
 }
 
 /// A probe's port, a name resolved against the container's own ports.
@@ -1024,7 +1042,7 @@ mod tests {
     }
 
     #[test]
-    fn probes_yield_their_port_and_path_and_unlistable_paths_are_left_alone() {
+    fn probes_are_rewritten_to_the_canonical_path_the_proxy_registers() {
         let probe = |path: &str| Probe {
             http_get: Some(HTTPGetAction {
                 path: Some(path.to_owned()),
@@ -1034,18 +1052,147 @@ mod tests {
             ..Default::default()
         };
         let c = Container::default();
-        let (rewritten, health_path, target) = rewrite_probe(&probe("/ready?full=1"), &c)
-            .expect("rewritten")
-            .expect("an HTTP probe");
-        assert_eq!(target, ProbeTarget::http(8080, "/ready"));
-        assert_eq!(health_path.as_deref(), Some("/ready"));
-        assert_eq!(target.to_string(), "8080/ready");
-        let get = rewritten.http_get.expect("httpGet");
-        assert_eq!(get.path.as_deref(), Some("/probe/8080/ready?full=1"));
-        for bad in ["/a,b", "/a b", "/caf\u{e9}", "/a#b"] {
+        // The pod spec's path; the rewritten probe's, which the kubelet's
+        // Go net/url sends byte for byte (Go itself would send
+        // `/health%20check`, `/sant%C3%A9` and `/a%28b%29%20c` for the
+        // first three as written); the probe target.
+        for (path, rewritten_path, registered) in [
+            (
+                "/health check",
+                "/probe/8080/health%20check",
+                "8080/health%20check",
+            ),
+            ("/sant\u{e9}", "/probe/8080/sant%C3%A9", "8080/sant%C3%A9"),
+            ("/a(b) c", "/probe/8080/a(b)%20c", "8080/a(b)%20c"),
+            ("/ready?full=1", "/probe/8080/ready?full=1", "8080/ready"),
+            (
+                "/ready?full=1#top",
+                "/probe/8080/ready?full=1",
+                "8080/ready",
+            ),
+            (
+                "/caf%c3%a9?q=\u{e9}",
+                "/probe/8080/caf%C3%A9?q=\u{e9}",
+                "8080/caf%C3%A9",
+            ),
+            ("/a#b", "/probe/8080/a", "8080/a"),
+            ("/a%2Fb", "/probe/8080/a%2Fb", "8080/a%2Fb"),
+            ("healthz", "/probe/8080/healthz", "8080/healthz"),
+            ("/", "/probe/8080/", "8080/"),
+        ] {
+            let (rewritten, target) = rewrite_probe(&probe(path), &c)
+                .expect("rewritten")
+                .expect("an HTTP probe");
+            assert_eq!(target.to_string(), registered, "{path:?}");
+            let get = rewritten.http_get.expect("httpGet");
+            assert_eq!(get.path.as_deref(), Some(rewritten_path), "{path:?}");
+            assert_eq!(get.port, IntOrString::Int(i32::from(PROBE_PORT)));
+            // The proxy reads the same target from the flag and from the
+            // kubelet's request.
+            assert_eq!(
+                crate::proxy::admin::parse_probe_target(registered),
+                Ok(target.clone()),
+                "{path:?}"
+            );
+            assert!(rewritten_path.starts_with(&target.request_path()));
+        }
+        for bad in ["/a,b", "/a\nb", "/ok?x=\u{7}"] {
             let err = rewrite_probe(&probe(bad), &c).expect_err(bad);
             assert!(err.contains("left as it is"), "{bad}: {err}");
         }
+    }
+
+    /// Injects a pod of `containers` in a meshed namespace: the answer, and
+    /// the pod with its patch applied.
+    fn inject_containers(containers: Vec<Container>) -> (Injection, Pod) {
+        let pod = Pod {
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                containers,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let got = inject(
+            &pod,
+            &NamespaceInfo::meshed("shop"),
+            &InjectSettings::new("weft:test", ClusterCaps::from_version("1", "30")),
+        );
+        let mut value = serde_json::to_value(&pod).expect("json");
+        json_patch::patch(&mut value, &got.patch).expect("the patch applies");
+        (got, serde_json::from_value(value).expect("a pod"))
+    }
+
+    #[test]
+    fn probes_of_another_host_are_left_as_they_are_with_a_warning_naming_the_container() {
+        use k8s_openapi::api::core::v1::TCPSocketAction;
+        let http = |host: Option<&str>| Probe {
+            http_get: Some(HTTPGetAction {
+                host: host.map(str::to_owned),
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(8080),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            ..Default::default()
+        };
+        let search = Container {
+            name: "search".into(),
+            liveness_probe: Some(http(Some("10.0.0.9"))),
+            readiness_probe: Some(Probe {
+                tcp_socket: Some(TCPSocketAction {
+                    port: IntOrString::Int(5432),
+                    host: Some("db.shop".into()),
+                }),
+                ..Default::default()
+            }),
+            // An empty host is the pod's own IP: rewritten as usual.
+            startup_probe: Some(http(Some(""))),
+            ..Default::default()
+        };
+        let (got, injected) = inject_containers(vec![search.clone()]);
+        assert_eq!(got.decision, Decision::Injected);
+        let host_warnings: Vec<&str> = got
+            .warnings
+            .iter()
+            .map(String::as_str)
+            .filter(|w| w.contains("host"))
+            .collect();
+        assert_eq!(
+            host_warnings,
+            [
+                "container search: livenessProbe: an HTTP probe of host \"10.0.0.9\" is left as it is: the kubelet sends it to that host, not to this pod, so it does not go through this pod's weft proxy",
+                "container search: readinessProbe: a TCP probe of host \"db.shop\" is left as it is: the kubelet sends it to that host, not to this pod, so it does not go through this pod's weft proxy",
+            ]
+        );
+        let spec = injected.spec.expect("spec");
+        let app = &spec.containers[0];
+        assert_eq!(
+            app.liveness_probe, search.liveness_probe,
+            "exactly as written"
+        );
+        assert_eq!(
+            app.readiness_probe, search.readiness_probe,
+            "exactly as written"
+        );
+        let startup = app.startup_probe.clone().and_then(|p| p.http_get);
+        assert_eq!(
+            startup.and_then(|g| g.path).as_deref(),
+            Some("/probe/8080/healthz")
+        );
+        let proxy = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .expect("the proxy");
+        let targets: Vec<&str> = proxy
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name == "WEFT_PROBE_TARGETS")
+            .filter_map(|e| e.value.as_deref())
+            .collect();
+        assert_eq!(targets, ["8080/healthz"], "only the pod's own probe");
     }
 
     fn redis() -> Container {
@@ -1076,11 +1223,10 @@ mod tests {
         let c = redis();
         for port in [IntOrString::String("redis".into()), IntOrString::Int(6379)] {
             let original = tcp(port.clone());
-            let (rewritten, health_path, target) = rewrite_probe(&original, &c)
+            let (rewritten, target) = rewrite_probe(&original, &c)
                 .expect("rewritten")
                 .expect("a TCP probe");
             assert_eq!(target, ProbeTarget::tcp(6379), "{port:?}");
-            assert_eq!(health_path, None);
             assert_eq!(target.to_string(), "tcp:6379");
             assert_eq!(
                 rewritten,
@@ -1110,15 +1256,6 @@ mod tests {
             let err = rewrite_probe(&tcp(IntOrString::Int(bad)), &c).expect_err("out of range");
             assert!(err.contains("not in 1-65535"), "{err}");
         }
-        // A TCP probe of another host never reaches this pod's proxy.
-        let other = Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::Int(6379),
-                host: Some("10.0.0.9".into()),
-            }),
-            ..Default::default()
-        };
-        assert_eq!(rewrite_probe(&other, &c), Ok(None));
     }
 
     #[test]
@@ -1134,18 +1271,7 @@ mod tests {
             period_seconds: Some(5),
             ..Default::default()
         });
-        let pod = Pod {
-            spec: Some(k8s_openapi::api::core::v1::PodSpec {
-                containers: vec![c],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let got = inject(
-            &pod,
-            &NamespaceInfo::meshed("shop"),
-            &InjectSettings::new("weft:test", ClusterCaps::from_version("1", "30")),
-        );
+        let (got, _) = inject_containers(vec![c]);
         assert_eq!(got.decision, Decision::Injected);
         let warning = got
             .warnings

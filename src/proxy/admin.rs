@@ -6,6 +6,9 @@
 //! application's port. It serves only GET and HEAD for the probes the
 //! injector rewrote (`--probe-target`), never for the proxy's own ports: it
 //! answers anyone who can reach the pod, past STRICT mode and AccessPolicy.
+//! Probe paths are compared, and forwarded, in one canonical form
+//! ([`canonical_probe_path`]) that the injector also registers and writes
+//! into the rewritten probe, so the kubelet sends exactly that form.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,9 +115,9 @@ pub struct ProbeTarget {
 /// What a probe target checks on its port.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProbeCheck {
-    /// An HTTP probe rewritten to `/probe/<port>/<path>`: the path the
-    /// kubelet sends (starts with `/`; without the query, which passes
-    /// through), forwarded to the app.
+    /// An HTTP probe rewritten to `/probe/<port>/<path>`: the path, in its
+    /// canonical form ([`canonical_probe_path`]; starts with `/`; without
+    /// the query, which passes through), forwarded to the app.
     Http { path: String },
     /// A TCP probe rewritten to `/probe-tcp/<port>`: the probe server
     /// answers by connecting to the app's port.
@@ -122,11 +125,14 @@ pub enum ProbeCheck {
 }
 
 impl ProbeTarget {
+    /// An HTTP probe of `path` (no query) on `port`, the path made
+    /// canonical: targets built from the pod spec, from the flag and from a
+    /// request are equal exactly when they are the same probe.
     pub fn http(port: u16, path: &str) -> Self {
         Self {
             port,
             check: ProbeCheck::Http {
-                path: path.to_owned(),
+                path: canonical_probe_path(path),
             },
         }
     }
@@ -137,6 +143,65 @@ impl ProbeTarget {
             check: ProbeCheck::Tcp,
         }
     }
+
+    /// The path the kubelet requests on the probe port for this target
+    /// (before any query): what the injector writes into the rewritten
+    /// probe, and what the probe server reads back as this same target.
+    pub fn request_path(&self) -> String {
+        match &self.check {
+            ProbeCheck::Http { path } => format!("/probe/{}{path}", self.port),
+            ProbeCheck::Tcp => format!("/probe-tcp/{}", self.port),
+        }
+    }
+}
+
+/// A probe path (no query) in the one form the injector registers and
+/// writes into the rewritten probe, and the probe server compares and
+/// forwards: a `%XX` escape of an unreserved character (RFC 3986: letters,
+/// digits, `-._~`) decoded, every other escape kept with upper-case hex,
+/// and every byte that may not stand as it is in a URI path escaped (a
+/// space, a non-ASCII or control byte, one of `"<>[\]^{|}`, a backtick, a
+/// `%` that starts no escape). So `/health check` and `/health%20check`
+/// are one path, as are `/santé` and `/sant%c3%a9`; but `%2F` is never `/`,
+/// nor `%3B` `;`, which an app may route apart. Go's net/url, which builds
+/// the kubelet's request, sends a path of this form byte for byte (each of
+/// its bytes is one it leaves as it is), while a path as written in a pod
+/// spec it may re-escape (`/a(b) c` goes out as `/a%28b%29%20c`): hence the
+/// injector rewrites probes to this form rather than predicting Go's.
+pub fn canonical_probe_path(path: &str) -> String {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    // Unreserved, sub-delims, `:`, `@` and the segment separator.
+    let as_is = |b: u8| unreserved(b) || b"!$&'()*+,;=:@/".contains(&b);
+    let hex = |b: Option<&u8>| {
+        char::from(*b?)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escape = match (b, hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => Some((high << 4) | low),
+            _ => None,
+        };
+        let (b, keep) = match escape {
+            Some(e) => {
+                i += 3;
+                (e, unreserved(e))
+            }
+            None => {
+                i += 1;
+                (b, as_is(b))
+            }
+        };
+        if keep {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// As parsed: `8080/healthz`, `tcp:5432`.
@@ -150,8 +215,9 @@ impl std::fmt::Display for ProbeTarget {
 }
 
 /// One `--probe-target` value: `<port>/<path>` such as `8080/healthz`
-/// (`8080/` for the root) for an HTTP probe, a query dropped as matching
-/// ignores it; `tcp:<port>` such as `tcp:5432` for a TCP probe.
+/// (`8080/` for the root) for an HTTP probe, the path made canonical and a
+/// query dropped as matching ignores it; `tcp:<port>` such as `tcp:5432`
+/// for a TCP probe.
 pub fn parse_probe_target(s: &str) -> Result<ProbeTarget, String> {
     let bad = |why: &str| {
         format!(
@@ -212,8 +278,8 @@ pub fn probe_router(proxy: Arc<Proxy>, own_ports: Vec<u16>) -> Router {
 }
 
 /// `/probe/<port>` and `/probe/<port>/<path>`: the port and the path to
-/// forward (as received, still percent-encoded); `/probe-tcp/<port>`: the
-/// port to connect to; `None` for anything else.
+/// forward, made canonical (still percent-encoded: `%2F` stays `%2F`);
+/// `/probe-tcp/<port>`: the port to connect to; `None` for anything else.
 fn probe_path(path: &str) -> Option<Result<ProbeTarget, String>> {
     let port_number = |port: &str, form: &str| {
         port.parse::<u16>()
@@ -327,6 +393,9 @@ async fn tcp_probe(p: &Proxy, port: u16) -> axum::response::Response {
     )
 }
 
+/// Forwards a registered HTTP probe with `path` in its canonical form, so
+/// the app only ever sees the registered paths however a request spelled
+/// them; the query as received.
 async fn forward_probe(
     p: &Proxy,
     port: u16,
@@ -476,7 +545,109 @@ mod tests {
     }
 
     #[test]
-    fn probe_paths_keep_the_raw_path() {
+    fn canonical_probe_paths_decode_only_unreserved_escapes_and_escape_what_cannot_stand() {
+        for (path, canonical) in [
+            ("/healthz", "/healthz"),
+            ("/health check", "/health%20check"),
+            ("/health%20check", "/health%20check"),
+            ("/sant\u{e9}", "/sant%C3%A9"),
+            ("/sant%c3%a9", "/sant%C3%A9"),
+            ("/%68ealth%7Ez", "/health~z"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%3Bb", "/a%3Bb"),
+            ("/a;b=c,d(e)!*'+$&:@", "/a;b=c,d(e)!*'+$&:@"),
+            ("/a[b]{c}|\"<>^`\\", "/a%5Bb%5D%7Bc%7D%7C%22%3C%3E%5E%60%5C"),
+            ("/a\tb", "/a%09b"),
+            ("/50%", "/50%25"),
+            ("/a%zz", "/a%25zz"),
+            ("/a%2", "/a%252"),
+            ("/a%25", "/a%25"),
+            ("/a%252F", "/a%252F"),
+            ("/a?b#c", "/a%3Fb%23c"),
+        ] {
+            assert_eq!(canonical_probe_path(path), canonical, "{path:?}");
+            assert_eq!(
+                canonical_probe_path(canonical),
+                canonical,
+                "{path:?}: stable"
+            );
+        }
+        // Every escape: decoded when it names an unreserved character, else
+        // kept, upper-case; every ASCII character: kept when it may stand
+        // in a path, else escaped. Either way the result is stable.
+        for b in 0..=u8::MAX {
+            let escaped = canonical_probe_path(&format!("%{b:02x}"));
+            let c = char::from(b);
+            if c.is_ascii_alphanumeric() || "-._~".contains(c) {
+                assert_eq!(escaped, c.to_string());
+            } else {
+                assert_eq!(escaped, format!("%{b:02X}"));
+            }
+            assert_eq!(canonical_probe_path(&escaped), escaped);
+            if b.is_ascii() {
+                let got = canonical_probe_path(&c.to_string());
+                let stands = c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c);
+                assert_eq!(
+                    got,
+                    if stands {
+                        c.to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn targets_are_canonical_whichever_way_they_are_spelt_and_near_misses_differ() {
+        let sante = target(8080, "/sant\u{e9}");
+        assert_eq!(sante.to_string(), "8080/sant%C3%A9");
+        for spelt in ["8080/sant%C3%A9", "8080/sant%c3%a9", "8080/s%61nt\u{e9}"] {
+            assert_eq!(parse_probe_target(spelt), Ok(sante.clone()), "{spelt}");
+        }
+        for request in ["/probe/8080/sant%C3%A9", "/probe/8080/sant%c3%a9"] {
+            assert_eq!(probe_path(request), Some(Ok(sante.clone())), "{request}");
+        }
+        assert_eq!(
+            probe_path("/probe/8080/health%20check"),
+            Some(Ok(target(8080, "/health check")))
+        );
+        for near in [
+            "/probe/8080/sant%C3%A9/",
+            "/probe/8080/sant%C3",
+            "/probe/8080/sante",
+            "/probe/8080/sant%C3%A9%2F..%2Fcharges",
+            "/probe/8080/sant%25C3%25A9",
+            "/probe/8081/sant%C3%A9",
+        ] {
+            assert_ne!(probe_path(near), Some(Ok(sante.clone())), "{near}");
+        }
+        let check = target(8080, "/health check");
+        for near in [
+            "/probe/8080/health+check",
+            "/probe/8080/health%2520check",
+            "/probe/8080/healthcheck",
+            "/probe/8080/health%20checks",
+            "/probe/8080/health%3Fcheck",
+        ] {
+            assert_ne!(probe_path(near), Some(Ok(check.clone())), "{near}");
+        }
+        // What the injector writes into the probe reads back as its target.
+        for t in [
+            sante,
+            check,
+            target(8080, "/"),
+            target(8080, "/a%2Fb;c"),
+            ProbeTarget::tcp(5432),
+        ] {
+            assert_eq!(probe_path(&t.request_path()), Some(Ok(t.clone())), "{t}");
+            assert_eq!(parse_probe_target(&t.to_string()), Ok(t.clone()), "{t}");
+        }
+    }
+
+    #[test]
+    fn probe_paths_keep_the_path_escaped() {
         assert_eq!(
             probe_path("/probe/8080/healthz"),
             Some(Ok(target(8080, "/healthz")))
@@ -507,3 +678,4 @@ mod tests {
         assert_eq!(probe_path("/probe-tcp"), None);
     }
 }
+
