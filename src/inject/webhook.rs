@@ -204,8 +204,9 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-/// Serves `router` over HTTPS with the current serving certificate until
-/// the listener fails.
+/// Serves `router` over HTTPS with the current serving certificate. A
+/// failed accept (out of descriptors, say) is logged and retried after a
+/// pause, so only the caller's shutdown ends it.
 pub async fn serve_https(
     listener: TcpListener,
     cert: Arc<ServingCert>,
@@ -254,7 +255,16 @@ pub async fn serve_https_until(
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off and
+                    // keep serving rather than take the process down.
+                    tracing::warn!(error = %e, "webhook accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
