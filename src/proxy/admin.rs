@@ -678,4 +678,3 @@ mod tests {
         assert_eq!(probe_path("/probe-tcp"), None);
     }
 }
-
