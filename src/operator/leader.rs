@@ -250,27 +250,54 @@ impl Leadership {
     /// shutdown (the standby then waits out the lease instead).
     pub async fn release(self) {
         self.task.abort();
-        let limit = self.candidate.renew_deadline();
-        if tokio::time::timeout(limit, self.give_up()).await.is_err() {
+        self.candidate.give_up(&self.api).await;
+    }
+}
+
+/// Dropped, leadership stops renewing (the lease then runs out); only
+/// [`Leadership::release`] gives it up at once.
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Candidate {
+    /// Gives the lease up if it names this replica; for a shutdown that
+    /// interrupted [`Candidate::acquire`], whose last write may have landed
+    /// unseen (it would otherwise hold the standbys off for a whole lease
+    /// duration). Bounded like [`Leadership::release`].
+    pub async fn release(&self, client: Client) {
+        let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+        self.give_up(&api).await;
+    }
+
+    async fn give_up(&self, api: &Api<Lease>) {
+        let limit = self.renew_deadline();
+        if tokio::time::timeout(limit, self.clear_holder(api))
+            .await
+            .is_err()
+        {
             tracing::warn!("releasing the lease: the API server did not answer in time");
         }
     }
 
-    async fn give_up(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.candidate.lease).await else {
+    /// Clears the holder if it is this replica; the replace carries the
+    /// resourceVersion read, so a takeover meanwhile is left alone.
+    async fn clear_holder(&self, api: &Api<Lease>) {
+        let Ok(Some(mut lease)) = api.get_opt(&self.lease).await else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else {
             return;
         };
-        if spec.holder_identity.as_deref() != Some(self.candidate.identity.as_str()) {
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
         spec.renew_time = None;
-        if let Err(e) = self
-            .api
-            .replace(&self.candidate.lease, &PostParams::default(), &lease)
+        if let Err(e) = api
+            .replace(&self.lease, &PostParams::default(), &lease)
             .await
         {
             tracing::warn!(error = %e, "releasing the lease");
@@ -412,5 +439,36 @@ pub(crate) mod tests {
             "stopped after {:?}, past the lease of {duration:?} written at the start",
             before.elapsed()
         );
+    }
+
+    /// A shutdown that cut an acquire short gives up a lease the acquire's
+    /// last write may have taken, and leaves another replica's alone.
+    #[tokio::test]
+    async fn releasing_as_a_candidate_clears_only_this_replicas_hold() {
+        let (client, stored) = lease_api(Arc::default());
+        let candidate = |identity: &str| Candidate {
+            namespace: "weft-system".into(),
+            lease: "weft-operator".into(),
+            identity: identity.into(),
+            duration: Duration::from_secs(15),
+        };
+        let holder = || {
+            stored.lock().expect("lease").as_ref().expect("lease")["spec"]["holderIdentity"].clone()
+        };
+        // Nothing to release: no lease at all.
+        candidate("replica-a").release(client.clone()).await;
+        assert!(stored.lock().expect("lease").is_none());
+
+        // Dropped: renewing stops, the hold stays until it runs out.
+        drop(candidate("replica-a").acquire(client.clone()).await);
+        assert_eq!(holder(), "replica-a");
+        candidate("replica-b").release(client.clone()).await;
+        assert_eq!(
+            holder(),
+            "replica-a",
+            "another replica's hold is left alone"
+        );
+        candidate("replica-a").release(client).await;
+        assert_eq!(holder(), Value::Null, "this replica's hold is given up");
     }
 }

@@ -200,6 +200,8 @@ async fn campaign<S, T, F>(
             l = candidate.clone().acquire(client.clone()) => l,
             () = shutdown.clone() => {
                 tracing::info!("shutting down while standing by for the lease");
+                // The acquire's last write may have landed unseen.
+                candidate.release(client.clone()).await;
                 return;
             }
         };
