@@ -508,3 +508,64 @@ async fn past_the_in_flight_limit_requests_are_shed_at_once_and_counted() {
         0.0
     );
 }
+
+/// A Service reached through its ClusterIP gets its HTTP/2 requests spread
+/// over several connections, taken in turn: kube-proxy picks a backend pod
+/// per connection, so with one connection all of this pod's calls would go
+/// to one backend pod. The upstream here is the "ClusterIP" (127.0.0.1 on
+/// the Service port) and answers with the number of the connection.
+#[tokio::test]
+async fn http2_to_a_cluster_ip_is_spread_over_several_connections_in_turn() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: http::Request<Incoming>| async move {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                            n.to_string(),
+                        ))))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let mut svc = service("payments", &[], None, json!([]));
+    svc["clusterIps"] = json!(["127.0.0.1"]);
+    svc["ports"] = json!([{ "port": port, "targetPort": port, "protocol": "http2" }]);
+    let host = format!("payments.shop.svc.cluster.local:{port}");
+    let p = start_proxy(&config(vec![svc]), &[host.as_str()], &[]).await;
+    let url = p.outbound_url(0);
+
+    // Connections are added in the background as requests find room.
+    let mut grown = false;
+    for _ in 0..200 {
+        let (status, body) = request(&url, Version::HTTP_11, "payments.shop", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        if connections.load(Ordering::SeqCst) == 4 {
+            grown = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(grown, "four connections to the ClusterIP");
+    let mut served = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..40 {
+        let (status, conn) = request(&url, Version::HTTP_11, "payments.shop", &[]).await;
+        assert_eq!(status, 200);
+        *served.entry(conn).or_default() += 1;
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 4, "and no more");
+    assert_eq!(
+        served.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10, 10],
+        "requests take the connections in turn: {served:?}"
+    );
+    server.abort();
+}

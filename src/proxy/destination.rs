@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
-use crate::proxy::http::pool::Endpoint;
+use crate::proxy::http::pool::{CLUSTER_IP_H2_CONNECTIONS, Endpoint};
 use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
 
@@ -36,9 +36,13 @@ const DNS_RETRY: Duration = Duration::from_secs(1);
 /// Where a destination's endpoints come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointSource {
-    /// Addresses known up front: explicit endpoints, a ClusterIP, or the
-    /// original destination itself.
+    /// Addresses known up front: explicit endpoints, or the original
+    /// destination itself.
     Static(Vec<SocketAddr>),
+    /// A Service's ClusterIPs: each stands for the Service's pods, which
+    /// kube-proxy picks among per connection, so HTTP/2 requests are
+    /// spread over several connections to it.
+    ClusterIps(Vec<SocketAddr>),
     /// A headless Service: resolve this name.
     Dns { host: String, port: u16 },
 }
@@ -113,10 +117,16 @@ impl Destination {
             .rate_limit
             .as_ref()
             .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
+        let fixed = |addrs: &[SocketAddr], h2_connections| {
+            let list = addrs
+                .iter()
+                .map(|a| endpoint(*a, &policy, &mesh, h2_connections))
+                .collect();
+            Some(Arc::new(list))
+        };
         let static_endpoints = match &source {
-            EndpointSource::Static(addrs) => Some(Arc::new(
-                addrs.iter().map(|a| endpoint(*a, &policy, &mesh)).collect(),
-            )),
+            EndpointSource::Static(addrs) => fixed(addrs, 1),
+            EndpointSource::ClusterIps(addrs) => fixed(addrs, CLUSTER_IP_H2_CONNECTIONS),
             EndpointSource::Dns { .. } => None,
         };
         let fixed = static_endpoints.is_some();
@@ -143,7 +153,7 @@ impl Destination {
     /// Current endpoints, resolving DNS when the last answer is stale.
     pub async fn endpoints(&self) -> EndpointList {
         let (host, port) = match &self.source {
-            EndpointSource::Static(_) => return self.cached().1,
+            EndpointSource::Static(_) | EndpointSource::ClusterIps(_) => return self.cached().1,
             EndpointSource::Dns { host, port } => (host.clone(), *port),
         };
         let (resolved_at, current) = self.cached();
@@ -192,7 +202,7 @@ impl Destination {
                     known
                         .get(&a)
                         .cloned()
-                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh))
+                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh, 1))
                 })
                 .collect(),
         );
@@ -243,10 +253,11 @@ fn endpoint(
     addr: SocketAddr,
     policy: &ServicePolicy,
     mesh: &Option<Arc<MeshTarget>>,
+    h2_connections: usize,
 ) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
-        endpoint: Endpoint::meshed(addr, mesh.clone()),
+        endpoint: Endpoint::meshed(addr, mesh.clone()).with_h2_connections(h2_connections),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
     })
@@ -269,16 +280,15 @@ pub fn source_for(svc: &OutboundService, port: u16) -> EndpointSource {
         .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
-    if ips.is_empty() {
-        let host = svc
-            .hostnames
-            .first()
-            .cloned()
-            .unwrap_or_else(|| format!("{}.{}", svc.name, svc.namespace));
-        EndpointSource::Dns { host, port }
-    } else {
-        EndpointSource::Static(ips)
+    if !ips.is_empty() {
+        return EndpointSource::ClusterIps(ips);
     }
+    let host = svc
+        .hostnames
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("{}.{}", svc.name, svc.namespace));
+    EndpointSource::Dns { host, port }
 }
 
 /// Destinations by label, carried across config reloads.

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
 
 use crate::proxy::mesh::{MeshStream, MeshTarget, Originator, connect_tcp};
+use crate::proxy::resilience::lock;
 use crate::proxy::tls::{ALPN_H2, ALPN_HTTP1};
 
 use super::body::{self, Body, BoxError, Request, Response};
@@ -45,8 +46,18 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Set for an endpoint of a meshed destination: speak mesh mTLS.
     pub mesh: Option<Arc<MeshTarget>>,
+    /// How many HTTP/2 connections its requests are spread over (see
+    /// [`CLUSTER_IP_H2_CONNECTIONS`]).
+    h2_connections: usize,
     conns: Arc<Conns>,
 }
+
+/// HTTP/2 connections kept to a Service's ClusterIP, its requests taken
+/// in turn. kube-proxy picks a backend pod once per connection, so one
+/// connection would send all of this pod's calls to the Service to one
+/// backend pod (until [`MAX_H2_AGE`] replaces it); four reach up to four
+/// pods at a time. A pod address, or an explicit endpoint, gets one.
+pub const CLUSTER_IP_H2_CONNECTIONS: usize = 4;
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,8 +86,16 @@ impl Endpoint {
         Self {
             addr,
             mesh,
+            h2_connections: 1,
             conns: Arc::default(),
         }
+    }
+
+    /// Spreads the endpoint's HTTP/2 requests over `n` connections (at
+    /// least one), for an address that stands for several servers.
+    pub fn with_h2_connections(mut self, n: usize) -> Self {
+        self.h2_connections = n.max(1);
+        self
     }
 }
 
@@ -89,8 +108,15 @@ pub struct OverMeshTls(pub bool);
 struct Conns {
     /// Idle HTTP/1.1 connections, the most recently used last.
     http1: Mutex<Vec<Idle>>,
-    /// The multiplexed HTTP/2 connection, once made.
-    http2: Mutex<Option<H2Conn>>,
+    /// The multiplexed HTTP/2 connections, once made (one, or up to the
+    /// endpoint's `h2_connections`).
+    http2: Mutex<Vec<H2Conn>>,
+    /// Which HTTP/2 connection the next request takes.
+    next_h2: std::sync::atomic::AtomicUsize,
+    /// An HTTP/2 connection is being added in the background.
+    growing_h2: std::sync::atomic::AtomicBool,
+    /// No connection is added before then (the last try failed).
+    grow_blocked_until: Mutex<Option<Instant>>,
     /// Held while an HTTP/2 connection is being made, so that the
     /// requests arriving meanwhile share it rather than each making one.
     connecting_h2: tokio::sync::Mutex<()>,
@@ -129,6 +155,10 @@ struct H2Conn {
 /// Service would stay on whichever backend pod its first connection drew.
 /// The cost is one mesh handshake per endpoint per minute.
 const MAX_H2_AGE: Duration = Duration::from_secs(60);
+
+/// How long after a failed try to add an HTTP/2 connection the next may
+/// be made.
+const GROW_RETRY: Duration = Duration::from_secs(5);
 
 /// Whether a connection made at `born` may take new requests at `now`.
 fn young(born: Instant, now: Instant) -> bool {
@@ -174,20 +204,38 @@ impl Conns {
         at.is_some_and(|t| now.duration_since(t) < PLAINTEXT_MEMORY)
     }
 
-    fn h2(&self) -> Option<H2Conn> {
-        let conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-        conn.as_ref()
-            .filter(|c| !c.sender.is_closed() && young(c.born, Instant::now()))
-            .cloned()
+    /// The HTTP/2 connection for the next request, taken in turn among
+    /// the open ones that may take new requests, and whether fewer than
+    /// `wanted` are open. A closed or old connection is let go here (one
+    /// still carrying requests closes once they finish).
+    fn h2(&self, wanted: usize) -> (Option<H2Conn>, bool) {
+        let now = Instant::now();
+        let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.sender.is_closed() && young(c.born, now));
+        let pick = match conns.len() {
+            0 => None,
+            1 => Some(conns[0].clone()),
+            n => {
+                use std::sync::atomic::Ordering;
+                let turn = self.next_h2.fetch_add(1, Ordering::Relaxed);
+                Some(conns[turn % n].clone())
+            }
+        };
+        (pick, conns.len() < wanted)
     }
 
-    /// Drops the cached HTTP/2 connection if it is still connection `id`
-    /// (a newer one made meanwhile stays).
-    fn forget_h2(&self, id: u64) {
-        let mut conn = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-        if conn.as_ref().is_some_and(|c| c.id == id) {
-            *conn = None;
+    fn add_h2(&self, conn: H2Conn, wanted: usize) {
+        let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.len() >= wanted {
+            conns.remove(0);
         }
+        conns.push(conn);
+    }
+
+    /// Drops HTTP/2 connection `id` from the cached ones, if still there.
+    fn forget_h2(&self, id: u64) {
+        let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| c.id != id);
     }
 }
 
@@ -305,32 +353,54 @@ impl Pool {
         ep: &Endpoint,
         mesh_only: bool,
     ) -> Result<Result<H2Conn, MeshStream>, BoxError> {
-        if let Some(conn) = ep.conns.h2() {
+        let wanted = ep.h2_connections;
+        if let (Some(conn), more) = ep.conns.h2(wanted) {
+            if more {
+                self.grow_h2(ep, conn.tls);
+            }
             return Ok(Ok(conn));
         }
         let _making = ep.conns.connecting_h2.lock().await;
-        if let Some(conn) = ep.conns.h2() {
+        if let (Some(conn), _) = ep.conns.h2(wanted) {
             return Ok(Ok(conn));
         }
         let stream = self.connect(ep, ALPN_H2).await?;
-        let tls = stream.is_tls();
-        if mesh_only && !tls {
+        if mesh_only && !stream.is_tls() {
             return Ok(Err(stream));
         }
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)))?;
-        drive(ep.addr, "HTTP/2", conn);
-        let conn = H2Conn {
-            sender,
-            tls,
-            id: H2_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            born: Instant::now(),
-        };
-        *ep.conns.http2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        let conn = handshake_http2(ep.addr, stream).await?;
+        ep.conns.add_h2(conn.clone(), wanted);
         Ok(Ok(conn))
+    }
+
+    /// Adds one more HTTP/2 connection to `ep` in the background, so the
+    /// request that noticed the room does not wait for a handshake. Only
+    /// a connection of the same kind (`tls`) as the open ones is kept; a
+    /// failed or different one holds further tries off for
+    /// [`GROW_RETRY`].
+    fn grow_h2(&self, ep: &Endpoint, tls: bool) {
+        use std::sync::atomic::Ordering;
+        let conns = &ep.conns;
+        let blocked = lock(&conns.grow_blocked_until).is_some_and(|t| Instant::now() < t);
+        if blocked || conns.growing_h2.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, ep) = (self.clone(), ep.clone());
+        tokio::spawn(async move {
+            let grown = match pool.connect(&ep, ALPN_H2).await {
+                Ok(stream) if stream.is_tls() == tls => handshake_http2(ep.addr, stream).await.ok(),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(addr = %ep.addr, error = %e, "another HTTP/2 connection failed");
+                    None
+                }
+            };
+            match grown {
+                Some(conn) => ep.conns.add_h2(conn, ep.h2_connections),
+                None => *lock(&ep.conns.grow_blocked_until) = Some(Instant::now() + GROW_RETRY),
+            }
+            ep.conns.growing_h2.store(false, Ordering::Release);
+        });
     }
 
     async fn send_http1(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
@@ -515,6 +585,23 @@ async fn send_on_http2(ep: &Endpoint, conn: H2Conn, req: Request) -> Result<Resp
             None => Err(SendFailure::Reset(e.into_error())),
         },
     }
+}
+
+/// An HTTP/2 client connection on `stream`, its I/O driven by a task.
+async fn handshake_http2(addr: SocketAddr, stream: MeshStream) -> Result<H2Conn, BoxError> {
+    let tls = stream.is_tls();
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::Connect(addr.to_string(), error_chain(&e)))?;
+    drive(addr, "HTTP/2", conn);
+    Ok(H2Conn {
+        sender,
+        tls,
+        id: H2_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        born: Instant::now(),
+    })
 }
 
 /// Runs a connection's I/O as a task of its own until it closes.
