@@ -68,10 +68,11 @@ bench-proxy:
 proxy-order:
 	CARGO="$(CARGO)" bash bench/proxy/order.sh
 
-## fuzz the proxy's wire parsing and the admission webhook, 60 s each (needs cargo-fuzz; not part of `make test`)
+## fuzz the proxy's wire parsing, the admission webhook, and probe paths and SPIFFE ids, 60 s each (needs cargo-fuzz; not part of `make test`)
 FUZZ_SECONDS ?= 60
 fuzz-smoke:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run proxy_detect_http -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	mkdir -p fuzz/corpus/webhook_admission
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run webhook_admission corpus/webhook_admission seeds/webhook_admission -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run probe_paths_and_ids -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048

@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft::proxy::detect::{Protocol, classify, detect};
 use weft::proxy::http::body;
-use weft::proxy::server::{Drain, serve_http};
+use weft::proxy::server::{Drain, InFlight, serve_http};
 
 fuzz_target!(|data: &[u8]| {
     // The ClientHello reader never asks for less than it was given.
@@ -34,10 +34,11 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let drain = Drain::new();
+        let in_flight = InFlight::new("inbound", "inbound-max-in-flight", 10_000, Default::default());
         let serve = async move {
             let Ok(d) = detect(server, Duration::from_millis(10)).await else { return };
             if matches!(d.protocol, Protocol::Http1 | Protocol::Http2) {
-                serve_http(d.io, &drain, |_req| async { http::Response::new(body::full("ok")) }).await;
+                serve_http(d.io, &drain, &in_flight, |_req| async { http::Response::new(body::full("ok")) }).await;
             }
         };
         let talk = async move {
