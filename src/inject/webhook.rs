@@ -258,10 +258,7 @@ pub async fn serve_https_until(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off and
-                    // keep serving rather than take the process down.
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::proxy::server::back_off_after_accept_error("webhook", &e).await;
                     continue;
                 }
             },

@@ -88,6 +88,14 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// What a listener does when accept fails (out of file descriptors and
+/// the like): log, pause, and keep serving, rather than spin or end the
+/// server.
+pub async fn back_off_after_accept_error(listener: &str, error: &std::io::Error) {
+    tracing::warn!(listener, error = %error, "accept failed; retrying in 50 ms");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// Tells connections to wind down, and counts them until they have.
 #[derive(Clone)]
 pub struct Drain {
@@ -187,11 +195,7 @@ where
                         drop(guard);
                     });
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => back_off_after_accept_error("proxy", &e).await,
             },
             _ = stopped(&mut stop) => break,
         }

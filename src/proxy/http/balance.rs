@@ -280,6 +280,17 @@ pub(crate) mod tests {
         ep.breaker.as_ref().expect("breaker").state(Instant::now())
     }
 
+    /// Nothing was held against the endpoint: its breaker is closed and
+    /// its latency estimate is still the default.
+    fn assert_untouched(ep: &EndpointState) {
+        assert_eq!(state(ep), BreakerState::Closed);
+        let cost = ep.load.cost(Instant::now());
+        assert!(
+            (cost - DEFAULT_RTT).abs() < 1e-9,
+            "estimate untouched: {cost}"
+        );
+    }
+
     fn is_timeout(err: &BoxError) -> bool {
         classify(err, LABEL) == ProxyError::Timeout(LABEL.into())
     }
@@ -380,13 +391,7 @@ pub(crate) mod tests {
             start(&mut fut).await;
             drop(fut);
         }
-        let ep = only_endpoint(&dst).await;
-        assert_eq!(state(&ep), BreakerState::Closed);
-        let cost = ep.load.cost(Instant::now());
-        assert!(
-            (cost - DEFAULT_RTT).abs() < 1e-9,
-            "estimate untouched: {cost}"
-        );
+        assert_untouched(&*only_endpoint(&dst).await);
     }
 
     /// A refused connection answers in ~0.1 ms; as an RTT it made the dead
@@ -424,12 +429,6 @@ pub(crate) mod tests {
             .call(req)
             .await
             .expect_err("refused");
-        let ep = only_endpoint(&dst).await;
-        assert_eq!(state(&ep), BreakerState::Closed);
-        let cost = ep.load.cost(Instant::now());
-        assert!(
-            (cost - DEFAULT_RTT).abs() < 1e-9,
-            "estimate untouched: {cost}"
-        );
+        assert_untouched(&*only_endpoint(&dst).await);
     }
 }
