@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proxy benchmark: the latency the weft sidecar (`weft-proxy`) adds per hop, side by side with
-# nginx and HAProxy as plain reverse proxies, all against one upstream on
-# loopback. Writes bench/results/proxy.md and the raw figures next to it
+# nginx and HAProxy as plain reverse proxies (and a pair of nginx with mTLS
+# between them, the reference for the two-hop mTLS target), all against one
+# upstream on loopback. Writes bench/results/proxy.md and the raw figures next to it
 # (proxy.jsonl). See bench/proxy/README.md for the method.
 #
 # Usage: make bench-proxy   (or: bash bench/proxy/run.sh)
@@ -13,7 +14,7 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     23 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     26 consecutive loopback ports from here
 #   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
@@ -40,7 +41,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft1d weft2 weft2tls nginx haproxy)
+SCENARIOS=(direct weft1 weft1d weft2 weft2tls nginx nginx2tls haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -194,6 +195,7 @@ scenario_pids() {
 	weft2tls) echo "${PID[weft2ta]:-} ${PID[weft2tb]:-}" ;;
 	weft2tb) echo "${PID[weft2tb]:-}" ;;
 	nginx) echo "${PID[nginx]:-}" ;;
+	nginx2tls) echo "${PID[nginx2a]:-} ${PID[nginx2b]:-}" ;;
 	haproxy) echo "${PID[haproxy]:-}" ;;
 	esac
 }
@@ -232,11 +234,12 @@ HA_H1=$((PORT_BASE + 12)) HA_H2=$((PORT_BASE + 13))
 TA_OUT=$((PORT_BASE + 14)) TA_ADMIN=$((PORT_BASE + 15)) TA_PROBE=$((PORT_BASE + 16))
 TB_IN=$((PORT_BASE + 17)) TB_ADMIN=$((PORT_BASE + 18)) TB_PROBE=$((PORT_BASE + 19))
 D1_OUT=$((PORT_BASE + 20)) D1_ADMIN=$((PORT_BASE + 21)) D1_PROBE=$((PORT_BASE + 22))
+NA_H1=$((PORT_BASE + 23)) NA_H2=$((PORT_BASE + 24)) NB_TLS=$((PORT_BASE + 25))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 23; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 26; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 22)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 25)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -250,6 +253,7 @@ url_for() { # SCENARIO PROTOCOL
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
 	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
+	nginx2tls) if [[ $2 == h2 ]]; then port=$NA_H2; else port=$NA_H1; fi ;;
 	haproxy) if [[ $2 == h2 ]]; then port=$HA_H2; else port=$HA_H1; fi ;;
 	esac
 	echo "http://127.0.0.1:$port/"
@@ -285,6 +289,17 @@ weft_config() { # FILE ENDPOINT [MESH-JSON] [PORT-PROTOCOL]
 	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"'"$protocol"'"}],"endpoints":["'"$2"'"]'"$mesh"'}]}}' >"$1"
 }
 
+# Identities minted by the mesh's own CA code, for both mTLS pairs: the
+# server side is bench/upstream, the client side bench/client.
+if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client >"$WORK/certs.log" 2>&1; then
+	certs_ok=1
+else
+	certs_ok=0
+	sed 's/^/    | /' "$WORK/certs.log" >&2
+	not_run weft2tls "" "weft-bench certs could not mint the identities"
+	not_run nginx2tls "" "weft-bench certs could not mint the identities"
+fi
+
 weft_reason=
 if [[ ! -x $WEFT ]]; then
 	weft_reason="$WEFT was not built"
@@ -296,7 +311,7 @@ if [[ -n $weft_reason ]]; then
 	not_run weft1 "" "$weft_reason"
 	not_run weft1d "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
-	not_run weft2tls "" "$weft_reason"
+	[[ -n ${NOTRUN[weft2tls]:-} ]] || not_run weft2tls "" "$weft_reason"
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
@@ -314,9 +329,7 @@ else
 	start_bg weft2a "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-via-b.json" \
 		--admin "127.0.0.1:$WA_ADMIN" --probe "127.0.0.1:$WA_PROBE" \
 		--outbound-map "127.0.0.1:$WA_OUT=$HOST_HEADER:80"
-	# Identities minted by the mesh's own CA code: the server side is
-	# bench/upstream, the client side bench/client.
-	if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client >"$WORK/certs.log" 2>&1; then
+	if ((certs_ok)); then
 		weft_config "$WORK/weft-via-tb.json" "127.0.0.1:$TB_IN" '{"namespace":"bench","serviceAccounts":["upstream"],"strict":true}'
 		start_bg weft2tb "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 			--admin "127.0.0.1:$TB_ADMIN" --probe "127.0.0.1:$TB_PROBE" \
@@ -326,9 +339,6 @@ else
 			--admin "127.0.0.1:$TA_ADMIN" --probe "127.0.0.1:$TA_PROBE" \
 			--outbound-map "127.0.0.1:$TA_OUT=$HOST_HEADER:80" \
 			--identity-dir "$WORK/ids" --service-account client
-	else
-		sed 's/^/    | /' "$WORK/certs.log" >&2
-		not_run weft2tls "" "weft-bench certs could not mint the identities"
 	fi
 fi
 
@@ -344,6 +354,30 @@ if "$NGINX" -t -q "${nginx_args[@]}" >"$WORK/nginx-check.log" 2>&1; then
 else
 	sed 's/^/    | /' "$WORK/nginx-check.log" >&2
 	not_run nginx "" "nginx -t rejected the configuration"
+fi
+# nginx ×2 mTLS: the same nginx as a client and a server sidecar, TLS 1.3
+# with certificates from the mesh CA between them.
+if ((certs_ok)); then
+	sed -e "s|@WORKDIR@|$WORK|g" -e "s|@H1_PORT@|$NA_H1|g" -e "s|@H2_PORT@|$NA_H2|g" \
+		-e "s|@NEXT_PORT@|$NB_TLS|g" -e "s|@IDS@|$WORK/ids|g" \
+		"$HERE/nginx-mtls-client.conf.tmpl" >"$WORK/nginx-mtls-client.conf"
+	sed -e "s|@WORKDIR@|$WORK|g" -e "s|@TLS_PORT@|$NB_TLS|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" \
+		-e "s|@IDS@|$WORK/ids|g" \
+		"$HERE/nginx-mtls-server.conf.tmpl" >"$WORK/nginx-mtls-server.conf"
+	nginx2_ok=1
+	for role in client server; do
+		args=(-p "$WORK/" -e "$WORK/nginx-mtls-$role-error.log" -c "$WORK/nginx-mtls-$role.conf")
+		if ! "$NGINX" -t -q "${args[@]}" >"$WORK/nginx-mtls-$role-check.log" 2>&1; then
+			sed 's/^/    | /' "$WORK/nginx-mtls-$role-check.log" >&2
+			not_run nginx2tls "" "nginx -t rejected the mTLS $role configuration"
+			nginx2_ok=0
+			break
+		fi
+	done
+	if ((nginx2_ok)); then
+		start_bg nginx2b "$NGINX" -p "$WORK/" -e "$WORK/nginx-mtls-server-error.log" -c "$WORK/nginx-mtls-server.conf"
+		start_bg nginx2a "$NGINX" -p "$WORK/" -e "$WORK/nginx-mtls-client-error.log" -c "$WORK/nginx-mtls-client.conf"
+	fi
 fi
 if "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy-check.log" 2>&1; then
 	start_bg haproxy "$HAPROXY" -db -f "$WORK/haproxy.cfg"
@@ -369,6 +403,10 @@ check_ready() {
 	say "ERROR: $READY_WHY"
 	log_tail "$1"
 	if [[ $1 == nginx ]]; then log_tail nginx-error; fi
+	if [[ $1 == nginx2a ]]; then
+		log_tail nginx-mtls-client-error
+		log_tail nginx-mtls-server-error
+	fi
 	return 1
 }
 if [[ -z ${NOTRUN[weft1]:-} ]]; then
@@ -390,8 +428,10 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		fi
 	done
 fi
-for scn in nginx haproxy; do
-	if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$scn" "$(url_for "$scn" h1)" "a request through it"; then
+for scn in nginx nginx2tls haproxy; do
+	name=$scn
+	[[ $scn == nginx2tls ]] && name=nginx2a
+	if [[ -z ${NOTRUN[$scn]:-} ]] && ! check_ready "$name" "$(url_for "$scn" h1)" "a request through it"; then
 		stop_scenario "$scn"
 		not_run "$scn" "" "$READY_WHY"
 	fi

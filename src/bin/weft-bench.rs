@@ -1084,7 +1084,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -1120,6 +1120,12 @@ const SCENARIOS: [Scenario; 7] = [
         name: "nginx",
         path: "loadgen → nginx (1 worker) → upstream",
         processes: "nginx master + worker (summed)",
+    },
+    Scenario {
+        key: "nginx2tls",
+        name: "nginx ×2 mTLS",
+        path: "loadgen → nginx A (1 worker) → TLS 1.3, client certificate → nginx B (1 worker) → upstream",
+        processes: "nginx A + nginx B, masters and workers (summed)",
     },
     Scenario {
         key: "haproxy",
@@ -1244,6 +1250,9 @@ fn hops_text(key: &str, seen: &str) -> String {
         }
         "weft1d" => format!("→upstream: {seen} (the client's version kept)"),
         "nginx" => format!("→upstream: {seen} (nginx speaks only HTTP/1.1 upstream)"),
+        "nginx2tls" => format!(
+            "A→B: TLS 1.3 with certificates from the mesh CA (pooled), HTTP/1.1 inside; B→upstream: {seen}"
+        ),
         _ => format!("→upstream: {seen}"),
     }
 }
@@ -1706,6 +1715,40 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
             mtls_parts.join("; ")
         }
     ));
+    // What the same bar gives a mature proxy on this machine: nginx as
+    // both sidecars, mTLS between them. Context for the target above, not
+    // a target of its own.
+    let mut reference_parts = Vec::new();
+    for (rate, proto) in &combos {
+        let get = |k: &'static str| rows.get(&(*rate, proto.clone(), k));
+        let (Some(pair), Some(one)) = (
+            get("nginx2tls").and_then(|r| r.added[0]),
+            get("nginx").and_then(|r| r.added[0]),
+        ) else {
+            continue;
+        };
+        let within = pair <= TARGET_MTLS_RATIO * one.max(0.0);
+        let weft = get("weft2tls")
+            .and_then(|r| r.added[0])
+            .filter(|_| pair > 0.0)
+            .map_or(String::new(), |w| {
+                format!(", weft ×2 mTLS at {:.2}x of it", w / pair)
+            });
+        reference_parts.push(format!(
+            "{} {rate}/s: nginx ×2 mTLS {} µs vs nginx {} µs ({}){weft}",
+            protocol_label(proto),
+            signed_us(Some(pair)),
+            signed_us(Some(one)),
+            if within { "within" } else { "over" }
+        ));
+    }
+    if !reference_parts.is_empty() {
+        targets.push(format!(
+            "Reference for the target above, not a target: nginx as both sidecars (nginx ×2 mTLS) against the same {TARGET_MTLS_RATIO}x of one plaintext nginx hop, \
+             and weft ×2 mTLS as a multiple of that pair — {}",
+            reference_parts.join("; ")
+        ));
+    }
     handshake_section(&mut md, &handshakes, a.clk_tck);
 
     let _ = writeln!(md, "\n## Targets\n");
