@@ -68,11 +68,12 @@ bench-proxy:
 proxy-order:
 	CARGO="$(CARGO)" bash bench/proxy/order.sh
 
-## fuzz the proxy's wire parsing, the admission webhook, and probe paths and SPIFFE ids, 60 s each (needs cargo-fuzz; not part of `make test`)
+## fuzz the proxy's wire parsing, the admission webhook, and probe paths and SPIFFE ids, 60 s each (needs cargo-fuzz; `make test` runs the same bodies over fuzz/seeds/ in tests/fuzz_seeds.rs)
 FUZZ_SECONDS ?= 60
 fuzz-smoke:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run proxy_detect_http -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	mkdir -p fuzz/corpus/proxy_detect_http fuzz/corpus/probe_paths_and_ids
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run proxy_detect_http corpus/proxy_detect_http seeds/proxy_detect_http -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	mkdir -p fuzz/corpus/webhook_admission
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run webhook_admission corpus/webhook_admission seeds/webhook_admission -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run probe_paths_and_ids -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run probe_paths_and_ids corpus/probe_paths_and_ids seeds/probe_paths_and_ids -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048

@@ -12,6 +12,8 @@ pub mod api;
 pub mod compile;
 pub mod config;
 pub mod controlplane;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod init;
 pub mod inject;

@@ -1,0 +1,199 @@
+//! The bodies of the fuzz targets in `fuzz/`, here so that they build, and
+//! run over their seeds, with every `make test` (`tests/fuzz_seeds.rs`).
+//! Kept in `fuzz/fuzz_targets/` they needed nightly to build, and a change
+//! of signature went unnoticed until someone fuzzed.
+//!
+//! Each takes one input and panics when a property breaks; libFuzzer (`make
+//! fuzz-smoke`) and the seed test call them alike. Not part of weft's API.
+
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::identity::SpiffeId;
+use crate::inject::webhook::{AllMeshed, Webhook, review};
+use crate::inject::{ClusterCaps, Decision, InjectSettings, NamespaceInfo, inject};
+use crate::proxy::admin::{ProbeTarget, canonical_probe_path, parse_probe_target};
+use crate::proxy::detect::{Protocol, classify, detect};
+use crate::proxy::http::body;
+use crate::proxy::server::{Drain, InFlight, serve_http};
+
+/// What the proxy reads off the wire before any policy applies: the TLS
+/// ClientHello reader, protocol detection on every prefix of the input,
+/// then the whole input served as a client's bytes by the proxy's HTTP
+/// server (HTTP/1 head parsing, HTTP/2 framing) with its real limits.
+/// Neither may panic or hang.
+pub fn proxy_detect_http(data: &[u8]) {
+    // The ClientHello reader never asks for less than it was given.
+    if let crate::proxy::hello::Hello::NeedMore(n) = crate::proxy::hello::parse(data) {
+        assert!(
+            n > data.len(),
+            "asked for {n} bytes with {} in hand",
+            data.len()
+        );
+    }
+
+    // Detection is monotonic: once decided, longer prefixes agree.
+    let mut decided = None;
+    for end in 0..=data.len().min(64) {
+        match (decided, classify(&data[..end])) {
+            (None, d) => decided = d,
+            (Some(a), Some(b)) => assert_eq!(a, b, "detection changed its mind at {end} bytes"),
+            (Some(_), None) => panic!("detection forgot its decision at {end} bytes"),
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let drain = Drain::new();
+        let in_flight = InFlight::new(
+            "inbound",
+            "inbound-max-in-flight",
+            10_000,
+            Default::default(),
+        );
+        let serve = async move {
+            let Ok(d) = detect(server, Duration::from_millis(10)).await else {
+                return;
+            };
+            if matches!(d.protocol, Protocol::Http1 | Protocol::Http2) {
+                serve_http(d.io, &drain, &in_flight, |_req| async {
+                    http::Response::new(body::full("ok"))
+                })
+                .await;
+            }
+        };
+        let talk = async move {
+            let _ = client.write_all(data).await;
+            let _ = client.shutdown().await;
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(serve, talk) }).await;
+    });
+}
+
+fn inject_settings(native: bool) -> InjectSettings {
+    InjectSettings::new(
+        "weft:fuzz",
+        ClusterCaps {
+            native_sidecars: native,
+        },
+    )
+}
+
+/// The admission webhook end to end in process: AdmissionReview decoding
+/// and the sidecar patch builder. Any input: the webhook answers with a
+/// message or a review, never panics. A Pod it injects: the patch applies,
+/// yields a Pod, and a second injection changes nothing. The first byte's
+/// low bit picks native sidecars or classic ones.
+pub fn webhook_admission(data: &[u8]) {
+    let native = data.first().is_some_and(|b| b & 1 == 1);
+    let hook = Webhook::new(inject_settings(native), Box::new(AllMeshed));
+    if let Ok(answer) = review(&hook, data) {
+        let answer = serde_json::to_value(answer).expect("a review serializes");
+        // The patch travels as Go's []byte: a base64 string or byte values.
+        let bytes: Option<Vec<u8>> = match &answer["response"]["patch"] {
+            serde_json::Value::String(p) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(p)
+                    .expect("base64 patch"),
+            ),
+            serde_json::Value::Array(a) => Some(
+                a.iter()
+                    .map(|b| {
+                        u8::try_from(b.as_u64().expect("a byte value")).expect("a byte in 0..=255")
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if let Some(bytes) = bytes {
+            let _: json_patch::Patch = serde_json::from_slice(&bytes).expect("a JSON Patch");
+        }
+    }
+    if let Ok(pod) = serde_json::from_slice::<Pod>(data) {
+        let s = inject_settings(native);
+        let first = inject(&pod, &NamespaceInfo::meshed("shop"), &s);
+        let mut value = serde_json::to_value(&pod).expect("pod json");
+        json_patch::patch(&mut value, &first.patch).expect("the patch applies to its pod");
+        let injected: Pod = serde_json::from_value(value).expect("the patched pod is a Pod");
+        if first.decision == Decision::Injected {
+            let second = inject(&injected, &NamespaceInfo::meshed("shop"), &s);
+            assert!(
+                second.patch.0.is_empty(),
+                "injecting twice is injecting once"
+            );
+        }
+    }
+}
+
+/// What may stand unescaped in a URI path (RFC 3986 `pchar` and `/`).
+fn may_stand_in_path(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)
+}
+
+/// The parsers of untrusted names the proxy compares for access: the probe
+/// port's canonical path form (anyone who can reach the pod sends it
+/// paths), probe targets as the injector writes them, and SPIFFE ids as
+/// read from peer certificates. None may panic; the canonical form must be
+/// stable and only hold what may stand in a URI path; a target and an id
+/// must read back as what was written.
+pub fn probe_paths_and_ids(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+
+    let canonical = canonical_probe_path(text);
+    assert_eq!(
+        canonical_probe_path(&canonical),
+        canonical,
+        "stable for {text:?}"
+    );
+    let bytes = canonical.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let escape = bytes.get(i + 1..i + 3).unwrap_or_default();
+            assert!(
+                escape.len() == 2
+                    && escape
+                        .iter()
+                        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)),
+                "a broken escape in {canonical:?}"
+            );
+            i += 3;
+        } else {
+            assert!(
+                may_stand_in_path(bytes[i]),
+                "{:?} may not stand in {canonical:?}",
+                bytes[i] as char
+            );
+            i += 1;
+        }
+    }
+
+    // A probe target the injector writes reads back as itself.
+    if text.starts_with('/') && !text.contains(',') {
+        let target = ProbeTarget::http(8080, text);
+        assert_eq!(
+            parse_probe_target(&target.to_string()),
+            Ok(target.clone()),
+            "{text:?}"
+        );
+    }
+    // Whatever a target entry holds, parsing it does not panic.
+    let _ = parse_probe_target(text);
+
+    // A SPIFFE id that parses prints as the same id.
+    if let Ok(id) = text.parse::<SpiffeId>() {
+        assert_eq!(id.to_string().parse::<SpiffeId>().ok(), Some(id));
+    }
+}
