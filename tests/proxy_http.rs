@@ -242,6 +242,45 @@ async fn health_check_failures_never_open_the_circuit() {
     assert_eq!(up.hits(), 11);
 }
 
+/// A health path is one path however a client spells it: escaped
+/// unreserved characters and dot segments are normalised on both sides
+/// before the comparison, so these failures are no more counted against
+/// the circuit than `/health`'s are.
+#[tokio::test]
+async fn a_health_path_spelled_otherwise_is_still_a_health_path() {
+    let spellings = [
+        "/%68ealth",
+        "/x/../health",
+        "/./health",
+        "/HEALTH/../health",
+    ];
+    let up = Upstream::start(Arc::new(move |_, req| {
+        if spellings.contains(&req.uri().path()) {
+            (500, "sick".into(), Duration::ZERO)
+        } else {
+            (200, "ok".into(), Duration::ZERO)
+        }
+    }))
+    .await;
+    let mut pol = breaker_policy();
+    // The policy's own spelling is normalised too.
+    pol["excludedPaths"] = json!(["/heal%74h"]);
+    let p = inventory_proxy(up.addr, Some(pol)).await;
+    for spelling in spellings.iter().cycle().take(12) {
+        let r = get(&format!("{}{spelling}", p.outbound_url(0))).await;
+        assert_eq!(
+            r.status, 500,
+            "{spelling} was not answered by the app: {r:?}"
+        );
+    }
+    let r = get(&format!("{}/stock", p.outbound_url(0))).await;
+    assert_eq!(
+        r.status, 200,
+        "twelve failed health checks did not open the circuit: {r:?}"
+    );
+    assert_eq!(up.hits(), 13);
+}
+
 fn canary_routes() -> serde_json::Value {
     json!([
         { "name": "shop/checkout/opt-in", "matches": [{ "headers": { "x-canary": "true" } }],

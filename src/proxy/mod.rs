@@ -211,6 +211,8 @@ pub struct Proxy {
     pub shared: Arc<http::Shared>,
     pub drain: Drain,
     pub app_ip: IpAddr,
+    /// The pod's probe paths, normalised as requests are before they are
+    /// compared (`normalize_path`).
     pub health_paths: Vec<String>,
     /// The probes the probe server forwards; nothing else.
     pub probe_targets: Vec<admin::ProbeTarget>,
@@ -294,7 +296,11 @@ impl Proxy {
             }),
             drain: Drain::new(),
             app_ip: args.app_ip,
-            health_paths: args.health_paths.clone(),
+            health_paths: args
+                .health_paths
+                .iter()
+                .map(|p| http::route::normalize_path(p).into_owned())
+                .collect(),
             probe_targets: {
                 let mut t = args.probe_targets.clone();
                 t.sort_unstable();

@@ -14,7 +14,7 @@ use crate::config::PortProtocol;
 use super::Proxy;
 use super::detect::Protocol;
 use super::http::errors::{self, ProxyError};
-use super::http::route::{self, RouteCtx};
+use super::http::route::{self, RouteCtx, normalize_path};
 use super::http::{self as stack, BoxError, Request, Response};
 use super::mesh::{MeshStream, MeshTarget, connect_tcp};
 use super::metrics::{ConnLabels, Direction};
@@ -161,9 +161,16 @@ pub async fn dispatch(
         .map(|p| p.protocol);
     *req.version_mut() = upstream_version(declared, &req);
     let policy = snapshot.policy(&backend_svc);
-    let path = req.uri().path();
-    ctx.excluded = policy.excluded_paths.iter().any(|p| p == path)
-        || proxy.health_paths.iter().any(|p| p == path);
+    // Compared in the normalised form (both sides): `/%68ealth` and
+    // `/x/../health` are the health path, not a failure to count.
+    if !policy.excluded_paths.is_empty() || !proxy.health_paths.is_empty() {
+        let path = normalize_path(req.uri().path());
+        ctx.excluded = policy
+            .excluded_paths
+            .iter()
+            .chain(&proxy.health_paths)
+            .any(|p| **p == *path);
+    }
     req.extensions_mut().insert(ctx);
     let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
     stack::call(stack::backend(dst, &proxy.shared), req).await

@@ -12,6 +12,7 @@ use arc_swap::ArcSwapOption;
 use crate::config::{OutboundService, ProxyConfig, ServicePolicy};
 
 use super::destination::{Destination, Destinations, EndpointSource, source_for};
+use super::http::route::normalize_path;
 use super::metrics::ProxyMetrics;
 use super::resilience::lock;
 
@@ -48,7 +49,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: ProxyConfig) -> Self {
+    pub fn new(mut config: ProxyConfig) -> Self {
+        // Requests are matched against excluded paths in the normalised
+        // form (see `outbound`), so the config's are held in it too.
+        let policies = std::iter::once(&mut config.outbound.defaults).chain(
+            config
+                .outbound
+                .services
+                .iter_mut()
+                .filter_map(|s| s.policy.as_mut()),
+        );
+        for policy in policies {
+            for path in &mut policy.excluded_paths {
+                if let std::borrow::Cow::Owned(normal) = normalize_path(path) {
+                    *path = normal;
+                }
+            }
+        }
         let mut by_addr = HashMap::new();
         let mut by_host = HashMap::new();
         let mut by_key = HashMap::new();
