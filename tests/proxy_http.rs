@@ -281,6 +281,51 @@ async fn a_health_path_spelled_otherwise_is_still_a_health_path() {
     assert_eq!(up.hits(), 13);
 }
 
+/// Routes match the path the server's app will see: `/search/../charge`
+/// is `/charge`, so a POST spelled that way does not take the route that
+/// allows POST retries, and is sent once.
+#[tokio::test]
+async fn routes_match_the_normalised_path_so_dot_segments_do_not_borrow_a_routes_retries() {
+    let up = Upstream::fixed(503, "down").await;
+    let search_retries = json!({
+        "maxRetries": 2, "retryOn": ["5xx"], "methods": ["GET", "POST"],
+        "idempotencyHeader": "idempotency-key",
+        "budget": { "percent": 100, "minPerSecond": 100, "windowMs": 10000 },
+        "backoffBaseMs": 1, "backoffMaxMs": 2
+    });
+    let routes = json!([
+        { "name": "shop/payments/search",
+          "matches": [{ "path": { "type": "PathPrefix", "value": "/search" } }],
+          "backends": [{ "service": "payments.shop", "weight": 1 }],
+          "retry": search_retries },
+        { "name": "shop/payments/rest", "backends": [{ "service": "payments.shop", "weight": 1 }] },
+    ]);
+    let cfg = config(vec![service(
+        "payments",
+        &[up.addr],
+        Some(policy(json!({ "retry": { "maxRetries": 0 } }))),
+        routes,
+    )]);
+    let p = start_proxy(&cfg, &["payments.shop:80"], &[]).await;
+    let c = client();
+    for (path, sent) in [
+        ("/search/items", 3),
+        ("/%73earch/items", 3),
+        ("/search/../charge", 1),
+        ("/search/%2e%2e/charge", 1),
+        ("/charge", 1),
+    ] {
+        let before = up.hits();
+        let r = send(&c, "POST", &format!("{}{path}", p.outbound_url(0)), &[]).await;
+        assert_eq!(r.status, 503, "{path}: {r:?}");
+        assert_eq!(
+            up.hits() - before,
+            sent,
+            "POST {path} reached the app this often"
+        );
+    }
+}
+
 fn canary_routes() -> serde_json::Value {
     json!([
         { "name": "shop/checkout/opt-in", "matches": [{ "headers": { "x-canary": "true" } }],

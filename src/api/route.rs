@@ -77,7 +77,9 @@ pub struct RouteRule {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteMatch {
-    /// The request path.
+    /// The request path, compared in its normalised form (escaped
+    /// unreserved characters decoded, `.` and `..` segments removed), the
+    /// one the destination's application receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathMatch>,
     /// The request method.

@@ -58,6 +58,7 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancer>,
     /// Request paths (exact, query ignored) that never count as failures and
     /// are never retried, such as health checks: `/health`, `/readyz`.
+    /// Compared normalised: `/%68ealth` and `/x/../health` are `/health`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(regex(pattern = r"^/[^\s?#]*$")), extend("x-kubernetes-list-type" = "set"))]
     pub excluded_paths: Vec<String>,

@@ -36,21 +36,28 @@ impl RouteCtx {
 }
 
 /// The first route with a match that holds (a route without matches
-/// matches everything).
+/// matches everything). Paths match in the form the server's proxy hands
+/// the application ([`normalize_path`]): otherwise `POST
+/// /search/../charge` would take `/search`'s route, and the retries it
+/// allows, to the app's `/charge`.
 pub fn find<'a>(routes: &'a [RouteConfig], req: &Request) -> Option<&'a RouteConfig> {
+    if routes.is_empty() {
+        return None;
+    }
+    let path = normalize_path(req.uri().path());
     routes
         .iter()
-        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| matches(m, req)))
+        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| matches(m, req, &path)))
 }
 
-fn matches(m: &MatchConfig, req: &Request) -> bool {
+fn matches(m: &MatchConfig, req: &Request, path: &str) -> bool {
     if let Some(method) = m.method
         && method.as_str() != req.method().as_str()
     {
         return false;
     }
     if let Some(p) = &m.path
-        && !path_matches(p.type_, &p.value, req.uri().path())
+        && !path_matches(p.type_, &p.value, path)
     {
         return false;
     }
