@@ -421,6 +421,31 @@ async fn a_deleted_config_map_is_recreated() {
     );
 }
 
+/// A new leader term starts with nothing compiled. Until its first
+/// compile succeeds (a compiler panic, say), a reconcile must not read the
+/// empty snapshot as "nothing is meshed" and delete every namespace's
+/// config and identities: it writes nothing and comes back later.
+#[tokio::test]
+async fn before_a_terms_first_compile_a_reconcile_deletes_nothing() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    h.sync_children(&["shop"]);
+
+    // The next term's context, before any compile succeeded.
+    h.ctx
+        .snapshot
+        .store(Arc::new(reconcile::Snapshot::default()));
+    h.clear();
+    h.reconcile("shop").await;
+    assert!(h.writes().is_empty(), "{:#?}", h.writes());
+
+    driver::recompile(&h.ctx).await;
+    h.assert_settled("shop").await;
+}
+
 #[tokio::test]
 async fn an_unlabelled_namespace_is_pruned() {
     let mut h = harness().await;

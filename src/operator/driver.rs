@@ -122,6 +122,7 @@ pub async fn try_recompile(ctx: &Ctx) -> Result<BTreeSet<String>, CompileError> 
     let prev = ctx.snapshot.load_full();
     let affected = plan::affected(&prev.fingerprints, &fingerprints);
     ctx.snapshot.store(Arc::new(Snapshot {
+        ready: true,
         compiled,
         fingerprints,
         mesh,

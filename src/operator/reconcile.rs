@@ -45,6 +45,12 @@ use crate::inject::PROXY_CONTAINER;
 /// The latest compile of the whole mesh.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// False until a compile succeeded in this leader term. Before that
+    /// the snapshot is empty, which would read as "no namespace is
+    /// meshed": reconciles wait instead of pruning every namespace's
+    /// config and identities (a compiler panic on a new leader's first
+    /// compile, say).
+    pub ready: bool,
     pub compiled: Compiled,
     pub fingerprints: Fingerprints,
     pub mesh: MeshSpec,
@@ -245,6 +251,10 @@ impl Error {
 
 /// How long a settled namespace waits before it is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a namespace is looked at again when nothing is compiled yet
+/// (the compile loop retries with its own backoff; a success re-queues
+/// every namespace it changes anyway).
+const NOT_COMPILED_RETRY: Duration = Duration::from_secs(5);
 
 /// Reconciles one namespace.
 pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -323,6 +333,10 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     }
     let now = now_secs();
     let snap = ctx.snapshot.load_full();
+    if !snap.ready {
+        tracing::debug!(namespace = %name, "nothing compiled yet in this term; reconciling later");
+        return Ok(Action::requeue(NOT_COMPILED_RETRY));
+    }
     let Some(config) = snap.compiled.configs.get(&name) else {
         prune(ns, ctx).await?;
         write_mtls_status(ns, ctx, &snap, None, now).await?;
