@@ -18,17 +18,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest token we need to see: the HTTP/2 preface.
 const MAX_PEEK: usize = H2_PREFACE.len();
-/// Request methods that start an HTTP/1 request line.
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"HEAD ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"CONNECT ",
-    b"OPTIONS ",
-    b"TRACE ",
-    b"PATCH ",
+/// The longest method an HTTP/1 request line may start with here; the
+/// longest registered one (`UPDATEREDIRECTREF`) has 17 characters.
+const MAX_METHOD: usize = 20;
+/// Methods that make a request line as soon as their space is seen
+/// (`CONNECT`'s target is a bare `host:port`).
+const COMMON_METHODS: [&[u8]; 9] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
 ];
 
 /// What a connection speaks.
@@ -72,20 +68,30 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
             None
         };
     }
-    let mut undecided = false;
-    for m in METHODS {
-        let k = prefix.len().min(m.len());
-        if m[..k] == prefix[..k] {
-            if k == m.len() {
-                return Some(Protocol::Http1);
-            }
-            undecided = true;
-        }
+    // An HTTP/1 request line: a method (every registered one is upper-case
+    // letters and `-`: GET, PROPFIND, QUERY, VERSION-CONTROL), one space,
+    // then, for a method other than the common ones, how a request target
+    // starts: `/` (origin form), `*` (OPTIONS *) or `h` (absolute form).
+    // Any method, not only a list: a request with a rarer one must not pass
+    // as opaque TCP, past the per-request access checks and the removal of
+    // a client's `weft-client-id`.
+    let method = prefix
+        .iter()
+        .take_while(|b| b.is_ascii_uppercase() || **b == b'-')
+        .count();
+    if method == prefix.len() {
+        return (method > MAX_METHOD).then_some(Protocol::Opaque);
     }
-    if undecided {
-        None
-    } else {
-        Some(Protocol::Opaque)
+    if method == 0 || method > MAX_METHOD || prefix[method] != b' ' {
+        return Some(Protocol::Opaque);
+    }
+    if COMMON_METHODS.contains(&&prefix[..method]) {
+        return Some(Protocol::Http1);
+    }
+    match prefix.get(method + 1) {
+        None => None,
+        Some(b'/' | b'*' | b'h') => Some(Protocol::Http1),
+        Some(_) => Some(Protocol::Opaque),
     }
 }
 
@@ -234,15 +240,31 @@ mod tests {
 
     #[test]
     fn classifies_prefixes() {
-        let cases: [(&[u8], Option<Protocol>); 12] = [
+        let cases: [(&[u8], Option<Protocol>); 27] = [
             (b"", None),
             (b"GE", None),
             (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
             (b"DELETE /x", Some(Protocol::Http1)),
-            (b"GETX", Some(Protocol::Opaque)),
+            (b"GETX", None),
+            (b"GETX /", Some(Protocol::Http1)),
+            (b"GET", None),
+            (b"GET ", Some(Protocol::Http1)),
+            (b"CONNECT api.example:443 HTTP/1.1", Some(Protocol::Http1)),
+            (b"MKCOL", None),
+            (b"MKCOL ", None),
+            (b"PROPFIND /dav/", Some(Protocol::Http1)),
+            (b"QUERY /search", Some(Protocol::Http1)),
+            (b"VERSION-CONTROL /", Some(Protocol::Http1)),
+            (b"OPTIONS * HTTP/1.1", Some(Protocol::Http1)),
+            (b"GET http://a/ HTTP/1.1", Some(Protocol::Http1)),
+            (b"PING\r\n", Some(Protocol::Opaque)),
+            (b"AUTH secret\r\n", Some(Protocol::Opaque)),
+            (b"get / HTTP/1.1", Some(Protocol::Opaque)),
+            (b"ABCDEFGHIJKLMNOPQRSTU", Some(Protocol::Opaque)),
             (b"PRI * HTTP/2.0\r\n", None),
             (H2_PREFACE, Some(Protocol::Http2)),
-            (b"PRI * HTTP/1.1", Some(Protocol::Opaque)),
+            // A request line with method PRI: HTTP/1, not the preface.
+            (b"PRI * HTTP/1.1", Some(Protocol::Http1)),
             (&[0x16, 0x03, 0x01, 0x02], Some(Protocol::Tls)),
             (&[0x16], None),
             (&[0x16, 0x09], Some(Protocol::Opaque)),
