@@ -267,15 +267,12 @@ async fn checkout_to_payments(
 /// A raw plaintext HTTP/1.1 request; returns what came back before the
 /// connection closed (empty: closed without an answer).
 async fn raw_plaintext(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let _ = s
-        .write_all(b"GET /charges HTTP/1.1\r\nhost: payments\r\nconnection: close\r\n\r\n")
-        .await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy answers or closes in time");
-    String::from_utf8_lossy(&out).into_owned()
+    speak_after(
+        addr,
+        Duration::ZERO,
+        "GET /charges HTTP/1.1\r\nhost: payments\r\nconnection: close\r\n\r\n",
+    )
+    .await
 }
 
 #[tokio::test]
@@ -1379,4 +1376,94 @@ async fn http1_between_proxies_rides_one_mesh_connection_and_reaches_the_app_as_
         (h2.status, h2.body.as_str()),
         (200, "HTTP/2.0 marker=false")
     );
+}
+
+/// Sends `request` on a new connection to `addr` after `silence` (past
+/// the proxies' 1 s detection timeout, say), and returns what came back
+/// before the connection closed (empty: closed without an answer).
+async fn speak_after(addr: SocketAddr, silence: Duration, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(silence).await;
+    // A refusing proxy may close before the write is through.
+    let _ = s.write_all(request.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers or closes in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A client that waits out protocol detection and then speaks HTTP is
+/// served as HTTP, not relayed as opaque TCP: its requests are still
+/// authorized one by one and its own `weft-client-id` never reaches the
+/// app. Both ways in: in plaintext (PERMISSIVE), where the server proxy's
+/// detection timed out, and through a client proxy whose detection timed
+/// out and which so opened mesh TLS as `weft/tcp`. And a request with a
+/// rarer method (PROPFIND) is HTTP, not opaque TCP, from the first byte.
+#[tokio::test]
+async fn a_client_silent_past_detection_that_then_speaks_http_cannot_forge_its_identity() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let (client, server, _sid, _cid) = checkout_to_payments(&pki, &payments, "permissive").await;
+    let forged = "GET /charges HTTP/1.1\r\nhost: payments\r\n\
+                  weft-client-id: spiffe://cluster.local/ns/shop/sa/admin\r\n\
+                  connection: close\r\n\r\n";
+    let silence = Duration::from_millis(1300);
+
+    let plain = speak_after(server.running.inbound[0], silence, forged).await;
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(plain.ends_with("client-id=none"), "plaintext: {plain}");
+
+    let meshed = speak_after(client.running.outbound[0], silence, forged).await;
+    assert!(meshed.starts_with("HTTP/1.1 200"), "{meshed}");
+    assert!(
+        meshed.ends_with("client-id=spiffe://cluster.local/ns/shop/sa/checkout"),
+        "through the mesh the app learns the real caller: {meshed}"
+    );
+
+    // A method outside the common few is HTTP too, not opaque TCP.
+    let dav = forged.replacen("GET", "PROPFIND", 1);
+    let dav = speak_after(server.running.inbound[0], Duration::ZERO, &dav).await;
+    assert!(dav.ends_with("client-id=none"), "PROPFIND: {dav}");
+    assert_eq!(payments.hits(), 3);
+}
+
+/// The other side of that: on a port nobody declared server-first, an app
+/// that greets first is still relayed once detection has timed out.
+#[tokio::test]
+async fn an_undeclared_server_first_app_still_greets_through_the_inbound_proxy() {
+    let pki = Pki::new();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 ready\r\n").await;
+                let mut line = [0u8; 6];
+                if s.read_exact(&mut line).await.is_ok() {
+                    let _ = s.write_all(&line).await;
+                }
+            });
+        }
+    });
+    let (server, _sid) =
+        server_proxy(&pki, &server_config("permissive", &[], json!([])), &[port]).await;
+    let mut s = TcpStream::connect(server.running.inbound[0])
+        .await
+        .expect("connect");
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
+        .await
+        .expect("the greeting arrives after the detection timeout")
+        .expect("read");
+    assert_eq!(&greeting, b"220 ready\r\n");
+    s.write_all(b"QUIT\r\n").await.expect("write");
+    let mut echo = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(&echo, b"QUIT\r\n");
 }

@@ -132,7 +132,14 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
                 Some(ALPN_H2) => Protocol::Http2,
                 _ => Protocol::Http1,
             };
-            return handle(&proxy, tls, conn, inner, true).await;
+            // `weft/tcp` is the client proxy's guess (its client was
+            // silent), not this port's declaration: see who speaks first.
+            let relay = if server_first {
+                Relay::Opaque
+            } else {
+                Relay::SniffFirst
+            };
+            return handle(&proxy, tls, conn, inner, true, relay).await;
         }
         if let Hello::ClientHello { alpn, .. } = &hello
             && hello.is_mesh()
@@ -143,12 +150,37 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
         if !admit_plaintext(&proxy, peer, app_port) {
             return;
         }
-        return handle(&proxy, io, conn, Protocol::Opaque, false).await;
+        return handle(&proxy, io, conn, Protocol::Opaque, false, Relay::Opaque).await;
     }
     if !admit_plaintext(&proxy, peer, app_port) {
         return;
     }
-    handle(&proxy, io, conn, protocol, false).await;
+    // Opaque for want of bytes (the timeout) on a port not declared so:
+    // the client may yet speak first, and speak HTTP.
+    let relay = if detected.timed_out && !server_first {
+        Relay::SniffFirst
+    } else {
+        Relay::Opaque
+    };
+    handle(&proxy, io, conn, protocol, false, relay).await;
+}
+
+/// How an opaque connection is relayed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// Bytes both ways as they come: the port is declared opaque or
+    /// server-first, the first bytes were not HTTP, or the application's
+    /// own TLS.
+    Opaque,
+    /// Opaque only for want of bytes so far (the detection timeout, or a
+    /// client proxy's `weft/tcp` guess), on a port not declared opaque. If
+    /// the client speaks before the application does and what it says is
+    /// HTTP, the connection is served as HTTP after all: otherwise a client
+    /// could wait out the timeout, then send requests that skip the
+    /// per-request access checks and carry a `weft-client-id` of its own
+    /// making. If the application speaks first (a server-first protocol),
+    /// it is relayed.
+    SniffFirst,
 }
 
 fn handshake_failed(proxy: &Proxy, peer: SocketAddr, err: &std::io::Error) {
@@ -192,7 +224,7 @@ fn admit_plaintext(proxy: &Proxy, peer: SocketAddr, port: u16) -> bool {
 
 /// Serves an admitted connection: HTTP through the per-request path,
 /// anything else relayed to the application once authorized.
-async fn handle<I>(proxy: &Arc<Proxy>, io: I, conn: Conn, protocol: Protocol, tls: bool)
+async fn handle<I>(proxy: &Arc<Proxy>, io: I, conn: Conn, protocol: Protocol, tls: bool, how: Relay)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -205,33 +237,116 @@ where
     proxy.metrics.connections_total.get_or_create(&labels).inc();
     proxy.metrics.connections_open.get_or_create(&labels).inc();
     match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let (p, conn) = (proxy.clone(), Arc::new(conn));
-            super::server::serve_http(io, &proxy.drain, &proxy.inbound_in_flight, move |req| {
-                forward_http(p.clone(), conn.clone(), req)
-            })
-            .await;
-        }
-        Protocol::Tls | Protocol::Opaque => relay(proxy, io, &conn).await,
+        Protocol::Http1 | Protocol::Http2 => serve_as_http(proxy, io, conn).await,
+        Protocol::Tls | Protocol::Opaque => relay(proxy, io, conn, how).await,
     }
     proxy.metrics.connections_open.get_or_create(&labels).dec();
 }
 
-async fn relay<I>(proxy: &Proxy, mut io: I, conn: &Conn)
+/// HTTP, request by request: each one authorized and counted.
+async fn serve_as_http<I>(proxy: &Arc<Proxy>, io: I, conn: Conn)
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if let Access::Denied { policy } = authorize(proxy, conn, None) {
-        deny(proxy, &policy, "tcp");
-        return tracing::debug!(port = conn.port, peer = ?conn.peer_id, %policy, "connection refused by AccessPolicy");
+    let (p, conn) = (proxy.clone(), Arc::new(conn));
+    super::server::serve_http(io, &proxy.drain, &proxy.inbound_in_flight, move |req| {
+        forward_http(p.clone(), conn.clone(), req)
+    })
+    .await;
+}
+
+async fn relay<I>(proxy: &Arc<Proxy>, io: I, conn: Conn, how: Relay)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Decided opaque: authorized before the app sees a connection. To be
+    // sniffed: authorized once it turns out not to be HTTP (HTTP is
+    // authorized request by request).
+    if how == Relay::Opaque && !tcp_admitted(proxy, &conn) {
+        return;
     }
     let app = conn.app.addr;
-    match TcpStream::connect(app).await {
-        Ok(mut upstream) => {
-            let _ = upstream.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+    let mut upstream = match TcpStream::connect(app).await {
+        Ok(upstream) => upstream,
+        Err(e) => return tracing::debug!(%app, error = %e, "app refused an opaque connection"),
+    };
+    let _ = upstream.set_nodelay(true);
+    let mut io = match how {
+        Relay::Opaque => detect::PrefixedIo::new(bytes::Bytes::new(), io),
+        Relay::SniffFirst => match first_speaker(io, &upstream).await {
+            Some(FirstWords::Client(Protocol::Http1 | Protocol::Http2, client)) => {
+                drop(upstream);
+                tracing::debug!(
+                    port = conn.port,
+                    "a silent client spoke HTTP first: served as HTTP"
+                );
+                return serve_as_http(proxy, client, conn).await;
+            }
+            Some(FirstWords::Client(_, client) | FirstWords::App(client)) => {
+                if !tcp_admitted(proxy, &conn) {
+                    return;
+                }
+                client
+            }
+            None => return,
+        },
+    };
+    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+}
+
+/// The AccessPolicy check of a whole TCP connection; a denial is counted.
+fn tcp_admitted(proxy: &Proxy, conn: &Conn) -> bool {
+    match authorize(proxy, conn, None) {
+        Access::Allowed => true,
+        Access::Denied { policy } => {
+            deny(proxy, &policy, "tcp");
+            tracing::debug!(port = conn.port, peer = ?conn.peer_id, %policy, "connection refused by AccessPolicy");
+            false
         }
-        Err(e) => tracing::debug!(%app, error = %e, "app refused an opaque connection"),
+    }
+}
+
+/// Who spoke first on a connection relayed for want of bytes.
+enum FirstWords<S> {
+    /// The client, and what its first bytes are (replayed by the stream).
+    Client(Protocol, detect::PrefixedIo<S>),
+    /// The application (or it closed): relay as it is.
+    App(detect::PrefixedIo<S>),
+}
+
+/// Waits for the client's first bytes until they are classified, or for
+/// the application to become readable, whichever comes first. `None`: the
+/// client's side failed.
+async fn first_speaker<S>(mut client: S, app: &TcpStream) -> Option<FirstWords<S>>
+where
+    S: AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut seen = bytes::BytesMut::new();
+    loop {
+        let mut chunk = [0u8; 64];
+        tokio::select! {
+            biased;
+            read = client.read(&mut chunk) => match read {
+                Ok(0) => return Some(FirstWords::App(detect::PrefixedIo::new(seen.freeze(), client))),
+                Ok(n) => {
+                    seen.extend_from_slice(&chunk[..n]);
+                    if let Some(p) = detect::classify(&seen) {
+                        return Some(FirstWords::Client(p, detect::PrefixedIo::new(seen.freeze(), client)));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a silent client's first bytes failed");
+                    return None;
+                }
+            },
+            ready = app.readable() => {
+                if ready.is_err() {
+                    return None;
+                }
+                return Some(FirstWords::App(detect::PrefixedIo::new(seen.freeze(), client)));
+            }
+        }
     }
 }
 
