@@ -361,13 +361,21 @@ pub fn step(
     }
     let window = spec.rollout.observation_window.as_std();
     let Some(current) = current.filter(|c| c.phase == RolloutPhase::Observing && !edited) else {
-        return to(
-            RolloutPhase::Observing,
-            reason::OBSERVING,
-            window_message(spec),
-            Vec::new(),
-            window.min(RECHECK),
-        );
+        // Into Observing, or edited while in it: the window starts now,
+        // from fresh counters. An edit in Observing kept the phase, and
+        // with it a phaseSince that may be an hour old (plaintext first
+        // seen then): the next quiet look would have found the window
+        // long over and gone to Enforcing.
+        return Decision {
+            phase: RolloutPhase::Observing,
+            since: now,
+            blockers: Vec::new(),
+            reason: reason::OBSERVING,
+            message: window_message(spec),
+            event: true,
+            recount: true,
+            requeue_after: window.min(RECHECK),
+        };
     };
     if !evidence.plaintext_counted {
         // The counters from the window's start are gone (this replica

@@ -418,6 +418,32 @@ fn cases() -> Vec<Case> {
             blockers: &[],
         },
         Case {
+            name: "an edit while observing starts the window again",
+            spec: staged(),
+            generation: 2,
+            current: at(Observing, minutes(60)),
+            evidence: evidence(vec![pod("a")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
+            name: "an edit while plaintext is seen starts the window again",
+            spec: staged(),
+            generation: 2,
+            current: at(Observing, minutes(60)).map(|c| Current {
+                plaintext_seen: true,
+                blockers: vec!["10.0.0.9 on port 8080".into()],
+                ..c
+            }),
+            evidence: evidence(vec![pod("a")]),
+            phase: Observing,
+            reason: reason::OBSERVING,
+            restarts: true,
+            blockers: &[],
+        },
+        Case {
             name: "the Immediate strategy flips at once, uninjected pods or not",
             spec: spec(MtlsMode::Strict, RolloutStrategy::Immediate),
             generation: 1,
