@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use weft::inject::{ClusterCaps, Decision, InjectSettings, NamespaceInfo, inject};
 
 /// Case name, and whether the cluster has native sidecars.
-const CASES: [(&str, bool); 12] = [
+const CASES: [(&str, bool); 14] = [
     ("plain", true),
     ("own-init", true),
     ("classic", false),
@@ -26,6 +26,8 @@ const CASES: [(&str, bool); 12] = [
     ("custom-sa", true),
     ("job-classic", false),
     ("warnings", true),
+    ("native-sidecar-probes", true),
+    ("native-sidecar-probes-classic", false),
 ];
 
 fn dir() -> PathBuf {

@@ -247,11 +247,23 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
     warn_about_app(pod, &opaque, native, &mut warnings);
 
     // Probes: rewritten to the probe port; HTTP paths become health paths
-    // and, with their ports, the probe targets the proxy serves.
+    // and, with their ports, the probe targets the proxy serves. The app's
+    // own native sidecars (init containers that keep running) are probed
+    // for as long as the pod runs, through the same redirect: theirs too.
+    // (These replace ops come before the inserts below, so the indexes are
+    // the pod's own.)
     let mut ops = Vec::new();
     let mut health_paths = BTreeSet::new();
     let mut probe_targets = BTreeSet::new();
-    for (i, c) in spec.containers.iter().enumerate() {
+    let sidecars = spec.init_containers.iter().flatten().enumerate();
+    let probed = (spec.containers.iter().enumerate())
+        .map(|(i, c)| (format!("/spec/containers/{i}"), c))
+        .chain(
+            sidecars
+                .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+                .map(|(i, c)| (format!("/spec/initContainers/{i}"), c)),
+        );
+    for (at, c) in probed {
         for (field, probe) in [
             ("livenessProbe", &c.liveness_probe),
             ("readinessProbe", &c.readiness_probe),
@@ -264,10 +276,7 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
                         health_paths.insert(path.clone());
                     }
                     probe_targets.insert(target.to_string());
-                    ops.push(replace(
-                        &format!("/spec/containers/{i}/{field}"),
-                        to_value(&rewritten),
-                    ));
+                    ops.push(replace(&format!("{at}/{field}"), to_value(&rewritten)));
                 }
                 Ok(None) => {}
                 Err(why) => warnings.push(format!("container {}: {field}: {why}", c.name)),
@@ -275,9 +284,12 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         }
     }
 
-    let port_names: Vec<String> = spec
-        .containers
+    let sidecars = spec
+        .init_containers
         .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    let port_names: Vec<String> = (spec.containers.iter().chain(sidecars))
         .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| Some(format!("{}={}", p.name.as_deref()?, p.container_port)))
         .collect();
