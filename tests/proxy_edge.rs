@@ -177,6 +177,45 @@ async fn inbound_forwards_to_the_app_and_probes_reach_it_in_plaintext() {
     );
 }
 
+/// Paths an application may resolve past a prefix rule (`..;`, `..%2F`, a
+/// backslash) are answered 400 by the inbound proxy and never reach the
+/// app; an escaped slash inside a name passes.
+#[tokio::test]
+async fn ambiguous_paths_are_refused_with_400_and_never_reach_the_app() {
+    let app = Upstream::start(std::sync::Arc::new(|_, req| {
+        (200, format!("app saw {}", req.uri()), Duration::ZERO)
+    }))
+    .await;
+    let inbound = format!("127.0.0.1:0={}", app.addr.port());
+    let p = start_proxy(&config(vec![]), &[], &["--inbound-map", &inbound]).await;
+    let ask = |path: &'static str| {
+        let addr = p.running.inbound[0];
+        async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let head = format!("GET {path} HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n");
+            s.write_all(head.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    for path in [
+        "/public/..;/admin",
+        "/public/..%2Fadmin",
+        "/public/..\\admin",
+    ] {
+        let r = ask(path).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{path}: {r}");
+        assert!(r.contains("ambiguous"), "{path}: {r}");
+    }
+    assert_eq!(app.hits(), 0);
+    let r = ask("/repos/group%2Fproject").await;
+    assert!(r.ends_with("app saw /repos/group%2Fproject"), "{r}");
+}
+
 #[tokio::test]
 async fn admin_reports_readiness_config_and_drains_on_request() {
     let p = start_proxy(&config(vec![]), &[], &[]).await;

@@ -30,7 +30,7 @@ use super::detect::{self, Protocol};
 use super::hello::Hello;
 use super::http::errors::{self, ProxyError};
 use super::http::pool::{Endpoint, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
-use super::http::route::normalize_path;
+use super::http::route::{ambiguous_path, normalize_path};
 use super::http::{Request, Response};
 use super::metrics::{
     ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
@@ -381,7 +381,14 @@ fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
 /// Replaces the request's path with its normal form (see
 /// [`normalize_path`]); the query is kept as it came.
 fn normalize_uri(req: &mut Request) -> Result<(), ProxyError> {
-    let std::borrow::Cow::Owned(path) = normalize_path(req.uri().path()) else {
+    let normal = normalize_path(req.uri().path());
+    if let Some(why) = ambiguous_path(&normal) {
+        return Err(ProxyError::BadRequest(format!(
+            "path {:?} is ambiguous: {why}",
+            req.uri().path()
+        )));
+    }
+    let std::borrow::Cow::Owned(path) = normal else {
         return Ok(());
     };
     let raw = req.uri().path().to_owned();

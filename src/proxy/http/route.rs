@@ -149,6 +149,31 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
     Cow::Owned(format!("/{}", out.join("/")))
 }
 
+/// Why a path in normal form ([`normalize_path`]) is still ambiguous: an
+/// application may resolve it somewhere else than the form says, past a
+/// prefix rule. A segment that is `.` or `..` once an escaped `/` or `\`
+/// is read as a separator (`/public/..%2Fadmin`), or once its parameters
+/// are cut off (`/public/..;/admin`, as Tomcat and Spring read it); a raw
+/// `\`, which some servers take for `/`. The inbound proxy answers these
+/// 400 rather than guess; an escaped slash in a name (`/repos/a%2Fb`) is
+/// not ambiguous and passes.
+pub fn ambiguous_path(normal: &str) -> Option<&'static str> {
+    if !normal.contains(['%', ';', '\\']) {
+        return None;
+    }
+    if normal.contains('\\') {
+        return Some("a raw backslash, which some servers read as '/'");
+    }
+    let separated = normal.replace("%2F", "/").replace("%5C", "/");
+    let dotted = separated.split('/').any(|seg| {
+        let name = seg.split(';').next().unwrap_or_default();
+        name == "." || name == ".."
+    });
+    dotted.then_some(
+        "a '.' or '..' segment once '%2F', '%5C' or ';' parameters are read as an application may",
+    )
+}
+
 /// Index of a backend chosen by weight; `None` when every weight is 0.
 pub fn pick_weighted(weights: &[u32], rng: &mut fastrand::Rng) -> Option<usize> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
@@ -196,6 +221,33 @@ mod tests {
             normalize_path("/plain/path"),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn paths_that_an_app_may_resolve_elsewhere_are_ambiguous() {
+        for (raw, ambiguous) in [
+            ("/public/..;/admin", true),
+            ("/public/..;jsessionid=1/admin", true),
+            ("/public/.;/admin", true),
+            ("/public/..%2Fadmin", true),
+            ("/public/..%2fadmin", true),
+            ("/public%5C..%5Cadmin", true),
+            ("/public/..\\admin", true),
+            ("/public\\x", true),
+            ("/public/..%252Fadmin", false),
+            ("/repos/group%2Fproject", false),
+            ("/cart;jsessionid=1", false),
+            ("/a/..b;c/d", false),
+            ("/charges/7", false),
+            ("/", false),
+        ] {
+            let normal = normalize_path(raw);
+            assert_eq!(
+                ambiguous_path(&normal).is_some(),
+                ambiguous,
+                "{raw} (normal form {normal})"
+            );
+        }
     }
 
     #[test]
