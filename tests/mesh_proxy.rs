@@ -89,6 +89,20 @@ async fn app() -> Upstream {
     .await
 }
 
+/// An app that answers with the HTTP version it received and whether the
+/// upgrade marker reached it.
+async fn version_app() -> Upstream {
+    Upstream::start(Arc::new(|_, req| {
+        let marker = req.headers().contains_key("weft-orig-proto");
+        (
+            200,
+            format!("{:?} marker={marker}", req.version()),
+            Duration::ZERO,
+        )
+    }))
+    .await
+}
+
 /// A TCP relay that records what the client side sends.
 struct Tap {
     addr: SocketAddr,
@@ -1333,15 +1347,7 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
 #[tokio::test]
 async fn http1_between_proxies_rides_one_mesh_connection_and_reaches_the_app_as_http1() {
     let pki = Pki::new();
-    let payments = Upstream::start(Arc::new(|_, req| {
-        let marker = req.headers().contains_key("weft-orig-proto");
-        (
-            200,
-            format!("{:?} marker={marker}", req.version()),
-            Duration::ZERO,
-        )
-    }))
-    .await;
+    let payments = version_app().await;
     let (client, server, _sid, _cid) = checkout_to_payments(&pki, &payments, "permissive").await;
 
     let url = client.outbound_url(0);
@@ -1466,4 +1472,44 @@ async fn an_undeclared_server_first_app_still_greets_through_the_inbound_proxy()
         .expect("echo in time")
         .expect("read");
     assert_eq!(&echo, b"QUIT\r\n");
+}
+
+/// The upgrade marker is the client proxy's to add, never its app's to
+/// pass on: an HTTP/2 app sending `weft-orig-proto: HTTP/1.1` still
+/// reaches the server's app as HTTP/2, and without the marker.
+#[tokio::test]
+async fn a_client_app_cannot_send_the_upgrade_marker_through_its_proxy() {
+    let pki = Pki::new();
+    let payments = version_app().await;
+    let (client, _server, _sid, _cid) = checkout_to_payments(&pki, &payments, "strict").await;
+    let r = send(
+        &h2_client(),
+        "GET",
+        &format!("{}/charges", client.outbound_url(0)),
+        &[("weft-orig-proto", "HTTP/1.1")],
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, "HTTP/2.0 marker=false"));
+}
+
+/// A meshed endpoint without a sidecar, reached first by an HTTP/2 client
+/// (h2c in plaintext after the fallback) and then by an HTTP/1.1 one: the
+/// HTTP/1.1 request is not upgraded onto that h2c connection, so the app
+/// gets HTTP/1.1 and no marker.
+#[tokio::test]
+async fn http1_is_not_upgraded_onto_an_h2c_connection_to_an_app_without_a_sidecar() {
+    let pki = Pki::new();
+    let bare = version_app().await;
+    let (migrating, _cid) = checkout_client(&pki, bare.addr, false).await;
+    let url = format!("{}/charges", migrating.outbound_url(0));
+    let h2 = send(&h2_client(), "GET", &url, &[]).await;
+    assert_eq!(
+        (h2.status, h2.body.as_str()),
+        (200, "HTTP/2.0 marker=false")
+    );
+    let h1 = get(&url).await;
+    assert_eq!(
+        (h1.status, h1.body.as_str()),
+        (200, "HTTP/1.1 marker=false")
+    );
 }

@@ -320,6 +320,13 @@ impl Pool {
         stream.map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into())
     }
 
+    async fn connect_plain(&self, ep: &Endpoint) -> Result<MeshStream, BoxError> {
+        connect_tcp(ep.addr)
+            .await
+            .map(MeshStream::Plain)
+            .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into())
+    }
+
     async fn connect_http1(
         &self,
         ep: &Endpoint,
@@ -355,6 +362,16 @@ impl Pool {
     ) -> Result<Result<H2Conn, MeshStream>, BoxError> {
         let wanted = ep.h2_connections;
         if let (Some(conn), more) = ep.conns.h2(wanted) {
+            if mesh_only && !conn.tls {
+                // An h2c connection an HTTP/2 client made to this meshed
+                // endpoint, which has no sidecar: upgraded HTTP/1.1 on it
+                // would reach the app as HTTP/2, marker and all.
+                *ep.conns
+                    .plaintext_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                return Ok(Err(self.connect_plain(ep).await?));
+            }
             if more {
                 self.grow_h2(ep, conn.tls);
             }
@@ -796,6 +813,9 @@ impl Service<Request> for Pool {
         }
         let http2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut(), http2);
+        // The marker is this proxy's to add (`send_upgraded`), never a
+        // client's to pass on: a server proxy would act on it.
+        req.headers_mut().remove(&ORIG_PROTO_HEADER);
         let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
         let parts = Forward(req);
         let pool = self.clone();
