@@ -772,6 +772,35 @@ fn injected(pod: &Pod) -> bool {
     })
 }
 
+/// Which pod a plaintext source address is, `ns/name`, to name it in
+/// blockers and Events. Only pods that hold their address now: a finished
+/// pod keeps its `podIP` in status after the network reused it, and a
+/// host-network pod's is its node's, which the kubelet's probes come
+/// from. An address two such pods claim names neither (`None`).
+fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<String>> {
+    let mut by_ip: HashMap<IpAddr, Option<String>> = HashMap::new();
+    for p in pods {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        let host_network = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        if matches!(phase, Some("Succeeded" | "Failed")) || host_network {
+            continue;
+        }
+        let (Some(ip), Some(ns)) = (pod_ip(p), p.namespace()) else {
+            continue;
+        };
+        let name = format!("{ns}/{}", p.name_any());
+        by_ip
+            .entry(ip)
+            .and_modify(|n| {
+                if n.as_deref() != Some(name.as_str()) {
+                    *n = None;
+                }
+            })
+            .or_insert(Some(name));
+    }
+    by_ip
+}
+
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
@@ -823,13 +852,7 @@ async fn gather(
     let compiled = &snap.compiled;
     let pods = live_pods(&ctx.world.pods, ns);
     let scrapes = scrape_all(ctx, &pods).await;
-    let by_ip: HashMap<IpAddr, String> = ctx
-        .world
-        .pods
-        .state()
-        .iter()
-        .filter_map(|p| Some((pod_ip(p)?, format!("{}/{}", p.namespace()?, p.name_any()))))
-        .collect();
+    let by_ip = pods_by_ip(&ctx.world.pods.state());
 
     let mut plaintext_now: HashMap<PlaintextKey, u64> = HashMap::new();
     let mut rejected_now: HashMap<String, u64> = HashMap::new();
@@ -852,7 +875,10 @@ async fn gather(
         .unwrap_or_default()
         .into_iter()
         .map(|((_, port, src), connections)| PlaintextSource {
-            pod: src.parse().ok().and_then(|ip| by_ip.get(&ip).cloned()),
+            pod: src
+                .parse()
+                .ok()
+                .and_then(|ip| by_ip.get(&ip).cloned().flatten()),
             src_addr: src,
             port,
             connections,
@@ -961,6 +987,31 @@ async fn clients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_sources_name_only_pods_that_hold_their_address_now() {
+        let pod = |name: &str, ip: &str, phase: &str, host_network: bool| {
+            Arc::new(
+                serde_json::from_value::<Pod>(json!({
+                    "metadata": {"namespace": "shop", "name": name},
+                    "spec": {"containers": [], "hostNetwork": host_network},
+                    "status": {"phase": phase, "podIP": ip},
+                }))
+                .expect("a pod"),
+            )
+        };
+        let by_ip = pods_by_ip(&[
+            pod("cron-1", "10.0.0.5", "Succeeded", false),
+            pod("cart-1", "10.0.0.5", "Running", false),
+            pod("node-agent", "192.168.1.10", "Running", true),
+            pod("a", "10.0.0.7", "Running", false),
+            pod("b", "10.0.0.7", "Pending", false),
+        ]);
+        let name = |ip: &str| by_ip.get(&ip.parse().expect("ip")).cloned().flatten();
+        assert_eq!(name("10.0.0.5").as_deref(), Some("shop/cart-1"));
+        assert_eq!(name("192.168.1.10"), None, "a node's address is no pod's");
+        assert_eq!(name("10.0.0.7"), None, "two claims name neither");
+    }
 
     #[test]
     fn only_a_real_difference_is_applied() {
