@@ -446,6 +446,49 @@ async fn before_a_terms_first_compile_a_reconcile_deletes_nothing() {
     h.assert_settled("shop").await;
 }
 
+/// A write that an admission policy refuses (here the RoleBinding) does
+/// not stop the others: the identities are still issued and written, so
+/// certificates keep being renewed, and the failure is still returned,
+/// for the backoff and the Event.
+#[tokio::test]
+async fn a_refused_role_binding_does_not_stop_the_identities() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "cart"));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    let binding =
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/weft-proxy-config-reader";
+    h.fake
+        .lock()
+        .expect("fake")
+        .refuse
+        .insert(binding.into(), 403);
+    let ns = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("namespace in the cache");
+    let result = reconcile::reconcile(ns, h.ctx.clone()).await;
+    assert!(result.is_err(), "the refusal is reported");
+    let written: Vec<String> = h.writes().into_iter().map(|s| s.path).collect();
+    assert!(
+        written.iter().any(|p| p == binding),
+        "the binding was tried: {written:#?}"
+    );
+    for child in ["configmaps/weft-proxy-config", "secrets/weft-identity"] {
+        assert!(
+            h.fake
+                .lock()
+                .expect("fake")
+                .objects
+                .contains_key(&format!("/api/v1/namespaces/shop/{child}")),
+            "{child} written despite the refused binding: {written:#?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_unlabelled_namespace_is_pruned() {
     let mut h = harness().await;

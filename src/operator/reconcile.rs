@@ -344,25 +344,33 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
 
+    // Each child is written whatever became of the ones before it: a
+    // RoleBinding an admission policy refuses, or a ConfigMap over a quota,
+    // must not stop certificate renewal or the rollout's rollback check.
+    // The first error is returned at the end (backoff, and an Event).
+    let mut failed: Vec<Error> = Vec::new();
     let w = &ctx.world;
-    apply(
-        ctx,
-        &desired::config_map(ns, config),
-        World::child(&w.config_maps, &name, CONFIG_MAP_NAME).as_deref(),
-    )
-    .await?;
-    apply(
-        ctx,
-        &desired::role(ns),
-        World::child(&w.roles, &name, desired::CONFIG_READER).as_deref(),
-    )
-    .await?;
-    apply(
-        ctx,
-        &desired::role_binding(ns),
-        World::child(&w.role_bindings, &name, desired::CONFIG_READER).as_deref(),
-    )
-    .await?;
+    let applied = [
+        apply(
+            ctx,
+            &desired::config_map(ns, config),
+            World::child(&w.config_maps, &name, CONFIG_MAP_NAME).as_deref(),
+        )
+        .await,
+        apply(
+            ctx,
+            &desired::role(ns),
+            World::child(&w.roles, &name, desired::CONFIG_READER).as_deref(),
+        )
+        .await,
+        apply(
+            ctx,
+            &desired::role_binding(ns),
+            World::child(&w.role_bindings, &name, desired::CONFIG_READER).as_deref(),
+        )
+        .await,
+    ];
+    failed.extend(applied.into_iter().filter_map(Result::err));
 
     let mut requeue = RESYNC;
     let ca = ctx.ca.load_full();
@@ -389,20 +397,26 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                 ca,
                 snap.mesh.certificates.workload_ttl.as_std(),
                 SystemTime::now(),
-            )
-            .map_err(|source| Error::Identity {
-                namespace: name.clone(),
-                source,
-            })?;
-            if !ids.issued.is_empty() {
-                tracing::info!(namespace = %name, accounts = ?ids.issued, "issued workload certificates");
-            }
-            report_refused(ns, ctx, &ids.refused).await;
-            apply(ctx, &desired::identity_secret(ns, &ids), stored.as_deref()).await?;
-            ctx.metrics.expiry(&name, ids.earliest_expiry);
-            if let Some(at) = ids.next_renewal {
-                let due = at.duration_since(SystemTime::now()).unwrap_or_default();
-                requeue = requeue.min(due.max(Duration::from_secs(1)));
+            );
+            match ids {
+                Ok(ids) => {
+                    if !ids.issued.is_empty() {
+                        tracing::info!(namespace = %name, accounts = ?ids.issued, "issued workload certificates");
+                    }
+                    report_refused(ns, ctx, &ids.refused).await;
+                    match apply(ctx, &desired::identity_secret(ns, &ids), stored.as_deref()).await {
+                        Ok(_) => ctx.metrics.expiry(&name, ids.earliest_expiry),
+                        Err(e) => failed.push(e),
+                    }
+                    if let Some(at) = ids.next_renewal {
+                        let due = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        requeue = requeue.min(due.max(Duration::from_secs(1)));
+                    }
+                }
+                Err(source) => failed.push(Error::Identity {
+                    namespace: name.clone(),
+                    source,
+                }),
             }
             bundle_hash(&ca.trust_bundle())
         }
@@ -411,10 +425,21 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         CaState::Missing { .. } | CaState::Unknown => String::new(),
     };
 
-    if let Some(after) = write_mtls_status(ns, ctx, &snap, Some(&bundle), now).await? {
-        requeue = requeue.min(after);
+    match write_mtls_status(ns, ctx, &snap, Some(&bundle), now).await {
+        Ok(Some(after)) => requeue = requeue.min(after),
+        Ok(None) => {}
+        Err(e) => failed.push(e),
     }
-    Ok(Action::requeue(requeue))
+    let mut failed = failed.into_iter();
+    match failed.next() {
+        None => Ok(Action::requeue(requeue)),
+        Some(first) => {
+            for also in failed {
+                tracing::warn!(namespace = %name, error = %also, "reconcile: another write failed");
+            }
+            Err(first)
+        }
+    }
 }
 
 /// Says which ServiceAccounts of `ns` get no identity (their keys would

@@ -30,6 +30,9 @@ pub struct FakeState {
     pub seen: Vec<Seen>,
     /// Stored objects by path (`/api/v1/namespaces/shop/configmaps/x`).
     pub objects: HashMap<String, Value>,
+    /// Writes to these paths are refused with this code, as an admission
+    /// policy or a quota would refuse them (the request is still recorded).
+    pub refuse: HashMap<String, u16>,
     next_rv: u64,
 }
 
@@ -69,6 +72,15 @@ async fn api(
             .to_owned(),
         body: body.clone(),
     });
+    if method != Method::GET
+        && let Some(code) = f.refuse.get(&path).copied()
+    {
+        return status(
+            code,
+            "Forbidden",
+            &format!("{method} {path} refused by a policy"),
+        );
+    }
     f.next_rv += 1;
     let rv = f.next_rv.to_string();
     match method {
