@@ -196,11 +196,21 @@ struct BreakerCore {
 
 #[derive(Clone, Copy, Debug)]
 enum Phase {
-    Closed { consecutive: u32 },
+    Closed {
+        consecutive: u32,
+    },
     // A start and a length rather than an end instant: `Instant + Duration`
     // can overflow for a huge configured period.
-    Open { since: Instant, period: Duration },
-    HalfOpen { probing: bool },
+    Open {
+        since: Instant,
+        period: Duration,
+    },
+    /// `probing`: when the outstanding probe was let through. A probe
+    /// holds the slot for one open period at most: a slow one (a long
+    /// export, with no timeout) must not keep a healthy endpoint out.
+    HalfOpen {
+        probing: Option<Instant>,
+    },
 }
 
 impl BreakerCore {
@@ -209,9 +219,21 @@ impl BreakerCore {
         if let Phase::Open { since, period } = self.phase
             && now.saturating_duration_since(since) >= period
         {
-            self.phase = Phase::HalfOpen { probing: false };
+            self.phase = Phase::HalfOpen { probing: None };
         }
         self.phase
+    }
+
+    /// A half-open circuit's probe slot is free at `now`: no probe is out,
+    /// or the one out has held it for a whole open period.
+    fn probe_slot_free(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::HalfOpen { probing: None } => true,
+            Phase::HalfOpen {
+                probing: Some(since),
+            } => now.saturating_duration_since(since) >= self.open_for,
+            _ => false,
+        }
     }
 
     fn open(&mut self, now: Instant, period: Duration) {
@@ -226,7 +248,7 @@ impl BreakerInner {
         let s = &self.settings;
         let mut core = lock(&self.core);
         match core.phase {
-            Phase::HalfOpen { probing: true } if probe => {
+            Phase::HalfOpen { probing: Some(_) } if probe => {
                 if ok {
                     core.phase = Phase::Closed { consecutive: 0 };
                     core.trips = 0;
@@ -292,16 +314,17 @@ impl CircuitBreaker {
     pub fn try_acquire(&self, now: Instant) -> Option<BreakerPermit> {
         let mut core = lock(&self.inner.core);
         let probe = match core.advance(now) {
-            Phase::Closed { .. } => false,
-            Phase::HalfOpen { probing: false } => {
-                core.phase = Phase::HalfOpen { probing: true };
-                true
+            Phase::Closed { .. } => None,
+            Phase::HalfOpen { .. } if core.probe_slot_free(now) => {
+                core.phase = Phase::HalfOpen { probing: Some(now) };
+                Some(now)
             }
-            Phase::HalfOpen { probing: true } | Phase::Open { .. } => return None,
+            Phase::HalfOpen { .. } | Phase::Open { .. } => return None,
         };
         Some(BreakerPermit {
             inner: Arc::clone(&self.inner),
-            probe,
+            probe: probe.is_some(),
+            probe_since: probe,
             generation: core.generation,
             settled: false,
         })
@@ -310,9 +333,11 @@ impl CircuitBreaker {
     /// Would `try_acquire` admit a request now? Lets the balancer pick among
     /// admitting endpoints without claiming a half-open probe slot.
     pub fn admits(&self, now: Instant) -> bool {
-        match lock(&self.inner.core).advance(now) {
-            Phase::Closed { .. } | Phase::HalfOpen { probing: false } => true,
-            Phase::HalfOpen { probing: true } | Phase::Open { .. } => false,
+        let mut core = lock(&self.inner.core);
+        match core.advance(now) {
+            Phase::Closed { .. } => true,
+            Phase::HalfOpen { .. } => core.probe_slot_free(now),
+            Phase::Open { .. } => false,
         }
     }
 
@@ -338,6 +363,8 @@ impl CircuitBreaker {
 pub struct BreakerPermit {
     inner: Arc<BreakerInner>,
     probe: bool,
+    /// A probe's start: its slot, which a later probe may have taken over.
+    probe_since: Option<Instant>,
     generation: u64,
     settled: bool,
 }
@@ -362,8 +389,11 @@ impl Drop for BreakerPermit {
         // with no probe allowed, i.e. closed to traffic forever.
         if self.probe && !self.settled {
             let mut core = lock(&self.inner.core);
-            if let Phase::HalfOpen { probing: true } = core.phase {
-                core.phase = Phase::HalfOpen { probing: false };
+            // Only its own slot: not a later probe's that took over.
+            if let Phase::HalfOpen { probing } = core.phase
+                && probing == self.probe_since
+            {
+                core.phase = Phase::HalfOpen { probing: None };
             }
         }
     }
@@ -744,6 +774,25 @@ mod tests {
         assert_eq!(b.state(t1), BreakerState::HalfOpen);
         assert_eq!(b.trips(), 1);
         assert!(b.try_acquire(t1).is_some());
+    }
+
+    /// A probe that has not answered within one open period (a long
+    /// export, no timeout) gives its slot up: another request may probe,
+    /// and the slow one letting go later does not free the newer slot.
+    #[test]
+    fn a_slow_probe_holds_the_slot_for_one_open_period_at_most() {
+        let (t0, b) = (Instant::now(), breaker(1));
+        run(&b, t0, "F");
+        let t1 = t0 + 5 * SEC;
+        let slow = b.try_acquire(t1).expect("probe");
+        assert!(!b.admits(t1 + 4999 * MS) && b.try_acquire(t1 + 4999 * MS).is_none());
+        let t2 = t1 + 5 * SEC;
+        assert!(b.admits(t2), "the slow probe's slot has lapsed");
+        let next = b.try_acquire(t2).expect("a new probe");
+        drop(slow);
+        assert!(!b.admits(t2), "the new probe still holds its slot");
+        next.success(t2);
+        assert_eq!(b.state(t2), BreakerState::Closed);
     }
 
     #[test]
