@@ -221,6 +221,29 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
     if has_proxy {
         return Injection::skip(format!("already injected: {PROXY_CONTAINER} is present"));
     }
+    // Names the patch adds, taken already: the API server would refuse the
+    // patched pod as a duplicate, and the pod would not be created at all.
+    // Created as it is instead, unmeshed, and the creator told why.
+    let ours = [CONFIG_VOLUME, IDENTITY_VOLUME, TOKEN_VOLUME];
+    let taken = (spec.volumes.iter().flatten())
+        .find(|v| ours.contains(&v.name.as_str()))
+        .map(|v| format!("volume {}", v.name))
+        .or_else(|| {
+            (spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten()))
+            .find(|c| c.name == INIT_CONTAINER)
+            .map(|c| format!("container {}", c.name))
+        });
+    if let Some(taken) = taken {
+        let why = format!(
+            "not injected: the pod already has a {taken}, a name the weft sidecar needs; rename it for the pod to join the mesh"
+        );
+        let mut skipped = Injection::skip(why.clone());
+        skipped.warnings.push(why);
+        return skipped;
+    }
 
     let mut warnings = Vec::new();
     let ports = |key: &str, warnings: &mut Vec<String>| {
@@ -1132,6 +1155,61 @@ mod tests {
         let mut value = serde_json::to_value(&pod).expect("json");
         json_patch::patch(&mut value, &got.patch).expect("the patch applies");
         (got, serde_json::from_value(value).expect("a pod"))
+    }
+
+    #[test]
+    fn a_pod_holding_a_name_the_sidecar_needs_is_left_alone_with_a_warning() {
+        use k8s_openapi::api::core::v1::{EmptyDirVolumeSource, PodSpec, Volume};
+        let app = Container {
+            name: "app".into(),
+            ..Default::default()
+        };
+        let with_volume = Pod {
+            spec: Some(PodSpec {
+                containers: vec![app.clone()],
+                volumes: Some(vec![Volume {
+                    name: CONFIG_VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let with_container = Pod {
+            spec: Some(PodSpec {
+                containers: vec![
+                    app,
+                    Container {
+                        name: INIT_CONTAINER.into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for (pod, name) in [
+            (with_volume, "volume weft-config"),
+            (with_container, "container weft-init"),
+        ] {
+            let got = inject(
+                &pod,
+                &NamespaceInfo::meshed("shop"),
+                &InjectSettings::new("weft:test", ClusterCaps::from_version("1", "30")),
+            );
+            assert!(
+                matches!(&got.decision, Decision::Skipped(why) if why.contains(name)),
+                "{:?}",
+                got.decision
+            );
+            assert!(got.patch.0.is_empty());
+            assert!(
+                got.warnings.iter().any(|w| w.contains(name)),
+                "{:?}",
+                got.warnings
+            );
+        }
     }
 
     #[test]
