@@ -489,6 +489,45 @@ async fn a_refused_role_binding_does_not_stop_the_identities() {
     }
 }
 
+/// A namespace going away takes its gauges with it (no reconcile runs once
+/// it is gone), and a replica that stops leading drops every namespace's:
+/// an expiry time left behind would raise a certificate alert a day later.
+#[tokio::test]
+async fn gauges_go_with_their_namespace_and_with_the_lead() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.namespaces, namespace("web", true));
+    put(&mut h.writers.service_accounts, account("shop", "cart"));
+    put(&mut h.writers.service_accounts, account("web", "front"));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    h.reconcile("web").await;
+    let expiry = |ns: &str| format!("certificate_expiry_timestamp_seconds{{namespace=\"{ns}\"}}");
+    let m = h.ctx.metrics.render();
+    assert!(
+        m.contains(&expiry("shop")) && m.contains(&expiry("web")),
+        "{m}"
+    );
+
+    let mut leaving = namespace("shop", true);
+    leaving.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-01T00:00:00Z".parse().expect("a time"),
+        ));
+    put(&mut h.writers.namespaces, leaving);
+    h.reconcile("shop").await;
+    let m = h.ctx.metrics.render();
+    assert!(
+        !m.contains(&expiry("shop")) && m.contains(&expiry("web")),
+        "{m}"
+    );
+
+    h.ctx.metrics.leading(false);
+    let m = h.ctx.metrics.render();
+    assert!(!m.contains(&expiry("web")), "{m}");
+}
+
 #[tokio::test]
 async fn an_unlabelled_namespace_is_pruned() {
     let mut h = harness().await;

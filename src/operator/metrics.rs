@@ -191,8 +191,22 @@ impl Metrics {
         }
     }
 
+    /// Whether this replica leads. A replica that stops leading drops
+    /// its per-namespace gauges: the leader reports them, and a standby's
+    /// last values (a certificate expiry time that passes, a phase long
+    /// changed) would set off alerts of their own.
     pub fn leading(&self, yes: bool) {
         self.leader.set(i64::from(yes));
+        if !yes {
+            self.phase.clear();
+            self.expiry.clear();
+        }
+    }
+
+    /// Drops the per-namespace gauges of a namespace that is going away.
+    pub fn forget_namespace(&self, namespace: &str) {
+        self.phase(namespace, None);
+        self.expiry(namespace, None);
     }
 
     pub fn render(&self) -> String {

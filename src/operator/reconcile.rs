@@ -327,8 +327,13 @@ fn time(t: SystemTime) -> Time {
 async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     let name = ns.name_any();
     if ns.metadata.deletion_timestamp.is_some() {
-        // The garbage collector removes the children with the Namespace.
+        // The garbage collector removes the children with the Namespace;
+        // what this replica holds about it goes now (no reconcile runs
+        // once it is gone), its gauges included: a certificate expiry
+        // left behind would raise an alert a day later.
         ctx.refused.lock().expect("refused").remove(&name);
+        ctx.counters.lock().expect("counters").forget(&name);
+        ctx.metrics.forget_namespace(&name);
         return Ok(Action::await_change());
     }
     let now = now_secs();
