@@ -490,3 +490,59 @@ async fn rate_limits_answer_429() {
     );
     assert!(up.hits() <= 4);
 }
+
+/// A request small enough to be buffered for a retry keeps its trailers
+/// (gRPC-style, on HTTP/2 with a content-length): the replayed body carries
+/// them as the client sent them.
+#[tokio::test]
+async fn a_request_buffered_for_retry_keeps_its_trailers() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let collected = req.into_body().collect().await?;
+                        let trailer = collected
+                            .trailers()
+                            .and_then(|t| t.get("x-checksum"))
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_owned();
+                        let body = format!("trailer={trailer}");
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(bytes::Bytes::from(
+                            body,
+                        ))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    // The default policy retries a failed connect once: bodies of known
+    // small size are buffered for it.
+    let p = inventory_proxy(addr, None).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>>(
+        );
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+    let body = Full::new(bytes::Bytes::from_static(b"hello"))
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let req = http::Request::post(format!("{}/charge", p.outbound_url(0)))
+        .header("content-length", "5")
+        .body(body)
+        .expect("request");
+    let rsp = client.request(req).await.expect("response");
+    let text = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(text, bytes::Bytes::from_static(b"trailer=abc"));
+}

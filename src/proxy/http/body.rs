@@ -35,6 +35,18 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// A body of known bytes followed by `trailers`, when there are any: a
+/// request buffered for replay keeps the trailers its client sent.
+pub fn full_with_trailers(bytes: Bytes, trailers: Option<http::HeaderMap>) -> Body {
+    match trailers {
+        None => full(bytes),
+        Some(trailers) => Full::new(bytes)
+            .map_err(|never| match never {})
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed_unsync(),
+    }
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }

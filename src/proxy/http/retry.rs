@@ -121,8 +121,11 @@ impl<S: super::Inner> Retry<S> {
                 )
                 .await;
             }
-            let bytes: Bytes = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
+            let (bytes, trailers): (Bytes, Option<http::HeaderMap>) = match body.collect().await {
+                Ok(collected) => {
+                    let trailers = collected.trailers().cloned();
+                    (collected.to_bytes(), trailers)
+                }
                 Err(e) => {
                     return Err(ProxyError::BadRequest(format!("reading request body: {e}")).into());
                 }
@@ -138,7 +141,7 @@ impl<S: super::Inner> Retry<S> {
             // The request's deadline (each try's copy gets its own, tighter).
             let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
             loop {
-                let req = replay(&parts, bytes.clone());
+                let req = replay(&parts, bytes.clone(), trailers.clone());
                 let result = attempt(inner.clone(), req, per_try, &dst.label).await;
                 let verdict = judge(&result, &policy, &dst.label);
                 let retry = match verdict {
@@ -181,8 +184,12 @@ impl<S: super::Inner> Retry<S> {
 }
 
 /// A fresh copy of a buffered request.
-fn replay(parts: &http::request::Parts, bytes: Bytes) -> Request {
-    let mut req = http::Request::new(body::full(bytes));
+fn replay(
+    parts: &http::request::Parts,
+    bytes: Bytes,
+    trailers: Option<http::HeaderMap>,
+) -> Request {
+    let mut req = http::Request::new(body::full_with_trailers(bytes, trailers));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
