@@ -366,16 +366,7 @@ pub fn step(
         // with it a phaseSince that may be an hour old (plaintext first
         // seen then): the next quiet look would have found the window
         // long over and gone to Enforcing.
-        return Decision {
-            phase: RolloutPhase::Observing,
-            since: now,
-            blockers: Vec::new(),
-            reason: reason::OBSERVING,
-            message: window_message(spec),
-            event: true,
-            recount: true,
-            requeue_after: window.min(RECHECK),
-        };
+        return window_starts(spec, now, true);
     };
     if !evidence.plaintext_counted {
         // The counters from the window's start are gone (this replica
@@ -438,16 +429,7 @@ pub fn step(
     }
     if current.plaintext_seen {
         // The first look without plaintext: the window starts now.
-        return Decision {
-            phase: RolloutPhase::Observing,
-            since: now,
-            blockers: Vec::new(),
-            reason: reason::OBSERVING,
-            message: window_message(spec),
-            event: false,
-            recount: true,
-            requeue_after: window.min(RECHECK),
-        };
+        return window_starts(spec, now, false);
     }
     let observed = now.duration_since(since).unwrap_or_default();
     if observed >= window {
@@ -471,6 +453,20 @@ pub fn step(
         Vec::new(),
         (window - observed).min(RECHECK),
     )
+}
+
+/// Observing, with the window starting at `now` on fresh counters.
+fn window_starts(spec: &MTLSPolicySpec, now: SystemTime, event: bool) -> Decision {
+    Decision {
+        phase: RolloutPhase::Observing,
+        since: now,
+        blockers: Vec::new(),
+        reason: reason::OBSERVING,
+        message: window_message(spec),
+        event,
+        recount: true,
+        requeue_after: spec.rollout.observation_window.as_std().min(RECHECK),
+    }
 }
 
 fn window_message(spec: &MTLSPolicySpec) -> String {
