@@ -17,6 +17,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -313,33 +314,247 @@ fn count_rules(cmd: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Which capabilities the process lacks of NET_ADMIN and NET_RAW, from
-/// `CapEff` in /proc/self/status.
-pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    [(12, "NET_ADMIN"), (13, "NET_RAW")]
-        .into_iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0)
-        .map(|(_, name)| name)
+/// The two capabilities iptables needs, as (bit, name).
+const NEEDED: [(u32, &str); 2] = [(12, "NET_ADMIN"), (13, "NET_RAW")];
+
+/// What the kernel says of this process's capabilities (`/proc/self/status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessCaps {
+    pub effective_uid: u32,
+    pub permitted: u64,
+    pub effective: u64,
+    pub inheritable: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+    /// `no_new_privs`: set by `allowPrivilegeEscalation: false`.
+    pub no_new_privs: bool,
+}
+
+impl ProcessCaps {
+    /// Parses `/proc/self/status`; missing lines read as empty sets.
+    pub fn parse(status: &str) -> Self {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        let set = |name: &str| {
+            field(name)
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or(0)
+        };
+        Self {
+            // `Uid:` lists real, effective, saved and filesystem uids.
+            effective_uid: field("Uid:")
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u32::MAX),
+            permitted: set("CapPrm:"),
+            effective: set("CapEff:"),
+            inheritable: set("CapInh:"),
+            bounding: set("CapBnd:"),
+            ambient: set("CapAmb:"),
+            no_new_privs: field("NoNewPrivs:") == Some("1"),
+        }
+    }
+}
+
+/// A binary's file capabilities (the `security.capability` xattr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileCaps {
+    pub permitted: u64,
+    pub inheritable: u64,
+    /// The effective bit: the permitted set becomes effective on exec.
+    pub effective: bool,
+}
+
+/// `VFS_CAP_REVISION_*` and `VFS_CAP_FLAGS_EFFECTIVE` (linux/capability.h).
+const VFS_CAP_REVISION_MASK: u32 = 0xff00_0000;
+const VFS_CAP_REVISION_1: u32 = 0x0100_0000;
+const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+const VFS_CAP_REVISION_3: u32 = 0x0300_0000;
+const VFS_CAP_FLAGS_EFFECTIVE: u32 = 0x0000_0001;
+
+impl FileCaps {
+    /// The xattr's name.
+    pub const XATTR: &'static str = "security.capability";
+
+    /// Decodes `struct vfs_cap_data` (revision 1, 2, or 3 with a root uid).
+    pub fn decode(raw: &[u8]) -> Option<Self> {
+        let word = |i: usize| {
+            raw.get(4 * i..4 * i + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let magic = word(0)?;
+        let words = match magic & VFS_CAP_REVISION_MASK {
+            VFS_CAP_REVISION_1 => 1,
+            VFS_CAP_REVISION_2 | VFS_CAP_REVISION_3 => 2,
+            _ => return None,
+        };
+        let (mut permitted, mut inheritable) = (0u64, 0u64);
+        for i in 0..words {
+            permitted |= u64::from(word(1 + 2 * i)?) << (32 * i);
+            inheritable |= u64::from(word(2 + 2 * i)?) << (32 * i);
+        }
+        Some(Self {
+            permitted,
+            inheritable,
+            effective: magic & VFS_CAP_FLAGS_EFFECTIVE != 0,
+        })
+    }
+
+    /// Encodes `cap_net_admin,cap_net_raw+ep` style capabilities as a
+    /// revision-2 `vfs_cap_data` (what `setcap` writes for a non-namespaced
+    /// file, and what the weft image carries on the xtables binaries).
+    pub fn encode(self) -> [u8; 20] {
+        let magic = VFS_CAP_REVISION_2 | u32::from(self.effective) * VFS_CAP_FLAGS_EFFECTIVE;
+        let mut out = [0u8; 20];
+        let words = [
+            magic,
+            self.permitted as u32,
+            self.inheritable as u32,
+            (self.permitted >> 32) as u32,
+            (self.inheritable >> 32) as u32,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// `cap_net_admin,cap_net_raw+ep`: what iptables needs.
+    pub fn net_admin_and_raw() -> Self {
+        Self {
+            permitted: NEEDED.iter().fold(0, |acc, (bit, _)| acc | 1 << bit),
+            inheritable: 0,
+            effective: true,
+        }
+    }
+}
+
+/// The effective set a process with `p` gets when it executes a binary
+/// carrying `file` capabilities: the rules of capabilities(7),
+/// "Transformation of capabilities during execve()", including root's
+/// special case and `no_new_privs`, which caps the new permitted set at the
+/// old one.
+pub fn effective_after_exec(p: &ProcessCaps, file: Option<FileCaps>) -> u64 {
+    let root = p.effective_uid == 0;
+    let file = if root {
+        // For root the file sets are taken as all ones (SECBIT_NOROOT unset).
+        Some(FileCaps {
+            permitted: u64::MAX,
+            inheritable: u64::MAX,
+            effective: true,
+        })
+    } else {
+        file
+    };
+    let ambient = if file.is_some() { 0 } else { p.ambient };
+    let f = file.unwrap_or_default();
+    let mut permitted = (p.inheritable & f.inheritable) | (f.permitted & p.bounding) | ambient;
+    if p.no_new_privs {
+        permitted &= p.permitted | ambient;
+    }
+    if f.effective { permitted } else { ambient }
+}
+
+/// A capability mask as names, of the two iptables needs.
+fn names(mask: u64) -> Vec<&'static str> {
+    NEEDED
+        .iter()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, name)| *name)
         .collect()
+}
+
+fn needed_mask() -> u64 {
+    NEEDED.iter().fold(0, |acc, (bit, _)| acc | 1 << bit)
+}
+
+/// Why iptables at `binary` (the file it resolves to, with `file` caps)
+/// would lack NET_ADMIN or NET_RAW when this process runs it: a message
+/// naming what is missing and the fix, or `None` when it will have both.
+pub fn capability_problem(
+    p: &ProcessCaps,
+    binary: &Path,
+    file: Option<FileCaps>,
+) -> Option<String> {
+    let missing = needed_mask() & !effective_after_exec(p, file);
+    if missing == 0 {
+        return None;
+    }
+    let missing_names = names(missing).join(", ");
+    let shown = binary.display();
+    let not_bounded = names(missing & !p.bounding);
+    let why = if !not_bounded.is_empty() {
+        format!(
+            "the container's capability bounding set lacks {}. Add them to the weft-init container's \
+             securityContext.capabilities.add (the injector does; an admission policy or Pod Security \
+             level below `privileged` may have removed them)",
+            not_bounded.join(", ")
+        )
+    } else if p.no_new_privs && file.is_some_and(|f| f.permitted & missing == missing) {
+        format!(
+            "{shown} carries the file capabilities, but no_new_privs is set, so the kernel ignores them. \
+             Set allowPrivilegeEscalation: true on the weft-init container (the injector does)"
+        )
+    } else {
+        let carried = match file {
+            Some(f) if f.permitted & missing != 0 && !f.effective => format!(
+                "{shown} carries {} without the effective flag",
+                names(f.permitted & missing).join(", ")
+            ),
+            Some(f) if f.permitted & missing != 0 => {
+                format!("{shown} carries its file capabilities")
+            }
+            _ => format!("{shown} carries no file capability for them"),
+        };
+        format!(
+            "a container runtime grants a non-root container its added capabilities in the bounding \
+             set only (no ambient ones), so iptables gets them only from file capabilities, and {carried}. \
+             Use the weft image (`make image` sets cap_net_admin,cap_net_raw+ep on the xtables \
+             binaries) or run `setcap cap_net_admin,cap_net_raw+ep` on them in your image; where the \
+             runtime strips file capabilities, set the Mesh's spec.init.runAsRoot: true"
+        )
+    };
+    Some(format!(
+        "weft init: {} would run without {missing_names} (uid {}): {why}.",
+        binary.display(),
+        p.effective_uid
+    ))
+}
+
+/// The file a command name runs: found on `PATH`, symlinks resolved (the
+/// capabilities that count are the final file's).
+fn resolve(command: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(command))
+        .find(|p| p.is_file())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+}
+
+/// Checks that `command` will run with NET_ADMIN and NET_RAW.
+fn check_capabilities(p: &ProcessCaps, command: &str) -> anyhow::Result<()> {
+    let Some(binary) = resolve(command) else {
+        bail!("weft init: {command} is not on PATH (is iptables installed in the image?)");
+    };
+    let file = xattr::get(&binary, FileCaps::XATTR)
+        .ok()
+        .flatten()
+        .and_then(|raw| FileCaps::decode(&raw));
+    match capability_problem(p, &binary, file) {
+        Some(problem) => bail!("{problem}"),
+        None => Ok(()),
+    }
 }
 
 /// Installs the redirect (both families with `--ipv6`).
 pub fn apply(args: &InitArgs) -> anyhow::Result<()> {
     validate(args)?;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let missing = missing_capabilities(&status);
-    if !missing.is_empty() {
-        bail!(
-            "weft init needs the capabilities NET_ADMIN and NET_RAW; missing: {}. Add them to the \
-             weft-init container's securityContext.capabilities.add (the injector does).",
-            missing.join(", ")
-        );
-    }
+    let caps = ProcessCaps::parse(&status);
     let version = run("iptables", &["--version"], None).unwrap_or_default();
     let backend = choose_backend(
         count_rules("iptables-nft-save"),
@@ -355,6 +570,10 @@ pub fn apply(args: &InitArgs) -> anyhow::Result<()> {
     for family in families {
         let save = tool(*family, backend, "-save");
         let restore = tool(*family, backend, "-restore");
+        // Checked before anything runs, so a pod that cannot work says why
+        // instead of iptables' "Permission denied (you must be root)".
+        check_capabilities(&caps, &save)?;
+        check_capabilities(&caps, &restore)?;
         let current = run(&save, &["-t", "nat"], None)?;
         let input = plan(args, *family, &current);
         run(&restore, &["--noflush"], Some(&input))?;
@@ -402,17 +621,119 @@ mod tests {
         assert_eq!(port_lists(&ports).len(), 2);
     }
 
+    /// `/proc/self/status` of a container the way containerd and CRI-O
+    /// start weft-init (uid 65534, `capabilities.add: [NET_ADMIN, NET_RAW]`,
+    /// `drop: [ALL]`): the two capabilities in the bounding set only. This is
+    /// what a real cluster showed: `CapPrm 0, CapEff 0, CapBnd 0x3000, CapAmb 0`.
+    const POD_STATUS: &str = "Uid:\t65534\t65534\t65534\t65534\nCapInh:\t0000000000000000\n\
+        CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000003000\n\
+        CapAmb:\t0000000000000000\nNoNewPrivs:\t0\n";
+
     #[test]
-    fn capabilities_and_backends() {
-        assert_eq!(
-            missing_capabilities("CapEff:\t0000000000003000\n"),
-            Vec::<&str>::new()
+    fn a_pods_bounding_set_plus_file_capabilities_is_enough_and_nothing_less() {
+        let pod = ProcessCaps::parse(POD_STATUS);
+        assert_eq!(pod.effective_uid, 65534);
+        assert_eq!(pod.bounding, 0x3000);
+        let bin = Path::new("/usr/sbin/xtables-nft-multi");
+        let ep = FileCaps::net_admin_and_raw();
+        assert_eq!(capability_problem(&pod, bin, Some(ep)), None);
+
+        // No file capabilities: the message names the binary and the fix.
+        let err = capability_problem(&pod, bin, None).expect("refused");
+        for needle in [
+            "/usr/sbin/xtables-nft-multi would run without NET_ADMIN, NET_RAW",
+            "bounding set only",
+            "setcap cap_net_admin,cap_net_raw+ep",
+            "spec.init.runAsRoot",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+
+        // Without the effective flag the capabilities stay merely permitted.
+        let no_e = FileCaps {
+            effective: false,
+            ..ep
+        };
+        let err = capability_problem(&pod, bin, Some(no_e)).expect("refused");
+        assert!(err.contains("without the effective flag"), "{err}");
+
+        // allowPrivilegeEscalation: false sets no_new_privs.
+        let nnp = ProcessCaps {
+            no_new_privs: true,
+            ..pod
+        };
+        let err = capability_problem(&nnp, bin, Some(ep)).expect("refused");
+        assert!(err.contains("allowPrivilegeEscalation: true"), "{err}");
+
+        // A capability missing from the bounding set cannot come from a file.
+        let only_raw = ProcessCaps {
+            bounding: 1 << 13,
+            ..pod
+        };
+        let err = capability_problem(&only_raw, bin, Some(ep)).expect("refused");
+        assert!(
+            err.contains("would run without NET_ADMIN (")
+                && err.contains("bounding set lacks NET_ADMIN")
+                && err.contains("capabilities.add"),
+            "{err}"
         );
+    }
+
+    #[test]
+    fn root_and_ambient_capabilities_need_no_file_capabilities() {
+        let bin = Path::new("/usr/sbin/xtables-nft-multi");
+        // Mesh spec.init.runAsRoot: uid 0, the two in the bounding set.
+        let root = ProcessCaps {
+            effective_uid: 0,
+            bounding: 0x3000,
+            ..ProcessCaps::default()
+        };
+        assert_eq!(capability_problem(&root, bin, None), None);
+        let ambient = ProcessCaps {
+            effective_uid: 65534,
+            bounding: 0x3000,
+            permitted: 0x3000,
+            inheritable: 0x3000,
+            ambient: 0x3000,
+            ..ProcessCaps::default()
+        };
+        assert_eq!(capability_problem(&ambient, bin, None), None);
+        // A file with capabilities clears the ambient set on exec.
+        let other = FileCaps {
+            permitted: 1 << 10,
+            inheritable: 0,
+            effective: true,
+        };
+        assert!(capability_problem(&ambient, bin, Some(other)).is_some());
+    }
+
+    #[test]
+    fn file_capabilities_round_trip_the_kernels_encoding() {
+        let ep = FileCaps::net_admin_and_raw();
+        let raw = ep.encode();
+        // What `setcap cap_net_admin,cap_net_raw+ep` writes (revision 2).
         assert_eq!(
-            missing_capabilities("CapEff:\t0000000000001000\n"),
-            vec!["NET_RAW"]
+            raw,
+            [
+                1, 0, 0, 2, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
         );
-        assert_eq!(missing_capabilities(""), vec!["NET_ADMIN", "NET_RAW"]);
+        assert_eq!(FileCaps::decode(&raw), Some(ep));
+        // Revision 3 adds a root uid; revision 1 has one word per set.
+        let mut v3 = raw.to_vec();
+        v3[3] = 3;
+        v3.extend([0, 0, 0, 0]);
+        assert_eq!(FileCaps::decode(&v3), Some(ep));
+        assert_eq!(
+            FileCaps::decode(&[1, 0, 0, 1, 0, 0x30, 0, 0, 0, 0, 0, 0]),
+            Some(ep)
+        );
+        assert_eq!(FileCaps::decode(&[0, 0, 0, 9]), None);
+        assert_eq!(FileCaps::decode(&raw[..7]), None);
+    }
+
+    #[test]
+    fn backends() {
         assert_eq!(
             choose_backend(0, 12, "iptables v1.8.9 (nf_tables)"),
             Backend::Legacy

@@ -9,10 +9,17 @@
 //! Needs root, `ip` (iproute2) and `setpriv` (util-linux).
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, bail};
+
+/// The uid weft-init runs as (the injector's default).
+pub const INIT_UID: u32 = 65534;
+/// What the injector adds to weft-init's `capabilities` (after `drop: [ALL]`).
+pub const INIT_CAPS: &str = "+net_admin,+net_raw";
 
 /// The /24 the pods' addresses come from (first three octets).
 pub const SUBNET: [u8; 3] = [10, 77, 0];
@@ -30,7 +37,13 @@ pub fn missing_prerequisite() -> Option<String> {
     if !root {
         return Some("not running as root (network namespaces and iptables need it)".into());
     }
-    for tool in ["ip", "iptables", "iptables-save", "setpriv"] {
+    for tool in [
+        "ip",
+        "iptables",
+        "iptables-save",
+        "setpriv",
+        "xtables-nft-multi",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -81,12 +94,29 @@ impl Netns {
     }
 
     /// A command inside this namespace, as `uid` (and the same gid) when
-    /// given, holding only `caps` (such as `+net_admin,+net_raw`).
+    /// given, started the way a container runtime starts a non-root
+    /// container: `caps` (such as `+net_admin,+net_raw`, what
+    /// `securityContext.capabilities.add` lists after `drop: [ALL]`) go into
+    /// the bounding set only, and the process holds no permitted, effective,
+    /// inheritable or ambient capability. That is what runc does for a
+    /// non-root user (the kernel clears the permitted and effective sets on
+    /// the switch from uid 0, and containerd and CRI-O set no inheritable
+    /// or ambient capabilities since CVE-2022-24769), and what a real
+    /// cluster showed in weft-init: `CapPrm 0, CapEff 0, CapBnd 0x3000,
+    /// CapAmb 0`. Such a process gains a capability only by executing a
+    /// file that carries it (capabilities(7), "Transformation of
+    /// capabilities during execve()"; Kubernetes documents `capabilities`
+    /// at <https://kubernetes.io/docs/tasks/configure-pod-container/security-context/#set-capabilities-for-a-container>).
     pub fn command(&self, uid: Option<u32>, caps: &str, argv: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]);
         if let Some(uid) = uid {
             let uid = uid.to_string();
+            let bounding = if caps.is_empty() {
+                "-all".to_owned()
+            } else {
+                format!("-all,{caps}")
+            };
             c.args([
                 "setpriv",
                 "--reuid",
@@ -94,16 +124,33 @@ impl Netns {
                 "--regid",
                 &uid,
                 "--clear-groups",
+                "--inh-caps",
+                "-all",
+                "--ambient-caps",
+                "-all",
+                "--bounding-set",
+                &bounding,
             ]);
-            if caps.is_empty() {
-                c.args(["--inh-caps", "-all"]);
-            } else {
-                c.args(["--inh-caps", &format!("-all,{caps}")]);
-                c.arg(format!("--ambient-caps={caps}"));
-            }
         }
         c.args(argv);
         c
+    }
+
+    /// `weft init` (the binary `weft`) run in this pod as a real pod runs
+    /// its weft-init container: as uid 65534 with NET_ADMIN and NET_RAW in
+    /// the bounding set only (see [`Netns::command`]), against the
+    /// iptables of the weft image, [`ImageIptables`], and nothing else on
+    /// `PATH`.
+    pub fn run_init(
+        &self,
+        weft: &str,
+        iptables: &ImageIptables,
+        extra: &[&str],
+    ) -> anyhow::Result<Output> {
+        let path = iptables.path_env();
+        let mut argv = vec!["/usr/bin/env", path.as_str(), weft, "init"];
+        argv.extend(extra);
+        self.run(Some(INIT_UID), INIT_CAPS, &argv)
     }
 
     /// Writes `/etc/netns/<name>/<file>`, which `ip netns exec` mounts over
@@ -126,6 +173,87 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         delete_namespace(&self.name);
+    }
+}
+
+/// The iptables of the weft image, for the pods of this machine: copies of
+/// its `xtables-nft-multi` and `xtables-legacy-multi` carrying the file
+/// capabilities `cap_net_admin,cap_net_raw+ep` (the `security.capability`
+/// xattr, exactly as `make image` sets them and as Linkerd's proxy-init
+/// image does), under the command names the image has (`iptables`,
+/// `iptables-nft-restore`, ...), in a directory of their own that is
+/// removed on drop. The machine's own iptables is left untouched.
+pub struct ImageIptables {
+    dir: PathBuf,
+}
+
+impl ImageIptables {
+    /// With `file_caps` false the copies carry none: a runtime or image
+    /// store that strips xattrs, where weft init must say what is wrong.
+    pub fn new(file_caps: bool) -> anyhow::Result<Self> {
+        static COPIES: AtomicU32 = AtomicU32::new(0);
+        let n = COPIES.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("weft-image-iptables-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let this = Self { dir };
+        // The pods' users must reach the copies.
+        std::fs::set_permissions(&this.dir, std::fs::Permissions::from_mode(0o755))?;
+        for backend in ["nft", "legacy"] {
+            let multi = format!("xtables-{backend}-multi");
+            let source = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(&multi))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!("{multi} is not installed (apt-get install -y iptables)")
+                })?;
+            let copy = this.dir.join(&multi);
+            std::fs::copy(&source, &copy)
+                .with_context(|| format!("copying {}", source.display()))?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+            if file_caps {
+                xattr::set(
+                    &copy,
+                    crate::init::FileCaps::XATTR,
+                    &crate::init::FileCaps::net_admin_and_raw().encode(),
+                )
+                .with_context(|| {
+                    format!(
+                        "setting file capabilities on {} (the file system of {} must keep security xattrs)",
+                        copy.display(),
+                        std::env::temp_dir().display()
+                    )
+                })?;
+            }
+            for family in ["iptables", "ip6tables"] {
+                for what in ["", "-save", "-restore"] {
+                    let name = format!("{family}-{backend}{what}");
+                    std::os::unix::fs::symlink(&multi, this.dir.join(name))?;
+                    // The image's plain names are the nft ones, Debian's default.
+                    if backend == "nft" {
+                        std::os::unix::fs::symlink(
+                            &multi,
+                            this.dir.join(format!("{family}{what}")),
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(this)
+    }
+
+    /// `PATH=...` for `env`: these commands first, and no directory of the
+    /// machine's own iptables.
+    pub fn path_env(&self) -> String {
+        format!("PATH={}:/usr/local/bin:/usr/bin:/bin", self.dir.display())
+    }
+}
+
+impl Drop for ImageIptables {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

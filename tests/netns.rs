@@ -12,15 +12,14 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
-use weft::netns::{Netns, Network, missing_prerequisite};
+use weft::netns::{INIT_CAPS, ImageIptables, Netns, Network, missing_prerequisite};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 const PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
 const DEMO: &str = env!("CARGO_BIN_EXE_weft-demo");
 /// The apps run as this user; the proxy as 1450.
 const APP_UID: u32 = 1000;
-const NOBODY: u32 = 65534;
-const CAPS: &str = "+net_admin,+net_raw";
+const NOBODY: u32 = weft::netns::INIT_UID;
 
 fn skip() -> bool {
     match missing_prerequisite() {
@@ -36,19 +35,55 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `weft init` as an unprivileged user holding only `caps`.
-fn init_as_nobody(ns: &Netns, caps: &str, extra: &[&str]) -> Output {
-    let mut argv = vec![WEFT, "init"];
-    argv.extend(extra);
-    ns.run(Some(NOBODY), caps, &argv).expect("weft init runs")
+/// `weft init` as the weft-init container runs it (see `Netns::run_init`),
+/// against the image's iptables.
+fn init_in_pod(ns: &Netns, iptables: &ImageIptables, extra: &[&str]) -> Output {
+    ns.run_init(WEFT, iptables, extra).expect("weft init runs")
+}
+
+fn nat_table(ns: &Netns) -> String {
+    let saved = ns
+        .run(None, "", &["iptables-save", "-t", "nat"])
+        .expect("save");
+    String::from_utf8(saved.stdout).expect("utf8")
 }
 
 #[test]
-fn init_runs_unprivileged_with_two_capabilities_and_twice_leaves_one_copy() {
+fn the_harness_gives_weft_init_what_a_runtime_gives_a_pod_and_no_more() {
+    if skip() {
+        return;
+    }
+    // What a real cluster showed in a weft-init container: the two
+    // capabilities in the bounding set, none permitted, effective,
+    // inheritable or ambient. A harness that grants more hides the bug
+    // users hit first.
+    let ns = Netns::new(&format!("weft-caps-{}", std::process::id())).expect("netns");
+    let out = ns
+        .run(Some(NOBODY), INIT_CAPS, &["cat", "/proc/self/status"])
+        .expect("cat");
+    let status = String::from_utf8_lossy(&out.stdout);
+    let caps = weft::init::ProcessCaps::parse(&status);
+    assert_eq!(
+        (
+            caps.effective_uid,
+            caps.bounding,
+            caps.permitted,
+            caps.effective
+        ),
+        (NOBODY, 0x3000, 0, 0),
+        "{status}"
+    );
+    assert_eq!((caps.inheritable, caps.ambient), (0, 0), "{status}");
+    assert!(!caps.no_new_privs, "allowPrivilegeEscalation: true");
+}
+
+#[test]
+fn init_runs_as_a_pod_runs_it_and_twice_leaves_one_copy() {
     if skip() {
         return;
     }
     let ns = Netns::new(&format!("weft-init-{}", std::process::id())).expect("netns");
+    let iptables = ImageIptables::new(true).expect("the image's iptables");
     let extra = [
         "--skip-outbound-ports",
         "5432",
@@ -56,13 +91,10 @@ fn init_runs_unprivileged_with_two_capabilities_and_twice_leaves_one_copy() {
         "10.96.0.0/12",
     ];
     for run in 1..=2 {
-        let out = init_as_nobody(&ns, CAPS, &extra);
+        let out = init_in_pod(&ns, &iptables, &extra);
         assert!(out.status.success(), "run {run}: {}", stderr(&out));
     }
-    let saved = ns
-        .run(None, "", &["iptables-save", "-t", "nat"])
-        .expect("save");
-    let saved = String::from_utf8(saved.stdout).expect("utf8");
+    let saved = nat_table(&ns);
     let rules: Vec<&str> = saved.lines().filter(|l| l.starts_with("-A ")).collect();
     let mut unique = rules.clone();
     unique.sort();
@@ -86,23 +118,54 @@ fn init_runs_unprivileged_with_two_capabilities_and_twice_leaves_one_copy() {
 }
 
 #[test]
-fn init_without_the_capabilities_says_which_are_missing() {
+fn init_against_iptables_without_file_capabilities_names_the_fix() {
     if skip() {
         return;
     }
+    // An image store or runtime that drops the xattrs: the bounding set
+    // holds both capabilities, yet iptables would run with neither.
+    let ns = Netns::new(&format!("weft-nofcap-{}", std::process::id())).expect("netns");
+    let stripped = ImageIptables::new(false).expect("iptables without file capabilities");
+    let out = init_in_pod(&ns, &stripped, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for needle in [
+        "xtables-nft-multi would run without NET_ADMIN, NET_RAW (uid 65534)",
+        "bounding set only",
+        "carries no file capability",
+        "setcap cap_net_admin,cap_net_raw+ep",
+        "spec.init.runAsRoot: true",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert!(!nat_table(&ns).contains("WEFT_"), "nothing was installed");
+}
+
+#[test]
+fn init_whose_bounding_set_lacks_a_capability_says_which() {
+    if skip() {
+        return;
+    }
+    // An admission policy that removed NET_ADMIN from capabilities.add.
     let ns = Netns::new(&format!("weft-nocap-{}", std::process::id())).expect("netns");
-    let out = init_as_nobody(&ns, "+net_raw", &[]);
+    let iptables = ImageIptables::new(true).expect("the image's iptables");
+    let path = iptables.path_env();
+    let out = ns
+        .run(
+            Some(NOBODY),
+            "+net_raw",
+            &["/usr/bin/env", &path, WEFT, "init"],
+        )
+        .expect("weft init runs");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("missing: NET_ADMIN") && !err.contains("NET_RAW,"),
+        err.contains("would run without NET_ADMIN (uid 65534)")
+            && err.contains("bounding set lacks NET_ADMIN")
+            && err.contains("capabilities.add"),
         "{err}"
     );
-    let saved = ns
-        .run(None, "", &["iptables-save", "-t", "nat"])
-        .expect("save");
-    let saved = String::from_utf8(saved.stdout).expect("utf8");
-    assert!(!saved.contains("WEFT_"), "nothing was installed:\n{saved}");
+    assert!(!nat_table(&ns).contains("WEFT_"), "nothing was installed");
 }
 
 /// Files the pods' users can read: a directory of mode 0755.
@@ -165,7 +228,7 @@ fn config(mode: &str, b_ip: &str) -> Value {
     })
 }
 
-/// Starts pod `name` with `weft init` (as nobody, two capabilities), its
+/// Starts pod `name` with `weft init` (as a pod runs it), its
 /// sidecar (uid 1450) and a demo app (uid 1000) on 8080.
 fn meshed_pod(
     net: &mut Network,
@@ -176,7 +239,8 @@ fn meshed_pod(
     init_extra: &[&str],
 ) -> usize {
     let i = net.add_pod(name).expect("pod");
-    let out = init_as_nobody(&net.pods[i].ns, CAPS, init_extra);
+    let iptables = ImageIptables::new(true).expect("the image's iptables");
+    let out = init_in_pod(&net.pods[i].ns, &iptables, init_extra);
     assert!(
         out.status.success(),
         "weft init in {name}: {}",

@@ -44,6 +44,11 @@ pub struct MeshSpec {
     /// and every node's kubelet are 1.29 or newer).
     #[serde(default)]
     pub sidecar_mode: SidecarMode,
+    /// How the `weft-init` container (the pod's iptables redirect) runs.
+    // Left out when default, so pods injected before the field existed keep
+    // their injection hash.
+    #[serde(default, skip_serializing_if = "InitSettings::is_default")]
+    pub init: InitSettings,
 }
 
 impl Default for MeshSpec {
@@ -53,7 +58,29 @@ impl Default for MeshSpec {
             certificates: CertificateSettings::default(),
             proxy: ProxyDefaults::default(),
             sidecar_mode: SidecarMode::default(),
+            init: InitSettings::default(),
         }
+    }
+}
+
+/// How `weft-init` runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InitSettings {
+    /// Run `weft-init` as root (uid 0) instead of uid 65534. By default it
+    /// runs unprivileged with NET_ADMIN and NET_RAW in its bounding set, and
+    /// iptables gains them from the file capabilities the weft image sets on
+    /// the xtables binaries (as Linkerd's proxy-init does). Set this only
+    /// where the container runtime or the image store strips file
+    /// capabilities: `weft-init` then fails saying so. Only the init
+    /// container runs as root; it still holds no capability but the two.
+    #[serde(default)]
+    pub run_as_root: bool,
+}
+
+impl InitSettings {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
     }
 }
 

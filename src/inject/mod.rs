@@ -619,20 +619,29 @@ fn init_container(
             limits: Some([("memory".to_owned(), quantity("50Mi"))].into()),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(INIT_UID),
-            run_as_group: Some(INIT_UID),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            // The image grants iptables the two capabilities as file
-            // capabilities, which a process only gains when privilege
-            // escalation (no_new_privs unset) is allowed.
-            allow_privilege_escalation: Some(true),
-            capabilities: Some(Capabilities {
-                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
-                drop: Some(vec!["ALL".to_owned()]),
-            }),
-            ..Default::default()
+        security_context: Some(init_security_context(settings.mesh.init.run_as_root)),
+        ..Default::default()
+    }
+}
+
+/// weft-init's security context. A runtime gives a non-root container the
+/// added capabilities in its bounding set only, so by default iptables
+/// gains them from the file capabilities the image sets on the xtables
+/// binaries, which the kernel honours only when privilege escalation
+/// (`no_new_privs` unset) is allowed. The Mesh's `init.runAsRoot` is for
+/// runtimes that strip file capabilities: root gets the two capabilities
+/// from the runtime directly and needs no escalation.
+fn init_security_context(run_as_root: bool) -> SecurityContext {
+    let uid = if run_as_root { 0 } else { INIT_UID };
+    SecurityContext {
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        run_as_non_root: Some(!run_as_root),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(!run_as_root),
+        capabilities: Some(Capabilities {
+            add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+            drop: Some(vec!["ALL".to_owned()]),
         }),
         ..Default::default()
     }
@@ -1385,6 +1394,47 @@ mod tests {
                 && !patch.contains("WEFT_PROBE_TARGETS"),
             "the probe is left as it is: {patch}"
         );
+    }
+
+    #[test]
+    fn weft_init_runs_unprivileged_with_file_capabilities_or_as_root_when_the_mesh_says() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "orders-0" },
+            "spec": { "containers": [{ "name": "orders", "image": "shop/orders" }] }
+        }))
+        .expect("a pod");
+        let init_context = |run_as_root: bool| {
+            let mut settings = InjectSettings::new(
+                "weft:test",
+                ClusterCaps {
+                    native_sidecars: true,
+                },
+            );
+            settings.mesh.init.run_as_root = run_as_root;
+            let mut value = serde_json::to_value(&pod).expect("json");
+            let got = inject(&pod, &NamespaceInfo::meshed("shop"), &settings);
+            json_patch::patch(&mut value, &got.patch).expect("the patch applies");
+            let injected: Pod = serde_json::from_value(value).expect("a pod");
+            let inits = injected.spec.expect("spec").init_containers.expect("inits");
+            let init = inits
+                .iter()
+                .find(|c| c.name == INIT_CONTAINER)
+                .expect("weft-init");
+            serde_json::to_value(init.security_context.as_ref().expect("context")).expect("json")
+        };
+        let caps = serde_json::json!({ "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] });
+        // Default: uid 65534; the kernel honours the xtables binaries' file
+        // capabilities only without no_new_privs.
+        let default = init_context(false);
+        assert_eq!(default["runAsUser"], 65534);
+        assert_eq!(default["runAsNonRoot"], true);
+        assert_eq!(default["allowPrivilegeEscalation"], true);
+        assert_eq!(default["capabilities"], caps);
+        let root = init_context(true);
+        assert_eq!(root["runAsUser"], 0);
+        assert_eq!(root["runAsNonRoot"], false);
+        assert_eq!(root["allowPrivilegeEscalation"], false);
+        assert_eq!(root["capabilities"], caps, "still only the two");
     }
 
     #[test]

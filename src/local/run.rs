@@ -24,9 +24,6 @@ use crate::proxy::PROXY_UID;
 const STATE_FILE: &str = "state.json";
 /// The apps run as this user in network-namespace pods.
 const APP_UID: u32 = 1000;
-/// `weft init` runs as nobody with only these capabilities, as in a pod.
-const INIT_UID: u32 = 65534;
-const INIT_CAPS: &str = "+net_admin,+net_raw";
 /// Names of the namespaces `up` creates start with these (see `Network`).
 const NETNS_PREFIXES: [&str; 2] = ["wbr-local", "wp-local"];
 const TAG: &str = "local";
@@ -344,6 +341,8 @@ fn start(
         sibling("weft-proxy")?,
         sibling("weft-demo")?,
     );
+    // Made at the first netns pod; only `weft init` uses it.
+    let mut image_iptables: Option<netns::ImageIptables> = None;
     for sub in ["", "pods", "logs"] {
         let d = dir.join(sub);
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -414,9 +413,14 @@ fn start(
                 if let Some(hosts) = &pod.hosts {
                     p.ns.set_etc_file("hosts", hosts)?;
                 }
-                let weft = weft.display().to_string();
-                let out =
-                    p.ns.run(Some(INIT_UID), INIT_CAPS, &[weft.as_str(), "init"])?;
+                // As in a pod: uid 65534, the two capabilities in the
+                // bounding set only, iptables with the image's file
+                // capabilities (see `netns::ImageIptables`).
+                if image_iptables.is_none() {
+                    image_iptables = Some(netns::ImageIptables::new(true)?);
+                }
+                let iptables = image_iptables.as_ref().context("image iptables")?;
+                let out = p.ns.run_init(&weft.display().to_string(), iptables, &[])?;
                 if !out.status.success() {
                     bail!(
                         "weft init in pod {}: {}",
