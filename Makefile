@@ -2,13 +2,30 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build test test-apiserver e2e fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy proxy-order fuzz-smoke
+.PHONY: build image image-debs image-docker test test-apiserver e2e fmt fmt-check lint crds manifests bench bench-compile bench-webhook bench-operator bench-proxy proxy-order fuzz-smoke
 
 build:
 	$(CARGO) build --release --bin weft --bin weft-proxy --bin weft-demo
 
-## fmt check + clippy (-D warnings) + every test tier that runs here
-test: fmt-check lint
+# The image: the crate version is its tag and the chart's appVersion.
+WEFT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+WEFT_IMAGE := ghcr.io/weft-mesh/weft:$(WEFT_VERSION)
+
+## the image as an OCI archive, no container engine: target/image/weft-$(WEFT_VERSION).oci.tar (needs Debian/Ubuntu: apt-get, dpkg-deb, strip)
+image: build image-debs
+	$(CARGO) run --quiet --bin weft-image -- build --binaries target/release \
+	  --debs target/image/debs --work-dir target/image/bin --out target/image/weft-$(WEFT_VERSION).oci.tar
+
+## the Debian packages the image holds (iptables and what it loads), downloaded once into target/image/debs
+image-debs:
+	$(CARGO) run --quiet --bin weft-image -- debs --dir target/image/debs
+
+## the same image with Docker (e2e/Dockerfile), tagged $(WEFT_IMAGE)
+image-docker:
+	docker build -f e2e/Dockerfile --build-arg WEFT_VERSION=$(WEFT_VERSION) -t $(WEFT_IMAGE) .
+
+## fmt check + clippy (-D warnings) + every test tier that runs here (tests/image.rs needs image-debs)
+test: fmt-check lint image-debs
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	@# The tier 4 and 5 prerequisite checks again, output shown, so a skip is visible.

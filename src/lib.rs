@@ -15,6 +15,7 @@ pub mod controlplane;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod image;
 pub mod init;
 pub mod inject;
 pub mod local;
