@@ -60,13 +60,53 @@ pub struct InitArgs {
     /// Outbound destinations (CIDRs) that bypass the proxy.
     #[arg(long, value_delimiter = ',')]
     pub skip_outbound_cidrs: Vec<String>,
-    /// Also redirect IPv6 (ip6tables).
-    #[arg(long)]
-    pub ipv6: bool,
+    /// IPv6 (ip6tables): `auto` (the default) redirects it when the pod
+    /// has an IPv6 address of global scope, `on` (or a bare `--ipv6`)
+    /// always, `off` never. The choice is made here, in the pod, because
+    /// the injector cannot know it: a pod gets its addresses from the CNI
+    /// plugin after admission, before its first init container starts.
+    #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto, num_args = 0..=1, default_missing_value = "on")]
+    pub ipv6: Ipv6Mode,
     /// Print the `iptables-restore` input for a pod with no rules yet and
     /// change nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// Whether `weft init` redirects IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ipv6Mode {
+    Auto,
+    On,
+    Off,
+}
+
+/// Whether `/proc/net/if_inet6` lists an address another pod could reach:
+/// scope global (`00`, unique-local `fd00::/8` included) on an interface
+/// other than `lo`. Link-local (`20`) and host (`10`) addresses are not.
+pub fn has_ipv6_address(if_inet6: &str) -> bool {
+    if_inet6.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() == 6 && f[3] == "00" && f[5] != "lo"
+    })
+}
+
+impl InitArgs {
+    /// The families to redirect in this pod.
+    fn families(&self) -> Vec<Family> {
+        let v6 = match self.ipv6 {
+            Ipv6Mode::On => true,
+            Ipv6Mode::Off => false,
+            Ipv6Mode::Auto => {
+                std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| has_ipv6_address(&t))
+            }
+        };
+        if v6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        }
+    }
 }
 
 /// IPv4 or IPv6.
@@ -225,14 +265,9 @@ pub fn plan(args: &InitArgs, family: Family, current: &str) -> String {
 /// The dry run's output: the plan for a pod without rules, per family.
 pub fn dry_run(args: &InitArgs) -> String {
     let mut out = String::new();
-    let families: &[Family] = if args.ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
-    for f in families {
+    for f in args.families() {
         let _ = writeln!(out, "# {}-restore --noflush", f.name());
-        out.push_str(&plan(args, *f, ""));
+        out.push_str(&plan(args, f, ""));
     }
     out
 }
@@ -408,7 +443,11 @@ impl FileCaps {
     /// revision-2 `vfs_cap_data` (what `setcap` writes for a non-namespaced
     /// file, and what the weft image carries on the xtables binaries).
     pub fn encode(self) -> [u8; 20] {
-        let magic = VFS_CAP_REVISION_2 | u32::from(self.effective) * VFS_CAP_FLAGS_EFFECTIVE;
+        let magic = if self.effective {
+            VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE
+        } else {
+            VFS_CAP_REVISION_2
+        };
         let mut out = [0u8; 20];
         let words = [
             magic,
@@ -550,7 +589,7 @@ fn check_capabilities(p: &ProcessCaps, command: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Installs the redirect (both families with `--ipv6`).
+/// Installs the redirect (IPv6 too, as `--ipv6` decides).
 pub fn apply(args: &InitArgs) -> anyhow::Result<()> {
     validate(args)?;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -561,13 +600,9 @@ pub fn apply(args: &InitArgs) -> anyhow::Result<()> {
         count_rules("iptables-legacy-save"),
         &version,
     );
-    tracing::info!(?backend, "iptables backend");
-    let families: &[Family] = if args.ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
-    for family in families {
+    let families = args.families();
+    tracing::info!(?backend, ?families, "iptables backend");
+    for family in &families {
         let save = tool(*family, backend, "-save");
         let restore = tool(*family, backend, "-restore");
         // Checked before anything runs, so a pod that cannot work says why
@@ -613,6 +648,27 @@ mod tests {
             second.contains(":WEFT_INBOUND - [0:0]"),
             "chains are flushed and refilled"
         );
+    }
+
+    #[test]
+    fn ipv6_is_redirected_when_the_pod_has_an_address_beyond_its_own_link() {
+        // /proc/net/if_inet6 of a dual-stack pod, then of an IPv4-only one
+        // (loopback and link-local only).
+        let dual = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                    fd00001002440001000000000000000a 02 40 00 80     eth0\n\
+                    fe80000000000000b0f1c2fffe0a0b0c 02 40 20 80     eth0\n";
+        let v4_only = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                       fe80000000000000b0f1c2fffe0a0b0c 02 40 20 80     eth0\n";
+        assert!(has_ipv6_address(dual));
+        assert!(!has_ipv6_address(v4_only));
+        assert!(!has_ipv6_address(""));
+        let mut a = defaults();
+        assert_eq!(a.ipv6, Ipv6Mode::Auto);
+        a.ipv6 = Ipv6Mode::On;
+        assert!(dry_run(&a).contains("# ip6tables-restore --noflush"));
+        assert!(plan(&a, Family::V6, "").contains("-A WEFT_OUTPUT -d ::1/128 -j RETURN"));
+        a.ipv6 = Ipv6Mode::Off;
+        assert!(!dry_run(&a).contains("ip6tables"));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! them their links) deleted — so a failing test leaves nothing behind.
 //! Needs root, `ip` (iproute2) and `setpriv` (util-linux).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -23,6 +23,10 @@ pub const INIT_CAPS: &str = "+net_admin,+net_raw";
 
 /// The /24 the pods' addresses come from (first three octets).
 pub const SUBNET: [u8; 3] = [10, 77, 0];
+/// The /64 the pods of a dual-stack network also get an address from
+/// (unique-local, as kind's `fd00:10:244::/56` pod range is); a pod's
+/// interface id is its IPv4 host number.
+pub const SUBNET6: [u16; 4] = [0xfd00, 0x77, 0, 0];
 
 /// Why this machine cannot run network-namespace pods, if it cannot.
 pub fn missing_prerequisite() -> Option<String> {
@@ -308,6 +312,8 @@ pub fn connect_in(
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a dual-stack network.
+    pub ip6: Option<Ipv6Addr>,
     children: Vec<Child>,
     // Dropped last: the processes go before their namespace.
     pub ns: Netns,
@@ -357,6 +363,7 @@ impl Drop for Pod {
 pub struct Network {
     tag: String,
     next_host: u8,
+    dual_stack: bool,
     /// Declared before the bridge: pods are torn down first.
     pub pods: Vec<Pod>,
     bridge: Netns,
@@ -376,9 +383,19 @@ impl Network {
         Ok(Self {
             tag,
             next_host: 10,
+            dual_stack: false,
             pods: Vec::new(),
             bridge,
         })
+    }
+
+    /// A network whose pods have an IPv6 address as well, as on a
+    /// dual-stack cluster (every pod gets one address of each family:
+    /// <https://kubernetes.io/docs/concepts/services-networking/dual-stack/>).
+    pub fn new_dual_stack(tag: &str) -> anyhow::Result<Self> {
+        let mut net = Self::new(tag)?;
+        net.dual_stack = true;
+        Ok(net)
     }
 
     /// Every namespace of this network: the bridge's and the pods'.
@@ -421,12 +438,32 @@ impl Network {
         // pod has (a Service's ClusterIP) reaches the OUTPUT chain and its
         // redirect to the sidecar instead of failing "unreachable".
         ns.ip(&["route", "add", "default", "dev", "eth0"])?;
+        let ip6 = if self.dual_stack {
+            let [a, b, c, d] = SUBNET6;
+            let addr6 = Ipv6Addr::new(a, b, c, d, 0, 0, 0, u16::from(host));
+            // `nodad`: the address is usable at once, as a CNI plugin's is
+            // by the time the pod's containers start.
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&["-6", "route", "add", "default", "dev", "eth0"])?;
+            Some(addr6)
+        } else {
+            None
+        };
         self.bridge
             .ip(&["link", "set", &bridge_end, "master", "br0"])?;
         self.bridge.ip(&["link", "set", &bridge_end, "up"])?;
         self.pods.push(Pod {
             name: name.to_owned(),
             ip: addr,
+            ip6,
             children: Vec::new(),
             ns,
         });

@@ -496,6 +496,82 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
     );
 }
 
+#[test]
+fn ipv6_is_intercepted_in_a_dual_stack_pod_with_mtls_strict_and_access_policy() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new_dual_stack("v6").expect("network");
+    // Pods a, b, c get hosts 10, 11, 12 of each family.
+    let [p0, p1, p2, p3] = weft::netns::SUBNET6;
+    let b6 = std::net::Ipv6Addr::new(p0, p1, p2, p3, 0, 0, 0, 11).to_string();
+    // B's AccessPolicy admits A on /orders only.
+    let mut cfg = config("strict", &b6);
+    cfg["inbound"]["authorizations"] = json!([{
+        "policy": "shop/b-callers",
+        "ports": [8080],
+        "rules": [{
+            "identities": [{ "namespace": "shop", "serviceAccount": "a" }],
+            "paths": [{ "type": "PathPrefix", "value": "/orders" }],
+        }],
+    }]);
+    // No --ipv6: weft init sees the pod's IPv6 address and redirects it.
+    let a = meshed_pod(&mut net, &files, &ca, "a", &cfg, &[]);
+    let b = meshed_pod(&mut net, &files, &ca, "b", &cfg, &[]);
+    assert_eq!(net.pods[b].ip6.map(|ip| ip.to_string()), Some(b6.clone()));
+    let c = net.add_pod("c").expect("plain pod");
+    let (a_ns, b_ns, c_ns) = (&net.pods[a].ns, &net.pods[b].ns, &net.pods[c].ns);
+    let saved6 = a_ns
+        .run(None, "", &["ip6tables-save", "-t", "nat"])
+        .expect("save");
+    let saved6 = String::from_utf8_lossy(&saved6.stdout);
+    assert!(
+        saved6.contains("-A OUTPUT -p tcp -j WEFT_OUTPUT")
+            && saved6.contains("-A WEFT_OUT_REDIRECT -p tcp -j REDIRECT --to-ports 15101"),
+        "ip6tables redirect installed:\n{saved6}"
+    );
+
+    // A's app calls B's IPv6 address in plaintext; the sidecars carry it
+    // in mTLS over IPv6 and B's app learns who called.
+    let (status, body) = fetch(a_ns, &format!("http://[{b6}]:8080/orders")).expect("a response");
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(seen["caller"], "spiffe://cluster.local/ns/shop/sa/a");
+    assert_eq!(
+        metric(
+            a_ns,
+            "weft_proxy_requests_total{direction=\"outbound\",src=\"a\",dst=\"b.shop:8080\",route=\"default\",status_class=\"2xx\",tls=\"true\"}"
+        ),
+        1.0,
+        "A's outbound proxy carried it, in TLS"
+    );
+
+    // AccessPolicy over IPv6: the same caller, a path it may not use.
+    let (status, _) = fetch(a_ns, &format!("http://[{b6}]:8080/admin")).expect("an answer");
+    assert_eq!(status, 403);
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_access_denied_total{policy=\"shop/b-callers\",protocol=\"http\"}"
+        ),
+        1.0
+    );
+
+    // STRICT over IPv6: a pod without a sidecar is refused and counted.
+    assert!(
+        fetch(c_ns, &format!("http://[{b6}]:8080/orders")).is_none(),
+        "STRICT refuses plaintext over IPv6"
+    );
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"}"
+        ),
+        1.0
+    );
+}
+
 /// `make test` runs this one again with its output shown, so whether tier
 /// 4 ran or was skipped is visible in the log.
 #[test]

@@ -45,7 +45,10 @@
 //!
 //! `--proxy-uid`, `--proxy-gid`, `--inbound-port`, `--outbound-port`,
 //! `--skip-inbound-ports P,...`, `--skip-outbound-ports P,...`,
-//! `--skip-outbound-cidrs CIDR,...`, `--ipv6`.
+//! `--skip-outbound-cidrs CIDR,...`. The injector passes no `--ipv6`: its
+//! default, `auto`, redirects IPv6 when the pod has an IPv6 address, which
+//! only the pod itself can see (the CNI plugin assigns addresses after
+//! admission, before the first init container starts).
 
 pub mod certs;
 pub mod webhook;

@@ -432,37 +432,41 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         tokio::spawn(apiwatch::watch_configmap(client, ns, proxy.store.clone()));
     }
 
-    let admin = bind(args.admin, "admin").await?;
-    let probe = bind(args.probe, "probe").await?;
+    let admin = bind_families(args.admin, "admin").await?;
+    let probe = bind_families(args.probe, "probe").await?;
     let mut running = Running {
-        admin: admin.local_addr()?,
-        probe: probe.local_addr()?,
+        admin: admin[0].local_addr()?,
+        probe: probe[0].local_addr()?,
         outbound: Vec::new(),
         inbound: Vec::new(),
     };
-    tokio::spawn(admin::serve(admin, admin::admin_router(proxy.clone())));
+    for l in admin {
+        tokio::spawn(admin::serve(l, admin::admin_router(proxy.clone())));
+    }
 
     if !args.no_transparent {
-        let l = bind(args.outbound, "outbound").await?;
-        running.outbound.push(l.local_addr()?);
-        serve_listener(l, &proxy, |p, conn, peer| async move {
-            match orig_dst::original_dst(&conn) {
-                Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+        for l in bind_families(args.outbound, "outbound").await? {
+            running.outbound.push(l.local_addr()?);
+            serve_listener(l, &proxy, |p, conn, peer| async move {
+                match orig_dst::original_dst(&conn) {
+                    Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+                    }
                 }
-            }
-        });
-        let l = bind(args.inbound, "inbound").await?;
-        running.inbound.push(l.local_addr()?);
-        serve_listener(l, &proxy, |p, conn, peer| async move {
-            match orig_dst::original_dst(&conn) {
-                Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+            });
+        }
+        for l in bind_families(args.inbound, "inbound").await? {
+            running.inbound.push(l.local_addr()?);
+            serve_listener(l, &proxy, |p, conn, peer| async move {
+                match orig_dst::original_dst(&conn) {
+                    Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+                    }
                 }
-            }
-        });
+            });
+        }
     }
     for (listen, target) in &args.outbound_map {
         let l = bind(*listen, "explicit outbound").await?;
@@ -499,10 +503,10 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
             tracing::warn!(probe = %t, "probe target names a port of the proxy itself; it is never forwarded");
         }
     }
-    tokio::spawn(admin::serve(
-        probe,
-        admin::probe_router(proxy.clone(), own_ports),
-    ));
+    let probe_router = admin::probe_router(proxy.clone(), own_ports);
+    for l in probe {
+        tokio::spawn(admin::serve(l, probe_router.clone()));
+    }
     proxy.store.set_listening();
     tracing::info!(admin = %running.admin, "proxy listening");
     Ok(running)
@@ -520,6 +524,37 @@ where
         proxy.drain.clone(),
         move |conn, peer| handle(p.clone(), conn, peer),
     ));
+}
+
+/// Binds `addr`; for the IPv4 wildcard (every default listener) also the
+/// IPv6 wildcard on the same port, IPv6 only, so a dual-stack or IPv6 pod
+/// is served on both families (`weft init` redirects IPv6 to the same
+/// ports). Where the pod has no IPv6 at all the second bind fails, which
+/// is logged and harmless: nothing can arrive over IPv6 there.
+async fn bind_families(addr: SocketAddr, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = vec![bind(addr, what).await?];
+    if addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        // The port actually bound, should `addr` have asked for any.
+        let port = listeners[0].local_addr()?.port();
+        match bind_v6_only(port) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                tracing::info!(what, port, error = %e, "no IPv6 listener (the pod has no IPv6)")
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+/// `[::]:port` with `IPV6_V6ONLY`, so it does not collide with the IPv4
+/// listener on the same port (Linux's `net.ipv6.bindv6only` is 0).
+fn bind_v6_only(port: u16) -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+        .map_err(std::io::Error::from)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
+    socket.listen(1024)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
