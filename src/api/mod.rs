@@ -8,6 +8,7 @@
 
 mod access;
 mod common;
+pub mod formats;
 mod mesh;
 mod mtls;
 mod route;
@@ -62,15 +63,18 @@ pub mod conditions {
     }
 }
 
-/// Every weft CRD, in a stable order.
+/// Every weft CRD, in a stable order, with only the schema formats the API
+/// server recognises ([`formats`]).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut all = vec![
         Mesh::crd(),
         MTLSPolicy::crd(),
         TrafficPolicy::crd(),
         ServiceRoute::crd(),
         AccessPolicy::crd(),
-    ]
+    ];
+    all.iter_mut().for_each(formats::to_api_server_formats);
+    all
 }
 
 /// The file in `crds/` that holds a CRD: `weft.dev_trafficpolicies.yaml`.
