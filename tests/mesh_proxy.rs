@@ -369,7 +369,7 @@ async fn strict_refuses_plaintext_but_serves_the_probe_port_and_excepted_ports()
     assert_eq!(
         server
             .metric(&format!(
-                "weft_proxy_inbound_plaintext_rejected_total{{port=\"{port}\"}}"
+                "weft_proxy_inbound_plaintext_rejected_total{{port=\"{port}\",src_addr="
             ))
             .await,
         1.0

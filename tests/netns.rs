@@ -468,7 +468,7 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
     assert_eq!(
         metric(
             b_ns,
-            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"}"
+            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\",src_addr="
         ),
         1.0
     );
@@ -566,7 +566,7 @@ fn ipv6_is_intercepted_in_a_dual_stack_pod_with_mtls_strict_and_access_policy() 
     assert_eq!(
         metric(
             b_ns,
-            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"}"
+            "weft_proxy_inbound_plaintext_rejected_total{port=\"8080\",src_addr="
         ),
         1.0
     );

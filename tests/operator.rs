@@ -758,6 +758,8 @@ fn b64(s: &str) -> String {
 
 const PAYMENTS_POLICY: &str = "/apis/weft.dev/v1alpha1/namespaces/payments/mtlspolicies/payments";
 const PAYMENTS_POD_IP: &str = "10.1.0.1";
+/// legacy/cron-0, a pod without the sidecar.
+const LEGACY_POD_IP: &str = "10.9.9.9";
 
 /// Namespace `payments` with one meshed pod, a Service, and a staged
 /// Strict MTLSPolicy whose status is `status` (in the caches and in the
@@ -787,6 +789,13 @@ async fn payments_rollout(status: Value) -> Harness {
                                 {"name": "weft-proxy", "image": "weft"}]},
         "status": {"phase": "Running", "podIP": PAYMENTS_POD_IP}}));
     put(&mut h.writers.pods, pod);
+    // A pod of the cluster without the sidecar, which speaks plaintext in
+    // some tests (an address no pod holds never blocks the rollout).
+    let legacy: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "legacy", "name": "cron-0"},
+        "spec": {"containers": [{"name": "app", "image": "cron"}]},
+        "status": {"phase": "Running", "podIP": LEGACY_POD_IP}}));
+    put(&mut h.writers.pods, legacy);
     h.with_ca().await;
     driver::recompile(&h.ctx).await;
     h
@@ -795,8 +804,19 @@ async fn payments_rollout(status: Value) -> Harness {
 impl Harness {
     /// The payments proxy reports the namespace's current config, trust
     /// bundle and identity, and `plaintext` connections so far from
-    /// 10.9.9.9 to port 8080.
+    /// 10.9.9.9 (legacy/cron-0) to port 8080.
     fn payments_proxy_reports(&self, generation: &str, plaintext: u64) {
+        self.payments_proxy_reports_refusals(generation, plaintext, &[]);
+    }
+
+    /// As [`Self::payments_proxy_reports`], plus plaintext connections to
+    /// port 8080 refused under STRICT so far, by source address.
+    fn payments_proxy_reports_refusals(
+        &self,
+        generation: &str,
+        plaintext: u64,
+        refused: &[(&str, u64)],
+    ) {
         let bundle = match self.ctx.ca.load().as_ref() {
             CaState::Ready(ca) => weft::identity::bundle_hash(&ca.trust_bundle()),
             _ => panic!("no CA"),
@@ -807,6 +827,12 @@ impl Harness {
              weft_proxy_certificate_expiry_timestamp_seconds 1.9e9\n\
              weft_proxy_inbound_plaintext_connections_total{{port=\"8080\",src_addr=\"10.9.9.9\"}} {plaintext}\n"
         );
+        let mut text = text;
+        for (src, n) in refused {
+            text.push_str(&format!(
+                "weft_proxy_inbound_plaintext_rejected_total{{port=\"8080\",src_addr=\"{src}\"}} {n}\n"
+            ));
+        }
         self.scraper
             .0
             .lock()
@@ -1181,5 +1207,57 @@ async fn a_condition_change_is_announced_once_on_the_policy() {
                 .as_str()
                 .is_some_and(|n| n.starts_with("ResolvedRefs is True"))),
         "{events:#?}"
+    );
+}
+
+/// Anyone who can reach payments could otherwise switch its mTLS off by
+/// knocking: refused plaintext from a pod without the sidecar or from an
+/// address no pod holds keeps Strict, and is named in the status; only a
+/// burst from meshed pods (clients the flip broke) rolls back.
+#[tokio::test]
+async fn plaintext_knocking_from_an_unknown_pod_does_not_roll_back_strict() {
+    let mut h = payments_rollout(
+        json!({"phase": "Strict", "phaseSince": "2020-01-01T00:00:00Z",
+        "observedGeneration": 1}),
+    )
+    .await;
+    let meshed: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": "checkout-0"},
+        "spec": {"containers": [{"name": "app", "image": "checkout"},
+                                {"name": "weft-proxy", "image": "weft"}]},
+        "status": {"phase": "Running", "podIP": "10.1.0.7"}}));
+    put(&mut h.writers.pods, meshed);
+    let generation = h.compiled_generation("payments");
+    let strangers = |n: u64| [(LEGACY_POD_IP, n), ("192.0.2.44", n)];
+    h.payments_proxy_reports_refusals(&generation, 0, &strangers(0));
+    h.reconcile("payments").await;
+    h.sync_payments_policy();
+    h.clear();
+    // Far above the threshold of 10 within the window.
+    h.payments_proxy_reports_refusals(&generation, 0, &strangers(500));
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "Strict", "{st:#}");
+    let message = st["conditions"].to_string();
+    assert!(
+        message.contains("10.9.9.9 (pod legacy/cron-0)")
+            && message.contains("192.0.2.44 (not a pod of the cluster)"),
+        "the refused sources are named: {st:#}"
+    );
+    h.sync_payments_policy();
+    h.clear();
+
+    // A meshed client refused: the flip broke the mesh, back to Permissive.
+    let mut refused = strangers(500).to_vec();
+    refused.push(("10.1.0.7", 12));
+    h.payments_proxy_reports_refusals(&generation, 0, &refused);
+    h.reconcile("payments").await;
+    let st = h.the_payments_status();
+    assert_eq!(st["phase"], "RolledBack", "{st:#}");
+    assert!(
+        st["blockers"]
+            .to_string()
+            .contains("10.1.0.7 (pod shop/checkout-0, meshed)"),
+        "{st:#}"
     );
 }

@@ -115,7 +115,11 @@ pub struct AutoRollback {
     /// Roll back automatically (default true).
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Rejected plaintext connections within `window` that trigger a rollback.
+    /// Rejected plaintext connections from meshed pods (pods with the weft
+    /// sidecar, which the switch to Strict broke) within `window` that
+    /// trigger a rollback. Plaintext from anything else (a pod without the
+    /// sidecar, an address no pod of the cluster holds) is what Strict
+    /// refuses: it is named in the status and never rolls back.
     #[serde(default = "default_rejected_threshold")]
     #[schemars(range(min = 1))]
     pub rejected_connections: u32,

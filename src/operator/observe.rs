@@ -20,8 +20,10 @@ pub struct Scrape {
     pub report: ProxyReport,
     /// Cumulative plaintext connections by (container port, source address).
     pub plaintext: BTreeMap<(u16, String), u64>,
-    /// Cumulative plaintext connections refused under STRICT.
-    pub rejected: u64,
+    /// Cumulative plaintext connections refused under STRICT, by (container
+    /// port, source address); an older proxy without the `src_addr` label
+    /// reports `""`, which no pod holds.
+    pub rejected: BTreeMap<(u16, String), u64>,
 }
 
 /// Reads a proxy's `/metrics` text.
@@ -44,7 +46,11 @@ pub fn read(text: &str) -> Scrape {
                     *out.plaintext.entry((port, label("src_addr"))).or_default() += s.value as u64;
                 }
             }
-            "weft_proxy_inbound_plaintext_rejected_total" => out.rejected += s.value as u64,
+            "weft_proxy_inbound_plaintext_rejected_total" => {
+                if let Ok(port) = label("port").parse() {
+                    *out.rejected.entry((port, label("src_addr"))).or_default() += s.value as u64;
+                }
+            }
             _ => {}
         }
     }
@@ -115,8 +121,8 @@ impl Scraper for HttpScraper {
 pub type PlaintextKey = (String, u16, String);
 
 /// One look at a namespace's refused-plaintext counters: when, and the
-/// cumulative count per pod.
-type RejectedSample = (SystemTime, HashMap<String, u64>);
+/// cumulative count per (pod, port, source address).
+type RejectedSample = (SystemTime, HashMap<PlaintextKey, u64>);
 
 /// What the operator remembers between looks, per namespace. Lost on a
 /// restart, and not shared with other replicas: a namespace the operator
@@ -167,15 +173,15 @@ impl Counters {
         self.baselines.insert(namespace.to_owned(), (since, now));
     }
 
-    /// Plaintext connections refused within `window` before `now`, from
-    /// per-pod cumulative counters.
+    /// Plaintext connections refused within `window` before `now`, by
+    /// (port, source address), from the proxies' cumulative counters.
     pub fn rejected_within(
         &mut self,
         namespace: &str,
         now: SystemTime,
         window: Duration,
-        per_pod: HashMap<String, u64>,
-    ) -> u64 {
+        per_pod: HashMap<PlaintextKey, u64>,
+    ) -> BTreeMap<(u16, String), u64> {
         let samples = self.rejected.entry(namespace.to_owned()).or_default();
         samples.push_back((now, per_pod));
         // Keep one sample at or before the window's start, as the base.
@@ -187,17 +193,21 @@ impl Counters {
             samples.pop_front();
         }
         let (Some((_, first)), Some((_, last))) = (samples.front(), samples.back()) else {
-            return 0;
+            return BTreeMap::new();
         };
-        last.iter()
-            .map(|(pod, &v)| {
-                let base = first.get(pod).copied().unwrap_or(0);
-                if v >= base { v - base } else { v }
-            })
-            .sum()
+        // Per source, summed over the namespace's proxies; a counter below
+        // its baseline restarted (its proxy did) and counts from zero.
+        let mut by_source: BTreeMap<(u16, String), u64> = BTreeMap::new();
+        for (key, &v) in last {
+            let base = first.get(key).copied().unwrap_or(0);
+            let seen = if v >= base { v - base } else { v };
+            if seen > 0 {
+                *by_source.entry((key.1, key.2.clone())).or_default() += seen;
+            }
+        }
+        by_source
     }
 
-    /// Forgets a namespace (its policy went away or settled).
     pub fn forget(&mut self, namespace: &str) {
         self.baselines.remove(namespace);
         self.rejected.remove(namespace);
@@ -217,15 +227,21 @@ weft_proxy_config_generation{generation=\"abc123\"} 1
 weft_proxy_trust_bundle{hash=\"h1\"} 1
 weft_proxy_certificate_expiry_timestamp_seconds 1.9e9
 weft_proxy_inbound_plaintext_connections_total{port=\"8080\",src_addr=\"10.0.0.7\"} 3
-weft_proxy_inbound_plaintext_rejected_total{port=\"8080\"} 2
-weft_proxy_inbound_plaintext_rejected_total{port=\"9090\"} 1
+weft_proxy_inbound_plaintext_rejected_total{port=\"8080\",src_addr=\"10.0.0.7\"} 2
+weft_proxy_inbound_plaintext_rejected_total{port=\"9090\",src_addr=\"10.0.0.8\"} 1
 ";
         let s = read(text);
         assert_eq!(s.report.generation.as_deref(), Some("abc123"));
         assert_eq!(s.report.trust_bundle_hash.as_deref(), Some("h1"));
         assert!(s.report.has_identity);
         assert_eq!(s.plaintext[&(8080, "10.0.0.7".into())], 3);
-        assert_eq!(s.rejected, 3);
+        assert_eq!(
+            s.rejected,
+            BTreeMap::from([
+                ((8080, "10.0.0.7".into()), 2),
+                ((9090, "10.0.0.8".into()), 1)
+            ])
+        );
     }
 
     fn key(pod: &str) -> PlaintextKey {
@@ -277,12 +293,19 @@ weft_proxy_inbound_plaintext_rejected_total{port=\"9090\"} 1
         let w = Duration::from_secs(60);
         let mut c = Counters::default();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let pods = |n: u64| HashMap::from([("a".to_owned(), n)]);
-        assert_eq!(c.rejected_within("ns", at(0), w, pods(0)), 0);
-        assert_eq!(c.rejected_within("ns", at(30), w, pods(4)), 4);
-        assert_eq!(c.rejected_within("ns", at(59), w, pods(9)), 9);
+        // Pods a and b refused the same source: one count for it.
+        let pods = |n: u64| HashMap::from([(key("a"), n), (key("b"), n / 2)]);
+        let mut count = |at: SystemTime, n: u64| {
+            c.rejected_within("ns", at, w, pods(n))
+                .get(&(8080, "10.0.0.7".to_owned()))
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(count(at(0), 0), 0);
+        assert_eq!(count(at(30), 4), 4 + 2);
+        assert_eq!(count(at(59), 9), 9 + 4);
         // The first sample leaves the window: counted from the one at 30 s.
-        assert_eq!(c.rejected_within("ns", at(95), w, pods(10)), 6);
-        assert_eq!(c.rejected_within("ns", at(200), w, pods(10)), 0);
+        assert_eq!(count(at(95), 10), 6 + 3);
+        assert_eq!(count(at(200), 10), 0);
     }
 }

@@ -802,13 +802,15 @@ fn injected(pod: &Pod) -> bool {
     })
 }
 
-/// Which pod a plaintext source address is, `ns/name`, to name it in
-/// blockers and Events. Only pods that hold their address now: a finished
-/// pod keeps its `podIP` in status after the network reused it, and a
-/// host-network pod's is its node's, which the kubelet's probes come
-/// from. An address two such pods claim names neither (`None`).
-fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<String>> {
-    let mut by_ip: HashMap<IpAddr, Option<String>> = HashMap::new();
+/// Which pod a plaintext source address is, `ns/name`, and whether it
+/// carries the sidecar (a meshed client the flip broke, rather than a
+/// stranger STRICT is meant to refuse), to name it in blockers and Events.
+/// Only pods that hold their address now: a finished pod keeps its `podIP`
+/// in status after the network reused it, and a host-network pod's is its
+/// node's, which the kubelet's probes come from. An address two such pods
+/// claim names neither (`None`).
+fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<(String, bool)>> {
+    let mut by_ip: HashMap<IpAddr, Option<(String, bool)>> = HashMap::new();
     for p in pods {
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         let host_network = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
@@ -819,14 +821,15 @@ fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<String>> {
             continue;
         };
         let name = format!("{ns}/{}", p.name_any());
+        let meshed = injected(p);
         by_ip
             .entry(ip)
             .and_modify(|n| {
-                if n.as_deref() != Some(name.as_str()) {
+                if n.as_ref().map(|(other, _)| other.as_str()) != Some(name.as_str()) {
                     *n = None;
                 }
             })
-            .or_insert(Some(name));
+            .or_insert(Some((name, meshed)));
     }
     by_ip
 }
@@ -885,12 +888,14 @@ async fn gather(
     let by_ip = pods_by_ip(&ctx.world.pods.state());
 
     let mut plaintext_now: HashMap<PlaintextKey, u64> = HashMap::new();
-    let mut rejected_now: HashMap<String, u64> = HashMap::new();
+    let mut rejected_now: HashMap<PlaintextKey, u64> = HashMap::new();
     for (pod, s) in &scrapes {
         for ((port, src), n) in &s.plaintext {
             plaintext_now.insert((pod.clone(), *port, src.clone()), *n);
         }
-        rejected_now.insert(pod.clone(), s.rejected);
+        for ((port, src), n) in &s.rejected {
+            rejected_now.insert((pod.clone(), *port, src.clone()), *n);
+        }
     }
     let since = current.map_or(now, |c| c.since);
     let window = policy.spec.rollout.auto_rollback.window.as_std();
@@ -901,18 +906,27 @@ async fn gather(
         (seen, rejected)
     };
     let plaintext_counted = plaintext.is_some();
-    let plaintext = plaintext
-        .unwrap_or_default()
-        .into_iter()
-        .map(|((_, port, src), connections)| PlaintextSource {
-            pod: src
-                .parse()
-                .ok()
-                .and_then(|ip| by_ip.get(&ip).cloned().flatten()),
+    let source = |port: u16, src: String, connections: u64| {
+        let pod = src
+            .parse()
+            .ok()
+            .and_then(|ip| by_ip.get(&ip).cloned().flatten());
+        PlaintextSource {
+            meshed: pod.as_ref().is_some_and(|(_, meshed)| *meshed),
+            pod: pod.map(|(name, _)| name),
             src_addr: src,
             port,
             connections,
-        })
+        }
+    };
+    let plaintext = plaintext
+        .unwrap_or_default()
+        .into_iter()
+        .map(|((_, port, src), connections)| source(port, src, connections))
+        .collect();
+    let rejected_recently = rejected_recently
+        .into_iter()
+        .map(|((port, src), connections)| source(port, src, connections))
         .collect();
 
     let clients = match current.map(|c| c.phase) {
@@ -1021,10 +1035,16 @@ mod tests {
     #[test]
     fn plaintext_sources_name_only_pods_that_hold_their_address_now() {
         let pod = |name: &str, ip: &str, phase: &str, host_network: bool| {
+            // Pods named *-meshed carry the sidecar.
+            let containers = if name.ends_with("-meshed") {
+                json!([{"name": "app"}, {"name": PROXY_CONTAINER}])
+            } else {
+                json!([{"name": "app"}])
+            };
             Arc::new(
                 serde_json::from_value::<Pod>(json!({
                     "metadata": {"namespace": "shop", "name": name},
-                    "spec": {"containers": [], "hostNetwork": host_network},
+                    "spec": {"containers": containers, "hostNetwork": host_network},
                     "status": {"phase": phase, "podIP": ip},
                 }))
                 .expect("a pod"),
@@ -1033,12 +1053,18 @@ mod tests {
         let by_ip = pods_by_ip(&[
             pod("cron-1", "10.0.0.5", "Succeeded", false),
             pod("cart-1", "10.0.0.5", "Running", false),
+            pod("checkout-meshed", "10.0.0.6", "Running", false),
             pod("node-agent", "192.168.1.10", "Running", true),
             pod("a", "10.0.0.7", "Running", false),
             pod("b", "10.0.0.7", "Pending", false),
         ]);
         let name = |ip: &str| by_ip.get(&ip.parse().expect("ip")).cloned().flatten();
-        assert_eq!(name("10.0.0.5").as_deref(), Some("shop/cart-1"));
+        assert_eq!(name("10.0.0.5"), Some(("shop/cart-1".into(), false)));
+        assert_eq!(
+            name("10.0.0.6"),
+            Some(("shop/checkout-meshed".into(), true)),
+            "a pod with the sidecar is a meshed client"
+        );
         assert_eq!(name("192.168.1.10"), None, "a node's address is no pod's");
         assert_eq!(name("10.0.0.7"), None, "two claims name neither");
     }

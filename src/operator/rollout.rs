@@ -30,9 +30,21 @@
 //!   does that in this phase); wait until the config that says so has been
 //!   compiled and every client proxy runs it, so none falls back to
 //!   plaintext after the flip.
-//! - Strict: the servers reject plaintext. A burst of rejections above the
-//!   threshold within the rollback window rolls back to Permissive
-//!   (RolledBack), which holds until the policy is edited.
+//! - Strict: the servers reject plaintext. A burst of rejected plaintext
+//!   from *meshed* pods (pods with the sidecar, which the flip broke: they
+//!   should have spoken mTLS) above the threshold within the rollback
+//!   window rolls back to Permissive (RolledBack), which holds until the
+//!   policy is edited. Plaintext from anything else (a pod without the
+//!   sidecar, an address no pod of the cluster holds) is what STRICT exists
+//!   to refuse: it is counted and named in the status message, and never
+//!   rolls back, or anyone who can reach a pod could switch mTLS off by
+//!   knocking.
+//!
+//! Plaintext from an address no live pod of the cluster holds (a node, a
+//! host-network pod, something outside the cluster) never holds the
+//! observation window either: it is named in the message and the window
+//! runs on. Only a pod of the cluster that would lose its traffic under
+//! STRICT blocks the rollout.
 
 use std::time::{Duration, SystemTime};
 
@@ -90,6 +102,8 @@ pub struct PlaintextSource {
     pub src_addr: String,
     /// The pod that has `src_addr`, when one does.
     pub pod: Option<String>,
+    /// That pod carries the weft sidecar.
+    pub meshed: bool,
     pub port: u16,
     pub connections: u64,
 }
@@ -129,8 +143,8 @@ pub struct Evidence {
     /// Client proxies of this namespace's Services in other pods.
     pub clients: Vec<ClientEvidence>,
     /// Plaintext connections the namespace's proxies rejected within the
-    /// auto-rollback window.
-    pub rejected_recently: u64,
+    /// auto-rollback window, by source.
+    pub rejected_recently: Vec<PlaintextSource>,
 }
 
 /// Where the rollout stands (from the policy's status).
@@ -219,7 +233,7 @@ pub fn step(
     let edited = current.is_some_and(|c| c.observed_generation != generation);
     match phase {
         Some(RolloutPhase::RolledBack) if !edited => {
-            // What broke stays listed; a source that starts speaking
+            // What broke stays listed; a pod that starts speaking
             // plaintext later joins it. Without counts, so the list (and
             // the status) changes only when the set of sources does.
             let mut sources = current.map(|c| c.blockers.clone()).unwrap_or_default();
@@ -239,22 +253,45 @@ pub fn step(
         }
         Some(RolloutPhase::Strict) => {
             let rb = &spec.rollout.auto_rollback;
-            if rb.enabled && evidence.rejected_recently >= u64::from(rb.rejected_connections) {
+            let (meshed, outside): (Vec<&PlaintextSource>, Vec<&PlaintextSource>) = evidence
+                .rejected_recently
+                .iter()
+                .filter(|r| r.connections > 0)
+                .partition(|r| r.pod.is_some() && r.meshed);
+            let broken: u64 = meshed.iter().map(|r| r.connections).sum();
+            if rb.enabled && broken >= u64::from(rb.rejected_connections) {
                 return to(
                     RolloutPhase::RolledBack,
                     reason::REJECTED_PLAINTEXT_BURST,
                     format!(
-                        "{} plaintext connections were rejected within {} (threshold {}): back to Permissive",
-                        evidence.rejected_recently, rb.window, rb.rejected_connections
+                        "{broken} plaintext connections from pods with the sidecar were rejected within {} (threshold {}): the flip broke meshed clients, back to Permissive",
+                        rb.window, rb.rejected_connections
                     ),
-                    capped(current_blockers(evidence)).0,
+                    capped(meshed.iter().map(|r| describe(r)).collect()).0,
                     IDLE,
+                );
+            }
+            // Refusals from outside the mesh are STRICT doing its job: named
+            // (without counts, so more of the same rewrites nothing), never
+            // a reason to roll back.
+            let mut message = "only mesh mTLS is accepted".to_owned();
+            let mut refused: Vec<String> =
+                outside.iter().chain(&meshed).map(|r| describe(r)).collect();
+            refused.sort();
+            refused.dedup();
+            if !refused.is_empty() {
+                let n = refused.len();
+                let (named, more) = capped(refused);
+                message = format!(
+                    "only mesh mTLS is accepted; refused within {} ({n} sources, none of them enough to roll back){more}: {}",
+                    rb.window,
+                    named.join("; ")
                 );
             }
             return to(
                 RolloutPhase::Strict,
                 reason::STRICT,
-                "only mesh mTLS is accepted".into(),
+                message,
                 Vec::new(),
                 RECHECK,
             );
@@ -386,11 +423,14 @@ pub fn step(
             requeue_after: window.min(RECHECK),
         };
     }
-    let plaintext: Vec<&PlaintextSource> = evidence
+    // Only a pod of the cluster can hold the window: an address no pod
+    // holds is refused under STRICT and breaks nothing the mesh serves.
+    let (plaintext, outside): (Vec<&PlaintextSource>, Vec<&PlaintextSource>) = evidence
         .plaintext
         .iter()
         .filter(|p| p.connections > 0 && !spec.plaintext_ports.contains(&p.port))
-        .collect();
+        .partition(|p| p.pod.is_some());
+    let outside_note = outside_note(&outside);
     if !plaintext.is_empty() {
         // Sources add up while plaintext keeps coming; counts stay out of
         // the blockers so that more of the same writes nothing.
@@ -417,7 +457,7 @@ pub fn step(
                 now
             },
             message: format!(
-                "plaintext seen from {n} sources; the {} window starts again once none is seen{more}",
+                "plaintext seen from {n} sources; the {} window starts again once none is seen{more}{outside_note}",
                 spec.rollout.observation_window
             ),
             blockers,
@@ -429,7 +469,9 @@ pub fn step(
     }
     if current.plaintext_seen {
         // The first look without plaintext: the window starts now.
-        return window_starts(spec, now, false);
+        let mut d = window_starts(spec, now, false);
+        d.message.push_str(&outside_note);
+        return d;
     }
     let observed = now.duration_since(since).unwrap_or_default();
     if observed >= window {
@@ -437,7 +479,7 @@ pub fn step(
             RolloutPhase::Enforcing,
             reason::WAITING_FOR_CLIENTS,
             format!(
-                "no plaintext for {}; client proxies are told to expect Strict",
+                "no plaintext from pods for {}; client proxies are told to expect Strict{outside_note}",
                 spec.rollout.observation_window
             ),
             Vec::new(),
@@ -449,9 +491,27 @@ pub fn step(
     to(
         RolloutPhase::Observing,
         reason::OBSERVING,
-        window_message(spec),
+        format!("{}{outside_note}", window_message(spec)),
         Vec::new(),
         (window - observed).min(RECHECK),
+    )
+}
+
+/// Names the plaintext sources no pod of the cluster holds, which do not
+/// hold the rollout ("" when there are none). No counts, so that more of
+/// the same rewrites nothing.
+fn outside_note(outside: &[&PlaintextSource]) -> String {
+    if outside.is_empty() {
+        return String::new();
+    }
+    let mut all: Vec<String> = outside.iter().map(|p| describe(p)).collect();
+    all.sort();
+    all.dedup();
+    let n = all.len();
+    let (named, more) = capped(all);
+    format!(
+        "; ignored, as no pod of the cluster holds the address (STRICT will refuse it), {n} sources{more}: {}",
+        named.join("; ")
     )
 }
 
@@ -507,20 +567,22 @@ fn unready_proxies(evidence: &Evidence) -> Vec<String> {
         .collect()
 }
 
-/// After a rollback: who still speaks plaintext (what broke), uncapped.
+/// After a rollback: which pods still speak plaintext (what broke),
+/// uncapped. An address no pod holds is not one of them.
 fn current_blockers(evidence: &Evidence) -> Vec<String> {
     evidence
         .plaintext
         .iter()
-        .filter(|p| p.connections > 0)
+        .filter(|p| p.connections > 0 && p.pod.is_some())
         .map(describe)
         .collect()
 }
 
 fn describe(p: &PlaintextSource) -> String {
-    let who = match &p.pod {
-        Some(pod) => format!("{} (pod {pod})", p.src_addr),
-        None => p.src_addr.clone(),
+    let who = match (&p.pod, p.meshed) {
+        (Some(pod), true) => format!("{} (pod {pod}, meshed)", p.src_addr),
+        (Some(pod), false) => format!("{} (pod {pod})", p.src_addr),
+        (None, _) => format!("{} (not a pod of the cluster)", p.src_addr),
     };
     // No connection count: it grows on every look, and a blocker that
     // changes on every look is a status write on every look.

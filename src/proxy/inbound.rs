@@ -34,7 +34,6 @@ use super::http::route::{ambiguous_path, normalize_path};
 use super::http::{Request, Response};
 use super::metrics::{
     ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
-    PortLabels,
 };
 use super::tls::{ALPN_H2, ALPN_TCP, peer_identity};
 use crate::config::InboundMode;
@@ -199,13 +198,14 @@ fn handshake_failed(proxy: &Proxy, peer: SocketAddr, err: &std::io::Error) {
 
 /// Counts a plaintext connection and decides it by mode.
 fn admit_plaintext(proxy: &Proxy, peer: SocketAddr, port: u16) -> bool {
+    let labels = PlaintextLabels {
+        port,
+        src_addr: peer.ip().to_string(),
+    };
     proxy
         .metrics
         .plaintext_connections
-        .get_or_create(&PlaintextLabels {
-            port,
-            src_addr: peer.ip().to_string(),
-        })
+        .get_or_create(&labels)
         .inc();
     let strict = proxy.store.load().is_some_and(|s| {
         let inbound = &s.config.inbound;
@@ -215,7 +215,7 @@ fn admit_plaintext(proxy: &Proxy, peer: SocketAddr, port: u16) -> bool {
         proxy
             .metrics
             .plaintext_rejected
-            .get_or_create(&PortLabels { port })
+            .get_or_create(&labels)
             .inc();
         tracing::debug!(%peer, port, "plaintext refused: the namespace is STRICT");
     }

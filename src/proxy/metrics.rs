@@ -89,11 +89,6 @@ pub struct PlaintextLabels {
     pub src_addr: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PortLabels {
-    pub port: u16,
-}
-
 /// A refusal by an AccessPolicy.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
@@ -139,8 +134,10 @@ pub struct ProxyMetrics {
     pub identity_reload_failures: Counter,
     /// Plaintext inbound connections by port and source address.
     pub plaintext_connections: Family<PlaintextLabels, Counter>,
-    /// Plaintext inbound connections refused under STRICT, by port.
-    pub plaintext_rejected: Family<PortLabels, Counter>,
+    /// Plaintext inbound connections refused under STRICT, by port and
+    /// source address (the operator rolls back only for sources that are
+    /// meshed pods).
+    pub plaintext_rejected: Family<PlaintextLabels, Counter>,
     /// Requests and connections refused by AccessPolicy.
     pub access_denied: Family<DenialLabels, Counter>,
     /// Mesh TLS handshakes that failed for a reason other than a refused

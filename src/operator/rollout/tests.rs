@@ -81,12 +81,23 @@ fn evidence(pods: Vec<PodEvidence>) -> Evidence {
     }
 }
 
+/// Plaintext from `src`: a pod without the sidecar, or (`None`) an
+/// address no pod of the cluster holds.
 fn plaintext(src: &str, pod: Option<&str>, port: u16, n: u64) -> PlaintextSource {
     PlaintextSource {
         src_addr: src.into(),
         pod: pod.map(str::to_owned),
+        meshed: false,
         port,
         connections: n,
+    }
+}
+
+/// Plaintext from a pod that carries the sidecar: a meshed client.
+fn meshed(src: &str, pod: &str, port: u16, n: u64) -> PlaintextSource {
+    PlaintextSource {
+        meshed: true,
+        ..plaintext(src, Some(pod), port, n)
     }
 }
 
@@ -353,19 +364,24 @@ fn cases() -> Vec<Case> {
             blockers: &[],
         },
         Case {
-            name: "a burst of rejected plaintext rolls back, with its reason",
+            name: "a burst of rejected plaintext from meshed pods rolls back, with its reason",
             spec: staged(),
             generation: 1,
             current: at(Strict, minutes(30)),
             evidence: Evidence {
-                rejected_recently: 12,
-                plaintext: vec![plaintext("10.244.3.3", Some("shop/cron-1"), 8080, 12)],
+                rejected_recently: vec![
+                    meshed("10.244.3.3", "shop/checkout-1", 8080, 7),
+                    meshed("10.244.3.4", "shop/checkout-2", 8080, 5),
+                ],
                 ..evidence(vec![pod("a")])
             },
             phase: RolledBack,
             reason: reason::REJECTED_PLAINTEXT_BURST,
             restarts: true,
-            blockers: &["plaintext from 10.244.3.3 (pod shop/cron-1)"],
+            blockers: &[
+                "plaintext from 10.244.3.3 (pod shop/checkout-1, meshed) to port 8080",
+                "plaintext from 10.244.3.4 (pod shop/checkout-2, meshed) to port 8080",
+            ],
         },
         Case {
             name: "rejections below the threshold keep Strict",
@@ -373,7 +389,7 @@ fn cases() -> Vec<Case> {
             generation: 1,
             current: at(Strict, minutes(30)),
             evidence: Evidence {
-                rejected_recently: 9,
+                rejected_recently: vec![meshed("10.244.3.3", "shop/checkout-1", 8080, 9)],
                 ..evidence(vec![pod("a")])
             },
             phase: Strict,
@@ -387,7 +403,7 @@ fn cases() -> Vec<Case> {
             generation: 1,
             current: at(Strict, minutes(30)),
             evidence: Evidence {
-                rejected_recently: 500,
+                rejected_recently: vec![meshed("10.244.3.3", "shop/checkout-1", 8080, 500)],
                 ..evidence(vec![pod("a")])
             },
             phase: Strict,
@@ -522,7 +538,7 @@ fn a_full_staged_rollout_walks_every_phase_in_order() {
     ev.pods[1] = pod("b");
     seen.push(advance(&ev, now, &mut current).phase);
     now += minutes(3);
-    ev.plaintext = vec![plaintext("10.0.0.9", None, 8080, 1)];
+    ev.plaintext = vec![plaintext("10.0.0.9", Some("shop/legacy-0"), 8080, 1)];
     let d = advance(&ev, now, &mut current);
     assert_eq!((d.phase, d.since), (Observing, now), "the window stopped");
     ev.plaintext.clear();
@@ -562,7 +578,7 @@ fn persisting_plaintext_keeps_the_status_still_until_a_new_source_appears() {
         *current = after(&d);
         d
     };
-    ev.plaintext = vec![plaintext("10.0.0.9", None, 8080, 3)];
+    ev.plaintext = vec![plaintext("10.0.0.9", Some("shop/legacy-0"), 8080, 3)];
     let first = look(&ev, now, &mut current);
     assert_eq!(first.reason, reason::PLAINTEXT_SEEN);
     assert!(first.event && first.recount, "{first:#?}");
@@ -613,8 +629,8 @@ fn rolled_back_blockers_change_only_with_the_set_of_sources() {
     let spec = staged();
     let mut current = at(RolloutPhase::Strict, minutes(30)).expect("current");
     let mut ev = Evidence {
-        rejected_recently: 12,
-        plaintext: vec![plaintext("10.244.3.3", Some("shop/cron-1"), 8080, 12)],
+        rejected_recently: vec![meshed("10.244.3.3", "shop/cron-1", 8080, 12)],
+        plaintext: vec![meshed("10.244.3.3", "shop/cron-1", 8080, 12)],
         ..evidence(vec![pod("a")])
     };
     let d = step(&spec, Some(1), Some(&current), &ev, t0());
@@ -627,7 +643,12 @@ fn rolled_back_blockers_change_only_with_the_set_of_sources() {
         (d.phase, &d.blockers, d.event),
         (RolloutPhase::RolledBack, &blockers, false)
     );
-    ev.plaintext.push(plaintext("10.244.3.4", None, 8080, 1));
+    // An address no pod holds is not something the rollback broke.
+    ev.plaintext.push(plaintext("203.0.113.9", None, 8080, 40));
+    let d = step(&spec, Some(1), Some(&current), &ev, t0() + minutes(10));
+    assert_eq!(d.blockers, blockers, "a stranger joins nothing");
+    ev.plaintext
+        .push(plaintext("10.244.3.4", Some("shop/cron-2"), 8080, 1));
     let d = step(&spec, Some(1), Some(&current), &ev, t0() + minutes(10));
     assert_eq!(d.blockers.len(), 2, "{:?}", d.blockers);
 }
@@ -643,4 +664,66 @@ fn long_blocker_lists_are_capped_and_say_how_many_more() {
         d.message
     );
     assert!(d.message.ends_with("(5 more not listed)"), "{}", d.message);
+}
+
+/// Anyone who can reach a pod could otherwise switch mTLS off for it:
+/// knocking with plaintext from a pod without the sidecar, or from an
+/// address no pod holds, is what STRICT refuses, not evidence that the flip
+/// broke the mesh.
+#[test]
+fn plaintext_knocking_from_an_unknown_pod_does_not_roll_back_strict() {
+    let spec = staged();
+    let current = at(RolloutPhase::Strict, minutes(30)).expect("current");
+    let ev = Evidence {
+        rejected_recently: vec![
+            plaintext("10.244.9.9", Some("tools/curl-0"), 8080, 500),
+            plaintext("192.168.1.10", None, 8080, 500),
+            meshed("10.244.3.3", "shop/checkout-1", 8080, 1),
+        ],
+        ..evidence(vec![pod("a")])
+    };
+    let d = step(&spec, Some(1), Some(&current), &ev, t0());
+    assert_eq!((d.phase, d.reason), (RolloutPhase::Strict, reason::STRICT));
+    assert!(d.blockers.is_empty() && !d.event, "{d:#?}");
+    for named in [
+        "plaintext from 10.244.9.9 (pod tools/curl-0) to port 8080",
+        "plaintext from 192.168.1.10 (not a pod of the cluster) to port 8080",
+        "plaintext from 10.244.3.3 (pod shop/checkout-1, meshed) to port 8080",
+    ] {
+        assert!(d.message.contains(named), "{named}: {}", d.message);
+    }
+    // More of the same knocking rewrites nothing.
+    let mut more = ev.clone();
+    more.rejected_recently[0].connections = 5000;
+    let again = step(&spec, Some(1), Some(&after(&d)), &more, t0() + minutes(1));
+    assert_eq!(again.message, d.message);
+}
+
+/// A source that is not a pod of the cluster is named, and the window runs
+/// on: it cannot hold a rollout in Observing forever.
+#[test]
+fn plaintext_from_an_address_no_pod_holds_cannot_hold_the_window() {
+    let spec = staged();
+    let mut current = at(RolloutPhase::Observing, minutes(0)).expect("current");
+    let ev = Evidence {
+        plaintext: vec![plaintext("192.168.1.10", None, 8080, 40)],
+        ..evidence(vec![pod("a")])
+    };
+    let mut now = t0();
+    let d = step(&spec, Some(1), Some(&current), &ev, now);
+    assert_eq!(
+        (d.phase, d.reason),
+        (RolloutPhase::Observing, reason::OBSERVING)
+    );
+    assert!(d.blockers.is_empty(), "{:?}", d.blockers);
+    assert!(
+        d.message
+            .contains("plaintext from 192.168.1.10 (not a pod of the cluster) to port 8080"),
+        "{}",
+        d.message
+    );
+    current = after(&d);
+    now += minutes(10);
+    let d = step(&spec, Some(1), Some(&current), &ev, now);
+    assert_eq!(d.phase, RolloutPhase::Enforcing, "{d:#?}");
 }
