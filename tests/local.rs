@@ -37,11 +37,14 @@ struct Up {
     child: Child,
     state: PathBuf,
     log: PathBuf,
+    /// Holds `log`, apart from the state directory and its parent.
+    _logs: tempfile::TempDir,
 }
 
 impl Up {
     fn start(state: &Path, extra: &[&str]) -> Self {
-        let log = state.with_extension("up.log");
+        let logs = tempfile::tempdir().expect("log dir");
+        let log = logs.path().join("up.log");
         let out = std::fs::File::create(&log).expect("log");
         let child = Command::new(WEFT)
             .args(["local", "up"])
@@ -58,6 +61,7 @@ impl Up {
             child,
             state: state.to_owned(),
             log,
+            _logs: logs,
         }
     }
 
@@ -284,8 +288,12 @@ fn the_shop_in_network_namespaces_and_down_leaves_nothing() {
         return;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // The state directory as `mktemp -d` makes it: mode 0700, the user's.
+    // The proxies (uid 1450) read their files in it all the same.
     let tmp = tempfile::tempdir().expect("tmp");
-    let state = tmp.path().join("state");
+    let state = tmp.path().to_owned();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
     let mut up = Up::start(&state, &["--mode", "netns"]);
     let recorded = check_the_shop(&mut up);
     assert_eq!(recorded["mode"], "netns");
@@ -305,4 +313,51 @@ fn the_shop_in_network_namespaces_and_down_leaves_nothing() {
     let code = up.child.wait().expect("up exits");
     assert!(code.success(), "{code}:\n{}", up.log());
     assert_nothing_left(&recorded);
+}
+
+/// A state directory below a directory the pods' users cannot search
+/// (here `mktemp -d`'s 0700): `up` stops before starting anything, naming
+/// that directory and the fixes, and leaves it as it was.
+#[test]
+fn a_state_dir_the_proxies_cannot_reach_is_refused_up_front() {
+    if let Some(why) = weft::netns::missing_prerequisite() {
+        eprintln!("\n*** SKIPPED tier 4 (weft local in network namespaces): {why}\n");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let private = tmp.path().canonicalize().expect("canonical");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let state = private.join("state");
+    let out = Command::new(WEFT)
+        .args(["local", "up"])
+        .arg(shop())
+        .args(["--mode", "netns", "--state-dir"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .output()
+        .expect("weft local up runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr.contains(&format!("{} is mode 0700", private.display()))
+            && stderr.contains("the proxy (uid 1450)")
+            && stderr.contains(&format!("chmod o+x {}", private.display()))
+            && stderr.contains("--state-dir"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("started"),
+        "{out:?}"
+    );
+    assert!(!state.join("state.json").exists(), "nothing was started");
+    assert_eq!(
+        std::fs::metadata(&private)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700,
+        "weft leaves the user's directory alone"
+    );
 }

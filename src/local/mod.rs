@@ -13,6 +13,7 @@
 
 pub mod plan;
 mod run;
+mod statedir;
 pub mod status;
 pub mod topology;
 
@@ -42,7 +43,9 @@ pub enum LocalCommand {
 pub struct StateArgs {
     /// Where `up` keeps its state, configs, identities and logs (default:
     /// /run/weft-local as root, else $XDG_RUNTIME_DIR/weft-local or
-    /// /tmp/weft-local-<uid>).
+    /// /tmp/weft-local-<uid>). In network namespaces the pods' users must
+    /// reach it: `up` makes it traversable (o+x) and refuses, naming the
+    /// directory, when one above it is not.
     #[arg(long, env = "WEFT_LOCAL_STATE")]
     pub state_dir: Option<PathBuf>,
 }

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::plan::{HEALTH_PATH, Mode, Plan, PodPlan, plan};
+use super::statedir::{self, PodUser};
 use super::status::{self, Snapshot, View};
 use super::{Format, ModeArg, StateArgs, StatusArgs, UpArgs, topology};
 use crate::identity::{CA_LIFETIME, MeshCa, SpiffeId};
@@ -208,6 +209,12 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    if plan.mode == Mode::Netns
+        && let Err(e) = pods_can_reach_their_files(&dir)
+    {
+        eprintln!("error: {e:#}");
+        return Ok(ExitCode::from(2));
+    }
     report_plan(&plan, &how);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -277,6 +284,29 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         dir.join("logs").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// In network namespaces the proxy and the app run as their own users
+/// (see [`statedir`]): they must reach the state directory and their
+/// binaries, which sit next to this one.
+fn pods_can_reach_their_files(dir: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the weft binary")?;
+    let proxy = PodUser {
+        uid: PROXY_UID,
+        what: "the proxy",
+    };
+    let app = PodUser {
+        uid: APP_UID,
+        what: "the demo app",
+    };
+    statedir::prepare(
+        dir,
+        &[
+            (proxy, dir.to_owned()),
+            (proxy, exe.with_file_name("weft-proxy")),
+            (app, exe.with_file_name("weft-demo")),
+        ],
+    )
 }
 
 /// The first loopback process that died, if one did (pods in namespaces

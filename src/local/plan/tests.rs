@@ -73,14 +73,27 @@ fn netns_pods_get_addresses_in_order_and_services_their_endpoints() {
             "http://notifications.shop:80/send"
         ]
     );
+    // The example Services carry no ClusterIP (a real API server allocates
+    // them): the hosts file names the addresses weft local allocated.
+    let ip_of = |name: &str| {
+        shop.outbound
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.cluster_ips.first().cloned())
+            .expect(name)
+    };
+    let (checkout_ip, payments_ip) = (ip_of("checkout"), ip_of("payments"));
+    assert!(checkout_ip.starts_with("10.96.255."), "{checkout_ip}");
+    assert_ne!(checkout_ip, payments_ip);
     let hosts = checkout.hosts.as_deref().expect("hosts");
     assert!(
-        hosts.contains(
-            "10.96.12.1 checkout.shop.svc.cluster.local checkout.shop.svc checkout.shop checkout\n"
-        ),
+        hosts.contains(&format!(
+            "{checkout_ip} checkout.shop.svc.cluster.local checkout.shop.svc checkout.shop checkout\n"
+        )),
         "{hosts}"
     );
-    assert!(hosts.contains("10.96.20.1 payments.payments.svc.cluster.local payments.payments.svc payments.payments\n"), "{hosts}");
+    assert!(hosts.contains(&format!("{payments_ip} payments.payments.svc.cluster.local payments.payments.svc payments.payments\n")), "{hosts}");
     assert!(checkout.host_ports.is_empty());
     assert!(!checkout.proxy_args.contains(&"--no-transparent".to_owned()));
     let shopper = &plan.pods[0];
@@ -205,5 +218,32 @@ fn services_without_a_cluster_ip_get_one_and_unselected_services_warn() {
                 == "Service shop/inventory selects no workload of the topology: calls to it fail"),
         "{:?}",
         plan.warnings
+    );
+}
+
+/// A Service that has an address (manifests exported from a cluster) keeps
+/// it; only the others get one from 10.96.255.0/24.
+#[test]
+fn a_service_keeps_the_cluster_ip_it_has() {
+    let (mut facts, topo) = shop();
+    let catalog = facts
+        .services
+        .iter_mut()
+        .find(|s| s.metadata.name.as_deref() == Some("catalog"))
+        .expect("catalog");
+    catalog.spec.get_or_insert_with(Default::default).cluster_ip = Some("10.0.0.17".into());
+    let plan = plan(&facts, &topo, Mode::Netns).expect("plans");
+    let ips: BTreeMap<&str, &str> = plan.configs["shop"]
+        .outbound
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.cluster_ips[0].as_str()))
+        .collect();
+    assert_eq!(ips["catalog"], "10.0.0.17");
+    assert!(
+        ips.iter()
+            .filter(|(name, _)| **name != "catalog")
+            .all(|(_, ip)| ip.starts_with("10.96.255.")),
+        "{ips:?}"
     );
 }
