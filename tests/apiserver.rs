@@ -1,25 +1,80 @@
-//! Tier 5: a real kube-apiserver (with etcd) from `KUBEBUILDER_ASSETS`
-//! (`setup-envtest use -p path`), and the real webhook in this process.
-//! Run with `make test-apiserver`, which fails, naming what is missing,
-//! without the binaries. Under `make test` (no binaries on CI) every test
-//! here says SKIPPED loudly instead, and `make test` prints that line.
+//! Tier 5: a real kube-apiserver and etcd from `KUBEBUILDER_ASSETS`
+//! (`setup-envtest use -p path`); the operator, the webhook's certificate
+//! keeper and the webhook itself run in this process against them. Run with
+//! `make test-apiserver`, which fails, naming what is missing, without the
+//! binaries. Under `make test` (no binaries on CI) every `tier5_` test here
+//! says SKIPPED loudly instead, and `make test` prints that line.
 //!
-//! - The webhook is registered by URL with its caBundle; a pod created in a
-//!   labelled namespace comes back injected, one in an unlabelled namespace
-//!   untouched.
+//! What the harness sets up as a cluster would, and where that is written
+//! down:
+//! - Admission: the plugins a default kube-apiserver enables (no
+//!   `--enable-admission-plugins` / `--disable-admission-plugins`), so the
+//!   ServiceAccount plugin sets a pod's ServiceAccount and adds its token
+//!   volume before any mutating webhook sees the pod
+//!   (<https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/#which-plugins-are-enabled-by-default>).
+//!   envtest disables that plugin; this harness does not, because the
+//!   webhook must see what a real cluster sends it.
+//! - No kube-controller-manager runs. In a cluster its serviceaccount
+//!   controller creates every namespace's `default` ServiceAccount (and
+//!   the token and root-CA publishers do their part); the ServiceAccount
+//!   admission plugin refuses a pod whose ServiceAccount does not exist,
+//!   so the tests create the ServiceAccounts their pods use
+//!   (<https://kubernetes.io/docs/reference/access-authn-authz/service-accounts-admin/>).
+//! - Service-account keys: `--service-account-key-file` is read with
+//!   client-go's `keyutil.PublicKeysFromFile`, which takes PKIX public keys,
+//!   certificates, RSA private keys and SEC1 `EC PRIVATE KEY`s, but not a
+//!   PKCS#8 EC key (what rcgen writes): it gets the public key as `PUBLIC
+//!   KEY`. `--service-account-signing-key-file` is read with
+//!   `keyutil.PrivateKeyFromFile`, which takes PKCS#8 (`PRIVATE KEY`)
+//!   (k8s.io/client-go/util/keyutil/key.go; envtest likewise passes a
+//!   certificate and its key, controller-runtime
+//!   pkg/internal/testing/controlplane/apiserver.go).
+//! - Service IPs: `--service-cluster-ip-range=10.0.0.0/24`, what envtest
+//!   passes and the API server's own built-in default. The examples carry
+//!   no ClusterIP; the API server allocates one.
+//! - The control plane's identity: the ServiceAccount, ClusterRole(Binding)
+//!   and Role(Binding) of `manifests/10-control-plane.yaml`, used by
+//!   impersonating the ServiceAccount (user
+//!   `system:serviceaccount:<ns>:<name>`, groups `system:serviceaccounts`,
+//!   `system:serviceaccounts:<ns>`, `system:authenticated`: what the API
+//!   server's token authenticator gives a pod's token,
+//!   <https://kubernetes.io/docs/reference/access-authn-authz/rbac/#referring-to-subjects>).
+//!
+//! etcd and kube-apiserver log to files in the cluster's temp directory;
+//! when start-up or a test fails their last lines are printed and the
+//! directory is kept. The tests run one at a time (each starts its own
+//! API server; two cores do not start three at once in good time).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
-use kube::api::{Api, PostParams};
-use serde_json::json;
-use weft::identity::MeshCa;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Discovery;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use weft::config::{CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig};
+use weft::identity::{CA_CERT_KEY, CA_SECRET, IDENTITY_SECRET, MeshCa};
 use weft::inject::webhook::{self, AllMeshed, ServingCert, Webhook};
 use weft::inject::{ClusterCaps, InjectSettings};
+use weft::operator::desired::{CONFIG_READER, FIELD_MANAGER as OPERATOR};
+
+/// One API server at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The field manager of what the tests apply (as `kubectl apply
+/// --server-side` would, with its own name).
+const TEST_MANAGER: &str = "tier5-test";
+
+/// The Service range passed to the API server (envtest's, and the API
+/// server's own default).
+const SERVICE_RANGE: (u8, u8, u8) = (10, 0, 0);
 
 /// The envtest binaries, or `None` after saying why the test is skipped.
 fn assets() -> Option<PathBuf> {
@@ -41,16 +96,89 @@ fn assets() -> Option<PathBuf> {
     Some(dir)
 }
 
-/// Child processes killed on drop, even when the test panics.
-struct Procs(Vec<Child>);
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
 
-impl Drop for Procs {
+/// Operator and webhook logs in the test's output (shown on failure, and
+/// always under `make test-apiserver`'s `--nocapture`).
+fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+}
+
+// ---------------------------------------------------------------------------
+// The cluster: etcd, kube-apiserver, an admin client.
+
+/// A running etcd + kube-apiserver and an admin client (O=system:masters).
+/// On a panic it prints the last lines of both logs and keeps its
+/// directory; either way it stops both processes.
+struct Cluster {
+    client: kube::Client,
+    /// The admin's config, for clients that impersonate.
+    config: kube::Config,
+    procs: Vec<(&'static str, Child, PathBuf)>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Cluster {
     fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+        if std::thread::panicking() {
+            for (name, child, log) in &mut self.procs {
+                let state = match child.try_wait() {
+                    Ok(Some(status)) => format!("exited: {status}"),
+                    _ => "running".to_owned(),
+                };
+                eprintln!(
+                    "\n--- {name} ({state}), last lines of {} ---\n{}",
+                    log.display(),
+                    tail(log, 40)
+                );
+            }
+        }
+        // The API server first, then its etcd.
+        for (_, child, _) in self.procs.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("--- kept {} for a look ---", dir.keep().display());
         }
     }
+}
+
+impl Cluster {
+    /// A client acting as ServiceAccount `ns/name`, with the groups the API
+    /// server gives a ServiceAccount's token.
+    fn client_as_service_account(&self, ns: &str, name: &str) -> kube::Client {
+        let mut config = self.config.clone();
+        config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{name}"));
+        config.auth_info.impersonate_groups = Some(vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{ns}"),
+            "system:authenticated".into(),
+        ]);
+        kube::Client::try_from(config).expect("impersonating client")
+    }
+
+    /// Exits early when a process died (its log says why).
+    fn check_alive(&mut self) {
+        for (name, child, _) in &mut self.procs {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited ({status}) before the API server was ready");
+            }
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({e})"));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn free_port() -> u16 {
@@ -66,63 +194,84 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
-/// A running etcd + kube-apiserver and an admin client for it.
-struct Cluster {
-    _procs: Procs,
-    _dir: tempfile::TempDir,
-    client: kube::Client,
+/// The API server's service-account key pair, as files it reads: the
+/// public key (PKIX `PUBLIC KEY`) for `--service-account-key-file`, the
+/// private key (PKCS#8 `PRIVATE KEY`) for
+/// `--service-account-signing-key-file`.
+fn service_account_keys(dir: &Path) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("service-account key");
+    (
+        write(dir, "sa.pub", &key.public_key_pem()),
+        write(dir, "sa.key", &key.serialize_pem()),
+    )
+}
+
+fn spawn_logged(
+    name: &'static str,
+    bin: &Path,
+    args: &[String],
+    dir: &Path,
+) -> (&'static str, Child, PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    (name, child, log)
 }
 
 async fn start_cluster(assets: &Path) -> Cluster {
+    log_to_test_output();
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+    let d = dir.path().to_owned();
     let pki = envtest_pki();
     let (serving, admin) = (&pki.serving, &pki.admin);
-    let sa_key = rcgen::KeyPair::generate().expect("sa key").serialize_pem();
-    let ca_file = write(d, "ca.crt", &pki.ca_pem);
-    let etcd_port = free_port();
-    let api_port = free_port();
-    let etcd = Command::new(assets.join("etcd"))
-        .args([
-            "--data-dir",
-            &d.join("etcd").display().to_string(),
-            "--listen-client-urls",
-            &format!("http://127.0.0.1:{etcd_port}"),
-            "--advertise-client-urls",
-            &format!("http://127.0.0.1:{etcd_port}"),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{}", free_port()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd starts");
-    let apiserver = Command::new(assets.join("kube-apiserver"))
-        .args([
-            &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-            &format!("--secure-port={api_port}"),
-            "--bind-address=127.0.0.1",
-            &format!("--tls-cert-file={}", write(d, "apiserver.crt", &serving.0)),
-            &format!(
+    let (sa_public, sa_private) = service_account_keys(&d);
+    let (etcd_port, api_port) = (free_port(), free_port());
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let etcd = spawn_logged(
+        "etcd",
+        &assets.join("etcd"),
+        &[
+            format!("--data-dir={}", d.join("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{}", free_port()),
+            // As envtest runs it (etcd 3.5+): a test's data need not
+            // survive a power cut.
+            "--unsafe-no-fsync=true".into(),
+        ],
+        &d,
+    );
+    let (a, b, c) = SERVICE_RANGE;
+    let apiserver = spawn_logged(
+        "kube-apiserver",
+        &assets.join("kube-apiserver"),
+        &[
+            format!("--etcd-servers={etcd_url}"),
+            format!("--secure-port={api_port}"),
+            "--bind-address=127.0.0.1".into(),
+            // Without it the API server looks for a non-loopback interface
+            // to advertise, and a machine without one fails to start it.
+            "--advertise-address=127.0.0.1".into(),
+            format!("--tls-cert-file={}", write(&d, "apiserver.crt", &serving.0)),
+            format!(
                 "--tls-private-key-file={}",
-                write(d, "apiserver.key", &serving.1)
+                write(&d, "apiserver.key", &serving.1)
             ),
-            &format!("--client-ca-file={ca_file}"),
-            &format!("--service-account-key-file={}", write(d, "sa.key", &sa_key)),
-            &format!(
-                "--service-account-signing-key-file={}",
-                d.join("sa.key").display()
-            ),
-            "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kube-apiserver starts");
-    let procs = Procs(vec![etcd, apiserver]);
+            format!("--client-ca-file={}", write(&d, "ca.crt", &pki.ca_pem)),
+            format!("--service-account-key-file={sa_public}"),
+            format!("--service-account-signing-key-file={sa_private}"),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-cluster-ip-range={a}.{b}.{c}.0/24"),
+            "--authorization-mode=RBAC".into(),
+        ],
+        &d,
+    );
 
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config", "current-context": "envtest",
@@ -141,25 +290,42 @@ async fn start_cluster(assets: &Path) -> Cluster {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("config");
-    let client = kube::Client::try_from(config).expect("client");
-    for _ in 0..120 {
-        if client.apiserver_version().await.is_ok()
+    let client = kube::Client::try_from(config.clone()).expect("client");
+    let mut cluster = Cluster {
+        client: client.clone(),
+        config,
+        procs: vec![etcd, apiserver],
+        dir: Some(dir),
+    };
+
+    // Ready: /readyz passes (its checks include RBAC's bootstrap roles and
+    // the default ServiceCIDR, without which no Service gets an address),
+    // and the system namespaces exist.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        cluster.check_alive();
+        let readyz = http::Request::get("/readyz")
+            .body(Vec::new())
+            .expect("request");
+        let ready = client
+            .request_text(readyz)
+            .await
+            .is_ok_and(|t| t.trim() == "ok")
             && Api::<Namespace>::all(client.clone())
                 .get_opt("default")
                 .await
                 .ok()
                 .flatten()
-                .is_some()
-        {
-            return Cluster {
-                _procs: procs,
-                _dir: dir,
-                client,
-            };
+                .is_some();
+        if ready {
+            return cluster;
         }
+        assert!(
+            Instant::now() < deadline,
+            "kube-apiserver was not ready within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    panic!("kube-apiserver did not become ready within 60 s");
 }
 
 /// The test cluster's PKI: a CA, the API server's serving certificate for
@@ -215,13 +381,692 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// What `--service-account-key-file` gets must be a key kube-apiserver
+/// reads there (`keyutil.ParsePublicKeysPEM`): this one ran as the first
+/// outside run's failure, `data does not contain any valid RSA or ECDSA
+/// public keys`, when the harness passed rcgen's PKCS#8 EC private key.
+/// Runs everywhere: it needs no API server.
+#[test]
+fn the_service_account_key_file_holds_a_key_kube_apiserver_reads() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (public, private) = service_account_keys(dir.path());
+    let public = std::fs::read(public).expect("read");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&public).expect("PEM");
+    assert_eq!(pem.label, "PUBLIC KEY");
+    use x509_parser::prelude::FromDer;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pem.contents).expect("PKIX");
+    assert!(
+        matches!(
+            spki.parsed(),
+            Ok(x509_parser::public_key::PublicKey::EC(_)
+                | x509_parser::public_key::PublicKey::RSA(_))
+        ),
+        "an ECDSA or RSA key"
+    );
+    // The signing key: a block keyutil.ParsePrivateKeyPEM recognises.
+    let private = std::fs::read(private).expect("read");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&private).expect("PEM");
+    assert!(
+        ["EC PRIVATE KEY", "RSA PRIVATE KEY", "PRIVATE KEY"].contains(&pem.label.as_str()),
+        "{}",
+        pem.label
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Applying YAML as `kubectl apply --server-side` does, keeping the warnings.
+
+/// Every document of a YAML file.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The `*.yaml` files of a directory, in name order.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every document of examples/shop, in file order.
+fn shop_documents() -> Vec<Value> {
+    yaml_files(&repo("examples/shop"))
+        .iter()
+        .flat_map(|f| documents(f))
+        .collect()
+}
+
+fn kind_of(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn describe(doc: &Value) -> String {
+    let meta = &doc["metadata"];
+    match meta["namespace"].as_str() {
+        Some(ns) => format!("{} {ns}/{}", kind_of(doc), meta["name"]),
+        None => format!("{} {}", kind_of(doc), meta["name"]),
+    }
+}
+
+/// The API for a document's kind, through discovery.
+fn api_for(client: &kube::Client, discovery: &Discovery, doc: &Value) -> Api<DynamicObject> {
+    let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = kube::api::GroupVersionKind::gvk(group, version, kind_of(doc));
+    let (ar, caps) = discovery
+        .resolve_gvk(&gvk)
+        .unwrap_or_else(|| panic!("{gvk:?} is unknown to the API server"));
+    match (&caps.scope, doc["metadata"]["namespace"].as_str()) {
+        (kube::discovery::Scope::Namespaced, ns) => {
+            Api::namespaced_with(client.clone(), ns.unwrap_or("default"), &ar)
+        }
+        (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// An applied object and the `Warning` headers the API server answered
+/// with (kube's typed calls drop them).
+struct Applied {
+    object: Value,
+    warnings: Vec<String>,
+}
+
+/// Server-side applies `doc` through a raw request, so the response's
+/// `Warning` headers can be read.
+async fn apply(
+    client: &kube::Client,
+    discovery: &Discovery,
+    doc: &Value,
+) -> Result<Applied, kube::Error> {
+    let api = api_for(client, discovery, doc);
+    let name = doc["metadata"]["name"].as_str().expect("metadata.name");
+    let request = kube::core::Request::new(api.resource_url())
+        .patch(
+            name,
+            &PatchParams::apply(TEST_MANAGER).force(),
+            &Patch::Apply(doc),
+        )
+        .map_err(kube::Error::BuildRequest)?;
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let warnings = response
+        .headers()
+        .get_all(http::header::WARNING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let code = response.status();
+    let body = response.into_body().collect_bytes().await?;
+    if !code.is_success() {
+        let status = serde_json::from_slice(&body).unwrap_or_else(|_| kube::core::Status {
+            code: code.as_u16(),
+            message: String::from_utf8_lossy(&body).into_owned(),
+            ..Default::default()
+        });
+        return Err(kube::Error::Api(Box::new(status)));
+    }
+    let object = serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
+    Ok(Applied { object, warnings })
+}
+
+/// Applies every document; each must be accepted without a warning.
+async fn apply_all(client: &kube::Client, discovery: &Discovery, docs: &[Value]) -> Vec<Value> {
+    let mut applied = Vec::new();
+    for doc in docs {
+        let what = describe(doc);
+        let a = apply(client, discovery, doc)
+            .await
+            .unwrap_or_else(|e| panic!("applying {what}: {e}"));
+        assert!(
+            a.warnings.is_empty(),
+            "applying {what}: the API server warned {:?}",
+            a.warnings
+        );
+        applied.push(a.object);
+    }
+    applied
+}
+
+/// Applies every CRD in crds/ (no warnings allowed), waits until each is
+/// Established, and returns a discovery that knows their kinds.
+async fn install_crds(client: &kube::Client) -> Discovery {
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let crds: Vec<Value> = yaml_files(&repo("crds"))
+        .iter()
+        .flat_map(|f| documents(f))
+        .collect();
+    assert_eq!(crds.len(), weft::api::crds().len(), "one file per CRD");
+    apply_all(client, &discovery, &crds).await;
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in &crds {
+        let name = crd["metadata"]["name"].as_str().expect("name").to_owned();
+        let established = wait_for(Duration::from_secs(30), || {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let crd = api.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+        assert!(established.is_some(), "CRD {name} is not Established=True");
+    }
+    // Served once discovery lists them.
+    let kinds: Vec<String> = crds
+        .iter()
+        .map(|c| {
+            c["spec"]["names"]["kind"]
+                .as_str()
+                .expect("kind")
+                .to_owned()
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), || {
+        let (client, kinds) = (client.clone(), kinds.clone());
+        async move {
+            let d = Discovery::new(client).run().await.ok()?;
+            kinds
+                .iter()
+                .all(|k| {
+                    d.resolve_gvk(&kube::api::GroupVersionKind::gvk(
+                        weft::api::GROUP,
+                        "v1alpha1",
+                        k,
+                    ))
+                    .is_some()
+                })
+                .then_some(d)
+        }
+    })
+    .await
+    .expect("the CRDs' kinds in discovery within 30 s")
+}
+
+/// Polls `f` every 200 ms until it returns Some or `limit` passes.
+async fn wait_for<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// The API server refused an object as invalid, naming `field` and `why`.
+fn assert_refused(result: Result<Applied, kube::Error>, field: &str, why: &str) {
+    let status = match result {
+        Ok(a) => panic!("accepted: {}", a.object),
+        Err(kube::Error::Api(status)) => status,
+        Err(e) => panic!("not an answer from the API server: {e}"),
+    };
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (422, "Invalid"),
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains(&format!("{field}: Invalid value")) && status.message.contains(why),
+        "the refusal names {field} and says {why:?}: {}",
+        status.message
+    );
+    let causes: Vec<&str> = status
+        .details
+        .iter()
+        .flat_map(|d| d.causes.iter().map(|c| c.field.as_str()))
+        .collect();
+    assert!(causes.contains(&field), "{causes:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+
+/// Every CRD in crds/ installs without a warning and is Established; the
+/// example shop applies as it is (its Services get addresses from this
+/// API server's range); and the API server itself refuses invalid
+/// policies, naming the field: an OpenAPI bound and a CEL rule.
+#[tokio::test]
+async fn tier5_crds_install_cleanly_and_the_api_server_refuses_invalid_policies_by_field() {
+    let Some(assets) = assets() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = start_cluster(&assets).await;
+    let client = cluster.client.clone();
+    let discovery = install_crds(&client).await;
+
+    apply_all(&client, &discovery, &shop_documents()).await;
+    let (a, b, c) = SERVICE_RANGE;
+    let range = format!("{a}.{b}.{c}.");
+    for ns in ["shop", "payments"] {
+        for svc in Api::<Service>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .expect("services")
+        {
+            let ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+            assert!(ip.starts_with(&range), "{ns}/{:?}: {ip}", svc.metadata.name);
+        }
+    }
+
+    // OpenAPI: retries.attempts has maximum 10.
+    let too_many_retries = json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": { "name": "too-many-retries", "namespace": "shop" },
+        "spec": {
+            "targetRef": { "kind": "Service", "name": "cart" },
+            "retries": { "attempts": 50 },
+        },
+    });
+    assert_refused(
+        apply(&client, &discovery, &too_many_retries).await,
+        "spec.retries.attempts",
+        "less than or equal to 10",
+    );
+    // CEL (x-kubernetes-validations on a rule): some backend must get traffic.
+    let all_weights_zero = json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "ServiceRoute",
+        "metadata": { "name": "nowhere", "namespace": "shop" },
+        "spec": {
+            "parentRef": { "kind": "Service", "name": "checkout" },
+            "rules": [{ "backendRefs": [
+                { "name": "checkout", "weight": 0 },
+                { "name": "checkout-canary", "weight": 0 },
+            ] }],
+        },
+    });
+    assert_refused(
+        apply(&client, &discovery, &all_weights_zero).await,
+        "spec.rules[0]",
+        "at least one backendRef must have a weight above 0",
+    );
+    // The same objects, made valid, are accepted: the refusals were about
+    // those fields.
+    let mut fixed = too_many_retries.clone();
+    fixed["spec"]["retries"]["attempts"] = json!(3);
+    apply_all(&client, &discovery, &[fixed]).await;
+    let mut fixed = all_weights_zero.clone();
+    fixed["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(1);
+    apply_all(&client, &discovery, &[fixed]).await;
+}
+
+/// The control plane under the RBAC that manifests/ gives it, not as an
+/// admin: the operator and the webhook's certificate keeper run with a
+/// client that impersonates the Deployment's ServiceAccount. A verb the
+/// ClusterRole or Role lacks shows up here as a missing object or status.
+#[tokio::test]
+async fn tier5_the_control_plane_reconciles_the_shop_under_its_own_rbac() {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::events::v1::Event;
+    use weft::inject::certs::{self, WebhookNames};
+
+    let Some(assets) = assets() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = start_cluster(&assets).await;
+    let admin = cluster.client.clone();
+    let discovery = install_crds(&admin).await;
+
+    // The install, as `kubectl apply -f manifests/` would do it, minus the
+    // Deployment and its Services: the namespace, the RBAC, the webhook
+    // configuration.
+    let control_plane = documents(&repo("manifests/10-control-plane.yaml"));
+    let rbac: Vec<Value> = control_plane
+        .iter()
+        .filter(|d| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&kind_of(d))
+        })
+        .cloned()
+        .collect();
+    let deployment = control_plane
+        .iter()
+        .find(|d| kind_of(d) == "Deployment")
+        .expect("the control plane's Deployment");
+    let sa = rbac
+        .iter()
+        .find(|d| kind_of(d) == "ServiceAccount")
+        .expect("the control plane's ServiceAccount");
+    let (sa_ns, sa_name) = (
+        sa["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace")
+            .to_owned(),
+        sa["metadata"]["name"].as_str().expect("name").to_owned(),
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"], sa_name,
+        "the Deployment runs as the ServiceAccount tested here"
+    );
+    let webhook_config = documents(&repo("manifests/20-webhook.yaml"));
+    let mut install = documents(&repo("manifests/00-namespace.yaml"));
+    install.extend(rbac);
+    install.extend(webhook_config.iter().cloned());
+    apply_all(&admin, &discovery, &install).await;
+    let shop = apply_all(&admin, &discovery, &shop_documents()).await;
+
+    let sa_client = cluster.client_as_service_account(&sa_ns, &sa_name);
+    // The impersonation holds: the API server sees the ServiceAccount, and
+    // refuses it what its roles do not grant.
+    let review = Api::<SelfSubjectReview>::all(sa_client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .expect("SelfSubjectReview");
+    let who = review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .unwrap_or_default();
+    assert_eq!(who, format!("system:serviceaccount:{sa_ns}:{sa_name}"));
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "not-allowed"}})).expect("ns");
+    match Api::<Namespace>::all(sa_client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("the control plane may not create namespaces: {other:?}"),
+    }
+    // What only the injector's caches list: Nodes, for the kubelets'
+    // versions. (Bindings reach the API server's RBAC cache within
+    // moments of their creation.)
+    let nodes = wait_for(Duration::from_secs(10), || {
+        let api = Api::<Node>::all(sa_client.clone());
+        async move { api.list(&ListParams::default()).await.ok() }
+    })
+    .await;
+    assert!(nodes.is_some(), "the control plane may list Nodes");
+
+    // The operator and the webhook's certificate keeper, as the control
+    // plane runs them (src/controlplane.rs), with the ServiceAccount's
+    // client.
+    let identity = "tier5-replica".to_owned();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(weft::operator::run(
+        sa_client.clone(),
+        weft::operator::Options {
+            namespace: sa_ns.clone(),
+            lease: "weft-operator".into(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(15),
+            concurrency: 4,
+        },
+        Arc::new(weft::operator::metrics::Metrics::default()),
+        Arc::new(AtomicBool::new(false)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mwc = webhook_config
+        .iter()
+        .find(|d| kind_of(d) == "MutatingWebhookConfiguration")
+        .expect("MutatingWebhookConfiguration");
+    let service = &mwc["webhooks"][0]["clientConfig"]["service"];
+    let names = WebhookNames {
+        namespace: sa_ns.clone(),
+        service: service["name"].as_str().expect("service").to_owned(),
+        // `weft control-plane --webhook-secret`'s default (the Deployment
+        // does not set it).
+        secret: "weft-injector-tls".into(),
+        configuration: mwc["metadata"]["name"].as_str().expect("name").to_owned(),
+        webhook: mwc["webhooks"][0]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned(),
+    };
+    let keeper = tokio::spawn(certs::run(
+        sa_client.clone(),
+        names.clone(),
+        Arc::new(ServingCert::default()),
+    ));
+
+    // Every meshed namespace of the example gets its config, its
+    // identities (every ServiceAccount's key pair) and the Role that lets
+    // its proxies read the config.
+    let meshed: Vec<String> = shop
+        .iter()
+        .filter(|d| {
+            kind_of(d) == "Namespace"
+                && d["metadata"]["labels"][weft::api::INJECT_LABEL] == weft::api::INJECT_ENABLED
+        })
+        .map(|d| d["metadata"]["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(meshed.len(), 2, "{meshed:?}");
+    let config_of = |ns: String| {
+        let api = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+        async move {
+            let cm = api.get_opt(CONFIG_MAP_NAME).await.ok()??;
+            let managers: Vec<String> = cm
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .filter_map(|m| m.manager.clone())
+                .collect();
+            assert!(managers.contains(&OPERATOR.to_owned()), "{managers:?}");
+            let json = cm.data.as_ref()?.get(CONFIG_KEY)?.clone();
+            ProxyConfig::from_json(json.as_bytes()).ok()
+        }
+    };
+    for ns in &meshed {
+        let config = wait_for(Duration::from_secs(60), || config_of(ns.clone()))
+            .await
+            .unwrap_or_else(|| panic!("no {CONFIG_MAP_NAME} in {ns} within 60 s"));
+        assert_eq!(&config.namespace, ns);
+        let accounts: Vec<&str> = shop
+            .iter()
+            .filter(|d| kind_of(d) == "ServiceAccount" && d["metadata"]["namespace"] == **ns)
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .collect();
+        assert!(!accounts.is_empty(), "{ns}");
+        let secrets = Api::<Secret>::namespaced(admin.clone(), ns);
+        let keys: Vec<String> = wait_for(Duration::from_secs(30), || {
+            let secrets = secrets.clone();
+            let accounts = accounts.clone();
+            async move {
+                let s = secrets.get_opt(IDENTITY_SECRET).await.ok()??;
+                let keys: Vec<String> = s.data?.into_keys().collect();
+                accounts
+                    .iter()
+                    .all(|sa| {
+                        keys.contains(&format!("{sa}.crt")) && keys.contains(&format!("{sa}.key"))
+                    })
+                    .then_some(keys)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("{ns}/{IDENTITY_SECRET} with the key pairs of {accounts:?}"));
+        assert!(keys.contains(&CA_CERT_KEY.to_owned()), "{keys:?}");
+        // Granting it needs no escalation: the control plane holds the
+        // rights the Role gives.
+        let reader = wait_for(Duration::from_secs(30), || {
+            let roles = Api::<Role>::namespaced(admin.clone(), ns);
+            let bindings = Api::<RoleBinding>::namespaced(admin.clone(), ns);
+            async move {
+                roles.get_opt(CONFIG_READER).await.ok()??;
+                bindings.get_opt(CONFIG_READER).await.ok()?
+            }
+        })
+        .await;
+        assert!(
+            reader.is_some(),
+            "{ns}: Role and RoleBinding {CONFIG_READER}"
+        );
+    }
+    assert!(
+        Api::<Secret>::namespaced(admin.clone(), &sa_ns)
+            .get_opt(CA_SECRET)
+            .await
+            .expect("get")
+            .is_some(),
+        "the mesh CA was created"
+    );
+
+    // The config carries the addresses the API server gave the Services.
+    let shop_config = config_of("shop".into()).await.expect("shop's config");
+    let catalog_ip = Api::<Service>::namespaced(admin.clone(), "shop")
+        .get("catalog")
+        .await
+        .expect("catalog")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("an address from the API server");
+    let in_config = shop_config
+        .outbound
+        .services
+        .iter()
+        .find(|s| s.name == "catalog" && s.namespace == "shop")
+        .map(|s| s.cluster_ips.clone())
+        .unwrap_or_default();
+    assert_eq!(in_config, vec![catalog_ip]);
+
+    // Every policy of the example is Accepted, for its current generation.
+    let policies: Vec<&Value> = shop
+        .iter()
+        .filter(|d| {
+            d["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(weft::api::GROUP))
+        })
+        .collect();
+    assert!(policies.len() >= 5, "{}", policies.len());
+    for policy in policies {
+        let api = api_for(&admin, &discovery, policy);
+        let name = policy["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        let accepted = wait_for(Duration::from_secs(30), || {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let obj = api.get(&name).await.ok()?;
+                let generation = obj.metadata.generation?;
+                obj.data["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| {
+                        c["type"] == "Accepted"
+                            && c["status"] == "True"
+                            && c["observedGeneration"] == generation
+                    })
+                    .then_some(())
+            }
+        })
+        .await;
+        assert!(accepted.is_some(), "{} is not Accepted", describe(policy));
+    }
+
+    // Leading, Events, and the webhook's certificate, all through the
+    // ServiceAccount's rights.
+    let lease = Api::<Lease>::namespaced(admin.clone(), &sa_ns)
+        .get("weft-operator")
+        .await
+        .expect("the operator's Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        Some(identity.clone())
+    );
+    let events = Api::<Event>::all(admin.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reporting_controller.as_deref() == Some(OPERATOR)),
+        "an Event from {OPERATOR} (the mesh CA's creation)"
+    );
+    let bundle = wait_for(Duration::from_secs(30), || {
+        let api = Api::<MutatingWebhookConfiguration>::all(admin.clone());
+        let names = names.clone();
+        async move {
+            let mwc = api.get(&names.configuration).await.ok()?;
+            let hook = mwc
+                .webhooks?
+                .into_iter()
+                .find(|w| w.name == names.webhook)?;
+            hook.client_config.ca_bundle.filter(|b| !b.0.is_empty())
+        }
+    })
+    .await;
+    assert!(bundle.is_some(), "the webhook's caBundle was set");
+    assert!(
+        Api::<Secret>::namespaced(admin.clone(), &sa_ns)
+            .get_opt(&names.secret)
+            .await
+            .expect("get")
+            .is_some(),
+        "the webhook's serving certificate Secret"
+    );
+
+    // An edit reaches the ConfigMap.
+    let inventory_timeout = |c: &ProxyConfig| {
+        c.outbound
+            .services
+            .iter()
+            .find(|s| s.name == "inventory" && s.namespace == "shop")
+            .and_then(|s| s.policy.as_ref())
+            .and_then(|p| p.timeout_ms)
+    };
+    assert_eq!(inventory_timeout(&shop_config), Some(3000));
+    Api::<weft::api::TrafficPolicy>::namespaced(admin.clone(), "shop")
+        .patch(
+            "inventory",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"timeout": "1s"}})),
+        )
+        .await
+        .expect("edit");
+    let updated = wait_for(Duration::from_secs(15), || async {
+        config_of("shop".into())
+            .await
+            .filter(|c| inventory_timeout(c) == Some(1000))
+    })
+    .await;
+    assert!(updated.is_some(), "the edit reached shop's ConfigMap");
+
+    keeper.abort();
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+}
+
+/// A pod created through the real admission chain: the ServiceAccount
+/// plugin (its ServiceAccount and token volume), then the webhook, in
+/// this process, over TLS, registered by URL from the manifest's webhook
+/// configuration. In the labelled namespace it comes back injected; in
+/// an unlabelled one untouched.
 #[tokio::test]
 async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
     let Some(assets) = assets() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
     let cluster = start_cluster(&assets).await;
     let client = cluster.client.clone();
 
-    // The webhook, in this process, over HTTPS with a certificate for localhost.
+    // The webhook over HTTPS with a certificate for localhost.
     let now = SystemTime::now();
     let ca = MeshCa::generate("weft-webhook", now, Duration::from_secs(3600)).expect("ca");
     let leaf = ca
@@ -247,12 +1092,10 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
         webhook::router(hook),
     ));
 
-    // The manifest's webhook, registered by URL with its caBundle.
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/20-webhook.yaml"),
-    )
-    .expect("manifest");
-    let mut config: serde_json::Value = serde_norway::from_str(&text).expect("yaml");
+    let mut config = documents(&repo("manifests/20-webhook.yaml"))
+        .into_iter()
+        .find(|d| kind_of(d) == "MutatingWebhookConfiguration")
+        .expect("MutatingWebhookConfiguration");
     config["webhooks"][0]["clientConfig"] = json!({
         "url": format!("https://localhost:{port}/mutate"),
         "caBundle": b64(ca.cert_pem()),
@@ -266,7 +1109,10 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
     for (ns, label) in [("shop", true), ("plain", false)] {
         let mut labels = serde_json::Map::new();
         if label {
-            labels.insert("weft.dev/inject".into(), json!("enabled"));
+            labels.insert(
+                weft::api::INJECT_LABEL.into(),
+                json!(weft::api::INJECT_ENABLED),
+            );
         }
         let namespace: Namespace =
             serde_json::from_value(json!({ "metadata": { "name": ns, "labels": labels } }))
@@ -275,52 +1121,62 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
             .create(&PostParams::default(), &namespace)
             .await
             .expect("namespace created");
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({ "metadata": { "name": "default" } })).expect("sa");
-        let _ = Api::<ServiceAccount>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &sa)
-            .await;
+        // kube-controller-manager's serviceaccount controller would make
+        // `default`; the admission plugin refuses pods without it.
+        for name in ["default", "catalog"] {
+            let sa: ServiceAccount =
+                serde_json::from_value(json!({ "metadata": { "name": name } })).expect("sa");
+            Api::<ServiceAccount>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &sa)
+                .await
+                .expect("ServiceAccount created");
+        }
     }
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "catalog-0", "labels": { "app": "catalog" } },
-        "spec": { "containers": [{ "name": "catalog", "image": "shop/catalog:1",
+    let pod = |name: &str, service_account: Option<&str>| -> Pod {
+        let mut spec = json!({ "containers": [{ "name": "catalog", "image": "shop/catalog:1",
             "ports": [{ "name": "http", "containerPort": 8080 }],
-            "readinessProbe": { "httpGet": { "path": "/ready", "port": "http" } } }] },
-    }))
-    .expect("pod");
+            "readinessProbe": { "httpGet": { "path": "/ready", "port": "http" } } }] });
+        if let Some(sa) = service_account {
+            spec["serviceAccountName"] = json!(sa);
+        }
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": { "app": "catalog" } },
+            "spec": spec,
+        }))
+        .expect("pod")
+    };
+    let init_names = |p: &Pod| -> Vec<String> {
+        p.spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .map(|c| c.name.clone())
+            .collect()
+    };
 
-    // The webhook configuration may take a moment to be picked up.
+    // The API server picks up the webhook configuration within moments.
     let shop = Api::<Pod>::namespaced(client.clone(), "shop");
     let mut injected = None;
     for attempt in 0..40 {
-        let mut p = pod.clone();
-        p.metadata.name = Some(format!("catalog-{attempt}"));
         let created = shop
-            .create(&PostParams::default(), &p)
+            .create(
+                &PostParams::default(),
+                &pod(&format!("catalog-{attempt}"), None),
+            )
             .await
             .expect("pod created");
-        let has_proxy = created
-            .spec
-            .as_ref()
-            .and_then(|s| s.init_containers.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.name == "weft-proxy"));
-        if has_proxy {
+        if init_names(&created).contains(&"weft-proxy".to_owned()) {
             injected = Some(created);
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let injected = injected.expect("a pod in the labelled namespace comes back injected");
-    let name = injected.metadata.name.clone().expect("name");
-    let read_back = shop.get(&name).await.expect("read back");
-    let spec = read_back.spec.expect("spec");
-    let inits: Vec<String> = spec
-        .init_containers
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.name)
-        .collect();
-    assert_eq!(inits, vec!["weft-init", "weft-proxy"]);
+    let read_back = shop
+        .get(injected.metadata.name.as_deref().expect("name"))
+        .await
+        .expect("read back");
+    assert_eq!(init_names(&read_back), ["weft-init", "weft-proxy"]);
+    let spec = read_back.spec.clone().expect("spec");
     let probe = spec.containers[0]
         .readiness_probe
         .clone()
@@ -332,265 +1188,83 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
         read_back
             .metadata
             .annotations
+            .clone()
             .unwrap_or_default()
             .contains_key("weft.dev/injected-version")
     );
+    // What the ServiceAccount plugin did first: the pod's ServiceAccount,
+    // and its own projected token volume mounted in the app; the webhook's
+    // token volume beside it passed validation because of it.
+    assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+    assert_service_account_token_volume(&read_back);
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(volumes.contains(&"weft-token"), "{volumes:?}");
+    // The identity volume holds that ServiceAccount's key pair only.
+    assert_eq!(
+        identity_items(&read_back),
+        ["default.crt", "default.key", CA_CERT_KEY]
+    );
 
-    let plain = Api::<Pod>::namespaced(client.clone(), "plain");
-    let untouched = plain
-        .create(&PostParams::default(), &pod)
+    // A pod with a ServiceAccount of its own gets that one's key pair.
+    let own = shop
+        .create(&PostParams::default(), &pod("catalog-own", Some("catalog")))
         .await
         .expect("pod created");
-    let spec = untouched.spec.expect("spec");
+    assert_eq!(init_names(&own), ["weft-init", "weft-proxy"]);
+    assert_eq!(
+        identity_items(&own),
+        ["catalog.crt", "catalog.key", CA_CERT_KEY]
+    );
+
+    let untouched = Api::<Pod>::namespaced(client.clone(), "plain")
+        .create(&PostParams::default(), &pod("catalog-0", None))
+        .await
+        .expect("pod created");
     assert!(
-        spec.init_containers.unwrap_or_default().is_empty(),
+        init_names(&untouched).is_empty(),
         "no injection outside labelled namespaces"
     );
-    assert_eq!(spec.containers.len(), 1);
+    assert_eq!(untouched.spec.as_ref().expect("spec").containers.len(), 1);
+    assert_service_account_token_volume(&untouched);
 }
 
-/// Server-side applies every document of `yaml` as `kubectl apply
-/// --server-side` would, resolving kinds through discovery.
-async fn apply_all(client: &kube::Client, discovery: &kube::Discovery, yaml: &str) {
-    use kube::api::{DynamicObject, Patch, PatchParams};
-    use serde::Deserialize;
-    for doc in serde_norway::Deserializer::from_str(yaml) {
-        let v = serde_json::Value::deserialize(doc).expect("yaml");
-        if v.is_null() {
-            continue;
-        }
-        let obj: DynamicObject = serde_json::from_value(v.clone()).expect("object");
-        let gvk =
-            kube::api::GroupVersionKind::try_from(obj.types.as_ref().expect("types")).expect("gvk");
-        let (ar, caps) = discovery
-            .resolve_gvk(&gvk)
-            .unwrap_or_else(|| panic!("{gvk:?} unknown"));
-        let name = obj.metadata.name.clone().expect("name");
-        let api: Api<DynamicObject> = match (&caps.scope, obj.metadata.namespace.as_deref()) {
-            (kube::discovery::Scope::Namespaced, Some(ns)) => {
-                Api::namespaced_with(client.clone(), ns, &ar)
-            }
-            (kube::discovery::Scope::Namespaced, None) => {
-                Api::namespaced_with(client.clone(), "default", &ar)
-            }
-            (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
-        };
-        api.patch(
-            &name,
-            &PatchParams::apply("tier5-test").force(),
-            &Patch::Apply(&v),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
-    }
-}
-
-async fn install_crds(client: &kube::Client) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Patch, PatchParams};
-    let api = Api::<CustomResourceDefinition>::all(client.clone());
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("crds/") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
-        let crd: CustomResourceDefinition = serde_norway::from_str(&text).expect("crd");
-        let name = crd.metadata.name.clone().expect("name");
-        api.patch(
-            &name,
-            &PatchParams::apply("tier5-test"),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("crd applied");
-        names.push(name);
-    }
-    for name in names {
-        let established = wait_for(Duration::from_secs(30), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let crd = api.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            }
-        })
-        .await;
-        assert!(established.is_some(), "CRD {name} established");
-    }
-}
-
-/// Polls `f` every 200 ms until it returns Some or `limit` passes.
-async fn wait_for<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    while start.elapsed() < limit {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    None
-}
-
-#[tokio::test]
-async fn tier5_the_operator_reconciles_the_shop_into_config_maps_secrets_and_status() {
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    use kube::api::{Patch, PatchParams};
-    use std::sync::atomic::AtomicBool;
-    use weft::api::TrafficPolicy;
-    use weft::config::ProxyConfig;
-
-    let Some(assets) = assets() else { return };
-    let cluster = start_cluster(&assets).await;
-    let client = cluster.client.clone();
-    install_crds(&client).await;
-    let ns: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "weft-system"}})).expect("ns");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("weft-system");
-    let discovery = kube::Discovery::new(client.clone())
-        .run()
-        .await
-        .expect("discovery");
-    let shop = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/shop");
-    let mut files: Vec<_> = std::fs::read_dir(&shop)
-        .expect("examples/shop")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    for f in files {
-        apply_all(
-            &client,
-            &discovery,
-            &std::fs::read_to_string(f).expect("read"),
-        )
-        .await;
-    }
-
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(weft::operator::run(
-        client.clone(),
-        weft::operator::Options {
-            namespace: "weft-system".into(),
-            lease: "weft-operator".into(),
-            identity: "tier5-replica".into(),
-            lease_duration: Duration::from_secs(15),
-            concurrency: 4,
-        },
-        Arc::new(weft::operator::metrics::Metrics::default()),
-        Arc::new(AtomicBool::new(false)),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-
-    let config_of = |ns: &'static str| {
-        let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
-        async move {
-            let cm = api.get_opt("weft-proxy-config").await.ok()??;
-            let managers: Vec<String> = cm
-                .metadata
-                .managed_fields
-                .iter()
-                .flatten()
-                .filter_map(|m| m.manager.clone())
-                .collect();
-            assert!(
-                managers.contains(&"weft-operator".to_owned()),
-                "{managers:?}"
-            );
-            let json = cm.data.as_ref()?.get("config.json")?.clone();
-            ProxyConfig::from_json(json.as_bytes()).ok()
-        }
-    };
-    let shop_config = wait_for(Duration::from_secs(30), || config_of("shop"))
-        .await
-        .expect("shop's ConfigMap within 30 s");
-    let payments_config = wait_for(Duration::from_secs(10), || config_of("payments"))
-        .await
-        .expect("payments' ConfigMap");
-    assert_eq!(shop_config.namespace, "shop");
-    assert_eq!(payments_config.namespace, "payments");
-
-    let secrets = Api::<Secret>::namespaced(client.clone(), "shop");
-    let identity = wait_for(Duration::from_secs(10), || {
-        let secrets = secrets.clone();
-        async move { secrets.get_opt("weft-identity").await.ok()? }
-    })
-    .await
-    .expect("shop's identity Secret");
-    let keys: Vec<&String> = identity.data.as_ref().expect("data").keys().collect();
-    assert!(keys.iter().any(|k| k.as_str() == "ca.crt"), "{keys:?}");
+/// The volume the ServiceAccount admission plugin adds (`kube-api-access-*`,
+/// a projected service-account token), mounted in the app container.
+fn assert_service_account_token_volume(pod: &Pod) {
+    let spec = pod.spec.as_ref().expect("spec");
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name.starts_with("kube-api-access-"))
+        .unwrap_or_else(|| panic!("no kube-api-access volume: {:?}", spec.volumes));
+    let sources = volume
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.clone())
+        .unwrap_or_default();
     assert!(
-        keys.iter().any(|k| k.as_str() == "checkout.crt"),
-        "{keys:?}"
+        sources.iter().any(|s| s.service_account_token.is_some()),
+        "{sources:?}"
     );
-    assert!(
-        Api::<Secret>::namespaced(client.clone(), "weft-system")
-            .get_opt("weft-ca")
-            .await
-            .expect("get")
-            .is_some(),
-        "the mesh CA was created"
-    );
+    let mounted = spec.containers[0].volume_mounts.iter().flatten().any(|m| {
+        m.name == volume.name && m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount"
+    });
+    assert!(mounted, "{:?}", spec.containers[0].volume_mounts);
+}
 
-    let policies = Api::<TrafficPolicy>::namespaced(client.clone(), "shop");
-    let accepted = wait_for(Duration::from_secs(10), || {
-        let policies = policies.clone();
-        async move {
-            let p = policies.get("inventory").await.ok()?;
-            let st = p.status?;
-            let ok = st.conditions.iter().any(|c| {
-                c.type_ == "Accepted"
-                    && c.status == "True"
-                    && c.observed_generation == p.metadata.generation
-            });
-            ok.then_some(())
-        }
-    })
-    .await;
-    assert!(
-        accepted.is_some(),
-        "TrafficPolicy shop/inventory is Accepted"
-    );
-
-    // An edit reaches the ConfigMap within seconds.
-    let inventory_timeout = |c: &ProxyConfig| {
-        c.outbound
-            .services
-            .iter()
-            .find(|s| s.name == "inventory" && s.namespace == "shop")
-            .and_then(|s| s.policy.as_ref())
-            .and_then(|p| p.timeout_ms)
-    };
-    assert_eq!(inventory_timeout(&shop_config), Some(3000));
-    let edited = std::time::Instant::now();
-    policies
-        .patch(
-            "inventory",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"timeout": "1s"}})),
-        )
-        .await
-        .expect("edit");
-    let updated = wait_for(Duration::from_secs(10), || async {
-        config_of("shop")
-            .await
-            .filter(|c| inventory_timeout(c) == Some(1000))
-    })
-    .await;
-    assert!(updated.is_some(), "the edit reached shop's ConfigMap");
-    eprintln!("policy edit -> ConfigMap: {:?}", edited.elapsed());
-
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+/// The keys the pod's identity volume projects.
+fn identity_items(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| v.name == "weft-identity")
+        .flat_map(|v| v.secret.iter().flat_map(|s| s.items.iter().flatten()))
+        .map(|i| i.key.clone())
+        .collect()
 }
