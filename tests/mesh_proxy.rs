@@ -150,10 +150,14 @@ impl Tap {
     }
 }
 
-/// Handshakes with a mesh server as a meshed client would and returns the
-/// expiry (unix seconds) of the certificate the server presented.
-async fn presented_expiry(pki: &Pki, addr: SocketAddr) -> u64 {
-    let id = SpiffeId::new("cluster.local", "shop", "probe-client");
+/// Handshakes with a mesh server as a meshed client of identity
+/// shop/`account` would, speaking HTTP/1.1 inside.
+async fn mesh_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    account: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let id = SpiffeId::new("cluster.local", "shop", account);
     let leaf = pki.ca.issue(&id, SystemTime::now(), DAY).expect("leaf");
     let me = weft::proxy::tls::MeshIdentity::new("cluster.local", Default::default());
     me.update(&leaf.cert_pem, &leaf.key_pem, &pki.ca.trust_bundle())
@@ -167,10 +171,16 @@ async fn presented_expiry(pki: &Pki, addr: SocketAddr) -> u64 {
         .expect("client config");
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .expect("mesh handshake");
+        .expect("mesh handshake")
+}
+
+/// Handshakes with a mesh server as a meshed client would and returns the
+/// expiry (unix seconds) of the certificate the server presented.
+async fn presented_expiry(pki: &Pki, addr: SocketAddr) -> u64 {
+    let tls = mesh_connect(pki, addr, "probe-client").await;
     let cert = tls.get_ref().1.peer_certificates().expect("certs")[0].clone();
     weft::identity::inspect_der(&cert)
         .expect("certificate")
@@ -1432,6 +1442,67 @@ async fn a_client_silent_past_detection_that_then_speaks_http_cannot_forge_its_i
     let dav = speak_after(server.running.inbound[0], Duration::ZERO, &dav).await;
     assert!(dav.ends_with("client-id=none"), "PROPFIND: {dav}");
     assert_eq!(payments.hits(), 3);
+}
+
+/// RFC 9112 §2.2 lets a server skip empty lines before a request line, and
+/// HTTP/1 parsers accept any token as a method, in any case. Detection
+/// that called such a request opaque relayed it to the app as it was, a
+/// forged `weft-client-id` included; the app took the caller for checkout.
+#[tokio::test]
+async fn a_leading_empty_line_does_not_make_a_request_opaque() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let (_client, server, _sid, _cid) = checkout_to_payments(&pki, &payments, "permissive").await;
+    let forged = |line: &str| {
+        format!(
+            "{line}host: payments\r\n\
+             weft-client-id: spiffe://cluster.local/ns/shop/sa/checkout\r\n\
+             connection: close\r\n\r\n"
+        )
+    };
+    for start in [
+        "\r\nGET /charges HTTP/1.1\r\n",
+        "\n\n\r\nGET /charges HTTP/1.1\r\n",
+        "get /charges HTTP/1.1\r\n",
+        "Charge /charges HTTP/1.1\r\n",
+    ] {
+        let answer = speak_after(server.running.inbound[0], Duration::ZERO, &forged(start)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 ") && !answer.contains("client-id=spiffe"),
+            "{start:?}: the forged id reached the app: {answer}"
+        );
+    }
+}
+
+/// `Connection` names headers for the next hop to drop. A mesh client
+/// naming `weft-client-id` there must not make the server's proxy drop the
+/// header it wrote itself: the app would take a known caller for an
+/// anonymous one.
+#[tokio::test]
+async fn a_clients_connection_header_cannot_strip_the_client_id_the_proxy_writes() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let (server, _sid) = server_proxy(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[payments.addr.port()],
+    )
+    .await;
+    let mut tls = mesh_connect(&pki, server.running.inbound[0], "cart").await;
+    tls.write_all(
+        b"GET /charges HTTP/1.1\r\nhost: payments\r\n\
+          connection: weft-client-id, close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("client-id=spiffe://cluster.local/ns/shop/sa/cart"),
+        "{answer}"
+    );
 }
 
 /// The other side of that: on a port nobody declared server-first, an app

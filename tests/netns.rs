@@ -572,6 +572,124 @@ fn ipv6_is_intercepted_in_a_dual_stack_pod_with_mtls_strict_and_access_policy() 
     );
 }
 
+/// Issue: a listener bound to 127.0.0.1 inside a pod answered other pods
+/// through the pod's IP, because inbound traffic was forwarded to
+/// 127.0.0.1. It now goes to the address the client dialled (the pod's
+/// own), as Istio does since 1.10: localhost stays private to the pod, and
+/// an app bound only to the pod's address is reached.
+#[test]
+fn a_localhost_only_listener_is_not_reachable_from_another_pod() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new("lo").expect("network");
+    let b_ip = format!(
+        "{}.{}.{}.10",
+        weft::netns::SUBNET[0],
+        weft::netns::SUBNET[1],
+        weft::netns::SUBNET[2]
+    );
+    let b = meshed_pod(
+        &mut net,
+        &files,
+        &ca,
+        "b",
+        &config("permissive", &b_ip),
+        &[],
+    );
+    let c = net.add_pod("c").expect("plain pod");
+    let pod = &mut net.pods[b];
+    pod.spawn(
+        Some(APP_UID),
+        &[DEMO, "--listen", "127.0.0.1:9999", "--name", "b-private"],
+        &files.path("b/private.log"),
+    )
+    .expect("a localhost-only app");
+    pod.spawn(
+        Some(APP_UID),
+        &[
+            DEMO,
+            "--listen",
+            &format!("{b_ip}:8081"),
+            "--name",
+            "b-pod-ip",
+        ],
+        &files.path("b/pod-ip.log"),
+    )
+    .expect("an app bound to the pod's address");
+    let (b_ns, c_ns) = (&net.pods[b].ns, &net.pods[c].ns);
+    wait_ok(b_ns, "http://127.0.0.1:9999/healthz", &files, "b");
+    wait_ok(b_ns, &format!("http://{b_ip}:8081/healthz"), &files, "b");
+
+    let private = fetch(c_ns, &format!("http://{b_ip}:9999/"));
+    assert!(
+        private
+            .as_ref()
+            .is_none_or(|(status, body)| *status != 200 && !body.contains("b-private")),
+        "the localhost-only listener answered another pod: {private:?}"
+    );
+    let (status, body) =
+        fetch(c_ns, &format!("http://{b_ip}:8081/")).expect("the pod-address app answers");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("b-pod-ip"), "{body}");
+}
+
+/// Issue: connections to a pod's 15101 and 15106 were answered, relayed
+/// back into the proxy. Addressed to a transparent port of the proxy
+/// itself, from another pod or from the app, they are closed and counted.
+#[test]
+fn a_connection_to_the_proxys_own_port_is_refused() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new("own").expect("network");
+    let b_ip = format!(
+        "{}.{}.{}.10",
+        weft::netns::SUBNET[0],
+        weft::netns::SUBNET[1],
+        weft::netns::SUBNET[2]
+    );
+    let b = meshed_pod(
+        &mut net,
+        &files,
+        &ca,
+        "b",
+        &config("permissive", &b_ip),
+        &[],
+    );
+    let c = net.add_pod("c").expect("plain pod");
+    let (b_ns, c_ns) = (&net.pods[b].ns, &net.pods[c].ns);
+    for port in [15101, 15106] {
+        assert_eq!(
+            fetch(c_ns, &format!("http://{b_ip}:{port}/")),
+            None,
+            "port {port} from another pod"
+        );
+    }
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_refused_own_port_total{direction=\"inbound\"}"
+        ),
+        2.0
+    );
+    // From the app inside the pod: loopback is never redirected, so this
+    // reaches the outbound listener directly, addressed to itself.
+    assert_eq!(fetch(b_ns, "http://127.0.0.1:15101/"), None);
+    assert_eq!(
+        metric(
+            b_ns,
+            "weft_proxy_refused_own_port_total{direction=\"outbound\"}"
+        ),
+        1.0
+    );
+    // The app still answers through the proxy.
+    let (status, _) = fetch(c_ns, &format!("http://{b_ip}:8080/")).expect("the app answers");
+    assert_eq!(status, 200);
+}
+
 /// `make test` runs this one again with its output shown, so whether tier
 /// 4 ran or was skipped is visible in the log.
 #[test]

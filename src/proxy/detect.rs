@@ -60,6 +60,16 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
             Some(_) => Some(Protocol::Opaque),
         };
     }
+    // Empty lines before a request line: RFC 9112 §2.2 asks a server to
+    // ignore at least one, and the usual HTTP/1 parsers (httparse, hence
+    // hyper; nginx; Node's llhttp) skip any number. So the application
+    // would read such a connection as HTTP: it is HTTP here too, or a
+    // request could travel as opaque TCP past the access checks and with a
+    // client's own `weft-client-id`. Whatever follows is the HTTP parser's
+    // to accept or answer 400.
+    if matches!(prefix[0], b'\r' | b'\n') {
+        return Some(Protocol::Http1);
+    }
     let n = prefix.len().min(MAX_PEEK);
     if H2_PREFACE[..n] == prefix[..n] {
         return if n == MAX_PEEK {
@@ -68,17 +78,15 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
             None
         };
     }
-    // An HTTP/1 request line: a method (every registered one is upper-case
-    // letters and `-`: GET, PROPFIND, QUERY, VERSION-CONTROL), one space,
-    // then, for a method other than the common ones, how a request target
-    // starts: `/` (origin form), `*` (OPTIONS *) or `h` (absolute form).
-    // Any method, not only a list: a request with a rarer one must not pass
-    // as opaque TCP, past the per-request access checks and the removal of
-    // a client's `weft-client-id`.
-    let method = prefix
-        .iter()
-        .take_while(|b| b.is_ascii_uppercase() || **b == b'-')
-        .count();
+    // An HTTP/1 request line: a method, one space, then, for a method
+    // other than the common ones, how a request target starts: `/` (origin
+    // form), `*` (OPTIONS *) or `h`/`H` (absolute form). A method is any
+    // token (RFC 9110 §9.1, §5.6.2), in any case: parsers accept `get` or
+    // an extension method, and some applications treat `get` as GET. Any
+    // method, not only a list: a request with a rarer one must not pass as
+    // opaque TCP, past the per-request access checks and the removal of a
+    // client's `weft-client-id`.
+    let method = prefix.iter().take_while(|b| is_tchar(**b)).count();
     if method == prefix.len() {
         return (method > MAX_METHOD).then_some(Protocol::Opaque);
     }
@@ -90,9 +98,14 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     }
     match prefix.get(method + 1) {
         None => None,
-        Some(b'/' | b'*' | b'h') => Some(Protocol::Http1),
+        Some(b'/' | b'*' | b'h' | b'H') => Some(Protocol::Http1),
         Some(_) => Some(Protocol::Opaque),
     }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2: what a token, such as a method, is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The outcome of detection: the protocol, the stream with its consumed
@@ -240,7 +253,7 @@ mod tests {
 
     #[test]
     fn classifies_prefixes() {
-        let cases: [(&[u8], Option<Protocol>); 27] = [
+        let cases: [(&[u8], Option<Protocol>); 33] = [
             (b"", None),
             (b"GE", None),
             (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
@@ -259,7 +272,18 @@ mod tests {
             (b"GET http://a/ HTTP/1.1", Some(Protocol::Http1)),
             (b"PING\r\n", Some(Protocol::Opaque)),
             (b"AUTH secret\r\n", Some(Protocol::Opaque)),
-            (b"get / HTTP/1.1", Some(Protocol::Opaque)),
+            // Any token as a method, in any case: parsers accept them.
+            (b"get / HTTP/1.1", Some(Protocol::Http1)),
+            (b"Post /charges", Some(Protocol::Http1)),
+            (b"X_CUSTOM.1 /", Some(Protocol::Http1)),
+            (b"GET HTTP://a/ HTTP/1.1", Some(Protocol::Http1)),
+            // Empty lines before the request line (RFC 9112 2.2).
+            (b"\r\nGET / HTTP/1.1", Some(Protocol::Http1)),
+            (b"\n", Some(Protocol::Http1)),
+            (
+                b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n",
+                Some(Protocol::Http1),
+            ),
             (b"ABCDEFGHIJKLMNOPQRSTU", Some(Protocol::Opaque)),
             (b"PRI * HTTP/2.0\r\n", None),
             (H2_PREFACE, Some(Protocol::Http2)),

@@ -16,7 +16,7 @@
 //!    called, HTTP-aware (counted per request, the caller's SPIFFE id in
 //!    [`CLIENT_ID_HEADER`]) or opaque.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,9 @@ struct Conn {
     peer_id_header: Option<HeaderValue>,
 }
 
-/// Handles one inbound connection meant for `app_port`.
-pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_port: u16) {
+/// Handles one inbound connection meant for the application at `app`.
+pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app: SocketAddr) {
+    let app_port = app.port();
     tracing::trace!(%peer, app_port, "inbound connection");
     // Until a config says the mode and the access rules, nothing is known
     // to be allowed: fail closed (the probe port is served apart).
@@ -91,10 +92,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app_por
     }
     let (protocol, io) = (detected.protocol, detected.io);
     let mut conn = Conn {
-        app: proxy
-            .shared
-            .pool
-            .app_endpoint(SocketAddr::from((proxy.app_ip, app_port))),
+        app: proxy.shared.pool.app_endpoint(app),
         port: app_port,
         peer_id: None,
         source: proxy.unknown_source.clone(),
@@ -408,6 +406,7 @@ fn normalize_uri(req: &mut Request) -> Result<(), ProxyError> {
 async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
     let started = Instant::now();
     req.headers_mut().remove(&CLIENT_ID_HEADER);
+    super::http::pool::strip_connection_listed(req.headers_mut());
     // A client proxy carries HTTP/1.1 to this one as HTTP/2 over the mesh
     // connection; the application gets the version its client spoke. Only
     // a mesh peer's word counts, and the marker never reaches the app.
@@ -474,6 +473,3 @@ pub async fn send_to_app(proxy: &Proxy, app: Endpoint, mut req: Request) -> Resp
         Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
     }
 }
-
-/// The loopback address the application listens on.
-pub const APP_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;

@@ -149,6 +149,10 @@ pub struct ProxyMetrics {
     /// Inbound connections closed because no config was loaded yet (the
     /// mode and the access rules are unknown until then).
     pub inbound_refused_no_config: Counter,
+    /// Connections closed because they were addressed to one of the
+    /// proxy's own transparent ports (15101, 15106): relaying them would
+    /// loop them back into the proxy.
+    pub refused_own_port: Family<DirectionLabels, Counter>,
     /// Requests answered `overloaded` because the direction's in-flight
     /// limit was reached.
     pub requests_shed: Family<DirectionLabels, Counter>,
@@ -312,6 +316,12 @@ impl ProxyMetrics {
             "Inbound connections closed because no config was loaded yet",
             inbound_refused_no_config.clone(),
         );
+        let refused_own_port = Family::default();
+        registry.register(
+            "refused_own_port",
+            "Connections closed because they were addressed to one of the proxy's own transparent ports",
+            refused_own_port.clone(),
+        );
         let requests_shed = Family::default();
         registry.register(
             "requests_shed",
@@ -321,6 +331,7 @@ impl ProxyMetrics {
         Self {
             registry,
             inbound_refused_no_config,
+            refused_own_port,
             requests_shed,
             plaintext_connections,
             plaintext_rejected,

@@ -91,8 +91,13 @@ pub struct ProxyArgs {
     /// that port.
     #[arg(long = "inbound-map", value_parser = parse_inbound_map)]
     pub inbound_map: Vec<(SocketAddr, u16)>,
-    /// Address the application listens on.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Where the probe server and the explicit inbound listeners reach the
+    /// application: in a pod the pod's own address (`WEFT_POD_IP`, from the
+    /// downward API), where the kubelet's own probes would go, so an app
+    /// bound only to it is reached and a listener bound to localhost is not
+    /// exposed. Transparent inbound traffic goes to the address the client
+    /// dialled.
+    #[arg(long, env = "WEFT_POD_IP", default_value = "127.0.0.1")]
     pub app_ip: IpAddr,
     /// Request paths that are health checks: never retried, never a failure.
     #[arg(long = "health-path", env = "WEFT_HEALTH_PATHS", value_delimiter = ',')]
@@ -445,24 +450,55 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
     }
 
     if !args.no_transparent {
-        for l in bind_families(args.outbound, "outbound").await? {
+        let outbound = bind_families(args.outbound, "outbound").await?;
+        let inbound = bind_families(args.inbound, "inbound").await?;
+        // The transparent ports as bound: a connection addressed to one of
+        // them came to the proxy itself (from outside the pod, the inbound
+        // redirect sends it to 15106 with 15101 or 15106 as its original
+        // port; from the app, loopback is not redirected). Relaying it would
+        // loop it back into the proxy: it is refused.
+        let mut own: Vec<u16> = Vec::new();
+        for l in outbound.iter().chain(&inbound) {
+            own.push(l.local_addr()?.port());
+        }
+        let own: Arc<[u16]> = own.into();
+        for l in outbound {
             running.outbound.push(l.local_addr()?);
-            serve_listener(l, &proxy, |p, conn, peer| async move {
-                match orig_dst::original_dst(&conn) {
-                    Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+            let own = own.clone();
+            serve_listener(l, &proxy, move |p, conn, peer| {
+                let own = own.clone();
+                async move {
+                    match orig_dst::original_dst(&conn) {
+                        Ok(dst) if dst.ip().is_loopback() && own.contains(&dst.port()) => {
+                            refuse_own_port(&p, Direction::Outbound, peer, dst)
+                        }
+                        Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+                        }
                     }
                 }
             });
         }
-        for l in bind_families(args.inbound, "inbound").await? {
+        for l in inbound {
             running.inbound.push(l.local_addr()?);
-            serve_listener(l, &proxy, |p, conn, peer| async move {
-                match orig_dst::original_dst(&conn) {
-                    Ok(dst) => inbound::serve(p, conn, peer, dst.port()).await,
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+            let own = own.clone();
+            serve_listener(l, &proxy, move |p, conn, peer| {
+                let own = own.clone();
+                async move {
+                    match orig_dst::original_dst(&conn) {
+                        Ok(dst) if own.contains(&dst.port()) => {
+                            refuse_own_port(&p, Direction::Inbound, peer, dst)
+                        }
+                        // To the app at the address the client dialled, the
+                        // pod's own, never 127.0.0.1: a listener the app
+                        // bound to localhost stays private to the pod (as
+                        // Istio does since 1.10), and an app bound only to
+                        // the pod's address is reached.
+                        Ok(dst) => inbound::serve(p, conn, peer, dst).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+                        }
                     }
                 }
             });
@@ -479,9 +515,9 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
     for (listen, app_port) in &args.inbound_map {
         let l = bind(*listen, "explicit inbound").await?;
         running.inbound.push(l.local_addr()?);
-        let app_port = *app_port;
+        let app = SocketAddr::new(args.app_ip, *app_port);
         serve_listener(l, &proxy, move |p, conn, peer| {
-            inbound::serve(p, conn, peer, app_port)
+            inbound::serve(p, conn, peer, app)
         });
     }
     // The probe server never forwards to the proxy's own ports: as given
@@ -510,6 +546,17 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
     proxy.store.set_listening();
     tracing::info!(admin = %running.admin, "proxy listening");
     Ok(running)
+}
+
+/// Closes a connection addressed to one of the proxy's own transparent
+/// ports, and counts it.
+fn refuse_own_port(proxy: &Proxy, direction: Direction, peer: SocketAddr, dst: SocketAddr) {
+    proxy
+        .metrics
+        .refused_own_port
+        .get_or_create(&metrics::DirectionLabels { direction })
+        .inc();
+    tracing::debug!(%peer, %dst, ?direction, "refused: addressed to the proxy's own port");
 }
 
 /// Accepts on `listener` until shutdown, handing connections to `handle`.

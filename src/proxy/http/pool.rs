@@ -746,6 +746,14 @@ fn strip_response_hop_by_hop(headers: &mut http::HeaderMap) {
     strip(headers, &HOP_BY_HOP[..5], false);
 }
 
+/// Removes the headers the Connection header names, and Connection itself.
+/// The inbound proxy does this before it adds `weft-client-id`, so that a
+/// client's `Connection: weft-client-id` cannot strip the header the proxy
+/// wrote (the rest of the hop-by-hop headers go when the request is sent).
+pub(crate) fn strip_connection_listed(headers: &mut http::HeaderMap) {
+    strip(headers, &HOP_BY_HOP[..1], false);
+}
+
 fn strip(headers: &mut http::HeaderMap, hop_by_hop: &[HeaderName], http2: bool) {
     // Most messages carry none of them: one pass over the names says so,
     // cheaper than hashing each of the seven.
