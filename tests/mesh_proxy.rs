@@ -1107,11 +1107,13 @@ async fn access_policy_answers_403_to_http_and_closes_tcp_and_counts_per_policy(
     );
 
     // Opaque TCP to the named port: no rule admits TCP (the rule names a
-    // path), so the connection is closed before the app sees a byte.
+    // path), so the connection is closed before the app sees a byte. (A
+    // line that cannot begin an HTTP request: a bare `ping` could, and is
+    // waited on as one.)
     let mut tcp = TcpStream::connect(cart.running.outbound[1])
         .await
         .expect("connect");
-    let _ = tcp.write_all(b"ping").await;
+    let _ = tcp.write_all(b"ping\r\n").await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out))
         .await
@@ -1472,6 +1474,23 @@ async fn a_leading_empty_line_does_not_make_a_request_opaque() {
             "{start:?}: the forged id reached the app: {answer}"
         );
     }
+    // A method dripped past the detection timeout (`get`, then the rest):
+    // bytes that can still begin a request line are served as HTTP.
+    let mut s = TcpStream::connect(server.running.inbound[0])
+        .await
+        .expect("connect");
+    s.write_all(b"get").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = s
+        .write_all(forged(" /charges HTTP/1.1\r\n").as_bytes())
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        !answer.contains("client-id=spiffe"),
+        "dripped: the forged id reached the app: {answer}"
+    );
 }
 
 /// `Connection` names headers for the next hop to drop. A mesh client

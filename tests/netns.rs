@@ -280,9 +280,17 @@ fn meshed_pod(
     )
     .expect("proxy");
     let demo_log = files.path(&format!("{name}/app.log"));
+    // On a dual-stack pod the app listens on both families, as it must
+    // without a mesh too (inbound traffic reaches it at the address, and
+    // so in the family, the client dialled).
+    let listen = if pod.ip6.is_some() {
+        "[::]:8080"
+    } else {
+        "0.0.0.0:8080"
+    };
     pod.spawn(
         Some(APP_UID),
-        &[DEMO, "--listen", "0.0.0.0:8080", "--name", name],
+        &[DEMO, "--listen", listen, "--name", name],
         &demo_log,
     )
     .expect("app");

@@ -271,7 +271,7 @@ where
     let _ = upstream.set_nodelay(true);
     let mut io = match how {
         Relay::Opaque => detect::PrefixedIo::new(bytes::Bytes::new(), io),
-        Relay::SniffFirst => match first_speaker(io, &upstream).await {
+        Relay::SniffFirst => match first_speaker(io, &upstream, proxy.detect_timeout).await {
             Some(FirstWords::Client(Protocol::Http1 | Protocol::Http2, client)) => {
                 drop(upstream);
                 tracing::debug!(
@@ -315,12 +315,25 @@ enum FirstWords<S> {
 /// Waits for the client's first bytes until they are classified, or for
 /// the application to become readable, whichever comes first. `None`: the
 /// client's side failed.
-async fn first_speaker<S>(mut client: S, app: &TcpStream) -> Option<FirstWords<S>>
+///
+/// Bytes that could still begin a request line (`get`, a token with no
+/// space yet) are waited on for `undecided` at most and then served as
+/// HTTP: HTTP is the safe reading, since relaying them opaquely would let
+/// a client drip a request, a forged `weft-client-id` included, past the
+/// access checks; the HTTP server answers 400 if they are not HTTP after
+/// all.
+async fn first_speaker<S>(
+    mut client: S,
+    app: &TcpStream,
+    undecided: Duration,
+) -> Option<FirstWords<S>>
 where
     S: AsyncRead + Unpin,
 {
     use tokio::io::AsyncReadExt;
     let mut seen = bytes::BytesMut::new();
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut deadline = far;
     loop {
         let mut chunk = [0u8; 64];
         tokio::select! {
@@ -331,6 +344,9 @@ where
                     seen.extend_from_slice(&chunk[..n]);
                     if let Some(p) = detect::classify(&seen) {
                         return Some(FirstWords::Client(p, detect::PrefixedIo::new(seen.freeze(), client)));
+                    }
+                    if deadline == far {
+                        deadline = tokio::time::Instant::now() + undecided;
                     }
                 }
                 Err(e) => {
@@ -343,6 +359,12 @@ where
                     return None;
                 }
                 return Some(FirstWords::App(detect::PrefixedIo::new(seen.freeze(), client)));
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                return Some(FirstWords::Client(
+                    Protocol::Http1,
+                    detect::PrefixedIo::new(seen.freeze(), client),
+                ));
             }
         }
     }
