@@ -61,8 +61,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
     DownwardAPIVolumeFile, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, KeyToPath, Lifecycle,
     LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -568,6 +568,7 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
                 drop: Some(vec!["ALL".to_owned()]),
                 ..Default::default()
             }),
+            seccomp_profile: Some(runtime_default_seccomp()),
             ..Default::default()
         }),
         volume_mounts: Some(mounts),
@@ -646,7 +647,18 @@ fn init_security_context(run_as_root: bool) -> SecurityContext {
             add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
             drop: Some(vec!["ALL".to_owned()]),
         }),
+        seccomp_profile: Some(runtime_default_seccomp()),
         ..Default::default()
+    }
+}
+
+/// The runtime's default seccomp filter: Pod Security `baseline` and
+/// `restricted` require it (or Localhost) on every container, and the proxy
+/// and iptables need no syscall it blocks.
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
     }
 }
 
@@ -1399,13 +1411,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn weft_init_runs_unprivileged_with_file_capabilities_or_as_root_when_the_mesh_says() {
+    /// The security context of `container` (in either list) after
+    /// injecting a one-container pod with `settings`, as JSON.
+    fn injected_security_context(settings: &InjectSettings, container: &str) -> Value {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": { "name": "orders-0" },
             "spec": { "containers": [{ "name": "orders", "image": "shop/orders" }] }
         }))
         .expect("a pod");
+        let mut value = serde_json::to_value(&pod).expect("json");
+        let got = inject(&pod, &NamespaceInfo::meshed("shop"), settings);
+        json_patch::patch(&mut value, &got.patch).expect("the patch applies");
+        let injected: Pod = serde_json::from_value(value).expect("a pod");
+        let spec = injected.spec.expect("spec");
+        let found = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == container)
+            .expect("the injected container");
+        serde_json::to_value(found.security_context.as_ref().expect("context")).expect("json")
+    }
+
+    #[test]
+    fn weft_init_runs_unprivileged_with_file_capabilities_or_as_root_when_the_mesh_says() {
         let init_context = |run_as_root: bool| {
             let mut settings = InjectSettings::new(
                 "weft:test",
@@ -1414,16 +1443,7 @@ mod tests {
                 },
             );
             settings.mesh.init.run_as_root = run_as_root;
-            let mut value = serde_json::to_value(&pod).expect("json");
-            let got = inject(&pod, &NamespaceInfo::meshed("shop"), &settings);
-            json_patch::patch(&mut value, &got.patch).expect("the patch applies");
-            let injected: Pod = serde_json::from_value(value).expect("a pod");
-            let inits = injected.spec.expect("spec").init_containers.expect("inits");
-            let init = inits
-                .iter()
-                .find(|c| c.name == INIT_CONTAINER)
-                .expect("weft-init");
-            serde_json::to_value(init.security_context.as_ref().expect("context")).expect("json")
+            injected_security_context(&settings, INIT_CONTAINER)
         };
         let caps = serde_json::json!({ "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] });
         // Default: uid 65534; the kernel honours the xtables binaries' file
@@ -1438,6 +1458,33 @@ mod tests {
         assert_eq!(root["runAsNonRoot"], false);
         assert_eq!(root["allowPrivilegeEscalation"], false);
         assert_eq!(root["capabilities"], caps, "still only the two");
+        for context in [&default, &root] {
+            assert_eq!(
+                context["seccompProfile"],
+                serde_json::json!({ "type": "RuntimeDefault" }),
+                "a restricted namespace admits weft-init: {context}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_injected_proxy_fits_pod_security_restricted() {
+        for native_sidecars in [true, false] {
+            let settings = InjectSettings::new("weft:test", ClusterCaps { native_sidecars });
+            let context = injected_security_context(&settings, PROXY_CONTAINER);
+            assert_eq!(context["allowPrivilegeEscalation"], false, "{context}");
+            assert_eq!(context["runAsNonRoot"], true, "{context}");
+            assert_eq!(
+                context["capabilities"],
+                serde_json::json!({ "drop": ["ALL"] }),
+                "{context}"
+            );
+            assert_eq!(
+                context["seccompProfile"],
+                serde_json::json!({ "type": "RuntimeDefault" }),
+                "{context}"
+            );
+        }
     }
 
     #[test]
