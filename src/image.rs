@@ -123,7 +123,7 @@ const NEEDS_DEBIAN: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{NEEDS_DEBIAN} ({tool}: {source})")]
+    #[error("{NEEDS_DEBIAN} (running {tool} failed)")]
     NeedsDebian {
         tool: &'static str,
         #[source]
@@ -136,7 +136,7 @@ pub enum ImageError {
         stderr: String,
     },
     #[error(
-        "`strip` (binutils) is needed to strip debug info from {binary}: apt-get install binutils ({source})"
+        "`strip` (binutils) is needed to strip debug info from {binary}: apt-get install binutils"
     )]
     NoStrip {
         binary: PathBuf,
@@ -161,7 +161,7 @@ pub enum ImageError {
     BadDeb { deb: PathBuf, what: String },
     #[error("the image is built for {0}, which has no Debian architecture name here")]
     UnknownArchitecture(&'static str),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
