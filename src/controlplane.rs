@@ -162,11 +162,32 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         }
     });
 
+    // The webhook is ready once what it reads has listed: the namespaces
+    // (their labels decide injection) and the Mesh (its proxy defaults).
+    // Not the operator's caches: in a large cluster listing every Pod takes
+    // a while, and a webhook that fails closed would refuse every pod of a
+    // meshed namespace in the meantime.
+    let mesh_listed = Arc::new(AtomicBool::new(false));
+    let webhook_synced = Arc::new(AtomicBool::new(false));
+    {
+        let (store, mesh_listed, webhook_synced) =
+            (store.clone(), mesh_listed.clone(), webhook_synced.clone());
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+            while !mesh_listed.load(Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            webhook_synced.store(true, Ordering::Relaxed);
+            tracing::info!("webhook caches synced (namespaces, Mesh)");
+        });
+    }
     let hook = Arc::new(Webhook {
         settings: ArcSwap::from_pointee(settings),
         namespaces: Box::new(NamespaceCache(store)),
     });
-    tokio::spawn(watch_mesh(client.clone(), hook.clone()));
+    tokio::spawn(watch_mesh(client.clone(), hook.clone(), mesh_listed));
     tokio::spawn(watch_kubelets(client.clone(), apiserver, hook.clone()));
 
     let serving = Arc::new(ServingCert::default());
@@ -186,12 +207,16 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         }
     }
     let metrics = Arc::new(crate::operator::metrics::Metrics::default());
+    // The operator's own caches gate only the operator, not readiness.
     let synced = Arc::new(AtomicBool::new(false));
     let (stage, _) = tokio::sync::watch::channel(Stage::Up);
     let ready = {
-        let (synced, serving, stage) = (synced.clone(), serving.clone(), stage.subscribe());
+        let (webhook_synced, serving, stage) =
+            (webhook_synced.clone(), serving.clone(), stage.subscribe());
         Arc::new(move || {
-            synced.load(Ordering::Relaxed) && serving.ready() && *stage.borrow() == Stage::Up
+            webhook_synced.load(Ordering::Relaxed)
+                && serving.ready()
+                && *stage.borrow() == Stage::Up
         })
     };
     let admin = crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready);
@@ -325,7 +350,7 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
 /// Keeps the injector's Mesh defaults current: the Mesh named `default`,
 /// or the built-in defaults while there is none (never created, or
 /// deleted).
-async fn watch_mesh(client: Client, hook: Arc<Webhook>) {
+async fn watch_mesh(client: Client, hook: Arc<Webhook>, first_listed: Arc<AtomicBool>) {
     let config = watcher::Config::default().fields(&format!("metadata.name={MESH_NAME}"));
     let stream = watcher(Api::<Mesh>::all(client), config).default_backoff();
     futures_util::pin_mut!(stream);
@@ -342,7 +367,10 @@ async fn watch_mesh(client: Client, hook: Arc<Webhook>) {
                 listed = false;
                 None
             }
-            Ok(watcher::Event::InitDone) => (!listed).then(MeshSpec::default),
+            Ok(watcher::Event::InitDone) => {
+                first_listed.store(true, Ordering::Relaxed);
+                (!listed).then(MeshSpec::default)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Mesh watch");
                 None

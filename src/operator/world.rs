@@ -217,13 +217,16 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         INPUT,
     );
     // Pods feed the rollout's evidence, read when a namespace reconciles;
-    // a pod event alone triggers nothing (the rollout polls).
-    spawn_watch(
+    // a pod event alone triggers nothing (the rollout polls). The cache
+    // holds only what the rollout reads (`prune_pod`), not every pod's
+    // spec: in a large cluster the pods are most of the operator's memory.
+    spawn_watch_pruned(
         Api::all(c.clone()),
         plain(),
         writers.pods,
         ch,
         Classify::Quiet,
+        prune_pod,
     );
     spawn_watch(
         Api::all(c.clone()),
@@ -294,17 +297,70 @@ fn spawn_watch<K>(
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    spawn_watch_pruned(api, config, writer, changes, classify, |_| {});
+}
+
+/// [`spawn_watch`], with `prune` dropping from each object what nobody
+/// reads before the cache stores it.
+fn spawn_watch_pruned<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    changes: &ChangeSink,
+    classify: Classify,
+    prune: fn(&mut K),
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let changes = changes.clone();
     let kind = K::kind(&());
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|k| {
+        .modify(move |k| {
             // Nobody reads managedFields here; dropping them roughly
             // halves the cache.
             k.managed_fields_mut().clear();
+            prune(k);
         })
         .reflect(writer);
     tokio::spawn(forward(kind.into_owned(), stream, changes, classify));
+}
+
+/// What the operator reads of a pod, and nothing else: its name and
+/// namespace, whether it is being deleted, its containers' names (the
+/// sidecar's among them: `injected`), whether it uses the host's network,
+/// and its phase and addresses. Gone: labels, annotations, owner
+/// references, every container's image, command, env and mounts, volumes,
+/// conditions, container statuses.
+pub fn prune_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let meta = &mut pod.metadata;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.managed_fields = None;
+    let names = |cs: &[Container]| -> Vec<Container> {
+        cs.iter()
+            .map(|c| Container {
+                name: c.name.clone(),
+                ..Container::default()
+            })
+            .collect()
+    };
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        containers: names(&s.containers),
+        init_containers: s.init_containers.as_deref().map(names),
+        host_network: s.host_network,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
 }
 
 async fn forward<K: Resource>(
@@ -378,6 +434,64 @@ mod tests {
             (0..3)
                 .map(|i| Change::Child(format!("ns-{i}")))
                 .collect::<Vec<_>>()
+        );
+    }
+
+    /// The pod cache holds what the rollout reads and nothing else: a pod's
+    /// env (secrets by name, tokens), volumes, images and labels stay out.
+    #[test]
+    fn the_pod_cache_holds_only_what_the_rollout_reads() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "namespace": "shop", "name": "checkout-0", "uid": "u1",
+                "labels": {"app": "checkout"},
+                "annotations": {"note": "x".repeat(4096)},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {
+                "hostNetwork": false,
+                "initContainers": [
+                    {"name": "weft-init", "image": "weft", "args": ["init"]},
+                    {"name": "weft-proxy", "image": "weft", "restartPolicy": "Always",
+                     "env": [{"name": "WEFT_POD_IP", "value": "10.1.0.7"}]},
+                ],
+                "containers": [{
+                    "name": "checkout", "image": "shop/checkout:1",
+                    "env": [{"name": "DB_PASSWORD", "valueFrom":
+                        {"secretKeyRef": {"name": "db", "key": "password"}}}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                }],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.1.0.7",
+                "podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))
+        .expect("a pod");
+        let before = serde_json::to_string(&pod).expect("json").len();
+        prune_pod(&mut pod);
+        let kept = serde_json::to_value(&pod).expect("json");
+        assert_eq!(
+            kept,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": "shop", "name": "checkout-0", "uid": "u1"},
+                "spec": {
+                    "hostNetwork": false,
+                    "initContainers": [{"name": "weft-init"}, {"name": "weft-proxy"}],
+                    "containers": [{"name": "checkout"}],
+                },
+                "status": {
+                    "phase": "Running", "podIP": "10.1.0.7",
+                    "podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}],
+                },
+            })
+        );
+        assert!(
+            kept.to_string().len() * 10 < before,
+            "{before} bytes before"
         );
     }
 }
