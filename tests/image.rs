@@ -324,6 +324,12 @@ fn the_image_archive_loads_as_docker_and_containerd_read_it_and_holds_the_mesh()
         ],
         "VFS_CAP_REVISION_2 | effective, permitted = NET_ADMIN | NET_RAW"
     );
+    // What weft init looks for on the iptables it runs is what the image carries.
+    assert_eq!(weft::init::FileCaps::XATTR, CAPABILITY_XATTR);
+    assert_eq!(
+        weft::init::FileCaps::net_admin_and_raw().encode(),
+        NET_ADMIN_NET_RAW_EP
+    );
     let capable: Vec<&str> = entries
         .iter()
         .filter(|(_, e)| e.capability.is_some())
