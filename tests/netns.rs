@@ -698,6 +698,52 @@ fn a_connection_to_the_proxys_own_port_is_refused() {
     assert_eq!(status, 200);
 }
 
+/// The address `Network::add_pod` gives its first pod.
+fn first_pod_address() -> String {
+    let [a, b, c, ..] = weft::netns::SUBNET;
+    format!("{a}.{b}.{c}.10")
+}
+
+/// Issue 18, item 7: the admin port answers every address of the pod (the
+/// operator scrapes `/metrics` from outside), but `/config` (the pod's
+/// whole outbound table and access rules) is for the pod's own processes
+/// over localhost only; another pod, or a process of this one dialling the
+/// pod's address, gets 403.
+#[test]
+fn the_config_is_served_only_to_localhost() {
+    if skip() {
+        return;
+    }
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new("cfg").expect("network");
+    let b_ip = first_pod_address();
+    let b = meshed_pod(&mut net, &files, &ca, "b", &config("strict", &b_ip), &[]);
+    let c = net.add_pod("c").expect("plain pod");
+    let (b_ns, c_ns) = (&net.pods[b].ns, &net.pods[c].ns);
+    let from_another_pod = fetch(c_ns, &format!("http://{b_ip}:15120/config"));
+    assert_eq!(
+        from_another_pod.as_ref().map(|(status, _)| *status),
+        Some(403),
+        "{from_another_pod:?}"
+    );
+    let (_, body) = from_another_pod.expect("an answer");
+    assert!(
+        !body.contains("clusterIps"),
+        "no config in the refusal: {body}"
+    );
+    let via_pod_ip = fetch(b_ns, &format!("http://{b_ip}:15120/config"));
+    assert_eq!(via_pod_ip.map(|(status, _)| status), Some(403));
+    let (status, body) = fetch(b_ns, "http://127.0.0.1:15120/config").expect("config");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&b_ip), "the config, to localhost: {body}");
+    let (status, body) =
+        fetch(c_ns, &format!("http://{b_ip}:15120/metrics")).expect("metrics answer");
+    assert_eq!(
+        status, 200,
+        "the operator scrapes /metrics from outside: {body}"
+    );
+}
+
 /// `make test` runs this one again with its output shown, so whether tier
 /// 4 ran or was skipped is visible in the log.
 #[test]

@@ -216,6 +216,52 @@ async fn ambiguous_paths_are_refused_with_400_and_never_reach_the_app() {
     assert!(r.ends_with("app saw /repos/group%2Fproject"), "{r}");
 }
 
+/// `/config` is for the pod's own processes, which reach the admin port at
+/// 127.0.0.1 or ::1. Another pod's connection comes from its pod address
+/// (tests/netns.rs shows that for real); here, on loopback only, a peer at
+/// 127.0.0.2 stands in for any address that is not the pod's localhost.
+#[tokio::test]
+async fn the_config_is_refused_to_a_peer_that_is_not_localhost() {
+    let p = start_proxy(&config(vec![]), &[], &[]).await;
+    let admin = p.running.admin;
+    let request =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let from = |local: [u8; 4], path: &'static str| {
+        let request = request(path);
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(SocketAddr::from((local, 0)))
+                .expect("bind the peer address");
+            let mut s = socket.connect(admin).await.expect("connect");
+            s.write_all(request.as_bytes()).await.expect("write");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let refused = from([127, 0, 0, 2], "/config").await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains("weft-proxy-error: forbidden"),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains("generation"),
+        "no config in the refusal: {refused}"
+    );
+    let metrics = from([127, 0, 0, 2], "/metrics").await;
+    assert!(
+        metrics.starts_with("HTTP/1.1 200"),
+        "scraped from outside: {metrics}"
+    );
+    let local = from([127, 0, 0, 1], "/config").await;
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+    assert!(local.contains("generation"), "{local}");
+}
+
 #[tokio::test]
 async fn admin_reports_readiness_config_and_drains_on_request() {
     let p = start_proxy(&config(vec![]), &[], &[]).await;

@@ -1,4 +1,4 @@
-//! The admin server (`/live`, `/ready`, `/metrics`, `/config`, and
+//! The admin server (`/live`, `/ready`, `/metrics`, and `/config` and
 //! `POST /shutdown` from localhost) and the probe server, which forwards
 //! kubelet probes rewritten to `/probe/<port>/<path>` to the application —
 //! plaintext, so probes keep working when the namespace is STRICT, and
@@ -10,7 +10,7 @@
 //! ([`canonical_probe_path`]) that the injector also registers and writes
 //! into the rewritten probe, so the kubelet sends exactly that form.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,18 +71,45 @@ async fn metrics(State(p): State<Arc<Proxy>>) -> impl IntoResponse {
     )
 }
 
-async fn config(State(p): State<Arc<Proxy>>) -> impl IntoResponse {
+/// Whether `peer` is the pod's own localhost: 127.0.0.1 or ::1 (or the
+/// former mapped into IPv6), the addresses the pod's processes dial the
+/// admin port at. Not the rest of 127/8, and never the pod's own address,
+/// which other pods reach too.
+fn from_pod_localhost(peer: SocketAddr) -> bool {
+    match peer.ip().to_canonical() {
+        IpAddr::V4(ip) => ip == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(ip) => ip == Ipv6Addr::LOCALHOST,
+    }
+}
+
+/// The config in use, to the pod's own processes only: it lays out every
+/// Service the namespace may call and the access rules, which another pod
+/// has no business reading.
+async fn config(
+    State(p): State<Arc<Proxy>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    if !from_pod_localhost(peer) {
+        tracing::debug!(%peer, "admin /config refused: not from localhost");
+        return refused(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "/config is served to localhost only\n".to_owned(),
+        );
+    }
     match p.store.load() {
         Some(s) => (
             StatusCode::OK,
             [("content-type", "application/json")],
             serde_json::to_string_pretty(&s.config).unwrap_or_default(),
-        ),
+        )
+            .into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             [("content-type", "text/plain")],
             "no config loaded yet\n".to_owned(),
-        ),
+        )
+            .into_response(),
     }
 }
 
@@ -90,7 +117,7 @@ async fn shutdown(
     State(p): State<Arc<Proxy>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> impl IntoResponse {
-    if !peer.ip().is_loopback() {
+    if !from_pod_localhost(peer) {
         return (
             StatusCode::FORBIDDEN,
             "shutdown is accepted from localhost only\n",
