@@ -138,6 +138,20 @@ pub struct MeshCa {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// The key never appears in a print: a `?ca` in a log line or an error
+/// must not publish the key that signs every identity in the mesh.
+impl std::fmt::Debug for MeshCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshCa")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &REDACTED)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a Debug print shows in place of a private key.
+pub const REDACTED: &str = "<redacted>";
+
 fn offset(t: SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from(t)
 }
@@ -276,12 +290,23 @@ impl MeshCa {
 }
 
 /// A workload's certificate and key.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkloadCert {
     pub cert_pem: String,
     pub key_pem: String,
     pub issued_at: SystemTime,
     pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &REDACTED)
+            .field("issued_at", &self.issued_at)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
 }
 
 impl WorkloadCert {
@@ -295,6 +320,60 @@ impl WorkloadCert {
 pub fn renew_at(issued: SystemTime, expires: SystemTime) -> SystemTime {
     let life = expires.duration_since(issued).unwrap_or_default();
     issued + life * 2 / 3
+}
+
+/// Whether `text` (a log line, a Debug print, an Event, an error) holds
+/// any of the private key `key_pem`: PEM armour of a private key, or a run
+/// of 16 characters of the base64 of its secret scalar, the way a key
+/// leaks in pieces (a line of the PEM, a truncated print, the base64 of the
+/// PEM that a Secret's `data` carries). The PKCS#8 structure around the
+/// scalar is the same in every P-256 key, and the public key at its end is
+/// in the certificate too, so neither counts.
+pub fn contains_key_material(text: &str, key_pem: &str) -> bool {
+    use base64::Engine;
+    const RUN: usize = 16;
+    if text.contains("PRIVATE KEY") {
+        return true;
+    }
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let der = b64.decode(&body).unwrap_or_default();
+    // ECPrivateKey: version 1, then the scalar as an OCTET STRING.
+    let start = der
+        .windows(4)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04])
+        .map_or(0, |i| i + 5);
+    let end = KeyPair::from_pem(key_pem)
+        .ok()
+        .and_then(|k| {
+            let public = k.public_key_raw().to_vec();
+            der.windows(public.len()).position(|w| w == public)
+        })
+        .map_or(der.len(), |i| i.saturating_sub(5))
+        .max(start);
+    // The characters that encode only secret bytes, in the body and in the
+    // base64 of the whole PEM document.
+    let chars = |from: usize, to: usize| (from * 4).div_ceil(3)..to * 4 / 3;
+    let in_body = chars(start, end);
+    let header = key_pem.find('\n').map_or(0, |i| i + 1);
+    let in_pem = |j: usize| header + j + j / 64;
+    let encoded = b64.encode(key_pem);
+    let pieces = [
+        body.get(in_body.clone()).unwrap_or_default(),
+        encoded
+            .get(chars(in_pem(in_body.start), in_pem(in_body.end)))
+            .unwrap_or_default(),
+    ];
+    pieces.iter().any(|piece| {
+        let piece = piece.as_bytes();
+        (0..=piece.len().saturating_sub(RUN))
+            .filter_map(|i| piece.get(i..i + RUN))
+            .filter_map(|run| std::str::from_utf8(run).ok())
+            .any(|run| text.contains(run))
+    })
 }
 
 /// What a certificate says, as far as the mesh cares.
@@ -472,5 +551,39 @@ mod tests {
             "signed by the original root key"
         );
         assert!(MeshCa::from_pem(ca.cert_pem(), "not a key").is_err());
+    }
+
+    #[test]
+    fn a_debug_print_of_a_ca_or_a_workload_certificate_shows_no_key() {
+        let t = now();
+        let ca = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let leaf = ca
+            .issue(
+                &SpiffeId::new("cluster.local", "shop", "cart"),
+                t,
+                Duration::from_secs(3600),
+            )
+            .expect("leaf");
+        for (printed, key) in [
+            (format!("{ca:?}"), ca.key_pem()),
+            (format!("{leaf:?}"), &leaf.key_pem),
+            (format!("{leaf:#?}"), &leaf.key_pem),
+        ] {
+            assert!(
+                !contains_key_material(&printed, key),
+                "a key in a Debug print: {printed}"
+            );
+            assert!(printed.contains("<redacted>"), "{printed}");
+        }
+        // The check sees a key that is there, whole or in pieces, and not
+        // in the certificate that carries its public half.
+        let line = leaf.key_pem.lines().nth(2).expect("a second body line");
+        let secret_data =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &leaf.key_pem);
+        for leaked in [format!("{:?}", leaf.key_pem), line.to_owned(), secret_data] {
+            assert!(contains_key_material(&leaked, &leaf.key_pem), "{leaked}");
+        }
+        assert!(!contains_key_material(&leaf.cert_pem, &leaf.key_pem));
+        assert!(!contains_key_material(&ca.trust_bundle(), ca.key_pem()));
     }
 }

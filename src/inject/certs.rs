@@ -105,12 +105,25 @@ impl WebhookNames {
 }
 
 /// The serving material, as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Material {
     pub ca_cert: String,
     pub ca_key: String,
     pub cert: String,
     pub key: String,
+}
+
+/// The two keys never appear in a print (a `?plan` in a log line).
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::identity::REDACTED;
+        f.debug_struct("Material")
+            .field("ca_cert", &self.ca_cert)
+            .field("ca_key", &REDACTED)
+            .field("cert", &self.cert)
+            .field("key", &REDACTED)
+            .finish()
+    }
 }
 
 impl Material {
@@ -614,6 +627,27 @@ mod tests {
             plan(Some(&broken), &names(), now).expect("plan"),
             Plan::Store(..)
         ));
+    }
+
+    #[test]
+    fn a_debug_print_of_the_webhook_material_or_plan_shows_no_key() {
+        let Plan::Store(material, _) = plan(None, &names(), SystemTime::now()).expect("plan")
+        else {
+            panic!("nothing stored: a CA and a certificate are made");
+        };
+        let keys = [material.ca_key.clone(), material.key.clone()];
+        let printed = [
+            format!("{material:?}"),
+            format!("{:#?}", Plan::Keep(material.clone())),
+        ];
+        for printed in &printed {
+            for key in &keys {
+                assert!(
+                    !crate::identity::contains_key_material(printed, key),
+                    "a key in a Debug print: {printed}"
+                );
+            }
+        }
     }
 
     fn ca(at: SystemTime, lifetime: Duration) -> String {
