@@ -63,9 +63,13 @@ pub fn proxy_detect_http(data: &[u8]) {
                 return;
             };
             if matches!(d.protocol, Protocol::Http1 | Protocol::Http2) {
-                serve_http(d.io, &drain, &in_flight, |_req| async {
-                    http::Response::new(body::full("ok"))
-                })
+                serve_http(
+                    d.io,
+                    &drain,
+                    &Default::default(),
+                    &in_flight,
+                    |_req| async { http::Response::new(body::full("ok")) },
+                )
                 .await;
             }
         };

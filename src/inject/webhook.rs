@@ -227,6 +227,15 @@ pub async fn serve_https(
 /// answer.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connections the webhook holds open at once (the API servers keep a few
+/// each).
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// An HTTP/2 connection from the API server is pinged this often, so a
+/// vanished peer is noticed; an HTTP/1 connection idle this long is
+/// closed by the header-read timeout already.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// [`serve_https`] until `shutdown` resolves, then a drain: the listener
 /// closes (new connections are refused) and every open connection is told
 /// to finish — HTTP/1.1 answers the request in flight without keep-alive,
@@ -267,6 +276,13 @@ pub async fn serve_https_until(
         let _ = tcp.set_nodelay(true);
         // Forget the finished ones, so the set holds only open connections.
         while connections.try_join_next().is_some() {}
+        // At the cap a new connection is closed at once: clients that open
+        // connections and send nothing hold at most the cap, each for at
+        // most the handshake and header-read timeouts.
+        if connections.len() >= MAX_CONNECTIONS {
+            tracing::warn!(%peer, "webhook connection refused: at the connection cap");
+            continue;
+        }
         // Watched from the accept on, so a drain waits for the handshake.
         let watcher = graceful.watcher();
         let (acceptor, router) = (acceptor.clone(), router.clone());
@@ -314,6 +330,11 @@ async fn serve_connection(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(REQUEST_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(REQUEST_TIMEOUT);
     let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
     if let Err(e) = drain.watch(connection).await {
         tracing::debug!(%peer, error = %e, "webhook connection ended");

@@ -46,6 +46,9 @@ pub struct Options {
 /// whether this replica can serve (caches synced, webhook certificate
 /// loaded, not shutting down); it does not depend on leading, so standby
 /// replicas keep serving the webhook.
+/// Connections the control plane's admin server holds open at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve_admin(
     listen: SocketAddr,
     metrics: Arc<metrics::Metrics>,
@@ -88,7 +91,17 @@ pub async fn serve_admin(
         .await
         .with_context(|| format!("binding the admin listener on {listen}"))?;
     tracing::info!(%listen, "admin server (/livez /readyz /metrics)");
-    axum::serve(listener, app).await?;
+    // Bounded as the proxy's admin port is: slow or idle clients are cut
+    // off, and at most this many connections are open at once.
+    let cap = crate::proxy::server::ConnLimit::new(ADMIN_MAX_CONNECTIONS, Default::default());
+    crate::proxy::server::serve_router(
+        listener,
+        "control-plane admin",
+        app,
+        crate::proxy::server::HttpLimits::default(),
+        cap,
+    )
+    .await;
     Ok(())
 }
 

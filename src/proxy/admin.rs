@@ -468,13 +468,15 @@ fn refused(status: StatusCode, reason: &'static str, body: String) -> axum::resp
 }
 
 /// Serves a router for the life of the process: metrics and readiness stay
-/// visible while the proxy drains.
-pub async fn serve(listener: TcpListener, router: Router) {
-    let app = router.into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app).await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "admin server failed");
-    }
+/// visible while the proxy drains. Held to the proxy's HTTP limits and
+/// connection cap ([`super::server::serve_router`]).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: super::server::HttpLimits,
+    limit: Arc<super::server::ConnLimit>,
+) {
+    super::server::serve_router(listener, "admin", router, limits, limit).await
 }
 
 #[cfg(test)]

@@ -247,9 +247,13 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (p, conn) = (proxy.clone(), Arc::new(conn));
-    super::server::serve_http(io, &proxy.drain, &proxy.inbound_in_flight, move |req| {
-        forward_http(p.clone(), conn.clone(), req)
-    })
+    super::server::serve_http(
+        io,
+        &proxy.drain,
+        &proxy.http_limits,
+        &proxy.inbound_in_flight,
+        move |req| forward_http(p.clone(), conn.clone(), req),
+    )
     .await;
 }
 

@@ -89,6 +89,12 @@ pub struct PlaintextLabels {
     pub src_addr: String,
 }
 
+/// One of the proxy's listeners: `inbound`, `outbound`, `admin`, `probe`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
 /// A refusal by an AccessPolicy.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
@@ -156,6 +162,12 @@ pub struct ProxyMetrics {
     /// Requests answered `overloaded` because the direction's in-flight
     /// limit was reached.
     pub requests_shed: Family<DirectionLabels, Counter>,
+    /// Connections closed at once because their listener was at its
+    /// connection cap.
+    pub connections_over_limit: Family<ListenerLabels, Counter>,
+    /// Requests sent without a buffered body, so never retried, because
+    /// the proxy's retry buffer budget was spent.
+    pub retry_unbuffered: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -328,8 +340,22 @@ impl ProxyMetrics {
             "Requests answered 503 overloaded at once because the direction's in-flight limit was reached",
             requests_shed.clone(),
         );
+        let connections_over_limit = Family::default();
+        registry.register(
+            "connections_over_limit",
+            "Connections closed at once because their listener was at its connection cap",
+            connections_over_limit.clone(),
+        );
+        let retry_unbuffered = Counter::default();
+        registry.register(
+            "retry_unbuffered",
+            "Requests sent unbuffered, and so not retried, because the proxy's retry buffer budget was spent",
+            retry_unbuffered.clone(),
+        );
         Self {
             registry,
+            connections_over_limit,
+            retry_unbuffered,
             inbound_refused_no_config,
             refused_own_port,
             requests_shed,

@@ -172,6 +172,49 @@ pub struct ProxyArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub outbound_max_in_flight: u32,
+    /// How long a client may take to send a request head on any listener
+    /// before its connection is closed (slowloris). hyper runs the same
+    /// timer while an HTTP/1 connection waits for its next request, so it
+    /// is also the HTTP/1 keep-alive idle limit.
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// An HTTP connection on which no request started for this long is
+    /// closed gracefully (HTTP/2: GOAWAY); also the HTTP/2 keep-alive ping
+    /// interval.
+    #[arg(long, env = "WEFT_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections open at once on the inbound listeners, all protocols;
+    /// past it a new connection is closed at once and counted.
+    #[arg(
+        long,
+        env = "WEFT_INBOUND_MAX_CONNECTIONS",
+        default_value_t = 4096,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub inbound_max_connections: u32,
+    /// Connections open at once on the outbound listeners.
+    #[arg(
+        long,
+        env = "WEFT_OUTBOUND_MAX_CONNECTIONS",
+        default_value_t = 4096,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub outbound_max_connections: u32,
+    /// Connections open at once on the admin and on the probe listener
+    /// (each).
+    #[arg(
+        long,
+        env = "WEFT_ADMIN_MAX_CONNECTIONS",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub admin_max_connections: u32,
+    /// Bytes of request bodies held for retry at once, all requests
+    /// together (each body at most 64 KiB); past it a request is sent
+    /// unbuffered and not retried, and counted in
+    /// `weft_proxy_retry_unbuffered_total`.
+    #[arg(long, env = "WEFT_RETRY_BUFFER_BYTES", default_value_t = http::retry::DEFAULT_REPLAY_BUDGET)]
+    pub retry_buffer_bytes: u64,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -241,6 +284,13 @@ pub struct Proxy {
     /// Caps on requests waiting for a response, per direction.
     pub inbound_in_flight: Arc<server::InFlight>,
     pub outbound_in_flight: Arc<server::InFlight>,
+    /// Time limits on every HTTP connection the proxy serves.
+    pub http_limits: server::HttpLimits,
+    /// Connection caps, per listener kind.
+    pub inbound_connections: Arc<server::ConnLimit>,
+    pub outbound_connections: Arc<server::ConnLimit>,
+    pub admin_connections: Arc<server::ConnLimit>,
+    pub probe_connections: Arc<server::ConnLimit>,
 }
 
 impl Proxy {
@@ -298,6 +348,7 @@ impl Proxy {
                 metrics: metrics.clone(),
                 pool: http::pool::Pool::new(originator.clone()),
                 workload: args.workload.clone(),
+                replay_budget: http::retry::ReplayBudget::new(args.retry_buffer_bytes),
             }),
             drain: Drain::new(),
             app_ip: args.app_ip,
@@ -327,9 +378,29 @@ impl Proxy {
                 Direction::Outbound,
                 args.outbound_max_in_flight,
             ),
+            http_limits: server::HttpLimits {
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_timeout,
+            },
+            inbound_connections: conn_limit(&metrics, "inbound", args.inbound_max_connections),
+            outbound_connections: conn_limit(&metrics, "outbound", args.outbound_max_connections),
+            admin_connections: conn_limit(&metrics, "admin", args.admin_max_connections),
+            probe_connections: conn_limit(&metrics, "probe", args.admin_max_connections),
             metrics,
         }))
     }
+}
+
+fn conn_limit(
+    metrics: &ProxyMetrics,
+    listener: &'static str,
+    limit: u32,
+) -> Arc<server::ConnLimit> {
+    let refused = metrics
+        .connections_over_limit
+        .get_or_create(&metrics::ListenerLabels { listener })
+        .clone();
+    server::ConnLimit::new(limit as usize, refused)
 }
 
 fn in_flight(metrics: &ProxyMetrics, direction: Direction, limit: u32) -> Arc<server::InFlight> {
@@ -446,7 +517,12 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         inbound: Vec::new(),
     };
     for l in admin {
-        tokio::spawn(admin::serve(l, admin::admin_router(proxy.clone())));
+        tokio::spawn(admin::serve(
+            l,
+            admin::admin_router(proxy.clone()),
+            proxy.http_limits,
+            proxy.admin_connections.clone(),
+        ));
     }
 
     if !args.no_transparent {
@@ -465,50 +541,67 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         for l in outbound {
             running.outbound.push(l.local_addr()?);
             let own = own.clone();
-            serve_listener(l, &proxy, move |p, conn, peer| {
-                let own = own.clone();
-                async move {
-                    match orig_dst::original_dst(&conn) {
-                        Ok(dst) if dst.ip().is_loopback() && own.contains(&dst.port()) => {
-                            refuse_own_port(&p, Direction::Outbound, peer, dst)
-                        }
-                        Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+            serve_listener(
+                l,
+                &proxy,
+                &proxy.outbound_connections,
+                move |p, conn, peer| {
+                    let own = own.clone();
+                    async move {
+                        match orig_dst::original_dst(&conn) {
+                            // No NAT happened (the original destination is this very
+                            // socket: the app dialled the proxy's port, on
+                            // loopback or on the pod's own address, which is
+                            // not redirected), or loopback to a port of ours.
+                            Ok(dst)
+                                if conn.local_addr().ok() == Some(dst)
+                                    || (dst.ip().is_loopback() && own.contains(&dst.port())) =>
+                            {
+                                refuse_own_port(&p, Direction::Outbound, peer, dst)
+                            }
+                            Ok(dst) => outbound::serve(p, conn, Target::Addr(dst)).await,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "outbound connection without an original destination (is the iptables redirect installed?)")
+                            }
                         }
                     }
-                }
-            });
+                },
+            );
         }
         for l in inbound {
             running.inbound.push(l.local_addr()?);
             let own = own.clone();
-            serve_listener(l, &proxy, move |p, conn, peer| {
-                let own = own.clone();
-                async move {
-                    match orig_dst::original_dst(&conn) {
-                        Ok(dst) if own.contains(&dst.port()) => {
-                            refuse_own_port(&p, Direction::Inbound, peer, dst)
-                        }
-                        // To the app at the address the client dialled, the
-                        // pod's own, never 127.0.0.1: a listener the app
-                        // bound to localhost stays private to the pod (as
-                        // Istio does since 1.10), and an app bound only to
-                        // the pod's address is reached.
-                        Ok(dst) => inbound::serve(p, conn, peer, dst).await,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+            serve_listener(
+                l,
+                &proxy,
+                &proxy.inbound_connections,
+                move |p, conn, peer| {
+                    let own = own.clone();
+                    async move {
+                        match orig_dst::original_dst(&conn) {
+                            Ok(dst) if own.contains(&dst.port()) => {
+                                refuse_own_port(&p, Direction::Inbound, peer, dst)
+                            }
+                            // To the app at the address the client dialled, the
+                            // pod's own, never 127.0.0.1: a listener the app
+                            // bound to localhost stays private to the pod (as
+                            // Istio does since 1.10), and an app bound only to
+                            // the pod's address is reached.
+                            Ok(dst) => inbound::serve(p, conn, peer, dst).await,
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "inbound connection without an original destination")
+                            }
                         }
                     }
-                }
-            });
+                },
+            );
         }
     }
     for (listen, target) in &args.outbound_map {
         let l = bind(*listen, "explicit outbound").await?;
         running.outbound.push(l.local_addr()?);
         let target = target.clone();
-        serve_listener(l, &proxy, move |p, conn, _| {
+        serve_listener(l, &proxy, &proxy.outbound_connections, move |p, conn, _| {
             outbound::serve(p, conn, target.clone())
         });
     }
@@ -516,9 +609,12 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         let l = bind(*listen, "explicit inbound").await?;
         running.inbound.push(l.local_addr()?);
         let app = SocketAddr::new(args.app_ip, *app_port);
-        serve_listener(l, &proxy, move |p, conn, peer| {
-            inbound::serve(p, conn, peer, app)
-        });
+        serve_listener(
+            l,
+            &proxy,
+            &proxy.inbound_connections,
+            move |p, conn, peer| inbound::serve(p, conn, peer, app),
+        );
     }
     // The probe server never forwards to the proxy's own ports: as given
     // and as bound (a port 0 becomes a real one).
@@ -541,7 +637,12 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
     }
     let probe_router = admin::probe_router(proxy.clone(), own_ports);
     for l in probe {
-        tokio::spawn(admin::serve(l, probe_router.clone()));
+        tokio::spawn(admin::serve(
+            l,
+            probe_router.clone(),
+            proxy.http_limits,
+            proxy.probe_connections.clone(),
+        ));
     }
     proxy.store.set_listening();
     tracing::info!(admin = %running.admin, "proxy listening");
@@ -560,8 +661,12 @@ fn refuse_own_port(proxy: &Proxy, direction: Direction, peer: SocketAddr, dst: S
 }
 
 /// Accepts on `listener` until shutdown, handing connections to `handle`.
-fn serve_listener<F, Fut>(listener: TcpListener, proxy: &Arc<Proxy>, handle: F)
-where
+fn serve_listener<F, Fut>(
+    listener: TcpListener,
+    proxy: &Arc<Proxy>,
+    limit: &Arc<server::ConnLimit>,
+    handle: F,
+) where
     F: Fn(Arc<Proxy>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -569,6 +674,7 @@ where
     tokio::spawn(server::accept_loop(
         listener,
         proxy.drain.clone(),
+        limit.clone(),
         move |conn, peer| handle(p.clone(), conn, peer),
     ));
 }

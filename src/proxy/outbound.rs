@@ -85,15 +85,23 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
         Protocol::Http1 | Protocol::Http2 => {
             let p = proxy.clone();
             let target = target.clone();
-            super::server::serve_http(io, &proxy.drain, &proxy.outbound_in_flight, move |req| {
-                let (p, target) = (p.clone(), target.clone());
-                async move {
-                    match dispatch(&p, &target, req).await {
-                        Ok(rsp) => rsp,
-                        Err(e) => errors::response(&errors::classify(&e, &target_label(&target))),
+            super::server::serve_http(
+                io,
+                &proxy.drain,
+                &proxy.http_limits,
+                &proxy.outbound_in_flight,
+                move |req| {
+                    let (p, target) = (p.clone(), target.clone());
+                    async move {
+                        match dispatch(&p, &target, req).await {
+                            Ok(rsp) => rsp,
+                            Err(e) => {
+                                errors::response(&errors::classify(&e, &target_label(&target)))
+                            }
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
         }
         Protocol::Tls | Protocol::Opaque => forward_tcp(&proxy, io, &target).await,

@@ -94,6 +94,8 @@ pub struct Shared {
     pub pool: pool::Pool,
     /// This proxy's workload, the `src` of its metrics.
     pub workload: String,
+    /// Request bodies buffered for retry, all requests together.
+    pub replay_budget: Arc<retry::ReplayBudget>,
 }
 
 /// The stack for one destination, outermost first.

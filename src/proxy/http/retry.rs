@@ -2,7 +2,9 @@
 //! one the policy lists (the idempotent ones unless told otherwise) or it
 //! carries an `Idempotency-Key` header — except a connection that could not
 //! be made, which the server never saw. Bodies up to 64 KiB with a known
-//! length are buffered for replay; larger or streamed bodies are sent once.
+//! length are buffered for replay; larger or streamed bodies are sent once,
+//! and so is any body once the proxy's [`ReplayBudget`] (one for all its
+//! requests) is spent, so buffered bodies never hold more than that.
 //! Every retry must be allowed by the destination's budget, so an outage
 //! cannot multiply the load on a struggling Service. Tries are spaced by
 //! exponential backoff with full jitter. A try past the request's deadline
@@ -27,6 +29,66 @@ use crate::proxy::resilience::backoff;
 
 /// Largest body buffered so the request can be replayed.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// The bytes of request bodies one proxy may hold buffered for replay at
+/// once, across all requests: a request whose body does not fit is sent
+/// unbuffered and not retried (and counted), so a burst of large POSTs to
+/// a slow Service cannot grow the proxy past its memory limit. One atomic
+/// add to take a place and one to give it back.
+pub struct ReplayBudget {
+    limit: u64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl ReplayBudget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            held: Default::default(),
+        })
+    }
+
+    /// Room for `bytes` more, held until the guard drops; `None` when they
+    /// do not fit.
+    pub fn take(self: &Arc<Self>, bytes: u64) -> Option<ReplayBytes> {
+        use std::sync::atomic::Ordering;
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                h.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .ok()
+            .map(|_| ReplayBytes(self.clone(), bytes))
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Default for ReplayBudget {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_REPLAY_BUDGET,
+            held: Default::default(),
+        }
+    }
+}
+
+/// The default [`ReplayBudget`]: well under the sidecar's default 128 MiB
+/// memory limit.
+pub const DEFAULT_REPLAY_BUDGET: u64 = 8 * 1024 * 1024;
+
+/// A place in the [`ReplayBudget`].
+pub struct ReplayBytes(Arc<ReplayBudget>, u64);
+
+impl Drop for ReplayBytes {
+    fn drop(&mut self) {
+        self.0
+            .held
+            .fetch_sub(self.1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 #[derive(Clone)]
 pub struct Retry<S> {
@@ -111,8 +173,18 @@ impl<S: super::Inner> Retry<S> {
             // larger or streamed body is sent once.
             let small = http_body::Body::size_hint(&body)
                 .upper()
-                .is_some_and(|n| n <= MAX_REPLAY_BODY);
-            if !small {
+                .filter(|n| *n <= MAX_REPLAY_BODY);
+            let held = match small {
+                Some(n) => {
+                    let held = shared.replay_budget.take(n);
+                    if held.is_none() {
+                        shared.metrics.retry_unbuffered.inc();
+                    }
+                    held
+                }
+                None => None,
+            };
+            let Some(_held) = held else {
                 return attempt(
                     inner,
                     http::Request::from_parts(parts, body),
@@ -120,7 +192,7 @@ impl<S: super::Inner> Retry<S> {
                     &dst.label,
                 )
                 .await;
-            }
+            };
             let (bytes, trailers): (Bytes, Option<http::HeaderMap>) = match body.collect().await {
                 Ok(collected) => {
                     let trailers = collected.trailers().cloned();
@@ -281,6 +353,7 @@ mod tests {
             metrics: Arc::new(ProxyMetrics::new()),
             pool: Pool::default(),
             workload: "test".into(),
+            replay_budget: Default::default(),
         });
         let retries = || {
             shared
@@ -307,5 +380,41 @@ mod tests {
         run(Some(TokioInstant::now() + 10 * Duration::from_secs(1))).await;
         assert_eq!(calls.load(Ordering::SeqCst), 3, "tried and retried twice");
         assert_eq!(retries(), 2);
+    }
+
+    /// With the proxy's replay budget spent, a request whose body would
+    /// need buffering is sent once, unbuffered, and counted; with room it
+    /// is buffered and retried, and the room is given back afterwards.
+    #[tokio::test]
+    async fn past_the_replay_budget_a_request_is_sent_unbuffered_and_not_retried() {
+        let unused = "127.0.0.1:9".parse().expect("addr");
+        let policy = json!({ "retry": { "maxRetries": 2, "retryOn": ["gateway-error"] } });
+        let dst = destination(unused, 1, policy);
+        let budget = ReplayBudget::new(8);
+        let shared = Arc::new(Shared {
+            metrics: Arc::new(ProxyMetrics::new()),
+            pool: Pool::default(),
+            workload: "test".into(),
+            replay_budget: budget.clone(),
+        });
+        let tries_of = |body: &'static str| {
+            let tries = Arc::new(Mutex::new(Vec::new()));
+            let mut retry = Retry::new(dst.clone(), shared.clone(), timing_out(tries.clone()));
+            async move {
+                let mut req = request(Some(TokioInstant::now() + 10 * Duration::from_secs(1)));
+                *req.body_mut() = body::full(body);
+                let _ = tower::Service::call(&mut retry, req).await;
+                tries.lock().expect("tries").len()
+            }
+        };
+        assert_eq!(tries_of("hello").await, 3, "buffered and retried twice");
+        assert_eq!(shared.metrics.retry_unbuffered.get(), 0);
+        assert_eq!(budget.held(), 0, "the room is given back");
+
+        let taken = budget.take(4).expect("room for 4");
+        assert_eq!(tries_of("hello").await, 1, "sent once, unbuffered");
+        assert_eq!(shared.metrics.retry_unbuffered.get(), 1);
+        drop(taken);
+        assert_eq!(budget.held(), 0);
     }
 }
