@@ -60,11 +60,13 @@ pub struct InitArgs {
     /// Outbound destinations (CIDRs) that bypass the proxy.
     #[arg(long, value_delimiter = ',')]
     pub skip_outbound_cidrs: Vec<String>,
-    /// IPv6 (ip6tables): `auto` (the default) redirects it when the pod
-    /// has an IPv6 address of global scope, `on` (or a bare `--ipv6`)
-    /// always, `off` never. The choice is made here, in the pod, because
-    /// the injector cannot know it: a pod gets its addresses from the CNI
-    /// plugin after admission, before its first init container starts.
+    /// IPv6 (ip6tables): `auto` (the default) redirects it whenever the pod
+    /// has IPv6 on an interface other than loopback, link-local included
+    /// (pods on one bridge share a link, so `fe80::` reaches them), `on`
+    /// (or a bare `--ipv6`) always, `off` never. The choice is made here,
+    /// in the pod, because the injector cannot know it: a pod gets its
+    /// addresses from the CNI plugin after admission, before its first
+    /// init container starts.
     #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto, num_args = 0..=1, default_missing_value = "on")]
     pub ipv6: Ipv6Mode,
     /// Print the `iptables-restore` input for a pod with no rules yet and
@@ -81,30 +83,49 @@ pub enum Ipv6Mode {
     Off,
 }
 
-/// Whether `/proc/net/if_inet6` lists an address another pod could reach:
-/// scope global (`00`, unique-local `fd00::/8` included) on an interface
-/// other than `lo`. Link-local (`20`) and host (`10`) addresses are not.
-pub fn has_ipv6_address(if_inet6: &str) -> bool {
-    if_inet6.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() == 6 && f[3] == "00" && f[5] != "lo"
-    })
+/// The pod's reachable IPv6, from `/proc/net/if_inet6`: none, link-local
+/// only (`fe80::/10`, scope `20`: reachable from the same link, which on a
+/// bridge CNI is every pod of the node), or an address of global scope
+/// (`00`, unique-local `fd00::/8` included). Loopback does not count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ipv6Reach {
+    None,
+    LinkLocal,
+    Global,
+}
+
+pub fn ipv6_reach(if_inet6: &str) -> Ipv6Reach {
+    if_inet6
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 6 && f[5] != "lo").then(|| match f[3] {
+                "00" => Ipv6Reach::Global,
+                _ => Ipv6Reach::LinkLocal,
+            })
+        })
+        .max()
+        .unwrap_or(Ipv6Reach::None)
 }
 
 impl InitArgs {
-    /// The families to redirect in this pod.
-    fn families(&self) -> Vec<Family> {
-        let v6 = match self.ipv6 {
-            Ipv6Mode::On => true,
-            Ipv6Mode::Off => false,
-            Ipv6Mode::Auto => {
-                std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| has_ipv6_address(&t))
-            }
+    /// The families to redirect in this pod, and whether a failure to
+    /// redirect IPv6 may be tolerated: in `auto` with link-local IPv6 only
+    /// (a node whose kernel lacks IPv6 NAT must not fail every pod of an
+    /// IPv4 cluster; the proxy still listens on IPv6 and the failure is
+    /// logged as the exposure it is).
+    fn families(&self) -> (Vec<Family>, bool) {
+        let reach = match self.ipv6 {
+            Ipv6Mode::On => Ipv6Reach::Global,
+            Ipv6Mode::Off => Ipv6Reach::None,
+            Ipv6Mode::Auto => std::fs::read_to_string("/proc/net/if_inet6")
+                .map(|t| ipv6_reach(&t))
+                .unwrap_or(Ipv6Reach::None),
         };
-        if v6 {
-            vec![Family::V4, Family::V6]
-        } else {
-            vec![Family::V4]
+        match reach {
+            Ipv6Reach::None => (vec![Family::V4], false),
+            Ipv6Reach::LinkLocal => (vec![Family::V4, Family::V6], true),
+            Ipv6Reach::Global => (vec![Family::V4, Family::V6], false),
         }
     }
 }
@@ -265,7 +286,7 @@ pub fn plan(args: &InitArgs, family: Family, current: &str) -> String {
 /// The dry run's output: the plan for a pod without rules, per family.
 pub fn dry_run(args: &InitArgs) -> String {
     let mut out = String::new();
-    for f in args.families() {
+    for f in args.families().0 {
         let _ = writeln!(out, "# {}-restore --noflush", f.name());
         out.push_str(&plan(args, f, ""));
     }
@@ -583,7 +604,15 @@ fn check_capabilities(p: &ProcessCaps, command: &str) -> anyhow::Result<()> {
         .ok()
         .flatten()
         .and_then(|raw| FileCaps::decode(&raw));
-    match capability_problem(p, &binary, file) {
+    // On a nosuid mount the kernel ignores file capabilities.
+    let nosuid = nix::sys::statvfs::statvfs(binary.as_path())
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOSUID));
+    let honoured = if nosuid { None } else { file };
+    match capability_problem(p, &binary, honoured) {
+        Some(problem) if nosuid && file.is_some() => bail!(
+            "{problem} ({} is on a nosuid mount, where the kernel ignores its file capabilities)",
+            binary.display()
+        ),
         Some(problem) => bail!("{problem}"),
         None => Ok(()),
     }
@@ -600,19 +629,31 @@ pub fn apply(args: &InitArgs) -> anyhow::Result<()> {
         count_rules("iptables-legacy-save"),
         &version,
     );
-    let families = args.families();
+    let (families, v6_optional) = args.families();
     tracing::info!(?backend, ?families, "iptables backend");
     for family in &families {
         let save = tool(*family, backend, "-save");
         let restore = tool(*family, backend, "-restore");
-        // Checked before anything runs, so a pod that cannot work says why
-        // instead of iptables' "Permission denied (you must be root)".
-        check_capabilities(&caps, &save)?;
-        check_capabilities(&caps, &restore)?;
-        let current = run(&save, &["-t", "nat"], None)?;
-        let input = plan(args, *family, &current);
-        run(&restore, &["--noflush"], Some(&input))?;
-        tracing::info!(family = family.name(), "redirect installed");
+        let installed = (|| {
+            // Checked before anything runs, so a pod that cannot work says
+            // why instead of iptables' "Permission denied (you must be root)".
+            check_capabilities(&caps, &save)?;
+            check_capabilities(&caps, &restore)?;
+            let current = run(&save, &["-t", "nat"], None)?;
+            let input = plan(args, *family, &current);
+            run(&restore, &["--noflush"], Some(&input))?;
+            anyhow::Ok(())
+        })();
+        match installed {
+            Ok(()) => tracing::info!(family = family.name(), "redirect installed"),
+            Err(e) if *family == Family::V6 && v6_optional => tracing::warn!(
+                error = %e,
+                "the pod has link-local IPv6 only and its redirect could not be installed: \
+                 pods on the same link can reach it over IPv6 past the proxy; pass --ipv6=on \
+                 to make this fatal, or disable IPv6 in pods"
+            ),
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -651,7 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_is_redirected_when_the_pod_has_an_address_beyond_its_own_link() {
+    fn ipv6_is_redirected_whenever_the_pod_has_it_beyond_loopback() {
         // /proc/net/if_inet6 of a dual-stack pod, then of an IPv4-only one
         // (loopback and link-local only).
         let dual = "00000000000000000000000000000001 01 80 10 80       lo\n\
@@ -659,9 +700,14 @@ mod tests {
                     fe80000000000000b0f1c2fffe0a0b0c 02 40 20 80     eth0\n";
         let v4_only = "00000000000000000000000000000001 01 80 10 80       lo\n\
                        fe80000000000000b0f1c2fffe0a0b0c 02 40 20 80     eth0\n";
-        assert!(has_ipv6_address(dual));
-        assert!(!has_ipv6_address(v4_only));
-        assert!(!has_ipv6_address(""));
+        assert_eq!(ipv6_reach(dual), Ipv6Reach::Global);
+        // Pods on one bridge share a link: fe80:: reaches them.
+        assert_eq!(ipv6_reach(v4_only), Ipv6Reach::LinkLocal);
+        assert_eq!(
+            ipv6_reach("00000000000000000000000000000001 01 80 10 80       lo\n"),
+            Ipv6Reach::None
+        );
+        assert_eq!(ipv6_reach(""), Ipv6Reach::None);
         let mut a = defaults();
         assert_eq!(a.ipv6, Ipv6Mode::Auto);
         a.ipv6 = Ipv6Mode::On;

@@ -197,8 +197,19 @@ impl ImageIptables {
     pub fn new(file_caps: bool) -> anyhow::Result<Self> {
         static COPIES: AtomicU32 = AtomicU32::new(0);
         let n = COPIES.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("weft-image-iptables-{}-{n}", std::process::id()));
+        // The kernel ignores file capabilities on a nosuid mount (systemd's
+        // tmpfs /tmp is one): the first candidate that is not.
+        let base = [std::env::temp_dir(), PathBuf::from("/var/tmp")]
+            .into_iter()
+            .find(|d| {
+                nix::sys::statvfs::statvfs(d.as_path())
+                    .is_ok_and(|v| !v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOSUID))
+            })
+            .context(
+                "no temporary directory outside a nosuid mount (tried $TMPDIR and /var/tmp): \
+                 file capabilities would be ignored there",
+            )?;
+        let dir = base.join(format!("weft-image-iptables-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let this = Self { dir };

@@ -1221,14 +1221,24 @@ async fn plaintext_knocking_from_an_unknown_pod_does_not_roll_back_strict() {
         "observedGeneration": 1}),
     )
     .await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
     let meshed: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": "shop", "name": "checkout-0"},
+        "metadata": {"namespace": "shop", "name": "checkout-0",
+                     "annotations": {"weft.dev/injection-hash": "h"}},
         "spec": {"containers": [{"name": "app", "image": "checkout"},
                                 {"name": "weft-proxy", "image": "weft"}]},
         "status": {"phase": "Running", "podIP": "10.1.0.7"}}));
     put(&mut h.writers.pods, meshed);
+    // A pod that names a container weft-proxy itself (the webhook leaves
+    // such a pod alone): not a meshed client.
+    let crafted: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "tools", "name": "knock-0"},
+        "spec": {"containers": [{"name": "app", "image": "curl"},
+                                {"name": "weft-proxy", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "10.1.0.8"}}));
+    put(&mut h.writers.pods, crafted);
     let generation = h.compiled_generation("payments");
-    let strangers = |n: u64| [(LEGACY_POD_IP, n), ("192.0.2.44", n)];
+    let strangers = |n: u64| [(LEGACY_POD_IP, n), ("192.0.2.44", n), ("10.1.0.8", n)];
     h.payments_proxy_reports_refusals(&generation, 0, &strangers(0));
     h.reconcile("payments").await;
     h.sync_payments_policy();
@@ -1241,7 +1251,8 @@ async fn plaintext_knocking_from_an_unknown_pod_does_not_roll_back_strict() {
     let message = st["conditions"].to_string();
     assert!(
         message.contains("10.9.9.9 (pod legacy/cron-0)")
-            && message.contains("192.0.2.44 (not a pod of the cluster)"),
+            && message.contains("192.0.2.44 (not a pod of the cluster)")
+            && message.contains("10.1.0.8 (pod tools/knock-0)"),
         "the refused sources are named: {st:#}"
     );
     h.sync_payments_policy();

@@ -8,7 +8,7 @@
 //! wanted, and a status only when [`status::differs`], so a reconcile of a
 //! settled namespace writes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -809,7 +809,10 @@ fn injected(pod: &Pod) -> bool {
 /// in status after the network reused it, and a host-network pod's is its
 /// node's, which the kubelet's probes come from. An address two such pods
 /// claim names neither (`None`).
-fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<(String, bool)>> {
+fn pods_by_ip(
+    pods: &[Arc<Pod>],
+    meshed_namespaces: &HashSet<String>,
+) -> HashMap<IpAddr, Option<(String, bool)>> {
     let mut by_ip: HashMap<IpAddr, Option<(String, bool)>> = HashMap::new();
     for p in pods {
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -817,21 +820,59 @@ fn pods_by_ip(pods: &[Arc<Pod>]) -> HashMap<IpAddr, Option<(String, bool)>> {
         if matches!(phase, Some("Succeeded" | "Failed")) || host_network {
             continue;
         }
-        let (Some(ip), Some(ns)) = (pod_ip(p), p.namespace()) else {
+        let Some(ns) = p.namespace() else {
             continue;
         };
         let name = format!("{ns}/{}", p.name_any());
-        let meshed = injected(p);
-        by_ip
-            .entry(ip)
-            .and_modify(|n| {
-                if n.as_ref().map(|(other, _)| other.as_str()) != Some(name.as_str()) {
-                    *n = None;
-                }
-            })
-            .or_insert(Some((name, meshed)));
+        let meshed = meshed_client(p, meshed_namespaces.contains(&ns));
+        // Every address of a dual-stack pod, not only the primary one.
+        for ip in pod_ips(p) {
+            by_ip
+                .entry(ip)
+                .and_modify(|n| {
+                    if n.as_ref().map(|(other, _)| other.as_str()) != Some(name.as_str()) {
+                        *n = None;
+                    }
+                })
+                .or_insert(Some((name.clone(), meshed)));
+        }
     }
     by_ip
+}
+
+/// A pod whose refused plaintext is evidence that the flip to Strict broke
+/// the mesh: a container named `weft-proxy` is not enough, since a pod's
+/// author chooses its container names (and the webhook leaves a pod that
+/// already has one alone). It must also carry the injector's annotation and
+/// live in a namespace labelled for injection, which its author does not
+/// control. What stays possible is documented: a workload owner in a meshed
+/// namespace who crafts an injected-looking pod, or sends plaintext past
+/// their own sidecar, can still trigger the rollback.
+fn meshed_client(pod: &Pod, namespace_meshed: bool) -> bool {
+    namespace_meshed
+        && injected(pod)
+        && pod
+            .annotations()
+            .contains_key(crate::inject::annotations::INJECTION_HASH)
+}
+
+/// Every address a pod holds (`status.podIPs`, else `status.podIP`).
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
 }
 
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
@@ -885,7 +926,18 @@ async fn gather(
     let compiled = &snap.compiled;
     let pods = live_pods(&ctx.world.pods, ns);
     let scrapes = scrape_all(ctx, &pods).await;
-    let by_ip = pods_by_ip(&ctx.world.pods.state());
+    let meshed_namespaces: HashSet<String> = ctx
+        .world
+        .namespaces
+        .state()
+        .iter()
+        .filter(|n| {
+            n.labels().get(crate::api::INJECT_LABEL).map(String::as_str)
+                == Some(crate::api::INJECT_ENABLED)
+        })
+        .map(|n| n.name_any())
+        .collect();
+    let by_ip = pods_by_ip(&ctx.world.pods.state(), &meshed_namespaces);
 
     let mut plaintext_now: HashMap<PlaintextKey, u64> = HashMap::new();
     let mut rejected_now: HashMap<PlaintextKey, u64> = HashMap::new();
@@ -1035,35 +1087,73 @@ mod tests {
     #[test]
     fn plaintext_sources_name_only_pods_that_hold_their_address_now() {
         let pod = |name: &str, ip: &str, phase: &str, host_network: bool| {
-            // Pods named *-meshed carry the sidecar.
-            let containers = if name.ends_with("-meshed") {
-                json!([{"name": "app"}, {"name": PROXY_CONTAINER}])
+            // Pods named *-meshed were injected: the sidecar and the
+            // injector's annotation. A *-crafted one only names a
+            // container weft-proxy.
+            let (containers, annotations) = if name.ends_with("-meshed") {
+                (
+                    json!([{"name": "app"}, {"name": PROXY_CONTAINER}]),
+                    json!({"weft.dev/injection-hash": "h"}),
+                )
+            } else if name.ends_with("-crafted") {
+                (
+                    json!([{"name": "app"}, {"name": PROXY_CONTAINER}]),
+                    json!({}),
+                )
             } else {
-                json!([{"name": "app"}])
+                (json!([{"name": "app"}]), json!({}))
+            };
+            let ns = if name.starts_with("tools-") {
+                "tools"
+            } else {
+                "shop"
             };
             Arc::new(
                 serde_json::from_value::<Pod>(json!({
-                    "metadata": {"namespace": "shop", "name": name},
+                    "metadata": {"namespace": ns, "name": name, "annotations": annotations},
                     "spec": {"containers": containers, "hostNetwork": host_network},
-                    "status": {"phase": phase, "podIP": ip},
+                    "status": {"phase": phase, "podIP": ip,
+                               "podIPs": [{"ip": ip},
+                                          {"ip": format!("fd00::{}", ip.rsplit('.').next().unwrap_or("0"))}]},
                 }))
                 .expect("a pod"),
             )
         };
-        let by_ip = pods_by_ip(&[
-            pod("cron-1", "10.0.0.5", "Succeeded", false),
-            pod("cart-1", "10.0.0.5", "Running", false),
-            pod("checkout-meshed", "10.0.0.6", "Running", false),
-            pod("node-agent", "192.168.1.10", "Running", true),
-            pod("a", "10.0.0.7", "Running", false),
-            pod("b", "10.0.0.7", "Pending", false),
-        ]);
+        let meshed_ns = HashSet::from(["shop".to_owned()]);
+        let by_ip = pods_by_ip(
+            &[
+                pod("cron-1", "10.0.0.5", "Succeeded", false),
+                pod("cart-1", "10.0.0.5", "Running", false),
+                pod("checkout-meshed", "10.0.0.16", "Running", false),
+                pod("node-agent", "192.168.1.10", "Running", true),
+                pod("a", "10.0.0.7", "Running", false),
+                pod("b", "10.0.0.7", "Pending", false),
+                pod("shop-crafted", "10.0.0.28", "Running", false),
+                pod("tools-meshed", "10.0.0.39", "Running", false),
+            ],
+            &meshed_ns,
+        );
         let name = |ip: &str| by_ip.get(&ip.parse().expect("ip")).cloned().flatten();
         assert_eq!(name("10.0.0.5"), Some(("shop/cart-1".into(), false)));
         assert_eq!(
-            name("10.0.0.6"),
+            name("10.0.0.16"),
             Some(("shop/checkout-meshed".into(), true)),
-            "a pod with the sidecar is a meshed client"
+            "an injected pod of a meshed namespace is a meshed client"
+        );
+        assert_eq!(
+            name("fd00::16"),
+            Some(("shop/checkout-meshed".into(), true)),
+            "by its second address too"
+        );
+        assert_eq!(
+            name("10.0.0.28"),
+            Some(("shop/shop-crafted".into(), false)),
+            "a container named weft-proxy alone is not a sidecar"
+        );
+        assert_eq!(
+            name("10.0.0.39"),
+            Some(("tools/tools-meshed".into(), false)),
+            "nor is a pod of a namespace not labelled for injection"
         );
         assert_eq!(name("192.168.1.10"), None, "a node's address is no pod's");
         assert_eq!(name("10.0.0.7"), None, "two claims name neither");

@@ -328,15 +328,25 @@ fn spawn_watch_pruned<K>(
 
 /// What the operator reads of a pod, and nothing else: its name and
 /// namespace, whether it is being deleted, its containers' names (the
-/// sidecar's among them: `injected`), whether it uses the host's network,
-/// and its phase and addresses. Gone: labels, annotations, owner
+/// sidecar's among them: `injected`), the injector's `weft.dev/`
+/// annotations, whether it uses the host's network, and its phase and
+/// addresses. Gone: labels, other annotations, owner
 /// references, every container's image, command, env and mounts, volumes,
 /// conditions, container statuses.
 pub fn prune_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
     let meta = &mut pod.metadata;
     meta.labels = None;
-    meta.annotations = None;
+    // The injector's own annotations say the webhook injected the pod.
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|a| {
+            a.into_iter()
+                .filter(|(k, _)| k.starts_with("weft.dev/"))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        })
+        .filter(|a| !a.is_empty());
     meta.owner_references = None;
     meta.finalizers = None;
     meta.generate_name = None;
@@ -445,7 +455,7 @@ mod tests {
             "metadata": {
                 "namespace": "shop", "name": "checkout-0", "uid": "u1",
                 "labels": {"app": "checkout"},
-                "annotations": {"note": "x".repeat(4096)},
+                "annotations": {"note": "x".repeat(4096), "weft.dev/injection-hash": "h1"},
                 "managedFields": [{"manager": "kubectl"}],
             },
             "spec": {
@@ -477,7 +487,8 @@ mod tests {
             kept,
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"namespace": "shop", "name": "checkout-0", "uid": "u1"},
+                "metadata": {"namespace": "shop", "name": "checkout-0", "uid": "u1",
+                             "annotations": {"weft.dev/injection-hash": "h1"}},
                 "spec": {
                     "hostNetwork": false,
                     "initContainers": [{"name": "weft-init"}, {"name": "weft-proxy"}],

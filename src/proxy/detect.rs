@@ -63,12 +63,17 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     // Empty lines before a request line: RFC 9112 §2.2 asks a server to
     // ignore at least one, and the usual HTTP/1 parsers (httparse, hence
     // hyper; nginx; Node's llhttp) skip any number. So the application
-    // would read such a connection as HTTP: it is HTTP here too, or a
-    // request could travel as opaque TCP past the access checks and with a
-    // client's own `weft-client-id`. Whatever follows is the HTTP parser's
-    // to accept or answer 400.
-    if matches!(prefix[0], b'\r' | b'\n') {
-        return Some(Protocol::Http1);
+    // would read a request line after them as HTTP: it is HTTP here too,
+    // or a request could travel as opaque TCP past the access checks and
+    // with a client's own `weft-client-id`. What follows them must still
+    // look like a request line: many binary protocols start with 0x0a or
+    // 0x0d (a protobuf field 1, a length prefix).
+    let blank = prefix
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    if blank > 0 {
+        return request_line(&prefix[blank..]);
     }
     let n = prefix.len().min(MAX_PEEK);
     if H2_PREFACE[..n] == prefix[..n] {
@@ -78,14 +83,20 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
             None
         };
     }
-    // An HTTP/1 request line: a method, one space, then, for a method
-    // other than the common ones, how a request target starts: `/` (origin
-    // form), `*` (OPTIONS *) or `h`/`H` (absolute form). A method is any
-    // token (RFC 9110 §9.1, §5.6.2), in any case: parsers accept `get` or
-    // an extension method, and some applications treat `get` as GET. Any
-    // method, not only a list: a request with a rarer one must not pass as
-    // opaque TCP, past the per-request access checks and the removal of a
-    // client's `weft-client-id`.
+    request_line(prefix)
+}
+
+/// Whether `prefix` starts an HTTP/1 request line: a method, one space,
+/// then, for a method other than the common upper-case ones, how a request
+/// target starts: `/` (origin form), `*` (OPTIONS *) or `http://` /
+/// `https://` in any case (absolute form). A method is any token (RFC 9110
+/// §9.1, §5.6.2), in any case: parsers accept `get` or an extension
+/// method, and some applications treat `get` as GET. Any method, not only
+/// a list: a request with a rarer one must not pass as opaque TCP, past the
+/// per-request access checks and the removal of a client's
+/// `weft-client-id`. The target check keeps text protocols that also start
+/// with a word and a space (memcached's `get hits`) opaque.
+fn request_line(prefix: &[u8]) -> Option<Protocol> {
     let method = prefix.iter().take_while(|b| is_tchar(**b)).count();
     if method == prefix.len() {
         return (method > MAX_METHOD).then_some(Protocol::Opaque);
@@ -96,9 +107,27 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
     if COMMON_METHODS.contains(&&prefix[..method]) {
         return Some(Protocol::Http1);
     }
-    match prefix.get(method + 1) {
+    let target = &prefix[method + 1..];
+    match target.first() {
         None => None,
-        Some(b'/' | b'*' | b'h' | b'H') => Some(Protocol::Http1),
+        Some(b'/' | b'*') => Some(Protocol::Http1),
+        Some(b'h' | b'H') => {
+            let mut undecided = false;
+            for scheme in [&b"http://"[..], b"https://"] {
+                let n = target.len().min(scheme.len());
+                if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
+                    if n == scheme.len() {
+                        return Some(Protocol::Http1);
+                    }
+                    undecided = true;
+                }
+            }
+            if undecided {
+                None
+            } else {
+                Some(Protocol::Opaque)
+            }
+        }
         Some(_) => Some(Protocol::Opaque),
     }
 }
@@ -253,7 +282,7 @@ mod tests {
 
     #[test]
     fn classifies_prefixes() {
-        let cases: [(&[u8], Option<Protocol>); 33] = [
+        let cases: [(&[u8], Option<Protocol>); 39] = [
             (b"", None),
             (b"GE", None),
             (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
@@ -277,13 +306,18 @@ mod tests {
             (b"Post /charges", Some(Protocol::Http1)),
             (b"X_CUSTOM.1 /", Some(Protocol::Http1)),
             (b"GET HTTP://a/ HTTP/1.1", Some(Protocol::Http1)),
+            // Text protocols that also start with a word and a space.
+            (b"get hits\r\n", Some(Protocol::Opaque)),
+            (b"get h", None),
+            (b"get https://a/ HTTP/1.1", Some(Protocol::Http1)),
             // Empty lines before the request line (RFC 9112 2.2).
             (b"\r\nGET / HTTP/1.1", Some(Protocol::Http1)),
-            (b"\n", Some(Protocol::Http1)),
-            (
-                b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n",
-                Some(Protocol::Http1),
-            ),
+            (b"\n\r\nget /x", Some(Protocol::Http1)),
+            (b"\n", None),
+            (b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n", None),
+            // ... but not binary that starts with 0x0a: a protobuf field 1.
+            (b"\n\x08\x01\x12\x04ping", Some(Protocol::Opaque)),
+            (b"\r\x00\x00\x00", Some(Protocol::Opaque)),
             (b"ABCDEFGHIJKLMNOPQRSTU", Some(Protocol::Opaque)),
             (b"PRI * HTTP/2.0\r\n", None),
             (H2_PREFACE, Some(Protocol::Http2)),
