@@ -842,11 +842,22 @@ check_probes_under_strict() {
 
 check_strict_refuses() {
   needs strict
-  local out status
-  if out=$(fetch legacy stranger http://payments.payments/charge 2>/dev/null); then
+  local out err status
+  err=$(mktemp)
+  # A refusal is weft-demo's own "error: GET <url>: ..." (the connection was
+  # closed or reset), not any failure of kubectl exec: an exec that did not
+  # run would otherwise pass for a refusal.
+  if out=$(fetch legacy stranger http://payments.payments/charge 2>"$err"); then
     status=${out%%$'\n'*}
+    rm -f "$err"
     [ "$status" != 200 ] || bad "STRICT: a pod outside the mesh reached payments"
+  elif ! grep -q '^error: GET http://payments.payments/charge: ' "$err"; then
+    local why
+    why=$(head -c 300 "$err")
+    rm -f "$err"
+    bad "STRICT: the call from legacy/stranger did not run (kubectl exec failed?): $why"
   fi
+  rm -f "$err"
   status=$(payments_status_from_checkout)
   [ "$status" = 200 ] || bad "STRICT: checkout -> payments answered $status"
   ok "STRICT: plaintext from outside the mesh is refused, checkout still reaches payments"
