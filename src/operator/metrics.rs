@@ -52,6 +52,7 @@ pub struct Metrics {
     phase: Family<Phase, Gauge>,
     expiry: Family<Ns, Gauge>,
     leader: Gauge,
+    scrapes_skipped: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,8 +108,15 @@ impl Default for Metrics {
             "1 while this replica holds the lease and writes",
             leader.clone(),
         );
+        let scrapes_skipped = Family::<Reason, Counter>::default();
+        registry.register(
+            "scrapes_skipped",
+            "Proxy /metrics scrapes skipped: too large, too slow, or unreadable",
+            scrapes_skipped.clone(),
+        );
         Self {
             registry,
+            scrapes_skipped,
             reconciles,
             errors,
             duration,
@@ -134,6 +142,17 @@ const PHASES: [RolloutPhase; 7] = [
 ];
 
 impl Metrics {
+    /// A proxy's `/metrics` was skipped for `reason` (`too-large`,
+    /// `timeout`, `unreadable`).
+    pub fn scrape_skipped(&self, reason: &'static str) {
+        self.scrapes_skipped.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Skipped scrapes so far for `reason`.
+    pub fn scrapes_skipped(&self, reason: &'static str) -> u64 {
+        self.scrapes_skipped.get_or_create(&Reason { reason }).get()
+    }
+
     pub fn reconciled(&self, seconds: f64, error: Option<&'static str>) {
         self.duration.observe(seconds);
         let result = if error.is_some() { "error" } else { "ok" };

@@ -159,7 +159,7 @@ pub async fn run(
             let ctx = Arc::new(reconcile::Ctx::new(
                 client.clone(),
                 world.clone(),
-                Arc::new(observe::HttpScraper::default()),
+                Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
                 metrics.clone(),
                 opts.namespace.clone(),
                 Some(opts.identity.clone()),

@@ -70,12 +70,28 @@ pub trait Scraper: Send + Sync {
     fn scrape(&self, pod_ip: IpAddr) -> BoxFuture<'static, Result<String, ScrapeError>>;
 }
 
-/// Plain HTTP to `<pod IP>:15120/metrics`, with a short timeout.
+/// Largest `/metrics` body read from one proxy. A proxy's metrics are a
+/// few hundred KiB at most (its network-built label sets are bounded); a
+/// larger answer is skipped, so a proxy (or whatever answers on its port)
+/// cannot make the operator buffer without end.
+pub const MAX_SCRAPE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long one scrape may take, head and body.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Plain HTTP to `<pod IP>:15120/metrics`, bounded in size and time: a
+/// proxy whose answer is too large, too slow or unreadable is skipped (the
+/// rollout reads it as not reporting) and counted in
+/// `weft_operator_scrapes_skipped_total{reason}`.
 pub struct HttpScraper {
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<bytes::Bytes>,
     >,
+    metrics: Option<std::sync::Arc<super::metrics::Metrics>>,
+    port: u16,
+    max_bytes: usize,
+    timeout: Duration,
 }
 
 impl Default for HttpScraper {
@@ -85,6 +101,20 @@ impl Default for HttpScraper {
                 hyper_util::rt::TokioExecutor::new(),
             )
             .build_http(),
+            metrics: None,
+            port: ADMIN_PORT,
+            max_bytes: MAX_SCRAPE_BYTES,
+            timeout: SCRAPE_TIMEOUT,
+        }
+    }
+}
+
+impl HttpScraper {
+    /// Counts skipped scrapes in `metrics`.
+    pub fn with_metrics(metrics: std::sync::Arc<super::metrics::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
         }
     }
 }
@@ -92,27 +122,43 @@ impl Default for HttpScraper {
 impl Scraper for HttpScraper {
     fn scrape(&self, pod_ip: IpAddr) -> BoxFuture<'static, Result<String, ScrapeError>> {
         let client = self.client.clone();
-        let addr = std::net::SocketAddr::new(pod_ip, ADMIN_PORT).to_string();
+        let addr = std::net::SocketAddr::new(pod_ip, self.port).to_string();
+        let (metrics, max_bytes, limit) = (self.metrics.clone(), self.max_bytes, self.timeout);
         Box::pin(async move {
-            let err = |reason: String| ScrapeError {
-                addr: addr.clone(),
-                reason,
+            let err = |reason: &'static str, detail: String| {
+                if let Some(m) = &metrics {
+                    m.scrape_skipped(reason);
+                }
+                ScrapeError {
+                    addr: addr.clone(),
+                    reason: format!("{reason}: {detail}"),
+                }
             };
             let uri: http::Uri = format!("http://{addr}/metrics")
                 .parse()
-                .map_err(|e| err(format!("{e}")))?;
-            let rsp = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
+                .map_err(|e| err("unreadable", format!("{e}")))?;
+            let fetch = async {
+                let rsp = client
+                    .get(uri)
+                    .await
+                    .map_err(|e| err("unreadable", e.to_string()))?;
+                if !rsp.status().is_success() {
+                    return Err(err("unreadable", format!("status {}", rsp.status())));
+                }
+                let body = http_body_util::Limited::new(rsp.into_body(), max_bytes);
+                let body = http_body_util::BodyExt::collect(body).await.map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        err("too-large", format!("more than {max_bytes} bytes"))
+                    } else {
+                        err("unreadable", e.to_string())
+                    }
+                })?;
+                String::from_utf8(body.to_bytes().to_vec())
+                    .map_err(|e| err("unreadable", e.to_string()))
+            };
+            tokio::time::timeout(limit, fetch)
                 .await
-                .map_err(|_| err("no answer within 3 s".into()))?
-                .map_err(|e| err(e.to_string()))?;
-            if !rsp.status().is_success() {
-                return Err(err(format!("status {}", rsp.status())));
-            }
-            let body = http_body_util::BodyExt::collect(rsp.into_body())
-                .await
-                .map_err(|e| err(e.to_string()))?
-                .to_bytes();
-            String::from_utf8(body.to_vec()).map_err(|e| err(e.to_string()))
+                .map_err(|_| err("timeout", format!("no whole answer within {limit:?}")))?
         })
     }
 }
@@ -217,6 +263,86 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake proxy admin port on loopback: answers each connection with
+    /// `head`, then `body_chunks` chunks of 1 MiB (then closes), or, with
+    /// none, stays silent until dropped.
+    async fn fake_metrics(head: &'static str, body_chunks: usize) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'#'; 1024 * 1024];
+                    for _ in 0..body_chunks {
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Stalls (holds the socket) for at most 30 s.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        port
+    }
+
+    fn scraper_at(
+        port: u16,
+        metrics: &std::sync::Arc<super::super::metrics::Metrics>,
+    ) -> HttpScraper {
+        HttpScraper {
+            port,
+            timeout: Duration::from_millis(500),
+            ..HttpScraper::with_metrics(metrics.clone())
+        }
+    }
+
+    /// A "proxy" that answers 50 MiB is skipped once the size limit is
+    /// passed, and counted; one that sends its head and then stalls is
+    /// skipped at the time limit, and counted; a normal one is read.
+    #[tokio::test]
+    async fn an_oversized_or_stalled_metrics_answer_is_skipped_and_counted() {
+        let metrics = std::sync::Arc::new(super::super::metrics::Metrics::default());
+        let localhost = IpAddr::from([127, 0, 0, 1]);
+
+        let huge = fake_metrics("HTTP/1.1 200 OK\r\nContent-Length: 52428800\r\n\r\n", 50).await;
+        let e = scraper_at(huge, &metrics)
+            .scrape(localhost)
+            .await
+            .expect_err("skipped");
+        assert!(e.reason.starts_with("too-large"), "{e}");
+        assert_eq!(metrics.scrapes_skipped("too-large"), 1);
+
+        let chunked =
+            fake_metrics("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0).await;
+        let e = scraper_at(chunked, &metrics)
+            .scrape(localhost)
+            .await
+            .expect_err("skipped");
+        assert!(e.reason.starts_with("timeout"), "{e}");
+        assert_eq!(metrics.scrapes_skipped("timeout"), 1);
+
+        let fine = fake_metrics("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0).await;
+        assert_eq!(
+            scraper_at(fine, &metrics)
+                .scrape(localhost)
+                .await
+                .expect("read"),
+            "ok"
+        );
+    }
 
     #[test]
     fn reads_what_the_proxy_exports() {
