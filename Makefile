@@ -88,7 +88,7 @@ bench-proxy:
 proxy-order:
 	CARGO="$(CARGO)" bash bench/proxy/order.sh
 
-## fuzz the proxy's wire parsing, the admission webhook, and probe paths and SPIFFE ids, 60 s each (needs cargo-fuzz; `make test` runs the same bodies over fuzz/seeds/ in tests/fuzz_seeds.rs)
+## fuzz the proxy's wire parsing, the inbound path's decisions (detection, head, authorization), the admission webhook, and probe paths and SPIFFE ids, 60 s each (needs cargo-fuzz; `make test` runs the same bodies over fuzz/seeds/ in tests/fuzz_seeds.rs)
 FUZZ_SECONDS ?= 60
 fuzz-smoke:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
@@ -97,3 +97,5 @@ fuzz-smoke:
 	mkdir -p fuzz/corpus/webhook_admission
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run webhook_admission corpus/webhook_admission seeds/webhook_admission -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run probe_paths_and_ids corpus/probe_paths_and_ids seeds/probe_paths_and_ids -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	mkdir -p fuzz/corpus/inbound_path
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run inbound_path corpus/inbound_path seeds/inbound_path -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048

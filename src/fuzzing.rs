@@ -84,6 +84,93 @@ pub fn proxy_detect_http(data: &[u8]) {
     });
 }
 
+/// The inbound path's decisions on a client's first bytes: detection,
+/// the HTTP head as parsers read it, and authorization. Properties:
+/// - anything an HTTP/1 parser (httparse: hyper's, and the parse most
+///   applications share) reads as a request line with an origin-form (`/`),
+///   asterisk or absolute (`http://`, `https://`) target is never relayed
+///   as opaque TCP, where it would reach the application past the access
+///   checks and with a client's own `weft-client-id`;
+/// - detection is monotonic (checked in [`proxy_detect_http`] too);
+/// - the AccessPolicy check of the request, with its path normalised as
+///   the application will see it, never panics, and a rule that names
+///   paths or methods never admits a connection that carries no request
+///   (opaque TCP).
+pub fn inbound_path(data: &[u8]) {
+    use crate::config::{AccessRuleConfig, Authorization, IdentityMatch, InboundConfig};
+    use crate::proxy::authz::{Access, HttpRequest, PortNames, check};
+    use crate::proxy::http::route::normalize_path;
+
+    let decided = (0..=data.len())
+        .find_map(|end| classify(&data[..end]))
+        .unwrap_or(Protocol::Opaque);
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let parsed = req.parse(data).is_ok();
+    if parsed && let (Some(method), Some(path)) = (req.method, req.path) {
+        let target_is_http = path.starts_with('/')
+            || path == "*"
+            || path
+                .get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("http://"))
+            || path
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("https://"));
+        if target_is_http {
+            assert_ne!(
+                decided,
+                Protocol::Opaque,
+                "an HTTP parser reads {method} {path} as a request, detection called it opaque"
+            );
+        }
+        let inbound: InboundConfig = InboundConfig {
+            mode: crate::config::InboundMode::Strict,
+            plaintext_ports: Vec::new(),
+            authorizations: vec![Authorization {
+                policy: "shop/payments-callers".into(),
+                service: None,
+                selector: None,
+                ports: Vec::new(),
+                rules: vec![AccessRuleConfig {
+                    identities: vec![IdentityMatch {
+                        namespace: "shop".into(),
+                        service_account: Some("checkout".into()),
+                    }],
+                    ports: Vec::new(),
+                    paths: vec![crate::config::PathMatchConfig {
+                        type_: crate::api::PathMatchType::PathPrefix,
+                        value: "/charges".into(),
+                    }],
+                    methods: Vec::new(),
+                }],
+            }],
+        };
+        let names = PortNames::new([]);
+        let caller = SpiffeId::new("cluster.local", "shop", "checkout");
+        if let Ok(method) = http::Method::from_bytes(method.as_bytes()) {
+            let path = normalize_path(path.split('?').next().unwrap_or(""));
+            let _ = check(
+                &inbound,
+                &names,
+                None,
+                8080,
+                Some(&caller),
+                Some(HttpRequest {
+                    method: &method,
+                    path: &path,
+                }),
+            );
+        }
+        assert!(
+            matches!(
+                check(&inbound, &names, None, 8080, Some(&caller), None),
+                Access::Denied { .. }
+            ),
+            "a path rule admitted a connection without a request"
+        );
+    }
+}
+
 fn inject_settings(native: bool) -> InjectSettings {
     InjectSettings::new(
         "weft:fuzz",

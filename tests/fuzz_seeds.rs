@@ -207,6 +207,12 @@ fn proxy_detect_http_holds_over_its_seeds_and_their_mutations() {
 }
 
 #[test]
+fn inbound_path_holds_over_its_seeds_and_their_mutations() {
+    let inputs = seeds_and_mutations("inbound_path", 5000);
+    run_all("inbound_path", weft::fuzzing::inbound_path, &inputs);
+}
+
+#[test]
 fn webhook_admission_holds_over_its_seeds_and_their_mutations() {
     let seeds = seeds("webhook_admission");
     // Each golden pod with the other sidecar style too (the first byte's
