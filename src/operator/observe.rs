@@ -42,12 +42,12 @@ pub fn read(text: &str) -> Scrape {
                 out.report.has_identity = true;
             }
             "weft_proxy_inbound_plaintext_connections_total" => {
-                if let Ok(port) = label("port").parse() {
+                if let Some(port) = port_of(&label("port")) {
                     *out.plaintext.entry((port, label("src_addr"))).or_default() += s.value as u64;
                 }
             }
             "weft_proxy_inbound_plaintext_rejected_total" => {
-                if let Ok(port) = label("port").parse() {
+                if let Some(port) = port_of(&label("port")) {
                     *out.rejected.entry((port, label("src_addr"))).or_default() += s.value as u64;
                 }
             }
@@ -55,6 +55,16 @@ pub fn read(text: &str) -> Scrape {
         }
     }
     out
+}
+
+/// A `port` label: the number, or 0 for the proxy's `other` bucket (past
+/// its bound on distinct ports), which no exception lists, so it is never
+/// dropped from what the rollout sees.
+fn port_of(label: &str) -> Option<u16> {
+    if label == super::rollout::OTHER_SOURCE {
+        return Some(0);
+    }
+    label.parse().ok()
 }
 
 /// Why a proxy could not be read.
@@ -342,6 +352,16 @@ mod tests {
                 .expect("read"),
             "ok"
         );
+    }
+
+    /// The proxy's `other` buckets are read, never dropped: port `other`
+    /// reads as port 0, which no exception lists.
+    #[test]
+    fn the_other_bucket_is_read_as_port_0() {
+        let s = read(
+            "weft_proxy_inbound_plaintext_connections_total{port=\"other\",src_addr=\"other\"} 4\n",
+        );
+        assert_eq!(s.plaintext.get(&(0, "other".to_owned())), Some(&4));
     }
 
     #[test]

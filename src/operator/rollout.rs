@@ -425,11 +425,14 @@ pub fn step(
     }
     // Only a pod of the cluster can hold the window: an address no pod
     // holds is refused under STRICT and breaks nothing the mesh serves.
+    // Except the proxy's `other` bucket (plaintext from more sources than
+    // it names, or on more ports): a real client may hide in it behind a
+    // flood of addresses, so it holds the window as a pod would.
     let (plaintext, outside): (Vec<&PlaintextSource>, Vec<&PlaintextSource>) = evidence
         .plaintext
         .iter()
         .filter(|p| p.connections > 0 && !spec.plaintext_ports.contains(&p.port))
-        .partition(|p| p.pod.is_some());
+        .partition(|p| p.pod.is_some() || p.src_addr == OTHER_SOURCE || p.port == 0);
     let outside_note = outside_note(&outside);
     if !plaintext.is_empty() {
         // Sources add up while plaintext keeps coming; counts stay out of
@@ -578,7 +581,14 @@ fn current_blockers(evidence: &Evidence) -> Vec<String> {
         .collect()
 }
 
+/// The source address a proxy reports for plaintext past its bound on
+/// distinct addresses; a port past its bound on ports reads as port 0.
+pub const OTHER_SOURCE: &str = "other";
+
 fn describe(p: &PlaintextSource) -> String {
+    if p.src_addr == OTHER_SOURCE || p.port == 0 {
+        return "plaintext from more sources or to more ports than the proxy names (its `other` bucket)".to_owned();
+    }
     let who = match (&p.pod, p.meshed) {
         (Some(pod), true) => format!("{} (pod {pod}, meshed)", p.src_addr),
         (Some(pod), false) => format!("{} (pod {pod})", p.src_addr),

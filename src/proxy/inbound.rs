@@ -197,8 +197,8 @@ fn handshake_failed(proxy: &Proxy, peer: SocketAddr, err: &std::io::Error) {
 /// Counts a plaintext connection and decides it by mode.
 fn admit_plaintext(proxy: &Proxy, peer: SocketAddr, port: u16) -> bool {
     let labels = PlaintextLabels {
-        port,
-        src_addr: peer.ip().to_string(),
+        port: proxy.metrics.bounds.port(port),
+        src_addr: proxy.metrics.bounds.source(peer.ip()),
     };
     proxy
         .metrics
@@ -230,7 +230,7 @@ where
         direction: Direction::Inbound,
         protocol: protocol.label().to_owned(),
         tls,
-        port: conn.port,
+        port: proxy.metrics.bounds.port(conn.port),
     };
     proxy.metrics.connections_total.get_or_create(&labels).inc();
     proxy.metrics.connections_open.get_or_create(&labels).inc();

@@ -78,15 +78,102 @@ pub struct ConnLabels {
     /// `http1`, `http2`, `tls`, `opaque`.
     pub protocol: String,
     pub tls: bool,
-    pub port: u16,
+    pub port: PortLabel,
 }
 
 /// A plaintext inbound connection: the container port it reached and the
-/// address it came from (the rollout maps addresses to pods).
+/// address it came from (the rollout maps addresses to pods). Both are
+/// bounded ([`LabelBounds`]): past the bound they read `other`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PlaintextLabels {
-    pub port: u16,
+    pub port: PortLabel,
     pub src_addr: String,
+}
+
+/// The label value for sources or ports past their bound.
+pub const OTHER: &str = "other";
+
+/// A port as a label value: the number, or `other` (port 0, which no
+/// connection has) past the bound.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct PortLabel(pub u16);
+
+impl EncodeLabelValue for PortLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            0 => EncodeLabelValue::encode(&OTHER, encoder),
+            p => EncodeLabelValue::encode(&p, encoder),
+        }
+    }
+}
+
+/// Distinct ports that get a series of their own (per proxy, all
+/// families): the inbound redirect catches every port, so a client
+/// knocking on all 65535 would otherwise make as many series.
+pub const MAX_PORT_LABELS: usize = 256;
+/// Distinct source addresses that get a series of their own in the
+/// plaintext families. Large, because the operator maps each to a pod:
+/// plaintext past it reads `other`, which holds a rollout in Observing.
+pub const MAX_SOURCE_LABELS: usize = 1024;
+
+/// Keeps the label sets built from network input bounded: the first
+/// ports and source addresses seen get their own value, later new ones
+/// read `other`. Ports with one atomic bitmap (no lock on the connection
+/// path); addresses under a lock, on the plaintext path only.
+pub struct LabelBounds {
+    ports: Box<[std::sync::atomic::AtomicU64]>,
+    port_count: std::sync::atomic::AtomicUsize,
+    max_ports: usize,
+    sources: std::sync::Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    max_sources: usize,
+}
+
+impl Default for LabelBounds {
+    fn default() -> Self {
+        Self::new(MAX_PORT_LABELS, MAX_SOURCE_LABELS)
+    }
+}
+
+impl LabelBounds {
+    pub fn new(max_ports: usize, max_sources: usize) -> Self {
+        Self {
+            ports: (0..1024).map(|_| Default::default()).collect(),
+            port_count: Default::default(),
+            max_ports,
+            sources: Default::default(),
+            max_sources,
+        }
+    }
+
+    /// `port`, or `other` once `max_ports` others were seen first.
+    pub fn port(&self, port: u16) -> PortLabel {
+        use std::sync::atomic::Ordering;
+        let (word, bit) = (&self.ports[usize::from(port / 64)], 1u64 << (port % 64));
+        if word.load(Ordering::Relaxed) & bit != 0 {
+            return PortLabel(port);
+        }
+        if self.port_count.fetch_add(1, Ordering::Relaxed) >= self.max_ports {
+            self.port_count.fetch_sub(1, Ordering::Relaxed);
+            return PortLabel(0);
+        }
+        if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            // Another connection admitted it meanwhile.
+            self.port_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        PortLabel(port)
+    }
+
+    /// The address as a label, or `other` once `max_sources` others were
+    /// seen first.
+    pub fn source(&self, ip: std::net::IpAddr) -> String {
+        let ip = ip.to_canonical();
+        let mut seen = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&ip) || (seen.len() < self.max_sources && seen.insert(ip)) {
+            ip.to_string()
+        } else {
+            OTHER.to_owned()
+        }
+    }
 }
 
 /// One of the proxy's listeners: `inbound`, `outbound`, `admin`, `probe`.
@@ -117,6 +204,8 @@ pub struct GenerationLabels {
 /// Every metric the proxy exports.
 pub struct ProxyMetrics {
     pub registry: Registry,
+    /// Bounds on the label values built from network input.
+    pub bounds: LabelBounds,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<EdgeLabels, Histogram>,
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
@@ -354,6 +443,7 @@ impl ProxyMetrics {
         );
         Self {
             registry,
+            bounds: LabelBounds::default(),
             connections_over_limit,
             retry_unbuffered,
             inbound_refused_no_config,
@@ -473,4 +563,42 @@ impl EdgeCache {
 /// `2xx`-style class of a status code.
 pub fn status_class(status: http::StatusCode) -> String {
     format!("{}xx", status.as_u16() / 100)
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    /// A client knocking from many addresses on many ports makes at most
+    /// the bound's series; the rest read `other`, and values already seen
+    /// keep their own.
+    #[test]
+    fn label_values_from_the_network_are_bounded_with_an_other_bucket() {
+        let bounds = LabelBounds::new(3, 2);
+        let ports: Vec<PortLabel> = (1..=5).map(|p| bounds.port(p)).collect();
+        assert_eq!(ports, [1, 2, 3, 0, 0].map(PortLabel), "past 3 ports: other");
+        assert_eq!(bounds.port(2), PortLabel(2), "a known port keeps its value");
+        let src = |last: u8| bounds.source(std::net::IpAddr::from([10, 0, 0, last]));
+        assert_eq!(src(1), "10.0.0.1");
+        assert_eq!(src(2), "10.0.0.2");
+        assert_eq!(src(3), OTHER);
+        assert_eq!(src(1), "10.0.0.1");
+
+        let metrics = ProxyMetrics::new();
+        metrics
+            .plaintext_connections
+            .get_or_create(&PlaintextLabels {
+                port: PortLabel(0),
+                src_addr: OTHER.into(),
+            })
+            .inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).expect("encode");
+        assert!(
+            text.contains(
+                r#"weft_proxy_inbound_plaintext_connections_total{port="other",src_addr="other"} 1"#
+            ),
+            "{text}"
+        );
+    }
 }

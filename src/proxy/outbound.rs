@@ -77,7 +77,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
         direction: Direction::Outbound,
         protocol: protocol.label().to_owned(),
         tls: false,
-        port,
+        port: proxy.metrics.bounds.port(port),
     };
     proxy.metrics.connections_total.get_or_create(&labels).inc();
     proxy.metrics.connections_open.get_or_create(&labels).inc();

@@ -727,3 +727,29 @@ fn plaintext_from_an_address_no_pod_holds_cannot_hold_the_window() {
     let d = step(&spec, Some(1), Some(&current), &ev, now);
     assert_eq!(d.phase, RolloutPhase::Enforcing, "{d:#?}");
 }
+
+/// The proxy's `other` bucket may hide a real client behind a flood of
+/// addresses (or ports): unlike an address no pod holds, it holds the
+/// window, and is named as what it is.
+#[test]
+fn plaintext_in_the_proxys_other_bucket_holds_the_window() {
+    let spec = staged();
+    let current = at(RolloutPhase::Observing, minutes(0)).expect("current");
+    for (src, port) in [("other", 8080), ("10.0.0.9", 0)] {
+        let ev = Evidence {
+            plaintext: vec![plaintext(src, None, port, 1)],
+            ..evidence(vec![pod("a")])
+        };
+        let d = step(&spec, Some(1), Some(&current), &ev, t0() + minutes(20));
+        assert_eq!(
+            (d.phase, d.reason),
+            (RolloutPhase::Observing, reason::PLAINTEXT_SEEN),
+            "{src}:{port}: {d:#?}"
+        );
+        assert!(
+            d.blockers.iter().any(|b| b.contains("`other` bucket")),
+            "{:?}",
+            d.blockers
+        );
+    }
+}
