@@ -36,6 +36,9 @@ pub fn init_process() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (filter, rejected) = log_filter(std::env::var("WEFT_LOG").ok().as_deref());
     tracing_subscriber::fmt()
+        // The builder's own ceiling is INFO; `filter` decides, so this one
+        // must not cut debug and trace events before it sees them.
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .finish()
