@@ -1019,8 +1019,36 @@ fn pod_evidence(pods: &[Arc<Pod>], scrapes: &HashMap<String, Scrape>) -> Vec<Pod
             injected: injected(p),
             running: running(p),
             proxy: scrapes.get(&p.name_any()).map(|s| s.report.clone()),
+            skipped_inbound_ports: skipped_inbound_ports(p),
         })
         .collect()
+}
+
+/// The inbound ports the pod's weft-init left out of the redirect, as its
+/// arguments say (what it applied; an annotation edited later changes
+/// nothing), less the proxy's own admin and probe ports.
+fn skipped_inbound_ports(pod: &Pod) -> Vec<u16> {
+    let Some(init) = pod.spec.as_ref().and_then(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(&s.containers)
+            .find(|c| c.name == crate::inject::INIT_CONTAINER)
+    }) else {
+        return Vec::new();
+    };
+    let args = init.args.as_deref().unwrap_or_default();
+    let mut ports: Vec<u16> = args
+        .iter()
+        .zip(args.iter().skip(1))
+        .filter(|(flag, _)| *flag == "--skip-inbound-ports")
+        .flat_map(|(_, list)| list.split(','))
+        .filter_map(|p| p.trim().parse().ok())
+        .filter(|p| ![crate::proxy::ADMIN_PORT, crate::proxy::PROBE_PORT].contains(p))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// The pods of a client namespace whose proxies must run the config that
@@ -1083,6 +1111,28 @@ async fn clients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ports_weft_init_skipped_are_read_from_its_arguments() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "db-0"},
+            "spec": {
+                "initContainers": [{"name": "weft-init", "args": [
+                    "init", "--proxy-uid", "1450",
+                    "--skip-inbound-ports", "5432,15120,15121,9090",
+                ]}],
+                "containers": [{"name": "db"}],
+            },
+        }))
+        .expect("a pod");
+        assert_eq!(skipped_inbound_ports(&pod), [5432, 9090]);
+        let plain: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "x"},
+            "spec": {"containers": [{"name": "app", "args": ["--skip-inbound-ports", "80"]}]},
+        }))
+        .expect("a pod");
+        assert!(skipped_inbound_ports(&plain).is_empty(), "only weft-init's");
+    }
 
     #[test]
     fn plaintext_sources_name_only_pods_that_hold_their_address_now() {

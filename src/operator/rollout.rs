@@ -82,6 +82,10 @@ pub struct PodEvidence {
     /// What its proxy reports; None when it could not be asked (not
     /// running, not ready, not reachable) or has no sidecar.
     pub proxy: Option<ProxyReport>,
+    /// Inbound ports its weft-init left out of the redirect (the pod's
+    /// `weft.dev/skip-inbound-ports`): their traffic never passes the
+    /// proxy, so Strict does not cover them.
+    pub skipped_inbound_ports: Vec<u16>,
 }
 
 /// What one proxy reports on its admin `/metrics`.
@@ -288,6 +292,7 @@ pub fn step(
                     named.join("; ")
                 );
             }
+            message.push_str(&uncovered_note(evidence));
             return to(
                 RolloutPhase::Strict,
                 reason::STRICT,
@@ -336,8 +341,9 @@ pub fn step(
                     RolloutPhase::Strict,
                     reason::STRICT,
                     format!(
-                        "all {} client proxies expect Strict; the servers now accept only mesh mTLS",
-                        evidence.clients.len()
+                        "all {} client proxies expect Strict; the servers now accept only mesh mTLS{}",
+                        evidence.clients.len(),
+                        uncovered_note(evidence)
                     ),
                     Vec::new(),
                     RECHECK,
@@ -497,6 +503,30 @@ pub fn step(
         format!("{}{outside_note}", window_message(spec)),
         Vec::new(),
         (window - observed).min(RECHECK),
+    )
+}
+
+/// Names the inbound ports Strict does not cover because a pod's weft-init
+/// left them out of the redirect ("" when there are none), so the status
+/// never claims Strict for traffic the proxy does not see.
+fn uncovered_note(evidence: &Evidence) -> String {
+    let all: Vec<String> = evidence
+        .pods
+        .iter()
+        .flat_map(|p| {
+            p.skipped_inbound_ports
+                .iter()
+                .map(move |port| format!("pod {} port {port}", p.name))
+        })
+        .collect();
+    if all.is_empty() {
+        return String::new();
+    }
+    let n = all.len();
+    let (named, more) = capped(all);
+    format!(
+        "; not covered by Strict ({n} ports skipped by the pods' weft.dev/skip-inbound-ports: their traffic never passes the proxy, plaintext or not){more}: {}",
+        named.join(", ")
     )
 }
 

@@ -351,10 +351,15 @@ pub fn prune_pod(pod: &mut Pod) {
     meta.finalizers = None;
     meta.generate_name = None;
     meta.managed_fields = None;
+    // weft-init keeps its arguments: they say which ports it left out of
+    // the redirect, which the status names as not covered by Strict.
     let names = |cs: &[Container]| -> Vec<Container> {
         cs.iter()
             .map(|c| Container {
                 name: c.name.clone(),
+                args: (c.name == crate::inject::INIT_CONTAINER)
+                    .then(|| c.args.clone())
+                    .flatten(),
                 ..Container::default()
             })
             .collect()
@@ -491,7 +496,7 @@ mod tests {
                              "annotations": {"weft.dev/injection-hash": "h1"}},
                 "spec": {
                     "hostNetwork": false,
-                    "initContainers": [{"name": "weft-init"}, {"name": "weft-proxy"}],
+                    "initContainers": [{"name": "weft-init", "args": ["init"]}, {"name": "weft-proxy"}],
                     "containers": [{"name": "checkout"}],
                 },
                 "status": {

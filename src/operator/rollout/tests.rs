@@ -41,6 +41,7 @@ fn pod(name: &str) -> PodEvidence {
             trust_bundle_hash: Some(BUNDLE.into()),
             has_identity: true,
         }),
+        skipped_inbound_ports: Vec::new(),
     }
 }
 
@@ -50,6 +51,7 @@ fn uninjected(name: &str) -> PodEvidence {
         injected: false,
         running: true,
         proxy: None,
+        skipped_inbound_ports: Vec::new(),
     }
 }
 
@@ -752,4 +754,40 @@ fn plaintext_in_the_proxys_other_bucket_holds_the_window() {
             d.blockers
         );
     }
+}
+
+/// A port a pod's annotation keeps out of the redirect never sees the
+/// proxy: the status names it as not covered, in Strict and on the way in.
+#[test]
+fn a_port_skipped_by_annotation_is_named_as_not_covered_by_strict() {
+    let spec = staged();
+    let ev = evidence(vec![
+        pod("a"),
+        PodEvidence {
+            skipped_inbound_ports: vec![9090, 5432],
+            ..pod("db-0")
+        },
+    ]);
+    let strict = at(RolloutPhase::Strict, minutes(30)).expect("current");
+    let d = step(&spec, Some(1), Some(&strict), &ev, t0());
+    assert_eq!(d.phase, RolloutPhase::Strict);
+    for named in [
+        "not covered by Strict",
+        "pod db-0 port 9090",
+        "pod db-0 port 5432",
+    ] {
+        assert!(d.message.contains(named), "{named}: {}", d.message);
+    }
+    let enforcing = at(RolloutPhase::Enforcing, minutes(2)).expect("current");
+    let d = step(&spec, Some(1), Some(&enforcing), &ev, t0());
+    assert_eq!(d.phase, RolloutPhase::Strict);
+    assert!(d.message.contains("pod db-0 port 9090"), "{}", d.message);
+    let clean = step(
+        &spec,
+        Some(1),
+        Some(&strict),
+        &evidence(vec![pod("a")]),
+        t0(),
+    );
+    assert!(!clean.message.contains("not covered"), "{}", clean.message);
 }
