@@ -351,12 +351,7 @@ fn a_plain_call_to_a_pod_ip_crosses_both_sidecars_in_mtls() {
     let (files, ca) = (Files::new(), ca());
     let mut net = Network::new("e2e").expect("network");
     // B first, so A's config can name its address.
-    let b_ip = format!(
-        "{}.{}.{}.11",
-        weft::netns::SUBNET[0],
-        weft::netns::SUBNET[1],
-        weft::netns::SUBNET[2]
-    );
+    let b_ip = pod_address(1);
     let cfg = config("strict", &b_ip);
     let a = meshed_pod(
         &mut net,
@@ -457,12 +452,7 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
     }
     let (files, ca) = (Files::new(), ca());
     let mut net = Network::new("strict").expect("network");
-    let b_ip = format!(
-        "{}.{}.{}.10",
-        weft::netns::SUBNET[0],
-        weft::netns::SUBNET[1],
-        weft::netns::SUBNET[2]
-    );
+    let b_ip = pod_address(0);
     let b = meshed_pod(&mut net, &files, &ca, "b", &config("strict", &b_ip), &[]);
     let c = net.add_pod("c").expect("plain pod");
     let c_ip = net.pods[c].ip.to_string();
@@ -590,23 +580,7 @@ fn a_localhost_only_listener_is_not_reachable_from_another_pod() {
     if skip() {
         return;
     }
-    let (files, ca) = (Files::new(), ca());
-    let mut net = Network::new("lo").expect("network");
-    let b_ip = format!(
-        "{}.{}.{}.10",
-        weft::netns::SUBNET[0],
-        weft::netns::SUBNET[1],
-        weft::netns::SUBNET[2]
-    );
-    let b = meshed_pod(
-        &mut net,
-        &files,
-        &ca,
-        "b",
-        &config("permissive", &b_ip),
-        &[],
-    );
-    let c = net.add_pod("c").expect("plain pod");
+    let (files, mut net, b_ip, b, c) = meshed_b_beside_plain_c("lo", "permissive");
     let pod = &mut net.pods[b];
     pod.spawn(
         Some(APP_UID),
@@ -651,23 +625,7 @@ fn a_connection_to_the_proxys_own_port_is_refused() {
     if skip() {
         return;
     }
-    let (files, ca) = (Files::new(), ca());
-    let mut net = Network::new("own").expect("network");
-    let b_ip = format!(
-        "{}.{}.{}.10",
-        weft::netns::SUBNET[0],
-        weft::netns::SUBNET[1],
-        weft::netns::SUBNET[2]
-    );
-    let b = meshed_pod(
-        &mut net,
-        &files,
-        &ca,
-        "b",
-        &config("permissive", &b_ip),
-        &[],
-    );
-    let c = net.add_pod("c").expect("plain pod");
+    let (_files, net, b_ip, b, c) = meshed_b_beside_plain_c("own", "permissive");
     let (b_ns, c_ns) = (&net.pods[b].ns, &net.pods[c].ns);
     for port in [15101, 15106] {
         assert_eq!(
@@ -702,9 +660,21 @@ fn a_connection_to_the_proxys_own_port_is_refused() {
 }
 
 /// The address `Network::add_pod` gives its first pod.
-fn first_pod_address() -> String {
-    let [a, b, c, ..] = weft::netns::SUBNET;
-    format!("{a}.{b}.{c}.10")
+/// The address the network gives its `n`th pod, from 0.
+fn pod_address(n: u8) -> String {
+    let [a, b, c] = weft::netns::SUBNET;
+    format!("{a}.{b}.{c}.{}", 10 + n)
+}
+
+/// A network with pod `b` meshed (its namespace in `mode`) and pod `c`
+/// without a sidecar: the files, the network, b's address, b and c.
+fn meshed_b_beside_plain_c(tag: &str, mode: &str) -> (Files, Network, String, usize, usize) {
+    let (files, ca) = (Files::new(), ca());
+    let mut net = Network::new(tag).expect("network");
+    let b_ip = pod_address(0);
+    let b = meshed_pod(&mut net, &files, &ca, "b", &config(mode, &b_ip), &[]);
+    let c = net.add_pod("c").expect("plain pod");
+    (files, net, b_ip, b, c)
 }
 
 /// Issue 18, item 7: the admin port answers every address of the pod (the
@@ -717,11 +687,7 @@ fn the_config_is_served_only_to_localhost() {
     if skip() {
         return;
     }
-    let (files, ca) = (Files::new(), ca());
-    let mut net = Network::new("cfg").expect("network");
-    let b_ip = first_pod_address();
-    let b = meshed_pod(&mut net, &files, &ca, "b", &config("strict", &b_ip), &[]);
-    let c = net.add_pod("c").expect("plain pod");
+    let (_files, net, b_ip, b, c) = meshed_b_beside_plain_c("cfg", "strict");
     let (b_ns, c_ns) = (&net.pods[b].ns, &net.pods[c].ns);
     let from_another_pod = fetch(c_ns, &format!("http://{b_ip}:15120/config"));
     assert_eq!(
