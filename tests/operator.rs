@@ -421,6 +421,69 @@ async fn a_deleted_config_map_is_recreated() {
     );
 }
 
+/// A same-named ConfigMap weft did not create (no managed-by label) is
+/// someone else's: a forced apply would take it over and a later prune
+/// delete it. The operator leaves it alone, writes the rest, and says why
+/// in a Warning Event on the Namespace.
+#[tokio::test]
+async fn a_same_named_object_weft_did_not_create_is_left_alone() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    let theirs = "/api/v1/namespaces/shop/configmaps/weft-proxy-config";
+    h.seed(
+        theirs,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"namespace": "shop", "name": "weft-proxy-config",
+                         "labels": {"app": "someone-else"}},
+            "data": {"theirs": "yes"}}),
+    );
+    h.clear();
+    let nsobj = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("namespace in the cache");
+    let err = reconcile::reconcile(nsobj.clone(), h.ctx.clone())
+        .await
+        .expect_err("the reconcile reports the object");
+    assert_eq!(err.reason(), "ObjectNotManagedByWeft");
+    let writes = h.writes();
+    assert!(
+        writes.iter().all(|w| w.path != theirs),
+        "their ConfigMap was written: {writes:#?}"
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|w| w.path.ends_with("/secrets/weft-identity")),
+        "the rest is still written: {writes:#?}"
+    );
+    let kept: Value = h.stored(theirs).expect("still there");
+    assert_eq!(kept["data"]["theirs"], "yes");
+    reconcile::error_policy(nsobj, &err, h.ctx.clone());
+    let mut note = String::new();
+    for _ in 0..50 {
+        if let Some(e) = h
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "ObjectNotManagedByWeft")
+        {
+            assert_eq!(e["type"], "Warning");
+            note = e["note"].as_str().unwrap_or_default().to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        note.contains("ConfigMap shop/weft-proxy-config")
+            && note.contains("weft did not create it"),
+        "{note:?}"
+    );
+}
+
 /// A new leader term starts with nothing compiled. Until its first
 /// compile succeeds (a compiler panic, say), a reconcile must not read the
 /// empty snapshot as "nothing is meshed" and delete every namespace's

@@ -224,6 +224,16 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "{kind} {namespace}/{name} exists but weft did not create it (it lacks the label \
+         {MANAGED_BY_LABEL}={MANAGED_BY}): weft leaves it alone, and the namespace's proxies go \
+         without it; delete or rename it so that weft can create its own"
+    )]
+    NotOurs {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
     #[error("issuing workload certificates for namespace {namespace}: {source}")]
     Identity {
         namespace: String,
@@ -244,6 +254,7 @@ impl Error {
                 kube::Error::Api(_) => "ApiRejected",
                 _ => "ApiUnreachable",
             },
+            Self::NotOurs { .. } => "ObjectNotManagedByWeft",
             Self::Identity { .. } => "CertificateIssueFailed",
         }
     }
@@ -527,6 +538,25 @@ where
     );
     let kind = <K as Resource>::kind(&()).into_owned();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    if stored.is_none() {
+        // The cache holds only what weft manages. A same-named object
+        // outside it is someone else's: a forced apply would take it over
+        // (and a later prune delete it). Leave it, and say so.
+        match api.get_opt(&name).await {
+            Ok(Some(other))
+                if other.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) =>
+            {
+                return Err(Error::NotOurs {
+                    kind,
+                    namespace: ns,
+                    name,
+                });
+            }
+            // Ours (the cache is behind), absent, or unreadable: the apply
+            // says the rest.
+            _ => {}
+        }
+    }
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
