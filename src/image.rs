@@ -72,20 +72,16 @@ pub const CAPABLE_BINARIES: [&str; 2] = [
     "usr/sbin/xtables-legacy-multi",
 ];
 
-/// The extended attribute that holds file capabilities.
-pub const CAPABILITY_XATTR: &str = "security.capability";
+/// The extended attribute that holds file capabilities: the one `weft
+/// init` reads.
+pub const CAPABILITY_XATTR: &str = crate::init::FileCaps::XATTR;
 
 /// `cap_net_admin,cap_net_raw+ep` as the kernel stores it (`struct
 /// vfs_cap_data`, revision 2): magic `VFS_CAP_REVISION_2 |
 /// VFS_CAP_FLAGS_EFFECTIVE`, then permitted and inheritable for capabilities
-/// 0-31 and 32-63, little-endian. NET_ADMIN is bit 12, NET_RAW bit 13.
-pub const NET_ADMIN_NET_RAW_EP: [u8; 20] = [
-    0x01, 0x00, 0x00, 0x02, // magic_etc = 0x02000001
-    0x00, 0x30, 0x00, 0x00, // permitted[0] = 0x3000
-    0x00, 0x00, 0x00, 0x00, // inheritable[0]
-    0x00, 0x00, 0x00, 0x00, // permitted[1]
-    0x00, 0x00, 0x00, 0x00, // inheritable[1]
-];
+/// 0-31 and 32-63, little-endian. NET_ADMIN is bit 12, NET_RAW bit 13. The
+/// encoding is `weft init`'s, so what it checks is what the image carries.
+pub const NET_ADMIN_NET_RAW_EP: [u8; 20] = crate::init::FileCaps::net_admin_and_raw().encode();
 
 /// The image's default user. Every container weft makes sets its own
 /// (control plane 1451, proxy 1450, init 65534); this is for the rest, the

@@ -463,7 +463,8 @@ impl FileCaps {
     /// Encodes `cap_net_admin,cap_net_raw+ep` style capabilities as a
     /// revision-2 `vfs_cap_data` (what `setcap` writes for a non-namespaced
     /// file, and what the weft image carries on the xtables binaries).
-    pub fn encode(self) -> [u8; 20] {
+    /// `const`, so the image builder's copy of these bytes is this one.
+    pub const fn encode(self) -> [u8; 20] {
         let magic = if self.effective {
             VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE
         } else {
@@ -477,16 +478,23 @@ impl FileCaps {
             (self.permitted >> 32) as u32,
             (self.inheritable >> 32) as u32,
         ];
-        for (i, w) in words.iter().enumerate() {
-            out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        let mut i = 0;
+        while i < words.len() {
+            let b = words[i].to_le_bytes();
+            let mut j = 0;
+            while j < 4 {
+                out[4 * i + j] = b[j];
+                j += 1;
+            }
+            i += 1;
         }
         out
     }
 
     /// `cap_net_admin,cap_net_raw+ep`: what iptables needs.
-    pub fn net_admin_and_raw() -> Self {
+    pub const fn net_admin_and_raw() -> Self {
         Self {
-            permitted: NEEDED.iter().fold(0, |acc, (bit, _)| acc | 1 << bit),
+            permitted: NEEDED_MASK,
             inheritable: 0,
             effective: true,
         }
@@ -528,9 +536,8 @@ fn names(mask: u64) -> Vec<&'static str> {
         .collect()
 }
 
-fn needed_mask() -> u64 {
-    NEEDED.iter().fold(0, |acc, (bit, _)| acc | 1 << bit)
-}
+/// [`NEEDED`] as a capability mask.
+const NEEDED_MASK: u64 = (1 << NEEDED[0].0) | (1 << NEEDED[1].0);
 
 /// Why iptables at `binary` (the file it resolves to, with `file` caps)
 /// would lack NET_ADMIN or NET_RAW when this process runs it: a message
@@ -540,7 +547,7 @@ pub fn capability_problem(
     binary: &Path,
     file: Option<FileCaps>,
 ) -> Option<String> {
-    let missing = needed_mask() & !effective_after_exec(p, file);
+    let missing = NEEDED_MASK & !effective_after_exec(p, file);
     if missing == 0 {
         return None;
     }
