@@ -117,11 +117,12 @@ pub struct ProxyArgs {
     /// service-account token is present.
     #[arg(long)]
     pub no_api_watch: bool,
-    /// The mounted identity Secret: `<service-account>.crt`, `.key` and
-    /// `ca.crt`. When set, the proxy is not ready until an identity loads.
+    /// The mounted identity Secret: `tls.crt`, `tls.key` and `ca.crt`. When
+    /// set, the proxy is not ready until an identity for its ServiceAccount
+    /// loads.
     #[arg(long, env = "WEFT_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
-    /// This pod's ServiceAccount, naming its key pair in the identity dir.
+    /// This pod's ServiceAccount: the only one whose certificate it presents.
     #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
     /// The mesh trust domain peers must belong to.
