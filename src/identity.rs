@@ -21,10 +21,42 @@ use sha2::{Digest, Sha256};
 
 /// Secret in `weft-system` holding the mesh CA.
 pub const CA_SECRET: &str = "weft-ca";
-/// Per-namespace Secret holding the trust bundle and workload key pairs.
-pub const IDENTITY_SECRET: &str = "weft-identity";
+/// Name of the one Secret per namespace that held every ServiceAccount's
+/// key pair before weft 0.1.0 split it ([`identity_secret_name`]); the
+/// operator deletes it when it is weft's.
+pub const LEGACY_IDENTITY_SECRET: &str = "weft-identity";
+/// What every workload identity Secret's name starts with.
+pub const IDENTITY_SECRET_PREFIX: &str = "weft-identity-";
 /// Key of the trust bundle (and of the CA certificate in `weft-ca`).
 pub const CA_CERT_KEY: &str = "ca.crt";
+/// Keys of a workload's certificate and private key in its identity Secret
+/// (a `kubernetes.io/tls` Secret), and the files the proxy reads from its
+/// identity directory.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// The longest object name Kubernetes takes (a DNS-1123 subdomain).
+const MAX_NAME: usize = 253;
+
+/// The Secret that holds ServiceAccount `sa`'s key pair and the trust
+/// bundle: `weft-identity-<sa>`, one per ServiceAccount, so that no object
+/// holds the keys of two workloads and a namespace's ServiceAccounts are
+/// not capped by one object's 1 MiB. A name too long for that (a
+/// ServiceAccount name over 239 characters) is cut and ends in a hash of
+/// the whole name. The operator and the injector both name the Secret
+/// with this function.
+pub fn identity_secret_name(sa: &str) -> String {
+    let direct = format!("{IDENTITY_SECRET_PREFIX}{sa}");
+    if direct.len() <= MAX_NAME {
+        return direct;
+    }
+    let hash = hex::encode(&Sha256::digest(sa.as_bytes())[..5]);
+    let keep = MAX_NAME - IDENTITY_SECRET_PREFIX.len() - 1 - hash.len();
+    // ServiceAccount names are ASCII (DNS-1123); the cut must not leave a
+    // label ending in '-' or '.' before the hash's '-'.
+    let cut: String = sa.chars().take(keep).collect();
+    let cut = cut.trim_end_matches(['-', '.']);
+    format!("{IDENTITY_SECRET_PREFIX}{cut}-{hash}")
+}
 /// Key of the CA's private key in `weft-ca`.
 pub const CA_KEY_KEY: &str = "ca.key";
 /// How long the mesh CA is valid: ten years.
@@ -459,6 +491,34 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::now()
+    }
+
+    #[test]
+    fn every_service_account_gets_a_secret_name_the_api_server_takes() {
+        assert_eq!(identity_secret_name("checkout"), "weft-identity-checkout");
+        // The longest name that fits is used as it is.
+        let fits = "a".repeat(MAX_NAME - IDENTITY_SECRET_PREFIX.len());
+        assert_eq!(identity_secret_name(&fits), format!("weft-identity-{fits}"));
+        // Longer ones are cut, end in a hash of the whole name, and stay
+        // DNS-1123 subdomains: no label ends in '-' or '.' at the cut.
+        // The cut (228 characters) falls just after the '.'.
+        let long_a = format!("{}.b{}", "a".repeat(227), "c".repeat(20));
+        let long_b = format!("{}.b{}", "a".repeat(227), "d".repeat(20));
+        let (a, b) = (identity_secret_name(&long_a), identity_secret_name(&long_b));
+        assert_ne!(a, b, "names that differ past the cut differ");
+        for name in [&a, &b] {
+            assert!(name.len() <= MAX_NAME, "{} characters", name.len());
+            assert!(
+                name.split('.').all(|label| !label.is_empty()
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')),
+                "{name} is not a DNS-1123 subdomain"
+            );
+        }
+        assert!(
+            a.starts_with(&format!("weft-identity-{}-", "a".repeat(227))),
+            "{a}"
+        );
     }
 
     #[test]

@@ -60,7 +60,9 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use weft::config::{CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig};
-use weft::identity::{CA_CERT_KEY, CA_SECRET, IDENTITY_SECRET, MeshCa};
+use weft::identity::{
+    CA_CERT_KEY, CA_SECRET, LEGACY_IDENTITY_SECRET, MeshCa, identity_secret_name,
+};
 use weft::inject::webhook::{self, AllMeshed, ServingCert, Webhook};
 use weft::inject::{ClusterCaps, InjectSettings};
 use weft::operator::desired::{CONFIG_READER, FIELD_MANAGER as OPERATOR};
@@ -883,23 +885,30 @@ async fn tier5_the_control_plane_reconciles_the_shop_under_its_own_rbac() {
             .collect();
         assert!(!accounts.is_empty(), "{ns}");
         let secrets = Api::<Secret>::namespaced(admin.clone(), ns);
-        let keys: Vec<String> = wait_for(Duration::from_secs(30), || {
-            let secrets = secrets.clone();
-            let accounts = accounts.clone();
-            async move {
-                let s = secrets.get_opt(IDENTITY_SECRET).await.ok()??;
-                let keys: Vec<String> = s.data?.into_keys().collect();
-                accounts
-                    .iter()
-                    .all(|sa| {
-                        keys.contains(&format!("{sa}.crt")) && keys.contains(&format!("{sa}.key"))
-                    })
-                    .then_some(keys)
-            }
-        })
-        .await
-        .unwrap_or_else(|| panic!("{ns}/{IDENTITY_SECRET} with the key pairs of {accounts:?}"));
-        assert!(keys.contains(&CA_CERT_KEY.to_owned()), "{keys:?}");
+        // One kubernetes.io/tls Secret per ServiceAccount, holding that
+        // account's key pair and nothing of another's (the API server
+        // validates the type's tls.crt and tls.key).
+        for sa in &accounts {
+            let name = identity_secret_name(sa);
+            let secret = wait_for(Duration::from_secs(30), || {
+                let secrets = secrets.clone();
+                let name = name.clone();
+                async move { secrets.get_opt(&name).await.ok()? }
+            })
+            .await
+            .unwrap_or_else(|| panic!("{ns}/{name}, the identity of {sa}"));
+            assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+            let keys: Vec<String> = secret.data.unwrap_or_default().into_keys().collect();
+            assert_eq!(keys, [CA_CERT_KEY, "tls.crt", "tls.key"], "{ns}/{name}");
+        }
+        assert!(
+            secrets
+                .get_opt(LEGACY_IDENTITY_SECRET)
+                .await
+                .expect("get")
+                .is_none(),
+            "no Secret holds every account's keys"
+        );
         // Granting it needs no escalation: the control plane holds the
         // rights the Role gives.
         let reader = wait_for(Duration::from_secs(30), || {
@@ -1204,10 +1213,10 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
         .map(|v| v.name.as_str())
         .collect();
     assert!(volumes.contains(&"weft-token"), "{volumes:?}");
-    // The identity volume holds that ServiceAccount's key pair only.
+    // The identity volume is that ServiceAccount's own Secret.
     assert_eq!(
-        identity_items(&read_back),
-        ["default.crt", "default.key", CA_CERT_KEY]
+        identity_secret(&read_back).as_deref(),
+        Some("weft-identity-default")
     );
 
     // A pod with a ServiceAccount of its own gets that one's key pair.
@@ -1217,8 +1226,8 @@ async fn tier5_pods_in_a_labelled_namespace_come_back_injected() {
         .expect("pod created");
     assert_eq!(init_names(&own), ["weft-init", "weft-proxy"]);
     assert_eq!(
-        identity_items(&own),
-        ["catalog.crt", "catalog.key", CA_CERT_KEY]
+        identity_secret(&own).as_deref(),
+        Some("weft-identity-catalog")
     );
 
     let untouched = Api::<Pod>::namespaced(client.clone(), "plain")
@@ -1258,13 +1267,11 @@ fn assert_service_account_token_volume(pod: &Pod) {
     assert!(mounted, "{:?}", spec.containers[0].volume_mounts);
 }
 
-/// The keys the pod's identity volume projects.
-fn identity_items(pod: &Pod) -> Vec<String> {
+/// The Secret the pod's identity volume mounts.
+fn identity_secret(pod: &Pod) -> Option<String> {
     pod.spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
-        .filter(|v| v.name == "weft-identity")
-        .flat_map(|v| v.secret.iter().flat_map(|s| s.items.iter().flatten()))
-        .map(|i| i.key.clone())
-        .collect()
+        .find(|v| v.name == "weft-identity")
+        .and_then(|v| v.secret.as_ref()?.secret_name.clone())
 }

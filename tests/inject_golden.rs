@@ -176,17 +176,14 @@ fn every_patch_yields_a_valid_pod_and_injecting_twice_is_injecting_once() {
             .find(|v| v.name == "weft-identity")
             .and_then(|v| v.secret.clone())
             .expect("identity volume");
-        let keys: Vec<String> = identity
-            .items
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.key)
-            .collect();
+        // The pod's own ServiceAccount's Secret, which holds no other
+        // account's key, mounted whole.
         assert_eq!(
-            keys,
-            vec![format!("{sa}.crt"), format!("{sa}.key"), "ca.crt".into()],
+            identity.secret_name.as_deref(),
+            Some(weft::identity::identity_secret_name(&sa).as_str()),
             "{case}"
         );
+        assert_eq!(identity.items, None, "{case}");
         // The probe targets the proxy is told parse as it parses them; the
         // request paths it serves for them.
         let requests: Vec<String> = proxy

@@ -39,14 +39,8 @@ impl Pki {
             &dir.path().join("ca.crt"),
             self.ca.trust_bundle().as_bytes(),
         );
-        write_atomic(
-            &dir.path().join(format!("{sa}.key")),
-            leaf.key_pem.as_bytes(),
-        );
-        write_atomic(
-            &dir.path().join(format!("{sa}.crt")),
-            leaf.cert_pem.as_bytes(),
-        );
+        write_atomic(&dir.path().join("tls.key"), leaf.key_pem.as_bytes());
+        write_atomic(&dir.path().join("tls.crt"), leaf.cert_pem.as_bytes());
         IdDir {
             dir,
             sa: sa.to_owned(),
@@ -1231,6 +1225,42 @@ async fn an_applications_own_tls_passes_through_untouched_in_both_modes() {
     );
 }
 
+/// A pod spec can name any Secret of its namespace, so a pod of
+/// ServiceAccount checkout could mount payments' identity Secret. Its proxy
+/// refuses that certificate: it presents only its own account's identity,
+/// and stays unready (so the pod gets no traffic) until it has one.
+#[tokio::test]
+async fn a_pod_that_mounts_another_accounts_identity_secret_does_not_get_that_identity() {
+    let pki = Pki::new();
+    let payments = SpiffeId::new("cluster.local", "shop", "payments");
+    let borrowed = pki.dir_with("checkout", &pki.ca, &payments, SystemTime::now());
+    let args = borrowed.args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let p = start_proxy(&client_config(nowhere, true), &[], &args).await;
+    let failures = p
+        .wait_metric("weft_proxy_identity_reload_failures", 1.0)
+        .await;
+    assert!(failures >= 1.0, "the borrowed certificate was not refused");
+    assert_eq!(
+        p.metric("weft_proxy_certificate_expiry_timestamp_seconds")
+            .await,
+        0.0,
+        "no certificate is held"
+    );
+    let ready = get(&format!("http://{}/ready", p.running.admin)).await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.body.contains("no identity"), "{ready:?}");
+
+    // Its own account's certificate, mounted next, is taken.
+    let own = pki.dir("shop", "checkout");
+    for file in ["tls.key", "tls.crt"] {
+        let bytes = std::fs::read(own.dir.path().join(file)).expect("read");
+        write_atomic(&borrowed.dir.path().join(file), &bytes);
+    }
+    wait_ready(&p).await;
+}
+
 #[tokio::test]
 async fn rotating_certificates_under_load_fails_no_request_on_a_long_h2_connection() {
     let pki = Pki::new();
@@ -1271,14 +1301,8 @@ async fn rotating_certificates_under_load_fails_no_request_on_a_long_h2_connecti
                 .expect("leaf");
             // Key first, then certificate: a reader between the two sees a
             // mismatched pair, which must be refused and retried, not used.
-            write_atomic(
-                &dir.dir.path().join(format!("{sa}.key")),
-                leaf.key_pem.as_bytes(),
-            );
-            write_atomic(
-                &dir.dir.path().join(format!("{sa}.crt")),
-                leaf.cert_pem.as_bytes(),
-            );
+            write_atomic(&dir.dir.path().join("tls.key"), leaf.key_pem.as_bytes());
+            write_atomic(&dir.dir.path().join("tls.crt"), leaf.cert_pem.as_bytes());
             expiry = leaf
                 .not_after
                 .duration_since(std::time::UNIX_EPOCH)

@@ -254,8 +254,8 @@ fn meshed_pod(
         )
         .expect("leaf");
     files.write(&format!("{name}/id/ca.crt"), &ca.trust_bundle());
-    files.write(&format!("{name}/id/{name}.crt"), &leaf.cert_pem);
-    files.write(&format!("{name}/id/{name}.key"), &leaf.key_pem);
+    files.write(&format!("{name}/id/tls.crt"), &leaf.cert_pem);
+    files.write(&format!("{name}/id/tls.key"), &leaf.key_pem);
     let cfg = files.write(&format!("{name}/config.json"), &config.to_string());
     let (cfg, ids) = (
         cfg.display().to_string(),

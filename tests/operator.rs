@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 #[path = "support/fakeapi.rs"]
 mod fakeapi;
+#[path = "support/logs.rs"]
+mod logs;
 
 use fakeapi::{Seen, Shared};
 use weft::api::{AccessPolicy, MTLSPolicy, TrafficPolicy};
@@ -143,6 +145,18 @@ impl Harness {
             .collect()
     }
 
+    /// The Mesh `default`'s condition of this type, as the fake holds it.
+    fn mesh_condition(&self, type_: &str) -> Value {
+        let mesh: Value = self.stored(MESH_PATH).expect("the Mesh");
+        mesh["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {type_} condition: {mesh:#}"))
+    }
+
     fn events(&self) -> Vec<Value> {
         self.seen()
             .into_iter()
@@ -178,8 +192,19 @@ impl Harness {
             {
                 put(&mut self.writers.config_maps, cm);
             }
-            if let Some(s) = self.stored::<Secret>(&format!("{base}/secrets/weft-identity")) {
-                put(&mut self.writers.secrets, s);
+            let secrets: Vec<String> = {
+                let fake = self.fake.lock().expect("fake");
+                let prefix = format!("{base}/secrets/");
+                fake.objects
+                    .keys()
+                    .filter(|p| p.starts_with(&prefix))
+                    .cloned()
+                    .collect()
+            };
+            for path in secrets {
+                if let Some(s) = self.stored::<Secret>(&path) {
+                    put(&mut self.writers.secrets, s);
+                }
             }
             if let Some(r) = self.stored::<Role>(&format!("{rbac}/roles/weft-proxy-config-reader"))
             {
@@ -272,7 +297,8 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
             "/api/v1/namespaces/shop/configmaps/weft-proxy-config",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/weft-proxy-config-reader",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/weft-proxy-config-reader",
-            "/api/v1/namespaces/shop/secrets/weft-identity",
+            "/api/v1/namespaces/shop/secrets/weft-identity-cart",
+            "/api/v1/namespaces/shop/secrets/weft-identity-default",
         ],
         "{writes:#?}"
     );
@@ -301,21 +327,36 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
     )
     .expect("json config");
     assert_eq!(config["namespace"], "shop");
-    let secret_keys: Vec<&String> = writes[3].body["data"]
-        .as_object()
-        .expect("data")
-        .keys()
-        .collect();
-    assert_eq!(
-        secret_keys,
-        [
-            "ca.crt",
-            "cart.crt",
-            "cart.key",
-            "default.crt",
-            "default.key"
-        ]
-    );
+    // A Secret per ServiceAccount, each with that account's key pair and
+    // no other's.
+    let mut keys = Vec::new();
+    for (w, sa) in writes[3..].iter().zip(["cart", "default"]) {
+        assert_eq!(w.body["type"], "kubernetes.io/tls");
+        assert_eq!(
+            w.body["metadata"]["annotations"]["weft.dev/service-account"],
+            sa
+        );
+        let data = w.body["data"].as_object().expect("data");
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            ["ca.crt", "tls.crt", "tls.key"]
+        );
+        let cert = String::from_utf8(
+            base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                data["tls.crt"].as_str().expect("base64"),
+            )
+            .expect("decodes"),
+        )
+        .expect("pem");
+        let info = weft::identity::inspect_pem(&cert).expect("certificate");
+        assert_eq!(
+            info.spiffe_id().map(|id| id.service_account),
+            Some(sa.to_owned())
+        );
+        keys.push(data["tls.key"].clone());
+    }
+    assert_ne!(keys[0], keys[1]);
 
     // The watches deliver what was written: a second reconcile writes
     // nothing.
@@ -424,11 +465,17 @@ async fn a_deleted_config_map_is_recreated() {
 /// A same-named ConfigMap weft did not create (no managed-by label) is
 /// someone else's: a forced apply would take it over and a later prune
 /// delete it. The operator leaves it alone, writes the rest, and says why
-/// in a Warning Event on the Namespace.
+/// in a Warning Event on the Namespace and in the Mesh's `ObjectsOwned`
+/// condition, which turns back to True once the object is gone.
 #[tokio::test]
 async fn a_same_named_object_weft_did_not_create_is_left_alone() {
     let mut h = harness().await;
     put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    let mesh = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
+        "metadata": {"name": "default", "generation": 1}, "spec": {}});
+    h.seed(MESH_PATH, &mesh);
+    put(&mut h.writers.meshes, obj(mesh));
     h.with_ca().await;
     driver::recompile(&h.ctx).await;
     let theirs = "/api/v1/namespaces/shop/configmaps/weft-proxy-config";
@@ -458,7 +505,7 @@ async fn a_same_named_object_weft_did_not_create_is_left_alone() {
     assert!(
         writes
             .iter()
-            .any(|w| w.path.ends_with("/secrets/weft-identity")),
+            .any(|w| w.path.ends_with("/secrets/weft-identity-default")),
         "the rest is still written: {writes:#?}"
     );
     let kept: Value = h.stored(theirs).expect("still there");
@@ -481,6 +528,28 @@ async fn a_same_named_object_weft_did_not_create_is_left_alone() {
         note.contains("ConfigMap shop/weft-proxy-config")
             && note.contains("weft did not create it"),
         "{note:?}"
+    );
+    let owned = h.mesh_condition("ObjectsOwned");
+    assert_eq!(
+        (&owned["status"], &owned["reason"]),
+        (&json!("False"), &json!("ObjectNotManagedByWeft")),
+        "{owned:#}"
+    );
+    assert!(
+        owned["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ConfigMap shop/weft-proxy-config")),
+        "{owned:#}"
+    );
+
+    // Its owner deletes it: weft creates its own, and the condition clears.
+    h.fake.lock().expect("fake").objects.remove(theirs);
+    h.reconcile("shop").await;
+    let owned = h.mesh_condition("ObjectsOwned");
+    assert_eq!(
+        (&owned["status"], &owned["reason"]),
+        (&json!("True"), &json!("AllOwned")),
+        "{owned:#}"
     );
 }
 
@@ -540,7 +609,7 @@ async fn a_refused_role_binding_does_not_stop_the_identities() {
         written.iter().any(|p| p == binding),
         "the binding was tried: {written:#?}"
     );
-    for child in ["configmaps/weft-proxy-config", "secrets/weft-identity"] {
+    for child in ["configmaps/weft-proxy-config", "secrets/weft-identity-cart"] {
         assert!(
             h.fake
                 .lock()
@@ -595,6 +664,7 @@ async fn gauges_go_with_their_namespace_and_with_the_lead() {
 async fn an_unlabelled_namespace_is_pruned() {
     let mut h = harness().await;
     put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
     h.with_ca().await;
     driver::recompile(&h.ctx).await;
     h.reconcile("shop").await;
@@ -613,6 +683,127 @@ async fn an_unlabelled_namespace_is_pruned() {
         .collect();
     deleted.sort();
     assert_eq!(deleted, ["configmaps", "rolebindings", "roles", "secrets"]);
+}
+
+/// The Secret that held every ServiceAccount's keys (before there was one
+/// per account) is deleted: any pod that mounted it could read them all.
+/// A deleted account's Secret goes with it; the others stay untouched.
+#[tokio::test]
+async fn the_secret_holding_every_accounts_keys_is_deleted_and_a_deleted_accounts_goes() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    let cart = account("shop", "cart");
+    put(&mut h.writers.service_accounts, cart.clone());
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    let shared = "/api/v1/namespaces/shop/secrets/weft-identity";
+    let old = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "weft-identity", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "weft"}},
+        "data": {"ca.crt": b64("bundle"), "cart.key": b64("k1"), "default.key": b64("k2")}});
+    h.seed(shared, &old);
+    put(&mut h.writers.secrets, obj(old));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    let deleted: Vec<String> = h
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == Method::DELETE)
+        .map(|w| w.path)
+        .collect();
+    assert_eq!(deleted, [shared]);
+    assert!(h.stored::<Secret>(shared).is_none());
+
+    h.sync_children(&["shop"]);
+    remove(
+        &mut h.writers.secrets,
+        obj(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "weft-identity", "namespace": "shop"}})),
+    );
+    h.assert_settled("shop").await;
+
+    remove(&mut h.writers.service_accounts, cart);
+    h.clear();
+    h.reconcile("shop").await;
+    let writes: Vec<(Method, String)> =
+        h.writes().into_iter().map(|w| (w.method, w.path)).collect();
+    assert_eq!(
+        writes,
+        [(
+            Method::DELETE,
+            "/api/v1/namespaces/shop/secrets/weft-identity-cart".to_owned()
+        )]
+    );
+}
+
+/// Issue 18, item 8, for the operator: with every target at TRACE (kube
+/// and hyper included), creating the mesh CA, issuing, keeping and
+/// deleting workload identities, and failing to write one, log no piece
+/// of any key it handled.
+#[tokio::test(flavor = "current_thread")]
+async fn the_operator_logs_no_key_at_trace_creating_the_ca_and_issuing_identities() {
+    let (captured, _guard) = logs::Captured::at_trace();
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    let cart = account("shop", "cart");
+    put(&mut h.writers.service_accounts, cart.clone());
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    put(&mut h.writers.service_accounts, account("shop", "refused"));
+    h.fake.lock().expect("fake").refuse.insert(
+        "/api/v1/namespaces/shop/secrets/weft-identity-refused".into(),
+        422,
+    );
+    // Nothing holds certificates yet: the operator creates the CA.
+    ca::ensure(&h.ctx).await.expect("ensure");
+    driver::recompile(&h.ctx).await;
+    let ns = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("namespace");
+    let err = reconcile::reconcile(ns.clone(), h.ctx.clone())
+        .await
+        .expect_err("the refused Secret is reported");
+    reconcile::error_policy(ns, &err, h.ctx.clone());
+    h.fake.lock().expect("fake").refuse.clear();
+    h.sync_children(&["shop"]);
+    h.reconcile("shop").await;
+    remove(&mut h.writers.service_accounts, cart);
+    h.reconcile("shop").await;
+    // Let the detached Event writes finish, so their lines are in too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let decoded = |v: &Value| {
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().expect("base64"))
+                .expect("decodes"),
+        )
+        .expect("pem")
+    };
+    let ca: Value = h.stored(CA_PATH).expect("the CA was created");
+    let mut keys = vec![decoded(&ca["data"]["ca.key"])];
+    for sa in ["cart", "default"] {
+        let issued = h
+            .fake
+            .lock()
+            .expect("fake")
+            .seen
+            .iter()
+            .filter(|w| w.path.ends_with(&format!("/secrets/weft-identity-{sa}")))
+            .filter_map(|w| w.body["data"].get("tls.key").map(decoded))
+            .collect::<Vec<_>>();
+        assert!(!issued.is_empty(), "{sa}'s key was written");
+        keys.extend(issued);
+    }
+    let log = captured.text();
+    assert!(
+        log.contains("issued workload certificates"),
+        "the run logged its work: {log}"
+    );
+    logs::assert_no_key("the operator", &log, &keys);
 }
 
 #[tokio::test]
@@ -663,6 +854,7 @@ async fn policy_status_is_patched_once_and_not_again_when_only_time_moved() {
 }
 
 const CA_PATH: &str = "/api/v1/namespaces/weft-system/secrets/weft-ca";
+const MESH_PATH: &str = "/apis/weft.dev/v1alpha1/meshes/default";
 
 #[tokio::test]
 async fn with_no_ca_one_is_created_once() {
@@ -694,6 +886,7 @@ async fn an_existing_ca_is_never_written() {
         "data": {"ca.crt": b64(ca.cert_pem()), "ca.key": b64(ca.key_pem())}});
     h.seed(CA_PATH, &secret);
     put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
     driver::recompile(&h.ctx).await;
     ca::ensure(&h.ctx).await.expect("ensure");
     h.reconcile("shop").await;
@@ -706,7 +899,7 @@ async fn an_existing_ca_is_never_written() {
     );
     // The namespace's certificates come from that CA.
     let identity: Secret = h
-        .stored("/api/v1/namespaces/shop/secrets/weft-identity")
+        .stored("/api/v1/namespaces/shop/secrets/weft-identity-default")
         .expect("identity");
     let bundle = &identity.data.expect("data")["ca.crt"];
     assert_eq!(String::from_utf8_lossy(&bundle.0), ca.trust_bundle());
@@ -716,7 +909,7 @@ async fn an_existing_ca_is_never_written() {
 async fn a_lost_ca_is_reported_not_regenerated() {
     let mut h = harness().await;
     let identity: Secret = obj(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "weft-identity", "namespace": "shop",
+        "metadata": {"name": "weft-identity-default", "namespace": "shop",
                      "labels": {"app.kubernetes.io/managed-by": "weft"}},
         "data": {"ca.crt": b64("old bundle")}}));
     put(&mut h.writers.secrets, identity);

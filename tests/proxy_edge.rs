@@ -464,8 +464,8 @@ async fn the_proxy_waits_for_its_identity_then_reports_expiry_and_bundle() {
         )
         .expect("leaf");
     write_atomic(&ids.path().join("ca.crt"), ca.trust_bundle().as_bytes());
-    write_atomic(&ids.path().join("checkout.key"), leaf.key_pem.as_bytes());
-    write_atomic(&ids.path().join("checkout.crt"), leaf.cert_pem.as_bytes());
+    write_atomic(&ids.path().join("tls.key"), leaf.key_pem.as_bytes());
+    write_atomic(&ids.path().join("tls.crt"), leaf.cert_pem.as_bytes());
     let status = wait_status(&ready, 200).await;
     assert_eq!(status, 200, "ready once the identity is loaded");
     let m = p.metrics().await;
@@ -489,7 +489,7 @@ async fn the_proxy_waits_for_its_identity_then_reports_expiry_and_bundle() {
     );
 
     // A broken key keeps the loaded identity and is counted.
-    write_atomic(&ids.path().join("checkout.key"), b"not a key");
+    write_atomic(&ids.path().join("tls.key"), b"not a key");
     let failures = p
         .wait_metric("weft_proxy_identity_reload_failures_total", 1.0)
         .await;

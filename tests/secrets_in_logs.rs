@@ -10,7 +10,13 @@
 //!   none runs here);
 //! - the proxy (in process, its real stack and identity watcher) loading a
 //!   workload key, serving its admin port, then refusing two broken ones.
+//!
+//! The operator creating the mesh CA and issuing, keeping and deleting
+//! workload identities is held to the same in `tests/operator.rs`
+//! (`the_operator_logs_no_key_at_trace_creating_the_ca_and_issuing_identities`).
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 
 use std::path::Path;
@@ -21,59 +27,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use base64::Engine;
+use logs::{Captured, assert_no_key};
 use serde_json::{Value, json};
 use support::{config, get as http_get, start_proxy, write_atomic};
 use tokio::net::TcpListener;
-use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId, contains_key_material};
+use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
 use weft::inject::certs::{self, WebhookNames};
-
-/// Every log line written while it is the default subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// Every target at TRACE into a new buffer, on this thread (the tests
-    /// run on a current-thread runtime, so every task they spawn too) while
-    /// the guard lives.
-    fn at_trace() -> (Self, tracing::subscriber::DefaultGuard) {
-        let captured = Self::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (captured, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
-    }
-}
-
-/// Fails naming the line that holds one of `keys`.
-fn assert_no_key(what: &str, log: &str, keys: &[String]) {
-    assert!(!keys.is_empty(), "{what}: no key was handled");
-    assert!(!log.is_empty(), "{what}: nothing was logged at trace");
-    for line in log.lines() {
-        for key in keys {
-            assert!(
-                !contains_key_material(line, key),
-                "{what} logged key material: {line}"
-            );
-        }
-    }
-}
 
 /// The Secret store of the fake API server.
 type Stored = Arc<Mutex<Option<Value>>>;
@@ -152,8 +111,8 @@ fn write_identity(dir: &Path, ca: &MeshCa, sa: &str) -> String {
         )
         .expect("leaf");
     write_atomic(&dir.join("ca.crt"), ca.trust_bundle().as_bytes());
-    write_atomic(&dir.join(format!("{sa}.crt")), leaf.cert_pem.as_bytes());
-    write_atomic(&dir.join(format!("{sa}.key")), leaf.key_pem.as_bytes());
+    write_atomic(&dir.join("tls.crt"), leaf.cert_pem.as_bytes());
+    write_atomic(&dir.join("tls.key"), leaf.key_pem.as_bytes());
     leaf.key_pem
 }
 
@@ -197,7 +156,7 @@ async fn the_proxy_logs_no_key_at_trace_loading_serving_or_rejecting_one() {
     let truncated: String = first.lines().take(3).collect::<Vec<_>>().join("\n");
     let failures = "weft_proxy_identity_reload_failures";
     for (n, broken) in [(1.0, &other.key_pem), (2.0, &truncated)] {
-        write_atomic(&ids.join("cart.key"), broken.as_bytes());
+        write_atomic(&ids.join("tls.key"), broken.as_bytes());
         let mut refused = false;
         for _ in 0..100 {
             let sum: f64 = p

@@ -334,11 +334,11 @@ else
 		start_bg weft2tb "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 			--admin "127.0.0.1:$TB_ADMIN" --probe "127.0.0.1:$TB_PROBE" \
 			--inbound-map "127.0.0.1:$TB_IN=$UP_PORT" \
-			--identity-dir "$WORK/ids" --service-account upstream
+			--identity-dir "$WORK/ids/upstream" --service-account upstream
 		start_bg weft2ta "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-via-tb.json" \
 			--admin "127.0.0.1:$TA_ADMIN" --probe "127.0.0.1:$TA_PROBE" \
 			--outbound-map "127.0.0.1:$TA_OUT=$HOST_HEADER:80" \
-			--identity-dir "$WORK/ids" --service-account client
+			--identity-dir "$WORK/ids/client" --service-account client
 	fi
 fi
 
@@ -509,7 +509,7 @@ run_handshake_cell() { # ROUND MODE
 		--duration "${CELL_SECONDS}s" --warmup "${WARMUP}s" --connections 16
 		--new-connection-per-request --json
 		--label "round $round/$ROUNDS new connections, $mode, $HANDSHAKE_RATE/s")
-	[[ $mode == mtls ]] && args+=(--mesh-identity "$WORK/ids" --mesh-service-account client)
+	[[ $mode == mtls ]] && args+=(--mesh-identity "$WORK/ids/client")
 	before=$(proc_json weft2tb)
 	load=$("$BENCH" load "${args[@]}") || die "weft-bench load failed (round $round, new connections, $mode)"
 	after=$(proc_json weft2tb)

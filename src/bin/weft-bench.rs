@@ -293,11 +293,10 @@ fn mesh_client_config(a: &LoadArgs, dir: &std::path::Path) -> Result<Arc<rustls:
         let path = dir.join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     };
-    let sa = &a.mesh_service_account;
     let identity = MeshIdentity::new("cluster.local", Default::default());
     identity.update(
-        &read(format!("{sa}.crt"))?,
-        &read(format!("{sa}.key"))?,
+        &read(weft::identity::TLS_CERT_KEY.to_owned())?,
+        &read(weft::identity::TLS_KEY_KEY.to_owned())?,
         &read(weft::identity::CA_CERT_KEY.to_owned())?,
     )?;
     let expected = ExpectedServer {
@@ -374,7 +373,8 @@ async fn http_get(url: &str, limit: Duration) -> Result<(StatusCode, Bytes)> {
 
 #[derive(Args)]
 struct CertsArgs {
-    /// Directory to write `ca.crt` and `<sa>.crt`/`<sa>.key` into.
+    /// Directory to write each identity into, as `<sa>/` laid out like the
+    /// mounted identity Secret (`ca.crt`, `tls.crt`, `tls.key`).
     #[arg(long)]
     dir: PathBuf,
     #[arg(long, default_value = "cluster.local")]
@@ -388,12 +388,6 @@ fn certs(a: &CertsArgs) -> Result<ExitCode> {
     use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
     let now = std::time::SystemTime::now();
     let ca = MeshCa::generate(&a.trust_domain, now, CA_LIFETIME)?;
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    let write = |name: String, text: &str| {
-        let path = a.dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-    };
-    write(weft::identity::CA_CERT_KEY.to_owned(), &ca.trust_bundle())?;
     for id in &a.identities {
         let (ns, sa) = id
             .split_once('/')
@@ -403,8 +397,16 @@ fn certs(a: &CertsArgs) -> Result<ExitCode> {
             now,
             Duration::from_secs(24 * 3600),
         )?;
-        write(format!("{sa}.key"), &leaf.key_pem)?;
-        write(format!("{sa}.crt"), &leaf.cert_pem)?;
+        let dir = a.dir.join(sa);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, text) in [
+            (weft::identity::CA_CERT_KEY, ca.trust_bundle()),
+            (weft::identity::TLS_KEY_KEY, leaf.key_pem),
+            (weft::identity::TLS_CERT_KEY, leaf.cert_pem),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -455,12 +457,9 @@ struct LoadArgs {
     #[arg(long)]
     new_connection_per_request: bool,
     /// Act as a meshed client: speak mesh mTLS (ALPN weft/http1) with the
-    /// identity in this directory (`ca.crt`, `<sa>.crt`, `<sa>.key`).
+    /// identity in this directory (`ca.crt`, `tls.crt`, `tls.key`).
     #[arg(long, requires = "new_connection_per_request")]
     mesh_identity: Option<PathBuf>,
-    /// The ServiceAccount naming the key pair in --mesh-identity.
-    #[arg(long, default_value = "client")]
-    mesh_service_account: String,
     /// Namespace whose identities may serve (--mesh-identity).
     #[arg(long, default_value = "bench")]
     mesh_server_namespace: String,

@@ -16,11 +16,11 @@
 //!   when the cluster runs Kubernetes 1.29 or newer, otherwise the first
 //!   regular container with a `postStart` hook that holds the app's start
 //!   until the proxy is ready;
-//! - the proxy's config (ConfigMap `weft-proxy-config`) and identity (Secret
-//!   `weft-identity`, projected to the pod's own ServiceAccount's key pair
-//!   only) as volumes, plus an API token for the proxy's config watch (the
-//!   ServiceAccount admission plugin ran before webhooks, so the containers
-//!   we add would otherwise have none);
+//! - the proxy's config (ConfigMap `weft-proxy-config`) and identity (the
+//!   Secret `weft-identity-<sa>` of the pod's own ServiceAccount, which holds
+//!   no other account's key) as volumes, plus an API token for the proxy's
+//!   config watch (the ServiceAccount admission plugin ran before webhooks,
+//!   so the containers we add would otherwise have none);
 //! - HTTP probes of the app rewritten to the proxy's probe port as
 //!   `/probe/<port>/<path>`, the path in the proxy's canonical form (what
 //!   the kubelet then sends byte for byte), their paths handed to the proxy
@@ -676,23 +676,13 @@ fn config_volume() -> Volume {
     }
 }
 
-/// The identity Secret, projected to this pod's own key pair: a pod never
-/// sees another ServiceAccount's key.
+/// The pod's own ServiceAccount's identity Secret: no other account's key
+/// is in it ([`crate::identity::identity_secret_name`]).
 fn identity_volume(service_account: &str) -> Volume {
-    let item = |key: String| KeyToPath {
-        key: key.clone(),
-        path: key,
-        ..Default::default()
-    };
     Volume {
         name: IDENTITY_VOLUME.to_owned(),
         secret: Some(SecretVolumeSource {
-            secret_name: Some(crate::identity::IDENTITY_SECRET.to_owned()),
-            items: Some(vec![
-                item(format!("{service_account}.crt")),
-                item(format!("{service_account}.key")),
-                item(crate::identity::CA_CERT_KEY.to_owned()),
-            ]),
+            secret_name: Some(crate::identity::identity_secret_name(service_account)),
             // The kubelet writes these files as root:root (no fsGroup is set,
             // and setting one would re-own the app's volumes too), so the
             // proxy (uid/gid 1450) reads them only through the "other" bits.

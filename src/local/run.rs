@@ -649,13 +649,18 @@ fn write_pod_files(
         SystemTime::now(),
         LEAF_LIFETIME,
     )?;
-    write(&identity.join("ca.crt"), &ca.trust_bundle(), 0o644)?;
+    // As the kubelet mounts the pod's ServiceAccount's identity Secret.
     write(
-        &identity.join(format!("{}.crt", pod.service_account)),
+        &identity.join(crate::identity::CA_CERT_KEY),
+        &ca.trust_bundle(),
+        0o644,
+    )?;
+    write(
+        &identity.join(crate::identity::TLS_CERT_KEY),
         &leaf.cert_pem,
         0o644,
     )?;
-    let key = identity.join(format!("{}.key", pod.service_account));
+    let key = identity.join(crate::identity::TLS_KEY_KEY);
     write(&key, &leaf.key_pem, 0o600)?;
     if plan.mode == Mode::Netns {
         std::os::unix::fs::chown(&key, Some(PROXY_UID), Some(PROXY_UID))

@@ -173,15 +173,6 @@ pub fn parse(text: &str) -> Result<Topology, Vec<(String, String)>> {
         }
         if let Err(why) = dns_label(w.service_account()) {
             errors.push((at("serviceAccount"), why));
-        } else if format!("{}.crt", w.service_account()) == crate::identity::CA_CERT_KEY {
-            errors.push((
-                at("serviceAccount"),
-                format!(
-                    "{:?} cannot have a mesh identity: its certificate would be {}, the trust bundle's file; name the ServiceAccount (or the workload) otherwise",
-                    w.service_account(),
-                    crate::identity::CA_CERT_KEY
-                ),
-            ));
         }
         if let Some(first) = seen.insert(w.name.clone(), i) {
             errors.push((
@@ -349,13 +340,13 @@ mod tests {
     }
 
     #[test]
-    fn a_service_account_named_ca_is_refused_with_the_reason() {
-        let err = parse(&format!(
+    fn a_service_account_named_ca_is_an_account_like_any_other() {
+        // Its certificate once shared a file name with the trust bundle;
+        // the identity files are tls.crt, tls.key and ca.crt now.
+        parse(&format!(
             "{HEAD}  workloads:\n  - name: ca\n    namespace: shop\n"
         ))
-        .expect_err("ca.crt is the trust bundle");
-        assert_eq!(err[0].0, "spec.workloads[0].serviceAccount");
-        assert!(err[0].1.contains("trust bundle"), "{err:?}");
+        .expect("a workload named ca");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! it, the operator mints nothing, sets the Mesh's `CertificateAuthority`
 //! condition and emits an Event instead of generating a new root. Restoring
 //! the Secret from a backup heals it; so does deleting the namespaces'
-//! `weft-identity` Secrets, which tells the operator to start a new CA.
+//! `weft-identity-*` Secrets, which tells the operator to start a new CA.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use kube::{Api, ResourceExt};
 
 use super::desired::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::reconcile::{CaState, Ctx, Error};
-use crate::identity::{CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, IDENTITY_SECRET, MeshCa};
+use crate::identity::{CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, MeshCa};
 
 /// Condition type on the Mesh, and Event reasons.
 pub const CONDITION: &str = "CertificateAuthority";
@@ -61,7 +61,7 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
                     message: format!(
                         "Secret {}/{CA_SECRET} is gone while {} namespaces hold certificates from it ({}); \
                          no new root is minted, because that would break every connection in the mesh. \
-                         Restore the Secret from a backup, or delete those namespaces' {IDENTITY_SECRET} \
+                         Restore the Secret from a backup, or delete those namespaces' weft-identity-* \
                          Secrets to start over with a new CA",
                         ctx.control_namespace,
                         holders.len(),
@@ -95,18 +95,19 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
     Ok(changed)
 }
 
-/// Namespaces whose `weft-identity` holds a trust bundle.
+/// Namespaces with an identity Secret that holds a trust bundle.
 fn holders(ctx: &Ctx) -> Vec<String> {
     let mut out: Vec<String> = ctx
         .world
         .secrets
         .state()
         .iter()
-        .filter(|s| s.name_any() == IDENTITY_SECRET)
+        .filter(|s| super::desired::is_identity_secret(&s.name_any()))
         .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key(CA_CERT_KEY)))
         .filter_map(|s| s.namespace())
         .collect();
     out.sort();
+    out.dedup();
     out
 }
 

@@ -1,7 +1,8 @@
 //! What a meshed namespace should hold, built without I/O: the ConfigMap
-//! with its compiled `ProxyConfig`, the Secret with its workload identities,
-//! and the Role and RoleBinding that let the namespace's proxies read that
-//! one ConfigMap. The reconciler applies these with server-side apply.
+//! with its compiled `ProxyConfig`, a Secret per ServiceAccount with its
+//! workload identity, and the Role and RoleBinding that let the namespace's
+//! proxies read that one ConfigMap. The reconciler applies these with
+//! server-side apply.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -14,7 +15,8 @@ use kube::ResourceExt;
 
 use crate::config::{CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig, StoredConfig};
 use crate::identity::{
-    CA_CERT_KEY, IDENTITY_SECRET, IdentityError, MeshCa, SpiffeId, bundle_hash, inspect_pem,
+    CA_CERT_KEY, IDENTITY_SECRET_PREFIX, IdentityError, LEGACY_IDENTITY_SECRET, MeshCa, SpiffeId,
+    TLS_CERT_KEY, TLS_KEY_KEY, bundle_hash, identity_secret_name, inspect_pem,
 };
 
 /// The field manager of everything the operator writes.
@@ -113,38 +115,67 @@ pub fn role_binding(ns: &Namespace) -> RoleBinding {
     }
 }
 
-/// The identity Secret's contents and when it next needs work.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identities {
-    /// `ca.crt`, and `<sa>.crt` / `<sa>.key` per ServiceAccount.
+/// One ServiceAccount's identity: its Secret's data and when it next needs
+/// work. `Debug` leaves the data out: it holds a private key.
+#[derive(Clone, PartialEq)]
+pub struct Identity {
+    pub service_account: String,
+    /// `ca.crt`, `tls.crt` and `tls.key`.
     pub data: BTreeMap<String, String>,
-    /// The earliest renewal point of the certificates kept or issued.
-    pub next_renewal: Option<SystemTime>,
-    /// ServiceAccounts that got a new certificate this time.
-    pub issued: Vec<String>,
-    /// ServiceAccounts that get no certificate: a key of theirs would be
-    /// the trust bundle's ([`identity_key_collides`]).
-    pub refused: Vec<String>,
-    /// The earliest expiry, for the certificate-expiry metric.
-    pub earliest_expiry: Option<SystemTime>,
+    /// When the certificate is due for renewal (two thirds of its life).
+    pub renew_at: SystemTime,
+    /// When it expires, for the certificate-expiry metric.
+    pub not_after: SystemTime,
+    /// Whether a new certificate was issued this time.
+    pub issued: bool,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("service_account", &self.service_account)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .field("renew_at", &self.renew_at)
+            .field("not_after", &self.not_after)
+            .field("issued", &self.issued)
+            .finish()
+    }
 }
 
 /// Event reason on the Namespace for ServiceAccounts that get no identity.
-pub const IDENTITY_KEY_COLLISION: &str = "IdentityKeyCollision";
+pub const IDENTITY_NAME_COLLISION: &str = "IdentitySecretNameCollision";
+/// Annotation on an identity Secret: the ServiceAccount it is for (a label
+/// value cannot hold every ServiceAccount name).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "weft.dev/service-account";
 
-/// The Secret keys a ServiceAccount's identity is stored under.
-fn identity_keys(sa: &str) -> (String, String) {
-    (format!("{sa}.crt"), format!("{sa}.key"))
-}
-
-/// Whether a key of `sa`'s identity would be the trust bundle's
-/// ([`CA_CERT_KEY`]): ServiceAccount `ca`. The Secret's key layout is a
-/// contract (the injector projects these paths), so such an account gets
-/// no identity rather than another layout; its leaf would replace the
-/// bundle every proxy of the namespace trusts.
-pub fn identity_key_collides(sa: &str) -> bool {
-    let (crt, key) = identity_keys(sa);
-    crt == CA_CERT_KEY || key == CA_CERT_KEY
+/// Each ServiceAccount's identity Secret name ([`identity_secret_name`]),
+/// and the accounts that get none because another account's Secret has
+/// that name: only a name over 239 characters, cut and hashed, can meet
+/// another, and the account whose name is the Secret's own keeps it.
+/// `accounts` is sorted; both lists keep its order.
+pub fn secret_names(accounts: &[String]) -> (Vec<(String, String)>, Vec<String>) {
+    let mut owner: BTreeMap<String, &String> = BTreeMap::new();
+    for sa in accounts {
+        let name = identity_secret_name(sa);
+        let direct = name == format!("{IDENTITY_SECRET_PREFIX}{sa}");
+        match owner.get(&name) {
+            Some(_) if !direct => {}
+            _ => {
+                owner.insert(name, sa);
+            }
+        }
+    }
+    let mut named = Vec::new();
+    let mut refused = Vec::new();
+    for sa in accounts {
+        let name = identity_secret_name(sa);
+        if owner.get(&name) == Some(&sa) {
+            named.push((sa.clone(), name));
+        } else {
+            refused.push(sa.clone());
+        }
+    }
+    (named, refused)
 }
 
 /// What to tell the user about ServiceAccounts that get no identity.
@@ -152,87 +183,81 @@ pub fn collision_message(refused: &[String]) -> String {
     refused
         .iter()
         .map(|sa| {
-            let (crt, _) = identity_keys(sa);
             format!(
-                "ServiceAccount {sa} cannot get a mesh identity: its certificate key would be \
-                 {crt}, the trust bundle's; rename it"
+                "ServiceAccount {sa} cannot get a mesh identity: its Secret would be {}, \
+                 which another ServiceAccount of the namespace has; give it a shorter name",
+                identity_secret_name(sa)
             )
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-/// Workload identities for `accounts` of namespace `ns`: an existing key
-/// pair is kept while it is from this CA, names the right SPIFFE id and is
-/// not yet two thirds through its life; otherwise a new one is issued. An
-/// account whose keys would collide with the trust bundle's gets none
-/// (listed in `refused`): the bundle is never overwritten.
-pub fn identities(
+/// ServiceAccount `sa`'s identity in namespace `ns`: the key pair in
+/// `existing` (its Secret's data) is kept while it is from this CA, names
+/// the right SPIFFE id and is not yet two thirds through its life;
+/// otherwise a new one is issued.
+pub fn identity(
     ns: &str,
     trust_domain: &str,
-    accounts: &[String],
+    sa: &str,
     existing: &BTreeMap<String, String>,
     ca: &MeshCa,
     ttl: Duration,
     now: SystemTime,
-) -> Result<Identities, IdentityError> {
+) -> Result<Identity, IdentityError> {
     let bundle = ca.trust_bundle();
     let same_ca = existing.get(CA_CERT_KEY).map(|s| s.trim()) == Some(bundle.trim());
-    let mut out = Identities {
-        data: BTreeMap::from([(CA_CERT_KEY.to_owned(), bundle)]),
-        next_renewal: None,
-        issued: Vec::new(),
-        refused: Vec::new(),
-        earliest_expiry: None,
+    let id = SpiffeId::new(trust_domain, ns, sa);
+    let kept = match (
+        same_ca,
+        existing.get(TLS_CERT_KEY),
+        existing.get(TLS_KEY_KEY),
+    ) {
+        (true, Some(cert), Some(key)) => inspect_pem(cert)
+            .ok()
+            .filter(|info| info.spiffe_id().as_ref() == Some(&id) && now < info.renew_at())
+            .map(|info| (cert.clone(), key.clone(), info.renew_at(), info.not_after)),
+        _ => None,
     };
-    for sa in accounts {
-        if identity_key_collides(sa) {
-            out.refused.push(sa.clone());
-            continue;
+    let (issued, (cert, key, renew_at, not_after)) = match kept {
+        Some(kept) => (false, kept),
+        None => {
+            let leaf = ca.issue(&id, now, ttl)?;
+            let renew = leaf.renew_at();
+            (true, (leaf.cert_pem, leaf.key_pem, renew, leaf.not_after))
         }
-        let id = SpiffeId::new(trust_domain, ns, sa);
-        let (crt, key) = identity_keys(sa);
-        let kept = match (same_ca, existing.get(&crt), existing.get(&key)) {
-            (true, Some(cert), Some(k)) => inspect_pem(cert)
-                .ok()
-                .filter(|info| info.spiffe_id().as_ref() == Some(&id) && now < info.renew_at())
-                .map(|info| (cert.clone(), k.clone(), info.renew_at(), info.not_after)),
-            _ => None,
-        };
-        let (cert, k, renew, expiry) = match kept {
-            Some(k) => k,
-            None => {
-                let leaf = ca.issue(&id, now, ttl)?;
-                out.issued.push(sa.clone());
-                let renew = leaf.renew_at();
-                (leaf.cert_pem, leaf.key_pem, renew, leaf.not_after)
-            }
-        };
-        out.data.insert(crt, cert);
-        out.data.insert(key, k);
-        out.next_renewal = Some(out.next_renewal.map_or(renew, |r: SystemTime| r.min(renew)));
-        out.earliest_expiry = Some(
-            out.earliest_expiry
-                .map_or(expiry, |r: SystemTime| r.min(expiry)),
-        );
-    }
-    Ok(out)
+    };
+    Ok(Identity {
+        service_account: sa.to_owned(),
+        data: BTreeMap::from([
+            (CA_CERT_KEY.to_owned(), bundle),
+            (TLS_CERT_KEY.to_owned(), cert),
+            (TLS_KEY_KEY.to_owned(), key),
+        ]),
+        renew_at,
+        not_after,
+        issued,
+    })
 }
 
-/// Secret `weft-identity` holding `identities`.
-pub fn identity_secret(ns: &Namespace, identities: &Identities) -> Secret {
-    let mut meta = meta(ns, IDENTITY_SECRET);
-    if let Some(bundle) = identities.data.get(CA_CERT_KEY) {
-        meta.annotations = Some(BTreeMap::from([(
-            BUNDLE_HASH_ANNOTATION.to_owned(),
-            bundle_hash(bundle),
-        )]));
+/// The `kubernetes.io/tls` Secret holding `identity`, named by
+/// [`identity_secret_name`].
+pub fn identity_secret(ns: &Namespace, identity: &Identity) -> Secret {
+    let mut meta = meta(ns, &identity_secret_name(&identity.service_account));
+    let mut annotations = BTreeMap::from([(
+        SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+        identity.service_account.clone(),
+    )]);
+    if let Some(bundle) = identity.data.get(CA_CERT_KEY) {
+        annotations.insert(BUNDLE_HASH_ANNOTATION.to_owned(), bundle_hash(bundle));
     }
+    meta.annotations = Some(annotations);
     Secret {
         metadata: meta,
-        type_: Some("Opaque".into()),
+        type_: Some("kubernetes.io/tls".into()),
         data: Some(
-            identities
+            identity
                 .data
                 .iter()
                 .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
@@ -240,6 +265,12 @@ pub fn identity_secret(ns: &Namespace, identities: &Identities) -> Secret {
         ),
         ..Secret::default()
     }
+}
+
+/// Whether a Secret of this name is one of weft's workload identity
+/// Secrets (or the one-per-namespace Secret that came before them).
+pub fn is_identity_secret(name: &str) -> bool {
+    name.starts_with(IDENTITY_SECRET_PREFIX) || name == LEGACY_IDENTITY_SECRET
 }
 
 /// A Secret's data as text (what [`identities`] reads back).
@@ -270,14 +301,14 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
-    /// [`identities`] of namespace `shop`, a day long.
-    fn shop_identities(
-        accounts: &[String],
+    /// [`identity`] of `sa` in namespace `shop`, a day long.
+    fn shop_identity(
+        sa: &str,
         existing: &BTreeMap<String, String>,
         ca: &MeshCa,
         now: SystemTime,
-    ) -> Result<Identities, IdentityError> {
-        identities("shop", "cluster.local", accounts, existing, ca, DAY, now)
+    ) -> Result<Identity, IdentityError> {
+        identity("shop", "cluster.local", sa, existing, ca, DAY, now)
     }
 
     #[test]
@@ -319,98 +350,101 @@ mod tests {
     }
 
     #[test]
-    fn a_service_account_named_ca_never_replaces_the_trust_bundle() {
+    fn no_secret_holds_the_keys_of_two_service_accounts() {
         let t0 = SystemTime::now();
         let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
-        let accounts = vec!["ca".to_owned(), "web".to_owned()];
-        let ids = shop_identities(&accounts, &BTreeMap::new(), &ca, t0).expect("issue");
-        assert_eq!(ids.issued, ["web"]);
-        assert_eq!(ids.refused, ["ca"]);
-        assert_eq!(
-            ids.data[CA_CERT_KEY],
-            ca.trust_bundle(),
-            "ca.crt is the bundle"
-        );
-        assert!(ids.data.contains_key("web.crt") && ids.data.contains_key("web.key"));
-        assert!(!ids.data.contains_key("ca.key"));
-        assert_eq!(ids.data.len(), 3);
-        assert_eq!(
-            collision_message(&ids.refused),
-            "ServiceAccount ca cannot get a mesh identity: its certificate key would be \
-             ca.crt, the trust bundle's; rename it"
-        );
-        let secret = identity_secret(&ns(), &ids);
-        assert_eq!(
-            secret.annotations()[BUNDLE_HASH_ANNOTATION],
-            bundle_hash(&ca.trust_bundle())
-        );
+        // `ca` once collided with the trust bundle's key; with a Secret per
+        // account it is an account like any other.
+        let accounts = ["ca", "cart", "checkout"].map(String::from).to_vec();
+        let (named, refused) = secret_names(&accounts);
+        assert!(refused.is_empty());
+        let mut keys_seen = Vec::new();
+        for (sa, name) in &named {
+            let id = shop_identity(sa, &BTreeMap::new(), &ca, t0).expect("issue");
+            let secret = identity_secret(&ns(), &id);
+            assert_eq!(secret.name_any(), *name);
+            assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+            assert_eq!(secret.annotations()[SERVICE_ACCOUNT_ANNOTATION], *sa);
+            let data = secret_text(&secret);
+            assert_eq!(
+                data.keys().map(String::as_str).collect::<Vec<_>>(),
+                [CA_CERT_KEY, TLS_CERT_KEY, TLS_KEY_KEY]
+            );
+            assert_eq!(data[CA_CERT_KEY], ca.trust_bundle());
+            let info = inspect_pem(&data[TLS_CERT_KEY]).expect("leaf");
+            assert_eq!(
+                info.spiffe_id(),
+                Some(SpiffeId::new("cluster.local", "shop", sa)),
+                "{name} holds {sa}'s certificate and no other"
+            );
+            keys_seen.push(data[TLS_KEY_KEY].clone());
+            // Debug output names the keys, never their contents.
+            assert!(!format!("{id:?}").contains("PRIVATE KEY"));
+        }
+        keys_seen.dedup();
+        assert_eq!(keys_seen.len(), 3, "a key pair per account");
+    }
 
-        // The next reconcile reads that Secret back: nothing is issued and
-        // nothing needs applying.
-        let again = shop_identities(
-            &accounts,
-            &secret_text(&secret),
-            &ca,
-            t0 + Duration::from_secs(60),
-        )
-        .expect("keep");
-        assert!(again.issued.is_empty(), "re-issued: {:?}", again.issued);
-        assert_eq!(again.refused, ["ca"]);
-        assert_eq!(again.data, ids.data);
-        let (want, have) = (
-            serde_json::to_value(identity_secret(&ns(), &again)).expect("json"),
-            serde_json::to_value(&secret).expect("json"),
+    #[test]
+    fn a_long_service_account_name_meeting_another_secret_gets_no_identity() {
+        let long = format!("{}.b{}", "a".repeat(227), "c".repeat(20));
+        let taken = identity_secret_name(&long)
+            .strip_prefix(IDENTITY_SECRET_PREFIX)
+            .expect("prefix")
+            .to_owned();
+        let mut accounts = vec![long.clone(), taken.clone(), "web".to_owned()];
+        accounts.sort();
+        let (named, refused) = secret_names(&accounts);
+        assert_eq!(
+            refused,
+            std::slice::from_ref(&long),
+            "the account whose name it is keeps it"
         );
-        assert!(!super::super::reconcile::needs_apply(&want, &have));
-
-        // A Secret the old code wrote (the `ca` leaf over the bundle, and
-        // its key) is put right once, and only once.
-        let mut broken = secret_text(&secret);
-        let leaf = ca
-            .issue(&SpiffeId::new("cluster.local", "shop", "ca"), t0, DAY)
-            .expect("leaf");
-        broken.insert(CA_CERT_KEY.to_owned(), leaf.cert_pem);
-        broken.insert("ca.key".to_owned(), leaf.key_pem);
-        let healed = shop_identities(&accounts, &broken, &ca, t0).expect("heal");
-        assert_eq!(healed.data[CA_CERT_KEY], ca.trust_bundle());
-        assert!(!healed.data.contains_key("ca.key"));
-        let settled = shop_identities(&accounts, &healed.data, &ca, t0).expect("settle");
-        assert!(settled.issued.is_empty());
-        assert_eq!(settled.data, healed.data);
+        assert!(named.contains(&(taken.clone(), format!("weft-identity-{taken}"))));
+        assert!(collision_message(&refused).contains("give it a shorter name"));
+        let (named, refused) = secret_names(std::slice::from_ref(&long));
+        assert!(refused.is_empty());
+        assert_eq!(named[0].1, identity_secret_name(&long));
     }
 
     #[test]
     fn identities_are_kept_until_two_thirds_of_their_life_then_reissued() {
         let t0 = SystemTime::now();
         let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
-        let accounts = vec!["cart".to_owned(), "default".to_owned()];
-        let first = shop_identities(&accounts, &BTreeMap::new(), &ca, t0).expect("issue");
-        assert_eq!(first.issued, accounts);
-        assert_eq!(first.data.len(), 5, "ca.crt and a pair per account");
-        let renew = first.next_renewal.expect("renewal");
-        let life = renew.duration_since(t0).expect("after");
+        let first = shop_identity("cart", &BTreeMap::new(), &ca, t0).expect("issue");
+        assert!(first.issued);
+        let life = first.renew_at.duration_since(t0).expect("after");
         assert!(life > DAY * 2 / 3 - Duration::from_secs(5) && life <= DAY * 2 / 3);
 
+        // The next reconcile reads the Secret back: nothing is issued and
+        // nothing needs applying.
+        let secret = identity_secret(&ns(), &first);
         let later = t0 + DAY / 2;
-        let kept = shop_identities(&accounts, &first.data, &ca, later).expect("keep");
-        assert!(kept.issued.is_empty());
+        let kept = shop_identity("cart", &secret_text(&secret), &ca, later).expect("keep");
+        assert!(!kept.issued);
         assert_eq!(kept.data, first.data);
-
-        let due = t0 + DAY * 2 / 3 + Duration::from_secs(1);
-        let renewed = shop_identities(&accounts, &first.data, &ca, due).expect("renew");
-        assert_eq!(renewed.issued, accounts);
-        assert_ne!(renewed.data["cart.crt"], first.data["cart.crt"]);
-
-        // Another CA's certificates are replaced at once.
-        let other = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
-        let moved = shop_identities(&accounts, &first.data, &other, later).expect("re-issue");
-        assert_eq!(moved.issued, accounts);
-
-        let secret = identity_secret(&ns(), &kept);
-        assert_eq!(secret_text(&secret), kept.data);
+        let (want, have) = (
+            serde_json::to_value(identity_secret(&ns(), &kept)).expect("json"),
+            serde_json::to_value(&secret).expect("json"),
+        );
+        assert!(!super::super::reconcile::needs_apply(&want, &have));
         assert_eq!(
             secret.annotations()[BUNDLE_HASH_ANNOTATION],
             bundle_hash(&ca.trust_bundle())
         );
+
+        let due = t0 + DAY * 2 / 3 + Duration::from_secs(1);
+        let renewed = shop_identity("cart", &first.data, &ca, due).expect("renew");
+        assert!(renewed.issued);
+        assert_ne!(renewed.data[TLS_CERT_KEY], first.data[TLS_CERT_KEY]);
+
+        // Another CA's certificates are replaced at once, and so is a pair
+        // that names another account (a Secret edited by hand).
+        let other = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
+        let moved = shop_identity("cart", &first.data, &other, later).expect("re-issue");
+        assert!(moved.issued);
+        assert_eq!(moved.data[CA_CERT_KEY], other.trust_bundle());
+        let swapped = shop_identity("checkout", &first.data, &ca, later).expect("re-issue");
+        assert!(swapped.issued, "cart's pair is not checkout's");
     }
 }

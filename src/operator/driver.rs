@@ -29,6 +29,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::ca;
+use super::desired::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::plan;
 use super::reconcile::{self, Ctx, Snapshot, write_status};
 use super::status::{self, Wanted};
@@ -140,14 +141,7 @@ pub async fn write_policy_statuses(ctx: &Ctx) -> usize {
     let mut failed = 0;
     for v in &snap.compiled.verdicts {
         let result = match v.kind {
-            PolicyKind::Mesh => match find(&w.meshes, v) {
-                Some(mesh) => {
-                    let api = Api::<Mesh>::all(ctx.client.clone());
-                    let st = mesh_status(ctx, v, &existing_conditions(mesh.as_ref()));
-                    write_status(ctx, api, mesh.as_ref(), st).await
-                }
-                None => Ok(false),
-            },
+            PolicyKind::Mesh => mesh(ctx, v).await,
             PolicyKind::TrafficPolicy => one(ctx, &w.traffic_policies, v).await,
             PolicyKind::ServiceRoute => one(ctx, &w.service_routes, v).await,
             PolicyKind::AccessPolicy => one(ctx, &w.access_policies, v).await,
@@ -160,6 +154,33 @@ pub async fn write_policy_statuses(ctx: &Ctx) -> usize {
         }
     }
     failed
+}
+
+async fn mesh(ctx: &Ctx, v: &PolicyVerdict) -> Result<bool, reconcile::Error> {
+    let Some(mesh) = find(&ctx.world.meshes, v) else {
+        return Ok(false);
+    };
+    let api = Api::<Mesh>::all(ctx.client.clone());
+    let st = mesh_status(ctx, v, &existing_conditions(mesh.as_ref()));
+    write_status(ctx, api, mesh.as_ref(), st).await
+}
+
+/// Writes the status of the Mesh `default` alone, when what only its
+/// conditions show changed (the objects weft left alone).
+pub async fn write_mesh_status(ctx: &Ctx) {
+    let snap = ctx.snapshot.load_full();
+    let found = snap
+        .compiled
+        .verdicts
+        .iter()
+        .find(|v| v.kind == PolicyKind::Mesh && v.name == MESH_NAME);
+    if let Some(v) = found
+        && let Err(e) = mesh(ctx, v).await
+    {
+        // The next status pass (any input change, or the CA watch)
+        // writes it again.
+        tracing::warn!(policy = %v.object(), error = %e, "status not written");
+    }
 }
 
 async fn one<K>(ctx: &Ctx, store: &Store<K>, v: &PolicyVerdict) -> Result<bool, reconcile::Error>
@@ -207,17 +228,59 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// The Mesh's status: its verdict and the CA's condition.
+/// Condition type on the Mesh: whether every object weft writes in the
+/// meshed namespaces is weft's own.
+pub const OBJECTS_OWNED: &str = "ObjectsOwned";
+
+/// The `ObjectsOwned` condition: the objects weft left alone, by name.
+fn objects_owned(not_ours: &[String]) -> (bool, &'static str, String) {
+    if not_ours.is_empty() {
+        return (
+            true,
+            "AllOwned",
+            "every ConfigMap, Secret, Role and RoleBinding weft writes in meshed namespaces is its own"
+                .into(),
+        );
+    }
+    let mut named = not_ours
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if not_ours.len() > 10 {
+        named.push_str(&format!(" and {} more", not_ours.len() - 10));
+    }
+    (
+        false,
+        "ObjectNotManagedByWeft",
+        format!(
+            "left alone because weft did not create them (they lack the label \
+             {MANAGED_BY_LABEL}={MANAGED_BY}): {named}; the proxies of those namespaces go \
+             without them. Delete or rename them so that weft can create its own"
+        ),
+    )
+}
+
+/// The Mesh's status: its verdict, the CA's condition and whether weft's
+/// objects are its own.
 fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_json::Value {
     let mut wanted: Vec<Wanted<'_>> = v.conditions.iter().map(Wanted::from).collect();
     let ca_state = ctx.ca.load();
     let (ok, reason, message) = ca::condition(&ca_state);
+    let (owned, owned_reason, owned_message) = objects_owned(&ctx.not_ours());
     if v.name == MESH_NAME {
         wanted.push(Wanted {
             type_: ca::CONDITION,
             status: ok,
             reason,
             message: &message,
+        });
+        wanted.push(Wanted {
+            type_: OBJECTS_OWNED,
+            status: owned,
+            reason: owned_reason,
+            message: &owned_message,
         });
     }
     json!({

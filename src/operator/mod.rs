@@ -1,6 +1,6 @@
 //! The operator: weft policies and the cluster reconciled into each meshed
-//! namespace's `weft-proxy-config` ConfigMap and `weft-identity` Secret,
-//! policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
+//! namespace's `weft-proxy-config` ConfigMap and its identity Secrets (one
+//! per ServiceAccount), policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
 pub mod ca;
 pub mod desired;

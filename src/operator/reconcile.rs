@@ -39,7 +39,7 @@ use super::world::World;
 use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
 use crate::compile::{ClusterFacts, Compiled, PolicyKind, PolicyVerdict};
 use crate::config::CONFIG_MAP_NAME;
-use crate::identity::{IDENTITY_SECRET, IdentityError, MeshCa, bundle_hash};
+use crate::identity::{IdentityError, MeshCa, bundle_hash};
 use crate::inject::PROXY_CONTAINER;
 
 /// The latest compile of the whole mesh.
@@ -96,9 +96,13 @@ pub struct Ctx {
     /// Consecutive failures per namespace, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// The ServiceAccounts per namespace last reported as getting no
-    /// identity ([`desired::Identities::refused`]), so the Event is sent
+    /// identity ([`desired::secret_names`]), so the Event is sent
     /// once per change, not on every reconcile.
     refused: Mutex<HashMap<String, Vec<String>>>,
+    /// Per namespace, the objects weft left alone because they are not
+    /// its own ([`Error::NotOurs`]), as `Kind namespace/name`: the Mesh's
+    /// `ObjectsOwned` condition names them.
+    not_ours: Mutex<BTreeMap<String, Vec<String>>>,
     /// Writes started outside a reconcile (the failure Event of
     /// `error_policy`, which cannot wait), stopped with the other writers
     /// when the lease is lost.
@@ -139,6 +143,31 @@ impl Detached {
 }
 
 impl Ctx {
+    /// Records which objects of `ns` weft left alone; true when that
+    /// changed (the Mesh's status then needs writing).
+    fn note_not_ours(&self, ns: &str, objects: Vec<String>) -> bool {
+        let mut known = self.not_ours.lock().expect("not ours");
+        if objects.is_empty() {
+            known.remove(ns).is_some()
+        } else if known.get(ns) == Some(&objects) {
+            false
+        } else {
+            known.insert(ns.to_owned(), objects);
+            true
+        }
+    }
+
+    /// Every object left alone, across namespaces, in order.
+    pub fn not_ours(&self) -> Vec<String> {
+        self.not_ours
+            .lock()
+            .expect("not ours")
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     pub fn new(
         client: Client,
         world: World,
@@ -164,6 +193,7 @@ impl Ctx {
             counters: Mutex::default(),
             failures: Mutex::default(),
             refused: Mutex::default(),
+            not_ours: Mutex::default(),
             detached: Detached::default(),
         }
     }
@@ -243,6 +273,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// `Kind namespace/name` of an object weft left alone.
+    fn not_ours(&self) -> Option<String> {
+        match self {
+            Self::NotOurs {
+                kind,
+                namespace,
+                name,
+            } => Some(format!("{kind} {namespace}/{name}")),
+            _ => None,
+        }
+    }
+
     /// A short, bounded label for metrics and Event reasons.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -345,6 +387,9 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         ctx.refused.lock().expect("refused").remove(&name);
         ctx.counters.lock().expect("counters").forget(&name);
         ctx.metrics.forget_namespace(&name);
+        if ctx.note_not_ours(&name, Vec::new()) {
+            super::driver::write_mesh_status(ctx).await;
+        }
         return Ok(Action::await_change());
     }
     let now = now_secs();
@@ -354,6 +399,9 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         return Ok(Action::requeue(NOT_COMPILED_RETRY));
     }
     let Some(config) = snap.compiled.configs.get(&name) else {
+        if ctx.note_not_ours(&name, Vec::new()) {
+            super::driver::write_mesh_status(ctx).await;
+        }
         prune(ns, ctx).await?;
         write_mtls_status(ns, ctx, &snap, None, now).await?;
         ctx.metrics.expiry(&name, None);
@@ -400,39 +448,67 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                 .map(|sa| sa.name_any())
                 .collect();
             accounts.sort();
-            let stored = World::child(&w.secrets, &name, IDENTITY_SECRET);
-            let existing = stored
-                .as_deref()
-                .map(desired::secret_text)
-                .unwrap_or_default();
-            let ids = desired::identities(
-                &name,
-                &snap.mesh.trust_domain,
-                &accounts,
-                &existing,
-                ca,
-                snap.mesh.certificates.workload_ttl.as_std(),
-                SystemTime::now(),
-            );
-            match ids {
-                Ok(ids) => {
-                    if !ids.issued.is_empty() {
-                        tracing::info!(namespace = %name, accounts = ?ids.issued, "issued workload certificates");
+            let (named, refused) = desired::secret_names(&accounts);
+            report_refused(ns, ctx, &refused).await;
+            let mut issued = Vec::new();
+            let mut earliest_expiry: Option<SystemTime> = None;
+            for (sa, secret_name) in &named {
+                let stored = World::child(&w.secrets, &name, secret_name);
+                let existing = stored
+                    .as_deref()
+                    .map(desired::secret_text)
+                    .unwrap_or_default();
+                let id = desired::identity(
+                    &name,
+                    &snap.mesh.trust_domain,
+                    sa,
+                    &existing,
+                    ca,
+                    snap.mesh.certificates.workload_ttl.as_std(),
+                    SystemTime::now(),
+                );
+                let id = match id {
+                    Ok(id) => id,
+                    Err(source) => {
+                        failed.push(Error::Identity {
+                            namespace: name.clone(),
+                            source,
+                        });
+                        continue;
                     }
-                    report_refused(ns, ctx, &ids.refused).await;
-                    match apply(ctx, &desired::identity_secret(ns, &ids), stored.as_deref()).await {
-                        Ok(_) => ctx.metrics.expiry(&name, ids.earliest_expiry),
-                        Err(e) => failed.push(e),
-                    }
-                    if let Some(at) = ids.next_renewal {
-                        let due = at.duration_since(SystemTime::now()).unwrap_or_default();
-                        requeue = requeue.min(due.max(Duration::from_secs(1)));
-                    }
+                };
+                if id.issued {
+                    issued.push(sa.as_str());
                 }
-                Err(source) => failed.push(Error::Identity {
-                    namespace: name.clone(),
-                    source,
-                }),
+                match apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await {
+                    Ok(_) => {
+                        earliest_expiry =
+                            Some(earliest_expiry.map_or(id.not_after, |e| e.min(id.not_after)));
+                    }
+                    Err(e) => failed.push(e),
+                }
+                let due = id
+                    .renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                requeue = requeue.min(due.max(Duration::from_secs(1)));
+            }
+            if !issued.is_empty() {
+                tracing::info!(namespace = %name, accounts = ?issued, "issued workload certificates");
+            }
+            ctx.metrics.expiry(&name, earliest_expiry);
+            // A deleted ServiceAccount's Secret goes, and so does the
+            // Secret that held every account's keys before there was one
+            // per account (pods that mount it get no more renewals: they
+            // are re-injected by a restart).
+            let wanted: std::collections::BTreeSet<&str> =
+                named.iter().map(|(_, n)| n.as_str()).collect();
+            for stale in managed_identity_secrets(w, &name) {
+                if !wanted.contains(stale.as_str())
+                    && let Err(e) = delete_managed(ctx, &w.secrets, &name, &stale).await
+                {
+                    failed.push(e);
+                }
             }
             bundle_hash(&ca.trust_bundle())
         }
@@ -446,6 +522,10 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         Ok(None) => {}
         Err(e) => failed.push(e),
     }
+    let foreign: Vec<String> = failed.iter().filter_map(Error::not_ours).collect();
+    if ctx.note_not_ours(&name, foreign) {
+        super::driver::write_mesh_status(ctx).await;
+    }
     let mut failed = failed.into_iter();
     match failed.next() {
         None => Ok(Action::requeue(requeue)),
@@ -456,6 +536,18 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             Err(first)
         }
     }
+}
+
+/// The names of the identity Secrets the cache holds for namespace `ns`
+/// (it holds only objects with weft's managed-by label).
+fn managed_identity_secrets(w: &World, ns: &str) -> Vec<String> {
+    w.secrets
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(ns))
+        .map(|s| s.name_any())
+        .filter(|n| desired::is_identity_secret(n))
+        .collect()
 }
 
 /// Says which ServiceAccounts of `ns` get no identity (their keys would
@@ -481,7 +573,7 @@ async fn report_refused(ns: &Namespace, ctx: &Ctx, refused: &[String]) {
         ctx.event(
             ns,
             true,
-            desired::IDENTITY_KEY_COLLISION,
+            desired::IDENTITY_NAME_COLLISION,
             "IssueCertificates",
             message,
         )
@@ -580,7 +672,9 @@ async fn prune(ns: &Namespace, ctx: &Ctx) -> Result<(), Error> {
     let name = ns.name_any();
     let w = &ctx.world;
     delete_managed(ctx, &w.config_maps, &name, CONFIG_MAP_NAME).await?;
-    delete_managed(ctx, &w.secrets, &name, IDENTITY_SECRET).await?;
+    for secret in managed_identity_secrets(w, &name) {
+        delete_managed(ctx, &w.secrets, &name, &secret).await?;
+    }
     delete_managed(ctx, &w.roles, &name, desired::CONFIG_READER).await?;
     delete_managed(ctx, &w.role_bindings, &name, desired::CONFIG_READER).await?;
     ctx.counters.lock().expect("counters").forget(&name);

@@ -144,20 +144,17 @@ pub async fn watch_labels(path: PathBuf, into: Arc<ArcSwapOption<super::authz::P
     }
 }
 
-/// Polls the mounted identity Secret (`<sa>.crt`, `<sa>.key`, `ca.crt`)
-/// and installs each complete, valid version. A half-written or invalid set
-/// leaves the current identity in use and is counted.
+/// Polls the mounted identity Secret (`tls.crt`, `tls.key`, `ca.crt`) and
+/// installs each complete, valid version. A half-written or invalid set,
+/// or a certificate for another ServiceAccount than this proxy's, leaves
+/// the current identity in use and is counted.
 pub async fn watch_identity(
     dir: PathBuf,
     service_account: String,
     identity: Arc<super::tls::MeshIdentity>,
     metrics: Arc<super::metrics::ProxyMetrics>,
 ) {
-    let files = [
-        dir.join(format!("{service_account}.crt")),
-        dir.join(format!("{service_account}.key")),
-        dir.join(crate::identity::CA_CERT_KEY),
-    ];
+    let files = identity_files(&dir);
     let mut last: Option<Vec<FileStamp>> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,7 +171,7 @@ pub async fn watch_identity(
             continue;
         }
         last = Some(stamps);
-        match load_identity(&files, &identity, &metrics) {
+        match load_identity(&files, &service_account, &identity, &metrics) {
             Ok(()) => tracing::info!(dir = %dir.display(), "identity loaded"),
             Err(why) => {
                 metrics.identity_reload_failures.inc();
@@ -184,8 +181,19 @@ pub async fn watch_identity(
     }
 }
 
+/// The files of an identity directory: certificate, key, trust bundle.
+pub fn identity_files(dir: &Path) -> [PathBuf; 3] {
+    use crate::identity::{CA_CERT_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
+    [
+        dir.join(TLS_CERT_KEY),
+        dir.join(TLS_KEY_KEY),
+        dir.join(CA_CERT_KEY),
+    ]
+}
+
 fn load_identity(
     files: &[PathBuf; 3],
+    service_account: &str,
     identity: &super::tls::MeshIdentity,
     metrics: &super::metrics::ProxyMetrics,
 ) -> Result<(), String> {
@@ -193,6 +201,17 @@ fn load_identity(
         |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
     let (cert, key, bundle) = (read(&files[0])?, read(&files[1])?, read(&files[2])?);
     let info = crate::identity::inspect_pem(&cert).map_err(|e| e.to_string())?;
+    // A pod spec can name any Secret of its namespace: a proxy presents
+    // only its own ServiceAccount's identity, whatever is mounted.
+    let named = info.spiffe_id();
+    if named.as_ref().map(|id| id.service_account.as_str()) != Some(service_account) {
+        return Err(format!(
+            "{} is a certificate for {}, not for ServiceAccount {service_account} that this \
+             proxy runs as; the pod must mount its own ServiceAccount's identity Secret",
+            files[0].display(),
+            named.map_or_else(|| "no mesh identity".to_owned(), |id| id.to_string()),
+        ));
+    }
     identity
         .update(&cert, &key, &bundle)
         .map_err(|e| e.to_string())?;
