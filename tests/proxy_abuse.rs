@@ -244,3 +244,88 @@ async fn a_slowloris_on_the_admin_port_is_cut_off_and_metrics_still_answer() {
             >= 1.0
     );
 }
+
+/// One source address opens idle connections to the inbound listener, as
+/// many as its whole connection cap: only its share of the cap stays open,
+/// the rest are closed at once and counted, and a client from another
+/// address is still served while the first holds its share. Without a
+/// per-source share one slowloris pod takes every inbound slot and denies
+/// every other caller until the header-read timeouts fire.
+#[tokio::test]
+async fn one_source_cannot_hold_the_whole_inbound_connection_cap() {
+    const CAP: usize = 8;
+    // A quarter of the cap (`--inbound-max-connections`), as documented.
+    const SHARE: usize = CAP / 4;
+    let app = Upstream::fixed(200, "ok").await;
+    let cap = CAP.to_string();
+    let inbound = format!("127.0.0.1:0={}", app.addr.port());
+    let p = start_proxy(
+        &config(vec![]),
+        &[],
+        &["--inbound-max-connections", &cap, "--inbound-map", &inbound],
+    )
+    .await;
+    let addr = p.running.inbound[0];
+
+    // From 127.0.0.1: request heads that never finish, as many as the cap.
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n").await;
+        held.push(s);
+    }
+    let limit = p.proxy.inbound_connections.clone();
+    assert!(
+        eventually(|| limit.open() == SHARE).await,
+        "one source holds its share of the inbound cap, no more (open: {})",
+        limit.open()
+    );
+    for s in &mut held[SHARE..] {
+        assert!(
+            closed_by_peer(s).await,
+            "a connection past the source's share is closed at once"
+        );
+    }
+
+    // From 127.0.0.2 (Linux routes all of 127/8 to lo), while 127.0.0.1
+    // holds its share.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut other = socket.connect(addr).await.expect("connect from 127.0.0.2");
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), other.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with("HTTP/1.1 200"),
+        "another source is served: {read:?} {answer:?}"
+    );
+    assert!(
+        limit.open() >= SHARE,
+        "the first source's share was held while the other was served"
+    );
+
+    assert_eq!(
+        p.metric("weft_proxy_connections_over_source_share_total{listener=\"inbound\"}")
+            .await,
+        (CAP - SHARE) as f64,
+        "each refusal is counted"
+    );
+    assert_eq!(
+        p.metric("weft_proxy_connections_over_limit_total{listener=\"inbound\"}")
+            .await,
+        0.0,
+        "no connection met the whole cap"
+    );
+
+    drop(held);
+    assert!(
+        eventually(|| limit.open() == 0 && limit.sources() == 0).await,
+        "the per-source table forgets a source once its connections close"
+    );
+}

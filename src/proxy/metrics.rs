@@ -254,6 +254,10 @@ pub struct ProxyMetrics {
     /// Connections closed at once because their listener was at its
     /// connection cap.
     pub connections_over_limit: Family<ListenerLabels, Counter>,
+    /// Connections closed at once because their source address held its
+    /// whole share of the listener's connection cap (inbound only). No
+    /// address label: the sources are whoever connects, unbounded.
+    pub connections_over_source_share: Family<ListenerLabels, Counter>,
     /// Requests sent without a buffered body, so never retried, because
     /// the proxy's retry buffer budget was spent.
     pub retry_unbuffered: Counter,
@@ -435,6 +439,12 @@ impl ProxyMetrics {
             "Connections closed at once because their listener was at its connection cap",
             connections_over_limit.clone(),
         );
+        let connections_over_source_share = Family::default();
+        registry.register(
+            "connections_over_source_share",
+            "Connections closed at once because their source address held its whole share of the listener's connection cap",
+            connections_over_source_share.clone(),
+        );
         let retry_unbuffered = Counter::default();
         registry.register(
             "retry_unbuffered",
@@ -445,6 +455,7 @@ impl ProxyMetrics {
             registry,
             bounds: LabelBounds::default(),
             connections_over_limit,
+            connections_over_source_share,
             retry_unbuffered,
             inbound_refused_no_config,
             refused_own_port,

@@ -185,7 +185,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "WEFT_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Connections open at once on the inbound listeners, all protocols;
-    /// past it a new connection is closed at once and counted.
+    /// past it a new connection is closed at once and counted. One source
+    /// address may hold a quarter of it; past that its new connections are
+    /// closed at once and counted too.
     #[arg(
         long,
         env = "WEFT_INBOUND_MAX_CONNECTIONS",
@@ -383,7 +385,7 @@ impl Proxy {
                 header_read_timeout: args.header_read_timeout,
                 idle_timeout: args.idle_timeout,
             },
-            inbound_connections: conn_limit(&metrics, "inbound", args.inbound_max_connections),
+            inbound_connections: inbound_conn_limit(&metrics, args.inbound_max_connections),
             outbound_connections: conn_limit(&metrics, "outbound", args.outbound_max_connections),
             admin_connections: conn_limit(&metrics, "admin", args.admin_max_connections),
             probe_connections: conn_limit(&metrics, "probe", args.admin_max_connections),
@@ -402,6 +404,26 @@ fn conn_limit(
         .get_or_create(&metrics::ListenerLabels { listener })
         .clone();
     server::ConnLimit::new(limit as usize, refused)
+}
+
+/// The inbound cap, of which one source address holds at most a share
+/// ([`server::SourceShare::of`]): inbound callers are other pods, and one
+/// of them must not take every slot. Not on the other listeners, where
+/// every connection comes from one source by design (outbound: the app;
+/// admin and probe: the kubelet and Prometheus).
+fn inbound_conn_limit(metrics: &ProxyMetrics, limit: u32) -> Arc<server::ConnLimit> {
+    let labels = metrics::ListenerLabels {
+        listener: "inbound",
+    };
+    let refused = metrics
+        .connections_over_limit
+        .get_or_create(&labels)
+        .clone();
+    let over_share = metrics
+        .connections_over_source_share
+        .get_or_create(&labels)
+        .clone();
+    server::ConnLimit::with_source_share(limit as usize, refused, over_share)
 }
 
 fn in_flight(metrics: &ProxyMetrics, direction: Direction, limit: u32) -> Arc<server::InFlight> {

@@ -3,11 +3,12 @@
 //! their in-flight requests and close, and the proxy waits for every
 //! connection up to the drain timeout.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -93,11 +94,53 @@ impl Default for HttpLimits {
 /// Past the cap a new connection is closed at once and counted, so a
 /// client that opens connections and sends nothing (slowloris) fills at
 /// most the cap, for at most the header-read timeout each. ([`InFlight`]
-/// counts requests with one too.)
+/// counts requests with one too.) With a [`SourceShare`], one source
+/// address fills at most its share of the cap.
 pub struct ConnLimit {
     limit: usize,
     now: AtomicUsize,
     refused: Counter,
+    per_source: Option<SourceShare>,
+}
+
+/// The part of a [`ConnLimit`] one source address may hold: connections
+/// from an address that holds its share are closed at once and counted,
+/// whatever room the cap has left, so one pod that opens connections and
+/// sends nothing cannot take every slot from the other callers.
+///
+/// The table holds an entry only for a source with a connection open (the
+/// entry goes when its count drops to zero), so it never has more entries
+/// than the cap. One short lock and one hash lookup per accepted
+/// connection and one per closed connection; nothing per request.
+pub struct SourceShare {
+    share: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+    refused: Counter,
+}
+
+impl SourceShare {
+    /// The share of the inbound cap one source address may hold: a
+    /// quarter. It must not starve a busy legitimate source, and several
+    /// are common: a client keeping an HTTP/1.1 pool of ~100 connections,
+    /// an ingress controller's upstream keep-alive pool (ingress-nginx
+    /// keeps up to 320 per worker), or many outside clients that reach the
+    /// pod through one node address after SNAT. A quarter of the default
+    /// cap (4096) is 1024, well above those; and one source, however it
+    /// behaves, leaves three quarters of the slots to everyone else. (It
+    /// takes four sources to fill the cap; past that, the header-read and
+    /// idle timeouts bound how long they hold it.)
+    pub fn of(limit: usize) -> usize {
+        (limit / 4).max(1)
+    }
+}
+
+/// Why [`ConnLimit::enter_from`] refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The listener holds its whole cap.
+    AtCap,
+    /// This source address holds its whole share of the cap.
+    OverSourceShare,
 }
 
 impl ConnLimit {
@@ -106,6 +149,23 @@ impl ConnLimit {
             limit,
             now: AtomicUsize::new(0),
             refused,
+            per_source: None,
+        })
+    }
+
+    /// A cap of which one source address may hold at most
+    /// [`SourceShare::of`] the cap; connections refused for that are
+    /// counted in `over_share`.
+    pub fn with_source_share(limit: usize, refused: Counter, over_share: Counter) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            now: AtomicUsize::new(0),
+            refused,
+            per_source: Some(SourceShare {
+                share: SourceShare::of(limit),
+                held: Mutex::default(),
+                refused: over_share,
+            }),
         })
     }
 
@@ -118,25 +178,87 @@ impl ConnLimit {
             })
             .is_ok();
         if entered {
-            Some(ConnLimitGuard(self.clone()))
+            Some(ConnLimitGuard {
+                limit: self.clone(),
+                source: None,
+            })
         } else {
             self.refused.inc();
             None
         }
     }
 
+    /// A place for one more connection from `source`: refused (and counted)
+    /// at the cap, or, with a source share, when `source` holds its share.
+    /// Without a source share this is [`ConnLimit::enter`].
+    pub fn enter_from(self: &Arc<Self>, source: IpAddr) -> Result<ConnLimitGuard, Refusal> {
+        // The cap first: a flood past it is refused without taking the lock.
+        let mut guard = self.enter().ok_or(Refusal::AtCap)?;
+        let Some(per_source) = &self.per_source else {
+            return Ok(guard);
+        };
+        // An IPv4 client of a dual-stack socket is one source either way.
+        let source = source.to_canonical();
+        {
+            let mut held = per_source.held.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(source).or_insert(0);
+            if *n >= per_source.share {
+                drop(held);
+                per_source.refused.inc();
+                // Dropping `guard` gives the slot of the cap back.
+                return Err(Refusal::OverSourceShare);
+            }
+            *n += 1;
+        }
+        guard.source = Some(source);
+        Ok(guard)
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.now.load(Ordering::Acquire)
     }
+
+    /// The most connections one source may hold, when this cap has a
+    /// source share.
+    pub fn source_share(&self) -> Option<usize> {
+        self.per_source.as_ref().map(|s| s.share)
+    }
+
+    /// The source addresses with a connection open now.
+    pub fn sources(&self) -> usize {
+        self.per_source.as_ref().map_or(0, |s| {
+            s.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+        })
+    }
+
+    fn leave_source(&self, source: IpAddr) {
+        let Some(per_source) = &self.per_source else {
+            return;
+        };
+        let mut held = per_source.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut n) = held.entry(source) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
 }
 
 /// Held by each connection (or request) counted against a [`ConnLimit`].
-pub struct ConnLimitGuard(Arc<ConnLimit>);
+pub struct ConnLimitGuard {
+    limit: Arc<ConnLimit>,
+    /// The source whose share this connection counts against.
+    source: Option<IpAddr>,
+}
 
 impl Drop for ConnLimitGuard {
     fn drop(&mut self) {
-        self.0.now.fetch_sub(1, Ordering::AcqRel);
+        if let Some(source) = self.source {
+            self.limit.leave_source(source);
+        }
+        self.limit.now.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -387,10 +509,22 @@ pub async fn accept_loop<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    // At the cap the connection is closed at once (dropped).
-                    let Some(held) = limit.enter() else {
-                        tracing::debug!(%peer, "connection refused: the listener is at its connection cap");
-                        continue;
+                    // At the cap, or past the source's share of it, the
+                    // connection is closed at once (dropped).
+                    let held = match limit.enter_from(peer.ip()) {
+                        Ok(held) => held,
+                        Err(Refusal::AtCap) => {
+                            tracing::debug!(%peer, "connection refused: the listener is at its connection cap");
+                            continue;
+                        }
+                        Err(Refusal::OverSourceShare) => {
+                            tracing::debug!(
+                                %peer,
+                                share = limit.source_share(),
+                                "connection refused: this source holds its whole share of the listener's connection cap"
+                            );
+                            continue;
+                        }
                     };
                     let _ = stream.set_nodelay(true);
                     let guard = drain.track();
@@ -449,4 +583,92 @@ pub async fn serve_http<I, F, Fut>(
         }
     });
     serve_limited(io, limits, &activity, Some(drain.watch()), service).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    /// A source at its share is refused (and counted) while others are
+    /// admitted; closing one of its connections admits it again; the table
+    /// forgets a source with nothing open, so it holds no more entries
+    /// than there are connections however many addresses come and go.
+    #[test]
+    fn a_source_at_its_share_is_refused_and_forgotten_once_it_holds_nothing() {
+        let (refused, over_share) = (Counter::default(), Counter::default());
+        let limit = ConnLimit::with_source_share(8, refused.clone(), over_share.clone());
+        assert_eq!(limit.source_share(), Some(2));
+
+        let first: Vec<_> = (0..2)
+            .map(|_| limit.enter_from(ip("10.0.0.1")).expect("within the share"))
+            .collect();
+        assert_eq!(
+            limit.enter_from(ip("10.0.0.1")).err(),
+            Some(Refusal::OverSourceShare)
+        );
+        // The IPv4 address as a dual-stack socket reports it is the same source.
+        assert_eq!(
+            limit.enter_from(ip("::ffff:10.0.0.1")).err(),
+            Some(Refusal::OverSourceShare)
+        );
+        assert_eq!(over_share.get(), 2);
+        assert_eq!(limit.open(), 2, "a refused connection gives its slot back");
+        let other = limit.enter_from(ip("10.0.0.2")).expect("another source");
+
+        drop(first);
+        assert_eq!(
+            limit.sources(),
+            1,
+            "a source with nothing open is forgotten"
+        );
+        let again = limit.enter_from(ip("10.0.0.1")).expect("admitted again");
+        drop((other, again));
+        assert_eq!((limit.open(), limit.sources()), (0, 0));
+
+        for n in 0..1000u32 {
+            let _held = limit
+                .enter_from(IpAddr::from(n.to_be_bytes()))
+                .expect("one each");
+        }
+        assert_eq!(limit.sources(), 0, "the table does not grow with churn");
+        assert_eq!(refused.get(), 0);
+    }
+
+    /// The whole cap still holds across sources: past it a connection is
+    /// refused as over the cap, not as over a share.
+    #[test]
+    fn the_cap_holds_across_sources() {
+        let (refused, over_share) = (Counter::default(), Counter::default());
+        let limit = ConnLimit::with_source_share(4, refused.clone(), over_share.clone());
+        let held: Vec<_> = (1..=4u8)
+            .map(|n| {
+                limit
+                    .enter_from(IpAddr::from([10, 0, 0, n]))
+                    .expect("within the cap")
+            })
+            .collect();
+        assert_eq!(limit.enter_from(ip("10.0.0.5")).err(), Some(Refusal::AtCap));
+        assert_eq!((refused.get(), over_share.get()), (1, 0));
+        drop(held);
+        assert_eq!(limit.sources(), 0);
+    }
+
+    /// A cap without a source share lets one source hold all of it (the
+    /// outbound, admin and probe listeners).
+    #[test]
+    fn without_a_source_share_one_source_may_hold_the_cap() {
+        let limit = ConnLimit::new(3, Counter::default());
+        let held: Vec<_> = (0..3)
+            .map(|_| limit.enter_from(ip("127.0.0.1")).expect("within the cap"))
+            .collect();
+        assert_eq!(
+            limit.enter_from(ip("127.0.0.1")).err(),
+            Some(Refusal::AtCap)
+        );
+        assert_eq!((held.len(), limit.sources()), (3, 0));
+    }
 }
