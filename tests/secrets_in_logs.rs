@@ -13,7 +13,9 @@
 //!
 //! The operator creating the mesh CA and issuing, keeping and deleting
 //! workload identities is held to the same in `tests/operator.rs`
-//! (`the_operator_logs_no_key_at_trace_creating_the_ca_and_issuing_identities`).
+//! (`the_operator_logs_no_key_at_trace_creating_the_ca_and_issuing_identities`),
+//! and `weft local up` with its proxies and apps at debug in
+//! `tests/local.rs` (the loopback shop checks every log it kept).
 
 #[path = "support/logs.rs"]
 mod logs;
