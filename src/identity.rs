@@ -49,7 +49,9 @@ pub fn identity_secret_name(sa: &str) -> String {
     if direct.len() <= MAX_NAME {
         return direct;
     }
-    let hash = hex::encode(&Sha256::digest(sa.as_bytes())[..5]);
+    // 64 bits: finding another name with the same cut and hash is out of
+    // reach, and a collision refuses both accounts (desired::secret_names).
+    let hash = hex::encode(&Sha256::digest(sa.as_bytes())[..8]);
     let keep = MAX_NAME - IDENTITY_SECRET_PREFIX.len() - 1 - hash.len();
     // ServiceAccount names are ASCII (DNS-1123); the cut must not leave a
     // label ending in '-' or '.' before the hash's '-'.
@@ -501,9 +503,9 @@ mod tests {
         assert_eq!(identity_secret_name(&fits), format!("weft-identity-{fits}"));
         // Longer ones are cut, end in a hash of the whole name, and stay
         // DNS-1123 subdomains: no label ends in '-' or '.' at the cut.
-        // The cut (228 characters) falls just after the '.'.
-        let long_a = format!("{}.b{}", "a".repeat(227), "c".repeat(20));
-        let long_b = format!("{}.b{}", "a".repeat(227), "d".repeat(20));
+        // The cut (222 characters) falls just after the '.'.
+        let long_a = format!("{}.b{}", "a".repeat(221), "c".repeat(20));
+        let long_b = format!("{}.b{}", "a".repeat(221), "d".repeat(20));
         let (a, b) = (identity_secret_name(&long_a), identity_secret_name(&long_b));
         assert_ne!(a, b, "names that differ past the cut differ");
         for name in [&a, &b] {
@@ -516,9 +518,10 @@ mod tests {
             );
         }
         assert!(
-            a.starts_with(&format!("weft-identity-{}-", "a".repeat(227))),
+            a.starts_with(&format!("weft-identity-{}-", "a".repeat(221))),
             "{a}"
         );
+        assert_eq!(a.len(), MAX_NAME - 1, "a cut of 221, '-' and 16 hex digits");
     }
 
     #[test]

@@ -806,6 +806,161 @@ async fn the_operator_logs_no_key_at_trace_creating_the_ca_and_issuing_identitie
     logs::assert_no_key("the operator", &log, &keys);
 }
 
+/// A tenant's own Secret named like a workload identity (no managed-by
+/// label) is never written: no workload key ends up in an object weft does
+/// not own. Nor is a Secret weft cannot read back (the GET fails): nothing
+/// says it is weft's.
+#[tokio::test]
+async fn a_tenants_secret_named_like_an_identity_gets_no_key() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "cart"));
+    put(&mut h.writers.service_accounts, account("shop", "web"));
+    let theirs = "/api/v1/namespaces/shop/secrets/weft-identity-cart";
+    h.seed(
+        theirs,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"namespace": "shop", "name": "weft-identity-cart"},
+            "data": {"mine": b64("tenant data")}}),
+    );
+    let unreadable = "/api/v1/namespaces/shop/secrets/weft-identity-web";
+    h.fake
+        .lock()
+        .expect("fake")
+        .refuse_reads
+        .insert(unreadable.into(), 500);
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    let ns = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("namespace");
+    let err = reconcile::reconcile(ns, h.ctx.clone())
+        .await
+        .expect_err("reported");
+    assert_eq!(err.reason(), "ObjectNotManagedByWeft", "{err}");
+    let writes = h.writes();
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.path != theirs && w.path != unreadable),
+        "{writes:#?}"
+    );
+    let kept: Value = h.stored(theirs).expect("still there");
+    assert_eq!(kept["data"], json!({"mine": b64("tenant data")}));
+    assert!(kept["metadata"].get("labels").is_none());
+}
+
+/// The Secret that held every account's keys stays while a pod still
+/// mounts it (its proxy reads it until the pod restarts), and goes once
+/// none does. A Secret whose ServiceAccount the cache no longer has, but
+/// the API server still does (a cache behind, as a new leader's can be),
+/// is not deleted.
+#[tokio::test]
+async fn identities_in_use_are_not_pruned_on_a_stale_view() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    let shared = "/api/v1/namespaces/shop/secrets/weft-identity";
+    let old = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "weft-identity", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "weft"}},
+        "data": {"ca.crt": b64("bundle"), "default.key": b64("k")}});
+    h.seed(shared, &old);
+    put(&mut h.writers.secrets, obj(old));
+    let mut pod: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": "cart-0"},
+        "spec": {"containers": [{"name": "app", "image": "cart"}],
+                 "volumes": [{"name": "weft-identity",
+                              "secret": {"secretName": "weft-identity", "items": [{"key": "default.crt", "path": "default.crt"}]}}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.7"}}));
+    // As the operator's pod cache holds it.
+    weft::operator::world::prune_pod(&mut pod);
+    put(&mut h.writers.pods, pod.clone());
+    // `cart`'s Secret, whose account the cache does not show yet.
+    let cart = "/api/v1/namespaces/shop/secrets/weft-identity-cart";
+    let cart_secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "weft-identity-cart", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "weft"},
+                     "annotations": {"weft.dev/service-account": "cart"}},
+        "data": {"ca.crt": b64("bundle")}});
+    h.seed(cart, &cart_secret);
+    put(&mut h.writers.secrets, obj(cart_secret));
+    h.seed(
+        "/api/v1/namespaces/shop/serviceaccounts/cart",
+        &account("shop", "cart"),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    let deleted: Vec<String> = h
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == Method::DELETE)
+        .map(|w| w.path)
+        .collect();
+    assert!(deleted.is_empty(), "{deleted:?}");
+
+    remove(&mut h.writers.pods, pod);
+    h.fake
+        .lock()
+        .expect("fake")
+        .objects
+        .remove("/api/v1/namespaces/shop/serviceaccounts/cart");
+    h.clear();
+    h.reconcile("shop").await;
+    let mut deleted: Vec<String> = h
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == Method::DELETE)
+        .map(|w| w.path)
+        .collect();
+    deleted.sort();
+    assert_eq!(deleted, [shared, cart]);
+}
+
+/// When renewals cannot be written, the certificate-expiry gauge keeps
+/// showing what the pods hold, so the alert on it fires; it never goes
+/// away because writing failed.
+#[tokio::test]
+async fn a_failed_renewal_keeps_the_expiry_gauge() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "cart"));
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    h.sync_children(&["shop"]);
+    let gauge = |h: &Harness| {
+        h.ctx
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.contains("certificate_expiry_timestamp_seconds{namespace=\"shop\"}"))
+            .map(str::to_owned)
+    };
+    let before = gauge(&h).expect("the gauge after issuing");
+
+    // Another CA: every certificate needs re-issuing, and the writes fail.
+    h.with_ca().await;
+    h.fake.lock().expect("fake").refuse.insert(
+        "/api/v1/namespaces/shop/secrets/weft-identity-cart".into(),
+        500,
+    );
+    let ns = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("namespace");
+    reconcile::reconcile(ns, h.ctx.clone())
+        .await
+        .expect_err("the write failed");
+    assert_eq!(gauge(&h), Some(before), "the stored certificate's expiry");
+}
+
 #[tokio::test]
 async fn policy_status_is_patched_once_and_not_again_when_only_time_moved() {
     let mut h = harness().await;

@@ -151,25 +151,34 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "weft.dev/service-account";
 /// Each ServiceAccount's identity Secret name ([`identity_secret_name`]),
 /// and the accounts that get none because another account's Secret has
 /// that name: only a name over 239 characters, cut and hashed, can meet
-/// another, and the account whose name is the Secret's own keeps it.
-/// `accounts` is sorted; both lists keep its order.
+/// another. The account whose name is the Secret's own keeps it; two cut
+/// and hashed names that meet are both refused (neither is the rightful
+/// owner). `accounts` is sorted; both lists keep its order.
 pub fn secret_names(accounts: &[String]) -> (Vec<(String, String)>, Vec<String>) {
-    let mut owner: BTreeMap<String, &String> = BTreeMap::new();
+    let mut owner: BTreeMap<String, Option<&String>> = BTreeMap::new();
     for sa in accounts {
         let name = identity_secret_name(sa);
         let direct = name == format!("{IDENTITY_SECRET_PREFIX}{sa}");
         match owner.get(&name) {
-            Some(_) if !direct => {}
-            _ => {
-                owner.insert(name, sa);
+            None => {
+                owner.insert(name, Some(sa));
             }
+            Some(_) if direct => {
+                owner.insert(name, Some(sa));
+            }
+            Some(Some(first))
+                if identity_secret_name(first) != format!("{IDENTITY_SECRET_PREFIX}{first}") =>
+            {
+                owner.insert(name, None);
+            }
+            Some(_) => {}
         }
     }
     let mut named = Vec::new();
     let mut refused = Vec::new();
     for sa in accounts {
         let name = identity_secret_name(sa);
-        if owner.get(&name) == Some(&sa) {
+        if owner.get(&name) == Some(&Some(sa)) {
             named.push((sa.clone(), name));
         } else {
             refused.push(sa.clone());
@@ -387,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_long_service_account_name_meeting_another_secret_gets_no_identity() {
-        let long = format!("{}.b{}", "a".repeat(227), "c".repeat(20));
+        let long = format!("{}.b{}", "a".repeat(221), "c".repeat(20));
         let taken = identity_secret_name(&long)
             .strip_prefix(IDENTITY_SECRET_PREFIX)
             .expect("prefix")

@@ -451,13 +451,24 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             let (named, refused) = desired::secret_names(&accounts);
             report_refused(ns, ctx, &refused).await;
             let mut issued = Vec::new();
+            // What the pods hold: the new certificate once written, the
+            // stored one while its renewal fails (so the expiry alert
+            // fires when renewal is broken, not the opposite).
             let mut earliest_expiry: Option<SystemTime> = None;
+            let mut incomplete = false;
+            let mut hold = |at: SystemTime| {
+                earliest_expiry = Some(earliest_expiry.map_or(at, |e: SystemTime| e.min(at)));
+            };
             for (sa, secret_name) in &named {
                 let stored = World::child(&w.secrets, &name, secret_name);
                 let existing = stored
                     .as_deref()
                     .map(desired::secret_text)
                     .unwrap_or_default();
+                let stored_expiry = existing
+                    .get(crate::identity::TLS_CERT_KEY)
+                    .and_then(|c| crate::identity::inspect_pem(c).ok())
+                    .map(|info| info.not_after);
                 let id = desired::identity(
                     &name,
                     &snap.mesh.trust_domain,
@@ -474,6 +485,8 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                             namespace: name.clone(),
                             source,
                         });
+                        incomplete = true;
+                        stored_expiry.map(&mut hold);
                         continue;
                     }
                 };
@@ -481,11 +494,12 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                     issued.push(sa.as_str());
                 }
                 match apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await {
-                    Ok(_) => {
-                        earliest_expiry =
-                            Some(earliest_expiry.map_or(id.not_after, |e| e.min(id.not_after)));
+                    Ok(_) => hold(id.not_after),
+                    Err(e) => {
+                        failed.push(e);
+                        incomplete = true;
+                        stored_expiry.map(&mut hold);
                     }
-                    Err(e) => failed.push(e),
                 }
                 let due = id
                     .renew_at
@@ -496,19 +510,13 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             if !issued.is_empty() {
                 tracing::info!(namespace = %name, accounts = ?issued, "issued workload certificates");
             }
-            ctx.metrics.expiry(&name, earliest_expiry);
-            // A deleted ServiceAccount's Secret goes, and so does the
-            // Secret that held every account's keys before there was one
-            // per account (pods that mount it get no more renewals: they
-            // are re-injected by a restart).
-            let wanted: std::collections::BTreeSet<&str> =
-                named.iter().map(|(_, n)| n.as_str()).collect();
-            for stale in managed_identity_secrets(w, &name) {
-                if !wanted.contains(stale.as_str())
-                    && let Err(e) = delete_managed(ctx, &w.secrets, &name, &stale).await
-                {
-                    failed.push(e);
-                }
+            // A failure that left no certificate known keeps the gauge as
+            // it was rather than removing it.
+            if earliest_expiry.is_some() || !incomplete {
+                ctx.metrics.expiry(&name, earliest_expiry);
+            }
+            if let Err(e) = prune_identities(ctx, &name, &named).await {
+                failed.push(e);
             }
             bundle_hash(&ca.trust_bundle())
         }
@@ -536,6 +544,78 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             Err(first)
         }
     }
+}
+
+/// Deletes the identity Secrets of `ns` no ServiceAccount of `named` has:
+/// a deleted account's (once the API server confirms the account is gone:
+/// a cache behind it, as a new leader's can be, must not cost a live
+/// account its identity), and the one Secret that held every account's
+/// keys before there was one per account, once no pod mounts it (pods
+/// that do are named: a restart re-injects them).
+async fn prune_identities(ctx: &Ctx, ns: &str, named: &[(String, String)]) -> Result<(), Error> {
+    let w = &ctx.world;
+    let wanted: HashSet<&str> = named.iter().map(|(_, n)| n.as_str()).collect();
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(ctx.client.clone(), ns);
+    for stale in managed_identity_secrets(w, ns) {
+        if wanted.contains(stale.as_str()) {
+            continue;
+        }
+        if stale == crate::identity::LEGACY_IDENTITY_SECRET {
+            let mounting = pods_mounting(w, ns, &stale);
+            if !mounting.is_empty() {
+                tracing::warn!(
+                    namespace = %ns,
+                    pods = ?mounting,
+                    "Secret {stale} holds every ServiceAccount's key and is kept while these pods \
+                     mount it; restart them (kubectl rollout restart) so that it can be deleted"
+                );
+                continue;
+            }
+        } else if let Some(sa) = World::child(&w.secrets, ns, &stale).and_then(|s| {
+            s.annotations()
+                .get(desired::SERVICE_ACCOUNT_ANNOTATION)
+                .cloned()
+        }) {
+            match accounts.get_opt(&sa).await {
+                Ok(None) => {}
+                Ok(Some(_)) => continue,
+                Err(source) => {
+                    return Err(Error::Api {
+                        action: "reading",
+                        kind: "ServiceAccount".into(),
+                        namespace: ns.to_owned(),
+                        name: sa,
+                        source,
+                    });
+                }
+            }
+        }
+        delete_managed(ctx, &w.secrets, ns, &stale).await?;
+    }
+    Ok(())
+}
+
+/// Pods of `ns` (not finished) with a volume of Secret `secret`.
+fn pods_mounting(w: &World, ns: &str, secret: &str) -> Vec<String> {
+    w.pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter(|p| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.volumes.iter().flatten())
+                .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+        })
+        .map(|p| p.name_any())
+        .collect()
 }
 
 /// The names of the identity Secrets the cache holds for namespace `ns`
@@ -644,9 +724,18 @@ where
                     name,
                 });
             }
-            // Ours (the cache is behind), absent, or unreadable: the apply
-            // says the rest.
-            _ => {}
+            // Ours (the cache is behind), or absent.
+            Ok(_) => {}
+            // Unreadable: nothing says it is ours, so it is not written.
+            Err(source) => {
+                return Err(Error::Api {
+                    action: "reading",
+                    kind,
+                    namespace: ns,
+                    name,
+                    source,
+                });
+            }
         }
     }
     api.patch(
@@ -698,9 +787,22 @@ where
     }
     let kind = <K as Resource>::kind(&()).into_owned();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    match api.delete(name, &DeleteParams::default()).await {
+    // Only the object the cache shows: one replaced since (someone else's,
+    // recreated under the same name) fails the precondition and stays.
+    let params = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: obj.uid(),
+            resource_version: obj.resource_version(),
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(%kind, namespace = %ns, %name, "not pruned: it changed since the cache saw it");
+            return Ok(());
+        }
         Err(source) => {
             return Err(Error::Api {
                 action: "deleting",
@@ -712,7 +814,7 @@ where
         }
     }
     ctx.metrics.wrote(&kind, "delete");
-    tracing::info!(%kind, namespace = %ns, %name, "pruned: the namespace is no longer meshed");
+    tracing::info!(%kind, namespace = %ns, %name, "pruned");
     Ok(())
 }
 

@@ -235,12 +235,15 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         ch,
         CHILD,
     );
-    spawn_watch(
+    // Secrets without their field-manager history: one per meshed
+    // ServiceAccount, it would be most of what the cache holds of them.
+    spawn_watch_pruned(
         Api::all(c.clone()),
         managed.clone(),
         writers.secrets,
         ch,
         CHILD,
+        |s: &mut Secret| s.metadata.managed_fields = None,
     );
     spawn_watch(
         Api::all(c.clone()),
@@ -334,7 +337,7 @@ fn spawn_watch_pruned<K>(
 /// references, every container's image, command, env and mounts, volumes,
 /// conditions, container statuses.
 pub fn prune_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, SecretVolumeSource, Volume};
     let meta = &mut pod.metadata;
     meta.labels = None;
     // The injector's own annotations say the webhook injected the pod.
@@ -364,10 +367,34 @@ pub fn prune_pod(pod: &mut Pod) {
             })
             .collect()
     };
+    // Volumes of weft's identity Secrets, by Secret name only: the one
+    // Secret of earlier versions that held every account's keys is deleted
+    // once no pod mounts it.
+    let identity_volumes = |vs: Option<Vec<Volume>>| -> Option<Vec<Volume>> {
+        let kept: Vec<Volume> = vs
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                let secret = v.secret?.secret_name?;
+                secret
+                    .starts_with(crate::identity::LEGACY_IDENTITY_SECRET)
+                    .then(|| Volume {
+                        name: v.name,
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(secret),
+                            ..SecretVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    })
+            })
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
     pod.spec = pod.spec.take().map(|s| PodSpec {
         containers: names(&s.containers),
         init_containers: s.init_containers.as_deref().map(names),
         host_network: s.host_network,
+        volumes: identity_volumes(s.volumes),
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|s| PodStatus {

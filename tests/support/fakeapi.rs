@@ -33,6 +33,8 @@ pub struct FakeState {
     /// Writes to these paths are refused with this code, as an admission
     /// policy or a quota would refuse them (the request is still recorded).
     pub refuse: HashMap<String, u16>,
+    /// Reads of these paths fail with this code (an API server in trouble).
+    pub refuse_reads: HashMap<String, u16>,
     next_rv: u64,
 }
 
@@ -72,6 +74,11 @@ async fn api(
             .to_owned(),
         body: body.clone(),
     });
+    if method == Method::GET
+        && let Some(code) = f.refuse_reads.get(&path).copied()
+    {
+        return status(code, "InternalError", &format!("GET {path} failed"));
+    }
     if method != Method::GET
         && let Some(code) = f.refuse.get(&path).copied()
     {
