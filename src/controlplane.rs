@@ -133,6 +133,19 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         r = connect => r?,
         () = &mut signal => return Ok(()),
     };
+    serve(args, client, version, signal).await
+}
+
+/// Runs the control plane against `client`, an API server at `version`,
+/// until `signal` (then the shutdown [`serve_until_shutdown`] describes).
+/// Apart from [`main`] so that a test can drive the whole of it against a
+/// fake API server.
+pub async fn serve(
+    args: ControlPlaneArgs,
+    client: Client,
+    version: Info,
+    signal: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let apiserver = apiserver_version(&version);
     tracing::info!(version = %version.git_version, "API server");
     // Classic until the Nodes are listed: native sidecars need every
@@ -257,7 +270,8 @@ async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
         let router = webhook::router(hook);
         let limit = webhook::DRAIN_TIMEOUT;
-        webhook::serve_https_until(listener, serving.clone(), router, drain, limit).await
+        let limits = webhook::LIMITS;
+        webhook::serve_https_until(listener, serving.clone(), router, drain, limit, limits).await
     };
     serve_until_shutdown(signal, SHUTDOWN_GRACE, &stage, operator, webhook, admin).await
 }

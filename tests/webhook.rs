@@ -18,6 +18,9 @@ use weft::inject::certs::{self, Plan, WebhookNames};
 use weft::inject::webhook::{self, AllMeshed, ServingCert, Webhook};
 use weft::inject::{ClusterCaps, InjectSettings};
 
+#[path = "support/fakeapi.rs"]
+mod fakeapi;
+
 fn hook() -> Webhook {
     Webhook::new(
         InjectSettings::new(
@@ -403,4 +406,286 @@ async fn tier2_the_serving_certificate_is_created_and_its_ca_applied_to_the_webh
         Some("weft-control-plane")
     );
     assert_eq!(query.get("force").map(String::as_str), Some("true"));
+}
+
+/// A webhook on loopback with the generated serving certificate, under
+/// `limits`; its address and CA (PEM).
+async fn serve_webhook(limits: weft::proxy::server::HttpLimits) -> (std::net::SocketAddr, String) {
+    let m = material();
+    let serving = Arc::new(ServingCert::default());
+    serving.set(&m.cert, &m.key).expect("cert");
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(webhook::serve_https_until(
+        l,
+        serving,
+        webhook::router(Arc::new(hook())),
+        std::future::pending(),
+        webhook::DRAIN_TIMEOUT,
+        limits,
+    ));
+    (addr, m.ca_cert)
+}
+
+/// An HTTP/2 client connection to the webhook over TLS (ALPN `h2`), as the
+/// API server opens one; the task ends when the connection closes. `Err`
+/// when the server closed the connection before the handshakes finished.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2: {e}"))?;
+    Ok((send, tokio::spawn(conn)))
+}
+
+/// `GET /healthz` on an HTTP/2 connection; its status.
+async fn healthz(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+) -> Result<u16, String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get("https://weft-injector.weft-system.svc/healthz")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let rsp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = rsp.status().as_u16();
+    rsp.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+/// An HTTP/2 connection that carries no request is closed once the idle
+/// timeout passes, although its client answers every keep-alive ping: a
+/// peer that only answers pings cannot hold a webhook connection (one of
+/// its capped few) for ever. (The idle timeout is short here; the header
+/// read timeout is the real one.)
+#[tokio::test]
+async fn an_idle_http2_connection_to_the_webhook_is_closed() {
+    let limits = weft::proxy::server::HttpLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..webhook::LIMITS
+    };
+    let (addr, ca) = serve_webhook(limits).await;
+    let (mut send, conn) = h2_connection(addr, &ca).await.expect("connect");
+    assert_eq!(healthz(&mut send).await, Ok(200));
+    // `send` is kept: a client connection with no sender left closes itself.
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "the server closed the idle connection (GOAWAY): {closed:?}"
+    );
+    drop(send);
+}
+
+/// The webhook holds at most `MAX_CONNECTIONS` connections: with that many
+/// open and silent (clients that connect and never start TLS), the next is
+/// closed at once while those stay open; once some of them go, a client
+/// is served again.
+#[tokio::test]
+async fn the_webhook_refuses_connections_past_its_cap_and_serves_again_after() {
+    use tokio::io::AsyncReadExt;
+    let (addr, ca) = serve_webhook(webhook::LIMITS).await;
+    let mut silent = Vec::new();
+    for _ in 0..webhook::MAX_CONNECTIONS {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut over = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), over.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the connection past the cap is closed by the server: {read:?}"
+    );
+    // Those within the cap are still open (a silent client is otherwise
+    // closed by the handshake timeout, which would close the first first).
+    let still = tokio::time::timeout(Duration::from_millis(100), silent[0].read(&mut buf)).await;
+    assert!(
+        still.is_err(),
+        "the first silent connection is still open: {still:?}"
+    );
+
+    silent.truncate(webhook::MAX_CONNECTIONS - 8);
+    // The server learns of the closes as it reads them: a few tries.
+    let mut served = Err("not tried".to_owned());
+    for _ in 0..50 {
+        served = match h2_connection(addr, &ca).await {
+            Ok((mut send, _conn)) => healthz(&mut send).await,
+            Err(e) => Err(e),
+        };
+        if served == Ok(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served, Ok(200), "a client is served again");
+    drop(silent);
+}
+
+/// Issue 18 item 9: the control plane's `/readyz` (what the Service in
+/// front of the webhook routes by) waits for the caches the webhook reads,
+/// the Namespaces and the Mesh, and for nothing of the operator's. The
+/// whole control plane (`controlplane::serve`: webhook, admin server,
+/// operator watches) runs against a fake API server (tier 2: no real one
+/// runs here) that answers lists and watches but holds the Pod and Secret
+/// lists unanswered, as a large cluster's take long: `/readyz` fails while
+/// the Mesh list is held too, and passes once it is answered, the Pod and
+/// Secret lists still pending. Were readiness to wait for the operator's
+/// caches, a slow start would refuse every pod of a meshed namespace
+/// (`failurePolicy: Fail`) until they listed.
+#[tokio::test]
+async fn webhook_readiness_does_not_wait_for_pod_or_secret_caches() {
+    const PODS: &str = "/api/v1/pods";
+    const SECRETS: &str = "/api/v1/secrets";
+    const MESHES: &str = "/apis/weft.dev/v1alpha1/meshes";
+    let (fake, client, held) = fakeapi::start_with_lists().await;
+    let m = material();
+    {
+        let mut f = fake.lock().expect("fake");
+        // The serving certificate, as cert-manager would have written it.
+        f.objects.insert(
+            "/api/v1/namespaces/weft-system/secrets/weft-injector-tls".into(),
+            json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": { "name": "weft-injector-tls", "namespace": "weft-system" },
+                "data": {
+                    "tls.crt": base64::engine::general_purpose::STANDARD.encode(&m.cert),
+                    "tls.key": base64::engine::general_purpose::STANDARD.encode(&m.key),
+                    "ca.crt": base64::engine::general_purpose::STANDARD.encode(&m.ca_cert),
+                },
+            }),
+        );
+        f.objects.insert(
+            "/api/v1/namespaces/shop".into(),
+            json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": { "name": "shop", "labels": { "weft.dev/inject": "enabled" } },
+            }),
+        );
+    }
+    held.send_replace([PODS, SECRETS, MESHES].map(String::from).into());
+
+    let admin = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let args = weft::controlplane::ControlPlaneArgs {
+        webhook_listen: "127.0.0.1:0".parse().expect("addr"),
+        namespace: "weft-system".into(),
+        webhook_service: "weft-injector".into(),
+        webhook_secret: "weft-injector-tls".into(),
+        webhook_configuration: "weft-injector".into(),
+        webhook_name: "inject.weft.dev".into(),
+        webhook_cert_source: weft::controlplane::CertSource::External,
+        proxy_image: "weft:test".into(),
+        admin_listen: admin,
+        lease_name: "weft-operator".into(),
+        lease_duration: Duration::from_secs(15),
+        pod_name: Some("weft-control-plane-0".into()),
+        concurrency: 1,
+    };
+    let version = k8s_openapi::apimachinery::pkg::version::Info {
+        major: "1".into(),
+        minor: "33".into(),
+        git_version: "v1.33.0".into(),
+        ..Default::default()
+    };
+    let control_plane = tokio::spawn(weft::controlplane::serve(
+        args,
+        client,
+        version,
+        std::future::pending(),
+    ));
+
+    let requested = |path: &str, watch: bool| {
+        fake.lock().expect("fake").seen.iter().any(|s| {
+            s.method == http::Method::GET && s.path == path && s.query.contains("watch=") == watch
+        })
+    };
+    let readyz = || async {
+        let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/readyz")
+            .header("host", "weft")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .ok()?;
+        Some(send.send_request(req).await.ok()?.status().as_u16())
+    };
+    // The certificate read and every list asked for, the Mesh's held.
+    let mut asked = false;
+    for _ in 0..200 {
+        asked = requested(
+            "/api/v1/namespaces/weft-system/secrets/weft-injector-tls",
+            false,
+        ) && requested("/api/v1/namespaces", false)
+            && [PODS, SECRETS, MESHES].iter().all(|p| requested(p, false));
+        if asked && readyz().await.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        asked,
+        "the control plane asked for its certificate and lists"
+    );
+    assert_eq!(
+        readyz().await,
+        Some(503),
+        "not ready while the Mesh, which the webhook reads, is not listed"
+    );
+
+    held.send_modify(|h| {
+        h.remove(MESHES);
+    });
+    let mut status = None;
+    for _ in 0..200 {
+        status = readyz().await;
+        if status == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status,
+        Some(200),
+        "ready once the Namespaces and the Mesh are listed"
+    );
+    assert!(
+        !requested(PODS, true) && !requested(SECRETS, true),
+        "the Pod and Secret lists are still unanswered (no watch followed them)"
+    );
+    assert!(!control_plane.is_finished(), "the control plane runs on");
+    control_plane.abort();
 }

@@ -20,7 +20,6 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -30,6 +29,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use super::{Decision, InjectSettings, NamespaceInfo, inject};
+use crate::proxy::server::{Activity, HttpLimits, serve_limited};
 
 /// The largest AdmissionReview read (a pod is far smaller; the API server
 /// caps objects at about 1.5 MiB).
@@ -218,6 +218,7 @@ pub async fn serve_https(
         router,
         std::future::pending(),
         DRAIN_TIMEOUT,
+        LIMITS,
     )
     .await
 }
@@ -231,10 +232,23 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// each).
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// An HTTP/2 connection from the API server is pinged this often, so a
-/// vanished peer is noticed; an HTTP/1 connection idle this long is
-/// closed by the header-read timeout already.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// A webhook connection on which no request started for this long is
+/// closed: HTTP/1 by the header-read timeout (hyper runs it while waiting
+/// for the next request) well before, HTTP/2 with GOAWAY. HTTP/2 is also
+/// pinged this often, so a vanished peer is noticed; but a peer that
+/// answers pings would hold its connection, one of [`MAX_CONNECTIONS`],
+/// for ever without this. A minute keeps the API server's connection
+/// through the gaps between pod creations of a busy cluster, and costs a
+/// quiet one a TLS handshake now and then (the API server opens a new
+/// connection after GOAWAY without failing a request).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time limits on each webhook connection: a request head (and the TLS
+/// handshake before it) within [`REQUEST_TIMEOUT`], and [`IDLE_TIMEOUT`].
+pub const LIMITS: HttpLimits = HttpLimits {
+    header_read_timeout: REQUEST_TIMEOUT,
+    idle_timeout: IDLE_TIMEOUT,
+};
 
 /// [`serve_https`] until `shutdown` resolves, then a drain: the listener
 /// closes (new connections are refused) and every open connection is told
@@ -244,13 +258,15 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// waiting for and sends what comes next to another replica. Connections
 /// still open after `limit` are closed; none outlives this call. A
 /// connection still in its TLS handshake is closed once it completes,
-/// before a request is read.
+/// before a request is read. Each connection is held to `limits`
+/// ([`LIMITS`] but in tests).
 pub async fn serve_https_until(
     listener: TcpListener,
     cert: Arc<ServingCert>,
     router: Router,
     shutdown: impl Future<Output = ()>,
     limit: Duration,
+    limits: HttpLimits,
 ) -> anyhow::Result<()> {
     let config = rustls::ServerConfig::builder_with_provider(crate::proxy::tls::provider())
         .with_safe_default_protocol_versions()?
@@ -259,7 +275,7 @@ pub async fn serve_https_until(
     let mut config = config;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let graceful = GracefulShutdown::new();
+    let (drain, draining) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -283,10 +299,11 @@ pub async fn serve_https_until(
             tracing::warn!(%peer, "webhook connection refused: at the connection cap");
             continue;
         }
-        // Watched from the accept on, so a drain waits for the handshake.
-        let watcher = graceful.watcher();
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        connections.spawn(serve_connection(acceptor, tcp, peer, router, watcher));
+        // In the set from the accept on, so a drain waits for the handshake.
+        let (acceptor, router, draining) = (acceptor.clone(), router.clone(), draining.clone());
+        connections.spawn(serve_connection(
+            acceptor, tcp, peer, router, limits, draining,
+        ));
     }
     drop(listener);
     while connections.try_join_next().is_some() {}
@@ -295,10 +312,9 @@ pub async fn serve_https_until(
         ?limit,
         "webhook draining: no new connections, the open ones finish their requests"
     );
-    if tokio::time::timeout(limit, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drain.send_replace(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(limit, drained).await.is_err() {
         tracing::warn!(
             ?limit,
             "webhook drain: connections still open past the limit are closed"
@@ -314,31 +330,32 @@ async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     router: Router,
-    drain: Watcher,
+    limits: HttpLimits,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "webhook TLS handshake failed"),
         Err(_) => return tracing::debug!(%peer, "webhook TLS handshake timed out"),
     };
-    let service = hyper_util::service::TowerToHyperService::new(
-        router.map_request(|r: http::Request<hyper::body::Incoming>| r.map(Body::new)),
-    );
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(REQUEST_TIMEOUT);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(REQUEST_TIMEOUT);
-    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-    if let Err(e) = drain.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "webhook connection ended");
+    if *draining.borrow() {
+        return tracing::debug!(%peer, "webhook draining: closed after its TLS handshake");
     }
+    // The proxy's connection server: header-read and idle timeouts, and a
+    // graceful close (GOAWAY for HTTP/2) when the drain starts.
+    let activity = Activity::default();
+    let active = activity.clone();
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let seen = active.enter();
+        let rsp = router.clone().oneshot(req.map(Body::new));
+        async move {
+            let rsp = rsp.await;
+            drop(seen);
+            rsp
+        }
+    });
+    serve_limited(tls, &limits, &activity, Some(draining), service).await;
+    tracing::debug!(%peer, "webhook connection ended");
 }
 
 #[cfg(test)]
@@ -410,7 +427,7 @@ mod tests {
             let _ = drained.await;
         };
         let server = tokio::spawn(serve_https_until(
-            listener, serving, router, shutdown, limit,
+            listener, serving, router, shutdown, limit, LIMITS,
         ));
         (addr, ca, drain, server)
     }

@@ -143,3 +143,112 @@ pub async fn start() -> (Shared, kube::Client) {
     let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
     (fake, kube::Client::try_from(config).expect("client"))
 }
+
+/// Collection paths whose list requests the fake holds unanswered while
+/// they are in the set: a list that takes as long as the test wants, as
+/// listing every Pod of a large cluster does.
+pub type Held = tokio::sync::watch::Sender<std::collections::HashSet<String>>;
+
+/// Whether `path` names a collection (`/api/v1/pods`,
+/// `/api/v1/namespaces/shop/secrets`, `/apis/weft.dev/v1alpha1/meshes`)
+/// rather than one object: an odd number of segments after the group
+/// version.
+fn collection(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let base = if segments.first() == Some(&"api") {
+        2
+    } else {
+        3
+    };
+    segments.len() > base && (segments.len() - base) % 2 == 1
+}
+
+/// Whether the object stored at `key` is an item of the list at `list`:
+/// directly under it, or, for a namespaced resource listed across all
+/// namespaces, under any namespace.
+fn listed(list: &str, key: &str) -> bool {
+    let l: Vec<&str> = list.trim_start_matches('/').split('/').collect();
+    let k: Vec<&str> = key.trim_start_matches('/').split('/').collect();
+    if k.len() == l.len() + 1 && k.starts_with(&l) {
+        return true;
+    }
+    let base = if l.first() == Some(&"api") { 2 } else { 3 };
+    l.len() == base + 1
+        && k.len() == base + 4
+        && k[..base] == l[..base]
+        && k[base] == "namespaces"
+        && k[base + 2] == l[base]
+}
+
+/// [`api`], plus what a watcher (kube's reflector) needs: a GET of a
+/// collection is a list of the stored objects under it (held while its
+/// path is in `held`), and a watch (`watch=true`) is answered 200 with a
+/// stream that stays open and sends nothing, as the API server's does
+/// while nothing changes.
+async fn api_with_lists(
+    State((fake, held)): State<(
+        Shared,
+        tokio::sync::watch::Receiver<std::collections::HashSet<String>>,
+    )>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = uri.path().to_owned();
+    let query = uri.query().unwrap_or("").to_owned();
+    if method != Method::GET || !collection(&path) {
+        return api(State(fake), method, uri, headers, body)
+            .await
+            .into_response();
+    }
+    fake.lock().expect("fake").seen.push(Seen {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type: String::new(),
+        body: Value::Null,
+    });
+    if query
+        .split('&')
+        .any(|q| q == "watch=true" || q == "watch=1")
+    {
+        let quiet = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        return (
+            [("content-type", "application/json")],
+            axum::body::Body::from_stream(quiet),
+        )
+            .into_response();
+    }
+    let mut held = held;
+    let _ = held.wait_for(|h| !h.contains(&path)).await;
+    let f = fake.lock().expect("fake");
+    let mut items: Vec<(&String, &Value)> =
+        f.objects.iter().filter(|(k, _)| listed(&path, k)).collect();
+    items.sort_by_key(|(k, _)| *k);
+    let items: Vec<Value> = items.into_iter().map(|(_, v)| v.clone()).collect();
+    let rv = f.next_rv.max(1).to_string();
+    axum::Json(json!({
+        "apiVersion": "v1", "kind": "List",
+        "metadata": { "resourceVersion": rv },
+        "items": items,
+    }))
+    .into_response()
+}
+
+/// [`start`], with lists and watches ([`api_with_lists`]); the returned
+/// [`Held`] holds list requests of the paths put in it until they are
+/// taken out.
+pub async fn start_with_lists() -> (Shared, kube::Client, Held) {
+    let fake: Shared = Arc::default();
+    let (held, holds) = tokio::sync::watch::channel(Default::default());
+    let app = axum::Router::new()
+        .fallback(api_with_lists)
+        .with_state((fake.clone(), holds));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
+    (fake, kube::Client::try_from(config).expect("client"), held)
+}
