@@ -223,12 +223,20 @@ pub async fn serve(
     // The operator's own caches gate only the operator, not readiness.
     let synced = Arc::new(AtomicBool::new(false));
     let (stage, _) = tokio::sync::watch::channel(Stage::Up);
+    // Ready only once the webhook's port is bound: the Service would
+    // otherwise route admissions to a port that refuses them.
+    let listening = Arc::new(AtomicBool::new(false));
     let ready = {
-        let (webhook_synced, serving, stage) =
-            (webhook_synced.clone(), serving.clone(), stage.subscribe());
+        let (webhook_synced, serving, stage, listening) = (
+            webhook_synced.clone(),
+            serving.clone(),
+            stage.subscribe(),
+            listening.clone(),
+        );
         Arc::new(move || {
             webhook_synced.load(Ordering::Relaxed)
                 && serving.ready()
+                && listening.load(Ordering::Relaxed)
                 && *stage.borrow() == Stage::Up
         })
     };
@@ -267,6 +275,7 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(args.webhook_listen)
             .await
             .with_context(|| format!("binding the webhook listener on {}", args.webhook_listen))?;
+        listening.store(true, Ordering::Relaxed);
         tracing::info!(listen = %args.webhook_listen, "admission webhook serving");
         let router = webhook::router(hook);
         let limit = webhook::DRAIN_TIMEOUT;

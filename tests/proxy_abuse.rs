@@ -329,3 +329,36 @@ async fn one_source_cannot_hold_the_whole_inbound_connection_cap() {
         "the per-source table forgets a source once its connections close"
     );
 }
+
+/// A connection on which neither the client nor the app says anything
+/// (an HTTP app never speaks first) holds no inbound slot for long: past
+/// the detection timeout it waits for a first word at most the idle
+/// timeout, then the header-read timeout closes it. Before, it waited a
+/// day, so four silent pods could hold the whole inbound cap.
+#[tokio::test]
+async fn a_connection_nobody_speaks_on_is_closed() {
+    let app = Upstream::fixed(200, "ok").await;
+    let inbound = format!("127.0.0.1:0={}", app.addr.port());
+    let p = start_proxy(
+        &config(vec![]),
+        &[],
+        &[
+            "--inbound-map",
+            &inbound,
+            "--idle-timeout",
+            "500ms",
+            "--header-read-timeout",
+            "500ms",
+        ],
+    )
+    .await;
+    let mut silent = TcpStream::connect(p.running.inbound[0])
+        .await
+        .expect("connect");
+    assert!(
+        closed_by_peer(&mut silent).await,
+        "a connection nobody speaks on is closed"
+    );
+    let limit = p.proxy.inbound_connections.clone();
+    assert!(eventually(|| limit.open() == 0).await, "its slot is free");
+}

@@ -440,6 +440,32 @@ async fn h2_connection(
     ),
     String,
 > {
+    h2_connection_from(addr, ca_pem, 1).await
+}
+
+/// A TCP connection from loopback address `127.0.0.<from>` (Linux routes
+/// all of 127/8 to lo): another source address, as another pod would be.
+async fn connect_from(
+    addr: std::net::SocketAddr,
+    from: u8,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, from], 0)))?;
+    socket.connect(addr).await
+}
+
+/// [`h2_connection`] from `127.0.0.<from>`.
+async fn h2_connection_from(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    from: u8,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    String,
+> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -451,9 +477,7 @@ async fn h2_connection(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp = connect_from(addr, from).await.map_err(|e| e.to_string())?;
     let name =
         rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -507,20 +531,28 @@ async fn an_idle_http2_connection_to_the_webhook_is_closed() {
 }
 
 /// The webhook holds at most `MAX_CONNECTIONS` connections: with that many
-/// open and silent (clients that connect and never start TLS), the next is
-/// closed at once while those stay open; once some of them go, a client
-/// is served again.
+/// open and silent (clients that connect and never start TLS, from as many
+/// sources as the per-source share needs), the next, from yet another
+/// source, is closed at once while those stay open; once some of them go,
+/// a client is served again.
 #[tokio::test]
 async fn the_webhook_refuses_connections_past_its_cap_and_serves_again_after() {
     use tokio::io::AsyncReadExt;
-    let (addr, ca) = serve_webhook(webhook::LIMITS).await;
+    // A long header-read timeout: a silent client would otherwise be
+    // closed by it, and the test could not tell that from the cap.
+    let limits = weft::proxy::server::HttpLimits {
+        header_read_timeout: Duration::from_secs(60),
+        ..webhook::LIMITS
+    };
+    let (addr, ca) = serve_webhook(limits).await;
     let mut silent = Vec::new();
-    for _ in 0..webhook::MAX_CONNECTIONS {
-        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    for i in 0..webhook::MAX_CONNECTIONS {
+        let from = 10 + (i / webhook::SOURCE_SHARE) as u8;
+        silent.push(connect_from(addr, from).await.expect("connect"));
     }
-    let mut over = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut over = connect_from(addr, 200).await.expect("connect");
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(10), over.read(&mut buf)).await;
+    let read = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf)).await;
     assert!(
         matches!(read, Ok(Ok(0) | Err(_))),
         "the connection past the cap is closed by the server: {read:?}"
@@ -548,6 +580,79 @@ async fn the_webhook_refuses_connections_past_its_cap_and_serves_again_after() {
     }
     assert_eq!(served, Ok(200), "a client is served again");
     drop(silent);
+}
+
+/// One pod that reaches the webhook's port cannot take the slots the API
+/// servers need: one source address holds at most `SOURCE_SHARE`
+/// connections, and past that its new ones are closed at once while
+/// another source is served.
+#[tokio::test]
+async fn one_source_cannot_hold_the_webhooks_connection_cap() {
+    use tokio::io::AsyncReadExt;
+    let limits = weft::proxy::server::HttpLimits {
+        header_read_timeout: Duration::from_secs(60),
+        ..webhook::LIMITS
+    };
+    let (addr, ca) = serve_webhook(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..webhook::SOURCE_SHARE {
+        held.push(connect_from(addr, 7).await.expect("connect"));
+    }
+    let mut over = connect_from(addr, 7).await.expect("connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the source's connection past its share is closed: {read:?}"
+    );
+    let (mut send, _conn) = h2_connection_from(addr, &ca, 8)
+        .await
+        .expect("another source connects");
+    assert_eq!(healthz(&mut send).await, Ok(200), "and is served");
+    drop(held);
+}
+
+/// A client that completes its TLS handshake and then sends nothing (not
+/// even the HTTP/2 preface) is closed after the header-read timeout, not
+/// the idle timeout: it cannot hold a slot for a minute per connection.
+#[tokio::test]
+async fn a_silent_client_after_its_handshake_is_closed_at_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let limits = weft::proxy::server::HttpLimits {
+        header_read_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(60),
+    };
+    let (addr, ca) = serve_webhook(limits).await;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name =
+        rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the silent connection is closed: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "closed by the header-read timeout, not the idle one: {:?}",
+        started.elapsed()
+    );
 }
 
 /// Issue 18 item 9: the control plane's `/readyz` (what the Service in

@@ -232,6 +232,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// each).
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Connections one source address may hold: an eighth of the cap. The
+/// callers are the API servers (an HA control plane has three to five,
+/// each keeping a few connections), so one pod that reaches the webhook's
+/// port cannot take the slots the API servers need (`failurePolicy: Fail`
+/// would then refuse every pod creation in meshed namespaces).
+pub const SOURCE_SHARE: usize = MAX_CONNECTIONS / 8;
+
 /// A webhook connection on which no request started for this long is
 /// closed: HTTP/1 by the header-read timeout (hyper runs it while waiting
 /// for the next request) well before, HTTP/2 with GOAWAY. HTTP/2 is also
@@ -277,6 +284,12 @@ pub async fn serve_https_until(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (drain, draining) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let cap = crate::proxy::server::ConnLimit::with_share(
+        MAX_CONNECTIONS,
+        SOURCE_SHARE,
+        prometheus_client::metrics::counter::Counter::default(),
+        prometheus_client::metrics::counter::Counter::default(),
+    );
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -292,18 +305,23 @@ pub async fn serve_https_until(
         let _ = tcp.set_nodelay(true);
         // Forget the finished ones, so the set holds only open connections.
         while connections.try_join_next().is_some() {}
-        // At the cap a new connection is closed at once: clients that open
-        // connections and send nothing hold at most the cap, each for at
+        // At the cap, or past its source's share, a new connection is
+        // closed at once: clients that open connections and send nothing
+        // hold at most the cap (one source at most its share), each for at
         // most the handshake and header-read timeouts.
-        if connections.len() >= MAX_CONNECTIONS {
-            tracing::warn!(%peer, "webhook connection refused: at the connection cap");
-            continue;
-        }
+        let slot = match cap.enter_from(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::warn!(%peer, reason = ?why, "webhook connection refused");
+                continue;
+            }
+        };
         // In the set from the accept on, so a drain waits for the handshake.
         let (acceptor, router, draining) = (acceptor.clone(), router.clone(), draining.clone());
-        connections.spawn(serve_connection(
-            acceptor, tcp, peer, router, limits, draining,
-        ));
+        connections.spawn(async move {
+            serve_connection(acceptor, tcp, peer, router, limits, draining).await;
+            drop(slot);
+        });
     }
     drop(listener);
     while connections.try_join_next().is_some() {}

@@ -275,7 +275,14 @@ where
     let _ = upstream.set_nodelay(true);
     let mut io = match how {
         Relay::Opaque => detect::PrefixedIo::new(bytes::Bytes::new(), io),
-        Relay::SniffFirst => match first_speaker(io, &upstream, proxy.detect_timeout).await {
+        Relay::SniffFirst => match first_speaker(
+            io,
+            &upstream,
+            proxy.detect_timeout,
+            proxy.http_limits.idle_timeout,
+        )
+        .await
+        {
             Some(FirstWords::Client(Protocol::Http1 | Protocol::Http2, client)) => {
                 drop(upstream);
                 tracing::debug!(
@@ -293,7 +300,9 @@ where
             None => return,
         },
     };
-    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+    let _ =
+        super::server::relay_until_idle(&mut io, &mut upstream, super::server::OPAQUE_IDLE_TIMEOUT)
+            .await;
 }
 
 /// The AccessPolicy check of a whole TCP connection; a denial is counted.
@@ -325,18 +334,22 @@ enum FirstWords<S> {
 /// HTTP: HTTP is the safe reading, since relaying them opaquely would let
 /// a client drip a request, a forged `weft-client-id` included, past the
 /// access checks; the HTTP server answers 400 if they are not HTTP after
-/// all.
+/// all. When neither side says anything for `silent`, the connection is
+/// served as HTTP too, whose header-read timeout then closes it: a
+/// connection nobody speaks on holds no slot of the connection cap for
+/// long (AccessPolicy cannot judge it before its first words).
 async fn first_speaker<S>(
     mut client: S,
     app: &TcpStream,
     undecided: Duration,
+    silent: Duration,
 ) -> Option<FirstWords<S>>
 where
     S: AsyncRead + Unpin,
 {
     use tokio::io::AsyncReadExt;
     let mut seen = bytes::BytesMut::new();
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let far = tokio::time::Instant::now() + silent;
     let mut deadline = far;
     loop {
         let mut chunk = [0u8; 64];

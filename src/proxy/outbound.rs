@@ -216,7 +216,13 @@ where
     };
     match upstream {
         Ok(mut upstream) => {
-            if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+            if let Err(e) = super::server::relay_until_idle(
+                &mut io,
+                &mut upstream,
+                super::server::OPAQUE_IDLE_TIMEOUT,
+            )
+            .await
+            {
                 tracing::debug!(%addr, error = %e, "opaque connection ended");
             }
         }

@@ -157,12 +157,22 @@ impl ConnLimit {
     /// [`SourceShare::of`] the cap; connections refused for that are
     /// counted in `over_share`.
     pub fn with_source_share(limit: usize, refused: Counter, over_share: Counter) -> Arc<Self> {
+        Self::with_share(limit, SourceShare::of(limit), refused, over_share)
+    }
+
+    /// A cap of which one source address may hold at most `share`.
+    pub fn with_share(
+        limit: usize,
+        share: usize,
+        refused: Counter,
+        over_share: Counter,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limit,
             now: AtomicUsize::new(0),
             refused,
             per_source: Some(SourceShare {
-                share: SourceShare::of(limit),
+                share: share.max(1),
                 held: Mutex::default(),
                 refused: over_share,
             }),
@@ -289,6 +299,99 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// How long an opaque (TCP) relay may carry no byte either way before it
+/// is closed: an hour, Istio's default for TCP, so a database pool's idle
+/// connections live, while a connection nobody uses cannot hold a slot of
+/// the connection cap forever.
+pub const OPAQUE_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Copies bytes both ways until either side closes, or no byte has moved
+/// either way for `idle`. Returns the bytes copied each way, as
+/// [`tokio::io::copy_bidirectional`] does, or why it stopped.
+pub async fn relay_until_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut a = Counted {
+        io: a,
+        moved: moved.clone(),
+    };
+    let mut b = Counted {
+        io: b,
+        moved: moved.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            r = &mut copy => return r,
+            () = tokio::time::sleep(idle) => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no byte either way for {idle:?}"),
+                    ));
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// A stream that counts the reads that brought bytes, for
+/// [`relay_until_idle`]: one relaxed add per read.
+struct Counted<'a, S: ?Sized> {
+    io: &'a mut S,
+    moved: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves one connection with `service` under `limits` until it closes,
 /// it idles past the idle timeout, or `stop` fires (then it finishes its
 /// in-flight requests and closes). `activity` must be entered by the
@@ -328,6 +431,12 @@ pub async fn serve_limited<I, S, B>(
     tokio::pin!(conn);
     let mut stop = stop;
     let mut seen = activity.snapshot();
+    // Until its first request a connection gets the header-read timeout,
+    // whatever its protocol: the HTTP/1 timer starts only once the
+    // protocol is known, and HTTP/2 has none, so a client that completes
+    // its handshake and sends nothing (or half a preface) is closed as
+    // soon as one that sends half a request head.
+    let mut wait = limits.header_read_timeout.min(limits.idle_timeout);
     let result = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
@@ -340,7 +449,8 @@ pub async fn serve_limited<I, S, B>(
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
-            _ = tokio::time::sleep(limits.idle_timeout) => {
+            _ = tokio::time::sleep(wait) => {
+                wait = limits.idle_timeout;
                 let now = activity.snapshot();
                 if now == seen && now & (ACTIVITY_STARTED - 1) == 0 {
                     tracing::debug!("closing an idle connection");
@@ -588,6 +698,30 @@ pub async fn serve_http<I, F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An opaque relay nobody sends on ends after the idle timeout; one
+    /// that carries a byte now and then does not.
+    #[tokio::test]
+    async fn an_opaque_relay_ends_only_when_idle() {
+        use tokio::io::AsyncWriteExt;
+        let idle = Duration::from_millis(200);
+        let (mut client, mut a) = tokio::io::duplex(64);
+        let (mut b, mut app) = tokio::io::duplex(64);
+        let relay = tokio::spawn(async move { relay_until_idle(&mut a, &mut b, idle).await });
+        // Busy for five idle periods: a byte every 50 ms.
+        for _ in 0..20 {
+            client.write_all(b"x").await.expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!relay.is_finished(), "a relay that carries bytes goes on");
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("ends once idle")
+            .expect("task");
+        let err = ended.expect_err("timed out");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(app.write_all(b"").await);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("address")
