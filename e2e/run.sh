@@ -690,6 +690,7 @@ check_injection() {
       [[ " $names " == *" weft-proxy "* ]] || bad "injection: pod $ns/$pod has no weft-proxy ($names)"
     done <<<"$list"
     "${K[@]}" -n "$ns" get configmap weft-proxy-config >/dev/null || bad "injection: $ns has no weft-proxy-config"
+    "${K[@]}" -n "$ns" get configmap weft-endpoints >/dev/null || bad "discovery: $ns has no weft-endpoints"
     "${K[@]}" -n "$ns" get secret weft-identity-default >/dev/null || bad "injection: $ns has no weft-identity-default (the default ServiceAccount's identity)"
     if "${K[@]}" -n "$ns" get secret weft-identity >/dev/null 2>&1; then
       bad "injection: $ns has a weft-identity Secret holding every account's keys"

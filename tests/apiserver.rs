@@ -952,6 +952,41 @@ async fn tier5_the_control_plane_reconciles_the_shop_under_its_own_rbac() {
         .unwrap_or_default();
     assert_eq!(in_config, vec![catalog_ip]);
 
+    // Issue 19: an EndpointSlice created through the API server (here by
+    // hand: envtest runs no controller-manager, whose EndpointSlice
+    // controller would write it) appears in the namespace's published
+    // endpoints, through the control plane's RBAC for slices.
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "catalog-tier5", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "catalog"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.7.7"], "conditions": {"ready": true}, "zone": "zone-a"}],
+    }))
+    .expect("slice");
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(admin.clone(), "shop")
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("the API server takes the slice");
+    let published = wait_for(Duration::from_secs(30), || {
+        let api = Api::<ConfigMap>::namespaced(admin.clone(), "shop");
+        async move {
+            let cm = api
+                .get_opt(weft::config::ENDPOINTS_CONFIG_MAP_NAME)
+                .await
+                .ok()??;
+            let json = cm.data.as_ref()?.get(weft::config::ENDPOINTS_KEY)?.clone();
+            let doc = weft::config::EndpointsConfig::from_bytes(json.as_bytes()).ok()?;
+            doc.services.contains_key("catalog.shop").then_some(doc)
+        }
+    })
+    .await
+    .expect("catalog's slice in shop's weft-endpoints within 30 s");
+    let catalog = &published.services["catalog.shop"].groups;
+    assert_eq!(catalog[0].endpoints[0].addresses, ["10.244.7.7"]);
+    assert_eq!(catalog[0].endpoints[0].zone.as_deref(), Some("zone-a"));
+
     // Every policy of the example is Accepted, for its current generation.
     let policies: Vec<&Value> = shop
         .iter()

@@ -1225,6 +1225,71 @@ async fn an_applications_own_tls_passes_through_untouched_in_both_modes() {
     );
 }
 
+/// Issue 19, item 3: with discovery, the client knows which pod it
+/// dialled and that pod's ServiceAccount, and holds it to exactly that
+/// identity, not merely to any account of the namespace: a pod presenting
+/// another account of the same namespace (here, the published pod is
+/// `cart`'s, the certificate `payments`') is refused and counted as
+/// `unexpected-identity`; published as `payments`', it is served.
+#[tokio::test]
+async fn a_pod_presenting_another_account_of_its_namespace_is_refused() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let (server, _sid) = server_proxy(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[payments.addr.port()],
+    )
+    .await;
+    let mut svc = service("payments", &[], None, json!([]));
+    svc["clusterIps"] = json!(["127.0.0.9"]);
+    // Any account of `shop` may serve the Service as a whole.
+    svc["mesh"] = json!({ "namespace": "shop", "strict": true });
+    let cid = pki.dir("shop", "checkout");
+    let client = meshed(&config(vec![svc]), &["payments.shop:80"], &cid, &[]).await;
+    let endpoint = server.running.inbound[0];
+    let publish = |generation: &str, account: &str| {
+        let doc = json!({
+            "schemaVersion": "1.0", "generation": generation, "namespace": "shop",
+            "services": { "payments.shop": { "groups": [{
+                "ports": { "": endpoint.port() },
+                "endpoints": [{ "addresses": [endpoint.ip().to_string()], "ready": true,
+                                "pod": "payments-0", "serviceAccount": account }],
+            }]}},
+        });
+        write_atomic(
+            &client.dir.path().join("endpoints.json"),
+            doc.to_string().as_bytes(),
+        );
+    };
+    publish("as-cart", "cart");
+    client
+        .wait_metric("weft_proxy_endpoints_reloads", 1.0)
+        .await;
+    let r = get(&client.outbound_url(0)).await;
+    assert_eq!(r.status, 502, "refused: {r:?}");
+    let counted = client
+        .wait_metric(
+            "weft_proxy_tls_rejections_total{direction=\"outbound\",reason=\"unexpected-identity\"}",
+            1.0,
+        )
+        .await;
+    assert!(counted >= 1.0, "counted as unexpected-identity");
+    assert_eq!(payments.hits(), 0);
+
+    publish("as-payments", "payments");
+    client
+        .wait_metric("weft_proxy_endpoints_reloads", 2.0)
+        .await;
+    let r = get(&client.outbound_url(0)).await;
+    assert_eq!(r.status, 200, "the pod's own account: {r:?}");
+    assert_eq!(
+        r.body,
+        format!("client-id={CHECKOUT_ID}"),
+        "and the server learned the caller"
+    );
+}
+
 /// A pod spec can name any Secret of its namespace, so a pod of
 /// ServiceAccount checkout could mount payments' identity Secret. Its proxy
 /// refuses that certificate: it presents only its own account's identity,

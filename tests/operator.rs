@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::http::Method;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::store::Writer;
@@ -187,10 +188,10 @@ impl Harness {
         for ns in namespaces {
             let base = format!("/api/v1/namespaces/{ns}");
             let rbac = format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}");
-            if let Some(cm) =
-                self.stored::<ConfigMap>(&format!("{base}/configmaps/weft-proxy-config"))
-            {
-                put(&mut self.writers.config_maps, cm);
+            for cm in ["weft-proxy-config", "weft-endpoints"] {
+                if let Some(cm) = self.stored::<ConfigMap>(&format!("{base}/configmaps/{cm}")) {
+                    put(&mut self.writers.config_maps, cm);
+                }
             }
             let secrets: Vec<String> = {
                 let fake = self.fake.lock().expect("fake");
@@ -295,6 +296,7 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
         paths,
         [
             "/api/v1/namespaces/shop/configmaps/weft-proxy-config",
+            "/api/v1/namespaces/shop/configmaps/weft-endpoints",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/weft-proxy-config-reader",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/weft-proxy-config-reader",
             "/api/v1/namespaces/shop/secrets/weft-identity-cart",
@@ -330,7 +332,7 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
     // A Secret per ServiceAccount, each with that account's key pair and
     // no other's.
     let mut keys = Vec::new();
-    for (w, sa) in writes[3..].iter().zip(["cart", "default"]) {
+    for (w, sa) in writes[4..].iter().zip(["cart", "default"]) {
         assert_eq!(w.body["type"], "kubernetes.io/tls");
         assert_eq!(
             w.body["metadata"]["annotations"]["weft.dev/service-account"],
@@ -682,7 +684,16 @@ async fn an_unlabelled_namespace_is_pruned() {
         })
         .collect();
     deleted.sort();
-    assert_eq!(deleted, ["configmaps", "rolebindings", "roles", "secrets"]);
+    assert_eq!(
+        deleted,
+        [
+            "configmaps",
+            "configmaps",
+            "rolebindings",
+            "roles",
+            "secrets"
+        ]
+    );
 }
 
 /// The Secret that held every ServiceAccount's keys (before there was one
@@ -959,6 +970,147 @@ async fn a_failed_renewal_keeps_the_expiry_gauge() {
         .await
         .expect_err("the write failed");
     assert_eq!(gauge(&h), Some(before), "the stored certificate's expiry");
+}
+
+/// An EndpointSlice of Service `ns/svc` holding `ips` (ready pods).
+fn slice(ns: &str, svc: &str, name: &str, ips: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    obj(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": name,
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+        "endpoints": endpoints}),
+    )
+}
+
+/// The endpoints document a namespace holds, as the fake stores it.
+fn published(h: &Harness, ns: &str) -> Option<weft::config::EndpointsConfig> {
+    let cm: ConfigMap = h.stored(&format!(
+        "/api/v1/namespaces/{ns}/configmaps/weft-endpoints"
+    ))?;
+    let json = cm.data?.remove("endpoints.json")?;
+    Some(weft::config::EndpointsConfig::from_bytes(json.as_bytes()).expect("endpoints"))
+}
+
+/// Issue 19: a burst of pod changes (a rollout of inventory moving its
+/// pods) costs one write per namespace that calls inventory, per batch;
+/// a namespace that does not call it, and a batch that changed nothing,
+/// cost none.
+#[tokio::test]
+async fn a_burst_of_slice_changes_is_one_write_per_calling_namespace() {
+    let mut h = harness().await;
+    for ns in ["shop", "payments"] {
+        put(&mut h.writers.namespaces, namespace(ns, true));
+    }
+    put(&mut h.writers.namespaces, namespace("legacy", false));
+    put(
+        &mut h.writers.services,
+        service("shop", "inventory", "10.96.0.10"),
+    );
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "inventory", "inventory-1", &["10.244.0.1"]),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    for ns in ["shop", "payments"] {
+        h.reconcile(ns).await;
+        let e = published(&h, ns).expect("published");
+        let only = &e.services["inventory.shop"].groups[0].endpoints;
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].addresses, ["10.244.0.1"]);
+    }
+    h.sync_children(&["shop", "payments"]);
+    let (changes, _one, _all) = h.compile_loop();
+    h.clear();
+
+    // Twenty pod changes in a burst, each a slice event.
+    for i in 2..=21 {
+        let ips: Vec<String> = (1..=i).map(|n| format!("10.244.0.{n}")).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        put(
+            &mut h.writers.endpoint_slices,
+            slice("shop", "inventory", "inventory-1", &ips),
+        );
+        changes
+            .send(Change::Endpoints("shop".into(), "inventory".into()))
+            .expect("send");
+    }
+    let mut writes = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        writes = h.writes();
+        if writes.len() >= 2 {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut paths: Vec<String> = h.writes().into_iter().map(|w| w.path).collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/payments/configmaps/weft-endpoints",
+            "/api/v1/namespaces/shop/configmaps/weft-endpoints",
+        ],
+        "{writes:#?}"
+    );
+    for ns in ["shop", "payments"] {
+        let e = published(&h, ns).expect("published");
+        assert_eq!(e.services["inventory.shop"].groups[0].endpoints.len(), 21);
+    }
+
+    // The watch delivers what was written; a slice event that changed
+    // nothing the proxies see writes nothing.
+    h.sync_children(&["shop", "payments"]);
+    h.clear();
+    changes
+        .send(Change::Endpoints("shop".into(), "inventory".into()))
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.writes().is_empty(), "{:#?}", h.writes());
+}
+
+/// A deleted Service's endpoints leave every namespace's document.
+#[tokio::test]
+async fn a_deleted_service_takes_its_endpoints_with_it() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    let inventory = service("shop", "inventory", "10.96.0.10");
+    put(&mut h.writers.services, inventory.clone());
+    put(
+        &mut h.writers.services,
+        service("shop", "cart", "10.96.0.11"),
+    );
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "inventory", "inventory-1", &["10.244.0.1"]),
+    );
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "cart", "cart-1", &["10.244.0.2"]),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    let before = published(&h, "shop").expect("published");
+    assert_eq!(
+        before.services.keys().collect::<Vec<_>>(),
+        ["cart.shop", "inventory.shop"]
+    );
+    h.sync_children(&["shop"]);
+
+    // Service gone (its slices linger until the garbage collector runs).
+    remove(&mut h.writers.services, inventory);
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    let after = published(&h, "shop").expect("published");
+    assert_eq!(after.services.keys().collect::<Vec<_>>(), ["cart.shop"]);
 }
 
 #[tokio::test]

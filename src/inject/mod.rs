@@ -662,14 +662,28 @@ fn runtime_default_seccomp() -> SeccompProfile {
     }
 }
 
+/// The namespace's `weft-proxy-config` and `weft-endpoints` in one
+/// directory (`config.json`, `endpoints.json`, or their `.gz` forms): the
+/// proxy's bootstrap and its fallback while the API server is away.
 fn config_volume() -> Volume {
+    let source = |name: &str| VolumeProjection {
+        config_map: Some(k8s_openapi::api::core::v1::ConfigMapProjection {
+            name: name.to_owned(),
+            // The operator creates them once the namespace is labelled;
+            // until then the proxy starts, reports not ready, and watches
+            // for the config (without endpoints it uses ClusterIPs).
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     Volume {
         name: CONFIG_VOLUME.to_owned(),
-        config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
-            name: crate::config::CONFIG_MAP_NAME.to_owned(),
-            // The operator creates it once the namespace is labelled; until
-            // then the proxy starts, reports not ready, and watches for it.
-            optional: Some(true),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![
+                source(crate::config::CONFIG_MAP_NAME),
+                source(crate::config::ENDPOINTS_CONFIG_MAP_NAME),
+            ]),
             ..Default::default()
         }),
         ..Default::default()

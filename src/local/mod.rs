@@ -2,8 +2,9 @@
 //! quick start, the demo, and the data plane's end-to-end harness.
 //!
 //! `up DIR` reads the same YAML as `weft compile` plus a topology file
-//! ([`topology`]), compiles the configs (each Service's endpoints are the
-//! topology's pods it selects), mints identities from a fresh mesh CA, and
+//! ([`topology`]), compiles the configs, publishes each Service's pods (the
+//! topology's pods it selects) in the same endpoints document the operator
+//! publishes in a cluster, mints identities from a fresh mesh CA, and
 //! starts every pod: a `weft-demo` app and a real `weft-proxy` sidecar.
 //! As root each pod is a network namespace with real `weft init` rules
 //! (apps call Services by name; `/etc/hosts` maps the names to ClusterIPs

@@ -1,5 +1,5 @@
 //! What `weft local up` will start, decided without touching the machine:
-//! the compiled configs (with each Service's endpoints filled in from the
+//! the compiled configs and endpoints documents (each Service's pods from the
 //! topology's pods), and per pod its address, ports, the app's command line
 //! and the sidecar's. The runner only carries it out.
 
@@ -35,8 +35,12 @@ pub const HEALTH_PATH: &str = "/healthz";
 pub struct Plan {
     pub mode: Mode,
     pub trust_domain: String,
-    /// Per meshed namespace, endpoints filled in.
+    /// Per meshed namespace, the compiled config.
     pub configs: BTreeMap<String, ProxyConfig>,
+    /// Per meshed namespace, the pods behind the Services its config
+    /// names: the same contract the operator publishes in a cluster
+    /// (`weft-endpoints`), written next to each pod's config.
+    pub endpoints: BTreeMap<String, crate::config::EndpointsConfig>,
     pub pods: Vec<PodPlan>,
     /// Every policy's verdict, as `weft compile` prints them.
     pub verdicts: Vec<PolicyVerdict>,
@@ -268,7 +272,8 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         .iter()
         .map(|w| (w, w.pod_labels()))
         .collect();
-    let mut endpoints: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, String), Vec<crate::config::EndpointGroup>> =
+        BTreeMap::new();
     for svc in &facts.services {
         let key = (svc.namespace().unwrap_or_default(), svc.name_any());
         let selector = svc
@@ -286,6 +291,15 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                 && !selector.is_empty()
                 && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
         };
+        // As EndpointSlices give them: every Service port name (weft
+        // local sends them all to the app's one port) to where the pod
+        // listens, the pod, and its ServiceAccount.
+        let port_names: Vec<String> = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .map(|p| p.name.clone().unwrap_or_default())
+            .collect();
         let mut list = Vec::new();
         for (pod, inbound) in pods.iter().zip(&inbound_ports) {
             let Some((w, _)) = workloads
@@ -294,9 +308,22 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
             else {
                 continue;
             };
-            list.push(match mode {
-                Mode::Netns => SocketAddr::from((pod.ip, w.port)).to_string(),
-                Mode::Loopback { .. } => format!("127.0.0.1:{inbound}"),
+            let addr = match mode {
+                Mode::Netns => SocketAddr::from((pod.ip, w.port)),
+                Mode::Loopback { .. } => SocketAddr::from(([127, 0, 0, 1], *inbound)),
+            };
+            list.push(crate::config::EndpointGroup {
+                ports: port_names
+                    .iter()
+                    .map(|n| (n.clone(), addr.port()))
+                    .collect(),
+                endpoints: vec![crate::config::EndpointEntry {
+                    addresses: vec![addr.ip().to_string()],
+                    ready: true,
+                    pod: Some(pod.name.clone()),
+                    service_account: Some(pod.service_account.clone()),
+                    ..Default::default()
+                }],
             });
         }
         if list.is_empty() {
@@ -317,15 +344,32 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         check_target_ports(svc, &key, &workloads, &selected, &mut warnings);
         endpoints.insert(key, list);
     }
-    let mut configs = compiled.configs;
-    for config in configs.values_mut() {
-        for svc in &mut config.outbound.services {
-            if let Some(list) = endpoints.get(&(svc.namespace.clone(), svc.name.clone())) {
-                svc.endpoints = list.clone();
-            }
-        }
-        *config = config.clone().seal();
-    }
+    let configs = compiled.configs;
+    let endpoints: BTreeMap<String, crate::config::EndpointsConfig> = configs
+        .iter()
+        .map(|(ns, config)| {
+            let services = config
+                .outbound
+                .services
+                .iter()
+                .filter_map(|svc| {
+                    let groups = endpoints.get(&(svc.namespace.clone(), svc.name.clone()))?;
+                    Some((
+                        crate::config::EndpointsConfig::key(&svc.namespace, &svc.name),
+                        crate::config::ServiceEndpoints {
+                            groups: groups.clone(),
+                        },
+                    ))
+                })
+                .collect();
+            let doc = crate::config::EndpointsConfig {
+                namespace: ns.clone(),
+                services,
+                ..Default::default()
+            };
+            (ns.clone(), doc.seal())
+        })
+        .collect();
     if mode == Mode::Netns {
         for pod in &mut pods {
             pod.hosts = Some(hosts_file(&configs[&pod.namespace], pod));
@@ -340,6 +384,7 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         mode,
         trust_domain,
         configs,
+        endpoints,
         pods,
         verdicts: compiled.verdicts,
         warnings,

@@ -644,6 +644,15 @@ fn write_pod_files(
     };
     let config = root.join("config.json");
     write(&config, &plan.configs[&pod.namespace].to_json(), 0o644)?;
+    // Where the proxy looks by default: next to its config, as the
+    // injector's projected volume puts `weft-endpoints` in a cluster.
+    if let Some(endpoints) = plan.endpoints.get(&pod.namespace) {
+        write(
+            &root.join(crate::config::ENDPOINTS_KEY),
+            &endpoints.to_json(),
+            0o644,
+        )?;
+    }
     let leaf = ca.issue(
         &SpiffeId::new(&plan.trust_domain, &pod.namespace, &pod.service_account),
         SystemTime::now(),

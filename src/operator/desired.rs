@@ -13,7 +13,10 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
 
-use crate::config::{CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig, StoredConfig};
+use crate::config::{
+    CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME, ENDPOINTS_GZ_KEY,
+    ENDPOINTS_KEY, EndpointsConfig, ProxyConfig, StoredConfig,
+};
 use crate::identity::{
     CA_CERT_KEY, IDENTITY_SECRET_PREFIX, IdentityError, LEGACY_IDENTITY_SECRET, MeshCa, SpiffeId,
     TLS_CERT_KEY, TLS_KEY_KEY, bundle_hash, identity_secret_name, inspect_pem,
@@ -63,16 +66,46 @@ fn owner(ns: &Namespace) -> OwnerReference {
 /// ConfigMap `weft-proxy-config`: `config.json`, or `config.json.gz` in
 /// `binaryData` when large.
 pub fn config_map(ns: &Namespace, config: &ProxyConfig) -> ConfigMap {
-    let mut meta = meta(ns, CONFIG_MAP_NAME);
+    stored_document(
+        ns,
+        CONFIG_MAP_NAME,
+        &config.generation,
+        config.to_stored(),
+        (CONFIG_KEY, CONFIG_GZ_KEY),
+    )
+}
+
+/// ConfigMap `weft-endpoints`: `endpoints.json`, or `endpoints.json.gz` in
+/// `binaryData` when large.
+pub fn endpoints_config_map(ns: &Namespace, endpoints: &EndpointsConfig) -> ConfigMap {
+    stored_document(
+        ns,
+        ENDPOINTS_CONFIG_MAP_NAME,
+        &endpoints.generation,
+        endpoints.to_stored(),
+        (ENDPOINTS_KEY, ENDPOINTS_GZ_KEY),
+    )
+}
+
+/// A ConfigMap holding one document under its plain or its gzip key, with
+/// the document's generation as an annotation.
+fn stored_document(
+    ns: &Namespace,
+    name: &str,
+    generation: &str,
+    stored: StoredConfig,
+    (key, gz_key): (&str, &str),
+) -> ConfigMap {
+    let mut meta = meta(ns, name);
     meta.annotations = Some(BTreeMap::from([(
         GENERATION_ANNOTATION.to_owned(),
-        config.generation.clone(),
+        generation.to_owned(),
     )]));
-    let (data, binary_data) = match config.to_stored() {
-        StoredConfig::Json(json) => (Some(BTreeMap::from([(CONFIG_KEY.to_owned(), json)])), None),
+    let (data, binary_data) = match stored {
+        StoredConfig::Json(json) => (Some(BTreeMap::from([(key.to_owned(), json)])), None),
         StoredConfig::Gzip(gz) => (
             None,
-            Some(BTreeMap::from([(CONFIG_GZ_KEY.to_owned(), ByteString(gz))])),
+            Some(BTreeMap::from([(gz_key.to_owned(), ByteString(gz))])),
         ),
     };
     ConfigMap {
@@ -83,14 +116,17 @@ pub fn config_map(ns: &Namespace, config: &ProxyConfig) -> ConfigMap {
     }
 }
 
-/// Read access to `weft-proxy-config` and nothing else.
+/// Read access to `weft-proxy-config` and `weft-endpoints`, nothing else.
 pub fn role(ns: &Namespace) -> Role {
     Role {
         metadata: meta(ns, CONFIG_READER),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".into()]),
-            resource_names: Some(vec![CONFIG_MAP_NAME.into()]),
+            resource_names: Some(vec![
+                CONFIG_MAP_NAME.into(),
+                ENDPOINTS_CONFIG_MAP_NAME.into(),
+            ]),
             verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
         }]),
@@ -348,7 +384,12 @@ mod tests {
         let rule = &role.rules.as_ref().expect("rules")[0];
         assert_eq!(
             rule.resource_names.as_deref(),
-            Some(&[CONFIG_MAP_NAME.to_owned()][..])
+            Some(
+                &[
+                    CONFIG_MAP_NAME.to_owned(),
+                    ENDPOINTS_CONFIG_MAP_NAME.to_owned()
+                ][..]
+            )
         );
         assert!(!rule.verbs.iter().any(|v| v == "update" || v == "patch"));
         let rb = role_binding(&ns());

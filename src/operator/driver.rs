@@ -289,6 +289,37 @@ fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_js
     })
 }
 
+/// Republishes the endpoints of every meshed namespace whose config names
+/// one of `services` (`namespace`, `name`), except those in `skip` (a
+/// reconcile of theirs is queued and publishes them). One apply per
+/// namespace, and only when its document changed. Failures are logged;
+/// the namespace's next reconcile (at the latest its periodic resync)
+/// publishes again.
+pub async fn publish_endpoints(
+    ctx: &Ctx,
+    services: &BTreeSet<(String, String)>,
+    skip: &BTreeSet<String>,
+) {
+    let snap = ctx.snapshot.load_full();
+    for (ns, config) in &snap.compiled.configs {
+        if skip.contains(ns)
+            || !config
+                .outbound
+                .services
+                .iter()
+                .any(|s| services.contains(&(s.namespace.clone(), s.name.clone())))
+        {
+            continue;
+        }
+        let Some(namespace) = ctx.world.namespaces.get(&ObjectRef::new(ns)) else {
+            continue;
+        };
+        if let Err(e) = reconcile::apply_endpoints(ctx, &namespace, config).await {
+            tracing::warn!(namespace = %ns, error = %e, "endpoints not published; the next reconcile retries");
+        }
+    }
+}
+
 /// Turns watch changes into compiles and reconcile triggers until
 /// `changes` closes.
 pub async fn compile_loop(
@@ -310,7 +341,9 @@ pub async fn compile_loop(
         };
         let Some(first) = first else { return };
         let mut batch = vec![first];
-        if batch.contains(&Change::Inputs) {
+        // Inputs settle before a compile; slice changes come in bursts (a
+        // rollout moves many pods): both wait a moment to batch.
+        if matches!(batch[0], Change::Inputs | Change::Endpoints(..)) {
             tokio::time::sleep(DEBOUNCE).await;
         }
         while let Ok(c) = changes.try_recv() {
@@ -319,6 +352,7 @@ pub async fn compile_loop(
         let mut names = BTreeSet::new();
         let mut everyone = false;
         let mut inputs = false;
+        let mut endpoints = BTreeSet::new();
         for c in batch {
             match c {
                 Change::Inputs => inputs = true,
@@ -326,6 +360,9 @@ pub async fn compile_loop(
                     names.insert(ns);
                 }
                 Change::AllChildren => everyone = true,
+                Change::Endpoints(ns, service) => {
+                    endpoints.insert((ns, service));
+                }
             }
         }
         if inputs {
@@ -348,6 +385,10 @@ pub async fn compile_loop(
                         Some(tokio::time::Instant::now() + reconcile::backoff(compile_failures));
                 }
             }
+        }
+        // Namespaces being reconciled anyway publish their endpoints then.
+        if !endpoints.is_empty() && !everyone {
+            publish_endpoints(&ctx, &endpoints, &names).await;
         }
         if everyone && all.send(()).is_err() {
             return;

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod desired;
 pub mod driver;
+pub mod endpoints;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

@@ -38,7 +38,7 @@ use super::status;
 use super::world::World;
 use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
 use crate::compile::{ClusterFacts, Compiled, PolicyKind, PolicyVerdict};
-use crate::config::CONFIG_MAP_NAME;
+use crate::config::{CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME};
 use crate::identity::{IdentityError, MeshCa, bundle_hash};
 use crate::inject::PROXY_CONTAINER;
 
@@ -421,6 +421,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             World::child(&w.config_maps, &name, CONFIG_MAP_NAME).as_deref(),
         )
         .await,
+        apply_endpoints(ctx, ns, config).await,
         apply(
             ctx,
             &desired::role(ns),
@@ -687,6 +688,24 @@ pub fn needs_apply(desired: &Value, stored: &Value) -> bool {
         || exact.iter().any(|k| desired.get(k) != stored.get(k))
 }
 
+/// Publishes the endpoints of the Services `config` names as `ns`'s
+/// `weft-endpoints`, unless it already holds them. True when it wrote.
+pub async fn apply_endpoints(
+    ctx: &Ctx,
+    ns: &Namespace,
+    config: &crate::config::ProxyConfig,
+) -> Result<bool, Error> {
+    let w = &ctx.world;
+    let published = super::endpoints::desired(config, w);
+    let stored = World::child(&w.config_maps, &ns.name_any(), ENDPOINTS_CONFIG_MAP_NAME);
+    apply(
+        ctx,
+        &desired::endpoints_config_map(ns, &published),
+        stored.as_deref(),
+    )
+    .await
+}
+
 /// Server-side applies `obj` unless `stored` already matches it.
 async fn apply<K>(ctx: &Ctx, obj: &K, stored: Option<&K>) -> Result<bool, Error>
 where
@@ -761,6 +780,7 @@ async fn prune(ns: &Namespace, ctx: &Ctx) -> Result<(), Error> {
     let name = ns.name_any();
     let w = &ctx.world;
     delete_managed(ctx, &w.config_maps, &name, CONFIG_MAP_NAME).await?;
+    delete_managed(ctx, &w.config_maps, &name, ENDPOINTS_CONFIG_MAP_NAME).await?;
     for secret in managed_identity_secrets(w, &name) {
         delete_managed(ctx, &w.secrets, &name, &secret).await?;
     }

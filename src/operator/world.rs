@@ -17,6 +17,7 @@ use std::hash::Hash;
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -40,6 +41,8 @@ pub struct World {
     pub service_routes: Store<ServiceRoute>,
     pub access_policies: Store<AccessPolicy>,
     pub pods: Store<Pod>,
+    /// Every Service's pods, published per namespace ([`super::endpoints`]).
+    pub endpoint_slices: Store<EndpointSlice>,
     /// Only what the operator manages (`app.kubernetes.io/managed-by=weft`).
     pub config_maps: Store<ConfigMap>,
     pub secrets: Store<Secret>,
@@ -60,6 +63,7 @@ pub struct Writers {
     pub service_routes: Writer<ServiceRoute>,
     pub access_policies: Writer<AccessPolicy>,
     pub pods: Writer<Pod>,
+    pub endpoint_slices: Writer<EndpointSlice>,
     pub config_maps: Writer<ConfigMap>,
     pub secrets: Writer<Secret>,
     pub roles: Writer<Role>,
@@ -78,6 +82,7 @@ impl Writers {
             service_routes: self.service_routes.as_reader(),
             access_policies: self.access_policies.as_reader(),
             pods: self.pods.as_reader(),
+            endpoint_slices: self.endpoint_slices.as_reader(),
             config_maps: self.config_maps.as_reader(),
             secrets: self.secrets.as_reader(),
             roles: self.roles.as_reader(),
@@ -122,6 +127,7 @@ impl World {
             self.service_routes.wait_until_ready(),
             self.access_policies.wait_until_ready(),
             self.pods.wait_until_ready(),
+            self.endpoint_slices.wait_until_ready(),
             self.config_maps.wait_until_ready(),
             self.secrets.wait_until_ready(),
             self.roles.wait_until_ready(),
@@ -148,6 +154,9 @@ pub enum Change {
     /// A watch of managed children relisted: any child may have changed
     /// while it was down, so every namespace is looked at again.
     AllChildren,
+    /// The EndpointSlices of this Service (`namespace`, `name`) changed:
+    /// republish the endpoints of the namespaces that call it.
+    Endpoints(String, String),
 }
 
 /// Changes go to this channel while `leading` holds true, and are dropped
@@ -228,6 +237,16 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         Classify::Quiet,
         prune_pod,
     );
+    // Slices feed the published endpoints: a change republishes the
+    // namespaces that call its Service (batched by the compile loop).
+    spawn_watch_pruned(
+        Api::all(c.clone()),
+        plain(),
+        writers.endpoint_slices,
+        ch,
+        Classify::Endpoints,
+        prune_slice,
+    );
     spawn_watch(
         Api::all(c.clone()),
         managed.clone(),
@@ -266,6 +285,7 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
 enum Classify {
     Input,
     Child,
+    Endpoints,
     Quiet,
 }
 const INPUT: Classify = Classify::Input;
@@ -276,6 +296,10 @@ impl Classify {
         match self {
             Self::Input => Some(Change::Inputs),
             Self::Child => obj.namespace().map(Change::Child),
+            Self::Endpoints => Some(Change::Endpoints(
+                obj.namespace()?,
+                obj.labels().get(SERVICE_NAME_LABEL)?.clone(),
+            )),
             Self::Quiet => None,
         }
     }
@@ -285,7 +309,7 @@ impl Classify {
     fn relisted(self) -> Option<Change> {
         match self {
             Self::Input => Some(Change::Inputs),
-            Self::Child => Some(Change::AllChildren),
+            Self::Child | Self::Endpoints => Some(Change::AllChildren),
             Self::Quiet => None,
         }
     }
@@ -332,10 +356,11 @@ fn spawn_watch_pruned<K>(
 /// What the operator reads of a pod, and nothing else: its name and
 /// namespace, whether it is being deleted, its containers' names (the
 /// sidecar's among them: `injected`), the injector's `weft.dev/`
-/// annotations, whether it uses the host's network, and its phase and
-/// addresses. Gone: labels, other annotations, owner
-/// references, every container's image, command, env and mounts, volumes,
-/// conditions, container statuses.
+/// annotations, whether it uses the host's network, its ServiceAccount
+/// (the identity its endpoints present), the names of its weft identity
+/// Secret volumes, and its phase and addresses. Gone: labels, other
+/// annotations, owner references, every container's image, command, env
+/// and mounts, other volumes, conditions, container statuses.
 pub fn prune_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, SecretVolumeSource, Volume};
     let meta = &mut pod.metadata;
@@ -395,6 +420,8 @@ pub fn prune_pod(pod: &mut Pod) {
         init_containers: s.init_containers.as_deref().map(names),
         host_network: s.host_network,
         volumes: identity_volumes(s.volumes),
+        // The identity its endpoints must present.
+        service_account_name: s.service_account_name,
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|s| PodStatus {
@@ -403,6 +430,29 @@ pub fn prune_pod(pod: &mut Pod) {
         pod_ips: s.pod_ips,
         ..PodStatus::default()
     });
+}
+
+/// The label that names an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the endpoints publisher reads of an EndpointSlice: its Service
+/// label, ports and endpoints (hints, managed fields and the rest go).
+pub fn prune_slice(slice: &mut EndpointSlice) {
+    let meta = &mut slice.metadata;
+    meta.labels = meta.labels.take().map(|l| {
+        l.into_iter()
+            .filter(|(k, _)| k == SERVICE_NAME_LABEL)
+            .collect()
+    });
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.managed_fields = None;
+    meta.generate_name = None;
+    for e in slice.endpoints.iter_mut().flatten() {
+        e.hints = None;
+        e.hostname = None;
+        e.deprecated_topology = None;
+    }
 }
 
 async fn forward<K: Resource>(

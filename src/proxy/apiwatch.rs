@@ -14,7 +14,10 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
-use crate::config::{CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig};
+use crate::config::{
+    CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME, ENDPOINTS_GZ_KEY,
+    ENDPOINTS_KEY, EndpointsConfig, ProxyConfig,
+};
 
 use super::state::ConfigStore;
 
@@ -63,6 +66,47 @@ pub fn config_of(cm: &ConfigMap) -> Result<ProxyConfig, String> {
     Err(format!(
         "ConfigMap {CONFIG_MAP_NAME} has neither {CONFIG_KEY} nor {CONFIG_GZ_KEY}"
     ))
+}
+
+/// The endpoints document a ConfigMap carries, from whichever key holds it.
+pub fn endpoints_of(cm: &ConfigMap) -> Result<EndpointsConfig, String> {
+    if let Some(json) = cm.data.as_ref().and_then(|d| d.get(ENDPOINTS_KEY)) {
+        return EndpointsConfig::from_bytes(json.as_bytes()).map_err(|e| e.to_string());
+    }
+    if let Some(gz) = cm
+        .binary_data
+        .as_ref()
+        .and_then(|d| d.get(ENDPOINTS_GZ_KEY))
+    {
+        return EndpointsConfig::from_bytes(&gz.0).map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "ConfigMap {ENDPOINTS_CONFIG_MAP_NAME} has neither {ENDPOINTS_KEY} nor {ENDPOINTS_GZ_KEY}"
+    ))
+}
+
+/// Watches `namespace/weft-endpoints` until the process ends, applying
+/// each version (pods come and go within a second or two, not at the
+/// kubelet's next refresh of the mounted file).
+pub async fn watch_endpoints(client: Client, namespace: String, store: Arc<ConfigStore>) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let cfg =
+        watcher::Config::default().fields(&format!("metadata.name={ENDPOINTS_CONFIG_MAP_NAME}"));
+    let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Apply(cm) | Event::InitApply(cm)) => match endpoints_of(&cm) {
+                Ok(endpoints) => {
+                    store.apply_endpoints(endpoints);
+                }
+                Err(why) => store.record_failure(&why),
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "endpoints watch interrupted; retrying (the mounted file still applies)")
+            }
+        }
+    }
 }
 
 /// Watches `namespace/weft-proxy-config` until the process ends, applying

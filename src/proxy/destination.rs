@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{CircuitBreakerConfig, OutboundService, ServicePolicy};
+use crate::config::{CircuitBreakerConfig, EndpointsConfig, OutboundService, ServicePolicy};
 use crate::proxy::http::pool::{CLUSTER_IP_H2_CONNECTIONS, Endpoint};
 use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
     BreakerSettings, BreakerState, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget,
-    TokenBucket,
+    TokenBucket, lock,
 };
 
 /// Latency assumed for an endpoint before it has answered.
@@ -45,6 +45,21 @@ pub enum EndpointSource {
     ClusterIps(Vec<SocketAddr>),
     /// A headless Service: resolve this name.
     Dns { host: String, port: u16 },
+    /// The Service's pods, as the operator's endpoint discovery published
+    /// them ([`crate::config::EndpointsConfig`]).
+    Discovered(Vec<Discovered>),
+}
+
+/// A pod behind a Service, as discovery published it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    pub addr: SocketAddr,
+    /// The pod's ServiceAccount: a meshed endpoint must present exactly
+    /// this identity, not merely one of the Service's.
+    pub service_account: Option<String>,
+    /// Terminating, or not ready: takes a new request only when no other
+    /// endpoint can (in-flight ones finish either way).
+    pub draining: bool,
 }
 
 /// One endpoint and what the balancer knows of it.
@@ -53,6 +68,11 @@ pub struct EndpointState {
     pub endpoint: Endpoint,
     pub load: Arc<PeakEwma>,
     pub breaker: Option<CircuitBreaker>,
+    /// Takes new requests only when no other endpoint can ([`Discovered`]).
+    pub draining: bool,
+    /// The identity it was built for (discovered endpoints), so a
+    /// republished list keeps its state only while that is unchanged.
+    service_account: Option<String>,
 }
 
 /// A destination's endpoints, shared with requests in flight.
@@ -73,13 +93,15 @@ pub struct Destination {
     /// endpoint's breaker is open (see [`Destination::circuit_state`]).
     pub published_circuit: std::sync::atomic::AtomicU8,
     pub limiter: Option<TokenBucket>,
+    /// `RoundRobin`'s turn: requests taken so far.
+    turn: std::sync::atomic::AtomicUsize,
     /// Metric series per route, for the metrics layer: over plaintext
     /// and over mesh TLS.
     pub edges: EdgeCache,
     pub tls_edges: EdgeCache,
     /// Who serves a meshed destination (its endpoints get mesh mTLS).
     pub mesh: Option<Arc<MeshTarget>>,
-    source: EndpointSource,
+    source: Mutex<EndpointSource>,
     /// When DNS was last asked (None: never), and the endpoints.
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
     /// Held by the one request refreshing DNS.
@@ -117,18 +139,7 @@ impl Destination {
             .rate_limit
             .as_ref()
             .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
-        let fixed = |addrs: &[SocketAddr], h2_connections| {
-            let list = addrs
-                .iter()
-                .map(|a| endpoint(*a, &policy, &mesh, h2_connections))
-                .collect();
-            Some(Arc::new(list))
-        };
-        let static_endpoints = match &source {
-            EndpointSource::Static(addrs) => fixed(addrs, 1),
-            EndpointSource::ClusterIps(addrs) => fixed(addrs, CLUSTER_IP_H2_CONNECTIONS),
-            EndpointSource::Dns { .. } => None,
-        };
+        let static_endpoints = fixed_list(&source, &policy, &mesh, &[]);
         let fixed = static_endpoints.is_some();
         Self {
             label,
@@ -137,6 +148,7 @@ impl Destination {
             published_circuit: std::sync::atomic::AtomicU8::new(0),
             budget,
             limiter,
+            turn: std::sync::atomic::AtomicUsize::new(0),
             edges: EdgeCache::default(),
             tls_edges: EdgeCache::default(),
             mesh,
@@ -144,7 +156,7 @@ impl Destination {
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),
             )),
-            source,
+            source: Mutex::new(source),
             policy,
             refreshing: tokio::sync::Mutex::new(()),
         }
@@ -152,9 +164,9 @@ impl Destination {
 
     /// Current endpoints, resolving DNS when the last answer is stale.
     pub async fn endpoints(&self) -> EndpointList {
-        let (host, port) = match &self.source {
-            EndpointSource::Static(_) | EndpointSource::ClusterIps(_) => return self.cached().1,
+        let (host, port) = match &*lock(&self.source) {
             EndpointSource::Dns { host, port } => (host.clone(), *port),
+            _ => return self.cached().1,
         };
         let (resolved_at, current) = self.cached();
         if resolved_at.is_some_and(|t| t.elapsed() < DNS_TTL) {
@@ -202,7 +214,7 @@ impl Destination {
                     known
                         .get(&a)
                         .cloned()
-                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh, 1))
+                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh, 1, None, false))
                 })
                 .collect(),
         );
@@ -245,8 +257,92 @@ impl Destination {
         source: &EndpointSource,
         mesh: &Option<Arc<MeshTarget>>,
     ) -> bool {
-        &self.policy == policy && &self.source == source && &self.mesh == mesh
+        &self.policy == policy && &*lock(&self.source) == source && &self.mesh == mesh
     }
+
+    /// `RoundRobin`: the next of `candidates` (endpoint indices with their
+    /// costs, in endpoint order) in turn; one atomic add per request.
+    pub fn next_in_turn(&self, candidates: &[(usize, f64)]) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let n = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(candidates[n % candidates.len()].0)
+    }
+
+    /// Takes a republished list of pods (discovery moved some) in place:
+    /// the destination keeps its retry budget, rate limiter and series,
+    /// and each pod still there keeps its latency estimate and breaker.
+    /// False when `source` is not a discovered list.
+    fn repoint(&self, source: EndpointSource) -> bool {
+        if !matches!(source, EndpointSource::Discovered(_))
+            || !matches!(&*lock(&self.source), EndpointSource::Discovered(_))
+        {
+            return false;
+        }
+        let (_, current) = self.cached();
+        let next = fixed_list(&source, &self.policy, &self.mesh, &current).unwrap_or_default();
+        *lock(&self.endpoints) = (Some(Instant::now()), next);
+        *lock(&self.source) = source;
+        true
+    }
+}
+
+/// The endpoint list of a source known up front (not DNS), reusing the
+/// state of `keep`'s endpoints that are the same pod with the same
+/// identity and draining state.
+fn fixed_list(
+    source: &EndpointSource,
+    policy: &ServicePolicy,
+    mesh: &Option<Arc<MeshTarget>>,
+    keep: &[Arc<EndpointState>],
+) -> Option<EndpointList> {
+    let plain = |addrs: &[SocketAddr], h2| {
+        addrs
+            .iter()
+            .map(|a| endpoint(*a, policy, mesh, h2, None, false))
+            .collect::<Vec<_>>()
+    };
+    let list = match source {
+        EndpointSource::Static(addrs) => plain(addrs, 1),
+        EndpointSource::ClusterIps(addrs) => plain(addrs, CLUSTER_IP_H2_CONNECTIONS),
+        EndpointSource::Dns { .. } => return None,
+        EndpointSource::Discovered(pods) => {
+            let known: HashMap<(SocketAddr, Option<&str>, bool), &Arc<EndpointState>> = keep
+                .iter()
+                .map(|e| ((e.addr, e.service_account.as_deref(), e.draining), e))
+                .collect();
+            // One expected identity per account, shared by its pods (their
+            // pooled connections are keyed by it).
+            let mut targets: HashMap<&str, Arc<MeshTarget>> = HashMap::new();
+            pods.iter()
+                .map(|p| {
+                    let key = (p.addr, p.service_account.as_deref(), p.draining);
+                    if let Some(e) = known.get(&key) {
+                        return Arc::clone(e);
+                    }
+                    let target = match (mesh, p.service_account.as_deref()) {
+                        (Some(m), Some(sa)) => Some(
+                            targets
+                                .entry(sa)
+                                .or_insert_with(|| Arc::new(m.for_account(sa)))
+                                .clone(),
+                        ),
+                        _ => mesh.clone(),
+                    };
+                    endpoint(
+                        p.addr,
+                        policy,
+                        &target,
+                        1,
+                        p.service_account.clone(),
+                        p.draining,
+                    )
+                })
+                .collect()
+        }
+    };
+    Some(Arc::new(list))
 }
 
 fn endpoint(
@@ -254,18 +350,26 @@ fn endpoint(
     policy: &ServicePolicy,
     mesh: &Option<Arc<MeshTarget>>,
     h2_connections: usize,
+    service_account: Option<String>,
+    draining: bool,
 ) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
         endpoint: Endpoint::meshed(addr, mesh.clone()).with_h2_connections(h2_connections),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
+        draining,
+        service_account,
     })
 }
 
-/// Where a Service port's endpoints come from: explicit endpoints, else its
-/// ClusterIPs, else (headless) DNS.
-pub fn source_for(svc: &OutboundService, port: u16) -> EndpointSource {
+/// Where a Service port's endpoints come from: explicit endpoints, else
+/// the pods discovery published, else its ClusterIPs, else (headless) DNS.
+pub fn source_for(
+    svc: &OutboundService,
+    port: u16,
+    discovered: Option<&EndpointsConfig>,
+) -> EndpointSource {
     if !svc.endpoints.is_empty() {
         return EndpointSource::Static(
             svc.endpoints
@@ -273,6 +377,9 @@ pub fn source_for(svc: &OutboundService, port: u16) -> EndpointSource {
                 .filter_map(|e| e.parse().ok())
                 .collect(),
         );
+    }
+    if let Some(pods) = discovered.and_then(|d| discovered_pods(svc, port, d)) {
+        return EndpointSource::Discovered(pods);
     }
     let ips: Vec<SocketAddr> = svc
         .cluster_ips
@@ -289,6 +396,60 @@ pub fn source_for(svc: &OutboundService, port: u16) -> EndpointSource {
         .cloned()
         .unwrap_or_else(|| format!("{}.{}", svc.name, svc.namespace));
     EndpointSource::Dns { host, port }
+}
+
+/// The pods behind `svc`'s `port`, when discovery published any: each
+/// group's port of the same name, one address family (the Service's
+/// primary one: a dual-stack pod is in a slice per family, and counting it
+/// twice would double its share).
+fn discovered_pods(
+    svc: &OutboundService,
+    port: u16,
+    discovered: &EndpointsConfig,
+) -> Option<Vec<Discovered>> {
+    let groups = &discovered
+        .services
+        .get(&EndpointsConfig::key(&svc.namespace, &svc.name))?
+        .groups;
+    let name = svc
+        .ports
+        .iter()
+        .find(|p| p.port == port)?
+        .name
+        .clone()
+        .unwrap_or_default();
+    let parsed = |a: &String| a.parse::<std::net::IpAddr>().ok();
+    let family_v6 = match svc
+        .cluster_ips
+        .first()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+    {
+        Some(ip) => ip.is_ipv6(),
+        // Headless: IPv4 when any pod has it.
+        None => !groups
+            .iter()
+            .flat_map(|g| &g.endpoints)
+            .flat_map(|e| &e.addresses)
+            .any(|a| parsed(a).is_some_and(|ip| ip.is_ipv4())),
+    };
+    let mut pods = Vec::new();
+    for group in groups {
+        let Some(target) = group.ports.get(&name) else {
+            continue;
+        };
+        for e in &group.endpoints {
+            for ip in e.addresses.iter().filter_map(parsed) {
+                if ip.is_ipv6() == family_v6 {
+                    pods.push(Discovered {
+                        addr: SocketAddr::new(ip, *target),
+                        service_account: e.service_account.clone(),
+                        draining: e.terminating || !e.ready,
+                    });
+                }
+            }
+        }
+    }
+    (!pods.is_empty()).then_some(pods)
 }
 
 /// Destinations by label, carried across config reloads.
@@ -308,10 +469,13 @@ impl Destinations {
         mesh: Option<Arc<MeshTarget>>,
     ) -> Arc<Destination> {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(label)
-            && d.same_as(policy, &source, &mesh)
-        {
-            return d.clone();
+        if let Some(d) = map.get(label) {
+            if d.same_as(policy, &source, &mesh) {
+                return d.clone();
+            }
+            if &d.policy == policy && d.mesh == mesh && d.repoint(source.clone()) {
+                return d.clone();
+            }
         }
         let d = Arc::new(Destination::new(
             label.to_owned(),
@@ -341,6 +505,83 @@ impl Destinations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy() -> ServicePolicy {
+        serde_json::from_str(
+            r#"{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma","circuitBreaker":{"consecutiveFailures":1,"openMs":60000,"maxOpenMs":60000}}"#,
+        )
+        .expect("policy")
+    }
+
+    fn pod(last: u8, account: &str, draining: bool) -> Discovered {
+        Discovered {
+            addr: SocketAddr::from(([10, 244, 0, last], 8080)),
+            service_account: Some(account.to_owned()),
+            draining,
+        }
+    }
+
+    /// Pods come and go (discovery republishes): the destination stays,
+    /// with its retry budget and series, and each pod still there keeps
+    /// its breaker and latency estimate; a pod whose account or draining
+    /// state changed starts afresh.
+    #[tokio::test]
+    async fn republished_pods_keep_the_state_of_those_that_stay() {
+        let all = Destinations::default();
+        let mesh = Some(Arc::new(MeshTarget::from_config(
+            &crate::config::MeshedServer {
+                namespace: "shop".into(),
+                service_accounts: vec![],
+                strict: true,
+            },
+        )));
+        let first = EndpointSource::Discovered(vec![
+            pod(1, "inventory", false),
+            pod(2, "inventory", false),
+        ]);
+        let d = all.get("inventory.shop:80", &policy(), first, mesh.clone());
+        let before = d.endpoints().await;
+        // Pod 1 failed: its breaker is open.
+        let permit = before[0]
+            .breaker
+            .as_ref()
+            .expect("breaker")
+            .try_acquire(Instant::now())
+            .expect("closed");
+        permit.failure(Instant::now());
+        assert_eq!(
+            d.circuit_state(Instant::now()),
+            Some(BreakerState::Closed),
+            "pod 2 still serves"
+        );
+
+        let next = EndpointSource::Discovered(vec![
+            pod(1, "inventory", false),
+            pod(2, "inventory", true),
+            pod(3, "inventory", false),
+        ]);
+        let same = all.get("inventory.shop:80", &policy(), next, mesh.clone());
+        assert!(Arc::ptr_eq(&d, &same), "the destination is kept");
+        let after = same.endpoints().await;
+        assert_eq!(after.len(), 3);
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "pod 1 keeps its state");
+        assert!(
+            !after[0]
+                .breaker
+                .as_ref()
+                .expect("breaker")
+                .admits(Instant::now()),
+            "its breaker is still open"
+        );
+        assert!(
+            !Arc::ptr_eq(&before[1], &after[1]),
+            "pod 2 now drains: fresh"
+        );
+        assert!(after[1].draining && !after[2].draining);
+        // Each pod is held to its own account.
+        let expected = after[2].endpoint.mesh.as_ref().expect("meshed");
+        assert_eq!(expected.server.service_accounts, ["inventory"]);
+    }
 
     #[tokio::test]
     async fn a_failed_lookup_is_not_repeated_on_every_request() {

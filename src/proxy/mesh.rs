@@ -50,6 +50,20 @@ impl MeshTarget {
             strict: mesh.strict,
         }
     }
+
+    /// The same destination as served by one pod of ServiceAccount `sa`:
+    /// that pod must present exactly `sa`'s identity. An account the
+    /// Service does not list keeps the Service's list, which that pod's
+    /// own certificate then fails.
+    pub fn for_account(&self, sa: &str) -> Self {
+        let listed = self.server.service_accounts.is_empty()
+            || self.server.service_accounts.iter().any(|a| a == sa);
+        let mut narrowed = self.clone();
+        if listed {
+            narrowed.server.service_accounts = vec![sa.to_owned()];
+        }
+        narrowed
+    }
 }
 
 /// An upstream connection: mesh TLS, or plaintext after a fallback.

@@ -220,6 +220,8 @@ pub struct ProxyMetrics {
     pub config_generation: Family<GenerationLabels, Gauge>,
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
+    /// Endpoints documents (discovery) applied.
+    pub endpoints_reloads: Counter,
     /// Peer certificates refused in mesh TLS, by direction and reason.
     pub tls_rejections: Family<crate::proxy::tls::RejectLabels, Counter>,
     /// When this proxy's certificate expires (unix seconds).
@@ -355,6 +357,12 @@ impl ProxyMetrics {
             "Config changes applied",
             config_reloads.clone(),
         );
+        let endpoints_reloads = Counter::default();
+        registry.register(
+            "endpoints_reloads",
+            "Endpoints documents (the pods behind the Services called) applied",
+            endpoints_reloads.clone(),
+        );
         let config_reload_failures = Counter::default();
         registry.register(
             "config_reload_failures",
@@ -482,6 +490,7 @@ impl ProxyMetrics {
             config_generation,
             config_reloads,
             config_reload_failures,
+            endpoints_reloads,
         }
     }
 

@@ -53,6 +53,12 @@ pub struct ProxyArgs {
         default_value = "/var/run/weft/config/config.json"
     )]
     pub config: PathBuf,
+    /// The mounted endpoints document (ConfigMap `weft-endpoints`, the
+    /// pods behind the Services called); `endpoints.json` next to
+    /// `--config` when unset. Missing is fine: Services are then reached
+    /// through their ClusterIPs.
+    #[arg(long, env = "WEFT_ENDPOINTS")]
+    pub endpoints: Option<PathBuf>,
     /// This workload's name, the `src` of outbound metrics.
     #[arg(long, env = "WEFT_WORKLOAD", default_value = "unknown")]
     pub workload: String,
@@ -512,6 +518,16 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         proxy.store.record_failure(&why);
     }
     tokio::spawn(watch::watch_file(args.config.clone(), proxy.store.clone()));
+    let endpoints = args
+        .endpoints
+        .clone()
+        .unwrap_or_else(|| args.config.with_file_name(crate::config::ENDPOINTS_KEY));
+    if watch::effective_path(&endpoints).exists()
+        && let Err(why) = watch::load_endpoints_file(&endpoints, &proxy.store)
+    {
+        proxy.store.record_failure(&why);
+    }
+    tokio::spawn(watch::watch_endpoints_file(endpoints, proxy.store.clone()));
     if let Some(path) = &args.pod_labels_file {
         watch::load_labels(path, &proxy.pod_labels);
         tokio::spawn(watch::watch_labels(path.clone(), proxy.pod_labels.clone()));
@@ -528,6 +544,11 @@ pub async fn start(args: &ProxyArgs, proxy: Arc<Proxy>) -> anyhow::Result<Runnin
         && let Some(ns) = apiwatch::pod_namespace(args.namespace.as_deref())
         && let Some(client) = apiwatch::in_cluster_client().await
     {
+        tokio::spawn(apiwatch::watch_endpoints(
+            client.clone(),
+            ns.clone(),
+            proxy.store.clone(),
+        ));
         tokio::spawn(apiwatch::watch_configmap(client, ns, proxy.store.clone()));
     }
 

@@ -242,7 +242,14 @@ async fn resolve_tcp(
     {
         let dst = snapshot.service_destination(svc, target.port(), &proxy.store.destinations);
         let endpoints = dst.endpoints().await;
-        return fastrand::choice(endpoints.iter()).map(|e| (e.addr, dst.mesh.clone()));
+        // As the HTTP balancer: draining pods only when nothing else is up.
+        let serving: Vec<&Arc<_>> = endpoints.iter().filter(|e| !e.draining).collect();
+        let pick = if serving.is_empty() {
+            fastrand::choice(endpoints.iter())
+        } else {
+            fastrand::choice(serving)
+        };
+        return pick.map(|e| (e.addr, e.endpoint.mesh.clone()));
     }
     let addr = match target {
         Target::Addr(a) => *a,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{OutboundService, ProxyConfig, ServicePolicy};
+use crate::config::{EndpointsConfig, OutboundService, ProxyConfig, ServicePolicy};
 
 use super::destination::{Destination, Destinations, EndpointSource, source_for};
 use super::http::route::normalize_path;
@@ -35,9 +35,11 @@ impl std::ops::Deref for ServiceRef<'_> {
     }
 }
 
-/// One config, indexed for the data path.
+/// One config, indexed for the data path, with the pods discovery
+/// published for its Services (if any yet).
 pub struct Snapshot {
     pub config: ProxyConfig,
+    pub endpoints: Option<Arc<EndpointsConfig>>,
     by_addr: HashMap<SocketAddr, usize>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
@@ -49,7 +51,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(mut config: ProxyConfig) -> Self {
+    pub fn new(config: ProxyConfig) -> Self {
+        Self::with_endpoints(config, None)
+    }
+
+    pub fn with_endpoints(
+        mut config: ProxyConfig,
+        endpoints: Option<Arc<EndpointsConfig>>,
+    ) -> Self {
         // Requests are matched against excluded paths in the normalised
         // form (see `outbound`), so the config's are held in it too.
         let policies = std::iter::once(&mut config.outbound.defaults).chain(
@@ -90,6 +99,7 @@ impl Snapshot {
         let services = config.outbound.services.len();
         Self {
             config,
+            endpoints,
             by_addr,
             by_host,
             by_key,
@@ -146,7 +156,7 @@ impl Snapshot {
         let d = all.get(
             &format!("{}.{}:{port}", svc.name, svc.namespace),
             self.policy(&svc),
-            source_for(&svc, port),
+            source_for(&svc, port, self.endpoints.as_deref()),
             svc.mesh
                 .as_ref()
                 .map(|m| Arc::new(crate::proxy::mesh::MeshTarget::from_config(m))),
@@ -191,6 +201,11 @@ const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 /// The current snapshot and whether the proxy may report ready.
 pub struct ConfigStore {
     current: ArcSwapOption<Snapshot>,
+    /// The last endpoints document, kept for the next config too.
+    endpoints: ArcSwapOption<EndpointsConfig>,
+    /// One writer at a time: a config and an endpoints document arriving
+    /// together must not each build on the other's old half.
+    writing: Mutex<()>,
     metrics: Arc<ProxyMetrics>,
     pub destinations: Destinations,
     listening: AtomicBool,
@@ -200,6 +215,8 @@ impl ConfigStore {
     pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
         Self {
             current: ArcSwapOption::empty(),
+            endpoints: ArcSwapOption::empty(),
+            writing: Mutex::new(()),
             metrics,
             destinations: Destinations::default(),
             listening: AtomicBool::new(false),
@@ -214,6 +231,7 @@ impl ConfigStore {
     /// Swaps in a new config unless it is the one in force. Returns whether
     /// anything changed.
     pub fn apply(&self, config: ProxyConfig) -> bool {
+        let _writing = lock(&self.writing);
         if self
             .load()
             .is_some_and(|s| s.generation() == config.generation)
@@ -227,7 +245,10 @@ impl ConfigStore {
             .iter()
             .map(|s| format!("{}.{}", s.name, s.namespace))
             .collect();
-        self.current.store(Some(Arc::new(Snapshot::new(config))));
+        self.current.store(Some(Arc::new(Snapshot::with_endpoints(
+            config,
+            self.endpoints.load_full(),
+        ))));
         // Forget state of Services that are gone; addresses are kept.
         self.destinations.retain(|label| {
             label.parse::<SocketAddr>().is_ok()
@@ -238,6 +259,35 @@ impl ConfigStore {
         self.metrics.set_generation(&generation);
         self.metrics.config_reloads.inc();
         tracing::info!(%generation, "config applied");
+        true
+    }
+
+    /// Takes a new endpoints document unless it is the one in force; the
+    /// config in force is re-indexed with it (destinations keep their
+    /// state: [`Destinations`] moves a Service to its new pods in place).
+    /// Returns whether anything changed.
+    pub fn apply_endpoints(&self, endpoints: EndpointsConfig) -> bool {
+        let _writing = lock(&self.writing);
+        if self
+            .endpoints
+            .load()
+            .as_ref()
+            .is_some_and(|e| e.generation == endpoints.generation)
+        {
+            return false;
+        }
+        let generation = endpoints.generation.clone();
+        let services = endpoints.services.len();
+        let endpoints = Arc::new(endpoints);
+        self.endpoints.store(Some(endpoints.clone()));
+        if let Some(current) = self.load() {
+            self.current.store(Some(Arc::new(Snapshot::with_endpoints(
+                current.config.clone(),
+                Some(endpoints),
+            ))));
+        }
+        self.metrics.endpoints_reloads.inc();
+        tracing::info!(%generation, services, "endpoints applied");
         true
     }
 

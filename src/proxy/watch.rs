@@ -56,8 +56,32 @@ pub fn load_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
     Ok(store.apply(config))
 }
 
+/// Reads and applies the endpoints file (or its gzip sibling) once.
+pub fn load_endpoints_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
+    let path = &effective_path(path);
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let endpoints = crate::config::EndpointsConfig::from_bytes(&bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(store.apply_endpoints(endpoints))
+}
+
+/// Polls the endpoints file until the process ends (the fallback of the
+/// API watch, as for the config).
+pub async fn watch_endpoints_file(path: PathBuf, store: Arc<ConfigStore>) {
+    poll(path, store, load_endpoints_file).await
+}
+
 /// Polls `path` until the process ends.
 pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
+    poll(path, store, load_file).await
+}
+
+/// Polls `path`, loading it with `load` whenever it changed.
+async fn poll(
+    path: PathBuf,
+    store: Arc<ConfigStore>,
+    load: fn(&Path, &ConfigStore) -> Result<bool, String>,
+) {
     let mut last: Option<FileStamp> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -76,7 +100,7 @@ pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
             continue;
         }
         last = Some(now);
-        if let Err(why) = load_file(&path, &store) {
+        if let Err(why) = load(&path, &store) {
             store.record_failure(&why);
         }
     }

@@ -40,22 +40,25 @@ fn netns_pods_get_addresses_in_order_and_services_their_endpoints() {
     );
     assert_eq!(plan.pods[0].ip, Ipv4Addr::new(10, 77, 0, 10));
     let shop = &plan.configs["shop"];
-    let endpoints = |name: &str| {
-        shop.outbound
-            .services
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.endpoints.clone())
-            .expect(name)
-    };
+    let endpoints = |name: &str| addresses(&plan, "shop", name);
     assert_eq!(
         endpoints("checkout"),
         ["10.77.0.13:8080", "10.77.0.14:8080"]
     );
     assert_eq!(endpoints("checkout-canary"), ["10.77.0.15:8080"]);
     assert_eq!(endpoints("payments"), ["10.77.0.19:8080"]);
-    // The generation covers the endpoints.
-    assert_eq!(shop.generation, shop.clone().seal().generation);
+    // Published as discovery publishes them, not in the config.
+    assert!(
+        shop.outbound
+            .services
+            .iter()
+            .all(|s| s.endpoints.is_empty())
+    );
+    let doc = &plan.endpoints["shop"];
+    assert_eq!(doc.generation, doc.clone().seal().generation);
+    let payments = &doc.services["payments.payments"].groups[0].endpoints[0];
+    assert_eq!(payments.service_account.as_deref(), Some("payments"));
+    assert_eq!(payments.pod.as_deref(), Some("payments-0"));
 
     let checkout = &plan.pods[3];
     assert_eq!(
@@ -145,13 +148,10 @@ fn loopback_pods_get_distinct_ports_and_call_through_their_sidecar() {
             .proxy_args
             .contains(&format!("127.0.0.1:{inbound}={}", catalog.app_port))
     );
-    let catalog_svc = plan.configs["shop"]
-        .outbound
-        .services
-        .iter()
-        .find(|s| s.name == "catalog")
-        .expect("catalog");
-    assert_eq!(catalog_svc.endpoints, [format!("127.0.0.1:{inbound}")]);
+    assert_eq!(
+        addresses(&plan, "shop", "catalog"),
+        [format!("127.0.0.1:{inbound}")]
+    );
     assert!(catalog.hosts.is_none());
 }
 
@@ -246,4 +246,24 @@ fn a_service_keeps_the_cluster_ip_it_has() {
             .all(|(_, ip)| ip.starts_with("10.96.255.")),
         "{ips:?}"
     );
+}
+
+/// `ip:port` of each pod the plan publishes for Service `name` (in any
+/// namespace) in `ns`'s endpoints document (one port per group: weft local's apps listen on one).
+fn addresses(plan: &Plan, ns: &str, name: &str) -> Vec<String> {
+    let doc = &plan.endpoints[ns];
+    let (_, svc) = doc
+        .services
+        .iter()
+        .find(|(key, _)| key.split('.').next() == Some(name))
+        .expect(name);
+    svc.groups
+        .iter()
+        .flat_map(|g| {
+            let port = *g.ports.values().next().expect("a port");
+            g.endpoints
+                .iter()
+                .flat_map(move |e| e.addresses.iter().map(move |a| format!("{a}:{port}")))
+        })
+        .collect()
 }

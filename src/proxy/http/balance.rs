@@ -61,6 +61,16 @@ impl Service<Request> for Balance {
                 .filter(|(_, e)| e.breaker.as_ref().is_none_or(|b| b.admits(now)))
                 .map(|(i, e)| (i, e.load.cost(now)))
                 .collect();
+            // Terminating (or unready) pods finish what they have and take
+            // nothing new while another pod can.
+            // (No second list unless some pod is draining: nothing more
+            // per request otherwise.)
+            let draining = |(i, _): &(usize, f64)| endpoints[*i].draining;
+            let admitted = if admitted.iter().any(draining) && !admitted.iter().all(draining) {
+                admitted.into_iter().filter(|c| !draining(c)).collect()
+            } else {
+                admitted
+            };
             let mut rng = fastrand::Rng::new();
             let tried = req.extensions().get::<TriedEndpoints>().cloned();
             let mut candidates = admitted;
@@ -77,8 +87,15 @@ impl Service<Request> for Balance {
             }
             // Try the two best candidates' breakers in P2C order; a
             // half-open breaker may refuse a second concurrent probe.
+            let round_robin =
+                dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
             let (chosen, permit) = loop {
-                let Some(i) = p2c_pick(&candidates, &mut rng) else {
+                let picked = if round_robin {
+                    dst.next_in_turn(&candidates)
+                } else {
+                    p2c_pick(&candidates, &mut rng)
+                };
+                let Some(i) = picked else {
                     return Err(ProxyError::CircuitOpen(dst.label.clone()).into());
                 };
                 let endpoint = endpoints[i].clone();

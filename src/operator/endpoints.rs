@@ -1,0 +1,262 @@
+//! Endpoint discovery: the pods behind every Service a meshed namespace's
+//! config names, from the cluster's EndpointSlices, published as that
+//! namespace's `weft-endpoints` ConfigMap ([`crate::config::EndpointsConfig`]).
+//!
+//! Built without I/O from the caches. Slice changes reach here through the
+//! compile loop, which batches them: a burst of pod changes costs one
+//! apply per affected namespace per batch, and an apply only when the
+//! document differs from what the namespace holds.
+//!
+//! What is read of a slice is what `kube-proxy` reads
+//! (<https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#conditions>):
+//! an unset `ready` is ready, an unset `serving` is `ready`, an unset
+//! `terminating` is not terminating. Endpoints neither ready nor serving
+//! are left out: no proxy may send to them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::world::{SERVICE_NAME_LABEL, World};
+use crate::config::{EndpointEntry, EndpointGroup, EndpointsConfig, ProxyConfig, ServiceEndpoints};
+
+/// The endpoints of every Service `config` names (its namespace's
+/// outbound Services), from the slices the caches hold.
+pub fn desired(config: &ProxyConfig, world: &World) -> EndpointsConfig {
+    let wanted: BTreeMap<(String, String), ()> = config
+        .outbound
+        .services
+        .iter()
+        .map(|s| ((s.namespace.clone(), s.name.clone()), ()))
+        .collect();
+    let mut by_service: BTreeMap<(String, String), Vec<std::sync::Arc<EndpointSlice>>> =
+        BTreeMap::new();
+    for slice in world.endpoint_slices.state() {
+        let (Some(ns), Some(svc)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let key = (ns, svc.clone());
+        if wanted.contains_key(&key) {
+            by_service.entry(key).or_default().push(slice);
+        }
+    }
+    let services = by_service
+        .into_iter()
+        .filter_map(|((ns, name), mut slices)| {
+            // Slices in a stable order, so the document (and its hash)
+            // does not move with the cache's iteration order.
+            slices.sort_by_key(|s| s.name_any());
+            let groups = groups(&slices, &world.pods);
+            (!groups.is_empty()).then(|| {
+                (
+                    EndpointsConfig::key(&ns, &name),
+                    ServiceEndpoints { groups },
+                )
+            })
+        })
+        .collect();
+    EndpointsConfig {
+        namespace: config.namespace.clone(),
+        services,
+        ..EndpointsConfig::default()
+    }
+    .seal()
+}
+
+/// A Service's slices as endpoint groups: slices with the same ports are
+/// one group; endpoints in address order.
+fn groups(
+    slices: &[std::sync::Arc<EndpointSlice>],
+    pods: &Store<k8s_openapi::api::core::v1::Pod>,
+) -> Vec<EndpointGroup> {
+    let mut by_ports: BTreeMap<BTreeMap<String, u16>, Vec<EndpointEntry>> = BTreeMap::new();
+    for slice in slices {
+        // FQDN slices name hosts, not addresses: the proxy cannot dial
+        // them as endpoints.
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = u16::try_from(p.port?).ok()?;
+                Some((p.name.clone().unwrap_or_default(), port))
+            })
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let entries = by_ports.entry(ports).or_default();
+        for e in slice.endpoints.iter().flatten() {
+            let conditions = e.conditions.clone().unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            let serving = conditions.serving.unwrap_or(ready);
+            let terminating = conditions.terminating.unwrap_or(false);
+            if !ready && !serving {
+                continue;
+            }
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone());
+            let service_account = pod.as_ref().and_then(|name| {
+                let ns = e
+                    .target_ref
+                    .as_ref()
+                    .and_then(|r| r.namespace.clone())
+                    .or_else(|| slice.namespace())?;
+                pods.get(&ObjectRef::new(name).within(&ns))?
+                    .spec
+                    .as_ref()?
+                    .service_account_name
+                    .clone()
+            });
+            let mut addresses = e.addresses.clone();
+            addresses.sort();
+            entries.push(EndpointEntry {
+                addresses,
+                ready,
+                terminating,
+                serving: terminating && serving,
+                zone: e.zone.clone(),
+                node: e.node_name.clone(),
+                pod,
+                service_account,
+            });
+        }
+    }
+    by_ports
+        .into_iter()
+        .filter(|(_, endpoints)| !endpoints.is_empty())
+        .map(|(ports, mut endpoints)| {
+            endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+            // One address can be in two slices while the controller moves
+            // it: keep one entry.
+            endpoints.dedup_by(|a, b| a.addresses == b.addresses);
+            EndpointGroup { ports, endpoints }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::world::Writers;
+    use kube::runtime::watcher;
+    use serde_json::json;
+
+    fn slice(ns: &str, svc: &str, name: &str, v: serde_json::Value) -> EndpointSlice {
+        let mut base = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+        });
+        for (k, val) in v.as_object().expect("object") {
+            base[k] = val.clone();
+        }
+        serde_json::from_value(base).expect("slice")
+    }
+
+    /// Namespace `shop`'s compiled config, in a mesh whose Services are
+    /// `services` (all in `shop`).
+    fn config(services: &[&str]) -> ProxyConfig {
+        let facts = crate::compile::ClusterFacts {
+            namespaces: vec![
+                serde_json::from_value(json!({"metadata": {"name": "shop",
+                    "labels": {"weft.dev/inject": "enabled"}}}))
+                .expect("namespace"),
+            ],
+            services: services
+                .iter()
+                .map(|name| {
+                    serde_json::from_value(json!({
+                        "metadata": {"name": name, "namespace": "shop"},
+                        "spec": {"clusterIP": "10.96.0.10",
+                                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+                    }))
+                    .expect("service")
+                })
+                .collect(),
+            ..Default::default()
+        };
+        crate::compile::compile(&facts).configs["shop"].clone()
+    }
+
+    #[test]
+    fn slices_become_groups_with_conditions_identity_and_zone() {
+        let mut w = Writers::default();
+        let pod = serde_json::from_value(json!({
+            "metadata": {"name": "inventory-0", "namespace": "shop"},
+            "spec": {"serviceAccountName": "inventory", "containers": []},
+        }))
+        .expect("pod");
+        w.pods.apply_watcher_event(&watcher::Event::Apply(pod));
+        let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+        for s in [
+            slice(
+                "shop",
+                "inventory",
+                "inventory-b",
+                json!({"ports": ports, "endpoints": [
+                    {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "zone": "b"},
+                    {"addresses": ["10.0.1.3"], "conditions": {"ready": false, "serving": false}},
+                ]}),
+            ),
+            slice(
+                "shop",
+                "inventory",
+                "inventory-a",
+                json!({"ports": ports, "endpoints": [
+                    {"addresses": ["10.0.1.1"], "zone": "a", "nodeName": "n1",
+                     "targetRef": {"kind": "Pod", "name": "inventory-0", "namespace": "shop"}},
+                ]}),
+            ),
+            // A Service this namespace does not call.
+            slice(
+                "shop",
+                "other",
+                "other-a",
+                json!({"ports": ports, "endpoints": [
+                    {"addresses": ["10.0.9.9"]},
+                ]}),
+            ),
+        ] {
+            w.endpoint_slices
+                .apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let world = w.world();
+        let published = desired(&config(&["inventory"]), &world);
+        assert_eq!(published.namespace, "shop");
+        assert_eq!(published.generation.len(), 16);
+        let groups = &published.services["inventory.shop"].groups;
+        assert_eq!(groups.len(), 1, "{groups:?}");
+        assert_eq!(groups[0].ports, BTreeMap::from([("http".to_owned(), 8080)]));
+        let e = &groups[0].endpoints;
+        assert_eq!(
+            e.iter()
+                .map(|e| e.addresses[0].as_str())
+                .collect::<Vec<_>>(),
+            ["10.0.1.1", "10.0.1.2"],
+            "neither ready nor serving: left out"
+        );
+        assert!(e[0].ready && !e[0].terminating);
+        assert_eq!(e[0].zone.as_deref(), Some("a"));
+        assert_eq!(e[0].node.as_deref(), Some("n1"));
+        assert_eq!(e[0].service_account.as_deref(), Some("inventory"));
+        assert!(!e[1].ready && e[1].terminating && e[1].serving);
+        assert!(!published.services.contains_key("other.shop"));
+
+        // The same caches give the same document.
+        assert_eq!(desired(&config(&["inventory"]), &world), published);
+        let back = EndpointsConfig::from_bytes(published.to_json().as_bytes()).expect("reads");
+        assert_eq!(back, published);
+    }
+}

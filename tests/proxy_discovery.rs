@@ -1,0 +1,239 @@
+//! Tier 3, issue 19: the proxy balances, ejects, retries and drains per
+//! pod when the operator publishes a Service's pods (ConfigMap
+//! `weft-endpoints`, here its mounted `endpoints.json` next to the
+//! config), and reaches the Service through its ClusterIP while nothing is
+//! published. Real proxy, real upstreams on loopback; each "pod" is an
+//! upstream on its own port (a group of the document per port).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+const INVENTORY: &str = "inventory.shop.svc.cluster.local:80";
+
+/// Service `inventory` with no explicit endpoints and a ClusterIP where
+/// nothing listens (127.0.0.9:80): only published pods can serve it.
+fn inventory(policy: Option<Value>) -> Value {
+    let mut s = service("inventory", &[], policy, json!([]));
+    s["clusterIps"] = json!(["127.0.0.9"]);
+    s
+}
+
+/// A pod of the endpoints document: `addr`, ready unless `terminating`.
+fn pod(addr: SocketAddr, terminating: bool) -> Value {
+    json!({
+        "ports": { "": addr.port() },
+        "endpoints": [{
+            "addresses": [addr.ip().to_string()],
+            "ready": !terminating,
+            "terminating": terminating,
+            "serving": terminating,
+            "serviceAccount": "inventory",
+        }],
+    })
+}
+
+/// Publishes `groups` as inventory's pods and waits until the proxy took
+/// this document (its `generation`).
+async fn publish(p: &TestProxy, generation: &str, groups: Vec<Value>) {
+    let doc = json!({
+        "schemaVersion": "1.0", "generation": generation, "namespace": "shop",
+        "services": { "inventory.shop": { "groups": groups } },
+    });
+    let before = p.metric("weft_proxy_endpoints_reloads").await;
+    write_atomic(
+        &p.dir.path().join("endpoints.json"),
+        doc.to_string().as_bytes(),
+    );
+    let after = p
+        .wait_metric("weft_proxy_endpoints_reloads", before + 1.0)
+        .await;
+    assert!(after > before, "the proxy took endpoints {generation}");
+}
+
+/// `n` GETs through the proxy, `parallel` at a time; the statuses.
+async fn load(p: &TestProxy, n: usize, parallel: usize) -> Vec<u16> {
+    let url = p.outbound_url(0);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n / parallel {
+        let batch = (0..parallel).map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.status })
+        });
+        for r in futures_util::future::join_all(batch).await {
+            out.push(r.expect("request task"));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_slow_pod_gets_under_a_tenth_of_the_requests() {
+    let fast = |ms| {
+        Upstream::start(std::sync::Arc::new(move |_, _| {
+            (200, "ok".into(), Duration::from_millis(ms))
+        }))
+    };
+    let (a, b) = (fast(2).await, fast(2).await);
+    let slow = fast(20).await;
+    let p = start_proxy(&config(vec![inventory(None)]), &[INVENTORY], &[]).await;
+    publish(
+        &p,
+        "three",
+        vec![
+            pod(a.addr, false),
+            pod(b.addr, false),
+            pod(slow.addr, false),
+        ],
+    )
+    .await;
+    let statuses = load(&p, 2000, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200), "all served");
+    let share = slow.hits() as f64 / 2000.0;
+    assert!(
+        share < 0.10,
+        "the pod ten times slower got {:.1} % ({} / {} / {})",
+        share * 100.0,
+        a.hits(),
+        b.hits(),
+        slow.hits()
+    );
+    assert!(a.hits() > 0 && b.hits() > 0, "both fast pods serve");
+}
+
+#[tokio::test]
+async fn a_failing_pod_is_ejected_and_retries_go_to_another_pod() {
+    let ok = Upstream::fixed(200, "ok").await;
+    let ok2 = Upstream::fixed(200, "ok").await;
+    let broken = Upstream::fixed(503, "down").await;
+    let policy = policy(json!({
+        "retry": { "maxRetries": 2, "retryOn": ["5xx"] },
+        "circuitBreaker": { "consecutiveFailures": 3, "openMs": 60000, "maxOpenMs": 60000 },
+    }));
+    let p = start_proxy(&config(vec![inventory(Some(policy))]), &[INVENTORY], &[]).await;
+    publish(
+        &p,
+        "one-broken",
+        vec![
+            pod(ok.addr, false),
+            pod(ok2.addr, false),
+            pod(broken.addr, false),
+        ],
+    )
+    .await;
+    let statuses = load(&p, 400, 4).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        served as f64 >= 0.995 * statuses.len() as f64,
+        "{served} of {} served",
+        statuses.len()
+    );
+    // Every try that met the broken pod was retried elsewhere (a retry
+    // never goes back to a pod that failed this request), and its breaker
+    // took it out after three.
+    assert!(
+        broken.hits() <= 3 + 4,
+        "ejected: {} tries reached it",
+        broken.hits()
+    );
+    assert_eq!(
+        ok.hits() + ok2.hits(),
+        served,
+        "each success came from a healthy pod"
+    );
+}
+
+#[tokio::test]
+async fn a_terminating_pod_gets_no_new_request_unless_it_is_the_last() {
+    let live = Upstream::fixed(200, "live").await;
+    let leaving = Upstream::fixed(200, "leaving").await;
+    let p = start_proxy(&config(vec![inventory(None)]), &[INVENTORY], &[]).await;
+    publish(
+        &p,
+        "rolling",
+        vec![pod(live.addr, false), pod(leaving.addr, true)],
+    )
+    .await;
+    let statuses = load(&p, 100, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(leaving.hits(), 0, "the terminating pod took nothing new");
+    assert_eq!(live.hits(), 100);
+
+    // Only terminating pods left that still serve: they take requests, as
+    // kube-proxy's terminating-endpoints fallback does.
+    publish(&p, "last", vec![pod(leaving.addr, true)]).await;
+    let statuses = load(&p, 20, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(leaving.hits(), 20);
+}
+
+/// Until pods are published the Service is reached through its ClusterIP
+/// (kube-proxy's path); once they are, straight at them, and moving pods
+/// keeps the proxy's view of the ones that stay.
+#[tokio::test]
+async fn without_published_pods_the_cluster_ip_serves_then_the_pods_do() {
+    let behind_cluster_ip = Upstream::fixed(200, "cluster-ip").await;
+    let pod_a = Upstream::fixed(200, "a").await;
+    let pod_b = Upstream::fixed(200, "b").await;
+    // The Service's port is the ClusterIP upstream's, so 127.0.0.1 is its
+    // "ClusterIP".
+    let port = behind_cluster_ip.addr.port();
+    let mut svc = service("inventory", &[], None, json!([]));
+    svc["clusterIps"] = json!(["127.0.0.1"]);
+    svc["ports"] = json!([{ "port": port, "targetPort": 8080, "protocol": "detect" }]);
+    let target = format!("inventory.shop.svc.cluster.local:{port}");
+    let p = start_proxy(&config(vec![svc]), &[&target], &[]).await;
+    let statuses = load(&p, 10, 2).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(behind_cluster_ip.hits(), 10, "the ClusterIP path");
+
+    let group = |addr: SocketAddr, terminating: bool| {
+        json!({
+            "ports": { "": addr.port() },
+            "endpoints": [{ "addresses": [addr.ip().to_string()],
+                            "ready": !terminating, "terminating": terminating, "serving": true }],
+        })
+    };
+    publish(&p, "a", vec![group(pod_a.addr, false)]).await;
+    load(&p, 10, 2).await;
+    assert_eq!(pod_a.hits(), 10, "the published pod");
+    // A rolling update: a new pod, the old one terminating.
+    publish(
+        &p,
+        "a-leaving-b-new",
+        vec![group(pod_a.addr, true), group(pod_b.addr, false)],
+    )
+    .await;
+    load(&p, 20, 2).await;
+    assert_eq!(pod_b.hits(), 20, "the new pod takes every new request");
+    assert_eq!(pod_a.hits(), 10, "the terminating one none");
+    assert_eq!(behind_cluster_ip.hits(), 10, "no longer the ClusterIP");
+}
+
+/// `RoundRobin` (the TrafficPolicy's `loadBalancer.algorithm`) takes the
+/// pods in turn, the slow one included: each of three gets a third.
+#[tokio::test]
+async fn round_robin_takes_each_pod_in_turn() {
+    let pods = [
+        Upstream::fixed(200, "a").await,
+        Upstream::fixed(200, "b").await,
+        Upstream::fixed(200, "c").await,
+    ];
+    let policy = policy(json!({ "loadBalancer": "RoundRobin" }));
+    let p = start_proxy(&config(vec![inventory(Some(policy))]), &[INVENTORY], &[]).await;
+    publish(
+        &p,
+        "three",
+        pods.iter().map(|u| pod(u.addr, false)).collect(),
+    )
+    .await;
+    let statuses = load(&p, 300, 1).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    for u in &pods {
+        assert_eq!(u.hits(), 100, "each pod in turn");
+    }
+}
