@@ -17,9 +17,13 @@ const INVENTORY: &str = "inventory.shop.svc.cluster.local:80";
 
 /// Service `inventory` with no explicit endpoints and a ClusterIP where
 /// nothing listens (127.0.0.9:80): only published pods can serve it.
+/// Meshed (its pods run a proxy), not strict: these proxies hold no
+/// identity, so they speak plaintext to the pods, which is all the
+/// upstreams here understand. Only meshed Services are balanced per pod.
 fn inventory(policy: Option<Value>) -> Value {
     let mut s = service("inventory", &[], policy, json!([]));
     s["clusterIps"] = json!(["127.0.0.9"]);
+    s["mesh"] = json!({ "namespace": "shop" });
     s
 }
 
@@ -185,6 +189,7 @@ async fn without_published_pods_the_cluster_ip_serves_then_the_pods_do() {
     let mut svc = service("inventory", &[], None, json!([]));
     svc["clusterIps"] = json!(["127.0.0.1"]);
     svc["ports"] = json!([{ "port": port, "targetPort": 8080, "protocol": "detect" }]);
+    svc["mesh"] = json!({ "namespace": "shop" });
     let target = format!("inventory.shop.svc.cluster.local:{port}");
     let p = start_proxy(&config(vec![svc]), &[&target], &[]).await;
     let statuses = load(&p, 10, 2).await;
@@ -212,6 +217,29 @@ async fn without_published_pods_the_cluster_ip_serves_then_the_pods_do() {
     assert_eq!(pod_b.hits(), 20, "the new pod takes every new request");
     assert_eq!(pod_a.hits(), 10, "the terminating one none");
     assert_eq!(behind_cluster_ip.hits(), 10, "no longer the ClusterIP");
+
+    // The document is withdrawn (the namespace unmeshed, the ConfigMap
+    // deleted, the projection drops the file): back to the ClusterIP, not
+    // to a frozen list of pod addresses nobody keeps current.
+    let reloads = p.metric("weft_proxy_endpoints_reloads").await;
+    std::fs::remove_file(p.dir.path().join("endpoints.json")).expect("remove");
+    p.wait_metric("weft_proxy_endpoints_reloads", reloads + 1.0)
+        .await;
+    load(&p, 10, 2).await;
+    assert_eq!(behind_cluster_ip.hits(), 20, "the ClusterIP again");
+    assert_eq!(pod_b.hits(), 20);
+
+    // An unmeshed Service is never sent to published pod addresses: one
+    // may already belong to another pod, and plaintext would reach it.
+    let mut plain = p.proxy.store.load().expect("config").config.clone();
+    plain.outbound.services[0].mesh = None;
+    let plain = plain.seal();
+    p.write_config(&serde_json::to_value(&plain).expect("json"));
+    p.wait_metric("weft_proxy_config_reloads", 2.0).await;
+    publish(&p, "b-again", vec![group(pod_b.addr, false)]).await;
+    load(&p, 10, 2).await;
+    assert_eq!(behind_cluster_ip.hits(), 30, "unmeshed: the ClusterIP");
+    assert_eq!(pod_b.hits(), 20);
 }
 
 /// `RoundRobin` (the TrafficPolicy's `loadBalancer.algorithm`) takes the

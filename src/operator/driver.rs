@@ -301,6 +301,7 @@ pub async fn publish_endpoints(
     skip: &BTreeSet<String>,
 ) {
     let snap = ctx.snapshot.load_full();
+    let slices = super::endpoints::index(&ctx.world);
     for (ns, config) in &snap.compiled.configs {
         if skip.contains(ns)
             || !config
@@ -314,7 +315,7 @@ pub async fn publish_endpoints(
         let Some(namespace) = ctx.world.namespaces.get(&ObjectRef::new(ns)) else {
             continue;
         };
-        if let Err(e) = reconcile::apply_endpoints(ctx, &namespace, config).await {
+        if let Err(e) = reconcile::apply_endpoints_from(ctx, &namespace, config, &slices).await {
             tracing::warn!(namespace = %ns, error = %e, "endpoints not published; the next reconcile retries");
         }
     }

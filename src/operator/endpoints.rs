@@ -13,7 +13,8 @@
 //! `terminating` is not terminating. Endpoints neither ready nor serving
 //! are left out: no proxy may send to them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
@@ -22,37 +23,50 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use super::world::{SERVICE_NAME_LABEL, World};
 use crate::config::{EndpointEntry, EndpointGroup, EndpointsConfig, ProxyConfig, ServiceEndpoints};
 
-/// The endpoints of every Service `config` names (its namespace's
-/// outbound Services), from the slices the caches hold.
-pub fn desired(config: &ProxyConfig, world: &World) -> EndpointsConfig {
-    let wanted: BTreeMap<(String, String), ()> = config
-        .outbound
-        .services
-        .iter()
-        .map(|s| ((s.namespace.clone(), s.name.clone()), ()))
-        .collect();
-    let mut by_service: BTreeMap<(String, String), Vec<std::sync::Arc<EndpointSlice>>> =
-        BTreeMap::new();
+/// The slices the caches hold, by Service (`namespace`, `name`): built
+/// once per batch of slice changes and shared by every namespace's
+/// document.
+pub type SliceIndex = HashMap<(String, String), Vec<Arc<EndpointSlice>>>;
+
+pub fn index(world: &World) -> SliceIndex {
+    let mut by_service = SliceIndex::new();
     for slice in world.endpoint_slices.state() {
         let (Some(ns), Some(svc)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
         else {
             continue;
         };
-        let key = (ns, svc.clone());
-        if wanted.contains_key(&key) {
-            by_service.entry(key).or_default().push(slice);
-        }
+        by_service.entry((ns, svc.clone())).or_default().push(slice);
     }
-    let services = by_service
-        .into_iter()
-        .filter_map(|((ns, name), mut slices)| {
-            // Slices in a stable order, so the document (and its hash)
-            // does not move with the cache's iteration order.
-            slices.sort_by_key(|s| s.name_any());
-            let groups = groups(&slices, &world.pods);
+    // Slices in a stable order, so the document (and its hash) does not
+    // move with the cache's iteration order.
+    for slices in by_service.values_mut() {
+        slices.sort_by_key(|s| s.name_any());
+    }
+    by_service
+}
+
+/// The endpoints of the meshed Services `config` names (its namespace's
+/// outbound Services), from the slices the caches hold. Unmeshed Services
+/// are left out: a pod address can pass to another pod before a document
+/// catches up, and only mTLS, each pod held to its own identity, makes a
+/// stale address fail instead of reaching a stranger in plaintext. So are
+/// Services whose routing kube-proxy does and the proxy does not yet:
+/// `internalTrafficPolicy: Local`, `sessionAffinity: ClientIP`, and those
+/// another service proxy handles (`service.kubernetes.io/service-proxy-name`).
+/// All of those are reached through their ClusterIP.
+pub fn desired(config: &ProxyConfig, world: &World, slices: &SliceIndex) -> EndpointsConfig {
+    let services = config
+        .outbound
+        .services
+        .iter()
+        .filter(|s| s.mesh.is_some())
+        .filter(|s| kube_proxy_routes_it_alone(world, &s.namespace, &s.name))
+        .filter_map(|s| {
+            let found = slices.get(&(s.namespace.clone(), s.name.clone()))?;
+            let groups = groups(found, &world.pods);
             (!groups.is_empty()).then(|| {
                 (
-                    EndpointsConfig::key(&ns, &name),
+                    EndpointsConfig::key(&s.namespace, &s.name),
                     ServiceEndpoints { groups },
                 )
             })
@@ -64,6 +78,23 @@ pub fn desired(config: &ProxyConfig, world: &World) -> EndpointsConfig {
         ..EndpointsConfig::default()
     }
     .seal()
+}
+
+/// False for a Service whose routing needs what only kube-proxy does.
+fn kube_proxy_routes_it_alone(world: &World, ns: &str, name: &str) -> bool {
+    let Some(svc) = world.services.get(&ObjectRef::new(name).within(ns)) else {
+        return true;
+    };
+    if svc
+        .labels()
+        .contains_key("service.kubernetes.io/service-proxy-name")
+    {
+        return false;
+    }
+    let spec = svc.spec.as_ref();
+    let local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let sticky = spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP");
+    !local && !sticky
 }
 
 /// A Service's slices as endpoint groups: slices with the same ports are
@@ -106,12 +137,14 @@ fn groups(
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| r.name.clone());
+            // A pod of the slice's own namespace only (a Service's
+            // endpoints are its namespace's pods).
             let service_account = pod.as_ref().and_then(|name| {
-                let ns = e
-                    .target_ref
-                    .as_ref()
-                    .and_then(|r| r.namespace.clone())
-                    .or_else(|| slice.namespace())?;
+                let ns = slice.namespace()?;
+                let target_ns = e.target_ref.as_ref().and_then(|r| r.namespace.clone());
+                if target_ns.is_some_and(|t| t != ns) {
+                    return None;
+                }
                 pods.get(&ObjectRef::new(name).within(&ns))?
                     .spec
                     .as_ref()?
@@ -233,7 +266,7 @@ mod tests {
                 .apply_watcher_event(&watcher::Event::Apply(s));
         }
         let world = w.world();
-        let published = desired(&config(&["inventory"]), &world);
+        let published = desired(&config(&["inventory"]), &world, &index(&world));
         assert_eq!(published.namespace, "shop");
         assert_eq!(published.generation.len(), 16);
         let groups = &published.services["inventory.shop"].groups;
@@ -255,7 +288,10 @@ mod tests {
         assert!(!published.services.contains_key("other.shop"));
 
         // The same caches give the same document.
-        assert_eq!(desired(&config(&["inventory"]), &world), published);
+        assert_eq!(
+            desired(&config(&["inventory"]), &world, &index(&world)),
+            published
+        );
         let back = EndpointsConfig::from_bytes(published.to_json().as_bytes()).expect("reads");
         assert_eq!(back, published);
     }

@@ -696,7 +696,18 @@ pub async fn apply_endpoints(
     config: &crate::config::ProxyConfig,
 ) -> Result<bool, Error> {
     let w = &ctx.world;
-    let published = super::endpoints::desired(config, w);
+    apply_endpoints_from(ctx, ns, config, &super::endpoints::index(w)).await
+}
+
+/// [`apply_endpoints`] with the slices already indexed (once per batch).
+pub async fn apply_endpoints_from(
+    ctx: &Ctx,
+    ns: &Namespace,
+    config: &crate::config::ProxyConfig,
+    slices: &super::endpoints::SliceIndex,
+) -> Result<bool, Error> {
+    let w = &ctx.world;
+    let published = super::endpoints::desired(config, w, slices);
     let stored = World::child(&w.config_maps, &ns.name_any(), ENDPOINTS_CONFIG_MAP_NAME);
     apply(
         ctx,

@@ -441,7 +441,9 @@ pub fn prune_slice(slice: &mut EndpointSlice) {
     let meta = &mut slice.metadata;
     meta.labels = meta.labels.take().map(|l| {
         l.into_iter()
-            .filter(|(k, _)| k == SERVICE_NAME_LABEL)
+            .filter(|(k, _)| {
+                k == SERVICE_NAME_LABEL || k == "endpointslice.kubernetes.io/managed-by"
+            })
             .collect()
     });
     meta.annotations = None;

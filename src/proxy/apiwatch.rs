@@ -93,15 +93,33 @@ pub async fn watch_endpoints(client: Client, namespace: String, store: Arc<Confi
     let cfg =
         watcher::Config::default().fields(&format!("metadata.name={ENDPOINTS_CONFIG_MAP_NAME}"));
     let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
+    // Whether the (re)list in progress found the ConfigMap.
+    let mut listed = false;
     while let Some(event) = events.next().await {
         match event {
-            Ok(Event::Apply(cm) | Event::InitApply(cm)) => match endpoints_of(&cm) {
-                Ok(endpoints) => {
-                    store.apply_endpoints(endpoints);
+            Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
+                listed = true;
+                store.watching_endpoints();
+                match endpoints_of(&cm) {
+                    Ok(endpoints) => {
+                        store.apply_endpoints(endpoints);
+                    }
+                    Err(why) => store.record_failure(&why),
                 }
-                Err(why) => store.record_failure(&why),
-            },
-            Ok(_) => {}
+            }
+            // Gone (the namespace was unmeshed): ClusterIPs again, not a
+            // frozen list of pod addresses.
+            Ok(Event::Delete(_)) => {
+                store.watching_endpoints();
+                store.clear_endpoints();
+            }
+            Ok(Event::Init) => listed = false,
+            Ok(Event::InitDone) => {
+                store.watching_endpoints();
+                if !listed {
+                    store.clear_endpoints();
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "endpoints watch interrupted; retrying (the mounted file still applies)")
             }

@@ -69,7 +69,9 @@ pub struct EndpointState {
     pub load: Arc<PeakEwma>,
     pub breaker: Option<CircuitBreaker>,
     /// Takes new requests only when no other endpoint can ([`Discovered`]).
-    pub draining: bool,
+    /// Updated in place when a republished list flips it, so a pod keeps
+    /// its breaker and latency estimate through a readiness flap.
+    draining: std::sync::atomic::AtomicBool,
     /// The identity it was built for (discovered endpoints), so a
     /// republished list keeps its state only while that is unchanged.
     service_account: Option<String>,
@@ -95,6 +97,10 @@ pub struct Destination {
     pub limiter: Option<TokenBucket>,
     /// `RoundRobin`'s turn: requests taken so far.
     turn: std::sync::atomic::AtomicUsize,
+    /// The order of the endpoints document its pods came from
+    /// ([`Destinations::get_at`]): a request on an older snapshot never
+    /// moves it back to older pods.
+    epoch: std::sync::atomic::AtomicU64,
     /// Metric series per route, for the metrics layer: over plaintext
     /// and over mesh TLS.
     pub edges: EdgeCache,
@@ -149,6 +155,7 @@ impl Destination {
             budget,
             limiter,
             turn: std::sync::atomic::AtomicUsize::new(0),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             edges: EdgeCache::default(),
             tls_edges: EdgeCache::default(),
             mesh,
@@ -273,17 +280,24 @@ impl Destination {
     /// Takes a republished list of pods (discovery moved some) in place:
     /// the destination keeps its retry budget, rate limiter and series,
     /// and each pod still there keeps its latency estimate and breaker.
-    /// False when `source` is not a discovered list.
-    fn repoint(&self, source: EndpointSource) -> bool {
+    /// False when `source` is not a discovered list. A list older than
+    /// the one in place (`epoch`) is ignored.
+    fn repoint(&self, source: EndpointSource, epoch: u64) -> bool {
         if !matches!(source, EndpointSource::Discovered(_))
             || !matches!(&*lock(&self.source), EndpointSource::Discovered(_))
         {
             return false;
         }
+        let mut source_now = lock(&self.source);
+        if epoch < self.epoch.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
         let (_, current) = self.cached();
         let next = fixed_list(&source, &self.policy, &self.mesh, &current).unwrap_or_default();
         *lock(&self.endpoints) = (Some(Instant::now()), next);
-        *lock(&self.source) = source;
+        *source_now = source;
         true
     }
 }
@@ -308,17 +322,19 @@ fn fixed_list(
         EndpointSource::ClusterIps(addrs) => plain(addrs, CLUSTER_IP_H2_CONNECTIONS),
         EndpointSource::Dns { .. } => return None,
         EndpointSource::Discovered(pods) => {
-            let known: HashMap<(SocketAddr, Option<&str>, bool), &Arc<EndpointState>> = keep
+            let known: HashMap<(SocketAddr, Option<&str>), &Arc<EndpointState>> = keep
                 .iter()
-                .map(|e| ((e.addr, e.service_account.as_deref(), e.draining), e))
+                .map(|e| ((e.addr, e.service_account.as_deref()), e))
                 .collect();
             // One expected identity per account, shared by its pods (their
             // pooled connections are keyed by it).
             let mut targets: HashMap<&str, Arc<MeshTarget>> = HashMap::new();
             pods.iter()
                 .map(|p| {
-                    let key = (p.addr, p.service_account.as_deref(), p.draining);
+                    let key = (p.addr, p.service_account.as_deref());
                     if let Some(e) = known.get(&key) {
+                        e.draining
+                            .store(p.draining, std::sync::atomic::Ordering::Relaxed);
                         return Arc::clone(e);
                     }
                     let target = match (mesh, p.service_account.as_deref()) {
@@ -358,9 +374,16 @@ fn endpoint(
         endpoint: Endpoint::meshed(addr, mesh.clone()).with_h2_connections(h2_connections),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
-        draining,
+        draining: std::sync::atomic::AtomicBool::new(draining),
         service_account,
     })
+}
+
+impl EndpointState {
+    /// Terminating or unready: new requests only when nothing else can.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Where a Service port's endpoints come from: explicit endpoints, else
@@ -378,7 +401,13 @@ pub fn source_for(
                 .collect(),
         );
     }
-    if let Some(pods) = discovered.and_then(|d| discovered_pods(svc, port, d)) {
+    // Meshed Services only: a pod address can be handed to another pod
+    // before the document catches up, and only mTLS (each pod held to its
+    // own identity) makes a stale address fail rather than reach a
+    // stranger in plaintext. Unmeshed Services keep their ClusterIP.
+    if svc.mesh.is_some()
+        && let Some(pods) = discovered.and_then(|d| discovered_pods(svc, port, d))
+    {
         return EndpointSource::Discovered(pods);
     }
     let ips: Vec<SocketAddr> = svc
@@ -468,21 +497,33 @@ impl Destinations {
         source: EndpointSource,
         mesh: Option<Arc<MeshTarget>>,
     ) -> Arc<Destination> {
+        self.get_at(label, policy, source, mesh, 0)
+    }
+
+    /// [`Destinations::get`] for a source taken from endpoints document
+    /// number `epoch` (the store counts them): a discovered destination
+    /// moves to the new pods in place, and never back to an older
+    /// document's (a request still on an older snapshot may ask).
+    pub fn get_at(
+        &self,
+        label: &str,
+        policy: &ServicePolicy,
+        source: EndpointSource,
+        mesh: Option<Arc<MeshTarget>>,
+        epoch: u64,
+    ) -> Arc<Destination> {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = map.get(label) {
             if d.same_as(policy, &source, &mesh) {
                 return d.clone();
             }
-            if &d.policy == policy && d.mesh == mesh && d.repoint(source.clone()) {
+            if &d.policy == policy && d.mesh == mesh && d.repoint(source.clone(), epoch) {
                 return d.clone();
             }
         }
-        let d = Arc::new(Destination::new(
-            label.to_owned(),
-            policy.clone(),
-            source,
-            mesh,
-        ));
+        let d = Destination::new(label.to_owned(), policy.clone(), source, mesh);
+        d.epoch.store(epoch, std::sync::atomic::Ordering::Release);
+        let d = Arc::new(d);
         map.insert(label.to_owned(), d.clone());
         d
     }
@@ -560,7 +601,7 @@ mod tests {
             pod(2, "inventory", true),
             pod(3, "inventory", false),
         ]);
-        let same = all.get("inventory.shop:80", &policy(), next, mesh.clone());
+        let same = all.get_at("inventory.shop:80", &policy(), next, mesh.clone(), 1);
         assert!(Arc::ptr_eq(&d, &same), "the destination is kept");
         let after = same.endpoints().await;
         assert_eq!(after.len(), 3);
@@ -573,11 +614,16 @@ mod tests {
                 .admits(Instant::now()),
             "its breaker is still open"
         );
+        assert!(after[1].is_draining() && !after[2].is_draining());
         assert!(
-            !Arc::ptr_eq(&before[1], &after[1]),
-            "pod 2 now drains: fresh"
+            Arc::ptr_eq(&before[1], &after[1]),
+            "pod 2 now drains, in place: it keeps its state"
         );
-        assert!(after[1].draining && !after[2].draining);
+        // A request still on the first snapshot cannot move it back.
+        let older = EndpointSource::Discovered(vec![pod(1, "inventory", false)]);
+        let again = all.get_at("inventory.shop:80", &policy(), older, mesh.clone(), 0);
+        assert!(Arc::ptr_eq(&again, &same));
+        assert_eq!(again.endpoints().await.len(), 3, "the newer pods stay");
         // Each pod is held to its own account.
         let expected = after[2].endpoint.mesh.as_ref().expect("meshed");
         assert_eq!(expected.server.service_accounts, ["inventory"]);

@@ -243,7 +243,7 @@ async fn resolve_tcp(
         let dst = snapshot.service_destination(svc, target.port(), &proxy.store.destinations);
         let endpoints = dst.endpoints().await;
         // As the HTTP balancer: draining pods only when nothing else is up.
-        let serving: Vec<&Arc<_>> = endpoints.iter().filter(|e| !e.draining).collect();
+        let serving: Vec<&Arc<_>> = endpoints.iter().filter(|e| !e.is_draining()).collect();
         let pick = if serving.is_empty() {
             fastrand::choice(endpoints.iter())
         } else {

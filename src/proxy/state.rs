@@ -40,6 +40,8 @@ impl std::ops::Deref for ServiceRef<'_> {
 pub struct Snapshot {
     pub config: ProxyConfig,
     pub endpoints: Option<Arc<EndpointsConfig>>,
+    /// Which endpoints document (in the order the store took them).
+    endpoints_epoch: u64,
     by_addr: HashMap<SocketAddr, usize>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
@@ -52,12 +54,13 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(config: ProxyConfig) -> Self {
-        Self::with_endpoints(config, None)
+        Self::with_endpoints(config, None, 0)
     }
 
     pub fn with_endpoints(
         mut config: ProxyConfig,
         endpoints: Option<Arc<EndpointsConfig>>,
+        endpoints_epoch: u64,
     ) -> Self {
         // Requests are matched against excluded paths in the normalised
         // form (see `outbound`), so the config's are held in it too.
@@ -100,6 +103,7 @@ impl Snapshot {
         Self {
             config,
             endpoints,
+            endpoints_epoch,
             by_addr,
             by_host,
             by_key,
@@ -153,13 +157,14 @@ impl Snapshot {
         if let Some((_, d)) = ports.iter().find(|(p, _)| *p == port) {
             return d.clone();
         }
-        let d = all.get(
+        let d = all.get_at(
             &format!("{}.{}:{port}", svc.name, svc.namespace),
             self.policy(&svc),
             source_for(&svc, port, self.endpoints.as_deref()),
             svc.mesh
                 .as_ref()
                 .map(|m| Arc::new(crate::proxy::mesh::MeshTarget::from_config(m))),
+            self.endpoints_epoch,
         );
         ports.push((port, d.clone()));
         d
@@ -201,8 +206,14 @@ const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 /// The current snapshot and whether the proxy may report ready.
 pub struct ConfigStore {
     current: ArcSwapOption<Snapshot>,
-    /// The last endpoints document, kept for the next config too.
+    /// The last endpoints document, kept for the next config too, and how
+    /// many the store took (each snapshot knows which it holds).
     endpoints: ArcSwapOption<EndpointsConfig>,
+    endpoints_epoch: std::sync::atomic::AtomicU64,
+    /// The API watch of `weft-endpoints` delivered: from then on it alone
+    /// decides (the mounted file lags it by up to a minute, and applying
+    /// it after a newer document would move the proxy back).
+    endpoints_watched: AtomicBool,
     /// One writer at a time: a config and an endpoints document arriving
     /// together must not each build on the other's old half.
     writing: Mutex<()>,
@@ -216,6 +227,8 @@ impl ConfigStore {
         Self {
             current: ArcSwapOption::empty(),
             endpoints: ArcSwapOption::empty(),
+            endpoints_epoch: std::sync::atomic::AtomicU64::new(0),
+            endpoints_watched: AtomicBool::new(false),
             writing: Mutex::new(()),
             metrics,
             destinations: Destinations::default(),
@@ -248,6 +261,7 @@ impl ConfigStore {
         self.current.store(Some(Arc::new(Snapshot::with_endpoints(
             config,
             self.endpoints.load_full(),
+            self.endpoints_epoch.load(Ordering::Acquire),
         ))));
         // Forget state of Services that are gone; addresses are kept.
         self.destinations.retain(|label| {
@@ -278,17 +292,44 @@ impl ConfigStore {
         }
         let generation = endpoints.generation.clone();
         let services = endpoints.services.len();
-        let endpoints = Arc::new(endpoints);
-        self.endpoints.store(Some(endpoints.clone()));
+        self.swap_endpoints(Some(Arc::new(endpoints)));
+        tracing::info!(%generation, services, "endpoints applied");
+        true
+    }
+
+    /// The endpoints document is gone (the namespace was unmeshed, or the
+    /// ConfigMap deleted): every Service goes back to its ClusterIP rather
+    /// than to pod addresses nobody keeps current.
+    pub fn clear_endpoints(&self) {
+        let _writing = lock(&self.writing);
+        if self.endpoints.load().is_none() {
+            return;
+        }
+        self.swap_endpoints(None);
+        tracing::info!("endpoints withdrawn: Services are reached through their ClusterIPs");
+    }
+
+    fn swap_endpoints(&self, endpoints: Option<Arc<EndpointsConfig>>) {
+        let epoch = self.endpoints_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.endpoints.store(endpoints.clone());
         if let Some(current) = self.load() {
             self.current.store(Some(Arc::new(Snapshot::with_endpoints(
                 current.config.clone(),
-                Some(endpoints),
+                endpoints,
+                epoch,
             ))));
         }
         self.metrics.endpoints_reloads.inc();
-        tracing::info!(%generation, services, "endpoints applied");
-        true
+    }
+
+    /// From now on only the API watch sets endpoints ([`ConfigStore::endpoints_watched`]).
+    pub fn watching_endpoints(&self) {
+        self.endpoints_watched.store(true, Ordering::Release);
+    }
+
+    /// Whether the API watch of `weft-endpoints` has delivered.
+    pub fn endpoints_watched(&self) -> bool {
+        self.endpoints_watched.load(Ordering::Acquire)
     }
 
     pub fn record_failure(&self, why: &str) {

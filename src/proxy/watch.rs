@@ -58,6 +58,10 @@ pub fn load_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
 
 /// Reads and applies the endpoints file (or its gzip sibling) once.
 pub fn load_endpoints_file(path: &Path, store: &ConfigStore) -> Result<bool, String> {
+    // The API watch, once it delivered, is newer than the kubelet's copy.
+    if store.endpoints_watched() {
+        return Ok(false);
+    }
     let path = &effective_path(path);
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let endpoints = crate::config::EndpointsConfig::from_bytes(&bytes)
@@ -68,19 +72,29 @@ pub fn load_endpoints_file(path: &Path, store: &ConfigStore) -> Result<bool, Str
 /// Polls the endpoints file until the process ends (the fallback of the
 /// API watch, as for the config).
 pub async fn watch_endpoints_file(path: PathBuf, store: Arc<ConfigStore>) {
-    poll(path, store, load_endpoints_file).await
+    poll(path, store, load_endpoints_file, |store| {
+        // The ConfigMap was deleted (the projection drops the key): back
+        // to ClusterIPs, unless the API watch decides.
+        if !store.endpoints_watched() {
+            store.clear_endpoints();
+        }
+    })
+    .await
 }
 
 /// Polls `path` until the process ends.
 pub async fn watch_file(path: PathBuf, store: Arc<ConfigStore>) {
-    poll(path, store, load_file).await
+    // A config that disappears stays in force: the proxy keeps serving.
+    poll(path, store, load_file, |_| {}).await
 }
 
-/// Polls `path`, loading it with `load` whenever it changed.
+/// Polls `path`, loading it with `load` whenever it changed, and calling
+/// `gone` when a file it had read is no longer there.
 async fn poll(
     path: PathBuf,
     store: Arc<ConfigStore>,
     load: fn(&Path, &ConfigStore) -> Result<bool, String>,
+    gone: fn(&ConfigStore),
 ) {
     let mut last: Option<FileStamp> = None;
     let mut interval = tokio::time::interval(POLL_INTERVAL);
@@ -92,6 +106,9 @@ async fn poll(
             Err(e) => {
                 if last.is_some() || store.load().is_none() {
                     tracing::debug!(path = %path.display(), error = %e, "config file not readable yet");
+                }
+                if e.kind() == std::io::ErrorKind::NotFound && last.take().is_some() {
+                    gone(&store);
                 }
                 continue;
             }

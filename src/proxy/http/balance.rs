@@ -65,7 +65,7 @@ impl Service<Request> for Balance {
             // nothing new while another pod can.
             // (No second list unless some pod is draining: nothing more
             // per request otherwise.)
-            let draining = |(i, _): &(usize, f64)| endpoints[*i].draining;
+            let draining = |(i, _): &(usize, f64)| endpoints[*i].is_draining();
             let admitted = if admitted.iter().any(draining) && !admitted.iter().all(draining) {
                 admitted.into_iter().filter(|c| !draining(c)).collect()
             } else {
