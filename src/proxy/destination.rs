@@ -108,6 +108,8 @@ pub struct Destination {
     /// Who serves a meshed destination (its endpoints get mesh mTLS).
     pub mesh: Option<Arc<MeshTarget>>,
     source: Mutex<EndpointSource>,
+    /// The name and port to resolve, for a headless Service (fixed).
+    dns: Option<(String, u16)>,
     /// When DNS was last asked (None: never), and the endpoints.
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
     /// Held by the one request refreshing DNS.
@@ -163,6 +165,10 @@ impl Destination {
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),
             )),
+            dns: match &source {
+                EndpointSource::Dns { host, port } => Some((host.clone(), *port)),
+                _ => None,
+            },
             source: Mutex::new(source),
             policy,
             refreshing: tokio::sync::Mutex::new(()),
@@ -171,10 +177,13 @@ impl Destination {
 
     /// Current endpoints, resolving DNS when the last answer is stale.
     pub async fn endpoints(&self) -> EndpointList {
-        let (host, port) = match &*lock(&self.source) {
-            EndpointSource::Dns { host, port } => (host.clone(), *port),
-            _ => return self.cached().1,
+        // A destination's kind of source never changes (a republished
+        // list replaces a discovered one with another), so the lists known
+        // up front take no lock here beyond the endpoints' own.
+        let Some((host, port)) = &self.dns else {
+            return self.cached().1;
         };
+        let (host, port) = (host.clone(), *port);
         let (resolved_at, current) = self.cached();
         if resolved_at.is_some_and(|t| t.elapsed() < DNS_TTL) {
             return current;
