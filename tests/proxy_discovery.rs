@@ -15,6 +15,11 @@ use support::*;
 
 const INVENTORY: &str = "inventory.shop.svc.cluster.local:80";
 
+/// The tests here measure the balancer by the share of requests each pod
+/// gets; run side by side on a two-core machine, each one's load would
+/// skew the others' latencies (and so their shares). One at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Service `inventory` with no explicit endpoints and a ClusterIP where
 /// nothing listens (127.0.0.9:80): only published pods can serve it.
 /// Meshed (its pods run a proxy), not strict: these proxies hold no
@@ -77,13 +82,16 @@ async fn load(p: &TestProxy, n: usize, parallel: usize) -> Vec<u16> {
 
 #[tokio::test]
 async fn a_slow_pod_gets_under_a_tenth_of_the_requests() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let fast = |ms| {
         Upstream::start(std::sync::Arc::new(move |_, _| {
             (200, "ok".into(), Duration::from_millis(ms))
         }))
     };
-    let (a, b) = (fast(2).await, fast(2).await);
-    let slow = fast(20).await;
+    // 5 ms against 50 ms: ten times slower, with room for a loaded CI
+    // machine's scheduling noise (a few ms) not to blur the contrast.
+    let (a, b) = (fast(5).await, fast(5).await);
+    let slow = fast(50).await;
     let p = start_proxy(&config(vec![inventory(None)]), &[INVENTORY], &[]).await;
     publish(
         &p,
@@ -95,7 +103,7 @@ async fn a_slow_pod_gets_under_a_tenth_of_the_requests() {
         ],
     )
     .await;
-    let statuses = load(&p, 2000, 4).await;
+    let statuses = load(&p, 2000, 8).await;
     assert!(statuses.iter().all(|s| *s == 200), "all served");
     let share = slow.hits() as f64 / 2000.0;
     assert!(
@@ -111,6 +119,7 @@ async fn a_slow_pod_gets_under_a_tenth_of_the_requests() {
 
 #[tokio::test]
 async fn a_failing_pod_is_ejected_and_retries_go_to_another_pod() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let ok = Upstream::fixed(200, "ok").await;
     let ok2 = Upstream::fixed(200, "ok").await;
     let broken = Upstream::fixed(503, "down").await;
@@ -153,6 +162,7 @@ async fn a_failing_pod_is_ejected_and_retries_go_to_another_pod() {
 
 #[tokio::test]
 async fn a_terminating_pod_gets_no_new_request_unless_it_is_the_last() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let live = Upstream::fixed(200, "live").await;
     let leaving = Upstream::fixed(200, "leaving").await;
     let p = start_proxy(&config(vec![inventory(None)]), &[INVENTORY], &[]).await;
@@ -180,6 +190,7 @@ async fn a_terminating_pod_gets_no_new_request_unless_it_is_the_last() {
 /// keeps the proxy's view of the ones that stay.
 #[tokio::test]
 async fn without_published_pods_the_cluster_ip_serves_then_the_pods_do() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let behind_cluster_ip = Upstream::fixed(200, "cluster-ip").await;
     let pod_a = Upstream::fixed(200, "a").await;
     let pod_b = Upstream::fixed(200, "b").await;
@@ -246,6 +257,7 @@ async fn without_published_pods_the_cluster_ip_serves_then_the_pods_do() {
 /// pods in turn, the slow one included: each of three gets a third.
 #[tokio::test]
 async fn round_robin_takes_each_pod_in_turn() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let pods = [
         Upstream::fixed(200, "a").await,
         Upstream::fixed(200, "b").await,
