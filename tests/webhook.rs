@@ -454,6 +454,28 @@ async fn connect_from(
     socket.connect(addr).await
 }
 
+/// A TLS client that trusts `ca_pem` and offers ALPN `h2`, as the API
+/// server dials the webhook.
+fn h2_tls(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The name the webhook's serving certificate is for.
+fn webhook_name() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name")
+}
+
 /// [`h2_connection`] from `127.0.0.<from>`.
 async fn h2_connection_from(
     addr: std::net::SocketAddr,
@@ -466,22 +488,9 @@ async fn h2_connection_from(
     ),
     String,
 > {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = connect_from(addr, from).await.map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let tls = h2_tls(ca_pem)
+        .connect(webhook_name(), tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
     let (send, conn) = hyper::client::conn::http2::handshake(
@@ -623,22 +632,9 @@ async fn a_silent_client_after_its_handshake_is_closed_at_the_header_read_timeou
         idle_timeout: Duration::from_secs(60),
     };
     let (addr, ca) = serve_webhook(limits).await;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(weft::proxy::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name =
-        rustls::pki_types::ServerName::try_from("weft-injector.weft-system.svc").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let mut tls = h2_tls(&ca)
+        .connect(webhook_name(), tcp)
         .await
         .expect("handshake");
     let started = std::time::Instant::now();
