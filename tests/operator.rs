@@ -231,6 +231,19 @@ impl Harness {
             .expect("reconcile succeeds");
     }
 
+    /// A reconcile of `ns` that fails; its error.
+    async fn reconcile_err(&self, ns: &str) -> reconcile::Error {
+        let nsobj = self
+            .ctx
+            .world
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .expect("namespace in the cache");
+        reconcile::reconcile(nsobj, self.ctx.clone())
+            .await
+            .expect_err("the reconcile reports a failure")
+    }
+
     /// A reconcile of `ns` now writes nothing.
     async fn assert_settled(&self, ns: &str) {
         self.clear();
@@ -842,15 +855,7 @@ async fn a_tenants_secret_named_like_an_identity_gets_no_key() {
         .insert(unreadable.into(), 500);
     h.with_ca().await;
     driver::recompile(&h.ctx).await;
-    let ns = h
-        .ctx
-        .world
-        .namespaces
-        .get(&ObjectRef::new("shop"))
-        .expect("namespace");
-    let err = reconcile::reconcile(ns, h.ctx.clone())
-        .await
-        .expect_err("reported");
+    let err = h.reconcile_err("shop").await;
     assert_eq!(err.reason(), "ObjectNotManagedByWeft", "{err}");
     let writes = h.writes();
     assert!(
@@ -960,15 +965,7 @@ async fn a_failed_renewal_keeps_the_expiry_gauge() {
         "/api/v1/namespaces/shop/secrets/weft-identity-cart".into(),
         500,
     );
-    let ns = h
-        .ctx
-        .world
-        .namespaces
-        .get(&ObjectRef::new("shop"))
-        .expect("namespace");
-    reconcile::reconcile(ns, h.ctx.clone())
-        .await
-        .expect_err("the write failed");
+    h.reconcile_err("shop").await;
     assert_eq!(gauge(&h), Some(before), "the stored certificate's expiry");
 }
 
