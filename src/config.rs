@@ -287,9 +287,21 @@ pub struct ServicePolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
     pub load_balancer: LoadBalancerAlgorithm,
+    /// Zone-aware routing; unset: every zone is one pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_affinity: Option<ZoneAffinityConfig>,
     /// Exact paths that never count as failures and are never retried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_paths: Vec<String>,
+}
+
+/// Calls stay in the caller's zone while at least `min_healthy_percent`
+/// of the zone's endpoints are healthy; below it they spill to other
+/// zones in proportion ([`crate::api::ZoneAffinity`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneAffinityConfig {
+    pub min_healthy_percent: u32,
 }
 
 /// Retries, with every default filled in.
@@ -628,6 +640,7 @@ mod tests {
                     circuit_breaker: None,
                     rate_limit: None,
                     load_balancer: LoadBalancerAlgorithm::PeakEwma,
+                    zone_affinity: None,
                     excluded_paths: vec![],
                 },
                 services: vec![],

@@ -277,3 +277,91 @@ async fn round_robin_takes_each_pod_in_turn() {
         assert_eq!(u.hits(), 100, "each pod in turn");
     }
 }
+
+/// Zone-aware routing with failover (issue 19, item 4): a proxy in
+/// `zone-a` whose policy prefers its zone sends every call to the pods of
+/// `zone-a` while they are healthy; when they fail, their breakers eject
+/// them and calls spill to `zone-b` (retries already go there, so callers
+/// see no failure); when they recover and their breakers let a probe
+/// through, calls come back.
+#[tokio::test]
+async fn calls_stay_in_the_zone_spill_when_it_fails_and_come_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let failing = Arc::new(AtomicBool::new(false));
+    let local = || {
+        let failing = failing.clone();
+        Upstream::start(Arc::new(move |_, _| {
+            if failing.load(Ordering::SeqCst) {
+                (503, "down".into(), Duration::ZERO)
+            } else {
+                (200, "here".into(), Duration::ZERO)
+            }
+        }))
+    };
+    let (here_1, here_2) = (local().await, local().await);
+    let (there_1, there_2) = (
+        Upstream::fixed(200, "there").await,
+        Upstream::fixed(200, "there").await,
+    );
+    let policy = policy(json!({
+        "retry": { "maxRetries": 2, "retryOn": ["5xx"] },
+        "circuitBreaker": { "consecutiveFailures": 3, "openMs": 2000, "maxOpenMs": 2000 },
+        "zoneAffinity": { "minHealthyPercent": 70 },
+    }));
+    let p = start_proxy(
+        &config(vec![inventory(Some(policy))]),
+        &[INVENTORY],
+        &["--zone", "zone-a"],
+    )
+    .await;
+    let in_zone = |addr: SocketAddr, zone: &str| {
+        let mut g = pod(addr, false);
+        g["endpoints"][0]["zone"] = json!(zone);
+        g
+    };
+    publish(
+        &p,
+        "two-zones",
+        vec![
+            in_zone(here_1.addr, "zone-a"),
+            in_zone(here_2.addr, "zone-a"),
+            in_zone(there_1.addr, "zone-b"),
+            in_zone(there_2.addr, "zone-b"),
+        ],
+    )
+    .await;
+    let there = || there_1.hits() + there_2.hits();
+    let here = || here_1.hits() + here_2.hits();
+
+    let statuses = load(&p, 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(there(), 0, "healthy zone: every call stays in it");
+    assert_eq!(here(), 200);
+
+    // The zone's pods fail every request.
+    failing.store(true, Ordering::SeqCst);
+    let statuses = load(&p, 200, 4).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(served, 200, "retries reach the other zone");
+    let failed_tries = here() - 200;
+    assert!(
+        failed_tries <= 2 * (3 + 4),
+        "each failing pod ejected after three failures (plus those in flight): {failed_tries} tries met them"
+    );
+    assert_eq!(there(), 200, "the other zone served every call");
+
+    // Recovered: once the breakers' open time is over, a probe closes
+    // each one and calls come back to the zone.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (here_before, there_before) = (here(), there());
+    let statuses = load(&p, 200, 4).await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    let (back, away) = (here() - here_before, there() - there_before);
+    assert!(
+        back >= 190,
+        "calls came back to the zone: {back} here, {away} in the other zone"
+    );
+}

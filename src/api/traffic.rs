@@ -275,6 +275,40 @@ pub struct LoadBalancer {
     /// `RoundRobin`: each endpoint in turn.
     #[serde(default)]
     pub algorithm: LoadBalancerAlgorithm,
+    /// Keep calls in the caller's zone while that zone has enough healthy
+    /// endpoints, and spill to other zones when it does not. Unset: the
+    /// Service's own `spec.trafficDistribution` decides (`PreferClose` or
+    /// `PreferSameZone` turn this on with its defaults), else every zone
+    /// is one pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer_same_zone: Option<ZoneAffinity>,
+}
+
+/// Zone-aware routing with failover.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneAffinity {
+    /// The share of the caller's zone's endpoints that must be healthy
+    /// (not ejected by the circuit breaker, not terminating) for all calls
+    /// to stay in the zone. Below it, calls spill to other zones in
+    /// proportion (at half of it, half spill), as Envoy's priority
+    /// failover does with its overprovisioning factor of 1.4 (about 70).
+    /// With no healthy endpoint in the zone, every call goes elsewhere.
+    #[serde(default = "default_min_healthy_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_healthy_percent: u32,
+}
+
+impl Default for ZoneAffinity {
+    fn default() -> Self {
+        Self {
+            min_healthy_percent: default_min_healthy_percent(),
+        }
+    }
+}
+
+fn default_min_healthy_percent() -> u32 {
+    70
 }
 
 /// Load-balancing algorithm.

@@ -286,6 +286,7 @@ fn outbound_entry(
     policy: Option<crate::config::ServicePolicy>,
 ) -> OutboundService {
     let spec = svc.spec.clone().unwrap_or_default();
+    let policy = zone_preference(&spec, policy);
     let opaque: BTreeSet<u16> = svc
         .annotations()
         .get(OPAQUE_PORTS_ANNOTATION)
@@ -340,6 +341,30 @@ fn outbound_entry(
         policy,
         endpoints: Vec::new(),
     }
+}
+
+/// A Service that asks for traffic to stay close (`spec.trafficDistribution`
+/// `PreferClose`, or its 1.34 spelling `PreferSameZone`; see
+/// <https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-distribution>)
+/// gets the proxy's zone affinity with its defaults, unless its
+/// TrafficPolicy already sets one. kube-proxy honours the field for
+/// unmeshed callers; this keeps meshed callers, which dial pods directly,
+/// to the same promise. (`PreferSameNode` is left to kube-proxy: the
+/// proxy balances by zone, not by node.)
+fn zone_preference(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    policy: Option<crate::config::ServicePolicy>,
+) -> Option<crate::config::ServicePolicy> {
+    let close = matches!(
+        spec.traffic_distribution.as_deref(),
+        Some("PreferClose" | "PreferSameZone")
+    );
+    if !close || policy.as_ref().is_some_and(|p| p.zone_affinity.is_some()) {
+        return policy;
+    }
+    let mut policy = policy.unwrap_or_else(policy::default_service_policy);
+    policy.zone_affinity = Some(policy::zone_affinity(&crate::api::ZoneAffinity::default()));
+    Some(policy)
 }
 
 /// A Service's TCP ports (the proxy carries nothing else) with the container

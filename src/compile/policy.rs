@@ -38,7 +38,15 @@ pub fn default_service_policy() -> ServicePolicy {
         circuit_breaker: None,
         rate_limit: None,
         load_balancer: LoadBalancerAlgorithm::PeakEwma,
+        zone_affinity: None,
         excluded_paths: Vec::new(),
+    }
+}
+
+/// The proxy's zone-aware routing settings.
+pub fn zone_affinity(z: &crate::api::ZoneAffinity) -> crate::config::ZoneAffinityConfig {
+    crate::config::ZoneAffinityConfig {
+        min_healthy_percent: z.min_healthy_percent.clamp(1, 100),
     }
 }
 
@@ -128,6 +136,11 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
             .as_ref()
             .map(|lb| lb.algorithm)
             .unwrap_or_default(),
+        zone_affinity: spec
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.prefer_same_zone.as_ref())
+            .map(zone_affinity),
         excluded_paths,
     }
 }

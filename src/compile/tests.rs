@@ -480,6 +480,56 @@ fn health_paths_are_excluded_and_circuit_breaker_defaults_filled() {
     );
 }
 
+/// Zone affinity comes from the TrafficPolicy, else from the Service's
+/// own `trafficDistribution` (PreferClose / PreferSameZone) with the
+/// defaults; other values and an unset field leave every zone one pool.
+#[test]
+fn zone_affinity_follows_the_policy_then_the_services_traffic_distribution() {
+    let mut f = base();
+    let distribution = |name: &str, value: &str| -> Service {
+        let mut s = svc("shop", name);
+        s.spec.as_mut().expect("spec").traffic_distribution = Some(value.to_owned());
+        s
+    };
+    f.services.push(distribution("catalog", "PreferClose"));
+    f.services.push(distribution("reviews", "PreferSameZone"));
+    f.services.push(distribution("search", "PreferSameNode"));
+    f.services.push(distribution("cart", "PreferClose"));
+    f.traffic_policies.push(tp(
+        "shop",
+        "cart",
+        None,
+        "cart",
+        json!({ "loadBalancer": { "preferSameZone": { "minHealthyPercent": 50 } } }),
+    ));
+    f.traffic_policies.push(tp(
+        "shop",
+        "inv",
+        None,
+        "inventory",
+        json!({ "timeout": "2s" }),
+    ));
+    let c = compile(&f);
+    let affinity = |name: &str| {
+        service(&c, "payments", "shop", name)
+            .and_then(|s| s.policy.as_ref())
+            .and_then(|p| p.zone_affinity.as_ref())
+            .map(|z| z.min_healthy_percent)
+    };
+    assert_eq!(affinity("catalog"), Some(70));
+    assert_eq!(affinity("reviews"), Some(70));
+    assert_eq!(affinity("search"), None, "left to kube-proxy");
+    assert_eq!(affinity("cart"), Some(50), "the TrafficPolicy's own");
+    assert_eq!(affinity("inventory"), None);
+    // Only the zone preference is added: the rest is the defaults.
+    let catalog = service(&c, "payments", "shop", "catalog")
+        .and_then(|s| s.policy.clone())
+        .expect("policy");
+    let mut expected = policy::default_service_policy();
+    expected.zone_affinity = catalog.zone_affinity.clone();
+    assert_eq!(catalog, expected);
+}
+
 #[test]
 fn access_allows_by_default_then_denies_by_default() {
     struct Case {

@@ -448,6 +448,15 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
         from_field("WEFT_NAMESPACE", "metadata.namespace"),
         from_field("WEFT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         from_field("WEFT_POD_IP", "status.podIP"),
+        // Zone-aware routing: the pod's zone label, which the API server
+        // copies from its Node at binding (Kubernetes 1.35+, KEP-4742;
+        // "" where it does not), and its node, whose zone the proxy
+        // otherwise learns from published endpoints on the same node.
+        from_field(
+            "WEFT_ZONE",
+            "metadata.labels['topology.kubernetes.io/zone']",
+        ),
+        from_field("WEFT_NODE", "spec.nodeName"),
         value("WEFT_WORKLOAD", p.workload.clone()),
         value("WEFT_TRUST_DOMAIN", p.settings.mesh.trust_domain.clone()),
         value("WEFT_CONFIG", format!("{CONFIG_DIR}/config.json")),

@@ -60,6 +60,60 @@ pub struct Discovered {
     /// Terminating, or not ready: takes a new request only when no other
     /// endpoint can (in-flight ones finish either way).
     pub draining: bool,
+    /// Its zone (EndpointSlice `zone`), for zone-aware routing.
+    pub zone: Option<String>,
+}
+
+/// Where this proxy runs, for zone-aware routing: its zone as the injector
+/// told it (`WEFT_ZONE`: the pod's `topology.kubernetes.io/zone` label,
+/// which the API server copies from the Node at binding since Kubernetes
+/// 1.35, KEP-4742), or else learned from the endpoints document: the zone
+/// of a published endpoint on this proxy's own node (`WEFT_NODE`, the
+/// pod's `spec.nodeName`). Neither: no zone, and every zone is one pool.
+#[derive(Debug, Default)]
+pub struct Locality {
+    zone: std::sync::OnceLock<String>,
+    node: Option<String>,
+}
+
+impl Locality {
+    /// Empty strings are unset (a downward-API label that does not exist
+    /// reads as "").
+    pub fn new(zone: Option<String>, node: Option<String>) -> Self {
+        let zone_lock = std::sync::OnceLock::new();
+        if let Some(z) = zone.filter(|z| !z.is_empty()) {
+            let _ = zone_lock.set(z);
+        }
+        Self {
+            zone: zone_lock,
+            node: node.filter(|n| !n.is_empty()),
+        }
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.get().map(String::as_str)
+    }
+
+    /// Learns the zone from `doc` when it is not known yet: a node is in
+    /// one zone, so any endpoint on this proxy's node tells it.
+    pub fn learn(&self, doc: &EndpointsConfig) {
+        let Some(node) = &self.node else { return };
+        if self.zone.get().is_some() {
+            return;
+        }
+        let found = doc
+            .services
+            .values()
+            .flat_map(|s| &s.groups)
+            .flat_map(|g| &g.endpoints)
+            .find(|e| e.node.as_ref() == Some(node) && e.zone.is_some())
+            .and_then(|e| e.zone.clone());
+        if let Some(zone) = found
+            && self.zone.set(zone.clone()).is_ok()
+        {
+            tracing::info!(%zone, %node, "zone learned from an endpoint on this node");
+        }
+    }
 }
 
 /// One endpoint and what the balancer knows of it.
@@ -75,6 +129,8 @@ pub struct EndpointState {
     /// The identity it was built for (discovered endpoints), so a
     /// republished list keeps its state only while that is unchanged.
     service_account: Option<String>,
+    /// Its zone (discovered endpoints), for zone-aware routing.
+    zone: Option<Box<str>>,
 }
 
 /// A destination's endpoints, shared with requests in flight.
@@ -114,6 +170,8 @@ pub struct Destination {
     endpoints: Mutex<(Option<Instant>, EndpointList)>,
     /// Held by the one request refreshing DNS.
     refreshing: tokio::sync::Mutex<()>,
+    /// Where this proxy runs (shared by all destinations).
+    locality: Arc<Locality>,
 }
 
 fn breaker(cfg: &Option<CircuitBreakerConfig>) -> Option<CircuitBreaker> {
@@ -172,6 +230,7 @@ impl Destination {
             source: Mutex::new(source),
             policy,
             refreshing: tokio::sync::Mutex::new(()),
+            locality: Arc::default(),
         }
     }
 
@@ -227,10 +286,9 @@ impl Destination {
             fresh
                 .into_iter()
                 .map(|a| {
-                    known
-                        .get(&a)
-                        .cloned()
-                        .unwrap_or_else(|| endpoint(a, &self.policy, &self.mesh, 1, None, false))
+                    known.get(&a).cloned().unwrap_or_else(|| {
+                        endpoint(a, &self.policy, &self.mesh, 1, Discovered::plain(a))
+                    })
                 })
                 .collect(),
         );
@@ -286,6 +344,47 @@ impl Destination {
         Some(candidates[n % candidates.len()].0)
     }
 
+    /// Zone-aware routing ([`crate::config::ZoneAffinityConfig`]): of
+    /// `candidates` (indices into `endpoints` that may take a request),
+    /// those in this proxy's zone while enough of the zone is healthy, else
+    /// those elsewhere. Healthy: admitted by its breaker and not draining,
+    /// counted against every endpoint of the zone, so ejected and
+    /// terminating pods both lower the share. Below the policy's share the
+    /// calls spill in proportion (Envoy's priority failover), so a zone
+    /// that is half healthy keeps about as many calls as it can serve
+    /// rather than all or none. None (all candidates) without a policy, a
+    /// known zone, any endpoint in that zone, or any candidate on the side
+    /// chosen.
+    pub fn in_zone(
+        &self,
+        endpoints: &[Arc<EndpointState>],
+        candidates: &[(usize, f64)],
+        rng: &mut fastrand::Rng,
+    ) -> Option<Vec<(usize, f64)>> {
+        let (Some(affinity), Some(zone)) = (&self.policy.zone_affinity, self.locality.zone())
+        else {
+            return None;
+        };
+        let local = |e: &EndpointState| e.zone.as_deref() == Some(zone);
+        let in_zone = endpoints.iter().filter(|e| local(e)).count();
+        if in_zone == 0 {
+            return None;
+        }
+        let healthy = candidates
+            .iter()
+            .filter(|(i, _)| local(&endpoints[*i]) && !endpoints[*i].is_draining())
+            .count();
+        let stay = healthy as f64 * 100.0
+            / (in_zone as f64 * f64::from(affinity.min_healthy_percent.max(1)));
+        let here = healthy > 0 && (stay >= 1.0 || rng.f64() < stay);
+        let chosen: Vec<(usize, f64)> = candidates
+            .iter()
+            .copied()
+            .filter(|(i, _)| local(&endpoints[*i]) == here)
+            .collect();
+        (!chosen.is_empty()).then_some(chosen)
+    }
+
     /// Takes a republished list of pods (discovery moved some) in place:
     /// the destination keeps its retry budget, rate limiter and series,
     /// and each pod still there keeps its latency estimate and breaker.
@@ -323,7 +422,7 @@ fn fixed_list(
     let plain = |addrs: &[SocketAddr], h2| {
         addrs
             .iter()
-            .map(|a| endpoint(*a, policy, mesh, h2, None, false))
+            .map(|a| endpoint(*a, policy, mesh, h2, Discovered::plain(*a)))
             .collect::<Vec<_>>()
     };
     let list = match source {
@@ -331,16 +430,19 @@ fn fixed_list(
         EndpointSource::ClusterIps(addrs) => plain(addrs, CLUSTER_IP_H2_CONNECTIONS),
         EndpointSource::Dns { .. } => return None,
         EndpointSource::Discovered(pods) => {
-            let known: HashMap<(SocketAddr, Option<&str>), &Arc<EndpointState>> = keep
+            // A pod keeps its state while its address, identity and zone
+            // are unchanged.
+            type Key<'a> = (SocketAddr, Option<&'a str>, Option<&'a str>);
+            let known: HashMap<Key<'_>, &Arc<EndpointState>> = keep
                 .iter()
-                .map(|e| ((e.addr, e.service_account.as_deref()), e))
+                .map(|e| ((e.addr, e.service_account.as_deref(), e.zone.as_deref()), e))
                 .collect();
             // One expected identity per account, shared by its pods (their
             // pooled connections are keyed by it).
             let mut targets: HashMap<&str, Arc<MeshTarget>> = HashMap::new();
             pods.iter()
                 .map(|p| {
-                    let key = (p.addr, p.service_account.as_deref());
+                    let key = (p.addr, p.service_account.as_deref(), p.zone.as_deref());
                     if let Some(e) = known.get(&key) {
                         e.draining
                             .store(p.draining, std::sync::atomic::Ordering::Relaxed);
@@ -355,14 +457,7 @@ fn fixed_list(
                         ),
                         _ => mesh.clone(),
                     };
-                    endpoint(
-                        p.addr,
-                        policy,
-                        &target,
-                        1,
-                        p.service_account.clone(),
-                        p.draining,
-                    )
+                    endpoint(p.addr, policy, &target, 1, p.clone())
                 })
                 .collect()
         }
@@ -375,17 +470,29 @@ fn endpoint(
     policy: &ServicePolicy,
     mesh: &Option<Arc<MeshTarget>>,
     h2_connections: usize,
-    service_account: Option<String>,
-    draining: bool,
+    pod: Discovered,
 ) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
         endpoint: Endpoint::meshed(addr, mesh.clone()).with_h2_connections(h2_connections),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
-        draining: std::sync::atomic::AtomicBool::new(draining),
-        service_account,
+        draining: std::sync::atomic::AtomicBool::new(pod.draining),
+        service_account: pod.service_account,
+        zone: pod.zone.map(String::into_boxed_str),
     })
+}
+
+impl Discovered {
+    /// An address known with nothing else about it.
+    fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            service_account: None,
+            draining: false,
+            zone: None,
+        }
+    }
 }
 
 impl EndpointState {
@@ -482,6 +589,7 @@ fn discovered_pods(
                         addr: SocketAddr::new(ip, *target),
                         service_account: e.service_account.clone(),
                         draining: e.terminating || !e.ready,
+                        zone: e.zone.clone(),
                     });
                 }
             }
@@ -494,9 +602,18 @@ fn discovered_pods(
 #[derive(Default)]
 pub struct Destinations {
     by_label: Mutex<HashMap<String, Arc<Destination>>>,
+    /// Where this proxy runs, shared with every destination.
+    pub locality: Arc<Locality>,
 }
 
 impl Destinations {
+    pub fn new(locality: Locality) -> Self {
+        Self {
+            by_label: Mutex::default(),
+            locality: Arc::new(locality),
+        }
+    }
+
     /// The destination for `label`, reusing its state when nothing that
     /// shapes it changed.
     pub fn get(
@@ -530,7 +647,8 @@ impl Destinations {
                 return d.clone();
             }
         }
-        let d = Destination::new(label.to_owned(), policy.clone(), source, mesh);
+        let mut d = Destination::new(label.to_owned(), policy.clone(), source, mesh);
+        d.locality = self.locality.clone();
         d.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         let d = Arc::new(d);
         map.insert(label.to_owned(), d.clone());
@@ -568,6 +686,7 @@ mod tests {
             addr: SocketAddr::from(([10, 244, 0, last], 8080)),
             service_account: Some(account.to_owned()),
             draining,
+            zone: None,
         }
     }
 
@@ -636,6 +755,66 @@ mod tests {
         // Each pod is held to its own account.
         let expected = after[2].endpoint.mesh.as_ref().expect("meshed");
         assert_eq!(expected.server.service_accounts, ["inventory"]);
+    }
+
+    /// Below the policy's share of healthy pods, calls leave the zone in
+    /// proportion: two of four healthy against 70 % keeps about 71 % of
+    /// calls (Envoy's overprovisioned priority load), none healthy keeps
+    /// none; the zone is learned from a pod on this proxy's node.
+    #[tokio::test]
+    async fn a_zone_that_is_half_down_keeps_calls_in_proportion() {
+        let mut zoned = policy();
+        zoned.zone_affinity = Some(crate::config::ZoneAffinityConfig {
+            min_healthy_percent: 70,
+        });
+        let locality = Locality::new(Some(String::new()), Some("node-1".into()));
+        assert_eq!(locality.zone(), None, "an empty label is no zone");
+        let doc: EndpointsConfig = serde_json::from_value(serde_json::json!({
+            "schemaVersion": "1.0", "generation": "g", "namespace": "shop",
+            "services": {"inventory.shop": {"groups": [{"ports": {"": 8080}, "endpoints": [
+                {"addresses": ["10.244.0.1"], "ready": true, "zone": "a", "node": "node-1"}
+            ]}]}},
+        }))
+        .expect("doc");
+        locality.learn(&doc);
+        assert_eq!(locality.zone(), Some("a"));
+        let all = Destinations::new(locality);
+        let in_zone = |last: u8, zone: &str| Discovered {
+            zone: Some(zone.to_owned()),
+            ..pod(last, "inventory", false)
+        };
+        let d = all.get(
+            "inventory.shop:80",
+            &zoned,
+            EndpointSource::Discovered(vec![
+                in_zone(1, "a"),
+                in_zone(2, "a"),
+                in_zone(3, "a"),
+                in_zone(4, "a"),
+                in_zone(5, "b"),
+            ]),
+            None,
+        );
+        let endpoints = d.endpoints().await;
+        let mut rng = fastrand::Rng::with_seed(7);
+        let everyone: Vec<(usize, f64)> = (0..5).map(|i| (i, 1.0)).collect();
+        let picked = d.in_zone(&endpoints, &everyone, &mut rng).expect("zoned");
+        assert_eq!(picked.len(), 4, "healthy zone: its pods only");
+        // Pods 1 and 2 ejected (not among the candidates).
+        let half: Vec<(usize, f64)> = vec![(2, 1.0), (3, 1.0), (4, 1.0)];
+        let stayed = (0..10_000)
+            .filter(|_| {
+                let p = d.in_zone(&endpoints, &half, &mut rng).expect("zoned");
+                p.iter().all(|(i, _)| *i < 4)
+            })
+            .count();
+        let expected = 10_000.0 * 50.0 / 70.0;
+        assert!(
+            (stayed as f64 - expected).abs() < 300.0,
+            "{stayed} of 10000 stayed, about {expected:.0} expected"
+        );
+        let none: Vec<(usize, f64)> = vec![(4, 1.0)];
+        assert_eq!(d.in_zone(&endpoints, &none, &mut rng), Some(none.clone()));
     }
 
     #[tokio::test]

@@ -115,6 +115,15 @@ pub struct ProxyArgs {
     /// connection as opaque TCP.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// This pod's zone, for zone-aware routing (the injector passes the
+    /// pod's `topology.kubernetes.io/zone` label through the downward API;
+    /// empty when the cluster does not set it).
+    #[arg(long, env = "WEFT_ZONE")]
+    pub zone: Option<String>,
+    /// This pod's node (`spec.nodeName`): without `--zone`, the zone of a
+    /// published endpoint on the same node is this proxy's zone.
+    #[arg(long, env = "WEFT_NODE")]
+    pub node: Option<String>,
     /// The pod's namespace, whose `weft-proxy-config` is watched through the
     /// API server (default: the service-account namespace file).
     #[arg(long, env = "WEFT_NAMESPACE")]
@@ -352,7 +361,10 @@ impl Proxy {
             .as_ref()
             .map(|i| Arc::new(mesh::Originator::new(i.clone(), metrics.clone())));
         Ok(Arc::new(Self {
-            store: Arc::new(ConfigStore::new(metrics.clone())),
+            store: Arc::new(ConfigStore::new(
+                metrics.clone(),
+                destination::Locality::new(args.zone.clone(), args.node.clone()),
+            )),
             shared: Arc::new(http::Shared {
                 metrics: metrics.clone(),
                 pool: http::pool::Pool::new(originator.clone()),

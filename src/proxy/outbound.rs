@@ -242,14 +242,22 @@ async fn resolve_tcp(
     {
         let dst = snapshot.service_destination(svc, target.port(), &proxy.store.destinations);
         let endpoints = dst.endpoints().await;
-        // As the HTTP balancer: draining pods only when nothing else is up.
-        let serving: Vec<&Arc<_>> = endpoints.iter().filter(|e| !e.is_draining()).collect();
-        let pick = if serving.is_empty() {
-            fastrand::choice(endpoints.iter())
-        } else {
-            fastrand::choice(serving)
-        };
-        return pick.map(|e| (e.addr, e.endpoint.mesh.clone()));
+        // As the HTTP balancer: draining pods only when nothing else is
+        // up, and the caller's zone while it has enough of them.
+        let all: Vec<(usize, f64)> = (0..endpoints.len()).map(|i| (i, 0.0)).collect();
+        let serving: Vec<(usize, f64)> = all
+            .iter()
+            .copied()
+            .filter(|(i, _)| !endpoints[*i].is_draining())
+            .collect();
+        let mut rng = fastrand::Rng::new();
+        let candidates = if serving.is_empty() { all } else { serving };
+        let candidates = dst
+            .in_zone(&endpoints, &candidates, &mut rng)
+            .unwrap_or(candidates);
+        return rng
+            .choice(candidates)
+            .map(|(i, _)| (endpoints[i].addr, endpoints[i].endpoint.mesh.clone()));
     }
     let addr = match target {
         Target::Addr(a) => *a,

@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::{EndpointsConfig, OutboundService, ProxyConfig, ServicePolicy};
 
-use super::destination::{Destination, Destinations, EndpointSource, source_for};
+use super::destination::{Destination, Destinations, EndpointSource, Locality, source_for};
 use super::http::route::normalize_path;
 use super::metrics::ProxyMetrics;
 use super::resilience::lock;
@@ -223,7 +223,7 @@ pub struct ConfigStore {
 }
 
 impl ConfigStore {
-    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+    pub fn new(metrics: Arc<ProxyMetrics>, locality: Locality) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             endpoints: ArcSwapOption::empty(),
@@ -231,7 +231,7 @@ impl ConfigStore {
             endpoints_watched: AtomicBool::new(false),
             writing: Mutex::new(()),
             metrics,
-            destinations: Destinations::default(),
+            destinations: Destinations::new(locality),
             listening: AtomicBool::new(false),
         }
     }
@@ -290,6 +290,7 @@ impl ConfigStore {
         {
             return false;
         }
+        self.destinations.locality.learn(&endpoints);
         let generation = endpoints.generation.clone();
         let services = endpoints.services.len();
         self.swap_endpoints(Some(Arc::new(endpoints)));

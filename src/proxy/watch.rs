@@ -290,7 +290,10 @@ mod tests {
             gz.finish().expect("gzip"),
         )
         .expect("write");
-        let store = ConfigStore::new(Arc::new(super::super::metrics::ProxyMetrics::new()));
+        let store = ConfigStore::new(
+            Arc::new(super::super::metrics::ProxyMetrics::new()),
+            Default::default(),
+        );
         let configured = dir.path().join("config.json");
         assert_eq!(load_file(&configured, &store), Ok(true));
         assert_eq!(store.load().expect("loaded").config.generation, "g1");

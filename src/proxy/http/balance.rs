@@ -73,14 +73,34 @@ impl Service<Request> for Balance {
             };
             let mut rng = fastrand::Rng::new();
             let tried = req.extensions().get::<TriedEndpoints>().cloned();
-            let mut candidates = admitted;
+            // The zone's candidates, and the wider list a retry may fall
+            // back to.
+            let (mut candidates, mut wider) = match dst.in_zone(&endpoints, &admitted, &mut rng) {
+                Some(zoned) => (zoned, Some(admitted)),
+                None => (admitted, None),
+            };
+            // The zone's candidates as chosen (empty without a zone).
+            let mut zoned: Vec<(usize, f64)> = if wider.is_some() {
+                candidates.clone()
+            } else {
+                Vec::new()
+            };
             if let Some(tried) = &tried {
                 let seen = tried.0.lock().unwrap_or_else(|e| e.into_inner());
-                let fresh: Vec<(usize, f64)> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|(i, _)| !seen.contains(&endpoints[*i].addr))
-                    .collect();
+                let untried = |list: &[(usize, f64)]| -> Vec<(usize, f64)> {
+                    list.iter()
+                        .copied()
+                        .filter(|(i, _)| !seen.contains(&endpoints[*i].addr))
+                        .collect()
+                };
+                // A retry goes to a pod this request has not met: in the
+                // zone chosen, else in any zone, else (every pod tried) the
+                // zone's again.
+                let fresh = untried(&candidates);
+                let fresh = match &wider {
+                    Some(all) if fresh.is_empty() => untried(all),
+                    _ => fresh,
+                };
                 if !fresh.is_empty() {
                     candidates = fresh;
                 }
@@ -96,6 +116,16 @@ impl Service<Request> for Balance {
                     p2c_pick(&candidates, &mut rng)
                 };
                 let Some(i) = picked else {
+                    // Every pod of the zone refused (half-open, a probe
+                    // already out): the other zones' pods, before failing.
+                    if let Some(all) = wider.take() {
+                        candidates = all
+                            .into_iter()
+                            .filter(|(j, _)| !zoned.iter().any(|(z, _)| z == j))
+                            .collect();
+                        zoned.clear();
+                        continue;
+                    }
                     return Err(ProxyError::CircuitOpen(dst.label.clone()).into());
                 };
                 let endpoint = endpoints[i].clone();
