@@ -1290,6 +1290,66 @@ async fn a_pod_presenting_another_account_of_its_namespace_is_refused() {
     );
 }
 
+/// A caller that dials a pod's address itself (a headless Service's
+/// client, a StatefulSet peer, an ingress controller that picks pods) is
+/// not calling "some address": once discovery publishes that pod as
+/// `payments`' under its ServiceAccount, the call gets the Service's mesh
+/// mTLS, held to that pod's own identity, so the STRICT server takes it.
+/// Before, it went out in plaintext and the server refused it.
+#[tokio::test]
+async fn a_pod_dialled_by_its_address_gets_its_services_mtls() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let (server, _sid) = server_proxy(
+        &pki,
+        &server_config("strict", &[], json!([])),
+        &[payments.addr.port()],
+    )
+    .await;
+    let endpoint = server.running.inbound[0];
+    let mut svc = service("payments", &[], None, json!([]));
+    // Headless: no ClusterIP; callers resolve the pods and dial them.
+    svc["clusterIps"] = json!([]);
+    svc["mesh"] = json!({ "namespace": "shop", "strict": true });
+    let cid = pki.dir("shop", "checkout");
+    let target = endpoint.to_string();
+    let client = meshed(&config(vec![svc]), &[&target], &cid, &[]).await;
+
+    let r = get(&client.outbound_url(0)).await;
+    assert_ne!(
+        r.status, 200,
+        "an unknown address goes out in plaintext: {r:?}"
+    );
+    assert_eq!(payments.hits(), 0, "and STRICT refused it");
+
+    let doc = json!({
+        "schemaVersion": "1.0", "generation": "one-pod", "namespace": "shop",
+        "services": { "payments.shop": { "groups": [{
+            "ports": { "": endpoint.port() },
+            "endpoints": [{ "addresses": [endpoint.ip().to_string()], "ready": true,
+                            "pod": "payments-0", "serviceAccount": "payments" }],
+        }]}},
+    });
+    write_atomic(
+        &client.dir.path().join("endpoints.json"),
+        doc.to_string().as_bytes(),
+    );
+    client
+        .wait_metric("weft_proxy_endpoints_reloads", 1.0)
+        .await;
+    let r = get(&client.outbound_url(0)).await;
+    assert_eq!(r.status, 200, "published: mesh mTLS to the pod: {r:?}");
+    assert_eq!(r.body, format!("client-id={CHECKOUT_ID}"));
+    // Counted as a call to the Service, not to a bare address.
+    let counted = client
+        .metric("weft_proxy_requests_total{direction=\"outbound\",src=\"unknown\",dst=\"payments.shop:80\",route=\"default\",status_class=\"2xx\",tls=\"true\"}")
+        .await;
+    assert_eq!(
+        counted, 1.0,
+        "counted under the Service port's label, over mTLS"
+    );
+}
+
 /// A pod spec can name any Secret of its namespace, so a pod of
 /// ServiceAccount checkout could mount payments' identity Secret. Its proxy
 /// refuses that certificate: it presents only its own account's identity,

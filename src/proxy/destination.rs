@@ -638,8 +638,26 @@ impl Destinations {
         mesh: Option<Arc<MeshTarget>>,
         epoch: u64,
     ) -> Arc<Destination> {
+        self.get_keyed(label, label, policy, source, mesh, epoch)
+    }
+
+    /// [`Destinations::get_at`] kept under `key` rather than its label: a
+    /// pod dialled by address is kept by that address (forgotten with the
+    /// other addresses, [`Destinations::retain`]) and counted under its
+    /// Service's label.
+    pub fn get_keyed(
+        &self,
+        key: &str,
+        label: &str,
+        policy: &ServicePolicy,
+        source: EndpointSource,
+        mesh: Option<Arc<MeshTarget>>,
+        epoch: u64,
+    ) -> Arc<Destination> {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(label) {
+        if let Some(d) = map.get(key)
+            && d.label == label
+        {
             if d.same_as(policy, &source, &mesh) {
                 return d.clone();
             }
@@ -651,7 +669,7 @@ impl Destinations {
         d.locality = self.locality.clone();
         d.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         let d = Arc::new(d);
-        map.insert(label.to_owned(), d.clone());
+        map.insert(key.to_owned(), d.clone());
         d
     }
 

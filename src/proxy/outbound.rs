@@ -58,17 +58,31 @@ fn find<'a>(snapshot: &'a Snapshot, target: &Target) -> Option<ServiceRef<'a>> {
     }
 }
 
+/// The protocol the Service declares for the port `target` reaches: a
+/// Service port, or a published pod's port.
+fn declared_protocol(snapshot: &Snapshot, target: &Target) -> Option<PortProtocol> {
+    let (svc, port) = match (find(snapshot, target), target) {
+        (Some(svc), _) => (svc, target.port()),
+        (None, Target::Addr(a)) => {
+            let (svc, pod) = snapshot.by_pod(*a)?;
+            (svc, pod.port)
+        }
+        (None, Target::Host(..)) => return None,
+    };
+    svc.ports
+        .iter()
+        .find(|p| p.port == port)
+        .map(|p| p.protocol)
+}
+
 /// Handles one outbound connection.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
     let port = target.port();
-    let declared_opaque = proxy.store.load().and_then(|s| {
-        find(&s, &target).and_then(|svc| {
-            svc.ports
-                .iter()
-                .find(|p| p.port == port)
-                .map(|p| p.protocol)
-        })
-    }) == Some(PortProtocol::Opaque);
+    let declared_opaque = proxy
+        .store
+        .load()
+        .and_then(|s| declared_protocol(&s, &target))
+        == Some(PortProtocol::Opaque);
     let skip = declared_opaque || SERVER_FIRST_PORTS.contains(&port);
     let Some((protocol, io)) = proxy.detect(conn, skip).await else {
         return;
@@ -127,6 +141,23 @@ pub async fn dispatch(
     };
     let port = target.port();
     let Some(svc) = find(&snapshot, target) else {
+        // A pod of a meshed Service, dialled directly: that pod, with its
+        // Service's policy and its own identity (mTLS, so a STRICT server
+        // takes it), rather than a stranger's plaintext.
+        if let Target::Addr(addr) = target
+            && let Some((svc, pod)) = snapshot.by_pod(*addr)
+        {
+            prepare(
+                proxy,
+                &snapshot,
+                svc,
+                pod.port,
+                RouteCtx::default_route(),
+                &mut req,
+            );
+            let dst = snapshot.pod_destination(*addr, svc, pod, &proxy.store.destinations);
+            return stack::call(stack::backend(dst, &proxy.shared), req).await;
+        }
         let addr = match target {
             Target::Addr(a) => *a,
             Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p))
@@ -139,7 +170,7 @@ pub async fn dispatch(
         req.extensions_mut().insert(RouteCtx::default_route());
         return stack::call(stack::backend(dst, &proxy.shared), req).await;
     };
-    let (backend_svc, backend_port, mut ctx) = match route::find(&svc.routes, &req) {
+    let (backend_svc, backend_port, ctx) = match route::find(&svc.routes, &req) {
         None => (svc, port, RouteCtx::default_route()),
         Some(r) => {
             let weights: Vec<u32> = r.backends.iter().map(|b| b.weight).collect();
@@ -162,13 +193,29 @@ pub async fn dispatch(
             (backend, backend_port, ctx)
         }
     };
-    let declared = backend_svc
+    prepare(proxy, &snapshot, backend_svc, backend_port, ctx, &mut req);
+    let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
+    stack::call(stack::backend(dst, &proxy.shared), req).await
+}
+
+/// Readies a request for a port of `svc`: the HTTP version the port
+/// declares, and whether its path is a health check the breaker and the
+/// retries leave alone.
+fn prepare(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    svc: ServiceRef<'_>,
+    port: u16,
+    mut ctx: RouteCtx,
+    req: &mut Request,
+) {
+    let declared = svc
         .ports
         .iter()
-        .find(|p| p.port == backend_port)
+        .find(|p| p.port == port)
         .map(|p| p.protocol);
-    *req.version_mut() = upstream_version(declared, &req);
-    let policy = snapshot.policy(&backend_svc);
+    *req.version_mut() = upstream_version(declared, req);
+    let policy = snapshot.policy(&svc);
     // Compared in the normalised form (both sides): `/%68ealth` and
     // `/x/../health` are the health path, not a failure to count.
     if !policy.excluded_paths.is_empty() || !proxy.health_paths.is_empty() {
@@ -180,8 +227,6 @@ pub async fn dispatch(
             .any(|p| **p == *path);
     }
     req.extensions_mut().insert(ctx);
-    let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
-    stack::call(stack::backend(dst, &proxy.shared), req).await
 }
 
 /// The HTTP version to speak to a Service port: the one its Service
@@ -258,6 +303,17 @@ async fn resolve_tcp(
         return rng
             .choice(candidates)
             .map(|(i, _)| (endpoints[i].addr, endpoints[i].endpoint.mesh.clone()));
+    }
+    if let (Some(snapshot), Target::Addr(addr)) = (&snapshot, target)
+        && let Some((svc, pod)) = snapshot.by_pod(*addr)
+    {
+        let dst = snapshot.pod_destination(*addr, svc, pod, &proxy.store.destinations);
+        let mesh = dst
+            .endpoints()
+            .await
+            .first()
+            .and_then(|e| e.endpoint.mesh.clone());
+        return Some((*addr, mesh));
     }
     let addr = match target {
         Target::Addr(a) => *a,

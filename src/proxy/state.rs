@@ -43,6 +43,9 @@ pub struct Snapshot {
     /// Which endpoints document (in the order the store took them).
     endpoints_epoch: u64,
     by_addr: HashMap<SocketAddr, usize>,
+    /// Published pods of meshed Services by address and port, for callers
+    /// that dial a pod directly.
+    by_pod: HashMap<SocketAddr, PodEntry>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
     /// Destinations already looked up on this snapshot, so that a request
@@ -99,12 +102,17 @@ impl Snapshot {
                 }
             }
         }
+        let by_pod = endpoints
+            .as_deref()
+            .map(|doc| pods_by_address(&config, &by_key, doc))
+            .unwrap_or_default();
         let services = config.outbound.services.len();
         Self {
             config,
             endpoints,
             endpoints_epoch,
             by_addr,
+            by_pod,
             by_host,
             by_key,
             by_service_port: Mutex::new(vec![Vec::new(); services]),
@@ -119,6 +127,51 @@ impl Snapshot {
     /// The Service behind a ClusterIP and port.
     pub fn by_addr(&self, addr: SocketAddr) -> Option<ServiceRef<'_>> {
         self.by_addr.get(&addr).map(|i| self.service(*i))
+    }
+
+    /// A published pod of a meshed Service dialled directly at `addr` (its
+    /// address and the port it listens on): a headless Service's pods, a
+    /// StatefulSet's peers, an ingress controller that picks pods itself.
+    pub fn by_pod(&self, addr: SocketAddr) -> Option<(ServiceRef<'_>, &PodEntry)> {
+        let pod = self.by_pod.get(&addr)?;
+        Some((self.service(pod.service), pod))
+    }
+
+    /// The destination for a pod dialled directly: that pod alone (the
+    /// caller chose it), under its Service's policy and held to its own
+    /// ServiceAccount's identity, its requests counted under the Service
+    /// port's label.
+    pub fn pod_destination(
+        &self,
+        addr: SocketAddr,
+        svc: ServiceRef<'_>,
+        pod: &PodEntry,
+        all: &Destinations,
+    ) -> Arc<Destination> {
+        let mut cache = lock(&self.by_address);
+        if let Some(d) = cache.get(&addr) {
+            return d.clone();
+        }
+        if cache.len() >= MAX_ADDRESS_DESTINATIONS {
+            forget_addresses(&mut cache, all);
+        }
+        let mesh = svc.mesh.as_ref().map(|m| {
+            let target = crate::proxy::mesh::MeshTarget::from_config(m);
+            Arc::new(match &pod.service_account {
+                Some(sa) => target.for_account(sa),
+                None => target,
+            })
+        });
+        let d = all.get_keyed(
+            &addr.to_string(),
+            &format!("{}.{}:{}", svc.name, svc.namespace, pod.port),
+            self.policy(&svc),
+            EndpointSource::Static(vec![addr]),
+            mesh,
+            self.endpoints_epoch,
+        );
+        cache.insert(addr, d.clone());
+        d
     }
 
     /// The Service a hostname names (`name`, `name.ns`, FQDN), port ignored.
@@ -178,15 +231,7 @@ impl Snapshot {
             return d.clone();
         }
         if cache.len() >= MAX_ADDRESS_DESTINATIONS {
-            // External APIs behind rotating IPs, pod IPs as pods churn:
-            // start over rather than keep every address ever called (and
-            // its endpoint state and connections) for the proxy's life.
-            tracing::debug!(
-                cached = cache.len(),
-                "address destinations at their limit; forgetting them"
-            );
-            cache.clear();
-            all.retain(|label| label.parse::<SocketAddr>().is_err());
+            forget_addresses(&mut cache, all);
         }
         let d = all.get(
             &addr.to_string(),
@@ -202,6 +247,71 @@ impl Snapshot {
 /// Destinations kept for addresses no Service claims, before they are
 /// forgotten all at once.
 const MAX_ADDRESS_DESTINATIONS: usize = 4096;
+
+/// External APIs behind rotating IPs, pod IPs as pods churn: start over
+/// rather than keep every address ever called (and its endpoint state
+/// and connections) for the proxy's life.
+fn forget_addresses(cache: &mut HashMap<SocketAddr, Arc<Destination>>, all: &Destinations) {
+    tracing::debug!(
+        cached = cache.len(),
+        "address destinations at their limit; forgetting them"
+    );
+    cache.clear();
+    all.retain(|key| key.parse::<SocketAddr>().is_err());
+}
+
+/// A pod a caller may dial directly: which Service (its index in the
+/// config) and Service port it serves, and the identity it must present.
+#[derive(Debug)]
+pub struct PodEntry {
+    service: usize,
+    /// The Service port (the label its calls are counted under, and the
+    /// protocol declared for it).
+    pub port: u16,
+    pub service_account: Option<String>,
+}
+
+/// The published pods of `config`'s meshed Services, by the address and
+/// port a caller dials. A pod behind two Services on one port is kept
+/// under the first (in the document's order, which is stable).
+fn pods_by_address(
+    config: &ProxyConfig,
+    by_key: &HashMap<String, usize>,
+    doc: &EndpointsConfig,
+) -> HashMap<SocketAddr, PodEntry> {
+    let mut pods = HashMap::new();
+    for (key, endpoints) in &doc.services {
+        let Some(&service) = by_key.get(key) else {
+            continue;
+        };
+        let svc = &config.outbound.services[service];
+        if svc.mesh.is_none() {
+            continue;
+        }
+        for group in &endpoints.groups {
+            for (name, target) in &group.ports {
+                let Some(port) = svc
+                    .ports
+                    .iter()
+                    .find(|p| p.name.as_deref().unwrap_or_default() == name)
+                else {
+                    continue;
+                };
+                for e in &group.endpoints {
+                    for ip in e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                        pods.entry(SocketAddr::new(ip, *target))
+                            .or_insert_with(|| PodEntry {
+                                service,
+                                port: port.port,
+                                service_account: e.service_account.clone(),
+                            });
+                    }
+                }
+            }
+        }
+    }
+    pods
+}
 
 /// The current snapshot and whether the proxy may report ready.
 pub struct ConfigStore {
