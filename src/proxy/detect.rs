@@ -18,9 +18,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest token we need to see: the HTTP/2 preface.
 const MAX_PEEK: usize = H2_PREFACE.len();
-/// The longest method an HTTP/1 request line may start with here; the
-/// longest registered one (`UPDATEREDIRECTREF`) has 17 characters.
-const MAX_METHOD: usize = 20;
+/// How many bytes of blank lines, or of a method with no space after it
+/// yet, detection reads before calling the connection HTTP/1. Parsers set
+/// no such limit (httparse, hence hyper, reads any number of blank lines
+/// and a method of any length: fuzzing found `getget&888…POST /charges`,
+/// 33 characters, read as a request by httparse), so relaying such a
+/// connection as opaque could carry a request past the access checks
+/// with a client's own `weft-client-id`; the HTTP server answers what it
+/// cannot parse. The bound also caps what detection buffers.
+const MAX_UNDECIDED: usize = 64;
 /// Methods that make a request line as soon as their space is seen
 /// (`CONNECT`'s target is a bare `host:port`).
 const COMMON_METHODS: [&[u8]; 9] = [
@@ -72,6 +78,9 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
         .iter()
         .take_while(|b| matches!(b, b'\r' | b'\n'))
         .count();
+    if blank >= MAX_UNDECIDED {
+        return Some(Protocol::Http1);
+    }
     if blank > 0 {
         return request_line(&prefix[blank..]);
     }
@@ -98,10 +107,13 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
 /// with a word and a space (memcached's `get hits`) opaque.
 fn request_line(prefix: &[u8]) -> Option<Protocol> {
     let method = prefix.iter().take_while(|b| is_tchar(**b)).count();
-    if method == prefix.len() {
-        return (method > MAX_METHOD).then_some(Protocol::Opaque);
+    if method >= MAX_UNDECIDED {
+        return Some(Protocol::Http1);
     }
-    if method == 0 || method > MAX_METHOD || prefix[method] != b' ' {
+    if method == prefix.len() {
+        return None;
+    }
+    if method == 0 || prefix[method] != b' ' {
         return Some(Protocol::Opaque);
     }
     if COMMON_METHODS.contains(&&prefix[..method]) {
@@ -282,7 +294,7 @@ mod tests {
 
     #[test]
     fn classifies_prefixes() {
-        let cases: [(&[u8], Option<Protocol>); 39] = [
+        let cases: [(&[u8], Option<Protocol>); 44] = [
             (b"", None),
             (b"GE", None),
             (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
@@ -318,7 +330,16 @@ mod tests {
             // ... but not binary that starts with 0x0a: a protobuf field 1.
             (b"\n\x08\x01\x12\x04ping", Some(Protocol::Opaque)),
             (b"\r\x00\x00\x00", Some(Protocol::Opaque)),
-            (b"ABCDEFGHIJKLMNOPQRSTU", Some(Protocol::Opaque)),
+            (b"ABCDEFGHIJKLMNOPQRSTU", None),
+            // A method of any length (parsers take one): HTTP.
+            (
+                b"getget&8888888888888888888888POST /charges",
+                Some(Protocol::Http1),
+            ),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ /", Some(Protocol::Http1)),
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ hits", Some(Protocol::Opaque)),
+            (&[b'A'; 64], Some(Protocol::Http1)),
+            (&[b'\n'; 64], Some(Protocol::Http1)),
             (b"PRI * HTTP/2.0\r\n", None),
             (H2_PREFACE, Some(Protocol::Http2)),
             // A request line with method PRI: HTTP/1, not the preface.
