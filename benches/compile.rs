@@ -8,7 +8,11 @@
 //!   reach every Service — the size of one namespace's config at N
 //!   reachable Services, and the cost of compiling the whole cluster for it;
 //! - `all meshed`: every namespace is meshed, so the compiler emits one
-//!   config per namespace, each listing every Service.
+//!   config per namespace, each listing every Service;
+//! - `all meshed, scoped`: the same, but every namespace declares the 20
+//!   Services it calls (`weft.dev/calls`), so each config lists those, its
+//!   own and their route backends; with 10 pods per Service, the client's
+//!   `weft-endpoints` (built by the operator's own code) is measured too.
 //!
 //! Run with `make bench` (release build). Timing is the median of repeated
 //! runs in one process; read the figures side by side, not against another
@@ -27,12 +31,55 @@ fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).unwrap_or_else(|e| panic!("bench fixture: {e}"))
 }
 
-fn cluster(services: usize, all_meshed: bool) -> ClusterFacts {
+/// Services each namespace calls in the scoped scenario.
+const CALLED: usize = 20;
+/// Pods behind each Service, for the endpoints document.
+const PODS_PER_SERVICE: usize = 10;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    OneClient,
+    AllMeshed,
+    Scoped,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::OneClient => "one client",
+            Scenario::AllMeshed => "all meshed",
+            Scenario::Scoped => "all meshed, scoped",
+        }
+    }
+}
+
+/// The `weft.dev/calls` of namespace number `n`: 20 Services spread over
+/// the cluster.
+fn calls(n: usize, services: usize) -> String {
+    (0..CALLED)
+        .map(|k| {
+            let i = (n * 37 + k * 251) % services;
+            format!("team-{:03}/svc-{i:05}", i / PER_NAMESPACE)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn cluster(services: usize, scenario: Scenario) -> ClusterFacts {
+    let all_meshed = scenario != Scenario::OneClient;
+    let scoped = scenario == Scenario::Scoped;
     let mut f = ClusterFacts::default();
     let namespaces = services.div_ceil(PER_NAMESPACE);
     let meshed = json!({ "weft.dev/inject": "enabled" });
+    let annotations = |n: usize| {
+        if scoped {
+            json!({ "weft.dev/calls": calls(n, services) })
+        } else {
+            json!({})
+        }
+    };
     f.namespaces.push(from(
-        json!({ "metadata": { "name": "shop", "labels": meshed } }),
+        json!({ "metadata": { "name": "shop", "labels": meshed, "annotations": annotations(namespaces) } }),
     ));
     f.service_accounts.push(from(
         json!({ "metadata": { "name": "client", "namespace": "shop" } }),
@@ -45,7 +92,7 @@ fn cluster(services: usize, all_meshed: bool) -> ClusterFacts {
             json!({})
         };
         f.namespaces.push(from(
-            json!({ "metadata": { "name": ns, "labels": labels } }),
+            json!({ "metadata": { "name": ns, "labels": labels, "annotations": annotations(n) } }),
         ));
     }
     for i in 0..services {
@@ -91,17 +138,54 @@ fn cluster(services: usize, all_meshed: bool) -> ClusterFacts {
 
 struct Row {
     services: usize,
-    scenario: &'static str,
+    scenario: Scenario,
     configs: usize,
     median: Duration,
     min: Duration,
     client_bytes: usize,
     client_stored: usize,
+    /// The client's `weft-endpoints` as stored (scoped scenario only).
+    endpoints_stored: Option<usize>,
     total_bytes: usize,
 }
 
-fn measure(services: usize, all_meshed: bool) -> Row {
-    let facts = cluster(services, all_meshed);
+/// The client's endpoints document as the operator builds it, with
+/// [`PODS_PER_SERVICE`] ready pods behind every Service it lists.
+fn endpoints_stored(facts: &ClusterFacts, client: &weft::config::ProxyConfig) -> usize {
+    use kube::runtime::watcher::Event;
+    let mut w = weft::operator::world::Writers::default();
+    for svc in &facts.services {
+        w.services.apply_watcher_event(&Event::Apply(svc.clone()));
+    }
+    for (i, svc) in client.outbound.services.iter().enumerate() {
+        let endpoints: Vec<serde_json::Value> = (0..PODS_PER_SERVICE)
+            .map(|p| {
+                json!({
+                    "addresses": [format!("10.{}.{}.{}", 128 + i / 256, i % 256, p)],
+                    "conditions": { "ready": true },
+                    "zone": "zone-a", "nodeName": format!("node-{p:03}"),
+                    "targetRef": { "kind": "Pod", "name": format!("{}-{p}", svc.name), "namespace": svc.namespace },
+                })
+            })
+            .collect();
+        let slice = from(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": format!("{}-1", svc.name), "namespace": svc.namespace,
+                          "labels": { "kubernetes.io/service-name": svc.name } },
+            "addressType": "IPv4",
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+            "endpoints": endpoints,
+        }));
+        w.endpoint_slices.apply_watcher_event(&Event::Apply(slice));
+    }
+    let world = w.world();
+    let index = weft::operator::endpoints::index(&world);
+    let doc = weft::operator::endpoints::desired(client, &world, &index);
+    doc.to_stored().stored_len()
+}
+
+fn measure(services: usize, scenario: Scenario) -> Row {
+    let facts = cluster(services, scenario);
     let first = compile(&facts);
     let mut times = Vec::new();
     let started = Instant::now();
@@ -113,29 +197,37 @@ fn measure(services: usize, all_meshed: bool) -> Row {
     }
     times.sort();
     let client = &first.configs["shop"];
-    assert_eq!(
-        client.outbound.services.len(),
-        services,
-        "the client reaches every Service"
-    );
+    if scenario == Scenario::Scoped {
+        // The 20 it calls and their canaries' backends, nothing else.
+        assert!(
+            (CALLED..=2 * CALLED).contains(&client.outbound.services.len()),
+            "the scoped client lists {} Services",
+            client.outbound.services.len()
+        );
+    } else {
+        assert_eq!(
+            client.outbound.services.len(),
+            services,
+            "the client reaches every Service"
+        );
+    }
     Row {
         services,
-        scenario: if all_meshed {
-            "all meshed"
-        } else {
-            "one client"
-        },
+        scenario,
         configs: first.configs.len(),
         median: times[times.len() / 2],
         min: times[0],
         client_bytes: client.to_json().len(),
         client_stored: client.to_stored().stored_len(),
+        endpoints_stored: (scenario == Scenario::Scoped).then(|| endpoints_stored(&facts, client)),
         total_bytes: first.configs.values().map(|c| c.to_json().len()).sum(),
     }
 }
 
 fn measure_once(services: usize) -> usize {
-    let out = compile(&cluster(services, true));
+    let out = compile(&cluster(services, Scenario::AllMeshed));
+    let scoped = measure(services, Scenario::Scoped);
+    assert!(scoped.endpoints_stored.is_some_and(|n| n > 0));
     out.configs["shop"].outbound.services.len()
 }
 
@@ -165,12 +257,15 @@ fn main() {
     }
     let mut rows = Vec::new();
     for services in SIZES {
-        for all_meshed in [false, true] {
-            let row = measure(services, all_meshed);
+        for scenario in [Scenario::OneClient, Scenario::AllMeshed, Scenario::Scoped] {
+            if scenario == Scenario::Scoped && services < 100 {
+                continue;
+            }
+            let row = measure(services, scenario);
             eprintln!(
-                "{:>5} services, {:<10}: {:>8.2} ms median, client config {:>7.1} KiB",
+                "{:>5} services, {:<18}: {:>8.2} ms median, client config {:>7.1} KiB",
                 row.services,
-                row.scenario,
+                row.scenario.label(),
                 row.median.as_secs_f64() * 1e3,
                 row.client_bytes as f64 / 1024.0
             );
@@ -198,19 +293,19 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "Scenarios: N Services in namespaces of {PER_NAMESPACE}, with TrafficPolicies on 10 %, ServiceRoutes on 5 % and AccessPolicies on 5 % of them. `one client`: only namespace `shop` is meshed and it reaches all N Services. `all meshed`: every namespace is meshed and gets its own config.\n"
+        "Scenarios: N Services in namespaces of {PER_NAMESPACE}, with TrafficPolicies on 10 %, ServiceRoutes on 5 % and AccessPolicies on 5 % of them. `one client`: only namespace `shop` is meshed and it reaches all N Services. `all meshed`: every namespace is meshed and gets its own config. `all meshed, scoped`: the same, each namespace declaring the {CALLED} Services it calls (`weft.dev/calls`); its endpoints column is the client's `weft-endpoints` with {PODS_PER_SERVICE} pods per Service, built by the operator's code.\n"
     );
     let _ = writeln!(
         md,
-        "| services | scenario | configs | compile median | compile min | one namespace's config (JSON) | as stored in its ConfigMap | all configs (JSON) |"
+        "| services | scenario | configs | compile median | compile min | one namespace's config (JSON) | as stored in its ConfigMap | its endpoints, stored | all configs (JSON) |"
     );
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} KiB | {:.1} KiB{} | {:.1} KiB |",
+            "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.1} KiB | {:.1} KiB{} | {} | {:.1} KiB |",
             r.services,
-            r.scenario,
+            r.scenario.label(),
             r.configs,
             r.median.as_secs_f64() * 1e3,
             r.min.as_secs_f64() * 1e3,
@@ -221,15 +316,39 @@ fn main() {
             } else {
                 ""
             },
+            r.endpoints_stored
+                .map(|n| format!("{:.1} KiB", n as f64 / 1024.0))
+                .unwrap_or_else(|| "-".into()),
             r.total_bytes as f64 / 1024.0,
         );
     }
     let target = rows
         .iter()
-        .find(|r| r.services == 5000 && r.scenario == "one client");
+        .find(|r| r.services == 5000 && r.scenario == Scenario::OneClient);
     let size = rows
         .iter()
-        .find(|r| r.services == 1000 && r.scenario == "one client");
+        .find(|r| r.services == 1000 && r.scenario == Scenario::OneClient);
+    if let Some(scoped) = rows
+        .iter()
+        .find(|r| r.services == 5000 && r.scenario == Scenario::Scoped)
+    {
+        let stored = scoped.client_stored + scoped.endpoints_stored.unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "\nScoped targets (issue 19): a namespace calling {CALLED} of 5000 Services stores at most 64 KiB \
+             of config and endpoints ({:.1} KiB, {}); the whole-mesh compile of 5000 Services in {} \
+             namespaces with scopes takes under 200 ms ({:.2} ms, {}).",
+            stored as f64 / 1024.0,
+            if stored <= 64 * 1024 { "met" } else { "MISSED" },
+            scoped.configs,
+            scoped.median.as_secs_f64() * 1e3,
+            if scoped.median < Duration::from_millis(200) {
+                "met"
+            } else {
+                "MISSED"
+            },
+        );
+    }
     if let (Some(t), Some(s)) = (target, size) {
         let _ = writeln!(
             md,

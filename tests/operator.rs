@@ -1832,3 +1832,83 @@ async fn plaintext_knocking_from_an_unknown_pod_does_not_roll_back_strict() {
         "{st:#}"
     );
 }
+
+/// A namespace that declares what it calls (`weft.dev/calls`) gets only
+/// those Services' endpoints, and a slice change of a Service it does not
+/// call writes nothing there; an annotation that does not parse keeps
+/// every Service and says why on the Namespace.
+#[tokio::test]
+async fn a_scoped_namespace_gets_only_the_endpoints_it_calls() {
+    let mut h = harness().await;
+    let scoped = |value: &str| {
+        let mut ns = namespace("payments", true);
+        ns.metadata.annotations =
+            Some([(weft::compile::CALLS_ANNOTATION.to_owned(), value.to_owned())].into());
+        ns
+    };
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.namespaces, scoped("shop/inventory"));
+    for (name, ip, pod_ip) in [
+        ("inventory", "10.96.0.10", "10.244.0.1"),
+        ("cart", "10.96.0.11", "10.244.0.2"),
+    ] {
+        put(&mut h.writers.services, service("shop", name, ip));
+        put(
+            &mut h.writers.endpoint_slices,
+            slice("shop", name, &format!("{name}-1"), &[pod_ip]),
+        );
+    }
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    for ns in ["shop", "payments"] {
+        h.reconcile(ns).await;
+    }
+    let keys = |h: &Harness, ns: &str| -> Vec<String> {
+        published(h, ns)
+            .expect("published")
+            .services
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&h, "shop"), ["cart.shop", "inventory.shop"]);
+    assert_eq!(
+        keys(&h, "payments"),
+        ["inventory.shop"],
+        "what it calls only"
+    );
+    h.sync_children(&["shop", "payments"]);
+    let (changes, _one, _all) = h.compile_loop();
+    h.clear();
+
+    // cart's pods move: only shop, which calls cart, is written.
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "cart", "cart-1", &["10.244.0.2", "10.244.0.3"]),
+    );
+    changes
+        .send(Change::Endpoints("shop".into(), "cart".into()))
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let paths: Vec<String> = h.writes().into_iter().map(|w| w.path).collect();
+    assert_eq!(
+        paths,
+        ["/api/v1/namespaces/shop/configmaps/weft-endpoints"],
+        "payments does not call cart"
+    );
+
+    // A typo: every Service again, and a Warning on the Namespace.
+    put(&mut h.writers.namespaces, scoped("shop/Inventory"));
+    driver::recompile(&h.ctx).await;
+    h.reconcile("payments").await;
+    assert_eq!(keys(&h, "payments"), ["cart.shop", "inventory.shop"]);
+    let events = h.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "InvalidScope"
+            && e["type"] == "Warning"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("\"shop/Inventory\""))),
+        "{events:#?}"
+    );
+}

@@ -16,6 +16,7 @@
 
 mod access;
 mod policy;
+mod scope;
 mod verdict;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +34,7 @@ use crate::config::{
     PortRef, ProxyConfig, ServicePortConfig,
 };
 
+pub use scope::{CALLS_ANNOTATION, Scope};
 pub use verdict::{PolicyKind, PolicyVerdict, VerdictCondition};
 
 /// Everything the compiler reads. Order does not matter: the compiler sorts.
@@ -120,12 +122,21 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
         .collect();
 
     let defaults = policy::default_service_policy();
+    let scopes: HashMap<String, Scope> = facts
+        .namespaces
+        .iter()
+        .filter(|n| meshed.contains(&n.name_any()))
+        // A bad annotation keeps the whole mesh (the operator warns).
+        .map(|n| (n.name_any(), Scope::of(n).unwrap_or_default()))
+        .collect();
     let mut configs = BTreeMap::new();
     for ns in &meshed {
         let no_accounts = BTreeSet::new();
         let client_accounts = accounts.get(ns).unwrap_or(&no_accounts);
+        let listed = scope::select(scopes.get(ns).unwrap_or(&Scope::All), ns, &entries);
         let services: Vec<OutboundService> = entries
             .iter()
+            .filter(|(key, _)| listed.as_ref().is_none_or(|l| l.contains(*key)))
             .filter(|(key, _)| guards.may_reach(ns, client_accounts, key))
             .map(|(_, entry)| entry.clone())
             .collect();
@@ -348,16 +359,20 @@ fn outbound_entry(
 /// <https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-distribution>)
 /// gets the proxy's zone affinity with its defaults, unless its
 /// TrafficPolicy already sets one. kube-proxy honours the field for
-/// unmeshed callers; this keeps meshed callers, which dial pods directly,
-/// to the same promise. (`PreferSameNode` is left to kube-proxy: the
-/// proxy balances by zone, not by node.)
+/// unmeshed callers; meshed callers dial the pods themselves, so the
+/// proxy must. `PreferSameNode` gets zone affinity too: the proxy keeps
+/// calls in the zone, not on the node (kube-proxy itself falls back from
+/// node to zone), which is the nearest it honours. Unlike kube-proxy,
+/// which stays in the zone while any endpoint there is ready, the proxy
+/// spills in proportion once fewer than 70 % of the zone's pods are
+/// healthy.
 fn zone_preference(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
     policy: Option<crate::config::ServicePolicy>,
 ) -> Option<crate::config::ServicePolicy> {
     let close = matches!(
         spec.traffic_distribution.as_deref(),
-        Some("PreferClose" | "PreferSameZone")
+        Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
     );
     if !close || policy.as_ref().is_some_and(|p| p.zone_affinity.is_some()) {
         return policy;

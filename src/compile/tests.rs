@@ -480,6 +480,58 @@ fn health_paths_are_excluded_and_circuit_breaker_defaults_filled() {
     );
 }
 
+/// A namespace that declares what it calls (`weft.dev/calls`) lists only
+/// those Services, its own, and the backends their routes split to; one
+/// whose annotation does not parse keeps every Service.
+#[test]
+fn a_declared_scope_lists_what_the_namespace_calls_and_route_backends() {
+    let mut f = base();
+    let calls = |f: &mut ClusterFacts, value: &str| {
+        let payments = f
+            .namespaces
+            .iter_mut()
+            .find(|n| n.name_any() == "payments")
+            .expect("payments");
+        payments.metadata.annotations =
+            Some([(CALLS_ANNOTATION.to_owned(), value.to_owned())].into());
+    };
+    f.service_routes.push(policy(
+        "shop",
+        "canary",
+        None,
+        json!({ "parentRef": { "name": "checkout" }, "rules": [{ "backendRefs": [
+            { "name": "checkout", "weight": 90 },
+            { "name": "checkout-canary", "weight": 10 },
+        ]}]}),
+    ));
+    let listed = |c: &Compiled| -> Vec<String> {
+        c.configs["payments"]
+            .outbound
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect()
+    };
+    let everything = listed(&compile(&f));
+    assert_eq!(everything.len(), 5, "{everything:?}");
+
+    calls(&mut f, "shop/checkout");
+    assert_eq!(
+        listed(&compile(&f)),
+        ["payments/payments", "shop/checkout", "shop/checkout-canary"],
+        "its own, the one it calls, and that one's canary backend"
+    );
+    calls(&mut f, "legacy, shop/inventory");
+    assert_eq!(
+        listed(&compile(&f)),
+        ["legacy/mainframe", "payments/payments", "shop/inventory"]
+    );
+    // The client's own scope leaves other namespaces' configs alone.
+    assert_eq!(compile(&f).configs["shop"].outbound.services.len(), 5);
+    calls(&mut f, "shop/Checkout");
+    assert_eq!(listed(&compile(&f)), everything, "a typo cuts nothing off");
+}
+
 /// Zone affinity comes from the TrafficPolicy, else from the Service's
 /// own `trafficDistribution` (PreferClose / PreferSameZone) with the
 /// defaults; other values and an unset field leave every zone one pool.
@@ -518,7 +570,7 @@ fn zone_affinity_follows_the_policy_then_the_services_traffic_distribution() {
     };
     assert_eq!(affinity("catalog"), Some(70));
     assert_eq!(affinity("reviews"), Some(70));
-    assert_eq!(affinity("search"), None, "left to kube-proxy");
+    assert_eq!(affinity("search"), Some(70), "node preference: the zone");
     assert_eq!(affinity("cart"), Some(50), "the TrafficPolicy's own");
     assert_eq!(affinity("inventory"), None);
     // Only the zone preference is added: the rest is the defaults.

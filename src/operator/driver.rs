@@ -302,24 +302,36 @@ pub async fn publish_endpoints(
 ) {
     let snap = ctx.snapshot.load_full();
     let slices = super::endpoints::index(&ctx.world);
-    for (ns, config) in &snap.compiled.configs {
-        if skip.contains(ns)
-            || !config
+    let affected = snap.compiled.configs.iter().filter(|(ns, config)| {
+        !skip.contains(*ns)
+            && config
                 .outbound
                 .services
                 .iter()
                 .any(|s| services.contains(&(s.namespace.clone(), s.name.clone())))
-        {
-            continue;
-        }
-        let Some(namespace) = ctx.world.namespaces.get(&ObjectRef::new(ns)) else {
-            continue;
-        };
-        if let Err(e) = reconcile::apply_endpoints_from(ctx, &namespace, config, &slices).await {
-            tracing::warn!(namespace = %ns, error = %e, "endpoints not published; the next reconcile retries");
-        }
-    }
+    });
+    // A few writes in flight at once: a Service called from a hundred
+    // namespaces is a hundred applies, and one after another they would
+    // hold the next batch (and the slice-to-proxy time) back by seconds.
+    futures_util::stream::iter(affected)
+        .for_each_concurrent(ENDPOINT_WRITES_IN_FLIGHT, |(ns, config)| {
+            let slices = &slices;
+            async move {
+                let Some(namespace) = ctx.world.namespaces.get(&ObjectRef::new(ns)) else {
+                    return;
+                };
+                if let Err(e) =
+                    reconcile::apply_endpoints_from(ctx, &namespace, config, slices).await
+                {
+                    tracing::warn!(namespace = %ns, error = %e, "endpoints not published; the next reconcile retries");
+                }
+            }
+        })
+        .await;
 }
+
+/// Endpoint documents written at once by one batch of slice changes.
+const ENDPOINT_WRITES_IN_FLIGHT: usize = 16;
 
 /// Turns watch changes into compiles and reconcile triggers until
 /// `changes` closes.

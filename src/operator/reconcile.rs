@@ -408,6 +408,14 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
 
+    // A `weft.dev/calls` that does not parse lists every Service (the
+    // compiler keeps the whole mesh rather than cut the namespace off);
+    // say so where its author looks.
+    if let Err(why) = crate::compile::Scope::of(ns) {
+        tracing::warn!(namespace = %name, "{why}");
+        ctx.event(ns, true, "InvalidScope", "Compile", why).await;
+    }
+
     // Each child is written whatever became of the ones before it: a
     // RoleBinding an admission policy refuses, or a ConfigMap over a quota,
     // must not stop certificate renewal or the rollout's rollback check.
@@ -1050,7 +1058,7 @@ fn running(pod: &Pod) -> bool {
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
-fn injected(pod: &Pod) -> bool {
+pub(crate) fn injected(pod: &Pod) -> bool {
     pod.spec.as_ref().is_some_and(|s| {
         s.containers
             .iter()

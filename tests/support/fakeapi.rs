@@ -23,6 +23,9 @@ pub struct Seen {
     pub query: String,
     pub content_type: String,
     pub body: Value,
+    /// When it arrived (the operator benchmark times slice changes to
+    /// the write that publishes them).
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -73,6 +76,7 @@ async fn api(
             .unwrap_or("")
             .to_owned(),
         body: body.clone(),
+        at: std::time::Instant::now(),
     });
     if method == Method::GET
         && let Some(code) = f.refuse_reads.get(&path).copied()
@@ -209,6 +213,7 @@ async fn api_with_lists(
         query: query.clone(),
         content_type: String::new(),
         body: Value::Null,
+        at: std::time::Instant::now(),
     });
     if query
         .split('&')
