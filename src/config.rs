@@ -528,6 +528,13 @@ pub struct EndpointsConfig {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEndpoints {
     pub groups: Vec<EndpointGroup>,
+    /// Endpoints neither ready nor serving (and not terminating), counted
+    /// by zone: no proxy sends to them, but they are part of their zone,
+    /// so a zone whose pods fail readiness counts as unhealthy in
+    /// zone-aware routing. Kept out of `groups` so that no proxy, this
+    /// version or an older one, ever picks them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unready_by_zone: BTreeMap<String, u32>,
 }
 
 /// Endpoints that listen on the same ports.
@@ -561,11 +568,20 @@ pub struct EndpointEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// The pod behind the address, and its ServiceAccount: the identity a
-    /// meshed endpoint must present.
+    /// meshed endpoint must present. Set only when the operator verified
+    /// the slice's claim: the slice's `targetRef` names a pod of the
+    /// slice's own namespace whose `status.podIPs` hold every address.
+    /// Unset (a pod not yet in the operator's cache, a hand-written
+    /// slice), the endpoint is held to the Service's identities, and a
+    /// caller that dials it by address is not given the Service's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// A verified pod without the weft sidecar (opted out, or on the
+    /// host's network): called in plaintext, as it cannot speak mesh TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unmeshed: bool,
 }
 
 impl EndpointsConfig {

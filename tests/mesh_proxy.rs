@@ -1248,21 +1248,7 @@ async fn a_pod_presenting_another_account_of_its_namespace_is_refused() {
     let cid = pki.dir("shop", "checkout");
     let client = meshed(&config(vec![svc]), &["payments.shop:80"], &cid, &[]).await;
     let endpoint = server.running.inbound[0];
-    let publish = |generation: &str, account: &str| {
-        let doc = json!({
-            "schemaVersion": "1.0", "generation": generation, "namespace": "shop",
-            "services": { "payments.shop": { "groups": [{
-                "ports": { "": endpoint.port() },
-                "endpoints": [{ "addresses": [endpoint.ip().to_string()], "ready": true,
-                                "pod": "payments-0", "serviceAccount": account }],
-            }]}},
-        });
-        write_atomic(
-            &client.dir.path().join("endpoints.json"),
-            doc.to_string().as_bytes(),
-        );
-    };
-    publish("as-cart", "cart");
+    publish_pod(&client, "as-cart", endpoint, "cart");
     client
         .wait_metric("weft_proxy_endpoints_reloads", 1.0)
         .await;
@@ -1277,7 +1263,7 @@ async fn a_pod_presenting_another_account_of_its_namespace_is_refused() {
     assert!(counted >= 1.0, "counted as unexpected-identity");
     assert_eq!(payments.hits(), 0);
 
-    publish("as-payments", "payments");
+    publish_pod(&client, "as-payments", endpoint, "payments");
     client
         .wait_metric("weft_proxy_endpoints_reloads", 2.0)
         .await;
@@ -1322,18 +1308,7 @@ async fn a_pod_dialled_by_its_address_gets_its_services_mtls() {
     );
     assert_eq!(payments.hits(), 0, "and STRICT refused it");
 
-    let doc = json!({
-        "schemaVersion": "1.0", "generation": "one-pod", "namespace": "shop",
-        "services": { "payments.shop": { "groups": [{
-            "ports": { "": endpoint.port() },
-            "endpoints": [{ "addresses": [endpoint.ip().to_string()], "ready": true,
-                            "pod": "payments-0", "serviceAccount": "payments" }],
-        }]}},
-    });
-    write_atomic(
-        &client.dir.path().join("endpoints.json"),
-        doc.to_string().as_bytes(),
-    );
+    publish_pod(&client, "one-pod", endpoint, "payments");
     client
         .wait_metric("weft_proxy_endpoints_reloads", 1.0)
         .await;
@@ -1347,6 +1322,39 @@ async fn a_pod_dialled_by_its_address_gets_its_services_mtls() {
     assert_eq!(
         counted, 1.0,
         "counted under the Service port's label, over mTLS"
+    );
+
+    // Held to the pod's own account: published as another account's pod
+    // (an address reused, a stale document), the call is refused.
+    publish_pod(&client, "as-inventory", endpoint, "inventory");
+    client
+        .wait_metric("weft_proxy_endpoints_reloads", 2.0)
+        .await;
+    let r = get(&client.outbound_url(0)).await;
+    assert_eq!(r.status, 502, "another account's pod: refused: {r:?}");
+    assert!(
+        client
+            .metric("weft_proxy_tls_rejections_total{direction=\"outbound\",reason=\"unexpected-identity\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(payments.hits(), 1);
+}
+
+/// Publishes, in `client`'s endpoints document `generation`, the pod at
+/// `endpoint` as `payments.shop`'s one pod, of ServiceAccount `account`.
+fn publish_pod(client: &TestProxy, generation: &str, endpoint: SocketAddr, account: &str) {
+    let doc = json!({
+        "schemaVersion": "1.0", "generation": generation, "namespace": "shop",
+        "services": { "payments.shop": { "groups": [{
+            "ports": { "": endpoint.port() },
+            "endpoints": [{ "addresses": [endpoint.ip().to_string()], "ready": true,
+                            "pod": format!("{account}-0"), "serviceAccount": account }],
+        }]}},
+    });
+    write_atomic(
+        &client.dir.path().join("endpoints.json"),
+        doc.to_string().as_bytes(),
     );
 }
 

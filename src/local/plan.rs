@@ -358,6 +358,7 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                         crate::config::EndpointsConfig::key(&svc.namespace, &svc.name),
                         crate::config::ServiceEndpoints {
                             groups: groups.clone(),
+                            ..Default::default()
                         },
                     ))
                 })

@@ -11,7 +11,14 @@
 //! (<https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#conditions>):
 //! an unset `ready` is ready, an unset `serving` is `ready`, an unset
 //! `terminating` is not terminating. Endpoints neither ready nor serving
-//! are left out: no proxy may send to them.
+//! are left out (no proxy may send to them), only counted by zone.
+//!
+//! A slice is anyone's to write who may write EndpointSlices in its
+//! namespace, so what it says of a pod is checked against the pod: an
+//! endpoint names a pod and its ServiceAccount only when the slice's
+//! `targetRef` is a pod of the slice's namespace that holds every one of
+//! its addresses (`status.podIPs`). Proxies hold a verified endpoint to
+//! that account, and call it by address with its Service's policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -63,13 +70,9 @@ pub fn desired(config: &ProxyConfig, world: &World, slices: &SliceIndex) -> Endp
         .filter(|s| kube_proxy_routes_it_alone(world, &s.namespace, &s.name))
         .filter_map(|s| {
             let found = slices.get(&(s.namespace.clone(), s.name.clone()))?;
-            let groups = groups(found, &world.pods);
-            (!groups.is_empty()).then(|| {
-                (
-                    EndpointsConfig::key(&s.namespace, &s.name),
-                    ServiceEndpoints { groups },
-                )
-            })
+            let endpoints = groups(found, &world.pods);
+            (!endpoints.groups.is_empty())
+                .then(|| (EndpointsConfig::key(&s.namespace, &s.name), endpoints))
         })
         .collect();
     EndpointsConfig {
@@ -102,8 +105,9 @@ fn kube_proxy_routes_it_alone(world: &World, ns: &str, name: &str) -> bool {
 fn groups(
     slices: &[std::sync::Arc<EndpointSlice>],
     pods: &Store<k8s_openapi::api::core::v1::Pod>,
-) -> Vec<EndpointGroup> {
+) -> ServiceEndpoints {
     let mut by_ports: BTreeMap<BTreeMap<String, u16>, Vec<EndpointEntry>> = BTreeMap::new();
+    let mut unready_by_zone: BTreeMap<String, u32> = BTreeMap::new();
     for slice in slices {
         // FQDN slices name hosts, not addresses: the proxy cannot dial
         // them as endpoints.
@@ -130,27 +134,12 @@ fn groups(
             let serving = conditions.serving.unwrap_or(ready);
             let terminating = conditions.terminating.unwrap_or(false);
             if !ready && !serving {
+                if !terminating && let Some(zone) = &e.zone {
+                    *unready_by_zone.entry(zone.clone()).or_default() += 1;
+                }
                 continue;
             }
-            let pod = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.clone());
-            // A pod of the slice's own namespace only (a Service's
-            // endpoints are its namespace's pods).
-            let service_account = pod.as_ref().and_then(|name| {
-                let ns = slice.namespace()?;
-                let target_ns = e.target_ref.as_ref().and_then(|r| r.namespace.clone());
-                if target_ns.is_some_and(|t| t != ns) {
-                    return None;
-                }
-                pods.get(&ObjectRef::new(name).within(&ns))?
-                    .spec
-                    .as_ref()?
-                    .service_account_name
-                    .clone()
-            });
+            let verified = slice.namespace().and_then(|ns| verified_pod(&ns, e, pods));
             let mut addresses = e.addresses.clone();
             addresses.sort();
             entries.push(EndpointEntry {
@@ -160,12 +149,18 @@ fn groups(
                 serving: terminating && serving,
                 zone: e.zone.clone(),
                 node: e.node_name.clone(),
-                pod,
-                service_account,
+                pod: verified.as_ref().map(|p| p.name_any()),
+                service_account: verified
+                    .as_ref()
+                    .and_then(|p| p.spec.as_ref()?.service_account_name.clone()),
+                unmeshed: verified.as_ref().is_some_and(|p| {
+                    !super::reconcile::injected(p)
+                        || p.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+                }),
             });
         }
     }
-    by_ports
+    let groups = by_ports
         .into_iter()
         .filter(|(_, endpoints)| !endpoints.is_empty())
         .map(|(ports, mut endpoints)| {
@@ -175,7 +170,39 @@ fn groups(
             endpoints.dedup_by(|a, b| a.addresses == b.addresses);
             EndpointGroup { ports, endpoints }
         })
-        .collect()
+        .collect();
+    ServiceEndpoints {
+        groups,
+        unready_by_zone,
+    }
+}
+
+/// The pod an endpoint's `targetRef` names, when the claim holds: a pod
+/// of the slice's namespace `ns`, in the cache, holding every address of
+/// the endpoint. Anything else (another namespace's pod, a pod not seen
+/// yet, an address the pod does not have) is not trusted to name an
+/// identity.
+fn verified_pod(
+    ns: &str,
+    e: &k8s_openapi::api::discovery::v1::Endpoint,
+    pods: &Store<k8s_openapi::api::core::v1::Pod>,
+) -> Option<Arc<k8s_openapi::api::core::v1::Pod>> {
+    let target = e.target_ref.as_ref()?;
+    if target.kind.as_deref() != Some("Pod") || target.namespace.as_deref().is_some_and(|t| t != ns)
+    {
+        return None;
+    }
+    let pod = pods.get(&ObjectRef::new(target.name.as_deref()?).within(ns))?;
+    let status = pod.status.as_ref()?;
+    let held: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|ip| ip.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .collect();
+    let holds = !e.addresses.is_empty() && e.addresses.iter().all(|a| held.contains(&a.as_str()));
+    holds.then_some(pod)
 }
 
 #[cfg(test)]
@@ -226,12 +253,28 @@ mod tests {
     #[test]
     fn slices_become_groups_with_conditions_identity_and_zone() {
         let mut w = Writers::default();
-        let pod = serde_json::from_value(json!({
-            "metadata": {"name": "inventory-0", "namespace": "shop"},
-            "spec": {"serviceAccountName": "inventory", "containers": []},
-        }))
-        .expect("pod");
-        w.pods.apply_watcher_event(&watcher::Event::Apply(pod));
+        let pod =
+            |name: &str, ns: &str, ip: &str, sidecar: bool| -> k8s_openapi::api::core::v1::Pod {
+                let containers = if sidecar {
+                    json!([{"name": "app"}, {"name": crate::inject::PROXY_CONTAINER}])
+                } else {
+                    json!([{"name": "app"}])
+                };
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"serviceAccountName": "inventory", "containers": containers},
+                    "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+                }))
+                .expect("pod")
+            };
+        for p in [
+            pod("inventory-0", "shop", "10.0.1.1", true),
+            pod("inventory-1", "shop", "10.0.1.4", false),
+            pod("payments-0", "payments", "10.0.1.5", true),
+        ] {
+            w.pods.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let target = |name: &str, ns: &str| json!({"kind": "Pod", "name": name, "namespace": ns});
         let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
         for s in [
             slice(
@@ -240,7 +283,14 @@ mod tests {
                 "inventory-b",
                 json!({"ports": ports, "endpoints": [
                     {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "zone": "b"},
-                    {"addresses": ["10.0.1.3"], "conditions": {"ready": false, "serving": false}},
+                    {"addresses": ["10.0.1.3"], "conditions": {"ready": false, "serving": false}, "zone": "b"},
+                    // A pod without the sidecar.
+                    {"addresses": ["10.0.1.4"], "targetRef": target("inventory-1", "shop")},
+                    // Claims another namespace's pod: not trusted.
+                    {"addresses": ["10.0.1.5"], "targetRef": target("payments-0", "payments")},
+                    // Claims a pod of its own namespace at an address the
+                    // pod does not hold: not trusted either.
+                    {"addresses": ["10.0.1.6"], "targetRef": target("inventory-0", "shop")},
                 ]}),
             ),
             slice(
@@ -249,7 +299,7 @@ mod tests {
                 "inventory-a",
                 json!({"ports": ports, "endpoints": [
                     {"addresses": ["10.0.1.1"], "zone": "a", "nodeName": "n1",
-                     "targetRef": {"kind": "Pod", "name": "inventory-0", "namespace": "shop"}},
+                     "targetRef": target("inventory-0", "shop")},
                 ]}),
             ),
             // A Service this namespace does not call.
@@ -269,7 +319,13 @@ mod tests {
         let published = desired(&config(&["inventory"]), &world, &index(&world));
         assert_eq!(published.namespace, "shop");
         assert_eq!(published.generation.len(), 16);
-        let groups = &published.services["inventory.shop"].groups;
+        let inventory = &published.services["inventory.shop"];
+        assert_eq!(
+            inventory.unready_by_zone,
+            BTreeMap::from([("b".to_owned(), 1)]),
+            "counted in its zone, never listed"
+        );
+        let groups = &inventory.groups;
         assert_eq!(groups.len(), 1, "{groups:?}");
         assert_eq!(groups[0].ports, BTreeMap::from([("http".to_owned(), 8080)]));
         let e = &groups[0].endpoints;
@@ -277,14 +333,29 @@ mod tests {
             e.iter()
                 .map(|e| e.addresses[0].as_str())
                 .collect::<Vec<_>>(),
-            ["10.0.1.1", "10.0.1.2"],
+            ["10.0.1.1", "10.0.1.2", "10.0.1.4", "10.0.1.5", "10.0.1.6"],
             "neither ready nor serving: left out"
         );
         assert!(e[0].ready && !e[0].terminating);
         assert_eq!(e[0].zone.as_deref(), Some("a"));
         assert_eq!(e[0].node.as_deref(), Some("n1"));
         assert_eq!(e[0].service_account.as_deref(), Some("inventory"));
+        assert_eq!(e[0].pod.as_deref(), Some("inventory-0"));
+        assert!(!e[0].unmeshed);
         assert!(!e[1].ready && e[1].terminating && e[1].serving);
+        assert!(e[2].unmeshed, "no sidecar: plaintext");
+        for claim in &e[3..] {
+            assert_eq!(
+                (
+                    claim.pod.as_deref(),
+                    claim.service_account.as_deref(),
+                    claim.unmeshed
+                ),
+                (None, None, false),
+                "{:?}: a claim that does not hold names no identity",
+                claim.addresses
+            );
+        }
         assert!(!published.services.contains_key("other.shop"));
 
         // The same caches give the same document.

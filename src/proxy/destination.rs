@@ -7,7 +7,7 @@
 //! policy and endpoints unchanged keeps its state (an open circuit stays
 //! open), anything else gets fresh state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,8 +46,10 @@ pub enum EndpointSource {
     /// A headless Service: resolve this name.
     Dns { host: String, port: u16 },
     /// The Service's pods, as the operator's endpoint discovery published
-    /// them ([`crate::config::EndpointsConfig`]).
-    Discovered(Vec<Discovered>),
+    /// them ([`crate::config::EndpointsConfig`]), and how many pods of each
+    /// zone are neither ready nor serving (never called, but counted in
+    /// their zone's health).
+    Discovered(Vec<Discovered>, Arc<BTreeMap<String, u32>>),
 }
 
 /// A pod behind a Service, as discovery published it.
@@ -60,8 +62,12 @@ pub struct Discovered {
     /// Terminating, or not ready: takes a new request only when no other
     /// endpoint can (in-flight ones finish either way).
     pub draining: bool,
+    /// Terminating: leaving, so not counted in its zone's health.
+    pub terminating: bool,
     /// Its zone (EndpointSlice `zone`), for zone-aware routing.
     pub zone: Option<String>,
+    /// A pod without the sidecar (the operator checked): plaintext.
+    pub unmeshed: bool,
 }
 
 /// Where this proxy runs, for zone-aware routing: its zone as the injector
@@ -95,7 +101,7 @@ impl Locality {
     }
 
     /// Learns the zone from `doc` when it is not known yet: a node is in
-    /// one zone, so any endpoint on this proxy's node tells it.
+    /// one zone, so any verified endpoint on this proxy's node tells it.
     pub fn learn(&self, doc: &EndpointsConfig) {
         let Some(node) = &self.node else { return };
         if self.zone.get().is_some() {
@@ -106,7 +112,11 @@ impl Locality {
             .values()
             .flat_map(|s| &s.groups)
             .flat_map(|g| &g.endpoints)
-            .find(|e| e.node.as_ref() == Some(node) && e.zone.is_some())
+            // Only an endpoint the operator verified against its pod: a
+            // hand-written slice could claim any node and zone.
+            .find(|e| {
+                e.node.as_ref() == Some(node) && e.zone.is_some() && e.service_account.is_some()
+            })
             .and_then(|e| e.zone.clone());
         if let Some(zone) = found
             && self.zone.set(zone.clone()).is_ok()
@@ -131,6 +141,8 @@ pub struct EndpointState {
     service_account: Option<String>,
     /// Its zone (discovered endpoints), for zone-aware routing.
     zone: Option<Box<str>>,
+    /// Terminating (updated in place, as `draining`).
+    terminating: std::sync::atomic::AtomicBool,
 }
 
 /// A destination's endpoints, shared with requests in flight.
@@ -172,6 +184,8 @@ pub struct Destination {
     refreshing: tokio::sync::Mutex<()>,
     /// Where this proxy runs (shared by all destinations).
     locality: Arc<Locality>,
+    /// Pods neither ready nor serving, by zone (discovered endpoints).
+    unready_by_zone: arc_swap::ArcSwap<BTreeMap<String, u32>>,
 }
 
 fn breaker(cfg: &Option<CircuitBreakerConfig>) -> Option<CircuitBreaker> {
@@ -206,6 +220,7 @@ impl Destination {
             .as_ref()
             .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
         let static_endpoints = fixed_list(&source, &policy, &mesh, &[]);
+        let unready = unready_of(&source);
         let fixed = static_endpoints.is_some();
         Self {
             label,
@@ -231,6 +246,7 @@ impl Destination {
             policy,
             refreshing: tokio::sync::Mutex::new(()),
             locality: Arc::default(),
+            unready_by_zone: arc_swap::ArcSwap::new(unready),
         }
     }
 
@@ -366,17 +382,57 @@ impl Destination {
             return None;
         };
         let local = |e: &EndpointState| e.zone.as_deref() == Some(zone);
-        let in_zone = endpoints.iter().filter(|e| local(e)).count();
+        // The zone's pods that are staying: terminating ones are leaving
+        // (a rolling update must not push calls out of the zone), unready
+        // ones are counted (pods failing readiness are a zone in trouble).
+        let unready = self
+            .unready_by_zone
+            .load()
+            .get(zone)
+            .copied()
+            .unwrap_or_default() as usize;
+        let in_zone = endpoints
+            .iter()
+            .filter(|e| local(e) && !e.is_terminating())
+            .count()
+            + unready;
         if in_zone == 0 {
             return None;
         }
+        // Healthy: closed breaker (a half-open one is still on probation),
+        // neither draining nor terminating.
+        let now = Instant::now();
         let healthy = candidates
             .iter()
-            .filter(|(i, _)| local(&endpoints[*i]) && !endpoints[*i].is_draining())
+            .map(|(i, _)| &endpoints[*i])
+            .filter(|e| {
+                local(e)
+                    && !e.is_draining()
+                    && e.breaker
+                        .as_ref()
+                        .is_none_or(|b| b.state(now) == BreakerState::Closed)
+            })
             .count();
         let stay = healthy as f64 * 100.0
             / (in_zone as f64 * f64::from(affinity.min_healthy_percent.max(1)));
         let here = healthy > 0 && (stay >= 1.0 || rng.f64() < stay);
+        if !here {
+            // A pod of the zone on probation whose breaker lets a probe
+            // through (the candidates are those admitted) takes this call:
+            // its success is what brings the zone back, and nothing else
+            // would send it one while the zone counts as down.
+            let probe = candidates.iter().copied().find(|(i, _)| {
+                let e = &endpoints[*i];
+                local(e)
+                    && !e.is_draining()
+                    && e.breaker
+                        .as_ref()
+                        .is_some_and(|b| b.state(now) == BreakerState::HalfOpen)
+            });
+            if let Some(probe) = probe {
+                return Some(vec![probe]);
+            }
+        }
         let chosen: Vec<(usize, f64)> = candidates
             .iter()
             .copied()
@@ -391,8 +447,8 @@ impl Destination {
     /// False when `source` is not a discovered list. A list older than
     /// the one in place (`epoch`) is ignored.
     fn repoint(&self, source: EndpointSource, epoch: u64) -> bool {
-        if !matches!(source, EndpointSource::Discovered(_))
-            || !matches!(&*lock(&self.source), EndpointSource::Discovered(_))
+        if !matches!(source, EndpointSource::Discovered(..))
+            || !matches!(&*lock(&self.source), EndpointSource::Discovered(..))
         {
             return false;
         }
@@ -404,9 +460,21 @@ impl Destination {
             .store(epoch, std::sync::atomic::Ordering::Release);
         let (_, current) = self.cached();
         let next = fixed_list(&source, &self.policy, &self.mesh, &current).unwrap_or_default();
+        self.unready_by_zone.store(unready_of(&source));
         *lock(&self.endpoints) = (Some(Instant::now()), next);
         *source_now = source;
         true
+    }
+}
+
+/// Pods neither ready nor serving, by zone ([`EndpointSource::Discovered`]).
+type UnreadyByZone = Arc<BTreeMap<String, u32>>;
+
+/// A discovered source's count of unready pods by zone (empty otherwise).
+fn unready_of(source: &EndpointSource) -> UnreadyByZone {
+    match source {
+        EndpointSource::Discovered(_, unready) => unready.clone(),
+        _ => Arc::default(),
     }
 }
 
@@ -429,26 +497,48 @@ fn fixed_list(
         EndpointSource::Static(addrs) => plain(addrs, 1),
         EndpointSource::ClusterIps(addrs) => plain(addrs, CLUSTER_IP_H2_CONNECTIONS),
         EndpointSource::Dns { .. } => return None,
-        EndpointSource::Discovered(pods) => {
+        EndpointSource::Discovered(pods, _) => {
             // A pod keeps its state while its address, identity and zone
             // are unchanged.
-            type Key<'a> = (SocketAddr, Option<&'a str>, Option<&'a str>);
+            type Key<'a> = (SocketAddr, Option<&'a str>, Option<&'a str>, bool);
             let known: HashMap<Key<'_>, &Arc<EndpointState>> = keep
                 .iter()
-                .map(|e| ((e.addr, e.service_account.as_deref(), e.zone.as_deref()), e))
+                .map(|e| {
+                    let meshed = e.endpoint.mesh.is_some();
+                    (
+                        (
+                            e.addr,
+                            e.service_account.as_deref(),
+                            e.zone.as_deref(),
+                            meshed,
+                        ),
+                        e,
+                    )
+                })
                 .collect();
             // One expected identity per account, shared by its pods (their
             // pooled connections are keyed by it).
             let mut targets: HashMap<&str, Arc<MeshTarget>> = HashMap::new();
             pods.iter()
                 .map(|p| {
-                    let key = (p.addr, p.service_account.as_deref(), p.zone.as_deref());
+                    let meshed = mesh.is_some() && !p.unmeshed;
+                    let key = (
+                        p.addr,
+                        p.service_account.as_deref(),
+                        p.zone.as_deref(),
+                        meshed,
+                    );
                     if let Some(e) = known.get(&key) {
                         e.draining
                             .store(p.draining, std::sync::atomic::Ordering::Relaxed);
+                        e.terminating
+                            .store(p.terminating, std::sync::atomic::Ordering::Relaxed);
                         return Arc::clone(e);
                     }
                     let target = match (mesh, p.service_account.as_deref()) {
+                        // No sidecar, as the operator saw the pod: it
+                        // cannot speak mesh TLS.
+                        _ if p.unmeshed => None,
                         (Some(m), Some(sa)) => Some(
                             targets
                                 .entry(sa)
@@ -480,6 +570,7 @@ fn endpoint(
         draining: std::sync::atomic::AtomicBool::new(pod.draining),
         service_account: pod.service_account,
         zone: pod.zone.map(String::into_boxed_str),
+        terminating: std::sync::atomic::AtomicBool::new(pod.terminating),
     })
 }
 
@@ -490,7 +581,9 @@ impl Discovered {
             addr,
             service_account: None,
             draining: false,
+            terminating: false,
             zone: None,
+            unmeshed: false,
         }
     }
 }
@@ -499,6 +592,10 @@ impl EndpointState {
     /// Terminating or unready: new requests only when nothing else can.
     pub fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn is_terminating(&self) -> bool {
+        self.terminating.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -522,9 +619,9 @@ pub fn source_for(
     // own identity) makes a stale address fail rather than reach a
     // stranger in plaintext. Unmeshed Services keep their ClusterIP.
     if svc.mesh.is_some()
-        && let Some(pods) = discovered.and_then(|d| discovered_pods(svc, port, d))
+        && let Some((pods, unready)) = discovered.and_then(|d| discovered_pods(svc, port, d))
     {
-        return EndpointSource::Discovered(pods);
+        return EndpointSource::Discovered(pods, unready);
     }
     let ips: Vec<SocketAddr> = svc
         .cluster_ips
@@ -551,11 +648,11 @@ fn discovered_pods(
     svc: &OutboundService,
     port: u16,
     discovered: &EndpointsConfig,
-) -> Option<Vec<Discovered>> {
-    let groups = &discovered
+) -> Option<(Vec<Discovered>, UnreadyByZone)> {
+    let published = discovered
         .services
-        .get(&EndpointsConfig::key(&svc.namespace, &svc.name))?
-        .groups;
+        .get(&EndpointsConfig::key(&svc.namespace, &svc.name))?;
+    let groups = &published.groups;
     let name = svc
         .ports
         .iter()
@@ -589,14 +686,20 @@ fn discovered_pods(
                         addr: SocketAddr::new(ip, *target),
                         service_account: e.service_account.clone(),
                         draining: e.terminating || !e.ready,
+                        terminating: e.terminating,
                         zone: e.zone.clone(),
+                        unmeshed: e.unmeshed,
                     });
                 }
             }
         }
     }
-    (!pods.is_empty()).then_some(pods)
+    (!pods.is_empty()).then(|| (pods, Arc::new(published.unready_by_zone.clone())))
 }
+
+/// Destinations kept for bare addresses, before they are forgotten all at
+/// once.
+pub const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 
 /// Destinations by label, carried across config reloads.
 #[derive(Default)]
@@ -673,6 +776,40 @@ impl Destinations {
         d
     }
 
+    /// [`Destinations::get_keyed`] for a bare address (an address no
+    /// Service claims, or a pod called alone): kept by the address, and
+    /// all such forgotten at once past [`MAX_ADDRESS_DESTINATIONS`], so
+    /// rotating external IPs and pod churn cannot grow the map for the
+    /// proxy's life (each snapshot's own cache is emptied with every new
+    /// endpoints document, so the cap must hold here).
+    pub fn get_address(
+        &self,
+        addr: SocketAddr,
+        label: &str,
+        policy: &ServicePolicy,
+        mesh: Option<Arc<MeshTarget>>,
+    ) -> Arc<Destination> {
+        let key = addr.to_string();
+        {
+            let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+            if !map.contains_key(&key) && map.len() >= MAX_ADDRESS_DESTINATIONS {
+                let is_address = |k: &str| k.parse::<SocketAddr>().is_ok();
+                if map.keys().filter(|k| is_address(k)).count() >= MAX_ADDRESS_DESTINATIONS {
+                    tracing::debug!("address destinations at their limit; forgetting them");
+                    map.retain(|k, _| !is_address(k));
+                }
+            }
+        }
+        self.get_keyed(
+            &key,
+            label,
+            policy,
+            EndpointSource::Static(vec![addr]),
+            mesh,
+            0,
+        )
+    }
+
     #[cfg(test)]
     pub fn count(&self) -> usize {
         self.by_label
@@ -704,8 +841,14 @@ mod tests {
             addr: SocketAddr::from(([10, 244, 0, last], 8080)),
             service_account: Some(account.to_owned()),
             draining,
+            terminating: draining,
             zone: None,
+            unmeshed: false,
         }
+    }
+
+    fn discovered(pods: Vec<Discovered>) -> EndpointSource {
+        EndpointSource::Discovered(pods, Arc::default())
     }
 
     /// Pods come and go (discovery republishes): the destination stays,
@@ -722,10 +865,7 @@ mod tests {
                 strict: true,
             },
         )));
-        let first = EndpointSource::Discovered(vec![
-            pod(1, "inventory", false),
-            pod(2, "inventory", false),
-        ]);
+        let first = discovered(vec![pod(1, "inventory", false), pod(2, "inventory", false)]);
         let d = all.get("inventory.shop:80", &policy(), first, mesh.clone());
         let before = d.endpoints().await;
         // Pod 1 failed: its breaker is open.
@@ -742,7 +882,7 @@ mod tests {
             "pod 2 still serves"
         );
 
-        let next = EndpointSource::Discovered(vec![
+        let next = discovered(vec![
             pod(1, "inventory", false),
             pod(2, "inventory", true),
             pod(3, "inventory", false),
@@ -766,7 +906,7 @@ mod tests {
             "pod 2 now drains, in place: it keeps its state"
         );
         // A request still on the first snapshot cannot move it back.
-        let older = EndpointSource::Discovered(vec![pod(1, "inventory", false)]);
+        let older = discovered(vec![pod(1, "inventory", false)]);
         let again = all.get_at("inventory.shop:80", &policy(), older, mesh.clone(), 0);
         assert!(Arc::ptr_eq(&again, &same));
         assert_eq!(again.endpoints().await.len(), 3, "the newer pods stay");
@@ -790,7 +930,9 @@ mod tests {
         let doc: EndpointsConfig = serde_json::from_value(serde_json::json!({
             "schemaVersion": "1.0", "generation": "g", "namespace": "shop",
             "services": {"inventory.shop": {"groups": [{"ports": {"": 8080}, "endpoints": [
-                {"addresses": ["10.244.0.1"], "ready": true, "zone": "a", "node": "node-1"}
+                {"addresses": ["10.244.0.9"], "ready": true, "zone": "evil", "node": "node-1"},
+                {"addresses": ["10.244.0.1"], "ready": true, "zone": "a", "node": "node-1",
+                 "pod": "inventory-0", "serviceAccount": "inventory"}
             ]}]}},
         }))
         .expect("doc");
@@ -804,7 +946,7 @@ mod tests {
         let d = all.get(
             "inventory.shop:80",
             &zoned,
-            EndpointSource::Discovered(vec![
+            discovered(vec![
                 in_zone(1, "a"),
                 in_zone(2, "a"),
                 in_zone(3, "a"),
@@ -833,6 +975,84 @@ mod tests {
         );
         let none: Vec<(usize, f64)> = vec![(4, 1.0)];
         assert_eq!(d.in_zone(&endpoints, &none, &mut rng), Some(none.clone()));
+    }
+
+    /// A rolling update (terminating pods in the zone) keeps calls in the
+    /// zone; pods failing readiness (published only as a count) and a
+    /// breaker on probation (half-open) count against it, the latter
+    /// taking the probe that can close it.
+    #[tokio::test]
+    async fn terminating_pods_leave_the_zone_and_unready_or_probing_ones_count_against_it() {
+        let mut zoned = policy();
+        zoned.zone_affinity = Some(crate::config::ZoneAffinityConfig {
+            min_healthy_percent: 70,
+        });
+        zoned.circuit_breaker = Some(crate::config::CircuitBreakerConfig {
+            consecutive_failures: 1,
+            failure_rate: None,
+            open_ms: 1,
+            max_open_ms: 1,
+        });
+        let all = Destinations::new(Locality::new(Some("a".into()), None));
+        let member = |last: u8, zone: &str, terminating: bool| Discovered {
+            zone: Some(zone.to_owned()),
+            terminating,
+            ..pod(last, "inventory", terminating)
+        };
+        let pods = vec![
+            member(1, "a", false),
+            member(2, "a", false),
+            member(3, "a", true),
+            member(4, "a", true),
+            member(5, "b", false),
+        ];
+        let d = all.get(
+            "inventory.shop:80",
+            &zoned,
+            EndpointSource::Discovered(pods.clone(), Arc::default()),
+            None,
+        );
+        let endpoints = d.endpoints().await;
+        let serving: Vec<(usize, f64)> = vec![(0, 1.0), (1, 1.0), (4, 1.0)];
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..100 {
+            let p = d.in_zone(&endpoints, &serving, &mut rng).expect("zoned");
+            assert_eq!(p, vec![(0, 1.0), (1, 1.0)], "two of two staying pods");
+        }
+        // Two more pods of zone a fail readiness: two of four healthy.
+        let unready = EndpointSource::Discovered(pods, Arc::new(BTreeMap::from([("a".into(), 2)])));
+        let d = all.get_at("inventory.shop:80", &zoned, unready, None, 1);
+        let stayed = (0..1000)
+            .filter(|_| {
+                d.in_zone(&endpoints, &serving, &mut rng)
+                    .is_some_and(|p| p.iter().all(|(i, _)| *i < 4))
+            })
+            .count();
+        assert!(
+            (600..830).contains(&stayed),
+            "{stayed} of 1000 stayed, about 714 expected"
+        );
+        // Pod 1's breaker on probation: one of four healthy.
+        let endpoints = d.endpoints().await;
+        let b = endpoints[0].breaker.as_ref().expect("breaker");
+        b.try_acquire(Instant::now())
+            .expect("closed")
+            .failure(Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(b.state(Instant::now()), BreakerState::HalfOpen);
+        let mut probes = 0;
+        let stayed = (0..1000)
+            .filter(|_| {
+                let p = d.in_zone(&endpoints, &serving, &mut rng).expect("zoned");
+                probes += usize::from(p == [(0, 1.0)]);
+                p.iter().all(|(i, _)| *i < 4) && p != [(0, 1.0)]
+            })
+            .count();
+        assert!(probes > 0, "pod 1 takes the probe when the zone is left");
+        assert!(
+            (250..470).contains(&stayed),
+            "{stayed} of 1000 stayed, about 357 expected"
+        );
     }
 
     #[tokio::test]

@@ -64,8 +64,8 @@ fn declared_protocol(snapshot: &Snapshot, target: &Target) -> Option<PortProtoco
     let (svc, port) = match (find(snapshot, target), target) {
         (Some(svc), _) => (svc, target.port()),
         (None, Target::Addr(a)) => {
-            let (svc, pod) = snapshot.by_pod(*a)?;
-            (svc, pod.port)
+            let pod = snapshot.by_pod(*a)?;
+            (snapshot.pod_service(pod)?, pod.port)
         }
         (None, Target::Host(..)) => return None,
     };
@@ -141,21 +141,13 @@ pub async fn dispatch(
     };
     let port = target.port();
     let Some(svc) = find(&snapshot, target) else {
-        // A pod of a meshed Service, dialled directly: that pod, with its
-        // Service's policy and its own identity (mTLS, so a STRICT server
-        // takes it), rather than a stranger's plaintext.
+        // A verified pod of a meshed Service, dialled directly: that pod,
+        // with its Service's policy and its own identity (mTLS, so a
+        // STRICT server takes it), not as an unknown address.
         if let Target::Addr(addr) = target
-            && let Some((svc, pod)) = snapshot.by_pod(*addr)
+            && let Some(pod) = snapshot.by_pod(*addr)
         {
-            prepare(
-                proxy,
-                &snapshot,
-                svc,
-                pod.port,
-                RouteCtx::default_route(),
-                &mut req,
-            );
-            let dst = snapshot.pod_destination(*addr, svc, pod, &proxy.store.destinations);
+            let dst = pod_destination(proxy, &snapshot, *addr, pod, &mut req).await;
             return stack::call(stack::backend(dst, &proxy.shared), req).await;
         }
         let addr = match target {
@@ -196,6 +188,39 @@ pub async fn dispatch(
     prepare(proxy, &snapshot, backend_svc, backend_port, ctx, &mut req);
     let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
     stack::call(stack::backend(dst, &proxy.shared), req).await
+}
+
+/// A call to a verified pod by its address. When one Service claims it
+/// and it is among that Service's endpoints, the call goes through the
+/// Service's own destination pinned to that pod: one rate limit, retry
+/// budget and breaker per pod whichever way it is reached, and the
+/// Service's series. Otherwise to the pod alone ([`Snapshot::pod_alone`]).
+async fn pod_destination(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    addr: SocketAddr,
+    pod: &crate::proxy::state::PodEntry,
+    req: &mut Request,
+) -> Arc<super::destination::Destination> {
+    let all = &proxy.store.destinations;
+    if let Some(svc) = snapshot.pod_service(pod) {
+        prepare(
+            proxy,
+            snapshot,
+            svc,
+            pod.port,
+            RouteCtx::default_route(),
+            req,
+        );
+        let dst = snapshot.service_destination(svc, pod.port, all);
+        if dst.endpoints().await.iter().any(|e| e.addr == addr) {
+            req.extensions_mut().insert(stack::balance::Pinned(addr));
+            return dst;
+        }
+    } else {
+        req.extensions_mut().insert(RouteCtx::default_route());
+    }
+    snapshot.pod_alone(addr, pod, all)
 }
 
 /// Readies a request for a port of `svc`: the HTTP version the port
@@ -289,25 +314,39 @@ async fn resolve_tcp(
         let endpoints = dst.endpoints().await;
         // As the HTTP balancer: draining pods only when nothing else is
         // up, and the caller's zone while it has enough of them.
-        let all: Vec<(usize, f64)> = (0..endpoints.len()).map(|i| (i, 0.0)).collect();
-        let serving: Vec<(usize, f64)> = all
-            .iter()
-            .copied()
-            .filter(|(i, _)| !endpoints[*i].is_draining())
-            .collect();
+        let serving = || {
+            endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| !e.is_draining())
+        };
         let mut rng = fastrand::Rng::new();
-        let candidates = if serving.is_empty() { all } else { serving };
-        let candidates = dst
-            .in_zone(&endpoints, &candidates, &mut rng)
-            .unwrap_or(candidates);
+        let candidates: Vec<(usize, f64)> = match serving().next() {
+            Some(_) => serving().map(|(i, _)| (i, 0.0)).collect(),
+            None => (0..endpoints.len()).map(|i| (i, 0.0)).collect(),
+        };
+        let candidates = match dst.policy.zone_affinity {
+            None => candidates,
+            Some(_) => dst
+                .in_zone(&endpoints, &candidates, &mut rng)
+                .unwrap_or(candidates),
+        };
         return rng
             .choice(candidates)
             .map(|(i, _)| (endpoints[i].addr, endpoints[i].endpoint.mesh.clone()));
     }
     if let (Some(snapshot), Target::Addr(addr)) = (&snapshot, target)
-        && let Some((svc, pod)) = snapshot.by_pod(*addr)
+        && let Some(pod) = snapshot.by_pod(*addr)
     {
-        let dst = snapshot.pod_destination(*addr, svc, pod, &proxy.store.destinations);
+        // The pod as its Service's destination knows it, else alone.
+        let all = &proxy.store.destinations;
+        if let Some(svc) = snapshot.pod_service(pod) {
+            let dst = snapshot.service_destination(svc, pod.port, all);
+            if let Some(e) = dst.endpoints().await.iter().find(|e| e.addr == *addr) {
+                return Some((*addr, e.endpoint.mesh.clone()));
+            }
+        }
+        let dst = snapshot.pod_alone(*addr, pod, all);
         let mesh = dst
             .endpoints()
             .await

@@ -11,7 +11,9 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::{EndpointsConfig, OutboundService, ProxyConfig, ServicePolicy};
 
-use super::destination::{Destination, Destinations, EndpointSource, Locality, source_for};
+use super::destination::{
+    Destination, Destinations, Locality, MAX_ADDRESS_DESTINATIONS, source_for,
+};
 use super::http::route::normalize_path;
 use super::metrics::ProxyMetrics;
 use super::resilience::lock;
@@ -129,22 +131,27 @@ impl Snapshot {
         self.by_addr.get(&addr).map(|i| self.service(*i))
     }
 
-    /// A published pod of a meshed Service dialled directly at `addr` (its
+    /// A verified pod of a meshed Service dialled directly at `addr` (its
     /// address and the port it listens on): a headless Service's pods, a
     /// StatefulSet's peers, an ingress controller that picks pods itself.
-    pub fn by_pod(&self, addr: SocketAddr) -> Option<(ServiceRef<'_>, &PodEntry)> {
-        let pod = self.by_pod.get(&addr)?;
-        Some((self.service(pod.service), pod))
+    pub fn by_pod(&self, addr: SocketAddr) -> Option<&PodEntry> {
+        self.by_pod.get(&addr)
     }
 
-    /// The destination for a pod dialled directly: that pod alone (the
-    /// caller chose it), under its Service's policy and held to its own
-    /// ServiceAccount's identity, its requests counted under the Service
-    /// port's label.
-    pub fn pod_destination(
+    /// The Service that alone claims a pod, if one does.
+    pub fn pod_service(&self, pod: &PodEntry) -> Option<ServiceRef<'_>> {
+        pod.service.map(|i| self.service(i))
+    }
+
+    /// The destination for a pod called alone (it is not among its
+    /// Service's current endpoints, or two Services claim it): that pod,
+    /// held to its own ServiceAccount's identity (plaintext when it has no
+    /// sidecar), under the one claiming Service's policy and label, or
+    /// the default policy and the address when the claim is shared (which
+    /// Service the caller meant is not known).
+    pub fn pod_alone(
         &self,
         addr: SocketAddr,
-        svc: ServiceRef<'_>,
         pod: &PodEntry,
         all: &Destinations,
     ) -> Arc<Destination> {
@@ -153,23 +160,23 @@ impl Snapshot {
             return d.clone();
         }
         if cache.len() >= MAX_ADDRESS_DESTINATIONS {
-            forget_addresses(&mut cache, all);
+            cache.clear();
         }
-        let mesh = svc.mesh.as_ref().map(|m| {
-            let target = crate::proxy::mesh::MeshTarget::from_config(m);
-            Arc::new(match &pod.service_account {
-                Some(sa) => target.for_account(sa),
-                None => target,
-            })
-        });
-        let d = all.get_keyed(
-            &addr.to_string(),
-            &format!("{}.{}:{}", svc.name, svc.namespace, pod.port),
-            self.policy(&svc),
-            EndpointSource::Static(vec![addr]),
-            mesh,
-            self.endpoints_epoch,
-        );
+        let claimant = &self.config.outbound.services[pod.claimant];
+        let mesh = match (&claimant.mesh, pod.unmeshed) {
+            (Some(m), false) => Some(Arc::new(
+                crate::proxy::mesh::MeshTarget::from_config(m).for_account(&pod.service_account),
+            )),
+            _ => None,
+        };
+        let (label, policy) = match self.pod_service(pod).map(|s| s.svc) {
+            Some(svc) => (
+                format!("{}.{}:{}", svc.name, svc.namespace, pod.port),
+                self.policy(svc),
+            ),
+            None => (addr.to_string(), &self.config.outbound.defaults),
+        };
+        let d = all.get_address(addr, &label, policy, mesh);
         cache.insert(addr, d.clone());
         d
     }
@@ -231,12 +238,12 @@ impl Snapshot {
             return d.clone();
         }
         if cache.len() >= MAX_ADDRESS_DESTINATIONS {
-            forget_addresses(&mut cache, all);
+            cache.clear();
         }
-        let d = all.get(
+        let d = all.get_address(
+            addr,
             &addr.to_string(),
             &self.config.outbound.defaults,
-            EndpointSource::Static(vec![addr]),
             None,
         );
         cache.insert(addr, d.clone());
@@ -244,36 +251,30 @@ impl Snapshot {
     }
 }
 
-/// Destinations kept for addresses no Service claims, before they are
-/// forgotten all at once.
-const MAX_ADDRESS_DESTINATIONS: usize = 4096;
-
-/// External APIs behind rotating IPs, pod IPs as pods churn: start over
-/// rather than keep every address ever called (and its endpoint state
-/// and connections) for the proxy's life.
-fn forget_addresses(cache: &mut HashMap<SocketAddr, Arc<Destination>>, all: &Destinations) {
-    tracing::debug!(
-        cached = cache.len(),
-        "address destinations at their limit; forgetting them"
-    );
-    cache.clear();
-    all.retain(|key| key.parse::<SocketAddr>().is_err());
-}
-
-/// A pod a caller may dial directly: which Service (its index in the
-/// config) and Service port it serves, and the identity it must present.
+/// A verified pod a caller may dial directly: the Service claiming it
+/// (its index in the config; None when two or more do) and that
+/// Service's port, and the identity it must present.
 #[derive(Debug)]
 pub struct PodEntry {
-    service: usize,
+    service: Option<usize>,
+    /// A Service claiming it: whose namespace and strictness its mesh
+    /// identity takes.
+    claimant: usize,
     /// The Service port (the label its calls are counted under, and the
-    /// protocol declared for it).
+    /// protocol declared for it), of the one claiming Service.
     pub port: u16,
-    pub service_account: Option<String>,
+    pub service_account: String,
+    /// No sidecar: called in plaintext.
+    pub unmeshed: bool,
 }
 
 /// The published pods of `config`'s meshed Services, by the address and
-/// port a caller dials. A pod behind two Services on one port is kept
-/// under the first (in the document's order, which is stable).
+/// port a caller dials. Only pods the operator verified against the pod
+/// itself (an endpoint with a ServiceAccount): a slice is anyone's to
+/// write in its namespace, and an unverified claim must not bend calls
+/// to another tenant's pod. A pod two Services claim (a StatefulSet's
+/// headless and regular Services, or a slice written to take it over)
+/// keeps its identity but no Service's policy.
 fn pods_by_address(
     config: &ProxyConfig,
     by_key: &HashMap<String, usize>,
@@ -298,12 +299,22 @@ fn pods_by_address(
                     continue;
                 };
                 for e in &group.endpoints {
+                    let Some(sa) = &e.service_account else {
+                        continue;
+                    };
                     for ip in e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
                         pods.entry(SocketAddr::new(ip, *target))
+                            .and_modify(|p: &mut PodEntry| {
+                                if p.service != Some(service) {
+                                    p.service = None;
+                                }
+                            })
                             .or_insert_with(|| PodEntry {
-                                service,
+                                service: Some(service),
+                                claimant: service,
                                 port: port.port,
-                                service_account: e.service_account.clone(),
+                                service_account: sa.clone(),
+                                unmeshed: e.unmeshed,
                             });
                     }
                 }
@@ -461,6 +472,81 @@ impl ConfigStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only verified pods (the operator named their ServiceAccount) are
+    /// called by address with their Service's policy; one two Services
+    /// claim keeps its identity but no Service's policy; a pod without
+    /// the sidecar is called in plaintext.
+    #[test]
+    fn pods_are_indexed_by_address_only_when_verified_and_unambiguous() {
+        let service = |name: &str| {
+            serde_json::json!({
+                "name": name, "namespace": "shop", "hostnames": [],
+                "clusterIps": ["10.96.0.1"],
+                "ports": [{"port": 80, "name": "http", "targetPort": 8080, "protocol": "detect"}],
+                "mesh": {"namespace": "shop"},
+            })
+        };
+        let config = serde_json::json!({"schemaVersion":"1.0","generation":"g1","namespace":"shop","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},
+            "services":[service("db"), service("db-headless"), service("cache")]}});
+        let config = ProxyConfig::from_json(config.to_string().as_bytes()).expect("config");
+        let endpoint = |ip: &str, sa: Option<&str>, unmeshed: bool| {
+            let mut e = serde_json::json!({"addresses": [ip], "ready": true, "unmeshed": unmeshed});
+            if let Some(sa) = sa {
+                e["serviceAccount"] = sa.into();
+                e["pod"] = "p".into();
+            }
+            e
+        };
+        let group = |eps: Vec<serde_json::Value>| serde_json::json!({"groups": [{"ports": {"http": 8080}, "endpoints": eps}]});
+        let doc: EndpointsConfig = serde_json::from_value(serde_json::json!({
+            "schemaVersion": "1.0", "generation": "e", "namespace": "shop",
+            "services": {
+                "db.shop": group(vec![endpoint("10.244.0.1", Some("db"), false)]),
+                "db-headless.shop": group(vec![endpoint("10.244.0.1", Some("db"), false)]),
+                "cache.shop": group(vec![
+                    endpoint("10.244.0.2", Some("cache"), true),
+                    endpoint("10.244.0.3", None, false),
+                ]),
+            },
+        }))
+        .expect("doc");
+        let snapshot = Snapshot::with_endpoints(config, Some(Arc::new(doc)), 1);
+        let at = |ip: &str| SocketAddr::new(ip.parse().expect("ip"), 8080);
+        let shared = snapshot.by_pod(at("10.244.0.1")).expect("indexed");
+        assert!(
+            snapshot.pod_service(shared).is_none(),
+            "two Services claim it"
+        );
+        assert_eq!(shared.service_account, "db");
+        let all = Destinations::default();
+        let alone = snapshot.pod_alone(at("10.244.0.1"), shared, &all);
+        assert_eq!(alone.label, "10.244.0.1:8080", "no Service's label");
+        assert_eq!(
+            alone.policy, snapshot.config.outbound.defaults,
+            "nor policy"
+        );
+        let expected = alone.mesh.as_ref().expect("meshed");
+        assert_eq!(expected.server.service_accounts, ["db"], "its own identity");
+
+        let plain = snapshot.by_pod(at("10.244.0.2")).expect("indexed");
+        assert_eq!(
+            snapshot.pod_service(plain).map(|s| s.name.clone()),
+            Some("cache".to_owned())
+        );
+        assert!(plain.unmeshed);
+        assert!(
+            snapshot
+                .pod_alone(at("10.244.0.2"), plain, &all)
+                .mesh
+                .is_none(),
+            "no sidecar: plaintext"
+        );
+        assert!(
+            snapshot.by_pod(at("10.244.0.3")).is_none(),
+            "an unverified claim is not indexed"
+        );
+    }
 
     #[test]
     fn addresses_no_service_claims_are_kept_within_a_limit() {

@@ -66,7 +66,15 @@ impl Service<Request> for Balance {
             // (No second list unless some pod is draining: nothing more
             // per request otherwise.)
             let draining = |(i, _): &(usize, f64)| endpoints[*i].is_draining();
-            let admitted = if admitted.iter().any(draining) && !admitted.iter().all(draining) {
+            let pinned = req.extensions().get::<Pinned>().map(|p| p.0);
+            let admitted = if let Some(addr) = pinned {
+                // The caller chose the pod: that one or none (its breaker
+                // still decides), draining or not, whatever the zone.
+                admitted
+                    .into_iter()
+                    .filter(|(i, _)| endpoints[*i].addr == addr)
+                    .collect()
+            } else if admitted.iter().any(draining) && !admitted.iter().all(draining) {
                 admitted.into_iter().filter(|c| !draining(c)).collect()
             } else {
                 admitted
@@ -75,7 +83,11 @@ impl Service<Request> for Balance {
             let tried = req.extensions().get::<TriedEndpoints>().cloned();
             // The zone's candidates, and the wider list a retry may fall
             // back to.
-            let (mut candidates, mut wider) = match dst.in_zone(&endpoints, &admitted, &mut rng) {
+            let zoned = match pinned {
+                Some(_) => None,
+                None => dst.in_zone(&endpoints, &admitted, &mut rng),
+            };
+            let (mut candidates, mut wider) = match zoned {
                 Some(zoned) => (zoned, Some(admitted)),
                 None => (admitted, None),
             };
@@ -219,6 +231,11 @@ impl Drop for Outcome {
         }
     }
 }
+
+/// A request for one endpoint of the destination, by its address: a
+/// caller that dialled a pod directly.
+#[derive(Clone, Copy, Debug)]
+pub struct Pinned(pub std::net::SocketAddr);
 
 /// The endpoints earlier attempts of a request went to (the retry layer
 /// puts one in every attempt's extensions): a retry goes elsewhere when
