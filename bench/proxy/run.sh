@@ -41,7 +41,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft1d weft2 weft2tls nginx nginx2tls haproxy)
+SCENARIOS=(direct weft1 weft1k weft1d weft2 weft2tls nginx nginx2tls haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -190,6 +190,7 @@ is_not_run() { [[ -n ${NOTRUN[$1]:-} || -n ${NOTRUN[$1/$2]:-} ]]; }
 scenario_pids() {
 	case $1 in
 	weft1) echo "${PID[weft1]:-}" ;;
+	weft1k) echo "${PID[weft1k]:-}" ;;
 	weft1d) echo "${PID[weft1d]:-}" ;;
 	weft2) echo "${PID[weft2a]:-} ${PID[weft2b]:-}" ;;
 	weft2tls) echo "${PID[weft2ta]:-} ${PID[weft2tb]:-}" ;;
@@ -235,11 +236,12 @@ TA_OUT=$((PORT_BASE + 14)) TA_ADMIN=$((PORT_BASE + 15)) TA_PROBE=$((PORT_BASE + 
 TB_IN=$((PORT_BASE + 17)) TB_ADMIN=$((PORT_BASE + 18)) TB_PROBE=$((PORT_BASE + 19))
 D1_OUT=$((PORT_BASE + 20)) D1_ADMIN=$((PORT_BASE + 21)) D1_PROBE=$((PORT_BASE + 22))
 NA_H1=$((PORT_BASE + 23)) NA_H2=$((PORT_BASE + 24)) NB_TLS=$((PORT_BASE + 25))
+K1_OUT=$((PORT_BASE + 26)) K1_ADMIN=$((PORT_BASE + 27)) K1_PROBE=$((PORT_BASE + 28))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 26; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 29; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 25)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 28)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -249,6 +251,7 @@ url_for() { # SCENARIO PROTOCOL
 	case $1 in
 	direct) port=$UP_PORT ;;
 	weft1) port=$W1_OUT ;;
+	weft1k) port=$K1_OUT ;;
 	weft1d) port=$D1_OUT ;;
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
@@ -309,6 +312,7 @@ fi
 if [[ -n $weft_reason ]]; then
 	say "ERROR: weft proxy is not available: $weft_reason"
 	not_run weft1 "" "$weft_reason"
+	not_run weft1k "" "$weft_reason"
 	not_run weft1d "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
 	[[ -n ${NOTRUN[weft2tls]:-} ]] || not_run weft2tls "" "$weft_reason"
@@ -320,6 +324,27 @@ else
 	start_bg weft1 "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$W1_ADMIN" --probe "127.0.0.1:$W1_PROBE" \
 		--outbound-map "127.0.0.1:$W1_OUT=$HOST_HEADER:80"
+	# weft1k: weft x1 whose Service's pods come from discovery, 1000 of
+	# them (a meshed Service, so it is balanced per pod; the proxy holds
+	# no identity, so it speaks plaintext). One pod is the upstream; the
+	# other 999 are terminating but still serving, so the balancer weighs
+	# all 1000 on every request and sends none to them while the one
+	# ready pod takes requests: the memory and the per-request cost of a
+	# proxy that knows 1000 endpoints.
+	printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[{"name":"upstream","namespace":"bench","hostnames":["upstream.bench.svc.cluster.local","upstream.bench.svc","upstream.bench"],"ports":[{"port":80,"targetPort":8080,"protocol":"http1"}],"mesh":{"namespace":"bench"}}]}}' >"$WORK/weft-1k.json"
+	{
+		printf '{"schemaVersion":"1.0","generation":"bench-1k","namespace":"bench","services":{"upstream.bench":{"groups":[{"ports":{"":%d},"endpoints":[' "$UP_PORT"
+		printf '{"addresses":["127.0.0.1"],"ready":true,"zone":"zone-a","pod":"upstream-0","serviceAccount":"upstream"}'
+		for ((i = 1; i < 1000; i++)); do
+			printf ',{"addresses":["127.0.%d.%d"],"ready":false,"terminating":true,"serving":true,"zone":"zone-%d","pod":"upstream-%d","serviceAccount":"upstream"}' \
+				$((i / 250 + 1)) $((i % 250 + 1)) $((i % 3)) "$i"
+		done
+		printf ']}]}}}\n'
+	} >"$WORK/weft-1k-endpoints.json"
+	start_bg weft1k "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-1k.json" \
+		--endpoints "$WORK/weft-1k-endpoints.json" \
+		--admin "127.0.0.1:$K1_ADMIN" --probe "127.0.0.1:$K1_PROBE" \
+		--outbound-map "127.0.0.1:$K1_OUT=$HOST_HEADER:80"
 	start_bg weft1d "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-detect.json" \
 		--admin "127.0.0.1:$D1_ADMIN" --probe "127.0.0.1:$D1_PROBE" \
 		--outbound-map "127.0.0.1:$D1_OUT=$HOST_HEADER:80"
@@ -414,8 +439,9 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft1d weft2b weft2a weft2tb weft2ta; do
+	for name in weft1k weft1d weft2b weft2a weft2tb weft2ta; do
 		case $name in
+		weft1k) admin=$K1_ADMIN scn=weft1k ;;
 		weft1d) admin=$D1_ADMIN scn=weft1d ;;
 		weft2b) admin=$WB_ADMIN scn=weft2 ;;
 		weft2a) admin=$WA_ADMIN scn=weft2 ;;

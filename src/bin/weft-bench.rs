@@ -1083,7 +1083,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -1094,6 +1094,12 @@ const SCENARIOS: [Scenario; 8] = [
         key: "weft1",
         name: "weft ×1",
         path: "loadgen → weft outbound → upstream",
+        processes: "weft-proxy",
+    },
+    Scenario {
+        key: "weft1k",
+        name: "weft ×1, 1000 endpoints",
+        path: "loadgen → weft outbound → upstream, one ready pod among 1000 published (999 terminating, never picked while it serves)",
         processes: "weft-proxy",
     },
     Scenario {
@@ -1135,6 +1141,8 @@ const SCENARIOS: [Scenario; 8] = [
 ];
 
 const TARGET_RSS_KB: u64 = 10 * 1024;
+/// A proxy that knows 1000 endpoints (issue 19).
+const TARGET_RSS_1K_KB: u64 = 12 * 1024;
 const TARGET_RATIO: f64 = 1.5;
 /// Two weft hops with mTLS between them against one plaintext nginx hop.
 const TARGET_MTLS_RATIO: f64 = 3.0;
@@ -1673,6 +1681,24 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
         match hwm {
             Some(h) => format!("peak {}, {} after load", mib(Some(h)), mib(rss_after)),
             None => weft_reason.clone(),
+        }
+    ));
+    let hwm_1k = after_load.get("weft1k").and_then(|p| p["hwm_kb"].as_u64());
+    let v = match hwm_1k {
+        Some(h) if h <= TARGET_RSS_1K_KB => "MET",
+        Some(_) => "MISSED",
+        None => "NOT EVALUATED",
+    };
+    verdicts.push(v);
+    targets.push(format!(
+        "RSS of one weft proxy that knows 1000 endpoints ≤ 12 MiB (peak VmHWM over the whole run): **{v}** — {}",
+        match hwm_1k {
+            Some(h) => format!(
+                "peak {}, {} after load",
+                mib(Some(h)),
+                mib(after_load.get("weft1k").and_then(|p| p["rss_kb"].as_u64()))
+            ),
+            None => "weft1k did not run".to_owned(),
         }
     ));
     let v = verdict(&cpu_ok);
