@@ -1889,7 +1889,14 @@ async fn a_scoped_namespace_gets_only_the_endpoints_it_calls() {
     changes
         .send(Change::Endpoints("shop".into(), "cart".into()))
         .expect("send");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..250 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if !h.writes().is_empty() {
+            break;
+        }
+    }
+    // Past the batch that wrote: anything for payments would be in it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let paths: Vec<String> = h.writes().into_iter().map(|w| w.path).collect();
     assert_eq!(
         paths,
@@ -1902,6 +1909,17 @@ async fn a_scoped_namespace_gets_only_the_endpoints_it_calls() {
     driver::recompile(&h.ctx).await;
     h.reconcile("payments").await;
     assert_eq!(keys(&h, "payments"), ["cart.shop", "inventory.shop"]);
+    // Told once per value, not on every reconcile (each endpoints write
+    // brings one): no further Event request, not even a series update.
+    let event_requests = |h: &Harness| {
+        h.seen()
+            .iter()
+            .filter(|s| s.path.contains("/events"))
+            .count()
+    };
+    let told = event_requests(&h);
+    h.reconcile("payments").await;
+    assert_eq!(event_requests(&h), told, "told again");
     let events = h.events();
     assert!(
         events.iter().any(|e| e["reason"] == "InvalidScope"

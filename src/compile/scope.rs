@@ -49,11 +49,11 @@ impl Scope {
             None => Ok(Scope::All),
             Some(value) => parse(value).map_err(|entry| {
                 format!(
-                    "annotation {CALLS_ANNOTATION} of namespace {}: {entry:?} is not a namespace, \
+                    "annotation {CALLS_ANNOTATION} of namespace {name}: {entry:?} is not a namespace, \
                      namespace/service or `*` (lowercase DNS labels, comma-separated, such as \
-                     `payments, catalog/search`); until it is fixed this namespace's config \
-                     lists every Service it may reach",
-                    ns.name_any()
+                     `payments, catalog/search`; `{name}` alone for its own Services only); \
+                     until it is fixed this namespace's config lists every Service it may reach",
+                    name = ns.name_any()
                 )
             }),
         }
@@ -76,6 +76,11 @@ impl Scope {
 
 /// Parses the annotation's value; the first bad entry is the error.
 fn parse(value: &str) -> Result<Scope, String> {
+    // Empty is more likely a template's blank or an attempt to clear the
+    // annotation than "call nothing": its own name says that.
+    if value.trim().is_empty() {
+        return Err(value.to_owned());
+    }
     let mut namespaces = BTreeSet::new();
     let mut services = BTreeSet::new();
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -174,13 +179,9 @@ mod tests {
             services,
             BTreeSet::from([("catalog".to_owned(), "search".to_owned())])
         );
-        assert_eq!(
-            Scope::of(&ns(Some(""))),
-            Ok(Scope::Only {
-                namespaces: BTreeSet::new(),
-                services: BTreeSet::new()
-            }),
-            "empty: its own namespace only"
+        assert!(
+            Scope::of(&ns(Some(" "))).is_err(),
+            "empty: a blank, not \"nothing\""
         );
         for bad in ["Payments", "catalog/", "a/b/c", "search.catalog", "-x"] {
             let err = Scope::of(&ns(Some(&format!("payments, {bad}")))).expect_err(bad);

@@ -140,6 +140,13 @@ fn groups(
                 continue;
             }
             let verified = slice.namespace().and_then(|ns| verified_pod(&ns, e, pods));
+            let spec = verified.as_ref().and_then(|p| p.spec.as_ref());
+            // A pod on the host's network holds the node's address, which
+            // every such pod on the node shares: it speaks plaintext, and
+            // names no identity a caller dialling that address could be
+            // held to.
+            let host_network = spec.and_then(|s| s.host_network) == Some(true);
+            let named = verified.as_ref().filter(|_| !host_network);
             let mut addresses = e.addresses.clone();
             addresses.sort();
             entries.push(EndpointEntry {
@@ -148,15 +155,17 @@ fn groups(
                 terminating,
                 serving: terminating && serving,
                 zone: e.zone.clone(),
-                node: e.node_name.clone(),
-                pod: verified.as_ref().map(|p| p.name_any()),
-                service_account: verified
+                // The node as the pod says it (proxies learn their zone
+                // from an endpoint on their node): a slice's own word
+                // is not taken for it.
+                node: spec
+                    .and_then(|s| s.node_name.clone())
+                    .filter(|n| e.node_name.as_ref() == Some(n)),
+                pod: named.map(|p| p.name_any()),
+                service_account: named.and_then(|p| p.spec.as_ref()?.service_account_name.clone()),
+                unmeshed: verified
                     .as_ref()
-                    .and_then(|p| p.spec.as_ref()?.service_account_name.clone()),
-                unmeshed: verified.as_ref().is_some_and(|p| {
-                    !super::reconcile::injected(p)
-                        || p.spec.as_ref().and_then(|s| s.host_network) == Some(true)
-                }),
+                    .is_some_and(|p| host_network || !super::reconcile::injected(p)),
             });
         }
     }
@@ -178,10 +187,10 @@ fn groups(
 }
 
 /// The pod an endpoint's `targetRef` names, when the claim holds: a pod
-/// of the slice's namespace `ns`, in the cache, holding every address of
-/// the endpoint. Anything else (another namespace's pod, a pod not seen
-/// yet, an address the pod does not have) is not trusted to name an
-/// identity.
+/// of the slice's namespace `ns`, in the cache, not finished, holding
+/// every address of the endpoint. Anything else (another namespace's pod,
+/// a pod not seen yet, an address the pod does not have or no longer
+/// owns) is not trusted to name an identity.
 fn verified_pod(
     ns: &str,
     e: &k8s_openapi::api::discovery::v1::Endpoint,
@@ -194,6 +203,11 @@ fn verified_pod(
     }
     let pod = pods.get(&ObjectRef::new(target.name.as_deref()?).within(ns))?;
     let status = pod.status.as_ref()?;
+    // A finished pod keeps its `podIP` after the network hands the
+    // address to another pod: it vouches for nothing.
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
     let held: Vec<&str> = status
         .pod_ips
         .iter()
@@ -267,10 +281,15 @@ mod tests {
                 }))
                 .expect("pod")
             };
+        let mut finished = pod("job-0", "shop", "10.0.1.7", true);
+        finished.status.as_mut().expect("status").phase = Some("Succeeded".into());
+        let mut on_node = pod("inventory-0", "shop", "10.0.1.1", true);
+        on_node.spec.as_mut().expect("spec").node_name = Some("n1".into());
         for p in [
-            pod("inventory-0", "shop", "10.0.1.1", true),
+            on_node,
             pod("inventory-1", "shop", "10.0.1.4", false),
             pod("payments-0", "payments", "10.0.1.5", true),
+            finished,
         ] {
             w.pods.apply_watcher_event(&watcher::Event::Apply(p));
         }
@@ -291,6 +310,9 @@ mod tests {
                     // Claims a pod of its own namespace at an address the
                     // pod does not hold: not trusted either.
                     {"addresses": ["10.0.1.6"], "targetRef": target("inventory-0", "shop")},
+                    // Claims a finished pod, whose address the network
+                    // may have handed to another: not trusted.
+                    {"addresses": ["10.0.1.7"], "targetRef": target("job-0", "shop"), "nodeName": "n1"},
                 ]}),
             ),
             slice(
@@ -333,7 +355,9 @@ mod tests {
             e.iter()
                 .map(|e| e.addresses[0].as_str())
                 .collect::<Vec<_>>(),
-            ["10.0.1.1", "10.0.1.2", "10.0.1.4", "10.0.1.5", "10.0.1.6"],
+            [
+                "10.0.1.1", "10.0.1.2", "10.0.1.4", "10.0.1.5", "10.0.1.6", "10.0.1.7"
+            ],
             "neither ready nor serving: left out"
         );
         assert!(e[0].ready && !e[0].terminating);
@@ -349,9 +373,10 @@ mod tests {
                 (
                     claim.pod.as_deref(),
                     claim.service_account.as_deref(),
-                    claim.unmeshed
+                    claim.unmeshed,
+                    claim.node.as_deref()
                 ),
-                (None, None, false),
+                (None, None, false, None),
                 "{:?}: a claim that does not hold names no identity",
                 claim.addresses
             );

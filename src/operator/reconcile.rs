@@ -103,6 +103,10 @@ pub struct Ctx {
     /// its own ([`Error::NotOurs`]), as `Kind namespace/name`: the Mesh's
     /// `ObjectsOwned` condition names them.
     not_ours: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Per namespace, the `weft.dev/calls` value last reported as not
+    /// parsing, so its Event is sent once per value, not on every
+    /// reconcile (each endpoints write triggers one).
+    bad_scopes: Mutex<HashMap<String, String>>,
     /// Writes started outside a reconcile (the failure Event of
     /// `error_policy`, which cannot wait), stopped with the other writers
     /// when the lease is lost.
@@ -194,6 +198,7 @@ impl Ctx {
             failures: Mutex::default(),
             refused: Mutex::default(),
             not_ours: Mutex::default(),
+            bad_scopes: Mutex::default(),
             detached: Detached::default(),
         }
     }
@@ -385,6 +390,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         // once it is gone), its gauges included: a certificate expiry
         // left behind would raise an alert a day later.
         ctx.refused.lock().expect("refused").remove(&name);
+        ctx.bad_scopes.lock().expect("bad scopes").remove(&name);
         ctx.counters.lock().expect("counters").forget(&name);
         ctx.metrics.forget_namespace(&name);
         if ctx.note_not_ours(&name, Vec::new()) {
@@ -411,7 +417,25 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     // A `weft.dev/calls` that does not parse lists every Service (the
     // compiler keeps the whole mesh rather than cut the namespace off);
     // say so where its author looks.
-    if let Err(why) = crate::compile::Scope::of(ns) {
+    let scope = crate::compile::Scope::of(ns);
+    let news = {
+        let mut bad = ctx.bad_scopes.lock().expect("bad scopes");
+        match &scope {
+            Ok(_) => {
+                bad.remove(&name);
+                false
+            }
+            Err(_) => {
+                let value = ns
+                    .annotations()
+                    .get(crate::compile::CALLS_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default();
+                bad.insert(name.clone(), value.clone()).as_ref() != Some(&value)
+            }
+        }
+    };
+    if let (Err(why), true) = (scope, news) {
         tracing::warn!(namespace = %name, "{why}");
         ctx.event(ns, true, "InvalidScope", "Compile", why).await;
     }

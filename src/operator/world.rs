@@ -422,6 +422,8 @@ pub fn prune_pod(pod: &mut Pod) {
         volumes: identity_volumes(s.volumes),
         // The identity its endpoints must present.
         service_account_name: s.service_account_name,
+        // Where it runs: an EndpointSlice's `nodeName` is checked against it.
+        node_name: s.node_name,
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|s| PodStatus {

@@ -107,10 +107,14 @@ impl Locality {
         if self.zone.get().is_some() {
             return;
         }
+        // The proxy's own namespace's Services only: a tenant elsewhere
+        // could run a pod on this node and publish it with any zone.
+        let own = format!(".{}", doc.namespace);
         let found = doc
             .services
-            .values()
-            .flat_map(|s| &s.groups)
+            .iter()
+            .filter(|(key, _)| key.ends_with(&own))
+            .flat_map(|(_, s)| &s.groups)
             .flat_map(|g| &g.endpoints)
             // Only an endpoint the operator verified against its pod: a
             // hand-written slice could claim any node and zone.
@@ -377,6 +381,19 @@ impl Destination {
         candidates: &[(usize, f64)],
         rng: &mut fastrand::Rng,
     ) -> Option<Vec<(usize, f64)>> {
+        self.in_zone_probing(endpoints, candidates, rng, true)
+    }
+
+    /// [`Destination::in_zone`]; `probing` false for a caller that takes
+    /// no breaker permit (an opaque connection): it must not pile onto a
+    /// pod on probation, whose breaker only a request can settle.
+    pub fn in_zone_probing(
+        &self,
+        endpoints: &[Arc<EndpointState>],
+        candidates: &[(usize, f64)],
+        rng: &mut fastrand::Rng,
+        probing: bool,
+    ) -> Option<Vec<(usize, f64)>> {
         let (Some(affinity), Some(zone)) = (&self.policy.zone_affinity, self.locality.zone())
         else {
             return None;
@@ -416,7 +433,7 @@ impl Destination {
         let stay = healthy as f64 * 100.0
             / (in_zone as f64 * f64::from(affinity.min_healthy_percent.max(1)));
         let here = healthy > 0 && (stay >= 1.0 || rng.f64() < stay);
-        if !here {
+        if !here && probing {
             // A pod of the zone on probation whose breaker lets a probe
             // through (the candidates are those admitted) takes this call:
             // its success is what brings the zone back, and nothing else
@@ -929,11 +946,19 @@ mod tests {
         assert_eq!(locality.zone(), None, "an empty label is no zone");
         let doc: EndpointsConfig = serde_json::from_value(serde_json::json!({
             "schemaVersion": "1.0", "generation": "g", "namespace": "shop",
-            "services": {"inventory.shop": {"groups": [{"ports": {"": 8080}, "endpoints": [
+            "services": {
+                // Another namespace's pod on this node, published with a
+                // zone of its choosing: not trusted for this proxy's zone.
+                "evil.other": {"groups": [{"ports": {"": 8080}, "endpoints": [
+                    {"addresses": ["10.244.0.8"], "ready": true, "zone": "evil", "node": "node-1",
+                     "pod": "evil-0", "serviceAccount": "evil"}
+                ]}]},
+                "inventory.shop": {"groups": [{"ports": {"": 8080}, "endpoints": [
                 {"addresses": ["10.244.0.9"], "ready": true, "zone": "evil", "node": "node-1"},
                 {"addresses": ["10.244.0.1"], "ready": true, "zone": "a", "node": "node-1",
                  "pod": "inventory-0", "serviceAccount": "inventory"}
-            ]}]}},
+            ]}]}
+            },
         }))
         .expect("doc");
         locality.learn(&doc);

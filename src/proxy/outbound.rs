@@ -328,7 +328,7 @@ async fn resolve_tcp(
         let candidates = match dst.policy.zone_affinity {
             None => candidates,
             Some(_) => dst
-                .in_zone(&endpoints, &candidates, &mut rng)
+                .in_zone_probing(&endpoints, &candidates, &mut rng, false)
                 .unwrap_or(candidates),
         };
         return rng

@@ -135,7 +135,7 @@ impl Snapshot {
     /// address and the port it listens on): a headless Service's pods, a
     /// StatefulSet's peers, an ingress controller that picks pods itself.
     pub fn by_pod(&self, addr: SocketAddr) -> Option<&PodEntry> {
-        self.by_pod.get(&addr)
+        self.by_pod.get(&addr).filter(|p| !p.disputed)
     }
 
     /// The Service that alone claims a pod, if one does.
@@ -266,6 +266,8 @@ pub struct PodEntry {
     pub service_account: String,
     /// No sidecar: called in plaintext.
     pub unmeshed: bool,
+    /// Claims disagree on its identity: not indexed.
+    disputed: bool,
 }
 
 /// The published pods of `config`'s meshed Services, by the address and
@@ -308,6 +310,16 @@ fn pods_by_address(
                                 if p.service != Some(service) {
                                     p.service = None;
                                 }
+                                // Claims that disagree on who the pod is
+                                // (an address a finished pod left, a claim
+                                // written to take it over): nobody's.
+                                let namespace = |i: usize| &config.outbound.services[i].namespace;
+                                if p.service_account != *sa
+                                    || p.unmeshed != e.unmeshed
+                                    || namespace(p.claimant) != namespace(service)
+                                {
+                                    p.disputed = true;
+                                }
                             })
                             .or_insert_with(|| PodEntry {
                                 service: Some(service),
@@ -315,6 +327,7 @@ fn pods_by_address(
                                 port: port.port,
                                 service_account: sa.clone(),
                                 unmeshed: e.unmeshed,
+                                disputed: false,
                             });
                     }
                 }
@@ -502,11 +515,15 @@ mod tests {
         let doc: EndpointsConfig = serde_json::from_value(serde_json::json!({
             "schemaVersion": "1.0", "generation": "e", "namespace": "shop",
             "services": {
-                "db.shop": group(vec![endpoint("10.244.0.1", Some("db"), false)]),
                 "db-headless.shop": group(vec![endpoint("10.244.0.1", Some("db"), false)]),
                 "cache.shop": group(vec![
                     endpoint("10.244.0.2", Some("cache"), true),
                     endpoint("10.244.0.3", None, false),
+                    endpoint("10.244.0.4", Some("cache"), false),
+                ]),
+                "db.shop": group(vec![
+                    endpoint("10.244.0.1", Some("db"), false),
+                    endpoint("10.244.0.4", Some("db"), false),
                 ]),
             },
         }))
@@ -545,6 +562,10 @@ mod tests {
         assert!(
             snapshot.by_pod(at("10.244.0.3")).is_none(),
             "an unverified claim is not indexed"
+        );
+        assert!(
+            snapshot.by_pod(at("10.244.0.4")).is_none(),
+            "claims that disagree on who the pod is: nobody's"
         );
     }
 

@@ -67,6 +67,13 @@ impl Service<Request> for Balance {
             // per request otherwise.)
             let draining = |(i, _): &(usize, f64)| endpoints[*i].is_draining();
             let pinned = req.extensions().get::<Pinned>().map(|p| p.0);
+            // The pod left the Service between the lookup and now: it is
+            // gone, not failing (its breaker hears nothing of it).
+            if let Some(addr) = pinned
+                && !endpoints.iter().any(|e| e.addr == addr)
+            {
+                return Err(ProxyError::NoEndpoints(dst.label.clone()).into());
+            }
             let admitted = if let Some(addr) = pinned {
                 // The caller chose the pod: that one or none (its breaker
                 // still decides), draining or not, whatever the zone.
