@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
@@ -1929,4 +1930,67 @@ async fn a_scoped_namespace_gets_only_the_endpoints_it_calls() {
                 .is_some_and(|n| n.contains("\"shop/Inventory\""))),
         "{events:#?}"
     );
+}
+
+/// The ConfigMap watch lags the operator's own writes: a batch right
+/// behind the one that wrote a namespace's endpoints, with nothing new,
+/// does not write the same document again; an edit the cache does show
+/// is set right.
+#[tokio::test]
+async fn a_lagging_watch_does_not_make_the_same_endpoints_write_twice() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(
+        &mut h.writers.services,
+        service("shop", "inventory", "10.96.0.10"),
+    );
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "inventory", "inventory-1", &["10.244.0.1"]),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    h.sync_children(&["shop"]);
+    h.clear();
+    let config = h.ctx.snapshot.load().compiled.configs["shop"].clone();
+    let ns = h
+        .ctx
+        .world
+        .namespaces
+        .get(&ObjectRef::new("shop"))
+        .expect("cached");
+    // A pod moves: written once.
+    put(
+        &mut h.writers.endpoint_slices,
+        slice("shop", "inventory", "inventory-1", &["10.244.0.2"]),
+    );
+    let slices_now = weft::operator::endpoints::index(&h.ctx.world);
+    for _ in 0..3 {
+        reconcile::apply_endpoints_from(&h.ctx, &ns, &config, &slices_now)
+            .await
+            .expect("apply");
+    }
+    assert_eq!(
+        h.writes().len(),
+        1,
+        "once, the cache lagging: {:#?}",
+        h.writes()
+    );
+    // The cache shows someone's older document (not the one it held
+    // when the operator wrote): set right.
+    h.sync_children(&["shop"]);
+    h.clear();
+    let mut edited: ConfigMap = h
+        .stored("/api/v1/namespaces/shop/configmaps/weft-endpoints")
+        .expect("stored");
+    edited
+        .annotations_mut()
+        .insert("weft.dev/config-generation".into(), "someone-else".into());
+    edited.data = Some([("endpoints.json".to_owned(), "{}".to_owned())].into());
+    put(&mut h.writers.config_maps, edited);
+    reconcile::apply_endpoints_from(&h.ctx, &ns, &config, &slices_now)
+        .await
+        .expect("apply");
+    assert_eq!(h.writes().len(), 1, "the edit is set right");
 }

@@ -107,6 +107,11 @@ pub struct Ctx {
     /// parsing, so its Event is sent once per value, not on every
     /// reconcile (each endpoints write triggers one).
     bad_scopes: Mutex<HashMap<String, String>>,
+    /// Per namespace, the `weft-endpoints` generation this replica last
+    /// wrote and the one the cache held when it did: while the cache
+    /// still shows the older one (the watch lags the write), the same
+    /// document is not written again.
+    endpoints_written: Mutex<HashMap<String, (String, String)>>,
     /// Writes started outside a reconcile (the failure Event of
     /// `error_policy`, which cannot wait), stopped with the other writers
     /// when the lease is lost.
@@ -199,6 +204,7 @@ impl Ctx {
             refused: Mutex::default(),
             not_ours: Mutex::default(),
             bad_scopes: Mutex::default(),
+            endpoints_written: Mutex::default(),
             detached: Detached::default(),
         }
     }
@@ -391,6 +397,10 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         // left behind would raise an alert a day later.
         ctx.refused.lock().expect("refused").remove(&name);
         ctx.bad_scopes.lock().expect("bad scopes").remove(&name);
+        ctx.endpoints_written
+            .lock()
+            .expect("endpoints written")
+            .remove(&name);
         ctx.counters.lock().expect("counters").forget(&name);
         ctx.metrics.forget_namespace(&name);
         if ctx.note_not_ours(&name, Vec::new()) {
@@ -739,14 +749,42 @@ pub async fn apply_endpoints_from(
     slices: &super::endpoints::SliceIndex,
 ) -> Result<bool, Error> {
     let w = &ctx.world;
+    let name = ns.name_any();
     let published = super::endpoints::desired(config, w, slices);
-    let stored = World::child(&w.config_maps, &ns.name_any(), ENDPOINTS_CONFIG_MAP_NAME);
-    apply(
+    let stored = World::child(&w.config_maps, &name, ENDPOINTS_CONFIG_MAP_NAME);
+    let held = stored.as_ref().and_then(|cm| {
+        cm.annotations()
+            .get(desired::GENERATION_ANNOTATION)
+            .cloned()
+    });
+    // Written already, and the cache has not caught up with that write
+    // (it still holds what it held then): a batch right behind the last
+    // one must not write the same document again. Anything else in the
+    // cache (someone's edit, a deletion) is set right.
+    let lagging = ctx
+        .endpoints_written
+        .lock()
+        .expect("endpoints written")
+        .get(&name)
+        .is_some_and(|(before, last)| {
+            *last == published.generation && held.as_ref() == Some(before)
+        });
+    if lagging {
+        return Ok(false);
+    }
+    let applied = apply(
         ctx,
         &desired::endpoints_config_map(ns, &published),
         stored.as_deref(),
     )
-    .await
+    .await?;
+    if applied && let Some(held) = held {
+        ctx.endpoints_written
+            .lock()
+            .expect("endpoints written")
+            .insert(name, (held, published.generation));
+    }
+    Ok(applied)
 }
 
 /// Server-side applies `obj` unless `stored` already matches it.
