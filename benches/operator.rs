@@ -135,7 +135,8 @@ impl Mesh {
         for (k, ns) in names.iter().enumerate() {
             let annotations = match k.checked_sub(SERVING_NAMESPACES) {
                 Some(i) => calls(i).map(|c| json!({"weft.dev/calls": c})),
-                None => scoped.then(|| json!({"weft.dev/calls": ""})),
+                // Its own name alone: its own Services only.
+                None => scoped.then(|| json!({ "weft.dev/calls": ns })),
             };
             put(
                 &mut writers.namespaces,
@@ -311,6 +312,17 @@ async fn churn(seconds: u64) -> Churn {
         );
     }
     driver::recompile(&mesh.ctx).await;
+    // The callers below are what the compiler made of the scopes: each
+    // serving namespace lists its own Services, each client its ten.
+    {
+        let snap = mesh.ctx.snapshot.load();
+        let listed = |ns: &str| snap.compiled.configs[ns].outbound.services.len();
+        assert_eq!(listed("svc-0"), SERVICES_PER_NAMESPACE, "svc-0's own only");
+        assert!(
+            listed("client-0") <= CALLS_PER_CLIENT,
+            "client-0's ten at most"
+        );
+    }
     mesh.reconcile(futures_util::stream::iter(mesh.names.clone()))
         .await;
     mesh.sync_children();
@@ -550,6 +562,7 @@ fn main() {
         !churned.latencies.is_empty(),
         "slice changes reached the published documents"
     );
+
     for r in &rows {
         assert_eq!(r.resync_requests, 0, "a settled mesh costs no API requests");
         assert_eq!(
