@@ -101,9 +101,14 @@ pub fn inbound_path(data: &[u8]) {
     use crate::proxy::authz::{Access, HttpRequest, PortNames, check};
     use crate::proxy::http::route::normalize_path;
 
-    let decided = (0..=data.len())
-        .find_map(|end| classify(&data[..end]))
-        .unwrap_or(Protocol::Opaque);
+    // `None`: the bytes never decide. The proxy then either sees the
+    // client close (the application gets an unfinished head, no request)
+    // or times detection out and waits for the client's next bytes or the
+    // application's, serving still-undecided bytes as HTTP
+    // (`first_speaker` in the inbound path; the dripped cases of
+    // `a_leading_empty_line_does_not_make_a_request_opaque`). Only an
+    // explicit opaque decision relays a request unchecked.
+    let decided = (0..=data.len()).find_map(|end| classify(&data[..end]));
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let parsed = req.parse(data).is_ok();
@@ -119,7 +124,7 @@ pub fn inbound_path(data: &[u8]) {
         if target_is_http {
             assert_ne!(
                 decided,
-                Protocol::Opaque,
+                Some(Protocol::Opaque),
                 "an HTTP parser reads {method} {path} as a request, detection called it opaque"
             );
         }
