@@ -150,7 +150,87 @@ pub struct EndpointState {
 }
 
 /// A destination's endpoints, shared with requests in flight.
-pub type EndpointList = Arc<Vec<Arc<EndpointState>>>;
+pub type EndpointList = Arc<Endpoints>;
+
+/// A destination's endpoints (a slice, through `Deref`), with the index
+/// the balancer samples from, built on first use. Picking two endpoints
+/// at random from the index costs the same with 3 endpoints as with
+/// 1000; the full scan ([`Destination::in_zone`], the candidate lists of
+/// the balancer) is left for what the index cannot answer: a retry that
+/// avoids pods already tried, a pinned pod, a zone that spills, every pod
+/// draining or refused.
+#[derive(Default)]
+pub struct Endpoints {
+    all: Vec<Arc<EndpointState>>,
+    index: arc_swap::ArcSwapOption<SampleIndex>,
+}
+
+/// Indices into [`Endpoints`] by what they can take, as of the list's
+/// making. Draining flags flip in place on the shared endpoint states when
+/// a republished list replaces this one, so a sample is checked again
+/// before use.
+pub struct SampleIndex {
+    /// The zone `local` was worked out for.
+    zone: Option<Box<str>>,
+    /// Endpoints not draining.
+    pub serving: Vec<u32>,
+    /// Endpoints not draining, in `zone`.
+    pub local: Vec<u32>,
+    /// Endpoints in `zone` not terminating (they count in its health).
+    local_staying: usize,
+}
+
+impl Endpoints {
+    /// The index for a proxy in `zone` (made again if the zone was learned
+    /// after it was made).
+    pub fn sample_index(&self, zone: Option<&str>) -> Arc<SampleIndex> {
+        if let Some(index) = self.index.load_full()
+            && index.zone.as_deref() == zone
+        {
+            return index;
+        }
+        let local = |e: &EndpointState| zone.is_some() && e.zone.as_deref() == zone;
+        let mut index = SampleIndex {
+            zone: zone.map(Into::into),
+            serving: Vec::new(),
+            local: Vec::new(),
+            local_staying: 0,
+        };
+        for (i, e) in self.all.iter().enumerate() {
+            // More endpoints than u32 can count cannot be published (the
+            // document's size caps them far below).
+            let Ok(i) = u32::try_from(i) else { break };
+            if !e.is_draining() {
+                index.serving.push(i);
+                if local(e) {
+                    index.local.push(i);
+                }
+            }
+            if local(e) && !e.is_terminating() {
+                index.local_staying += 1;
+            }
+        }
+        let index = Arc::new(index);
+        self.index.store(Some(index.clone()));
+        index
+    }
+}
+
+impl std::ops::Deref for Endpoints {
+    type Target = [Arc<EndpointState>];
+    fn deref(&self) -> &Self::Target {
+        &self.all
+    }
+}
+
+impl FromIterator<Arc<EndpointState>> for Endpoints {
+    fn from_iter<I: IntoIterator<Item = Arc<EndpointState>>>(iter: I) -> Self {
+        Self {
+            all: iter.into_iter().collect(),
+            index: Default::default(),
+        }
+    }
+}
 
 /// A destination's state.
 pub struct Destination {
@@ -310,7 +390,7 @@ impl Destination {
                         endpoint(a, &self.policy, &self.mesh, 1, Discovered::plain(a))
                     })
                 })
-                .collect(),
+                .collect::<Endpoints>(),
         );
         let mut guard = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         *guard = (Some(Instant::now()), next.clone());
@@ -362,6 +442,59 @@ impl Destination {
         }
         let n = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(candidates[n % candidates.len()].0)
+    }
+
+    /// `RoundRobin`'s next turn (one atomic add).
+    pub fn take_turn(&self) -> usize {
+        self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The balancer's quick answer to [`Destination::in_zone`]: the
+    /// endpoints of `index` a first try samples from, or None when only
+    /// the full scan can tell (the zone spills, or no endpoint serves).
+    /// The zone's serving endpoints while the zone keeps every call (as
+    /// many healthy as its policy's share asks), else all serving ones;
+    /// the same test as `in_zone`, counted over the zone alone.
+    pub fn serving_pool<'a>(
+        &self,
+        endpoints: &Endpoints,
+        index: &'a SampleIndex,
+        now: Instant,
+    ) -> Option<&'a [u32]> {
+        let pool = match (&self.policy.zone_affinity, self.locality.zone()) {
+            (Some(affinity), Some(zone)) if index.zone.as_deref() == Some(zone) => {
+                let unready = self.unready_by_zone.load().get(zone).copied().unwrap_or(0);
+                let in_zone = index.local_staying + unready as usize;
+                if in_zone == 0 {
+                    &index.serving
+                } else {
+                    let healthy = index
+                        .local
+                        .iter()
+                        .map(|i| &endpoints[*i as usize])
+                        .filter(|e| {
+                            !e.is_draining()
+                                && e.breaker
+                                    .as_ref()
+                                    .is_none_or(|b| b.state(now) == BreakerState::Closed)
+                        })
+                        .count();
+                    let share = f64::from(affinity.min_healthy_percent.max(1));
+                    if healthy == 0 || (healthy as f64 * 100.0) < in_zone as f64 * share {
+                        return None;
+                    }
+                    &index.local
+                }
+            }
+            (Some(_), Some(_)) => return None,
+            _ => &index.serving,
+        };
+        (!pool.is_empty()).then_some(pool.as_slice())
+    }
+
+    /// The zone a proxy of this destination is in, if known.
+    pub fn zone(&self) -> Option<&str> {
+        self.locality.zone()
     }
 
     /// Zone-aware routing ([`crate::config::ZoneAffinityConfig`]): of
@@ -569,7 +702,10 @@ fn fixed_list(
                 .collect()
         }
     };
-    Some(Arc::new(list))
+    Some(Arc::new(Endpoints {
+        all: list,
+        index: Default::default(),
+    }))
 }
 
 fn endpoint(
@@ -866,6 +1002,61 @@ mod tests {
 
     fn discovered(pods: Vec<Discovered>) -> EndpointSource {
         EndpointSource::Discovered(pods, Arc::default())
+    }
+
+    /// The balancer's sampling index: draining pods are left out, the
+    /// zone's serving pods make the pool while the zone is healthy, and a
+    /// zone that must spill (or one learned after the index was made) is
+    /// left to the full scan or answered afresh.
+    #[tokio::test]
+    async fn the_sampling_pool_is_the_zones_serving_pods_while_the_zone_holds() {
+        let mut zoned = policy();
+        zoned.zone_affinity = Some(crate::config::ZoneAffinityConfig {
+            min_healthy_percent: 70,
+        });
+        let locality = Locality::new(Some("a".into()), None);
+        let all = Destinations::new(locality);
+        let member = |last: u8, zone: &str, draining: bool| Discovered {
+            zone: Some(zone.to_owned()),
+            ..pod(last, "inventory", draining)
+        };
+        let d = all.get(
+            "inventory.shop:80",
+            &zoned,
+            discovered(vec![
+                member(1, "a", false),
+                member(2, "a", false),
+                member(3, "a", true),
+                member(4, "b", false),
+            ]),
+            None,
+        );
+        let endpoints = d.endpoints().await;
+        let now = Instant::now();
+        let index = endpoints.sample_index(d.zone());
+        assert_eq!(index.serving, [0, 1, 3], "the draining pod is not sampled");
+        // Two of the zone's two staying pods healthy: the zone's pool.
+        assert_eq!(d.serving_pool(&endpoints, &index, now), Some(&[0u32, 1][..]));
+        // One ejected: 50 % < 70 %, the zone spills in proportion, which
+        // only the full scan decides.
+        let b = endpoints[0].breaker.as_ref().expect("breaker");
+        b.try_acquire(now).expect("closed").failure(now);
+        assert_eq!(d.serving_pool(&endpoints, &index, now), None);
+
+        // Without a zone, every serving pod; an index made for no zone is
+        // made again once the zone is known.
+        let plain = all.get(
+            "cart.shop:80",
+            &policy(),
+            discovered(vec![member(5, "a", false), member(6, "b", true)]),
+            None,
+        );
+        let endpoints = plain.endpoints().await;
+        let none = endpoints.sample_index(None);
+        assert_eq!((none.serving.as_slice(), none.local.len()), (&[0u32][..], 0));
+        let a = endpoints.sample_index(Some("a"));
+        assert_eq!(a.local, [0]);
+        assert_eq!(plain.serving_pool(&endpoints, &a, now), Some(&[0u32][..]));
     }
 
     /// Pods come and go (discovery republishes): the destination stays,

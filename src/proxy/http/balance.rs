@@ -23,7 +23,7 @@ use super::errors::ProxyError;
 use super::pool::Pool;
 use super::route::RouteCtx;
 use super::timeout::Deadline;
-use crate::proxy::destination::Destination;
+use crate::proxy::destination::{Destination, EndpointState, Endpoints};
 use crate::proxy::resilience::{BreakerPermit, PendingRequest, p2c_pick};
 
 #[derive(Clone)]
@@ -55,106 +55,18 @@ impl Service<Request> for Balance {
                 return Err(ProxyError::NoEndpoints(dst.label.clone()).into());
             }
             let now = Instant::now();
-            let admitted: Vec<(usize, f64)> = endpoints
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.breaker.as_ref().is_none_or(|b| b.admits(now)))
-                .map(|(i, e)| (i, e.load.cost(now)))
-                .collect();
-            // Terminating (or unready) pods finish what they have and take
-            // nothing new while another pod can.
-            // (No second list unless some pod is draining: nothing more
-            // per request otherwise.)
-            let draining = |(i, _): &(usize, f64)| endpoints[*i].is_draining();
             let pinned = req.extensions().get::<Pinned>().map(|p| p.0);
-            // The pod left the Service between the lookup and now: it is
-            // gone, not failing (its breaker hears nothing of it).
-            if let Some(addr) = pinned
-                && !endpoints.iter().any(|e| e.addr == addr)
-            {
-                return Err(ProxyError::NoEndpoints(dst.label.clone()).into());
-            }
-            let admitted = if let Some(addr) = pinned {
-                // The caller chose the pod: that one or none (its breaker
-                // still decides), draining or not, whatever the zone.
-                admitted
-                    .into_iter()
-                    .filter(|(i, _)| endpoints[*i].addr == addr)
-                    .collect()
-            } else if admitted.iter().any(draining) && !admitted.iter().all(draining) {
-                admitted.into_iter().filter(|c| !draining(c)).collect()
-            } else {
-                admitted
-            };
-            let mut rng = fastrand::Rng::new();
             let tried = req.extensions().get::<TriedEndpoints>().cloned();
-            // The zone's candidates, and the wider list a retry may fall
-            // back to.
-            let zoned = match pinned {
-                Some(_) => None,
-                None => dst.in_zone(&endpoints, &admitted, &mut rng),
+            let first_try = tried
+                .as_ref()
+                .is_none_or(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+            let quick = match pinned {
+                None if first_try => quick_pick(&dst, &endpoints, now),
+                _ => None,
             };
-            let (mut candidates, mut wider) = match zoned {
-                Some(zoned) => (zoned, Some(admitted)),
-                None => (admitted, None),
-            };
-            // The zone's candidates as chosen (empty without a zone).
-            let mut zoned: Vec<(usize, f64)> = if wider.is_some() {
-                candidates.clone()
-            } else {
-                Vec::new()
-            };
-            if let Some(tried) = &tried {
-                let seen = tried.0.lock().unwrap_or_else(|e| e.into_inner());
-                let untried = |list: &[(usize, f64)]| -> Vec<(usize, f64)> {
-                    list.iter()
-                        .copied()
-                        .filter(|(i, _)| !seen.contains(&endpoints[*i].addr))
-                        .collect()
-                };
-                // A retry goes to a pod this request has not met: in the
-                // zone chosen, else in any zone, else (every pod tried) the
-                // zone's again.
-                let fresh = untried(&candidates);
-                let fresh = match &wider {
-                    Some(all) if fresh.is_empty() => untried(all),
-                    _ => fresh,
-                };
-                if !fresh.is_empty() {
-                    candidates = fresh;
-                }
-            }
-            // Try the two best candidates' breakers in P2C order; a
-            // half-open breaker may refuse a second concurrent probe.
-            let round_robin =
-                dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
-            let (chosen, permit) = loop {
-                let picked = if round_robin {
-                    dst.next_in_turn(&candidates)
-                } else {
-                    p2c_pick(&candidates, &mut rng)
-                };
-                let Some(i) = picked else {
-                    // Every pod of the zone refused (half-open, a probe
-                    // already out): the other zones' pods, before failing.
-                    if let Some(all) = wider.take() {
-                        candidates = all
-                            .into_iter()
-                            .filter(|(j, _)| !zoned.iter().any(|(z, _)| z == j))
-                            .collect();
-                        zoned.clear();
-                        continue;
-                    }
-                    return Err(ProxyError::CircuitOpen(dst.label.clone()).into());
-                };
-                let endpoint = endpoints[i].clone();
-                match &endpoint.breaker {
-                    None => break (endpoint, None),
-                    Some(b) => match b.try_acquire(now) {
-                        Some(p) => break (endpoint, Some(p)),
-                        None => candidates.retain(|(j, _)| *j != i),
-                    },
-                }
+            let (chosen, permit) = match quick {
+                Some(picked) => picked,
+                None => scan_pick(&dst, &endpoints, pinned, tried.as_ref(), now)?,
             };
             let excluded = req
                 .extensions()
@@ -188,6 +100,178 @@ impl Service<Request> for Balance {
             result
         })
     }
+}
+
+/// An endpoint chosen, with its breaker's permit when it has a breaker.
+type Picked = (Arc<EndpointState>, Option<BreakerPermit>);
+
+/// How many pairs [`quick_pick`] draws before leaving the choice to the
+/// full scan.
+const QUICK_DRAWS: usize = 3;
+
+/// A first try's endpoint in constant time: power of two choices over
+/// two endpoints drawn at random from those that serve (in the zone while
+/// it keeps its calls, see [`Destination::serving_pool`]), each checked
+/// for draining and for its breaker's admission. None when the draws find
+/// nothing or the pool cannot be told without [`scan_pick`], which then
+/// decides as before; so this changes the cost of a pick, never its
+/// outcome's rules.
+fn quick_pick(dst: &Destination, endpoints: &Endpoints, now: Instant) -> Option<Picked> {
+    let index = endpoints.sample_index(dst.zone());
+    let pool = dst.serving_pool(endpoints, &index, now)?;
+    let admitted = |i: u32| {
+        let e = &endpoints[i as usize];
+        (!e.is_draining() && e.breaker.as_ref().is_none_or(|b| b.admits(now))).then_some(e)
+    };
+    let round_robin = dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
+    let mut rng = fastrand::Rng::new();
+    for _ in 0..QUICK_DRAWS {
+        let chosen = if round_robin {
+            admitted(pool[dst.take_turn() % pool.len()])
+        } else {
+            let a = rng.usize(..pool.len());
+            let b = match pool.len() {
+                1 => a,
+                n => (a + 1 + rng.usize(..n - 1)) % n,
+            };
+            match (admitted(pool[a]), admitted(pool[b])) {
+                (Some(x), Some(y)) => Some(if cost(y, now) < cost(x, now) { y } else { x }),
+                (x, y) => x.or(y),
+            }
+        };
+        let Some(endpoint) = chosen else { continue };
+        match &endpoint.breaker {
+            None => return Some((endpoint.clone(), None)),
+            Some(b) => {
+                if let Some(p) = b.try_acquire(now) {
+                    return Some((endpoint.clone(), Some(p)));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// An endpoint's latency estimate for P2C, NaN as the worst.
+fn cost(e: &EndpointState, now: Instant) -> f64 {
+    match e.load.cost(now) {
+        c if c.is_nan() => f64::INFINITY,
+        c => c,
+    }
+}
+
+/// The full scan: every endpoint's admission and cost, the draining ones
+/// set aside, the zone decided (spilling in proportion), a retry kept off
+/// the pods already tried, a pinned pod honoured; then P2C (or the turn
+/// of `RoundRobin`) over what is left, trying the next when a half-open
+/// breaker refuses a second probe.
+fn scan_pick(
+    dst: &Destination,
+    endpoints: &Endpoints,
+    pinned: Option<std::net::SocketAddr>,
+    tried: Option<&TriedEndpoints>,
+    now: Instant,
+) -> Result<Picked, BoxError> {
+    let admitted: Vec<(usize, f64)> = endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.breaker.as_ref().is_none_or(|b| b.admits(now)))
+        .map(|(i, e)| (i, e.load.cost(now)))
+        .collect();
+    // Terminating (or unready) pods finish what they have and take
+    // nothing new while another pod can.
+    // (No second list unless some pod is draining: nothing more
+    // per request otherwise.)
+    let draining = |(i, _): &(usize, f64)| endpoints[*i].is_draining();
+    // The pod left the Service between the lookup and now: it is
+    // gone, not failing (its breaker hears nothing of it).
+    if let Some(addr) = pinned
+        && !endpoints.iter().any(|e| e.addr == addr)
+    {
+        return Err(ProxyError::NoEndpoints(dst.label.clone()).into());
+    }
+    let admitted = if let Some(addr) = pinned {
+        // The caller chose the pod: that one or none (its breaker
+        // still decides), draining or not, whatever the zone.
+        admitted
+            .into_iter()
+            .filter(|(i, _)| endpoints[*i].addr == addr)
+            .collect()
+    } else if admitted.iter().any(draining) && !admitted.iter().all(draining) {
+        admitted.into_iter().filter(|c| !draining(c)).collect()
+    } else {
+        admitted
+    };
+    let mut rng = fastrand::Rng::new();
+    // The zone's candidates, and the wider list a retry may fall
+    // back to.
+    let zoned = match pinned {
+        Some(_) => None,
+        None => dst.in_zone(&endpoints, &admitted, &mut rng),
+    };
+    let (mut candidates, mut wider) = match zoned {
+        Some(zoned) => (zoned, Some(admitted)),
+        None => (admitted, None),
+    };
+    // The zone's candidates as chosen (empty without a zone).
+    let mut zoned: Vec<(usize, f64)> = if wider.is_some() {
+        candidates.clone()
+    } else {
+        Vec::new()
+    };
+    if let Some(tried) = tried {
+        let seen = tried.0.lock().unwrap_or_else(|e| e.into_inner());
+        let untried = |list: &[(usize, f64)]| -> Vec<(usize, f64)> {
+            list.iter()
+                .copied()
+                .filter(|(i, _)| !seen.contains(&endpoints[*i].addr))
+                .collect()
+        };
+        // A retry goes to a pod this request has not met: in the
+        // zone chosen, else in any zone, else (every pod tried) the
+        // zone's again.
+        let fresh = untried(&candidates);
+        let fresh = match &wider {
+            Some(all) if fresh.is_empty() => untried(all),
+            _ => fresh,
+        };
+        if !fresh.is_empty() {
+            candidates = fresh;
+        }
+    }
+    // Try the two best candidates' breakers in P2C order; a
+    // half-open breaker may refuse a second concurrent probe.
+    let round_robin =
+        dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
+    let picked = loop {
+        let picked = if round_robin {
+            dst.next_in_turn(&candidates)
+        } else {
+            p2c_pick(&candidates, &mut rng)
+        };
+        let Some(i) = picked else {
+            // Every pod of the zone refused (half-open, a probe
+            // already out): the other zones' pods, before failing.
+            if let Some(all) = wider.take() {
+                candidates = all
+                    .into_iter()
+                    .filter(|(j, _)| !zoned.iter().any(|(z, _)| z == j))
+                    .collect();
+                zoned.clear();
+                continue;
+            }
+            return Err(ProxyError::CircuitOpen(dst.label.clone()).into());
+        };
+        let endpoint = endpoints[i].clone();
+        match &endpoint.breaker {
+            None => break (endpoint, None),
+            Some(b) => match b.try_acquire(now) {
+                Some(p) => break (endpoint, Some(p)),
+                None => candidates.retain(|(j, _)| *j != i),
+            },
+        }
+    };
+    Ok(picked)
 }
 
 /// What one try tells its endpoint's breaker and latency estimate, told
@@ -501,5 +585,57 @@ pub(crate) mod tests {
             .await
             .expect_err("refused");
         assert_untouched(&*only_endpoint(&dst).await);
+    }
+
+    /// A first try draws from the serving pods alone, however many
+    /// draining ones the list holds (a rolling update of a large
+    /// Service); with every pod draining or refused it leaves the choice
+    /// to the full scan, which still sends to a draining pod rather than
+    /// none.
+    #[tokio::test]
+    async fn a_first_try_samples_the_serving_pods_and_leaves_the_rest_to_the_scan() {
+        use crate::proxy::destination::Discovered;
+        let pod = |i: u32, draining: bool| Discovered {
+            addr: SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
+            service_account: Some("inventory".into()),
+            draining,
+            terminating: draining,
+            zone: None,
+            unmeshed: false,
+        };
+        let policy = destination(refusing_addr(), 5, json!({})).policy.clone();
+        let pods: Vec<Discovered> = (0..1000).map(|i| pod(i, i != 617)).collect();
+        let dst = Destination::new(
+            LABEL.into(),
+            policy.clone(),
+            EndpointSource::Discovered(pods, Arc::default()),
+            None,
+        );
+        let endpoints = dst.endpoints().await;
+        let now = Instant::now();
+        for _ in 0..100 {
+            let (e, _) = quick_pick(&dst, &endpoints, now).expect("the serving pod");
+            assert_eq!(e.addr, pod(617, false).addr);
+        }
+        // Its breaker open: no draw admits it, the scan answers (the open
+        // pod refused, a draining one taken).
+        let b = endpoints[617].breaker.as_ref().expect("breaker");
+        for _ in 0..5 {
+            b.try_acquire(now).expect("closed").failure(now);
+        }
+        assert!(quick_pick(&dst, &endpoints, now).is_none());
+        let (e, _) = scan_pick(&dst, &endpoints, None, None, now).expect("a draining pod");
+        assert!(e.is_draining());
+
+        let all_draining: Vec<Discovered> = (0..3).map(|i| pod(i, true)).collect();
+        let dst = Destination::new(
+            LABEL.into(),
+            policy,
+            EndpointSource::Discovered(all_draining, Arc::default()),
+            None,
+        );
+        let endpoints = dst.endpoints().await;
+        assert!(quick_pick(&dst, &endpoints, now).is_none());
+        assert!(scan_pick(&dst, &endpoints, None, None, now).is_ok());
     }
 }
