@@ -471,7 +471,29 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
         1.0
     );
 
-    files.write("b/config.json", &config("permissive", &b_ip).to_string());
+    // Permissive, and c published as the pod of a Service that b's
+    // namespace calls (#19 item 5): c's calls are counted under its
+    // workload, named from its address (unverified, so not a SPIFFE id).
+    let mut permissive = config("permissive", &b_ip);
+    permissive["outbound"]["services"]
+        .as_array_mut()
+        .expect("services")
+        .push(json!({
+            "name": "c", "namespace": "shop",
+            "hostnames": ["c.shop.svc.cluster.local", "c.shop"],
+            "clusterIps": ["10.96.0.12"],
+            "ports": [{ "port": 8080, "targetPort": 8080, "protocol": "detect" }],
+            "mesh": { "namespace": "shop", "serviceAccounts": ["c"] },
+        }));
+    let endpoints = json!({
+        "schemaVersion": "1.0", "generation": "netns-c", "namespace": "shop",
+        "services": { "c.shop": { "groups": [{ "ports": { "": 8080 }, "endpoints": [{
+            "addresses": [c_ip], "ready": true, "pod": "c-0",
+            "serviceAccount": "c", "unmeshed": true,
+        }]}]}},
+    });
+    files.write("b/endpoints.json", &endpoints.to_string());
+    files.write("b/config.json", &permissive.to_string());
     let mut answer = None;
     for _ in 0..50 {
         answer = fetch(&net.pods[c].ns, &url);
@@ -492,6 +514,19 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
         counted >= 2.0,
         "both attempts counted as plaintext from {c_ip}: {counted}"
     );
+    let mut named = 0.0;
+    for _ in 0..50 {
+        let _ = fetch(&net.pods[c].ns, &url);
+        named = metric(
+            b_ns,
+            "weft_proxy_requests_total{direction=\"inbound\",src=\"ns/shop/sa/c\"",
+        );
+        if named > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(named > 0.0, "inbound requests from {c_ip} name its workload");
 }
 
 #[test]

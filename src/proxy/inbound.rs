@@ -57,7 +57,10 @@ struct Conn {
     port: u16,
     /// The caller's verified mesh identity (mesh TLS only).
     peer_id: Option<Arc<SpiffeId>>,
-    /// The `src` of request metrics: the SPIFFE id, or "unknown".
+    /// The `src` of request metrics: the SPIFFE id over mesh TLS; in
+    /// plaintext the workload a published pod address belongs to
+    /// (`ns/<ns>/sa/<sa>`, unverified: see [`crate::proxy::state::Snapshot::pod_source`]),
+    /// else "unknown".
     source: Arc<str>,
     /// The SPIFFE id as the [`CLIENT_ID_HEADER`] value, made once per
     /// connection rather than per request.
@@ -95,7 +98,11 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app: So
         app: proxy.shared.pool.app_endpoint(app),
         port: app_port,
         peer_id: None,
-        source: proxy.unknown_source.clone(),
+        source: proxy
+            .store
+            .load()
+            .and_then(|s| s.pod_source(peer.ip()))
+            .unwrap_or_else(|| proxy.unknown_source.clone()),
         peer_id_header: None,
     };
     if protocol == Protocol::Tls {

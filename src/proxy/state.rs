@@ -48,6 +48,9 @@ pub struct Snapshot {
     /// Published pods of meshed Services by address and port, for callers
     /// that dial a pod directly.
     by_pod: HashMap<SocketAddr, PodEntry>,
+    /// Who a published pod address belongs to, as inbound metrics name a
+    /// plaintext caller (see [`Snapshot::pod_source`]).
+    pod_sources: HashMap<IpAddr, Arc<str>>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
     /// Destinations already looked up on this snapshot, so that a request
@@ -108,6 +111,7 @@ impl Snapshot {
             .as_deref()
             .map(|doc| pods_by_address(&config, &by_key, doc))
             .unwrap_or_default();
+        let pod_sources = sources_by_ip(&config, &by_pod);
         let services = config.outbound.services.len();
         Self {
             config,
@@ -115,6 +119,7 @@ impl Snapshot {
             endpoints_epoch,
             by_addr,
             by_pod,
+            pod_sources,
             by_host,
             by_key,
             by_service_port: Mutex::new(vec![Vec::new(); services]),
@@ -136,6 +141,18 @@ impl Snapshot {
     /// StatefulSet's peers, an ingress controller that picks pods itself.
     pub fn by_pod(&self, addr: SocketAddr) -> Option<&PodEntry> {
         self.by_pod.get(&addr).filter(|p| !p.disputed)
+    }
+
+    /// The workload a plaintext caller's address belongs to, as discovery
+    /// published it: `ns/<namespace>/sa/<account>`, the path of the SPIFFE
+    /// id it would present over mTLS, without the scheme. Not verified (an
+    /// address says nothing the caller proves; mTLS edges carry the
+    /// verified id): it names a caller in the inbound metrics of a
+    /// Permissive port, where a meshed pod's unmeshed neighbours and
+    /// pod-IP callers would otherwise all read `unknown`. Only pods of the
+    /// Services this namespace's scope publishes are known.
+    pub fn pod_source(&self, ip: IpAddr) -> Option<Arc<str>> {
+        self.pod_sources.get(&ip).cloned()
     }
 
     /// The Service that alone claims a pod, if one does.
@@ -268,6 +285,45 @@ pub struct PodEntry {
     pub unmeshed: bool,
     /// Claims disagree on its identity: not indexed.
     disputed: bool,
+}
+
+/// [`Snapshot::pod_source`]'s index: each undisputed pod's address, with
+/// its namespace and account; an address whose ports disagree on them is
+/// left out.
+fn sources_by_ip(
+    config: &ProxyConfig,
+    by_pod: &HashMap<SocketAddr, PodEntry>,
+) -> HashMap<IpAddr, Arc<str>> {
+    let mut by_ip: HashMap<IpAddr, Option<(&str, &str)>> = HashMap::new();
+    for (addr, pod) in by_pod {
+        let who = (!pod.disputed).then(|| {
+            (
+                config.outbound.services[pod.claimant].namespace.as_str(),
+                pod.service_account.as_str(),
+            )
+        });
+        by_ip
+            .entry(addr.ip())
+            .and_modify(|seen| {
+                if *seen != who {
+                    *seen = None;
+                }
+            })
+            .or_insert(who);
+    }
+    // One shared name per account.
+    let mut names: HashMap<(&str, &str), Arc<str>> = HashMap::new();
+    by_ip
+        .into_iter()
+        .filter_map(|(ip, who)| {
+            let (ns, sa) = who?;
+            let name = names
+                .entry((ns, sa))
+                .or_insert_with(|| Arc::from(format!("ns/{ns}/sa/{sa}")))
+                .clone();
+            Some((ip, name))
+        })
+        .collect()
 }
 
 /// The published pods of `config`'s meshed Services, by the address and
@@ -567,6 +623,15 @@ mod tests {
             snapshot.by_pod(at("10.244.0.4")).is_none(),
             "claims that disagree on who the pod is: nobody's"
         );
+
+        // Inbound metrics name a plaintext caller by the same index: a
+        // verified pod by its namespace and account (two Services claiming
+        // it agree on who it is), an unverified or disputed one not at all.
+        let source = |ip: &str| snapshot.pod_source(ip.parse().expect("ip"));
+        assert_eq!(source("10.244.0.1").as_deref(), Some("ns/shop/sa/db"));
+        assert_eq!(source("10.244.0.2").as_deref(), Some("ns/shop/sa/cache"));
+        assert_eq!(source("10.244.0.3"), None);
+        assert_eq!(source("10.244.0.4"), None);
     }
 
     #[test]
