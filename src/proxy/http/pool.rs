@@ -36,8 +36,21 @@ pub const CONNECT_TIMEOUT: Duration = crate::proxy::mesh::CONNECT_TIMEOUT;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often idle connections past [`IDLE_TIMEOUT`] are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(15);
-/// Idle HTTP/1.1 connections kept per endpoint at most.
-const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// HTTP/1.1 connections per endpoint past which a request first waits
+/// (up to [`HTTP1_CONNECTION_WAIT`]) for one to be handed back rather
+/// than open another, and past which a connection handed back is closed
+/// rather than kept idle. HTTP/1.1 carries one request at a time, so a
+/// burst (an upstream that stalls for 20 ms at 4000 requests/s) would
+/// otherwise open a connection per request in flight, each holding some
+/// 30 KiB of buffers and task state in the proxy, and keep them all
+/// idle afterwards: the proxy's memory would follow the worst burst.
+/// A soft limit, not Envoy's hard `max_connections`: requests that hold
+/// their connection for long (long polls, streamed responses, WebSocket)
+/// must not queue behind one another, so past the wait one more opens.
+const HTTP1_SOFT_LIMIT: usize = 32;
+/// How long a request waits for a connection of a busy endpoint (see
+/// [`HTTP1_SOFT_LIMIT`]) before opening one of its own.
+const HTTP1_CONNECTION_WAIT: Duration = Duration::from_millis(50);
 
 /// The address a request is sent to, chosen by the balancer, with the
 /// connections already open to it.
@@ -108,6 +121,12 @@ pub struct OverMeshTls(pub bool);
 struct Conns {
     /// Idle HTTP/1.1 connections, the most recently used last.
     http1: Mutex<Vec<Idle>>,
+    /// HTTP/1.1 connections open, idle or busy (each connection's task
+    /// counts itself out when it ends).
+    http1_open: std::sync::atomic::AtomicUsize,
+    /// Told when an HTTP/1.1 connection is handed back or closes, for a
+    /// request waiting on [`HTTP1_SOFT_LIMIT`].
+    http1_freed: tokio::sync::Notify,
     /// The multiplexed HTTP/2 connections, once made (one, or up to the
     /// endpoint's `h2_connections`).
     http2: Mutex<Vec<H2Conn>>,
@@ -181,15 +200,21 @@ impl Conns {
         None
     }
 
+    /// Keeps a connection whose exchange ended for the next request, or
+    /// closes it (dropping its sender) when more than
+    /// [`HTTP1_SOFT_LIMIT`] are open: a burst's extra connections go
+    /// once it has passed.
     fn put_idle(&self, sender: http1::SendRequest<Body>, tls: bool) {
-        let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+        use std::sync::atomic::Ordering;
+        if self.http1_open.load(Ordering::Relaxed) <= HTTP1_SOFT_LIMIT {
+            let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
             idle.push(Idle {
                 sender,
                 tls,
                 since: Instant::now(),
             });
         }
+        self.http1_freed.notify_one();
     }
 
     /// Closes idle connections past the idle timeout (by dropping their
@@ -330,22 +355,29 @@ impl Pool {
     async fn connect_http1(
         &self,
         ep: &Endpoint,
+        open: OpenHttp1,
     ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
         let stream = self.connect(ep, ALPN_HTTP1).await?;
-        self.handshake_http1(ep, stream).await
+        self.handshake_http1(ep, stream, open).await
     }
 
+    /// An HTTP/1.1 connection on `stream`, counted by `open` until it
+    /// closes.
     async fn handshake_http1(
         &self,
         ep: &Endpoint,
         stream: MeshStream,
+        open: OpenHttp1,
     ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
         let tls = stream.is_tls();
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)))?;
-        drive(ep.addr, "HTTP/1.1", conn);
+        drive(ep.addr, "HTTP/1.1", async move {
+            let _open = open;
+            conn.await
+        });
         self.register(&ep.conns);
         Ok((sender, tls))
     }
@@ -426,15 +458,15 @@ impl Pool {
         // request back unsent: it goes once more, on a new connection.
         let mut reuse = true;
         loop {
-            let idle = if reuse {
-                ep.conns.take_idle(Instant::now())
+            let slot = if reuse {
+                self.http1_slot(&ep).await
             } else {
-                None
+                Http1Slot::New(OpenHttp1::new(&ep.conns))
             };
-            let reused = idle.is_some();
-            let (sender, tls) = match idle {
-                Some(idle) => (idle.sender, idle.tls),
-                None => self.connect_http1(&ep).await?,
+            let reused = matches!(slot, Http1Slot::Idle(_));
+            let (sender, tls) = match slot {
+                Http1Slot::Idle(idle) => (idle.sender, idle.tls),
+                Http1Slot::New(open) => self.connect_http1(&ep, open).await?,
             };
             match self.send_on_http1(&ep, sender, tls, req).await {
                 Ok(rsp) => return Ok(rsp),
@@ -443,6 +475,32 @@ impl Pool {
                     reuse = false;
                 }
                 Err(failure) => return Err(failure.into_error(ep.addr)),
+            }
+        }
+    }
+
+    /// An idle HTTP/1.1 connection to `ep`, or the count of a new one to
+    /// open: at once below [`HTTP1_SOFT_LIMIT`] connections open or being
+    /// opened, else once [`HTTP1_CONNECTION_WAIT`] passed with none
+    /// handed back.
+    async fn http1_slot(&self, ep: &Endpoint) -> Http1Slot {
+        let mut deadline = None;
+        loop {
+            // Listening before looking, so a connection handed back in
+            // between is not missed.
+            let freed = ep.conns.http1_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(idle) = ep.conns.take_idle(Instant::now()) {
+                return Http1Slot::Idle(idle);
+            }
+            if let Some(open) = OpenHttp1::below_limit(&ep.conns) {
+                return Http1Slot::New(open);
+            }
+            let at = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + HTTP1_CONNECTION_WAIT);
+            if tokio::time::timeout_at(at, freed).await.is_err() {
+                return Http1Slot::New(OpenHttp1::new(&ep.conns));
             }
         }
     }
@@ -539,7 +597,8 @@ impl Pool {
                     plain
                 }
             };
-            let (sender, tls) = self.handshake_http1(&ep, plain).await?;
+            let open = OpenHttp1::new(&ep.conns);
+            let (sender, tls) = self.handshake_http1(&ep, plain, open).await?;
             return self
                 .send_on_http1(&ep, sender, tls, Forward(req).into_http1()?)
                 .await
@@ -619,6 +678,49 @@ async fn handshake_http2(addr: SocketAddr, stream: MeshStream) -> Result<H2Conn,
         id: H2_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         born: Instant::now(),
     })
+}
+
+/// Where an HTTP/1.1 request goes: a pooled connection, or a new one.
+enum Http1Slot {
+    Idle(Idle),
+    New(OpenHttp1),
+}
+
+/// An HTTP/1.1 connection being opened or open, counted in its
+/// endpoint's `http1_open` from before the connect until its task ends
+/// (or the connect fails), so a burst's requests see each other's
+/// connections before any is made.
+struct OpenHttp1(Arc<Conns>);
+
+impl OpenHttp1 {
+    fn new(conns: &Arc<Conns>) -> Self {
+        conns
+            .http1_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(conns.clone())
+    }
+
+    /// Counted only while fewer than [`HTTP1_SOFT_LIMIT`] are.
+    fn below_limit(conns: &Arc<Conns>) -> Option<Self> {
+        conns
+            .http1_open
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| (n < HTTP1_SOFT_LIMIT).then_some(n + 1),
+            )
+            .ok()
+            .map(|_| Self(conns.clone()))
+    }
+}
+
+impl Drop for OpenHttp1 {
+    fn drop(&mut self) {
+        self.0
+            .http1_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.http1_freed.notify_one();
+    }
 }
 
 /// Runs a connection's I/O as a task of its own until it closes.
@@ -963,5 +1065,94 @@ mod tests {
         ]);
         strip_response_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["content-type", "trailer"]);
+    }
+
+    /// A burst past [`HTTP1_SOFT_LIMIT`] requests in flight to one
+    /// endpoint waits for a connection before opening more (the 33rd
+    /// connection is opened no sooner than [`HTTP1_CONNECTION_WAIT`] after
+    /// the 32nd), never indefinitely (all 40 requests get through while
+    /// the first 32 are still held), and the burst's extra connections are
+    /// closed once they are handed back.
+    #[tokio::test]
+    async fn a_burst_past_the_soft_limit_waits_then_opens_and_the_extras_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BURST: usize = HTTP1_SOFT_LIMIT + 8;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let server = {
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else { return };
+                    lock(&accepted).push(Instant::now());
+                    let mut gate = gate.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            match conn.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                            let _ = gate.wait_for(|open| *open).await;
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if conn.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        let pool = Pool::default();
+        let ep = pool.app_endpoint(addr);
+        let requests: Vec<_> = (0..BURST)
+            .map(|_| {
+                let mut req = http::Request::get(format!("http://{addr}/"))
+                    .body(body::empty())
+                    .expect("request");
+                req.extensions_mut().insert(ep.clone());
+                tokio::spawn(super::super::call(pool.clone(), req))
+            })
+            .collect();
+        // Every request gets a connection of its own in the end, the
+        // first 32 still unanswered: the limit is soft.
+        let all_open = async {
+            while lock(&accepted).len() < BURST {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_open)
+            .await
+            .expect("the requests past the limit open connections after the wait");
+        {
+            let at = lock(&accepted);
+            let gap = at[HTTP1_SOFT_LIMIT].duration_since(at[HTTP1_SOFT_LIMIT - 1]);
+            assert!(
+                gap >= HTTP1_CONNECTION_WAIT - Duration::from_millis(5),
+                "connection {} opened {gap:?} after the limit was reached",
+                HTTP1_SOFT_LIMIT + 1
+            );
+        }
+        release.send(true).expect("release");
+        for r in requests {
+            let rsp = r.await.expect("task").expect("response");
+            assert_eq!(rsp.status(), 200);
+            let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
+        }
+        let settled = async {
+            while ep.conns.http1_open.load(std::sync::atomic::Ordering::Relaxed) > HTTP1_SOFT_LIMIT
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("the burst's extra connections close once handed back");
+        assert!(lock(&ep.conns.http1).len() <= HTTP1_SOFT_LIMIT);
+        server.abort();
     }
 }
