@@ -526,7 +526,10 @@ fn a_pod_without_a_sidecar_is_refused_by_strict_and_counted_under_permissive() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(named > 0.0, "inbound requests from {c_ip} name its workload");
+    assert!(
+        named > 0.0,
+        "inbound requests from {c_ip} name its workload"
+    );
 }
 
 #[test]

@@ -1036,7 +1036,10 @@ mod tests {
         let index = endpoints.sample_index(d.zone());
         assert_eq!(index.serving, [0, 1, 3], "the draining pod is not sampled");
         // Two of the zone's two staying pods healthy: the zone's pool.
-        assert_eq!(d.serving_pool(&endpoints, &index, now), Some(&[0u32, 1][..]));
+        assert_eq!(
+            d.serving_pool(&endpoints, &index, now),
+            Some(&[0u32, 1][..])
+        );
         // One ejected: 50 % < 70 %, the zone spills in proportion, which
         // only the full scan decides.
         let b = endpoints[0].breaker.as_ref().expect("breaker");
@@ -1053,7 +1056,10 @@ mod tests {
         );
         let endpoints = plain.endpoints().await;
         let none = endpoints.sample_index(None);
-        assert_eq!((none.serving.as_slice(), none.local.len()), (&[0u32][..], 0));
+        assert_eq!(
+            (none.serving.as_slice(), none.local.len()),
+            (&[0u32][..], 0)
+        );
         let a = endpoints.sample_index(Some("a"));
         assert_eq!(a.local, [0]);
         assert_eq!(plain.serving_pool(&endpoints, &a, now), Some(&[0u32][..]));

@@ -207,7 +207,7 @@ fn scan_pick(
     // back to.
     let zoned = match pinned {
         Some(_) => None,
-        None => dst.in_zone(&endpoints, &admitted, &mut rng),
+        None => dst.in_zone(endpoints, &admitted, &mut rng),
     };
     let (mut candidates, mut wider) = match zoned {
         Some(zoned) => (zoned, Some(admitted)),
@@ -241,8 +241,7 @@ fn scan_pick(
     }
     // Try the two best candidates' breakers in P2C order; a
     // half-open breaker may refuse a second concurrent probe.
-    let round_robin =
-        dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
+    let round_robin = dst.policy.load_balancer == crate::config::LoadBalancerAlgorithm::RoundRobin;
     let picked = loop {
         let picked = if round_robin {
             dst.next_in_turn(&candidates)

@@ -38,8 +38,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const REAP_EVERY: Duration = Duration::from_secs(15);
 /// HTTP/1.1 connections per endpoint past which a request first waits
 /// (up to [`HTTP1_CONNECTION_WAIT`]) for one to be handed back rather
-/// than open another, and past which a connection handed back is closed
-/// rather than kept idle. HTTP/1.1 carries one request at a time, so a
+/// than open another, and past which idle connections are closed rather
+/// than kept. HTTP/1.1 carries one request at a time, so a
 /// burst (an upstream that stalls for 20 ms at 4000 requests/s) would
 /// otherwise open a connection per request in flight, each holding some
 /// 30 KiB of buffers and task state in the proxy, and keep them all
@@ -121,12 +121,10 @@ pub struct OverMeshTls(pub bool);
 struct Conns {
     /// Idle HTTP/1.1 connections, the most recently used last.
     http1: Mutex<Vec<Idle>>,
-    /// HTTP/1.1 connections open, idle or busy (each connection's task
-    /// counts itself out when it ends).
-    http1_open: std::sync::atomic::AtomicUsize,
-    /// Told when an HTTP/1.1 connection is handed back or closes, for a
-    /// request waiting on [`HTTP1_SOFT_LIMIT`].
-    http1_freed: tokio::sync::Notify,
+    /// HTTP/1.1 connections open, for [`HTTP1_SOFT_LIMIT`]. Apart from
+    /// `Conns`, since each connection's task holds it: the task must not
+    /// keep alive the `Conns` that holds the task's own idle sender.
+    http1_count: Arc<Http1Count>,
     /// The multiplexed HTTP/2 connections, once made (one, or up to the
     /// endpoint's `h2_connections`).
     http2: Mutex<Vec<H2Conn>>,
@@ -205,16 +203,22 @@ impl Conns {
     /// [`HTTP1_SOFT_LIMIT`] are open: a burst's extra connections go
     /// once it has passed.
     fn put_idle(&self, sender: http1::SendRequest<Body>, tls: bool) {
-        use std::sync::atomic::Ordering;
-        if self.http1_open.load(Ordering::Relaxed) <= HTTP1_SOFT_LIMIT {
+        {
+            // Decided by the idle connections, under their lock: while
+            // more than the limit are busy, each one handed back goes to
+            // the next request (one may be waiting for it), and after a
+            // burst the idle ones past the limit close, whatever the
+            // count of open ones (which lags, until each closed task ends).
             let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
-            idle.push(Idle {
-                sender,
-                tls,
-                since: Instant::now(),
-            });
+            if idle.len() < HTTP1_SOFT_LIMIT {
+                idle.push(Idle {
+                    sender,
+                    tls,
+                    since: Instant::now(),
+                });
+            }
         }
-        self.http1_freed.notify_one();
+        self.http1_count.freed.notify_one();
     }
 
     /// Closes idle connections past the idle timeout (by dropping their
@@ -280,6 +284,8 @@ struct PoolInner {
     /// The application's ports (inbound), so that connections to the app
     /// are shared by every inbound connection.
     apps: Mutex<HashMap<SocketAddr, Endpoint>>,
+    /// [`HTTP1_CONNECTION_WAIT`] unless a test sets another.
+    http1_wait: Option<Duration>,
 }
 
 impl Pool {
@@ -287,6 +293,18 @@ impl Pool {
         Self {
             inner: Arc::new(PoolInner {
                 originator,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// A pool whose requests wait `wait` for a busy endpoint's connection
+    /// (see [`HTTP1_SOFT_LIMIT`]).
+    #[cfg(test)]
+    fn with_http1_wait(wait: Duration) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                http1_wait: Some(wait),
                 ..Default::default()
             }),
         }
@@ -488,7 +506,7 @@ impl Pool {
         loop {
             // Listening before looking, so a connection handed back in
             // between is not missed.
-            let freed = ep.conns.http1_freed.notified();
+            let freed = ep.conns.http1_count.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if let Some(idle) = ep.conns.take_idle(Instant::now()) {
@@ -497,8 +515,8 @@ impl Pool {
             if let Some(open) = OpenHttp1::below_limit(&ep.conns) {
                 return Http1Slot::New(open);
             }
-            let at = *deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + HTTP1_CONNECTION_WAIT);
+            let wait = self.inner.http1_wait.unwrap_or(HTTP1_CONNECTION_WAIT);
+            let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
             if tokio::time::timeout_at(at, freed).await.is_err() {
                 return Http1Slot::New(OpenHttp1::new(&ep.conns));
             }
@@ -686,40 +704,51 @@ enum Http1Slot {
     New(OpenHttp1),
 }
 
-/// An HTTP/1.1 connection being opened or open, counted in its
-/// endpoint's `http1_open` from before the connect until its task ends
-/// (or the connect fails), so a burst's requests see each other's
-/// connections before any is made.
-struct OpenHttp1(Arc<Conns>);
+/// The HTTP/1.1 connections of an endpoint, counted for
+/// [`HTTP1_SOFT_LIMIT`].
+#[derive(Default)]
+struct Http1Count {
+    /// Open or being opened.
+    open: std::sync::atomic::AtomicUsize,
+    /// Told when a connection is handed back or closes.
+    freed: tokio::sync::Notify,
+}
+
+/// An HTTP/1.1 connection being opened or open, counted from before the
+/// connect until its task ends (or the connect fails), so a burst's
+/// requests see each other's connections before any is made.
+struct OpenHttp1(Arc<Http1Count>);
 
 impl OpenHttp1 {
-    fn new(conns: &Arc<Conns>) -> Self {
-        conns
-            .http1_open
+    fn new(conns: &Conns) -> Self {
+        let count = &conns.http1_count;
+        count
+            .open
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(conns.clone())
+        Self(count.clone())
     }
 
     /// Counted only while fewer than [`HTTP1_SOFT_LIMIT`] are.
-    fn below_limit(conns: &Arc<Conns>) -> Option<Self> {
-        conns
-            .http1_open
+    fn below_limit(conns: &Conns) -> Option<Self> {
+        let count = &conns.http1_count;
+        count
+            .open
             .fetch_update(
                 std::sync::atomic::Ordering::Relaxed,
                 std::sync::atomic::Ordering::Relaxed,
                 |n| (n < HTTP1_SOFT_LIMIT).then_some(n + 1),
             )
             .ok()
-            .map(|_| Self(conns.clone()))
+            .map(|_| Self(count.clone()))
     }
 }
 
 impl Drop for OpenHttp1 {
     fn drop(&mut self) {
         self.0
-            .http1_open
+            .open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.http1_freed.notify_one();
+        self.0.freed.notify_one();
     }
 }
 
@@ -1067,37 +1096,45 @@ mod tests {
         assert_eq!(names(&h), ["content-type", "trailer"]);
     }
 
-    /// A burst past [`HTTP1_SOFT_LIMIT`] requests in flight to one
-    /// endpoint waits for a connection before opening more (the 33rd
-    /// connection is opened no sooner than [`HTTP1_CONNECTION_WAIT`] after
-    /// the 32nd), never indefinitely (all 40 requests get through while
-    /// the first 32 are still held), and the burst's extra connections are
-    /// closed once they are handed back.
-    #[tokio::test]
-    async fn a_burst_past_the_soft_limit_waits_then_opens_and_the_extras_close() {
+    /// An HTTP/1.1 upstream for the soft-limit tests: it counts the
+    /// connections it accepted and the requests it read, and answers one
+    /// request per permit added to the returned semaphore.
+    async fn gated_upstream() -> (
+        SocketAddr,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Semaphore>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const BURST: usize = HTTP1_SOFT_LIMIT + 8;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(Mutex::new(Vec::<Instant>::new()));
-        let (release, gate) = tokio::sync::watch::channel(false);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let read = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(tokio::sync::Semaphore::new(0));
         let server = {
-            let accepted = accepted.clone();
+            let (accepted, read, answers) = (accepted.clone(), read.clone(), answers.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut conn, _)) = listener.accept().await else { return };
-                    lock(&accepted).push(Instant::now());
-                    let mut gate = gate.clone();
+                    let Ok((mut conn, _)) = listener.accept().await else {
+                        return;
+                    };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let (read, answers) = (read.clone(), answers.clone());
                     tokio::spawn(async move {
                         let mut buf = [0u8; 4096];
                         loop {
                             match conn.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
-                                Ok(_) => {}
-                            }
-                            let _ = gate.wait_for(|open| *open).await;
+                                Ok(_) => read.fetch_add(1, Ordering::SeqCst),
+                            };
+                            let Ok(permit) = answers.acquire().await else {
+                                return;
+                            };
+                            permit.forget();
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if conn.write_all(answer).await.is_err() {
                                 return;
@@ -1107,52 +1144,127 @@ mod tests {
                 }
             })
         };
-        let pool = Pool::default();
-        let ep = pool.app_endpoint(addr);
-        let requests: Vec<_> = (0..BURST)
+        (addr, accepted, read, answers, server)
+    }
+
+    /// `n` GETs to `ep` at once, each in a task of its own that reads
+    /// the response to its end (which hands the connection back), giving
+    /// the status.
+    fn burst(
+        pool: &Pool,
+        ep: &Endpoint,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<http::StatusCode, BoxError>>> {
+        (0..n)
             .map(|_| {
-                let mut req = http::Request::get(format!("http://{addr}/"))
+                let mut req = http::Request::get(format!("http://{}/", ep.addr))
                     .body(body::empty())
                     .expect("request");
                 req.extensions_mut().insert(ep.clone());
-                tokio::spawn(super::super::call(pool.clone(), req))
+                let call = super::super::call(pool.clone(), req);
+                tokio::spawn(async move {
+                    let rsp = call.await?;
+                    let status = rsp.status();
+                    http_body_util::BodyExt::collect(rsp.into_body()).await?;
+                    Ok(status)
+                })
             })
-            .collect();
-        // Every request gets a connection of its own in the end, the
-        // first 32 still unanswered: the limit is soft.
-        let all_open = async {
-            while lock(&accepted).len() < BURST {
+            .collect()
+    }
+
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let wait = async {
+            while !cond() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), all_open)
+        tokio::time::timeout(Duration::from_secs(10), wait)
             .await
-            .expect("the requests past the limit open connections after the wait");
-        {
-            let at = lock(&accepted);
-            let gap = at[HTTP1_SOFT_LIMIT].duration_since(at[HTTP1_SOFT_LIMIT - 1]);
-            assert!(
-                gap >= HTTP1_CONNECTION_WAIT - Duration::from_millis(5),
-                "connection {} opened {gap:?} after the limit was reached",
-                HTTP1_SOFT_LIMIT + 1
-            );
-        }
-        release.send(true).expect("release");
+            .unwrap_or_else(|_| panic!("never: {what}"));
+    }
+
+    async fn all_ok(requests: Vec<tokio::task::JoinHandle<Result<http::StatusCode, BoxError>>>) {
         for r in requests {
-            let rsp = r.await.expect("task").expect("response");
-            assert_eq!(rsp.status(), 200);
-            let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
+            assert_eq!(r.await.expect("task").expect("response"), 200);
         }
-        let settled = async {
-            while ep.conns.http1_open.load(std::sync::atomic::Ordering::Relaxed) > HTTP1_SOFT_LIMIT
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), settled)
-            .await
-            .expect("the burst's extra connections close once handed back");
-        assert!(lock(&ep.conns.http1).len() <= HTTP1_SOFT_LIMIT);
+    }
+
+    /// Past [`HTTP1_SOFT_LIMIT`] requests in flight to one endpoint, the
+    /// next requests wait for a connection and take the ones handed back,
+    /// with no new connection, while the endpoint stays busy; afterwards
+    /// the limit's worth stays idle for the next burst.
+    #[tokio::test]
+    async fn past_the_soft_limit_requests_take_the_connections_handed_back() {
+        use std::sync::atomic::Ordering;
+        const BURST: usize = HTTP1_SOFT_LIMIT + 8;
+        let (addr, accepted, read, answers, server) = gated_upstream().await;
+        let pool = Pool::with_http1_wait(Duration::from_secs(30));
+        let ep = pool.app_endpoint(addr);
+        let requests = burst(&pool, &ep, BURST);
+        eventually("the limit's connections open", || {
+            read.load(Ordering::SeqCst) == HTTP1_SOFT_LIMIT
+        })
+        .await;
+        // Eight answers: their connections go to the eight waiting
+        // requests, and the endpoint is as busy as before.
+        answers.add_permits(8);
+        eventually("the waiting requests are sent", || {
+            read.load(Ordering::SeqCst) == BURST
+        })
+        .await;
+        assert_eq!(accepted.load(Ordering::SeqCst), HTTP1_SOFT_LIMIT);
+        answers.add_permits(BURST);
+        all_ok(requests).await;
+        eventually("the connections wait idle", || {
+            lock(&ep.conns.http1).len() == HTTP1_SOFT_LIMIT
+        })
+        .await;
+        assert_eq!(accepted.load(Ordering::SeqCst), HTTP1_SOFT_LIMIT);
+        server.abort();
+    }
+
+    /// The limit is soft: requests that find every connection held open
+    /// (long polls) wait [`HTTP1_CONNECTION_WAIT`], then open their own
+    /// (the 33rd connection no sooner); once the burst has passed, the
+    /// extra connections close and the limit's worth stays idle.
+    #[tokio::test]
+    async fn a_burst_past_the_soft_limit_waits_then_opens_and_the_extras_close() {
+        use std::sync::atomic::Ordering;
+        const BURST: usize = HTTP1_SOFT_LIMIT + 8;
+        let (addr, accepted, read, answers, server) = gated_upstream().await;
+        let pool = Pool::default();
+        let ep = pool.app_endpoint(addr);
+        let started = Instant::now();
+        let mut requests = burst(&pool, &ep, BURST);
+        eventually("every request opens a connection in the end", || {
+            accepted.load(Ordering::SeqCst) == BURST
+        })
+        .await;
+        assert!(
+            started.elapsed() >= HTTP1_CONNECTION_WAIT,
+            "all {BURST} connections opened within {:?}, before the wait",
+            started.elapsed()
+        );
+        // Still past the limit, one answer: its connection is kept for
+        // the next request, not closed (which would make every request
+        // wait and connect while the endpoint stays busy).
+        answers.add_permits(1);
+        eventually("one answer read", || lock(&ep.conns.http1).len() == 1).await;
+        requests.extend(burst(&pool, &ep, 1));
+        eventually("the next request sent", || {
+            read.load(Ordering::SeqCst) == BURST + 1
+        })
+        .await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            BURST,
+            "on the connection handed back"
+        );
+        answers.add_permits(BURST);
+        all_ok(requests).await;
+        let open = || ep.conns.http1_count.open.load(Ordering::SeqCst);
+        eventually("the extra connections close", || open() == HTTP1_SOFT_LIMIT).await;
+        assert_eq!(lock(&ep.conns.http1).len(), HTTP1_SOFT_LIMIT);
         server.abort();
     }
 }
