@@ -240,7 +240,9 @@ pub async fn serve(
                 && *stage.borrow() == Stage::Up
         })
     };
-    let admin = crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready);
+    let stats = crate::meshstats::SharedStats::default();
+    let admin =
+        crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready, stats.clone());
     let identity = args.pod_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -255,6 +257,7 @@ pub async fn serve(
             identity,
             lease_duration: args.lease_duration,
             concurrency: args.concurrency,
+            stats,
         },
         metrics,
         synced,
@@ -881,7 +884,8 @@ mod tests {
             let stage = stage.subscribe();
             Arc::new(move || *stage.borrow() == Stage::Up)
         };
-        let admin = crate::operator::serve_admin(admin_addr, Arc::default(), ready);
+        let admin =
+            crate::operator::serve_admin(admin_addr, Arc::default(), ready, Default::default());
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

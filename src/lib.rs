@@ -20,11 +20,13 @@ pub mod init;
 pub mod inject;
 pub mod local;
 pub mod manifest;
+pub mod meshstats;
 pub mod netns;
 pub mod operator;
 pub mod promtext;
 pub mod proxy;
 pub mod schemacheck;
+pub mod statcli;
 
 /// What every weft process does first: one TLS provider for the whole
 /// process (kube's client and mesh TLS) — aws-lc-rs, which offers the

@@ -41,6 +41,14 @@ enum Command {
     /// demo services with real sidecars from DIR's policies and topology,
     /// `status` shows the traffic per edge, `down` removes everything.
     Local(weft::local::LocalArgs),
+    /// Each meshed workload's golden signals as its own sidecars count them
+    /// (from the control plane's stats API, through the API server).
+    Stat(weft::statcli::StatArgs),
+    /// Each edge's golden signals: caller -> destination and route, with
+    /// success rate, latency, mTLS, split shares, retries and circuits.
+    Edges(weft::statcli::StatArgs),
+    /// `weft edges`, busiest first, refreshed every 10 s.
+    Top(weft::statcli::StatArgs),
     /// Wait until the local proxy is ready (the classic sidecar's postStart
     /// hook, which holds the app's start until then).
     WaitReady {
@@ -63,6 +71,15 @@ fn main() -> ExitCode {
         Command::Init(args) => weft::init::main(&args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane(args) => weft::controlplane::main(args).map(|()| ExitCode::SUCCESS),
         Command::Local(args) => weft::local::main(args),
+        Command::Stat(args) => weft::statcli::main(weft::statcli::Table::Workloads, &args),
+        Command::Edges(args) => weft::statcli::main(weft::statcli::Table::Edges, &args),
+        Command::Top(mut args) => {
+            if args.sort == weft::statcli::Sort::Name {
+                args.sort = weft::statcli::Sort::Rps;
+            }
+            args.watch = true;
+            weft::statcli::main(weft::statcli::Table::Edges, &args)
+        }
         Command::WaitReady { url, timeout } => wait_ready(&url, timeout.as_std()),
     };
     match result {

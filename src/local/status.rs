@@ -11,74 +11,9 @@ use serde::Serialize;
 
 pub use crate::promtext::{Sample, parse_metrics};
 
-/// Requests and latency of one edge or workload.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Counts {
-    pub requests: f64,
-    /// Not 5xx and not a failed exchange.
-    pub succeeded: f64,
-    /// Cumulative histogram: (upper bound in ms, count), +Inf last.
-    pub buckets: Vec<(f64, f64)>,
-}
-
-impl Counts {
-    fn add_bucket(&mut self, le: f64, count: f64) {
-        match self.buckets.iter_mut().find(|(b, _)| *b == le) {
-            Some((_, c)) => *c += count,
-            None => {
-                self.buckets.push((le, count));
-                self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-            }
-        }
-    }
-
-    /// `self - earlier`, for rates over a window.
-    fn minus(&self, earlier: &Counts) -> Counts {
-        let before = |le: f64| {
-            earlier
-                .buckets
-                .iter()
-                .find(|(b, _)| *b == le)
-                .map_or(0.0, |(_, c)| *c)
-        };
-        Counts {
-            requests: self.requests - earlier.requests,
-            succeeded: self.succeeded - earlier.succeeded,
-            buckets: self
-                .buckets
-                .iter()
-                .map(|(le, c)| (*le, c - before(*le)))
-                .collect(),
-        }
-    }
-
-    /// The `q` quantile in ms, interpolated within its bucket; None with
-    /// no observations. Past the last finite bound it answers that bound.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total = self.buckets.last()?.1;
-        if total <= 0.0 {
-            return None;
-        }
-        let rank = q * total;
-        let mut lower = (0.0, 0.0);
-        for &(le, count) in &self.buckets {
-            if count >= rank {
-                if le.is_infinite() {
-                    return Some(lower.0);
-                }
-                let in_bucket = count - lower.1;
-                let frac = if in_bucket > 0.0 {
-                    (rank - lower.1) / in_bucket
-                } else {
-                    1.0
-                };
-                return Some(lower.0 + (le - lower.0) * frac);
-            }
-            lower = (le, count);
-        }
-        Some(lower.0)
-    }
-}
+/// Requests and latency of one edge or workload: the stats API's own
+/// counts ([`crate::meshstats::Requests`]).
+pub use crate::meshstats::Requests as Counts;
 
 /// Everything one scrape of every proxy says, summed over replicas.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,53 +27,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Adds one proxy's metrics; `workload` is whose sidecar it is.
+    /// Adds one proxy's metrics, read as the stats API reads them
+    /// ([`crate::meshstats::ProxyCounts`]); `workload` is whose sidecar
+    /// it is.
     pub fn add(&mut self, workload: &str, samples: &[Sample]) {
-        for s in samples {
-            let label = |k: &str| s.labels.get(k).map(String::as_str).unwrap_or("");
-            let inbound = label("direction") == "inbound";
-            fn counts<'a>(
-                snap: &'a mut Snapshot,
-                inbound: bool,
-                workload: &str,
-                dst: &str,
-                route: &str,
-            ) -> &'a mut Counts {
-                if inbound {
-                    snap.servers.entry(workload.to_owned()).or_default()
-                } else {
-                    snap.edges
-                        .entry((workload.to_owned(), dst.to_owned(), route.to_owned()))
-                        .or_default()
-                }
-            }
-            match s.name.as_str() {
-                "weft_proxy_requests_total" => {
-                    let c = counts(self, inbound, workload, label("dst"), label("route"));
-                    c.requests += s.value;
-                    if !matches!(label("status_class"), "5xx" | "error") {
-                        c.succeeded += s.value;
-                    }
-                }
-                "weft_proxy_request_duration_ms_bucket" => {
-                    let le = match label("le") {
-                        "+Inf" => f64::INFINITY,
-                        le => match le.parse() {
-                            Ok(v) => v,
-                            Err(_) => continue,
-                        },
-                    };
-                    counts(self, inbound, workload, label("dst"), label("route"))
-                        .add_bucket(le, s.value);
-                }
-                "weft_proxy_retries_total" => {
-                    *self
-                        .retries
-                        .entry((workload.to_owned(), label("dst").to_owned()))
-                        .or_default() += s.value;
-                }
-                _ => {}
-            }
+        let counts = crate::meshstats::ProxyCounts::from_samples("", samples);
+        for (k, r) in counts.edges {
+            self.edges
+                .entry((workload.to_owned(), k.dst, k.route))
+                .or_default()
+                .add(&r);
+        }
+        for (k, d) in counts.dsts {
+            *self
+                .retries
+                .entry((workload.to_owned(), k.dst))
+                .or_default() += d.retries;
+        }
+        for r in counts.inbound.values() {
+            self.servers.entry(workload.to_owned()).or_default().add(r);
         }
     }
 }
@@ -261,7 +168,7 @@ pub fn server_view(now: &Snapshot, earlier: Option<&Snapshot>, seconds: f64) -> 
 
 fn windowed(now: &Counts, before: Option<&Counts>) -> Counts {
     match before {
-        Some(b) if now.requests > b.requests => now.minus(b),
+        Some(b) if now.requests > b.requests => now.since(b),
         _ => now.clone(),
     }
 }
@@ -405,12 +312,14 @@ mod tests {
             requests: 10.0,
             succeeded: 10.0,
             buckets: vec![(1.0, 0.0), (3.0, 10.0), (f64::INFINITY, 10.0)],
+            ..Counts::default()
         };
         assert_eq!(c.quantile(0.5), Some(2.0));
         let slow = Counts {
             requests: 1.0,
             succeeded: 1.0,
             buckets: vec![(1.0, 0.0), (f64::INFINITY, 1.0)],
+            ..Counts::default()
         };
         assert_eq!(slow.quantile(0.99), Some(1.0));
         assert_eq!(Counts::default().quantile(0.5), None);

@@ -41,6 +41,93 @@ pub struct Options {
     pub lease_duration: std::time::Duration,
     /// Namespaces reconciled at once.
     pub concurrency: u16,
+    /// Where the proxies' golden signals are kept for the stats API
+    /// ([`collect_stats`]).
+    pub stats: crate::meshstats::SharedStats,
+}
+
+/// Proxies read at once by [`collect_stats`].
+pub const STATS_SCRAPE_CONCURRENCY: usize = 16;
+
+/// Reads every running injected pod's proxy each [`crate::meshstats::TICK`]
+/// into `stats`, for `GET /api/v1/stats`. Every replica does (not only the
+/// leader), so whichever replica the API server's service proxy reaches
+/// answers with the same figures; the cost is one read of each proxy per
+/// replica per tick, at most [`STATS_SCRAPE_CONCURRENCY`] at once, each
+/// bounded as the rollout's is ([`observe::MAX_SCRAPE_BYTES`],
+/// [`observe::SCRAPE_TIMEOUT`]; a proxy skipped is counted in
+/// `weft_operator_scrapes_skipped_total` and shown as unreadable).
+pub async fn collect_stats(
+    pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    scraper: Arc<dyn observe::Scraper>,
+    stats: crate::meshstats::SharedStats,
+) {
+    collect_stats_every(pods, scraper, stats, crate::meshstats::TICK).await;
+}
+
+async fn collect_stats_every(
+    pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    scraper: Arc<dyn observe::Scraper>,
+    stats: crate::meshstats::SharedStats,
+    tick: std::time::Duration,
+) {
+    use futures_util::StreamExt as _;
+    use kube::ResourceExt as _;
+
+    use crate::meshstats::{ProxyCounts, Reading};
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let targets: Vec<(String, String, std::net::IpAddr)> = pods
+            .state()
+            .iter()
+            .filter(|p| reconcile::injected(p) && reconcile::running(p))
+            .filter_map(|p| {
+                let ip = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+                Some((p.namespace()?, p.name_any(), ip))
+            })
+            .collect();
+        let readings: Vec<Reading> = futures_util::stream::iter(targets)
+            .map(|(namespace, pod, ip)| {
+                let read = scraper.scrape(ip);
+                async move {
+                    let counts = read
+                        .await
+                        .map(|text| ProxyCounts::read(&namespace, &text))
+                        .map_err(|e| e.to_string());
+                    Reading {
+                        id: (namespace, pod),
+                        counts,
+                    }
+                }
+            })
+            .buffer_unordered(STATS_SCRAPE_CONCURRENCY)
+            .collect()
+            .await;
+        crate::proxy::resilience::lock(&stats).record(std::time::SystemTime::now(), readings);
+    }
+}
+
+/// `GET /api/v1/stats?window=60s`: the golden signals per edge and per
+/// workload over the window (default one minute, at most ten).
+async fn stats_api(
+    stats: crate::meshstats::SharedStats,
+    query: axum::extract::Query<StatsQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let window = match query.window.as_deref().map(crate::meshstats::parse_window) {
+        None => std::time::Duration::from_secs(60),
+        Some(Ok(w)) => w,
+        Some(Err(why)) => return (http::StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    let view = crate::proxy::resilience::lock(&stats).view(window);
+    axum::Json(view).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct StatsQuery {
+    window: Option<String>,
 }
 
 /// `/livez`, `/readyz` and `/metrics` of the control plane. `ready` says
@@ -54,9 +141,14 @@ pub async fn serve_admin(
     listen: SocketAddr,
     metrics: Arc<metrics::Metrics>,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    stats: crate::meshstats::SharedStats,
 ) -> anyhow::Result<()> {
     let app = axum::Router::new()
         .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/api/v1/stats",
+            get(move |query: axum::extract::Query<StatsQuery>| stats_api(stats.clone(), query)),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -91,7 +183,7 @@ pub async fn serve_admin(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the admin listener on {listen}"))?;
-    tracing::info!(%listen, "admin server (/livez /readyz /metrics)");
+    tracing::info!(%listen, "admin server (/livez /readyz /metrics /api/v1/stats)");
     // Bounded as the proxy's admin port is: slow or idle clients are cut
     // off, and at most this many connections are open at once.
     let cap = crate::proxy::server::ConnLimit::new(ADMIN_MAX_CONNECTIONS, Default::default());
@@ -139,6 +231,12 @@ pub async fn run(
     }
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
+    let collector = tokio::spawn(collect_stats(
+        world.pods.clone(),
+        Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
+        opts.stats.clone(),
+    ));
+    let _stop_collecting = AbortOnDrop(collector);
 
     let candidate = leader::Candidate {
         namespace: opts.namespace.clone(),
@@ -176,6 +274,15 @@ pub async fn run(
         },
     )
     .await;
+}
+
+/// Aborts a task when dropped (when [`run`] returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One term as leader: what [`lead`] is given.
@@ -634,5 +741,175 @@ mod tests {
             .expect("join");
         assert!(c.seen.try_recv().is_err(), "no term after the loss");
         assert_eq!(c.lease()["spec"]["holderIdentity"], "replica-b");
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use std::collections::{HashMap, VecDeque};
+    use std::net::IpAddr;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::reflector::store::Writer;
+    use serde_json::json;
+
+    use super::*;
+    use crate::proxy::resilience::lock;
+
+    /// Proxies' metrics texts by pod address, one per read in turn, the
+    /// last one again once the others are read; `TIMEOUT` (or no text)
+    /// answers as a proxy that timed out.
+    struct Canned(Mutex<HashMap<IpAddr, VecDeque<String>>>);
+
+    const TIMEOUT: &str = "(timed out)";
+
+    impl observe::Scraper for Canned {
+        fn scrape(&self, ip: IpAddr) -> BoxFuture<'static, Result<String, observe::ScrapeError>> {
+            let next = lock(&self.0).get_mut(&ip).and_then(|texts| {
+                if texts.len() > 1 {
+                    texts.pop_front()
+                } else {
+                    texts.front().cloned()
+                }
+            });
+            Box::pin(async move {
+                next.filter(|t| t != TIMEOUT).ok_or(observe::ScrapeError {
+                    addr: ip.to_string(),
+                    reason: "timed out".into(),
+                })
+            })
+        }
+    }
+
+    fn pod(name: &str, ip: &str, sidecar: bool, phase: &str) -> Pod {
+        let mut containers = vec![json!({"name": "app", "image": "app"})];
+        if sidecar {
+            containers.push(json!({"name": crate::inject::PROXY_CONTAINER, "image": "weft"}));
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"containers": containers},
+            "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
+        }))
+        .expect("pod")
+    }
+
+    fn metrics(ok: u32, failed: u32) -> String {
+        let l =
+            "direction=\"outbound\",src=\"checkout\",dst=\"payments.shop:80\",route=\"default\"";
+        format!(
+            "weft_proxy_requests_total{{{l},status_class=\"2xx\",tls=\"true\"}} {ok}\n\
+             weft_proxy_requests_total{{{l},status_class=\"5xx\",tls=\"true\"}} {failed}\n"
+        )
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: cp\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        let status = out[9..12].parse().expect("status");
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The running proxies are read each tick (not the pods without the
+    /// sidecar, nor pending ones), their growth merged per edge, a proxy
+    /// that cannot be read is counted, and the API serves the window, or
+    /// says what is wrong with the one asked for.
+    #[tokio::test]
+    async fn the_stats_api_serves_what_the_running_proxies_report() {
+        let mut writer = Writer::<Pod>::default();
+        let store = writer.as_reader();
+        for p in [
+            pod("checkout-a", "10.244.1.10", true, "Running"),
+            pod("checkout-b", "10.244.1.11", true, "Running"),
+            pod("legacy", "10.244.1.12", false, "Running"),
+            pod("checkout-c", "10.244.1.13", true, "Pending"),
+        ] {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(p));
+        }
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let canned = Canned(Mutex::new(HashMap::from([
+            (
+                ip("10.244.1.10"),
+                VecDeque::from([metrics(0, 0), metrics(99, 1)]),
+            ),
+            (
+                ip("10.244.1.11"),
+                VecDeque::from([metrics(0, 0), TIMEOUT.to_owned()]),
+            ),
+            (
+                ip("10.244.1.12"),
+                VecDeque::from([metrics(7, 7), metrics(70, 70)]),
+            ),
+            (
+                ip("10.244.1.13"),
+                VecDeque::from([metrics(7, 7), metrics(70, 70)]),
+            ),
+        ])));
+        let stats = crate::meshstats::SharedStats::default();
+        let collector = tokio::spawn(collect_stats_every(
+            store,
+            Arc::new(canned),
+            stats.clone(),
+            Duration::from_millis(20),
+        ));
+        let two_ticks = async {
+            while lock(&stats).view(Duration::from_secs(600)).ticks < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), two_ticks)
+            .await
+            .expect("two ticks");
+        collector.abort();
+
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let admin = tokio::spawn(serve_admin(
+            addr,
+            Arc::default(),
+            Arc::new(|| true),
+            stats.clone(),
+        ));
+        let mut answer = None;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                answer = Some(get(addr, "/api/v1/stats?window=10m").await);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = answer.expect("the admin server answers");
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(view["version"], "v1");
+        assert_eq!(
+            (view["proxies"].as_u64(), view["unreadable"].as_u64()),
+            (Some(1), Some(1))
+        );
+        let edges = view["edges"].as_array().expect("edges");
+        assert_eq!(edges.len(), 1, "{view}");
+        assert_eq!(edges[0]["src"], "checkout");
+        assert_eq!(edges[0]["requests"], 100);
+        assert_eq!(edges[0]["successRate"], 0.99);
+
+        let (status, body) = get(addr, "/api/v1/stats?window=soon").await;
+        assert_eq!(status, 400);
+        assert!(body.contains("give seconds"), "{body}");
+        admin.abort();
     }
 }

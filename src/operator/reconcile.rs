@@ -1115,7 +1115,7 @@ fn live_pods(pods: &Store<Pod>, ns: &str) -> Vec<Arc<Pod>> {
 /// to report, and only such proxies count for the evidence gates (current
 /// config, identity, plaintext, clients). A Pending pod has no IP to
 /// scrape and often none coming (unschedulable, waiting on a volume).
-fn running(pod: &Pod) -> bool {
+pub(crate) fn running(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }

@@ -1,0 +1,851 @@
+//! The mesh's golden signals over a rolling window: what the control
+//! plane's stats API (`GET /api/v1/stats` on its admin port) serves.
+//!
+//! Every [`TICK`] the control plane reads each running proxy's `/metrics`
+//! (bounded in size and time, as the rollout's scrape is) and records, per
+//! proxy, how much each counter grew since the last read. The growth of all
+//! proxies is summed per edge (caller workload → destination Service and
+//! route) into one tick, and [`WINDOW_TICKS`] ticks are kept: ten minutes
+//! at ten-second resolution. A view over a window sums the ticks in it, so
+//! rates are exact over the window, and latency quantiles come from the
+//! merged histogram buckets (quantiles of different proxies are never
+//! averaged).
+//!
+//! Counters restart at zero when a proxy restarts; a counter found smaller
+//! than at the last read is taken as having restarted, and its value is
+//! the growth (as Prometheus' `increase()` does). A proxy read for the
+//! first time gives a baseline only: what it counted before is not known
+//! to fall in the window.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::promtext::{Sample, parse_metrics};
+
+/// How often proxies are read: the resolution of the window.
+pub const TICK: Duration = Duration::from_secs(10);
+/// Ticks kept: ten minutes.
+pub const WINDOW_TICKS: usize = 60;
+/// The version in the stats API's path and answer.
+pub const API_VERSION: &str = "v1";
+
+/// An edge: requests a caller workload's proxies sent to a destination
+/// (a Service `name.ns:port`, or an address) under one route.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EdgeKey {
+    /// The caller's namespace (where its proxies run).
+    pub namespace: String,
+    /// The caller's workload (`app` label, else ServiceAccount).
+    pub src: String,
+    pub dst: String,
+    /// `ns/route/rule`, or `default`.
+    pub route: String,
+}
+
+/// A caller's view of one destination (what is counted per destination,
+/// not per route: retries, the breaker).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DstKey {
+    pub namespace: String,
+    pub src: String,
+    pub dst: String,
+}
+
+/// A workload, as its own (inbound) proxies count it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadKey {
+    pub namespace: String,
+    pub workload: String,
+}
+
+/// Requests and their latency: cumulative for one proxy, or growth.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Requests {
+    pub requests: f64,
+    /// Not 5xx and not a failed exchange.
+    pub succeeded: f64,
+    /// Carried over mesh mTLS.
+    pub mtls: f64,
+    /// Cumulative histogram: (upper bound in ms, count), +Inf last.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+impl Requests {
+    /// Adds `count` observations at or under `le` ms.
+    pub fn add_bucket(&mut self, le: f64, count: f64) {
+        match self.buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, c)) => *c += count,
+            None => {
+                self.buckets.push((le, count));
+                self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Requests) {
+        self.requests += other.requests;
+        self.succeeded += other.succeeded;
+        self.mtls += other.mtls;
+        for &(le, c) in &other.buckets {
+            self.add_bucket(le, c);
+        }
+    }
+
+    /// Growth since `before`; the whole of `self` when any of its counters
+    /// went down (the proxy restarted in between).
+    pub fn since(&self, before: &Requests) -> Requests {
+        let earlier = |le: f64| {
+            before
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, c)| *c)
+        };
+        let restarted = self.requests < before.requests
+            || self.succeeded < before.succeeded
+            || self.mtls < before.mtls
+            || self.buckets.iter().any(|(le, c)| *c < earlier(*le));
+        if restarted {
+            return self.clone();
+        }
+        Requests {
+            requests: self.requests - before.requests,
+            succeeded: self.succeeded - before.succeeded,
+            mtls: self.mtls - before.mtls,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, c)| (*le, c - earlier(*le)))
+                .collect(),
+        }
+    }
+
+    /// The `q` quantile in ms, interpolated within its bucket; None with
+    /// no observations. Past the last finite bound it answers that bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, count) in &self.buckets {
+            if count >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let in_bucket = count - lower.1;
+                let frac = if in_bucket > 0.0 {
+                    (rank - lower.1) / in_bucket
+                } else {
+                    1.0
+                };
+                return Some(lower.0 + (le - lower.0) * frac);
+            }
+            lower = (le, count);
+        }
+        Some(lower.0)
+    }
+}
+
+/// What a caller's proxies count per destination.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DstCounts {
+    pub retries: f64,
+    pub retry_budget_exhausted: f64,
+    /// Answered 429 by the caller's own proxy (a TrafficPolicy rate limit).
+    pub rate_limited: f64,
+    /// Failed fast with the circuit open.
+    pub circuit_rejected: f64,
+}
+
+impl DstCounts {
+    fn add(&mut self, o: &DstCounts) {
+        self.retries += o.retries;
+        self.retry_budget_exhausted += o.retry_budget_exhausted;
+        self.rate_limited += o.rate_limited;
+        self.circuit_rejected += o.circuit_rejected;
+    }
+
+    fn since(&self, before: &DstCounts) -> DstCounts {
+        let grew = |now: f64, was: f64| if now < was { now } else { now - was };
+        DstCounts {
+            retries: grew(self.retries, before.retries),
+            retry_budget_exhausted: grew(
+                self.retry_budget_exhausted,
+                before.retry_budget_exhausted,
+            ),
+            rate_limited: grew(self.rate_limited, before.rate_limited),
+            circuit_rejected: grew(self.circuit_rejected, before.circuit_rejected),
+        }
+    }
+}
+
+/// How many of a caller's proxies see a destination's circuit in each
+/// state (the breaker is per proxy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Circuits {
+    pub closed: u32,
+    pub open: u32,
+    pub half_open: u32,
+}
+
+/// One proxy's metrics, cumulative, as the stats read them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxyCounts {
+    pub edges: BTreeMap<EdgeKey, Requests>,
+    pub dsts: BTreeMap<DstKey, DstCounts>,
+    pub circuits: BTreeMap<DstKey, Circuits>,
+    pub inbound: BTreeMap<WorkloadKey, Requests>,
+    /// Requests shed at the in-flight cap, by the workload whose proxy shed.
+    pub shed: BTreeMap<WorkloadKey, f64>,
+}
+
+impl ProxyCounts {
+    /// Reads the metrics text of a proxy of namespace `namespace`.
+    pub fn read(namespace: &str, text: &str) -> Self {
+        Self::from_samples(namespace, &parse_metrics(text))
+    }
+
+    /// [`ProxyCounts::read`] from parsed samples.
+    pub fn from_samples(namespace: &str, samples: &[Sample]) -> Self {
+        let mut out = ProxyCounts::default();
+        // The proxy's own workload: the `src` of its outbound series, the
+        // `dst` of its inbound ones.
+        let mut workload: Option<String> = None;
+        for s in samples {
+            let label = |k: &str| s.labels.get(k).map(String::as_str).unwrap_or("");
+            let inbound = label("direction") == "inbound";
+            let edge = || EdgeKey {
+                namespace: namespace.to_owned(),
+                src: label("src").to_owned(),
+                dst: label("dst").to_owned(),
+                route: label("route").to_owned(),
+            };
+            let dst = || DstKey {
+                namespace: namespace.to_owned(),
+                src: String::new(),
+                dst: label("dst").to_owned(),
+            };
+            let server = || WorkloadKey {
+                namespace: namespace.to_owned(),
+                workload: label("dst").to_owned(),
+            };
+            match s.name.as_str() {
+                "weft_proxy_requests_total" => {
+                    let r = if inbound {
+                        workload.get_or_insert_with(|| label("dst").to_owned());
+                        out.inbound.entry(server()).or_default()
+                    } else {
+                        workload.get_or_insert_with(|| label("src").to_owned());
+                        out.edges.entry(edge()).or_default()
+                    };
+                    r.requests += s.value;
+                    if !matches!(label("status_class"), "5xx" | "error") {
+                        r.succeeded += s.value;
+                    }
+                    if label("tls") == "true" {
+                        r.mtls += s.value;
+                    }
+                }
+                "weft_proxy_request_duration_ms_bucket" => {
+                    let le = match label("le") {
+                        "+Inf" => f64::INFINITY,
+                        le => match le.parse() {
+                            Ok(v) => v,
+                            Err(_) => continue,
+                        },
+                    };
+                    let r = if inbound {
+                        out.inbound.entry(server()).or_default()
+                    } else {
+                        out.edges.entry(edge()).or_default()
+                    };
+                    r.add_bucket(le, s.value);
+                }
+                "weft_proxy_retries_total" => {
+                    out.dsts.entry(dst()).or_default().retries += s.value;
+                }
+                "weft_proxy_retry_budget_exhausted_total" => {
+                    out.dsts.entry(dst()).or_default().retry_budget_exhausted += s.value;
+                }
+                "weft_proxy_proxy_errors_total" if !inbound => match label("reason") {
+                    "rate-limited" => out.dsts.entry(dst()).or_default().rate_limited += s.value,
+                    "circuit-open" => {
+                        out.dsts.entry(dst()).or_default().circuit_rejected += s.value;
+                    }
+                    _ => {}
+                },
+                "weft_proxy_circuit_state" => {
+                    let c = out.circuits.entry(dst()).or_default();
+                    match s.value as i64 {
+                        1 => c.open += 1,
+                        2 => c.half_open += 1,
+                        _ => c.closed += 1,
+                    }
+                }
+                "weft_proxy_requests_shed_total" => {
+                    // Keyed once the workload is known (below).
+                    *out.shed
+                        .entry(WorkloadKey {
+                            namespace: namespace.to_owned(),
+                            workload: String::new(),
+                        })
+                        .or_default() += s.value;
+                }
+                _ => {}
+            }
+        }
+        // Series counted per destination carry no `src`: they are this
+        // proxy's, whose workload its request series name.
+        let workload = workload.unwrap_or_else(|| "unknown".to_owned());
+        let own = |k: DstKey| DstKey {
+            src: workload.clone(),
+            ..k
+        };
+        out.dsts = std::mem::take(&mut out.dsts)
+            .into_iter()
+            .map(|(k, v)| (own(k), v))
+            .collect();
+        out.circuits = std::mem::take(&mut out.circuits)
+            .into_iter()
+            .map(|(k, v)| (own(k), v))
+            .collect();
+        out.shed = std::mem::take(&mut out.shed)
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    WorkloadKey {
+                        workload: workload.clone(),
+                        ..k
+                    },
+                    v,
+                )
+            })
+            .collect();
+        out
+    }
+
+    /// Growth since `before`, series by series (a series new since then
+    /// grew by all it holds).
+    fn since(&self, before: &ProxyCounts) -> ProxyCounts {
+        fn each<K: Ord + Clone, V: Default>(
+            now: &BTreeMap<K, V>,
+            was: &BTreeMap<K, V>,
+            since: impl Fn(&V, &V) -> V,
+        ) -> BTreeMap<K, V> {
+            let none = V::default();
+            now.iter()
+                .map(|(k, v)| (k.clone(), since(v, was.get(k).unwrap_or(&none))))
+                .collect()
+        }
+        ProxyCounts {
+            edges: each(&self.edges, &before.edges, Requests::since),
+            dsts: each(&self.dsts, &before.dsts, DstCounts::since),
+            circuits: self.circuits.clone(),
+            inbound: each(&self.inbound, &before.inbound, Requests::since),
+            shed: each(
+                &self.shed,
+                &before.shed,
+                |n, w| if n < w { *n } else { n - w },
+            ),
+        }
+    }
+
+    fn add(&mut self, o: &ProxyCounts) {
+        for (k, v) in &o.edges {
+            self.edges.entry(k.clone()).or_default().add(v);
+        }
+        for (k, v) in &o.dsts {
+            self.dsts.entry(k.clone()).or_default().add(v);
+        }
+        for (k, v) in &o.circuits {
+            let c = self.circuits.entry(k.clone()).or_default();
+            c.closed += v.closed;
+            c.open += v.open;
+            c.half_open += v.half_open;
+        }
+        for (k, v) in &o.inbound {
+            self.inbound.entry(k.clone()).or_default().add(v);
+        }
+        for (k, v) in &o.shed {
+            *self.shed.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// A proxy, by namespace and pod name.
+pub type ProxyId = (String, String);
+
+/// One proxy read in a tick: its counts, or why it could not be read
+/// (too slow, too large, refused: the reason is counted).
+pub struct Reading {
+    pub id: ProxyId,
+    pub counts: Result<ProxyCounts, String>,
+}
+
+/// One tick: the growth of every proxy read, summed.
+#[derive(Clone, Debug, Default)]
+pub struct Tick {
+    pub at: Option<SystemTime>,
+    /// Since the tick before (the first covers no time: every proxy's
+    /// reading in it is a baseline).
+    pub seconds: f64,
+    pub counts: ProxyCounts,
+    pub proxies: usize,
+    pub unreadable: usize,
+}
+
+/// The rolling window, and each proxy's last reading.
+#[derive(Default)]
+pub struct MeshStats {
+    last: HashMap<ProxyId, ProxyCounts>,
+    ticks: VecDeque<Tick>,
+}
+
+impl std::fmt::Debug for MeshStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshStats")
+            .field("proxies", &self.last.len())
+            .field("ticks", &self.ticks.len())
+            .finish()
+    }
+}
+
+/// The stats, shared by the task that reads the proxies and the API.
+pub type SharedStats = std::sync::Arc<std::sync::Mutex<MeshStats>>;
+
+impl MeshStats {
+    /// Records the readings of one tick taken at `at`. Proxies not read
+    /// (gone, or unreadable) are forgotten: the next reading of one is a
+    /// baseline again, so a proxy that was unreadable for a while does not
+    /// pour its whole absence into one tick.
+    pub fn record(&mut self, at: SystemTime, readings: Vec<Reading>) {
+        let seconds = self
+            .ticks
+            .back()
+            .and_then(|t| t.at)
+            .and_then(|before| at.duration_since(before).ok())
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        let mut tick = Tick {
+            at: Some(at),
+            seconds,
+            ..Tick::default()
+        };
+        let mut last = HashMap::with_capacity(readings.len());
+        for r in readings {
+            match r.counts {
+                Ok(counts) => {
+                    tick.proxies += 1;
+                    if let Some(before) = self.last.get(&r.id) {
+                        tick.counts.add(&counts.since(before));
+                    } else {
+                        // Its circuits are a state, not a growth: shown
+                        // from the first reading.
+                        tick.counts.add(&ProxyCounts {
+                            circuits: counts.circuits.clone(),
+                            ..ProxyCounts::default()
+                        });
+                    }
+                    last.insert(r.id, counts);
+                }
+                Err(_) => tick.unreadable += 1,
+            }
+        }
+        self.last = last;
+        self.ticks.push_back(tick);
+        while self.ticks.len() > WINDOW_TICKS {
+            self.ticks.pop_front();
+        }
+    }
+
+    /// The golden signals over the last `window` (at least one tick, at
+    /// most what is kept).
+    pub fn view(&self, window: Duration) -> StatsView {
+        let wanted = (window.as_secs_f64() / TICK.as_secs_f64()).ceil().max(1.0) as usize;
+        let ticks: Vec<&Tick> = self.ticks.iter().rev().take(wanted).collect();
+        let mut sum = ProxyCounts::default();
+        let mut seconds = 0.0;
+        for t in &ticks {
+            // Circuits are a state: the latest tick's alone.
+            sum.add(&ProxyCounts {
+                circuits: BTreeMap::new(),
+                ..t.counts.clone()
+            });
+            seconds += t.seconds;
+        }
+        let latest = ticks.first();
+        let circuits = latest
+            .map(|t| t.counts.circuits.clone())
+            .unwrap_or_default();
+        let per_second = |v: f64| if seconds > 0.0 { v / seconds } else { 0.0 };
+        let ratio = |part: f64, whole: f64| (whole > 0.0).then(|| part / whole);
+
+        // A route that splits (its rule names several backends): each
+        // destination's share of the caller's requests on that route.
+        let mut route_totals: BTreeMap<(&str, &str, &str), (f64, usize)> = BTreeMap::new();
+        for (k, r) in &sum.edges {
+            let t = route_totals
+                .entry((&k.namespace, &k.src, &k.route))
+                .or_default();
+            t.0 += r.requests;
+            t.1 += 1;
+        }
+        let edges = sum
+            .edges
+            .iter()
+            .map(|(k, r)| {
+                let dk = DstKey {
+                    namespace: k.namespace.clone(),
+                    src: k.src.clone(),
+                    dst: k.dst.clone(),
+                };
+                let d = sum.dsts.get(&dk).cloned().unwrap_or_default();
+                let (route_total, backends) =
+                    route_totals[&(k.namespace.as_str(), k.src.as_str(), k.route.as_str())];
+                EdgeRow {
+                    namespace: k.namespace.clone(),
+                    src: k.src.clone(),
+                    dst: k.dst.clone(),
+                    route: k.route.clone(),
+                    requests: r.requests.round() as u64,
+                    rps: per_second(r.requests),
+                    success_rate: ratio(r.succeeded, r.requests),
+                    p50_ms: r.quantile(0.5),
+                    p95_ms: r.quantile(0.95),
+                    p99_ms: r.quantile(0.99),
+                    mtls_share: ratio(r.mtls, r.requests),
+                    split_share: (k.route != "default" && backends > 1)
+                        .then(|| ratio(r.requests, route_total))
+                        .flatten(),
+                    retries_per_second: per_second(d.retries),
+                    retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
+                    rate_limited: d.rate_limited.round() as u64,
+                    circuit_rejected: d.circuit_rejected.round() as u64,
+                    circuit: circuits.get(&dk).copied().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let workloads = sum
+            .inbound
+            .iter()
+            .map(|(k, r)| WorkloadRow {
+                namespace: k.namespace.clone(),
+                workload: k.workload.clone(),
+                requests: r.requests.round() as u64,
+                rps: per_second(r.requests),
+                success_rate: ratio(r.succeeded, r.requests),
+                p50_ms: r.quantile(0.5),
+                p95_ms: r.quantile(0.95),
+                p99_ms: r.quantile(0.99),
+                mtls_share: ratio(r.mtls, r.requests),
+                shed: sum.shed.get(k).copied().unwrap_or(0.0).round() as u64,
+            })
+            .collect();
+        StatsView {
+            version: API_VERSION.to_owned(),
+            window_seconds: seconds,
+            ticks: ticks.len(),
+            proxies: latest.map_or(0, |t| t.proxies),
+            unreadable: latest.map_or(0, |t| t.unreadable),
+            edges,
+            workloads,
+        }
+    }
+}
+
+/// The stats API's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsView {
+    pub version: String,
+    /// The span the figures cover (the ticks' own, which may fall short of
+    /// the window asked for just after a start).
+    pub window_seconds: f64,
+    pub ticks: usize,
+    /// Proxies read in the latest tick, and those that could not be.
+    pub proxies: usize,
+    pub unreadable: usize,
+    pub edges: Vec<EdgeRow>,
+    pub workloads: Vec<WorkloadRow>,
+}
+
+/// One edge over the window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeRow {
+    pub namespace: String,
+    pub src: String,
+    pub dst: String,
+    pub route: String,
+    pub requests: u64,
+    pub rps: f64,
+    /// Not 5xx and not failed, of the requests in the window.
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Of the requests, the share carried over mesh mTLS.
+    pub mtls_share: Option<f64>,
+    /// On a route that splits, this destination's share of its requests.
+    pub split_share: Option<f64>,
+    pub retries_per_second: f64,
+    pub retry_budget_exhausted: u64,
+    pub rate_limited: u64,
+    pub circuit_rejected: u64,
+    /// The caller's proxies by the destination's circuit state, latest.
+    pub circuit: Circuits,
+}
+
+/// A workload as its own proxies count it (inbound).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRow {
+    pub namespace: String,
+    pub workload: String,
+    pub requests: u64,
+    pub rps: f64,
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub mtls_share: Option<f64>,
+    pub shed: u64,
+}
+
+/// Parses the stats API's `window` parameter: seconds (`60`) or with a
+/// unit (`60s`, `5m`, `1h`); at most the window kept.
+pub fn parse_window(value: &str) -> Result<Duration, String> {
+    let (number, unit) = if let Some(n) = value.strip_suffix('h') {
+        (n, 3600)
+    } else if let Some(n) = value.strip_suffix('m') {
+        (n, 60)
+    } else {
+        (value.strip_suffix('s').unwrap_or(value), 1)
+    };
+    let n: u64 = number.parse().map_err(|_| {
+        format!("window: {value:?} is not a duration; give seconds (60, 60s) or minutes (5m)")
+    })?;
+    let kept = TICK * WINDOW_TICKS as u32;
+    let asked = Duration::from_secs(n.saturating_mul(unit));
+    if asked.is_zero() || asked > kept {
+        return Err(format!(
+            "window: {value:?} is outside 1s..{}m, the span the stats keep",
+            kept.as_secs() / 60
+        ));
+    }
+    Ok(asked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy of workload `src` with `ok` good and `failed` 5xx requests
+    /// to `dst` on `route`, the good ones under 5 ms, the failed ones
+    /// under 100 ms, and `retries` retries.
+    fn proxy(src: &str, dst: &str, route: &str, ok: u32, failed: u32, retries: u32) -> String {
+        let l = format!("direction=\"outbound\",src=\"{src}\",dst=\"{dst}\",route=\"{route}\"");
+        let all = ok + failed;
+        format!(
+            "weft_proxy_requests_total{{{l},status_class=\"2xx\",tls=\"true\"}} {ok}\n\
+             weft_proxy_requests_total{{{l},status_class=\"5xx\",tls=\"true\"}} {failed}\n\
+             weft_proxy_request_duration_ms_bucket{{{l},le=\"5.0\"}} {ok}\n\
+             weft_proxy_request_duration_ms_bucket{{{l},le=\"100.0\"}} {all}\n\
+             weft_proxy_request_duration_ms_bucket{{{l},le=\"+Inf\"}} {all}\n\
+             weft_proxy_retries_total{{dst=\"{dst}\"}} {retries}\n\
+             weft_proxy_circuit_state{{dst=\"{dst}\"}} 0\n"
+        )
+    }
+
+    fn reading(pod: &str, text: &str) -> Reading {
+        Reading {
+            id: ("shop".into(), pod.into()),
+            counts: Ok(ProxyCounts::read("shop", text)),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// Two replicas of the caller: the edge is their sum, its success
+    /// rate over both, its p99 from the merged histogram (one replica's
+    /// slow failures set it, as they would in one histogram), never an
+    /// average of the two replicas' quantiles.
+    #[test]
+    fn two_proxies_merge_into_one_edge_with_the_histograms_merged() {
+        let mut stats = MeshStats::default();
+        stats.record(
+            at(0),
+            vec![
+                reading(
+                    "checkout-a",
+                    &proxy("checkout", "payments.shop:80", "default", 0, 0, 0),
+                ),
+                reading(
+                    "checkout-b",
+                    &proxy("checkout", "payments.shop:80", "default", 0, 0, 0),
+                ),
+            ],
+        );
+        stats.record(
+            at(10),
+            vec![
+                reading(
+                    "checkout-a",
+                    &proxy("checkout", "payments.shop:80", "default", 990, 0, 0),
+                ),
+                reading(
+                    "checkout-b",
+                    &proxy("checkout", "payments.shop:80", "default", 0, 10, 4),
+                ),
+            ],
+        );
+        let view = stats.view(Duration::from_secs(60));
+        assert_eq!((view.proxies, view.edges.len()), (2, 1));
+        let e = &view.edges[0];
+        assert_eq!(
+            (e.src.as_str(), e.dst.as_str()),
+            ("checkout", "payments.shop:80")
+        );
+        assert_eq!(e.requests, 1000);
+        assert_eq!(e.rps, 100.0);
+        assert_eq!(e.success_rate, Some(0.99));
+        // 990 under 5 ms and 10 in 5..100 ms: the 99th percentile is the
+        // top of the first bucket; averaging the replicas' p99 (5 and
+        // 99.5) would say 52 ms.
+        assert_eq!(e.p99_ms, Some(5.0));
+        assert!(e.p95_ms.is_some_and(|p| p <= 5.0));
+        assert_eq!(e.mtls_share, Some(1.0));
+        assert_eq!(e.retries_per_second, 0.4);
+        assert_eq!(e.circuit.closed, 2);
+    }
+
+    /// A proxy that restarts between two reads starts its counters again:
+    /// what it counted since is the growth, not a negative rate; a proxy
+    /// seen for the first time is a baseline.
+    #[test]
+    fn a_proxy_restart_counts_what_it_counted_since() {
+        let mut stats = MeshStats::default();
+        let edge = |s: &MeshStats| s.view(TICK).edges.first().map(|e| e.requests);
+        stats.record(
+            at(0),
+            vec![reading(
+                "cart-a",
+                &proxy("cart", "inventory.shop:80", "default", 5000, 0, 0),
+            )],
+        );
+        assert_eq!(edge(&stats), None, "the first reading is a baseline");
+        stats.record(
+            at(10),
+            vec![reading(
+                "cart-a",
+                &proxy("cart", "inventory.shop:80", "default", 5100, 0, 0),
+            )],
+        );
+        assert_eq!(edge(&stats), Some(100));
+        // Restarted: 30 since.
+        stats.record(
+            at(20),
+            vec![reading(
+                "cart-a",
+                &proxy("cart", "inventory.shop:80", "default", 30, 0, 0),
+            )],
+        );
+        assert_eq!(edge(&stats), Some(30));
+        let over_both = stats.view(Duration::from_secs(20));
+        assert_eq!(over_both.edges[0].requests, 130);
+        assert_eq!(over_both.edges[0].rps, 6.5);
+    }
+
+    /// An unreadable proxy (timed out, too large) is counted and left
+    /// out; when it is read again its first reading is a baseline.
+    #[test]
+    fn an_unreadable_proxy_is_counted_and_left_out() {
+        let mut stats = MeshStats::default();
+        let text = |n| proxy("cart", "inventory.shop:80", "default", n, 0, 0);
+        stats.record(
+            at(0),
+            vec![reading("cart-a", &text(0)), reading("cart-b", &text(0))],
+        );
+        stats.record(
+            at(10),
+            vec![
+                reading("cart-a", &text(10)),
+                Reading {
+                    id: ("shop".into(), "cart-b".into()),
+                    counts: Err("larger than 4 MiB".into()),
+                },
+            ],
+        );
+        let view = stats.view(TICK);
+        assert_eq!((view.proxies, view.unreadable), (1, 1));
+        assert_eq!(view.edges[0].requests, 10);
+        stats.record(
+            at(20),
+            vec![reading("cart-a", &text(10)), reading("cart-b", &text(500))],
+        );
+        assert_eq!(
+            stats.view(TICK).edges[0].requests,
+            0,
+            "cart-b's 500 are a baseline"
+        );
+    }
+
+    /// A route that splits shows each backend's share; only the window
+    /// asked for counts, and the ticks kept are bounded.
+    #[test]
+    fn a_split_route_shows_shares_and_the_window_is_bounded() {
+        let mut stats = MeshStats::default();
+        let both = |stable: u32, canary: u32| {
+            format!(
+                "{}{}",
+                proxy(
+                    "shopper",
+                    "checkout.shop:80",
+                    "shop/checkout/0",
+                    stable,
+                    0,
+                    0
+                ),
+                proxy(
+                    "shopper",
+                    "checkout-canary.shop:80",
+                    "shop/checkout/0",
+                    canary,
+                    0,
+                    0
+                )
+            )
+        };
+        stats.record(at(0), vec![reading("shopper", &both(0, 0))]);
+        stats.record(at(10), vec![reading("shopper", &both(90, 10))]);
+        let view = stats.view(TICK);
+        let share = |dst: &str| {
+            view.edges
+                .iter()
+                .find(|e| e.dst == dst)
+                .and_then(|e| e.split_share)
+        };
+        assert_eq!(share("checkout.shop:80"), Some(0.9));
+        assert_eq!(share("checkout-canary.shop:80"), Some(0.1));
+        for i in 2..100 {
+            stats.record(at(i * 10), vec![reading("shopper", &both(90, 10))]);
+        }
+        assert_eq!(stats.ticks.len(), WINDOW_TICKS);
+    }
+
+    #[test]
+    fn the_window_parameter_names_the_fix() {
+        assert_eq!(parse_window("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_window("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_window("11m").unwrap_err().contains("outside 1s..10m"));
+        assert!(parse_window("soon").unwrap_err().contains("give seconds"));
+    }
+}
