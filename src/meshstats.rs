@@ -30,6 +30,13 @@ pub const TICK: Duration = Duration::from_secs(10);
 pub const WINDOW_TICKS: usize = 60;
 /// The version in the stats API's path and answer.
 pub const API_VERSION: &str = "v1";
+/// Series (edges, destinations, workloads) one proxy may report. A proxy
+/// has a few per Service it calls; a pod answering with more (anything
+/// can answer on a pod's admin port) is left out as unreadable, so it
+/// cannot grow the control plane's memory or its time per tick.
+pub const MAX_SERIES_PER_PROXY: usize = 4096;
+/// Histogram buckets one series may have (the proxy has 16).
+pub const MAX_BUCKETS: usize = 64;
 
 /// An edge: requests a caller workload's proxies sent to a destination
 /// (a Service `name.ns:port`, or an address) under one route.
@@ -206,9 +213,27 @@ pub struct ProxyCounts {
 }
 
 impl ProxyCounts {
-    /// Reads the metrics text of a proxy of namespace `namespace`.
-    pub fn read(namespace: &str, text: &str) -> Self {
-        Self::from_samples(namespace, &parse_metrics(text))
+    /// Reads the metrics text of a proxy of namespace `namespace`, or
+    /// says why it will not be used: more than [`MAX_SERIES_PER_PROXY`]
+    /// series or [`MAX_BUCKETS`] buckets in one.
+    pub fn read(namespace: &str, text: &str) -> Result<Self, String> {
+        let counts = Self::from_samples(namespace, &parse_metrics(text));
+        let series =
+            counts.edges.len() + counts.dsts.len() + counts.circuits.len() + counts.inbound.len();
+        if series > MAX_SERIES_PER_PROXY {
+            return Err(format!(
+                "{series} series, more than the {MAX_SERIES_PER_PROXY} a proxy has"
+            ));
+        }
+        if counts
+            .edges
+            .values()
+            .chain(counts.inbound.values())
+            .any(|r| r.buckets.len() > MAX_BUCKETS)
+        {
+            return Err(format!("a histogram with more than {MAX_BUCKETS} buckets"));
+        }
+        Ok(counts)
     }
 
     /// [`ProxyCounts::read`] from parsed samples.
@@ -217,7 +242,12 @@ impl ProxyCounts {
         // The proxy's own workload: the `src` of its outbound series, the
         // `dst` of its inbound ones.
         let mut workload: Option<String> = None;
-        for s in samples {
+        // Counts are finite and not negative; anything else (`NaN`, `+Inf`
+        // parse as numbers) is not a proxy's and would poison the sums.
+        for s in samples
+            .iter()
+            .filter(|s| s.value.is_finite() && s.value >= 0.0)
+        {
             let label = |k: &str| s.labels.get(k).map(String::as_str).unwrap_or("");
             let inbound = label("direction") == "inbound";
             let edge = || EdgeKey {
@@ -343,7 +373,7 @@ impl ProxyCounts {
                 .map(|(k, v)| (k.clone(), since(v, was.get(k).unwrap_or(&none))))
                 .collect()
         }
-        ProxyCounts {
+        let mut grown = ProxyCounts {
             edges: each(&self.edges, &before.edges, Requests::since),
             dsts: each(&self.dsts, &before.dsts, DstCounts::since),
             circuits: self.circuits.clone(),
@@ -351,9 +381,17 @@ impl ProxyCounts {
             shed: each(
                 &self.shed,
                 &before.shed,
-                |n, w| if n < w { *n } else { n - w },
+                |n, w| {
+                    if n < w { *n } else { n - w }
+                },
             ),
-        }
+        };
+        // A tick keeps what grew (and the circuits, a state) only.
+        grown.edges.retain(|_, r| r.requests > 0.0);
+        grown.inbound.retain(|_, r| r.requests > 0.0);
+        grown.dsts.retain(|_, d| *d != DstCounts::default());
+        grown.shed.retain(|_, v| *v > 0.0);
+        grown
     }
 
     fn add(&mut self, o: &ProxyCounts) {
@@ -404,7 +442,7 @@ pub struct Tick {
 #[derive(Default)]
 pub struct MeshStats {
     last: HashMap<ProxyId, ProxyCounts>,
-    ticks: VecDeque<Tick>,
+    ticks: VecDeque<std::sync::Arc<Tick>>,
 }
 
 impl std::fmt::Debug for MeshStats {
@@ -425,13 +463,13 @@ impl MeshStats {
     /// baseline again, so a proxy that was unreadable for a while does not
     /// pour its whole absence into one tick.
     pub fn record(&mut self, at: SystemTime, readings: Vec<Reading>) {
-        let seconds = self
-            .ticks
-            .back()
-            .and_then(|t| t.at)
-            .and_then(|before| at.duration_since(before).ok())
-            .unwrap_or(Duration::ZERO)
-            .as_secs_f64();
+        // The first tick covers no time; a clock stepped back counts as one
+        // tick's time, not none (which would inflate the rates).
+        let seconds = match self.ticks.back().and_then(|t| t.at) {
+            None => Duration::ZERO,
+            Some(before) => at.duration_since(before).unwrap_or(TICK),
+        }
+        .as_secs_f64();
         let mut tick = Tick {
             at: Some(at),
             seconds,
@@ -458,20 +496,42 @@ impl MeshStats {
             }
         }
         self.last = last;
-        self.ticks.push_back(tick);
+        self.ticks.push_back(std::sync::Arc::new(tick));
         while self.ticks.len() > WINDOW_TICKS {
             self.ticks.pop_front();
         }
     }
 
-    /// The golden signals over the last `window` (at least one tick, at
-    /// most what is kept).
+    /// The ticks covering the last `window`, newest first: at least one,
+    /// and no more than reach back `window` (ticks that came late, after a
+    /// slow round of reads, count for the time they cover). Cheap: the
+    /// figures are made from them by [`view_of`], outside any lock.
+    pub fn window(&self, window: Duration) -> Vec<std::sync::Arc<Tick>> {
+        let mut covered = 0.0;
+        let mut out: Vec<std::sync::Arc<Tick>> = Vec::new();
+        for t in self.ticks.iter().rev() {
+            if !out.is_empty() && covered + t.seconds > window.as_secs_f64() + 0.5 {
+                break;
+            }
+            covered += t.seconds;
+            out.push(t.clone());
+        }
+        out
+    }
+
+    /// The golden signals over the last `window` ([`MeshStats::window`]
+    /// and [`view_of`]).
     pub fn view(&self, window: Duration) -> StatsView {
-        let wanted = (window.as_secs_f64() / TICK.as_secs_f64()).ceil().max(1.0) as usize;
-        let ticks: Vec<&Tick> = self.ticks.iter().rev().take(wanted).collect();
+        view_of(&self.window(window))
+    }
+}
+
+/// The golden signals of `ticks` (newest first).
+pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
+    {
         let mut sum = ProxyCounts::default();
         let mut seconds = 0.0;
-        for t in &ticks {
+        for t in ticks {
             // Circuits are a state: the latest tick's alone.
             sum.add(&ProxyCounts {
                 circuits: BTreeMap::new(),
@@ -594,6 +654,8 @@ pub struct EdgeRow {
     pub mtls_share: Option<f64>,
     /// On a route that splits, this destination's share of its requests.
     pub split_share: Option<f64>,
+    /// These four are the destination's, across its routes (the proxy
+    /// counts them per destination): repeated on each route's row.
     pub retries_per_second: f64,
     pub retry_budget_exhausted: u64,
     pub rate_limited: u64,
@@ -666,7 +728,7 @@ mod tests {
     fn reading(pod: &str, text: &str) -> Reading {
         Reading {
             id: ("shop".into(), pod.into()),
-            counts: Ok(ProxyCounts::read("shop", text)),
+            counts: ProxyCounts::read("shop", text),
         }
     }
 
@@ -791,10 +853,9 @@ mod tests {
             at(20),
             vec![reading("cart-a", &text(10)), reading("cart-b", &text(500))],
         );
-        assert_eq!(
-            stats.view(TICK).edges[0].requests,
-            0,
-            "cart-b's 500 are a baseline"
+        assert!(
+            stats.view(TICK).edges.is_empty(),
+            "cart-b's 500 are a baseline, and cart-a's edge did not grow"
         );
     }
 
@@ -839,6 +900,39 @@ mod tests {
             stats.record(at(i * 10), vec![reading("shopper", &both(90, 10))]);
         }
         assert_eq!(stats.ticks.len(), WINDOW_TICKS);
+    }
+
+    /// Anything can answer on a pod's admin port: values no proxy sends
+    /// (`NaN`, `+Inf`, negative) are ignored, and an answer with more
+    /// series or buckets than a proxy has is not used at all.
+    #[test]
+    fn what_no_proxy_would_send_is_ignored_or_refused() {
+        let poisoned = format!(
+            "{}weft_proxy_retries_total{{dst=\"payments.shop:80\"}} NaN\n\
+             weft_proxy_requests_total{{direction=\"outbound\",src=\"x\",dst=\"y\",route=\"default\",status_class=\"2xx\",tls=\"false\"}} +Inf\n",
+            proxy("checkout", "payments.shop:80", "default", 10, 0, 0)
+        );
+        let counts = ProxyCounts::read("shop", &poisoned).expect("readable");
+        assert_eq!(counts.edges.len(), 1, "the +Inf series is dropped");
+        assert!(counts.dsts.values().all(|d| d.retries.is_finite()));
+
+        let many: String = (0..=MAX_SERIES_PER_PROXY)
+            .map(|i| format!("weft_proxy_retries_total{{dst=\"d{i}\"}} 1\n"))
+            .collect();
+        assert!(
+            ProxyCounts::read("shop", &many)
+                .unwrap_err()
+                .contains("series")
+        );
+        let l = "direction=\"outbound\",src=\"x\",dst=\"y\",route=\"default\"";
+        let buckets: String = (0..=MAX_BUCKETS)
+            .map(|i| format!("weft_proxy_request_duration_ms_bucket{{{l},le=\"{i}.5\"}} 1\n"))
+            .collect();
+        assert!(
+            ProxyCounts::read("shop", &buckets)
+                .unwrap_err()
+                .contains("buckets")
+        );
     }
 
     #[test]

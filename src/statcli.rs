@@ -1,8 +1,8 @@
 //! `weft stat`, `weft edges`, `weft top`: the control plane's stats API
 //! ([`crate::meshstats`]) as tables, read through the API server's service
-//! proxy with the kubeconfig's credentials (no port-forward, nothing more
-//! exposed: the caller needs `get` on `services/proxy` in the control
-//! plane's namespace, which `kubectl` users with namespace admin have).
+//! proxy with the kubeconfig's credentials: no port-forward, and nothing
+//! opened beyond the control plane's admin port (the caller needs `get` on
+//! `services/proxy` in the control plane's namespace).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -20,7 +20,8 @@ pub struct StatArgs {
     /// `weft stat`) containing this.
     #[arg(long)]
     pub to: Option<String>,
-    /// Only edges from a caller workload or namespace containing this.
+    /// Only edges from a caller workload or namespace containing this
+    /// (`weft stat`: workloads of a namespace containing this).
     #[arg(long)]
     pub from: Option<String>,
     /// The span the figures cover: seconds (`60`, `60s`) or minutes (`5m`),

@@ -1,7 +1,8 @@
 //! `weft stat` / `weft edges` against the fake API server (tier 2): the
 //! stats are read through the API server's service proxy, and a refusal
-//! names the permission to ask for. (Against a real API server: tier 5,
-//! `tests/apiserver.rs`.)
+//! names the permission to ask for. Tier 5 runs the control plane in the
+//! test process, which no service proxy can reach: the path through a
+//! real API server's service proxy is not tested here.
 
 #[path = "support/fakeapi.rs"]
 mod fakeapi;

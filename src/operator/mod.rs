@@ -58,14 +58,16 @@ pub const STATS_SCRAPE_CONCURRENCY: usize = 16;
 /// [`observe::SCRAPE_TIMEOUT`]; a proxy skipped is counted in
 /// `weft_operator_scrapes_skipped_total` and shown as unreadable).
 pub async fn collect_stats(
+    namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
     pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
     scraper: Arc<dyn observe::Scraper>,
     stats: crate::meshstats::SharedStats,
 ) {
-    collect_stats_every(pods, scraper, stats, crate::meshstats::TICK).await;
+    collect_stats_every(namespaces, pods, scraper, stats, crate::meshstats::TICK).await;
 }
 
 async fn collect_stats_every(
+    namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
     pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
     scraper: Arc<dyn observe::Scraper>,
     stats: crate::meshstats::SharedStats,
@@ -79,9 +81,21 @@ async fn collect_stats_every(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        let meshed: std::collections::HashSet<String> = namespaces
+            .state()
+            .iter()
+            .filter(|n| {
+                n.labels().get(crate::api::INJECT_LABEL).map(String::as_str)
+                    == Some(crate::api::INJECT_ENABLED)
+            })
+            .map(|n| n.name_any())
+            .collect();
+        // The injector's pods of meshed namespaces: a pod elsewhere that
+        // names a container `weft-proxy` is nobody the stats should read.
         let targets: Vec<(String, String, std::net::IpAddr)> = pods
             .state()
             .iter()
+            .filter(|p| p.namespace().is_some_and(|ns| meshed.contains(&ns)))
             .filter(|p| reconcile::injected(p) && reconcile::running(p))
             .filter_map(|p| {
                 let ip = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
@@ -92,10 +106,17 @@ async fn collect_stats_every(
             .map(|(namespace, pod, ip)| {
                 let read = scraper.scrape(ip);
                 async move {
-                    let counts = read
-                        .await
-                        .map(|text| ProxyCounts::read(&namespace, &text))
-                        .map_err(|e| e.to_string());
+                    let counts = match read.await {
+                        // Off the runtime's threads: a 4 MiB answer takes
+                        // a while to parse, and the webhook shares them.
+                        Ok(text) => {
+                            let ns = namespace.clone();
+                            tokio::task::spawn_blocking(move || ProxyCounts::read(&ns, &text))
+                                .await
+                                .unwrap_or_else(|e| Err(format!("parsing failed: {e}")))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
                     Reading {
                         id: (namespace, pod),
                         counts,
@@ -121,8 +142,9 @@ async fn stats_api(
         Some(Ok(w)) => w,
         Some(Err(why)) => return (http::StatusCode::BAD_REQUEST, why).into_response(),
     };
-    let view = crate::proxy::resilience::lock(&stats).view(window);
-    axum::Json(view).into_response()
+    // Under the lock only the list of ticks is copied.
+    let ticks = crate::proxy::resilience::lock(&stats).window(window);
+    axum::Json(crate::meshstats::view_of(&ticks)).into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -232,6 +254,7 @@ pub async fn run(
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
     let collector = tokio::spawn(collect_stats(
+        world.namespaces.clone(),
         world.pods.clone(),
         Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
         opts.stats.clone(),
@@ -784,12 +807,16 @@ mod stats_tests {
     }
 
     fn pod(name: &str, ip: &str, sidecar: bool, phase: &str) -> Pod {
+        pod_in("shop", name, ip, sidecar, phase)
+    }
+
+    fn pod_in(ns: &str, name: &str, ip: &str, sidecar: bool, phase: &str) -> Pod {
         let mut containers = vec![json!({"name": "app", "image": "app"})];
         if sidecar {
             containers.push(json!({"name": crate::inject::PROXY_CONTAINER, "image": "weft"}));
         }
         serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": "shop"},
+            "metadata": {"name": name, "namespace": ns},
             "spec": {"containers": containers},
             "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
         }))
@@ -823,8 +850,10 @@ mod stats_tests {
         (status, body)
     }
 
-    /// The running proxies are read each tick (not the pods without the
-    /// sidecar, nor pending ones), their growth merged per edge, a proxy
+    /// The running proxies of meshed namespaces are read each tick (not
+    /// the pods without the sidecar, nor pending ones, nor a pod of an
+    /// unmeshed namespace that names a container `weft-proxy`), their
+    /// growth merged per edge, a proxy
     /// that cannot be read is counted, and the API serves the window, or
     /// says what is wrong with the one asked for.
     #[tokio::test]
@@ -836,8 +865,18 @@ mod stats_tests {
             pod("checkout-b", "10.244.1.11", true, "Running"),
             pod("legacy", "10.244.1.12", false, "Running"),
             pod("checkout-c", "10.244.1.13", true, "Pending"),
+            pod_in("other", "poser", "10.244.2.20", true, "Running"),
         ] {
             writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(p));
+        }
+        let mut namespaces = Writer::<k8s_openapi::api::core::v1::Namespace>::default();
+        let meshed = namespaces.as_reader();
+        for (name, label) in [("shop", "enabled"), ("other", "disabled")] {
+            namespaces.apply_watcher_event(&kube::runtime::watcher::Event::Apply(
+                serde_json::from_value(json!({"metadata": {"name": name,
+                    "labels": {crate::api::INJECT_LABEL: label}}}))
+                .expect("namespace"),
+            ));
         }
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         let canned = Canned(Mutex::new(HashMap::from([
@@ -857,9 +896,14 @@ mod stats_tests {
                 ip("10.244.1.13"),
                 VecDeque::from([metrics(7, 7), metrics(70, 70)]),
             ),
+            (
+                ip("10.244.2.20"),
+                VecDeque::from([metrics(7, 7), metrics(70, 70)]),
+            ),
         ])));
         let stats = crate::meshstats::SharedStats::default();
         let collector = tokio::spawn(collect_stats_every(
+            meshed,
             store,
             Arc::new(canned),
             stats.clone(),
