@@ -81,15 +81,7 @@ async fn collect_stats_every(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let meshed: std::collections::HashSet<String> = namespaces
-            .state()
-            .iter()
-            .filter(|n| {
-                n.labels().get(crate::api::INJECT_LABEL).map(String::as_str)
-                    == Some(crate::api::INJECT_ENABLED)
-            })
-            .map(|n| n.name_any())
-            .collect();
+        let meshed = reconcile::meshed_namespaces(&namespaces);
         // The injector's pods of meshed namespaces: a pod elsewhere that
         // names a container `weft-proxy` is nobody the stats should read.
         let targets: Vec<(String, String, std::net::IpAddr)> = pods

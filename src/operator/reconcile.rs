@@ -1111,6 +1111,21 @@ fn live_pods(pods: &Store<Pod>, ns: &str) -> Vec<Arc<Pod>> {
         .collect()
 }
 
+/// The namespaces labelled for injection (`weft.dev/inject=enabled`).
+pub(crate) fn meshed_namespaces(
+    namespaces: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
+) -> HashSet<String> {
+    namespaces
+        .state()
+        .iter()
+        .filter(|n| {
+            n.labels().get(crate::api::INJECT_LABEL).map(String::as_str)
+                == Some(crate::api::INJECT_ENABLED)
+        })
+        .map(|n| n.name_any())
+        .collect()
+}
+
 /// The pod runs (phase Running, not being deleted): its proxy is expected
 /// to report, and only such proxies count for the evidence gates (current
 /// config, identity, plaintext, clients). A Pending pod has no IP to
@@ -1253,17 +1268,7 @@ async fn gather(
     let compiled = &snap.compiled;
     let pods = live_pods(&ctx.world.pods, ns);
     let scrapes = scrape_all(ctx, &pods).await;
-    let meshed_namespaces: HashSet<String> = ctx
-        .world
-        .namespaces
-        .state()
-        .iter()
-        .filter(|n| {
-            n.labels().get(crate::api::INJECT_LABEL).map(String::as_str)
-                == Some(crate::api::INJECT_ENABLED)
-        })
-        .map(|n| n.name_any())
-        .collect();
+    let meshed_namespaces = meshed_namespaces(&ctx.world.namespaces);
     let by_ip = pods_by_ip(&ctx.world.pods.state(), &meshed_namespaces);
 
     let mut plaintext_now: HashMap<PlaintextKey, u64> = HashMap::new();
