@@ -777,6 +777,27 @@ propagate() {
       ;;
   esac
 }
+# The control plane's stats API through the API server's service proxy,
+# the path `weft edges` takes (#20): after the retries and canary checks'
+# traffic, the shopper -> inventory edge is there with its requests, and the
+# canary route shows each backend's share.
+STATS_PATH="/api/v1/namespaces/weft-system/services/weft-control-plane-metrics:admin/proxy/api/v1/stats?window=10m"
+check_stats() {
+  local json="" n=0 shares deadline
+  deadline=$((SECONDS + 90))
+  while :; do
+    json=$("${K[@]}" get --raw "$STATS_PATH" 2>/dev/null || true)
+    if [ -n "$json" ]; then
+      n=$(field "$json" 'int(sum(e["requests"] for e in d["edges"] if e["src"] == "shopper" and e["dst"].startswith("inventory.shop")))' || echo 0)
+      [ "$n" -gt 0 ] && break
+    fi
+    before "$deadline" || bad "stats API: no shopper -> inventory requests through the service proxy within 90 s (last answer: ${json:0:300})"
+  done
+  shares=$(field "$json" 'sorted(round(e["splitShare"] or 0, 2) for e in d["edges"] if e["src"] == "shopper" and e["dst"].startswith("checkout"))')
+  [ "$(field "$json" 'd["version"]')" = v1 ] || bad "stats API: not version v1 (${json:0:300})"
+  ok "stats API: shopper -> inventory $n requests in the window, checkout split shares $shares, read through the service proxy"
+}
+
 check_propagation() {
   local pod original there back
   pod=$("${K[@]}" -n shop get pods -l app=shopper -o jsonpath='{.items[0].metadata.name}')
@@ -933,6 +954,9 @@ CHECK=access
 report
 CHECK=circuit
 (set -e; check_circuit) &
+report
+CHECK=stats
+(set -e; check_stats) &
 report
 CHECK=propagation
 (set -e; check_propagation) &

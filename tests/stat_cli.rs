@@ -2,7 +2,8 @@
 //! stats are read through the API server's service proxy, and a refusal
 //! names the permission to ask for. Tier 5 runs the control plane in the
 //! test process, which no service proxy can reach: the path through a
-//! real API server's service proxy is not tested here.
+//! real API server's service proxy is checked on a cluster by the e2e
+//! suite (`check_stats` in `e2e/run.sh`).
 
 #[path = "support/fakeapi.rs"]
 mod fakeapi;
