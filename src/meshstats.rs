@@ -395,23 +395,32 @@ impl ProxyCounts {
     }
 
     fn add(&mut self, o: &ProxyCounts) {
+        self.add_growth(o);
+        self.add_circuits(&o.circuits);
+    }
+
+    /// Adds `o`'s counters (not its circuits, a state).
+    fn add_growth(&mut self, o: &ProxyCounts) {
         for (k, v) in &o.edges {
             self.edges.entry(k.clone()).or_default().add(v);
         }
         for (k, v) in &o.dsts {
             self.dsts.entry(k.clone()).or_default().add(v);
         }
-        for (k, v) in &o.circuits {
-            let c = self.circuits.entry(k.clone()).or_default();
-            c.closed += v.closed;
-            c.open += v.open;
-            c.half_open += v.half_open;
-        }
         for (k, v) in &o.inbound {
             self.inbound.entry(k.clone()).or_default().add(v);
         }
         for (k, v) in &o.shed {
             *self.shed.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    fn add_circuits(&mut self, circuits: &BTreeMap<DstKey, Circuits>) {
+        for (k, v) in circuits {
+            let c = self.circuits.entry(k.clone()).or_default();
+            c.closed += v.closed;
+            c.open += v.open;
+            c.half_open += v.half_open;
         }
     }
 }
@@ -485,10 +494,7 @@ impl MeshStats {
                     } else {
                         // Its circuits are a state, not a growth: shown
                         // from the first reading.
-                        tick.counts.add(&ProxyCounts {
-                            circuits: counts.circuits.clone(),
-                            ..ProxyCounts::default()
-                        });
+                        tick.counts.add_circuits(&counts.circuits);
                     }
                     last.insert(r.id, counts);
                 }
@@ -528,95 +534,82 @@ impl MeshStats {
 
 /// The golden signals of `ticks` (newest first).
 pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
-    {
-        let mut sum = ProxyCounts::default();
-        let mut seconds = 0.0;
-        for t in ticks {
-            // Circuits are a state: the latest tick's alone.
-            sum.add(&ProxyCounts {
-                circuits: BTreeMap::new(),
-                ..t.counts.clone()
-            });
-            seconds += t.seconds;
-        }
-        let latest = ticks.first();
-        let circuits = latest
-            .map(|t| t.counts.circuits.clone())
-            .unwrap_or_default();
-        let per_second = |v: f64| if seconds > 0.0 { v / seconds } else { 0.0 };
-        let ratio = |part: f64, whole: f64| (whole > 0.0).then(|| part / whole);
-
-        // A route that splits (its rule names several backends): each
-        // destination's share of the caller's requests on that route.
-        let mut route_totals: BTreeMap<(&str, &str, &str), (f64, usize)> = BTreeMap::new();
-        for (k, r) in &sum.edges {
-            let t = route_totals
-                .entry((&k.namespace, &k.src, &k.route))
-                .or_default();
-            t.0 += r.requests;
-            t.1 += 1;
-        }
-        let edges = sum
-            .edges
-            .iter()
-            .map(|(k, r)| {
-                let dk = DstKey {
-                    namespace: k.namespace.clone(),
-                    src: k.src.clone(),
-                    dst: k.dst.clone(),
-                };
-                let d = sum.dsts.get(&dk).cloned().unwrap_or_default();
-                let (route_total, backends) =
-                    route_totals[&(k.namespace.as_str(), k.src.as_str(), k.route.as_str())];
-                EdgeRow {
-                    namespace: k.namespace.clone(),
-                    src: k.src.clone(),
-                    dst: k.dst.clone(),
-                    route: k.route.clone(),
-                    requests: r.requests.round() as u64,
-                    rps: per_second(r.requests),
-                    success_rate: ratio(r.succeeded, r.requests),
-                    p50_ms: r.quantile(0.5),
-                    p95_ms: r.quantile(0.95),
-                    p99_ms: r.quantile(0.99),
-                    mtls_share: ratio(r.mtls, r.requests),
-                    split_share: (k.route != "default" && backends > 1)
-                        .then(|| ratio(r.requests, route_total))
-                        .flatten(),
-                    retries_per_second: per_second(d.retries),
-                    retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
-                    rate_limited: d.rate_limited.round() as u64,
-                    circuit_rejected: d.circuit_rejected.round() as u64,
-                    circuit: circuits.get(&dk).copied().unwrap_or_default(),
-                }
-            })
-            .collect();
-        let workloads = sum
-            .inbound
-            .iter()
-            .map(|(k, r)| WorkloadRow {
-                namespace: k.namespace.clone(),
-                workload: k.workload.clone(),
-                requests: r.requests.round() as u64,
-                rps: per_second(r.requests),
-                success_rate: ratio(r.succeeded, r.requests),
-                p50_ms: r.quantile(0.5),
-                p95_ms: r.quantile(0.95),
-                p99_ms: r.quantile(0.99),
-                mtls_share: ratio(r.mtls, r.requests),
-                shed: sum.shed.get(k).copied().unwrap_or(0.0).round() as u64,
-            })
-            .collect();
-        StatsView {
-            version: API_VERSION.to_owned(),
-            window_seconds: seconds,
-            ticks: ticks.len(),
-            proxies: latest.map_or(0, |t| t.proxies),
-            unreadable: latest.map_or(0, |t| t.unreadable),
-            edges,
-            workloads,
-        }
+    let mut sum = ProxyCounts::default();
+    let mut seconds = 0.0;
+    for t in ticks {
+        // Circuits are a state: the latest tick's alone (below).
+        sum.add_growth(&t.counts);
+        seconds += t.seconds;
     }
+    let latest = ticks.first();
+    let circuits = latest.map(|t| &t.counts.circuits);
+    let per_second = |v: f64| if seconds > 0.0 { v / seconds } else { 0.0 };
+
+    // A route that splits (its rule names several backends): each
+    // destination's share of the caller's requests on that route.
+    let mut route_totals: BTreeMap<(&str, &str, &str), (f64, usize)> = BTreeMap::new();
+    for (k, r) in &sum.edges {
+        let t = route_totals
+            .entry((&k.namespace, &k.src, &k.route))
+            .or_default();
+        t.0 += r.requests;
+        t.1 += 1;
+    }
+    let edges = sum
+        .edges
+        .iter()
+        .map(|(k, r)| {
+            let dk = DstKey {
+                namespace: k.namespace.clone(),
+                src: k.src.clone(),
+                dst: k.dst.clone(),
+            };
+            let d = sum.dsts.get(&dk).cloned().unwrap_or_default();
+            let (route_total, backends) =
+                route_totals[&(k.namespace.as_str(), k.src.as_str(), k.route.as_str())];
+            EdgeRow {
+                namespace: k.namespace.clone(),
+                src: k.src.clone(),
+                dst: k.dst.clone(),
+                route: k.route.clone(),
+                signals: Signals::of(r, seconds),
+                split_share: (k.route != "default" && backends > 1)
+                    .then(|| ratio(r.requests, route_total))
+                    .flatten(),
+                retries_per_second: per_second(d.retries),
+                retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
+                rate_limited: d.rate_limited.round() as u64,
+                circuit_rejected: d.circuit_rejected.round() as u64,
+                circuit: circuits
+                    .and_then(|c| c.get(&dk))
+                    .copied()
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    let workloads = sum
+        .inbound
+        .iter()
+        .map(|(k, r)| WorkloadRow {
+            namespace: k.namespace.clone(),
+            workload: k.workload.clone(),
+            signals: Signals::of(r, seconds),
+            shed: sum.shed.get(k).copied().unwrap_or(0.0).round() as u64,
+        })
+        .collect();
+    StatsView {
+        version: API_VERSION.to_owned(),
+        window_seconds: seconds,
+        ticks: ticks.len(),
+        proxies: latest.map_or(0, |t| t.proxies),
+        unreadable: latest.map_or(0, |t| t.unreadable),
+        edges,
+        workloads,
+    }
+}
+
+fn ratio(part: f64, whole: f64) -> Option<f64> {
+    (whole > 0.0).then(|| part / whole)
 }
 
 /// The stats API's answer.
@@ -643,15 +636,8 @@ pub struct EdgeRow {
     pub src: String,
     pub dst: String,
     pub route: String,
-    pub requests: u64,
-    pub rps: f64,
-    /// Not 5xx and not failed, of the requests in the window.
-    pub success_rate: Option<f64>,
-    pub p50_ms: Option<f64>,
-    pub p95_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    /// Of the requests, the share carried over mesh mTLS.
-    pub mtls_share: Option<f64>,
+    #[serde(flatten)]
+    pub signals: Signals,
     /// On a route that splits, this destination's share of its requests.
     pub split_share: Option<f64>,
     /// These four are the destination's, across its routes (the proxy
@@ -670,14 +656,43 @@ pub struct EdgeRow {
 pub struct WorkloadRow {
     pub namespace: String,
     pub workload: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+    pub shed: u64,
+}
+
+/// The requests of an edge or a workload over the window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Signals {
     pub requests: u64,
     pub rps: f64,
+    /// Not 5xx and not failed, of the requests in the window.
     pub success_rate: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Of the requests, the share carried over mesh mTLS.
     pub mtls_share: Option<f64>,
-    pub shed: u64,
+}
+
+impl Signals {
+    /// `r`, grown over `seconds`.
+    fn of(r: &Requests, seconds: f64) -> Self {
+        Signals {
+            requests: r.requests.round() as u64,
+            rps: if seconds > 0.0 {
+                r.requests / seconds
+            } else {
+                0.0
+            },
+            success_rate: ratio(r.succeeded, r.requests),
+            p50_ms: r.quantile(0.5),
+            p95_ms: r.quantile(0.95),
+            p99_ms: r.quantile(0.99),
+            mtls_share: ratio(r.mtls, r.requests),
+        }
+    }
 }
 
 /// Parses the stats API's `window` parameter: seconds (`60`) or with a
@@ -776,15 +791,15 @@ mod tests {
             (e.src.as_str(), e.dst.as_str()),
             ("checkout", "payments.shop:80")
         );
-        assert_eq!(e.requests, 1000);
-        assert_eq!(e.rps, 100.0);
-        assert_eq!(e.success_rate, Some(0.99));
+        assert_eq!(e.signals.requests, 1000);
+        assert_eq!(e.signals.rps, 100.0);
+        assert_eq!(e.signals.success_rate, Some(0.99));
         // 990 under 5 ms and 10 in 5..100 ms: the 99th percentile is the
         // top of the first bucket; averaging the replicas' p99 (5 and
         // 99.5) would say 52 ms.
-        assert_eq!(e.p99_ms, Some(5.0));
-        assert!(e.p95_ms.is_some_and(|p| p <= 5.0));
-        assert_eq!(e.mtls_share, Some(1.0));
+        assert_eq!(e.signals.p99_ms, Some(5.0));
+        assert!(e.signals.p95_ms.is_some_and(|p| p <= 5.0));
+        assert_eq!(e.signals.mtls_share, Some(1.0));
         assert_eq!(e.retries_per_second, 0.4);
         assert_eq!(e.circuit.closed, 2);
     }
@@ -795,7 +810,7 @@ mod tests {
     #[test]
     fn a_proxy_restart_counts_what_it_counted_since() {
         let mut stats = MeshStats::default();
-        let edge = |s: &MeshStats| s.view(TICK).edges.first().map(|e| e.requests);
+        let edge = |s: &MeshStats| s.view(TICK).edges.first().map(|e| e.signals.requests);
         stats.record(
             at(0),
             vec![reading(
@@ -822,8 +837,8 @@ mod tests {
         );
         assert_eq!(edge(&stats), Some(30));
         let over_both = stats.view(Duration::from_secs(20));
-        assert_eq!(over_both.edges[0].requests, 130);
-        assert_eq!(over_both.edges[0].rps, 6.5);
+        assert_eq!(over_both.edges[0].signals.requests, 130);
+        assert_eq!(over_both.edges[0].signals.rps, 6.5);
     }
 
     /// An unreadable proxy (timed out, too large) is counted and left
@@ -848,7 +863,7 @@ mod tests {
         );
         let view = stats.view(TICK);
         assert_eq!((view.proxies, view.unreadable), (1, 1));
-        assert_eq!(view.edges[0].requests, 10);
+        assert_eq!(view.edges[0].signals.requests, 10);
         stats.record(
             at(20),
             vec![reading("cart-a", &text(10)), reading("cart-b", &text(500))],

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use crate::meshstats::{EdgeRow, StatsView, WorkloadRow};
+use crate::meshstats::{EdgeRow, Signals, StatsView, WorkloadRow};
 
 /// The control plane's Service that carries its admin port.
 pub const STATS_SERVICE: &str = "weft-control-plane-metrics";
@@ -124,30 +124,27 @@ pub fn filter(mut view: StatsView, args: &StatArgs) -> StatsView {
     });
     view.workloads
         .retain(|w| contains(&w.workload, &args.to) && contains(&w.namespace, &args.from));
-    let worst_first = |v: Option<f64>| v.unwrap_or(f64::INFINITY);
-    match args.sort {
-        Sort::Name => {}
-        Sort::Rps => {
-            view.edges.sort_by(|a, b| b.rps.total_cmp(&a.rps));
-            view.workloads.sort_by(|a, b| b.rps.total_cmp(&a.rps));
-        }
-        Sort::P99 => {
-            let p99 = |v: Option<f64>| v.unwrap_or(-1.0);
-            view.edges
-                .sort_by(|a, b| p99(b.p99_ms).total_cmp(&p99(a.p99_ms)));
-            view.workloads
-                .sort_by(|a, b| p99(b.p99_ms).total_cmp(&p99(a.p99_ms)));
-        }
-        Sort::Success => {
-            view.edges.sort_by(|a, b| {
-                worst_first(a.success_rate).total_cmp(&worst_first(b.success_rate))
-            });
-            view.workloads.sort_by(|a, b| {
-                worst_first(a.success_rate).total_cmp(&worst_first(b.success_rate))
-            });
-        }
-    }
+    sort(&mut view.edges, |e| &e.signals, args.sort);
+    sort(&mut view.workloads, |w| &w.signals, args.sort);
     view
+}
+
+/// Orders `rows` by their signals (`Name` keeps the API's order).
+fn sort<T>(rows: &mut [T], signals: impl Fn(&T) -> &Signals, by: Sort) {
+    let key = |row: &T| -> f64 {
+        let s = signals(row);
+        match by {
+            Sort::Name => 0.0,
+            // Largest first: sorted by the negated value.
+            Sort::Rps => -s.rps,
+            Sort::P99 => -s.p99_ms.unwrap_or(-1.0),
+            // Lowest first; none measured last.
+            Sort::Success => s.success_rate.unwrap_or(f64::INFINITY),
+        }
+    };
+    if by != Sort::Name {
+        rows.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    }
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -199,11 +196,11 @@ pub fn render_edges(view: &StatsView) -> String {
             e.namespace,
             format!("{} -> {}", e.src, e.dst),
             e.route,
-            e.rps,
-            pct(e.success_rate),
-            ms(e.p50_ms),
-            ms(e.p99_ms),
-            pct(e.mtls_share),
+            e.signals.rps,
+            pct(e.signals.success_rate),
+            ms(e.signals.p50_ms),
+            ms(e.signals.p99_ms),
+            pct(e.signals.mtls_share),
             pct(e.split_share),
             e.retries_per_second,
             circuit(e),
@@ -227,14 +224,17 @@ pub fn render_workloads(view: &StatsView) -> String {
         let WorkloadRow {
             namespace,
             workload,
-            rps,
-            success_rate,
-            p50_ms,
-            p95_ms,
-            p99_ms,
-            mtls_share,
+            signals:
+                Signals {
+                    rps,
+                    success_rate,
+                    p50_ms,
+                    p95_ms,
+                    p99_ms,
+                    mtls_share,
+                    ..
+                },
             shed,
-            ..
         } = w;
         let _ = writeln!(
             out,
@@ -311,13 +311,15 @@ mod tests {
             src: src.into(),
             dst: dst.into(),
             route: "default".into(),
-            requests: (rps * 60.0) as u64,
-            rps,
-            success_rate: Some(success),
-            p50_ms: Some(p99 / 4.0),
-            p95_ms: Some(p99 / 2.0),
-            p99_ms: Some(p99),
-            mtls_share: Some(1.0),
+            signals: Signals {
+                requests: (rps * 60.0) as u64,
+                rps,
+                success_rate: Some(success),
+                p50_ms: Some(p99 / 4.0),
+                p95_ms: Some(p99 / 2.0),
+                p99_ms: Some(p99),
+                mtls_share: Some(1.0),
+            },
             split_share: None,
             retries_per_second: 0.0,
             retry_budget_exhausted: 0,

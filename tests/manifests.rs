@@ -406,3 +406,45 @@ fn the_operator_may_do_what_it_does() {
         .expect("Role in weft-system");
     assert!(role.to_string().contains("leases"));
 }
+
+/// With monitoring on, the chart renders PodMonitors for the port the
+/// injector gives the sidecar's admin server, and the Grafana dashboard as
+/// a ConfigMap holding the file as it is.
+#[test]
+fn the_chart_scrapes_the_injected_admin_port_and_carries_the_dashboard() {
+    let Some(out) = helm(&[
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
+        "monitoring.grafanaDashboard.enabled=true",
+        "--show-only",
+        "templates/monitoring.yaml",
+    ]) else {
+        return;
+    };
+    let docs = parse_all(&out);
+    let proxies = docs
+        .iter()
+        .find(|d| d["kind"] == "PodMonitor" && d["metadata"]["name"] == "weft-proxies")
+        .expect("the proxies' PodMonitor");
+    let port = proxies["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .expect("port");
+    // The injector's name for the admin port, as the golden pods show.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let golden = std::fs::read_to_string(root.join("tests/golden/inject/classic.golden.json"))
+        .expect("golden");
+    assert!(
+        golden.contains(&format!("\"name\": \"{port}\"")),
+        "the injected sidecar has no port named {port}"
+    );
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the dashboard ConfigMap");
+    let carried: Value =
+        serde_json::from_str(cm["data"]["weft-mesh.json"].as_str().expect("data")).expect("JSON");
+    let file = std::fs::read_to_string(root.join("charts/weft/dashboards/weft-mesh.json"))
+        .expect("dashboard");
+    assert_eq!(carried, serde_json::from_str::<Value>(&file).expect("JSON"));
+}

@@ -245,13 +245,14 @@ pub async fn run(
     }
     synced.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
-    let collector = tokio::spawn(collect_stats(
+    // Aborted when `run` returns (a JoinSet aborts its tasks when dropped).
+    let mut collector = tokio::task::JoinSet::new();
+    collector.spawn(collect_stats(
         world.namespaces.clone(),
         world.pods.clone(),
         Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
         opts.stats.clone(),
     ));
-    let _stop_collecting = AbortOnDrop(collector);
 
     let candidate = leader::Candidate {
         namespace: opts.namespace.clone(),
@@ -289,15 +290,6 @@ pub async fn run(
         },
     )
     .await;
-}
-
-/// Aborts a task when dropped (when [`run`] returns).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// One term as leader: what [`lead`] is given.

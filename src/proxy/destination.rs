@@ -463,33 +463,42 @@ impl Destination {
     ) -> Option<&'a [u32]> {
         let pool = match (&self.policy.zone_affinity, self.locality.zone()) {
             (Some(affinity), Some(zone)) if index.zone.as_deref() == Some(zone) => {
-                let unready = self.unready_by_zone.load().get(zone).copied().unwrap_or(0);
-                let in_zone = index.local_staying + unready as usize;
-                if in_zone == 0 {
-                    &index.serving
-                } else {
-                    let healthy = index
-                        .local
-                        .iter()
-                        .map(|i| &endpoints[*i as usize])
-                        .filter(|e| {
-                            !e.is_draining()
-                                && e.breaker
-                                    .as_ref()
-                                    .is_none_or(|b| b.state(now) == BreakerState::Closed)
-                        })
-                        .count();
-                    let share = f64::from(affinity.min_healthy_percent.max(1));
-                    if healthy == 0 || (healthy as f64 * 100.0) < in_zone as f64 * share {
-                        return None;
-                    }
-                    &index.local
+                let healthy = index
+                    .local
+                    .iter()
+                    .filter(|i| endpoints[**i as usize].is_healthy(now))
+                    .count();
+                match self.zone_stay(affinity, zone, index.local_staying, healthy) {
+                    None => &index.serving,
+                    Some(stay) if healthy > 0 && stay >= 1.0 => &index.local,
+                    Some(_) => return None,
                 }
             }
             (Some(_), Some(_)) => return None,
             _ => &index.serving,
         };
         (!pool.is_empty()).then_some(pool.as_slice())
+    }
+
+    /// How much of its calls the proxy's `zone` can keep: its `healthy`
+    /// pods over the share `affinity` asks of the pods staying there, which
+    /// are those not terminating (`staying`: leaving pods must not push
+    /// calls out of the zone in a rolling update) and the unready ones
+    /// discovery counted (pods failing readiness are a zone in trouble).
+    /// 1 or more: the zone keeps every call. None: the zone has no pods.
+    fn zone_stay(
+        &self,
+        affinity: &crate::config::ZoneAffinityConfig,
+        zone: &str,
+        staying: usize,
+        healthy: usize,
+    ) -> Option<f64> {
+        let unready = self.unready_by_zone.load().get(zone).copied().unwrap_or(0);
+        let in_zone = staying + unready as usize;
+        (in_zone > 0).then(|| {
+            healthy as f64 * 100.0
+                / (in_zone as f64 * f64::from(affinity.min_healthy_percent.max(1)))
+        })
     }
 
     /// The zone a proxy of this destination is in, if known.
@@ -532,39 +541,17 @@ impl Destination {
             return None;
         };
         let local = |e: &EndpointState| e.zone.as_deref() == Some(zone);
-        // The zone's pods that are staying: terminating ones are leaving
-        // (a rolling update must not push calls out of the zone), unready
-        // ones are counted (pods failing readiness are a zone in trouble).
-        let unready = self
-            .unready_by_zone
-            .load()
-            .get(zone)
-            .copied()
-            .unwrap_or_default() as usize;
-        let in_zone = endpoints
+        let staying = endpoints
             .iter()
             .filter(|e| local(e) && !e.is_terminating())
-            .count()
-            + unready;
-        if in_zone == 0 {
-            return None;
-        }
-        // Healthy: closed breaker (a half-open one is still on probation),
-        // neither draining nor terminating.
+            .count();
         let now = Instant::now();
         let healthy = candidates
             .iter()
             .map(|(i, _)| &endpoints[*i])
-            .filter(|e| {
-                local(e)
-                    && !e.is_draining()
-                    && e.breaker
-                        .as_ref()
-                        .is_none_or(|b| b.state(now) == BreakerState::Closed)
-            })
+            .filter(|e| local(e) && e.is_healthy(now))
             .count();
-        let stay = healthy as f64 * 100.0
-            / (in_zone as f64 * f64::from(affinity.min_healthy_percent.max(1)));
+        let stay = self.zone_stay(affinity, zone, staying, healthy)?;
         let here = healthy > 0 && (stay >= 1.0 || rng.f64() < stay);
         if !here && probing {
             // A pod of the zone on probation whose breaker lets a probe
@@ -749,6 +736,16 @@ impl EndpointState {
 
     fn is_terminating(&self) -> bool {
         self.terminating.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Healthy, for zone-aware routing: not draining, and its breaker (if
+    /// any) closed; a half-open one is still on probation.
+    fn is_healthy(&self, now: Instant) -> bool {
+        !self.is_draining()
+            && self
+                .breaker
+                .as_ref()
+                .is_none_or(|b| b.state(now) == BreakerState::Closed)
     }
 }
 

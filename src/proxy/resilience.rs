@@ -588,23 +588,30 @@ pub fn p2c_pick(costs: &[(usize, f64)], rng: &mut fastrand::Rng) -> Option<usize
         [] => None,
         [(only, _)] => Some(*only),
         _ => {
-            let a = rng.usize(..costs.len());
-            // Draw the second from the others so the two are distinct.
-            let mut b = rng.usize(..costs.len() - 1);
-            if b >= a {
-                b += 1;
-            }
-            let cost = |i: usize| match costs[i].1 {
-                c if c.is_nan() => f64::INFINITY,
-                c => c,
-            };
-            Some(if cost(b) < cost(a) {
+            let (a, b) = draw_two(costs.len(), rng);
+            Some(if p2c_cost(costs[b].1) < p2c_cost(costs[a].1) {
                 costs[b].0
             } else {
                 costs[a].0
             })
         }
     }
+}
+
+/// Two distinct indices below `n` (at least 2), at random: the second is
+/// drawn from the others.
+pub fn draw_two(n: usize, rng: &mut fastrand::Rng) -> (usize, usize) {
+    let a = rng.usize(..n);
+    let mut b = rng.usize(..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+/// A latency estimate as P2C weighs it: NaN counts as the worst.
+pub fn p2c_cost(cost: f64) -> f64 {
+    if cost.is_nan() { f64::INFINITY } else { cost }
 }
 
 /// Full-jitter exponential backoff: a random duration in

@@ -24,7 +24,7 @@ use super::pool::Pool;
 use super::route::RouteCtx;
 use super::timeout::Deadline;
 use crate::proxy::destination::{Destination, EndpointState, Endpoints};
-use crate::proxy::resilience::{BreakerPermit, PendingRequest, p2c_pick};
+use crate::proxy::resilience::{BreakerPermit, PendingRequest, draw_two, p2c_cost, p2c_pick};
 
 #[derive(Clone)]
 pub struct Balance {
@@ -129,13 +129,13 @@ fn quick_pick(dst: &Destination, endpoints: &Endpoints, now: Instant) -> Option<
         let chosen = if round_robin {
             admitted(pool[dst.take_turn() % pool.len()])
         } else {
-            let a = rng.usize(..pool.len());
-            let b = match pool.len() {
-                1 => a,
-                n => (a + 1 + rng.usize(..n - 1)) % n,
+            let (a, b) = match pool.len() {
+                1 => (0, 0),
+                n => draw_two(n, &mut rng),
             };
+            let cost = |e: &EndpointState| p2c_cost(e.load.cost(now));
             match (admitted(pool[a]), admitted(pool[b])) {
-                (Some(x), Some(y)) => Some(if cost(y, now) < cost(x, now) { y } else { x }),
+                (Some(x), Some(y)) => Some(if cost(y) < cost(x) { y } else { x }),
                 (x, y) => x.or(y),
             }
         };
@@ -150,14 +150,6 @@ fn quick_pick(dst: &Destination, endpoints: &Endpoints, now: Instant) -> Option<
         }
     }
     None
-}
-
-/// An endpoint's latency estimate for P2C, NaN as the worst.
-fn cost(e: &EndpointState, now: Instant) -> f64 {
-    match e.load.cost(now) {
-        c if c.is_nan() => f64::INFINITY,
-        c => c,
-    }
 }
 
 /// The full scan: every endpoint's admission and cost, the draining ones
