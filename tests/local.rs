@@ -257,8 +257,12 @@ fn the_shop_on_loopback_shows_the_canary_and_masked_failures_and_ctrl_c_cleans_u
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
     let state = tmp.path().join("state");
-    // Away from other tests' ports; each pod takes four to seven.
-    let base = 30000 + (std::process::id() % 300) * 100;
+    // Away from other tests' ports and below Linux's ephemeral range
+    // (32768-60999, net.ipv4.ip_local_port_range), where any connection
+    // made meanwhile, this machine's or another test's, may hold one of
+    // the ports (a fresh-clone CI run failed so: "port 45718 is taken");
+    // each pod takes four to seven, ten pods at most 70.
+    let base = 20000 + (std::process::id() % 120) * 100;
     let mut up = Up::start(
         &state,
         &["--mode", "loopback", "--base-port", &base.to_string()],
