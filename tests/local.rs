@@ -127,20 +127,18 @@ fn requests(edges: &[&Value]) -> f64 {
 }
 
 /// `status` once the shoppers have sent at least `orders` orders.
-fn after_orders(up: &mut Up, orders: f64) -> Value {
+fn after_orders(up: &mut Up, at_least: f64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(
             Instant::now() < deadline,
-            "not {orders} orders within 120 s:\n{}",
+            "not {at_least} orders within 120 s:\n{}",
             up.log()
         );
-        if let Some(s) = up.status() {
-            let to_checkout = requests(&edges(&s, Some("shopper"), "checkout.shop:80"))
-                + requests(&edges(&s, Some("shopper"), "checkout-canary.shop:80"));
-            if to_checkout >= orders {
-                return s;
-            }
+        if let Some(s) = up.status()
+            && orders(&s) >= at_least
+        {
+            return s;
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -172,16 +170,80 @@ fn since(before: &Value, now: &Value) -> Value {
     out
 }
 
+/// Orders the shoppers have sent, as `status` counts them.
+fn orders(status: &Value) -> f64 {
+    requests(&edges(status, Some("shopper"), "checkout.shop:80"))
+        + requests(&edges(status, Some("shopper"), "checkout-canary.shop:80"))
+}
+
+/// The proxies' log lines (every pod's) that hold all of `needles`.
+fn proxy_log_lines(state: &Path, needles: &[&str]) -> Vec<String> {
+    files_named(&state.join("logs"), ".proxy.log")
+        .iter()
+        .flat_map(|log| {
+            let name = log.file_name().map(|n| n.to_string_lossy().into_owned());
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .map(|l| format!("{}: {l}", name.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Waits for enough traffic, then checks the picture; returns the state
 /// file's contents for the teardown checks.
+///
+/// The inventory's breakers eject a pod after five failures in a row. At
+/// a 20 % error rate that is rare, but a machine that stalls for longer
+/// than the 800 ms per-try timeout fails every try in flight, so a shared
+/// CI machine can eject both pods for the 5 s `openDuration`; the clients
+/// then see fast 503s, as the policy says they should (a fresh-clone CI
+/// run failed so at 91 %). Such a window is measured again, at most
+/// twice, and says so loudly; a window without an opened circuit must
+/// show the failures masked.
 fn check_the_shop(up: &mut Up) -> Value {
-    let warm = after_orders(up, 30.0);
-    let status = since(&warm, &after_orders(up, 230.0));
-    assert_eq!(status["reachable"], status["pods"], "{status:#}");
+    let mut warm = after_orders(up, 30.0);
+    for window in 1.. {
+        let state = up.state.clone();
+        let circuits = || proxy_log_lines(&state, &["circuit opened", "inventory"]);
+        let opened_before: std::collections::HashSet<String> = circuits().into_iter().collect();
+        let now = after_orders(up, orders(&warm) + 200.0);
+        let status = since(&warm, &now);
+        let opened: Vec<String> = circuits()
+            .into_iter()
+            .filter(|l| !opened_before.contains(l))
+            .collect();
+        match check_window(&status, &opened) {
+            Ok(()) => break,
+            Err(why) if !opened.is_empty() && window < 3 => {
+                eprintln!(
+                    "\n*** window {window}: {why}\n*** the inventory circuit opened in it \
+                     (a stalled machine?):\n{}\n*** measuring another window\n",
+                    opened.join("\n")
+                );
+                warm = now;
+            }
+            Err(why) => {
+                let warnings = proxy_log_lines(&up.state, &["WARN"]);
+                panic!(
+                    "{why}\nopened circuits: {opened:#?}\nthe proxies' last warnings:\n{}\n{status:#}",
+                    warnings[warnings.len().saturating_sub(40)..].join("\n")
+                )
+            }
+        }
+    }
+    up.state_file()
+}
 
+/// The picture over one window: every pod reachable, the canary split
+/// near 90/10, the inventory's failures masked from its clients.
+fn check_window(status: &Value, opened: &[String]) -> Result<(), String> {
+    assert_eq!(status["reachable"], status["pods"], "{status:#}");
     // The canary split, as the shoppers' sidecars count it.
-    let stable = edges(&status, Some("shopper"), "checkout.shop:80");
-    let canary = edges(&status, Some("shopper"), "checkout-canary.shop:80");
+    let stable = edges(status, Some("shopper"), "checkout.shop:80");
+    let canary = edges(status, Some("shopper"), "checkout-canary.shop:80");
     let share = canary[0]["share"].as_f64().expect("canary share");
     assert!(
         (0.03..=0.2).contains(&share),
@@ -192,7 +254,7 @@ fn check_the_shop(up: &mut Up) -> Value {
     assert_eq!(canary[0]["route"], "shop/checkout-canary/split");
 
     // Inventory fails one in five; its clients barely notice.
-    let to_inventory = edges(&status, None, "inventory.shop:80");
+    let to_inventory = edges(status, None, "inventory.shop:80");
     assert!(to_inventory.len() >= 3, "{status:#}");
     let total = |rows: &[&Value], field: &str| -> f64 {
         rows.iter().map(|e| e[field].as_f64().unwrap_or(0.0)).sum()
@@ -211,15 +273,18 @@ fn check_the_shop(up: &mut Up) -> Value {
         (0.7..=0.9).contains(&server_success),
         "inventory answers about 80 % itself: {server_success}\n{status:#}"
     );
-    assert!(
-        client_success >= 0.97,
-        "retries mask the failures from the clients: {client_success}\n{status:#}"
-    );
+    if client_success < 0.97 {
+        return Err(format!(
+            "retries mask the failures from the clients: {client_success} \
+             ({} circuit openings in the window)",
+            opened.len()
+        ));
+    }
     assert!(
         retries > 0.1 * sent,
         "retries were sent: {retries} of {sent}"
     );
-    up.state_file()
+    Ok(())
 }
 
 /// Nothing `up` started is left: its processes, its namespaces.
