@@ -14,7 +14,7 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     26 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     32 consecutive loopback ports from here
 #   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
@@ -41,7 +41,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft1k weft1d weft2 weft2tls nginx nginx2tls haproxy)
+SCENARIOS=(direct weft1 weft1log weft1k weft1d weft2 weft2tls nginx nginx2tls haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -191,6 +191,7 @@ scenario_pids() {
 	case $1 in
 	weft1) echo "${PID[weft1]:-}" ;;
 	weft1k) echo "${PID[weft1k]:-}" ;;
+	weft1log) echo "${PID[weft1log]:-}" ;;
 	weft1d) echo "${PID[weft1d]:-}" ;;
 	weft2) echo "${PID[weft2a]:-} ${PID[weft2b]:-}" ;;
 	weft2tls) echo "${PID[weft2ta]:-} ${PID[weft2tb]:-}" ;;
@@ -237,11 +238,12 @@ TB_IN=$((PORT_BASE + 17)) TB_ADMIN=$((PORT_BASE + 18)) TB_PROBE=$((PORT_BASE + 1
 D1_OUT=$((PORT_BASE + 20)) D1_ADMIN=$((PORT_BASE + 21)) D1_PROBE=$((PORT_BASE + 22))
 NA_H1=$((PORT_BASE + 23)) NA_H2=$((PORT_BASE + 24)) NB_TLS=$((PORT_BASE + 25))
 K1_OUT=$((PORT_BASE + 26)) K1_ADMIN=$((PORT_BASE + 27)) K1_PROBE=$((PORT_BASE + 28))
+L1_OUT=$((PORT_BASE + 29)) L1_ADMIN=$((PORT_BASE + 30)) L1_PROBE=$((PORT_BASE + 31))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 29; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 32; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 28)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 31)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -252,6 +254,7 @@ url_for() { # SCENARIO PROTOCOL
 	direct) port=$UP_PORT ;;
 	weft1) port=$W1_OUT ;;
 	weft1k) port=$K1_OUT ;;
+	weft1log) port=$L1_OUT ;;
 	weft1d) port=$D1_OUT ;;
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
@@ -313,6 +316,7 @@ if [[ -n $weft_reason ]]; then
 	say "ERROR: weft proxy is not available: $weft_reason"
 	not_run weft1 "" "$weft_reason"
 	not_run weft1k "" "$weft_reason"
+	not_run weft1log "" "$weft_reason"
 	not_run weft1d "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
 	[[ -n ${NOTRUN[weft2tls]:-} ]] || not_run weft2tls "" "$weft_reason"
@@ -324,6 +328,11 @@ else
 	start_bg weft1 "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
 		--admin "127.0.0.1:$W1_ADMIN" --probe "127.0.0.1:$W1_PROBE" \
 		--outbound-map "127.0.0.1:$W1_OUT=$HOST_HEADER:80"
+	# weft1log: weft1 writing a JSON access-log line per request to its
+	# stdout, which start_bg sends to a file, as a container runtime does.
+	start_bg weft1log "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-upstream.json" \
+		--admin "127.0.0.1:$L1_ADMIN" --probe "127.0.0.1:$L1_PROBE" \
+		--outbound-map "127.0.0.1:$L1_OUT=$HOST_HEADER:80" --access-log json
 	# weft1k: weft x1 whose Service's pods come from discovery, 1000 of
 	# them (a meshed Service, so it is balanced per pod; the proxy holds
 	# no identity, so it speaks plaintext). One pod is the upstream; the
@@ -439,8 +448,9 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft1k weft1d weft2b weft2a weft2tb weft2ta; do
+	for name in weft1log weft1k weft1d weft2b weft2a weft2tb weft2ta; do
 		case $name in
+		weft1log) admin=$L1_ADMIN scn=weft1log ;;
 		weft1k) admin=$K1_ADMIN scn=weft1k ;;
 		weft1d) admin=$D1_ADMIN scn=weft1d ;;
 		weft2b) admin=$WB_ADMIN scn=weft2 ;;

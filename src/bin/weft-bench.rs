@@ -1083,7 +1083,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 10] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -1100,6 +1100,12 @@ const SCENARIOS: [Scenario; 9] = [
         key: "weft1k",
         name: "weft ×1, 1000 endpoints",
         path: "loadgen → weft outbound → upstream, one ready pod among 1000 published (999 terminating, never picked while it serves)",
+        processes: "weft-proxy",
+    },
+    Scenario {
+        key: "weft1log",
+        name: "weft ×1, access log",
+        path: "loadgen → weft outbound → upstream, a JSON access-log line per request on stdout (a file)",
         processes: "weft-proxy",
     },
     Scenario {
@@ -1146,6 +1152,9 @@ const TARGET_RSS_1K_KB: u64 = 12 * 1024;
 const TARGET_RATIO: f64 = 1.5;
 /// Two weft hops with mTLS between them against one plaintext nginx hop.
 const TARGET_MTLS_RATIO: f64 = 3.0;
+/// CPU of a proxy writing access logs against the same proxy without
+/// (issue 20).
+const TARGET_ACCESS_LOG_RATIO: f64 = 1.15;
 
 struct Cell {
     round: u64,
@@ -1706,6 +1715,38 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
     targets.push(format!(
         "CPU per 1000 requests of one weft proxy within {TARGET_RATIO}x of nginx's, at every rate and protocol: **{v}** — {}",
         detail(&cpu_parts)
+    ));
+    let mut log_ok = Vec::new();
+    let mut log_parts = Vec::new();
+    for (rate, proto) in &combos {
+        let get = |k: &'static str| rows.get(&(*rate, proto.clone(), k));
+        if let (Some(l), Some(w)) = (
+            get("weft1log").and_then(|r| r.cpu),
+            get("weft1").and_then(|r| r.cpu),
+        ) {
+            let ok = l <= TARGET_ACCESS_LOG_RATIO * w;
+            log_ok.push(ok);
+            log_parts.push(format!(
+                "{} {rate}/s: {l:.3} s vs {w:.3} s, {:+.0} % ({})",
+                protocol_label(proto),
+                if w > 0.0 { (l / w - 1.0) * 100.0 } else { 0.0 },
+                if ok { "met" } else { "missed" }
+            ));
+        }
+    }
+    let v = verdict(&log_ok);
+    verdicts.push(v);
+    targets.push(format!(
+        "CPU per 1000 requests of one weft proxy writing access logs within {TARGET_ACCESS_LOG_RATIO}x of the same proxy without, at every rate and protocol: **{v}** — {}",
+        if log_parts.is_empty() {
+            not_run
+                .get("weft1log")
+                .map_or("no kept weft ×1 access-log and weft ×1 cells".to_string(), |r| {
+                    format!("not run: {r}")
+                })
+        } else {
+            log_parts.join("; ")
+        }
     ));
     let mut mtls_ok = Vec::new();
     let mut mtls_parts = Vec::new();

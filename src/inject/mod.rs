@@ -97,6 +97,12 @@ pub mod annotations {
     pub const PROXY_MEMORY_REQUEST: &str = "weft.dev/proxy-memory-request";
     pub const PROXY_CPU_LIMIT: &str = "weft.dev/proxy-cpu-limit";
     pub const PROXY_MEMORY_LIMIT: &str = "weft.dev/proxy-memory-limit";
+    /// `json` or `off`: the proxy's access logs (on the pod, else on its
+    /// namespace; off by default).
+    pub const ACCESS_LOG: &str = "weft.dev/access-log";
+    /// `keep` or `drop` (the default): whether access-log paths keep the
+    /// query (on the pod, else on its namespace).
+    pub const ACCESS_LOG_QUERY: &str = "weft.dev/access-log-query";
     /// Set by the injector: the weft version that injected the pod.
     pub const INJECTED_VERSION: &str = "weft.dev/injected-version";
     /// Set by the injector: a hash of everything the injection depended on.
@@ -259,6 +265,7 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         meta_annotations.get(annotations::SKIP_OUTBOUND_CIDRS),
         &mut warnings,
     );
+    let access_log = access_log_env(&meta_annotations, ns, &mut warnings);
     let native = match settings.mesh.sidecar_mode {
         SidecarMode::Native => true,
         SidecarMode::Classic => false,
@@ -327,6 +334,7 @@ pub fn inject(pod: &Pod, ns: &NamespaceInfo, settings: &InjectSettings) -> Injec
         probe_targets: probe_targets.into_iter().collect(),
         port_names,
         opaque: &opaque,
+        access_log,
         native,
         warnings: &mut warnings,
     });
@@ -421,6 +429,8 @@ struct ProxyInputs<'a> {
     probe_targets: Vec<String>,
     port_names: Vec<String>,
     opaque: &'a [u16],
+    /// `WEFT_ACCESS_LOG` and `WEFT_ACCESS_LOG_QUERY`, when not the default.
+    access_log: Vec<(&'static str, &'static str)>,
     native: bool,
     warnings: &'a mut Vec<String>,
 }
@@ -484,6 +494,9 @@ fn proxy_container(p: &mut ProxyInputs<'_>) -> Container {
     }
     if !p.opaque.is_empty() {
         env.push(value("WEFT_INBOUND_OPAQUE_PORTS", join(p.opaque)));
+    }
+    for (name, v) in &p.access_log {
+        env.push(value(name, (*v).to_owned()));
     }
     let http = |path: &str| HTTPGetAction {
         path: Some(path.to_owned()),
@@ -942,6 +955,54 @@ fn probe_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
             "port {port} is not in 1-65535; the probe is left as it is"
         )),
     }
+}
+
+/// The access-log settings the pod asks for, its own annotations before
+/// its namespace's: only what differs from the proxy's defaults (off, the
+/// query dropped), so pods that ask nothing keep their injection. A value
+/// the proxy does not know (case aside) is a warning naming the choices,
+/// and the next word down decides: the namespace's, else the default.
+fn access_log_env(
+    pod: &BTreeMap<String, String>,
+    ns: &NamespaceInfo,
+    warnings: &mut Vec<String>,
+) -> Vec<(&'static str, &'static str)> {
+    let mut env = Vec::new();
+    for (key, var, on, choices) in [
+        (
+            annotations::ACCESS_LOG,
+            "WEFT_ACCESS_LOG",
+            "json",
+            ["json", "off"],
+        ),
+        (
+            annotations::ACCESS_LOG_QUERY,
+            "WEFT_ACCESS_LOG_QUERY",
+            "keep",
+            ["keep", "drop"],
+        ),
+    ] {
+        let said = [
+            (pod.get(key), "the pod's".to_owned()),
+            (ns.annotations.get(key), format!("namespace {}'s", ns.name)),
+        ];
+        let chosen = said.into_iter().find_map(|(value, whose)| {
+            let value = value?.trim().to_ascii_lowercase();
+            if choices.contains(&value.as_str()) {
+                return Some(value);
+            }
+            warnings.push(format!(
+                "{whose} annotation {key}: {value:?} is not one of {}; ignored (the default is {})",
+                choices.join(", "),
+                choices[1]
+            ));
+            None
+        });
+        if chosen.as_deref() == Some(on) {
+            env.push((var, on));
+        }
+    }
+    env
 }
 
 fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<String>) {
@@ -1577,5 +1638,102 @@ mod tests {
         );
         assert_eq!(cidrs, vec!["10.0.0.0/8", "fd00::/8"]);
         assert_eq!(w.len(), 4, "{w:?}");
+    }
+
+    /// Access logs: the pod's annotation before its namespace's, only
+    /// what differs from the proxy's defaults reaches its env, and a value
+    /// the proxy does not know is a warning that names the choices.
+    #[test]
+    fn access_logs_follow_the_pods_annotation_then_its_namespaces() {
+        let proxy_env = |pod: &[(&str, &str)], ns: &[(&str, &str)]| {
+            let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+                kv.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect()
+            };
+            let pod = Pod {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    annotations: Some(map(pod)),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                    containers: vec![Container {
+                        name: "app".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let mut namespace = NamespaceInfo::meshed("shop");
+            namespace.annotations = map(ns);
+            let got = inject(
+                &pod,
+                &namespace,
+                &InjectSettings::new("weft:test", ClusterCaps::from_version("1", "30")),
+            );
+            let mut value = serde_json::to_value(&pod).expect("json");
+            json_patch::patch(&mut value, &got.patch).expect("the patch applies");
+            let pod: Pod = serde_json::from_value(value).expect("a pod");
+            let proxy = pod
+                .spec
+                .expect("spec")
+                .init_containers
+                .into_iter()
+                .flatten()
+                .find(|c| c.name == PROXY_CONTAINER)
+                .expect("native sidecar");
+            let env: Vec<(String, String)> = proxy
+                .env
+                .into_iter()
+                .flatten()
+                .filter(|e| e.name.starts_with("WEFT_ACCESS_LOG"))
+                .map(|e| (e.name, e.value.unwrap_or_default()))
+                .collect();
+            (env, got.warnings)
+        };
+        let on = ("WEFT_ACCESS_LOG".to_owned(), "json".to_owned());
+        let keep = ("WEFT_ACCESS_LOG_QUERY".to_owned(), "keep".to_owned());
+        assert_eq!(proxy_env(&[], &[]), (vec![], vec![]), "off by default");
+        assert_eq!(
+            proxy_env(&[], &[("weft.dev/access-log", "json")]),
+            (vec![on.clone()], vec![])
+        );
+        assert_eq!(
+            proxy_env(
+                &[("weft.dev/access-log", "off")],
+                &[
+                    ("weft.dev/access-log", "json"),
+                    ("weft.dev/access-log-query", "keep")
+                ]
+            ),
+            (vec![keep.clone()], vec![]),
+            "the pod's word wins, key by key"
+        );
+        assert_eq!(
+            proxy_env(
+                &[
+                    ("weft.dev/access-log", "json"),
+                    ("weft.dev/access-log-query", "keep")
+                ],
+                &[]
+            ),
+            (vec![on.clone(), keep], vec![])
+        );
+        let (env, warnings) = proxy_env(&[("weft.dev/access-log", "apache")], &[]);
+        assert!(env.is_empty());
+        assert_eq!(
+            warnings,
+            vec![
+                "the pod's annotation weft.dev/access-log: \"apache\" is not one of json, off; ignored (the default is off)"
+            ]
+        );
+        // A word the proxy does not know falls to the namespace's.
+        let (env, warnings) = proxy_env(
+            &[("weft.dev/access-log", "yes")],
+            &[("weft.dev/access-log", "JSON")],
+        );
+        assert_eq!(env, vec![on]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
     }
 }

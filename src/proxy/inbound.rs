@@ -54,6 +54,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// One admitted inbound connection.
 struct Conn {
     app: Endpoint,
+    /// The connection's peer address.
+    peer: SocketAddr,
     port: u16,
     /// The caller's verified mesh identity (mesh TLS only).
     peer_id: Option<Arc<SpiffeId>>,
@@ -96,6 +98,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, peer: SocketAddr, app: So
     let (protocol, io) = (detected.protocol, detected.io);
     let mut conn = Conn {
         app: proxy.shared.pool.app_endpoint(app),
+        peer,
         port: app_port,
         peer_id: None,
         source: proxy
@@ -462,6 +465,21 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
     {
         *req.version_mut() = http::Version::HTTP_11;
     }
+    // After the version is the caller's own again.
+    let logged = proxy.access_log.as_ref().map(|log| {
+        let line = log.begin(
+            super::accesslog::Direction::Inbound,
+            Some(conn.source.clone()),
+            Some(conn.peer),
+            &mut req,
+        );
+        line.record().to_app(
+            &proxy.shared.workload,
+            conn.app.addr,
+            conn.peer_id.is_some(),
+        );
+        line
+    });
     // Rules match, and the app receives, the normalised path.
     let access = normalize_uri(&mut req).map(|()| {
         authorize(
@@ -493,7 +511,17 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
                 req.headers_mut()
                     .insert(CLIENT_ID_HEADER.clone(), id.clone());
             }
-            send_to_app(&proxy, conn.app.clone(), req).await
+            let sent = logged.as_ref().map(|_| Instant::now());
+            let rsp = send_to_app(&proxy, conn.app.clone(), req).await;
+            if let (Some(line), Some(sent)) = (&logged, sent)
+                && rsp
+                    .extensions()
+                    .get::<super::accesslog::ProxyAnswer>()
+                    .is_none()
+            {
+                line.record().answered(sent.elapsed());
+            }
+            rsp
         }
     };
     let tls = conn.peer_id.is_some();
@@ -507,7 +535,10 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
         EdgeSeries::new(&proxy.metrics, edge, tls)
     });
     series.record(&proxy.metrics, rsp.status(), started);
-    rsp
+    match logged {
+        Some(line) => line.finish(rsp),
+        None => rsp,
+    }
 }
 
 /// Sends one request to the application on `app`.

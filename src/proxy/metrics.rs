@@ -263,6 +263,8 @@ pub struct ProxyMetrics {
     /// Requests sent without a buffered body, so never retried, because
     /// the proxy's retry buffer budget was spent.
     pub retry_unbuffered: Counter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -459,9 +461,16 @@ impl ProxyMetrics {
             "Requests sent unbuffered, and so not retried, because the proxy's retry buffer budget was spent",
             retry_unbuffered.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because stdout fell behind (more than 256 KiB waiting)",
+            access_log_dropped.clone(),
+        );
         Self {
             registry,
             bounds: LabelBounds::default(),
+            access_log_dropped,
             connections_over_limit,
             connections_over_source_share,
             retry_unbuffered,

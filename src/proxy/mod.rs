@@ -4,6 +4,7 @@
 //! `http`; `state` and `watch` keep the config current; `server` drains on
 //! shutdown.
 
+pub mod accesslog;
 pub mod admin;
 pub mod apiwatch;
 pub mod authz;
@@ -233,6 +234,15 @@ pub struct ProxyArgs {
     /// `weft_proxy_retry_unbuffered_total`.
     #[arg(long, env = "WEFT_RETRY_BUFFER_BYTES", default_value_t = http::retry::DEFAULT_REPLAY_BUDGET)]
     pub retry_buffer_bytes: u64,
+    /// Access logs: `json` writes one JSON object per HTTP request on
+    /// stdout (see `accesslog`); the injector sets it from the pod's or
+    /// its namespace's `weft.dev/access-log` annotation.
+    #[arg(long, env = "WEFT_ACCESS_LOG", value_enum, default_value_t = accesslog::Format::Off)]
+    pub access_log: accesslog::Format,
+    /// Access logs keep the request's query (`keep`) or drop it (`drop`,
+    /// the default: queries carry tokens and personal data).
+    #[arg(long, env = "WEFT_ACCESS_LOG_QUERY", value_enum, default_value_t = accesslog::Query::Drop)]
+    pub access_log_query: accesslog::Query,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -309,6 +319,8 @@ pub struct Proxy {
     pub outbound_connections: Arc<server::ConnLimit>,
     pub admin_connections: Arc<server::ConnLimit>,
     pub probe_connections: Arc<server::ConnLimit>,
+    /// Where access-log lines go, when they are on.
+    pub access_log: Option<Arc<accesslog::AccessLog>>,
 }
 
 impl Proxy {
@@ -347,6 +359,22 @@ impl Proxy {
     }
 
     pub fn new(args: &ProxyArgs) -> anyhow::Result<Arc<Self>> {
+        Self::build(args, None)
+    }
+
+    /// A proxy whose access-log lines (when `--access-log` asks for them)
+    /// go to `out` instead of stdout: tests read them back.
+    pub fn with_access_log_to(
+        args: &ProxyArgs,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::build(args, Some(out))
+    }
+
+    fn build(
+        args: &ProxyArgs,
+        access_log_to: Option<Box<dyn std::io::Write + Send>>,
+    ) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(ProxyMetrics::new());
         let identity = args
             .identity_dir
@@ -407,9 +435,37 @@ impl Proxy {
             outbound_connections: conn_limit(&metrics, "outbound", args.outbound_max_connections),
             admin_connections: conn_limit(&metrics, "admin", args.admin_max_connections),
             probe_connections: conn_limit(&metrics, "probe", args.admin_max_connections),
+            access_log: access_log(args, &metrics, access_log_to)?,
             metrics,
         }))
     }
+}
+
+/// The access-log sink `--access-log` asks for. Outbound lines name this
+/// pod by the identity it presents (its workload without one).
+fn access_log(
+    args: &ProxyArgs,
+    metrics: &ProxyMetrics,
+    out: Option<Box<dyn std::io::Write + Send>>,
+) -> anyhow::Result<Option<Arc<accesslog::AccessLog>>> {
+    if args.access_log == accesslog::Format::Off {
+        return Ok(None);
+    }
+    let local: Arc<str> = match (&args.identity_dir, &args.namespace) {
+        (Some(_), Some(ns)) => Arc::from(format!(
+            "spiffe://{}/ns/{ns}/sa/{}",
+            args.trust_domain, args.service_account
+        )),
+        _ => Arc::from(args.workload.as_str()),
+    };
+    let log = accesslog::AccessLog::to_writer(
+        out.unwrap_or_else(|| Box::new(std::io::stdout())),
+        local,
+        args.access_log_query == accesslog::Query::Keep,
+        metrics.access_log_dropped.clone(),
+    )
+    .context("starting the access-log writer")?;
+    Ok(Some(Arc::new(log)))
 }
 
 fn conn_limit(
@@ -509,6 +565,10 @@ pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
             );
         } else {
             tracing::info!("drained");
+        }
+        // The drained requests' access-log lines, out before the process.
+        if let Some(log) = proxy.access_log.clone() {
+            let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
         }
         Ok(())
     })

@@ -11,7 +11,6 @@ use tokio::net::TcpStream;
 use crate::compile::SERVER_FIRST_PORTS;
 use crate::config::PortProtocol;
 
-use super::Proxy;
 use super::detect::Protocol;
 use super::http::errors::{self, ProxyError};
 use super::http::route::{self, RouteCtx, normalize_path};
@@ -20,6 +19,7 @@ use super::mesh::{MeshStream, MeshTarget, connect_tcp};
 use super::metrics::{ConnLabels, Direction};
 use super::state::{ServiceRef, Snapshot};
 use super::tls::ALPN_TCP;
+use super::{Proxy, accesslog};
 
 /// Where an outbound connection was headed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +78,10 @@ fn declared_protocol(snapshot: &Snapshot, target: &Target) -> Option<PortProtoco
 /// Handles one outbound connection.
 pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
     let port = target.port();
+    let client = proxy
+        .access_log
+        .as_ref()
+        .and_then(|_| conn.peer_addr().ok());
     let declared_opaque = proxy
         .store
         .load()
@@ -104,14 +108,24 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                 &proxy.drain,
                 &proxy.http_limits,
                 &proxy.outbound_in_flight,
-                move |req| {
+                move |mut req| {
                     let (p, target) = (p.clone(), target.clone());
                     async move {
-                        match dispatch(&p, &target, req).await {
+                        let logged = p.access_log.as_ref().map(|log| {
+                            let mut line =
+                                log.begin(accesslog::Direction::Outbound, None, client, &mut req);
+                            line.fallback_dst(|| target_label(&target));
+                            line
+                        });
+                        let rsp = match dispatch(&p, &target, req).await {
                             Ok(rsp) => rsp,
                             Err(e) => {
                                 errors::response(&errors::classify(&e, &target_label(&target)))
                             }
+                        };
+                        match logged {
+                            Some(line) => line.finish(rsp),
+                            None => rsp,
                         }
                     }
                 },

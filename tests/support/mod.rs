@@ -242,6 +242,53 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) {
 /// Starts a proxy whose explicit outbound listeners map to `targets`
 /// (`host:port`), with `config` on disk.
 pub async fn start_proxy(config: &Value, targets: &[&str], extra: &[&str]) -> TestProxy {
+    start_proxy_with(config, targets, extra, None).await
+}
+
+/// What a proxy wrote to its access log (stdout in a pod), read back.
+#[derive(Clone, Default)]
+pub struct Lines(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lines").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    /// Every line so far, each parsed as one JSON object.
+    pub fn now(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().expect("lines").clone()).expect("utf8");
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+            .collect()
+    }
+
+    /// The lines once there are at least `n` (at most 5 s).
+    pub async fn wait(&self, n: usize) -> Vec<Value> {
+        for _ in 0..500 {
+            let lines = self.now();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not {n} access-log lines: {:#?}", self.now());
+    }
+}
+
+/// [`start_proxy`], its access-log lines (if `--access-log json` is among
+/// `extra`) going to `log`.
+pub async fn start_proxy_with(
+    config: &Value,
+    targets: &[&str],
+    extra: &[&str],
+    log: Option<Lines>,
+) -> TestProxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("config.json");
     write_atomic(&path, config.to_string().as_bytes());
@@ -261,7 +308,11 @@ pub async fn start_proxy(config: &Value, targets: &[&str], extra: &[&str]) -> Te
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
     let args = parse_args(&argv);
-    let proxy = Proxy::new(&args).expect("proxy");
+    let proxy = match log {
+        None => Proxy::new(&args),
+        Some(lines) => Proxy::with_access_log_to(&args, Box::new(lines)),
+    }
+    .expect("proxy");
     let running = weft::proxy::start(&args, proxy.clone())
         .await
         .expect("proxy starts");

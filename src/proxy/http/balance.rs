@@ -23,6 +23,7 @@ use super::errors::ProxyError;
 use super::pool::Pool;
 use super::route::RouteCtx;
 use super::timeout::Deadline;
+use crate::proxy::accesslog::RecordRef;
 use crate::proxy::destination::{Destination, EndpointState, Endpoints};
 use crate::proxy::resilience::{BreakerPermit, PendingRequest, draw_two, p2c_cost, p2c_pick};
 
@@ -80,9 +81,14 @@ impl Service<Request> for Balance {
                     .push(chosen.addr);
             }
             req.extensions_mut().insert(chosen.endpoint.clone());
+            let record = RecordRef::of(&req).cloned();
+            if let Some(record) = &record {
+                record.attempt(chosen.addr);
+            }
+            let sent = Instant::now();
             let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
             let mut outcome = Outcome {
-                pending: Some(chosen.load.start(Instant::now())),
+                pending: Some(chosen.load.start(sent)),
                 permit,
                 excluded,
                 deadline,
@@ -97,6 +103,9 @@ impl Service<Request> for Balance {
                 },
             };
             outcome.settle(is_failure(&result, &dst.label));
+            if let (Some(record), Ok(_)) = (&record, &result) {
+                record.answered(sent.elapsed());
+            }
             result
         })
     }

@@ -77,6 +77,10 @@ pub fn response(err: &ProxyError) -> Response {
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    // For the access log: the proxy's own answer, which a header an
+    // upstream sent cannot claim to be.
+    rsp.extensions_mut()
+        .insert(crate::proxy::accesslog::ProxyAnswer(reason));
     rsp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

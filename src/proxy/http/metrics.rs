@@ -36,6 +36,9 @@ impl<S: super::Inner> Metrics<S> {
             .get::<RouteCtx>()
             .map(|r| r.name.clone())
             .unwrap_or_else(|| Arc::from("default"));
+        if let Some(record) = crate::proxy::accesslog::RecordRef::of(&req) {
+            record.destination(&self.dst.label, &route);
+        }
         let (dst, shared) = (self.dst.clone(), self.shared.clone());
         let started = Instant::now();
         let fut = self.inner.call(req);
