@@ -43,6 +43,8 @@
 #   - canary split: ~10 % of checkout requests reach checkout-canary, and
 #     `x-canary: true` always does;
 #   - access denial: only checkout may call payments (403 otherwise);
+#   - access logs: shopper's sidecar (its pod asks with an annotation)
+#     writes a JSON line per call on its stdout, over mTLS, named;
 #   - circuit breaking: with every inventory replica failing, callers get
 #     `weft-proxy-error: circuit-open`, and it closes after recovery;
 #   - a TrafficPolicy edit reaches a proxy (its admin /config) in under 2 s,
@@ -709,6 +711,38 @@ check_retries() {
   ok "retries: $n of 200 requests to a 20 %-failing inventory succeeded"
 }
 
+# check_access_log: shopper's pod asks for access logs (its annotation,
+# read at injection): its sidecar's stdout holds a JSON line per request.
+# Calls to a path of their own, so lines of earlier checks do not count;
+# the lines are written asynchronously, so polled for a while.
+check_access_log() {
+  local path logs n=0 deadline
+  path="/access-log-$RANDOM$RANDOM"
+  fetch shop shopper "http://inventory.shop$path" --count 5 >/dev/null
+  deadline=$((SECONDS + 30))
+  while :; do
+    logs=$("${K[@]}" -n shop logs deploy/shopper -c weft-proxy --tail 5000)
+    n=$(printf '%s\n' "$logs" | python3 -c '
+import json, sys
+want, n = sys.argv[1], 0
+for line in sys.stdin:
+    if not line.startswith("{"):
+        continue
+    try:
+        l = json.loads(line)
+    except ValueError:
+        continue
+    if (l.get("direction") == "outbound" and (l.get("dst") or "").startswith("inventory.shop")
+            and (l.get("src") or "").endswith("/ns/shop/sa/shopper") and l.get("mtls") is True
+            and l.get("path") == want and l.get("status") is not None):
+        n += 1
+print(n)' "$path") || bad "access log: could not read shopper's weft-proxy log"
+    [ "$n" -ge 5 ] && break
+    before "$deadline" || bad "access log: $n of 5 JSON lines for shopper -> inventory $path over mTLS in shopper's weft-proxy log within 30 s (last lines: $(printf '%s' "$logs" | tail -n 3))"
+  done
+  ok "access log: shopper's sidecar wrote a JSON line for each of its 5 calls to inventory $path, over mTLS, from its identity"
+}
+
 check_canary() {
   local summary canary
   summary=$(fetch shop shopper http://checkout.shop/ --count 400)
@@ -948,6 +982,9 @@ CHECK=retries
 report
 CHECK=canary
 (set -e; check_canary) &
+report
+CHECK=access-log
+(set -e; check_access_log) &
 report
 CHECK=access
 (set -e; check_access) &

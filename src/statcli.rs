@@ -171,9 +171,20 @@ fn circuit(e: &EdgeRow) -> String {
     }
 }
 
-/// The edges table.
+/// The edges table (`weft edges`, `weft top`).
 pub fn render_edges(view: &StatsView) -> String {
-    let mut out = header(view);
+    header(view) + &edges_table(view)
+}
+
+/// The workloads table (`weft stat`).
+pub fn render_workloads(view: &StatsView) -> String {
+    header(view) + &workloads_table(view)
+}
+
+/// The edges table's rows, without the header line (`weft local status`
+/// prints its own).
+pub fn edges_table(view: &StatsView) -> String {
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<12} {:<40} {:<24} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6} {:>8} {:>13}",
@@ -212,9 +223,9 @@ pub fn render_edges(view: &StatsView) -> String {
     out
 }
 
-/// The workloads table (`weft stat`).
-pub fn render_workloads(view: &StatsView) -> String {
-    let mut out = header(view);
+/// The workloads table's rows, without the header line.
+pub fn workloads_table(view: &StatsView) -> String {
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<12} {:<32} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6}",

@@ -252,6 +252,18 @@ fn check_window(status: &Value, opened: &[String]) -> Result<(), String> {
     let stable_share = stable[0]["share"].as_f64().expect("stable share");
     assert!((share + stable_share - 1.0).abs() < 1e-9);
     assert_eq!(canary[0]["route"], "shop/checkout-canary/split");
+    // The stats API's view of the same proxies, which the tables are drawn
+    // from (`status --once`: two pictures): every hop between sidecars is
+    // mesh mTLS. (Requests the proxy failed itself, on a stalled machine,
+    // count as not mTLS: only a window where every request succeeded.)
+    assert_eq!(status["stats"]["ticks"], 2, "{:#}", status["stats"]);
+    let windowed = status["stats"]["edges"].as_array().expect("stats edges");
+    assert!(!windowed.is_empty(), "{:#}", status["stats"]);
+    for e in windowed {
+        if e["successRate"] == 1.0 {
+            assert_eq!(e["mtlsShare"], 1.0, "{e}");
+        }
+    }
 
     // Inventory fails one in five; its clients barely notice.
     let to_inventory = edges(status, None, "inventory.shop:80");

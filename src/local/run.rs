@@ -19,6 +19,7 @@ use super::statedir::{self, PodUser};
 use super::status::{self, Snapshot, View};
 use super::{Format, ModeArg, StateArgs, StatusArgs, UpArgs, topology};
 use crate::identity::{CA_LIFETIME, MeshCa, SpiffeId};
+use crate::meshstats::{MeshStats, ProxyCounts, Reading};
 use crate::netns::{self, Network};
 use crate::proxy::PROXY_UID;
 
@@ -256,7 +257,9 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             .then_some(Duration::from_secs(2)),
     };
     let tty = std::io::stdout().is_terminal();
-    let mut earlier: Option<(Snapshot, Instant)> = None;
+    // The baseline of the tables' window: the first one drawn has rates.
+    let mut earlier = Pictures::default();
+    picture(&state, &mut earlier);
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         if let Some(every) = every
@@ -712,8 +715,9 @@ fn get(pod: &PodState, port: u16, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body.to_owned()))
 }
 
-/// Scrapes every proxy once.
-fn scrape(state: &State) -> (Snapshot, usize) {
+/// Scrapes every proxy once: the local snapshot, the stats API's
+/// readings of the same text, and how many answered.
+fn scrape(state: &State) -> (Snapshot, Vec<Reading>, usize) {
     let texts: Vec<Option<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = state
             .pods
@@ -726,21 +730,47 @@ fn scrape(state: &State) -> (Snapshot, usize) {
             .collect()
     });
     let mut snap = Snapshot::default();
+    let mut readings = Vec::with_capacity(state.pods.len());
     let mut reachable = 0;
     for (pod, text) in state.pods.iter().zip(texts) {
-        if let Some(text) = text {
-            reachable += 1;
-            snap.add(&pod.workload, &status::parse_metrics(&text));
+        let id = (pod.namespace.clone(), pod.name.clone());
+        match text {
+            Some(text) => {
+                reachable += 1;
+                let samples = status::parse_metrics(&text);
+                snap.add(&pod.workload, &samples);
+                let counts = ProxyCounts::from_samples(&pod.namespace, &samples);
+                readings.push(Reading {
+                    id,
+                    counts: Ok(counts),
+                });
+            }
+            None => readings.push(Reading {
+                id,
+                counts: Err("no answer on the admin port".to_owned()),
+            }),
         }
     }
-    (snap, reachable)
+    (snap, readings, reachable)
+}
+
+/// How far back the tables look, as `weft edges` does by default.
+const STATUS_WINDOW: Duration = Duration::from_secs(60);
+
+/// The pictures taken so far: the last snapshot (rates since it), and the
+/// rolling window the stats API keeps in a cluster.
+#[derive(Default)]
+struct Pictures {
+    earlier: Option<(Snapshot, Instant)>,
+    stats: MeshStats,
 }
 
 /// The status view now, with rates since the previous call.
-fn picture(state: &State, earlier: &mut Option<(Snapshot, Instant)>) -> View {
-    let (now, reachable) = scrape(state);
+fn picture(state: &State, pictures: &mut Pictures) -> View {
+    let (now, readings, reachable) = scrape(state);
     let at = Instant::now();
-    let (before, seconds) = match earlier.as_ref() {
+    pictures.stats.record(SystemTime::now(), readings);
+    let (before, seconds) = match pictures.earlier.as_ref() {
         Some((snap, t)) => (Some(snap), at.duration_since(*t).as_secs_f64()),
         None => (None, 0.0),
     };
@@ -749,8 +779,9 @@ fn picture(state: &State, earlier: &mut Option<(Snapshot, Instant)>) -> View {
         reachable,
         edges: status::view(&now, before, seconds),
         servers: status::server_view(&now, before, seconds),
+        stats: pictures.stats.view(STATUS_WINDOW),
     };
-    *earlier = Some((now, at));
+    pictures.earlier = Some((now, at));
     view
 }
 
@@ -765,7 +796,7 @@ pub fn status_command(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     };
-    let mut earlier = None;
+    let mut earlier = Pictures::default();
     picture(&state, &mut earlier);
     let tty = std::io::stdout().is_terminal();
     loop {

@@ -3,7 +3,10 @@
 //! (client workload → Service) its rate, success rate, retries, latency and
 //! — for a split route — its share; inbound series give each workload's own
 //! view, so an injected failure rate shows on the server while the client,
-//! behind its retries, barely sees it.
+//! behind its retries, barely sees it. The tables are the cluster's (`weft
+//! edges`, `weft stat`), drawn from the stats API's window
+//! ([`crate::meshstats::MeshStats`]) over the pictures taken; the totals
+//! since start ([`View::edges`]) are for scripts.
 
 use std::collections::BTreeMap;
 
@@ -90,6 +93,9 @@ pub struct View {
     pub reachable: usize,
     pub edges: Vec<EdgeRow>,
     pub servers: Vec<ServerRow>,
+    /// The stats API's view of the same proxies (what `weft edges -o
+    /// json` gives in a cluster): the tables are drawn from it.
+    pub stats: crate::meshstats::StatsView,
 }
 
 /// The table rows: totals since start, rates, success and latency over the
@@ -185,56 +191,19 @@ fn ratio(part: f64, whole: f64) -> Option<f64> {
     (whole > 0.0).then(|| part / whole)
 }
 
-/// The table, as `weft local status` prints it.
+/// The tables, as `weft local status` prints them: the same rendering
+/// as `weft edges` and `weft stat` in a cluster, over the same kind of
+/// window (`stats`).
 pub fn render(view: &View) -> String {
-    let mut out = format!(
-        "weft local: {} pods, {} answering\n\n",
-        view.pods, view.reachable
-    );
-    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0));
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
-    out.push_str(&format!(
-        "{:<44} {:<28} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}\n",
-        "CLIENT -> SERVICE",
-        "ROUTE",
-        "RPS",
-        "REQUESTS",
-        "SUCCESS",
-        "RETRIES",
-        "P50",
-        "P99",
-        "SHARE"
-    ));
-    for e in &view.edges {
-        out.push_str(&format!(
-            "{:<44} {:<28} {:>7.1} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}\n",
-            format!("{} -> {}", e.src, e.dst),
-            e.route,
-            e.rps,
-            e.requests,
-            pct(e.success_rate),
-            e.retries,
-            ms(e.p50_ms),
-            ms(e.p99_ms),
-            pct(e.share),
-        ));
-    }
-    out.push_str(&format!(
-        "\n{:<44} {:>7} {:>9} {:>8} {:>9} {:>9}\n",
-        "WORKLOAD (as its own sidecars count)", "RPS", "REQUESTS", "SUCCESS", "P50", "P99"
-    ));
-    for s in &view.servers {
-        out.push_str(&format!(
-            "{:<44} {:>7.1} {:>9} {:>8} {:>9} {:>9}\n",
-            s.workload,
-            s.rps,
-            s.requests,
-            pct(s.success_rate),
-            ms(s.p50_ms),
-            ms(s.p99_ms),
-        ));
-    }
-    out
+    let s = &view.stats;
+    format!(
+        "weft local: {} pods, {} answering; over the last {:.0}s\n\n{}\n{}",
+        view.pods,
+        view.reachable,
+        s.window_seconds,
+        crate::statcli::edges_table(s),
+        crate::statcli::workloads_table(s)
+    )
 }
 
 #[cfg(test)]
