@@ -473,11 +473,7 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
             Some(conn.peer),
             &mut req,
         );
-        line.record().to_app(
-            &proxy.shared.workload,
-            conn.app.addr,
-            conn.peer_id.is_some(),
-        );
+        line.record().to_app(conn.app.addr, conn.peer_id.is_some());
         line
     });
     // Rules match, and the app receives, the normalised path.

@@ -461,6 +461,7 @@ fn access_log(
     let log = accesslog::AccessLog::to_writer(
         out.unwrap_or_else(|| Box::new(std::io::stdout())),
         local,
+        Arc::from(args.workload.as_str()),
         args.access_log_query == accesslog::Query::Keep,
         metrics.access_log_dropped.clone(),
     )

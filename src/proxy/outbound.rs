@@ -112,10 +112,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                     let (p, target) = (p.clone(), target.clone());
                     async move {
                         let logged = p.access_log.as_ref().map(|log| {
-                            let mut line =
-                                log.begin(accesslog::Direction::Outbound, None, client, &mut req);
-                            line.fallback_dst(|| target_label(&target));
-                            line
+                            log.begin(accesslog::Direction::Outbound, None, client, &mut req)
                         });
                         let rsp = match dispatch(&p, &target, req).await {
                             Ok(rsp) => rsp,
@@ -124,7 +121,14 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                             }
                         };
                         match logged {
-                            Some(line) => line.finish(rsp),
+                            Some(mut line) => {
+                                // A request that failed before a
+                                // destination named itself: the target.
+                                if rsp.extensions().get::<accesslog::ProxyAnswer>().is_some() {
+                                    line.fallback_dst(|| target_label(&target));
+                                }
+                                line.finish(rsp)
+                            }
                             None => rsp,
                         }
                     }

@@ -37,7 +37,7 @@ impl<S: super::Inner> Metrics<S> {
             .map(|r| r.name.clone())
             .unwrap_or_else(|| Arc::from("default"));
         if let Some(record) = crate::proxy::accesslog::RecordRef::of(&req) {
-            record.destination(&self.dst.label, &route);
+            record.destination(&self.dst, &route);
         }
         let (dst, shared) = (self.dst.clone(), self.shared.clone());
         let started = Instant::now();
