@@ -431,7 +431,15 @@ struct Begun {
     bytes_in: Arc<AtomicU64>,
     /// The `dst` when the stack never named one (no config yet, a host
     /// that does not resolve): the target the client dialled.
-    fallback_dst: Option<String>,
+    fallback_dst: Option<Dialled>,
+}
+
+/// The target an outbound client dialled, named only if a line needs it.
+pub enum Dialled {
+    /// A transparent connection's original destination.
+    Addr(SocketAddr),
+    /// An explicit listener's `host:port`.
+    Named(String),
 }
 
 impl Pending {
@@ -445,9 +453,9 @@ impl Pending {
     }
 
     /// The `dst` to write when the stack names none.
-    pub fn fallback_dst(&mut self, dst: impl FnOnce() -> String) {
+    pub fn fallback_dst(&mut self, dst: Dialled) {
         if let Some(b) = &mut self.0 {
-            b.fallback_dst = Some(dst());
+            b.fallback_dst = Some(dst);
         }
     }
 
@@ -515,10 +523,18 @@ impl Drop for Line {
         let p = &self.begun;
         let learned = std::mem::take(&mut *p.record.0.lock().unwrap_or_else(|e| e.into_inner()));
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        // Formatted only for a request no destination claimed.
+        let dialled = match (&learned.dst, &p.fallback_dst) {
+            (None, Some(Dialled::Addr(a))) => Some(a.to_string()),
+            _ => None,
+        };
         let dst = match &learned.dst {
             Some(Dst::Service(d)) => Some(d.label.as_str()),
             Some(Dst::Workload) => Some(&*p.log.workload),
-            None => p.fallback_dst.as_deref(),
+            None => match &p.fallback_dst {
+                Some(Dialled::Named(n)) => Some(n.as_str()),
+                _ => dialled.as_deref(),
+            },
         };
         let line = Json {
             timestamp: Rfc3339Millis(p.at),
@@ -899,7 +915,7 @@ mod tests {
             .body(super::super::http::body::empty())
             .expect("request");
         let mut pending = log.begin(Direction::Outbound, None, None, &mut req);
-        pending.fallback_dst(|| "inventory.shop:80".into());
+        pending.fallback_dst(Dialled::Named("inventory.shop:80".into()));
         RecordRef::of(&req)
             .expect("record")
             .attempt("10.244.2.9:8080".parse().expect("addr"));

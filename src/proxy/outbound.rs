@@ -112,7 +112,18 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                     let (p, target) = (p.clone(), target.clone());
                     async move {
                         let logged = p.access_log.as_ref().map(|log| {
-                            log.begin(accesslog::Direction::Outbound, None, client, &mut req)
+                            let mut line =
+                                log.begin(accesslog::Direction::Outbound, None, client, &mut req);
+                            // Its `dst` if no destination claims the
+                            // request (no config yet, a host that does not
+                            // resolve), even when the client leaves first.
+                            line.fallback_dst(match &target {
+                                Target::Addr(a) => accesslog::Dialled::Addr(*a),
+                                Target::Host(h, port) => {
+                                    accesslog::Dialled::Named(format!("{h}:{port}"))
+                                }
+                            });
+                            line
                         });
                         let rsp = match dispatch(&p, &target, req).await {
                             Ok(rsp) => rsp,
@@ -121,14 +132,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                             }
                         };
                         match logged {
-                            Some(mut line) => {
-                                // A request that failed before a
-                                // destination named itself: the target.
-                                if rsp.extensions().get::<accesslog::ProxyAnswer>().is_some() {
-                                    line.fallback_dst(|| target_label(&target));
-                                }
-                                line.finish(rsp)
-                            }
+                            Some(line) => line.finish(rsp),
                             None => rsp,
                         }
                     }
