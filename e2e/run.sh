@@ -832,6 +832,31 @@ check_stats() {
   ok "stats API: shopper -> inventory $n requests in the window, checkout split shares $shares, read through the service proxy"
 }
 
+# The web dashboard (#20 item 3) through the API server's service proxy, as
+# `weft dashboard` reads it: the page (relative URLs resolve under the
+# proxy path), the stats with the graph's arrows, and the payments rollout.
+DASH_PATH="/api/v1/namespaces/weft-system/services/weft-control-plane-metrics:admin/proxy"
+check_dashboard() {
+  local page rollouts arrows phase
+  page=$("${K[@]}" get --raw "$DASH_PATH/")
+  case "$page" in
+    *'src="dashboard.js"'*) ;;
+    *) bad "dashboard: the page through the service proxy is not the dashboard (${page:0:200})" ;;
+  esac
+  "${K[@]}" get --raw "$DASH_PATH/dashboard.js" | grep -q 'api/v1/stats?window=' \
+    || bad "dashboard: dashboard.js is not served through the service proxy"
+  arrows=$(field "$("${K[@]}" get --raw "$DASH_PATH/api/v1/stats?window=10m")" \
+    'len([a for a in d.get("destinations", []) if a["src"] == "shopper"])')
+  [ "$arrows" -gt 0 ] || bad "dashboard: no arrow from shopper in the stats' destinations"
+  rollouts=$("${K[@]}" get --raw "$DASH_PATH/api/v1/rollouts")
+  phase=$(field "$rollouts" '[r["phase"] for r in d["rollouts"] if r["namespace"] == "payments"][0]') \
+    || bad "dashboard: no payments rollout in the rollouts API (${rollouts:0:300})"
+  case "$phase" in
+    "" | None) bad "dashboard: the payments rollout has no phase (${rollouts:0:300})" ;;
+  esac
+  ok "dashboard: page, script, $arrows arrows from shopper and the payments rollout ($phase) through the service proxy"
+}
+
 check_propagation() {
   local pod original there back
   pod=$("${K[@]}" -n shop get pods -l app=shopper -o jsonpath='{.items[0].metadata.name}')
@@ -994,6 +1019,9 @@ CHECK=circuit
 report
 CHECK=stats
 (set -e; check_stats) &
+report
+CHECK=dashboard
+(set -e; check_dashboard) &
 report
 CHECK=propagation
 (set -e; check_propagation) &

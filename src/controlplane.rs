@@ -67,7 +67,8 @@ pub struct ControlPlaneArgs {
     /// The image injected as weft-init and weft-proxy.
     #[arg(long, env = "WEFT_PROXY_IMAGE", default_value = concat!("ghcr.io/weft-mesh/weft:", env!("CARGO_PKG_VERSION")))]
     pub proxy_image: String,
-    /// Where `/livez`, `/readyz` and `/metrics` are served (plain HTTP).
+    /// Where `/livez`, `/readyz`, `/metrics`, the dashboard and its API
+    /// (`/api/v1/stats`, `/api/v1/rollouts`) are served (plain HTTP).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], 9090)))]
     pub admin_listen: SocketAddr,
     /// The Lease the replicas compete for; only its holder writes.
@@ -241,8 +242,16 @@ pub async fn serve(
         })
     };
     let stats = crate::meshstats::SharedStats::default();
-    let admin =
-        crate::operator::serve_admin(args.admin_listen, metrics.clone(), ready, stats.clone());
+    let mtls_policies = crate::operator::MtlsPolicyCache::default();
+    let admin = crate::operator::serve_admin(
+        args.admin_listen,
+        metrics.clone(),
+        ready,
+        crate::dashboard::Sources::new(
+            stats.clone(),
+            crate::operator::rollouts_source(mtls_policies.clone()),
+        ),
+    );
     let identity = args.pod_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -258,6 +267,7 @@ pub async fn serve(
             lease_duration: args.lease_duration,
             concurrency: args.concurrency,
             stats,
+            mtls_policies,
         },
         metrics,
         synced,
@@ -884,8 +894,15 @@ mod tests {
             let stage = stage.subscribe();
             Arc::new(move || *stage.borrow() == Stage::Up)
         };
-        let admin =
-            crate::operator::serve_admin(admin_addr, Arc::default(), ready, Default::default());
+        let admin = crate::operator::serve_admin(
+            admin_addr,
+            Arc::default(),
+            ready,
+            crate::dashboard::Sources::new(
+                Default::default(),
+                crate::operator::rollouts_source(Default::default()),
+            ),
+        );
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -12,6 +12,7 @@ pub mod api;
 pub mod compile;
 pub mod config;
 pub mod controlplane;
+pub mod dashboard;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

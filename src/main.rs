@@ -49,6 +49,9 @@ enum Command {
     Edges(weft::statcli::StatArgs),
     /// `weft edges`, busiest first, refreshed every 10 s.
     Top(weft::statcli::StatArgs),
+    /// The mesh's web dashboard (service graph, edges, mTLS rollouts) on
+    /// this machine, through the API server's service proxy.
+    Dashboard(weft::dashboard::proxy::DashboardArgs),
     /// Wait until the local proxy is ready (the classic sidecar's postStart
     /// hook, which holds the app's start until then).
     WaitReady {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             args.watch = true;
             weft::statcli::main(weft::statcli::Table::Edges, &args)
         }
+        Command::Dashboard(args) => weft::dashboard::proxy::main(&args),
         Command::WaitReady { url, timeout } => wait_ready(&url, timeout.as_std()),
     };
     match result {

@@ -67,6 +67,16 @@ pub struct WorkloadKey {
     pub workload: String,
 }
 
+/// A caller as a workload's own (inbound) proxies saw it: its verified
+/// SPIFFE id over mesh mTLS, `ns/<ns>/sa/<sa>` of a published pod address
+/// in plaintext (unverified), or `unknown`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerKey {
+    pub namespace: String,
+    pub workload: String,
+    pub src: String,
+}
+
 /// Requests and their latency: cumulative for one proxy, or growth.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Requests {
@@ -208,6 +218,9 @@ pub struct ProxyCounts {
     pub dsts: BTreeMap<DstKey, DstCounts>,
     pub circuits: BTreeMap<DstKey, Circuits>,
     pub inbound: BTreeMap<WorkloadKey, Requests>,
+    /// The same requests by caller (their latency is merged into the
+    /// workload's: the dashboard shows who calls, not each caller's p99).
+    pub peers: BTreeMap<PeerKey, Requests>,
     /// Requests shed at the in-flight cap, by the workload whose proxy shed.
     pub shed: BTreeMap<WorkloadKey, f64>,
 }
@@ -218,8 +231,11 @@ impl ProxyCounts {
     /// series or [`MAX_BUCKETS`] buckets in one.
     pub fn read(namespace: &str, text: &str) -> Result<Self, String> {
         let counts = Self::from_samples(namespace, &parse_metrics(text));
-        let series =
-            counts.edges.len() + counts.dsts.len() + counts.circuits.len() + counts.inbound.len();
+        let series = counts.edges.len()
+            + counts.dsts.len()
+            + counts.circuits.len()
+            + counts.inbound.len()
+            + counts.peers.len();
         if series > MAX_SERIES_PER_PROXY {
             return Err(format!(
                 "{series} series, more than the {MAX_SERIES_PER_PROXY} a proxy has"
@@ -267,19 +283,29 @@ impl ProxyCounts {
             };
             match s.name.as_str() {
                 "weft_proxy_requests_total" => {
-                    let r = if inbound {
+                    let succeeded = !matches!(label("status_class"), "5xx" | "error");
+                    let mtls = label("tls") == "true";
+                    let count = |r: &mut Requests| {
+                        r.requests += s.value;
+                        if succeeded {
+                            r.succeeded += s.value;
+                        }
+                        if mtls {
+                            r.mtls += s.value;
+                        }
+                    };
+                    if inbound {
                         workload.get_or_insert_with(|| label("dst").to_owned());
-                        out.inbound.entry(server()).or_default()
+                        count(out.inbound.entry(server()).or_default());
+                        let peer = PeerKey {
+                            namespace: namespace.to_owned(),
+                            workload: label("dst").to_owned(),
+                            src: label("src").to_owned(),
+                        };
+                        count(out.peers.entry(peer).or_default());
                     } else {
                         workload.get_or_insert_with(|| label("src").to_owned());
-                        out.edges.entry(edge()).or_default()
-                    };
-                    r.requests += s.value;
-                    if !matches!(label("status_class"), "5xx" | "error") {
-                        r.succeeded += s.value;
-                    }
-                    if label("tls") == "true" {
-                        r.mtls += s.value;
+                        count(out.edges.entry(edge()).or_default());
                     }
                 }
                 "weft_proxy_request_duration_ms_bucket" => {
@@ -378,6 +404,7 @@ impl ProxyCounts {
             dsts: each(&self.dsts, &before.dsts, DstCounts::since),
             circuits: self.circuits.clone(),
             inbound: each(&self.inbound, &before.inbound, Requests::since),
+            peers: each(&self.peers, &before.peers, Requests::since),
             shed: each(
                 &self.shed,
                 &before.shed,
@@ -389,6 +416,7 @@ impl ProxyCounts {
         // A tick keeps what grew (and the circuits, a state) only.
         grown.edges.retain(|_, r| r.requests > 0.0);
         grown.inbound.retain(|_, r| r.requests > 0.0);
+        grown.peers.retain(|_, r| r.requests > 0.0);
         grown.dsts.retain(|_, d| *d != DstCounts::default());
         grown.shed.retain(|_, v| *v > 0.0);
         grown
@@ -409,6 +437,9 @@ impl ProxyCounts {
         }
         for (k, v) in &o.inbound {
             self.inbound.entry(k.clone()).or_default().add(v);
+        }
+        for (k, v) in &o.peers {
+            self.peers.entry(k.clone()).or_default().add(v);
         }
         for (k, v) in &o.shed {
             *self.shed.entry(k.clone()).or_default() += v;
@@ -452,6 +483,8 @@ pub struct Tick {
 pub struct MeshStats {
     last: HashMap<ProxyId, ProxyCounts>,
     ticks: VecDeque<std::sync::Arc<Tick>>,
+    /// Ticks kept; 0 is [`WINDOW_TICKS`].
+    keep: usize,
 }
 
 impl std::fmt::Debug for MeshStats {
@@ -467,6 +500,17 @@ impl std::fmt::Debug for MeshStats {
 pub type SharedStats = std::sync::Arc<std::sync::Mutex<MeshStats>>;
 
 impl MeshStats {
+    /// Stats read every `every` rather than every [`TICK`], still keeping
+    /// the ten minutes the API's `window` may ask for (`weft local` reads
+    /// its proxies every 2 s).
+    pub fn reading_every(every: Duration) -> Self {
+        let kept = TICK * WINDOW_TICKS as u32;
+        MeshStats {
+            keep: (kept.as_secs_f64() / every.as_secs_f64().max(0.1)).ceil() as usize,
+            ..MeshStats::default()
+        }
+    }
+
     /// Records the readings of one tick taken at `at`. Proxies not read
     /// (gone, or unreadable) are forgotten: the next reading of one is a
     /// baseline again, so a proxy that was unreadable for a while does not
@@ -503,7 +547,12 @@ impl MeshStats {
         }
         self.last = last;
         self.ticks.push_back(std::sync::Arc::new(tick));
-        while self.ticks.len() > WINDOW_TICKS {
+        let keep = if self.keep == 0 {
+            WINDOW_TICKS
+        } else {
+            self.keep
+        };
+        while self.ticks.len() > keep {
             self.ticks.pop_front();
         }
     }
@@ -555,6 +604,16 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
         t.0 += r.requests;
         t.1 += 1;
     }
+    let resilience = |k: &DstKey| {
+        let d = sum.dsts.get(k).cloned().unwrap_or_default();
+        Resilience {
+            retries_per_second: per_second(d.retries),
+            retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
+            rate_limited: d.rate_limited.round() as u64,
+            circuit_rejected: d.circuit_rejected.round() as u64,
+            circuit: circuits.and_then(|c| c.get(k)).copied().unwrap_or_default(),
+        }
+    };
     let edges = sum
         .edges
         .iter()
@@ -564,7 +623,6 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
                 src: k.src.clone(),
                 dst: k.dst.clone(),
             };
-            let d = sum.dsts.get(&dk).cloned().unwrap_or_default();
             let (route_total, backends) =
                 route_totals[&(k.namespace.as_str(), k.src.as_str(), k.route.as_str())];
             EdgeRow {
@@ -576,17 +634,49 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
                 split_share: (k.route != "default" && backends > 1)
                     .then(|| ratio(r.requests, route_total))
                     .flatten(),
-                retries_per_second: per_second(d.retries),
-                retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
-                rate_limited: d.rate_limited.round() as u64,
-                circuit_rejected: d.circuit_rejected.round() as u64,
-                circuit: circuits
-                    .and_then(|c| c.get(&dk))
-                    .copied()
-                    .unwrap_or_default(),
+                resilience: resilience(&dk),
             }
         })
         .collect();
+    // Each caller → destination across its routes: the routes' requests
+    // and histograms summed (their p99s are never averaged).
+    let mut across: BTreeMap<DstKey, Requests> = BTreeMap::new();
+    for (k, r) in &sum.edges {
+        across
+            .entry(DstKey {
+                namespace: k.namespace.clone(),
+                src: k.src.clone(),
+                dst: k.dst.clone(),
+            })
+            .or_default()
+            .add(r);
+    }
+    let destinations = across
+        .into_iter()
+        .map(|(k, r)| DestinationRow {
+            signals: Signals::of(&r, seconds),
+            resilience: resilience(&k),
+            namespace: k.namespace,
+            src: k.src,
+            dst: k.dst,
+        })
+        .collect();
+    let mut callers: BTreeMap<(&str, &str), Vec<CallerRow>> = BTreeMap::new();
+    for (k, r) in &sum.peers {
+        callers
+            .entry((&k.namespace, &k.workload))
+            .or_default()
+            .push(CallerRow {
+                src: k.src.clone(),
+                requests: r.requests.round() as u64,
+                rps: per_second(r.requests),
+                success_rate: ratio(r.succeeded, r.requests),
+                mtls_share: ratio(r.mtls, r.requests),
+            });
+    }
+    for rows in callers.values_mut() {
+        rows.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.src.cmp(&b.src)));
+    }
     let workloads = sum
         .inbound
         .iter()
@@ -595,6 +685,9 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
             workload: k.workload.clone(),
             signals: Signals::of(r, seconds),
             shed: sum.shed.get(k).copied().unwrap_or(0.0).round() as u64,
+            callers: callers
+                .remove(&(k.namespace.as_str(), k.workload.as_str()))
+                .unwrap_or_default(),
         })
         .collect();
     StatsView {
@@ -604,6 +697,7 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
         proxies: latest.map_or(0, |t| t.proxies),
         unreadable: latest.map_or(0, |t| t.unreadable),
         edges,
+        destinations,
         workloads,
     }
 }
@@ -625,7 +719,50 @@ pub struct StatsView {
     pub proxies: usize,
     pub unreadable: usize,
     pub edges: Vec<EdgeRow>,
+    /// The edges again, one row per caller → destination across its
+    /// routes (the graph's arrows). Absent from answers of weft before it.
+    #[serde(default)]
+    pub destinations: Vec<DestinationRow>,
     pub workloads: Vec<WorkloadRow>,
+}
+
+/// A caller workload → a destination over the window, across routes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRow {
+    pub namespace: String,
+    pub src: String,
+    pub dst: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+    #[serde(flatten)]
+    pub resilience: Resilience,
+}
+
+/// What a caller's proxies count per destination (not per route) over the
+/// window: retries and the breaker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Resilience {
+    pub retries_per_second: f64,
+    pub retry_budget_exhausted: u64,
+    pub rate_limited: u64,
+    pub circuit_rejected: u64,
+    /// The caller's proxies by the destination's circuit state, latest.
+    pub circuit: Circuits,
+}
+
+/// A caller of a workload, as the workload's own proxies saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CallerRow {
+    /// The caller's verified SPIFFE id (mesh mTLS), `ns/<ns>/sa/<sa>` of a
+    /// published pod address (plaintext: unverified), or `unknown`.
+    pub src: String,
+    pub requests: u64,
+    pub rps: f64,
+    pub success_rate: Option<f64>,
+    pub mtls_share: Option<f64>,
 }
 
 /// One edge over the window.
@@ -640,14 +777,10 @@ pub struct EdgeRow {
     pub signals: Signals,
     /// On a route that splits, this destination's share of its requests.
     pub split_share: Option<f64>,
-    /// These four are the destination's, across its routes (the proxy
-    /// counts them per destination): repeated on each route's row.
-    pub retries_per_second: f64,
-    pub retry_budget_exhausted: u64,
-    pub rate_limited: u64,
-    pub circuit_rejected: u64,
-    /// The caller's proxies by the destination's circuit state, latest.
-    pub circuit: Circuits,
+    /// The destination's, across its routes (the proxy counts them per
+    /// destination): repeated on each route's row.
+    #[serde(flatten)]
+    pub resilience: Resilience,
 }
 
 /// A workload as its own proxies count it (inbound).
@@ -659,6 +792,9 @@ pub struct WorkloadRow {
     #[serde(flatten)]
     pub signals: Signals,
     pub shed: u64,
+    /// Who called it, busiest first. Absent from answers of weft before it.
+    #[serde(default)]
+    pub callers: Vec<CallerRow>,
 }
 
 /// The requests of an edge or a workload over the window.
@@ -800,8 +936,8 @@ mod tests {
         assert_eq!(e.signals.p99_ms, Some(5.0));
         assert!(e.signals.p95_ms.is_some_and(|p| p <= 5.0));
         assert_eq!(e.signals.mtls_share, Some(1.0));
-        assert_eq!(e.retries_per_second, 0.4);
-        assert_eq!(e.circuit.closed, 2);
+        assert_eq!(e.resilience.retries_per_second, 0.4);
+        assert_eq!(e.resilience.circuit.closed, 2);
     }
 
     /// A proxy that restarts between two reads starts its counters again:
@@ -915,6 +1051,96 @@ mod tests {
             stats.record(at(i * 10), vec![reading("shopper", &both(90, 10))]);
         }
         assert_eq!(stats.ticks.len(), WINDOW_TICKS);
+    }
+
+    /// The graph's arrow from a caller to a destination sums its routes,
+    /// their histograms merged; a workload lists who called it, as its
+    /// own proxies saw them (verified over mTLS or not).
+    #[test]
+    fn an_edge_across_routes_merges_histograms_and_a_server_names_its_callers() {
+        let mut stats = MeshStats::default();
+        let caller = |fast: u32, slow_failed: u32| {
+            format!(
+                "{}{}",
+                proxy("checkout", "payments.payments:80", "default", fast, 0, 3),
+                proxy(
+                    "checkout",
+                    "payments.payments:80",
+                    "payments/charge/0",
+                    0,
+                    slow_failed,
+                    0
+                )
+            )
+        };
+        let server = |verified: u32, unknown: u32| {
+            let l = |src: &str, tls: bool| {
+                format!(
+                    "direction=\"inbound\",src=\"{src}\",dst=\"payments\",route=\"default\",status_class=\"2xx\",tls=\"{tls}\""
+                )
+            };
+            format!(
+                "weft_proxy_requests_total{{{}}} {verified}\n\
+                 weft_proxy_requests_total{{{}}} {unknown}\n",
+                l("spiffe://cluster.local/ns/shop/sa/checkout", true),
+                l("unknown", false),
+            )
+        };
+        let read = |pod: &str, ns: &str, text: &str| Reading {
+            id: (ns.into(), pod.into()),
+            counts: ProxyCounts::read(ns, text),
+        };
+        stats.record(
+            at(0),
+            vec![
+                read("checkout-a", "shop", &caller(0, 0)),
+                read("payments-a", "payments", &server(0, 0)),
+            ],
+        );
+        stats.record(
+            at(10),
+            vec![
+                read("checkout-a", "shop", &caller(98, 2)),
+                read("payments-a", "payments", &server(90, 10)),
+            ],
+        );
+        let view = stats.view(TICK);
+        assert_eq!(view.edges.len(), 2, "one row per route");
+        let [d] = &view.destinations[..] else {
+            panic!(
+                "one arrow from checkout to payments: {:?}",
+                view.destinations
+            )
+        };
+        assert_eq!(
+            (d.src.as_str(), d.dst.as_str()),
+            ("checkout", "payments.payments:80")
+        );
+        assert_eq!(d.signals.requests, 100);
+        assert_eq!(d.signals.success_rate, Some(0.98));
+        // 98 under 5 ms, 2 in 5..100 ms: the merged p99 falls in the slow
+        // bucket; neither route's own p99 (5 and 99.5) is it.
+        let p99 = d.signals.p99_ms.unwrap();
+        assert!(p99 > 5.0 && p99 < 99.5, "{p99}");
+        assert_eq!(
+            d.resilience.retries_per_second, 0.0,
+            "3 retries were counted before the window"
+        );
+        let [w] = &view.workloads[..] else {
+            panic!("{:?}", view.workloads)
+        };
+        let callers: Vec<_> = w
+            .callers
+            .iter()
+            .map(|c| (c.src.as_str(), c.requests, c.mtls_share))
+            .collect();
+        assert_eq!(
+            callers,
+            [
+                ("spiffe://cluster.local/ns/shop/sa/checkout", 90, Some(1.0)),
+                ("unknown", 10, Some(0.0))
+            ]
+        );
     }
 
     /// Anything can answer on a pod's admin port: values no proxy sends

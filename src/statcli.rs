@@ -118,13 +118,16 @@ pub async fn fetch(client: &kube::Client, args: &StatArgs) -> anyhow::Result<Sta
 pub fn filter(mut view: StatsView, args: &StatArgs) -> StatsView {
     let contains =
         |field: &str, want: &Option<String>| want.as_deref().is_none_or(|w| field.contains(w));
-    view.edges.retain(|e| {
-        contains(&e.dst, &args.to)
-            && (contains(&e.src, &args.from) || contains(&e.namespace, &args.from))
-    });
+    let edge = |namespace: &str, src: &str, dst: &str| {
+        contains(dst, &args.to) && (contains(src, &args.from) || contains(namespace, &args.from))
+    };
+    view.edges.retain(|e| edge(&e.namespace, &e.src, &e.dst));
+    view.destinations
+        .retain(|d| edge(&d.namespace, &d.src, &d.dst));
     view.workloads
         .retain(|w| contains(&w.workload, &args.to) && contains(&w.namespace, &args.from));
     sort(&mut view.edges, |e| &e.signals, args.sort);
+    sort(&mut view.destinations, |d| &d.signals, args.sort);
     sort(&mut view.workloads, |w| &w.signals, args.sort);
     view
 }
@@ -158,7 +161,7 @@ fn ms(v: Option<f64>) -> String {
 /// The circuit as the caller's proxies see it: `closed`, `OPEN 2/3`,
 /// `half-open 1/3`.
 fn circuit(e: &EdgeRow) -> String {
-    let c = e.circuit;
+    let c = e.resilience.circuit;
     let all = c.closed + c.open + c.half_open;
     if all == 0 {
         "-".to_owned()
@@ -213,7 +216,7 @@ pub fn edges_table(view: &StatsView) -> String {
             ms(e.signals.p99_ms),
             pct(e.signals.mtls_share),
             pct(e.split_share),
-            e.retries_per_second,
+            e.resilience.retries_per_second,
             circuit(e),
         );
     }
@@ -246,6 +249,7 @@ pub fn workloads_table(view: &StatsView) -> String {
                     ..
                 },
             shed,
+            ..
         } = w;
         let _ = writeln!(
             out,
@@ -279,8 +283,11 @@ fn header(view: &StatsView) -> String {
     out
 }
 
-/// Runs `weft stat` / `edges` / `top`.
-pub fn main(table: Table, args: &StatArgs) -> anyhow::Result<std::process::ExitCode> {
+/// Runs `f` with a client of the kubeconfig's (or in-cluster) cluster, on
+/// a runtime of its own: the CLI commands that read a cluster.
+pub fn with_cluster<T, F: std::future::Future<Output = anyhow::Result<T>>>(
+    f: impl FnOnce(kube::Client) -> F,
+) -> anyhow::Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -288,6 +295,13 @@ pub fn main(table: Table, args: &StatArgs) -> anyhow::Result<std::process::ExitC
         let client = kube::Client::try_default()
             .await
             .context("no cluster to read from: kube config or in-cluster credentials")?;
+        f(client).await
+    })
+}
+
+/// Runs `weft stat` / `edges` / `top`.
+pub fn main(table: Table, args: &StatArgs) -> anyhow::Result<std::process::ExitCode> {
+    with_cluster(|client| async move {
         loop {
             let view = filter(fetch(&client, args).await?, args);
             let text = match args.output {
@@ -314,7 +328,7 @@ pub fn main(table: Table, args: &StatArgs) -> anyhow::Result<std::process::ExitC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meshstats::Circuits;
+    use crate::meshstats::{Circuits, Resilience};
 
     fn edge(src: &str, dst: &str, rps: f64, success: f64, p99: f64) -> EdgeRow {
         EdgeRow {
@@ -332,13 +346,15 @@ mod tests {
                 mtls_share: Some(1.0),
             },
             split_share: None,
-            retries_per_second: 0.0,
-            retry_budget_exhausted: 0,
-            rate_limited: 0,
-            circuit_rejected: 0,
-            circuit: Circuits {
-                closed: 1,
-                ..Circuits::default()
+            resilience: Resilience {
+                retries_per_second: 0.0,
+                retry_budget_exhausted: 0,
+                rate_limited: 0,
+                circuit_rejected: 0,
+                circuit: Circuits {
+                    closed: 1,
+                    ..Circuits::default()
+                },
             },
         }
     }
@@ -365,6 +381,7 @@ mod tests {
                 edge("checkout", "payments.shop:80", 20.0, 0.7, 900.0),
                 edge("shopper", "checkout.shop:80", 80.0, 0.99, 40.0),
             ],
+            destinations: Vec::new(),
             workloads: Vec::new(),
         }
     }
@@ -384,7 +401,7 @@ mod tests {
     #[test]
     fn the_table_shows_numbers_and_an_open_circuit() {
         let mut v = view();
-        v.edges[1].circuit = Circuits {
+        v.edges[1].resilience.circuit = Circuits {
             closed: 1,
             open: 2,
             half_open: 0,

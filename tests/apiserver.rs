@@ -816,6 +816,7 @@ async fn tier5_the_control_plane_reconciles_the_shop_under_its_own_rbac() {
             lease_duration: Duration::from_secs(15),
             concurrency: 4,
             stats: Default::default(),
+            mtls_policies: Default::default(),
         },
         Arc::new(weft::operator::metrics::Metrics::default()),
         Arc::new(AtomicBool::new(false)),

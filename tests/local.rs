@@ -342,10 +342,18 @@ fn the_shop_on_loopback_shows_the_canary_and_masked_failures_and_ctrl_c_cleans_u
     let base = 20000 + (std::process::id() % 120) * 100;
     let mut up = Up::start(
         &state,
-        &["--mode", "loopback", "--base-port", &base.to_string()],
+        &[
+            "--mode",
+            "loopback",
+            "--base-port",
+            &base.to_string(),
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
     );
     let recorded = check_the_shop(&mut up);
     assert_eq!(recorded["mode"], "loopback");
+    check_the_dashboard(&up);
     // Every workload key `up` minted, read while they exist (`down`
     // removes them; the logs stay).
     let keys = files_named(&state, "tls.key")
@@ -393,6 +401,56 @@ fn the_shop_on_loopback_shows_the_canary_and_masked_failures_and_ctrl_c_cleans_u
     }
 }
 
+/// `up` serves the dashboard (#20 item 3): the page, and the stats API
+/// over the same window as in a cluster, with the shop's edges in it.
+fn check_the_dashboard(up: &Up) {
+    let log = up.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.strip_prefix("the dashboard: "))
+        .unwrap_or_else(|| panic!("no dashboard URL in:\n{log}"));
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let get = |path: &str| -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&addr).expect("the dashboard's port");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("answer");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a head");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        (status, body.to_owned())
+    };
+    let (status, page) = get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("dashboard.js"), "{page}");
+    let (status, body) = get("/api/v1/stats?window=60s");
+    assert_eq!(status, 200, "{body}");
+    let stats: Value = serde_json::from_str(&body).expect("stats JSON");
+    let arrows = stats["destinations"].as_array().expect("destinations");
+    assert!(
+        arrows.iter().any(|d| d["src"] == "shopper"
+            && d["dst"] == "checkout.shop:80"
+            && d["requests"].as_u64() > Some(0)),
+        "{stats}"
+    );
+    let (status, body) = get("/api/v1/rollouts");
+    assert_eq!(status, 200, "{body}");
+    let rollouts: Value = serde_json::from_str(&body).expect("rollouts JSON");
+    let payments = &rollouts["rollouts"][0];
+    assert_eq!(
+        (&payments["namespace"], &payments["phase"]),
+        (&Value::from("payments"), &Value::from("Permissive")),
+        "a staged rollout does not advance in weft local: {rollouts}"
+    );
+}
+
 /// Files under `dir` whose name ends with `suffix`.
 fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -427,7 +485,7 @@ fn the_shop_in_network_namespaces_and_down_leaves_nothing() {
     let state = tmp.path().to_owned();
     std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .expect("chmod");
-    let mut up = Up::start(&state, &["--mode", "netns"]);
+    let mut up = Up::start(&state, &["--mode", "netns", "--dashboard", "off"]);
     let recorded = check_the_shop(&mut up);
     assert_eq!(recorded["mode"], "netns");
     assert_eq!(

@@ -88,3 +88,78 @@ async fn weft_edges_reads_the_stats_through_the_service_proxy() {
         .expect_err("too long");
     assert!(format!("{e:#}").contains("outside 1s..10m"), "{e:#}");
 }
+
+/// `weft dashboard` (#20 item 3) forwards the page's own GETs to the
+/// service proxy with the kubeconfig's credentials, and nothing else: no
+/// other path (it would be any API call as the user), no other method,
+/// and no request whose Host is not loopback (DNS rebinding).
+#[tokio::test]
+async fn weft_dashboard_forwards_only_the_pages_own_reads_to_the_service_proxy() {
+    use tower::ServiceExt as _;
+    let (fake, client) = fakeapi::start().await;
+    let prefix = weft::dashboard::proxy::service_proxy_prefix("weft-system");
+    fake.lock()
+        .expect("fake")
+        .objects
+        .insert(format!("{prefix}/api/v1/stats"), stats());
+    let app = weft::dashboard::proxy::router(client, "weft-system");
+    let send = |method: &str, path: &str, host: &str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, host)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let app = app.clone();
+        async move {
+            let rsp = app.oneshot(req).await.expect("answer");
+            let status = rsp.status();
+            let body = axum::body::to_bytes(rsp.into_body(), 1 << 20)
+                .await
+                .expect("body");
+            (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (status, body) = send("GET", "/api/v1/stats?window=5m", "127.0.0.1:7070").await;
+    assert_eq!(status, 200, "{body}");
+    let view: weft::meshstats::StatsView = serde_json::from_str(&body).expect("stats");
+    assert_eq!(view.edges.len(), 2);
+    let asked = fake
+        .lock()
+        .expect("fake")
+        .seen
+        .last()
+        .cloned()
+        .expect("a request");
+    assert_eq!(
+        (asked.path.as_str(), asked.query.as_str()),
+        (format!("{prefix}/api/v1/stats").as_str(), "window=5m")
+    );
+
+    let before = fake.lock().expect("fake").seen.len();
+    for (method, path, host, want) in [
+        (
+            "GET",
+            "/api/v1/namespaces/kube-system/secrets",
+            "127.0.0.1:7070",
+            404,
+        ),
+        (
+            "GET",
+            "/api/v1/stats/../../../secrets",
+            "127.0.0.1:7070",
+            404,
+        ),
+        ("POST", "/api/v1/stats", "127.0.0.1:7070", 405),
+        ("GET", "/api/v1/stats", "attacker.example:7070", 403),
+        ("GET", "/", "127.0.0.1.attacker.example", 403),
+    ] {
+        let (status, body) = send(method, path, host).await;
+        assert_eq!(status, want, "{method} {path} (Host {host}): {body}");
+    }
+    assert_eq!(
+        fake.lock().expect("fake").seen.len(),
+        before,
+        "nothing refused reached the API server"
+    );
+}

@@ -69,8 +69,28 @@ pub struct UpArgs {
     /// default refreshes in place on a terminal and stays quiet otherwise).
     #[arg(long, value_parser = crate::api::parse_std_duration)]
     pub status_every: Option<std::time::Duration>,
+    /// Where to serve the web dashboard (`off`: nowhere). Not 7070, which
+    /// `weft dashboard` takes for a cluster's.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub dashboard: DashboardAddr,
     #[command(flatten)]
     pub state: StateArgs,
+}
+
+/// `--dashboard`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DashboardAddr(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for DashboardAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(DashboardAddr(None));
+        }
+        s.parse()
+            .map(|a| DashboardAddr(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address; give IP:PORT (127.0.0.1:7080) or off"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -19,7 +19,7 @@ use super::statedir::{self, PodUser};
 use super::status::{self, Snapshot, View};
 use super::{Format, ModeArg, StateArgs, StatusArgs, UpArgs, topology};
 use crate::identity::{CA_LIFETIME, MeshCa, SpiffeId};
-use crate::meshstats::{MeshStats, ProxyCounts, Reading};
+use crate::meshstats::{MeshStats, ProxyCounts, Reading, SharedStats};
 use crate::netns::{self, Network};
 use crate::proxy::PROXY_UID;
 
@@ -257,21 +257,39 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             .then_some(Duration::from_secs(2)),
     };
     let tty = std::io::stdout().is_terminal();
+    // The proxies are read as often as the table is printed, else every
+    // DASHBOARD_TICK while the dashboard is served (its window needs
+    // ticks); ten minutes of them are kept either way.
+    let period = every.map_or(DASHBOARD_TICK, |e| e.max(Duration::from_millis(100)));
     // The baseline of the tables' window: the first one drawn has rates.
-    let mut earlier = Pictures::default();
+    let mut earlier = Pictures {
+        earlier: None,
+        stats: Arc::new(std::sync::Mutex::new(MeshStats::reading_every(period))),
+    };
     picture(&state, &mut earlier);
+    let dashboard = args
+        .dashboard
+        .0
+        .and_then(|addr| serve_dashboard(addr, earlier.stats.clone(), &loaded.facts.mtls_policies));
+    if let Some(url) = &dashboard {
+        println!("the dashboard: {url}");
+    }
     let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        if let Some(every) = every
-            && Instant::now() >= next
-        {
-            next = Instant::now() + every;
+        if (every.is_some() || dashboard.is_some()) && Instant::now() >= next {
+            next = Instant::now() + period;
             let view = picture(&state, &mut earlier);
-            if tty {
-                print!("\x1b[H\x1b[2J");
+            if every.is_some() {
+                if tty {
+                    print!("\x1b[H\x1b[2J");
+                }
+                let url = dashboard
+                    .as_deref()
+                    .map(|u| format!(", the dashboard at {u}"))
+                    .unwrap_or_default();
+                println!("{}(Ctrl-C stops the mesh{url})", status::render(&view));
+                let _ = std::io::stdout().flush();
             }
-            println!("{}(Ctrl-C stops the mesh)", status::render(&view));
-            let _ = std::io::stdout().flush();
         }
         if let Some(dead) = exited(&mut running) {
             eprintln!("weft local: {dead} exited; stopping everything");
@@ -287,6 +305,96 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         dir.join("logs").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the proxies are read for the dashboard when no table is
+/// printed (a cluster's control plane reads every 10 s).
+const DASHBOARD_TICK: Duration = Duration::from_secs(2);
+
+/// Serves the dashboard ([`crate::dashboard`]) on `addr` from a thread of
+/// its own: the stats `up` records, and the MTLSPolicies of the manifests.
+/// Returns its URL, or None (said on stderr) when `addr` cannot be bound:
+/// the mesh runs on without it.
+fn serve_dashboard(
+    addr: SocketAddr,
+    stats: SharedStats,
+    policies: &[crate::api::MTLSPolicy],
+) -> Option<String> {
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "weft local: no dashboard on {addr}: it is served on loopback only (--dashboard 127.0.0.1:PORT)"
+        );
+        return None;
+    }
+    let listener = match std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "weft local: no dashboard: binding {addr}: {e} (choose another address with --dashboard, or --dashboard off)"
+            );
+            return None;
+        }
+    };
+    let url = format!("http://{}/", listener.local_addr().ok()?);
+    let rollouts = local_rollouts(policies);
+    let sources = crate::dashboard::Sources::new(stats, Arc::new(move || rollouts.clone()));
+    std::thread::Builder::new()
+        .name("dashboard".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return eprintln!("weft local: no dashboard: {e}"),
+            };
+            rt.block_on(async move {
+                let served = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        let app =
+                            crate::dashboard::loopback_only(crate::dashboard::router(sources));
+                        axum::serve(l, app).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = served {
+                    eprintln!("weft local: the dashboard stopped: {e}");
+                }
+            });
+        })
+        .ok()?;
+    Some(url)
+}
+
+/// The rollouts `weft local` shows: no operator runs here, so no staged
+/// rollout advances; each namespace runs as the compiler derives from its
+/// policy (a staged Strict stays Permissive, an immediate one is Strict).
+fn local_rollouts(policies: &[crate::api::MTLSPolicy]) -> crate::dashboard::RolloutsView {
+    use crate::api::{MtlsMode, RolloutStrategy};
+    use kube::ResourceExt as _;
+    let mut view = crate::dashboard::RolloutsView::of(policies);
+    for row in &mut view.rollouts {
+        let Some(p) = policies
+            .iter()
+            .find(|p| p.namespace().as_deref() == Some(&row.namespace) && p.name_any() == row.name)
+        else {
+            continue;
+        };
+        if row.phase.is_none() {
+            let phase = match (p.spec.mode, p.spec.rollout.strategy) {
+                (MtlsMode::Strict, RolloutStrategy::Immediate) => "Strict",
+                _ => "Permissive",
+            };
+            row.phase = Some(phase.to_owned());
+        }
+    }
+    view.note = Some(
+        "weft local runs no operator: a staged move to Strict does not advance here (it stays Permissive); install weft on a cluster to see the rollout's phases".to_owned(),
+    );
+    view
 }
 
 /// In network namespaces the proxy and the app run as their own users
@@ -762,14 +870,15 @@ const STATUS_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Default)]
 struct Pictures {
     earlier: Option<(Snapshot, Instant)>,
-    stats: MeshStats,
+    /// Shared with the dashboard `up` serves.
+    stats: SharedStats,
 }
 
 /// The status view now, with rates since the previous call.
 fn picture(state: &State, pictures: &mut Pictures) -> View {
     let (now, readings, reachable) = scrape(state);
     let at = Instant::now();
-    pictures.stats.record(SystemTime::now(), readings);
+    crate::proxy::resilience::lock(&pictures.stats).record(SystemTime::now(), readings);
     let (before, seconds) = match pictures.earlier.as_ref() {
         Some((snap, t)) => (Some(snap), at.duration_since(*t).as_secs_f64()),
         None => (None, 0.0),
@@ -779,7 +888,7 @@ fn picture(state: &State, pictures: &mut Pictures) -> View {
         reachable,
         edges: status::view(&now, before, seconds),
         servers: status::server_view(&now, before, seconds),
-        stats: pictures.stats.view(STATUS_WINDOW),
+        stats: crate::proxy::resilience::lock(&pictures.stats).view(STATUS_WINDOW),
     };
     pictures.earlier = Some((now, at));
     view

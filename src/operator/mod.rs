@@ -44,6 +44,28 @@ pub struct Options {
     /// Where the proxies' golden signals are kept for the stats API
     /// ([`collect_stats`]).
     pub stats: crate::meshstats::SharedStats,
+    /// Where this replica's MTLSPolicy cache is published once its watch
+    /// starts, for the dashboard's rollouts API ([`crate::dashboard`]).
+    pub mtls_policies: MtlsPolicyCache,
+}
+
+/// The operator's MTLSPolicy cache, once it exists.
+pub type MtlsPolicyCache =
+    Arc<std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::MTLSPolicy>>>;
+
+/// The rollouts API's source: every MTLSPolicy in `cache`.
+pub fn rollouts_source(cache: MtlsPolicyCache) -> crate::dashboard::RolloutsSource {
+    Arc::new(move || match cache.get() {
+        Some(store) => {
+            let policies = store.state();
+            crate::dashboard::RolloutsView::of(policies.iter().map(|p| &**p))
+        }
+        None => crate::dashboard::RolloutsView {
+            version: crate::meshstats::API_VERSION.to_owned(),
+            rollouts: Vec::new(),
+            note: Some("the control plane has not listed the MTLSPolicies yet".to_owned()),
+        },
+    })
 }
 
 /// Proxies read at once by [`collect_stats`].
@@ -122,28 +144,6 @@ async fn collect_stats_every(
     }
 }
 
-/// `GET /api/v1/stats?window=60s`: the golden signals per edge and per
-/// workload over the window (default one minute, at most ten).
-async fn stats_api(
-    stats: crate::meshstats::SharedStats,
-    query: axum::extract::Query<StatsQuery>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    let window = match query.window.as_deref().map(crate::meshstats::parse_window) {
-        None => std::time::Duration::from_secs(60),
-        Some(Ok(w)) => w,
-        Some(Err(why)) => return (http::StatusCode::BAD_REQUEST, why).into_response(),
-    };
-    // Under the lock only the list of ticks is copied.
-    let ticks = crate::proxy::resilience::lock(&stats).window(window);
-    axum::Json(crate::meshstats::view_of(&ticks)).into_response()
-}
-
-#[derive(serde::Deserialize)]
-struct StatsQuery {
-    window: Option<String>,
-}
-
 /// `/livez`, `/readyz` and `/metrics` of the control plane. `ready` says
 /// whether this replica can serve (caches synced, webhook certificate
 /// loaded, not shutting down); it does not depend on leading, so standby
@@ -155,14 +155,10 @@ pub async fn serve_admin(
     listen: SocketAddr,
     metrics: Arc<metrics::Metrics>,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
-    stats: crate::meshstats::SharedStats,
+    dashboard: crate::dashboard::Sources,
 ) -> anyhow::Result<()> {
-    let app = axum::Router::new()
+    let app = crate::dashboard::router(dashboard)
         .route("/livez", get(|| async { "ok" }))
-        .route(
-            "/api/v1/stats",
-            get(move |query: axum::extract::Query<StatsQuery>| stats_api(stats.clone(), query)),
-        )
         .route(
             "/readyz",
             get(move || {
@@ -197,7 +193,10 @@ pub async fn serve_admin(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the admin listener on {listen}"))?;
-    tracing::info!(%listen, "admin server (/livez /readyz /metrics /api/v1/stats)");
+    tracing::info!(
+        %listen,
+        "admin server (/livez /readyz /metrics, the dashboard at / and its API under /api/v1/)"
+    );
     // Bounded as the proxy's admin port is: slow or idle clients are cut
     // off, and at most this many connections are open at once.
     let cap = crate::proxy::server::ConnLimit::new(ADMIN_MAX_CONNECTIONS, Default::default());
@@ -228,6 +227,17 @@ pub async fn run(
 ) {
     let writers = world::Writers::default();
     let world = writers.world();
+    // Published once listed, so the rollouts API never says "none" for a
+    // cache that has not listed yet. Run is called once per process; a
+    // second call keeps the first cache.
+    tokio::spawn({
+        let (store, cell) = (world.mtls_policies.clone(), opts.mtls_policies.clone());
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                let _ = cell.set(store);
+            }
+        }
+    });
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let (leading_tx, leading) = watch::channel(false);
     world::watch_all(
@@ -911,7 +921,7 @@ mod stats_tests {
             addr,
             Arc::default(),
             Arc::new(|| true),
-            stats.clone(),
+            crate::dashboard::Sources::new(stats.clone(), rollouts_source(Arc::default())),
         ));
         let mut answer = None;
         for _ in 0..100 {
