@@ -61,6 +61,65 @@ pub struct ProxyConfig {
     pub trust_domain: String,
     pub inbound: InboundConfig,
     pub outbound: OutboundConfig,
+    /// Where spans go, when the Mesh turns tracing on (optional: a proxy
+    /// of an older minor ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// The Mesh's `tracing`, checked and split for the proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingConfig {
+    /// The collector, `host:port`.
+    pub collector: String,
+    /// The OTLP/HTTP path, `/v1/traces` by default.
+    pub path: String,
+    /// The share of new traces recorded, 0.0 to 1.0.
+    pub sampling: f64,
+}
+
+impl TracingConfig {
+    /// The Mesh's settings, or why they cannot be used.
+    pub fn from_settings(s: &crate::api::TracingSettings) -> Result<Self, String> {
+        let rest = s.collector.strip_prefix("http://").ok_or_else(|| {
+            format!(
+                "tracing.collector {:?}: give a plain-HTTP OTLP endpoint, http://HOST:PORT (for example http://otel-collector.observability:4318)",
+                s.collector
+            )
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/v1/traces"),
+        };
+        let uri: http::uri::Authority = authority.parse().map_err(|_| {
+            format!(
+                "tracing.collector {:?}: {authority:?} is not HOST or HOST:PORT",
+                s.collector
+            )
+        })?;
+        if authority.contains('@') || uri.host().is_empty() {
+            return Err(format!(
+                "tracing.collector {:?}: name the collector as HOST or HOST:PORT, without credentials",
+                s.collector
+            ));
+        }
+        if !(0.0..=100.0).contains(&s.sampling_percent) {
+            return Err(format!(
+                "tracing.samplingPercent {}: give a percentage from 0 to 100",
+                s.sampling_percent
+            ));
+        }
+        Ok(TracingConfig {
+            collector: format!("{}:{}", uri.host(), uri.port_u16().unwrap_or(4318)),
+            path: if path == "/" {
+                "/v1/traces".to_owned()
+            } else {
+                path.to_owned()
+            },
+            sampling: s.sampling_percent / 100.0,
+        })
+    }
 }
 
 /// What the namespace's proxies admit.
@@ -661,6 +720,7 @@ mod tests {
                 },
                 services: vec![],
             },
+            tracing: None,
         }
         .seal()
     }

@@ -49,6 +49,32 @@ pub struct MeshSpec {
     // their injection hash.
     #[serde(default, skip_serializing_if = "InitSettings::is_default")]
     pub init: InitSettings,
+    /// Distributed tracing: every proxy propagates W3C `traceparent`, and
+    /// with this set records a span per request it handles and exports
+    /// them over OTLP/HTTP to the collector named here. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSettings>,
+}
+
+/// Where proxies send their spans, and how many traces they start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSettings {
+    /// The collector's OTLP/HTTP endpoint, plain HTTP:
+    /// `http://otel-collector.observability:4318` (the path defaults to
+    /// `/v1/traces`, the port to 4318).
+    #[schemars(regex(pattern = r"^http://[^/?#@\s]+(/[^?#\s]*)?$"), length(max = 512))]
+    pub collector: String,
+    /// Of the requests that arrive without a sampling decision (no valid
+    /// `traceparent`), the percentage whose new trace is recorded, 0 to
+    /// 100. A request that carries a decision keeps it.
+    #[serde(default = "default_sampling_percent")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub sampling_percent: f64,
+}
+
+fn default_sampling_percent() -> f64 {
+    1.0
 }
 
 impl Default for MeshSpec {
@@ -59,6 +85,7 @@ impl Default for MeshSpec {
             proxy: ProxyDefaults::default(),
             sidecar_mode: SidecarMode::default(),
             init: InitSettings::default(),
+            tracing: None,
         }
     }
 }

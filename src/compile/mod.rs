@@ -78,6 +78,11 @@ pub(crate) type ServiceKey = (String, String);
 pub fn compile(facts: &ClusterFacts) -> Compiled {
     let mut verdicts = verdict::Verdicts::default();
     let mesh = mesh_spec(facts, &mut verdicts);
+    // Checked (and said in the Mesh's status) by `mesh_spec`.
+    let tracing = mesh
+        .tracing
+        .as_ref()
+        .and_then(|t| crate::config::TracingConfig::from_settings(t).ok());
 
     let services: BTreeMap<ServiceKey, &Service> = facts
         .services
@@ -161,6 +166,7 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
                 defaults: defaults.clone(),
                 services,
             },
+            tracing: tracing.clone(),
         }
         .seal();
         configs.insert(ns.clone(), config);
@@ -201,7 +207,24 @@ fn mesh_spec(facts: &ClusterFacts, verdicts: &mut verdict::Verdicts) -> MeshSpec
         if mesh.name_any() == MESH_NAME {
             v.accept();
             v.resolved();
-            v.programmed("in force mesh-wide".to_owned());
+            // Tracing that cannot be used is off, said here; the rest of
+            // the Mesh is in force either way.
+            let tracing = match mesh
+                .spec
+                .tracing
+                .as_ref()
+                .map(crate::config::TracingConfig::from_settings)
+            {
+                Some(Err(why)) => format!("; tracing is off: {why}"),
+                Some(Ok(t)) => format!(
+                    "; spans of {}% of new traces go to {}{}",
+                    t.sampling * 100.0,
+                    t.collector,
+                    t.path
+                ),
+                None => String::new(),
+            };
+            v.programmed(format!("in force mesh-wide{tracing}"));
             chosen = Some(mesh.spec.clone());
         } else {
             v.reject(

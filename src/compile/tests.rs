@@ -938,3 +938,62 @@ fn mesh_singleton_sets_the_trust_domain() {
     let other = cond(verdict(&c, PolicyKind::Mesh, "other"), conditions::ACCEPTED);
     assert_eq!((other.status, other.reason), (false, reason::INVALID));
 }
+
+/// The Mesh's `tracing` reaches every namespace's config, checked: a
+/// collector that is not plain HTTP turns tracing off and says why in the
+/// Mesh's status, while the rest of the Mesh stays in force.
+#[test]
+fn mesh_tracing_reaches_every_config_or_says_why_not() {
+    let mut f = base();
+    let mesh = |collector: &str, percent: f64| -> Mesh {
+        serde_json::from_value(json!({
+            "metadata": meta(None, "default", None),
+            "spec": {"trustDomain": "shop.example",
+                     "tracing": {"collector": collector, "samplingPercent": percent}},
+        }))
+        .expect("mesh")
+    };
+    f.meshes = vec![mesh("http://otel-collector.observability", 5.0)];
+    let c = compile(&f);
+    let t = c.configs["shop"].tracing.clone().expect("tracing");
+    assert_eq!(
+        (t.collector.as_str(), t.path.as_str(), t.sampling),
+        ("otel-collector.observability:4318", "/v1/traces", 0.05)
+    );
+    let said = &cond(
+        verdict(&c, PolicyKind::Mesh, "default"),
+        conditions::PROGRAMMED,
+    )
+    .message;
+    assert!(
+        said.contains("otel-collector.observability:4318/v1/traces"),
+        "{said}"
+    );
+
+    for (collector, percent, why) in [
+        ("https://otel.example:4318", 1.0, "plain-HTTP"),
+        (
+            "http://user:pw@otel.example:4318",
+            1.0,
+            "without credentials",
+        ),
+        ("http://otel.example:4318", 150.0, "from 0 to 100"),
+    ] {
+        f.meshes = vec![mesh(collector, percent)];
+        let c = compile(&f);
+        assert_eq!(c.configs["shop"].tracing, None, "{collector}");
+        assert_eq!(
+            c.configs["shop"].trust_domain, "shop.example",
+            "the rest holds"
+        );
+        let said = &cond(
+            verdict(&c, PolicyKind::Mesh, "default"),
+            conditions::PROGRAMMED,
+        )
+        .message;
+        assert!(
+            said.contains("tracing is off") && said.contains(why),
+            "{said}"
+        );
+    }
+}

@@ -645,29 +645,8 @@ impl Serialize for Rfc3339Millis {
 /// `version-traceid-parentid-flags`, lowercase hex, version not `ff`, ids
 /// not all zeros; a version above 00 may carry more fields after the four.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
-    let mut fields = value.split('-');
-    let (ver, trace, parent, flags) = (
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-        fields.next()?,
-    );
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let zeros = |s: &str| s.bytes().all(|b| b == b'0');
-    let valid = hex(ver, 2)
-        && ver != "ff"
-        && hex(trace, 32)
-        && !zeros(trace)
-        && hex(parent, 16)
-        && !zeros(parent)
-        && hex(flags, 2)
-        && (ver != "00" || fields.next().is_none());
-    valid.then(|| trace.to_owned())
+    let parent = super::trace::Parent::parse(headers.get("traceparent")?)?;
+    Some(format!("{:032x}", parent.trace))
 }
 
 /// Where a body's byte count goes.

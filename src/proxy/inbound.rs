@@ -476,6 +476,7 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
         line.record().to_app(conn.app.addr, conn.peer_id.is_some());
         line
     });
+    let span = proxy.trace(super::trace::Kind::Server, || None, &mut req);
     // Rules match, and the app receives, the normalised path.
     let access = normalize_uri(&mut req).map(|()| {
         authorize(
@@ -531,6 +532,9 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
         EdgeSeries::new(&proxy.metrics, edge, tls)
     });
     series.record(&proxy.metrics, rsp.status(), started);
+    if let Some(span) = span {
+        span.end(&rsp);
+    }
     match logged {
         Some(line) => line.finish(rsp),
         None => rsp,

@@ -191,6 +191,12 @@ pub struct DenialLabels {
     pub protocol: String,
 }
 
+/// Why spans were dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: Direction,
@@ -265,6 +271,8 @@ pub struct ProxyMetrics {
     pub retry_unbuffered: Counter,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Spans exported, and dropped (queue full, collector failing).
+    pub trace: crate::proxy::trace::TraceMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -467,10 +475,22 @@ impl ProxyMetrics {
             "Access-log lines dropped because stdout fell behind (more than 256 KiB waiting)",
             access_log_dropped.clone(),
         );
+        let trace = crate::proxy::trace::TraceMetrics::default();
+        registry.register(
+            "spans_exported",
+            "Spans the tracing collector took",
+            trace.exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans dropped: the export queue was full (queue-full) or the collector failed (collector)",
+            trace.dropped.clone(),
+        );
         Self {
             registry,
             bounds: LabelBounds::default(),
             access_log_dropped,
+            trace,
             connections_over_limit,
             connections_over_source_share,
             retry_unbuffered,

@@ -21,6 +21,7 @@ pub mod resilience;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod trace;
 pub mod watch;
 
 use std::net::{IpAddr, SocketAddr};
@@ -321,9 +322,29 @@ pub struct Proxy {
     pub probe_connections: Arc<server::ConnLimit>,
     /// Where access-log lines go, when they are on.
     pub access_log: Option<Arc<accesslog::AccessLog>>,
+    /// Spans, when the config turns tracing on ([`trace`]).
+    pub tracing: trace::Tracing,
 }
 
 impl Proxy {
+    /// Begins `req`'s span if the config in force turns tracing on
+    /// ([`trace::Tracing::begin`]).
+    pub fn trace(
+        &self,
+        kind: trace::Kind,
+        server: impl FnOnce() -> Option<String>,
+        req: &mut http::body::Request,
+    ) -> Option<trace::Started> {
+        let snapshot = self.store.load()?;
+        self.tracing.begin(
+            snapshot.config.tracing.as_ref(),
+            &snapshot.config.namespace,
+            kind,
+            server,
+            req,
+        )
+    }
+
     /// Ready: config loaded, listeners bound, and an identity loaded when
     /// one is configured.
     pub fn ready(&self) -> bool {
@@ -436,6 +457,7 @@ impl Proxy {
             admin_connections: conn_limit(&metrics, "admin", args.admin_max_connections),
             probe_connections: conn_limit(&metrics, "probe", args.admin_max_connections),
             access_log: access_log(args, &metrics, access_log_to)?,
+            tracing: trace::Tracing::new(&args.workload, metrics.trace.clone()),
             metrics,
         }))
     }

@@ -125,12 +125,20 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                             });
                             line
                         });
+                        let span = p.trace(
+                            super::trace::Kind::Client,
+                            || Some(target_label(&target)),
+                            &mut req,
+                        );
                         let rsp = match dispatch(&p, &target, req).await {
                             Ok(rsp) => rsp,
                             Err(e) => {
                                 errors::response(&errors::classify(&e, &target_label(&target)))
                             }
                         };
+                        if let Some(span) = span {
+                            span.end(&rsp);
+                        }
                         match logged {
                             Some(line) => line.finish(rsp),
                             None => rsp,

@@ -1,0 +1,607 @@
+//! Distributed tracing: W3C Trace Context
+//! (<https://www.w3.org/TR/trace-context/>) on every hop, and spans
+//! exported over OTLP/HTTP when the Mesh names a collector
+//! (`spec.tracing`, compiled into the config's `tracing`).
+//!
+//! Without `tracing` the proxy passes `traceparent` and `tracestate` on as
+//! they came (it forwards every header): nothing is read or written.
+//!
+//! With it, each HTTP request the proxy handles:
+//! - keeps the trace and the sampling decision of a valid `traceparent`;
+//!   without one (or with an invalid one) it starts a trace, sampled with
+//!   the Mesh's probability. The decision travels in the flags, so every
+//!   later hop keeps it and a trace is recorded whole or not at all.
+//! - gets a span of its own: CLIENT for outbound (as the caller's sidecar
+//!   sends it), SERVER for inbound (as the callee's receives it). The
+//!   `traceparent` sent on names this span as the parent, so the caller's
+//!   client span is the parent of the callee's server span, and the app's
+//!   own spans nest under the server span. `tracestate` is not touched.
+//! - if sampled, its span is queued when the response head arrives (its
+//!   end), with OpenTelemetry's HTTP semantic-convention attributes.
+//!
+//! Export never slows a request: spans wait in a bounded queue
+//! ([`QUEUE_SPANS`]) that a thread of its own sends in batches
+//! ([`BATCH_SPANS`], or every [`EXPORT_EVERY`]) as OTLP/HTTP JSON. A full
+//! queue, or a collector that refuses or does not answer, drops spans and
+//! counts them (`weft_proxy_spans_dropped_total{reason}`); a failing
+//! collector is logged once per outage. Hand-written rather than the
+//! `opentelemetry-otlp` crate: see the README's "Tracing" for the memory
+//! figures behind the choice.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderValue;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use super::http::body::Request;
+use super::metrics::ReasonLabels;
+use crate::config::TracingConfig;
+
+/// Spans waiting for export at most (about 300 bytes each).
+pub const QUEUE_SPANS: usize = 1024;
+/// Spans per export request at most.
+pub const BATCH_SPANS: usize = 256;
+/// How long spans wait for a batch to fill.
+pub const EXPORT_EVERY: Duration = Duration::from_secs(1);
+/// A collector gets this long to connect and this long to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest `url.path` a span carries.
+const MAX_PATH: usize = 256;
+
+/// A span's kind, as OTLP numbers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Inbound: the request as this pod's sidecar received it.
+    Server = 2,
+    /// Outbound: the request as this pod's sidecar sent it on.
+    Client = 3,
+}
+
+/// A valid `traceparent`'s fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub trace: u128,
+    pub span: u64,
+    pub flags: u8,
+}
+
+impl Parent {
+    /// Parses a `traceparent` value
+    /// (<https://www.w3.org/TR/trace-context/#traceparent-header>):
+    /// `version-traceid-parentid-flags`, lowercase hex, version not `ff`,
+    /// ids not all zeros; a version above 00 may carry more fields.
+    pub fn parse(value: &HeaderValue) -> Option<Self> {
+        let value = value.to_str().ok()?;
+        let mut fields = value.split('-');
+        let (ver, trace, span, flags) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let valid = hex(ver, 2)
+            && ver != "ff"
+            && hex(trace, 32)
+            && hex(span, 16)
+            && hex(flags, 2)
+            && (ver != "00" || fields.next().is_none());
+        if !valid {
+            return None;
+        }
+        let parent = Parent {
+            trace: u128::from_str_radix(trace, 16).ok()?,
+            span: u64::from_str_radix(span, 16).ok()?,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        };
+        (parent.trace != 0 && parent.span != 0).then_some(parent)
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The header value, version 00 (the version this proxy writes).
+    pub fn header(&self) -> HeaderValue {
+        let text = format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace, self.span, self.flags
+        );
+        HeaderValue::from_str(&text).expect("hex digits and dashes")
+    }
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn nonzero_u128() -> u128 {
+    loop {
+        let v = fastrand::u128(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// One span, as exported.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace: u128,
+    pub id: u64,
+    pub parent: Option<u64>,
+    pub kind: Kind,
+    pub method: http::Method,
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub status: Option<u16>,
+    /// `url.path`, cut at [`MAX_PATH`].
+    pub path: String,
+    /// Outbound: the Service or address called; inbound: None.
+    pub server: Option<String>,
+    /// The proxy's own answer (`weft-proxy-error`), if it answered.
+    pub proxy_error: Option<&'static str>,
+}
+
+/// What a [`Tracer`] counts.
+#[derive(Clone, Default)]
+pub struct TraceMetrics {
+    pub exported: Counter,
+    pub dropped: Family<ReasonLabels, Counter>,
+}
+
+impl TraceMetrics {
+    fn drop_spans(&self, reason: &str, n: usize) {
+        self.dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n as u64);
+    }
+}
+
+/// Records spans for one collector, while the config names it.
+pub struct Tracer {
+    config: TracingConfig,
+    queue: SyncSender<Span>,
+    metrics: TraceMetrics,
+}
+
+/// The proxy's tracer: the one the config in force names, made when the
+/// config first names it and replaced when it names another collector.
+/// The exporter of a tracer no longer named sends what it holds and ends.
+pub struct Tracing {
+    current: arc_swap::ArcSwapOption<Tracer>,
+    making: Mutex<()>,
+    /// `service.name` and `k8s.namespace.name` of the spans.
+    workload: Arc<str>,
+    metrics: TraceMetrics,
+}
+
+/// A request's span, begun: ended (and queued, if sampled) by
+/// [`Started::end`].
+pub struct Started {
+    tracer: Arc<Tracer>,
+    ctx: Parent,
+    parent: Option<u64>,
+    kind: Kind,
+    method: http::Method,
+    path: String,
+    server: Option<String>,
+    start: SystemTime,
+    began: Instant,
+}
+
+impl Tracing {
+    pub fn new(workload: &str, metrics: TraceMetrics) -> Self {
+        Tracing {
+            current: arc_swap::ArcSwapOption::empty(),
+            making: Mutex::new(()),
+            workload: workload.into(),
+            metrics,
+        }
+    }
+
+    /// The tracer for `config`'s collector (None: tracing is off).
+    fn tracer(&self, config: Option<&TracingConfig>, namespace: &str) -> Option<Arc<Tracer>> {
+        let Some(config) = config else {
+            if self.current.load().is_some() {
+                self.current.store(None);
+            }
+            return None;
+        };
+        if let Some(t) = self.current.load_full().filter(|t| &t.config == config) {
+            return Some(t);
+        }
+        let _one = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = self.current.load_full().filter(|t| &t.config == config) {
+            return Some(t);
+        }
+        let tracer = match Tracer::start(
+            config.clone(),
+            &self.workload,
+            namespace,
+            self.metrics.clone(),
+        ) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "tracing: the exporter thread did not start; spans are not recorded");
+                return None;
+            }
+        };
+        self.current.store(Some(tracer.clone()));
+        Some(tracer)
+    }
+
+    /// Begins `req`'s span when the config in force turns tracing on:
+    /// reads (or starts) its trace and sets the `traceparent` it goes on
+    /// with. `server`: the destination an outbound request is sent to.
+    pub fn begin(
+        &self,
+        config: Option<&TracingConfig>,
+        namespace: &str,
+        kind: Kind,
+        server: impl FnOnce() -> Option<String>,
+        req: &mut Request,
+    ) -> Option<Started> {
+        let tracer = self.tracer(config, namespace)?;
+        let incoming = req.headers().get("traceparent").and_then(Parent::parse);
+        let (trace, parent, flags) = match incoming {
+            Some(p) => (p.trace, Some(p.span), p.flags),
+            None => {
+                let sampled = fastrand::f64() < tracer.config.sampling;
+                (nonzero_u128(), None, u8::from(sampled))
+            }
+        };
+        let ctx = Parent {
+            trace,
+            span: nonzero_u64(),
+            flags,
+        };
+        req.headers_mut().insert(
+            http::header::HeaderName::from_static("traceparent"),
+            ctx.header(),
+        );
+        // What only a recorded span needs is copied only for one.
+        let (path, server) = if ctx.sampled() {
+            let path = req.uri().path();
+            let mut end = path.len().min(MAX_PATH);
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            (path[..end].to_owned(), server())
+        } else {
+            (String::new(), None)
+        };
+        Some(Started {
+            tracer,
+            ctx,
+            parent,
+            kind,
+            method: req.method().clone(),
+            path,
+            server,
+            start: SystemTime::now(),
+            began: Instant::now(),
+        })
+    }
+}
+
+impl Started {
+    /// The response head arrived (or the proxy answered itself): the
+    /// span ends, and is queued if its trace is sampled.
+    pub fn end(self, rsp: &super::http::body::Response) {
+        if !self.ctx.sampled() {
+            return;
+        }
+        let status = Some(rsp.status().as_u16());
+        let proxy_error = rsp
+            .extensions()
+            .get::<super::accesslog::ProxyAnswer>()
+            .map(|a| a.0);
+        let span = Span {
+            trace: self.ctx.trace,
+            id: self.ctx.span,
+            parent: self.parent,
+            kind: self.kind,
+            method: self.method,
+            start: self.start,
+            duration: self.began.elapsed(),
+            status,
+            path: self.path,
+            server: self.server,
+            proxy_error,
+        };
+        match self.tracer.queue.try_send(span) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.tracer.metrics.drop_spans("queue-full", 1),
+            Err(TrySendError::Disconnected(_)) => {
+                self.tracer.metrics.drop_spans("exporter-gone", 1)
+            }
+        }
+    }
+}
+
+/// Who the spans come from (OTLP's resource).
+#[derive(Clone)]
+struct Resource {
+    workload: Arc<str>,
+    namespace: String,
+}
+
+impl Tracer {
+    fn start(
+        config: TracingConfig,
+        workload: &Arc<str>,
+        namespace: &str,
+        metrics: TraceMetrics,
+    ) -> std::io::Result<Self> {
+        let (queue, spans) = std::sync::mpsc::sync_channel(QUEUE_SPANS);
+        let resource = Resource {
+            workload: workload.clone(),
+            namespace: namespace.to_owned(),
+        };
+        let (c, m) = (config.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name("weft-trace-export".into())
+            .spawn(move || export(spans, &c, &resource, &m))?;
+        Ok(Tracer {
+            config,
+            queue,
+            metrics,
+        })
+    }
+}
+
+/// The exporter thread: batches until every sender is gone.
+fn export(
+    spans: Receiver<Span>,
+    config: &TracingConfig,
+    resource: &Resource,
+    metrics: &TraceMetrics,
+) {
+    let mut batch: Vec<Span> = Vec::with_capacity(BATCH_SPANS);
+    let mut failing = false;
+    let mut since = Instant::now();
+    loop {
+        let gone = match spans.recv_timeout(EXPORT_EVERY.saturating_sub(since.elapsed())) {
+            Ok(span) => {
+                batch.push(span);
+                while batch.len() < BATCH_SPANS {
+                    match spans.try_recv() {
+                        Ok(span) => batch.push(span),
+                        Err(_) => break,
+                    }
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if !batch.is_empty()
+            && (gone || batch.len() >= BATCH_SPANS || since.elapsed() >= EXPORT_EVERY)
+        {
+            let body = otlp_json(&batch, resource);
+            match post(config, &body) {
+                Ok(status) if (200..300).contains(&status) => {
+                    metrics.exported.inc_by(batch.len() as u64);
+                    if failing {
+                        tracing::info!(collector = %config.collector, "tracing: the collector takes spans again");
+                    }
+                    failing = false;
+                }
+                result => {
+                    metrics.drop_spans("collector", batch.len());
+                    if !failing {
+                        let why = match result {
+                            Ok(status) => format!("answered {status}"),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::warn!(collector = %config.collector, %why, "tracing: spans are dropped and counted until the collector takes them");
+                    }
+                    failing = true;
+                }
+            }
+            batch.clear();
+        }
+        if batch.is_empty() {
+            since = Instant::now();
+        }
+        if gone {
+            return;
+        }
+    }
+}
+
+/// POSTs `body` to the collector; its status code.
+fn post(config: &TracingConfig, body: &[u8]) -> std::io::Result<u16> {
+    let addrs: Vec<SocketAddr> = config.collector.to_socket_addrs()?.collect();
+    let mut last = std::io::Error::other(format!("{} resolves to no address", config.collector));
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(mut s) => {
+                s.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+                s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+                write!(
+                    s,
+                    "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    config.path,
+                    config.collector,
+                    body.len()
+                )?;
+                s.write_all(body)?;
+                // The status line is all that is read.
+                let mut head = [0u8; 64];
+                let mut n = 0;
+                while n < 12 {
+                    let got = s.read(&mut head[n..])?;
+                    if got == 0 {
+                        break;
+                    }
+                    n += got;
+                }
+                let line = std::str::from_utf8(&head[..n]).unwrap_or("");
+                return line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn nanos(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The OTLP/HTTP JSON request for `spans`
+/// (<https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding>:
+/// ids as hex, 64-bit integers as strings, enums as numbers).
+fn otlp_json(spans: &[Span], resource: &Resource) -> Vec<u8> {
+    use serde_json::{Value, json};
+    let attr = |key: &str, value: Value| json!({"key": key, "value": value});
+    let s = |v: &str| json!({"stringValue": v});
+    let spans: Vec<Value> = spans
+        .iter()
+        .map(|sp| {
+            let mut attributes = vec![
+                attr("http.request.method", s(sp.method.as_str())),
+                attr("url.path", s(sp.path.as_str())),
+            ];
+            if let Some(status) = sp.status {
+                attributes.push(attr(
+                    "http.response.status_code",
+                    json!({"intValue": status.to_string()}),
+                ));
+            }
+            if let Some(server) = &sp.server {
+                attributes.push(attr("server.address", s(server.as_str())));
+            }
+            if let Some(e) = sp.proxy_error {
+                attributes.push(attr("weft.proxy_error", s(e)));
+            }
+            let failed = sp.status.is_none_or(|c| c >= 500);
+            let mut span = json!({
+                "traceId": format!("{:032x}", sp.trace),
+                "spanId": format!("{:016x}", sp.id),
+                "name": sp.method.as_str(),
+                "kind": sp.kind as u8,
+                "startTimeUnixNano": nanos(sp.start).to_string(),
+                "endTimeUnixNano": (nanos(sp.start) + sp.duration.as_nanos()).to_string(),
+                "attributes": attributes,
+                "status": {"code": if failed { 2 } else { 0 }},
+            });
+            if let Some(p) = sp.parent {
+                span["parentSpanId"] = json!(format!("{p:016x}"));
+            }
+            span
+        })
+        .collect();
+    let body = json!({"resourceSpans": [{
+        "resource": {"attributes": [
+            attr("service.name", s(&resource.workload)),
+            attr("k8s.namespace.name", s(resource.namespace.as_str())),
+        ]},
+        "scopeSpans": [{"scope": {"name": "weft-proxy", "version": env!("CARGO_PKG_VERSION")}, "spans": spans}],
+    }]});
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(v: &str) -> Option<Parent> {
+        Parent::parse(&HeaderValue::from_str(v).unwrap())
+    }
+
+    /// The W3C rules: lowercase hex of the right lengths, no all-zero ids,
+    /// version ff refused, a higher version's extra fields allowed.
+    #[test]
+    fn traceparent_is_read_as_the_w3c_spec_says() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let p = tp(ok).expect("valid");
+        assert_eq!(p.trace, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert!(p.sampled());
+        assert_eq!(p.header().to_str().unwrap(), ok);
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(tp(bad), None, "{bad}");
+        }
+        assert!(tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-later").is_some());
+    }
+
+    /// A request with a trace keeps it and its decision; the header sent
+    /// on names the new span as parent. One without starts a trace.
+    #[test]
+    fn a_span_continues_the_trace_and_becomes_the_next_parent() {
+        let tracing = Tracing::new("checkout", TraceMetrics::default());
+        let config = TracingConfig {
+            collector: "127.0.0.1:9".into(),
+            path: "/v1/traces".into(),
+            sampling: 0.0,
+        };
+        let get = |traceparent: Option<&str>| {
+            let mut req = http::Request::get("/orders");
+            if let Some(tp) = traceparent {
+                req = req.header("traceparent", tp);
+            }
+            req.body(super::super::http::body::empty()).unwrap()
+        };
+        let mut req = get(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
+        let started = tracing
+            .begin(Some(&config), "shop", Kind::Client, || None, &mut req)
+            .expect("on");
+        let sent = Parent::parse(&req.headers()["traceparent"]).unwrap();
+        assert_eq!(sent.trace, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(started.parent, Some(0x00f067aa0ba902b7));
+        assert_eq!(sent.span, started.ctx.span);
+        assert!(
+            sent.sampled(),
+            "the caller's decision is kept, whatever the rate"
+        );
+        // No traceparent, a rate of 0: a new trace, not sampled, and said so.
+        let mut req = get(None);
+        let started = tracing
+            .begin(Some(&config), "shop", Kind::Client, || None, &mut req)
+            .expect("on");
+        let sent = Parent::parse(&req.headers()["traceparent"]).unwrap();
+        assert!(!sent.sampled());
+        assert_eq!(started.parent, None);
+        // Off: the request is left as it came.
+        let mut req = get(None);
+        assert!(
+            tracing
+                .begin(None, "shop", Kind::Client, || None, &mut req)
+                .is_none()
+        );
+        assert!(req.headers().get("traceparent").is_none());
+    }
+}
