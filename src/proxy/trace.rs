@@ -376,6 +376,7 @@ fn export(
     metrics: &TraceMetrics,
 ) {
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH_SPANS);
+    let mut body = Vec::new();
     let mut failing = false;
     let mut since = Instant::now();
     loop {
@@ -396,7 +397,7 @@ fn export(
         if !batch.is_empty()
             && (gone || batch.len() >= BATCH_SPANS || since.elapsed() >= EXPORT_EVERY)
         {
-            let body = otlp_json(&batch, resource);
+            otlp_json(&batch, resource, &mut body);
             match post(config, &body) {
                 Ok(status) if (200..300).contains(&status) => {
                     metrics.exported.inc_by(batch.len() as u64);
@@ -418,6 +419,11 @@ fn export(
                 }
             }
             batch.clear();
+            // Kept for the next batch, unless one grew it far past a
+            // batch's usual size.
+            if body.capacity() > 1 << 20 {
+                body = Vec::new();
+            }
         }
         if batch.is_empty() {
             since = Instant::now();
@@ -473,57 +479,75 @@ fn nanos(t: SystemTime) -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// The OTLP/HTTP JSON request for `spans`
+/// The OTLP/HTTP JSON request for `spans`, written into `out` (reused
+/// from batch to batch: no tree of values per span)
 /// (<https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding>:
 /// ids as hex, 64-bit integers as strings, enums as numbers).
-fn otlp_json(spans: &[Span], resource: &Resource) -> Vec<u8> {
-    use serde_json::{Value, json};
-    let attr = |key: &str, value: Value| json!({"key": key, "value": value});
-    let s = |v: &str| json!({"stringValue": v});
-    let spans: Vec<Value> = spans
-        .iter()
-        .map(|sp| {
-            let mut attributes = vec![
-                attr("http.request.method", s(sp.method.as_str())),
-                attr("url.path", s(sp.path.as_str())),
-            ];
-            if let Some(status) = sp.status {
-                attributes.push(attr(
-                    "http.response.status_code",
-                    json!({"intValue": status.to_string()}),
-                ));
-            }
-            if let Some(server) = &sp.server {
-                attributes.push(attr("server.address", s(server.as_str())));
-            }
-            if let Some(e) = sp.proxy_error {
-                attributes.push(attr("weft.proxy_error", s(e)));
-            }
-            let failed = sp.status.is_none_or(|c| c >= 500);
-            let mut span = json!({
-                "traceId": format!("{:032x}", sp.trace),
-                "spanId": format!("{:016x}", sp.id),
-                "name": sp.method.as_str(),
-                "kind": sp.kind as u8,
-                "startTimeUnixNano": nanos(sp.start).to_string(),
-                "endTimeUnixNano": (nanos(sp.start) + sp.duration.as_nanos()).to_string(),
-                "attributes": attributes,
-                "status": {"code": if failed { 2 } else { 0 }},
-            });
-            if let Some(p) = sp.parent {
-                span["parentSpanId"] = json!(format!("{p:016x}"));
-            }
-            span
-        })
-        .collect();
-    let body = json!({"resourceSpans": [{
-        "resource": {"attributes": [
-            attr("service.name", s(&resource.workload)),
-            attr("k8s.namespace.name", s(resource.namespace.as_str())),
-        ]},
-        "scopeSpans": [{"scope": {"name": "weft-proxy", "version": env!("CARGO_PKG_VERSION")}, "spans": spans}],
-    }]});
-    serde_json::to_vec(&body).unwrap_or_default()
+fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    // A JSON string, escaped.
+    fn text(out: &mut Vec<u8>, s: &str) {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+    fn attr(out: &mut Vec<u8>, first: &mut bool, key: &str, value: &str) {
+        if !std::mem::take(first) {
+            out.push(b',');
+        }
+        let _ = write!(out, "{{\"key\":\"{key}\",\"value\":{{\"stringValue\":");
+        text(out, value);
+        out.extend_from_slice(b"}}");
+    }
+    out.clear();
+    out.extend_from_slice(b"{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
+    let mut first = true;
+    attr(out, &mut first, "service.name", &resource.workload);
+    attr(out, &mut first, "k8s.namespace.name", &resource.namespace);
+    let _ = write!(
+        out,
+        "]}},\"scopeSpans\":[{{\"scope\":{{\"name\":\"weft-proxy\",\"version\":\"{}\"}},\"spans\":[",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (i, sp) in spans.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let start = nanos(sp.start);
+        let _ = write!(
+            out,
+            "{{\"traceId\":\"{:032x}\",\"spanId\":\"{:016x}\",",
+            sp.trace, sp.id
+        );
+        if let Some(p) = sp.parent {
+            let _ = write!(out, "\"parentSpanId\":\"{p:016x}\",");
+        }
+        out.extend_from_slice(b"\"name\":");
+        text(out, sp.method.as_str());
+        let failed = sp.status.is_none_or(|c| c >= 500);
+        let _ = write!(
+            out,
+            ",\"kind\":{},\"startTimeUnixNano\":\"{start}\",\"endTimeUnixNano\":\"{}\",\"status\":{{\"code\":{}}},\"attributes\":[",
+            sp.kind as u8,
+            start + sp.duration.as_nanos(),
+            if failed { 2 } else { 0 }
+        );
+        let mut first = true;
+        attr(out, &mut first, "http.request.method", sp.method.as_str());
+        attr(out, &mut first, "url.path", &sp.path);
+        if let Some(status) = sp.status {
+            let _ = write!(
+                out,
+                ",{{\"key\":\"http.response.status_code\",\"value\":{{\"intValue\":\"{status}\"}}}}"
+            );
+        }
+        if let Some(server) = &sp.server {
+            attr(out, &mut first, "server.address", server);
+        }
+        if let Some(e) = sp.proxy_error {
+            attr(out, &mut first, "weft.proxy_error", e);
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"]}]}]}");
 }
 
 #[cfg(test)]
