@@ -77,12 +77,7 @@ pub(crate) type ServiceKey = (String, String);
 /// Compiles the cluster into proxy configs and policy verdicts.
 pub fn compile(facts: &ClusterFacts) -> Compiled {
     let mut verdicts = verdict::Verdicts::default();
-    let mesh = mesh_spec(facts, &mut verdicts);
-    // Checked (and said in the Mesh's status) by `mesh_spec`.
-    let tracing = mesh
-        .tracing
-        .as_ref()
-        .and_then(|t| crate::config::TracingConfig::from_settings(t).ok());
+    let (mesh, tracing) = mesh_spec(facts, &mut verdicts);
 
     let services: BTreeMap<ServiceKey, &Service> = facts
         .services
@@ -200,8 +195,14 @@ pub(crate) fn age_order<K: kube::Resource>(a: &K, b: &K) -> std::cmp::Ordering {
     .then_with(|| a.name_any().cmp(&b.name_any()))
 }
 
-fn mesh_spec(facts: &ClusterFacts, verdicts: &mut verdict::Verdicts) -> MeshSpec {
+/// The Mesh in force, and its tracing when usable (why not is said in the
+/// Mesh's status).
+fn mesh_spec(
+    facts: &ClusterFacts,
+    verdicts: &mut verdict::Verdicts,
+) -> (MeshSpec, Option<crate::config::TracingConfig>) {
     let mut chosen = None;
+    let mut usable_tracing = None;
     for mesh in &facts.meshes {
         let mut v = verdicts.start(PolicyKind::Mesh, mesh);
         if mesh.name_any() == MESH_NAME {
@@ -216,12 +217,16 @@ fn mesh_spec(facts: &ClusterFacts, verdicts: &mut verdict::Verdicts) -> MeshSpec
                 .map(crate::config::TracingConfig::from_settings)
             {
                 Some(Err(why)) => format!("; tracing is off: {why}"),
-                Some(Ok(t)) => format!(
-                    "; spans of {}% of new traces go to {}{}",
-                    t.sampling * 100.0,
-                    t.collector,
-                    t.path
-                ),
+                Some(Ok(t)) => {
+                    let said = format!(
+                        "; spans of {}% of new traces go to {}{}",
+                        t.sampling * 100.0,
+                        t.collector,
+                        t.path
+                    );
+                    usable_tracing = Some(t);
+                    said
+                }
                 None => String::new(),
             };
             v.programmed(format!("in force mesh-wide{tracing}"));
@@ -234,7 +239,7 @@ fn mesh_spec(facts: &ClusterFacts, verdicts: &mut verdict::Verdicts) -> MeshSpec
         }
         verdicts.push(v);
     }
-    chosen.unwrap_or_default()
+    (chosen.unwrap_or_default(), usable_tracing)
 }
 
 /// The effective mTLS posture of a namespace.

@@ -267,10 +267,14 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         stats: Arc::new(std::sync::Mutex::new(MeshStats::reading_every(period))),
     };
     picture(&state, &mut earlier);
-    let dashboard = args
-        .dashboard
-        .0
-        .and_then(|addr| serve_dashboard(addr, earlier.stats.clone(), &loaded.facts.mtls_policies));
+    let dashboard = args.dashboard.0.and_then(|addr| {
+        serve_dashboard(
+            addr,
+            earlier.stats.clone(),
+            &loaded.facts.mtls_policies,
+            &plan.configs,
+        )
+    });
     if let Some(url) = &dashboard {
         println!("the dashboard: {url}");
     }
@@ -312,13 +316,15 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
 const DASHBOARD_TICK: Duration = Duration::from_secs(2);
 
 /// Serves the dashboard ([`crate::dashboard`]) on `addr` from a thread of
-/// its own: the stats `up` records, and the MTLSPolicies of the manifests.
+/// its own: the stats `up` records, and the MTLSPolicies of the manifests
+/// in the modes their namespaces' configs enforce.
 /// Returns its URL, or None (said on stderr) when `addr` cannot be bound:
 /// the mesh runs on without it.
 fn serve_dashboard(
     addr: SocketAddr,
     stats: SharedStats,
     policies: &[crate::api::MTLSPolicy],
+    configs: &std::collections::BTreeMap<String, crate::config::ProxyConfig>,
 ) -> Option<String> {
     if !addr.ip().is_loopback() {
         eprintln!(
@@ -339,7 +345,7 @@ fn serve_dashboard(
         }
     };
     let url = format!("http://{}/", listener.local_addr().ok()?);
-    let rollouts = local_rollouts(policies);
+    let rollouts = local_rollouts(policies, configs);
     let sources = crate::dashboard::Sources::new(stats, Arc::new(move || rollouts.clone()));
     std::thread::Builder::new()
         .name("dashboard".into())
@@ -370,23 +376,21 @@ fn serve_dashboard(
 }
 
 /// The rollouts `weft local` shows: no operator runs here, so no staged
-/// rollout advances; each namespace runs as the compiler derives from its
-/// policy (a staged Strict stays Permissive, an immediate one is Strict).
-fn local_rollouts(policies: &[crate::api::MTLSPolicy]) -> crate::dashboard::RolloutsView {
-    use crate::api::{MtlsMode, RolloutStrategy};
-    use kube::ResourceExt as _;
+/// rollout advances; each namespace is shown in the mode its compiled
+/// config enforces (a staged Strict stays Permissive, an immediate one is
+/// Strict).
+fn local_rollouts(
+    policies: &[crate::api::MTLSPolicy],
+    configs: &std::collections::BTreeMap<String, crate::config::ProxyConfig>,
+) -> crate::dashboard::RolloutsView {
     let mut view = crate::dashboard::RolloutsView::of(policies);
     for row in &mut view.rollouts {
-        let Some(p) = policies
-            .iter()
-            .find(|p| p.namespace().as_deref() == Some(&row.namespace) && p.name_any() == row.name)
-        else {
-            continue;
-        };
-        if row.phase.is_none() {
-            let phase = match (p.spec.mode, p.spec.rollout.strategy) {
-                (MtlsMode::Strict, RolloutStrategy::Immediate) => "Strict",
-                _ => "Permissive",
+        if row.phase.is_none()
+            && let Some(config) = configs.get(&row.namespace)
+        {
+            let phase = match config.inbound.mode {
+                crate::config::InboundMode::Strict => "Strict",
+                crate::config::InboundMode::Permissive => "Permissive",
             };
             row.phase = Some(phase.to_owned());
         }
