@@ -104,6 +104,16 @@ impl TracingConfig {
                 s.collector
             ));
         }
+        // The path goes into the request line as it is.
+        if path
+            .bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+        {
+            return Err(format!(
+                "tracing.collector {:?}: the path {path:?} may hold no spaces, control characters, query or fragment",
+                s.collector
+            ));
+        }
         if !(0.0..=100.0).contains(&s.sampling_percent) {
             return Err(format!(
                 "tracing.samplingPercent {}: give a percentage from 0 to 100",

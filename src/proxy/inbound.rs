@@ -465,6 +465,8 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
     {
         *req.version_mut() = http::Version::HTTP_11;
     }
+    // First, so that a trace the proxy starts is the access-log line's too.
+    let span = proxy.trace(super::trace::Kind::Server, || None, &mut req);
     // After the version is the caller's own again.
     let logged = proxy.access_log.as_ref().map(|log| {
         let line = log.begin(
@@ -476,7 +478,6 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
         line.record().to_app(conn.app.addr, conn.peer_id.is_some());
         line
     });
-    let span = proxy.trace(super::trace::Kind::Server, || None, &mut req);
     // Rules match, and the app receives, the normalised path.
     let access = normalize_uri(&mut req).map(|()| {
         authorize(

@@ -111,6 +111,13 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                 move |mut req| {
                     let (p, target) = (p.clone(), target.clone());
                     async move {
+                        // First, so that a trace the proxy starts is the
+                        // access-log line's too.
+                        let span = p.trace(
+                            super::trace::Kind::Client,
+                            || Some(target_label(&target)),
+                            &mut req,
+                        );
                         let logged = p.access_log.as_ref().map(|log| {
                             let mut line =
                                 log.begin(accesslog::Direction::Outbound, None, client, &mut req);
@@ -125,11 +132,6 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                             });
                             line
                         });
-                        let span = p.trace(
-                            super::trace::Kind::Client,
-                            || Some(target_label(&target)),
-                            &mut req,
-                        );
                         let rsp = match dispatch(&p, &target, req).await {
                             Ok(rsp) => rsp,
                             Err(e) => {

@@ -42,7 +42,8 @@ use super::http::body::Request;
 use super::metrics::ReasonLabels;
 use crate::config::TracingConfig;
 
-/// Spans waiting for export at most (about 300 bytes each).
+/// Spans waiting for export at most (under 1 KiB each: the path and the
+/// server name are capped).
 pub const QUEUE_SPANS: usize = 1024;
 /// Spans per export request at most.
 pub const BATCH_SPANS: usize = 256;
@@ -121,6 +122,24 @@ impl Parent {
     }
 }
 
+/// A standard method's name, else `_OTHER`: what a client sent is never
+/// copied into a span unbounded.
+fn method_name(m: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::PATCH => "PATCH",
+        M::TRACE => "TRACE",
+        M::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
 fn nonzero_u64() -> u64 {
     loop {
         let v = fastrand::u64(..);
@@ -146,7 +165,9 @@ pub struct Span {
     pub id: u64,
     pub parent: Option<u64>,
     pub kind: Kind,
-    pub method: http::Method,
+    /// A standard method's name, else `_OTHER` (OpenTelemetry's rule:
+    /// an extension method may be 64 KiB long).
+    pub method: &'static str,
     pub start: SystemTime,
     pub duration: Duration,
     pub status: Option<u16>,
@@ -158,20 +179,34 @@ pub struct Span {
     pub proxy_error: Option<&'static str>,
 }
 
-/// What a [`Tracer`] counts.
-#[derive(Clone, Default)]
+/// What a [`Tracer`] counts. The drop counters are taken from the family
+/// once, so a drop on the request path costs no allocation or lock.
+#[derive(Clone)]
 pub struct TraceMetrics {
     pub exported: Counter,
     pub dropped: Family<ReasonLabels, Counter>,
+    queue_full: Counter,
+    exporter_gone: Counter,
+    collector_failed: Counter,
 }
 
-impl TraceMetrics {
-    fn drop_spans(&self, reason: &str, n: usize) {
-        self.dropped
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc_by(n as u64);
+impl Default for TraceMetrics {
+    fn default() -> Self {
+        let dropped = Family::<ReasonLabels, Counter>::default();
+        let reason = |r: &str| {
+            dropped
+                .get_or_create(&ReasonLabels {
+                    reason: r.to_owned(),
+                })
+                .clone()
+        };
+        TraceMetrics {
+            exported: Counter::default(),
+            queue_full: reason("queue-full"),
+            exporter_gone: reason("exporter-gone"),
+            collector_failed: reason("collector"),
+            dropped,
+        }
     }
 }
 
@@ -200,7 +235,7 @@ pub struct Started {
     ctx: Parent,
     parent: Option<u64>,
     kind: Kind,
-    method: http::Method,
+    method: &'static str,
     path: String,
     server: Option<String>,
     start: SystemTime,
@@ -293,7 +328,7 @@ impl Tracing {
             ctx,
             parent,
             kind,
-            method: req.method().clone(),
+            method: method_name(req.method()),
             path,
             server,
             start: SystemTime::now(),
@@ -329,9 +364,11 @@ impl Started {
         };
         match self.tracer.queue.try_send(span) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.tracer.metrics.drop_spans("queue-full", 1),
+            Err(TrySendError::Full(_)) => {
+                self.tracer.metrics.queue_full.inc();
+            }
             Err(TrySendError::Disconnected(_)) => {
-                self.tracer.metrics.drop_spans("exporter-gone", 1)
+                self.tracer.metrics.exporter_gone.inc();
             }
         }
     }
@@ -407,7 +444,7 @@ fn export(
                     failing = false;
                 }
                 result => {
-                    metrics.drop_spans("collector", batch.len());
+                    metrics.collector_failed.inc_by(batch.len() as u64);
                     if !failing {
                         let why = match result {
                             Ok(status) => format!("answered {status}"),
@@ -436,13 +473,23 @@ fn export(
 
 /// POSTs `body` to the collector; its status code.
 fn post(config: &TracingConfig, body: &[u8]) -> std::io::Result<u16> {
+    // One deadline for the whole exchange, so a collector that trickles
+    // bytes cannot hold the exporter (and the spans behind it).
+    let deadline = Instant::now() + CONNECT_TIMEOUT + ANSWER_TIMEOUT;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "the collector took too long")
+            })
+    };
     let addrs: Vec<SocketAddr> = config.collector.to_socket_addrs()?.collect();
     let mut last = std::io::Error::other(format!("{} resolves to no address", config.collector));
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT.min(left()?)) {
             Ok(mut s) => {
-                s.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-                s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+                s.set_write_timeout(Some(left()?))?;
                 write!(
                     s,
                     "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -450,11 +497,15 @@ fn post(config: &TracingConfig, body: &[u8]) -> std::io::Result<u16> {
                     config.collector,
                     body.len()
                 )?;
-                s.write_all(body)?;
+                for chunk in body.chunks(16 * 1024) {
+                    s.set_write_timeout(Some(left()?))?;
+                    s.write_all(chunk)?;
+                }
                 // The status line is all that is read.
                 let mut head = [0u8; 64];
                 let mut n = 0;
                 while n < 12 {
+                    s.set_read_timeout(Some(left()?))?;
                     let got = s.read(&mut head[n..])?;
                     if got == 0 {
                         break;
@@ -521,7 +572,7 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
             let _ = write!(out, "\"parentSpanId\":\"{p:016x}\",");
         }
         out.extend_from_slice(b"\"name\":");
-        text(out, sp.method.as_str());
+        text(out, sp.method);
         let failed = sp.status.is_none_or(|c| c >= 500);
         let _ = write!(
             out,
@@ -531,7 +582,7 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
             if failed { 2 } else { 0 }
         );
         let mut first = true;
-        attr(out, &mut first, "http.request.method", sp.method.as_str());
+        attr(out, &mut first, "http.request.method", sp.method);
         attr(out, &mut first, "url.path", &sp.path);
         if let Some(status) = sp.status {
             let _ = write!(
