@@ -539,14 +539,76 @@ fn inflate(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, ConfigError> {
     Ok(std::borrow::Cow::Owned(json))
 }
 
+/// A document of this contract: it says which version it is.
+trait Versioned: serde::de::DeserializeOwned {
+    fn schema_version(&self) -> &str;
+}
+
+impl Versioned for ProxyConfig {
+    fn schema_version(&self) -> &str {
+        &self.schema_version
+    }
+}
+
+impl Versioned for EndpointsConfig {
+    fn schema_version(&self) -> &str {
+        &self.schema_version
+    }
+}
+
 /// Reads a document of this contract, accepting any minor version of our
 /// major.
-fn read_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(ConfigError::Json)?;
-    let version = value
-        .get("schemaVersion")
-        .and_then(serde_json::Value::as_str)
-        .ok_or(ConfigError::NoVersion)?;
+///
+/// Straight from the bytes into `T`, never through a `serde_json::Value`
+/// tree: for a namespace's endpoints that tree is several times the
+/// document's size, and the proxy's heap would keep the pages it grew into
+/// after it is dropped. A document that does not read is looked at again
+/// only to say why: a version this proxy does not take first (a newer
+/// major may well not read), then its JSON, then the field.
+fn read_versioned<T: Versioned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(doc) => {
+            de.end().map_err(ConfigError::Json)?;
+            check_version(doc.schema_version())?;
+            Ok(doc)
+        }
+        Err(e) => {
+            check_version(&version_of(bytes)?)?;
+            Err(ConfigError::Field {
+                path: e.path().to_string(),
+                source: e.into_inner(),
+            })
+        }
+    }
+}
+
+/// The `schemaVersion` of a document that did not read as a whole.
+fn version_of(bytes: &[u8]) -> Result<String, ConfigError> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(rename = "schemaVersion", default)]
+        schema_version: Option<serde_json::Value>,
+    }
+    // Only an object has a version (serde would also read a struct from
+    // an array, field by field).
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(ConfigError::Json)?;
+        return Err(ConfigError::NoVersion);
+    }
+    match serde_json::from_slice::<Head>(bytes) {
+        Ok(Head {
+            schema_version: Some(serde_json::Value::String(v)),
+        }) => Ok(v),
+        Ok(_) => Err(ConfigError::NoVersion),
+        Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => Err(ConfigError::Json(e)),
+        // `schemaVersion` twice.
+        Err(e) => Err(ConfigError::BadVersion(e.to_string())),
+    }
+}
+
+/// Refuses a version that is not MAJOR.MINOR, or of a newer major.
+fn check_version(version: &str) -> Result<(), ConfigError> {
     let major: u32 = version
         .split_once('.')
         .and_then(|(major, minor)| minor.parse::<u32>().ok().and(major.parse().ok()))
@@ -556,10 +618,7 @@ fn read_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Con
             found: version.to_owned(),
         });
     }
-    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Field {
-        path: e.path().to_string(),
-        source: e.into_inner(),
-    })
+    Ok(())
 }
 
 /// ConfigMap holding each meshed namespace's [`EndpointsConfig`], next to
@@ -803,10 +862,29 @@ mod tests {
 
     #[test]
     fn broken_documents_name_the_problem() {
-        let cases: [(&str, &str); 4] = [
+        let cases: [(&str, &str); 10] = [
             ("{", "not valid JSON"),
             ("{}", "no schemaVersion"),
             (r#"{"schemaVersion":"one"}"#, "not MAJOR.MINOR"),
+            // Valid JSON that is not an object has no version, whatever a
+            // struct could be read from (serde reads one from an array).
+            (r#"["1.0","x","shop"]"#, "no schemaVersion"),
+            ("[1,", "not valid JSON"),
+            (r#"{"schemaVersion":1}"#, "no schemaVersion"),
+            (
+                r#"{"schemaVersion":"1.0","schemaVersion":"1.0"}"#,
+                "duplicate field",
+            ),
+            // A newer major is refused as such, even when its fields do
+            // not read as this version's.
+            (
+                r#"{"schemaVersion":"2.0","inbound":7}"#,
+                "newer than this proxy",
+            ),
+            (
+                r#"{"schemaVersion":"1.0","generation":"x","namespace":"shop","trustDomain":"t","inbound":{"mode":"strict"},"outbound":{}} {}"#,
+                "trailing characters",
+            ),
             (
                 r#"{"schemaVersion":"1.0","generation":"x","namespace":"shop","trustDomain":"t","inbound":{"mode":"sometimes"},"outbound":{}}"#,
                 "inbound.mode",

@@ -334,6 +334,23 @@ impl Destination {
         }
     }
 
+    /// The current endpoints when they are known without waiting: always
+    /// for a list published or written in the config, and for a DNS name
+    /// while its last answer is fresh or another request is refreshing it.
+    /// None when [`Destination::endpoints`] has a lookup to make (or to
+    /// wait for).
+    pub fn endpoints_now(&self) -> Option<EndpointList> {
+        let (resolved_at, current) = self.cached();
+        match &self.dns {
+            None => Some(current),
+            Some(_) if resolved_at.is_some_and(|t| t.elapsed() < DNS_TTL) => Some(current),
+            // Stale, and another request is refreshing it: the last
+            // answer, as `endpoints` gives.
+            Some(_) if !current.is_empty() && self.refreshing.try_lock().is_err() => Some(current),
+            Some(_) => None,
+        }
+    }
+
     /// Current endpoints, resolving DNS when the last answer is stale.
     pub async fn endpoints(&self) -> EndpointList {
         // A destination's kind of source never changes (a republished

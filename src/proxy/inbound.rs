@@ -452,7 +452,18 @@ fn normalize_uri(req: &mut Request) -> Result<(), ProxyError> {
 }
 
 /// Authorizes one request, sends it to the application and counts it.
-async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> Response {
+///
+/// Everything up to the send (headers, authorization, the span and the
+/// access-log line) is done here, before the future a request in flight
+/// holds: that future is the application's answer and what the metrics,
+/// span and line need at the end, not a copy of the request. (An HTTP/2
+/// connection calls this for each stream on its own task, before the
+/// stream's task runs.)
+fn forward_http(
+    proxy: Arc<Proxy>,
+    conn: Arc<Conn>,
+    mut req: Request,
+) -> impl std::future::Future<Output = Response> + Send + 'static {
     let started = Instant::now();
     req.headers_mut().remove(&CLIENT_ID_HEADER);
     super::http::pool::strip_connection_listed(req.headers_mut());
@@ -489,20 +500,25 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
             }),
         )
     });
-    let rsp = match access {
-        Err(bad) => errors::response(&bad),
+    // The application's answer, or the proxy's own; `sent` when it went.
+    let (answer, sent): (super::http::Answer, _) = match access {
+        Err(bad) => (
+            Box::pin(std::future::ready(Ok(errors::response(&bad)))),
+            None,
+        ),
         Ok(Access::Denied { policy }) => {
             deny(&proxy, &policy, "http");
             let who = conn.peer_id.as_ref().map_or_else(
                 || "a caller without a mesh identity".to_owned(),
                 |id| id.to_string(),
             );
-            errors::response(&ProxyError::Forbidden(format!(
+            let refused = errors::response(&ProxyError::Forbidden(format!(
                 "AccessPolicy {policy} does not allow {who} to {} {} on port {}",
                 req.method(),
                 req.uri().path(),
                 conn.port
-            )))
+            )));
+            (Box::pin(std::future::ready(Ok(refused))), None)
         }
         Ok(Access::Allowed) => {
             if let Some(id) = &conn.peer_id_header {
@@ -510,43 +526,53 @@ async fn forward_http(proxy: Arc<Proxy>, conn: Arc<Conn>, mut req: Request) -> R
                     .insert(CLIENT_ID_HEADER.clone(), id.clone());
             }
             let sent = logged.as_ref().map(|_| Instant::now());
-            let rsp = send_to_app(&proxy, conn.app.clone(), req).await;
-            if let (Some(line), Some(sent)) = (&logged, sent)
-                && rsp
-                    .extensions()
-                    .get::<super::accesslog::ProxyAnswer>()
-                    .is_none()
-            {
-                line.record().answered(sent.elapsed());
-            }
-            rsp
+            (to_app(&proxy, conn.app.clone(), req), sent)
         }
     };
-    let tls = conn.peer_id.is_some();
-    let series = proxy.inbound_edges.get(&conn.source, || {
-        let edge = EdgeLabels {
-            direction: Direction::Inbound,
-            src: conn.source.to_string(),
-            dst: proxy.shared.workload.clone(),
-            route: "default".to_owned(),
+    async move {
+        let rsp = match answer.await {
+            Ok(rsp) => rsp,
+            Err(e) => errors::response(&errors::classify(&e, &conn.app.addr.to_string())),
         };
-        EdgeSeries::new(&proxy.metrics, edge, tls)
-    });
-    series.record(&proxy.metrics, rsp.status(), started);
-    if let Some(span) = span {
-        span.end(&rsp);
-    }
-    match logged {
-        Some(line) => line.finish(rsp),
-        None => rsp,
+        if let (Some(line), Some(sent)) = (&logged, sent)
+            && rsp
+                .extensions()
+                .get::<super::accesslog::ProxyAnswer>()
+                .is_none()
+        {
+            line.record().answered(sent.elapsed());
+        }
+        let tls = conn.peer_id.is_some();
+        let series = proxy.inbound_edges.get(&conn.source, || {
+            let edge = EdgeLabels {
+                direction: Direction::Inbound,
+                src: conn.source.to_string(),
+                dst: proxy.shared.workload.clone(),
+                route: "default".to_owned(),
+            };
+            EdgeSeries::new(&proxy.metrics, edge, tls)
+        });
+        series.record(&proxy.metrics, rsp.status(), started);
+        if let Some(span) = span {
+            span.end(&rsp);
+        }
+        match logged {
+            Some(line) => line.finish(rsp),
+            None => rsp,
+        }
     }
 }
 
-/// Sends one request to the application on `app`.
-pub async fn send_to_app(proxy: &Proxy, app: Endpoint, mut req: Request) -> Response {
-    let label = app.addr;
+/// One request to the application on `app`: the pool's answer.
+fn to_app(proxy: &Proxy, app: Endpoint, mut req: Request) -> super::http::Answer {
     req.extensions_mut().insert(app);
-    match super::http::call(proxy.shared.pool.clone(), req).await {
+    super::http::call(proxy.shared.pool.clone(), req)
+}
+
+/// Sends one request to the application on `app`.
+pub async fn send_to_app(proxy: &Proxy, app: Endpoint, req: Request) -> Response {
+    let label = app.addr;
+    match to_app(proxy, app, req).await {
         Ok(rsp) => rsp,
         Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
     }

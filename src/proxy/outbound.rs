@@ -14,7 +14,7 @@ use crate::config::PortProtocol;
 use super::detect::Protocol;
 use super::http::errors::{self, ProxyError};
 use super::http::route::{self, RouteCtx, normalize_path};
-use super::http::{self as stack, BoxError, Request, Response};
+use super::http::{self as stack, Request};
 use super::mesh::{MeshStream, MeshTarget, connect_tcp};
 use super::metrics::{ConnLabels, Direction};
 use super::state::{ServiceRef, Snapshot};
@@ -108,31 +108,36 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                 &proxy.drain,
                 &proxy.http_limits,
                 &proxy.outbound_in_flight,
+                // The request's routing and its line's start happen here,
+                // before the future a request in flight holds: that
+                // future is the stack's answer and what the span and the
+                // line need at the end, not a copy of the request.
                 move |mut req| {
-                    let (p, target) = (p.clone(), target.clone());
-                    async move {
-                        // First, so that a trace the proxy starts is the
-                        // access-log line's too.
-                        let span = p.trace(
-                            super::trace::Kind::Client,
-                            || Some(target_label(&target)),
-                            &mut req,
-                        );
-                        let logged = p.access_log.as_ref().map(|log| {
-                            let mut line =
-                                log.begin(accesslog::Direction::Outbound, None, client, &mut req);
-                            // Its `dst` if no destination claims the
-                            // request (no config yet, a host that does not
-                            // resolve), even when the client leaves first.
-                            line.fallback_dst(match &target {
-                                Target::Addr(a) => accesslog::Dialled::Addr(*a),
-                                Target::Host(h, port) => {
-                                    accesslog::Dialled::Named(format!("{h}:{port}"))
-                                }
-                            });
-                            line
+                    // First, so that a trace the proxy starts is the
+                    // access-log line's too.
+                    let span = p.trace(
+                        super::trace::Kind::Client,
+                        || Some(target_label(&target)),
+                        &mut req,
+                    );
+                    let logged = p.access_log.as_ref().map(|log| {
+                        let mut line =
+                            log.begin(accesslog::Direction::Outbound, None, client, &mut req);
+                        // Its `dst` if no destination claims the request
+                        // (no config yet, a host that does not resolve),
+                        // even when the client leaves first.
+                        line.fallback_dst(match &target {
+                            Target::Addr(a) => accesslog::Dialled::Addr(*a),
+                            Target::Host(h, port) => {
+                                accesslog::Dialled::Named(format!("{h}:{port}"))
+                            }
                         });
-                        let rsp = match dispatch(&p, &target, req).await {
+                        line
+                    });
+                    let answer = dispatch(&p, &target, req);
+                    let target = target.clone();
+                    async move {
+                        let rsp = match answer.await {
                             Ok(rsp) => rsp,
                             Err(e) => {
                                 errors::response(&errors::classify(&e, &target_label(&target)))
@@ -163,36 +168,53 @@ fn target_label(target: &Target) -> String {
 }
 
 /// Routes one request on the snapshot in force when it arrived.
-pub async fn dispatch(
-    proxy: &Arc<Proxy>,
-    target: &Target,
-    mut req: Request,
-) -> Result<Response, BoxError> {
+///
+/// The destination is found here, before any future is made, and the
+/// answer is the stack's own future: a request in flight holds no copy
+/// of itself or of the routing. Only a request that must wait first (a
+/// host name to resolve, a pod's Service endpoints to learn) gets a
+/// future of its own for that. (An HTTP/2 connection calls this for each
+/// stream on the connection's task, before the stream's own task runs;
+/// routing is a few lookups, and the timing of a try starts in the
+/// stream's task, see `balance::send`.)
+pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack::Answer {
     let Some(snapshot) = proxy.store.load() else {
-        return Err(ProxyError::NoEndpoints("no config loaded yet".into()).into());
+        return refuse(ProxyError::NoEndpoints("no config loaded yet".into()));
     };
     let port = target.port();
     let Some(svc) = find(&snapshot, target) else {
         // A verified pod of a meshed Service, dialled directly: that pod,
         // with its Service's policy and its own identity (mTLS, so a
         // STRICT server takes it), not as an unknown address.
-        if let Target::Addr(addr) = target
-            && let Some(pod) = snapshot.by_pod(*addr)
+        if let Target::Addr(addr) = *target
+            && snapshot.by_pod(addr).is_some()
         {
-            let dst = pod_destination(proxy, &snapshot, *addr, pod, &mut req).await;
-            return stack::call(stack::backend(dst, &proxy.shared), req).await;
+            let proxy = proxy.clone();
+            return Box::pin(async move {
+                let pod = snapshot.by_pod(addr).expect("looked up above");
+                let dst = pod_destination(&proxy, &snapshot, addr, pod, &mut req).await;
+                stack::call(stack::backend(dst, &proxy.shared), req).await
+            });
         }
-        let addr = match target {
-            Target::Addr(a) => *a,
-            Target::Host(h, p) => tokio::net::lookup_host((h.as_str(), *p))
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| ProxyError::NoEndpoints(format!("{h}:{p}")))?,
+        let to_address = move |proxy: &Arc<Proxy>, addr, mut req: Request| {
+            let dst = snapshot.address_destination(addr, &proxy.store.destinations);
+            req.extensions_mut().insert(RouteCtx::default_route());
+            stack::call(stack::backend(dst, &proxy.shared), req)
         };
-        let dst = snapshot.address_destination(addr, &proxy.store.destinations);
-        req.extensions_mut().insert(RouteCtx::default_route());
-        return stack::call(stack::backend(dst, &proxy.shared), req).await;
+        return match target {
+            Target::Addr(a) => to_address(proxy, *a, req),
+            Target::Host(h, p) => {
+                let (proxy, h, p) = (proxy.clone(), h.clone(), *p);
+                Box::pin(async move {
+                    let addr = tokio::net::lookup_host((h.as_str(), p))
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| ProxyError::NoEndpoints(format!("{h}:{p}")))?;
+                    to_address(&proxy, addr, req).await
+                })
+            }
+        };
     };
     let (backend_svc, backend_port, ctx) = match route::find(&svc.routes, &req) {
         None => (svc, port, RouteCtx::default_route()),
@@ -206,7 +228,7 @@ pub async fn dispatch(
                         .map(|s| (s, b.port.unwrap_or(port)))
                 });
             let Some((backend, backend_port)) = picked else {
-                return Err(ProxyError::NoBackends(r.name.clone()).into());
+                return refuse(ProxyError::NoBackends(r.name.clone()));
             };
             let ctx = RouteCtx {
                 name: Arc::from(r.name.as_str()),
@@ -219,7 +241,12 @@ pub async fn dispatch(
     };
     prepare(proxy, &snapshot, backend_svc, backend_port, ctx, &mut req);
     let dst = snapshot.service_destination(backend_svc, backend_port, &proxy.store.destinations);
-    stack::call(stack::backend(dst, &proxy.shared), req).await
+    stack::call(stack::backend(dst, &proxy.shared), req)
+}
+
+/// The answer of a request refused before it reached a destination.
+fn refuse(e: ProxyError) -> stack::Answer {
+    Box::pin(std::future::ready(Err(e.into())))
 }
 
 /// A call to a verified pod by its address. When one Service claims it

@@ -553,6 +553,12 @@ pub struct PendingRequest {
 }
 
 impl PendingRequest {
+    /// The request goes now, not when it was counted pending: its RTT
+    /// runs from here.
+    pub fn restart(&mut self, now: Instant) {
+        self.started = now;
+    }
+
     /// A good response arrived: record its RTT. A request dropped without
     /// `complete` or `fail` (the client cancelled) leaves the estimate
     /// alone.

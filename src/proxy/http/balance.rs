@@ -48,67 +48,109 @@ impl Service<Request> for Balance {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
+    /// The pick is made here, before any future: the future a request
+    /// in flight holds is only the try's (its outcome to settle, its
+    /// deadline), not the request or the picking. Only a DNS name whose
+    /// answer is stale waits for its lookup first.
+    fn call(&mut self, req: Request) -> Self::Future {
         let (dst, pool) = (self.dst.clone(), self.pool.clone());
-        Box::pin(async move {
-            let endpoints = dst.endpoints().await;
-            if endpoints.is_empty() {
-                return Err(ProxyError::NoEndpoints(dst.label.clone()).into());
-            }
-            let now = Instant::now();
-            let pinned = req.extensions().get::<Pinned>().map(|p| p.0);
-            let tried = req.extensions().get::<TriedEndpoints>().cloned();
-            let first_try = tried
-                .as_ref()
-                .is_none_or(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
-            let quick = match pinned {
-                None if first_try => quick_pick(&dst, &endpoints, now),
-                _ => None,
-            };
-            let (chosen, permit) = match quick {
-                Some(picked) => picked,
-                None => scan_pick(&dst, &endpoints, pinned, tried.as_ref(), now)?,
-            };
-            let excluded = req
-                .extensions()
-                .get::<RouteCtx>()
-                .is_some_and(|r| r.excluded);
-            if let Some(tried) = &tried {
-                tried
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(chosen.addr);
-            }
-            req.extensions_mut().insert(chosen.endpoint.clone());
-            let record = RecordRef::of(&req).cloned();
-            if let Some(record) = &record {
-                record.attempt(chosen.addr);
-            }
-            let sent = Instant::now();
-            let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-            let mut outcome = Outcome {
-                pending: Some(chosen.load.start(sent)),
-                permit,
-                excluded,
-                deadline,
-            };
-            let call = super::call(pool, req);
-            let result = match deadline {
-                None => call.await,
-                Some(at) => match tokio::time::timeout_at(at, call).await {
-                    Ok(result) => result,
-                    // What the layer whose deadline it is would answer.
-                    Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
-                },
-            };
-            outcome.settle(is_failure(&result, &dst.label));
-            if let (Some(record), Ok(_)) = (&record, &result) {
-                record.answered(sent.elapsed());
-            }
-            result
-        })
+        match dst.endpoints_now() {
+            Some(endpoints) => send(dst, pool, &endpoints, req),
+            None => Box::pin(async move {
+                let endpoints = dst.endpoints().await;
+                send(dst, pool, &endpoints, req).await
+            }),
+        }
     }
+}
+
+/// Sends `req` to the endpoint picked among `endpoints`; its outcome goes
+/// to that endpoint's breaker and latency estimate.
+fn send(
+    dst: Arc<Destination>,
+    pool: Pool,
+    endpoints: &Endpoints,
+    mut req: Request,
+) -> BoxFuture<'static, Result<Response, BoxError>> {
+    if endpoints.is_empty() {
+        return Box::pin(std::future::ready(Err(ProxyError::NoEndpoints(
+            dst.label.clone(),
+        )
+        .into())));
+    }
+    let now = Instant::now();
+    let pinned = req.extensions().get::<Pinned>().map(|p| p.0);
+    let tried = req.extensions().get::<TriedEndpoints>().cloned();
+    let first_try = tried
+        .as_ref()
+        .is_none_or(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+    let quick = match pinned {
+        None if first_try => quick_pick(&dst, endpoints, now),
+        _ => None,
+    };
+    let (chosen, permit) = match quick {
+        Some(picked) => picked,
+        None => match scan_pick(&dst, endpoints, pinned, tried.as_ref(), now) {
+            Ok(picked) => picked,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        },
+    };
+    let excluded = req
+        .extensions()
+        .get::<RouteCtx>()
+        .is_some_and(|r| r.excluded);
+    if let Some(tried) = &tried {
+        tried
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(chosen.addr);
+    }
+    req.extensions_mut().insert(chosen.endpoint.clone());
+    let record = RecordRef::of(&req).cloned();
+    if let Some(record) = &record {
+        record.attempt(chosen.addr);
+    }
+    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+    // Counted pending from the pick, so that the picks of one burst see
+    // each other; timed from the first poll (below).
+    let mut outcome = Outcome {
+        pending: Some(chosen.load.start(Instant::now())),
+        permit,
+        excluded,
+        deadline,
+    };
+    let call = super::call(pool, req);
+    Box::pin(async move {
+        // An HTTP/2 connection's requests are all called before any of
+        // their tasks runs: the try's clock starts when it does, so the
+        // endpoint's latency is not charged with this proxy's own queue.
+        let sent = Instant::now();
+        if let Some(pending) = &mut outcome.pending {
+            pending.restart(sent);
+        }
+        // Its time ran out in that queue: nothing was sent (the pool's
+        // future has not run), so the try is given up without counting
+        // against the endpoint.
+        if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            outcome.cancel();
+            drop(call);
+            return Err(ProxyError::Timeout(dst.label.clone()).into());
+        }
+        let result = match deadline {
+            None => call.await,
+            Some(at) => match tokio::time::timeout_at(at, call).await {
+                Ok(result) => result,
+                // What the layer whose deadline it is would answer.
+                Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
+            },
+        };
+        outcome.settle(is_failure(&result, &dst.label));
+        if let (Some(record), Ok(_)) = (&record, &result) {
+            record.answered(sent.elapsed());
+        }
+        result
+    })
 }
 
 /// An endpoint chosen, with its breaker's permit when it has a breaker.
@@ -285,6 +327,13 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Given up before it was sent: neither the latency estimate nor the
+    /// breaker hears of it (a half-open probe slot is freed).
+    fn cancel(&mut self) {
+        self.pending = None;
+        self.permit = None;
+    }
+
     fn settle(&mut self, failed: bool) {
         if let Some(pending) = self.pending.take() {
             let now = Instant::now();
@@ -419,6 +468,34 @@ pub(crate) mod tests {
         (addr, task)
     }
 
+    /// A server that answers every HTTP/1.1 request at once with 200.
+    async fn answering() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
     /// An address whose listener is already closed: connections are refused.
     fn refusing_addr() -> SocketAddr {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -476,6 +553,39 @@ pub(crate) mod tests {
         assert_eq!(state(&ep), BreakerState::Open);
         let cost = ep.load.cost(Instant::now());
         assert!(cost >= FAILURE_PENALTY.as_secs_f64() * 0.99, "{cost}");
+    }
+
+    /// The requests of one HTTP/2 connection are all called before any of
+    /// their tasks runs. A try whose deadline passed while it waited for
+    /// its task (this proxy's own queue) was never sent: it is a timeout
+    /// for the client, and nothing against the endpoint, whose latency
+    /// estimate and breaker stay as they were; and one that goes in time
+    /// is timed from when it went, not from when it was called.
+    #[tokio::test]
+    async fn a_try_whose_time_ran_out_before_it_ran_is_given_up_unsent() {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, 1, json!({}));
+        let ep = only_endpoint(&dst).await;
+        let mut balance = Balance::new(dst.clone(), Pool::default());
+        let called = balance.call(request(Some(TokioInstant::now() + 20 * MS)));
+        // Its task first runs after the deadline.
+        tokio::time::sleep(40 * MS).await;
+        let err = called.await.expect_err("given up");
+        assert!(is_timeout(&err), "{err}");
+        // (Untouched includes no longer counted in flight.)
+        assert_untouched(&ep);
+
+        // A fast endpoint, called long before its task runs: the time
+        // spent waiting for the task is not its latency.
+        let (fast, _server) = answering().await;
+        let dst = destination(fast, 1, json!({}));
+        let ep = only_endpoint(&dst).await;
+        let mut balance = Balance::new(dst.clone(), Pool::default());
+        let called = balance.call(request(None));
+        tokio::time::sleep(300 * MS).await;
+        called.await.expect("answered");
+        let cost = ep.load.cost(Instant::now());
+        assert!(cost < 0.250, "the queue's 300 ms were not charged: {cost}");
     }
 
     /// `tries` tries to a silent endpoint, each under an outer timer for

@@ -67,7 +67,7 @@ super::layer_service!(Breaker);
 impl<S: super::Inner> Breaker<S> {
     fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         if !self.dst.has_breaker {
-            return Box::pin(self.inner.call(req));
+            return self.inner.call(req);
         }
         let (dst, shared) = (self.dst.clone(), self.shared.clone());
         let fut = self.inner.call(req);

@@ -27,9 +27,14 @@ use std::sync::Arc;
 use super::destination::Destination;
 use super::metrics::ProxyMetrics;
 
-/// What a layer may wrap: a cloneable service of the stack's types.
+/// The future every service of the stack answers with.
+pub type Answer = futures_util::future::BoxFuture<'static, Result<Response, BoxError>>;
+
+/// What a layer may wrap: a cloneable service of the stack's types, whose
+/// future is already boxed (so a layer passes it on as it is, rather than
+/// boxing a box).
 pub trait Inner:
-    tower::Service<Request, Response = Response, Error = BoxError, Future: Send + 'static>
+    tower::Service<Request, Response = Response, Error = BoxError, Future = Answer>
     + Clone
     + Send
     + 'static
@@ -37,7 +42,7 @@ pub trait Inner:
 }
 
 impl<S> Inner for S where
-    S: tower::Service<Request, Response = Response, Error = BoxError, Future: Send + 'static>
+    S: tower::Service<Request, Response = Response, Error = BoxError, Future = Answer>
         + Clone
         + Send
         + 'static
@@ -71,21 +76,27 @@ macro_rules! layer_service {
 }
 pub(crate) use layer_service;
 
-/// Sends a request through a service once it is ready. The future is boxed
-/// on purpose: an unboxed tower future awaited inside a `Send` async block
-/// trips the compiler's higher-ranked lifetime check on the boxed error.
-pub fn call<S>(
-    mut svc: S,
-    req: Request,
-) -> futures_util::future::BoxFuture<'static, Result<Response, BoxError>>
+/// Sends a request through a service once it is ready. The stack's
+/// services are always ready, so this usually hands back the service's own
+/// future as it is; only a service not ready yet gets a future that waits
+/// for it (boxed: an unboxed tower future awaited inside a `Send` async
+/// block trips the compiler's higher-ranked lifetime check on the boxed
+/// error).
+pub fn call<S>(mut svc: S, req: Request) -> Answer
 where
-    S: tower::Service<Request, Response = Response, Error = BoxError> + Send + 'static,
-    S::Future: Send + 'static,
+    S: tower::Service<Request, Response = Response, Error = BoxError, Future = Answer>
+        + Send
+        + 'static,
 {
-    Box::pin(async move {
-        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
-        svc.call(req).await
-    })
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        std::task::Poll::Ready(Ok(())) => svc.call(req),
+        std::task::Poll::Ready(Err(e)) => Box::pin(std::future::ready(Err(e))),
+        std::task::Poll::Pending => Box::pin(async move {
+            std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+            svc.call(req).await
+        }),
+    }
 }
 
 /// What every layer may need besides its destination.

@@ -470,23 +470,34 @@ impl Pool {
         });
     }
 
-    async fn send_http1(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
-        let mut req = parts.into_http1()?;
+    /// One HTTP/1.1 request (in the form it goes in) to `ep`.
+    ///
+    /// Its future is what a request in flight to a plaintext endpoint
+    /// holds, so it is kept small: the request is owned once (not also as
+    /// the `Forward` it came as), and the rare new connection (a TCP
+    /// connect, a TLS handshake) is boxed apart, not held inline by every
+    /// request as large as its largest step.
+    async fn send_http1(self, ep: Endpoint, mut req: Request) -> Result<Response, BoxError> {
         // A pooled connection that the server closed meanwhile hands the
         // request back unsent: it goes once more, on a new connection.
         let mut reuse = true;
         loop {
             let slot = if reuse {
-                self.http1_slot(&ep).await
+                // Usually a connection is at hand; the wait for one (a
+                // timer and a place in the queue) is boxed apart.
+                match ready_http1_slot(&ep) {
+                    Some(slot) => slot,
+                    None => Box::pin(self.http1_slot(&ep)).await,
+                }
             } else {
                 Http1Slot::New(OpenHttp1::new(&ep.conns))
             };
             let reused = matches!(slot, Http1Slot::Idle(_));
             let (sender, tls) = match slot {
                 Http1Slot::Idle(idle) => (idle.sender, idle.tls),
-                Http1Slot::New(open) => self.connect_http1(&ep, open).await?,
+                Http1Slot::New(open) => Box::pin(self.connect_http1(&ep, open)).await?,
             };
-            match self.send_on_http1(&ep, sender, tls, req).await {
+            match send_on_http1(&ep, sender, tls, req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(SendFailure::Unsent(unsent)) if reused => {
                     req = *unsent;
@@ -500,7 +511,7 @@ impl Pool {
     /// An idle HTTP/1.1 connection to `ep`, or the count of a new one to
     /// open: at once below [`HTTP1_SOFT_LIMIT`] connections open or being
     /// opened, else once [`HTTP1_CONNECTION_WAIT`] passed with none
-    /// handed back.
+    /// handed back. ([`ready_http1_slot`] is the look without a wait.)
     async fn http1_slot(&self, ep: &Endpoint) -> Http1Slot {
         let mut deadline = None;
         loop {
@@ -520,32 +531,6 @@ impl Pool {
             if tokio::time::timeout_at(at, freed).await.is_err() {
                 return Http1Slot::New(OpenHttp1::new(&ep.conns));
             }
-        }
-    }
-
-    /// One request on one HTTP/1.1 connection.
-    async fn send_on_http1(
-        &self,
-        ep: &Endpoint,
-        mut sender: http1::SendRequest<Body>,
-        tls: bool,
-        req: Request,
-    ) -> Result<Response, SendFailure> {
-        match sender.try_send_request(req).await {
-            Ok(rsp) => {
-                let conns = ep.conns.clone();
-                Ok(finish(rsp, tls, move |rsp| {
-                    body::boxed(Checkin {
-                        body: rsp,
-                        back: Some((sender, tls, conns)),
-                        done: false,
-                    })
-                }))
-            }
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => Err(SendFailure::Unsent(Box::new(unsent))),
-                None => Err(SendFailure::Reset(e.into_error())),
-            },
         }
     }
 
@@ -580,7 +565,7 @@ impl Pool {
         // An endpoint without a sidecar: its pooled plaintext connections,
         // not a TCP connect and a failed TLS handshake per request.
         if ep.conns.seen_plaintext(Instant::now()) {
-            return Box::pin(self.send_http1(ep, parts)).await;
+            return Box::pin(self.clone().send_http1(ep, parts.into_http1()?)).await;
         }
         let mut req = parts.0;
         let mut fresh = false;
@@ -617,8 +602,7 @@ impl Pool {
             };
             let open = OpenHttp1::new(&ep.conns);
             let (sender, tls) = self.handshake_http1(&ep, plain, open).await?;
-            return self
-                .send_on_http1(&ep, sender, tls, Forward(req).into_http1()?)
+            return send_on_http1(&ep, sender, tls, Forward(req).into_http1()?)
                 .await
                 .map_err(|failure| failure.into_error(ep.addr));
         }
@@ -651,6 +635,44 @@ impl SendFailure {
             )
             .into(),
             SendFailure::Reset(e) => reset(addr, &e),
+        }
+    }
+}
+
+/// An idle HTTP/1.1 connection to `ep`, or the count of a new one when
+/// fewer than [`HTTP1_SOFT_LIMIT`] are open; None when the request must
+/// wait ([`Pool::http1_slot`], which looks again once it listens).
+fn ready_http1_slot(ep: &Endpoint) -> Option<Http1Slot> {
+    if let Some(idle) = ep.conns.take_idle(Instant::now()) {
+        return Some(Http1Slot::Idle(idle));
+    }
+    OpenHttp1::below_limit(&ep.conns).map(Http1Slot::New)
+}
+
+/// One request on one HTTP/1.1 connection. The request is handed to the
+/// connection here, before the future is made, so the future does not
+/// hold a second copy of it.
+fn send_on_http1(
+    ep: &Endpoint,
+    mut sender: http1::SendRequest<Body>,
+    tls: bool,
+    req: Request,
+) -> impl std::future::Future<Output = Result<Response, SendFailure>> + Send + 'static {
+    let sent = sender.try_send_request(req);
+    let conns = ep.conns.clone();
+    async move {
+        match sent.await {
+            Ok(rsp) => Ok(finish(rsp, tls, move |rsp| {
+                body::boxed(Checkin {
+                    body: rsp,
+                    back: Some((sender, tls, conns)),
+                    done: false,
+                })
+            })),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Err(SendFailure::Unsent(Box::new(unsent))),
+                None => Err(SendFailure::Reset(e.into_error())),
+            },
         }
     }
 }
@@ -965,7 +987,10 @@ impl Service<Request> for Pool {
         } else if meshed {
             Box::pin(async move { pool.send_upgraded(endpoint, parts).await })
         } else {
-            Box::pin(async move { pool.send_http1(endpoint, parts).await })
+            match parts.into_http1() {
+                Ok(req) => Box::pin(pool.send_http1(endpoint, req)),
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
         }
     }
 }

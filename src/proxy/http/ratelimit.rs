@@ -32,6 +32,6 @@ impl<S: super::Inner> RateLimit<S> {
             let err = ProxyError::RateLimited(self.dst.label.clone());
             return async move { Err(err.into()) }.boxed();
         }
-        self.inner.call(req).boxed()
+        self.inner.call(req)
     }
 }

@@ -153,105 +153,138 @@ fn judge(result: &Result<Response, BoxError>, policy: &RetryConfig, label: &str)
 super::layer_service!(Retry);
 
 impl<S: super::Inner> Retry<S> {
+    /// Decides here, before any future is made, whether the request can be
+    /// retried at all: most cannot (no retries in the policy, a health
+    /// path, a body too large or streamed to buffer), and their future is
+    /// the one try's alone, without the buffered copy and backoff timer a
+    /// retried request carries through its tries.
     fn handle(&mut self, req: Request) -> BoxFuture<'static, Result<Response, BoxError>> {
         let (dst, shared, inner) = (self.dst.clone(), self.shared.clone(), self.inner.clone());
-        Box::pin(async move {
-            let ctx = req.extensions().get::<RouteCtx>().cloned();
-            let policy: Arc<RetryConfig> = ctx
-                .as_ref()
-                .and_then(|c| c.retry.clone())
-                .unwrap_or_else(|| dst.retry.clone());
-            let excluded = ctx.as_ref().is_some_and(|c| c.excluded);
-            dst.budget.record_request(Instant::now());
-            let per_try = policy.per_try_timeout_ms.map(Duration::from_millis);
-            if policy.max_retries == 0 || excluded {
-                return attempt(inner, req, per_try, &dst.label).await;
+        let ctx = req.extensions().get::<RouteCtx>();
+        let policy: Arc<RetryConfig> = ctx
+            .and_then(|c| c.retry.clone())
+            .unwrap_or_else(|| dst.retry.clone());
+        let excluded = ctx.is_some_and(|c| c.excluded);
+        dst.budget.record_request(Instant::now());
+        let per_try = policy.per_try_timeout_ms.map(Duration::from_millis);
+        if policy.max_retries == 0 || excluded {
+            return attempt(inner, req, per_try, dst);
+        }
+        let safe = is_replay_safe(&req, &policy);
+        let (parts, body) = req.into_parts();
+        // Only bodies of known, small size are buffered for replay; a
+        // larger or streamed body is sent once.
+        let small = http_body::Body::size_hint(&body)
+            .upper()
+            .filter(|n| *n <= MAX_REPLAY_BODY);
+        let held = match small {
+            Some(n) => {
+                let held = shared.replay_budget.take(n);
+                if held.is_none() {
+                    shared.metrics.retry_unbuffered.inc();
+                }
+                held
             }
-            let safe = is_replay_safe(&req, &policy);
-            let (parts, body) = req.into_parts();
-            // Only bodies of known, small size are buffered for replay; a
-            // larger or streamed body is sent once.
-            let small = http_body::Body::size_hint(&body)
-                .upper()
-                .filter(|n| *n <= MAX_REPLAY_BODY);
-            let held = match small {
-                Some(n) => {
-                    let held = shared.replay_budget.take(n);
-                    if held.is_none() {
-                        shared.metrics.retry_unbuffered.inc();
-                    }
-                    held
-                }
-                None => None,
-            };
-            let Some(_held) = held else {
-                return attempt(
-                    inner,
-                    http::Request::from_parts(parts, body),
-                    per_try,
-                    &dst.label,
-                )
-                .await;
-            };
-            let (bytes, trailers): (Bytes, Option<http::HeaderMap>) = match body.collect().await {
-                Ok(collected) => {
-                    let trailers = collected.trailers().cloned();
-                    (collected.to_bytes(), trailers)
-                }
-                Err(e) => {
-                    return Err(ProxyError::BadRequest(format!("reading request body: {e}")).into());
-                }
-            };
-            let mut rng = fastrand::Rng::new();
-            let mut tries: u32 = 0;
-            // Shared by every attempt's copy: retries go to another endpoint
-            // when there is one.
-            let mut parts = parts;
-            parts
-                .extensions
-                .insert(super::balance::TriedEndpoints::default());
-            // The request's deadline (each try's copy gets its own, tighter).
-            let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
-            loop {
-                let req = replay(&parts, bytes.clone(), trailers.clone());
-                let result = attempt(inner.clone(), req, per_try, &dst.label).await;
-                let verdict = judge(&result, &policy, &dst.label);
-                let retry = match verdict {
-                    Verdict::Done => false,
-                    Verdict::RetryAlways => true,
-                    Verdict::RetryIfSafe => safe,
-                };
-                // The balancer timed the try out at the request's deadline:
-                // no time is left for another, so neither budget nor a
-                // retry is spent on it.
-                let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                if !retry || tries >= policy.max_retries || expired {
-                    return result;
-                }
-                let label = DstLabels {
-                    dst: dst.label.clone(),
-                };
-                if !dst.budget.try_withdraw(Instant::now()) {
-                    shared
-                        .metrics
-                        .retry_budget_exhausted
-                        .get_or_create(&label)
-                        .inc();
-                    return result;
-                }
-                shared.metrics.retries.get_or_create(&label).inc();
-                // Let the failed response go before waiting.
-                drop(result);
-                let wait = backoff(
-                    tries,
-                    Duration::from_millis(policy.backoff_base_ms),
-                    Duration::from_millis(policy.backoff_max_ms),
-                    &mut rng,
-                );
-                tokio::time::sleep(wait).await;
-                tries += 1;
-            }
-        })
+            None => None,
+        };
+        let Some(held) = held else {
+            return attempt(inner, http::Request::from_parts(parts, body), per_try, dst);
+        };
+        Box::pin(retrying(
+            Tries {
+                inner,
+                dst,
+                shared,
+                policy,
+                safe,
+                per_try,
+                _held: held,
+            },
+            parts,
+            body,
+        ))
+    }
+}
+
+/// What a retried request's tries share.
+struct Tries<S> {
+    inner: S,
+    dst: Arc<Destination>,
+    shared: Arc<Shared>,
+    policy: Arc<RetryConfig>,
+    /// Replay-safe (its method or idempotency key).
+    safe: bool,
+    per_try: Option<Duration>,
+    /// Its share of the replay budget, given back when the last try ends
+    /// (when this is dropped).
+    _held: ReplayBytes,
+}
+
+/// A request whose body is buffered, tried until a try succeeds, the
+/// policy says not to retry, or the retry budget or the request's time
+/// runs out.
+async fn retrying<S: super::Inner>(
+    t: Tries<S>,
+    parts: http::request::Parts,
+    body: body::Body,
+) -> Result<Response, BoxError> {
+    let (bytes, trailers): (Bytes, Option<http::HeaderMap>) = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            (collected.to_bytes(), trailers)
+        }
+        Err(e) => {
+            return Err(ProxyError::BadRequest(format!("reading request body: {e}")).into());
+        }
+    };
+    let mut rng = fastrand::Rng::new();
+    let mut tries: u32 = 0;
+    // Shared by every attempt's copy: retries go to another endpoint
+    // when there is one.
+    let mut parts = parts;
+    parts
+        .extensions
+        .insert(super::balance::TriedEndpoints::default());
+    // The request's deadline (each try's copy gets its own, tighter).
+    let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+    loop {
+        let req = replay(&parts, bytes.clone(), trailers.clone());
+        let result = attempt(t.inner.clone(), req, t.per_try, t.dst.clone()).await;
+        let verdict = judge(&result, &t.policy, &t.dst.label);
+        let retry = match verdict {
+            Verdict::Done => false,
+            Verdict::RetryAlways => true,
+            Verdict::RetryIfSafe => t.safe,
+        };
+        // The balancer timed the try out at the request's deadline:
+        // no time is left for another, so neither budget nor a
+        // retry is spent on it.
+        let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if !retry || tries >= t.policy.max_retries || expired {
+            return result;
+        }
+        let label = DstLabels {
+            dst: t.dst.label.clone(),
+        };
+        if !t.dst.budget.try_withdraw(Instant::now()) {
+            t.shared
+                .metrics
+                .retry_budget_exhausted
+                .get_or_create(&label)
+                .inc();
+            return result;
+        }
+        t.shared.metrics.retries.get_or_create(&label).inc();
+        // Let the failed response go before waiting.
+        drop(result);
+        let wait = backoff(
+            tries,
+            Duration::from_millis(t.policy.backoff_base_ms),
+            Duration::from_millis(t.policy.backoff_max_ms),
+            &mut rng,
+        );
+        tokio::time::sleep(wait).await;
+        tries += 1;
     }
 }
 
@@ -274,21 +307,24 @@ fn replay(
 /// (the earlier of it and the request's) so that the balancer times the
 /// try out itself and counts it against the endpoint; this timer stays for
 /// a try that never reached the balancer.
-async fn attempt<S: super::Inner>(
+fn attempt<S: super::Inner>(
     inner: S,
     mut req: Request,
     per_try: Option<Duration>,
-    label: &str,
-) -> Result<Response, BoxError> {
+    dst: Arc<Destination>,
+) -> BoxFuture<'static, Result<Response, BoxError>> {
     // A limit too large to add to the clock is no limit.
     let Some(deadline) = per_try.and_then(|l| tokio::time::Instant::now().checked_add(l)) else {
-        return super::call(inner, req).await;
+        return super::call(inner, req);
     };
     Deadline::tighten(req.extensions_mut(), deadline);
-    match tokio::time::timeout_at(deadline, super::call(inner, req)).await {
-        Ok(result) => result,
-        Err(_) => Err(ProxyError::Timeout(label.to_owned()).into()),
-    }
+    let call = super::call(inner, req);
+    Box::pin(async move {
+        match tokio::time::timeout_at(deadline, call).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -314,7 +350,8 @@ mod tests {
                 .lock()
                 .expect("tries")
                 .push(req.extensions().get::<Deadline>().copied());
-            async { Err::<Response, BoxError>(ProxyError::Timeout("x".into()).into()) }
+            Box::pin(async { Err::<Response, BoxError>(ProxyError::Timeout("x".into()).into()) })
+                as super::super::Answer
         })
     }
 
@@ -329,8 +366,15 @@ mod tests {
             (None, None),
         ];
         let tries = Arc::new(Mutex::new(Vec::new()));
+        let dst = destination("127.0.0.1:9".parse().expect("addr"), 1, json!({}));
         for (deadline, per_try) in cases {
-            let _ = attempt(timing_out(tries.clone()), request(deadline), per_try, "x").await;
+            let _ = attempt(
+                timing_out(tries.clone()),
+                request(deadline),
+                per_try,
+                dst.clone(),
+            )
+            .await;
         }
         let seen = tries.lock().expect("tries").clone();
         let Some(Deadline(per_try)) = seen[0] else {

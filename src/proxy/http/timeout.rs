@@ -58,7 +58,7 @@ impl<S: super::Inner> Timeout<S> {
             .or(self.dst.policy.timeout_ms.map(Duration::from_millis));
         // A limit too large to add to the clock is no limit.
         let Some(deadline) = limit.and_then(|l| Instant::now().checked_add(l)) else {
-            return Box::pin(self.inner.call(req));
+            return self.inner.call(req);
         };
         Deadline::tighten(req.extensions_mut(), deadline);
         let fut = self.inner.call(req);
@@ -101,7 +101,7 @@ mod tests {
     fn stuck(seen: Arc<Mutex<Option<Deadline>>>) -> impl super::super::Inner {
         tower::service_fn(move |req: Request| {
             *seen.lock().expect("seen") = req.extensions().get::<Deadline>().copied();
-            std::future::pending::<Result<Response, BoxError>>()
+            Box::pin(std::future::pending::<Result<Response, BoxError>>()) as super::super::Answer
         })
     }
 
