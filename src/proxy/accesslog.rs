@@ -250,26 +250,18 @@ impl AccessLog {
         src_addr: Option<SocketAddr>,
         req: &mut Request,
     ) -> Pending {
-        // Only bounded copies of what the client sent (a path or a Host
-        // may be 64 KiB): the line lives as long as the response streams.
-        let bytes_in = Arc::new(AtomicU64::new(0));
+        let record = Arc::new(Record::default());
         let body = std::mem::replace(req.body_mut(), super::http::body::empty());
         *req.body_mut() = Body::new(Counted {
             inner: body,
-            count: Count::Shared(bytes_in.clone()),
+            count: Count::Shared(record.clone()),
         });
-        let record = Arc::new(Record::default());
         req.extensions_mut().insert(RecordRef(record.clone()));
+        // Only bounded copies of what the client sent (a path or a Host
+        // may be 64 KiB), the three in one string: the line lives as long
+        // as the response streams.
         let normal = normalize_path(req.uri().path());
         let query = req.uri().query().filter(|_| self.keep_query);
-        let path = capped(
-            &[
-                &normal,
-                if query.is_some() { "?" } else { "" },
-                query.unwrap_or(""),
-            ],
-            MAX_PATH,
-        );
         // Host and port only: an absolute-form URI's userinfo
         // (`http://user:pass@host/`) is a credential.
         let authority = match req.uri().authority() {
@@ -279,37 +271,59 @@ impl AccessLog {
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(|h| h.rsplit('@').next().unwrap_or_default()),
-        }
-        .map(|a| capped(&[a], MAX_AUTHORITY));
-        Pending(Some(Box::new(Begun {
-            log: self.clone(),
-            record,
-            started: Instant::now(),
-            at: SystemTime::now(),
-            direction,
-            src: src.unwrap_or_else(|| self.local.clone()),
-            src_addr,
-            method: capped(&[req.method().as_str()], MAX_METHOD),
-            authority,
-            path,
-            version: req.version(),
-            trace_id: trace_id(req.headers()),
-            bytes_in,
-            fallback_dst: None,
+        };
+        let method = req.method().as_str();
+        let path = [
+            &*normal,
+            if query.is_some() { "?" } else { "" },
+            query.unwrap_or(""),
+        ];
+        let mut text = String::with_capacity(
+            method.len().min(MAX_METHOD)
+                + authority.map_or(0, |a| a.len().min(MAX_AUTHORITY))
+                + path.iter().map(|p| p.len()).sum::<usize>().min(MAX_PATH),
+        );
+        push_capped(&mut text, &[method], MAX_METHOD);
+        let method_end = text.len();
+        let authority_end = authority.map(|a| {
+            push_capped(&mut text, &[a], MAX_AUTHORITY);
+            text.len()
+        });
+        push_capped(&mut text, &path, MAX_PATH);
+        Pending(Some(Box::new(Line {
+            begun: Begun {
+                log: self.clone(),
+                record,
+                started: Instant::now(),
+                at: SystemTime::now(),
+                direction,
+                src: src.unwrap_or_else(|| self.local.clone()),
+                src_addr,
+                text,
+                method_end,
+                authority_end,
+                version: req.version(),
+                trace_id: trace_id_of(req.headers()),
+                fallback_dst: None,
+            },
+            status: None,
+            proxy_error: None,
+            mtls: None,
+            bytes_out: 0,
+            completed: false,
         })))
     }
 }
 
-/// `parts` joined, at most `max` bytes of them copied: a longer text is
-/// cut at a character boundary and ends in `...`.
-fn capped(parts: &[&str], max: usize) -> String {
+/// Appends `parts` joined to `out`, at most `max` bytes of them: a longer
+/// text is cut at a character boundary and ends in `...`.
+fn push_capped(out: &mut String, parts: &[&str], max: usize) {
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let keep = if total > max { max - 3 } else { total };
-    let mut out = String::with_capacity(total.min(max));
+    let mut room = if total > max { max - 3 } else { total };
     for part in parts {
-        let room = keep - out.len();
         if part.len() <= room {
             out.push_str(part);
+            room -= part.len();
         } else {
             let mut at = room;
             while !part.is_char_boundary(at) {
@@ -322,7 +336,6 @@ fn capped(parts: &[&str], max: usize) -> String {
     if total > max {
         out.push_str("...");
     }
-    out
 }
 
 /// A request's direction through the proxy.
@@ -339,7 +352,11 @@ pub enum Direction {
 /// the request's extensions as [`RecordRef`], so retries (which copy the
 /// extensions) fill the same one.
 #[derive(Default)]
-pub struct Record(Mutex<Learned>);
+pub struct Record {
+    learned: Mutex<Learned>,
+    /// The request body's data bytes, counted as they pass.
+    bytes_in: AtomicU64,
+}
 
 #[derive(Default)]
 struct Learned {
@@ -353,7 +370,7 @@ struct Learned {
 
 impl Record {
     fn learn(&self, f: impl FnOnce(&mut Learned)) {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut self.learned.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The destination and route the request was sent to.
@@ -413,8 +430,9 @@ impl RecordRef {
 /// [`Pending::finish`] (the client reset the stream or closed the
 /// connection, or the drain ran out, before any response head), it writes
 /// the line all the same: no status, `completed: false`.
-pub struct Pending(Option<Box<Begun>>);
+pub struct Pending(Option<Box<Line>>);
 
+/// What a line knows from the request head.
 struct Begun {
     log: Arc<AccessLog>,
     record: Arc<Record>,
@@ -423,23 +441,41 @@ struct Begun {
     direction: Direction,
     src: Arc<str>,
     src_addr: Option<SocketAddr>,
-    method: String,
-    authority: Option<String>,
-    path: String,
+    /// The method, the authority (when there is one) and the path, each
+    /// capped, one after the other: `text[..method_end]`,
+    /// `text[method_end..authority_end]`, the rest.
+    text: String,
+    method_end: usize,
+    authority_end: Option<usize>,
     version: http::Version,
-    trace_id: Option<String>,
-    bytes_in: Arc<AtomicU64>,
+    trace_id: Option<u128>,
     /// The `dst` when the stack never named one (no config yet, a host
     /// that does not resolve): the target the client dialled.
     fallback_dst: Option<Dialled>,
 }
 
+impl Begun {
+    fn method(&self) -> &str {
+        &self.text[..self.method_end]
+    }
+
+    fn authority(&self) -> Option<&str> {
+        self.authority_end
+            .map(|end| &self.text[self.method_end..end])
+    }
+
+    fn path(&self) -> &str {
+        &self.text[self.authority_end.unwrap_or(self.method_end)..]
+    }
+}
+
 /// The target an outbound client dialled, named only if a line needs it.
+#[derive(Clone)]
 pub enum Dialled {
     /// A transparent connection's original destination.
     Addr(SocketAddr),
-    /// An explicit listener's `host:port`.
-    Named(String),
+    /// An explicit listener's `host:port` (made once per connection).
+    Named(Arc<str>),
 }
 
 impl Pending {
@@ -449,53 +485,34 @@ impl Pending {
             .0
             .as_ref()
             .expect("a pending line until finished")
+            .begun
             .record
     }
 
     /// The `dst` to write when the stack names none.
     pub fn fallback_dst(&mut self, dst: Dialled) {
-        if let Some(b) = &mut self.0 {
-            b.fallback_dst = Some(dst);
+        if let Some(line) = &mut self.0 {
+            line.begun.fallback_dst = Some(dst);
         }
     }
 
     /// The response head is known: its body is counted, and the line is
     /// written when the body ends or is dropped.
     pub fn finish(mut self, rsp: Response) -> Response {
-        let Some(begun) = self.0.take() else {
+        let Some(mut line) = self.0.take() else {
             return rsp;
         };
         let (parts, body) = rsp.into_parts();
-        let line = Line {
-            status: Some(parts.status.as_u16()),
-            // The proxy's own answers only, never a header an upstream
-            // sent (which would claim one, and could be any length).
-            proxy_error: parts.extensions.get::<ProxyAnswer>().map(|a| a.0),
-            mtls: parts.extensions.get::<OverMeshTls>().map(|t| t.0),
-            bytes_out: 0,
-            completed: false,
-            begun,
-        };
+        line.status = Some(parts.status.as_u16());
+        // The proxy's own answers only, never a header an upstream sent
+        // (which would claim one, and could be any length).
+        line.proxy_error = parts.extensions.get::<ProxyAnswer>().map(|a| a.0);
+        line.mtls = parts.extensions.get::<OverMeshTls>().map(|t| t.0);
         let body = Body::new(Counted {
             inner: body,
-            count: Count::Line(Box::new(line)),
+            count: Count::Line(line),
         });
         Response::from_parts(parts, body)
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(begun) = self.0.take() {
-            drop(Line {
-                status: None,
-                proxy_error: None,
-                mtls: None,
-                bytes_out: 0,
-                completed: false,
-                begun,
-            });
-        }
     }
 }
 
@@ -506,8 +523,12 @@ pub struct ProxyAnswer(pub &'static str);
 
 /// A request's line, written when dropped: with its response body (or
 /// with the request, when no response head came).
+///
+/// Dropped with its [`Pending`] before any response head (the client reset
+/// the stream or closed the connection, or the drain ran out), it is
+/// written all the same: no status, `completed: false`.
 struct Line {
-    begun: Box<Begun>,
+    begun: Begun,
     status: Option<u16>,
     proxy_error: Option<&'static str>,
     /// Over mesh mTLS: outbound from the response, inbound from the
@@ -521,7 +542,8 @@ struct Line {
 impl Drop for Line {
     fn drop(&mut self) {
         let p = &self.begun;
-        let learned = std::mem::take(&mut *p.record.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let learned =
+            std::mem::take(&mut *p.record.learned.lock().unwrap_or_else(|e| e.into_inner()));
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         // Formatted only for a request no destination claimed.
         let dialled = match (&learned.dst, &p.fallback_dst) {
@@ -532,7 +554,7 @@ impl Drop for Line {
             Some(Dst::Service(d)) => Some(d.label.as_str()),
             Some(Dst::Workload) => Some(&*p.log.workload),
             None => match &p.fallback_dst {
-                Some(Dialled::Named(n)) => Some(n.as_str()),
+                Some(Dialled::Named(n)) => Some(&**n),
                 _ => dialled.as_deref(),
             },
         };
@@ -545,9 +567,9 @@ impl Drop for Line {
             dst,
             endpoint: learned.endpoint,
             route: learned.route.as_deref(),
-            method: &p.method,
-            authority: p.authority.as_deref(),
-            path: &p.path,
+            method: p.method(),
+            authority: p.authority(),
+            path: p.path(),
             protocol: version(p.version),
             status: self.status,
             proxy_error: self.proxy_error,
@@ -555,9 +577,9 @@ impl Drop for Line {
             duration_ms: ms(p.started.elapsed()),
             upstream_ms: learned.upstream.map(ms),
             retries: learned.attempts.saturating_sub(1),
-            bytes_in: p.bytes_in.load(Ordering::Relaxed),
+            bytes_in: p.record.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out,
-            trace_id: p.trace_id.as_deref(),
+            trace_id: p.trace_id.map(TraceId),
         };
         // Serialised into a buffer each thread keeps: no allocation per
         // line once it has grown.
@@ -601,7 +623,16 @@ struct Json<'a> {
     retries: u32,
     bytes_in: u64,
     bytes_out: u64,
-    trace_id: Option<&'a str>,
+    trace_id: Option<TraceId>,
+}
+
+/// A trace id as the W3C spec writes it: 32 lowercase hex digits.
+struct TraceId(u128);
+
+impl Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:032x}", self.0))
+    }
 }
 
 fn version(v: http::Version) -> &'static str {
@@ -645,14 +676,17 @@ impl Serialize for Rfc3339Millis {
 /// `version-traceid-parentid-flags`, lowercase hex, version not `ff`, ids
 /// not all zeros; a version above 00 may carry more fields after the four.
 pub fn trace_id(headers: &HeaderMap) -> Option<String> {
-    let parent = super::trace::Parent::parse(headers.get("traceparent")?)?;
-    Some(format!("{:032x}", parent.trace))
+    Some(format!("{:032x}", trace_id_of(headers)?))
+}
+
+fn trace_id_of(headers: &HeaderMap) -> Option<u128> {
+    Some(super::trace::Parent::parse(headers.get("traceparent")?)?.trace)
 }
 
 /// Where a body's byte count goes.
 enum Count {
-    /// A request body: the line reads it when written.
-    Shared(Arc<AtomicU64>),
+    /// A request body: its line reads the count when written.
+    Shared(Arc<Record>),
     /// A response body: its line, written when the body is dropped.
     Line(Box<Line>),
 }
@@ -689,9 +723,9 @@ impl http_body::Body for Counted {
         };
         let ended = matches!(polled, Poll::Ready(None));
         match &mut self.count {
-            Count::Shared(c) => {
+            Count::Shared(record) => {
                 if n > 0 {
-                    c.fetch_add(n, Ordering::Relaxed);
+                    record.bytes_in.fetch_add(n, Ordering::Relaxed);
                 }
             }
             Count::Line(line) => {
@@ -907,9 +941,15 @@ mod tests {
     }
 
     /// A 64 KiB path or Host costs the line a bounded copy, cut at a
-    /// character boundary.
+    /// character boundary: the three fields in one string of at most
+    /// their caps.
     #[test]
     fn long_fields_are_copied_only_up_to_their_cap() {
+        let capped = |parts: &[&str], max| {
+            let mut out = String::new();
+            push_capped(&mut out, parts, max);
+            out
+        };
         let long = format!("/{}", "é".repeat(32 * 1024));
         let path = capped(&[&long, "?", "q=1"], MAX_PATH);
         assert!(
@@ -917,10 +957,26 @@ mod tests {
             "{}",
             path.len()
         );
-        assert!(path.capacity() <= MAX_PATH, "no 64 KiB allocation kept");
         assert_eq!(capped(&["/a", "?", "b=1"], MAX_PATH), "/a?b=1");
         assert_eq!(capped(&["/a", "", ""], MAX_PATH), "/a");
         assert_eq!(capped(&["abcdef"], 5), "ab...");
+
+        let (log, _, _) = log(true);
+        let mut req = http::Request::get(format!("/{}?q=1", "p".repeat(60_000)))
+            .header("host", "h".repeat(60_000))
+            .body(super::super::http::body::empty())
+            .expect("request");
+        let pending = log.begin(Direction::Inbound, None, None, &mut req);
+        let begun = &pending.0.as_ref().expect("pending").begun;
+        assert_eq!(begun.method(), "GET");
+        assert_eq!(begun.authority().map(str::len), Some(MAX_AUTHORITY));
+        assert!(begun.authority().is_some_and(|a| a.ends_with("...")));
+        assert_eq!(begun.path().len(), MAX_PATH);
+        assert!(
+            begun.text.capacity() <= MAX_METHOD + MAX_AUTHORITY + MAX_PATH,
+            "no 60 KiB allocation kept: {}",
+            begun.text.capacity()
+        );
     }
 
     #[test]

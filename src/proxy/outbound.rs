@@ -103,6 +103,12 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
         Protocol::Http1 | Protocol::Http2 => {
             let p = proxy.clone();
             let target = target.clone();
+            // What the client dialled, named once for the connection's
+            // access-log lines.
+            let dialled = match &target {
+                Target::Addr(a) => accesslog::Dialled::Addr(*a),
+                Target::Host(h, port) => accesslog::Dialled::Named(format!("{h}:{port}").into()),
+            };
             super::server::serve_http(
                 io,
                 &proxy.drain,
@@ -126,12 +132,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                         // Its `dst` if no destination claims the request
                         // (no config yet, a host that does not resolve),
                         // even when the client leaves first.
-                        line.fallback_dst(match &target {
-                            Target::Addr(a) => accesslog::Dialled::Addr(*a),
-                            Target::Host(h, port) => {
-                                accesslog::Dialled::Named(format!("{h}:{port}"))
-                            }
-                        });
+                        line.fallback_dst(dialled.clone());
                         line
                     });
                     let answer = dispatch(&p, &target, req);
