@@ -319,7 +319,12 @@ impl AccessLog {
 /// text is cut at a character boundary and ends in `...`.
 fn push_capped(out: &mut String, parts: &[&str], max: usize) {
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut room = if total > max { max - 3 } else { total };
+    debug_assert!(max >= 3, "room for the \"...\"");
+    let mut room = if total > max {
+        max.saturating_sub(3)
+    } else {
+        total
+    };
     for part in parts {
         if part.len() <= room {
             out.push_str(part);
@@ -675,10 +680,6 @@ impl Serialize for Rfc3339Millis {
 /// (<https://www.w3.org/TR/trace-context/#traceparent-header>):
 /// `version-traceid-parentid-flags`, lowercase hex, version not `ff`, ids
 /// not all zeros; a version above 00 may carry more fields after the four.
-pub fn trace_id(headers: &HeaderMap) -> Option<String> {
-    Some(format!("{:032x}", trace_id_of(headers)?))
-}
-
 fn trace_id_of(headers: &HeaderMap) -> Option<u128> {
     Some(super::trace::Parent::parse(headers.get("traceparent")?)?.trace)
 }
@@ -985,7 +986,7 @@ mod tests {
         let id = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert("traceparent", v.parse().expect("value"));
-            trace_id(&h)
+            trace_id_of(&h).map(|t| format!("{t:032x}"))
         };
         assert_eq!(id(ok).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         // A future version may add fields; version 00 may not.

@@ -104,11 +104,11 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
             let p = proxy.clone();
             let target = target.clone();
             // What the client dialled, named once for the connection's
-            // access-log lines.
-            let dialled = match &target {
+            // access-log lines (when it has any).
+            let dialled = proxy.access_log.as_ref().map(|_| match &target {
                 Target::Addr(a) => accesslog::Dialled::Addr(*a),
                 Target::Host(h, port) => accesslog::Dialled::Named(format!("{h}:{port}").into()),
-            };
+            });
             super::server::serve_http(
                 io,
                 &proxy.drain,
@@ -132,7 +132,9 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
                         // Its `dst` if no destination claims the request
                         // (no config yet, a host that does not resolve),
                         // even when the client leaves first.
-                        line.fallback_dst(dialled.clone());
+                        if let Some(dialled) = &dialled {
+                            line.fallback_dst(dialled.clone());
+                        }
                         line
                     });
                     let answer = dispatch(&p, &target, req);
