@@ -191,8 +191,9 @@ async fn one_call_is_one_trace_of_two_linked_spans() {
     }
     assert_eq!(
         attr(client_span, "server.address")["stringValue"],
-        "inventory.shop:80"
+        "inventory.shop"
     );
+    assert_eq!(attr(client_span, "server.port")["intValue"], "80");
     // The app's own spans would nest under inventory's server span.
     let seen = hops.seen.lock().expect("seen").clone();
     let trace = client_span["traceId"].as_str().unwrap();

@@ -573,7 +573,12 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(b"\"name\":");
         text(out, sp.method);
-        let failed = sp.status.is_none_or(|c| c >= 500);
+        // OpenTelemetry's HTTP conventions: a 5xx (or no answer) is an
+        // error on either side; a 4xx is the client's error, so it marks
+        // the client span and leaves the server's unset.
+        let failed = sp
+            .status
+            .is_none_or(|c| c >= 500 || (c >= 400 && sp.kind == Kind::Client));
         let _ = write!(
             out,
             ",\"kind\":{},\"startTimeUnixNano\":\"{start}\",\"endTimeUnixNano\":\"{}\",\"status\":{{\"code\":{}}},\"attributes\":[",
@@ -591,7 +596,23 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
             );
         }
         if let Some(server) = &sp.server {
-            attr(out, &mut first, "server.address", server);
+            // `server.address` is the name or address alone (an IPv6 one
+            // without brackets), its port in `server.port`.
+            let (address, port) = match server.rsplit_once(':') {
+                Some((host, port))
+                    if !host.contains(':') || (host.starts_with('[') && host.ends_with(']')) =>
+                {
+                    (host.trim_start_matches('[').trim_end_matches(']'), port.parse::<u16>().ok())
+                }
+                _ => (server.as_str(), None),
+            };
+            attr(out, &mut first, "server.address", address);
+            if let Some(port) = port {
+                let _ = write!(
+                    out,
+                    ",{{\"key\":\"server.port\",\"value\":{{\"intValue\":\"{port}\"}}}}"
+                );
+            }
         }
         if let Some(e) = sp.proxy_error {
             attr(out, &mut first, "weft.proxy_error", e);
@@ -678,5 +699,74 @@ mod tests {
                 .is_none()
         );
         assert!(req.headers().get("traceparent").is_none());
+    }
+
+    /// OpenTelemetry's HTTP conventions as the exporter writes them: a 4xx
+    /// is an error on the client span only, a 5xx or no answer on both;
+    /// `server.address` is the host alone (an IPv6 address unbracketed)
+    /// and `server.port` its port.
+    #[test]
+    fn spans_follow_the_http_conventions_for_status_and_server() {
+        let span = |kind, status, server: &str| Span {
+            trace: 1,
+            id: 2,
+            parent: None,
+            kind,
+            method: "GET",
+            start: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_millis(1),
+            status,
+            path: "/".into(),
+            server: Some(server.into()),
+            proxy_error: None,
+        };
+        let spans = [
+            span(Kind::Client, Some(404), "inventory.shop:80"),
+            span(Kind::Server, Some(404), "inventory.shop:80"),
+            span(Kind::Server, Some(503), "[fd00::7]:8080"),
+            span(Kind::Client, None, "10.0.0.7:80"),
+            span(Kind::Client, Some(200), "no-port"),
+        ];
+        let resource = Resource {
+            workload: "cart".into(),
+            namespace: "shop".into(),
+        };
+        let mut out = Vec::new();
+        otlp_json(&spans, &resource, &mut out);
+        let doc: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        let written = doc["resourceSpans"][0]["scopeSpans"][0]["spans"]
+            .as_array()
+            .expect("spans")
+            .clone();
+        let attr = |sp: &serde_json::Value, key: &str| {
+            sp["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == key)
+                .map(|a| a["value"].clone())
+        };
+        let codes: Vec<_> = written.iter().map(|sp| sp["status"]["code"].clone()).collect();
+        assert_eq!(codes, [2, 0, 2, 2, 0]);
+        let servers: Vec<_> = written
+            .iter()
+            .map(|sp| {
+                (
+                    attr(sp, "server.address").map(|v| v["stringValue"].clone()),
+                    attr(sp, "server.port").map(|v| v["intValue"].clone()),
+                )
+            })
+            .collect();
+        let s = |v: &str| Some(serde_json::Value::from(v));
+        assert_eq!(
+            servers,
+            [
+                (s("inventory.shop"), s("80")),
+                (s("inventory.shop"), s("80")),
+                (s("fd00::7"), s("8080")),
+                (s("10.0.0.7"), s("80")),
+                (s("no-port"), None),
+            ]
+        );
     }
 }
