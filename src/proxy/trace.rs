@@ -210,6 +210,10 @@ impl Default for TraceMetrics {
     }
 }
 
+/// How long after an exporter thread failed to start (the process is out
+/// of threads or memory) the next request may try again.
+const RESTART_AFTER: Duration = Duration::from_secs(30);
+
 /// Records spans for one collector, while the config names it.
 pub struct Tracer {
     config: TracingConfig,
@@ -222,7 +226,9 @@ pub struct Tracer {
 /// The exporter of a tracer no longer named sends what it holds and ends.
 pub struct Tracing {
     current: arc_swap::ArcSwapOption<Tracer>,
-    making: Mutex<()>,
+    /// Held while a tracer is made; holds when the last one failed to
+    /// start, so requests do not each try (and log) again.
+    making: Mutex<Option<Instant>>,
     /// `service.name` and `k8s.namespace.name` of the spans.
     workload: Arc<str>,
     metrics: TraceMetrics,
@@ -246,7 +252,7 @@ impl Tracing {
     pub fn new(workload: &str, metrics: TraceMetrics) -> Self {
         Tracing {
             current: arc_swap::ArcSwapOption::empty(),
-            making: Mutex::new(()),
+            making: Mutex::new(None),
             workload: workload.into(),
             metrics,
         }
@@ -263,9 +269,12 @@ impl Tracing {
         if let Some(t) = self.current.load_full().filter(|t| &t.config == config) {
             return Some(t);
         }
-        let _one = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed_at = self.making.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = self.current.load_full().filter(|t| &t.config == config) {
             return Some(t);
+        }
+        if failed_at.is_some_and(|at| at.elapsed() < RESTART_AFTER) {
+            return None;
         }
         let tracer = match Tracer::start(
             config.clone(),
@@ -275,10 +284,12 @@ impl Tracing {
         ) {
             Ok(t) => Arc::new(t),
             Err(e) => {
-                tracing::warn!(error = %e, "tracing: the exporter thread did not start; spans are not recorded");
+                tracing::warn!(error = %e, "tracing: the exporter thread did not start; spans are not recorded (tried again in {}s)", RESTART_AFTER.as_secs());
+                *failed_at = Some(Instant::now());
                 return None;
             }
         };
+        *failed_at = None;
         self.current.store(Some(tracer.clone()));
         Some(tracer)
     }
