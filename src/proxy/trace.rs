@@ -613,7 +613,10 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
                 Some((host, port))
                     if !host.contains(':') || (host.starts_with('[') && host.ends_with(']')) =>
                 {
-                    (host.trim_start_matches('[').trim_end_matches(']'), port.parse::<u16>().ok())
+                    (
+                        host.trim_start_matches('[').trim_end_matches(']'),
+                        port.parse::<u16>().ok(),
+                    )
                 }
                 _ => (server.as_str(), None),
             };
@@ -757,7 +760,10 @@ mod tests {
                 .find(|a| a["key"] == key)
                 .map(|a| a["value"].clone())
         };
-        let codes: Vec<_> = written.iter().map(|sp| sp["status"]["code"].clone()).collect();
+        let codes: Vec<_> = written
+            .iter()
+            .map(|sp| sp["status"]["code"].clone())
+            .collect();
         assert_eq!(codes, [2, 0, 2, 2, 0]);
         let servers: Vec<_> = written
             .iter()
