@@ -453,12 +453,18 @@ pub(crate) mod tests {
         req
     }
 
-    /// A server that accepts connections and never answers.
-    async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    /// A listener on a free loopback port, and its address.
+    async fn listen() -> (tokio::net::TcpListener, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
+    /// A server that accepts connections and never answers.
+    async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let (listener, addr) = listen().await;
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
@@ -471,10 +477,7 @@ pub(crate) mod tests {
     /// A server that answers every HTTP/1.1 request at once with 200.
     async fn answering() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
