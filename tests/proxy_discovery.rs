@@ -64,20 +64,29 @@ async fn publish(p: &TestProxy, generation: &str, groups: Vec<Value>) {
     assert!(after > before, "the proxy took endpoints {generation}");
 }
 
-/// `n` GETs through the proxy, `parallel` at a time; the statuses.
+/// `n` GETs through the proxy from `parallel` callers, each sending its
+/// next request when its last one is answered: the steady concurrency of
+/// a service whose client keeps `parallel` requests in flight. (Batches
+/// that wait for their slowest request would start each batch with every
+/// pod idle, which no caller under load sees, and hide the pending counts
+/// the balancer weighs.) The statuses, in no particular order.
 async fn load(p: &TestProxy, n: usize, parallel: usize) -> Vec<u16> {
     let url = p.outbound_url(0);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n / parallel {
-        let batch = (0..parallel).map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await.status })
-        });
-        for r in futures_util::future::join_all(batch).await {
-            out.push(r.expect("request task"));
-        }
-    }
-    out
+    let callers = (0..parallel).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::with_capacity(n / parallel);
+            for _ in 0..n / parallel {
+                statuses.push(get(&url).await.status);
+            }
+            statuses
+        })
+    });
+    futures_util::future::join_all(callers)
+        .await
+        .into_iter()
+        .flat_map(|r| r.expect("caller task"))
+        .collect()
 }
 
 #[tokio::test]
