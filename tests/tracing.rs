@@ -78,6 +78,8 @@ struct TwoHops {
     /// The `traceparent` each request reached the app with.
     seen: Arc<Mutex<Vec<String>>>,
     cart: TestProxy,
+    /// The cart proxy's config without `tracing`.
+    cart_config: Value,
     inventory: TestProxy,
 }
 
@@ -90,7 +92,13 @@ async fn two_hops(collector: std::net::SocketAddr) -> TwoHops {
                 .expect("seen")
                 .push(tp.to_str().unwrap_or_default().to_owned());
         }
-        (200, "stock: 7".into(), Duration::ZERO)
+        // `/slow` answers after the caller has given up.
+        let wait = if req.uri().path() == "/slow" {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        (200, "stock: 7".into(), wait)
     }))
     .await;
     let inventory = start_proxy_with(
@@ -105,16 +113,14 @@ async fn two_hops(collector: std::net::SocketAddr) -> TwoHops {
         None,
     )
     .await;
+    let cart_config = config(vec![service(
+        "inventory",
+        &[inventory.running.inbound[0]],
+        None,
+        json!([]),
+    )]);
     let cart = start_proxy_with(
-        &traced(
-            config(vec![service(
-                "inventory",
-                &[inventory.running.inbound[0]],
-                None,
-                json!([]),
-            )]),
-            collector,
-        ),
+        &traced(cart_config.clone(), collector),
         &["inventory.shop:80"],
         &["--workload", "cart"],
         None,
@@ -124,6 +130,7 @@ async fn two_hops(collector: std::net::SocketAddr) -> TwoHops {
         app,
         seen,
         cart,
+        cart_config,
         inventory,
     }
 }
@@ -142,15 +149,7 @@ async fn one_call_is_one_trace_of_two_linked_spans() {
     .await;
     assert_eq!((rsp.status, rsp.body.as_str()), (200, "stock: 7"));
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let spans = loop {
-        let spans = collector.spans.lock().expect("spans").clone();
-        if spans.len() >= 2 {
-            break spans;
-        }
-        assert!(Instant::now() < deadline, "the collector got {spans:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let spans = spans_until(&collector, |s| s.len() >= 2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
     let by = |kind: u64| {
         spans
@@ -206,6 +205,62 @@ async fn one_call_is_one_trace_of_two_linked_spans() {
     drop(hops.app);
 }
 
+/// The spans collected so far, waiting (10 s at most) until `enough`.
+async fn spans_until(collector: &Collector, enough: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans = collector.spans.lock().expect("spans").clone();
+        if enough(&spans) {
+            return spans;
+        }
+        assert!(Instant::now() < deadline, "the collector got {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A caller that leaves before the answer still leaves its hop in the
+/// trace: the span ends then, as an error with no status.
+#[tokio::test]
+async fn a_call_the_caller_gave_up_on_ends_its_spans_as_cancelled() {
+    let collector = collector().await;
+    let hops = two_hops(collector.addr).await;
+    let url = format!("{}/slow", hops.cart.outbound_url(0));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        send(&client(), "GET", &url, &[]),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the app answers after 5 s");
+    let spans = spans_until(&collector, |s| s.iter().any(|s| s["kind"] == 3)).await;
+    let client_span = spans.iter().find(|s| s["kind"] == 3).expect("client span");
+    let attrs = client_span["attributes"].as_array().expect("attributes");
+    let attr = |key: &str| attrs.iter().find(|x| x["key"] == key).map(|x| &x["value"]);
+    assert_eq!(
+        attr("error.type").map(|v| &v["stringValue"]),
+        Some(&json!("cancelled")),
+        "{client_span:#}"
+    );
+    assert_eq!(attr("http.response.status_code"), None, "no answer came");
+    assert_eq!(client_span["status"]["code"], 2, "an error");
+    let (start, end): (u128, u128) = (
+        client_span["startTimeUnixNano"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap(),
+        client_span["endTimeUnixNano"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    assert!(
+        end - start >= 400_000_000 && end - start < 4_000_000_000,
+        "it ran until the caller left: {} ms",
+        (end - start) / 1_000_000
+    );
+}
+
 #[tokio::test]
 async fn a_collector_that_is_down_slows_nothing_and_spans_are_counted_dropped() {
     // A port nothing listens on: the collector is down.
@@ -240,4 +295,141 @@ async fn a_collector_that_is_down_slows_nothing_and_spans_are_counted_dropped() 
         }
         assert_eq!(proxy.metric("weft_proxy_spans_exported_total").await, 0.0);
     }
+}
+
+/// A trace whose caller decided not to sample it (`-00`) is passed on
+/// with that decision and records nothing.
+#[tokio::test]
+async fn an_unsampled_trace_goes_on_unsampled_and_records_nothing() {
+    let collector = collector().await;
+    let hops = two_hops(collector.addr).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let url = format!("{}/stock", hops.cart.outbound_url(0));
+    let rsp = send(
+        &client(),
+        "GET",
+        &url,
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-00"))],
+    )
+    .await;
+    assert_eq!(rsp.status, 200);
+    let seen = hops.seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].starts_with(&format!("00-{trace}-")) && seen[0].ends_with("-00"),
+        "the same trace, still unsampled: {seen:?}"
+    );
+    // A sampled call after it is exported: by then the first would have been.
+    assert_eq!(send(&client(), "GET", &url, &[]).await.status, 200);
+    let spans = spans_until(&collector, |s| s.len() >= 2).await;
+    assert!(
+        spans.iter().all(|s| s["traceId"] != trace),
+        "nothing of the unsampled trace: {spans:#?}"
+    );
+    assert_eq!(
+        hops.cart.metric("weft_proxy_spans_exported_total").await,
+        1.0
+    );
+}
+
+/// A collector that takes the connection and never answers holds only
+/// the exporter: calls are all answered, the spans that do not fit the
+/// queue meanwhile are dropped as `queue-full`, and the batch it held is
+/// dropped as `collector` when its 4 s are up.
+#[tokio::test]
+async fn a_collector_that_never_answers_costs_spans_not_calls() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let hops = two_hops(addr).await;
+    let url = format!("{}/stock", hops.cart.outbound_url(0));
+    // Far more spans than the exporter holds (a batch of 256 waiting on
+    // the collector) and the queue behind it (1024), from 8 callers.
+    let callers = (0..8).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let client = client();
+            let mut ok = 0;
+            for _ in 0..250 {
+                ok += usize::from(send(&client, "GET", &url, &[]).await.status == 200);
+            }
+            ok
+        })
+    });
+    let answered: usize = futures_util::future::join_all(callers)
+        .await
+        .into_iter()
+        .map(|r| r.expect("caller"))
+        .sum();
+    assert_eq!(answered, 2000, "every call answered");
+    let queue_full = hops
+        .cart
+        .wait_metric("weft_proxy_spans_dropped_total{reason=\"queue-full\"}", 1.0)
+        .await;
+    assert!(queue_full >= 1.0, "the queue overflowed: {queue_full}");
+    // The held batch times out (4 s for the whole exchange).
+    let mut failed = 0.0;
+    for _ in 0..10 {
+        failed = hops
+            .cart
+            .wait_metric("weft_proxy_spans_dropped_total{reason=\"collector\"}", 1.0)
+            .await;
+        if failed >= 1.0 {
+            break;
+        }
+    }
+    assert!(failed >= 1.0, "the held batch was counted dropped");
+    assert_eq!(
+        hops.cart.metric("weft_proxy_spans_exported_total").await,
+        0.0
+    );
+    hold.abort();
+}
+
+/// The Mesh names another collector: spans go to it from then on (the
+/// proxy is not restarted), and none to the old one.
+#[tokio::test]
+async fn a_new_collector_takes_the_spans_after_the_config_names_it() {
+    let first = collector().await;
+    let second = collector().await;
+    let hops = two_hops(first.addr).await;
+    let url = format!("{}/stock", hops.cart.outbound_url(0));
+    assert_eq!(send(&client(), "GET", &url, &[]).await.status, 200);
+    spans_until(&first, |s| s.iter().any(|s| s["service"] == "cart")).await;
+
+    let reloads = hops.cart.metric("weft_proxy_config_reloads").await;
+    let mut next = traced(hops.cart_config.clone(), second.addr);
+    // A new document, as the operator writes one for every change.
+    next["generation"] = json!("second-collector");
+    hops.cart.write_config(&next);
+    let now = hops
+        .cart
+        .wait_metric("weft_proxy_config_reloads", reloads + 1.0)
+        .await;
+    assert!(now > reloads, "the cart's proxy took the new config");
+    assert_eq!(send(&client(), "GET", &url, &[]).await.status, 200);
+    let spans = spans_until(&second, |s| s.iter().any(|s| s["service"] == "cart")).await;
+    assert_eq!(
+        spans.iter().filter(|s| s["service"] == "cart").count(),
+        1,
+        "{spans:#?}"
+    );
+    let to_first = first
+        .spans
+        .lock()
+        .expect("spans")
+        .iter()
+        .filter(|s| s["service"] == "cart")
+        .count();
+    assert_eq!(
+        to_first, 1,
+        "the old collector got only the first call's span"
+    );
 }

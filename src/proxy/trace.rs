@@ -15,9 +15,14 @@
 //!   sends it), SERVER for inbound (as the callee's receives it). The
 //!   `traceparent` sent on names this span as the parent, so the caller's
 //!   client span is the parent of the callee's server span, and the app's
-//!   own spans nest under the server span. `tracestate` is not touched.
+//!   own spans nest under the server span. `tracestate` goes on as it
+//!   came with a valid `traceparent`, and is dropped with a trace the
+//!   proxy starts; flags other than `sampled` and `random-trace-id` are
+//!   zeroed.
 //! - if sampled, its span is queued when the response head arrives (its
-//!   end), with OpenTelemetry's HTTP semantic-convention attributes.
+//!   end), with OpenTelemetry's HTTP semantic-convention attributes; a
+//!   request dropped before then (its caller left) ends its span when
+//!   dropped, as an error with `error.type` `cancelled`.
 //!
 //! Export never slows a request: spans wait in a bounded queue
 //! ([`QUEUE_SPANS`]) that a thread of its own sends in batches
@@ -64,6 +69,13 @@ pub enum Kind {
     Client = 3,
 }
 
+/// The trace flags this proxy passes on: `sampled` (Level 1) and
+/// `random-trace-id` (Level 2,
+/// <https://www.w3.org/TR/trace-context-2/#random-trace-id-flag>), which
+/// stays true of a trace id passed on unchanged. This proxy does not set
+/// the latter on the traces it starts.
+const KNOWN_FLAGS: u8 = 0b11;
+
 /// A valid `traceparent`'s fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parent {
@@ -103,7 +115,10 @@ impl Parent {
         let parent = Parent {
             trace: u128::from_str_radix(trace, 16).ok()?,
             span: u64::from_str_radix(span, 16).ok()?,
-            flags: u8::from_str_radix(flags, 16).ok()?,
+            // Only the flags this proxy knows go on: Level 1 says a
+            // vendor MUST zero the others, and a later version's bits
+            // mean nothing in the version 00 header written here.
+            flags: u8::from_str_radix(flags, 16).ok()? & KNOWN_FLAGS,
         };
         (parent.trace != 0 && parent.span != 0).then_some(parent)
     }
@@ -170,6 +185,7 @@ pub struct Span {
     pub method: &'static str,
     pub start: SystemTime,
     pub duration: Duration,
+    /// The answer's status; None: the caller left before any answer.
     pub status: Option<u16>,
     /// `url.path`, cut at [`MAX_PATH`].
     pub path: String,
@@ -246,6 +262,8 @@ pub struct Started {
     server: Option<String>,
     start: SystemTime,
     began: Instant,
+    /// Recorded (or not sampled): nothing more to do when dropped.
+    ended: bool,
 }
 
 impl Tracing {
@@ -310,6 +328,11 @@ impl Tracing {
         let (trace, parent, flags) = match incoming {
             Some(p) => (p.trace, Some(p.span), p.flags),
             None => {
+                // A new trace: a `tracestate` that came without a valid
+                // `traceparent` belongs to no trace this request is in
+                // and MUST be discarded (Trace Context, "No traceparent
+                // received" in the processing model).
+                req.headers_mut().remove("tracestate");
                 let sampled = fastrand::f64() < tracer.config.sampling;
                 (nonzero_u128(), None, u8::from(sampled))
             }
@@ -344,6 +367,7 @@ impl Tracing {
             server,
             start: SystemTime::now(),
             began: Instant::now(),
+            ended: false,
         })
     }
 }
@@ -351,15 +375,20 @@ impl Tracing {
 impl Started {
     /// The response head arrived (or the proxy answered itself): the
     /// span ends, and is queued if its trace is sampled.
-    pub fn end(self, rsp: &super::http::body::Response) {
-        if !self.ctx.sampled() {
-            return;
-        }
-        let status = Some(rsp.status().as_u16());
+    pub fn end(mut self, rsp: &super::http::body::Response) {
         let proxy_error = rsp
             .extensions()
             .get::<super::accesslog::ProxyAnswer>()
             .map(|a| a.0);
+        self.record(Some(rsp.status().as_u16()), proxy_error);
+    }
+
+    /// Ends the span (once): queued if its trace is sampled. No status:
+    /// the caller left before any answer.
+    fn record(&mut self, status: Option<u16>, proxy_error: Option<&'static str>) {
+        if std::mem::replace(&mut self.ended, true) || !self.ctx.sampled() {
+            return;
+        }
         let span = Span {
             trace: self.ctx.trace,
             id: self.ctx.span,
@@ -369,8 +398,8 @@ impl Started {
             start: self.start,
             duration: self.began.elapsed(),
             status,
-            path: self.path,
-            server: self.server,
+            path: std::mem::take(&mut self.path),
+            server: self.server.take(),
             proxy_error,
         };
         match self.tracer.queue.try_send(span) {
@@ -382,6 +411,15 @@ impl Started {
                 self.tracer.metrics.exporter_gone.inc();
             }
         }
+    }
+}
+
+/// A request dropped before its answer (the caller left, or its
+/// connection closed) still ends its span: the trace shows the hop and
+/// how long it ran, as an error with `error.type` `cancelled`.
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.record(None, None);
     }
 }
 
@@ -425,6 +463,7 @@ fn export(
 ) {
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH_SPANS);
     let mut body = Vec::new();
+    let mut collector = Resolved::default();
     let mut failing = false;
     let mut since = Instant::now();
     loop {
@@ -446,7 +485,14 @@ fn export(
             && (gone || batch.len() >= BATCH_SPANS || since.elapsed() >= EXPORT_EVERY)
         {
             otlp_json(&batch, resource, &mut body);
-            match post(config, &body) {
+            let sent = collector
+                .addresses(config)
+                .and_then(|addrs| post(config, addrs, &body));
+            if sent.is_err() {
+                // Unreachable where it was: look it up again next time.
+                collector.forget();
+            }
+            match sent {
                 Ok(status) if (200..300).contains(&status) => {
                     metrics.exported.inc_by(batch.len() as u64);
                     if failing {
@@ -482,8 +528,39 @@ fn export(
     }
 }
 
-/// POSTs `body` to the collector; its status code.
-fn post(config: &TracingConfig, body: &[u8]) -> std::io::Result<u16> {
+/// How long the collector's addresses, once resolved, are used before
+/// its name is looked up again. Resolving for every batch would cost the
+/// cluster's DNS a few queries per second per proxy (a short name under
+/// `ndots:5` tries each search domain first).
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// The collector's addresses and when they were resolved. The lookup
+/// blocks (the system resolver has no deadline of its own), which holds
+/// only this thread: spans queue behind it, and past the queue's bound
+/// are dropped and counted, as with a collector that does not answer.
+#[derive(Default)]
+struct Resolved {
+    addrs: Vec<SocketAddr>,
+    at: Option<Instant>,
+}
+
+impl Resolved {
+    fn addresses(&mut self, config: &TracingConfig) -> std::io::Result<&[SocketAddr]> {
+        if self.at.is_none_or(|at| at.elapsed() >= RESOLVE_EVERY) {
+            self.addrs = config.collector.to_socket_addrs()?.collect();
+            self.at = Some(Instant::now());
+        }
+        Ok(&self.addrs)
+    }
+
+    fn forget(&mut self) {
+        self.at = None;
+    }
+}
+
+/// POSTs `body` to the collector at the first of `addrs` that takes a
+/// connection; its status code.
+fn post(config: &TracingConfig, addrs: &[SocketAddr], body: &[u8]) -> std::io::Result<u16> {
     // One deadline for the whole exchange, so a collector that trickles
     // bytes cannot hold the exporter (and the spans behind it).
     let deadline = Instant::now() + CONNECT_TIMEOUT + ANSWER_TIMEOUT;
@@ -495,10 +572,9 @@ fn post(config: &TracingConfig, body: &[u8]) -> std::io::Result<u16> {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "the collector took too long")
             })
     };
-    let addrs: Vec<SocketAddr> = config.collector.to_socket_addrs()?.collect();
     let mut last = std::io::Error::other(format!("{} resolves to no address", config.collector));
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT.min(left()?)) {
+        match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT.min(left()?)) {
             Ok(mut s) => {
                 s.set_write_timeout(Some(left()?))?;
                 write!(
@@ -600,6 +676,9 @@ fn otlp_json(spans: &[Span], resource: &Resource, out: &mut Vec<u8>) {
         let mut first = true;
         attr(out, &mut first, "http.request.method", sp.method);
         attr(out, &mut first, "url.path", &sp.path);
+        if sp.status.is_none() {
+            attr(out, &mut first, "error.type", "cancelled");
+        }
         if let Some(status) = sp.status {
             let _ = write!(
                 out,
@@ -664,6 +743,11 @@ mod tests {
             assert_eq!(tp(bad), None, "{bad}");
         }
         assert!(tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-later").is_some());
+        // Flags this proxy does not know are zeroed; sampled and
+        // random-trace-id go on.
+        let p = tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff").unwrap();
+        assert_eq!(p.flags, 0b11);
+        assert!(p.header().to_str().unwrap().ends_with("-03"));
     }
 
     /// A request with a trace keeps it and its decision; the header sent
@@ -681,7 +765,10 @@ mod tests {
             if let Some(tp) = traceparent {
                 req = req.header("traceparent", tp);
             }
-            req.body(super::super::http::body::empty()).unwrap()
+            // Every request here carries some vendor's state too.
+            req.header("tracestate", "shop=1")
+                .body(super::super::http::body::empty())
+                .unwrap()
         };
         let mut req = get(Some(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -697,14 +784,23 @@ mod tests {
             sent.sampled(),
             "the caller's decision is kept, whatever the rate"
         );
-        // No traceparent, a rate of 0: a new trace, not sampled, and said so.
-        let mut req = get(None);
-        let started = tracing
-            .begin(Some(&config), "shop", Kind::Client, || None, &mut req)
-            .expect("on");
-        let sent = Parent::parse(&req.headers()["traceparent"]).unwrap();
-        assert!(!sent.sampled());
-        assert_eq!(started.parent, None);
+        assert_eq!(req.headers()["tracestate"], "shop=1", "its state goes on");
+        // No traceparent, a rate of 0: a new trace, not sampled, and said
+        // so; a tracestate without a valid traceparent is dropped with it.
+        for traceparent in [
+            None,
+            Some("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        ] {
+            let mut req = get(traceparent);
+            let started = tracing
+                .begin(Some(&config), "shop", Kind::Client, || None, &mut req)
+                .expect("on");
+            let sent = Parent::parse(&req.headers()["traceparent"]).unwrap();
+            assert!(!sent.sampled());
+            assert_ne!(sent.trace, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+            assert_eq!(started.parent, None);
+            assert!(req.headers().get("tracestate").is_none(), "{traceparent:?}");
+        }
         // Off: the request is left as it came.
         let mut req = get(None);
         assert!(
