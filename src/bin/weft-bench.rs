@@ -669,6 +669,9 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
     // The pacer is an OS thread: tokio's timer has millisecond granularity,
     // too coarse for 250 us intervals. It hands out jobs at their scheduled
     // times (late ones at once, in a burst) and never waits for responses.
+    // How late it was itself (measured jobs only) depends on nothing the
+    // path under test does: only on the machine giving it the CPU, so it
+    // tells a cell the machine stalled in from one the path was slow in.
     let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let dispatched = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -680,17 +683,25 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
         std::thread::Builder::new()
             .name("pacer".into())
             .spawn(move || {
+                let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
                 for index in 0..total {
                     let scheduled = start + Duration::from_secs_f64(index as f64 / rate);
                     let now = Instant::now();
                     if scheduled > now {
                         std::thread::sleep(scheduled - now);
                     }
+                    if let Some(h) = late.as_mut().filter(|_| index >= warmup_count) {
+                        let us = Instant::now()
+                            .saturating_duration_since(scheduled)
+                            .as_micros();
+                        h.saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                    }
                     if stop.load(Ordering::Relaxed) || tx.send(Job { index, scheduled }).is_err() {
                         break;
                     }
                     dispatched.fetch_add(1, Ordering::Relaxed);
                 }
+                late
             })
             .context("spawning the pacer thread")?
     };
@@ -711,9 +722,12 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
     };
     let timed_out = tokio::time::timeout(hard_limit, drive).await.is_err();
     stop.store(true, Ordering::Relaxed);
-    let pacer_ok = tokio::task::spawn_blocking(move || pacer.join().is_ok())
+    let pacer = tokio::task::spawn_blocking(move || pacer.join().ok())
         .await
-        .unwrap_or(false);
+        .ok()
+        .flatten();
+    let pacer_ok = pacer.is_some();
+    let pacer_late = pacer.flatten().filter(|h| !h.is_empty());
     let upstream_after = match &a.upstream_stats {
         Some(u) => fetch_stats(u).await,
         None => None,
@@ -767,6 +781,8 @@ async fn run_load(a: &LoadArgs, t: Target, connections: usize) -> Result<Value> 
         "max_us": (r.ok > 0).then(|| r.hist.max()),
         "start_delay_p50_us": (r.ok > 0).then(|| r.start_delay.value_at_quantile(0.5)),
         "start_delay_p99_us": (r.ok > 0).then(|| r.start_delay.value_at_quantile(0.99)),
+        "pacer_late_p99_us": pacer_late.as_ref().map(|h| h.value_at_quantile(0.99)),
+        "pacer_late_max_us": pacer_late.as_ref().map(|h| h.max()),
         "mean_us": (r.ok > 0).then(|| (r.hist.mean() * 10.0).round() / 10.0),
         "first_error": r.error_kinds.iter().max_by_key(|(_, n)| **n).map(|(k, _)| k.clone()),
         "error_kinds": r.error_kinds,
@@ -1166,6 +1182,15 @@ struct Cell {
     after: Value,
 }
 
+/// A cell whose load generator's pacer was later than this at p99 ran
+/// while the machine stalled: the pacer thread waits on nothing but its
+/// clock, so only another process holding the CPU (or the hypervisor
+/// taking it) makes 1 % of its wake-ups this late. On a calm run it is
+/// late by ~0.1 ms at p99; runs on shared machines showed cells at 5–35 ms
+/// in which every process's latency and CPU per request rose together
+/// (nginx's CPU per request ×4), whatever the path.
+const STALLED_PACER_P99_US: u64 = 2_000;
+
 impl Cell {
     fn kept(&self) -> bool {
         let target = self.load["target_rate"]
@@ -1173,6 +1198,15 @@ impl Cell {
             .unwrap_or(self.rate as f64);
         self.load["achieved_rate"].as_f64().unwrap_or(0.0) >= 0.95 * target
             && self.load["p50_us"].is_u64()
+            && self.stalled().is_none()
+    }
+
+    /// How late the pacer was at p99 (µs), if that marks a machine stall.
+    /// Results from before the pacer was measured have no such field.
+    fn stalled(&self) -> Option<u64> {
+        self.load["pacer_late_p99_us"]
+            .as_u64()
+            .filter(|us| *us > STALLED_PACER_P99_US)
     }
 
     fn cpu_per_1000(&self, clk_tck: u64) -> Option<f64> {
@@ -1435,9 +1469,16 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
          HTTP/1.1 over {} keep-alive connections (one request at a time each), h2c (prior knowledge) over {} multiplexed connections \
          between the load generator and the first hop. \
          Latencies are medians across the kept rounds; *added* is the median across rounds of the per-round difference to `direct` at the same rate and protocol. \
-         A run whose successful-response rate missed its target by more than 5 % is discarded. \
+         A run whose successful-response rate missed its target by more than 5 % is discarded, and so is one in which the machine stalled \
+         (the load generator's pacer thread, which waits on nothing but its clock, late by over {} µs at p99). \
          CPU is utime+stime of the proxy processes during the cell (/proc/PID/stat, {} ticks/s) per 1000 requests sent; RSS is VmRSS/VmHWM from /proc/PID/status.\n",
-        a.seconds, a.warmup, a.rounds, a.h1_connections, a.h2_connections, a.clk_tck
+        a.seconds,
+        a.warmup,
+        a.rounds,
+        a.h1_connections,
+        a.h2_connections,
+        STALLED_PACER_P99_US,
+        a.clk_tck
     );
     for n in &a.note {
         let _ = writeln!(md, "{n}\n");
@@ -1476,6 +1517,17 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
         for sc in &SCENARIOS {
             let all = of(sc.key);
             for c in all.iter().filter(|c| !c.kept()) {
+                if let Some(late) = c.stalled() {
+                    discarded.push(format!(
+                        "round {}, {}, {} at {} req/s: the machine stalled (the load generator's pacer {} µs late at p99)",
+                        c.round,
+                        sc.name,
+                        protocol_label(proto),
+                        rate,
+                        late
+                    ));
+                    continue;
+                }
                 let l = &c.load;
                 let target = l["target_rate"].as_f64().unwrap_or(0.0);
                 let achieved = l["achieved_rate"].as_f64().unwrap_or(0.0);
@@ -1890,6 +1942,34 @@ mod tests {
             (t.addr.port(), t.authority.as_str(), t.path.as_str()),
             (81, "svc:80", "/a?b")
         );
+    }
+
+    /// A cell is kept when it reached its rate and the machine did not
+    /// stall under it; results from before the pacer was measured are
+    /// judged by their rate alone.
+    #[test]
+    fn cells_the_machine_stalled_in_are_not_kept() {
+        let cell = |load: Value| Cell {
+            round: 1,
+            scenario: "weft1".into(),
+            rate: 1000,
+            protocol: "h1".into(),
+            load,
+            before: Value::Null,
+            after: Value::Null,
+        };
+        let calm = json!({"target_rate": 1000.0, "achieved_rate": 999.9, "p50_us": 300, "pacer_late_p99_us": 150});
+        assert!(cell(calm.clone()).kept());
+        let mut stalled = calm.clone();
+        stalled["pacer_late_p99_us"] = json!(12_000);
+        assert_eq!(cell(stalled.clone()).stalled(), Some(12_000));
+        assert!(!cell(stalled).kept());
+        let mut older = calm.clone();
+        older.as_object_mut().unwrap().remove("pacer_late_p99_us");
+        assert!(cell(older).kept());
+        let mut short = calm;
+        short["achieved_rate"] = json!(900.0);
+        assert!(!cell(short).kept());
     }
 
     #[test]
