@@ -124,6 +124,19 @@ async fn a_slow_pod_gets_under_a_tenth_of_the_requests() {
         slow.hits()
     );
     assert!(a.hits() > 0 && b.hits() > 0, "both fast pods serve");
+
+    // One caller, one request at a time: nothing is ever pending, so only
+    // the latency estimates keep the slow pod out (a balancer blind to
+    // them would give it a third).
+    let before = slow.hits();
+    let statuses = load(&p, 300, 1).await;
+    assert!(statuses.iter().all(|s| *s == 200), "all served");
+    let share = (slow.hits() - before) as f64 / 300.0;
+    assert!(
+        share < 0.20,
+        "one at a time, the slow pod got {:.1} %",
+        share * 100.0
+    );
 }
 
 #[tokio::test]

@@ -198,8 +198,12 @@ async fn one_call_is_one_trace_of_two_linked_spans() {
     let trace = client_span["traceId"].as_str().unwrap();
     let parent = server_span["spanId"].as_str().unwrap();
     assert_eq!(seen, [format!("00-{trace}-{parent}-01")]);
+    // Counted once the collector's answer is read, a moment after it
+    // stored the spans.
     assert_eq!(
-        hops.cart.metric("weft_proxy_spans_exported_total").await,
+        hops.cart
+            .wait_metric("weft_proxy_spans_exported_total", 1.0)
+            .await,
         1.0
     );
     drop(hops.app);
@@ -231,34 +235,33 @@ async fn a_call_the_caller_gave_up_on_ends_its_spans_as_cancelled() {
     )
     .await;
     assert!(gave_up.is_err(), "the app answers after 5 s");
-    let spans = spans_until(&collector, |s| s.iter().any(|s| s["kind"] == 3)).await;
-    let client_span = spans.iter().find(|s| s["kind"] == 3).expect("client span");
-    let attrs = client_span["attributes"].as_array().expect("attributes");
-    let attr = |key: &str| attrs.iter().find(|x| x["key"] == key).map(|x| &x["value"]);
-    assert_eq!(
-        attr("error.type").map(|v| &v["stringValue"]),
-        Some(&json!("cancelled")),
-        "{client_span:#}"
-    );
-    assert_eq!(attr("http.response.status_code"), None, "no answer came");
-    assert_eq!(client_span["status"]["code"], 2, "an error");
-    let (start, end): (u128, u128) = (
-        client_span["startTimeUnixNano"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap(),
-        client_span["endTimeUnixNano"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap(),
-    );
-    assert!(
-        end - start >= 400_000_000 && end - start < 4_000_000_000,
-        "it ran until the caller left: {} ms",
-        (end - start) / 1_000_000
-    );
+    // Both hops: the cart's client span, and inventory's server span
+    // (the cart's proxy gave up its call when the caller left).
+    let spans = spans_until(&collector, |s| {
+        s.iter().any(|s| s["kind"] == 3) && s.iter().any(|s| s["kind"] == 2)
+    })
+    .await;
+    for kind in [3, 2] {
+        let span = spans.iter().find(|s| s["kind"] == kind).expect("span");
+        let attrs = span["attributes"].as_array().expect("attributes");
+        let attr = |key: &str| attrs.iter().find(|x| x["key"] == key).map(|x| &x["value"]);
+        assert_eq!(
+            attr("error.type").map(|v| &v["stringValue"]),
+            Some(&json!("cancelled")),
+            "{span:#}"
+        );
+        assert_eq!(attr("http.response.status_code"), None, "no answer came");
+        assert_eq!(span["status"]["code"], 2, "an error");
+        let time = |key: &str| -> u128 { span[key].as_str().unwrap().parse().unwrap() };
+        let ran = time("endTimeUnixNano") - time("startTimeUnixNano");
+        // The caller left after 500 ms; a loaded machine may start the
+        // span late, so only a generous part of that is asserted.
+        assert!(
+            (200_000_000..4_000_000_000).contains(&ran),
+            "it ran until the caller left, not until the app answered: {} ms",
+            ran / 1_000_000
+        );
+    }
 }
 
 #[tokio::test]
@@ -327,7 +330,9 @@ async fn an_unsampled_trace_goes_on_unsampled_and_records_nothing() {
         "nothing of the unsampled trace: {spans:#?}"
     );
     assert_eq!(
-        hops.cart.metric("weft_proxy_spans_exported_total").await,
+        hops.cart
+            .wait_metric("weft_proxy_spans_exported_total", 1.0)
+            .await,
         1.0
     );
 }

@@ -21,7 +21,7 @@
 //!   zeroed.
 //! - if sampled, its span is queued when the response head arrives (its
 //!   end), with OpenTelemetry's HTTP semantic-convention attributes; a
-//!   request dropped before then (its caller left) ends its span when
+//!   request dropped before then (its caller left, say) ends its span when
 //!   dropped, as an error with `error.type` `cancelled`.
 //!
 //! Export never slows a request: spans wait in a bounded queue
@@ -185,7 +185,8 @@ pub struct Span {
     pub method: &'static str,
     pub start: SystemTime,
     pub duration: Duration,
-    /// The answer's status; None: the caller left before any answer.
+    /// The answer's status; None: the request was dropped before any
+    /// answer.
     pub status: Option<u16>,
     /// `url.path`, cut at [`MAX_PATH`].
     pub path: String,
@@ -384,7 +385,7 @@ impl Started {
     }
 
     /// Ends the span (once): queued if its trace is sampled. No status:
-    /// the caller left before any answer.
+    /// the request was dropped before any answer.
     fn record(&mut self, status: Option<u16>, proxy_error: Option<&'static str>) {
         if std::mem::replace(&mut self.ended, true) || !self.ctx.sampled() {
             return;
@@ -414,8 +415,9 @@ impl Started {
     }
 }
 
-/// A request dropped before its answer (the caller left, or its
-/// connection closed) still ends its span: the trace shows the hop and
+/// A request dropped before its answer (its caller left, its connection
+/// failed, or the proxy stopped waiting for it at shutdown) still ends its
+/// span: the trace shows the hop and
 /// how long it ran, as an error with `error.type` `cancelled`.
 impl Drop for Started {
     fn drop(&mut self) {
@@ -488,8 +490,9 @@ fn export(
             let sent = collector
                 .addresses(config)
                 .and_then(|addrs| post(config, addrs, &body));
-            if sent.is_err() {
-                // Unreachable where it was: look it up again next time.
+            if !matches!(sent, Ok(200..=299)) {
+                // Unreachable, or not taking spans, where it was: look it
+                // up again next time (it may have moved).
                 collector.forget();
             }
             match sent {
@@ -529,10 +532,13 @@ fn export(
 }
 
 /// How long the collector's addresses, once resolved, are used before
-/// its name is looked up again. Resolving for every batch would cost the
-/// cluster's DNS a few queries per second per proxy (a short name under
-/// `ndots:5` tries each search domain first).
-const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// its name is looked up again: the TTL cluster DNS gives Service records
+/// (CoreDNS's `kubernetes` plugin, 5 s by default), so a collector whose
+/// pods move (a headless Service) is followed as a resolver would.
+/// Resolving for every batch would cost the cluster's DNS a few queries
+/// per second per proxy (a short name under `ndots:5` tries each search
+/// domain first).
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 
 /// The collector's addresses and when they were resolved. The lookup
 /// blocks (the system resolver has no deadline of its own), which holds
@@ -809,6 +815,31 @@ mod tests {
                 .is_none()
         );
         assert!(req.headers().get("traceparent").is_none());
+    }
+
+    /// The collector's addresses are kept for [`RESOLVE_EVERY`], then
+    /// looked up again, and at once after `forget`.
+    #[test]
+    fn the_collector_is_looked_up_again_when_stale_or_forgotten() {
+        let config = TracingConfig {
+            collector: "127.0.0.1:4318".into(),
+            path: "/v1/traces".into(),
+            sampling: 1.0,
+        };
+        let looked_up: SocketAddr = "127.0.0.1:4318".parse().unwrap();
+        let earlier: SocketAddr = "127.0.0.2:4318".parse().unwrap();
+        let mut r = Resolved::default();
+        assert_eq!(r.addresses(&config).unwrap(), [looked_up]);
+        // What an earlier lookup gave is used while fresh...
+        r.addrs = vec![earlier];
+        assert_eq!(r.addresses(&config).unwrap(), [earlier]);
+        // ...not once stale...
+        r.at = Instant::now().checked_sub(RESOLVE_EVERY);
+        assert_eq!(r.addresses(&config).unwrap(), [looked_up]);
+        // ...nor after the collector could not be reached there.
+        r.addrs = vec![earlier];
+        r.forget();
+        assert_eq!(r.addresses(&config).unwrap(), [looked_up]);
     }
 
     /// OpenTelemetry's HTTP conventions as the exporter writes them: a 4xx
