@@ -355,6 +355,10 @@ pub struct ServicePolicy {
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// Hold calls while the Service's own back-off (`Retry-After`) runs;
+    /// unset: its 429s pass through and change nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<RetryAfterConfig>,
     pub load_balancer: LoadBalancerAlgorithm,
     /// Zone-aware routing; unset: every zone is one pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -429,6 +433,16 @@ pub struct FailureRateConfig {
 pub struct RateLimitConfig {
     pub requests_per_second: u32,
     pub burst: u32,
+}
+
+/// How calls wait out a Service's back-off ([`crate::api::RetryAfter`]),
+/// defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryAfterConfig {
+    pub max_wait_ms: u64,
+    pub max_queued: u32,
+    pub max_back_off_ms: u64,
 }
 
 /// The document as stored in the ConfigMap: one key or the other.
@@ -783,6 +797,7 @@ mod tests {
                     },
                     circuit_breaker: None,
                     rate_limit: None,
+                    retry_after: None,
                     load_balancer: LoadBalancerAlgorithm::PeakEwma,
                     zone_affinity: None,
                     excluded_paths: vec![],

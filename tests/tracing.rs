@@ -18,13 +18,7 @@ use support::*;
 struct Collector {
     addr: std::net::SocketAddr,
     spans: Arc<Mutex<Vec<Value>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _served: Served,
 }
 
 async fn collector() -> Collector {
@@ -55,14 +49,12 @@ async fn collector() -> Collector {
             }
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
-    });
-    Collector { addr, spans, task }
+    let served = serve(app).await;
+    Collector {
+        addr: served.addr,
+        spans,
+        _served: served,
+    }
 }
 
 /// `config` with tracing to `collector`, every new trace recorded.

@@ -53,6 +53,19 @@ pub struct TrafficPolicySpec {
     /// A token bucket each client proxy applies to its calls to the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Honour the target's own back-off: after it answers `429 Too Many
+    /// Requests` with `Retry-After` (or says `RateLimit-Remaining: 0` with
+    /// `RateLimit-Reset`), each client proxy sends it nothing until the
+    /// time it gave. Health paths (`excludedPaths`) are neither held nor
+    /// listened to. Calls meanwhile wait, a
+    /// bounded number for a bounded time, and past either are answered 429
+    /// by the proxy (`weft-proxy-error: rate-limited`, with the
+    /// `Retry-After` left); retries wait the same way. Unset: a 429 passes
+    /// through and the next call goes at once. For a vendor's API, set it;
+    /// for an internal Service that answers 429 per end user rather than
+    /// per caller, leave it unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<RetryAfter>,
     /// How endpoints are picked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
@@ -265,6 +278,48 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub burst: Option<u32>,
+}
+
+/// How calls wait out the target's back-off.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(has(self.maxWait) ? self.maxWait : '1s') <= duration(has(self.maxBackOff) ? self.maxBackOff : '60s')").message("retryAfter.maxWait must not exceed retryAfter.maxBackOff (defaults 1s and 60s): no call waits longer than the longest back-off honoured"))]
+#[x_kube(validation = Rule::new("!has(self.maxBackOff) || duration(self.maxBackOff) <= duration('1h')").message("retryAfter.maxBackOff must be at most 1h: a longer back-off is an outage, for the circuit breaker and alerts, not a wait"))]
+pub struct RetryAfter {
+    /// How long a call may wait for the back-off to end (default 1s); one
+    /// that would wait longer, or past its own timeout, is answered 429 at
+    /// once. `0s`: calls never wait.
+    #[serde(default = "default_retry_after_wait")]
+    pub max_wait: Duration,
+    /// Calls that may wait at once, per client proxy (default 100); the
+    /// rest are answered 429 at once.
+    #[serde(default = "default_retry_after_queue")]
+    #[schemars(range(max = 10000))]
+    pub max_queued: u32,
+    /// The longest back-off honoured (default 60s, at most 1h): a longer
+    /// `Retry-After`, or a date further ahead, is cut to it.
+    #[serde(default = "default_retry_after_back_off")]
+    pub max_back_off: Duration,
+}
+
+impl Default for RetryAfter {
+    fn default() -> Self {
+        Self {
+            max_wait: default_retry_after_wait(),
+            max_queued: default_retry_after_queue(),
+            max_back_off: default_retry_after_back_off(),
+        }
+    }
+}
+
+fn default_retry_after_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_after_queue() -> u32 {
+    100
+}
+fn default_retry_after_back_off() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Endpoint selection.

@@ -16,8 +16,8 @@ use crate::api::{
 };
 use crate::config::{
     CircuitBreakerConfig, FailureRateConfig, IDEMPOTENCY_HEADER, MatchConfig, PathMatchConfig,
-    ProxyConfig, RateLimitConfig, RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy,
-    WeightedBackend,
+    ProxyConfig, RateLimitConfig, RetryAfterConfig, RetryBudgetConfig, RetryConfig, RouteConfig,
+    ServicePolicy, WeightedBackend,
 };
 
 /// Backoff when a policy sets none: 25ms doubling to 250ms.
@@ -37,6 +37,7 @@ pub fn default_service_policy() -> ServicePolicy {
         },
         circuit_breaker: None,
         rate_limit: None,
+        retry_after: None,
         load_balancer: LoadBalancerAlgorithm::PeakEwma,
         zone_affinity: None,
         excluded_paths: Vec::new(),
@@ -130,6 +131,11 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
         rate_limit: spec.rate_limit.as_ref().map(|rl| RateLimitConfig {
             requests_per_second: rl.requests_per_second,
             burst: rl.burst.unwrap_or(rl.requests_per_second),
+        }),
+        retry_after: spec.retry_after.as_ref().map(|ra| RetryAfterConfig {
+            max_wait_ms: ra.max_wait.as_millis(),
+            max_queued: ra.max_queued,
+            max_back_off_ms: ra.max_back_off.as_millis(),
         }),
         load_balancer: spec
             .load_balancer

@@ -460,24 +460,49 @@ fn retries_are_safe_by_default() {
 
 #[test]
 fn health_paths_are_excluded_and_circuit_breaker_defaults_filled() {
-    let mut f = base();
-    f.traffic_policies.push(tp(
-        "shop",
-        "inv",
-        None,
-        "inventory",
+    let policy = inventory_policy_of(
         json!({ "excludedPaths": ["/health", "/ready", "/health"], "circuitBreaker": {} }),
-    ));
-    let c = compile(&f);
-    let policy = service(&c, "payments", "shop", "inventory")
-        .and_then(|s| s.policy.clone())
-        .expect("policy");
+    );
     assert_eq!(policy.excluded_paths, ["/health", "/ready"]);
     let cb = policy.circuit_breaker.expect("circuit breaker");
     assert_eq!(
         (cb.consecutive_failures, cb.open_ms, cb.max_open_ms),
         (5, 5_000, 60_000)
     );
+}
+
+/// `retryAfter` reaches the proxy with its defaults filled in; without it
+/// the proxy holds nothing.
+#[test]
+fn retry_after_defaults_are_filled_and_its_absence_is_kept() {
+    let policy = inventory_policy_of(json!({ "retryAfter": { "maxQueued": 5 } }));
+    assert_eq!(
+        policy.retry_after,
+        Some(crate::config::RetryAfterConfig {
+            max_wait_ms: 1_000,
+            max_queued: 5,
+            max_back_off_ms: 60_000,
+        })
+    );
+    assert_eq!(
+        compile(&base()).configs["shop"]
+            .outbound
+            .defaults
+            .retry_after,
+        None
+    );
+}
+
+/// The policy `payments` gets for calling `shop/inventory` under a
+/// TrafficPolicy with `spec` (beside the target).
+fn inventory_policy_of(spec: Value) -> crate::config::ServicePolicy {
+    let mut f = base();
+    f.traffic_policies
+        .push(tp("shop", "inv", None, "inventory", spec));
+    let c = compile(&f);
+    service(&c, "payments", "shop", "inventory")
+        .and_then(|s| s.policy.clone())
+        .expect("policy")
 }
 
 /// A namespace that declares what it calls (`weft.dev/calls`) lists only

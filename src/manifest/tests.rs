@@ -62,6 +62,28 @@ fn cel_rules_spanning_fields_are_checked() {
         "{e}"
     );
     let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  retryAfter: {maxWait: 2m}\n",
+    );
+    assert!(
+        e.message
+            .contains("retryAfter.maxWait must not exceed retryAfter.maxBackOff"),
+        "{e}"
+    );
+    // Against the default of the other field too, as the API server
+    // (which fills defaults in first) judges it.
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  retryAfter: {maxBackOff: 500ms}\n",
+    );
+    assert!(
+        e.message
+            .contains("retryAfter.maxWait must not exceed retryAfter.maxBackOff"),
+        "{e}"
+    );
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  retryAfter: {maxWait: 2s, maxBackOff: 2h}\n",
+    );
+    assert!(e.message.contains("at most 1h"), "{e}");
+    let e = only_error(
         "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRef: {name: checkout}\n  rules:\n  - backendRefs: [{name: a, weight: 0}]\n",
     );
     assert!(e.message.contains("weight above 0"), "{e}");

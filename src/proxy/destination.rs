@@ -18,8 +18,8 @@ use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
 
 use super::resilience::{
-    BreakerSettings, BreakerState, CircuitBreaker, FailureRateSettings, PeakEwma, RetryBudget,
-    TokenBucket, lock,
+    BreakerSettings, BreakerState, CircuitBreaker, FailureRateSettings, Hold, PeakEwma,
+    RetryBudget, TokenBucket, lock,
 };
 
 /// Latency assumed for an endpoint before it has answered.
@@ -247,6 +247,9 @@ pub struct Destination {
     /// endpoint's breaker is open (see [`Destination::circuit_state`]).
     pub published_circuit: std::sync::atomic::AtomicU8,
     pub limiter: Option<TokenBucket>,
+    /// The Service's own back-off (`Retry-After`), when the policy
+    /// honours it.
+    pub hold: Option<Arc<Hold>>,
     /// `RoundRobin`'s turn: requests taken so far.
     turn: std::sync::atomic::AtomicUsize,
     /// The order of the endpoints document its pods came from
@@ -313,6 +316,13 @@ impl Destination {
             published_circuit: std::sync::atomic::AtomicU8::new(0),
             budget,
             limiter,
+            hold: policy.retry_after.as_ref().map(|ra| {
+                Arc::new(Hold::new(
+                    Duration::from_millis(ra.max_wait_ms),
+                    ra.max_queued,
+                    Duration::from_millis(ra.max_back_off_ms),
+                ))
+            }),
             turn: std::sync::atomic::AtomicUsize::new(0),
             epoch: std::sync::atomic::AtomicU64::new(0),
             edges: EdgeCache::default(),
@@ -936,6 +946,11 @@ impl Destinations {
             }
         }
         let mut d = Destination::new(label.to_owned(), policy.clone(), source, mesh);
+        if let Some(old) = map.get(key).filter(|old| old.label == label)
+            && let (Some(was), Some(now)) = (&old.hold, &d.hold)
+        {
+            now.inherit(was);
+        }
         d.locality = self.locality.clone();
         d.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         let d = Arc::new(d);

@@ -217,6 +217,11 @@ pub struct ProxyMetrics {
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     pub retries: Family<DstLabels, Counter>,
     pub retry_budget_exhausted: Family<DstLabels, Counter>,
+    /// Back-offs a destination asked for (`Retry-After`, `RateLimit-*`)
+    /// that this proxy honours (`retryAfter`), begun or extended.
+    pub back_offs: Family<DstLabels, Counter>,
+    /// Calls that waited out a destination's back-off and then went.
+    pub back_off_waits: Family<DstLabels, Counter>,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_state: Family<DstLabels, Gauge>,
     pub circuit_opened: Family<DstLabels, Counter>,
@@ -319,6 +324,18 @@ impl ProxyMetrics {
         );
         let retries = Family::default();
         registry.register("retries", "Retries sent", retries.clone());
+        let back_offs = Family::default();
+        registry.register(
+            "back_offs",
+            "Back-offs a destination asked for (Retry-After on a 429 or 503, or a spent RateLimit quota) that calls now wait out",
+            back_offs.clone(),
+        );
+        let back_off_waits = Family::default();
+        registry.register(
+            "back_off_waits",
+            "Calls that waited out a destination's back-off and then went",
+            back_off_waits.clone(),
+        );
         let retry_budget_exhausted = Family::default();
         registry.register(
             "retry_budget_exhausted",
@@ -511,6 +528,8 @@ impl ProxyMetrics {
             proxy_errors,
             retries,
             retry_budget_exhausted,
+            back_offs,
+            back_off_waits,
             circuit_state,
             circuit_opened,
             connections_total,

@@ -10,7 +10,7 @@
 //! lock is recovered rather than propagated, because a panic on one request
 //! must not take down every later request to the same Service.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -442,6 +442,124 @@ impl TokenBucket {
     }
 }
 
+/// The target's own back-off (a `Retry-After` it sent): until when this
+/// proxy sends it nothing, and how many calls wait for that. One per
+/// destination, shared by every connection of the proxy.
+#[derive(Debug)]
+pub struct Hold {
+    max_wait: Duration,
+    max_queued: u32,
+    max_back_off: Duration,
+    until: Mutex<Option<Instant>>,
+    waiting: AtomicU32,
+}
+
+/// What a call arriving during a back-off does.
+#[derive(Debug)]
+pub enum Admit {
+    /// No back-off in force: go.
+    Go,
+    /// Wait until the instant, holding the place (let go when dropped).
+    Wait(Instant, Place),
+    /// Answer 429 now: the back-off has this long to run, longer than the
+    /// call may wait, or the queue is full.
+    Refuse(Duration),
+}
+
+/// A call's place among those waiting; given back when dropped, so a
+/// call whose caller leaves while it waits frees its place.
+#[derive(Debug)]
+pub struct Place(Arc<Hold>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Hold {
+    pub fn new(max_wait: Duration, max_queued: u32, max_back_off: Duration) -> Self {
+        Self {
+            max_wait,
+            max_queued,
+            max_back_off,
+            until: Mutex::new(None),
+            waiting: AtomicU32::new(0),
+        }
+    }
+
+    /// When the back-off in force at `now` ends, if one is.
+    pub fn until(&self, now: Instant) -> Option<Instant> {
+        lock(&self.until).filter(|until| *until > now)
+    }
+
+    /// The latest a call arriving at `now` may leave, given its own
+    /// deadline.
+    pub fn latest(&self, now: Instant, deadline: Option<Instant>) -> Instant {
+        let wait_bound = now + self.max_wait;
+        deadline.map_or(wait_bound, |d| d.min(wait_bound))
+    }
+
+    /// Whether a call arriving at `now` with `deadline` would be refused
+    /// for the back-off's length alone.
+    pub fn would_refuse(&self, now: Instant, deadline: Option<Instant>) -> bool {
+        self.until(now)
+            .is_some_and(|until| until > self.latest(now, deadline))
+    }
+
+    /// Takes over the back-off of the hold this one replaces (the same
+    /// destination under a changed policy): a config reload must not
+    /// open the window the target asked for.
+    pub fn inherit(&self, old: &Hold) {
+        let old_until = *lock(&old.until);
+        if let Some(until) = old_until {
+            let until = until.min(Instant::now() + self.max_back_off);
+            let mut current = lock(&self.until);
+            if current.is_none_or(|c| c < until) {
+                *current = Some(until);
+            }
+        }
+    }
+
+    /// A call arriving at `now` that must leave by `latest`.
+    pub fn admit(self: &Arc<Self>, now: Instant, latest: Instant) -> Admit {
+        let Some(until) = self.until(now) else {
+            return Admit::Go;
+        };
+        let left = until - now;
+        if until > latest {
+            return Admit::Refuse(left);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_queued {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Admit::Refuse(left);
+        }
+        Admit::Wait(until, Place(self.clone()))
+    }
+
+    /// The target asked for `delay` from `now` (cut to the longest
+    /// honoured); a back-off already running longer is kept. Whether this
+    /// began or extended one.
+    pub fn back_off(&self, now: Instant, delay: Duration) -> bool {
+        let delay = delay.min(self.max_back_off);
+        if delay.is_zero() {
+            return false;
+        }
+        let until = now + delay;
+        let mut current = lock(&self.until);
+        let longer = current.is_none_or(|c| c < until);
+        if longer {
+            *current = Some(until);
+        }
+        longer
+    }
+
+    /// Calls waiting now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
 /// The RTT a failed request (connect error, reset, timeout, 5xx) counts
 /// as, at least: it must make its endpoint look expensive, never cheap. A
 /// refused connection takes ~0.1 ms, faster than any real answer; recorded
@@ -635,6 +753,66 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration, rng: &mut fastrand::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A back-off holds calls that can wait for it, refuses those that
+    /// cannot (too long, or past their deadline) and those beyond the
+    /// queue, and gives a place back when a waiting call is dropped.
+    #[test]
+    fn a_back_off_holds_what_can_wait_and_refuses_the_rest() {
+        let t0 = Instant::now();
+        let hold = Arc::new(Hold::new(
+            Duration::from_secs(3),
+            2,
+            Duration::from_secs(60),
+        ));
+        assert!(matches!(hold.admit(t0, hold.latest(t0, None)), Admit::Go));
+        assert!(hold.back_off(t0, Duration::from_secs(2)));
+        assert_eq!(hold.until(t0), Some(t0 + Duration::from_secs(2)));
+        let latest = hold.latest(t0, None);
+        let (Admit::Wait(until, first), Admit::Wait(_, second)) =
+            (hold.admit(t0, latest), hold.admit(t0, latest))
+        else {
+            panic!("two places in the queue");
+        };
+        assert_eq!(until, t0 + Duration::from_secs(2));
+        assert!(
+            matches!(hold.admit(t0, latest), Admit::Refuse(left) if left == Duration::from_secs(2)),
+            "the queue is full"
+        );
+        drop(first);
+        assert_eq!(hold.waiting(), 1);
+        // Its own deadline comes before the back-off ends: refused at once.
+        let soon = hold.latest(t0, Some(t0 + Duration::from_secs(1)));
+        assert!(matches!(hold.admit(t0, soon), Admit::Refuse(_)));
+        drop(second);
+        assert_eq!(hold.waiting(), 0);
+        // A shorter back-off does not cut the one in force; a longer one
+        // extends it, up to the longest honoured.
+        assert!(!hold.back_off(t0, Duration::from_secs(1)));
+        assert_eq!(hold.until(t0), Some(t0 + Duration::from_secs(2)));
+        assert!(hold.back_off(t0, Duration::from_secs(3600)));
+        assert_eq!(hold.until(t0), Some(t0 + Duration::from_secs(60)));
+        // Longer than the call may wait: refused with what is left.
+        assert!(
+            matches!(hold.admit(t0, latest), Admit::Refuse(left) if left == Duration::from_secs(60))
+        );
+        // A hold made anew for the same destination keeps the window.
+        let next = Hold::new(Duration::from_secs(3), 2, Duration::from_secs(60));
+        next.inherit(&hold);
+        assert!(next.until(t0).is_some());
+        assert!(
+            next.would_refuse(t0, None),
+            "60 s left, 3 s of waiting allowed"
+        );
+        assert!(!next.back_off(t0, Duration::ZERO), "no back-off asked");
+        // Over: calls go.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(hold.until(later), None);
+        assert!(matches!(
+            hold.admit(later, hold.latest(later, None)),
+            Admit::Go
+        ));
+    }
 
     const MS: Duration = Duration::from_millis(1);
     const SEC: Duration = Duration::from_secs(1);

@@ -21,6 +21,28 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use weft::proxy::{Proxy, ProxyArgs, Running};
 
+/// An axum app served on a loopback port while this lives (fakes of what
+/// a proxy talks to: a collector, a vendor's API).
+pub struct Served {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn serve(app: axum::Router) -> Served {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    Served { addr, task }
+}
+
 /// What the upstream answers: `(status, body, delay)` for the n-th request
 /// (0-based) it has seen, given the request.
 pub type Behaviour =

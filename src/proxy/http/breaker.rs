@@ -33,13 +33,14 @@ impl<S> Breaker<S> {
 }
 
 /// Whether an outcome counts against the destination: any 5xx, any failure
-/// to get a response. Our own refusals (rate limit, open circuits) do not.
+/// to get a response. Our own refusals (rate limit, the Service's own
+/// back-off, open circuits) do not.
 pub fn is_failure(result: &Result<Response, BoxError>, label: &str) -> bool {
     match result {
         Ok(rsp) => rsp.status().is_server_error(),
         Err(e) => !matches!(
             classify(e, label),
-            ProxyError::RateLimited(_) | ProxyError::CircuitOpen(_)
+            ProxyError::RateLimited(_) | ProxyError::BackingOff(..) | ProxyError::CircuitOpen(_)
         ),
     }
 }

@@ -26,6 +26,11 @@ pub enum ProxyError {
     UpstreamReset(String, String),
     #[error("rate limit of calls to {0} exceeded")]
     RateLimited(String),
+    /// The Service's own back-off (its `Retry-After`) runs longer than the
+    /// call may wait, or too many wait already: what is left, in whole
+    /// seconds rounded up.
+    #[error("{0} asked callers to back off; try again in {1} s")]
+    BackingOff(String, u64),
     #[error("access denied: {0}")]
     Forbidden(String),
     #[error("bad request: {0}")]
@@ -44,7 +49,9 @@ impl ProxyError {
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ProxyError::Connect(..) => (StatusCode::BAD_GATEWAY, "connect-error"),
             ProxyError::UpstreamReset(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
-            ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
+            ProxyError::RateLimited(_) | ProxyError::BackingOff(..) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate-limited")
+            }
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ProxyError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
@@ -77,6 +84,10 @@ pub fn response(err: &ProxyError) -> Response {
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    if let ProxyError::BackingOff(_, seconds) = err {
+        rsp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(*seconds));
+    }
     // For the access log: the proxy's own answer, which a header an
     // upstream sent cannot claim to be.
     rsp.extensions_mut()

@@ -118,7 +118,7 @@ pub type Backend = metrics::Metrics<
 /// circuit breaker -> rate limit -> load balancer -> pool.
 pub fn backend(dst: Arc<Destination>, shared: &Arc<Shared>) -> Backend {
     let balance = balance::Balance::new(dst.clone(), shared.pool.clone());
-    let limited = ratelimit::RateLimit::new(dst.clone(), balance);
+    let limited = ratelimit::RateLimit::new(dst.clone(), shared.clone(), balance);
     let broken = breaker::Breaker::new(dst.clone(), shared.clone(), limited);
     let retried = retry::Retry::new(dst.clone(), shared.clone(), broken);
     let timed = timeout::Timeout::new(dst.clone(), retried);

@@ -260,7 +260,14 @@ async fn retrying<S: super::Inner>(
         // no time is left for another, so neither budget nor a
         // retry is spent on it.
         let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-        if !retry || tries >= t.policy.max_retries || expired {
+        // The answer asked for a back-off the retry could not wait out
+        // (`retryAfter`): the caller gets that answer, not the proxy's
+        // refusal of a retry that would never leave.
+        let held =
+            t.dst.hold.as_ref().is_some_and(|hold| {
+                hold.would_refuse(Instant::now(), deadline.map(|d| d.into_std()))
+            });
+        if !retry || tries >= t.policy.max_retries || expired || held {
             return result;
         }
         let label = DstLabels {
