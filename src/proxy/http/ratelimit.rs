@@ -24,7 +24,7 @@ use super::route::RouteCtx;
 use super::timeout::Deadline;
 use crate::proxy::destination::Destination;
 use crate::proxy::metrics::DstLabels;
-use crate::proxy::resilience::{Admit, Place};
+use crate::proxy::resilience::{Admit, Hold, Place};
 
 #[derive(Clone)]
 pub struct RateLimit<S> {
@@ -68,10 +68,11 @@ impl<S: super::Inner> RateLimit<S> {
             match hold.admit(now, latest) {
                 Admit::Go => {}
                 Admit::Refuse(left) => return refused(&self.dst, left),
-                Admit::Wait(until, place) => {
+                Admit::Wait(_, place) => {
                     let (dst, shared) = (self.dst.clone(), self.shared.clone());
                     let inner = self.inner.clone();
-                    return Box::pin(waited(dst, shared, inner, req, until, latest, place));
+                    let hold = hold.clone();
+                    return Box::pin(waited(dst, shared, hold, inner, req, latest, place));
                 }
             }
         }
@@ -87,22 +88,20 @@ impl<S: super::Inner> RateLimit<S> {
 async fn waited<S: super::Inner>(
     dst: Arc<Destination>,
     shared: Arc<Shared>,
+    hold: Arc<Hold>,
     inner: S,
     req: Request,
-    mut until: Instant,
     latest: Instant,
     place: Place,
 ) -> Result<Response, BoxError> {
-    let Some(hold) = dst.hold.clone() else {
-        unreachable!("only a destination with a back-off holds calls")
-    };
     loop {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
         let now = Instant::now();
         match hold.until(now) {
             None => break,
-            Some(later) if later > latest => return refused(&dst, later - now).await,
-            Some(later) => until = later,
+            Some(until) if until > latest => return refused(&dst, until - now).await,
+            Some(until) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+            }
         }
     }
     drop(place);
