@@ -151,6 +151,16 @@ async fn mesh_connect(
     addr: SocketAddr,
     account: &str,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    mesh_connect_alpn(pki, addr, account, weft::proxy::tls::ALPN_HTTP1).await
+}
+
+/// [`mesh_connect`], speaking `alpn` inside.
+async fn mesh_connect_alpn(
+    pki: &Pki,
+    addr: SocketAddr,
+    account: &str,
+    alpn: &'static [u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let id = SpiffeId::new("cluster.local", "shop", account);
     let leaf = pki.ca.issue(&id, SystemTime::now(), DAY).expect("leaf");
     let me = weft::proxy::tls::MeshIdentity::new("cluster.local", Default::default());
@@ -160,9 +170,7 @@ async fn mesh_connect(
         namespace: "shop".into(),
         service_accounts: vec![],
     };
-    let config = me
-        .client_config(expected, weft::proxy::tls::ALPN_HTTP1)
-        .expect("client config");
+    let config = me.client_config(expected, alpn).expect("client config");
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     tokio_rustls::TlsConnector::from(config)
@@ -1509,33 +1517,85 @@ async fn an_endpoint_without_a_sidecar_gets_plaintext_only_while_the_destination
     );
 }
 
-/// HTTP/1.1 between two proxies rides the one multiplexed mesh connection
-/// as HTTP/2 (a burst costs streams, not a TLS handshake each), and the
-/// server's proxy hands it to the app as HTTP/1.1, as its client spoke,
-/// with no trace of the marker. A plaintext caller cannot use the marker.
+/// HTTP/1.1 between two proxies stays HTTP/1.1 inside mesh TLS, on
+/// pooled connections: a burst of concurrent requests opens a bounded
+/// number of them, and the next burst reuses them (no new handshake). The
+/// app gets HTTP/1.1, as its client spoke, with no marker. A client proxy
+/// of an earlier weft carried HTTP/1.1 as HTTP/2 with a marker: the server's
+/// proxy still hands those to the app as HTTP/1.1. A plaintext caller
+/// cannot use the marker.
 #[tokio::test]
-async fn http1_between_proxies_rides_one_mesh_connection_and_reaches_the_app_as_http1() {
+async fn http1_between_proxies_stays_http1_on_pooled_mesh_connections() {
     let pki = Pki::new();
     let payments = version_app().await;
     let (client, server, _sid, _cid) = checkout_to_payments(&pki, &payments, "permissive").await;
 
     let url = client.outbound_url(0);
-    let calls: Vec<_> = (0..24)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    for call in calls {
-        let r = call.await.expect("request task");
-        assert_eq!((r.status, r.body.as_str()), (200, "HTTP/1.1 marker=false"));
-    }
+    let burst = || {
+        let calls: Vec<_> = (0..24)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { get(&url).await })
+            })
+            .collect();
+        async move {
+            for call in calls {
+                let r = call.await.expect("request task");
+                assert_eq!((r.status, r.body.as_str()), (200, "HTTP/1.1 marker=false"));
+            }
+        }
+    };
+    let mesh_http1 =
+        "weft_proxy_tcp_connections_total{direction=\"inbound\",protocol=\"http1\",tls=\"true\"";
+    burst().await;
+    let opened = server.metric(mesh_http1).await;
+    assert!(
+        (1.0..=24.0).contains(&opened),
+        "a burst of 24 opens between 1 and 24 mesh connections, got {opened}"
+    );
+    burst().await;
+    burst().await;
+    assert_eq!(
+        server.metric(mesh_http1).await,
+        opened,
+        "later bursts reuse the pooled mesh connections"
+    );
     assert_eq!(
         server
             .metric("weft_proxy_tcp_connections_total{direction=\"inbound\",protocol=\"http2\",tls=\"true\"")
             .await,
-        1.0,
-        "concurrent HTTP/1.1 requests share one mesh connection"
+        0.0,
+        "nothing was carried as HTTP/2"
+    );
+
+    // An earlier weft client proxy: HTTP/2 inside mesh TLS, marked.
+    let tls = mesh_connect_alpn(
+        &pki,
+        server.running.inbound[0],
+        "checkout",
+        weft::proxy::tls::ALPN_H2,
+    )
+    .await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://{}/", server.running.inbound[0]))
+        .header("weft-orig-proto", "HTTP/1.1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let rsp = sender.send_request(req).await.expect("marked request");
+    let body = http_body_util::BodyExt::collect(rsp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(
+        body.as_ref(),
+        b"HTTP/1.1 marker=false",
+        "an older client's marked request"
     );
 
     // Sent in plaintext straight to the server's proxy, the marker is

@@ -1323,9 +1323,11 @@ fn upstream_seen(cells: &[&Cell]) -> &'static str {
 fn hops_text(key: &str, seen: &str) -> String {
     match key {
         "direct" => "— (no hop)".to_string(),
-        "weft2" => format!("A→B: as weft chooses (not observed); B→upstream: {seen}"),
+        // A→B is not observed (only the upstream counts versions); it
+        // is the version A sends upstream, the port's declared HTTP/1.1.
+        "weft2" => format!("A→B: HTTP/1.1 (the port declared so); B→upstream: {seen}"),
         "weft2tls" => format!(
-            "A→B: mesh mTLS (TLS 1.3, pooled), HTTP inside as weft chooses; B→upstream: {seen}"
+            "A→B: mesh mTLS (TLS 1.3, pooled), HTTP/1.1 inside (the port declared so); B→upstream: {seen}"
         ),
         "weft1" => {
             format!("→upstream: {seen} (the port declared HTTP/1.1, as nginx is configured)")

@@ -139,21 +139,23 @@ struct Conns {
     connecting_h2: tokio::sync::Mutex<()>,
     /// Whether the idle reaper looks after these connections yet.
     registered: std::sync::atomic::AtomicBool,
-    /// When this meshed endpoint last answered mesh TLS in plaintext (it has
-    /// no sidecar): until [`PLAINTEXT_MEMORY`] later, HTTP/1.1 goes to it
-    /// on plaintext connections without a TLS attempt under the HTTP/2 lock.
-    plaintext_at: Mutex<Option<Instant>>,
 }
-
-/// How long a meshed endpoint found without a sidecar is taken to have
-/// none, before mesh TLS is tried on it again (it may have been restarted
-/// with one).
-const PLAINTEXT_MEMORY: Duration = Duration::from_secs(30);
 
 struct Idle {
     sender: http1::SendRequest<Body>,
-    tls: bool,
+    made: Http1Made,
     since: Instant,
+}
+
+/// What an HTTP/1.1 connection was made as.
+#[derive(Clone, Copy)]
+struct Http1Made {
+    tls: bool,
+    /// When the connection stops being handed back for new requests: to an
+    /// address that stands for several servers (a ClusterIP), after
+    /// [`MAX_H2_AGE`], as for HTTP/2, so that a pod's calls keep moving
+    /// among the backend pods kube-proxy picks per connection.
+    retire_at: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -202,19 +204,21 @@ impl Conns {
     /// closes it (dropping its sender) when more than
     /// [`HTTP1_SOFT_LIMIT`] are open: a burst's extra connections go
     /// once it has passed.
-    fn put_idle(&self, sender: http1::SendRequest<Body>, tls: bool) {
+    fn put_idle(&self, sender: http1::SendRequest<Body>, made: Http1Made) {
         {
             // Decided by the idle connections, under their lock: while
             // more than the limit are busy, each one handed back goes to
             // the next request (one may be waiting for it), and after a
             // burst the idle ones past the limit close, whatever the
             // count of open ones (which lags, until each closed task ends).
+            let now = Instant::now();
+            let retired = made.retire_at.is_some_and(|at| now >= at);
             let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < HTTP1_SOFT_LIMIT {
+            if idle.len() < HTTP1_SOFT_LIMIT && !retired {
                 idle.push(Idle {
                     sender,
-                    tls,
-                    since: Instant::now(),
+                    made,
+                    since: now,
                 });
             }
         }
@@ -226,11 +230,6 @@ impl Conns {
     fn reap(&self, now: Instant) {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
-    }
-
-    fn seen_plaintext(&self, now: Instant) -> bool {
-        let at = self.plaintext_at.lock().unwrap_or_else(|e| e.into_inner());
-        at.is_some_and(|t| now.duration_since(t) < PLAINTEXT_MEMORY)
     }
 
     /// The HTTP/2 connection for the next request, taken in turn among
@@ -363,18 +362,11 @@ impl Pool {
         stream.map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into())
     }
 
-    async fn connect_plain(&self, ep: &Endpoint) -> Result<MeshStream, BoxError> {
-        connect_tcp(ep.addr)
-            .await
-            .map(MeshStream::Plain)
-            .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into())
-    }
-
     async fn connect_http1(
         &self,
         ep: &Endpoint,
         open: OpenHttp1,
-    ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
+    ) -> Result<(http1::SendRequest<Body>, Http1Made), BoxError> {
         let stream = self.connect(ep, ALPN_HTTP1).await?;
         self.handshake_http1(ep, stream, open).await
     }
@@ -386,8 +378,11 @@ impl Pool {
         ep: &Endpoint,
         stream: MeshStream,
         open: OpenHttp1,
-    ) -> Result<(http1::SendRequest<Body>, bool), BoxError> {
-        let tls = stream.is_tls();
+    ) -> Result<(http1::SendRequest<Body>, Http1Made), BoxError> {
+        let made = Http1Made {
+            tls: stream.is_tls(),
+            retire_at: (ep.h2_connections > 1).then(|| Instant::now() + MAX_H2_AGE),
+        };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -397,47 +392,27 @@ impl Pool {
             conn.await
         });
         self.register(&ep.conns);
-        Ok((sender, tls))
+        Ok((sender, made))
     }
 
     /// The endpoint's HTTP/2 connection, made on first use and again when
-    /// the server closed it. `mesh_only`: the connection is wanted only if
-    /// it is mesh TLS (to carry upgraded HTTP/1.1 between proxies); a
-    /// meshed endpoint that answered in plaintext (no sidecar there) hands
-    /// back that plaintext stream instead, for HTTP/1.1.
-    async fn http2(
-        &self,
-        ep: &Endpoint,
-        mesh_only: bool,
-    ) -> Result<Result<H2Conn, MeshStream>, BoxError> {
+    /// the server closed it.
+    async fn http2(&self, ep: &Endpoint) -> Result<H2Conn, BoxError> {
         let wanted = ep.h2_connections;
         if let (Some(conn), more) = ep.conns.h2(wanted) {
-            if mesh_only && !conn.tls {
-                // An h2c connection an HTTP/2 client made to this meshed
-                // endpoint, which has no sidecar: upgraded HTTP/1.1 on it
-                // would reach the app as HTTP/2, marker and all.
-                *ep.conns
-                    .plaintext_at
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                return Ok(Err(self.connect_plain(ep).await?));
-            }
             if more {
                 self.grow_h2(ep, conn.tls);
             }
-            return Ok(Ok(conn));
+            return Ok(conn);
         }
         let _making = ep.conns.connecting_h2.lock().await;
         if let (Some(conn), _) = ep.conns.h2(wanted) {
-            return Ok(Ok(conn));
+            return Ok(conn);
         }
         let stream = self.connect(ep, ALPN_H2).await?;
-        if mesh_only && !stream.is_tls() {
-            return Ok(Err(stream));
-        }
         let conn = handshake_http2(ep.addr, stream).await?;
         ep.conns.add_h2(conn.clone(), wanted);
-        Ok(Ok(conn))
+        Ok(conn)
     }
 
     /// Adds one more HTTP/2 connection to `ep` in the background, so the
@@ -472,6 +447,17 @@ impl Pool {
 
     /// One HTTP/1.1 request (in the form it goes in) to `ep`.
     ///
+    /// To a meshed endpoint too, on pooled mesh TLS connections (ALPN
+    /// `weft/http1`), as Istio's sidecars do by default, rather than
+    /// upgraded to HTTP/2 as Linkerd's are (and weft's were): measured side
+    /// by side on one machine (bench/proxy), carrying HTTP/1.1 as HTTP/2
+    /// cost the two proxies of a hop ~20 % more CPU per request and ~60 µs
+    /// more at the median, in HTTP/2 framing and the connection tasks'
+    /// hand-offs, while a pooled connection's TLS handshake is paid once
+    /// for thousands of requests. What a burst costs instead: up to
+    /// [`HTTP1_SOFT_LIMIT`] connections (handshakes) per endpoint at once,
+    /// then a wait for one to be handed back, as for plaintext.
+    ///
     /// Its future is what a request in flight to a plaintext endpoint
     /// holds, so it is kept small: the request is owned once (not also as
     /// the `Forward` it came as), and the rare new connection (a TCP
@@ -493,11 +479,11 @@ impl Pool {
                 Http1Slot::New(OpenHttp1::new(&ep.conns))
             };
             let reused = matches!(slot, Http1Slot::Idle(_));
-            let (sender, tls) = match slot {
-                Http1Slot::Idle(idle) => (idle.sender, idle.tls),
+            let (sender, made) = match slot {
+                Http1Slot::Idle(idle) => (idle.sender, idle.made),
                 Http1Slot::New(open) => Box::pin(self.connect_http1(&ep, open)).await?,
             };
-            match send_on_http1(&ep, sender, tls, req).await {
+            match send_on_http1(&ep, sender, made, req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(SendFailure::Unsent(unsent)) if reused => {
                     req = *unsent;
@@ -538,10 +524,7 @@ impl Pool {
         let mut req = parts.into_http2(ep.addr)?;
         let mut fresh = false;
         loop {
-            let conn = match self.http2(&ep, false).await? {
-                Ok(conn) => conn,
-                Err(_) => unreachable!("only a mesh-only request is handed a plaintext stream"),
-            };
+            let conn = self.http2(&ep).await?;
             match send_on_http2(&ep, conn, req).await {
                 Ok(rsp) => return Ok(rsp),
                 // The cached connection was closing (GOAWAY, the server
@@ -555,63 +538,15 @@ impl Pool {
             }
         }
     }
-
-    /// HTTP/1.1 to a meshed endpoint rides the endpoint's one multiplexed
-    /// mesh connection as HTTP/2, marked with [`ORIG_PROTO_HEADER`] so that
-    /// the server's proxy hands it to the application as HTTP/1.1 again: a
-    /// burst of requests then costs streams, not a TLS handshake each. A
-    /// meshed endpoint that answers in plaintext (no sidecar) gets HTTP/1.1.
-    async fn send_upgraded(&self, ep: Endpoint, parts: Forward) -> Result<Response, BoxError> {
-        // An endpoint without a sidecar: its pooled plaintext connections,
-        // not a TCP connect and a failed TLS handshake per request.
-        if ep.conns.seen_plaintext(Instant::now()) {
-            return Box::pin(self.clone().send_http1(ep, parts.into_http1()?)).await;
-        }
-        let mut req = parts.0;
-        let mut fresh = false;
-        loop {
-            let plain = match self.http2(&ep, true).await? {
-                Ok(conn) => {
-                    let mut upgraded = Forward(req).into_http2(ep.addr)?;
-                    upgraded.headers_mut().insert(
-                        ORIG_PROTO_HEADER.clone(),
-                        HeaderValue::from_static(ORIG_PROTO_HTTP1),
-                    );
-                    match send_on_http2(&ep, conn, upgraded).await {
-                        Ok(mut rsp) => {
-                            *rsp.version_mut() = Version::HTTP_11;
-                            return Ok(rsp);
-                        }
-                        // Unsent on a closing connection: once more.
-                        Err(SendFailure::Unsent(unsent)) if !fresh => {
-                            req = *unsent;
-                            req.headers_mut().remove(&ORIG_PROTO_HEADER);
-                            fresh = true;
-                            continue;
-                        }
-                        Err(failure) => return Err(failure.into_error(ep.addr)),
-                    }
-                }
-                Err(plain) => {
-                    *ep.conns
-                        .plaintext_at
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                    plain
-                }
-            };
-            let open = OpenHttp1::new(&ep.conns);
-            let (sender, tls) = self.handshake_http1(&ep, plain, open).await?;
-            return send_on_http1(&ep, sender, tls, Forward(req).into_http1()?)
-                .await
-                .map_err(|failure| failure.into_error(ep.addr));
-        }
-    }
 }
 
-/// The header a client proxy adds to HTTP/1.1 requests it carries to
-/// another proxy as HTTP/2; the server's proxy removes it and speaks
-/// HTTP/1.1 to the application.
+/// The header with which earlier weft client proxies marked HTTP/1.1
+/// requests they carried to another proxy as HTTP/2 (today HTTP/1.1 stays
+/// HTTP/1.1 between proxies). A server proxy still honours it, so that
+/// during an upgrade of the mesh an older client's requests reach the app
+/// as HTTP/1.1: it removes the marker and speaks HTTP/1.1 to the app. It
+/// is only ever a proxy's to add: the client proxy removes it from what an
+/// app sends.
 pub static ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("weft-orig-proto");
 pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 
@@ -655,17 +590,17 @@ fn ready_http1_slot(ep: &Endpoint) -> Option<Http1Slot> {
 fn send_on_http1(
     ep: &Endpoint,
     mut sender: http1::SendRequest<Body>,
-    tls: bool,
+    made: Http1Made,
     req: Request,
 ) -> impl std::future::Future<Output = Result<Response, SendFailure>> + Send + 'static {
     let sent = sender.try_send_request(req);
     let conns = ep.conns.clone();
     async move {
         match sent.await {
-            Ok(rsp) => Ok(finish(rsp, tls, move |rsp| {
+            Ok(rsp) => Ok(finish(rsp, made.tls, move |rsp| {
                 body::boxed(Checkin {
                     body: rsp,
-                    back: Some((sender, tls, conns)),
+                    back: Some((sender, made, conns)),
                     done: false,
                 })
             })),
@@ -822,7 +757,7 @@ pin_project_lite::pin_project! {
     struct Checkin {
         #[pin]
         body: Incoming,
-        back: Option<(http1::SendRequest<Body>, bool, Arc<Conns>)>,
+        back: Option<(http1::SendRequest<Body>, Http1Made, Arc<Conns>)>,
         done: bool,
     }
 
@@ -832,15 +767,15 @@ pin_project_lite::pin_project! {
             if !(*this.done || this.body.is_end_stream()) {
                 return;
             }
-            let Some((mut sender, tls, conns)) = this.back.take() else { return };
+            let Some((mut sender, made, conns)) = this.back.take() else { return };
             if sender.is_ready() {
-                conns.put_idle(sender, tls);
+                conns.put_idle(sender, made);
             } else if !sender.is_closed() {
                 // The connection task has not seen the end of the
                 // exchange yet: hand it back once it has.
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
-                        conns.put_idle(sender, tls);
+                        conns.put_idle(sender, made);
                     }
                 });
             }
@@ -974,18 +909,17 @@ impl Service<Request> for Pool {
         }
         let http2 = req.version() == Version::HTTP_2;
         strip_hop_by_hop(req.headers_mut(), http2);
-        // The marker is this proxy's to add (`send_upgraded`), never a
+        // The marker is a proxy's (see `ORIG_PROTO_HEADER`), never a
         // client's to pass on: a server proxy would act on it.
         req.headers_mut().remove(&ORIG_PROTO_HEADER);
-        let meshed = endpoint.mesh.is_some() && self.inner.originator.is_some();
         let parts = Forward(req);
         let pool = self.clone();
-        // One box per kind: a future holding all three would be as large
-        // as the largest, and that size is copied on every request.
+        // One box per kind: a future holding both would be as large as the
+        // larger, and that size is copied on every request. A meshed
+        // endpoint gets the version its client spoke too, inside mesh TLS
+        // (see `send_http1`).
         if http2 {
             Box::pin(async move { pool.send_http2(endpoint, parts).await })
-        } else if meshed {
-            Box::pin(async move { pool.send_upgraded(endpoint, parts).await })
         } else {
             match parts.into_http1() {
                 Ok(req) => Box::pin(pool.send_http1(endpoint, req)),
@@ -1092,6 +1026,42 @@ mod tests {
         assert!(!young(born, born + MAX_H2_AGE));
         // A clock read before `born` (another thread's) is not an age.
         assert!(young(born + Duration::from_secs(1), born));
+    }
+
+    /// An HTTP/1.1 connection to a ClusterIP is not handed back for new
+    /// requests once it is past its age (kube-proxy picks anew on the next
+    /// one); one to a pod is, however old.
+    #[tokio::test]
+    async fn an_http1_connection_past_its_retirement_is_not_pooled_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let conns = Conns::default();
+        let now = Instant::now();
+        for (retire_at, pooled) in [
+            (None, 1),
+            (Some(now + Duration::from_secs(30)), 2),
+            (Some(now - Duration::from_millis(1)), 2),
+        ] {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (sender, conn) = http1::handshake::<_, Body>(TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            conns.put_idle(
+                sender,
+                Http1Made {
+                    tls: false,
+                    retire_at,
+                },
+            );
+            assert_eq!(
+                conns.http1.lock().expect("idle").len(),
+                pooled,
+                "{retire_at:?}"
+            );
+        }
     }
 
     #[test]
