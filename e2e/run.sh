@@ -315,7 +315,7 @@ dump() {
     for ns in "${NAMESPACES[@]}"; do
       "${K[@]}" -n "$ns" get pods -o wide
     done
-    "${K[@]}" get mtlspolicies,trafficpolicies,serviceroutes,accesspolicies -A
+    "${K[@]}" get mtlspolicies,trafficpolicies,serviceroutes,accesspolicies,externalservices -A
     "${K[@]}" -n weft-system logs -l app.kubernetes.io/name=weft-control-plane --tail=80 --prefix
     "${K[@]}" -n payments get events --sort-by=.lastTimestamp | tail -n 20
   } >&2 || true

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use crate::api::{HttpMethod, LoadBalancerAlgorithm, PathMatchType, RetryOn};
+pub use crate::api::{EgressMode, HttpMethod, LoadBalancerAlgorithm, PathMatchType, RetryOn};
 
 /// The version this build writes.
 pub const SCHEMA_VERSION: &str = "1.0";
@@ -228,6 +228,81 @@ pub struct OutboundConfig {
     pub defaults: ServicePolicy,
     /// Sorted by namespace, then name.
     pub services: Vec<OutboundService>,
+    /// Whether destinations nothing here names are refused (the Mesh's
+    /// `egress`, or the namespace's `weft.dev/egress`). A proxy of an
+    /// older minor ignores it and allows all.
+    #[serde(default, skip_serializing_if = "EgressMode::is_allow_all")]
+    pub egress: EgressMode,
+    /// The namespace's ExternalServices, sorted by name. (A proxy of an
+    /// older minor ignores them and relays that traffic as before.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_services: Vec<ExternalServiceConfig>,
+}
+
+/// A destination outside the cluster ([`crate::api::ExternalService`]),
+/// claimed by the host name a request carries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    /// Exact names, and `*.suffix` wildcards of one leftmost label. No
+    /// host is claimed by two ExternalServices of one config.
+    pub hosts: Vec<String>,
+    pub ports: Vec<ExternalPortConfig>,
+    /// Its TrafficPolicy; unset means `outbound.defaults`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ServicePolicy>,
+    /// Fixed vendor addresses (`ip:port`), as tests and `weft local` write
+    /// them; empty in a cluster: the proxy resolves the host called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+}
+
+/// A port of an external destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalPortConfig {
+    /// The port workloads dial.
+    pub port: u16,
+    /// What workloads speak on it.
+    #[serde(default, skip_serializing_if = "ExternalPortProtocol::is_http")]
+    pub protocol: ExternalPortProtocol,
+    /// The vendor's port.
+    pub target_port: u16,
+    /// Set: the proxy connects to the vendor with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OriginateTlsConfig>,
+}
+
+/// What a workload speaks to an external port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalPortProtocol {
+    /// Plain HTTP: routed by `Host`, under the policy (TLS originated
+    /// with `tls`).
+    #[default]
+    Http,
+    /// The workload's own TLS, passed through, routed by SNI.
+    Tls,
+}
+
+impl ExternalPortProtocol {
+    fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
+}
+
+/// TLS origination towards a vendor.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OriginateTlsConfig {
+    /// PEM CA certificates; unset: the Mozilla roots built into the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// SNI and the name to verify; unset: the host called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// A Service as its clients see it.
@@ -803,6 +878,8 @@ mod tests {
                     excluded_paths: vec![],
                 },
                 services: vec![],
+                egress: EgressMode::AllowAll,
+                external_services: vec![],
             },
             tracing: None,
         }

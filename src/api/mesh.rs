@@ -54,6 +54,31 @@ pub struct MeshSpec {
     /// them over OTLP/HTTP to the collector named here. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSettings>,
+    /// What meshed workloads may call beyond the registry. `AllowAll`
+    /// (default): a connection to any address goes where it was headed.
+    /// `RegistryOnly`: one that no Service or ExternalService names is
+    /// refused (403 `egress-denied` for HTTP, the connection closed for
+    /// TLS and TCP). A namespace overrides it with the annotation
+    /// `weft.dev/egress: AllowAll` or `RegistryOnly`. Either way proxies
+    /// count what is (or would be) refused, by destination
+    /// (`weft_proxy_outbound_egress_unregistered_total`), so the switch
+    /// can be judged before it is made.
+    #[serde(default, skip_serializing_if = "EgressMode::is_allow_all")]
+    pub egress: EgressMode,
+}
+
+/// What a meshed workload may call outside the registry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum EgressMode {
+    #[default]
+    AllowAll,
+    RegistryOnly,
+}
+
+impl EgressMode {
+    pub fn is_allow_all(&self) -> bool {
+        *self == EgressMode::AllowAll
+    }
 }
 
 /// Where proxies send their spans, and how many traces they start.
@@ -86,6 +111,7 @@ impl Default for MeshSpec {
             sidecar_mode: SidecarMode::default(),
             init: InitSettings::default(),
             tracing: None,
+            egress: EgressMode::AllowAll,
         }
     }
 }

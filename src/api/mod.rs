@@ -8,6 +8,7 @@
 
 mod access;
 mod common;
+mod external;
 pub mod formats;
 mod mesh;
 mod mtls;
@@ -16,6 +17,7 @@ mod traffic;
 
 pub use access::*;
 pub use common::*;
+pub use external::*;
 pub use mesh::*;
 pub use mtls::*;
 pub use route::*;
@@ -72,6 +74,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         TrafficPolicy::crd(),
         ServiceRoute::crd(),
         AccessPolicy::crd(),
+        ExternalService::crd(),
     ];
     all.iter_mut().for_each(formats::to_api_server_formats);
     all

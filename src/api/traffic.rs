@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Duration, HttpMethod, PolicyStatus, ServiceReference};
+use super::common::{Duration, HttpMethod, PolicyStatus};
 
 /// Resilience settings every client proxy applies when calling the target
 /// Service. One per Service: when several target it the oldest wins.
@@ -37,8 +37,9 @@ use super::common::{Duration, HttpMethod, PolicyStatus, ServiceReference};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.timeout) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(self.timeout)").message("retries.perTryTimeout must not exceed timeout: the whole request would time out before one try does"))]
 pub struct TrafficPolicySpec {
-    /// The Service this policy applies to, in the policy's namespace.
-    pub target_ref: ServiceReference,
+    /// The Service (or ExternalService) this policy applies to, in the
+    /// policy's namespace.
+    pub target_ref: PolicyTargetReference,
     /// Deadline for the whole request, retries included. Unset: no deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
@@ -278,6 +279,52 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub burst: Option<u32>,
+}
+
+/// What a TrafficPolicy applies to, in its own namespace: a Service
+/// (group `""`) or an ExternalService (group `weft.dev`), shaped like
+/// Gateway API's `LocalPolicyTargetReference`.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind == 'ExternalService' ? self.group == 'weft.dev' : self.group == ''").message("targetRef.group must be \"\" (the core group) for a Service and \"weft.dev\" for an ExternalService"))]
+pub struct PolicyTargetReference {
+    /// API group of the referent: `""` for a Service, `weft.dev` for an
+    /// ExternalService.
+    #[serde(default)]
+    #[schemars(extend("enum" = ["", "weft.dev"]))]
+    pub group: String,
+    /// Kind of the referent: `Service` (default) or `ExternalService`.
+    #[serde(default)]
+    pub kind: PolicyTargetKind,
+    /// Name of the referent, in the same namespace as this policy.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+impl PolicyTargetReference {
+    pub fn service(name: impl Into<String>) -> Self {
+        Self {
+            group: String::new(),
+            kind: PolicyTargetKind::Service,
+            name: name.into(),
+        }
+    }
+
+    pub fn external_service(name: impl Into<String>) -> Self {
+        Self {
+            group: super::GROUP.to_owned(),
+            kind: PolicyTargetKind::ExternalService,
+            name: name.into(),
+        }
+    }
+}
+
+/// The kinds a TrafficPolicy may target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum PolicyTargetKind {
+    #[default]
+    Service,
+    ExternalService,
 }
 
 /// How calls wait out the target's back-off.

@@ -15,6 +15,7 @@
 //!   whose identities it admits.
 
 mod access;
+mod external;
 mod policy;
 mod scope;
 mod verdict;
@@ -26,8 +27,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use crate::api::{
-    self, AccessPolicy, INJECT_ENABLED, INJECT_LABEL, MESH_NAME, MTLSPolicy, Mesh, MeshSpec,
-    MtlsMode, RolloutPhase, RolloutStrategy, ServiceRoute, TrafficPolicy,
+    self, AccessPolicy, EgressMode, ExternalService, INJECT_ENABLED, INJECT_LABEL, MESH_NAME,
+    MTLSPolicy, Mesh, MeshSpec, MtlsMode, RolloutPhase, RolloutStrategy, ServiceRoute,
+    TrafficPolicy,
 };
 use crate::config::{
     InboundConfig, InboundMode, MeshedServer, OutboundConfig, OutboundService, PortProtocol,
@@ -48,6 +50,7 @@ pub struct ClusterFacts {
     pub traffic_policies: Vec<TrafficPolicy>,
     pub service_routes: Vec<ServiceRoute>,
     pub access_policies: Vec<AccessPolicy>,
+    pub external_services: Vec<ExternalService>,
 }
 
 /// What the compiler produces.
@@ -68,6 +71,26 @@ pub const SERVICE_ACCOUNTS_ANNOTATION: &str = "weft.dev/service-accounts";
 pub const OPAQUE_PORTS_ANNOTATION: &str = "weft.dev/opaque-ports";
 /// Ports whose protocol speaks first; detection would stall on them.
 pub const SERVER_FIRST_PORTS: [u16; 7] = [25, 3306, 4222, 5432, 6379, 11211, 27017];
+/// The Namespace annotation that overrides the Mesh's `egress`:
+/// `AllowAll` or `RegistryOnly`.
+pub const EGRESS_ANNOTATION: &str = "weft.dev/egress";
+
+/// The egress mode of a namespace: its annotation, else the Mesh's; or
+/// why the annotation cannot be read (the Mesh's then applies).
+pub fn egress_of(ns: &Namespace, mesh: EgressMode) -> Result<EgressMode, String> {
+    let value = ns.annotations().get(EGRESS_ANNOTATION).map(|v| v.trim());
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(mesh),
+        Some("allowall") => Ok(EgressMode::AllowAll),
+        Some("registryonly") => Ok(EgressMode::RegistryOnly),
+        Some(_) => Err(format!(
+            "annotation {EGRESS_ANNOTATION} of namespace {name}: {:?} is neither AllowAll nor RegistryOnly; until it is fixed the Mesh's egress ({mesh:?}) applies",
+            value.unwrap_or_default(),
+            name = ns.name_any()
+        )),
+    }
+}
+
 /// The DNS domain of the cluster.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
@@ -99,7 +122,14 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
     }
 
     let mtls = mtls_modes(facts, &meshed, &mut verdicts);
-    let policies = policy::resolve_traffic(facts, &services, &mut verdicts);
+    let mut externals = external::resolve(&facts.external_services, &meshed, &mut verdicts);
+    let (policies, external_policies) =
+        policy::resolve_traffic(facts, &services, &externals, &meshed, &mut verdicts);
+    for (key, policy) in external_policies {
+        if let Some(es) = externals.get_mut(&key) {
+            es.policy = Some(policy);
+        }
+    }
     let routes = policy::resolve_routes(facts, &services, &mut verdicts);
     let guards = access::resolve(facts, &services, &mut verdicts);
 
@@ -128,6 +158,18 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
         .filter(|n| meshed.contains(&n.name_any()))
         // A bad annotation keeps the whole mesh (the operator warns).
         .map(|n| (n.name_any(), Scope::of(n).unwrap_or_default()))
+        .collect();
+    let egresses: HashMap<String, EgressMode> = facts
+        .namespaces
+        .iter()
+        .filter(|n| meshed.contains(&n.name_any()))
+        // A bad annotation keeps the Mesh's (the operator warns).
+        .map(|n| {
+            (
+                n.name_any(),
+                egress_of(n, mesh.egress).unwrap_or(mesh.egress),
+            )
+        })
         .collect();
     let mut configs = BTreeMap::new();
     for ns in &meshed {
@@ -160,6 +202,13 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
             outbound: OutboundConfig {
                 defaults: defaults.clone(),
                 services,
+                egress: egresses.get(ns).copied().unwrap_or(mesh.egress),
+                // Sorted by name: the map's order within the namespace.
+                external_services: externals
+                    .range((ns.clone(), String::new())..)
+                    .take_while(|((es_ns, _), _)| es_ns == ns)
+                    .map(|(_, es)| es.clone())
+                    .collect(),
             },
             tracing: tracing.clone(),
         }

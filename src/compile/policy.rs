@@ -11,13 +11,13 @@ use super::verdict::{PolicyKind, Verdicts};
 use super::{ClusterFacts, ServiceKey, age_order};
 use crate::api::conditions::reason;
 use crate::api::{
-    HttpMethod, LoadBalancerAlgorithm, RetryBudget, RetryOn, RetryPolicy, ServiceRoute,
-    TrafficPolicy,
+    HttpMethod, LoadBalancerAlgorithm, PolicyTargetKind, RetryBudget, RetryOn, RetryPolicy,
+    ServiceRoute, TrafficPolicy,
 };
 use crate::config::{
-    CircuitBreakerConfig, FailureRateConfig, IDEMPOTENCY_HEADER, MatchConfig, PathMatchConfig,
-    ProxyConfig, RateLimitConfig, RetryAfterConfig, RetryBudgetConfig, RetryConfig, RouteConfig,
-    ServicePolicy, WeightedBackend,
+    CircuitBreakerConfig, ExternalServiceConfig, FailureRateConfig, IDEMPOTENCY_HEADER,
+    MatchConfig, PathMatchConfig, ProxyConfig, RateLimitConfig, RetryAfterConfig,
+    RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy, WeightedBackend,
 };
 
 /// Backoff when a policy sets none: 25ms doubling to 250ms.
@@ -151,12 +151,38 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
     }
 }
 
+/// What policies of one kind target: Services, or ExternalServices.
+struct Targets<'a> {
+    /// The kind, for messages.
+    kind: &'static str,
+    /// Said after "not found".
+    missing: &'static str,
+    exists: &'a dyn Fn(&ServiceKey) -> bool,
+    /// Whether `Programmed` waits for the configs (a Service is in the
+    /// configs of the namespaces that may reach it); else the accept step
+    /// decides it.
+    placed: bool,
+}
+
+impl<'a> Targets<'a> {
+    /// Services, which are in the configs of the namespaces that may
+    /// reach them.
+    fn services(exists: &'a dyn Fn(&ServiceKey) -> bool) -> Self {
+        Self {
+            kind: "Service",
+            missing: "",
+            exists,
+            placed: true,
+        }
+    }
+}
+
 /// Orders policies by age, resolves each target and settles conflicts.
 /// Calls `accept` for each winner and returns what it produced per target.
 fn resolve<P, T>(
     kind: PolicyKind,
-    policies: &[P],
-    services: &BTreeMap<ServiceKey, &Service>,
+    policies: &[&P],
+    targets: Targets<'_>,
     verdicts: &mut Verdicts,
     target_name: impl Fn(&P) -> &str,
     mut accept: impl FnMut(&P, &mut super::verdict::PolicyVerdict) -> T,
@@ -164,7 +190,8 @@ fn resolve<P, T>(
 where
     P: kube::Resource,
 {
-    let mut sorted: Vec<&P> = policies.iter().collect();
+    let what = targets.kind;
+    let mut sorted: Vec<&P> = policies.to_vec();
     sorted.sort_by(|a, b| age_order(*a, *b));
     let mut winners: HashMap<ServiceKey, String> = HashMap::new();
     let mut out = HashMap::new();
@@ -174,19 +201,19 @@ where
         let mut v = verdicts.start(kind, policy);
         if let Some(winner) = winners.get(&key) {
             v.conflict(format!(
-                "{kind:?} {ns}/{winner} is older and already targets Service {ns}/{}; merge the two or delete one",
+                "{kind:?} {ns}/{winner} is older and already targets {what} {ns}/{}; merge the two or delete one",
                 key.1
             ));
             verdicts.push(v);
             continue;
         }
         v.accept();
-        if !services.contains_key(&key) {
+        if !(targets.exists)(&key) {
             v.unresolved(
                 reason::TARGET_NOT_FOUND,
                 format!(
-                    "Service {ns}/{} not found; nothing is applied until it exists",
-                    key.1
+                    "{what} {ns}/{} not found{}; nothing is applied until it exists",
+                    key.1, targets.missing
                 ),
             );
             verdicts.push(v);
@@ -195,26 +222,65 @@ where
         winners.insert(key.clone(), policy.name_any());
         v.resolved();
         let produced = accept(policy, &mut v);
-        verdicts.placed(kind, &ns, &policy.name_any(), key.clone());
+        if targets.placed {
+            verdicts.placed(kind, &ns, &policy.name_any(), key.clone());
+        }
         verdicts.push(v);
         out.insert(key, produced);
     }
     out
 }
 
+/// The TrafficPolicies of Services, and of ExternalServices (an
+/// accepted one of a meshed namespace is in that namespace's config, so
+/// its policy is programmed there; see [`super::external`]).
 pub(crate) fn resolve_traffic(
     facts: &ClusterFacts,
     services: &BTreeMap<ServiceKey, &Service>,
+    externals: &BTreeMap<ServiceKey, ExternalServiceConfig>,
+    meshed: &BTreeSet<String>,
     verdicts: &mut Verdicts,
-) -> HashMap<ServiceKey, ServicePolicy> {
-    resolve(
+) -> (
+    HashMap<ServiceKey, ServicePolicy>,
+    HashMap<ServiceKey, ServicePolicy>,
+) {
+    let (external, service): (Vec<&TrafficPolicy>, Vec<&TrafficPolicy>) = facts
+        .traffic_policies
+        .iter()
+        .partition(|tp| tp.spec.target_ref.kind == PolicyTargetKind::ExternalService);
+    let of_services = resolve(
         PolicyKind::TrafficPolicy,
-        &facts.traffic_policies,
-        services,
+        &service,
+        Targets::services(&|k| services.contains_key(k)),
         verdicts,
         |tp| tp.spec.target_ref.name.as_str(),
         |tp, _| service_policy(tp),
-    )
+    );
+    let of_externals = resolve(
+        PolicyKind::TrafficPolicy,
+        &external,
+        Targets {
+            kind: "ExternalService",
+            missing: " (or not accepted: see its status)",
+            exists: &|k| externals.contains_key(k),
+            placed: false,
+        },
+        verdicts,
+        |tp| tp.spec.target_ref.name.as_str(),
+        |tp, v| {
+            let ns = tp.namespace().unwrap_or_default();
+            if meshed.contains(&ns) {
+                v.programmed(format!("in the proxy config of namespace {ns}"));
+            } else {
+                v.not_programmed(
+                    reason::NAMESPACE_NOT_MESHED,
+                    format!("namespace {ns} is not meshed (label it weft.dev/inject=enabled)"),
+                );
+            }
+            service_policy(tp)
+        },
+    );
+    (of_services, of_externals)
 }
 
 pub(crate) fn resolve_routes(
@@ -222,10 +288,11 @@ pub(crate) fn resolve_routes(
     services: &BTreeMap<ServiceKey, &Service>,
     verdicts: &mut Verdicts,
 ) -> HashMap<ServiceKey, Vec<RouteConfig>> {
+    let routes: Vec<&ServiceRoute> = facts.service_routes.iter().collect();
     resolve(
         PolicyKind::ServiceRoute,
-        &facts.service_routes,
-        services,
+        &routes,
+        Targets::services(&|k| services.contains_key(k)),
         verdicts,
         |sr| sr.spec.parent_ref.name.as_str(),
         |sr, v| route_configs(sr, services, v),

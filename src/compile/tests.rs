@@ -1022,3 +1022,226 @@ fn mesh_tracing_reaches_every_config_or_says_why_not() {
         );
     }
 }
+
+fn external(ns: &str, name: &str, age: Option<i64>, spec: Value) -> ExternalService {
+    policy(ns, name, age, spec)
+}
+
+fn gateway_spec(hosts: &[&str]) -> Value {
+    json!({ "hosts": hosts, "ports": [{ "port": 80, "protocol": "HTTP", "tls": {} }] })
+}
+
+#[test]
+fn an_external_service_reaches_its_own_namespace_with_its_traffic_policy() {
+    let mut facts = base();
+    facts.external_services = vec![
+        external(
+            "shop",
+            "gateway",
+            Some(1),
+            gateway_spec(&["api.gateway.example"]),
+        ),
+        external(
+            "legacy",
+            "gateway",
+            Some(1),
+            gateway_spec(&["api.gateway.example"]),
+        ),
+    ];
+    let mut policy = tp(
+        "shop",
+        "gateway-calls",
+        Some(2),
+        "gateway",
+        json!({ "timeout": "3s" }),
+    );
+    policy.spec.target_ref = crate::api::PolicyTargetReference::external_service("gateway");
+    facts.traffic_policies = vec![
+        policy,
+        // Same name, kind Service: no such Service, so unresolved; it
+        // does not conflict with the one on the ExternalService.
+        tp("shop", "gateway-svc", Some(3), "gateway", json!({})),
+    ];
+    let c = compile(&facts);
+
+    let shop = &c.configs["shop"].outbound.external_services;
+    assert_eq!(shop.len(), 1);
+    let es = &shop[0];
+    assert_eq!(es.hosts, vec!["api.gateway.example"]);
+    assert_eq!(es.ports[0].port, 80);
+    assert_eq!(
+        es.ports[0].target_port, 443,
+        "tls defaults the vendor port to 443"
+    );
+    assert!(es.ports[0].tls.is_some());
+    assert_eq!(es.policy.as_ref().and_then(|p| p.timeout_ms), Some(3000));
+    assert!(
+        c.configs["payments"].outbound.external_services.is_empty(),
+        "an ExternalService is its own namespace's"
+    );
+
+    let in_ns = |ns: &str| {
+        c.verdicts
+            .iter()
+            .find(|v| v.kind == PolicyKind::ExternalService && v.namespace.as_deref() == Some(ns))
+            .unwrap_or_else(|| panic!("no verdict in {ns}"))
+    };
+    assert!(cond(in_ns("shop"), conditions::PROGRAMMED).status);
+    let legacy = in_ns("legacy");
+    assert_eq!(
+        cond(legacy, conditions::PROGRAMMED).reason,
+        reason::NAMESPACE_NOT_MESHED
+    );
+    let on_external = verdict(&c, PolicyKind::TrafficPolicy, "gateway-calls");
+    assert!(cond(on_external, conditions::ACCEPTED).status);
+    assert!(cond(on_external, conditions::PROGRAMMED).status);
+    let on_service = verdict(&c, PolicyKind::TrafficPolicy, "gateway-svc");
+    assert!(cond(on_service, conditions::ACCEPTED).status);
+    let unresolved = cond(on_service, conditions::RESOLVED_REFS);
+    assert_eq!(
+        (unresolved.status, unresolved.reason),
+        (false, reason::TARGET_NOT_FOUND)
+    );
+    assert!(
+        unresolved.message.starts_with("Service shop/gateway"),
+        "{}",
+        unresolved.message
+    );
+}
+
+#[test]
+fn a_policy_on_a_missing_external_service_says_so() {
+    let mut facts = base();
+    let mut policy = tp("shop", "orphan", None, "nowhere", json!({}));
+    policy.spec.target_ref = crate::api::PolicyTargetReference::external_service("nowhere");
+    facts.traffic_policies = vec![policy];
+    let c = compile(&facts);
+    let v = cond(
+        verdict(&c, PolicyKind::TrafficPolicy, "orphan"),
+        conditions::RESOLVED_REFS,
+    );
+    assert_eq!((v.status, v.reason), (false, reason::TARGET_NOT_FOUND));
+    assert!(
+        v.message
+            .starts_with("ExternalService shop/nowhere not found"),
+        "{}",
+        v.message
+    );
+}
+
+#[test]
+fn a_host_belongs_to_the_oldest_external_service_and_bad_input_names_the_field() {
+    let mut facts = base();
+    facts.external_services = vec![
+        external(
+            "shop",
+            "newer",
+            Some(5),
+            gateway_spec(&["api.gateway.example", "b.example"]),
+        ),
+        external(
+            "shop",
+            "older",
+            Some(1),
+            gateway_spec(&["api.gateway.example"]),
+        ),
+        external(
+            "shop",
+            "inside",
+            Some(2),
+            gateway_spec(&["*.svc.cluster.local"]),
+        ),
+        external(
+            "shop",
+            "badca",
+            Some(3),
+            json!({ "hosts": ["c.example"], "ports": [{ "port": 80, "protocol": "HTTP", "tls": { "caCertificates": "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n" } }] }),
+        ),
+        external(
+            "shop",
+            "noca",
+            Some(4),
+            json!({ "hosts": ["d.example"], "ports": [{ "port": 80, "protocol": "HTTP", "tls": { "caCertificates": "not a certificate" } }] }),
+        ),
+    ];
+    let c = compile(&facts);
+    let names: Vec<&str> = c.configs["shop"]
+        .outbound
+        .external_services
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["older"]);
+
+    let newer = cond(
+        verdict(&c, PolicyKind::ExternalService, "newer"),
+        conditions::ACCEPTED,
+    );
+    assert_eq!((newer.status, newer.reason), (false, reason::CONFLICTED));
+    assert!(
+        newer
+            .message
+            .contains("api.gateway.example (ExternalService shop/older)"),
+        "{}",
+        newer.message
+    );
+    for (name, field) in [
+        ("inside", "hosts[0]"),
+        ("badca", "ports[0].tls.caCertificates"),
+        ("noca", "ports[0].tls.caCertificates"),
+    ] {
+        let v = cond(
+            verdict(&c, PolicyKind::ExternalService, name),
+            conditions::ACCEPTED,
+        );
+        assert_eq!((v.status, v.reason), (false, reason::INVALID), "{name}");
+        assert!(v.message.starts_with(field), "{name}: {}", v.message);
+    }
+}
+
+#[test]
+fn egress_follows_the_namespace_annotation_then_the_mesh() {
+    let mut f = base();
+    let annotated = |name: &str, value: &str| {
+        let mut n = ns(name, true);
+        n.metadata.annotations = Some([(EGRESS_ANNOTATION.to_owned(), value.to_owned())].into());
+        n
+    };
+    f.namespaces = vec![
+        annotated("shop", "AllowAll"),
+        annotated("payments", "registry-only"),
+        annotated("orders", "registryonly"),
+        ns("catalog", true),
+    ];
+    let c = compile(&f);
+    assert_eq!(
+        c.configs["catalog"].outbound.egress,
+        EgressMode::AllowAll,
+        "AllowAll by default"
+    );
+    assert_eq!(
+        c.configs["orders"].outbound.egress,
+        EgressMode::RegistryOnly
+    );
+
+    f.meshes = vec![
+        serde_json::from_value(json!({ "metadata": meta(None, "default", None), "spec": { "egress": "RegistryOnly" } }))
+            .expect("mesh"),
+    ];
+    let c = compile(&f);
+    let egress = |ns: &str| c.configs[ns].outbound.egress;
+    assert_eq!(egress("shop"), EgressMode::AllowAll, "the annotation wins");
+    assert_eq!(egress("orders"), EgressMode::RegistryOnly, "in any case");
+    assert_eq!(egress("catalog"), EgressMode::RegistryOnly, "the Mesh's");
+    assert_eq!(
+        egress("payments"),
+        EgressMode::RegistryOnly,
+        "an unreadable annotation keeps the Mesh's"
+    );
+    let why = egress_of(
+        &annotated("payments", "registry-only"),
+        EgressMode::RegistryOnly,
+    )
+    .expect_err("unreadable");
+    assert!(why.contains("neither AllowAll nor RegistryOnly"), "{why}");
+}

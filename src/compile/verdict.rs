@@ -17,6 +17,7 @@ pub enum PolicyKind {
     TrafficPolicy,
     ServiceRoute,
     AccessPolicy,
+    ExternalService,
 }
 
 /// The conditions the compiler decided for one policy.

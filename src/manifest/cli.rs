@@ -107,11 +107,30 @@ fn print_text(out: &mut impl Write, compiled: &Compiled, skipped: &[String]) -> 
         let json = serde_json::to_string_pretty(config)?;
         writeln!(
             out,
-            "\n# ProxyConfig for namespace {ns}: generation {}, {} services, {} bytes compact",
+            "\n# ProxyConfig for namespace {ns}: generation {}, {} services, {} external services, egress {:?}, {} bytes compact",
             config.generation,
             config.outbound.services.len(),
+            config.outbound.external_services.len(),
+            config.outbound.egress,
             config.to_json().len()
         )?;
+        if config.outbound.egress == crate::config::EgressMode::RegistryOnly {
+            let hosts: Vec<&str> = config
+                .outbound
+                .external_services
+                .iter()
+                .flat_map(|e| e.hosts.iter().map(String::as_str))
+                .collect();
+            writeln!(
+                out,
+                "# RegistryOnly: its pods reach only the Services below{}; anything else is refused (see weft_proxy_outbound_egress_unregistered_total under AllowAll for what that would be)",
+                if hosts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {}", hosts.join(", "))
+                }
+            )?;
+        }
         writeln!(out, "{json}")?;
     }
     Ok(())

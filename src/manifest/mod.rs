@@ -215,6 +215,9 @@ fn load_object(
                 "AccessPolicy" => typed(value, &mut push)
                     .into_iter()
                     .for_each(|o| facts.access_policies.push(o)),
+                "ExternalService" => typed(value, &mut push)
+                    .into_iter()
+                    .for_each(|o| facts.external_services.push(o)),
                 other => push("", format!("internal: no loader for {other}")),
             }
         }

@@ -198,3 +198,40 @@ fn missing_paths_are_errors() {
         errors[0]
     );
 }
+
+#[test]
+fn external_services_and_their_policies_are_checked_as_the_api_server_would() {
+    let ok = "apiVersion: weft.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: gateway, namespace: shop}\nspec:\n  hosts: [api.gateway.example, '*.carrier.example']\n  ports:\n  - {port: 80, protocol: HTTP, tls: {serverName: api.gateway.example}}\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: gw, namespace: shop}\nspec:\n  targetRef: {group: weft.dev, kind: ExternalService, name: gateway}\n  timeout: 3s\n";
+    let (loaded, errors) = load_text(ok);
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(loaded.facts.external_services.len(), 1);
+    assert_eq!(loaded.facts.traffic_policies.len(), 1);
+
+    // The group must match the kind (Gateway API's target references).
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: gw, namespace: shop}\nspec:\n  targetRef: {kind: ExternalService, name: gateway}\n",
+    );
+    assert!(
+        e.message.contains("\"weft.dev\" for an ExternalService"),
+        "{e}"
+    );
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: gateway, namespace: shop}\nspec:\n  hosts: [api.gateway.example]\n  ports: [{port: 80, protocol: HTTP}, {port: 80, protocol: HTTP}]\n",
+    );
+    assert!(e.message.contains("each port may be listed once"), "{e}");
+    for (hosts, path) in [
+        ("[Api.Gateway.example]", "spec.hosts[0]"),
+        ("['*.*.example']", "spec.hosts[0]"),
+        ("[localhost]", "spec.hosts[0]"),
+        ("[]", "spec.hosts"),
+    ] {
+        let text = format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: g, namespace: shop}}\nspec:\n  hosts: {hosts}\n  ports: [{{port: 80, protocol: HTTP}}]\n"
+        );
+        let (_, errors) = load_text(&text);
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "{hosts}: {errors:#?}"
+        );
+    }
+}

@@ -132,8 +132,8 @@ pub async fn try_recompile(ctx: &Ctx) -> Result<BTreeSet<String>, CompileError> 
     Ok(affected)
 }
 
-/// Writes the status of every Mesh, TrafficPolicy, ServiceRoute and
-/// AccessPolicy whose verdict differs from what it holds. Returns how many
+/// Writes the status of every Mesh, TrafficPolicy, ServiceRoute,
+/// AccessPolicy and ExternalService whose verdict differs from what it holds. Returns how many
 /// writes failed (each is logged).
 pub async fn write_policy_statuses(ctx: &Ctx) -> usize {
     let snap = ctx.snapshot.load_full();
@@ -145,6 +145,7 @@ pub async fn write_policy_statuses(ctx: &Ctx) -> usize {
             PolicyKind::TrafficPolicy => one(ctx, &w.traffic_policies, v).await,
             PolicyKind::ServiceRoute => one(ctx, &w.service_routes, v).await,
             PolicyKind::AccessPolicy => one(ctx, &w.access_policies, v).await,
+            PolicyKind::ExternalService => one(ctx, &w.external_services, v).await,
             // Written by the namespace reconcile, with the rollout.
             PolicyKind::MTLSPolicy => Ok(false),
         };

@@ -106,7 +106,7 @@ pub struct Ctx {
     /// Per namespace, the `weft.dev/calls` value last reported as not
     /// parsing, so its Event is sent once per value, not on every
     /// reconcile (each endpoints write triggers one).
-    bad_scopes: Mutex<HashMap<String, String>>,
+    bad_scopes: Mutex<HashMap<(String, &'static str), String>>,
     /// Per namespace, the `weft-endpoints` generation this replica last
     /// wrote and the one the cache held when it did: while the cache
     /// still shows the older one (the watch lags the write), the same
@@ -388,6 +388,40 @@ fn time(t: SystemTime) -> Time {
     Time(k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default())
 }
 
+/// Logs and raises a Warning Event (`reason`) when the namespace's
+/// `annotation` cannot be read (`read` says why), once per value.
+async fn warn_once(
+    ctx: &Ctx,
+    ns: &Namespace,
+    annotation: &'static str,
+    reason: &'static str,
+    read: Result<(), String>,
+) {
+    let name = ns.name_any();
+    let news = {
+        let mut bad = ctx.bad_scopes.lock().expect("bad scopes");
+        let key = (name.clone(), annotation);
+        match &read {
+            Ok(()) => {
+                bad.remove(&key);
+                false
+            }
+            Err(_) => {
+                let value = ns
+                    .annotations()
+                    .get(annotation)
+                    .cloned()
+                    .unwrap_or_default();
+                bad.insert(key, value.clone()).as_ref() != Some(&value)
+            }
+        }
+    };
+    if let (Err(why), true) = (read, news) {
+        tracing::warn!(namespace = %name, "{why}");
+        ctx.event(ns, true, reason, "Compile", why).await;
+    }
+}
+
 async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     let name = ns.name_any();
     if ns.metadata.deletion_timestamp.is_some() {
@@ -396,7 +430,10 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         // once it is gone), its gauges included: a certificate expiry
         // left behind would raise an alert a day later.
         ctx.refused.lock().expect("refused").remove(&name);
-        ctx.bad_scopes.lock().expect("bad scopes").remove(&name);
+        ctx.bad_scopes
+            .lock()
+            .expect("bad scopes")
+            .retain(|(ns, _), _| *ns != name);
         ctx.endpoints_written
             .lock()
             .expect("endpoints written")
@@ -427,28 +464,25 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     // A `weft.dev/calls` that does not parse lists every Service (the
     // compiler keeps the whole mesh rather than cut the namespace off);
     // say so where its author looks.
-    let scope = crate::compile::Scope::of(ns);
-    let news = {
-        let mut bad = ctx.bad_scopes.lock().expect("bad scopes");
-        match &scope {
-            Ok(_) => {
-                bad.remove(&name);
-                false
-            }
-            Err(_) => {
-                let value = ns
-                    .annotations()
-                    .get(crate::compile::CALLS_ANNOTATION)
-                    .cloned()
-                    .unwrap_or_default();
-                bad.insert(name.clone(), value.clone()).as_ref() != Some(&value)
-            }
-        }
-    };
-    if let (Err(why), true) = (scope, news) {
-        tracing::warn!(namespace = %name, "{why}");
-        ctx.event(ns, true, "InvalidScope", "Compile", why).await;
-    }
+    let scope = crate::compile::Scope::of(ns).map(|_| ());
+    warn_once(
+        ctx,
+        ns,
+        crate::compile::CALLS_ANNOTATION,
+        "InvalidScope",
+        scope,
+    )
+    .await;
+    // Likewise a `weft.dev/egress` that does not read keeps the Mesh's.
+    let egress = crate::compile::egress_of(ns, snap.mesh.egress).map(|_| ());
+    warn_once(
+        ctx,
+        ns,
+        crate::compile::EGRESS_ANNOTATION,
+        "InvalidEgress",
+        egress,
+    )
+    .await;
 
     // Each child is written whatever became of the ones before it: a
     // RoleBinding an admission policy refuses, or a ConfigMap over a quota,

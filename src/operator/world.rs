@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 
 use super::desired::MANAGED_SELECTOR;
-use crate::api::{AccessPolicy, MTLSPolicy, Mesh, ServiceRoute, TrafficPolicy};
+use crate::api::{AccessPolicy, ExternalService, MTLSPolicy, Mesh, ServiceRoute, TrafficPolicy};
 use crate::compile::ClusterFacts;
 
 /// Reflector stores of everything the operator reads.
@@ -40,6 +40,7 @@ pub struct World {
     pub traffic_policies: Store<TrafficPolicy>,
     pub service_routes: Store<ServiceRoute>,
     pub access_policies: Store<AccessPolicy>,
+    pub external_services: Store<ExternalService>,
     pub pods: Store<Pod>,
     /// Every Service's pods, published per namespace ([`super::endpoints`]).
     pub endpoint_slices: Store<EndpointSlice>,
@@ -62,6 +63,7 @@ pub struct Writers {
     pub traffic_policies: Writer<TrafficPolicy>,
     pub service_routes: Writer<ServiceRoute>,
     pub access_policies: Writer<AccessPolicy>,
+    pub external_services: Writer<ExternalService>,
     pub pods: Writer<Pod>,
     pub endpoint_slices: Writer<EndpointSlice>,
     pub config_maps: Writer<ConfigMap>,
@@ -81,6 +83,7 @@ impl Writers {
             traffic_policies: self.traffic_policies.as_reader(),
             service_routes: self.service_routes.as_reader(),
             access_policies: self.access_policies.as_reader(),
+            external_services: self.external_services.as_reader(),
             pods: self.pods.as_reader(),
             endpoint_slices: self.endpoint_slices.as_reader(),
             config_maps: self.config_maps.as_reader(),
@@ -110,6 +113,7 @@ impl World {
             traffic_policies: all(&self.traffic_policies),
             service_routes: all(&self.service_routes),
             access_policies: all(&self.access_policies),
+            external_services: all(&self.external_services),
         }
     }
 
@@ -126,6 +130,7 @@ impl World {
             self.traffic_policies.wait_until_ready(),
             self.service_routes.wait_until_ready(),
             self.access_policies.wait_until_ready(),
+            self.external_services.wait_until_ready(),
             self.pods.wait_until_ready(),
             self.endpoint_slices.wait_until_ready(),
             self.config_maps.wait_until_ready(),
@@ -222,6 +227,13 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         Api::all(c.clone()),
         plain(),
         writers.access_policies,
+        ch,
+        INPUT,
+    );
+    spawn_watch(
+        Api::all(c.clone()),
+        plain(),
+        writers.external_services,
         ch,
         INPUT,
     );
@@ -472,7 +484,18 @@ async fn forward<K: Resource>(
             Ok(watcher::Event::InitDone) => classify.relisted(),
             Ok(_) => None,
             Err(e) => {
-                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                let text = e.to_string();
+                // A weft kind this version reads but the cluster lacks: the
+                // caches never sync, so nothing is compiled; say the fix.
+                if text.contains("404") || text.to_ascii_lowercase().contains("not found") {
+                    tracing::error!(
+                        kind,
+                        error = %e,
+                        "cannot list {kind}: is its CustomResourceDefinition installed? Apply this version's crds/ (manifests/05-crds.yaml); `helm upgrade` does not update a chart's crds/. Nothing is compiled until every watch lists"
+                    );
+                } else {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
                 None
             }
         };

@@ -16,6 +16,7 @@ use crate::config::{CircuitBreakerConfig, EndpointsConfig, OutboundService, Serv
 use crate::proxy::http::pool::{CLUSTER_IP_H2_CONNECTIONS, Endpoint};
 use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
+use crate::proxy::origin::OriginTarget;
 
 use super::resilience::{
     BreakerSettings, BreakerState, CircuitBreaker, FailureRateSettings, Hold, PeakEwma,
@@ -32,6 +33,29 @@ const DNS_TTL: Duration = Duration::from_secs(5);
 const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed first lookup, how long before the next.
 const DNS_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether an address a DNS answer gave may be connected to: not this
+/// pod's loopback, not link-local (the cloud metadata service at
+/// 169.254.169.254), not unspecified or multicast. The proxy connects
+/// from the user iptables leaves alone, so a name whose DNS answer
+/// (a vendor's, or a wildcard's that anyone can make resolve anywhere)
+/// pointed there would reach what the app itself may not.
+pub fn usable_answer(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let ip = ip.to_canonical();
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || match ip {
+            IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        })
+}
+
+/// How the destinations of vendor hosts are keyed apart from Services'
+/// (`name.ns:port`, which a host like `payments.shop` could equal) and
+/// addresses.
+pub const EXTERNAL_KEY_PREFIX: &str = "external:";
 
 /// Where a destination's endpoints come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,6 +286,9 @@ pub struct Destination {
     pub tls_edges: EdgeCache,
     /// Who serves a meshed destination (its endpoints get mesh mTLS).
     pub mesh: Option<Arc<MeshTarget>>,
+    /// A vendor reached with TLS this proxy originates (an ExternalService
+    /// with `tls`).
+    pub origin: Option<Arc<OriginTarget>>,
     source: Mutex<EndpointSource>,
     /// The name and port to resolve, for a headless Service (fixed).
     dns: Option<(String, u16)>,
@@ -297,6 +324,27 @@ impl Destination {
         source: EndpointSource,
         mesh: Option<Arc<MeshTarget>>,
     ) -> Self {
+        Self::with_wire(label, policy, source, mesh, None)
+    }
+
+    /// [`Destination::new`] for a vendor, its connections TLS that this
+    /// proxy originates as `origin` says.
+    pub fn originated(
+        label: String,
+        policy: ServicePolicy,
+        source: EndpointSource,
+        origin: Option<Arc<OriginTarget>>,
+    ) -> Self {
+        Self::with_wire(label, policy, source, None, origin)
+    }
+
+    fn with_wire(
+        label: String,
+        policy: ServicePolicy,
+        source: EndpointSource,
+        mesh: Option<Arc<MeshTarget>>,
+        origin: Option<Arc<OriginTarget>>,
+    ) -> Self {
         let budget = RetryBudget::new(
             policy.retry.budget.percent,
             policy.retry.budget.min_per_second,
@@ -306,7 +354,7 @@ impl Destination {
             .rate_limit
             .as_ref()
             .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
-        let static_endpoints = fixed_list(&source, &policy, &mesh, &[]);
+        let static_endpoints = fixed_list(&source, &policy, &mesh, &origin, &[]);
         let unready = unready_of(&source);
         let fixed = static_endpoints.is_some();
         Self {
@@ -328,6 +376,7 @@ impl Destination {
             edges: EdgeCache::default(),
             tls_edges: EdgeCache::default(),
             mesh,
+            origin,
             endpoints: Mutex::new((
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),
@@ -387,7 +436,7 @@ impl Destination {
         };
         let lookup = tokio::net::lookup_host((host.as_str(), port));
         let fresh: Vec<SocketAddr> = match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
-            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Ok(addrs)) => addrs.filter(|a| usable_answer(a.ip())).collect(),
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => e.to_string(),
@@ -414,7 +463,14 @@ impl Destination {
                 .into_iter()
                 .map(|a| {
                     known.get(&a).cloned().unwrap_or_else(|| {
-                        endpoint(a, &self.policy, &self.mesh, 1, Discovered::plain(a))
+                        endpoint(
+                            a,
+                            &self.policy,
+                            &self.mesh,
+                            &self.origin,
+                            1,
+                            Discovered::plain(a),
+                        )
                     })
                 })
                 .collect::<Endpoints>(),
@@ -623,7 +679,8 @@ impl Destination {
         self.epoch
             .store(epoch, std::sync::atomic::Ordering::Release);
         let (_, current) = self.cached();
-        let next = fixed_list(&source, &self.policy, &self.mesh, &current).unwrap_or_default();
+        let next = fixed_list(&source, &self.policy, &self.mesh, &self.origin, &current)
+            .unwrap_or_default();
         self.unready_by_zone.store(unready_of(&source));
         *lock(&self.endpoints) = (Some(Instant::now()), next);
         *source_now = source;
@@ -649,12 +706,13 @@ fn fixed_list(
     source: &EndpointSource,
     policy: &ServicePolicy,
     mesh: &Option<Arc<MeshTarget>>,
+    origin: &Option<Arc<OriginTarget>>,
     keep: &[Arc<EndpointState>],
 ) -> Option<EndpointList> {
     let plain = |addrs: &[SocketAddr], h2| {
         addrs
             .iter()
-            .map(|a| endpoint(*a, policy, mesh, h2, Discovered::plain(*a)))
+            .map(|a| endpoint(*a, policy, mesh, origin, h2, Discovered::plain(*a)))
             .collect::<Vec<_>>()
     };
     let list = match source {
@@ -711,7 +769,7 @@ fn fixed_list(
                         ),
                         _ => mesh.clone(),
                     };
-                    endpoint(p.addr, policy, &target, 1, p.clone())
+                    endpoint(p.addr, policy, &target, &None, 1, p.clone())
                 })
                 .collect()
         }
@@ -726,12 +784,15 @@ fn endpoint(
     addr: SocketAddr,
     policy: &ServicePolicy,
     mesh: &Option<Arc<MeshTarget>>,
+    origin: &Option<Arc<OriginTarget>>,
     h2_connections: usize,
     pod: Discovered,
 ) -> Arc<EndpointState> {
     Arc::new(EndpointState {
         addr,
-        endpoint: Endpoint::meshed(addr, mesh.clone()).with_h2_connections(h2_connections),
+        endpoint: Endpoint::meshed(addr, mesh.clone())
+            .with_origin(origin.clone())
+            .with_h2_connections(h2_connections),
         load: Arc::new(PeakEwma::new(DEFAULT_RTT, EWMA_DECAY)),
         breaker: breaker(&policy.circuit_breaker),
         draining: std::sync::atomic::AtomicBool::new(pod.draining),
@@ -882,6 +943,8 @@ pub const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 #[derive(Default)]
 pub struct Destinations {
     by_label: Mutex<HashMap<String, Arc<Destination>>>,
+    /// How many of them are vendor hosts ([`EXTERNAL_KEY_PREFIX`]).
+    external_count: std::sync::atomic::AtomicUsize,
     /// Where this proxy runs, shared with every destination.
     pub locality: Arc<Locality>,
 }
@@ -890,6 +953,7 @@ impl Destinations {
     pub fn new(locality: Locality) -> Self {
         Self {
             by_label: Mutex::default(),
+            external_count: Default::default(),
             locality: Arc::new(locality),
         }
     }
@@ -1000,10 +1064,61 @@ impl Destinations {
             .len()
     }
 
+    /// The destination of a vendor host, kept under `key`
+    /// ([`super::state::ConfigStore::external_destination`]). Vendor hosts
+    /// a wildcard claims are as many as a workload names: past
+    /// [`MAX_ADDRESS_DESTINATIONS`] of them, their state is forgotten, as
+    /// for bare addresses.
+    pub fn get_external(
+        &self,
+        key: &str,
+        label: &str,
+        policy: &ServicePolicy,
+        source: EndpointSource,
+        origin: Option<Arc<OriginTarget>>,
+    ) -> Arc<Destination> {
+        let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(key)
+            && &d.policy == policy
+            && *lock(&d.source) == source
+            && d.origin == origin
+        {
+            return d.clone();
+        }
+        if !map.contains_key(key) {
+            let held = self
+                .external_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if held > MAX_ADDRESS_DESTINATIONS {
+                tracing::debug!("vendor host destinations at their limit; forgetting them");
+                map.retain(|k, _| !k.starts_with(EXTERNAL_KEY_PREFIX));
+                self.external_count
+                    .store(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut d = Destination::originated(label.to_owned(), policy.clone(), source, origin);
+        d.locality = self.locality.clone();
+        if let Some(old) = map.get(key)
+            && let (Some(was), Some(now)) = (&old.hold, &d.hold)
+        {
+            now.inherit(was);
+        }
+        let d = Arc::new(d);
+        map.insert(key.to_owned(), d.clone());
+        d
+    }
+
     /// Forgets destinations a new config no longer names.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|label, _| keep(label));
+        let external = map
+            .keys()
+            .filter(|k| k.starts_with(EXTERNAL_KEY_PREFIX))
+            .count();
+        self.external_count
+            .store(external, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1329,5 +1444,61 @@ mod tests {
         // (asking would move the timestamp).
         assert!(d.endpoints().await.is_empty());
         assert_eq!(d.cached().0, asked);
+    }
+
+    #[test]
+    fn forgetting_vendor_hosts_leaves_services_named_alike_alone() {
+        let all = Destinations::default();
+        let service = all.get_at(
+            "external-dns.kube-system:7979",
+            &policy(),
+            EndpointSource::Static(vec![]),
+            None,
+            0,
+        );
+        for n in 0..=MAX_ADDRESS_DESTINATIONS + 1 {
+            let host = format!("h{n}.x.example:443");
+            all.get_external(
+                &format!("{EXTERNAL_KEY_PREFIX}{host}"),
+                &host,
+                &policy(),
+                EndpointSource::Dns {
+                    host: host.clone(),
+                    port: 443,
+                },
+                None,
+            );
+        }
+        assert!(
+            all.count() <= MAX_ADDRESS_DESTINATIONS + 1,
+            "{}",
+            all.count()
+        );
+        let again = all.get_at(
+            "external-dns.kube-system:7979",
+            &policy(),
+            EndpointSource::Static(vec![]),
+            None,
+            0,
+        );
+        assert!(Arc::ptr_eq(&service, &again), "the Service kept its state");
+    }
+
+    #[test]
+    fn dns_answers_that_point_inside_the_pod_or_at_metadata_are_not_used() {
+        for ip in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
+        ] {
+            assert!(!usable_answer(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["10.0.0.1", "203.0.113.7", "2001:db8::1"] {
+            assert!(usable_answer(ip.parse().expect("ip")), "{ip}");
+        }
     }
 }

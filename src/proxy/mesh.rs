@@ -70,6 +70,9 @@ impl MeshTarget {
 pub enum MeshStream {
     Tls(Box<TlsStream<TcpStream>>),
     Plain(TcpStream),
+    /// TLS this proxy originated to a destination outside the mesh
+    /// ([`super::origin`]): encrypted, but not mesh mTLS.
+    Origin(Box<TlsStream<TcpStream>>),
 }
 
 impl MeshStream {
@@ -85,7 +88,7 @@ impl AsyncRead for MeshStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -98,7 +101,7 @@ impl AsyncWrite for MeshStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -109,28 +112,30 @@ impl AsyncWrite for MeshStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => {
+                Pin::new(s.as_mut()).poll_write_vectored(cx, bufs)
+            }
             MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            MeshStream::Tls(s) => s.is_write_vectored(),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => s.is_write_vectored(),
             MeshStream::Plain(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MeshStream::Tls(s) | MeshStream::Origin(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

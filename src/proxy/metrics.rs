@@ -65,6 +65,39 @@ pub struct DstLabels {
     pub dst: String,
 }
 
+/// A TLS origination that failed, by destination and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginFailureLabels {
+    pub dst: String,
+    /// `unknown-issuer`, `bad-signature` (issued in the name of a trusted
+    /// CA that did not sign it), `name-mismatch`, `expired`, `not-yet-valid`,
+    /// `bad-certificate`, `alert` (the vendor refused us), `handshake`,
+    /// `timeout`, `connection` (TCP, before any TLS), `bad-name`.
+    pub reason: &'static str,
+}
+
+/// A destination no Service or ExternalService names, as the egress
+/// control saw it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    /// The host (HTTP `Host`, TLS SNI) and port, else the address.
+    pub dst: String,
+    /// `http`, `tls` or `tcp`.
+    pub protocol: &'static str,
+    /// `refused` (RegistryOnly) or `allowed` (AllowAll: what the switch
+    /// would refuse).
+    pub action: &'static str,
+}
+
+/// A TLS connection passed through to a vendor, by vendor host and what
+/// came of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExternalConnLabels {
+    pub dst: String,
+    /// `relayed`, `unresolved` or `connect-failed`.
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyErrorLabels {
     pub direction: Direction,
@@ -115,6 +148,10 @@ pub const MAX_PORT_LABELS: usize = 256;
 /// plaintext families. Large, because the operator maps each to a pod:
 /// plaintext past it reads `other`, which holds a rollout in Observing.
 pub const MAX_SOURCE_LABELS: usize = 1024;
+/// Distinct destinations named by workloads (not by the config) that get
+/// a series of their own: vendor hosts a wildcard matches, hosts and
+/// addresses no Service or ExternalService names.
+pub const MAX_DESTINATION_LABELS: usize = 256;
 
 /// Keeps the label sets built from network input bounded: the first
 /// ports and source addresses seen get their own value, later new ones
@@ -126,6 +163,12 @@ pub struct LabelBounds {
     max_ports: usize,
     sources: std::sync::Mutex<std::collections::HashSet<std::net::IpAddr>>,
     max_sources: usize,
+    /// Destinations named by the workload: hosts no Service or
+    /// ExternalService names (and addresses), and vendor hosts a wildcard
+    /// ExternalService matched, each set bounded apart so that the one
+    /// filling up does not take the other's series.
+    unregistered: std::sync::Mutex<std::collections::HashSet<String>>,
+    vendor_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for LabelBounds {
@@ -142,9 +185,37 @@ impl LabelBounds {
             max_ports,
             sources: Default::default(),
             max_sources,
+            unregistered: Default::default(),
+            vendor_hosts: Default::default(),
         }
     }
 
+    /// A destination nothing registers (`host:port`, `ip:port`) as a
+    /// label, or `other` once [`MAX_DESTINATION_LABELS`] others were seen
+    /// first: an app names as many as it likes.
+    pub fn destination(&self, dst: &str) -> String {
+        bounded(&self.unregistered, dst)
+    }
+
+    /// A vendor host a wildcard ExternalService matched (`host:port`), as
+    /// [`LabelBounds::destination`], counted apart.
+    pub fn vendor_host(&self, dst: &str) -> String {
+        bounded(&self.vendor_hosts, dst)
+    }
+}
+
+fn bounded(set: &std::sync::Mutex<std::collections::HashSet<String>>, value: &str) -> String {
+    let mut seen = set.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(value)
+        || (seen.len() < MAX_DESTINATION_LABELS && seen.insert(value.to_owned()))
+    {
+        value.to_owned()
+    } else {
+        OTHER.to_owned()
+    }
+}
+
+impl LabelBounds {
     /// `port`, or `other` once `max_ports` others were seen first.
     pub fn port(&self, port: u16) -> PortLabel {
         use std::sync::atomic::Ordering;
@@ -254,6 +325,14 @@ pub struct ProxyMetrics {
     /// Outbound connections to a meshed, non-STRICT destination whose
     /// endpoint did not speak TLS, sent in plaintext instead.
     pub plaintext_fallbacks: Family<DstLabels, Counter>,
+    /// TLS originated to an ExternalService that failed (no request was
+    /// sent), by reason.
+    pub origin_failures: Family<OriginFailureLabels, Counter>,
+    /// Requests and connections to destinations no Service or
+    /// ExternalService names, refused or (under AllowAll) let through.
+    pub egress_unregistered: Family<EgressLabels, Counter>,
+    /// TLS connections passed through to an ExternalService, by SNI.
+    pub external_tls_connections: Family<ExternalConnLabels, Counter>,
     /// Inbound connections closed because no config was loaded yet (the
     /// mode and the access rules are unknown until then).
     pub inbound_refused_no_config: Counter,
@@ -450,6 +529,24 @@ impl ProxyMetrics {
             "Connections to a meshed, non-STRICT destination sent in plaintext because the endpoint does not speak mesh TLS",
             plaintext_fallbacks.clone(),
         );
+        let origin_failures = Family::default();
+        registry.register(
+            "outbound_tls_origination_failures",
+            "TLS connections to an ExternalService that failed before any request was sent, by reason (an untrusted or wrong certificate never falls back)",
+            origin_failures.clone(),
+        );
+        let egress_unregistered = Family::default();
+        registry.register(
+            "outbound_egress_unregistered",
+            "Requests and connections to destinations no Service or ExternalService names: refused under egress RegistryOnly, allowed (and counted, to show what the switch would refuse) under AllowAll",
+            egress_unregistered.clone(),
+        );
+        let external_tls_connections = Family::default();
+        registry.register(
+            "outbound_external_tls_connections",
+            "TLS connections the app made to an ExternalService, passed through untouched, by SNI and outcome",
+            external_tls_connections.clone(),
+        );
         let inbound_refused_no_config = Counter::default();
         registry.register(
             "inbound_refused_no_config",
@@ -519,6 +616,9 @@ impl ProxyMetrics {
             access_denied,
             tls_handshake_failures,
             plaintext_fallbacks,
+            origin_failures,
+            external_tls_connections,
+            egress_unregistered,
             tls_rejections,
             certificate_expiry,
             trust_bundle,

@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod origin;
 pub mod outbound;
 pub mod resilience;
 pub mod server;

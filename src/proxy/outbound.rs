@@ -9,15 +9,18 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use crate::compile::SERVER_FIRST_PORTS;
-use crate::config::PortProtocol;
+use crate::config::{
+    EgressMode, ExternalPortConfig, ExternalPortProtocol, PortProtocol, ServicePolicy,
+};
 
-use super::detect::Protocol;
+use super::detect::{PrefixedIo, Protocol};
+use super::hello::Hello;
 use super::http::errors::{self, ProxyError};
 use super::http::route::{self, RouteCtx, normalize_path};
 use super::http::{self as stack, Request};
 use super::mesh::{MeshStream, MeshTarget, connect_tcp};
-use super::metrics::{ConnLabels, Direction};
-use super::state::{ServiceRef, Snapshot};
+use super::metrics::{ConnLabels, Direction, EgressLabels, ExternalConnLabels};
+use super::state::{ExternalMatch, ServiceRef, Snapshot, normal_host};
 use super::tls::ALPN_TCP;
 use super::{Proxy, accesslog};
 
@@ -87,7 +90,15 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
         .load()
         .and_then(|s| declared_protocol(&s, &target))
         == Some(PortProtocol::Opaque);
-    let skip = declared_opaque || SERVER_FIRST_PORTS.contains(&port);
+    // A server-speaks-first port is not waited on for the client's first
+    // bytes, unless an ExternalService passes TLS through on it (TLS
+    // clients speak first: a managed Redis or MongoDB over TLS).
+    let skip = declared_opaque
+        || (SERVER_FIRST_PORTS.contains(&port)
+            && !proxy
+                .store
+                .load()
+                .is_some_and(|s| s.lists_external_tls_port(port)));
     let Some((protocol, io)) = proxy.detect(conn, skip).await else {
         return;
     };
@@ -158,7 +169,8 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
             )
             .await;
         }
-        Protocol::Tls | Protocol::Opaque => forward_tcp(&proxy, io, &target).await,
+        Protocol::Tls => forward_tls(&proxy, io, &target).await,
+        Protocol::Opaque => forward_tcp(&proxy, io, &target, None).await,
     }
     proxy.metrics.connections_open.get_or_create(&labels).dec();
 }
@@ -198,6 +210,52 @@ pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack:
                 let dst = pod_destination(&proxy, &snapshot, addr, pod, &mut req).await;
                 stack::call(stack::backend(dst, &proxy.shared), req).await
             });
+        }
+        // A vendor an ExternalService of the namespace claims, by the
+        // host the request names: its policy, and TLS if it says so.
+        let host = vendor_host(target, &req);
+        if let Some(host) = &host
+            && let Some(m) = snapshot
+                .external_for(host, port)
+                .filter(|m| m.port.protocol == ExternalPortProtocol::Http)
+        {
+            let dst = match proxy.store.external_destination(&snapshot, host, &m) {
+                Ok(dst) => dst,
+                Err(why) => {
+                    return refuse(ProxyError::NoEndpoints(format!(
+                        "{host}:{port} (ExternalService {}/{}: {why})",
+                        m.es.namespace, m.es.name
+                    )));
+                }
+            };
+            // Vendors are spoken to in HTTP/1.1 (the ExternalService's
+            // `HTTP`), over the originated TLS when there is one, and the
+            // request names the vendor it goes to: a `Host` that differs
+            // from the absolute URI's authority (or a second `Host`) would
+            // otherwise reach another site behind the vendor's front end.
+            *req.version_mut() = http::Version::HTTP_11;
+            match vendor_authority(host, m.port) {
+                Some(authority) => {
+                    req.headers_mut().insert(http::header::HOST, authority);
+                }
+                None => return refuse(ProxyError::BadRequest(format!("host {host:?}"))),
+            }
+            let policy =
+                m.es.policy
+                    .as_ref()
+                    .unwrap_or(&snapshot.config.outbound.defaults);
+            let ctx = route_ctx(proxy, policy, RouteCtx::default_route(), &req);
+            req.extensions_mut().insert(ctx);
+            return stack::call(stack::backend(dst, &proxy.shared), req);
+        }
+        // Nothing the registry names: refused under RegistryOnly, and
+        // counted either way.
+        let named = match &host {
+            Some(host) => format!("{host}:{port}"),
+            None => target_label(target),
+        };
+        if !unregistered_may_go(proxy, &snapshot, &named, "http") {
+            return refuse(ProxyError::EgressDenied(named));
         }
         let to_address = move |proxy: &Arc<Proxy>, addr, mut req: Request| {
             let dst = snapshot.address_destination(addr, &proxy.store.destinations);
@@ -293,7 +351,7 @@ fn prepare(
     snapshot: &Snapshot,
     svc: ServiceRef<'_>,
     port: u16,
-    mut ctx: RouteCtx,
+    ctx: RouteCtx,
     req: &mut Request,
 ) {
     let declared = svc
@@ -302,7 +360,13 @@ fn prepare(
         .find(|p| p.port == port)
         .map(|p| p.protocol);
     *req.version_mut() = upstream_version(declared, req);
-    let policy = snapshot.policy(&svc);
+    let ctx = route_ctx(proxy, snapshot.policy(&svc), ctx, req);
+    req.extensions_mut().insert(ctx);
+}
+
+/// `ctx`, marked when the request's path is a health check the breaker
+/// and the retries leave alone.
+fn route_ctx(proxy: &Proxy, policy: &ServicePolicy, mut ctx: RouteCtx, req: &Request) -> RouteCtx {
     // Compared in the normalised form (both sides): `/%68ealth` and
     // `/x/../health` are the health path, not a failure to count.
     if !policy.excluded_paths.is_empty() || !proxy.health_paths.is_empty() {
@@ -313,7 +377,39 @@ fn prepare(
             .chain(&proxy.health_paths)
             .any(|p| **p == *path);
     }
-    req.extensions_mut().insert(ctx);
+    ctx
+}
+
+/// The host a request to no Service is for, as an ExternalService would
+/// claim it ([`normal_host`]): the name an explicit listener maps to, else
+/// the request's own (the authority of an HTTP/2 or absolute-form request,
+/// else `Host`), without its port. None for an address or what is not a
+/// DNS name.
+fn vendor_host(target: &Target, req: &Request) -> Option<String> {
+    match target {
+        Target::Host(h, _) => normal_host(h),
+        Target::Addr(_) => match req.uri().host() {
+            Some(h) => normal_host(h),
+            None => {
+                let value = req.headers().get(http::header::HOST)?.to_str().ok()?;
+                let authority: http::uri::Authority = value.parse().ok()?;
+                normal_host(authority.host())
+            }
+        },
+    }
+}
+
+/// The `Host` a request to vendor `host` carries: the name, with the
+/// vendor's port unless it is the scheme's own (443 with originated TLS,
+/// 80 without).
+fn vendor_authority(host: &str, port: &ExternalPortConfig) -> Option<http::HeaderValue> {
+    let default = if port.tls.is_some() { 443 } else { 80 };
+    let value = if port.target_port == default {
+        host.to_owned()
+    } else {
+        format!("{host}:{}", port.target_port)
+    };
+    http::HeaderValue::from_str(&value).ok()
 }
 
 /// The HTTP version to speak to a Service port: the one its Service
@@ -333,12 +429,135 @@ pub fn upstream_version(declared: Option<PortProtocol>, req: &Request) -> http::
     }
 }
 
-/// Opaque TCP: pick an endpoint and copy bytes both ways.
-async fn forward_tcp<I>(proxy: &Arc<Proxy>, mut io: I, target: &Target)
+/// TLS the application speaks itself, never terminated here: to a
+/// Service or a pod of one, relayed as opaque TCP as before; otherwise
+/// its ClientHello's SNI is read, and a name an ExternalService lists on
+/// this port as `HTTPS`/`TLS` is passed through to that vendor, while any
+/// other goes on as opaque TCP to where it was headed (or is refused under
+/// RegistryOnly), counted under the name it asked for.
+async fn forward_tls(proxy: &Arc<Proxy>, io: PrefixedIo<TcpStream>, target: &Target) {
+    let port = target.port();
+    let Some(snapshot) = proxy.store.load() else {
+        return forward_tcp(proxy, io, target, None).await;
+    };
+    let registered = find(&snapshot, target).is_some()
+        || matches!(target, Target::Addr(a) if snapshot.by_pod(*a).is_some());
+    if registered {
+        return forward_tcp(proxy, io, target, None).await;
+    }
+    let (hello, io) = match super::detect::read_client_hello(io, proxy.detect_timeout).await {
+        Ok(read) => read,
+        Err(e) => return tracing::debug!(error = %e, "connection failed before its ClientHello"),
+    };
+    let sni = match &hello {
+        Hello::ClientHello { sni: Some(sni), .. } => normal_host(sni),
+        _ => None,
+    };
+    let Some(sni) = sni else {
+        return forward_tcp(proxy, io, target, None).await;
+    };
+    let Some(m) = snapshot
+        .external_for(&sni, port)
+        .filter(|m| m.port.protocol == ExternalPortProtocol::Tls)
+    else {
+        return forward_tcp(proxy, io, target, Some(&sni)).await;
+    };
+    pass_through(proxy, io, &sni, &m).await;
+}
+
+/// Relays a TLS connection for `sni` to the vendor: the ExternalService's
+/// fixed addresses, else `sni` resolved, on its target port. Counted per
+/// vendor host and outcome.
+async fn pass_through(
+    proxy: &Arc<Proxy>,
+    mut io: PrefixedIo<TcpStream>,
+    sni: &str,
+    m: &ExternalMatch<'_>,
+) {
+    let (es, es_port) = (m.es, m.port);
+    let named = format!("{sni}:{}", es_port.port);
+    // A listed name is its own series; a wildcard's are bounded.
+    let dst = if m.exact {
+        named
+    } else {
+        proxy.metrics.bounds.vendor_host(&named)
+    };
+    let count = |outcome: &'static str| {
+        proxy
+            .metrics
+            .external_tls_connections
+            .get_or_create(&ExternalConnLabels {
+                dst: dst.clone(),
+                outcome,
+            })
+            .inc();
+    };
+    let fixed = es
+        .endpoints
+        .iter()
+        .find_map(|e| e.parse::<SocketAddr>().ok());
+    let addr = match fixed {
+        Some(addr) => Some(addr),
+        None => {
+            let lookup = tokio::net::lookup_host((sni, es_port.target_port));
+            match tokio::time::timeout(super::mesh::CONNECT_TIMEOUT, lookup).await {
+                Ok(Ok(mut addrs)) => addrs.find(|a| super::destination::usable_answer(a.ip())),
+                _ => None,
+            }
+        }
+    };
+    let Some(addr) = addr else {
+        count("unresolved");
+        return tracing::debug!(%dst, "vendor host does not resolve");
+    };
+    let mut upstream = match connect_tcp(addr).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            count("connect-failed");
+            return tracing::debug!(%dst, %addr, error = %e, "vendor connect failed");
+        }
+    };
+    count("relayed");
+    if let Err(e) =
+        super::server::relay_until_idle(&mut io, &mut upstream, super::server::OPAQUE_IDLE_TIMEOUT)
+            .await
+    {
+        tracing::debug!(%dst, error = %e, "passed-through TLS ended");
+    }
+}
+
+/// Counts a call to a destination no Service or ExternalService names
+/// (`named`: host and port, else the address) and says whether it may go:
+/// yes under egress `AllowAll`, no under `RegistryOnly`.
+fn unregistered_may_go(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    named: &str,
+    protocol: &'static str,
+) -> bool {
+    let allowed = snapshot.config.outbound.egress == EgressMode::AllowAll;
+    proxy
+        .metrics
+        .egress_unregistered
+        .get_or_create(&EgressLabels {
+            dst: proxy.metrics.bounds.destination(named),
+            protocol,
+            action: if allowed { "allowed" } else { "refused" },
+        })
+        .inc();
+    if !allowed {
+        tracing::debug!(dst = %named, protocol, "egress refused: nothing registers the destination");
+    }
+    allowed
+}
+
+/// Opaque TCP: pick an endpoint and copy bytes both ways. `sni`: the name
+/// a TLS connection asked for, if read.
+async fn forward_tcp<I>(proxy: &Arc<Proxy>, mut io: I, target: &Target, sni: Option<&str>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Some((addr, mesh)) = resolve_tcp(proxy, target).await else {
+    let Some((addr, mesh)) = resolve_tcp(proxy, target, sni).await else {
         return tracing::debug!(target = %target_label(target), "no endpoint for opaque connection");
     };
     let upstream = match (mesh, &proxy.originator) {
@@ -367,6 +586,7 @@ where
 async fn resolve_tcp(
     proxy: &Arc<Proxy>,
     target: &Target,
+    sni: Option<&str>,
 ) -> Option<(SocketAddr, Option<Arc<MeshTarget>>)> {
     let snapshot = proxy.store.load();
     if let Some(snapshot) = &snapshot
@@ -415,6 +635,15 @@ async fn resolve_tcp(
             .first()
             .and_then(|e| e.endpoint.mesh.clone());
         return Some((*addr, mesh));
+    }
+    if let Some(snapshot) = &snapshot {
+        let (named, protocol) = match sni {
+            Some(host) => (format!("{host}:{}", target.port()), "tls"),
+            None => (target_label(target), "tcp"),
+        };
+        if !unregistered_may_go(proxy, snapshot, &named, protocol) {
+            return None;
+        }
     }
     let addr = match target {
         Target::Addr(a) => *a,

@@ -9,13 +9,17 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{EndpointsConfig, OutboundService, ProxyConfig, ServicePolicy};
+use crate::config::{
+    EndpointsConfig, ExternalPortConfig, ExternalServiceConfig, OutboundService, ProxyConfig,
+    ServicePolicy,
+};
 
 use super::destination::{
-    Destination, Destinations, Locality, MAX_ADDRESS_DESTINATIONS, source_for,
+    Destination, Destinations, EXTERNAL_KEY_PREFIX, Locality, MAX_ADDRESS_DESTINATIONS, source_for,
 };
 use super::http::route::normalize_path;
 use super::metrics::ProxyMetrics;
+use super::origin::{Originate, Originations};
 use super::resilience::lock;
 
 /// A Service's destinations by port: a short list, searched in order.
@@ -53,6 +57,13 @@ pub struct Snapshot {
     pod_sources: HashMap<IpAddr, Arc<str>>,
     by_host: HashMap<String, usize>,
     by_key: HashMap<String, usize>,
+    /// ExternalServices (their index in the config) by exact host, and by
+    /// the suffix of a `*.` wildcard (`carrier.example` for
+    /// `*.carrier.example`).
+    external_exact: HashMap<String, usize>,
+    external_wildcard: HashMap<String, usize>,
+    /// TLS originations by (ExternalService index, port).
+    originations: HashMap<(usize, u16), Result<Arc<Originate>, String>>,
     /// Destinations already looked up on this snapshot, so that a request
     /// costs no label formatting or string hashing: per Service (by its
     /// index in the config) the ports seen, and per bare address.
@@ -72,13 +83,21 @@ impl Snapshot {
     ) -> Self {
         // Requests are matched against excluded paths in the normalised
         // form (see `outbound`), so the config's are held in it too.
-        let policies = std::iter::once(&mut config.outbound.defaults).chain(
-            config
-                .outbound
-                .services
-                .iter_mut()
-                .filter_map(|s| s.policy.as_mut()),
-        );
+        let policies = std::iter::once(&mut config.outbound.defaults)
+            .chain(
+                config
+                    .outbound
+                    .services
+                    .iter_mut()
+                    .filter_map(|s| s.policy.as_mut()),
+            )
+            .chain(
+                config
+                    .outbound
+                    .external_services
+                    .iter_mut()
+                    .filter_map(|s| s.policy.as_mut()),
+            );
         for policy in policies {
             for path in &mut policy.excluded_paths {
                 if let std::borrow::Cow::Owned(normal) = normalize_path(path) {
@@ -107,6 +126,17 @@ impl Snapshot {
                 }
             }
         }
+        let mut external_exact = HashMap::new();
+        let mut external_wildcard = HashMap::new();
+        for (i, es) in config.outbound.external_services.iter().enumerate() {
+            for host in &es.hosts {
+                let host = host.to_ascii_lowercase();
+                match host.strip_prefix("*.") {
+                    Some(suffix) => external_wildcard.entry(suffix.to_owned()).or_insert(i),
+                    None => external_exact.entry(host).or_insert(i),
+                };
+            }
+        }
         let by_pod = endpoints
             .as_deref()
             .map(|doc| pods_by_address(&config, &by_key, doc))
@@ -122,6 +152,9 @@ impl Snapshot {
             pod_sources,
             by_host,
             by_key,
+            external_exact,
+            external_wildcard,
+            originations: HashMap::new(),
             by_service_port: Mutex::new(vec![Vec::new(); services]),
             by_address: Mutex::default(),
         }
@@ -202,6 +235,65 @@ impl Snapshot {
     pub fn by_host(&self, host: &str) -> Option<ServiceRef<'_>> {
         let host = host.trim_end_matches('.');
         self.by_host.get(host).map(|i| self.service(*i))
+    }
+
+    /// The ExternalService claiming `host` on `port` (a name as
+    /// [`normal_host`] leaves it), its index and that port: an exact name
+    /// listing the port, else a wildcard of the name's leftmost label
+    /// listing it.
+    pub fn external_for(&self, host: &str, port: u16) -> Option<ExternalMatch<'_>> {
+        if self.external_exact.is_empty() && self.external_wildcard.is_empty() {
+            return None;
+        }
+        let listing = |i: &usize| {
+            let es = &self.config.outbound.external_services[*i];
+            let p = es.ports.iter().find(|p| p.port == port)?;
+            Some(ExternalMatch {
+                index: *i,
+                es,
+                port: p,
+                exact: false,
+            })
+        };
+        if let Some(m) = self.external_exact.get(host).and_then(listing) {
+            return Some(ExternalMatch { exact: true, ..m });
+        }
+        match host.split_once('.') {
+            Some((label, parent)) if !label.is_empty() => {
+                self.external_wildcard.get(parent).and_then(listing)
+            }
+            _ => None,
+        }
+    }
+
+    /// The TLS origination of port `port` of the `index`-th
+    /// ExternalService, built when the snapshot was (None: it has none).
+    pub fn origination(&self, index: usize, port: u16) -> Option<&Result<Arc<Originate>, String>> {
+        self.originations.get(&(index, port))
+    }
+
+    /// Builds the TLS originations of the config's ExternalServices, each
+    /// setting taken from `built` (so a reload keeps the same ones, and
+    /// the destinations that hold them).
+    fn originate_with(mut self, built: &Originations) -> Self {
+        for (i, es) in self.config.outbound.external_services.iter().enumerate() {
+            for p in &es.ports {
+                if let Some(tls) = &p.tls {
+                    self.originations.insert((i, p.port), built.get(tls));
+                }
+            }
+        }
+        self
+    }
+
+    /// Whether an ExternalService passes TLS through on `port` (only then
+    /// is a TLS connection's ClientHello read for its SNI).
+    pub fn lists_external_tls_port(&self, port: u16) -> bool {
+        self.config.outbound.external_services.iter().any(|es| {
+            es.ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == crate::config::ExternalPortProtocol::Tls)
+        })
     }
 
     /// A Service by `name.namespace`.
@@ -393,6 +485,37 @@ fn pods_by_address(
     pods
 }
 
+/// An ExternalService port claiming a host ([`Snapshot::external_for`]).
+#[derive(Clone, Copy)]
+pub struct ExternalMatch<'a> {
+    /// The ExternalService's index in the config.
+    pub index: usize,
+    pub es: &'a ExternalServiceConfig,
+    pub port: &'a ExternalPortConfig,
+    /// Claimed by name, not by a wildcard.
+    pub exact: bool,
+}
+
+/// A host as a request (`Host`, `:authority`) or a ClientHello (SNI)
+/// names it, made comparable: lowercase, without the trailing dot of a
+/// fully qualified name. None for what is not a DNS name (an address, a
+/// name with other characters or an empty label), which no
+/// ExternalService can claim.
+pub fn normal_host(host: &str) -> Option<String> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        && host.parse::<std::net::IpAddr>().is_err();
+    valid.then(|| host.to_ascii_lowercase())
+}
+
 /// The current snapshot and whether the proxy may report ready.
 pub struct ConfigStore {
     current: ArcSwapOption<Snapshot>,
@@ -409,6 +532,8 @@ pub struct ConfigStore {
     writing: Mutex<()>,
     metrics: Arc<ProxyMetrics>,
     pub destinations: Destinations,
+    /// TLS origination settings, built once each ([`super::origin`]).
+    originations: Originations,
     listening: AtomicBool,
 }
 
@@ -422,8 +547,65 @@ impl ConfigStore {
             writing: Mutex::new(()),
             metrics,
             destinations: Destinations::new(locality),
+            originations: Originations::default(),
             listening: AtomicBool::new(false),
         }
+    }
+
+    /// The destination of calls to vendor `host` (as [`normal_host`]
+    /// leaves it) on an ExternalService's port: its policy, the vendor's
+    /// addresses (resolved from `host`, or the config's fixed ones) and,
+    /// with `tls`, originated TLS verified for the host. Kept per host and
+    /// port, so a wildcard's hosts each get their own breaker, limits and
+    /// series.
+    pub fn external_destination(
+        &self,
+        snapshot: &Snapshot,
+        host: &str,
+        m: &ExternalMatch<'_>,
+    ) -> Result<Arc<Destination>, String> {
+        let named = format!("{host}:{}", m.port.port);
+        // A name the config lists is its own series; the names a wildcard
+        // matches are the workload's to make up, so theirs are bounded.
+        let label = if m.exact {
+            named.clone()
+        } else {
+            self.metrics.bounds.vendor_host(&named)
+        };
+        let origin = match snapshot.origination(m.index, m.port.port) {
+            None => None,
+            Some(Err(why)) => return Err(why.clone()),
+            Some(Ok(originate)) => Some(Arc::new(super::origin::OriginTarget {
+                name: originate.name_for(host).to_owned(),
+                originate: originate.clone(),
+                dst: label.clone(),
+                metrics: self.metrics.clone(),
+            })),
+        };
+        let source = if m.es.endpoints.is_empty() {
+            super::destination::EndpointSource::Dns {
+                host: host.to_owned(),
+                port: m.port.target_port,
+            }
+        } else {
+            super::destination::EndpointSource::Static(
+                m.es.endpoints
+                    .iter()
+                    .filter_map(|e| e.parse().ok())
+                    .collect(),
+            )
+        };
+        let policy =
+            m.es.policy
+                .as_ref()
+                .unwrap_or(&snapshot.config.outbound.defaults);
+        Ok(self.destinations.get_external(
+            &format!("{EXTERNAL_KEY_PREFIX}{named}"),
+            &label,
+            policy,
+            source,
+            origin,
+        ))
     }
 
     /// The snapshot in force, if a config was ever loaded.
@@ -448,13 +630,26 @@ impl ConfigStore {
             .iter()
             .map(|s| format!("{}.{}", s.name, s.namespace))
             .collect();
-        self.current.store(Some(Arc::new(Snapshot::with_endpoints(
-            config,
-            self.endpoints.load_full(),
-            self.endpoints_epoch.load(Ordering::Acquire),
-        ))));
-        // Forget state of Services that are gone; addresses are kept.
+        self.originations.keep_only(&config);
+        let snapshot = Arc::new(
+            Snapshot::with_endpoints(
+                config,
+                self.endpoints.load_full(),
+                self.endpoints_epoch.load(Ordering::Acquire),
+            )
+            .originate_with(&self.originations),
+        );
+        self.current.store(Some(snapshot.clone()));
+        // Forget state of Services and vendor hosts that are gone;
+        // addresses are kept.
         self.destinations.retain(|label| {
+            if let Some(host_port) = label.strip_prefix(EXTERNAL_KEY_PREFIX) {
+                return host_port.rsplit_once(':').is_some_and(|(host, port)| {
+                    port.parse()
+                        .is_ok_and(|port| snapshot.external_for(host, port).is_some())
+                });
+                // (A key is a host `normal_host` left, as matched.)
+            }
             label.parse::<SocketAddr>().is_ok()
                 || label
                     .rsplit_once(':')
@@ -504,11 +699,10 @@ impl ConfigStore {
         let epoch = self.endpoints_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.endpoints.store(endpoints.clone());
         if let Some(current) = self.load() {
-            self.current.store(Some(Arc::new(Snapshot::with_endpoints(
-                current.config.clone(),
-                endpoints,
-                epoch,
-            ))));
+            self.current.store(Some(Arc::new(
+                Snapshot::with_endpoints(current.config.clone(), endpoints, epoch)
+                    .originate_with(&self.originations),
+            )));
         }
         self.metrics.endpoints_reloads.inc();
     }
@@ -651,5 +845,39 @@ mod tests {
         }
         assert!(lock(&snapshot.by_address).len() <= MAX_ADDRESS_DESTINATIONS);
         assert!(all.count() <= MAX_ADDRESS_DESTINATIONS);
+    }
+
+    #[test]
+    fn hosts_are_compared_as_dns_names() {
+        assert_eq!(
+            normal_host("API.Gateway.example."),
+            Some("api.gateway.example".into())
+        );
+        for not_a_name in ["10.0.0.1", "[::1]", "a..b", ".a.b", "a_b.example", "", "."] {
+            assert_eq!(normal_host(not_a_name), None, "{not_a_name:?}");
+        }
+    }
+
+    #[test]
+    fn an_exact_name_without_the_port_leaves_it_to_a_wildcard_and_a_wildcard_claims_one_label() {
+        let json = r#"{"schemaVersion":"1.0","generation":"g1","namespace":"shop","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[],
+            "externalServices":[
+                {"name":"api","namespace":"shop","hosts":["api.x.example"],"ports":[{"port":80,"targetPort":443,"tls":{}}]},
+                {"name":"any","namespace":"shop","hosts":["*.x.example"],"ports":[{"port":443,"protocol":"tls","targetPort":443}]}
+            ]}}"#;
+        let snapshot = Snapshot::new(ProxyConfig::from_json(json.as_bytes()).expect("config"));
+        let found = |host: &str, port| {
+            snapshot
+                .external_for(host, port)
+                .map(|m| (m.es.name.as_str(), m.exact))
+        };
+        assert_eq!(found("api.x.example", 80), Some(("api", true)));
+        assert_eq!(found("api.x.example", 443), Some(("any", false)));
+        assert_eq!(found("eu.x.example", 443), Some(("any", false)));
+        assert_eq!(found("x.example", 443), None);
+        assert_eq!(found("a.eu.x.example", 443), None);
+        assert_eq!(found("eu.x.example", 80), None);
+        assert!(snapshot.lists_external_tls_port(443));
+        assert!(!snapshot.lists_external_tls_port(80));
     }
 }

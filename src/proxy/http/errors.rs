@@ -37,6 +37,12 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// Egress `RegistryOnly`, and no Service or ExternalService names the
+    /// destination.
+    #[error(
+        "egress to {0} is refused: no Service or ExternalService of this namespace names it (egress RegistryOnly); declare it with an ExternalService"
+    )]
+    EgressDenied(String),
 }
 
 impl ProxyError {
@@ -55,6 +61,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ProxyError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ProxyError::EgressDenied(_) => (StatusCode::FORBIDDEN, "egress-denied"),
         }
     }
 

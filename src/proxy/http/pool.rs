@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower::Service;
 
 use crate::proxy::mesh::{MeshStream, MeshTarget, Originator, connect_tcp};
+use crate::proxy::origin::OriginTarget;
 use crate::proxy::resilience::lock;
 use crate::proxy::tls::{ALPN_H2, ALPN_HTTP1};
 
@@ -32,10 +33,15 @@ use super::errors::ProxyError;
 
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = crate::proxy::mesh::CONNECT_TIMEOUT;
-/// Idle HTTP/1.1 connections are closed after this.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections are closed after this, and never handed to
+/// a request once this old. Below the server proxy's own keep-alive limit
+/// (its `--header-read-timeout`, 30 s by default, which hyper applies to
+/// an idle HTTP/1 connection): a client that kept a mesh connection
+/// longer would write a request just as the server closes it, and a POST
+/// caught so fails (HTTP/1.1 has no GOAWAY to say which were unseen).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often idle connections past [`IDLE_TIMEOUT`] are looked for.
-const REAP_EVERY: Duration = Duration::from_secs(15);
+const REAP_EVERY: Duration = Duration::from_secs(10);
 /// HTTP/1.1 connections per endpoint past which a request first waits
 /// (up to [`HTTP1_CONNECTION_WAIT`]) for one to be handed back rather
 /// than open another, and past which idle connections are closed rather
@@ -59,6 +65,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Set for an endpoint of a meshed destination: speak mesh mTLS.
     pub mesh: Option<Arc<MeshTarget>>,
+    /// Set for a vendor's endpoint reached with TLS this proxy originates.
+    pub origin: Option<Arc<OriginTarget>>,
     /// How many HTTP/2 connections its requests are spread over (see
     /// [`CLUSTER_IP_H2_CONNECTIONS`]).
     h2_connections: usize,
@@ -77,6 +85,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("addr", &self.addr)
             .field("mesh", &self.mesh)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
@@ -85,7 +94,7 @@ impl std::fmt::Debug for Endpoint {
 /// same mesh expectation; their open connections are state, not identity.
 impl PartialEq for Endpoint {
     fn eq(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.mesh == other.mesh
+        self.addr == other.addr && self.mesh == other.mesh && self.origin == other.origin
     }
 }
 impl Eq for Endpoint {}
@@ -99,9 +108,16 @@ impl Endpoint {
         Self {
             addr,
             mesh,
+            origin: None,
             h2_connections: 1,
             conns: Arc::default(),
         }
+    }
+
+    /// Connections to this endpoint are TLS this proxy originates.
+    pub fn with_origin(mut self, origin: Option<Arc<OriginTarget>>) -> Self {
+        self.origin = origin;
+        self
     }
 
     /// Spreads the endpoint's HTTP/2 requests over `n` connections (at
@@ -355,6 +371,12 @@ impl Pool {
     /// identity; a failure is a connect error (the server never saw the
     /// request).
     async fn connect(&self, ep: &Endpoint, alpn: &'static [u8]) -> Result<MeshStream, BoxError> {
+        if let Some(origin) = &ep.origin {
+            return origin
+                .connect(ep.addr)
+                .await
+                .map_err(|e| ProxyError::Connect(ep.addr.to_string(), error_chain(&e)).into());
+        }
         let stream = match (&ep.mesh, &self.inner.originator) {
             (Some(target), Some(originator)) => originator.connect(ep.addr, target, alpn).await,
             _ => connect_tcp(ep.addr).await.map(MeshStream::Plain),

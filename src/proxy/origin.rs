@@ -1,0 +1,259 @@
+//! TLS origination to destinations outside the mesh
+//! ([`crate::api::ExternalService`] with `tls`): the workload speaks plain
+//! HTTP to the proxy, which connects to the vendor with TLS 1.2 or 1.3 and
+//! verifies the vendor's certificate (chain to the configured CAs or the
+//! Mozilla roots built in, validity, and the name), as a browser would.
+//! Nothing falls back to plaintext: a vendor whose certificate fails gets
+//! no request, and the failure is counted by reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+use super::mesh::{HANDSHAKE_TIMEOUT, MeshStream, connect_tcp};
+use super::metrics::{OriginFailureLabels, ProxyMetrics};
+use crate::config::OriginateTlsConfig;
+
+/// Reads PEM CA certificates as the proxy will: how many there are (each
+/// usable as a trust anchor), or why they cannot be used.
+pub fn parse_ca_pem(pem: &str) -> Result<usize, String> {
+    Ok(ca_store(pem)?.len())
+}
+
+/// The trust anchors of PEM CA certificates.
+fn ca_store(pem: &str) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    for cert in ca_certificates(pem)? {
+        store
+            .add(cert)
+            .map_err(|e| format!("a CA certificate is not usable as a trust anchor ({e})"))?;
+    }
+    Ok(store)
+}
+
+fn ca_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates ({e})"))
+}
+
+/// The Mozilla root store (`webpki-roots`), built once per process.
+fn public_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            Arc::new(RootCertStore::from_iter(
+                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+            ))
+        })
+        .clone()
+}
+
+/// How this proxy originates TLS for one `tls` setting: the client
+/// config (roots, ALPN `http/1.1`) and the name to send and verify, if
+/// fixed.
+#[derive(Debug)]
+pub struct Originate {
+    config: Arc<ClientConfig>,
+    server_name: Option<String>,
+}
+
+impl Originate {
+    fn new(tls: &OriginateTlsConfig) -> Result<Self, String> {
+        let roots = match &tls.ca_certificates {
+            None => public_roots(),
+            Some(pem) => {
+                let store = ca_store(pem)?;
+                if store.is_empty() {
+                    return Err("caCertificates holds no certificate".to_owned());
+                }
+                Arc::new(store)
+            }
+        };
+        let mut config = ClientConfig::builder_with_provider(super::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // The request goes as HTTP/1.1 (`outbound::prepare`).
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            config: Arc::new(config),
+            server_name: tls.server_name.clone(),
+        })
+    }
+
+    /// The name a connection for a request to `host` sends as SNI and
+    /// verifies: the configured one, else `host`.
+    pub fn name_for<'a>(&'a self, host: &'a str) -> &'a str {
+        self.server_name.as_deref().unwrap_or(host)
+    }
+}
+
+/// The origination settings of the config in force, built once per
+/// distinct setting and kept across reloads that keep it (so the
+/// destinations holding one keep their state). Looked up when a snapshot
+/// is built, never per request.
+#[derive(Default)]
+pub struct Originations {
+    built: Mutex<HashMap<OriginateTlsConfig, Result<Arc<Originate>, String>>>,
+}
+
+impl Originations {
+    /// The origination for `tls`, or why it cannot be built (the compiler
+    /// refuses what would fail here, so this is a hand-written config).
+    pub fn get(&self, tls: &OriginateTlsConfig) -> Result<Arc<Originate>, String> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built
+            .entry(tls.clone())
+            .or_insert_with(|| Originate::new(tls).map(Arc::new))
+            .clone()
+    }
+
+    /// Forgets the settings `config` no longer holds.
+    pub fn keep_only(&self, config: &crate::config::ProxyConfig) {
+        let wanted: std::collections::HashSet<&OriginateTlsConfig> = config
+            .outbound
+            .external_services
+            .iter()
+            .flat_map(|es| es.ports.iter().filter_map(|p| p.tls.as_ref()))
+            .collect();
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        built.retain(|tls, _| wanted.contains(tls));
+    }
+}
+
+/// One vendor host reached with originated TLS: the settings and the
+/// name verified. Two are the same when both are.
+pub struct OriginTarget {
+    pub originate: Arc<Originate>,
+    /// SNI and the name the certificate must carry.
+    pub name: String,
+    /// The metrics label of the destination, for failures.
+    pub dst: String,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+impl std::fmt::Debug for OriginTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginTarget")
+            .field("name", &self.name)
+            .field("dst", &self.dst)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for OriginTarget {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.originate, &other.originate)
+            && self.name == other.name
+            && self.dst == other.dst
+    }
+}
+impl Eq for OriginTarget {}
+
+impl OriginTarget {
+    /// TCP to `addr`, then TLS verified for `name`. A failure is counted
+    /// by reason and is a connect error (the vendor never saw a request).
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<MeshStream> {
+        let fail = |reason: &'static str, e: io::Error| {
+            self.metrics
+                .origin_failures
+                .get_or_create(&OriginFailureLabels {
+                    dst: self.dst.clone(),
+                    reason,
+                })
+                .inc();
+            io::Error::new(
+                e.kind(),
+                format!("TLS to {addr} as {:?} failed ({reason}): {e}", self.name),
+            )
+        };
+        let name = ServerName::try_from(self.name.clone())
+            .map_err(|e| fail("bad-name", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tcp = connect_tcp(addr).await.map_err(|e| fail("connection", e))?;
+        let connector = TlsConnector::from(self.originate.config.clone());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => Ok(MeshStream::Origin(Box::new(tls))),
+            Ok(Err(e)) => Err(fail(failure_reason(&e), e)),
+            Err(_) => Err(fail(
+                "timeout",
+                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+            )),
+        }
+    }
+}
+
+/// Why a handshake failed, as a bounded metric label.
+pub fn failure_reason(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return "connection";
+    };
+    match tls {
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => "unknown-issuer",
+            // Issued in the name of a trusted CA, not signed by it.
+            CertificateError::BadSignature => "bad-signature",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "name-mismatch"
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not-yet-valid"
+            }
+            _ => "bad-certificate",
+        },
+        Error::AlertReceived(_) => "alert",
+        _ => "handshake",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_pem_is_read_or_refused_with_a_reason() {
+        let ca = crate::identity::MeshCa::generate(
+            "cluster.local",
+            std::time::SystemTime::now(),
+            crate::identity::CA_LIFETIME,
+        )
+        .expect("ca");
+        assert_eq!(parse_ca_pem(&ca.trust_bundle()), Ok(1));
+        assert_eq!(parse_ca_pem("no pem here"), Ok(0));
+        assert!(
+            parse_ca_pem("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").is_err()
+        );
+    }
+
+    #[test]
+    fn the_built_in_roots_are_mozillas() {
+        assert!(public_roots().len() > 100, "{}", public_roots().len());
+    }
+
+    #[test]
+    fn one_origination_per_setting_and_a_bad_bundle_says_why() {
+        let all = Originations::default();
+        let public = OriginateTlsConfig {
+            ca_certificates: None,
+            server_name: None,
+        };
+        let a = all.get(&public).expect("public roots");
+        let b = all.get(&public).expect("public roots");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.name_for("api.vendor.example"), "api.vendor.example");
+        let bad = OriginateTlsConfig {
+            ca_certificates: Some("nothing".into()),
+            server_name: Some("pinned.vendor.example".into()),
+        };
+        assert!(all.get(&bad).unwrap_err().contains("no certificate"));
+    }
+}
