@@ -521,16 +521,24 @@ async fn registry_only_refuses_what_nothing_names_and_counts_it() {
 #[tokio::test]
 async fn unregistered_tls_is_counted_by_its_sni_and_refused_only_under_registry_only() {
     let ca = vendor_ca();
+    // A server nothing registers, answering for the name the app asks.
+    let v = vendor(&ca, &["files.nowhere.test"], 0).await;
+    let dialled = v.addr.to_string();
     for (egress, action) in [("RegistryOnly", "refused"), ("AllowAll", "allowed")] {
         let mut config = config(vec![]);
         config["outbound"]["egress"] = json!(egress);
-        // The app dialled 127.0.0.2:443, where nothing listens: either way
-        // no handshake completes.
-        let p = start_proxy(&config, &["127.0.0.2:443"], &[]).await;
+        let p = start_proxy(&config, &[&dialled], &[]).await;
         let answer = https_get(&p, &ca, "files.nowhere.test").await;
-        assert!(answer.is_err(), "{egress}: {answer:?}");
+        if egress == "AllowAll" {
+            assert_eq!(answer, Ok((200, "paid".to_owned())), "relayed untouched");
+        } else {
+            assert!(answer.is_err(), "{egress}: {answer:?}");
+        }
+        let reached = if egress == "AllowAll" { 1 } else { 0 };
+        assert_eq!(v.requests().len(), reached, "{egress}");
         let series = format!(
-            "weft_proxy_outbound_egress_unregistered_total{{dst=\"files.nowhere.test:443\",protocol=\"tls\",action=\"{action}\"}}"
+            "weft_proxy_outbound_egress_unregistered_total{{dst=\"files.nowhere.test:{}\",protocol=\"tls\",action=\"{action}\"}}",
+            v.addr.port()
         );
         assert_eq!(p.wait_metric(&series, 1.0).await, 1.0, "{egress}");
     }

@@ -287,6 +287,7 @@ pub struct RateLimit {
 #[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.kind == 'ExternalService' ? self.group == 'weft.dev' : self.group == ''").message("targetRef.group must be \"\" (the core group) for a Service and \"weft.dev\" for an ExternalService"))]
+#[x_kube(validation = Rule::new("self.kind != 'Service' || size(self.name) <= 63").message("targetRef.name of a Service is at most 63 characters (a DNS label)"))]
 pub struct PolicyTargetReference {
     /// API group of the referent: `""` for a Service, `weft.dev` for an
     /// ExternalService.

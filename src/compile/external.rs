@@ -89,7 +89,12 @@ fn check(es: &ExternalService) -> Result<(), String> {
                 "hosts[{i}] {h:?} is a name inside the cluster; ExternalService is for destinations outside it (a Service is reached by its own name)"
             ));
         }
-        if bare.parse::<std::net::IpAddr>().is_ok() {
+        // Resolvers read `10.1` or `0xa.1` as addresses too (a name whose
+        // last label is a number, as WHATWG URL parsing says).
+        let last = bare.rsplit('.').next().unwrap_or(bare);
+        let numeric = last.bytes().all(|b| b.is_ascii_digit())
+            || (last.starts_with("0x") && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+        if bare.parse::<std::net::IpAddr>().is_ok() || numeric {
             return Err(format!(
                 "hosts[{i}] {h:?} is an address; ExternalService hosts are DNS names (requests and ClientHellos are matched by the name they carry)"
             ));

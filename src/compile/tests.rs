@@ -1151,6 +1151,7 @@ fn a_host_belongs_to_the_oldest_external_service_and_bad_input_names_the_field()
             Some(2),
             gateway_spec(&["*.svc.cluster.local"]),
         ),
+        external("shop", "numeric", Some(6), gateway_spec(&["10.1"])),
         external(
             "shop",
             "badca",
@@ -1187,6 +1188,7 @@ fn a_host_belongs_to_the_oldest_external_service_and_bad_input_names_the_field()
     );
     for (name, field) in [
         ("inside", "hosts[0]"),
+        ("numeric", "hosts[0]"),
         ("badca", "ports[0].tls.caCertificates"),
         ("noca", "ports[0].tls.caCertificates"),
     ] {

@@ -42,20 +42,40 @@ const DNS_RETRY: Duration = Duration::from_secs(1);
 /// pointed there would reach what the app itself may not.
 pub fn usable_answer(ip: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
+    use std::net::Ipv4Addr;
     let ip = ip.to_canonical();
+    // IPv4 a NAT64 prefix (64:ff9b::/96) carries is judged as IPv4.
+    let ip = match ip {
+        IpAddr::V6(v6) if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+            let [.., a, b, c, d] = v6.octets();
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+        }
+        other => other,
+    };
+    // Cloud metadata services outside link-local: AWS's over IPv6 and
+    // Alibaba's.
+    const METADATA: [IpAddr; 2] = [
+        IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+        IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    ];
     !(ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
+        || METADATA.contains(&ip)
         || match ip {
-            IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+            // 0.0.0.0/8 is "this network": the host itself.
+            IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast() || v4.octets()[0] == 0,
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
         })
 }
 
 /// How the destinations of vendor hosts are keyed apart from Services'
 /// (`name.ns:port`, which a host like `payments.shop` could equal) and
-/// addresses.
+/// addresses: hosts an ExternalService lists by name, and hosts a
+/// wildcard matched (as many as a workload names, so these alone are
+/// bounded and forgotten).
 pub const EXTERNAL_KEY_PREFIX: &str = "external:";
+pub const WILDCARD_KEY_PREFIX: &str = "external*:";
 
 /// Where a destination's endpoints come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -943,7 +963,8 @@ pub const MAX_ADDRESS_DESTINATIONS: usize = 4096;
 #[derive(Default)]
 pub struct Destinations {
     by_label: Mutex<HashMap<String, Arc<Destination>>>,
-    /// How many of them are vendor hosts ([`EXTERNAL_KEY_PREFIX`]).
+    /// How many of them are vendor hosts a wildcard matched
+    /// ([`WILDCARD_KEY_PREFIX`]).
     external_count: std::sync::atomic::AtomicUsize,
     /// Where this proxy runs, shared with every destination.
     pub locality: Arc<Locality>,
@@ -1085,14 +1106,14 @@ impl Destinations {
         {
             return d.clone();
         }
-        if !map.contains_key(key) {
+        if key.starts_with(WILDCARD_KEY_PREFIX) && !map.contains_key(key) {
             let held = self
                 .external_count
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 + 1;
             if held > MAX_ADDRESS_DESTINATIONS {
                 tracing::debug!("vendor host destinations at their limit; forgetting them");
-                map.retain(|k, _| !k.starts_with(EXTERNAL_KEY_PREFIX));
+                map.retain(|k, _| !k.starts_with(WILDCARD_KEY_PREFIX));
                 self.external_count
                     .store(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -1115,7 +1136,7 @@ impl Destinations {
         map.retain(|label, _| keep(label));
         let external = map
             .keys()
-            .filter(|k| k.starts_with(EXTERNAL_KEY_PREFIX))
+            .filter(|k| k.starts_with(WILDCARD_KEY_PREFIX))
             .count();
         self.external_count
             .store(external, std::sync::atomic::Ordering::Relaxed);
@@ -1447,7 +1468,7 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_vendor_hosts_leaves_services_named_alike_alone() {
+    fn forgetting_wildcard_hosts_leaves_listed_vendors_and_services_named_alike_alone() {
         let all = Destinations::default();
         let service = all.get_at(
             "external-dns.kube-system:7979",
@@ -1456,10 +1477,17 @@ mod tests {
             None,
             0,
         );
+        let listed = all.get_external(
+            &format!("{EXTERNAL_KEY_PREFIX}api.x.example:443"),
+            "api.x.example:443",
+            &policy(),
+            EndpointSource::Static(vec![]),
+            None,
+        );
         for n in 0..=MAX_ADDRESS_DESTINATIONS + 1 {
             let host = format!("h{n}.x.example:443");
             all.get_external(
-                &format!("{EXTERNAL_KEY_PREFIX}{host}"),
+                &format!("{WILDCARD_KEY_PREFIX}{host}"),
                 &host,
                 &policy(),
                 EndpointSource::Dns {
@@ -1470,9 +1498,20 @@ mod tests {
             );
         }
         assert!(
-            all.count() <= MAX_ADDRESS_DESTINATIONS + 1,
+            all.count() <= MAX_ADDRESS_DESTINATIONS + 2,
             "{}",
             all.count()
+        );
+        let listed_again = all.get_external(
+            &format!("{EXTERNAL_KEY_PREFIX}api.x.example:443"),
+            "api.x.example:443",
+            &policy(),
+            EndpointSource::Static(vec![]),
+            None,
+        );
+        assert!(
+            Arc::ptr_eq(&listed, &listed_again),
+            "a listed vendor host kept its state"
         );
         let again = all.get_at(
             "external-dns.kube-system:7979",
@@ -1494,6 +1533,10 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "224.0.0.1",
+            "0.1.2.3",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "64:ff9b::a9fe:a9fe",
         ] {
             assert!(!usable_answer(ip.parse().expect("ip")), "{ip}");
         }

@@ -397,6 +397,13 @@ impl Proxy {
         args: &ProxyArgs,
         access_log_to: Option<Box<dyn std::io::Write + Send>>,
     ) -> anyhow::Result<Arc<Self>> {
+        if args.header_read_timeout <= http::pool::IDLE_TIMEOUT {
+            tracing::warn!(
+                header_read_timeout = ?args.header_read_timeout,
+                "--header-read-timeout is this proxy's HTTP/1 keep-alive limit, and client proxies hand an idle mesh connection a request for up to {:?}: below that, a request can be written onto a connection this proxy is closing; keep it above",
+                http::pool::IDLE_TIMEOUT
+            );
+        }
         let metrics = Arc::new(ProxyMetrics::new());
         let identity = args
             .identity_dir

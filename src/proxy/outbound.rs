@@ -98,7 +98,7 @@ pub async fn serve(proxy: Arc<Proxy>, conn: TcpStream, target: Target) {
             && !proxy
                 .store
                 .load()
-                .is_some_and(|s| s.lists_external_tls_port(port)));
+                .is_some_and(|s| s.lists_external_tls_port(port) && !registered(&s, &target)));
     let Some((protocol, io)) = proxy.detect(conn, skip).await else {
         return;
     };
@@ -215,9 +215,7 @@ pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack:
         // host the request names: its policy, and TLS if it says so.
         let host = vendor_host(target, &req);
         if let Some(host) = &host
-            && let Some(m) = snapshot
-                .external_for(host, port)
-                .filter(|m| m.port.protocol == ExternalPortProtocol::Http)
+            && let Some(m) = snapshot.external_for(host, port, ExternalPortProtocol::Http)
         {
             let dst = match proxy.store.external_destination(&snapshot, host, &m) {
                 Ok(dst) => dst,
@@ -233,6 +231,18 @@ pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack:
             // request names the vendor it goes to: a `Host` that differs
             // from the absolute URI's authority (or a second `Host`) would
             // otherwise reach another site behind the vendor's front end.
+            let grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if grpc {
+                // gRPC exists only over HTTP/2, which vendors are not
+                // spoken to in (yet): say so rather than send it broken.
+                return refuse(ProxyError::BadRequest(format!(
+                    "gRPC to ExternalService {}/{} ({host}) is not supported: vendors are called over HTTP/1.1; use a port of protocol TLS and the app's own TLS",
+                    m.es.namespace, m.es.name
+                )));
+            }
             *req.version_mut() = http::Version::HTTP_11;
             match vendor_authority(host, m.port) {
                 Some(authority) => {
@@ -440,9 +450,7 @@ async fn forward_tls(proxy: &Arc<Proxy>, io: PrefixedIo<TcpStream>, target: &Tar
     let Some(snapshot) = proxy.store.load() else {
         return forward_tcp(proxy, io, target, None).await;
     };
-    let registered = find(&snapshot, target).is_some()
-        || matches!(target, Target::Addr(a) if snapshot.by_pod(*a).is_some());
-    if registered {
+    if registered(&snapshot, target) {
         return forward_tcp(proxy, io, target, None).await;
     }
     let (hello, io) = match super::detect::read_client_hello(io, proxy.detect_timeout).await {
@@ -456,10 +464,7 @@ async fn forward_tls(proxy: &Arc<Proxy>, io: PrefixedIo<TcpStream>, target: &Tar
     let Some(sni) = sni else {
         return forward_tcp(proxy, io, target, None).await;
     };
-    let Some(m) = snapshot
-        .external_for(&sni, port)
-        .filter(|m| m.port.protocol == ExternalPortProtocol::Tls)
-    else {
+    let Some(m) = snapshot.external_for(&sni, port, ExternalPortProtocol::Tls) else {
         return forward_tcp(proxy, io, target, Some(&sni)).await;
     };
     pass_through(proxy, io, &sni, &m).await;
@@ -499,7 +504,8 @@ async fn pass_through(
     let addr = match fixed {
         Some(addr) => Some(addr),
         None => {
-            let lookup = tokio::net::lookup_host((sni, es_port.target_port));
+            // Absolute: not walked through the pod's search domains.
+            let lookup = tokio::net::lookup_host((format!("{sni}."), es_port.target_port));
             match tokio::time::timeout(super::mesh::CONNECT_TIMEOUT, lookup).await {
                 Ok(Ok(mut addrs)) => addrs.find(|a| super::destination::usable_answer(a.ip())),
                 _ => None,
@@ -524,6 +530,13 @@ async fn pass_through(
     {
         tracing::debug!(%dst, error = %e, "passed-through TLS ended");
     }
+}
+
+/// Whether a Service, or a published pod of one, is at `target`: its
+/// traffic never goes by a name an ExternalService lists.
+fn registered(snapshot: &Snapshot, target: &Target) -> bool {
+    find(snapshot, target).is_some()
+        || matches!(target, Target::Addr(a) if snapshot.by_pod(*a).is_some())
 }
 
 /// Counts a call to a destination no Service or ExternalService names

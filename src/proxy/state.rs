@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 
 use crate::config::{
-    EndpointsConfig, ExternalPortConfig, ExternalServiceConfig, OutboundService, ProxyConfig,
-    ServicePolicy,
+    EndpointsConfig, ExternalPortConfig, ExternalPortProtocol, ExternalServiceConfig,
+    OutboundService, ProxyConfig, ServicePolicy,
 };
 
 use super::destination::{
-    Destination, Destinations, EXTERNAL_KEY_PREFIX, Locality, MAX_ADDRESS_DESTINATIONS, source_for,
+    Destination, Destinations, EXTERNAL_KEY_PREFIX, Locality, MAX_ADDRESS_DESTINATIONS,
+    WILDCARD_KEY_PREFIX, source_for,
 };
 use super::http::route::normalize_path;
 use super::metrics::ProxyMetrics;
@@ -237,17 +238,25 @@ impl Snapshot {
         self.by_host.get(host).map(|i| self.service(*i))
     }
 
-    /// The ExternalService claiming `host` on `port` (a name as
-    /// [`normal_host`] leaves it), its index and that port: an exact name
-    /// listing the port, else a wildcard of the name's leftmost label
-    /// listing it.
-    pub fn external_for(&self, host: &str, port: u16) -> Option<ExternalMatch<'_>> {
+    /// The ExternalService claiming `host` on `port` for `protocol` (a
+    /// name as [`normal_host`] leaves it), its index and that port: an
+    /// exact name listing the port so, else a wildcard of the name's
+    /// leftmost label listing it.
+    pub fn external_for(
+        &self,
+        host: &str,
+        port: u16,
+        protocol: ExternalPortProtocol,
+    ) -> Option<ExternalMatch<'_>> {
         if self.external_exact.is_empty() && self.external_wildcard.is_empty() {
             return None;
         }
         let listing = |i: &usize| {
             let es = &self.config.outbound.external_services[*i];
-            let p = es.ports.iter().find(|p| p.port == port)?;
+            let p = es
+                .ports
+                .iter()
+                .find(|p| p.port == port && p.protocol == protocol)?;
             Some(ExternalMatch {
                 index: *i,
                 es,
@@ -508,9 +517,12 @@ pub fn normal_host(host: &str) -> Option<String> {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
+                // `_` too: real names carry it (service records, some
+                // tenants' subdomains), though an ExternalService can list
+                // it only through a wildcard.
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         && host.parse::<std::net::IpAddr>().is_err();
     valid.then(|| host.to_ascii_lowercase())
@@ -573,6 +585,10 @@ impl ConfigStore {
             self.metrics.bounds.vendor_host(&named)
         };
         let origin = match snapshot.origination(m.index, m.port.port) {
+            None if m.port.tls.is_some() => {
+                // Never plaintext where the config says TLS.
+                return Err("its TLS origination was not built".to_owned());
+            }
             None => None,
             Some(Err(why)) => return Err(why.clone()),
             Some(Ok(originate)) => Some(Arc::new(super::origin::OriginTarget {
@@ -583,8 +599,10 @@ impl ConfigStore {
             })),
         };
         let source = if m.es.endpoints.is_empty() {
+            // Absolute: a pod's resolver would try the cluster's search
+            // domains first (ndots 5) for every lookup.
             super::destination::EndpointSource::Dns {
-                host: host.to_owned(),
+                host: format!("{host}."),
                 port: m.port.target_port,
             }
         } else {
@@ -599,8 +617,13 @@ impl ConfigStore {
             m.es.policy
                 .as_ref()
                 .unwrap_or(&snapshot.config.outbound.defaults);
+        let prefix = if m.exact {
+            EXTERNAL_KEY_PREFIX
+        } else {
+            WILDCARD_KEY_PREFIX
+        };
         Ok(self.destinations.get_external(
-            &format!("{EXTERNAL_KEY_PREFIX}{named}"),
+            &format!("{prefix}{named}"),
             &label,
             policy,
             source,
@@ -643,12 +666,18 @@ impl ConfigStore {
         // Forget state of Services and vendor hosts that are gone;
         // addresses are kept.
         self.destinations.retain(|label| {
-            if let Some(host_port) = label.strip_prefix(EXTERNAL_KEY_PREFIX) {
+            // (A vendor key holds a host as `normal_host` left it.)
+            if let Some(host_port) = label
+                .strip_prefix(EXTERNAL_KEY_PREFIX)
+                .or_else(|| label.strip_prefix(WILDCARD_KEY_PREFIX))
+            {
                 return host_port.rsplit_once(':').is_some_and(|(host, port)| {
-                    port.parse()
-                        .is_ok_and(|port| snapshot.external_for(host, port).is_some())
+                    port.parse().is_ok_and(|port| {
+                        snapshot
+                            .external_for(host, port, ExternalPortProtocol::Http)
+                            .is_some()
+                    })
                 });
-                // (A key is a host `normal_host` left, as matched.)
             }
             label.parse::<SocketAddr>().is_ok()
                 || label
@@ -853,7 +882,11 @@ mod tests {
             normal_host("API.Gateway.example."),
             Some("api.gateway.example".into())
         );
-        for not_a_name in ["10.0.0.1", "[::1]", "a..b", ".a.b", "a_b.example", "", "."] {
+        assert_eq!(
+            normal_host("tenant_1.x.example"),
+            Some("tenant_1.x.example".into())
+        );
+        for not_a_name in ["10.0.0.1", "[::1]", "a..b", ".a.b", "a b.example", "", "."] {
             assert_eq!(normal_host(not_a_name), None, "{not_a_name:?}");
         }
     }
@@ -866,17 +899,23 @@ mod tests {
                 {"name":"any","namespace":"shop","hosts":["*.x.example"],"ports":[{"port":443,"protocol":"tls","targetPort":443}]}
             ]}}"#;
         let snapshot = Snapshot::new(ProxyConfig::from_json(json.as_bytes()).expect("config"));
-        let found = |host: &str, port| {
+        use crate::config::ExternalPortProtocol::{Http, Tls};
+        let found = |host: &str, port, protocol| {
             snapshot
-                .external_for(host, port)
+                .external_for(host, port, protocol)
                 .map(|m| (m.es.name.as_str(), m.exact))
         };
-        assert_eq!(found("api.x.example", 80), Some(("api", true)));
-        assert_eq!(found("api.x.example", 443), Some(("any", false)));
-        assert_eq!(found("eu.x.example", 443), Some(("any", false)));
-        assert_eq!(found("x.example", 443), None);
-        assert_eq!(found("a.eu.x.example", 443), None);
-        assert_eq!(found("eu.x.example", 80), None);
+        assert_eq!(found("api.x.example", 80, Http), Some(("api", true)));
+        assert_eq!(found("api.x.example", 443, Tls), Some(("any", false)));
+        assert_eq!(found("eu.x.example", 443, Tls), Some(("any", false)));
+        assert_eq!(
+            found("eu.x.example", 443, Http),
+            None,
+            "not for that protocol"
+        );
+        assert_eq!(found("x.example", 443, Tls), None);
+        assert_eq!(found("a.eu.x.example", 443, Tls), None);
+        assert_eq!(found("eu.x.example", 80, Http), None);
         assert!(snapshot.lists_external_tls_port(443));
         assert!(!snapshot.lists_external_tls_port(80));
     }

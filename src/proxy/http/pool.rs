@@ -39,7 +39,12 @@ pub const CONNECT_TIMEOUT: Duration = crate::proxy::mesh::CONNECT_TIMEOUT;
 /// an idle HTTP/1 connection): a client that kept a mesh connection
 /// longer would write a request just as the server closes it, and a POST
 /// caught so fails (HTTP/1.1 has no GOAWAY to say which were unseen).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// [`IDLE_TIMEOUT`] for a vendor reached with originated TLS (an
+/// ExternalService), whose keep-alive limit is unknown and often short
+/// (Node's and Apache's are 5 s): a charge written onto a connection the
+/// vendor is closing fails, and a POST is not retried.
+const VENDOR_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How often idle connections past [`IDLE_TIMEOUT`] are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(10);
 /// HTTP/1.1 connections per endpoint past which a request first waits
@@ -167,6 +172,8 @@ struct Idle {
 #[derive(Clone, Copy)]
 struct Http1Made {
     tls: bool,
+    /// How long it may sit idle and still be handed a request.
+    idle_limit: Duration,
     /// When the connection stops being handed back for new requests: to an
     /// address that stands for several servers (a ClusterIP), after
     /// [`MAX_H2_AGE`], as for HTTP/2, so that a pod's calls keep moving
@@ -209,7 +216,7 @@ impl Conns {
     fn take_idle(&self, now: Instant) -> Option<Idle> {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = idle.pop() {
-            if conn.sender.is_ready() && now.duration_since(conn.since) < IDLE_TIMEOUT {
+            if conn.sender.is_ready() && now.duration_since(conn.since) < conn.made.idle_limit {
                 return Some(conn);
             }
         }
@@ -245,7 +252,7 @@ impl Conns {
     /// senders, which ends their connection tasks).
     fn reap(&self, now: Instant) {
         let mut idle = self.http1.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < c.made.idle_limit);
     }
 
     /// The HTTP/2 connection for the next request, taken in turn among
@@ -403,6 +410,11 @@ impl Pool {
     ) -> Result<(http1::SendRequest<Body>, Http1Made), BoxError> {
         let made = Http1Made {
             tls: stream.is_tls(),
+            idle_limit: if ep.origin.is_some() {
+                VENDOR_IDLE_TIMEOUT
+            } else {
+                IDLE_TIMEOUT
+            },
             retire_at: (ep.h2_connections > 1).then(|| Instant::now() + MAX_H2_AGE),
         };
         let (sender, conn) = http1::Builder::new()
@@ -1075,6 +1087,7 @@ mod tests {
                 sender,
                 Http1Made {
                     tls: false,
+                    idle_limit: IDLE_TIMEOUT,
                     retire_at,
                 },
             );
