@@ -303,6 +303,20 @@ pub struct OriginateTlsConfig {
     /// SNI and the name to verify; unset: the host called.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// The Secret whose certificate and key the proxy presents; read from
+    /// its identity directory as `egress.<name>.crt` and `.key`
+    /// ([`egress_credential_keys`]), where the operator copies them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+}
+
+/// The keys (file names in the proxy's identity directory) under which
+/// the operator stores client certificate Secret `secret`'s chain and key.
+pub fn egress_credential_keys(secret: &str) -> (String, String) {
+    (
+        format!("egress.{secret}.crt"),
+        format!("egress.{secret}.key"),
+    )
 }
 
 /// A Service as its clients see it.

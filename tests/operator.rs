@@ -1994,3 +1994,175 @@ async fn a_lagging_watch_does_not_make_the_same_endpoints_write_twice() {
         .expect("apply");
     assert_eq!(h.writes().len(), 1, "the edit is set right");
 }
+
+/// An ExternalService `bank` in `shop` whose port 80 presents client
+/// certificate Secret `secret` (none: no client certificate).
+fn bank(secret: Option<&str>) -> weft::api::ExternalService {
+    let mut tls = json!({});
+    if let Some(s) = secret {
+        tls["clientCertificate"] = json!({"secretName": s});
+    }
+    obj(
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "ExternalService",
+        "metadata": {"namespace": "shop", "name": "bank", "uid": "uid-bank", "generation": 1,
+                     "creationTimestamp": "2026-11-01T00:00:00Z"},
+        "spec": {"hosts": ["api.bank.example"],
+                 "ports": [{"port": 80, "protocol": "HTTP", "tls": tls}]}}),
+    )
+}
+
+/// Issue 21: the client certificate an ExternalService presents reaches
+/// the proxies through the identity Secrets (which only they mount); a
+/// missing Secret is said on the ExternalService, an unreadable one keeps
+/// what the proxies have, and dropping the reference takes the key away.
+#[tokio::test]
+async fn an_external_services_client_certificate_is_copied_into_the_identity_secrets() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    put(&mut h.writers.service_accounts, account("shop", "cart"));
+    put(&mut h.writers.external_services, bank(Some("bank-client")));
+    h.seed(
+        "/apis/weft.dev/v1alpha1/namespaces/shop/externalservices/bank",
+        &bank(Some("bank-client")),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    let identity = |h: &Harness, sa: &str| -> serde_json::Map<String, Value> {
+        let s: Value = h
+            .stored(&format!(
+                "/api/v1/namespaces/shop/secrets/weft-identity-{sa}"
+            ))
+            .expect("identity Secret");
+        s["data"].as_object().expect("data").clone()
+    };
+
+    // Not created yet: the identities are written without it, and the
+    // ExternalService says what to do.
+    h.reconcile("shop").await;
+    assert_eq!(
+        identity(&h, "cart").keys().collect::<Vec<_>>(),
+        ["ca.crt", "tls.crt", "tls.key"]
+    );
+    let events = h.events();
+    let warned: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "ClientCertificateNotFound")
+        .collect();
+    assert_eq!(warned.len(), 1, "{events:#?}");
+    assert_eq!(warned[0]["type"], "Warning");
+    assert_eq!(warned[0]["regarding"]["kind"], "ExternalService");
+    assert_eq!(warned[0]["regarding"]["name"], "bank");
+    let note = warned[0]["note"].as_str().expect("note");
+    assert!(note.contains("create secret tls bank-client"), "{note}");
+    // Said once, not on every reconcile.
+    h.clear();
+    h.reconcile("shop").await;
+    assert!(h.events().is_empty(), "{:#?}", h.events());
+
+    // A Secret that is not a key pair is refused, saying why.
+    let client_ca =
+        MeshCa::generate("bank.example", std::time::SystemTime::now(), CA_LIFETIME).expect("ca");
+    let id = weft::identity::SpiffeId::new("bank.example", "merchants", "shop-42");
+    let cert = client_ca
+        .issue(
+            &id,
+            std::time::SystemTime::now(),
+            Duration::from_secs(86_400),
+        )
+        .expect("client certificate");
+    let other = client_ca
+        .issue(
+            &id,
+            std::time::SystemTime::now(),
+            Duration::from_secs(86_400),
+        )
+        .expect("another");
+    let secret = |crt: &str, key: &str| -> Secret {
+        obj(
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "bank-client", "namespace": "shop"},
+            "data": {"tls.crt": b64(crt), "tls.key": b64(key)}}),
+        )
+    };
+    let path = "/api/v1/namespaces/shop/secrets/bank-client";
+    h.seed(path, &secret(&cert.cert_pem, &other.key_pem));
+    h.clear();
+    h.reconcile("shop").await;
+    let events = h.events();
+    let note = events
+        .iter()
+        .find(|e| e["reason"] == "ClientCertificateInvalid")
+        .and_then(|e| e["note"].as_str())
+        .expect("warned again");
+    assert!(note.contains("not the key of tls.crt"), "{note}");
+    assert_eq!(identity(&h, "cart").len(), 3);
+
+    // The right pair: every identity Secret carries it.
+    h.seed(path, &secret(&cert.cert_pem, &cert.key_pem));
+    h.reconcile("shop").await;
+    for sa in ["cart", "default"] {
+        let data = identity(&h, sa);
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            [
+                "ca.crt",
+                "egress.bank-client.crt",
+                "egress.bank-client.key",
+                "tls.crt",
+                "tls.key"
+            ]
+        );
+        assert_eq!(data["egress.bank-client.crt"], b64(&cert.cert_pem));
+        assert_eq!(data["egress.bank-client.key"], b64(&cert.key_pem));
+    }
+    h.sync_children(&["shop"]);
+    h.assert_settled("shop").await;
+
+    // The API server cannot give the Secret now: the proxies keep theirs.
+    h.fake
+        .lock()
+        .expect("fake")
+        .refuse_reads
+        .insert(path.to_owned(), 500);
+    h.assert_settled("shop").await;
+    h.fake.lock().expect("fake").refuse_reads.clear();
+
+    // No longer referenced: the copies go.
+    put(&mut h.writers.external_services, bank(None));
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    assert_eq!(identity(&h, "cart").len(), 3);
+    assert_eq!(identity(&h, "default").len(), 3);
+}
+
+/// A workload identity is never a client certificate: copied into every
+/// identity Secret, it would give each ServiceAccount that workload's.
+#[tokio::test]
+async fn a_weft_identity_secret_is_refused_as_a_client_certificate() {
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "default"));
+    put(&mut h.writers.service_accounts, account("shop", "payments"));
+    put(
+        &mut h.writers.external_services,
+        bank(Some("weft-identity-payments")),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    h.reconcile("shop").await;
+    h.sync_children(&["shop"]);
+    h.clear();
+    h.reconcile("shop").await;
+    let s: Value = h
+        .stored("/api/v1/namespaces/shop/secrets/weft-identity-default")
+        .expect("identity Secret");
+    assert_eq!(s["data"].as_object().expect("data").len(), 3);
+    let events = h.events();
+    let note = events
+        .iter()
+        .find(|e| e["reason"] == "ClientCertificateInvalid")
+        .and_then(|e| e["note"].as_str())
+        .expect("warned");
+    assert!(note.contains("one of weft's own"), "{note}");
+}

@@ -43,6 +43,8 @@ struct Vendor {
     seen: Seen,
     /// The `Host` of each request.
     hosts: Arc<Mutex<Vec<String>>>,
+    /// The URI SAN of the client certificate of each request, if any.
+    clients: Arc<Mutex<Vec<Option<String>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,9 +62,25 @@ impl Vendor {
     fn hosts(&self) -> Vec<String> {
         self.hosts.lock().expect("hosts").clone()
     }
+
+    fn clients(&self) -> Vec<Option<String>> {
+        self.clients.lock().expect("clients").clone()
+    }
 }
 
 async fn vendor(ca: &MeshCa, names: &[&str], fail_first: usize) -> Vendor {
+    vendor_asking(ca, names, fail_first, None).await
+}
+
+/// [`vendor`] that requires a client certificate signed by `clients`
+/// (mutual TLS, as a bank's API) when given, and records the URI SAN of
+/// the certificate each request came with.
+async fn vendor_asking(
+    ca: &MeshCa,
+    names: &[&str],
+    fail_first: usize,
+    clients: Option<&MeshCa>,
+) -> Vendor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -73,34 +91,62 @@ async fn vendor(ca: &MeshCa, names: &[&str], fail_first: usize) -> Vendor {
         .collect::<Result<Vec<_>, _>>()
         .expect("chain");
     let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
-    let mut config = rustls::ServerConfig::builder_with_provider(weft::proxy::tls::provider())
+    let builder = rustls::ServerConfig::builder_with_provider(weft::proxy::tls::provider())
         .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
+        .expect("versions");
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(clients.trust_bundle().as_bytes()) {
+                roots.add(c.expect("client CA")).expect("client CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                weft::proxy::tls::provider(),
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).expect("server config");
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen: Seen = Arc::default();
     let hosts: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (record, record_host) = (seen.clone(), hosts.clone());
+    let clients: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let (record, record_host, record_client) = (seen.clone(), hosts.clone(), clients.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, record, record_host) =
-                (acceptor.clone(), record.clone(), record_host.clone());
+            let (acceptor, record, record_host, record_client) = (
+                acceptor.clone(),
+                record.clone(),
+                record_host.clone(),
+                record_client.clone(),
+            );
             tokio::spawn(async move {
                 // A client that refuses the certificate ends here.
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let client = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| weft::identity::inspect_der(c).ok())
+                    .and_then(|info| info.uri_sans.first().cloned());
+                let record_client = record_client.clone();
                 let service = hyper::service::service_fn(move |req: http::Request<_>| {
                     let (record, sni) = (record.clone(), sni.clone());
+                    record_client.lock().expect("clients").push(client.clone());
                     let host = req
                         .headers()
                         .get_all(http::header::HOST)
@@ -135,6 +181,7 @@ async fn vendor(ca: &MeshCa, names: &[&str], fail_first: usize) -> Vendor {
         addr,
         seen,
         hosts,
+        clients,
         task,
     }
 }
@@ -542,4 +589,92 @@ async fn unregistered_tls_is_counted_by_its_sni_and_refused_only_under_registry_
         );
         assert_eq!(p.wait_metric(&series, 1.0).await, 1.0, "{egress}");
     }
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_from_the_identity_directory_and_none_means_no_call() {
+    // The bank's API wants a certificate its own client CA issued.
+    let (ca, bank_clients) = (vendor_ca(), vendor_ca());
+    let v = vendor_asking(&ca, &["api.bank.test"], 0, Some(&bank_clients)).await;
+    let ours = weft::identity::SpiffeId::new("bank.test", "merchants", "shop-42");
+    let cert = bank_clients
+        .issue(&ours, SystemTime::now(), DAY)
+        .expect("client certificate");
+    // The identity directory as the kubelet writes the identity Secret,
+    // with the operator's copy of Secret `bank-client` (no mesh identity
+    // in it yet: a vendor call does not wait for one).
+    let dir = tempfile::tempdir().expect("dir");
+    let (crt, key) = weft::config::egress_credential_keys("bank-client");
+    let config = with_external(gateway(
+        &["api.bank.test"],
+        v.addr,
+        Some(json!({
+            "caCertificates": ca.trust_bundle(),
+            "clientCertificate": "bank-client",
+        })),
+        None,
+    ));
+    let identity = dir.path().display().to_string();
+    let p = start_proxy(&config, &["127.0.0.2:80"], &["--identity-dir", &identity]).await;
+
+    // Not there yet: nothing is sent, and the failure says which Secret.
+    let (status, error, _) = call(&p, "api.bank.test", "/accounts").await;
+    assert_eq!(
+        (status, error.as_deref()),
+        (502, Some("connect-error")),
+        "without its certificate the vendor is not called"
+    );
+    assert!(v.requests().is_empty(), "{:?}", v.requests());
+    // (Once per try: a connect failure is retried.)
+    assert!(
+        p.metric(
+            "weft_proxy_outbound_tls_origination_failures_total{dst=\"api.bank.test:80\",reason=\"client-certificate\"}"
+        )
+        .await
+            >= 1.0,
+        "{}",
+        p.metrics().await
+    );
+
+    // The kubelet writes the Secret's new keys; within the recheck the
+    // next call presents the certificate.
+    std::fs::write(dir.path().join(&crt), &cert.cert_pem).expect("crt");
+    std::fs::write(dir.path().join(&key), &cert.key_pem).expect("key");
+    let mut answered = None;
+    for _ in 0..150 {
+        let (status, _, body) = call(&p, "api.bank.test", "/accounts").await;
+        if status == 200 {
+            answered = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered.as_deref(), Some("paid"), "{:?}", v.clients());
+    assert_eq!(v.clients(), vec![Some(ours.to_string())]);
+
+    // A half-written renewal (a key that is not the certificate's) keeps
+    // the last good pair: calls go on.
+    let other = bank_clients
+        .issue(&ours, SystemTime::now(), DAY)
+        .expect("another certificate");
+    std::fs::write(dir.path().join(&key), &other.key_pem).expect("key");
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    let (status, _, _) = call(&p, "api.bank.test", "/accounts").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_vendor_asking_for_a_certificate_refuses_a_proxy_that_has_none_configured() {
+    let (ca, bank_clients) = (vendor_ca(), vendor_ca());
+    let v = vendor_asking(&ca, &["api.bank.test"], 0, Some(&bank_clients)).await;
+    let p = proxy(&with_external(gateway(
+        &["api.bank.test"],
+        v.addr,
+        Some(json!({ "caCertificates": ca.trust_bundle() })),
+        None,
+    )))
+    .await;
+    let (status, _, _) = call(&p, "api.bank.test", "/accounts").await;
+    assert_eq!(status, 502);
+    assert!(v.requests().is_empty());
 }

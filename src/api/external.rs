@@ -117,6 +117,34 @@ pub struct OriginateTls {
         length(max = 253)
     )]
     pub server_name: Option<String>,
+    /// A client certificate the proxy presents to the vendor (mutual TLS,
+    /// as payment gateways and banks ask): a `kubernetes.io/tls` Secret of
+    /// this namespace (`tls.crt`, the chain, leaf first; `tls.key`). The
+    /// operator copies it into the namespace's identity Secrets, which
+    /// only the proxies mount, so the app never holds the key; a renewed
+    /// Secret reaches the proxies within the operator's resync (5 min)
+    /// and the kubelet's (about 1 min). While the Secret is missing or
+    /// unusable the ExternalService gets a Warning Event
+    /// (`ClientCertificateNotFound`, `ClientCertificateInvalid`: not a
+    /// key pair, expired, or one of weft's own identity Secrets) and the
+    /// proxy sends the vendor
+    /// nothing (`weft_proxy_outbound_tls_origination_failures_total`,
+    /// reason `client-certificate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificateRef>,
+}
+
+/// A `kubernetes.io/tls` Secret in the ExternalService's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateRef {
+    /// The Secret's name (at most 240 characters: the operator stores it
+    /// under `egress.<name>.crt`, and a Secret's keys are at most 253).
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 240)
+    )]
+    pub secret_name: String,
 }
 
 impl ExternalPort {

@@ -133,6 +133,7 @@ fn entry(es: &ExternalService, namespace: String, name: String) -> ExternalServi
             tls: p.tls.as_ref().map(|t| OriginateTlsConfig {
                 ca_certificates: t.ca_certificates.clone(),
                 server_name: t.server_name.clone(),
+                client_certificate: t.client_certificate.as_ref().map(|c| c.secret_name.clone()),
             }),
         })
         .collect();

@@ -328,6 +328,44 @@ pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Event reasons on an ExternalService whose client certificate Secret
+/// cannot be used: it is not there, or not a usable key pair. (Distinct
+/// reasons: kube's event recorder folds a repeat of one reason into the
+/// first Event's series, note and all.)
+pub const CLIENT_CERTIFICATE_NOT_FOUND: &str = "ClientCertificateNotFound";
+pub const CLIENT_CERTIFICATE_INVALID: &str = "ClientCertificateInvalid";
+
+/// The chain and key of client certificate Secret `secret` as the proxy
+/// will use them (`tls.crt`, leaf first, and `tls.key`, belonging
+/// together and not expired), or what is wrong and how to fix it.
+pub fn client_certificate(secret: &Secret, now: SystemTime) -> Result<(String, String), String> {
+    let name = secret.name_any();
+    // Copied into every identity Secret of the namespace, a workload's
+    // own mesh key would give every ServiceAccount that workload's
+    // identity.
+    if is_identity_secret(&name)
+        || secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+    {
+        return Err(format!(
+            "Secret {name} is one of weft's own (a workload identity); name a Secret holding the certificate the vendor issued you"
+        ));
+    }
+    let data = secret_text(secret);
+    let (Some(crt), Some(key)) = (data.get(TLS_CERT_KEY), data.get(TLS_KEY_KEY)) else {
+        return Err(format!(
+            "Secret {name} has no tls.crt and tls.key; make it a kubernetes.io/tls Secret (kubectl create secret tls {name} --cert=... --key=...)"
+        ));
+    };
+    crate::proxy::origin::certified_key(crt, key).map_err(|e| format!("Secret {name}: {e}"))?;
+    let info = inspect_pem(crt).map_err(|e| format!("Secret {name}: tls.crt: {e}"))?;
+    if info.not_after <= now {
+        return Err(format!(
+            "Secret {name}: the certificate in tls.crt has expired; renew it"
+        ));
+    }
+    Ok((crt.clone(), key.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,5 +534,45 @@ mod tests {
         assert_eq!(moved.data[CA_CERT_KEY], other.trust_bundle());
         let swapped = shop_identity("checkout", &first.data, &ca, later).expect("re-issue");
         assert!(swapped.issued, "cart's pair is not checkout's");
+    }
+
+    #[test]
+    fn a_client_certificate_secret_is_a_matching_unexpired_pair_not_weft_s_own() {
+        let ca = MeshCa::generate("vendor.example", SystemTime::now(), CA_LIFETIME).expect("ca");
+        let id = SpiffeId::new("vendor.example", "merchants", "shop-42");
+        let secret = |name: &str, crt: &str, key: &str| Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([
+                (TLS_CERT_KEY.to_owned(), ByteString(crt.as_bytes().to_vec())),
+                (TLS_KEY_KEY.to_owned(), ByteString(key.as_bytes().to_vec())),
+            ])),
+            ..Secret::default()
+        };
+        let now = SystemTime::now();
+        let good = ca.issue(&id, now, DAY).expect("cert");
+        assert_eq!(
+            client_certificate(&secret("bank", &good.cert_pem, &good.key_pem), now),
+            Ok((good.cert_pem.clone(), good.key_pem.clone()))
+        );
+        let later = now + 2 * DAY;
+        let err = client_certificate(&secret("bank", &good.cert_pem, &good.key_pem), later)
+            .expect_err("expired");
+        assert!(err.contains("expired"), "{err}");
+        let err = client_certificate(&secret("bank", "junk", &good.key_pem), now)
+            .expect_err("no certificate");
+        assert!(err.contains("tls.crt"), "{err}");
+        let err = client_certificate(
+            &secret("weft-identity-cart", &good.cert_pem, &good.key_pem),
+            now,
+        )
+        .expect_err("weft's own");
+        assert!(err.contains("weft's own"), "{err}");
+        let mut empty = secret("bank", "", "");
+        empty.data = None;
+        let err = client_certificate(&empty, now).expect_err("empty");
+        assert!(err.contains("create secret tls bank"), "{err}");
     }
 }

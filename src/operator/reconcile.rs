@@ -8,7 +8,7 @@
 //! wanted, and a status only when [`status::differs`], so a reconcile of a
 //! settled namespace writes nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -16,12 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -38,7 +38,7 @@ use super::status;
 use super::world::World;
 use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
 use crate::compile::{ClusterFacts, Compiled, PolicyKind, PolicyVerdict};
-use crate::config::{CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME};
+use crate::config::{CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME, ProxyConfig};
 use crate::identity::{IdentityError, MeshCa, bundle_hash};
 use crate::inject::PROXY_CONTAINER;
 
@@ -107,6 +107,10 @@ pub struct Ctx {
     /// parsing, so its Event is sent once per value, not on every
     /// reconcile (each endpoints write triggers one).
     bad_scopes: Mutex<HashMap<(String, &'static str), String>>,
+    /// What was last said about each ExternalService (namespace, name)
+    /// whose client certificate cannot be used: said again only when it
+    /// changes.
+    bad_credentials: Mutex<HashMap<(String, String), String>>,
     /// Per namespace, the `weft-endpoints` generation this replica last
     /// wrote and the one the cache held when it did: while the cache
     /// still shows the older one (the watch lags the write), the same
@@ -204,6 +208,7 @@ impl Ctx {
             refused: Mutex::default(),
             not_ours: Mutex::default(),
             bad_scopes: Mutex::default(),
+            bad_credentials: Mutex::default(),
             endpoints_written: Mutex::default(),
             detached: Detached::default(),
         }
@@ -434,6 +439,10 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             .lock()
             .expect("bad scopes")
             .retain(|(ns, _), _| *ns != name);
+        ctx.bad_credentials
+            .lock()
+            .expect("bad credentials")
+            .retain(|(ns, _), _| *ns != name);
         ctx.endpoints_written
             .lock()
             .expect("endpoints written")
@@ -527,6 +536,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             accounts.sort();
             let (named, refused) = desired::secret_names(&accounts);
             report_refused(ns, ctx, &refused).await;
+            let egress = egress_credentials(ctx, &name, config).await;
             let mut issued = Vec::new();
             // What the pods hold: the new certificate once written, the
             // stored one while its renewal fails (so the expiry alert
@@ -555,7 +565,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                     snap.mesh.certificates.workload_ttl.as_std(),
                     SystemTime::now(),
                 );
-                let id = match id {
+                let mut id = match id {
                     Ok(id) => id,
                     Err(source) => {
                         failed.push(Error::Identity {
@@ -570,6 +580,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                 if id.issued {
                     issued.push(sa.as_str());
                 }
+                id.data.extend(egress.for_stored(&existing));
                 match apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await {
                     Ok(_) => hold(id.not_after),
                     Err(e) => {
@@ -621,6 +632,110 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             Err(first)
         }
     }
+}
+
+/// The client certificates `config`'s ExternalServices present, read
+/// from their Secrets, for the namespace's identity Secrets (which only
+/// the proxies mount).
+struct EgressCredentials {
+    /// Identity Secret data: `egress.<secret>.crt` and `.key`.
+    read: BTreeMap<String, String>,
+    /// Secrets the API would not give now (not a NotFound): their keys
+    /// stay as each identity Secret holds them, so an API server in
+    /// trouble does not take a certificate from the proxies.
+    unreadable: Vec<String>,
+}
+
+impl EgressCredentials {
+    /// What one identity Secret (holding `stored`) gets.
+    fn for_stored(&self, stored: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut out = self.read.clone();
+        for secret in &self.unreadable {
+            let (crt, key) = crate::config::egress_credential_keys(secret);
+            for k in [crt, key] {
+                if let Some(v) = stored.get(&k) {
+                    out.insert(k, v.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Reads the Secrets `config`'s ExternalServices name as client
+/// certificates. One that is missing or unusable is left out (the proxy
+/// then refuses to call that vendor, counted) and a Warning Event on each
+/// ExternalService that names it says why and what to do.
+async fn egress_credentials(ctx: &Ctx, ns: &str, config: &ProxyConfig) -> EgressCredentials {
+    let mut wanted: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for es in &config.outbound.external_services {
+        for p in &es.ports {
+            if let Some(secret) = p.tls.as_ref().and_then(|t| t.client_certificate.as_deref()) {
+                wanted.entry(secret).or_default().insert(&es.name);
+            }
+        }
+    }
+    let mut out = EgressCredentials {
+        read: BTreeMap::new(),
+        unreadable: Vec::new(),
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut bad: Vec<(&str, &str, &'static str, String)> = Vec::new();
+    for (secret, users) in &wanted {
+        let (reason, why) = match api.get_opt(secret).await {
+            Ok(Some(s)) => match desired::client_certificate(&s, SystemTime::now()) {
+                Ok((crt, key)) => {
+                    let (crt_key, key_key) = crate::config::egress_credential_keys(secret);
+                    out.read.insert(crt_key, crt);
+                    out.read.insert(key_key, key);
+                    continue;
+                }
+                Err(why) => (desired::CLIENT_CERTIFICATE_INVALID, why),
+            },
+            Ok(None) => (
+                desired::CLIENT_CERTIFICATE_NOT_FOUND,
+                format!(
+                    "Secret {secret} is not in namespace {ns}; create it: kubectl -n {ns} create secret tls {secret} --cert=client.crt --key=client.key"
+                ),
+            ),
+            Err(e) => {
+                tracing::warn!(namespace = %ns, %secret, error = %e, "could not read a client certificate Secret; the proxies keep the copy they have");
+                out.unreadable.push((*secret).to_owned());
+                continue;
+            }
+        };
+        for es in users {
+            bad.push((es, secret, reason, why.clone()));
+        }
+    }
+    // Said once per change: a reconcile runs on every endpoint change.
+    let news: Vec<_> = {
+        let mut said = ctx.bad_credentials.lock().expect("bad credentials");
+        said.retain(|(n, es), _| n != ns || bad.iter().any(|(b, ..)| b == es));
+        bad.into_iter()
+            .filter(|(es, _, _, why)| {
+                said.insert((ns.to_owned(), (*es).to_owned()), why.clone())
+                    .as_ref()
+                    != Some(why)
+            })
+            .collect()
+    };
+    for (es, _, reason, why) in news {
+        let Some(obj) = ctx
+            .world
+            .external_services
+            .get(&ObjectRef::new(es).within(ns))
+        else {
+            continue;
+        };
+        let note = format!(
+            "client certificate unavailable: {why}; until then this namespace's proxies send {es} nothing on the ports that present it"
+        );
+        tracing::warn!(namespace = %ns, external_service = %es, "{note}");
+        ctx.event(obj.as_ref(), true, reason, "Reconcile", note)
+            .await;
+    }
+    out
 }
 
 /// Deletes the identity Secrets of `ns` no ServiceAccount of `named` has:

@@ -418,10 +418,13 @@ impl Proxy {
             .as_ref()
             .map(|i| Arc::new(mesh::Originator::new(i.clone(), metrics.clone())));
         Ok(Arc::new(Self {
-            store: Arc::new(ConfigStore::new(
-                metrics.clone(),
-                destination::Locality::new(args.zone.clone(), args.node.clone()),
-            )),
+            store: Arc::new(
+                ConfigStore::new(
+                    metrics.clone(),
+                    destination::Locality::new(args.zone.clone(), args.node.clone()),
+                )
+                .credentials_in(args.identity_dir.clone()),
+            ),
             shared: Arc::new(http::Shared {
                 metrics: metrics.clone(),
                 pool: http::pool::Pool::new(originator.clone()),

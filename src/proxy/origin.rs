@@ -9,9 +9,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
@@ -62,10 +66,151 @@ fn public_roots() -> Arc<RootCertStore> {
 pub struct Originate {
     config: Arc<ClientConfig>,
     server_name: Option<String>,
+    /// The client certificate presented, when configured.
+    client: Option<Arc<ClientCredential>>,
+}
+
+/// How often a client certificate's files are read again: a renewed
+/// Secret reaches the files through the kubelet, and the next handshake
+/// after this long presents it.
+const CREDENTIAL_RECHECK: Duration = Duration::from_secs(10);
+
+/// A client certificate read from two files of the proxy's identity
+/// directory (`egress.<secret>.crt` and `.key`, written there by the
+/// operator through the identity Secret). Read when first needed and
+/// again at most every [`CREDENTIAL_RECHECK`]; a read that fails keeps
+/// the last good pair (a renewal half-written by the kubelet must not
+/// take the certificate away).
+pub struct ClientCredential {
+    secret: String,
+    files: Option<(PathBuf, PathBuf)>,
+    state: Mutex<CredentialState>,
+}
+
+#[derive(Default)]
+struct CredentialState {
+    checked: Option<Instant>,
+    read: Option<(String, String)>,
+    key: Option<Arc<CertifiedKey>>,
+    /// Why the files give no certificate (absent, or not a pair).
+    why: Option<String>,
+}
+
+impl std::fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredential")
+            .field("secret", &self.secret)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCredential {
+    fn new(secret: &str, dir: Option<&Path>) -> Self {
+        let (crt, key) = crate::config::egress_credential_keys(secret);
+        Self {
+            secret: secret.to_owned(),
+            files: dir.map(|d| (d.join(crt), d.join(key))),
+            state: Mutex::new(CredentialState::default()),
+        }
+    }
+
+    /// The certificate and key to present, or why there is none.
+    pub fn current(&self) -> Result<Arc<CertifiedKey>, String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let due = st
+            .checked
+            .is_none_or(|at| at.elapsed() >= CREDENTIAL_RECHECK);
+        if due {
+            st.checked = Some(Instant::now());
+            self.reload(&mut st);
+        }
+        match (&st.key, &st.why) {
+            (Some(key), _) => Ok(key.clone()),
+            (None, why) => Err(why.clone().unwrap_or_default()),
+        }
+    }
+
+    fn reload(&self, st: &mut CredentialState) {
+        let Some((crt, key)) = &self.files else {
+            st.why = Some(format!(
+                "this proxy has no identity directory, where client certificate Secret {} would be",
+                self.secret
+            ));
+            return;
+        };
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+        let pair = match (read(crt), read(key)) {
+            (Ok(c), Ok(k)) => (c, k),
+            (Err(e), _) | (_, Err(e)) => {
+                st.why = Some(format!(
+                    "client certificate Secret {} is not in the identity directory ({e}); the operator copies it there from a kubernetes.io/tls Secret of the namespace (see the ExternalService's Events)",
+                    self.secret
+                ));
+                return;
+            }
+        };
+        if st.read.as_ref() == Some(&pair) {
+            return;
+        }
+        match certified_key(&pair.0, &pair.1) {
+            Ok(k) => {
+                st.key = Some(Arc::new(k));
+                st.why = None;
+            }
+            Err(e) => {
+                tracing::warn!(secret = %self.secret, error = %e, "client certificate not loaded; keeping the last good one");
+                st.why = Some(format!("client certificate Secret {}: {e}", self.secret));
+            }
+        }
+        st.read = Some(pair);
+    }
+}
+
+/// A certificate chain and its private key, checked to belong together.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, String> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls.crt is not PEM certificates ({e})"))?;
+    if chain.is_empty() {
+        return Err("tls.crt holds no certificate".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("tls.key is not a PEM private key ({e})"))?;
+    let key = super::tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("tls.key is not a usable private key ({e})"))?;
+    let certified = CertifiedKey::new(chain, key);
+    certified
+        .keys_match()
+        .map_err(|e| format!("tls.key is not the key of tls.crt's first certificate ({e})"))?;
+    Ok(certified)
+}
+
+/// rustls asks for the client certificate when the vendor requests one.
+#[derive(Debug)]
+struct PresentCredential(Arc<ClientCredential>);
+
+impl ResolvesClientCert for PresentCredential {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.current().ok()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 impl Originate {
-    fn new(tls: &OriginateTlsConfig) -> Result<Self, String> {
+    fn new(tls: &OriginateTlsConfig, credentials: Option<&Path>) -> Result<Self, String> {
         let roots = match &tls.ca_certificates {
             None => public_roots(),
             Some(pem) => {
@@ -76,16 +221,24 @@ impl Originate {
                 Arc::new(store)
             }
         };
-        let mut config = ClientConfig::builder_with_provider(super::tls::provider())
+        let config = ClientConfig::builder_with_provider(super::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let client = tls
+            .client_certificate
+            .as_deref()
+            .map(|secret| Arc::new(ClientCredential::new(secret, credentials)));
+        let mut config = match &client {
+            None => config.with_no_client_auth(),
+            Some(c) => config.with_client_cert_resolver(Arc::new(PresentCredential(c.clone()))),
+        };
         // The request goes as HTTP/1.1 (`outbound::prepare`).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
             server_name: tls.server_name.clone(),
+            client,
         })
     }
 
@@ -103,16 +256,26 @@ impl Originate {
 #[derive(Default)]
 pub struct Originations {
     built: Mutex<HashMap<OriginateTlsConfig, Result<Arc<Originate>, String>>>,
+    /// Where client certificates are (the identity directory).
+    credentials: Option<PathBuf>,
 }
 
 impl Originations {
+    /// Originations that read client certificates from `dir`.
+    pub fn with_credentials(dir: Option<PathBuf>) -> Self {
+        Self {
+            built: Mutex::default(),
+            credentials: dir,
+        }
+    }
+
     /// The origination for `tls`, or why it cannot be built (the compiler
     /// refuses what would fail here, so this is a hand-written config).
     pub fn get(&self, tls: &OriginateTlsConfig) -> Result<Arc<Originate>, String> {
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         built
             .entry(tls.clone())
-            .or_insert_with(|| Originate::new(tls).map(Arc::new))
+            .or_insert_with(|| Originate::new(tls, self.credentials.as_deref()).map(Arc::new))
             .clone()
     }
 
@@ -177,6 +340,17 @@ impl OriginTarget {
         };
         let name = ServerName::try_from(self.name.clone())
             .map_err(|e| fail("bad-name", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // A vendor that asks for a certificate would refuse the handshake
+        // without it; one that does not ask should not get this call
+        // either: the config says this connection is authenticated.
+        if let Some(client) = &self.originate.client
+            && let Err(why) = client.current()
+        {
+            return Err(fail(
+                "client-certificate",
+                io::Error::new(io::ErrorKind::NotFound, why),
+            ));
+        }
         let tcp = connect_tcp(addr).await.map_err(|e| fail("connection", e))?;
         let connector = TlsConnector::from(self.originate.config.clone());
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
@@ -245,6 +419,7 @@ mod tests {
         let public = OriginateTlsConfig {
             ca_certificates: None,
             server_name: None,
+            client_certificate: None,
         };
         let a = all.get(&public).expect("public roots");
         let b = all.get(&public).expect("public roots");
@@ -253,6 +428,7 @@ mod tests {
         let bad = OriginateTlsConfig {
             ca_certificates: Some("nothing".into()),
             server_name: Some("pinned.vendor.example".into()),
+            client_certificate: None,
         };
         assert!(all.get(&bad).unwrap_err().contains("no certificate"));
     }

@@ -564,6 +564,13 @@ impl ConfigStore {
         }
     }
 
+    /// Client certificates for TLS origination are read from `dir` (the
+    /// identity directory, where the operator puts them).
+    pub fn credentials_in(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.originations = Originations::with_credentials(dir);
+        self
+    }
+
     /// The destination of calls to vendor `host` (as [`normal_host`]
     /// leaves it) on an ExternalService's port: its policy, the vendor's
     /// addresses (resolved from `host`, or the config's fixed ones) and,
