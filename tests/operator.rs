@@ -2053,6 +2053,8 @@ async fn an_external_services_client_certificate_is_copied_into_the_identity_sec
     assert_eq!(warned[0]["type"], "Warning");
     assert_eq!(warned[0]["regarding"]["kind"], "ExternalService");
     assert_eq!(warned[0]["regarding"]["name"], "bank");
+    assert_eq!(warned[0]["related"]["kind"], "Secret");
+    assert_eq!(warned[0]["related"]["name"], "bank-client");
     let note = warned[0]["note"].as_str().expect("note");
     assert!(note.contains("create secret tls bank-client"), "{note}");
     // Said once, not on every reconcile.

@@ -638,8 +638,7 @@ async fn a_client_certificate_is_presented_from_the_identity_directory_and_none_
 
     // The kubelet writes the Secret's new keys; within the recheck the
     // next call presents the certificate.
-    std::fs::write(dir.path().join(&crt), &cert.cert_pem).expect("crt");
-    std::fs::write(dir.path().join(&key), &cert.key_pem).expect("key");
+    write_pair(&dir, &crt, &cert.cert_pem, &key, &cert.key_pem);
     let mut answered = None;
     for _ in 0..150 {
         let (status, _, body) = call(&p, "api.bank.test", "/accounts").await;
@@ -652,17 +651,53 @@ async fn a_client_certificate_is_presented_from_the_identity_directory_and_none_
     assert_eq!(answered.as_deref(), Some("paid"), "{:?}", v.clients());
     assert_eq!(v.clients(), vec![Some(ours.to_string())]);
 
-    // A half-written renewal (a key that is not the certificate's) keeps
-    // the last good pair: calls go on.
-    let other = bank_clients
-        .issue(&ours, SystemTime::now(), DAY)
-        .expect("another certificate");
-    std::fs::write(dir.path().join(&key), &other.key_pem).expect("key");
+    // Renewed (a new pair, another name): within the recheck the vendor
+    // sees the new certificate on a new connection; no session resumed
+    // with the old one, no pooled connection outlived it.
+    let renewed_id = weft::identity::SpiffeId::new("bank.test", "merchants", "shop-42-renewed");
+    let renewed = bank_clients
+        .issue(&renewed_id, SystemTime::now(), DAY)
+        .expect("renewed certificate");
+    write_pair(&dir, &crt, &renewed.cert_pem, &key, &renewed.key_pem);
     tokio::time::sleep(Duration::from_millis(10_100)).await;
     let (status, _, _) = call(&p, "api.bank.test", "/accounts").await;
     assert_eq!(status, 200);
+    assert_eq!(v.clients().last(), Some(&Some(renewed_id.to_string())));
+
+    // A pair that does not hold together (a key that is not the
+    // certificate's) keeps the last good one.
+    let other = bank_clients
+        .issue(&ours, SystemTime::now(), DAY)
+        .expect("another certificate");
+    write_pair(&dir, &crt, &renewed.cert_pem, &key, &other.key_pem);
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    let (status, _, _) = call(&p, "api.bank.test", "/accounts").await;
+    assert_eq!(status, 200);
+    assert_eq!(v.clients().last(), Some(&Some(renewed_id.to_string())));
+
+    // Withdrawn (the Secret deleted: the operator takes the keys out of
+    // the identity Secret): the vendor is no longer called.
+    std::fs::remove_file(dir.path().join(&crt)).expect("rm");
+    std::fs::remove_file(dir.path().join(&key)).expect("rm");
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    let before = v.requests().len();
+    let (status, error, _) = call(&p, "api.bank.test", "/accounts").await;
+    assert_eq!((status, error.as_deref()), (502, Some("connect-error")));
+    assert_eq!(v.requests().len(), before, "nothing sent once withdrawn");
 }
 
+/// Writes a certificate and key as the kubelet updates a Secret volume:
+/// each file replaced whole.
+fn write_pair(dir: &tempfile::TempDir, crt: &str, crt_pem: &str, key: &str, key_pem: &str) {
+    for (name, pem) in [(crt, crt_pem), (key, key_pem)] {
+        let tmp = dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, pem).expect("write");
+        std::fs::rename(&tmp, dir.path().join(name)).expect("rename");
+    }
+}
+
+/// The vendor stub really demands a certificate (else the test above
+/// would pass with none presented).
 #[tokio::test]
 async fn a_vendor_asking_for_a_certificate_refuses_a_proxy_that_has_none_configured() {
     let (ca, bank_clients) = (vendor_ca(), vendor_ca());

@@ -118,18 +118,20 @@ pub struct OriginateTls {
     )]
     pub server_name: Option<String>,
     /// A client certificate the proxy presents to the vendor (mutual TLS,
-    /// as payment gateways and banks ask): a `kubernetes.io/tls` Secret of
-    /// this namespace (`tls.crt`, the chain, leaf first; `tls.key`). The
-    /// operator copies it into the namespace's identity Secrets, which
-    /// only the proxies mount, so the app never holds the key; a renewed
-    /// Secret reaches the proxies within the operator's resync (5 min)
-    /// and the kubelet's (about 1 min). While the Secret is missing or
-    /// unusable the ExternalService gets a Warning Event
-    /// (`ClientCertificateNotFound`, `ClientCertificateInvalid`: not a
-    /// key pair, expired, or one of weft's own identity Secrets) and the
-    /// proxy sends the vendor
-    /// nothing (`weft_proxy_outbound_tls_origination_failures_total`,
-    /// reason `client-certificate`).
+    /// as payment gateways and banks ask): a TLS Secret of this namespace
+    /// (`tls.crt`, the chain, leaf first; `tls.key`; at most 32 KiB
+    /// together, at most 8 such Secrets per namespace). The operator
+    /// copies it into the namespace's identity Secrets, which only the
+    /// proxies mount, so the app never holds the key; a renewed Secret
+    /// reaches the proxies within the operator's resync (5 min), the
+    /// kubelet's (about 1 min) and the proxy's recheck (10 s). While the
+    /// Secret is missing or unusable the ExternalService gets a Warning
+    /// Event (`ClientCertificateNotFound`, `ClientCertificateInvalid`: not
+    /// a key pair, expired, too large, or one of weft's own Secrets) and
+    /// the proxies send the vendor nothing
+    /// (`weft_proxy_outbound_tls_origination_failures_total`, reason
+    /// `client-certificate`); a deleted Secret is withdrawn from running
+    /// proxies the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate: Option<ClientCertificateRef>,
 }

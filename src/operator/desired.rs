@@ -335,17 +335,31 @@ pub fn secret_text(secret: &Secret) -> BTreeMap<String, String> {
 pub const CLIENT_CERTIFICATE_NOT_FOUND: &str = "ClientCertificateNotFound";
 pub const CLIENT_CERTIFICATE_INVALID: &str = "ClientCertificateInvalid";
 
+/// The most a client certificate pair (chain and key, as PEM) may
+/// weigh: every identity Secret of the namespace carries a copy, and a
+/// Secret is at most 1 MiB (a chain of three 4096-bit RSA certificates
+/// and its key is about 8 KiB).
+pub const MAX_CLIENT_CERTIFICATE_BYTES: usize = 32 * 1024;
+/// The most client certificate Secrets one namespace may use: with
+/// [`MAX_CLIENT_CERTIFICATE_BYTES`], under a third of an identity
+/// Secret's 1 MiB.
+pub const MAX_CLIENT_CERTIFICATES: usize = 8;
+
 /// The chain and key of client certificate Secret `secret` as the proxy
 /// will use them (`tls.crt`, leaf first, and `tls.key`, belonging
-/// together and not expired), or what is wrong and how to fix it.
+/// together and not expired), written afresh from what was parsed (text
+/// around the PEM blocks is not carried into every identity Secret), or
+/// what is wrong and how to fix it. No message quotes the Secret's data.
 pub fn client_certificate(secret: &Secret, now: SystemTime) -> Result<(String, String), String> {
     let name = secret.name_any();
     // Copied into every identity Secret of the namespace, a workload's
     // own mesh key would give every ServiceAccount that workload's
-    // identity.
-    if is_identity_secret(&name)
-        || secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
-    {
+    // identity; the control plane's (the webhook's) are refused alike.
+    let managed = secret
+        .labels()
+        .get(MANAGED_BY_LABEL)
+        .is_some_and(|by| by.starts_with(MANAGED_BY));
+    if is_identity_secret(&name) || managed {
         return Err(format!(
             "Secret {name} is one of weft's own (a workload identity); name a Secret holding the certificate the vendor issued you"
         ));
@@ -353,17 +367,46 @@ pub fn client_certificate(secret: &Secret, now: SystemTime) -> Result<(String, S
     let data = secret_text(secret);
     let (Some(crt), Some(key)) = (data.get(TLS_CERT_KEY), data.get(TLS_KEY_KEY)) else {
         return Err(format!(
-            "Secret {name} has no tls.crt and tls.key; make it a kubernetes.io/tls Secret (kubectl create secret tls {name} --cert=... --key=...)"
+            "Secret {name} has no tls.crt and tls.key; make it a TLS Secret (kubectl create secret tls {name} --cert=... --key=...)"
         ));
     };
     crate::proxy::origin::certified_key(crt, key).map_err(|e| format!("Secret {name}: {e}"))?;
-    let info = inspect_pem(crt).map_err(|e| format!("Secret {name}: tls.crt: {e}"))?;
+    let (chain, key) =
+        crate::proxy::origin::parse_pair(crt, key).map_err(|e| format!("Secret {name}: {e}"))?;
+    let info = crate::identity::inspect_der(&chain[0])
+        .map_err(|_| format!("Secret {name}: tls.crt's first certificate does not parse"))?;
     if info.not_after <= now {
         return Err(format!(
             "Secret {name}: the certificate in tls.crt has expired; renew it"
         ));
     }
-    Ok((crt.clone(), key.clone()))
+    let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let key_label = match &key {
+        rustls::pki_types::PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        rustls::pki_types::PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let key_pem = pem(key_label, key.secret_der());
+    if chain_pem.len() + key_pem.len() > MAX_CLIENT_CERTIFICATE_BYTES {
+        return Err(format!(
+            "Secret {name}: the chain and key take {} bytes, more than the {MAX_CLIENT_CERTIFICATE_BYTES} a client certificate may (each identity Secret of the namespace carries a copy); keep the leaf and its intermediates, not the root",
+            chain_pem.len() + key_pem.len()
+        ));
+    }
+    Ok((chain_pem, key_pem))
+}
+
+/// One PEM block.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 #[cfg(test)]
@@ -553,10 +596,39 @@ mod tests {
         };
         let now = SystemTime::now();
         let good = ca.issue(&id, now, DAY).expect("cert");
-        assert_eq!(
-            client_certificate(&secret("bank", &good.cert_pem, &good.key_pem), now),
-            Ok((good.cert_pem.clone(), good.key_pem.clone()))
-        );
+        // Written afresh: what surrounds the PEM blocks is not carried.
+        let padded = format!("{}\n{}", "x".repeat(100_000), good.cert_pem);
+        let (crt, key) =
+            client_certificate(&secret("bank", &padded, &good.key_pem), now).expect("usable");
+        assert_eq!(crt.trim(), good.cert_pem.trim());
+        crate::proxy::origin::certified_key(&crt, &key).expect("still the pair");
+        assert!(crt.len() + key.len() < 4096);
+        let managed = Secret {
+            metadata: ObjectMeta {
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY_LABEL.to_owned(),
+                    "weft-control-plane".to_owned(),
+                )])),
+                ..secret("webhook-tls", &good.cert_pem, &good.key_pem).metadata
+            },
+            ..secret("webhook-tls", &good.cert_pem, &good.key_pem)
+        };
+        let err = client_certificate(&managed, now).expect_err("the control plane's");
+        assert!(err.contains("weft's own"), "{err}");
+        // A key on one line (a pipeline that lost the line breaks) is
+        // refused without quoting it.
+        let one_line = good.key_pem.replace('\n', " ");
+        let err = client_certificate(&secret("bank", &good.cert_pem, &one_line), now)
+            .expect_err("one line");
+        let body: String = good
+            .key_pem
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .chars()
+            .take(20)
+            .collect();
+        assert!(!err.contains(&body) && err.contains("tls.key"), "{err}");
         let later = now + 2 * DAY;
         let err = client_certificate(&secret("bank", &good.cert_pem, &good.key_pem), later)
             .expect_err("expired");

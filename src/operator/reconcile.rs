@@ -110,7 +110,7 @@ pub struct Ctx {
     /// What was last said about each ExternalService (namespace, name)
     /// whose client certificate cannot be used: said again only when it
     /// changes.
-    bad_credentials: Mutex<HashMap<(String, String), String>>,
+    bad_credentials: Mutex<HashMap<(String, String, String), String>>,
     /// Per namespace, the `weft-endpoints` generation this replica last
     /// wrote and the one the cache held when it did: while the cache
     /// still shows the older one (the watch lags the write), the same
@@ -230,6 +230,20 @@ impl Ctx {
         action: &str,
         note: String,
     ) {
+        self.event_related(obj, None, warning, reason, action, note)
+            .await;
+    }
+
+    /// [`Ctx::event`] naming a second object it is about.
+    pub async fn event_related<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -239,7 +253,7 @@ impl Ctx {
             reason: reason.to_owned(),
             note: Some(truncate(note, 1000)),
             action: action.to_owned(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "could not publish an Event");
@@ -442,7 +456,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
         ctx.bad_credentials
             .lock()
             .expect("bad credentials")
-            .retain(|(ns, _), _| *ns != name);
+            .retain(|(ns, ..), _| *ns != name);
         ctx.endpoints_written
             .lock()
             .expect("endpoints written")
@@ -580,8 +594,31 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                 if id.issued {
                     issued.push(sa.as_str());
                 }
-                id.data.extend(egress.for_stored(&existing));
-                match apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await {
+                let extra = egress.for_stored(&existing);
+                let plain = (!extra.is_empty()).then(|| id.clone());
+                id.data.extend(extra);
+                let mut written =
+                    apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await;
+                // The mesh identity never waits on a vendor's certificate:
+                // refused with it (a quota, a size limit, an admission
+                // policy), the Secret is written without it.
+                if let (Err(e), Some(plain)) = (&written, plain) {
+                    tracing::warn!(namespace = %name, service_account = %sa, error = %e, "identity Secret refused with the client certificates; writing it without them");
+                    if apply(
+                        ctx,
+                        &desired::identity_secret(ns, &plain),
+                        stored.as_deref(),
+                    )
+                    .await
+                    .is_ok()
+                    {
+                        if let Err(e) = std::mem::replace(&mut written, Ok(true)) {
+                            failed.push(e);
+                        }
+                        incomplete = true;
+                    }
+                }
+                match written {
                     Ok(_) => hold(id.not_after),
                     Err(e) => {
                         failed.push(e);
@@ -681,28 +718,47 @@ async fn egress_credentials(ctx: &Ctx, ns: &str, config: &ProxyConfig) -> Egress
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut bad: Vec<(&str, &str, &'static str, String)> = Vec::new();
-    for (secret, users) in &wanted {
-        let (reason, why) = match api.get_opt(secret).await {
-            Ok(Some(s)) => match desired::client_certificate(&s, SystemTime::now()) {
-                Ok((crt, key)) => {
-                    let (crt_key, key_key) = crate::config::egress_credential_keys(secret);
-                    out.read.insert(crt_key, crt);
-                    out.read.insert(key_key, key);
+    for (i, (secret, users)) in wanted.iter().enumerate() {
+        let refused = if ns == ctx.control_namespace {
+            Some(format!(
+                "namespace {ns} is weft's control plane; its Secrets are never client certificates"
+            ))
+        } else if i >= desired::MAX_CLIENT_CERTIFICATES {
+            Some(format!(
+                "the namespace's ExternalServices name more than {} client certificate Secrets (each identity Secret carries a copy of every one); share one Secret among vendors that accept the same certificate",
+                desired::MAX_CLIENT_CERTIFICATES
+            ))
+        } else {
+            None
+        };
+        let got = match refused {
+            Some(why) => Err(why),
+            None => Ok(api.get_opt(secret).await),
+        };
+        let (reason, why) = match got {
+            Err(why) => (desired::CLIENT_CERTIFICATE_INVALID, why),
+            Ok(got) => match got {
+                Ok(Some(s)) => match desired::client_certificate(&s, SystemTime::now()) {
+                    Ok((crt, key)) => {
+                        let (crt_key, key_key) = crate::config::egress_credential_keys(secret);
+                        out.read.insert(crt_key, crt);
+                        out.read.insert(key_key, key);
+                        continue;
+                    }
+                    Err(why) => (desired::CLIENT_CERTIFICATE_INVALID, why),
+                },
+                Ok(None) => (
+                    desired::CLIENT_CERTIFICATE_NOT_FOUND,
+                    format!(
+                        "Secret {secret} is not in namespace {ns}; create it: kubectl -n {ns} create secret tls {secret} --cert=client.crt --key=client.key"
+                    ),
+                ),
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, %secret, error = %e, "could not read a client certificate Secret; the proxies keep the copy they have");
+                    out.unreadable.push((*secret).to_owned());
                     continue;
                 }
-                Err(why) => (desired::CLIENT_CERTIFICATE_INVALID, why),
             },
-            Ok(None) => (
-                desired::CLIENT_CERTIFICATE_NOT_FOUND,
-                format!(
-                    "Secret {secret} is not in namespace {ns}; create it: kubectl -n {ns} create secret tls {secret} --cert=client.crt --key=client.key"
-                ),
-            ),
-            Err(e) => {
-                tracing::warn!(namespace = %ns, %secret, error = %e, "could not read a client certificate Secret; the proxies keep the copy they have");
-                out.unreadable.push((*secret).to_owned());
-                continue;
-            }
         };
         for es in users {
             bad.push((es, secret, reason, why.clone()));
@@ -711,16 +767,17 @@ async fn egress_credentials(ctx: &Ctx, ns: &str, config: &ProxyConfig) -> Egress
     // Said once per change: a reconcile runs on every endpoint change.
     let news: Vec<_> = {
         let mut said = ctx.bad_credentials.lock().expect("bad credentials");
-        said.retain(|(n, es), _| n != ns || bad.iter().any(|(b, ..)| b == es));
+        said.retain(|(n, es, secret), _| {
+            n != ns || bad.iter().any(|(b, s, ..)| b == es && s == secret)
+        });
         bad.into_iter()
-            .filter(|(es, _, _, why)| {
-                said.insert((ns.to_owned(), (*es).to_owned()), why.clone())
-                    .as_ref()
-                    != Some(why)
+            .filter(|(es, secret, _, why)| {
+                let key = (ns.to_owned(), (*es).to_owned(), (*secret).to_owned());
+                said.insert(key, why.clone()).as_ref() != Some(why)
             })
             .collect()
     };
-    for (es, _, reason, why) in news {
+    for (es, secret, reason, why) in news {
         let Some(obj) = ctx
             .world
             .external_services
@@ -732,7 +789,16 @@ async fn egress_credentials(ctx: &Ctx, ns: &str, config: &ProxyConfig) -> Egress
             "client certificate unavailable: {why}; until then this namespace's proxies send {es} nothing on the ports that present it"
         );
         tracing::warn!(namespace = %ns, external_service = %es, "{note}");
-        ctx.event(obj.as_ref(), true, reason, "Reconcile", note)
+        // The Secret as the related object: one Event series per Secret
+        // (the recorder keys a series by regarding, related and reason).
+        let related = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(ns.to_owned()),
+            name: Some(secret.to_owned()),
+            ..Default::default()
+        };
+        ctx.event_related(obj.as_ref(), Some(related), true, reason, "Reconcile", note)
             .await;
     }
     out

@@ -11,10 +11,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::ResolvesClientCert;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
@@ -91,7 +91,8 @@ pub struct ClientCredential {
 struct CredentialState {
     checked: Option<Instant>,
     read: Option<(String, String)>,
-    key: Option<Arc<CertifiedKey>>,
+    /// The pair loaded, and when its certificate expires.
+    key: Option<(Arc<CertifiedKey>, SystemTime)>,
     /// Why the files give no certificate (absent, or not a pair).
     why: Option<String>,
 }
@@ -115,7 +116,9 @@ impl ClientCredential {
         }
     }
 
-    /// The certificate and key to present, or why there is none.
+    /// The certificate and key to present, or why there is none: the
+    /// files are gone (the Secret was deleted or refused: a deleted
+    /// Secret revokes), or the certificate has expired.
     pub fn current(&self) -> Result<Arc<CertifiedKey>, String> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let due = st
@@ -126,7 +129,11 @@ impl ClientCredential {
             self.reload(&mut st);
         }
         match (&st.key, &st.why) {
-            (Some(key), _) => Ok(key.clone()),
+            (Some((_, not_after)), _) if *not_after <= SystemTime::now() => Err(format!(
+                "the certificate of client certificate Secret {} has expired; renew the Secret",
+                self.secret
+            )),
+            (Some((key, _)), _) => Ok(key.clone()),
             (None, why) => Err(why.clone().unwrap_or_default()),
         }
     }
@@ -139,55 +146,101 @@ impl ClientCredential {
             ));
             return;
         };
-        let read =
-            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-        let pair = match (read(crt), read(key)) {
-            (Ok(c), Ok(k)) => (c, k),
-            (Err(e), _) | (_, Err(e)) => {
-                st.why = Some(format!(
-                    "client certificate Secret {} is not in the identity directory ({e}); the operator copies it there from a kubernetes.io/tls Secret of the namespace (see the ExternalService's Events)",
-                    self.secret
-                ));
+        // Two tries: the kubelet swaps a Secret's files at once, but two
+        // reads can fall either side of the swap.
+        for _ in 0..2 {
+            let read = |p: &Path| std::fs::read_to_string(p);
+            let pair = match (read(crt), read(key)) {
+                (Ok(c), Ok(k)) => (c, k),
+                (Err(c), Err(k))
+                    if c.kind() == io::ErrorKind::NotFound
+                        && k.kind() == io::ErrorKind::NotFound =>
+                {
+                    // Gone: the operator took it away (Secret deleted,
+                    // expired or refused). Nothing is presented.
+                    if st.key.take().is_some() {
+                        tracing::warn!(secret = %self.secret, "client certificate withdrawn; the vendor is no longer called");
+                    }
+                    st.read = None;
+                    st.why = Some(format!(
+                        "client certificate Secret {} is not in the identity directory; the operator copies it there from a TLS Secret of the namespace (see the ExternalService's Events)",
+                        self.secret
+                    ));
+                    return;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    if st.key.is_none() {
+                        st.why = Some(format!(
+                            "client certificate Secret {} cannot be read from the identity directory ({e})",
+                            self.secret
+                        ));
+                    }
+                    return;
+                }
+            };
+            if st.read.as_ref() == Some(&pair) {
                 return;
             }
-        };
-        if st.read.as_ref() == Some(&pair) {
-            return;
-        }
-        match certified_key(&pair.0, &pair.1) {
-            Ok(k) => {
-                st.key = Some(Arc::new(k));
-                st.why = None;
+            let loaded = certified_key(&pair.0, &pair.1).and_then(|k| {
+                let leaf = k.end_entity_cert().map_err(|e| e.to_string())?;
+                let info = crate::identity::inspect_der(leaf).map_err(|e| e.to_string())?;
+                Ok((Arc::new(k), info.not_after))
+            });
+            match loaded {
+                Ok(k) => {
+                    st.key = Some(k);
+                    st.why = None;
+                    st.read = Some(pair);
+                    return;
+                }
+                Err(e) => {
+                    st.why = Some(format!("client certificate Secret {}: {e}", self.secret));
+                }
             }
-            Err(e) => {
-                tracing::warn!(secret = %self.secret, error = %e, "client certificate not loaded; keeping the last good one");
-                st.why = Some(format!("client certificate Secret {}: {e}", self.secret));
-            }
         }
-        st.read = Some(pair);
+        if st.key.is_some() {
+            tracing::warn!(secret = %self.secret, "client certificate files do not hold a usable pair; keeping the last good one");
+        }
     }
+}
+
+/// A PEM certificate chain and PEM private key as DER, with messages that
+/// never quote the input (a key's bytes must not reach a log or an
+/// Event).
+pub fn parse_pair(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            "tls.crt is not PEM certificates (check the BEGIN/END lines and the line breaks)"
+                .to_owned()
+        })?;
+    if chain.is_empty() {
+        return Err("tls.crt holds no certificate".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+        "tls.key is not a PEM private key (check the BEGIN/END lines and the line breaks)"
+            .to_owned()
+    })?;
+    Ok((chain, key))
 }
 
 /// A certificate chain and its private key, checked to belong together.
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, String> {
-    use rustls::pki_types::PrivateKeyDer;
-    use rustls::pki_types::pem::PemObject;
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls.crt is not PEM certificates ({e})"))?;
-    if chain.is_empty() {
-        return Err("tls.crt holds no certificate".to_owned());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("tls.key is not a PEM private key ({e})"))?;
+    let (chain, key) = parse_pair(chain_pem, key_pem)?;
     let key = super::tls::provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("tls.key is not a usable private key ({e})"))?;
+        .map_err(|_| {
+            "tls.key is not a usable private key (RSA, ECDSA P-256/P-384 or Ed25519)".to_owned()
+        })?;
     let certified = CertifiedKey::new(chain, key);
     certified
         .keys_match()
-        .map_err(|e| format!("tls.key is not the key of tls.crt's first certificate ({e})"))?;
+        .map_err(|_| "tls.key is not the key of tls.crt's first certificate".to_owned())?;
     Ok(certified)
 }
 
@@ -233,6 +286,13 @@ impl Originate {
             None => config.with_no_client_auth(),
             Some(c) => config.with_client_cert_resolver(Arc::new(PresentCredential(c.clone()))),
         };
+        if client.is_some() {
+            // A resumed session skips the certificate: a renewed or
+            // withdrawn one would not be seen by the vendor for as long as
+            // its tickets last. Every new connection authenticates afresh
+            // (pooled connections still carry many requests).
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         // The request goes as HTTP/1.1 (`outbound::prepare`).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
@@ -340,9 +400,11 @@ impl OriginTarget {
         };
         let name = ServerName::try_from(self.name.clone())
             .map_err(|e| fail("bad-name", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        // A vendor that asks for a certificate would refuse the handshake
-        // without it; one that does not ask should not get this call
-        // either: the config says this connection is authenticated.
+        // Without the certificate the vendor is not called at all (one
+        // that makes it optional would take the call unauthenticated).
+        // The check is before the handshake: a vendor that never asks for
+        // a certificate is not called either, as the config says the
+        // connection is authenticated.
         if let Some(client) = &self.originate.client
             && let Err(why) = client.current()
         {
