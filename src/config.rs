@@ -522,6 +522,42 @@ pub struct FailureRateConfig {
 pub struct RateLimitConfig {
     pub requests_per_second: u32,
     pub burst: u32,
+    /// Set: the limit is the namespace's client pods' together, and each
+    /// proxy takes its share ([`EndpointsConfig::client_proxies`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedLimitConfig>,
+}
+
+/// A rate limit shared by a namespace's client pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedLimitConfig {
+    /// The ServiceAccounts whose pods share it; empty: every pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+}
+
+impl RateLimitConfig {
+    /// How many proxies share this limit, as `clients` (meshed pods by
+    /// ServiceAccount) counts them; 0 when `own` (this proxy's
+    /// ServiceAccount) has no share. A per-proxy limit is 1.
+    pub fn sharers(&self, clients: &BTreeMap<String, u32>, own: &str) -> u32 {
+        let Some(shared) = &self.shared else {
+            return 1;
+        };
+        if shared.service_accounts.is_empty() {
+            return clients.values().sum::<u32>().max(1);
+        }
+        if !shared.service_accounts.iter().any(|sa| sa == own) {
+            return 0;
+        }
+        shared
+            .service_accounts
+            .iter()
+            .filter_map(|sa| clients.get(sa))
+            .sum::<u32>()
+            .max(1)
+    }
 }
 
 /// How calls wait out a Service's back-off ([`crate::api::RetryAfter`]),
@@ -579,6 +615,21 @@ pub enum ConfigError {
 }
 
 impl ProxyConfig {
+    /// Whether a policy of this config has a namespace-wide rate limit
+    /// (its proxies then need the client count,
+    /// [`EndpointsConfig::client_proxies`]).
+    pub fn shares_limits(&self) -> bool {
+        let out = &self.outbound;
+        std::iter::once(&out.defaults)
+            .chain(out.services.iter().filter_map(|s| s.policy.as_ref()))
+            .chain(
+                out.external_services
+                    .iter()
+                    .filter_map(|e| e.policy.as_ref()),
+            )
+            .any(|p| p.rate_limit.as_ref().is_some_and(|r| r.shared.is_some()))
+    }
+
     /// Fills in `schemaVersion` and `generation`: call after building.
     pub fn seal(mut self) -> Self {
         self.schema_version = SCHEMA_VERSION.to_owned();
@@ -751,6 +802,12 @@ pub struct EndpointsConfig {
     /// By Service, keyed `name.namespace`.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceEndpoints>,
+    /// The namespace's meshed pods (not finished) by ServiceAccount,
+    /// among which a namespace-wide rate limit is divided. Published only
+    /// while the config holds such a limit (pod churn would rewrite the
+    /// document for nothing otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_proxies: BTreeMap<String, u32>,
 }
 
 /// One Service's endpoints: a group per distinct port mapping (a named
@@ -852,6 +909,32 @@ fn content_hash<T: Serialize>(doc: &T) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_shared_limit_is_divided_among_the_pods_of_its_service_accounts() {
+        let clients = BTreeMap::from([
+            ("checkout".to_owned(), 3),
+            ("catalog".to_owned(), 20),
+            ("batch".to_owned(), 1),
+        ]);
+        let limit = |shared: Option<Vec<&str>>| RateLimitConfig {
+            requests_per_second: 30,
+            burst: 30,
+            shared: shared.map(|sas| SharedLimitConfig {
+                service_accounts: sas.into_iter().map(str::to_owned).collect(),
+            }),
+        };
+        assert_eq!(limit(None).sharers(&clients, "checkout"), 1, "per proxy");
+        assert_eq!(limit(Some(vec![])).sharers(&clients, "checkout"), 24);
+        let named = limit(Some(vec!["checkout", "batch"]));
+        assert_eq!(named.sharers(&clients, "checkout"), 4);
+        assert_eq!(named.sharers(&clients, "catalog"), 0, "no share");
+        // Not counted yet (a document behind the pods): the whole limit
+        // rather than none.
+        assert_eq!(named.sharers(&BTreeMap::new(), "batch"), 1);
+        assert_eq!(limit(Some(vec![])).sharers(&BTreeMap::new(), "x"), 1);
+    }
+
     use super::*;
 
     fn sample() -> ProxyConfig {

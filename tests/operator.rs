@@ -245,6 +245,20 @@ impl Harness {
             .expect_err("the reconcile reports a failure")
     }
 
+    /// The paths the compile loop's next batch wrote: waits for a first
+    /// write (at most 5 s), then past the batch (anything else it wrote
+    /// would be in it by then).
+    async fn batch_writes(&self) -> Vec<String> {
+        for _ in 0..250 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !self.writes().is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.writes().into_iter().map(|w| w.path).collect()
+    }
+
     /// A reconcile of `ns` now writes nothing.
     async fn assert_settled(&self, ns: &str) {
         self.clear();
@@ -1890,17 +1904,8 @@ async fn a_scoped_namespace_gets_only_the_endpoints_it_calls() {
     changes
         .send(Change::Endpoints("shop".into(), "cart".into()))
         .expect("send");
-    for _ in 0..250 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if !h.writes().is_empty() {
-            break;
-        }
-    }
-    // Past the batch that wrote: anything for payments would be in it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let paths: Vec<String> = h.writes().into_iter().map(|w| w.path).collect();
     assert_eq!(
-        paths,
+        h.batch_writes().await,
         ["/api/v1/namespaces/shop/configmaps/weft-endpoints"],
         "payments does not call cart"
     );
@@ -2167,4 +2172,121 @@ async fn a_weft_identity_secret_is_refused_as_a_client_certificate() {
         .and_then(|e| e["note"].as_str())
         .expect("warned");
     assert!(note.contains("one of weft's own"), "{note}");
+}
+
+/// A pod of `ns` running as `sa`, with the sidecar or not, in `phase`.
+fn client_pod(ns: &str, name: &str, sa: &str, sidecar: bool, phase: &str) -> Pod {
+    let mut containers = vec![json!({"name": "app"})];
+    if sidecar {
+        containers.push(json!({"name": "weft-proxy"}));
+    }
+    obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"serviceAccountName": sa, "containers": containers},
+        "status": {"phase": phase}}))
+}
+
+/// Issue 21: a namespace-wide rate limit. The operator counts the
+/// namespace's meshed client pods by ServiceAccount in its endpoints
+/// document, and republishes it when a pod event moves the count; a
+/// namespace without such a limit has no count (pod churn rewrites
+/// nothing).
+#[tokio::test]
+async fn a_namespace_wide_limit_has_its_client_pods_counted_and_recounted_as_they_scale() {
+    let mut h = harness().await;
+    for ns in ["shop", "catalog"] {
+        put(&mut h.writers.namespaces, namespace(ns, true));
+    }
+    let carrier: weft::api::ExternalService = obj(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "ExternalService",
+        "metadata": {"namespace": "shop", "name": "carrier", "uid": "uid-carrier",
+                     "generation": 1, "creationTimestamp": "2026-11-01T00:00:00Z"},
+        "spec": {"hosts": ["api.carrier.example"], "ports": [{"port": 80, "protocol": "HTTP"}]}}));
+    put(&mut h.writers.external_services, carrier);
+    let limit: TrafficPolicy = obj(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"namespace": "shop", "name": "carrier", "generation": 1,
+                     "creationTimestamp": "2026-11-01T00:00:00Z"},
+        "spec": {"targetRef": {"group": "weft.dev", "kind": "ExternalService", "name": "carrier"},
+                 "rateLimit": {"requestsPerSecond": 30, "scope": "Namespace",
+                               "serviceAccounts": ["checkout"]}}}));
+    put(&mut h.writers.traffic_policies, limit);
+    for (i, sa) in ["checkout", "checkout", "checkout", "catalog"]
+        .iter()
+        .enumerate()
+    {
+        put(
+            &mut h.writers.pods,
+            client_pod("shop", &format!("p{i}"), sa, true, "Running"),
+        );
+    }
+    // Not counted: no sidecar, finished, another namespace.
+    put(
+        &mut h.writers.pods,
+        client_pod("shop", "plain", "checkout", false, "Running"),
+    );
+    put(
+        &mut h.writers.pods,
+        client_pod("shop", "done", "checkout", true, "Succeeded"),
+    );
+    put(
+        &mut h.writers.pods,
+        client_pod("catalog", "c0", "checkout", true, "Running"),
+    );
+    h.with_ca().await;
+    driver::recompile(&h.ctx).await;
+    let config: Value = {
+        h.reconcile("shop").await;
+        let cm: ConfigMap = h
+            .stored("/api/v1/namespaces/shop/configmaps/weft-proxy-config")
+            .expect("config");
+        serde_json::from_str(&cm.data.expect("data")["config.json"]).expect("json")
+    };
+    assert_eq!(
+        config["outbound"]["externalServices"][0]["policy"]["rateLimit"],
+        json!({"requestsPerSecond": 30, "burst": 30,
+               "shared": {"serviceAccounts": ["checkout"]}})
+    );
+    let e = published(&h, "shop").expect("published");
+    assert_eq!(
+        e.client_proxies,
+        [("catalog".to_owned(), 1), ("checkout".to_owned(), 3)].into()
+    );
+    h.reconcile("catalog").await;
+    assert!(
+        published(&h, "catalog")
+            .expect("published")
+            .client_proxies
+            .is_empty()
+    );
+
+    // Scaled to six checkout pods: the pod events republish shop's
+    // document, and only shop's.
+    h.sync_children(&["shop", "catalog"]);
+    let (changes, _one, _all) = h.compile_loop();
+    h.clear();
+    for i in 4..7 {
+        put(
+            &mut h.writers.pods,
+            client_pod("shop", &format!("p{i}"), "checkout", true, "Pending"),
+        );
+        changes.send(Change::Pods("shop".into())).expect("send");
+        changes.send(Change::Pods("catalog".into())).expect("send");
+    }
+    assert_eq!(
+        h.batch_writes().await,
+        ["/api/v1/namespaces/shop/configmaps/weft-endpoints"],
+        "one write, for the namespace with the limit"
+    );
+    assert_eq!(
+        published(&h, "shop").expect("published").client_proxies["checkout"],
+        6
+    );
+
+    // A pod event that moves no count writes nothing.
+    h.sync_children(&["shop"]);
+    h.clear();
+    changes.send(Change::Pods("shop".into())).expect("send");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.writes().is_empty(), "{:#?}", h.writes());
 }

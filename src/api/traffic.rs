@@ -268,10 +268,12 @@ fn default_rate_window() -> Duration {
 }
 
 /// A token bucket.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.serviceAccounts) || size(self.serviceAccounts) == 0 || self.scope == 'Namespace'").message("rateLimit.serviceAccounts is for scope Namespace: it says whose pods share the namespace's limit"))]
 pub struct RateLimit {
-    /// Sustained requests per second.
+    /// Sustained requests per second: of each client proxy, or with
+    /// `scope: Namespace` of the namespace's client pods together.
     #[schemars(range(min = 1))]
     pub requests_per_second: u32,
     /// Requests allowed in a burst above the rate; default equals
@@ -279,6 +281,37 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub burst: Option<u32>,
+    /// Whose calls the limit counts. `Proxy` (default): each client
+    /// proxy's own. `Namespace`: those of all the client pods of a
+    /// calling namespace together, as a vendor counts an API key's quota:
+    /// the operator counts the meshed pods (running or starting, not
+    /// finished) and each proxy takes its share of rate and burst (at
+    /// least one request of burst), re-divided as pods come and go. For a
+    /// Service target, each calling namespace gets the whole limit.
+    #[serde(default)]
+    pub scope: RateLimitScope,
+    /// With `scope: Namespace`, the ServiceAccounts whose pods share the
+    /// limit (the ones that call the target), so that pods that never
+    /// call it do not dilute the shares. Other pods of the namespace get
+    /// no share: their calls are answered 429 `rate-limited`. Default:
+    /// every meshed pod of the namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 253)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub service_accounts: Vec<String>,
+}
+
+/// Whose calls a rate limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RateLimitScope {
+    /// Each client proxy's own calls.
+    #[default]
+    Proxy,
+    /// The calls of a namespace's client pods together.
+    Namespace,
 }
 
 /// What a TrafficPolicy applies to, in its own namespace: a Service

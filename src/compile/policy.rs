@@ -11,13 +11,13 @@ use super::verdict::{PolicyKind, Verdicts};
 use super::{ClusterFacts, ServiceKey, age_order};
 use crate::api::conditions::reason;
 use crate::api::{
-    HttpMethod, LoadBalancerAlgorithm, PolicyTargetKind, RetryBudget, RetryOn, RetryPolicy,
-    ServiceRoute, TrafficPolicy,
+    HttpMethod, LoadBalancerAlgorithm, PolicyTargetKind, RateLimitScope, RetryBudget, RetryOn,
+    RetryPolicy, ServiceRoute, TrafficPolicy,
 };
 use crate::config::{
     CircuitBreakerConfig, ExternalServiceConfig, FailureRateConfig, IDEMPOTENCY_HEADER,
     MatchConfig, PathMatchConfig, ProxyConfig, RateLimitConfig, RetryAfterConfig,
-    RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy, WeightedBackend,
+    RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy, SharedLimitConfig, WeightedBackend,
 };
 
 /// Backoff when a policy sets none: 25ms doubling to 250ms.
@@ -131,6 +131,9 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
         rate_limit: spec.rate_limit.as_ref().map(|rl| RateLimitConfig {
             requests_per_second: rl.requests_per_second,
             burst: rl.burst.unwrap_or(rl.requests_per_second),
+            shared: (rl.scope == RateLimitScope::Namespace).then(|| SharedLimitConfig {
+                service_accounts: rl.service_accounts.clone(),
+            }),
         }),
         retry_after: spec.retry_after.as_ref().map(|ra| RetryAfterConfig {
             max_wait_ms: ra.max_wait.as_millis(),

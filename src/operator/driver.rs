@@ -291,7 +291,8 @@ fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_js
 }
 
 /// Republishes the endpoints of every meshed namespace whose config names
-/// one of `services` (`namespace`, `name`), except those in `skip` (a
+/// one of `services` (`namespace`, `name`), and of the namespaces in
+/// `pods` (their client counts), except those in `skip` (a
 /// reconcile of theirs is queued and publishes them). One apply per
 /// namespace, and only when its document changed. Failures are logged;
 /// the namespace's next reconcile (at the latest its periodic resync)
@@ -299,17 +300,19 @@ fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_js
 pub async fn publish_endpoints(
     ctx: &Ctx,
     services: &BTreeSet<(String, String)>,
+    pods: &BTreeSet<String>,
     skip: &BTreeSet<String>,
 ) {
     let snap = ctx.snapshot.load_full();
     let slices = super::endpoints::index(&ctx.world);
     let affected = snap.compiled.configs.iter().filter(|(ns, config)| {
         !skip.contains(*ns)
-            && config
-                .outbound
-                .services
-                .iter()
-                .any(|s| services.contains(&(s.namespace.clone(), s.name.clone())))
+            && (pods.contains(*ns)
+                || config
+                    .outbound
+                    .services
+                    .iter()
+                    .any(|s| services.contains(&(s.namespace.clone(), s.name.clone()))))
     });
     // A few writes in flight at once: a Service called from a hundred
     // namespaces is a hundred applies, and one after another they would
@@ -357,7 +360,10 @@ pub async fn compile_loop(
         let mut batch = vec![first];
         // Inputs settle before a compile; slice changes come in bursts (a
         // rollout moves many pods): both wait a moment to batch.
-        if matches!(batch[0], Change::Inputs | Change::Endpoints(..)) {
+        if matches!(
+            batch[0],
+            Change::Inputs | Change::Endpoints(..) | Change::Pods(..)
+        ) {
             tokio::time::sleep(DEBOUNCE).await;
         }
         while let Ok(c) = changes.try_recv() {
@@ -367,6 +373,7 @@ pub async fn compile_loop(
         let mut everyone = false;
         let mut inputs = false;
         let mut endpoints = BTreeSet::new();
+        let mut pods = BTreeSet::new();
         for c in batch {
             match c {
                 Change::Inputs => inputs = true,
@@ -376,6 +383,9 @@ pub async fn compile_loop(
                 Change::AllChildren => everyone = true,
                 Change::Endpoints(ns, service) => {
                     endpoints.insert((ns, service));
+                }
+                Change::Pods(ns) => {
+                    pods.insert(ns);
                 }
             }
         }
@@ -401,8 +411,19 @@ pub async fn compile_loop(
             }
         }
         // Namespaces being reconciled anyway publish their endpoints then.
-        if !endpoints.is_empty() && !everyone {
-            publish_endpoints(&ctx, &endpoints, &names).await;
+        if !everyone {
+            // Pod events are many and few namespaces divide a limit: only
+            // those are looked at.
+            let snap = ctx.snapshot.load_full();
+            pods.retain(|ns| {
+                snap.compiled
+                    .configs
+                    .get(ns)
+                    .is_some_and(crate::config::ProxyConfig::shares_limits)
+            });
+            if !endpoints.is_empty() || !pods.is_empty() {
+                publish_endpoints(&ctx, &endpoints, &pods, &names).await;
+            }
         }
         if everyone && all.send(()).is_err() {
             return;

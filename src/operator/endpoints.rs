@@ -78,9 +78,38 @@ pub fn desired(config: &ProxyConfig, world: &World, slices: &SliceIndex) -> Endp
     EndpointsConfig {
         namespace: config.namespace.clone(),
         services,
+        client_proxies: if config.shares_limits() {
+            client_proxies(world, &config.namespace)
+        } else {
+            BTreeMap::new()
+        },
         ..EndpointsConfig::default()
     }
     .seal()
+}
+
+/// The meshed pods of `ns` that may call out, by ServiceAccount: every pod
+/// with the proxy that has not finished (a starting pod counts: its share
+/// is held for it rather than overshooting the limit while it starts; a
+/// terminating one too, as it may still be sending).
+pub fn client_proxies(world: &World, ns: &str) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for pod in world.pods.state() {
+        if pod.namespace().as_deref() != Some(ns) || !super::reconcile::injected(&pod) {
+            continue;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        *out.entry(sa).or_insert(0) += 1;
+    }
+    out
 }
 
 /// False for a Service whose routing needs what only kube-proxy does.

@@ -162,6 +162,10 @@ pub enum Change {
     /// The EndpointSlices of this Service (`namespace`, `name`) changed:
     /// republish the endpoints of the namespaces that call it.
     Endpoints(String, String),
+    /// A pod of this namespace changed: where the namespace's config
+    /// divides a rate limit among its pods, republish its endpoints
+    /// document (which counts them) if the count moved.
+    Pods(String),
 }
 
 /// Changes go to this channel while `leading` holds true, and are dropped
@@ -237,8 +241,9 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         ch,
         INPUT,
     );
-    // Pods feed the rollout's evidence, read when a namespace reconciles;
-    // a pod event alone triggers nothing (the rollout polls). The cache
+    // Pods feed the rollout's evidence, read when a namespace reconciles
+    // (the rollout polls), and the client counts of namespace-wide rate
+    // limits, republished when a pod event moves one. The cache
     // holds only what the rollout reads (`prune_pod`), not every pod's
     // spec: in a large cluster the pods are most of the operator's memory.
     spawn_watch_pruned(
@@ -246,7 +251,7 @@ pub fn watch_all(client: &Client, writers: Writers, sink: ChangeSink) {
         plain(),
         writers.pods,
         ch,
-        Classify::Quiet,
+        Classify::Pods,
         prune_pod,
     );
     // Slices feed the published endpoints: a change republishes the
@@ -298,7 +303,7 @@ enum Classify {
     Input,
     Child,
     Endpoints,
-    Quiet,
+    Pods,
 }
 const INPUT: Classify = Classify::Input;
 const CHILD: Classify = Classify::Child;
@@ -312,7 +317,7 @@ impl Classify {
                 obj.namespace()?,
                 obj.labels().get(SERVICE_NAME_LABEL)?.clone(),
             )),
-            Self::Quiet => None,
+            Self::Pods => obj.namespace().map(Change::Pods),
         }
     }
 
@@ -322,7 +327,10 @@ impl Classify {
         match self {
             Self::Input => Some(Change::Inputs),
             Self::Child | Self::Endpoints => Some(Change::AllChildren),
-            Self::Quiet => None,
+            // Counts a relist changed are republished by the namespaces'
+            // periodic reconcile (every 5 minutes): reconciling every
+            // namespace at each pod relist would cost more than that lag.
+            Self::Pods => None,
         }
     }
 }

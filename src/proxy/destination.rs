@@ -955,6 +955,16 @@ fn discovered_pods(
     (!pods.is_empty()).then(|| (pods, Arc::new(published.unready_by_zone.clone())))
 }
 
+/// Gives `d`'s namespace-wide rate limit, if it has one, its share of
+/// `(clients, own ServiceAccount)`.
+fn share(d: &Destination, (clients, own): &(BTreeMap<String, u32>, String)) {
+    if let (Some(limiter), Some(rl)) = (&d.limiter, &d.policy.rate_limit)
+        && rl.shared.is_some()
+    {
+        limiter.share_among(rl.sharers(clients, own));
+    }
+}
+
 /// Destinations kept for bare addresses, before they are forgotten all at
 /// once.
 pub const MAX_ADDRESS_DESTINATIONS: usize = 4096;
@@ -968,6 +978,10 @@ pub struct Destinations {
     external_count: std::sync::atomic::AtomicUsize,
     /// Where this proxy runs, shared with every destination.
     pub locality: Arc<Locality>,
+    /// The namespace's client pods by ServiceAccount, as the endpoints
+    /// document last counted them, and this proxy's own ServiceAccount:
+    /// how namespace-wide rate limits are divided.
+    sharing: Mutex<(BTreeMap<String, u32>, String)>,
 }
 
 impl Destinations {
@@ -976,7 +990,38 @@ impl Destinations {
             by_label: Mutex::default(),
             external_count: Default::default(),
             locality: Arc::new(locality),
+            sharing: Mutex::new((BTreeMap::new(), "default".to_owned())),
         }
+    }
+
+    /// This proxy runs as ServiceAccount `sa` (whose pods may be named by
+    /// a namespace-wide rate limit).
+    pub fn set_service_account(&self, sa: &str) {
+        lock(&self.sharing).1 = sa.to_owned();
+    }
+
+    /// A new count of the namespace's client pods: every destination
+    /// with a namespace-wide limit takes its new share now.
+    pub fn reshare(&self, clients: &BTreeMap<String, u32>) {
+        let sharing = {
+            let mut sharing = lock(&self.sharing);
+            if sharing.0 == *clients {
+                return;
+            }
+            sharing.0 = clients.clone();
+            sharing.clone()
+        };
+        let map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+        for d in map.values() {
+            share(d, &sharing);
+        }
+    }
+
+    /// What every new destination gets from the proxy: where it runs, and
+    /// its share of a namespace-wide limit.
+    fn attach(&self, d: &mut Destination) {
+        d.locality = self.locality.clone();
+        share(d, &lock(&self.sharing));
     }
 
     /// The destination for `label`, reusing its state when nothing that
@@ -1036,7 +1081,7 @@ impl Destinations {
         {
             now.inherit(was);
         }
-        d.locality = self.locality.clone();
+        self.attach(&mut d);
         d.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         let d = Arc::new(d);
         map.insert(key.to_owned(), d.clone());
@@ -1119,7 +1164,7 @@ impl Destinations {
             }
         }
         let mut d = Destination::originated(label.to_owned(), policy.clone(), source, origin);
-        d.locality = self.locality.clone();
+        self.attach(&mut d);
         if let Some(old) = map.get(key)
             && let (Some(was), Some(now)) = (&old.hold, &d.hold)
         {

@@ -423,7 +423,8 @@ impl Proxy {
                     metrics.clone(),
                     destination::Locality::new(args.zone.clone(), args.node.clone()),
                 )
-                .credentials_in(args.identity_dir.clone()),
+                .credentials_in(args.identity_dir.clone())
+                .service_account(&args.service_account),
             ),
             shared: Arc::new(http::Shared {
                 metrics: metrics.clone(),

@@ -404,11 +404,18 @@ const TOKEN: u64 = 1_000_000_000;
 
 /// Token bucket rate limiter: `rate` tokens/s, capacity `burst`; starts full.
 /// A rate of 0 never refills; a burst of 0 admits nothing.
+///
+/// A bucket shared by `n` proxies ([`TokenBucket::share_among`]) refills
+/// at `rate / n` and holds `burst / n`, but never less than one token (a
+/// share smaller than one request would admit nothing); shared by none,
+/// it admits nothing.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: u64,
     /// In units of `1 / TOKEN` tokens.
     capacity: u64,
+    /// How many proxies share the rate and burst (1: this one alone).
+    sharers: AtomicU32,
     state: Mutex<(u64, Option<Instant>)>,
 }
 
@@ -419,19 +426,50 @@ impl TokenBucket {
         Self {
             rate: u64::from(rate_per_second),
             capacity,
+            sharers: AtomicU32::new(1),
             state: Mutex::new((capacity, None)),
+        }
+    }
+
+    /// From now on this proxy's share is `1 / sharers` of rate and burst
+    /// (none for 0). A smaller share cuts what the bucket holds now.
+    pub fn share_among(&self, sharers: u32) {
+        if self.sharers.swap(sharers, Ordering::AcqRel) == sharers {
+            return;
+        }
+        let cap = self.capacity_for(sharers);
+        let mut state = lock(&self.state);
+        state.0 = state.0.min(cap);
+    }
+
+    /// How many proxies share this bucket.
+    pub fn sharers(&self) -> u32 {
+        self.sharers.load(Ordering::Acquire)
+    }
+
+    fn capacity_for(&self, sharers: u32) -> u64 {
+        match sharers {
+            0 => 0,
+            n => (self.capacity / u64::from(n)).max(TOKEN.min(self.capacity)),
         }
     }
 
     /// Takes one token if there is one.
     pub fn try_take(&self, now: Instant) -> bool {
+        let sharers = self.sharers.load(Ordering::Acquire);
+        if sharers == 0 {
+            return false;
+        }
+        let capacity = self.capacity_for(sharers);
         let mut state = lock(&self.state);
         let (level, last) = &mut *state;
         if let Some(last) = last {
-            // Each nanosecond adds `rate` units; a token is TOKEN units.
-            let refill = now.saturating_duration_since(*last).as_nanos() * u128::from(self.rate);
-            let filled = (u128::from(*level) + refill).min(u128::from(self.capacity));
-            *level = u64::try_from(filled).unwrap_or(self.capacity);
+            // Each nanosecond adds `rate / sharers` units; a token is
+            // TOKEN units.
+            let refill = now.saturating_duration_since(*last).as_nanos() * u128::from(self.rate)
+                / u128::from(sharers);
+            let filled = (u128::from(*level) + refill).min(u128::from(capacity));
+            *level = u64::try_from(filled).unwrap_or(capacity);
         }
         *last = Some(last.map_or(now, |l| l.max(now)));
         if *level < TOKEN {
@@ -1009,6 +1047,31 @@ mod tests {
         assert_eq!(taken(t0 + 100 * MS), 1);
         assert_eq!(taken(t0 + 350 * MS), 2);
         assert_eq!(taken(t0 + 60 * SEC), 5, "refill stops at the burst");
+    }
+
+    #[test]
+    fn a_shared_bucket_takes_its_share_of_rate_and_burst_and_none_admits_nothing() {
+        let t0 = Instant::now();
+        let bucket = TokenBucket::new(30, 30);
+        bucket.share_among(3);
+        let taken = |now| (0..100).take_while(|_| bucket.try_take(now)).count();
+        assert_eq!(taken(t0), 10, "a third of the burst");
+        assert_eq!(taken(t0 + 99 * MS), 0);
+        assert_eq!(taken(t0 + 100 * MS), 1, "a third of the rate: 10/s");
+        // Six sharers: what the bucket holds is cut to the new burst, and
+        // it refills at 5/s.
+        assert_eq!(taken(t0 + 60 * SEC), 10);
+        bucket.share_among(6);
+        assert_eq!(taken(t0 + 120 * SEC), 5);
+        assert_eq!(taken(t0 + 120 * SEC + 199 * MS), 0);
+        assert_eq!(taken(t0 + 120 * SEC + 200 * MS), 1);
+        // More sharers than the burst: one request each, never none.
+        bucket.share_among(100);
+        assert_eq!(taken(t0 + 300 * SEC), 1);
+        assert_eq!(bucket.sharers(), 100);
+        // Not among the sharers: nothing.
+        bucket.share_among(0);
+        assert_eq!(taken(t0 + 400 * SEC), 0);
     }
 
     fn close(a: f64, b: f64) -> bool {

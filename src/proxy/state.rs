@@ -2,7 +2,7 @@
 //! pointer, swapped whole on reload. A request takes the snapshot once, at
 //! its start, and finishes on it even if a newer config arrives meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -564,6 +564,13 @@ impl ConfigStore {
         }
     }
 
+    /// This proxy runs as ServiceAccount `sa`: its share of namespace-wide
+    /// rate limits ([`Destinations::set_service_account`]).
+    pub fn service_account(self, sa: &str) -> Self {
+        self.destinations.set_service_account(sa);
+        self
+    }
+
     /// Client certificates for TLS origination are read from `dir` (the
     /// identity directory, where the operator puts them).
     pub fn credentials_in(mut self, dir: Option<std::path::PathBuf>) -> Self {
@@ -712,6 +719,7 @@ impl ConfigStore {
             return false;
         }
         self.destinations.locality.learn(&endpoints);
+        self.destinations.reshare(&endpoints.client_proxies);
         let generation = endpoints.generation.clone();
         let services = endpoints.services.len();
         self.swap_endpoints(Some(Arc::new(endpoints)));
@@ -727,6 +735,7 @@ impl ConfigStore {
         if self.endpoints.load().is_none() {
             return;
         }
+        self.destinations.reshare(&BTreeMap::new());
         self.swap_endpoints(None);
         tracing::info!("endpoints withdrawn: Services are reached through their ClusterIPs");
     }
