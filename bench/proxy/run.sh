@@ -14,7 +14,7 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     32 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     35 consecutive loopback ports from here
 #   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
@@ -41,7 +41,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft1log weft1k weft1d weft2 weft2tls nginx nginx2tls haproxy)
+SCENARIOS=(direct weft1 weft1log weft1k weft1d weft2 weft2tls weft1tls nginx nginx2tls haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -198,6 +198,8 @@ scenario_pids() {
 	weft2tb) echo "${PID[weft2tb]:-}" ;;
 	nginx) echo "${PID[nginx]:-}" ;;
 	nginx2tls) echo "${PID[nginx2a]:-} ${PID[nginx2b]:-}" ;;
+	# nginx B is the vendor of the origination cells, as in nginx2tls.
+	weft1tls) echo "${PID[weft1tls]:-} ${PID[nginx2b]:-}" ;;
 	haproxy) echo "${PID[haproxy]:-}" ;;
 	esac
 }
@@ -239,11 +241,12 @@ D1_OUT=$((PORT_BASE + 20)) D1_ADMIN=$((PORT_BASE + 21)) D1_PROBE=$((PORT_BASE + 
 NA_H1=$((PORT_BASE + 23)) NA_H2=$((PORT_BASE + 24)) NB_TLS=$((PORT_BASE + 25))
 K1_OUT=$((PORT_BASE + 26)) K1_ADMIN=$((PORT_BASE + 27)) K1_PROBE=$((PORT_BASE + 28))
 L1_OUT=$((PORT_BASE + 29)) L1_ADMIN=$((PORT_BASE + 30)) L1_PROBE=$((PORT_BASE + 31))
+O1_OUT=$((PORT_BASE + 32)) O1_ADMIN=$((PORT_BASE + 33)) O1_PROBE=$((PORT_BASE + 34))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 32; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 35; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 31)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 34)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
@@ -258,6 +261,7 @@ url_for() { # SCENARIO PROTOCOL
 	weft1d) port=$D1_OUT ;;
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
+	weft1tls) port=$O1_OUT ;;
 	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
 	nginx2tls) if [[ $2 == h2 ]]; then port=$NA_H2; else port=$NA_H1; fi ;;
 	haproxy) if [[ $2 == h2 ]]; then port=$HA_H2; else port=$HA_H1; fi ;;
@@ -297,12 +301,17 @@ weft_config() { # FILE ENDPOINT [MESH-JSON] [PORT-PROTOCOL]
 
 # Identities minted by the mesh's own CA code, for both mTLS pairs: the
 # server side is bench/upstream, the client side bench/client.
-if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client >"$WORK/certs.log" 2>&1; then
+# nginx B serves a certificate for VENDOR_NAME from the same CA, which
+# weft's TLS origination verifies by name (nginx A does not verify).
+VENDOR_NAME=vendor.bench.example
+if "$BENCH" certs --dir "$WORK/ids" --identity bench/upstream --identity bench/client \
+	--server-name "$VENDOR_NAME" >"$WORK/certs.log" 2>&1; then
 	certs_ok=1
 else
 	certs_ok=0
 	sed 's/^/    | /' "$WORK/certs.log" >&2
 	not_run weft2tls "" "weft-bench certs could not mint the identities"
+	not_run weft1tls "" "weft-bench certs could not mint the identities"
 	not_run nginx2tls "" "weft-bench certs could not mint the identities"
 fi
 
@@ -320,6 +329,7 @@ if [[ -n $weft_reason ]]; then
 	not_run weft1d "" "$weft_reason"
 	not_run weft2 "" "$weft_reason"
 	[[ -n ${NOTRUN[weft2tls]:-} ]] || not_run weft2tls "" "$weft_reason"
+	[[ -n ${NOTRUN[weft1tls]:-} ]] || not_run weft1tls "" "$weft_reason"
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
@@ -373,6 +383,23 @@ else
 			--admin "127.0.0.1:$TA_ADMIN" --probe "127.0.0.1:$TA_PROBE" \
 			--outbound-map "127.0.0.1:$TA_OUT=$HOST_HEADER:80" \
 			--identity-dir "$WORK/ids/client" --service-account client
+		# weft1tls: the load generator's Host names an ExternalService
+		# whose port originates TLS to nginx B (the vendor), verifying
+		# B's certificate against the CA by VENDOR_NAME and presenting
+		# the client certificate nginx B requires: the copy the operator
+		# puts in the identity Secret (egress.<secret>.crt/.key). The
+		# listener stands for a connection to an address nothing serves
+		# (127.0.0.2): the request is routed by its Host, as in a pod.
+		mkdir -p "$WORK/ids/origin"
+		cp "$WORK/ids/client/"* "$WORK/ids/origin/"
+		cp "$WORK/ids/client/tls.crt" "$WORK/ids/origin/egress.bench-client.crt"
+		cp "$WORK/ids/client/tls.key" "$WORK/ids/origin/egress.bench-client.key"
+		ca_json=$(awk '{printf "%s\\n", $0}' "$WORK/ids/client/ca.crt")
+		printf '%s\n' '{"schemaVersion":"1.0","generation":"bench","namespace":"bench","trustDomain":"cluster.local","inbound":{"mode":"permissive"},"outbound":{"defaults":{"retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma"},"services":[],"externalServices":[{"name":"vendor","namespace":"bench","hosts":["'"$HOST_HEADER"'"],"ports":[{"port":80,"targetPort":'"$NB_TLS"',"tls":{"caCertificates":"'"$ca_json"'","serverName":"'"$VENDOR_NAME"'","clientCertificate":"bench-client"}}],"endpoints":["127.0.0.1:'"$NB_TLS"'"]}]}}' >"$WORK/weft-origin.json"
+		start_bg weft1tls "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-origin.json" \
+			--admin "127.0.0.1:$O1_ADMIN" --probe "127.0.0.1:$O1_PROBE" \
+			--outbound-map "127.0.0.1:$O1_OUT=127.0.0.2:80" \
+			--identity-dir "$WORK/ids/origin" --service-account client
 	fi
 fi
 
@@ -397,6 +424,7 @@ if ((certs_ok)); then
 		"$HERE/nginx-mtls-client.conf.tmpl" >"$WORK/nginx-mtls-client.conf"
 	sed -e "s|@WORKDIR@|$WORK|g" -e "s|@TLS_PORT@|$NB_TLS|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" \
 		-e "s|@IDS@|$WORK/ids|g" \
+		-e "s|@SERVER_CERT@|$WORK/ids/server|g" \
 		"$HERE/nginx-mtls-server.conf.tmpl" >"$WORK/nginx-mtls-server.conf"
 	nginx2_ok=1
 	for role in client server; do
@@ -404,6 +432,7 @@ if ((certs_ok)); then
 		if ! "$NGINX" -t -q "${args[@]}" >"$WORK/nginx-mtls-$role-check.log" 2>&1; then
 			sed 's/^/    | /' "$WORK/nginx-mtls-$role-check.log" >&2
 			not_run nginx2tls "" "nginx -t rejected the mTLS $role configuration"
+			[[ -n ${NOTRUN[weft1tls]:-} ]] || not_run weft1tls "" "nginx -t rejected the mTLS $role configuration (nginx B is its vendor)"
 			nginx2_ok=0
 			break
 		fi
@@ -448,8 +477,9 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft1log weft1k weft1d weft2b weft2a weft2tb weft2ta; do
+	for name in weft1log weft1k weft1d weft2b weft2a weft2tb weft2ta weft1tls; do
 		case $name in
+		weft1tls) admin=$O1_ADMIN scn=weft1tls ;;
 		weft1log) admin=$L1_ADMIN scn=weft1log ;;
 		weft1k) admin=$K1_ADMIN scn=weft1k ;;
 		weft1d) admin=$D1_ADMIN scn=weft1d ;;

@@ -382,21 +382,33 @@ struct CertsArgs {
     /// An identity to issue, `NAMESPACE/SERVICE_ACCOUNT` (repeatable).
     #[arg(long = "identity", required = true)]
     identities: Vec<String>,
+    /// Also a TLS server certificate for this DNS name, from the same CA,
+    /// into `server/` (a vendor's certificate, as TLS origination
+    /// verifies it by name).
+    #[arg(long)]
+    server_name: Option<String>,
 }
 
 fn certs(a: &CertsArgs) -> Result<ExitCode> {
     use weft::identity::{CA_LIFETIME, MeshCa, SpiffeId};
     let now = std::time::SystemTime::now();
     let ca = MeshCa::generate(&a.trust_domain, now, CA_LIFETIME)?;
+    let day = Duration::from_secs(24 * 3600);
+    let mut leaves = Vec::new();
     for id in &a.identities {
         let (ns, sa) = id
             .split_once('/')
             .with_context(|| format!("--identity {id:?}: expected NAMESPACE/SERVICE_ACCOUNT"))?;
-        let leaf = ca.issue(
-            &SpiffeId::new(&a.trust_domain, ns, sa),
-            now,
-            Duration::from_secs(24 * 3600),
-        )?;
+        let leaf = ca.issue(&SpiffeId::new(&a.trust_domain, ns, sa), now, day)?;
+        leaves.push((sa.to_owned(), leaf));
+    }
+    if let Some(name) = &a.server_name {
+        leaves.push((
+            "server".to_owned(),
+            ca.issue_server(std::slice::from_ref(name), now, day)?,
+        ));
+    }
+    for (sa, leaf) in leaves {
         let dir = a.dir.join(sa);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for (name, text) in [
@@ -1099,7 +1111,7 @@ struct Scenario {
     processes: &'static str,
 }
 
-const SCENARIOS: [Scenario; 10] = [
+const SCENARIOS: [Scenario; 11] = [
     Scenario {
         key: "direct",
         name: "direct",
@@ -1141,6 +1153,12 @@ const SCENARIOS: [Scenario; 10] = [
         name: "weft ×2 mTLS",
         path: "loadgen → weft A outbound → mesh mTLS → weft B inbound → upstream",
         processes: "weft A + weft B (summed)",
+    },
+    Scenario {
+        key: "weft1tls",
+        name: "weft ×1 TLS origination",
+        path: "loadgen → weft outbound (ExternalService: TLS 1.3 originated, certificate verified by name, client certificate) → nginx B → upstream",
+        processes: "weft + nginx B, master and worker (summed)",
     },
     Scenario {
         key: "nginx",
@@ -1336,6 +1354,9 @@ fn hops_text(key: &str, seen: &str) -> String {
         "nginx" => format!("→upstream: {seen} (nginx speaks only HTTP/1.1 upstream)"),
         "nginx2tls" => format!(
             "A→B: TLS 1.3 with certificates from the mesh CA (pooled), HTTP/1.1 inside; B→upstream: {seen}"
+        ),
+        "weft1tls" => format!(
+            "weft→B: TLS 1.3 originated by weft, B's certificate verified by name, client certificate (pooled), HTTP/1.1 inside; B→upstream: {seen}"
         ),
         _ => format!("→upstream: {seen}"),
     }
@@ -1901,6 +1922,50 @@ fn report(a: &ReportArgs) -> Result<ExitCode> {
             reference_parts.join("; ")
         ));
     }
+    // TLS origination (issue 21): weft calling a vendor over TLS it
+    // originates, against nginx A doing the same `proxy_pass https://`;
+    // both through the same nginx B, so the pairs differ only in the
+    // first hop.
+    let mut origin_ok = Vec::new();
+    let mut origin_parts = Vec::new();
+    for (rate, proto) in &combos {
+        let get = |k: &'static str| rows.get(&(*rate, proto.clone(), k));
+        if let (Some(w), Some(n)) = (
+            get("weft1tls").and_then(|r| r.added[0]),
+            get("nginx2tls").and_then(|r| r.added[0]),
+        ) {
+            let ok = w <= TARGET_RATIO * n.max(0.0);
+            origin_ok.push(ok);
+            origin_parts.push(format!(
+                "{} {rate}/s: weft originating + nginx B {} µs vs nginx A + nginx B {} µs{} ({})",
+                protocol_label(proto),
+                signed_us(Some(w)),
+                signed_us(Some(n)),
+                if n > 0.0 {
+                    format!(", {:.2}x", w / n)
+                } else {
+                    String::new()
+                },
+                if ok { "met" } else { "missed" }
+            ));
+        } else if rows.contains_key(&(*rate, proto.clone(), "weft1tls")) {
+            origin_parts.push(format!("{} {rate}/s: {UNMEASURED}", protocol_label(proto)));
+        }
+    }
+    let v = verdict(&origin_ok);
+    verdicts.push(v);
+    targets.push(format!(
+        "Added p50 latency of weft originating TLS to a vendor (with a client certificate) within {TARGET_RATIO}x of nginx doing the same `proxy_pass https://`, both through the same TLS server (nginx B), at every rate and protocol: **{v}** — {}",
+        if origin_parts.is_empty() {
+            not_run
+                .get("weft1tls")
+                .map_or("no kept weft ×1 TLS origination and nginx ×2 mTLS cells".to_string(), |r| {
+                    format!("not run: {r}")
+                })
+        } else {
+            origin_parts.join("; ")
+        }
+    ));
     handshake_section(&mut md, &handshakes, a.clk_tck, &mut discarded);
 
     let _ = writeln!(md, "\n## Targets\n");
