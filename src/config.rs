@@ -545,18 +545,20 @@ impl RateLimitConfig {
         let Some(shared) = &self.shared else {
             return 1;
         };
+        // Saturating: the document is data anyone who may write the
+        // namespace's ConfigMaps could have written.
+        let sum = |counts: &mut dyn Iterator<Item = u32>| counts.fold(0u32, u32::saturating_add);
         if shared.service_accounts.is_empty() {
-            return clients.values().sum::<u32>().max(1);
+            return sum(&mut clients.values().copied()).max(1);
         }
         if !shared.service_accounts.iter().any(|sa| sa == own) {
             return 0;
         }
-        shared
+        sum(&mut shared
             .service_accounts
             .iter()
-            .filter_map(|sa| clients.get(sa))
-            .sum::<u32>()
-            .max(1)
+            .filter_map(|sa| clients.get(sa).copied()))
+        .max(1)
     }
 }
 

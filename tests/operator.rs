@@ -323,8 +323,8 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
     assert_eq!(
         paths,
         [
-            "/api/v1/namespaces/shop/configmaps/weft-proxy-config",
             "/api/v1/namespaces/shop/configmaps/weft-endpoints",
+            "/api/v1/namespaces/shop/configmaps/weft-proxy-config",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/weft-proxy-config-reader",
             "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/weft-proxy-config-reader",
             "/api/v1/namespaces/shop/secrets/weft-identity-cart",
@@ -351,7 +351,7 @@ async fn labelling_a_namespace_applies_its_config_map_secret_and_rbac_once() {
         );
     }
     let config: Value = serde_json::from_str(
-        writes[0].body["data"]["config.json"]
+        writes[1].body["data"]["config.json"]
             .as_str()
             .expect("config.json"),
     )
@@ -2182,7 +2182,7 @@ fn client_pod(ns: &str, name: &str, sa: &str, sidecar: bool, phase: &str) -> Pod
     }
     obj(json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": ns, "name": name},
-        "spec": {"serviceAccountName": sa, "containers": containers},
+        "spec": {"serviceAccountName": sa, "containers": containers, "nodeName": "node-1"},
         "status": {"phase": phase}}))
 }
 
@@ -2233,8 +2233,30 @@ async fn a_namespace_wide_limit_has_its_client_pods_counted_and_recounted_as_the
         &mut h.writers.pods,
         client_pod("catalog", "c0", "checkout", true, "Running"),
     );
+    // Nor a pod no node was found for (it sends nothing, and a thousand
+    // gated pods must not thin everyone's share).
+    let mut unscheduled = client_pod("shop", "gated", "checkout", true, "Pending");
+    unscheduled.spec.as_mut().expect("spec").node_name = None;
+    put(&mut h.writers.pods, unscheduled);
     h.with_ca().await;
     driver::recompile(&h.ctx).await;
+    // No ServiceAccount `checkout` in the cache: the status says so (a
+    // typo would leave the callers with no share).
+    let snap = h.ctx.snapshot.load_full();
+    let verdict = snap
+        .compiled
+        .verdicts
+        .iter()
+        .find(|v| v.kind == weft::compile::PolicyKind::TrafficPolicy && v.name == "carrier")
+        .expect("a verdict");
+    let programmed = verdict.condition("Programmed").expect("Programmed");
+    assert!(
+        programmed
+            .message
+            .contains("names checkout that namespace shop does not have"),
+        "{}",
+        programmed.message
+    );
     let config: Value = {
         h.reconcile("shop").await;
         let cm: ConfigMap = h

@@ -36,6 +36,7 @@ use super::common::{Duration, HttpMethod, PolicyStatus};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.timeout) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(self.timeout)").message("retries.perTryTimeout must not exceed timeout: the whole request would time out before one try does"))]
+#[x_kube(validation = Rule::new("!has(self.rateLimit) || !has(self.rateLimit.serviceAccounts) || size(self.rateLimit.serviceAccounts) == 0 || self.targetRef.kind == 'ExternalService'").message("rateLimit.serviceAccounts is for an ExternalService target: for a Service, the callers are in other namespaces, whose ServiceAccounts this policy cannot name"))]
 pub struct TrafficPolicySpec {
     /// The Service (or ExternalService) this policy applies to, in the
     /// policy's namespace.
@@ -51,7 +52,9 @@ pub struct TrafficPolicySpec {
     /// Stop sending to a failing endpoint (or the whole Service) for a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
-    /// A token bucket each client proxy applies to its calls to the target.
+    /// A token bucket on the calls to the target: each client proxy's own,
+    /// or (`scope: Namespace`) shared by a namespace's client pods. HTTP
+    /// calls only: TLS passed through is not seen request by request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
     /// Honour the target's own back-off: after it answers `429 Too Many
@@ -285,16 +288,18 @@ pub struct RateLimit {
     /// proxy's own. `Namespace`: those of all the client pods of a
     /// calling namespace together, as a vendor counts an API key's quota:
     /// the operator counts the meshed pods (running or starting, not
-    /// finished) and each proxy takes its share of rate and burst (at
-    /// least one request of burst), re-divided as pods come and go. For a
-    /// Service target, each calling namespace gets the whole limit.
+    /// finished, scheduled to a node) and each proxy takes its share of
+    /// rate and burst (at least one request of burst), re-divided as pods
+    /// come and go; all the hosts and ports of the target draw on one
+    /// limit. For a Service target, each calling namespace gets the whole
+    /// limit.
     #[serde(default)]
     pub scope: RateLimitScope,
     /// With `scope: Namespace`, the ServiceAccounts whose pods share the
     /// limit (the ones that call the target), so that pods that never
     /// call it do not dilute the shares. Other pods of the namespace get
     /// no share: their calls are answered 429 `rate-limited`. Default:
-    /// every meshed pod of the namespace.
+    /// every meshed pod of the namespace. ExternalService targets only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 32),

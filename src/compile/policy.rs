@@ -272,8 +272,30 @@ pub(crate) fn resolve_traffic(
         |tp| tp.spec.target_ref.name.as_str(),
         |tp, v| {
             let ns = tp.namespace().unwrap_or_default();
+            // A ServiceAccount named for a shared limit that does not
+            // exist is most likely a typo, and its callers get no share.
+            let unknown: Vec<&str> = tp
+                .spec
+                .rate_limit
+                .iter()
+                .flat_map(|rl| &rl.service_accounts)
+                .filter(|sa| {
+                    !facts.service_accounts.iter().any(|a| {
+                        a.namespace().as_deref() == Some(ns.as_str()) && a.name_any() == **sa
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            let note = if unknown.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; rateLimit.serviceAccounts names {} that namespace {ns} does not have: no pod shares the limit under that name (a typo leaves the callers with no share: 429)",
+                    unknown.join(", ")
+                )
+            };
             if meshed.contains(&ns) {
-                v.programmed(format!("in the proxy config of namespace {ns}"));
+                v.programmed(format!("in the proxy config of namespace {ns}{note}"));
             } else {
                 v.not_programmed(
                     reason::NAMESPACE_NOT_MESHED,

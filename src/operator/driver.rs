@@ -362,7 +362,7 @@ pub async fn compile_loop(
         // rollout moves many pods): both wait a moment to batch.
         if matches!(
             batch[0],
-            Change::Inputs | Change::Endpoints(..) | Change::Pods(..)
+            Change::Inputs | Change::Endpoints(..) | Change::Pods(..) | Change::AllPods
         ) {
             tokio::time::sleep(DEBOUNCE).await;
         }
@@ -374,6 +374,7 @@ pub async fn compile_loop(
         let mut inputs = false;
         let mut endpoints = BTreeSet::new();
         let mut pods = BTreeSet::new();
+        let mut all_pods = false;
         for c in batch {
             match c {
                 Change::Inputs => inputs = true,
@@ -387,6 +388,7 @@ pub async fn compile_loop(
                 Change::Pods(ns) => {
                     pods.insert(ns);
                 }
+                Change::AllPods => all_pods = true,
             }
         }
         if inputs {
@@ -415,6 +417,9 @@ pub async fn compile_loop(
             // Pod events are many and few namespaces divide a limit: only
             // those are looked at.
             let snap = ctx.snapshot.load_full();
+            if all_pods {
+                pods.extend(snap.compiled.configs.keys().cloned());
+            }
             pods.retain(|ns| {
                 snap.compiled
                     .configs

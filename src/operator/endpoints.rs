@@ -89,13 +89,23 @@ pub fn desired(config: &ProxyConfig, world: &World, slices: &SliceIndex) -> Endp
 }
 
 /// The meshed pods of `ns` that may call out, by ServiceAccount: every pod
-/// with the proxy that has not finished (a starting pod counts: its share
-/// is held for it rather than overshooting the limit while it starts; a
-/// terminating one too, as it may still be sending).
+/// with the proxy, scheduled to a node and not finished (a starting pod
+/// counts: its share is held for it rather than overshooting the limit
+/// while it starts; a terminating one too, as it may still be sending).
+/// An unscheduled pod (waiting for a node, or gated) does not: it sends
+/// nothing, and pods nobody can run must not thin everyone's share. A
+/// host-network pod has no sidecar of weft's.
 pub fn client_proxies(world: &World, ns: &str) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
     for pod in world.pods.state() {
-        if pod.namespace().as_deref() != Some(ns) || !super::reconcile::injected(&pod) {
+        if pod.metadata.namespace.as_deref() != Some(ns) || !super::reconcile::injected(&pod) {
+            continue;
+        }
+        let spec = pod.spec.as_ref();
+        let scheduled = spec
+            .and_then(|s| s.node_name.as_deref())
+            .is_some_and(|n| !n.is_empty());
+        if !scheduled || spec.and_then(|s| s.host_network) == Some(true) {
             continue;
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -107,7 +117,8 @@ pub fn client_proxies(world: &World, ns: &str) -> BTreeMap<String, u32> {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".to_owned());
-        *out.entry(sa).or_insert(0) += 1;
+        let n: &mut u32 = out.entry(sa).or_insert(0);
+        *n = n.saturating_add(1);
     }
     out
 }

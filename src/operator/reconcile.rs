@@ -513,14 +513,18 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     // The first error is returned at the end (backoff, and an Event).
     let mut failed: Vec<Error> = Vec::new();
     let w = &ctx.world;
+    // The endpoints document first: it carries the client counts a
+    // namespace-wide rate limit is divided by, and a config that brings
+    // such a limit to proxies before the count would have each take it
+    // whole.
     let applied = [
+        apply_endpoints(ctx, ns, config).await,
         apply(
             ctx,
             &desired::config_map(ns, config),
             World::child(&w.config_maps, &name, CONFIG_MAP_NAME).as_deref(),
         )
         .await,
-        apply_endpoints(ctx, ns, config).await,
         apply(
             ctx,
             &desired::role(ns),

@@ -162,10 +162,13 @@ pub enum Change {
     /// The EndpointSlices of this Service (`namespace`, `name`) changed:
     /// republish the endpoints of the namespaces that call it.
     Endpoints(String, String),
-    /// A pod of this namespace changed: where the namespace's config
-    /// divides a rate limit among its pods, republish its endpoints
-    /// document (which counts them) if the count moved.
+    /// A meshed pod of this namespace changed: where the namespace's
+    /// config divides a rate limit among its pods, republish its
+    /// endpoints document (which counts them) if the count moved.
     Pods(String),
+    /// The pod watch relisted: every namespace that divides a limit is
+    /// counted again.
+    AllPods,
 }
 
 /// Changes go to this channel while `leading` holds true, and are dropped
@@ -309,7 +312,7 @@ const INPUT: Classify = Classify::Input;
 const CHILD: Classify = Classify::Child;
 
 impl Classify {
-    fn event<K: Resource>(self, obj: &K) -> Option<Change> {
+    fn event<K: Resource + 'static>(self, obj: &K) -> Option<Change> {
         match self {
             Self::Input => Some(Change::Inputs),
             Self::Child => obj.namespace().map(Change::Child),
@@ -317,7 +320,15 @@ impl Classify {
                 obj.namespace()?,
                 obj.labels().get(SERVICE_NAME_LABEL)?.clone(),
             )),
-            Self::Pods => obj.namespace().map(Change::Pods),
+            // Only pods with the sidecar are counted (a pod's containers
+            // never change): the others' events are most of a cluster's.
+            Self::Pods => {
+                let pod = (obj as &dyn std::any::Any).downcast_ref::<Pod>()?;
+                super::reconcile::injected(pod)
+                    .then(|| pod.metadata.namespace.clone())
+                    .flatten()
+                    .map(Change::Pods)
+            }
         }
     }
 
@@ -327,10 +338,7 @@ impl Classify {
         match self {
             Self::Input => Some(Change::Inputs),
             Self::Child | Self::Endpoints => Some(Change::AllChildren),
-            // Counts a relist changed are republished by the namespaces'
-            // periodic reconcile (every 5 minutes): reconciling every
-            // namespace at each pod relist would cost more than that lag.
-            Self::Pods => None,
+            Self::Pods => Some(Change::AllPods),
         }
     }
 }
@@ -479,7 +487,7 @@ pub fn prune_slice(slice: &mut EndpointSlice) {
     }
 }
 
-async fn forward<K: Resource>(
+async fn forward<K: Resource + 'static>(
     kind: String,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     changes: ChangeSink,

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{CircuitBreakerConfig, EndpointsConfig, OutboundService, ServicePolicy};
+use crate::config::{
+    CircuitBreakerConfig, EndpointsConfig, OutboundService, RateLimitConfig, ServicePolicy,
+};
 use crate::proxy::http::pool::{CLUSTER_IP_H2_CONNECTIONS, Endpoint};
 use crate::proxy::mesh::MeshTarget;
 use crate::proxy::metrics::EdgeCache;
@@ -290,7 +292,10 @@ pub struct Destination {
     /// The Service's circuit state last published: Open only when every
     /// endpoint's breaker is open (see [`Destination::circuit_state`]).
     pub published_circuit: std::sync::atomic::AtomicU8,
-    pub limiter: Option<TokenBucket>,
+    /// The token bucket: this destination's own, or, for a limit shared
+    /// by the namespace's pods, the one every destination of the policy's
+    /// target holds ([`Destinations::attach`]).
+    pub limiter: Option<Arc<TokenBucket>>,
     /// The Service's own back-off (`Retry-After`), when the policy
     /// honours it.
     pub hold: Option<Arc<Hold>>,
@@ -373,7 +378,7 @@ impl Destination {
         let limiter = policy
             .rate_limit
             .as_ref()
-            .map(|rl| TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
+            .map(|rl| Arc::new(TokenBucket::new(rl.requests_per_second, rl.burst.max(1))));
         let static_endpoints = fixed_list(&source, &policy, &mesh, &origin, &[]);
         let unready = unready_of(&source);
         let fixed = static_endpoints.is_some();
@@ -955,16 +960,6 @@ fn discovered_pods(
     (!pods.is_empty()).then(|| (pods, Arc::new(published.unready_by_zone.clone())))
 }
 
-/// Gives `d`'s namespace-wide rate limit, if it has one, its share of
-/// `(clients, own ServiceAccount)`.
-fn share(d: &Destination, (clients, own): &(BTreeMap<String, u32>, String)) {
-    if let (Some(limiter), Some(rl)) = (&d.limiter, &d.policy.rate_limit)
-        && rl.shared.is_some()
-    {
-        limiter.share_among(rl.sharers(clients, own));
-    }
-}
-
 /// Destinations kept for bare addresses, before they are forgotten all at
 /// once.
 pub const MAX_ADDRESS_DESTINATIONS: usize = 4096;
@@ -982,6 +977,12 @@ pub struct Destinations {
     /// document last counted them, and this proxy's own ServiceAccount:
     /// how namespace-wide rate limits are divided.
     sharing: Mutex<(BTreeMap<String, u32>, String)>,
+    /// The buckets of namespace-wide limits, one per policy (and so per
+    /// target: a TrafficPolicy has one) and setting: every destination of
+    /// the target (each host a wildcard matches, each port of a Service)
+    /// draws on it, and a destination rebuilt by a reload finds it again
+    /// rather than a fresh burst.
+    shared_buckets: Mutex<HashMap<String, (Arc<TokenBucket>, RateLimitConfig)>>,
 }
 
 impl Destinations {
@@ -991,6 +992,7 @@ impl Destinations {
             external_count: Default::default(),
             locality: Arc::new(locality),
             sharing: Mutex::new((BTreeMap::new(), "default".to_owned())),
+            shared_buckets: Mutex::default(),
         }
     }
 
@@ -1011,17 +1013,34 @@ impl Destinations {
             sharing.0 = clients.clone();
             sharing.clone()
         };
-        let map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
-        for d in map.values() {
-            share(d, &sharing);
+        for (bucket, rl) in lock(&self.shared_buckets).values() {
+            bucket.share_among(rl.sharers(&sharing.0, &sharing.1));
         }
     }
 
     /// What every new destination gets from the proxy: where it runs, and
-    /// its share of a namespace-wide limit.
+    /// for a namespace-wide limit its target's bucket at this proxy's
+    /// share.
     fn attach(&self, d: &mut Destination) {
         d.locality = self.locality.clone();
-        share(d, &lock(&self.sharing));
+        let Some(rl) = d.policy.rate_limit.as_ref().filter(|r| r.shared.is_some()) else {
+            return;
+        };
+        let key = format!(
+            "{}|{}|{}|{:?}",
+            d.policy.source.as_deref().unwrap_or(&d.label),
+            rl.requests_per_second,
+            rl.burst,
+            rl.shared
+        );
+        let mut buckets = lock(&self.shared_buckets);
+        let (bucket, _) = buckets.entry(key).or_insert_with(|| {
+            let bucket = Arc::new(TokenBucket::new(rl.requests_per_second, rl.burst.max(1)));
+            let (clients, own) = &*lock(&self.sharing);
+            bucket.share_among(rl.sharers(clients, own));
+            (bucket, rl.clone())
+        });
+        d.limiter = Some(bucket.clone());
     }
 
     /// The destination for `label`, reusing its state when nothing that
@@ -1179,6 +1198,9 @@ impl Destinations {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         let mut map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|label, _| keep(label));
+        // A shared bucket no destination holds any more goes with them
+        // (one a request in flight still holds is dropped with it).
+        lock(&self.shared_buckets).retain(|_, (b, _)| Arc::strong_count(b) > 1);
         let external = map
             .keys()
             .filter(|k| k.starts_with(WILDCARD_KEY_PREFIX))

@@ -2,7 +2,7 @@
 //! pointer, swapped whole on reload. A request takes the snapshot once, at
 //! its start, and finishes on it even if a newer config arrives meanwhile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -735,7 +735,8 @@ impl ConfigStore {
         if self.endpoints.load().is_none() {
             return;
         }
-        self.destinations.reshare(&BTreeMap::new());
+        // The client counts are kept: without them every proxy would take
+        // a namespace-wide limit whole.
         self.swap_endpoints(None);
         tracing::info!("endpoints withdrawn: Services are reached through their ClusterIPs");
     }
