@@ -314,10 +314,13 @@ pub struct OriginateTlsConfig {
 /// the operator stores client certificate Secret `secret`'s chain and key.
 pub fn egress_credential_keys(secret: &str) -> (String, String) {
     (
-        format!("egress.{secret}.crt"),
-        format!("egress.{secret}.key"),
+        format!("{EGRESS_KEY_PREFIX}{secret}.crt"),
+        format!("{EGRESS_KEY_PREFIX}{secret}.key"),
     )
 }
+
+/// The prefix of the client certificate keys in an identity Secret.
+pub const EGRESS_KEY_PREFIX: &str = "egress.";
 
 /// A Service as its clients see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -132,7 +132,15 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
             requests_per_second: rl.requests_per_second,
             burst: rl.burst.unwrap_or(rl.requests_per_second),
             shared: (rl.scope == RateLimitScope::Namespace).then(|| SharedLimitConfig {
-                service_accounts: rl.service_accounts.clone(),
+                // Names of the calling namespace's accounts: meaningful
+                // for an ExternalService only (the CRD refuses them for a
+                // Service; a cluster with older CRDs may still hold some,
+                // which would leave every caller with no share).
+                service_accounts: if spec.target_ref.kind == PolicyTargetKind::ExternalService {
+                    rl.service_accounts.clone()
+                } else {
+                    Vec::new()
+                },
             }),
         }),
         retry_after: spec.retry_after.as_ref().map(|ra| RetryAfterConfig {

@@ -316,6 +316,18 @@ impl Error {
     }
 
     /// A short, bounded label for metrics and Event reasons.
+    /// Whether the API server refused the object itself (invalid, too
+    /// large, or an admission policy said no), not a failure to reach it.
+    pub fn refused_content(&self) -> bool {
+        matches!(
+            self,
+            Error::Api {
+                source: kube::Error::Api(resp),
+                ..
+            } if matches!(resp.code, 400 | 403 | 413 | 422)
+        )
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Api { source, .. } => match source {
@@ -599,14 +611,30 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                     issued.push(sa.as_str());
                 }
                 let extra = egress.for_stored(&existing);
-                let plain = (!extra.is_empty()).then(|| id.clone());
+                // What the Secret holds of them already: kept if the new
+                // ones are refused.
+                let plain = (!extra.is_empty()).then(|| {
+                    let mut plain = id.clone();
+                    plain.data.extend(
+                        existing
+                            .iter()
+                            .filter(|(k, _)| k.starts_with(crate::config::EGRESS_KEY_PREFIX))
+                            .map(|(k, v)| (k.clone(), v.clone())),
+                    );
+                    plain
+                });
                 id.data.extend(extra);
                 let mut written =
                     apply(ctx, &desired::identity_secret(ns, &id), stored.as_deref()).await;
                 // The mesh identity never waits on a vendor's certificate:
-                // refused with it (a quota, a size limit, an admission
-                // policy), the Secret is written without it.
-                if let (Err(e), Some(plain)) = (&written, plain) {
+                // refused for its content with the new copies (a size
+                // limit, an admission policy), the Secret is written with
+                // only those it held. An API server in trouble (a
+                // timeout, a 5xx) is retried as it is, by the backoff.
+                if let (Err(e), Some(plain)) = (&written, plain)
+                    && e.refused_content()
+                    && plain.data != id.data
+                {
                     tracing::warn!(namespace = %name, service_account = %sa, error = %e, "identity Secret refused with the client certificates; writing it without them");
                     if apply(
                         ctx,
@@ -1970,6 +1998,26 @@ mod tests {
             d.blockers,
             vec!["client shop/web-1 did not report its config generation".to_owned()]
         );
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_object_itself_drops_the_client_certificates() {
+        let api = |code: u16| Error::Api {
+            action: "applying",
+            kind: "Secret".into(),
+            namespace: "shop".into(),
+            name: "weft-identity-cart".into(),
+            source: kube::Error::Api(Box::new(
+                serde_json::from_value(json!({"status": "Failure", "code": code})).expect("status"),
+            )),
+        };
+        for code in [400, 403, 413, 422] {
+            assert!(api(code).refused_content(), "{code}");
+        }
+        // An API server in trouble: the write is retried as it is.
+        for code in [409, 429, 500, 503, 504] {
+            assert!(!api(code).refused_content(), "{code}");
+        }
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct Originate {
 /// Secret reaches the files through the kubelet, and the next handshake
 /// after this long presents it.
 const CREDENTIAL_RECHECK: Duration = Duration::from_secs(10);
+/// How long a pooled connection that presented a client certificate is
+/// reused: under steady traffic it never idles out, and a withdrawn or
+/// renewed certificate must reach the vendor.
+pub const CREDENTIAL_MAX_CONNECTION_AGE: Duration = Duration::from_secs(30);
 
 /// A client certificate read from two files of the proxy's identity
 /// directory (`egress.<secret>.crt` and `.key`, written there by the
@@ -148,7 +152,7 @@ impl ClientCredential {
         };
         // Two tries: the kubelet swaps a Secret's files at once, but two
         // reads can fall either side of the swap.
-        for _ in 0..2 {
+        for attempt in 0..2 {
             let read = |p: &Path| std::fs::read_to_string(p);
             let pair = match (read(crt), read(key)) {
                 (Ok(c), Ok(k)) => (c, k),
@@ -179,7 +183,12 @@ impl ClientCredential {
                 }
             };
             if st.read.as_ref() == Some(&pair) {
-                return;
+                // Unchanged since the last read; on the second try, the
+                // same unusable pair as the first: said once, below.
+                if attempt == 0 {
+                    return;
+                }
+                break;
             }
             let loaded = certified_key(&pair.0, &pair.1).and_then(|k| {
                 let leaf = k.end_entity_cert().map_err(|e| e.to_string())?;
@@ -195,6 +204,9 @@ impl ClientCredential {
                 }
                 Err(e) => {
                     st.why = Some(format!("client certificate Secret {}: {e}", self.secret));
+                    // Not parsed again until it changes (a second try
+                    // reads again: the kubelet may have been mid-swap).
+                    st.read = Some(pair);
                 }
             }
         }
@@ -382,6 +394,11 @@ impl PartialEq for OriginTarget {
 impl Eq for OriginTarget {}
 
 impl OriginTarget {
+    /// Whether connections to this vendor present a client certificate.
+    pub fn presents_certificate(&self) -> bool {
+        self.originate.client.is_some()
+    }
+
     /// TCP to `addr`, then TLS verified for `name`. A failure is counted
     /// by reason and is a connect error (the vendor never saw a request).
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<MeshStream> {

@@ -415,7 +415,14 @@ impl Pool {
             } else {
                 IDLE_TIMEOUT
             },
-            retire_at: (ep.h2_connections > 1).then(|| Instant::now() + MAX_H2_AGE),
+            retire_at: if ep.origin.as_ref().is_some_and(|o| o.presents_certificate()) {
+                // A connection authenticated with a client certificate is
+                // reused for a bounded time: a renewed or withdrawn
+                // certificate reaches the vendor on the next one.
+                Some(Instant::now() + super::super::origin::CREDENTIAL_MAX_CONNECTION_AGE)
+            } else {
+                (ep.h2_connections > 1).then(|| Instant::now() + MAX_H2_AGE)
+            },
         };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
