@@ -677,8 +677,7 @@ async fn a_client_certificate_is_presented_from_the_identity_directory_and_none_
 
     // Withdrawn (the Secret deleted: the operator takes the keys out of
     // the identity Secret): the vendor is no longer called.
-    std::fs::remove_file(dir.path().join(&crt)).expect("rm");
-    std::fs::remove_file(dir.path().join(&key)).expect("rm");
+    kubelet_writes(&dir, &[]);
     tokio::time::sleep(Duration::from_millis(10_100)).await;
     let before = v.requests().len();
     let (status, error, _) = call(&p, "api.bank.test", "/accounts").await;
@@ -686,13 +685,45 @@ async fn a_client_certificate_is_presented_from_the_identity_directory_and_none_
     assert_eq!(v.requests().len(), before, "nothing sent once withdrawn");
 }
 
-/// Writes a certificate and key as the kubelet updates a Secret volume:
-/// each file replaced whole.
+/// The identity Secret's client certificate keys as the kubelet writes
+/// them ([`kubelet_writes`]).
 fn write_pair(dir: &tempfile::TempDir, crt: &str, crt_pem: &str, key: &str, key_pem: &str) {
-    for (name, pem) in [(crt, crt_pem), (key, key_pem)] {
-        let tmp = dir.path().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, pem).expect("write");
-        std::fs::rename(&tmp, dir.path().join(name)).expect("rename");
+    kubelet_writes(dir, &[(crt, crt_pem), (key, key_pem)]);
+}
+
+/// A Secret volume's new contents, written as the kubelet's AtomicWriter
+/// does (kubernetes pkg/volume/util/atomic_writer.go): the files go into
+/// a new hidden timestamped directory, the `..data` symlink is swapped to
+/// it in one rename, each key is a symlink `key -> ..data/key`, and a key
+/// the Secret no longer has loses its symlink. Every key changes at once;
+/// a reader that opens two files can still fall either side of the swap.
+fn kubelet_writes(dir: &tempfile::TempDir, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let root = dir.path();
+    let stamp = format!("..{}", fastrand::u64(..));
+    std::fs::create_dir(root.join(&stamp)).expect("payload dir");
+    for (name, text) in files {
+        std::fs::write(root.join(&stamp).join(name), text).expect("payload");
+    }
+    let old = std::fs::read_link(root.join("..data")).ok();
+    symlink(&stamp, root.join("..data_tmp")).expect("symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    for (name, _) in files {
+        let link = root.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{name}"), &link).expect("key symlink");
+        }
+    }
+    for entry in std::fs::read_dir(root).expect("dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_key_link =
+            !name.starts_with("..") && entry.file_type().is_ok_and(|t| t.is_symlink());
+        if is_key_link && !files.iter().any(|(f, _)| *f == name) {
+            std::fs::remove_file(entry.path()).expect("stale key");
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(root.join(old)).expect("old payload");
     }
 }
 
