@@ -65,6 +65,12 @@ fn public_roots() -> Arc<RootCertStore> {
 #[derive(Debug)]
 pub struct Originate {
     config: Arc<ClientConfig>,
+    /// With a client certificate: the config for the certificate loaded,
+    /// by the credential's generation. Each has its own session store, so
+    /// a session resumed (cheap: no signature, no chain to verify) was
+    /// always authenticated with the certificate in force; a renewed or
+    /// withdrawn one starts a new store.
+    per_credential: Mutex<Option<(u64, Arc<ClientConfig>)>>,
     server_name: Option<String>,
     /// The client certificate presented, when configured.
     client: Option<Arc<ClientCredential>>,
@@ -99,6 +105,8 @@ struct CredentialState {
     key: Option<(Arc<CertifiedKey>, SystemTime)>,
     /// Why the files give no certificate (absent, or not a pair).
     why: Option<String>,
+    /// Counts changes of `key` (loaded, replaced, withdrawn).
+    generation: u64,
 }
 
 impl std::fmt::Debug for ClientCredential {
@@ -124,6 +132,11 @@ impl ClientCredential {
     /// files are gone (the Secret was deleted or refused: a deleted
     /// Secret revokes), or the certificate has expired.
     pub fn current(&self) -> Result<Arc<CertifiedKey>, String> {
+        self.current_with_generation().map(|(key, _)| key)
+    }
+
+    /// [`ClientCredential::current`], and the generation of the pair.
+    pub fn current_with_generation(&self) -> Result<(Arc<CertifiedKey>, u64), String> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let due = st
             .checked
@@ -137,7 +150,7 @@ impl ClientCredential {
                 "the certificate of client certificate Secret {} has expired; renew the Secret",
                 self.secret
             )),
-            (Some((key, _)), _) => Ok(key.clone()),
+            (Some((key, _)), _) => Ok((key.clone(), st.generation)),
             (None, why) => Err(why.clone().unwrap_or_default()),
         }
     }
@@ -163,6 +176,7 @@ impl ClientCredential {
                     // Gone: the operator took it away (Secret deleted,
                     // expired or refused). Nothing is presented.
                     if st.key.take().is_some() {
+                        st.generation += 1;
                         tracing::warn!(secret = %self.secret, "client certificate withdrawn; the vendor is no longer called");
                     }
                     st.read = None;
@@ -198,6 +212,7 @@ impl ClientCredential {
             match loaded {
                 Ok(k) => {
                     st.key = Some(k);
+                    st.generation += 1;
                     st.why = None;
                     st.read = Some(pair);
                     return;
@@ -298,20 +313,37 @@ impl Originate {
             None => config.with_no_client_auth(),
             Some(c) => config.with_client_cert_resolver(Arc::new(PresentCredential(c.clone()))),
         };
-        if client.is_some() {
-            // A resumed session skips the certificate: a renewed or
-            // withdrawn one would not be seen by the vendor for as long as
-            // its tickets last. Every new connection authenticates afresh
-            // (pooled connections still carry many requests).
-            config.resumption = rustls::client::Resumption::disabled();
-        }
         // The request goes as HTTP/1.1 (`outbound::prepare`).
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
+            per_credential: Mutex::new(None),
             server_name: tls.server_name.clone(),
             client,
         })
+    }
+
+    /// The client config for a connection made now: the one built at
+    /// start, or with a client certificate, the one of the certificate's
+    /// generation (a fresh session store when it changed).
+    fn config_for(&self, generation: u64) -> Arc<ClientConfig> {
+        if self.client.is_none() {
+            return self.config.clone();
+        }
+        let mut cached = self
+            .per_credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((g, config)) if *g == generation => config.clone(),
+            _ => {
+                let mut fresh = (*self.config).clone();
+                fresh.resumption = rustls::client::Resumption::default();
+                let fresh = Arc::new(fresh);
+                *cached = Some((generation, fresh.clone()));
+                fresh
+            }
+        }
     }
 
     /// The name a connection for a request to `host` sends as SNI and
@@ -422,16 +454,20 @@ impl OriginTarget {
         // The check is before the handshake: a vendor that never asks for
         // a certificate is not called either, as the config says the
         // connection is authenticated.
-        if let Some(client) = &self.originate.client
-            && let Err(why) = client.current()
-        {
-            return Err(fail(
-                "client-certificate",
-                io::Error::new(io::ErrorKind::NotFound, why),
-            ));
-        }
+        let generation = match &self.originate.client {
+            None => 0,
+            Some(client) => match client.current_with_generation() {
+                Ok((_, generation)) => generation,
+                Err(why) => {
+                    return Err(fail(
+                        "client-certificate",
+                        io::Error::new(io::ErrorKind::NotFound, why),
+                    ));
+                }
+            },
+        };
         let tcp = connect_tcp(addr).await.map_err(|e| fail("connection", e))?;
-        let connector = TlsConnector::from(self.originate.config.clone());
+        let connector = TlsConnector::from(self.originate.config_for(generation));
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
             Ok(Ok(tls)) => Ok(MeshStream::Origin(Box::new(tls))),
             Ok(Err(e)) => Err(fail(failure_reason(&e), e)),
