@@ -53,15 +53,7 @@ async fn publish(p: &TestProxy, generation: &str, groups: Vec<Value>) {
         "schemaVersion": "1.0", "generation": generation, "namespace": "shop",
         "services": { "inventory.shop": { "groups": groups } },
     });
-    let before = p.metric("weft_proxy_endpoints_reloads").await;
-    write_atomic(
-        &p.dir.path().join("endpoints.json"),
-        doc.to_string().as_bytes(),
-    );
-    let after = p
-        .wait_metric("weft_proxy_endpoints_reloads", before + 1.0)
-        .await;
-    assert!(after > before, "the proxy took endpoints {generation}");
+    p.publish_endpoints(&doc).await;
 }
 
 /// `n` GETs through the proxy from `parallel` callers, each sending its

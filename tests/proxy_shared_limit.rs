@@ -61,15 +61,7 @@ async fn count_clients(pods: &[&TestProxy], generation: &str, clients: Value) {
         "services": {}, "clientProxies": clients,
     });
     for p in pods {
-        let before = p.metric("weft_proxy_endpoints_reloads").await;
-        write_atomic(
-            &p.dir.path().join("endpoints.json"),
-            doc.to_string().as_bytes(),
-        );
-        let after = p
-            .wait_metric("weft_proxy_endpoints_reloads", before + 1.0)
-            .await;
-        assert!(after > before, "a proxy did not take count {generation}");
+        p.publish_endpoints(&doc).await;
     }
 }
 

@@ -203,6 +203,24 @@ impl TestProxy {
         self.dir.path().join("config.json")
     }
 
+    /// Writes endpoints document `doc` (a `weft-endpoints` as mounted)
+    /// and waits until the proxy took it.
+    pub async fn publish_endpoints(&self, doc: &Value) {
+        let before = self.metric("weft_proxy_endpoints_reloads").await;
+        write_atomic(
+            &self.dir.path().join("endpoints.json"),
+            doc.to_string().as_bytes(),
+        );
+        let after = self
+            .wait_metric("weft_proxy_endpoints_reloads", before + 1.0)
+            .await;
+        assert!(
+            after > before,
+            "the proxy did not take endpoints {}",
+            doc["generation"]
+        );
+    }
+
     /// Replaces the config file atomically, as the kubelet does.
     pub fn write_config(&self, config: &Value) {
         write_atomic(&self.config_path(), config.to_string().as_bytes());
