@@ -458,6 +458,25 @@ pub struct ServicePolicy {
     /// Exact paths that never count as failures and are never retried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_paths: Vec<String>,
+    /// Answers kept and reused (RFC 9111); unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+}
+
+/// A client proxy's cache of one target's answers
+/// ([`crate::api::ResponseCache`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub max_object_bytes: u64,
+    /// Path prefixes cached; empty: every path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate_ms: Option<u64>,
 }
 
 /// Calls stay in the caller's zone while at least `min_healthy_percent`
@@ -978,6 +997,7 @@ mod tests {
                     load_balancer: LoadBalancerAlgorithm::PeakEwma,
                     zone_affinity: None,
                     excluded_paths: vec![],
+                    cache: None,
                 },
                 services: vec![],
                 egress: EgressMode::AllowAll,

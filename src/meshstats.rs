@@ -177,6 +177,10 @@ pub struct DstCounts {
     pub rate_limited: f64,
     /// Failed fast with the circuit open.
     pub circuit_rejected: f64,
+    /// GETs the caller's response cache answered with a stored answer
+    /// (fresh, revalidated, or stale), and ones it asked the target.
+    pub cache_hits: f64,
+    pub cache_misses: f64,
 }
 
 impl DstCounts {
@@ -185,6 +189,8 @@ impl DstCounts {
         self.retry_budget_exhausted += o.retry_budget_exhausted;
         self.rate_limited += o.rate_limited;
         self.circuit_rejected += o.circuit_rejected;
+        self.cache_hits += o.cache_hits;
+        self.cache_misses += o.cache_misses;
     }
 
     fn since(&self, before: &DstCounts) -> DstCounts {
@@ -197,6 +203,8 @@ impl DstCounts {
             ),
             rate_limited: grew(self.rate_limited, before.rate_limited),
             circuit_rejected: grew(self.circuit_rejected, before.circuit_rejected),
+            cache_hits: grew(self.cache_hits, before.cache_hits),
+            cache_misses: grew(self.cache_misses, before.cache_misses),
         }
     }
 }
@@ -336,6 +344,14 @@ impl ProxyCounts {
                     }
                     _ => {}
                 },
+                "weft_proxy_cache_requests_total" if !inbound => {
+                    let d = out.dsts.entry(dst()).or_default();
+                    if label("result") == "miss" {
+                        d.cache_misses += s.value;
+                    } else {
+                        d.cache_hits += s.value;
+                    }
+                }
                 "weft_proxy_circuit_state" => {
                     let c = out.circuits.entry(dst()).or_default();
                     match s.value as i64 {
@@ -611,6 +627,8 @@ pub fn view_of(ticks: &[std::sync::Arc<Tick>]) -> StatsView {
             retry_budget_exhausted: d.retry_budget_exhausted.round() as u64,
             rate_limited: d.rate_limited.round() as u64,
             circuit_rejected: d.circuit_rejected.round() as u64,
+            cache_hits: d.cache_hits.round() as u64,
+            cache_misses: d.cache_misses.round() as u64,
             circuit: circuits.and_then(|c| c.get(k)).copied().unwrap_or_default(),
         }
     };
@@ -748,6 +766,14 @@ pub struct Resilience {
     pub retry_budget_exhausted: u64,
     pub rate_limited: u64,
     pub circuit_rejected: u64,
+    /// Answered from the caller's response cache (TrafficPolicy `cache`),
+    /// and asked of the target by it; both 0 where nothing is cached.
+    /// The requests answered from the cache are not in `requests`, which
+    /// counts what reached the target.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub cache_misses: u64,
     /// The caller's proxies by the destination's circuit state, latest.
     pub circuit: Circuits,
 }
@@ -938,6 +964,35 @@ mod tests {
         assert_eq!(e.signals.mtls_share, Some(1.0));
         assert_eq!(e.resilience.retries_per_second, 0.4);
         assert_eq!(e.resilience.circuit.closed, 2);
+    }
+
+    /// A caller's response cache: the requests it answered from its
+    /// store (fresh, revalidated, stale) are the edge's cache hits, the
+    /// ones it asked the vendor its misses, over the window.
+    #[test]
+    fn cache_hits_and_misses_are_counted_per_destination() {
+        let feed = "feed.vendor.test:80";
+        let with_cache = |ok: u32, hits: u32, stale: u32, misses: u32| {
+            format!(
+                "{}weft_proxy_cache_requests_total{{dst=\"{feed}\",result=\"hit\"}} {hits}\n\
+                 weft_proxy_cache_requests_total{{dst=\"{feed}\",result=\"stale-if-error\"}} {stale}\n\
+                 weft_proxy_cache_requests_total{{dst=\"{feed}\",result=\"miss\"}} {misses}\n",
+                proxy("catalog", feed, "default", ok, 0, 0)
+            )
+        };
+        let mut stats = MeshStats::default();
+        stats.record(at(0), vec![reading("catalog-a", &with_cache(0, 0, 0, 0))]);
+        stats.record(
+            at(10),
+            vec![reading("catalog-a", &with_cache(20, 170, 10, 20))],
+        );
+        let view = stats.view(Duration::from_secs(60));
+        let e = &view.edges[0];
+        assert_eq!(e.signals.requests, 20, "what reached the vendor");
+        assert_eq!(
+            (e.resilience.cache_hits, e.resilience.cache_misses),
+            (180, 20)
+        );
     }
 
     /// A proxy that restarts between two reads starts its counters again:

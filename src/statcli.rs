@@ -351,6 +351,8 @@ mod tests {
                 retry_budget_exhausted: 0,
                 rate_limited: 0,
                 circuit_rejected: 0,
+                cache_hits: 0,
+                cache_misses: 0,
                 circuit: Circuits {
                     closed: 1,
                     ..Circuits::default()

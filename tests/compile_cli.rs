@@ -118,7 +118,7 @@ fn only_checkout_may_call_payments() {
 fn every_example_policy_is_accepted_resolved_and_programmed() {
     let out = shop();
     let verdicts = out["verdicts"].as_array().expect("verdicts");
-    assert_eq!(verdicts.len(), 8, "{verdicts:#?}");
+    assert_eq!(verdicts.len(), 10, "{verdicts:#?}");
     for v in verdicts {
         for c in v["conditions"].as_array().expect("conditions") {
             assert_eq!(c["status"], true, "{v}");

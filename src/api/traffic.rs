@@ -73,12 +73,68 @@ pub struct TrafficPolicySpec {
     /// How endpoints are picked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// Keep the target's cacheable answers to GET (and HEAD) in each
+    /// client proxy's memory and answer from there while they are fresh
+    /// (RFC 9111: `Cache-Control`, `Expires`, `ETag`/`Last-Modified`
+    /// revalidation, `Vary`; never `no-store`, `private` or answers to
+    /// requests with `Authorization` unless the target marks them
+    /// `public`). With `staleIfError`, a stored answer also stands in
+    /// while the target fails. Unset: nothing is cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ResponseCache>,
     /// Request paths (exact, query ignored) that never count as failures and
     /// are never retried, such as health checks: `/health`, `/readyz`.
     /// Compared normalised: `/%68ealth` and `/x/../health` are `/health`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(regex(pattern = r"^/[^\s?#]*$")), extend("x-kubernetes-list-type" = "set"))]
     pub excluded_paths: Vec<String>,
+}
+
+/// How a client proxy caches the target's answers.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxObjectBytes * 4 <= self.maxBytes").message("cache.maxObjectBytes must be at most a quarter of cache.maxBytes (defaults 64Ki and 1Mi), so that the store holds several answers"))]
+#[x_kube(validation = Rule::new("!has(self.staleIfError) || duration(self.staleIfError) <= duration('24h')").message("cache.staleIfError must be at most 24h"))]
+#[x_kube(validation = Rule::new("!has(self.staleWhileRevalidate) || duration(self.staleWhileRevalidate) <= duration('1h')").message("cache.staleWhileRevalidate must be at most 1h"))]
+pub struct ResponseCache {
+    /// Bytes of answers (head and body) each client proxy keeps for this
+    /// target, all its hosts and ports together; past it the least used
+    /// go. It is memory of every client pod: default 1 MiB, at most 64 MiB.
+    #[serde(default = "default_cache_bytes")]
+    #[schemars(range(min = 65536, max = 67108864))]
+    pub max_bytes: u32,
+    /// The largest answer stored (head and body); larger ones pass
+    /// through uncached. Default 64 KiB, at most a quarter of `maxBytes`.
+    #[serde(default = "default_cache_object_bytes")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_object_bytes: u32,
+    /// Path prefixes cached (`/v1/products/`); a request whose path
+    /// starts with none of them is neither answered from nor stored in the
+    /// cache. Empty: every path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^/[^\s?#]*$")), extend("x-kubernetes-list-type" = "set"))]
+    pub paths: Vec<String>,
+    /// How long past its freshness a stored answer may stand in for one
+    /// the target failed to give (an error, no answer in time, 500, 502,
+    /// 503, 504), where the answer does not say itself
+    /// (`Cache-Control: stale-if-error`, RFC 5861, which wins). Never for an answer
+    /// marked `must-revalidate`, `proxy-revalidate`, `no-cache` or
+    /// `s-maxage`. Unset: only as long as the answer says. At most 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error: Option<Duration>,
+    /// How long past its freshness a stored answer is still given at once
+    /// while the proxy revalidates it in the background, where the answer
+    /// does not say itself (`stale-while-revalidate`, RFC 5861, which
+    /// wins). Same exceptions as `staleIfError`. At most 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate: Option<Duration>,
+}
+
+fn default_cache_bytes() -> u32 {
+    1 << 20
+}
+fn default_cache_object_bytes() -> u32 {
+    64 << 10
 }
 
 /// When and how often a failed request is sent again.

@@ -41,6 +41,7 @@ pub fn default_service_policy() -> ServicePolicy {
         load_balancer: LoadBalancerAlgorithm::PeakEwma,
         zone_affinity: None,
         excluded_paths: Vec::new(),
+        cache: None,
     }
 }
 
@@ -159,6 +160,24 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
             .and_then(|lb| lb.prefer_same_zone.as_ref())
             .map(zone_affinity),
         excluded_paths,
+        cache: spec.cache.as_ref().map(cache_config),
+    }
+}
+
+/// The proxy's cache settings: one entry per path prefix, in order, and
+/// the object cap kept within the store (a CRD older than the rule may
+/// hold a larger one).
+fn cache_config(c: &crate::api::ResponseCache) -> crate::config::CacheConfig {
+    let mut paths = c.paths.clone();
+    paths.sort();
+    paths.dedup();
+    let max_bytes = u64::from(c.max_bytes);
+    crate::config::CacheConfig {
+        max_bytes,
+        max_object_bytes: u64::from(c.max_object_bytes).min(max_bytes / 4),
+        paths,
+        stale_if_error_ms: c.stale_if_error.map(|d| d.as_millis()),
+        stale_while_revalidate_ms: c.stale_while_revalidate.map(|d| d.as_millis()),
     }
 }
 

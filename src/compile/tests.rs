@@ -493,6 +493,31 @@ fn retry_after_defaults_are_filled_and_its_absence_is_kept() {
     );
 }
 
+/// `cache` reaches the proxy with its defaults (1 MiB, 64 KiB objects),
+/// its paths sorted once each, its stale windows in milliseconds, and an
+/// object cap kept within a quarter of the budget whatever an older CRD
+/// let through.
+#[test]
+fn cache_settings_are_filled_in_and_bounded() {
+    let policy = inventory_policy_of(json!({
+        "cache": { "paths": ["/v1/products/", "/v1/brands/", "/v1/products/"], "staleIfError": "5m" }
+    }));
+    assert_eq!(
+        policy.cache,
+        Some(crate::config::CacheConfig {
+            max_bytes: 1 << 20,
+            max_object_bytes: 64 << 10,
+            paths: vec!["/v1/brands/".into(), "/v1/products/".into()],
+            stale_if_error_ms: Some(300_000),
+            stale_while_revalidate_ms: None,
+        })
+    );
+    let policy =
+        inventory_policy_of(json!({ "cache": { "maxBytes": 65536, "maxObjectBytes": 1048576 } }));
+    assert_eq!(policy.cache.expect("cache").max_object_bytes, 16384);
+    assert_eq!(inventory_policy_of(json!({})).cache, None);
+}
+
 /// The policy `payments` gets for calling `shop/inventory` under a
 /// TrafficPolicy with `spec` (beside the target).
 fn inventory_policy_of(spec: Value) -> crate::config::ServicePolicy {

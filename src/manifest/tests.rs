@@ -83,6 +83,22 @@ fn cel_rules_spanning_fields_are_checked() {
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  retryAfter: {maxWait: 2s, maxBackOff: 2h}\n",
     );
     assert!(e.message.contains("at most 1h"), "{e}");
+    // The object cap against the budget's default (1 MiB).
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  cache: {maxObjectBytes: 524288}\n",
+    );
+    assert!(
+        e.message
+            .contains("cache.maxObjectBytes must be at most a quarter"),
+        "{e}"
+    );
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  cache: {staleIfError: 48h}\n",
+    );
+    assert!(
+        e.message.contains("cache.staleIfError must be at most 24h"),
+        "{e}"
+    );
     let e = only_error(
         "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRef: {name: checkout}\n  rules:\n  - backendRefs: [{name: a, weight: 0}]\n",
     );

@@ -314,6 +314,9 @@ pub struct Destination {
     /// A vendor reached with TLS this proxy originates (an ExternalService
     /// with `tls`).
     pub origin: Option<Arc<OriginTarget>>,
+    /// The target's stored answers, when its policy caches them: one
+    /// store per policy target ([`Destinations::attach`]).
+    pub cache: Option<Arc<crate::proxy::http::cache::ResponseStore>>,
     source: Mutex<EndpointSource>,
     /// The name and port to resolve, for a headless Service (fixed).
     dns: Option<(String, u16)>,
@@ -402,6 +405,7 @@ impl Destination {
             tls_edges: EdgeCache::default(),
             mesh,
             origin,
+            cache: None,
             endpoints: Mutex::new((
                 fixed.then(Instant::now),
                 static_endpoints.unwrap_or_default(),
@@ -983,9 +987,21 @@ pub struct Destinations {
     /// draws on it, and a destination rebuilt by a reload finds it again
     /// rather than a fresh burst.
     shared_buckets: Mutex<HashMap<String, (Arc<TokenBucket>, RateLimitConfig)>>,
+    /// The response caches, one per policy and setting, as the shared
+    /// buckets: every destination of a target uses its target's, and a
+    /// reload that leaves the settings as they were keeps the answers.
+    caches: Mutex<HashMap<String, Arc<crate::proxy::http::cache::ResponseStore>>>,
+    /// Where the caches publish their size.
+    metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
 }
 
 impl Destinations {
+    /// Publishes the caches' sizes to `metrics` (the proxy's).
+    pub fn with_metrics(mut self, metrics: Arc<crate::proxy::metrics::ProxyMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn new(locality: Locality) -> Self {
         Self {
             by_label: Mutex::default(),
@@ -993,6 +1009,8 @@ impl Destinations {
             locality: Arc::new(locality),
             sharing: Mutex::new((BTreeMap::new(), "default".to_owned())),
             shared_buckets: Mutex::default(),
+            caches: Mutex::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -1023,6 +1041,21 @@ impl Destinations {
     /// share.
     fn attach(&self, d: &mut Destination) {
         d.locality = self.locality.clone();
+        if let Some(cache) = &d.policy.cache {
+            let name = d.policy.source.clone().unwrap_or_else(|| d.label.clone());
+            let key = format!("{name}|{cache:?}");
+            let store = lock(&self.caches)
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(crate::proxy::http::cache::ResponseStore::new(
+                        name,
+                        cache.clone(),
+                        self.metrics.clone(),
+                    ))
+                })
+                .clone();
+            d.cache = Some(store);
+        }
         let Some(rl) = d.policy.rate_limit.as_ref().filter(|r| r.shared.is_some()) else {
             return;
         };
@@ -1201,6 +1234,7 @@ impl Destinations {
         // A shared bucket no destination holds any more goes with them
         // (one a request in flight still holds is dropped with it).
         lock(&self.shared_buckets).retain(|_, (b, _)| Arc::strong_count(b) > 1);
+        lock(&self.caches).retain(|_, c| Arc::strong_count(c) > 1);
         let external = map
             .keys()
             .filter(|k| k.starts_with(WILDCARD_KEY_PREFIX))

@@ -65,6 +65,22 @@ pub struct DstLabels {
     pub dst: String,
 }
 
+/// A request the response cache looked at, by destination and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub dst: String,
+    /// `hit`, `revalidated`, `miss`, `stale`, `stale-if-error`
+    /// ([`crate::proxy::http::cache::Outcome`]).
+    pub result: &'static str,
+}
+
+/// One response cache: the TrafficPolicy (`namespace/name`) whose target
+/// it serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheStoreLabels {
+    pub policy: String,
+}
+
 /// A TLS origination that failed, by destination and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OriginFailureLabels {
@@ -328,6 +344,10 @@ pub struct ProxyMetrics {
     /// TLS originated to an ExternalService that failed (no request was
     /// sent), by reason.
     pub origin_failures: Family<OriginFailureLabels, Counter>,
+    /// GETs and HEADs a response cache looked at, by outcome.
+    pub cache_requests: Family<CacheLabels, Counter>,
+    /// Bytes each response cache holds (within its `maxBytes`).
+    pub cache_bytes: Family<CacheStoreLabels, Gauge>,
     /// Requests and connections to destinations no Service or
     /// ExternalService names, refused or (under AllowAll) let through.
     pub egress_unregistered: Family<EgressLabels, Counter>,
@@ -535,6 +555,18 @@ impl ProxyMetrics {
             "TLS connections to an ExternalService that failed before any request was sent, by reason (an untrusted or wrong certificate never falls back)",
             origin_failures.clone(),
         );
+        let cache_requests = Family::default();
+        registry.register(
+            "cache_requests",
+            "GET and HEAD requests a response cache (TrafficPolicy cache) looked at, by outcome: hit (fresh, the target not asked), revalidated (the target answered 304), miss, stale (given while revalidated in the background), stale-if-error (given because the target failed)",
+            cache_requests.clone(),
+        );
+        let cache_bytes = Family::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes of answers a response cache holds, by TrafficPolicy (at most its cache.maxBytes)",
+            cache_bytes.clone(),
+        );
         let egress_unregistered = Family::default();
         registry.register(
             "outbound_egress_unregistered",
@@ -617,6 +649,8 @@ impl ProxyMetrics {
             tls_handshake_failures,
             plaintext_fallbacks,
             origin_failures,
+            cache_requests,
+            cache_bytes,
             external_tls_connections,
             egress_unregistered,
             tls_rejections,

@@ -557,8 +557,8 @@ impl ConfigStore {
             endpoints_epoch: std::sync::atomic::AtomicU64::new(0),
             endpoints_watched: AtomicBool::new(false),
             writing: Mutex::new(()),
+            destinations: Destinations::new(locality).with_metrics(metrics.clone()),
             metrics,
-            destinations: Destinations::new(locality),
             originations: Originations::default(),
             listening: AtomicBool::new(false),
         }

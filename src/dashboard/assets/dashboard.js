@@ -363,6 +363,7 @@ function drawDetail(m) {
       dl("mTLS", fmtPct(a.mtlsShare) + " of requests") +
       dl("Retries", `${(a.retriesPerSecond ?? 0).toFixed(2)}/s · budget exhausted ${a.retryBudgetExhausted ?? 0}×`) +
       dl("Rate limited", String(a.rateLimited ?? 0)) +
+      (a.cacheHits || a.cacheMisses ? dl("Cache", `${a.cacheHits} answered from the cache · ${a.cacheMisses} asked`) : "") +
       dl("Circuit", circuitLong(a.circuit) + (a.circuitRejected ? ` · ${a.circuitRejected} failed fast` : "")) +
       `</dl>` +
       `<h2>Routes</h2><table><thead><tr><th>Route</th><th class="num">RPS</th><th class="num">Success</th><th class="num">p99</th><th class="num">Split</th></tr></thead><tbody>` +

@@ -1,7 +1,7 @@
 //! The HTTP data path. Each file is one layer; read them in this order,
 //! which is the order a request passes through them:
 //!
-//! `route` (match and weighted split) -> per backend: `metrics` ->
+//! `route` (match and weighted split) -> per backend: `cache` -> `metrics` ->
 //! `timeout` -> `retry` (budget) -> `breaker` + `ratelimit` -> `balance`
 //! (P2C peak-EWMA over endpoints) -> `pool` (pooled upstream connections).
 //!
@@ -11,6 +11,7 @@
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod cache;
 pub mod errors;
 pub mod metrics;
 pub mod pool;
@@ -110,17 +111,20 @@ pub struct Shared {
 }
 
 /// The stack for one destination, outermost first.
-pub type Backend = metrics::Metrics<
-    timeout::Timeout<retry::Retry<breaker::Breaker<ratelimit::RateLimit<balance::Balance>>>>,
+pub type Backend = cache::Cache<
+    metrics::Metrics<
+        timeout::Timeout<retry::Retry<breaker::Breaker<ratelimit::RateLimit<balance::Balance>>>>,
+    >,
 >;
 
-/// Builds the per-destination stack: metrics -> timeout -> retry ->
-/// circuit breaker -> rate limit -> load balancer -> pool.
+/// Builds the per-destination stack: response cache -> metrics -> timeout
+/// -> retry -> circuit breaker -> rate limit -> load balancer -> pool.
 pub fn backend(dst: Arc<Destination>, shared: &Arc<Shared>) -> Backend {
     let balance = balance::Balance::new(dst.clone(), shared.pool.clone());
     let limited = ratelimit::RateLimit::new(dst.clone(), shared.clone(), balance);
     let broken = breaker::Breaker::new(dst.clone(), shared.clone(), limited);
     let retried = retry::Retry::new(dst.clone(), shared.clone(), broken);
     let timed = timeout::Timeout::new(dst.clone(), retried);
-    metrics::Metrics::new(dst, shared.clone(), timed)
+    let measured = metrics::Metrics::new(dst.clone(), shared.clone(), timed);
+    cache::Cache::new(dst, shared.clone(), measured)
 }
