@@ -178,7 +178,8 @@ pub struct DstCounts {
     /// Failed fast with the circuit open.
     pub circuit_rejected: f64,
     /// GETs the caller's response cache answered with a stored answer
-    /// (fresh, revalidated, or stale), and ones it asked the target.
+    /// without asking the target (fresh, or stale), and ones it asked
+    /// the target (missed, or revalidated).
     pub cache_hits: f64,
     pub cache_misses: f64,
 }
@@ -346,7 +347,7 @@ impl ProxyCounts {
                 },
                 "weft_proxy_cache_requests_total" if !inbound => {
                     let d = out.dsts.entry(dst()).or_default();
-                    if label("result") == "miss" {
+                    if matches!(label("result"), "miss" | "revalidated") {
                         d.cache_misses += s.value;
                     } else {
                         d.cache_hits += s.value;

@@ -280,6 +280,8 @@ async fn what_must_not_be_shared_is_never_stored() {
         let cc = match seen.path.as_str() {
             "/no-store" => "max-age=60, no-store",
             "/private" => "max-age=60, private",
+            // Directive names are case-insensitive (RFC 9111 §5.2).
+            "/Private" => "Max-Age=60, Private",
             "/public" => "max-age=60, public",
             _ => "max-age=60",
         };
@@ -295,12 +297,23 @@ async fn what_must_not_be_shared_is_never_stored() {
         rsp
     }))
     .await;
-    let p = proxy(&with_cache(&feed, cache(json!({})))).await;
-    for path in ["/no-store", "/private", "/cookie"] {
+    // With stale answers allowed by the policy: none of these may ever
+    // be given to another client, not even while the vendor fails.
+    let p = proxy(&with_cache(
+        &feed,
+        cache(json!({ "staleIfErrorMs": 60_000, "staleWhileRevalidateMs": 60_000 })),
+    ))
+    .await;
+    for path in ["/no-store", "/private", "/Private", "/cookie"] {
         get(&p, path).await;
         let second = get(&p, path).await;
         assert_eq!(second.body, path);
-        assert_eq!(feed.asked(path).len(), 2, "{path} was stored");
+        let asked = feed.asked(path);
+        assert_eq!(asked.len(), 2, "{path} was stored");
+        assert!(
+            !asked[1].headers.contains_key("if-none-match"),
+            "{path} was stored (and revalidated)"
+        );
     }
     let token = [("authorization", "Bearer shop-api-key")];
     ask(&p, "GET", "/personal", &token).await;
@@ -313,6 +326,14 @@ async fn what_must_not_be_shared_is_never_stored() {
     ask(&p, "GET", "/public", &token).await;
     ask(&p, "GET", "/public", &token).await;
     assert_eq!(feed.asked("/public").len(), 1, "public is shared even so");
+
+    // A cookie set for one client never reaches another, even with the
+    // vendor down.
+    feed.set(always(503, &[], "down"));
+    let other = get(&p, "/cookie").await;
+    assert_eq!(other.status, 503);
+    assert!(!other.headers.contains_key("set-cookie"));
+    feed.set(always(200, &[("cache-control", "max-age=60")], "/plain"));
 
     // The client's own conditional goes to the vendor as it is.
     get(&p, "/plain").await;
@@ -527,4 +548,167 @@ async fn a_flood_of_distinct_urls_stays_within_the_byte_budget() {
     );
     get(&p, "/item/599").await;
     assert_eq!(feed.asked("/item/599").len(), 1, "the newest still hits");
+}
+
+/// `Vary` on a field the client repeats (an HTTP/2 client sends each
+/// cookie as a field of its own) compares every value, and a 304 keeps
+/// every `Vary` line of the stored answer: after a revalidation a second
+/// user still does not get the first one's answer.
+#[tokio::test]
+async fn vary_sees_every_value_and_every_line_even_after_a_304() {
+    let feed = Feed::start(Arc::new(|seen: &Seen| {
+        let cookies: Vec<&str> = seen
+            .headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let whose = cookies.join("; ");
+        let mut rsp = if seen
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"page\"")
+        {
+            answer(
+                304,
+                &[("cache-control", "max-age=1"), ("etag", "\"page\"")],
+                "",
+            )
+        } else {
+            answer(
+                200,
+                &[("cache-control", "max-age=1"), ("etag", "\"page\"")],
+                &format!("page for {whose}"),
+            )
+        };
+        // Two lines, as an app's `Vary: Cookie` and a compressing front
+        // end's `Vary: Accept-Encoding`.
+        rsp.headers_mut()
+            .append("vary", http::HeaderValue::from_static("Cookie"));
+        rsp.headers_mut()
+            .append("vary", http::HeaderValue::from_static("Accept-Encoding"));
+        rsp
+    }))
+    .await;
+    let p = proxy(&with_cache(&feed, cache(json!({})))).await;
+    let alice = [("cookie", "theme=dark"), ("cookie", "session=alice")];
+    let bob = [("cookie", "theme=dark"), ("cookie", "session=bob")];
+    assert_eq!(
+        ask(&p, "GET", "/account", &alice).await.body,
+        "page for theme=dark; session=alice"
+    );
+    assert_eq!(
+        ask(&p, "GET", "/account", &bob).await.body,
+        "page for theme=dark; session=bob",
+        "the first cookie alike, the second not"
+    );
+    assert_eq!(feed.asked("/account").len(), 2);
+    // Bob's is stored now; revalidated after it went stale (304).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = ask(&p, "GET", "/account", &bob).await;
+    assert_eq!(again.body, "page for theme=dark; session=bob");
+    assert_eq!(feed.asked("/account").len(), 3);
+    assert_eq!(
+        feed.asked("/account")[2].headers["if-none-match"],
+        "\"page\""
+    );
+    let other = ask(&p, "GET", "/account", &alice).await;
+    assert_eq!(
+        other.body, "page for theme=dark; session=alice",
+        "after the 304 the stored answer still varies on Cookie"
+    );
+}
+
+/// The client asks for a validated answer (`Cache-Control: no-cache`):
+/// the vendor is asked before it gets one, even where the answer allows
+/// giving it stale while revalidating.
+#[tokio::test]
+async fn a_client_that_asks_for_validation_is_never_given_the_stored_answer_unasked() {
+    let feed = Feed::start(always(
+        200,
+        &[
+            ("cache-control", "max-age=60, stale-while-revalidate=60"),
+            ("etag", "\"p1\""),
+        ],
+        "price 10",
+    ))
+    .await;
+    let p = proxy(&with_cache(&feed, cache(json!({})))).await;
+    get(&p, "/price").await;
+    get(&p, "/price").await;
+    assert_eq!(feed.asked("/price").len(), 1);
+    feed.set(always(
+        200,
+        &[("cache-control", "max-age=60"), ("etag", "\"p2\"")],
+        "price 12",
+    ));
+    for validate in [
+        [("cache-control", "no-cache")],
+        [("cache-control", "max-age=0")],
+    ] {
+        let got = ask(&p, "GET", "/price", &validate).await;
+        assert_eq!(got.body, "price 12");
+    }
+    assert_eq!(feed.asked("/price").len(), 3);
+    // A client's max-stale does not stretch what the vendor allowed.
+    feed.set(always(
+        200,
+        &[("cache-control", "max-age=1, must-revalidate")],
+        "v3",
+    ));
+    get(&p, "/strict").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ask(&p, "GET", "/strict", &[("cache-control", "max-stale=600")]).await;
+    assert_eq!(feed.asked("/strict").len(), 2, "max-stale was honoured");
+}
+
+/// The answer reaches the client as the vendor sends it (a long answer
+/// or a slow stream is not held back until it ends), and is stored once
+/// it has ended.
+#[tokio::test]
+async fn an_answer_streams_through_and_is_stored_when_it_ends() {
+    let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let feed = Feed::start(Arc::new(move |_: &Seen| {
+        let rx = rx.clone();
+        let chunks = futures_util::stream::unfold(0u8, move |n| {
+            let rx = rx.clone();
+            async move {
+                match n {
+                    0 => Some((Ok::<_, std::io::Error>(Bytes::from_static(b"first ")), 1)),
+                    // The rest only once the client has the first part.
+                    1 => {
+                        rx.lock().await.recv().await;
+                        Some((Ok(Bytes::from_static(b"second")), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        http::Response::builder()
+            .header("cache-control", "max-age=60")
+            .body(axum::body::Body::from_stream(chunks))
+            .expect("stream")
+    }))
+    .await;
+    let p = proxy(&with_cache(&feed, cache(json!({})))).await;
+    let req = http::Request::get(format!("{}/report", p.outbound_url(0)))
+        .header(http::header::HOST, "feed.vendor.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let rsp = client().request(req).await.expect("response");
+    let mut body = rsp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first part arrives before the answer ends")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(first.into_data().expect("data"), "first ");
+    tx.send(()).await.expect("vendor waiting");
+    // (A later request, were it to reach the vendor, does not wait.)
+    drop(tx);
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, "second");
+    assert_eq!(get(&p, "/report").await.body, "first second");
+    assert_eq!(feed.asked("/report").len(), 1, "stored once it ended");
 }

@@ -73,13 +73,14 @@ pub struct TrafficPolicySpec {
     /// How endpoints are picked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
-    /// Keep the target's cacheable answers to GET (and HEAD) in each
+    /// Keep the target's reusable answers to GET (and HEAD) in each
     /// client proxy's memory and answer from there while they are fresh
     /// (RFC 9111: `Cache-Control`, `Expires`, `ETag`/`Last-Modified`
-    /// revalidation, `Vary`; never `no-store`, `private` or answers to
-    /// requests with `Authorization` unless the target marks them
-    /// `public`). With `staleIfError`, a stored answer also stands in
-    /// while the target fails. Unset: nothing is cached.
+    /// revalidation, `Vary`; never `no-store`, `private`, answers setting
+    /// a cookie, or answers to requests with `Authorization`, unless the
+    /// target marks them `public`). With `staleIfError`, a stored answer
+    /// the target marked reusable also stands in while the target fails.
+    /// Unset: nothing is cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<ResponseCache>,
     /// Request paths (exact, query ignored) that never count as failures and

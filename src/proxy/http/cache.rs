@@ -6,10 +6,17 @@
 //! cache counts its own outcomes (`weft_proxy_cache_requests`).
 //!
 //! What RFC 9111 decides (may this answer be stored, is it fresh, does
-//! the request select it through `Vary`, which validators to send, how a
-//! 304 updates it) is `http-cache-semantics`'. This file keeps the
-//! answers within a byte budget and adds RFC 5861's `stale-if-error` and
-//! `stale-while-revalidate`, which that crate leaves to its user.
+//! the request select it through `Vary`, which validators to send) is
+//! `http-cache-semantics`'. This file keeps the answers within a byte
+//! budget, builds the heads it gives (the crate's keep only the last value
+//! of a repeated field), merges a 304 into the stored head itself (for the
+//! same reason), and adds RFC 5861's `stale-if-error` and
+//! `stale-while-revalidate`, which the crate leaves to its user. What the
+//! crate sees is normalised first: Cache-Control directive names in lower
+//! case (the crate matches them as written), repeated request fields
+//! joined (it compares the first value only when matching `Vary`), and a
+//! client's `max-stale` removed (a client must not be able to take a
+//! stored answer the target said to revalidate).
 //!
 //! Scope, deliberately narrow:
 //! - GET is stored, HEAD is answered from a fresh stored GET; other
@@ -17,23 +24,28 @@
 //!   answer of its URI (RFC 9111 §4.4).
 //! - A request with its own validators or a range (`If-None-Match`,
 //!   `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`,
-//!   `Range`) passes untouched: its answer depends on what the client
-//!   holds, which the store does not know.
+//!   `Range`), one pinned to a pod (dialled by address), and one whose
+//!   `Host` differs from its URI's authority pass untouched.
+//! - Stored only: answers the target marks reusable (explicit freshness,
+//!   `public`) or that carry a validator; never one setting a cookie
+//!   unless `public`; never an event stream. Given stale only when the
+//!   target gave it explicit freshness or `public`.
 //! - One variant per URI: a request `Vary` selects differently is a miss,
 //!   and its answer replaces the stored one.
 //! - Concurrent misses for one URI each go to the target (no collapsing).
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
+use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy, RequestLike};
 
 use super::Shared;
 use super::body::{self, Body, BodyError, BoxError, Request, Response};
@@ -70,6 +82,14 @@ impl Outcome {
     }
 }
 
+/// Bytes every response cache of this proxy holds together: whatever the
+/// policies say, the caches stop storing past [`PROXY_CACHE_BYTES`] (the
+/// sidecar's memory is the pod's; policies of several targets each with
+/// a large `maxBytes` must not add up to an OOM kill).
+static HELD: AtomicU64 = AtomicU64::new(0);
+/// The most every cache of a proxy holds together.
+pub const PROXY_CACHE_BYTES: u64 = 64 << 20;
+
 /// One target's stored answers, shared by every destination of the
 /// target (each host a wildcard matches, each port) and kept across
 /// config reloads that leave its settings as they were.
@@ -78,23 +98,25 @@ pub struct ResponseStore {
     config: CacheConfig,
     /// The `policy` label of the bytes gauge.
     name: String,
+    /// What this store last added to the gauge and to [`HELD`].
+    published: AtomicU64,
     metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
 }
 
-/// A stored answer.
+/// A stored answer. Every header value is a copy of its own (hyper's
+/// point into the connection's read buffer, which they would keep alive).
 struct Stored {
     policy: CachePolicy,
     status: StatusCode,
     /// The answer's headers, hop-by-hop ones already removed (the pool
-    /// does), for answering stale (the crate only builds fresh heads).
+    /// does), every value of a repeated field kept.
     headers: HeaderMap,
     body: Bytes,
     /// When it stops being fresh.
     fresh_until: SystemTime,
     /// How long past that it may stand in for a failed answer, and be
     /// given while it is revalidated; None where the answer forbids it.
-    stale_if_error: Option<Duration>,
-    stale_while_revalidate: Option<Duration>,
+    windows: Windows,
     /// Memory it holds, as the store counts it.
     weight: u64,
     /// A background revalidation is under way.
@@ -107,24 +129,28 @@ impl Stored {
     }
 
     fn may_stand_in_for_error(&self, now: SystemTime) -> bool {
-        self.stale_if_error
+        self.windows
+            .stale_if_error
             .is_some_and(|w| self.staleness(now) <= w)
     }
 
     fn may_be_given_while_revalidating(&self, now: SystemTime) -> bool {
-        self.stale_while_revalidate
-            .is_some_and(|w| self.staleness(now) <= w)
+        self.policy.is_stale(now)
+            && self
+                .windows
+                .stale_while_revalidate
+                .is_some_and(|w| self.staleness(now) <= w)
     }
 
-    /// The stored answer as given now: its head with `Age` and `Date`
-    /// brought up to date, its body unless the request was HEAD.
-    fn answer(
-        &self,
-        mut head: http::response::Parts,
-        now: SystemTime,
-        head_only: bool,
-    ) -> Response {
-        head.headers.insert(http::header::DATE, http_date(now));
+    /// The stored answer as given now: its own head (the target's `Date`
+    /// kept) with its `Age`, and its body unless the request was HEAD.
+    fn answer(&self, now: SystemTime, head_only: bool) -> Response {
+        let mut head = http::Response::new(()).into_parts().0;
+        head.status = self.status;
+        head.headers = self.headers.clone();
+        let age = self.policy.age(now).as_secs();
+        head.headers
+            .insert(http::header::AGE, HeaderValue::from(age));
         let body = if head_only {
             body::empty()
         } else {
@@ -132,23 +158,6 @@ impl Stored {
         };
         Response::from_parts(head, body)
     }
-
-    /// The stored answer given stale (the crate builds heads only for
-    /// fresh ones).
-    fn stale_answer(&self, now: SystemTime, head_only: bool) -> Response {
-        let mut head = http::Response::new(()).into_parts().0;
-        head.status = self.status;
-        head.headers = self.headers.clone();
-        let age = self.policy.age(now).as_secs();
-        head.headers
-            .insert(http::header::AGE, HeaderValue::from(age));
-        self.answer(head, now, head_only)
-    }
-}
-
-fn http_date(t: SystemTime) -> HeaderValue {
-    HeaderValue::from_str(&httpdate::fmt_http_date(t))
-        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
 }
 
 /// The store's weight of an entry: the bytes it holds.
@@ -163,12 +172,25 @@ impl quick_cache::Weighter<String, Arc<Stored>> for Weigh {
 
 /// Bookkeeping per entry besides its key, headers and body: the policy's
 /// parsed directives and URI, the store's slot, the `Arc`.
-const ENTRY_OVERHEAD: u64 = 512;
+const ENTRY_OVERHEAD: u64 = 1024;
 
+/// Memory a header map holds: its names and values, and per field the
+/// map's own entry (some 100 bytes with its index).
 fn header_bytes(h: &HeaderMap) -> u64 {
     h.iter()
-        .map(|(n, v)| (n.as_str().len() + v.len() + 16) as u64)
+        .map(|(n, v)| (n.as_str().len() + v.len() + 100) as u64)
         .sum()
+}
+
+/// `h` with every value copied out of whatever buffer it points into.
+fn owned(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(h.len());
+    for (name, value) in h {
+        if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+            out.append(name.clone(), v);
+        }
+    }
+    out
 }
 
 impl ResponseStore {
@@ -198,6 +220,7 @@ impl ResponseStore {
             ),
             config,
             name,
+            published: AtomicU64::new(0),
             metrics,
         }
     }
@@ -211,22 +234,48 @@ impl ResponseStore {
         self.entries.weight()
     }
 
+    /// Moves the gauge (the sum of the stores of one policy) and the
+    /// proxy's total by what this store's size changed since it last did.
     fn publish_bytes(&self) {
+        let now = self.bytes();
+        let was = self.published.swap(now, Ordering::AcqRel);
+        self.shift(now as i64 - was as i64);
+    }
+
+    fn shift(&self, delta: i64) {
+        if delta >= 0 {
+            HELD.fetch_add(delta as u64, Ordering::AcqRel);
+        } else {
+            HELD.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+        }
         self.metrics
             .cache_bytes
             .get_or_create(&CacheStoreLabels {
                 policy: self.name.clone(),
             })
-            .set(i64::try_from(self.bytes()).unwrap_or(i64::MAX));
+            .inc_by(delta);
     }
 
     fn covers(&self, path: &str) -> bool {
+        let path = super::route::normalize_path(path);
         self.config.paths.is_empty()
             || self
                 .config
                 .paths
                 .iter()
                 .any(|p| path.starts_with(p.as_str()))
+    }
+
+    fn insert(&self, key: String, stored: Stored) {
+        let room = PROXY_CACHE_BYTES.saturating_sub(HELD.load(Ordering::Acquire));
+        if stored.weight > room {
+            // The proxy's caches are full: this one makes room only from
+            // its own entries (by the store's eviction, at its budget).
+            self.forget(&key);
+            return;
+        }
+        self.entries.insert(key, Arc::new(stored));
+        self.publish_bytes();
     }
 
     fn forget(&self, key: &str) {
@@ -238,50 +287,84 @@ impl ResponseStore {
 
 impl Drop for ResponseStore {
     fn drop(&mut self) {
-        self.metrics.cache_bytes.remove(&CacheStoreLabels {
-            policy: self.name.clone(),
-        });
+        let was = self.published.swap(0, Ordering::AcqRel);
+        self.shift(-(was as i64));
     }
+}
+
+/// The staleness an answer allows, each None where it is not to be given
+/// stale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Windows {
+    stale_if_error: Option<Duration>,
+    stale_while_revalidate: Option<Duration>,
+}
+
+/// A Cache-Control field's directives, names in lower case.
+fn directives(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for value in headers.get_all(http::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for d in value.split(',') {
+            let (name, arg) = match d.split_once('=') {
+                Some((n, a)) => (n, Some(a.trim().trim_matches('"').to_owned())),
+                None => (d, None),
+            };
+            let name = name.trim().to_ascii_lowercase();
+            if !name.is_empty() {
+                out.push((name, arg));
+            }
+        }
+    }
+    out
+}
+
+fn pragma_no_cache(headers: &HeaderMap) -> bool {
+    headers.get_all(http::header::PRAGMA).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("no-cache"))
+    })
+}
+
+/// Whether the target marked its answer reusable in itself: a freshness
+/// lifetime of its own (`max-age`, `s-maxage`, `Expires`) or `public`.
+/// Only such an answer is ever given stale: one the target said nothing
+/// about may be personal (a page for the session cookie the URI does not
+/// name), and RFC 9111 would never give it without asking the target.
+fn explicit(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::EXPIRES)
+        || directives(headers)
+            .iter()
+            .any(|(n, _)| matches!(n.as_str(), "max-age" | "s-maxage" | "public"))
 }
 
 /// What the stale windows of a stored answer are: its own
 /// `stale-if-error` / `stale-while-revalidate` (RFC 5861), else the
 /// policy's; none at all where the answer must not be given stale
 /// (RFC 9111 §4.2.4: `must-revalidate`, `proxy-revalidate`, `no-cache`,
-/// and for a shared cache `s-maxage`, which carries `proxy-revalidate`).
-fn stale_windows(
-    headers: &HeaderMap,
-    config: &CacheConfig,
-) -> (Option<Duration>, Option<Duration>) {
-    let mut directives = Vec::new();
-    for value in headers.get_all(http::header::CACHE_CONTROL) {
-        let Ok(value) = value.to_str() else { continue };
-        for d in value.split(',') {
-            let (name, arg) = match d.split_once('=') {
-                Some((n, a)) => (n, Some(a.trim().trim_matches('"'))),
-                None => (d, None),
-            };
-            directives.push((name.trim().to_ascii_lowercase(), arg.map(str::to_owned)));
-        }
-    }
+/// and for a shared cache `s-maxage`, which carries `proxy-revalidate`; a
+/// directive given twice, which the RFC reads as `must-revalidate`), or
+/// where it is not explicitly reusable ([`explicit`]).
+fn stale_windows(headers: &HeaderMap, config: &CacheConfig) -> Windows {
+    let directives = directives(headers);
     let has = |name: &str| directives.iter().any(|(n, _)| n == name);
-    let pragma_no_cache = !headers.contains_key(http::header::CACHE_CONTROL)
-        && headers
-            .get_all(http::header::PRAGMA)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains("no-cache")));
-    if pragma_no_cache
-        || [
-            "must-revalidate",
-            "proxy-revalidate",
-            "no-cache",
-            "s-maxage",
-            "no-store",
-        ]
+    let repeated = directives
         .iter()
-        .any(|d| has(d))
+        .enumerate()
+        .any(|(i, (n, _))| directives[..i].iter().any(|(m, _)| m == n));
+    let forbidden = [
+        "must-revalidate",
+        "proxy-revalidate",
+        "no-cache",
+        "s-maxage",
+        "no-store",
+    ];
+    if pragma_no_cache(headers)
+        || repeated
+        || forbidden.iter().any(|d| has(d))
+        || !explicit(headers)
     {
-        return (None, None);
+        return Windows::default();
     }
     let seconds = |name: &str, cap: Duration| {
         directives
@@ -291,11 +374,12 @@ fn stale_windows(
             .map(|s| Duration::from_secs(s).min(cap))
     };
     let ms = |v: Option<u64>| v.map(Duration::from_millis);
-    (
-        seconds("stale-if-error", MAX_STALE_IF_ERROR).or(ms(config.stale_if_error_ms)),
-        seconds("stale-while-revalidate", MAX_STALE_WHILE_REVALIDATE)
+    Windows {
+        stale_if_error: seconds("stale-if-error", MAX_STALE_IF_ERROR)
+            .or(ms(config.stale_if_error_ms)),
+        stale_while_revalidate: seconds("stale-while-revalidate", MAX_STALE_WHILE_REVALIDATE)
             .or(ms(config.stale_while_revalidate_ms)),
-    )
+    }
 }
 
 /// The longest staleness honoured, whatever an answer says (the CRD's
@@ -303,10 +387,40 @@ fn stale_windows(
 const MAX_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 3600);
 const MAX_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(3600);
 
+/// Rewrites Cache-Control and Pragma with their directive names in lower
+/// case (RFC 9111 §5.2: case-insensitive; the crate matches them as
+/// written, so `Private` or `No-Store` would be stored and shared), and
+/// without the directives in `drop`.
+fn normalize_cache_control(headers: &mut HeaderMap, drop: &[&str]) {
+    if headers.contains_key(http::header::CACHE_CONTROL) {
+        let kept: Vec<String> = directives(headers)
+            .into_iter()
+            .filter(|(n, _)| !drop.contains(&n.as_str()))
+            .map(|(n, a)| match a {
+                Some(a) if a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                    format!("{n}={a}")
+                }
+                Some(a) => format!("{n}=\"{a}\""),
+                None => n,
+            })
+            .collect();
+        headers.remove(http::header::CACHE_CONTROL);
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+            && !kept.is_empty()
+        {
+            headers.insert(http::header::CACHE_CONTROL, v);
+        }
+    }
+    if pragma_no_cache(headers) {
+        headers.insert(http::header::PRAGMA, HeaderValue::from_static("no-cache"));
+    }
+}
+
 /// A request as the cache sees it: its URI absolute (`http://host/path`),
-/// `Host` that same authority, in lower case, whatever form the client
-/// wrote (origin-form with `Host`, absolute-form, an h2 `:authority`),
-/// so every form of one request is one key and one match.
+/// `Host` that same authority in lower case, each repeated field joined
+/// into one value (so `Vary` compares all of them: HTTP/2 clients send
+/// every cookie as a field of its own), Cache-Control normalised, and a
+/// client's `max-stale` removed.
 struct Asked {
     uri: Uri,
     method: Method,
@@ -328,8 +442,72 @@ impl RequestLike for Asked {
     }
 }
 
+impl Asked {
+    fn new(uri: Uri, authority: HeaderValue, request: &HeaderMap) -> Self {
+        let mut headers = HeaderMap::with_capacity(request.keys_len());
+        for name in request.keys() {
+            let values: Vec<&[u8]> = request.get_all(name).iter().map(|v| v.as_bytes()).collect();
+            let sep: &[u8] = if name == http::header::COOKIE {
+                b"; "
+            } else {
+                b", "
+            };
+            if let Ok(v) = HeaderValue::from_bytes(&values.join(sep)) {
+                headers.insert(name.clone(), v);
+            }
+        }
+        headers.insert(http::header::HOST, authority);
+        normalize_cache_control(&mut headers, &["max-stale"]);
+        // A HEAD is matched as the GET whose stored answer it may take.
+        Self {
+            uri,
+            method: Method::GET,
+            headers,
+        }
+    }
+
+    /// What a stored policy keeps of the request: the fields the answer's
+    /// `Vary` names and those the crate reads (Host, Authorization,
+    /// Cache-Control, Pragma), not every cookie and header of the client.
+    fn for_storage(&self, answer: &HeaderMap) -> Asked {
+        let mut keep: Vec<HeaderName> = vec![
+            http::header::HOST,
+            http::header::AUTHORIZATION,
+            http::header::CACHE_CONTROL,
+            http::header::PRAGMA,
+        ];
+        for v in answer.get_all(http::header::VARY) {
+            for name in v.to_str().unwrap_or("").split(',') {
+                if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    keep.push(n);
+                }
+            }
+        }
+        let mut headers = HeaderMap::new();
+        for name in keep {
+            if let Some(v) = self.headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        Asked {
+            uri: self.uri.clone(),
+            method: Method::GET,
+            headers,
+        }
+    }
+
+    /// The client asks for an answer validated now (`no-cache`,
+    /// `max-age`, `min-fresh`): never one given while revalidating.
+    fn wants_validation(&self) -> bool {
+        pragma_no_cache(&self.headers)
+            || directives(&self.headers)
+                .iter()
+                .any(|(n, _)| matches!(n.as_str(), "no-cache" | "max-age" | "min-fresh"))
+    }
+}
+
 /// Headers that make a request's answer depend on what the client holds.
-const CLIENT_CONDITIONS: [http::HeaderName; 6] = [
+const CLIENT_CONDITIONS: [HeaderName; 6] = [
     http::header::IF_NONE_MATCH,
     http::header::IF_MODIFIED_SINCE,
     http::header::IF_MATCH,
@@ -348,26 +526,47 @@ enum Use {
     Invalidate(String),
 }
 
-fn classify(store: &ResponseStore, req: &Request) -> Use {
-    let path = req.uri().path();
-    if !store.covers(path) {
-        return Use::Pass;
+/// The authority a request is sent with: its one `Host`, else its URI's.
+/// None (not cached) where they disagree or `Host` is repeated: the key
+/// must name what the target is told (an absolute-form request naming
+/// one site with another in `Host` would store that site's answer under
+/// this one's name).
+fn authority_sent(req: &Request) -> Option<String> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return None;
     }
-    let authority = req
+    let host = host
+        .map(|h| h.to_str().map(str::to_ascii_lowercase))
+        .transpose()
+        .ok()?;
+    let uri = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let Some(authority) = authority.map(|a| a.to_ascii_lowercase()) else {
+        .map(|a| a.as_str().to_ascii_lowercase());
+    match (host, uri) {
+        (Some(h), Some(u)) if h != u => None,
+        (Some(h), _) => Some(h),
+        (None, u) => u,
+    }
+}
+
+fn classify(store: &ResponseStore, dst: &str, req: &Request) -> Use {
+    if !store.covers(req.uri().path()) {
+        return Use::Pass;
+    }
+    // Dialled by address: one pod's answer, not the Service's.
+    if req.extensions().get::<super::balance::Pinned>().is_some() {
+        return Use::Pass;
+    }
+    let Some(authority) = authority_sent(req) else {
         return Use::Pass;
     };
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let key = format!("{authority}{path_and_query}");
+    // The destination too: one store serves each port (and each host of
+    // a wildcard) of its target.
+    let key = format!("{dst} {authority}{path_and_query}");
     let method = req.method();
     if !(method == Method::GET || method == Method::HEAD) {
         let safe = matches!(*method, Method::OPTIONS | Method::TRACE);
@@ -384,21 +583,13 @@ fn classify(store: &ResponseStore, req: &Request) -> Use {
     {
         return Use::Pass;
     }
-    let Ok(uri) = Uri::try_from(format!("http://{key}")) else {
+    let (Ok(uri), Ok(host)) = (
+        Uri::try_from(format!("http://{authority}{path_and_query}")),
+        HeaderValue::from_str(&authority),
+    ) else {
         return Use::Pass;
     };
-    let mut headers = req.headers().clone();
-    let Ok(host) = HeaderValue::from_str(&authority) else {
-        return Use::Pass;
-    };
-    headers.insert(http::header::HOST, host);
-    // A HEAD is matched as the GET whose stored answer it may take.
-    let asked = Asked {
-        uri,
-        method: Method::GET,
-        headers,
-    };
-    Use::Lookup(key, Box::new(asked))
+    Use::Lookup(key, Box::new(Asked::new(uri, host, req.headers())))
 }
 
 /// The cache layer: see the module's documentation.
@@ -422,7 +613,7 @@ impl<S: super::Inner> Cache<S> {
         let Some(store) = self.dst.cache.clone() else {
             return self.inner.call(req);
         };
-        match classify(&store, &req) {
+        match classify(&store, &self.dst.label, &req) {
             Use::Pass => self.inner.call(req),
             Use::Invalidate(key) => {
                 let fut = self.inner.call(req);
@@ -467,6 +658,10 @@ fn failed(result: &Result<Response, BoxError>) -> bool {
     }
 }
 
+/// How long a background revalidation may take, body included, before
+/// it is given up (and the entry may be revalidated again).
+const BACKGROUND_LIMIT: Duration = Duration::from_secs(30);
+
 impl Lookup {
     fn count(&self, outcome: Outcome) {
         self.shared
@@ -479,17 +674,39 @@ impl Lookup {
             .inc();
     }
 
+    /// Counts `outcome` when the client waits on it (`.0`), not for a
+    /// background refresh.
+    fn counted(&self, (count, outcome): (bool, Outcome)) {
+        if count {
+            self.count(outcome);
+        }
+    }
+
+    /// The same lookup, for a background revalidation.
+    fn copy(&self) -> Lookup {
+        Lookup {
+            store: self.store.clone(),
+            key: self.key.clone(),
+            asked: Box::new(Asked {
+                uri: self.asked.uri.clone(),
+                method: Method::GET,
+                headers: self.asked.headers.clone(),
+            }),
+            dst: self.dst.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
     async fn run<S: super::Inner>(self, inner: S, mut req: Request) -> Result<Response, BoxError> {
         let head_only = req.method() == Method::HEAD;
         let now = SystemTime::now();
-        let stored = self.store.entries.get(&self.key);
-        let Some(stored) = stored else {
+        let Some(stored) = self.store.entries.get(&self.key) else {
             return self.miss(super::call(inner, req), head_only).await;
         };
         let conditional = match stored.policy.before_request(&*self.asked, now) {
-            BeforeRequest::Fresh(head) => {
+            BeforeRequest::Fresh(_) => {
                 self.count(Outcome::Hit);
-                return Ok(stored.answer(head, now, head_only));
+                return Ok(stored.answer(now, head_only));
             }
             // Another variant (`Vary`), or the client will not take this
             // one (`no-cache`, `max-age=0`, …) unvalidated.
@@ -498,80 +715,40 @@ impl Lookup {
         let Some(conditional) = conditional else {
             return self.miss(super::call(inner, req), head_only).await;
         };
-        if stored.may_be_given_while_revalidating(now) {
-            if !stored.revalidating.swap(true, Ordering::AcqRel) {
-                let background = copy_for_revalidation(&req, &conditional.headers);
-                let lookup = Lookup {
-                    store: self.store.clone(),
-                    key: self.key.clone(),
-                    asked: Box::new(Asked {
-                        uri: self.asked.uri.clone(),
-                        method: Method::GET,
-                        headers: self.asked.headers.clone(),
-                    }),
-                    dst: self.dst.clone(),
-                    shared: self.shared.clone(),
-                };
-                let (inner, stored) = (inner.clone(), stored.clone());
-                tokio::spawn(async move {
-                    let result = super::call(inner, background).await;
-                    let _ = lookup.revalidated(&stored, result, false).await;
-                    stored.revalidating.store(false, Ordering::Release);
-                });
-            }
-            self.count(Outcome::Stale);
-            return Ok(stored.stale_answer(now, head_only));
-        }
         if head_only {
             // A HEAD is answered from a fresh GET only; a stale one asks
             // the target as it is (a HEAD's answer has no body to store).
             let result = super::call(inner, req).await;
-            if failed(&result) && stored.may_stand_in_for_error(SystemTime::now()) {
+            let now = SystemTime::now();
+            if failed(&result) && stored.may_stand_in_for_error(now) {
                 self.count(Outcome::StaleIfError);
-                return Ok(stored.stale_answer(SystemTime::now(), true));
+                return Ok(stored.answer(now, true));
             }
             self.count(Outcome::Miss);
             return result;
         }
+        if stored.may_be_given_while_revalidating(now) && !self.asked.wants_validation() {
+            if !stored.revalidating.swap(true, Ordering::AcqRel) {
+                let background = copy_for_revalidation(&req, &conditional.headers);
+                let (lookup, inner, stored) = (self.copy(), inner.clone(), stored.clone());
+                tokio::spawn(async move {
+                    let refresh = async {
+                        let result = super::call(inner, background).await;
+                        if let Ok(rsp) = lookup.revalidated(&stored, result, false).await {
+                            // Read to its end, which stores it.
+                            let _ = rsp.into_body().collect().await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(BACKGROUND_LIMIT, refresh).await;
+                    stored.revalidating.store(false, Ordering::Release);
+                });
+            }
+            self.count(Outcome::Stale);
+            return Ok(stored.answer(now, false));
+        }
         add_validators(req.headers_mut(), &conditional.headers);
         let result = super::call(inner, req).await;
         self.revalidated(&stored, result, true).await
-    }
-
-    /// Stores the answer (to a GET) that RFC 9111 allows to be, if it fits.
-    fn keep(
-        &self,
-        policy: CachePolicy,
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-        now: SystemTime,
-    ) {
-        let weight = ENTRY_OVERHEAD
-            + self.key.len() as u64
-            + body.len() as u64
-            + 2 * header_bytes(&headers)
-            + header_bytes(&self.asked.headers);
-        let store = &self.store;
-        if weight > store.config.max_object_bytes {
-            store.forget(&self.key);
-            return;
-        }
-        let (stale_if_error, stale_while_revalidate) = stale_windows(&headers, &store.config);
-        let fresh_until = now + policy.time_to_live(now);
-        let stored = Stored {
-            policy,
-            status,
-            headers,
-            body,
-            fresh_until,
-            stale_if_error,
-            stale_while_revalidate,
-            weight,
-            revalidating: AtomicBool::new(false),
-        };
-        store.entries.insert(self.key.clone(), Arc::new(stored));
-        store.publish_bytes();
     }
 
     /// A request nothing stored answers: to the target, and its answer
@@ -582,8 +759,7 @@ impl Lookup {
         if head_only {
             return Ok(rsp);
         }
-        let policy = CachePolicy::new_options(&*self.asked, &rsp, SystemTime::now(), options());
-        Ok(self.keep_answer(policy, rsp).await)
+        Ok(self.keep_answer(rsp))
     }
 
     /// The target's answer to a revalidation of `stored`: a 304 refreshes
@@ -597,135 +773,199 @@ impl Lookup {
         count: bool,
     ) -> Result<Response, BoxError> {
         let now = SystemTime::now();
+        let counted = |outcome| (count, outcome);
         if failed(&result) && stored.may_stand_in_for_error(now) {
-            if count {
-                self.count(Outcome::StaleIfError);
-            }
-            return Ok(stored.stale_answer(now, false));
+            self.counted(counted(Outcome::StaleIfError));
+            return Ok(stored.answer(now, false));
         }
         let rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
-                if count {
-                    self.count(Outcome::Miss);
-                }
+                self.counted(counted(Outcome::Miss));
                 return Err(e);
             }
         };
-        // The 304 answers the validators this proxy sent for `stored`; one
-        // that repeats none (RFC 9111 §4.3.4 then selects nothing) still
-        // means `stored` holds: it gets the stored validators back.
-        let mut reply = http::Response::new(());
-        *reply.status_mut() = rsp.status();
-        *reply.headers_mut() = rsp.headers().clone();
-        if rsp.status() == StatusCode::NOT_MODIFIED {
-            for name in [http::header::ETAG, http::header::LAST_MODIFIED] {
-                if !reply.headers().contains_key(&name)
-                    && let Some(v) = stored.headers.get(&name)
-                {
-                    reply.headers_mut().insert(name, v.clone());
-                }
-            }
+        if rsp.status() != StatusCode::NOT_MODIFIED {
+            self.counted(counted(Outcome::Miss));
+            return Ok(self.keep_answer(rsp));
         }
-        match stored.policy.after_response(&*self.asked, &reply, now) {
-            AfterResponse::NotModified(policy, head) => {
-                if count {
-                    self.count(Outcome::Revalidated);
-                }
-                // The 304's own body, if any, is nothing; the stored
-                // body goes with the refreshed head (whose `Age` and
-                // `Date` are set again whenever it is given).
-                if policy.is_storable() {
-                    self.keep(
-                        policy,
-                        stored.status,
-                        head.headers.clone(),
-                        stored.body.clone(),
-                        now,
-                    );
-                } else {
-                    self.store.forget(&self.key);
-                }
-                Ok(stored.answer(head, now, false))
-            }
-            AfterResponse::Modified(..) if rsp.status() == StatusCode::NOT_MODIFIED => {
-                // A 304 naming another validator than the stored one's:
-                // not this answer's, and never for a client that sent no
-                // condition of its own. The stored answer goes, given
-                // once more as it is.
-                if count {
-                    self.count(Outcome::Stale);
-                }
-                self.store.forget(&self.key);
-                Ok(stored.stale_answer(now, false))
-            }
-            AfterResponse::Modified(policy, _) => {
-                if count {
-                    self.count(Outcome::Miss);
-                }
-                Ok(self.keep_answer(policy, rsp).await)
-            }
+        // The 304 answers the validators this proxy sent for `stored`.
+        // One naming another strong validator is not this answer's (RFC
+        // 9111 §4.3.4), and never for a client that sent no condition of
+        // its own: the stored answer goes, given once more as it is.
+        let strong = |h: &HeaderMap| {
+            h.get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.starts_with("W/"))
+        };
+        if let (Some(new), Some(old)) = (strong(rsp.headers()), strong(&stored.headers))
+            && new != old
+        {
+            self.counted(counted(Outcome::Stale));
+            self.store.forget(&self.key);
+            return Ok(stored.answer(now, false));
         }
+        self.counted(counted(Outcome::Revalidated));
+        // RFC 9111 §3.2: each field the 304 carries replaces every value
+        // of that field in the stored head (all of the 304's values kept);
+        // the body and its framing stay.
+        let mut headers = stored.headers.clone();
+        let mut merged = std::collections::HashSet::new();
+        for (name, value) in owned(rsp.headers()).iter() {
+            if matches!(
+                *name,
+                http::header::CONTENT_LENGTH
+                    | http::header::CONTENT_ENCODING
+                    | http::header::CONTENT_RANGE
+                    | http::header::TRANSFER_ENCODING
+            ) {
+                continue;
+            }
+            if merged.insert(name.clone()) {
+                headers.remove(name);
+            }
+            headers.append(name.clone(), value.clone());
+        }
+        normalize_cache_control(&mut headers, &[]);
+        let view = head_view(stored.status, headers);
+        let policy = CachePolicy::new_options(
+            &self.asked.for_storage(view.headers()),
+            &view,
+            now,
+            options(),
+        );
+        let (parts, ()) = view.into_parts();
+        let entry = Entry {
+            policy,
+            status: parts.status,
+            headers: parts.headers,
+        };
+        if let Some(entry) = entry.worth_keeping(&self.store.config) {
+            self.store_body(entry, stored.body.clone(), now);
+        } else {
+            self.store.forget(&self.key);
+        }
+        // The stored body with the refreshed head.
+        let fresh = self.store.entries.get(&self.key);
+        Ok(fresh.as_ref().unwrap_or(stored).answer(now, false))
     }
 
-    /// Reads the answer's body (up to the largest answer stored) and
-    /// stores it when RFC 9111 and the budget allow; gives the answer on
-    /// either way, the part read followed by the rest.
-    async fn keep_answer(&self, policy: CachePolicy, rsp: Response) -> Response {
-        if !policy.is_storable() {
-            // A stored answer this one supersedes goes (`no-store` now).
+    /// Stores `body` with `entry` when it fits the object cap.
+    fn store_body(&self, entry: (Entry, Windows), body: Bytes, now: SystemTime) {
+        let (entry, windows) = entry;
+        let asked = self.asked.for_storage(&entry.headers);
+        let weight = ENTRY_OVERHEAD
+            + self.key.len() as u64
+            + body.len() as u64
+            + 2 * header_bytes(&entry.headers)
+            + header_bytes(&asked.headers);
+        if weight > self.store.config.max_object_bytes {
             self.store.forget(&self.key);
-            return rsp;
+            return;
         }
+        let fresh_until = now + entry.policy.time_to_live(now);
+        self.store.insert(
+            self.key.clone(),
+            Stored {
+                policy: entry.policy,
+                status: entry.status,
+                headers: entry.headers,
+                body,
+                fresh_until,
+                windows,
+                weight,
+                revalidating: AtomicBool::new(false),
+            },
+        );
+    }
+
+    /// Gives the target's answer on at once, and stores it once its body
+    /// has passed whole (up to the largest answer stored), when RFC 9111
+    /// and the rules of this cache allow.
+    fn keep_answer(self, mut rsp: Response) -> Response {
+        normalize_cache_control(rsp.headers_mut(), &[]);
+        let headers = owned(rsp.headers());
+        let asked = self.asked.for_storage(&headers);
+        let now = SystemTime::now();
+        let view = head_view(rsp.status(), headers);
+        let policy = CachePolicy::new_options(&asked, &view, now, options());
+        let (parts, ()) = view.into_parts();
+        let entry = Entry {
+            policy,
+            status: parts.status,
+            headers: parts.headers,
+        };
+        let stream = rsp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| {
+                t.trim()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
         let limit = self.store.config.max_object_bytes;
         let declared = rsp
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
+        let entry = entry.worth_keeping(&self.store.config);
+        let Some(entry) = entry.filter(|_| !stream && declared.is_none_or(|n| n <= limit)) else {
+            // A stored answer this one supersedes goes (`no-store` now,
+            // too large, a stream).
             self.store.forget(&self.key);
             return rsp;
+        };
+        let capacity = declared.unwrap_or(0).min(limit) as usize;
+        rsp.map(|inner| {
+            let tee = Tee {
+                inner,
+                read: Some(BytesMut::with_capacity(capacity)),
+                limit,
+                done: Some(Box::new(move |body: Bytes| {
+                    self.store_body(entry, body, now);
+                })),
+            };
+            tee.boxed_unsync()
+        })
+    }
+}
+
+/// An answer's head as the crate reads it.
+fn head_view(status: StatusCode, headers: HeaderMap) -> http::Response<()> {
+    let mut view = http::Response::new(());
+    *view.status_mut() = status;
+    *view.headers_mut() = headers;
+    view
+}
+
+/// An answer's head and the policy RFC 9111 gives it, before its body.
+struct Entry {
+    policy: CachePolicy,
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Entry {
+    /// The entry and its stale windows, if it is to be stored: storable
+    /// for a shared cache, not setting a cookie unless `public`, and of
+    /// some use later (fresh for a while, a validator to revalidate with,
+    /// or given stale on error).
+    fn worth_keeping(self, config: &CacheConfig) -> Option<(Entry, Windows)> {
+        if !self.policy.is_storable() {
+            return None;
         }
-        let (head, mut body) = rsp.into_parts();
-        let mut read = BytesMut::new();
-        loop {
-            match body.frame().await {
-                None => break,
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        read.extend_from_slice(&data);
-                        if read.len() as u64 > limit {
-                            self.store.forget(&self.key);
-                            return Response::from_parts(head, resume(read.freeze(), None, body));
-                        }
-                    }
-                    Err(frame) => {
-                        // Trailers: given on, not stored.
-                        self.store.forget(&self.key);
-                        let trailers = frame.into_trailers().ok();
-                        return Response::from_parts(
-                            head,
-                            body::full_with_trailers(read.freeze(), trailers),
-                        );
-                    }
-                },
-                Some(Err(e)) => {
-                    return Response::from_parts(
-                        head,
-                        resume(read.freeze(), Some(e), body::empty()),
-                    );
-                }
-            }
+        let public = directives(&self.headers).iter().any(|(n, _)| n == "public");
+        if self.headers.contains_key(http::header::SET_COOKIE) && !public {
+            return None;
         }
-        let body = read.freeze();
-        self.keep(
-            policy,
-            head.status,
-            head.headers.clone(),
-            body.clone(),
-            SystemTime::now(),
-        );
-        Response::from_parts(head, body::full(body))
+        let windows = stale_windows(&self.headers, config);
+        let fresh = self.policy.time_to_live(SystemTime::now()) > Duration::ZERO;
+        let validator = self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED);
+        let useful = fresh || validator || windows.stale_if_error.is_some();
+        useful.then_some((self, windows))
     }
 }
 
@@ -736,15 +976,77 @@ fn options() -> CacheOptions {
     }
 }
 
-/// A body that gives `read` (already taken from the answer), then an
-/// error that cut it, or the rest of `rest`.
-fn resume(read: Bytes, error: Option<BodyError>, rest: Body) -> Body {
-    let first = futures_util::stream::once(async move { Ok::<_, BodyError>(Frame::data(read)) });
-    let tail = match error {
-        Some(e) => StreamExt::boxed(futures_util::stream::once(async move { Err(e) })),
-        None => StreamExt::boxed(http_body_util::BodyStream::new(rest)),
-    };
-    body::boxed(http_body_util::StreamBody::new(first.chain(tail)))
+pin_project_lite::pin_project! {
+    /// An answer's body on its way to the client, copied aside up to the
+    /// largest answer stored; `done` gets the copy once the body ended
+    /// whole (no trailers, no error, not too large).
+    struct Tee {
+        #[pin]
+        inner: Body,
+        read: Option<BytesMut>,
+        limit: u64,
+        done: Option<Box<dyn FnOnce(Bytes) + Send>>,
+    }
+}
+
+impl Tee {
+    fn finish(read: &mut Option<BytesMut>, done: &mut Option<Box<dyn FnOnce(Bytes) + Send>>) {
+        if let (Some(read), Some(done)) = (read.take(), done.take()) {
+            // Exactly its size: the buffer may have grown past it.
+            done(Bytes::copy_from_slice(&read));
+        }
+    }
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) => match this.read.as_mut() {
+                    Some(read) if (read.len() + data.len()) as u64 <= *this.limit => {
+                        read.extend_from_slice(data);
+                        // A server stops polling once the body says it
+                        // ended: that is the end too.
+                        if this.inner.is_end_stream() {
+                            Tee::finish(this.read, this.done);
+                        }
+                    }
+                    _ => {
+                        *this.read = None;
+                        *this.done = None;
+                    }
+                },
+                // Trailers: given on, not stored.
+                None => {
+                    *this.read = None;
+                    *this.done = None;
+                }
+            },
+            Poll::Ready(None) => Tee::finish(this.read, this.done),
+            Poll::Ready(Some(Err(_))) => {
+                *this.read = None;
+                *this.done = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The validators the crate chose (`If-None-Match`, `If-Modified-Since`)
@@ -798,51 +1100,135 @@ mod tests {
         h
     }
 
+    fn windows(sie: Option<u64>, swr: Option<u64>) -> Windows {
+        Windows {
+            stale_if_error: sie.map(Duration::from_secs),
+            stale_while_revalidate: swr.map(Duration::from_secs),
+        }
+    }
+
     /// The answer's own windows win over the policy's; an answer that
-    /// must be revalidated is never given stale, whatever the policy.
+    /// must be revalidated, or that the target did not mark reusable, is
+    /// never given stale, whatever the policy.
     #[test]
     fn stale_windows_come_from_the_answer_then_the_policy_and_never_past_a_must() {
         let mut c = config();
-        assert_eq!(stale_windows(&headers("max-age=60"), &c), (None, None));
+        assert_eq!(
+            stale_windows(&headers("max-age=60"), &c),
+            windows(None, None)
+        );
         c.stale_if_error_ms = Some(300_000);
         c.stale_while_revalidate_ms = Some(10_000);
         assert_eq!(
             stale_windows(&headers("max-age=60"), &c),
-            (
-                Some(Duration::from_secs(300)),
-                Some(Duration::from_secs(10))
-            )
+            windows(Some(300), Some(10))
         );
         assert_eq!(
             stale_windows(
-                &headers("max-age=60, stale-if-error=20, Stale-While-Revalidate=\"5\""),
+                &headers("Max-Age=60, stale-if-error=20, Stale-While-Revalidate=\"5\""),
                 &c
             ),
-            (Some(Duration::from_secs(20)), Some(Duration::from_secs(5)))
+            windows(Some(20), Some(5))
         );
         assert_eq!(
-            stale_windows(&headers("max-age=60, stale-if-error=999999999"), &c).0,
+            stale_windows(&headers("max-age=60, stale-if-error=999999999"), &c).stale_if_error,
             Some(MAX_STALE_IF_ERROR)
         );
         for must in [
             "must-revalidate",
-            "proxy-revalidate",
+            "Proxy-Revalidate",
             "no-cache",
             "s-maxage=60",
             "no-store",
+            "max-age=30",
         ] {
             assert_eq!(
                 stale_windows(
                     &headers(&format!("max-age=60, stale-if-error=60, {must}")),
                     &c
                 ),
-                (None, None),
+                windows(None, None),
                 "{must}"
             );
         }
-        let mut pragma = HeaderMap::new();
-        pragma.insert(http::header::PRAGMA, HeaderValue::from_static("no-cache"));
-        assert_eq!(stale_windows(&pragma, &c), (None, None));
+        // Nothing said about reuse: never stale, even with the policy's.
+        assert_eq!(stale_windows(&HeaderMap::new(), &c), windows(None, None));
+        let mut pragma = headers("public");
+        pragma.insert(http::header::PRAGMA, HeaderValue::from_static("No-Cache"));
+        assert_eq!(stale_windows(&pragma, &c), windows(None, None));
+    }
+
+    /// Directive names reach the crate in lower case, and a client's
+    /// `max-stale` never does.
+    #[test]
+    fn cache_control_is_lowercased_and_max_stale_dropped() {
+        let mut h = headers("Private, Max-Age=600, community=\"UCI\"");
+        normalize_cache_control(&mut h, &[]);
+        assert_eq!(h["cache-control"], "private, max-age=600, community=UCI");
+        let mut h = headers("max-stale, no-cache");
+        normalize_cache_control(&mut h, &["max-stale"]);
+        assert_eq!(h["cache-control"], "no-cache");
+        let mut h = headers("Max-Stale=60");
+        normalize_cache_control(&mut h, &["max-stale"]);
+        assert!(!h.contains_key("cache-control"));
+    }
+
+    /// Repeated request fields are one value to `Vary`: two users whose
+    /// first cookie is the same are still told apart.
+    #[test]
+    fn repeated_fields_are_joined_for_vary() {
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("theme=dark"));
+        h.append("cookie", HeaderValue::from_static("session=alice"));
+        h.append("accept", HeaderValue::from_static("text/html"));
+        h.append("accept", HeaderValue::from_static("application/json"));
+        let asked = Asked::new(
+            Uri::from_static("http://feed.test/p"),
+            HeaderValue::from_static("feed.test"),
+            &h,
+        );
+        assert_eq!(asked.headers["cookie"], "theme=dark; session=alice");
+        assert_eq!(asked.headers["accept"], "text/html, application/json");
+        assert_eq!(asked.headers["host"], "feed.test");
+    }
+
+    /// The key names the authority the target is told: the one `Host`,
+    /// else the URI's; a request whose two disagree, or with two `Host`s,
+    /// is not cached (it would store one site's answer under another's
+    /// name).
+    #[test]
+    fn the_key_is_the_authority_sent_and_disagreement_is_not_cached() {
+        let req = |uri: &str, hosts: &[&str]| {
+            let mut r = http::Request::get(uri)
+                .body(body::empty())
+                .expect("request");
+            for h in hosts {
+                r.headers_mut()
+                    .append(http::header::HOST, HeaderValue::from_str(h).expect("host"));
+            }
+            r
+        };
+        assert_eq!(
+            authority_sent(&req("/x", &["Shop.Test"])).as_deref(),
+            Some("shop.test")
+        );
+        assert_eq!(
+            authority_sent(&req("http://shop.test/x", &[])).as_deref(),
+            Some("shop.test")
+        );
+        assert_eq!(
+            authority_sent(&req("http://shop.test/x", &["shop.test"])).as_deref(),
+            Some("shop.test")
+        );
+        assert_eq!(
+            authority_sent(&req("http://shop.test/x", &["evil.test"])),
+            None
+        );
+        assert_eq!(
+            authority_sent(&req("/x", &["shop.test", "evil.test"])),
+            None
+        );
+        assert_eq!(authority_sent(&req("/x", &[])), None);
     }
 
     /// Freshness from `Expires` needs the crate to read an HTTP-date

@@ -744,13 +744,21 @@ struct Http1Count {
 struct Counted {
     count: Arc<Http1Count>,
     of: fn(&Http1Count) -> &std::sync::atomic::AtomicUsize,
+    /// Tell every waiting request when dropped, not one: a connection
+    /// coming up is news for those past their wait, whichever they are
+    /// (one told at random may be inside its wait and look away).
+    wake_all: bool,
 }
 
 impl Counted {
     fn new(conns: &Conns, of: fn(&Http1Count) -> &std::sync::atomic::AtomicUsize) -> Self {
         let count = conns.http1_count.clone();
         of(&count).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self { count, of }
+        Self {
+            count,
+            of,
+            wake_all: false,
+        }
     }
 
     /// Counted only while fewer than `limit` are.
@@ -767,14 +775,22 @@ impl Counted {
                 |n| (n < limit).then_some(n + 1),
             )
             .ok()
-            .map(|_| Self { count, of })
+            .map(|_| Self {
+                count,
+                of,
+                wake_all: false,
+            })
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         (self.of)(&self.count).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.count.freed.notify_one();
+        if self.wake_all {
+            self.count.freed.notify_waiters();
+        } else {
+            self.count.freed.notify_one();
+        }
     }
 }
 
@@ -808,14 +824,17 @@ struct Connecting {
 
 impl Connecting {
     fn new(conns: &Conns) -> Self {
-        Self {
-            _counted: Counted::new(conns, |c| &c.connecting),
-        }
+        let mut counted = Counted::new(conns, |c| &c.connecting);
+        counted.wake_all = true;
+        Self { _counted: counted }
     }
 
     /// Counted only while fewer than [`HTTP1_MAX_CONNECTING`] are.
     fn below_limit(conns: &Conns) -> Option<Self> {
-        Counted::below(conns, |c| &c.connecting, HTTP1_MAX_CONNECTING).map(|c| Self { _counted: c })
+        Counted::below(conns, |c| &c.connecting, HTTP1_MAX_CONNECTING).map(|mut c| {
+            c.wake_all = true;
+            Self { _counted: c }
+        })
     }
 }
 
