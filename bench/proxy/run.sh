@@ -14,7 +14,7 @@
 #   BENCH_PROTOCOLS="h1 h2"   h1 = HTTP/1.1, h2 = h2c with prior knowledge
 #   BENCH_H1_CONNECTIONS=32   HTTP/1.1 keep-alive connections of the load generator
 #   BENCH_H2_CONNECTIONS=4    HTTP/2 connections of the load generator
-#   BENCH_PORT_BASE=18700     35 consecutive loopback ports from here
+#   BENCH_PORT_BASE=18700     38 consecutive loopback ports from here
 #   BENCH_HANDSHAKE_RATE=200  new connections per second in the handshake cells
 #   BENCH_READY_TIMEOUT=20    seconds a server may take to become ready
 #   BENCH_OUT=bench/results/proxy.md
@@ -41,7 +41,7 @@ CARGO=${CARGO:-cargo}
 # Host header / :authority of every request, whatever the first hop.
 HOST_HEADER=upstream.bench.svc.cluster.local
 HANDSHAKE_RATE=${BENCH_HANDSHAKE_RATE:-200}
-SCENARIOS=(direct weft1 weft1log weft1k weft1d weft2 weft2tls weft1tls nginx nginx2tls haproxy)
+SCENARIOS=(direct weft1 weft1log weft1k weft1d weft2 weft2tls weft1tls weft1cache nginxcache nginx nginx2tls haproxy)
 
 say() { printf '[bench-proxy] %s\n' "$*" >&2; }
 die() {
@@ -200,6 +200,9 @@ scenario_pids() {
 	nginx2tls) echo "${PID[nginx2a]:-} ${PID[nginx2b]:-}" ;;
 	# nginx B is the vendor of the origination cells, as in nginx2tls.
 	weft1tls) echo "${PID[weft1tls]:-} ${PID[nginx2b]:-}" ;;
+	weft1cache) echo "${PID[weft1cache]:-}" ;;
+	# The same nginx as the nginx cells, asked for a cacheable path.
+	nginxcache) echo "${PID[nginx]:-}" ;;
 	haproxy) echo "${PID[haproxy]:-}" ;;
 	esac
 }
@@ -242,17 +245,18 @@ NA_H1=$((PORT_BASE + 23)) NA_H2=$((PORT_BASE + 24)) NB_TLS=$((PORT_BASE + 25))
 K1_OUT=$((PORT_BASE + 26)) K1_ADMIN=$((PORT_BASE + 27)) K1_PROBE=$((PORT_BASE + 28))
 L1_OUT=$((PORT_BASE + 29)) L1_ADMIN=$((PORT_BASE + 30)) L1_PROBE=$((PORT_BASE + 31))
 O1_OUT=$((PORT_BASE + 32)) O1_ADMIN=$((PORT_BASE + 33)) O1_PROBE=$((PORT_BASE + 34))
+C1_OUT=$((PORT_BASE + 35)) C1_ADMIN=$((PORT_BASE + 36)) C1_PROBE=$((PORT_BASE + 37))
 
 if command -v ss >/dev/null; then
-	for ((port = PORT_BASE; port < PORT_BASE + 35; port++)); do
+	for ((port = PORT_BASE; port < PORT_BASE + 38; port++)); do
 		if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
-			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 34)) are needed): set BENCH_PORT_BASE"
+			die "port $port is in use (ports $PORT_BASE..$((PORT_BASE + 37)) are needed): set BENCH_PORT_BASE"
 		fi
 	done
 fi
 
 url_for() { # SCENARIO PROTOCOL
-	local port
+	local port path=/
 	case $1 in
 	direct) port=$UP_PORT ;;
 	weft1) port=$W1_OUT ;;
@@ -262,11 +266,14 @@ url_for() { # SCENARIO PROTOCOL
 	weft2) port=$WA_OUT ;;
 	weft2tls) port=$TA_OUT ;;
 	weft1tls) port=$O1_OUT ;;
+	# The cache cells ask for a path the upstream marks cacheable.
+	weft1cache) port=$C1_OUT path=/cacheable/ ;;
+	nginxcache) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi && path=/cacheable/ ;;
 	nginx) if [[ $2 == h2 ]]; then port=$NG_H2; else port=$NG_H1; fi ;;
 	nginx2tls) if [[ $2 == h2 ]]; then port=$NA_H2; else port=$NA_H1; fi ;;
 	haproxy) if [[ $2 == h2 ]]; then port=$HA_H2; else port=$HA_H1; fi ;;
 	esac
-	echo "http://127.0.0.1:$port/"
+	echo "http://127.0.0.1:$port$path"
 }
 
 # ---------------------------------------------------------------- servers
@@ -330,6 +337,7 @@ if [[ -n $weft_reason ]]; then
 	not_run weft2 "" "$weft_reason"
 	[[ -n ${NOTRUN[weft2tls]:-} ]] || not_run weft2tls "" "$weft_reason"
 	[[ -n ${NOTRUN[weft1tls]:-} ]] || not_run weft1tls "" "$weft_reason"
+	not_run weft1cache "" "$weft_reason"
 else
 	weft_config "$WORK/weft-upstream.json" "127.0.0.1:$UP_PORT"
 	weft_config "$WORK/weft-via-b.json" "127.0.0.1:$WB_IN"
@@ -364,6 +372,13 @@ else
 		--endpoints "$WORK/weft-1k-endpoints.json" \
 		--admin "127.0.0.1:$K1_ADMIN" --probe "127.0.0.1:$K1_PROBE" \
 		--outbound-map "127.0.0.1:$K1_OUT=$HOST_HEADER:80"
+	# weft1cache: weft1 whose TrafficPolicy caches (1 MiB), asked for a
+	# path the upstream answers with max-age=3600.
+	sed 's|"endpoints":|"policy":{"source":"bench/cache","retry":{"maxRetries":0,"retryOn":["connect-failure"],"methods":["GET"],"idempotencyHeader":"idempotency-key","budget":{"percent":20,"minPerSecond":10,"windowMs":10000},"backoffBaseMs":25,"backoffMaxMs":250},"loadBalancer":"PeakEwma","cache":{"maxBytes":1048576,"maxObjectBytes":65536}},"endpoints":|' \
+		"$WORK/weft-upstream.json" >"$WORK/weft-cache.json"
+	start_bg weft1cache "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-cache.json" \
+		--admin "127.0.0.1:$C1_ADMIN" --probe "127.0.0.1:$C1_PROBE" \
+		--outbound-map "127.0.0.1:$C1_OUT=$HOST_HEADER:80"
 	start_bg weft1d "${WEFT_CMD[@]}" "${common[@]}" --config "$WORK/weft-detect.json" \
 		--admin "127.0.0.1:$D1_ADMIN" --probe "127.0.0.1:$D1_PROBE" \
 		--outbound-map "127.0.0.1:$D1_OUT=$HOST_HEADER:80"
@@ -404,6 +419,12 @@ else
 fi
 
 mkdir -p "$WORK/nginx-tmp"
+# nginx's worker (nobody, under a root master) writes the cache files: it
+# must pass through the work directory (traverse only, no listing) into a
+# cache directory of its own.
+mkdir -p "$WORK/nginx-cache"
+chmod 711 "$WORK"
+chmod 777 "$WORK/nginx-cache"
 sed -e "s|@WORKDIR@|$WORK|g" -e "s|@UPSTREAM_PORT@|$UP_PORT|g" \
 	-e "s|@H1_PORT@|$NG_H1|g" -e "s|@H2_PORT@|$NG_H2|g" \
 	"$HERE/nginx.conf.tmpl" >"$WORK/nginx.conf"
@@ -477,8 +498,9 @@ if [[ -z ${NOTRUN[weft1]:-} ]]; then
 		stop_scenario weft1
 		not_run weft1 "" "$READY_WHY"
 	fi
-	for name in weft1log weft1k weft1d weft2b weft2a weft2tb weft2ta weft1tls; do
+	for name in weft1log weft1k weft1d weft2b weft2a weft2tb weft2ta weft1tls weft1cache; do
 		case $name in
+		weft1cache) admin=$C1_ADMIN scn=weft1cache ;;
 		weft1tls) admin=$O1_ADMIN scn=weft1tls ;;
 		weft1log) admin=$L1_ADMIN scn=weft1log ;;
 		weft1k) admin=$K1_ADMIN scn=weft1k ;;
@@ -502,6 +524,7 @@ for scn in nginx nginx2tls haproxy; do
 		not_run "$scn" "" "$READY_WHY"
 	fi
 done
+[[ -n ${NOTRUN[nginx]:-} ]] && not_run nginxcache "" "the nginx it uses did not run: ${NOTRUN[nginx]}"
 
 # Idle memory, before any load went through the proxies.
 sleep 1
