@@ -582,11 +582,15 @@ async fn vary_sees_every_value_and_every_line_even_after_a_304() {
             )
         };
         // Two lines, as an app's `Vary: Cookie` and a compressing front
-        // end's `Vary: Accept-Encoding`.
-        rsp.headers_mut()
-            .append("vary", http::HeaderValue::from_static("Cookie"));
-        rsp.headers_mut()
-            .append("vary", http::HeaderValue::from_static("Accept-Encoding"));
+        // end's `Vary: Accept-Encoding` (a head that kept only the last
+        // would vary on Accept-Encoding alone), on the full answers only:
+        // the 304 says nothing of Vary, so the stored lines must survive.
+        if rsp.status() == 200 {
+            rsp.headers_mut()
+                .append("vary", http::HeaderValue::from_static("Cookie"));
+            rsp.headers_mut()
+                .append("vary", http::HeaderValue::from_static("Accept-Encoding"));
+        }
         rsp
     }))
     .await;
@@ -650,12 +654,20 @@ async fn a_client_that_asks_for_validation_is_never_given_the_stored_answer_unas
         assert_eq!(got.body, "price 12");
     }
     assert_eq!(feed.asked("/price").len(), 3);
-    // A client's max-stale does not stretch what the vendor allowed.
+    // Stale, inside the answer's stale-while-revalidate: a client asking
+    // for validation still waits for the vendor.
     feed.set(always(
         200,
-        &[("cache-control", "max-age=1, must-revalidate")],
-        "v3",
+        &[("cache-control", "max-age=1, stale-while-revalidate=60")],
+        "fresh from the vendor",
     ));
+    get(&p, "/swr").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let validated = ask(&p, "GET", "/swr", &[("cache-control", "no-cache")]).await;
+    assert_eq!(feed.asked("/swr").len(), 2, "given stale unasked");
+    assert_eq!(validated.body, "fresh from the vendor");
+    // A client's max-stale does not stretch what the vendor allowed.
+    feed.set(always(200, &[("cache-control", "max-age=1")], "v3"));
     get(&p, "/strict").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     ask(&p, "GET", "/strict", &[("cache-control", "max-stale=600")]).await;
@@ -711,4 +723,52 @@ async fn an_answer_streams_through_and_is_stored_when_it_ends() {
     assert_eq!(rest, "second");
     assert_eq!(get(&p, "/report").await.body, "first second");
     assert_eq!(feed.asked("/report").len(), 1, "stored once it ended");
+}
+
+/// An answer without a body (a 204, `Content-Length: 0`) is stored too
+/// (a server never reads such a body, so it is stored at once); a 304
+/// that sets a cookie reaches the client with its own head, and the
+/// answer is not kept after it.
+#[tokio::test]
+async fn empty_answers_are_stored_and_a_304_that_forbids_storing_is_obeyed() {
+    let feed = Feed::start(Arc::new(|seen: &Seen| match seen.path.as_str() {
+        "/empty" => answer(204, &[("cache-control", "max-age=60")], ""),
+        _ if seen.headers.contains_key("if-none-match") => answer(
+            304,
+            &[
+                ("cache-control", "max-age=60"),
+                ("etag", "\"s\""),
+                ("set-cookie", "sid=new"),
+            ],
+            "",
+        ),
+        _ => answer(
+            200,
+            &[("cache-control", "max-age=1"), ("etag", "\"s\"")],
+            "session page",
+        ),
+    }))
+    .await;
+    let p = proxy(&with_cache(&feed, cache(json!({})))).await;
+    assert_eq!(get(&p, "/empty").await.status, 204);
+    assert_eq!(get(&p, "/empty").await.status, 204);
+    assert_eq!(feed.asked("/empty").len(), 1, "the empty answer was stored");
+
+    get(&p, "/session").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refreshed = get(&p, "/session").await;
+    assert_eq!(
+        (refreshed.status, refreshed.body.as_str()),
+        (200, "session page")
+    );
+    assert_eq!(
+        refreshed.headers["set-cookie"], "sid=new",
+        "the 304's own head"
+    );
+    get(&p, "/session").await;
+    assert_eq!(
+        feed.asked("/session").len(),
+        3,
+        "not kept after a 304 that set a cookie"
+    );
 }

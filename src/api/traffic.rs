@@ -77,8 +77,8 @@ pub struct TrafficPolicySpec {
     /// client proxy's memory and answer from there while they are fresh
     /// (RFC 9111: `Cache-Control`, `Expires`, `ETag`/`Last-Modified`
     /// revalidation, `Vary`; never `no-store`, `private`, answers setting
-    /// a cookie, or answers to requests with `Authorization`, unless the
-    /// target marks them `public`). With `staleIfError`, a stored answer
+    /// a cookie unless `public`, or answers to requests with
+    /// `Authorization` unless `public`, `s-maxage` or `must-revalidate`). With `staleIfError`, a stored answer
     /// the target marked reusable also stands in while the target fails.
     /// Unset: nothing is cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,7 +107,7 @@ pub struct ResponseCache {
     /// The largest answer stored (head and body); larger ones pass
     /// through uncached. Default 64 KiB, at most a quarter of `maxBytes`.
     #[serde(default = "default_cache_object_bytes")]
-    #[schemars(range(min = 1024, max = 16777216))]
+    #[schemars(range(min = 4096, max = 16777216))]
     pub max_object_bytes: u32,
     /// Path prefixes cached (`/v1/products/`); a request whose path
     /// starts with none of them is neither answered from nor stored in the

@@ -990,7 +990,10 @@ pub struct Destinations {
     /// The response caches, one per policy and setting, as the shared
     /// buckets: every destination of a target uses its target's, and a
     /// reload that leaves the settings as they were keeps the answers.
-    caches: Mutex<HashMap<String, Arc<crate::proxy::http::cache::ResponseStore>>>,
+    /// Held by the destinations only: a store whose settings changed goes
+    /// (with its memory and its share of the proxy's cache budget) with
+    /// the last destination that used it.
+    caches: Mutex<HashMap<String, std::sync::Weak<crate::proxy::http::cache::ResponseStore>>>,
     /// Where the caches publish their size.
     metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
 }
@@ -1044,16 +1047,20 @@ impl Destinations {
         if let Some(cache) = &d.policy.cache {
             let name = d.policy.source.clone().unwrap_or_else(|| d.label.clone());
             let key = format!("{name}|{cache:?}");
-            let store = lock(&self.caches)
-                .entry(key)
-                .or_insert_with(|| {
-                    Arc::new(crate::proxy::http::cache::ResponseStore::new(
+            let mut caches = lock(&self.caches);
+            let store = match caches.get(&key).and_then(std::sync::Weak::upgrade) {
+                Some(store) => store,
+                None => {
+                    let store = Arc::new(crate::proxy::http::cache::ResponseStore::new(
                         name,
                         cache.clone(),
                         self.metrics.clone(),
-                    ))
-                })
-                .clone();
+                    ));
+                    caches.retain(|_, c| c.strong_count() > 0);
+                    caches.insert(key, Arc::downgrade(&store));
+                    store
+                }
+            };
             d.cache = Some(store);
         }
         let Some(rl) = d.policy.rate_limit.as_ref().filter(|r| r.shared.is_some()) else {
@@ -1234,7 +1241,7 @@ impl Destinations {
         // A shared bucket no destination holds any more goes with them
         // (one a request in flight still holds is dropped with it).
         lock(&self.shared_buckets).retain(|_, (b, _)| Arc::strong_count(b) > 1);
-        lock(&self.caches).retain(|_, c| Arc::strong_count(c) > 1);
+        lock(&self.caches).retain(|_, c| c.strong_count() > 0);
         let external = map
             .keys()
             .filter(|k| k.starts_with(WILDCARD_KEY_PREFIX))

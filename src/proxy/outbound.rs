@@ -247,6 +247,7 @@ pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack:
             match vendor_authority(host, m.port) {
                 Some(authority) => {
                     req.headers_mut().insert(http::header::HOST, authority);
+                    req.extensions_mut().insert(super::http::cache::HostWritten);
                 }
                 None => return refuse(ProxyError::BadRequest(format!("host {host:?}"))),
             }

@@ -82,13 +82,24 @@ impl Outcome {
     }
 }
 
-/// Bytes every response cache of this proxy holds together: whatever the
-/// policies say, the caches stop storing past [`PROXY_CACHE_BYTES`] (the
-/// sidecar's memory is the pod's; policies of several targets each with
-/// a large `maxBytes` must not add up to an OOM kill).
-static HELD: AtomicU64 = AtomicU64::new(0);
+/// Bytes of budget the live response caches of this proxy were granted
+/// together: a new store gets its `maxBytes`, or what is left of
+/// [`PROXY_CACHE_BYTES`] (the sidecar's memory is the pod's; policies of
+/// several targets each with a large `maxBytes` must not add up to an
+/// OOM kill). Each store evicts within its grant as usual.
+static GRANTED: AtomicU64 = AtomicU64::new(0);
 /// The most every cache of a proxy holds together.
 pub const PROXY_CACHE_BYTES: u64 = 64 << 20;
+
+/// Takes up to `wanted` bytes of [`PROXY_CACHE_BYTES`]; what it got.
+fn grant(wanted: u64) -> u64 {
+    let mut got = 0;
+    let _ = GRANTED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+        got = wanted.min(PROXY_CACHE_BYTES.saturating_sub(held));
+        Some(held + got)
+    });
+    got
+}
 
 /// One target's stored answers, shared by every destination of the
 /// target (each host a wildcard matches, each port) and kept across
@@ -96,9 +107,12 @@ pub const PROXY_CACHE_BYTES: u64 = 64 << 20;
 pub struct ResponseStore {
     entries: quick_cache::sync::Cache<String, Arc<Stored>, Weigh>,
     config: CacheConfig,
+    /// Its share of [`PROXY_CACHE_BYTES`] (≤ `maxBytes`); 0: it stores
+    /// nothing (the proxy's caches hold their whole budget).
+    granted: u64,
     /// The `policy` label of the bytes gauge.
     name: String,
-    /// What this store last added to the gauge and to [`HELD`].
+    /// What this store last added to the gauge.
     published: AtomicU64,
     metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
 }
@@ -199,16 +213,26 @@ impl ResponseStore {
         config: CacheConfig,
         metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
     ) -> Self {
+        let largest = config.max_object_bytes.max(1);
+        let mut granted = grant(config.max_bytes);
+        if granted < 4 * largest {
+            // Too little left for a store worth having: none.
+            GRANTED.fetch_sub(granted, Ordering::AcqRel);
+            granted = 0;
+            tracing::warn!(
+                policy = %name,
+                "the response caches of this proxy hold their whole 64 MiB budget: this policy's answers are not cached"
+            );
+        }
         // quick_cache splits the budget among its shards and refuses (in
         // silence) an entry larger than about a shard's share: each shard
         // gets room for at least two of the largest answers.
-        let largest = config.max_object_bytes.max(1);
-        let shards = (config.max_bytes / (2 * largest)).clamp(1, 4);
+        let shards = (granted / (2 * largest)).clamp(1, 4);
         let shards = 1usize << (63 - shards.leading_zeros());
         let options = quick_cache::OptionsBuilder::new()
             .shards(shards)
-            .estimated_items_capacity(((config.max_bytes / 2048) as usize).max(32 * shards))
-            .weight_capacity(config.max_bytes)
+            .estimated_items_capacity(((granted / 2048) as usize).max(32 * shards))
+            .weight_capacity(granted)
             .build()
             .unwrap_or_else(|e| unreachable!("every option is set: {e}"));
         Self {
@@ -219,10 +243,16 @@ impl ResponseStore {
                 Default::default(),
             ),
             config,
+            granted,
             name,
             published: AtomicU64::new(0),
             metrics,
         }
+    }
+
+    /// Whether it stores anything (it got a share of the proxy's budget).
+    fn stores(&self) -> bool {
+        self.granted > 0
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -234,8 +264,8 @@ impl ResponseStore {
         self.entries.weight()
     }
 
-    /// Moves the gauge (the sum of the stores of one policy) and the
-    /// proxy's total by what this store's size changed since it last did.
+    /// Moves the gauge (the sum of the stores of one policy) by what this
+    /// store's size changed since it last did.
     fn publish_bytes(&self) {
         let now = self.bytes();
         let was = self.published.swap(now, Ordering::AcqRel);
@@ -243,11 +273,6 @@ impl ResponseStore {
     }
 
     fn shift(&self, delta: i64) {
-        if delta >= 0 {
-            HELD.fetch_add(delta as u64, Ordering::AcqRel);
-        } else {
-            HELD.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
-        }
         self.metrics
             .cache_bytes
             .get_or_create(&CacheStoreLabels {
@@ -266,20 +291,38 @@ impl ResponseStore {
                 .any(|p| path.starts_with(p.as_str()))
     }
 
-    fn insert(&self, key: String, stored: Stored) {
-        let room = PROXY_CACHE_BYTES.saturating_sub(HELD.load(Ordering::Acquire));
-        if stored.weight > room {
-            // The proxy's caches are full: this one makes room only from
-            // its own entries (by the store's eviction, at its budget).
-            self.forget(&key);
-            return;
+    /// Stores `stored` under `key`, unless `replacing` is given and the
+    /// key no longer holds it (a newer answer came in meanwhile: a late
+    /// 304 must not make an older one fresh again). The entry, stored or
+    /// not.
+    fn insert(&self, key: String, stored: Stored, replacing: Option<&Arc<Stored>>) -> Arc<Stored> {
+        let stored = Arc::new(stored);
+        if let Some(old) = replacing
+            && !self
+                .entries
+                .peek(&key)
+                .is_some_and(|now| Arc::ptr_eq(&now, old))
+        {
+            return stored;
         }
-        self.entries.insert(key, Arc::new(stored));
+        self.entries.insert(key, stored.clone());
         self.publish_bytes();
+        stored
     }
 
     fn forget(&self, key: &str) {
         if self.entries.remove(key).is_some() {
+            self.publish_bytes();
+        }
+    }
+
+    /// Forgets `key` only while it still holds `old`.
+    fn forget_if(&self, key: &str, old: &Arc<Stored>) {
+        if self
+            .entries
+            .remove_if(key, |now| Arc::ptr_eq(now, old))
+            .is_some()
+        {
             self.publish_bytes();
         }
     }
@@ -289,6 +332,7 @@ impl Drop for ResponseStore {
     fn drop(&mut self) {
         let was = self.published.swap(0, Ordering::AcqRel);
         self.shift(-(was as i64));
+        GRANTED.fetch_sub(self.granted, Ordering::AcqRel);
     }
 }
 
@@ -489,6 +533,21 @@ impl Asked {
                 headers.insert(name, v.clone());
             }
         }
+        // The crate looks only at whether there was one: the client's
+        // credential is not kept (unless the answer varies on it).
+        if headers.contains_key(http::header::AUTHORIZATION)
+            && !answer.get_all(http::header::VARY).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|n| n.trim().eq_ignore_ascii_case("authorization"))
+                })
+            })
+        {
+            headers.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_static("present"),
+            );
+        }
         Asked {
             uri: self.uri.clone(),
             method: Method::GET,
@@ -526,12 +585,26 @@ enum Use {
     Invalidate(String),
 }
 
+/// Marks a request whose `Host` the proxy wrote itself (an
+/// ExternalService's name), replacing whatever the client sent.
+#[derive(Clone, Copy, Debug)]
+pub struct HostWritten;
+
 /// The authority a request is sent with: its one `Host`, else its URI's.
 /// None (not cached) where they disagree or `Host` is repeated: the key
 /// must name what the target is told (an absolute-form request naming
 /// one site with another in `Host` would store that site's answer under
 /// this one's name).
 fn authority_sent(req: &Request) -> Option<String> {
+    if req.extensions().get::<HostWritten>().is_some() {
+        // The proxy wrote `Host` itself (a vendor's name and port), after
+        // the client's URI: that is what the vendor is told.
+        return req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_ascii_lowercase);
+    }
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -735,8 +808,10 @@ impl Lookup {
                     let refresh = async {
                         let result = super::call(inner, background).await;
                         if let Ok(rsp) = lookup.revalidated(&stored, result, false).await {
-                            // Read to its end, which stores it.
-                            let _ = rsp.into_body().collect().await;
+                            // Read to its end, which stores it (a body
+                            // the cache does not keep is let go as read).
+                            let mut body = rsp.into_body();
+                            while let Some(Ok(_)) = body.frame().await {}
                         }
                     };
                     let _ = tokio::time::timeout(BACKGROUND_LIMIT, refresh).await;
@@ -774,9 +849,34 @@ impl Lookup {
     ) -> Result<Response, BoxError> {
         let now = SystemTime::now();
         let counted = |outcome| (count, outcome);
-        if failed(&result) && stored.may_stand_in_for_error(now) {
+        // The 304 answers the validators this proxy sent for `stored`.
+        // One naming another strong validator is not this answer's (RFC
+        // 9111 §4.3.4), nor an answer for a client that sent no condition
+        // of its own: a failure of the target, as far as the client goes.
+        let strong = |h: &HeaderMap| {
+            h.get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.starts_with("W/"))
+        };
+        let foreign_304 = result.as_ref().is_ok_and(|rsp| {
+            rsp.status() == StatusCode::NOT_MODIFIED
+                && matches!((strong(rsp.headers()), strong(&stored.headers)), (Some(new), Some(old)) if new != old)
+        });
+        if foreign_304 {
+            self.store.forget_if(&self.key, stored);
+        }
+        if (failed(&result) || foreign_304) && stored.may_stand_in_for_error(now) {
             self.counted(counted(Outcome::StaleIfError));
             return Ok(stored.answer(now, false));
+        }
+        if foreign_304 {
+            self.counted(counted(Outcome::Miss));
+            return Err(super::ProxyError::UpstreamReset(
+                self.dst.label.clone(),
+                "it answered 304 Not Modified naming a validator it was not sent".to_owned(),
+            )
+            .into());
         }
         let rsp = match result {
             Ok(rsp) => rsp,
@@ -789,28 +889,13 @@ impl Lookup {
             self.counted(counted(Outcome::Miss));
             return Ok(self.keep_answer(rsp));
         }
-        // The 304 answers the validators this proxy sent for `stored`.
-        // One naming another strong validator is not this answer's (RFC
-        // 9111 §4.3.4), and never for a client that sent no condition of
-        // its own: the stored answer goes, given once more as it is.
-        let strong = |h: &HeaderMap| {
-            h.get(http::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(|e| e.trim().to_owned())
-                .filter(|e| !e.starts_with("W/"))
-        };
-        if let (Some(new), Some(old)) = (strong(rsp.headers()), strong(&stored.headers))
-            && new != old
-        {
-            self.counted(counted(Outcome::Stale));
-            self.store.forget(&self.key);
-            return Ok(stored.answer(now, false));
-        }
         self.counted(counted(Outcome::Revalidated));
         // RFC 9111 §3.2: each field the 304 carries replaces every value
         // of that field in the stored head (all of the 304's values kept);
-        // the body and its framing stay.
+        // the body and its framing stay. The stored `Age` goes unless the
+        // 304 gives one: the answer is as old as the 304.
         let mut headers = stored.headers.clone();
+        headers.remove(http::header::AGE);
         let mut merged = std::collections::HashSet::new();
         for (name, value) in owned(rsp.headers()).iter() {
             if matches!(
@@ -827,32 +912,40 @@ impl Lookup {
             }
             headers.append(name.clone(), value.clone());
         }
-        normalize_cache_control(&mut headers, &[]);
-        let view = head_view(stored.status, headers);
-        let policy = CachePolicy::new_options(
-            &self.asked.for_storage(view.headers()),
-            &view,
-            now,
-            options(),
-        );
-        let (parts, ()) = view.into_parts();
-        let entry = Entry {
-            policy,
-            status: parts.status,
-            headers: parts.headers,
+        let entry = Entry::of(&self.asked, stored.status, headers, now);
+        let status = entry.status;
+        let merged_head = entry.headers.clone();
+        let kept = match entry.worth_keeping(&self.store.config) {
+            Some(entry) => self.store_body(entry, stored.body.clone(), now, Some(stored)),
+            None => {
+                self.store.forget_if(&self.key, stored);
+                None
+            }
         };
-        if let Some(entry) = entry.worth_keeping(&self.store.config) {
-            self.store_body(entry, stored.body.clone(), now);
-        } else {
-            self.store.forget(&self.key);
-        }
-        // The stored body with the refreshed head.
-        let fresh = self.store.entries.get(&self.key);
-        Ok(fresh.as_ref().unwrap_or(stored).answer(now, false))
+        // The stored body with the refreshed head: the entry built from
+        // it, or where it is not to be kept (the 304 said `no-store`, or
+        // set a cookie), the merged head all the same.
+        Ok(match kept {
+            Some(entry) => entry.answer(now, false),
+            None => {
+                let mut rsp = Response::new(body::full(stored.body.clone()));
+                *rsp.status_mut() = status;
+                *rsp.headers_mut() = merged_head;
+                rsp
+            }
+        })
     }
 
-    /// Stores `body` with `entry` when it fits the object cap.
-    fn store_body(&self, entry: (Entry, Windows), body: Bytes, now: SystemTime) {
+    /// Stores `body` with `entry` when it fits the object cap; the entry
+    /// built (stored, or not when `replacing` is no longer what the key
+    /// holds), None when it does not fit.
+    fn store_body(
+        &self,
+        entry: (Entry, Windows),
+        body: Bytes,
+        now: SystemTime,
+        replacing: Option<&Arc<Stored>>,
+    ) -> Option<Arc<Stored>> {
         let (entry, windows) = entry;
         let asked = self.asked.for_storage(&entry.headers);
         let weight = ENTRY_OVERHEAD
@@ -860,12 +953,17 @@ impl Lookup {
             + body.len() as u64
             + 2 * header_bytes(&entry.headers)
             + header_bytes(&asked.headers);
-        if weight > self.store.config.max_object_bytes {
-            self.store.forget(&self.key);
-            return;
+        if weight > self.store.config.max_object_bytes || !self.store.stores() {
+            match replacing {
+                Some(old) => self.store.forget_if(&self.key, old),
+                None => self.store.forget(&self.key),
+            }
+            return None;
         }
-        let fresh_until = now + entry.policy.time_to_live(now);
-        self.store.insert(
+        let fresh_until = now
+            .checked_add(entry.policy.time_to_live(now))
+            .unwrap_or(now + MAX_STALE_IF_ERROR * 365);
+        Some(self.store.insert(
             self.key.clone(),
             Stored {
                 policy: entry.policy,
@@ -877,25 +975,16 @@ impl Lookup {
                 weight,
                 revalidating: AtomicBool::new(false),
             },
-        );
+            replacing,
+        ))
     }
 
     /// Gives the target's answer on at once, and stores it once its body
     /// has passed whole (up to the largest answer stored), when RFC 9111
     /// and the rules of this cache allow.
-    fn keep_answer(self, mut rsp: Response) -> Response {
-        normalize_cache_control(rsp.headers_mut(), &[]);
-        let headers = owned(rsp.headers());
-        let asked = self.asked.for_storage(&headers);
+    fn keep_answer(self, rsp: Response) -> Response {
         let now = SystemTime::now();
-        let view = head_view(rsp.status(), headers);
-        let policy = CachePolicy::new_options(&asked, &view, now, options());
-        let (parts, ()) = view.into_parts();
-        let entry = Entry {
-            policy,
-            status: parts.status,
-            headers: parts.headers,
-        };
+        let entry = Entry::of(&self.asked, rsp.status(), owned(rsp.headers()), now);
         let stream = rsp
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -910,21 +999,30 @@ impl Lookup {
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let entry = entry.worth_keeping(&self.store.config);
-        let Some(entry) = entry.filter(|_| !stream && declared.is_none_or(|n| n <= limit)) else {
+        let entry = entry
+            .worth_keeping(&self.store.config)
+            .filter(|_| self.store.stores() && !stream && declared.is_none_or(|n| n <= limit));
+        let Some(entry) = entry else {
             // A stored answer this one supersedes goes (`no-store` now,
             // too large, a stream).
             self.store.forget(&self.key);
             return rsp;
         };
-        let capacity = declared.unwrap_or(0).min(limit) as usize;
+        if http_body::Body::is_end_stream(rsp.body()) {
+            // No body to pass (a 204, `Content-Length: 0`): a server never
+            // polls it, so it is stored now.
+            self.store_body(entry, Bytes::new(), now, None);
+            return rsp;
+        }
+        // Grown as the body comes, from at most a page or two up front.
+        let capacity = declared.unwrap_or(0).min(limit).min(16 << 10) as usize;
         rsp.map(|inner| {
             let tee = Tee {
                 inner,
                 read: Some(BytesMut::with_capacity(capacity)),
                 limit,
                 done: Some(Box::new(move |body: Bytes| {
-                    self.store_body(entry, body, now);
+                    self.store_body(entry, body, now, None);
                 })),
             };
             tee.boxed_unsync()
@@ -948,6 +1046,26 @@ struct Entry {
 }
 
 impl Entry {
+    /// The policy RFC 9111 gives the answer with `headers` to `asked`. The
+    /// crate reads a copy whose Cache-Control and Pragma are normalised
+    /// ([`normalize_cache_control`]); the head stored and given is the
+    /// target's own.
+    fn of(asked: &Asked, status: StatusCode, headers: HeaderMap, now: SystemTime) -> Entry {
+        let mut seen = headers.clone();
+        normalize_cache_control(&mut seen, &[]);
+        let policy = CachePolicy::new_options(
+            &asked.for_storage(&seen),
+            &head_view(status, seen),
+            now,
+            options(),
+        );
+        Entry {
+            policy,
+            status,
+            headers,
+        }
+    }
+
     /// The entry and its stale windows, if it is to be stored: storable
     /// for a shared cache, not setting a cookie unless `public`, and of
     /// some use later (fresh for a while, a validator to revalidate with,
@@ -958,6 +1076,14 @@ impl Entry {
         }
         let public = directives(&self.headers).iter().any(|(n, _)| n == "public");
         if self.headers.contains_key(http::header::SET_COOKIE) && !public {
+            return None;
+        }
+        // `Vary: *` matches no later request.
+        let vary_all = self.headers.get_all(http::header::VARY).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
+        });
+        if vary_all {
             return None;
         }
         let windows = stale_windows(&self.headers, config);
@@ -1229,6 +1355,25 @@ mod tests {
             None
         );
         assert_eq!(authority_sent(&req("/x", &[])), None);
+    }
+
+    /// Every cache of a proxy draws on one 64 MiB budget: a store gets
+    /// its `maxBytes` or what is left, none when too little is left for
+    /// four of its largest answers, and gives its share back when it goes.
+    #[test]
+    fn the_caches_of_a_proxy_share_one_budget() {
+        let metrics = Arc::new(crate::proxy::metrics::ProxyMetrics::new());
+        let mut c = config();
+        c.max_bytes = 48 << 20;
+        c.max_object_bytes = 1 << 20;
+        let a = ResponseStore::new("a".into(), c.clone(), metrics.clone());
+        let b = ResponseStore::new("b".into(), c.clone(), metrics.clone());
+        assert_eq!((a.granted, b.granted), (48 << 20, 16 << 20));
+        let none = ResponseStore::new("c".into(), c.clone(), metrics.clone());
+        assert!(!none.stores());
+        drop(a);
+        let again = ResponseStore::new("d".into(), c, metrics);
+        assert_eq!(again.granted, 48 << 20);
     }
 
     /// Freshness from `Expires` needs the crate to read an HTTP-date
