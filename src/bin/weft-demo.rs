@@ -16,6 +16,10 @@
 //!
 //! Faults: `--error-rate` answers that share of requests 503, `--latency`
 //! delays every answer, `--down` answers everything 503 (health included).
+//!
+//! As a stub vendor (`weft local` runs one per ExternalService called):
+//! `--tls-cert`/`--tls-key` serve HTTPS (HTTP/1.1) instead, and
+//! `--cache-control` marks its good answers cacheable.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -82,6 +86,42 @@ struct Args {
     /// With `--fetch`: a request header `name:value` (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Serve HTTPS (HTTP/1.1) with this certificate chain (PEM), as a
+    /// vendor outside the mesh does.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// `Cache-Control` of every 200 answer (a vendor's feed:
+    /// `max-age=5`).
+    #[arg(long)]
+    cache_control: Option<http::HeaderValue>,
+}
+
+/// The TLS server of `--tls-cert`/`--tls-key`.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    // Not the key's text in the message: the PEM parser's errors may
+    // quote the line, and a one-line key is the key.
+    let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .map_err(|_| format!("{}: not a PEM private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(weft::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -363,6 +403,17 @@ fn main() -> ExitCode {
         eprintln!("error: --error-rate must be between 0 and 1");
         return ExitCode::from(2);
     }
+    let acceptor = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match tls_acceptor(cert, key) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let cache_control = args.cache_control.clone();
     let state = Arc::new(State {
         name: args.name.clone(),
         calls,
@@ -396,12 +447,33 @@ fn main() -> ExitCode {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            let state = state.clone();
+            let (state, acceptor, cache_control) =
+                (state.clone(), acceptor.clone(), cache_control.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let svc = hyper::service::service_fn(move |req| {
+                    let (state, cache_control) = (state.clone(), cache_control.clone());
+                    async move {
+                        let mut rsp = handle(state, req).await?;
+                        if let Some(cc) = cache_control
+                            && rsp.status() == StatusCode::OK
+                        {
+                            rsp.headers_mut().insert(http::header::CACHE_CONTROL, cc);
+                        }
+                        Ok::<_, Infallible>(rsp)
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match acceptor {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                    }
+                }
             });
         }
     });

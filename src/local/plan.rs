@@ -27,6 +27,17 @@ pub enum Mode {
 /// ClusterIPs handed to Services that have none (the pods' hosts files
 /// and the proxies' configs agree on them).
 const VIRTUAL_IPS: [u8; 3] = [10, 96, 255];
+/// What a vendor's name resolves to in a pod's hosts file (network
+/// namespaces): any address outside the pod, which the sidecar
+/// intercepts and routes by the name the request carries, as a public
+/// address of the vendor in a cluster.
+const VENDOR_IPS: [u8; 3] = [10, 96, 254];
+/// Where a stub vendor listens in its own network namespace (not 443: it
+/// runs as an unprivileged user).
+pub const VENDOR_PORT: u16 = 8443;
+/// What a stub vendor tells caches about its answers: fresh for 5 s, so
+/// the catalog's feed shows cache hits (its TrafficPolicy caches).
+const VENDOR_CACHE_CONTROL: &str = "max-age=5";
 
 /// Where every probe and health check goes: never retried, never a failure.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -42,6 +53,8 @@ pub struct Plan {
     /// (`weft-endpoints`), written next to each pod's config.
     pub endpoints: BTreeMap<String, crate::config::EndpointsConfig>,
     pub pods: Vec<PodPlan>,
+    /// The stub vendors: one per ExternalService a workload calls.
+    pub vendors: Vec<VendorPlan>,
     /// Every policy's verdict, as `weft compile` prints them.
     pub verdicts: Vec<PolicyVerdict>,
     /// Things that will work, but maybe not as the author meant.
@@ -79,6 +92,31 @@ pub struct PodPlan {
     pub host_ports: Vec<u16>,
 }
 
+/// A vendor outside the cluster that an ExternalService names and a
+/// workload calls: `weft local` runs a stub of it, a `weft-demo` answering
+/// for the ExternalService's hosts (over TLS where the proxies originate
+/// it, with a certificate of a CA made for the run, which the runner puts
+/// in the ExternalService's `caCertificates`), and the plan points the
+/// ExternalService at it (`endpoints`), as DNS would in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VendorPlan {
+    /// `vendor-<ExternalService>`: its network namespace and log.
+    pub name: String,
+    pub namespace: String,
+    pub external_service: String,
+    /// The names its certificate carries: the ExternalService's hosts
+    /// (wildcards as they are) and its ports' `serverName`s.
+    pub names: Vec<String>,
+    /// Where it listens: its own network namespace's address, or
+    /// 127.0.0.1 on loopback.
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// The proxies originate TLS to it.
+    pub tls: bool,
+    /// `weft-demo` arguments, but for the certificate files.
+    pub app_args: Vec<String>,
+}
+
 /// A problem that stops the plan, with the topology field it comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanError {
@@ -101,7 +139,7 @@ impl std::fmt::Display for PlanError {
 pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Plan, Vec<PlanError>> {
     let mut facts = facts.clone();
     assign_cluster_ips(&mut facts.services);
-    let compiled = compile(&facts);
+    let mut compiled = compile(&facts);
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let err = |path: String, message: String| PlanError { path, message };
@@ -141,6 +179,8 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
     let mut ports = PortAllocator::new(mode);
     let mut pods = Vec::new();
     let mut inbound_ports = Vec::new();
+    // The ExternalServices called, by namespace and index.
+    let mut called: BTreeSet<(String, usize)> = BTreeSet::new();
     for (i, w) in topology.workloads.iter().enumerate() {
         let config = &compiled.configs[&w.namespace];
         let mut targets: Vec<(String, CallUrl, String)> = Vec::new();
@@ -151,7 +191,13 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                     continue; // the topology check reported it
                 };
                 match resolve(config, &w.namespace, &call) {
-                    Ok(svc) => targets.push((field.to_owned(), call, svc)),
+                    Ok(Resolved::Service(svc)) => targets.push((field.to_owned(), call, svc)),
+                    Ok(Resolved::Vendor(index)) => {
+                        called.insert((w.namespace.clone(), index));
+                        // The proxy routes a vendor's call by its name.
+                        let host = call.host.clone();
+                        targets.push((field.to_owned(), call, host));
+                    }
                     Err(message) => errors.push(err(path, message)),
                 }
             }
@@ -258,6 +304,43 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                 host_ports,
             });
         }
+    }
+    // The stub vendors, after the pods (their addresses follow).
+    let mut vendors = Vec::new();
+    for (namespace, index) in &called {
+        let Some(config) = compiled.configs.get_mut(namespace) else {
+            continue;
+        };
+        let es = &mut config.outbound.external_services[*index];
+        let ip = ports.pod_ip(pods.len() + vendors.len());
+        let port = ports.next_or(VENDOR_PORT);
+        let listen = SocketAddr::from((ports.listen_ip(), port));
+        es.endpoints = vec![SocketAddr::from((ip, port)).to_string()];
+        let mut names = es.hosts.clone();
+        names.extend(
+            es.ports
+                .iter()
+                .filter_map(|p| p.tls.as_ref()?.server_name.clone()),
+        );
+        names.sort();
+        names.dedup();
+        vendors.push(VendorPlan {
+            name: format!("vendor-{}", es.name),
+            namespace: namespace.clone(),
+            external_service: es.name.clone(),
+            names,
+            ip,
+            port,
+            tls: es.ports.iter().any(|p| p.tls.is_some()),
+            app_args: vec![
+                "--listen".to_owned(),
+                listen.to_string(),
+                "--name".to_owned(),
+                es.name.clone(),
+                "--cache-control".to_owned(),
+                VENDOR_CACHE_CONTROL.to_owned(),
+            ],
+        });
     }
     if let Some(e) = ports.exhausted() {
         errors.push(err(String::new(), e));
@@ -387,6 +470,7 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         configs,
         endpoints,
         pods,
+        vendors,
         verdicts: compiled.verdicts,
         warnings,
     })
@@ -421,21 +505,68 @@ fn check_target_ports(
     }
 }
 
-/// The Service a call URL names from `namespace`, as the proxy's target
-/// `name.ns`; the message says what is reachable when nothing matches.
-fn resolve(config: &ProxyConfig, namespace: &str, call: &CallUrl) -> Result<String, String> {
+/// What a call URL names.
+enum Resolved {
+    /// A Service, as the proxy's target `name.ns`.
+    Service(String),
+    /// The `index`-th ExternalService of the namespace's config.
+    Vendor(usize),
+}
+
+/// Whether ExternalService host `pattern` (exact, or `*.` one label)
+/// claims `host`, as the proxy matches them.
+fn claims(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(parent) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => pattern == host,
+    }
+}
+
+/// The Service (or ExternalService) a call URL names from `namespace`;
+/// the message says what is reachable when nothing matches.
+fn resolve(config: &ProxyConfig, namespace: &str, call: &CallUrl) -> Result<Resolved, String> {
     let matches = |svc: &OutboundService| {
         svc.hostnames.contains(&call.host) || (svc.namespace == namespace && svc.name == call.host)
     };
     let Some(svc) = config.outbound.services.iter().find(|s| matches(s)) else {
+        let vendor = config.outbound.external_services.iter().position(|es| {
+            es.namespace == namespace && es.hosts.iter().any(|h| claims(h, &call.host))
+        });
+        if let Some(index) = vendor {
+            let es = &config.outbound.external_services[index];
+            let http = es.ports.iter().any(|p| {
+                p.port == call.port && p.protocol == crate::config::ExternalPortProtocol::Http
+            });
+            if !http {
+                let ports: Vec<String> = es.ports.iter().map(|p| p.port.to_string()).collect();
+                return Err(format!(
+                    "ExternalService {}/{} has no HTTP port {} (ports: {}): the demo calls vendors in plain HTTP, which the proxy turns into TLS where the port says `tls`",
+                    es.namespace,
+                    es.name,
+                    call.port,
+                    ports.join(", ")
+                ));
+            }
+            return Ok(Resolved::Vendor(index));
+        }
         let known: Vec<String> = config
             .outbound
             .services
             .iter()
             .map(|s| format!("{}.{}", s.name, s.namespace))
+            .chain(
+                config
+                    .outbound
+                    .external_services
+                    .iter()
+                    .filter(|es| es.namespace == namespace)
+                    .flat_map(|es| es.hosts.iter().cloned()),
+            )
             .collect();
         return Err(format!(
-            "no Service {:?} is reachable from namespace {namespace} (reachable: {})",
+            "no Service or ExternalService {:?} is reachable from namespace {namespace} (reachable: {})",
             call.host,
             known.join(", ")
         ));
@@ -450,7 +581,7 @@ fn resolve(config: &ProxyConfig, namespace: &str, call: &CallUrl) -> Result<Stri
             ports.join(", ")
         ));
     }
-    Ok(format!("{}.{}", svc.name, svc.namespace))
+    Ok(Resolved::Service(format!("{}.{}", svc.name, svc.namespace)))
 }
 
 /// Gives every Service without a ClusterIP (or headless) one from
@@ -475,7 +606,9 @@ fn assign_cluster_ips(services: &mut [Service]) {
 }
 
 /// `/etc/hosts` of a pod: every Service its namespace's config can reach,
-/// by each of its names (the short one in its own namespace).
+/// by each of its names (the short one in its own namespace), and every
+/// exact host of its namespace's ExternalServices, at an address of
+/// [`VENDOR_IPS`] the sidecar intercepts.
 fn hosts_file(config: &ProxyConfig, pod: &PodPlan) -> String {
     let mut out = format!(
         "127.0.0.1 localhost\n::1 localhost\n{} {}\n",
@@ -490,6 +623,17 @@ fn hosts_file(config: &ProxyConfig, pod: &PodPlan) -> String {
             names.push(svc.name.clone());
         }
         out.push_str(&format!("{ip} {}\n", names.join(" ")));
+    }
+    let vendor_hosts = config
+        .outbound
+        .external_services
+        .iter()
+        .filter(|es| es.namespace == pod.namespace)
+        .flat_map(|es| es.hosts.iter())
+        .filter(|h| !h.starts_with("*."));
+    for (i, host) in vendor_hosts.enumerate().take(250) {
+        let ip = Ipv4Addr::new(VENDOR_IPS[0], VENDOR_IPS[1], VENDOR_IPS[2], 1 + i as u8);
+        out.push_str(&format!("{ip} {host}\n"));
     }
     out
 }

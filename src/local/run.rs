@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use super::plan::{HEALTH_PATH, Mode, Plan, PodPlan, plan};
+use super::plan::{HEALTH_PATH, Mode, Plan, PodPlan, VendorPlan, plan};
 use super::statedir::{self, PodUser};
 use super::status::{self, Snapshot, View};
 use super::{Format, ModeArg, StateArgs, StatusArgs, UpArgs, topology};
@@ -45,6 +45,16 @@ struct State {
     /// Network namespaces created (network-namespace mode).
     namespaces: Vec<String>,
     pods: Vec<PodState>,
+    /// The stub vendors' processes.
+    #[serde(default)]
+    vendors: Vec<VendorState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VendorState {
+    name: String,
+    pids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,7 +211,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let (mode, how) = choose_mode(args)?;
-    let plan = match plan(&loaded.facts, &topology, mode) {
+    let mut plan = match plan(&loaded.facts, &topology, mode) {
         Ok(p) => p,
         Err(errors) => {
             for e in &errors {
@@ -216,6 +226,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: {e:#}");
         return Ok(ExitCode::from(2));
     }
+    let vendor_ca = trust_vendors(&mut plan)?;
     report_plan(&plan, &how);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -239,7 +250,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     };
     let _ = signals; // lives until the process exits
 
-    let running = start(&plan, &dir, args, &stop)?;
+    let running = start(&plan, vendor_ca.as_ref(), &dir, args, &stop)?;
     let Some((mut running, state)) = running else {
         eprintln!("weft local: interrupted while starting; everything it started is removed");
         return Ok(ExitCode::from(130));
@@ -438,6 +449,19 @@ fn exited(running: &mut Running) -> Option<String> {
 
 fn report_plan(plan: &Plan, how: &str) {
     println!("weft local: {} pods in {}", plan.pods.len(), how);
+    for v in &plan.vendors {
+        println!(
+            "  stub vendor for ExternalService {}/{}: {} ({})",
+            v.namespace,
+            v.external_service,
+            v.names.join(", "),
+            if v.tls {
+                "HTTPS, from a CA of this run"
+            } else {
+                "HTTP"
+            }
+        );
+    }
     let not_ok: Vec<_> = plan
         .verdicts
         .iter()
@@ -477,6 +501,7 @@ fn report_plan(plan: &Plan, how: &str) {
 /// not started yet. None when interrupted.
 fn start(
     plan: &Plan,
+    vendor_ca: Option<&MeshCa>,
     dir: &Path,
     args: &UpArgs,
     stop: &AtomicBool,
@@ -504,6 +529,14 @@ fn start(
                 })?;
             }
         }
+        for v in &plan.vendors {
+            std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, v.port)).with_context(|| {
+                format!(
+                    "port {} (stub vendor {}) is taken: pass another --base-port",
+                    v.port, v.name
+                )
+            })?;
+        }
     }
     let ca = MeshCa::generate(&plan.trust_domain, SystemTime::now(), CA_LIFETIME)?;
     let mut running = Running {
@@ -522,6 +555,7 @@ fn start(
         manifests: args.dir.clone(),
         namespaces: Vec::new(),
         pods: Vec::new(),
+        vendors: Vec::new(),
     };
     let total = plan.pods.len();
     let log = |pod: &PodPlan, kind: &str| {
@@ -607,6 +641,57 @@ fn start(
         }
         // Written as it grows, so `down` finds everything even if this
         // process is killed half-way.
+        write_state(dir, &state)?;
+    }
+
+    // The stub vendors, each in a network namespace of its own after the
+    // pods' (no sidecar: a vendor is outside the mesh).
+    for (j, vendor) in plan.vendors.iter().enumerate() {
+        let ca = vendor_ca.context("no CA for the stub vendors")?;
+        let mut argv = vec![demo.display().to_string()];
+        argv.extend(vendor.app_args.iter().cloned());
+        if vendor.tls {
+            let (crt, key) = write_vendor_files(dir, vendor, ca, plan.mode)?;
+            argv.extend([
+                "--tls-cert".to_owned(),
+                crt.display().to_string(),
+                "--tls-key".to_owned(),
+                key.display().to_string(),
+            ]);
+        }
+        let index = match &mut running.network {
+            Some(net) => {
+                let k = net.add_pod(&vendor.name)?;
+                if net.pods[k].ip != vendor.ip || k != plan.pods.len() + j {
+                    bail!(
+                        "stub vendor {} got {} but the plan says {}",
+                        vendor.name,
+                        net.pods[k].ip,
+                        vendor.ip
+                    );
+                }
+                state.namespaces = net.namespace_names();
+                k
+            }
+            None => plan.pods.len() + j,
+        };
+        let log = dir
+            .join("logs")
+            .join(format!("{}.{}.vendor.log", vendor.namespace, vendor.name));
+        let pid = running.spawn(index, Some(APP_UID), &argv, &log)?;
+        println!(
+            "[vendor] started {} for ExternalService {}/{} ({}:{}{})",
+            vendor.name,
+            vendor.namespace,
+            vendor.external_service,
+            vendor.ip,
+            vendor.port,
+            if vendor.tls { ", TLS" } else { "" }
+        );
+        state.vendors.push(VendorState {
+            name: vendor.name.clone(),
+            pids: vec![pid],
+        });
         write_state(dir, &state)?;
     }
 
@@ -805,6 +890,57 @@ fn write_pod_files(
     })
 }
 
+/// A CA of the run for the stub vendors, when the plan has any: each
+/// ExternalService they stand for trusts it (`caCertificates` of its TLS
+/// ports), as one names a vendor's private CA in a cluster.
+fn trust_vendors(plan: &mut Plan) -> anyhow::Result<Option<MeshCa>> {
+    if !plan.vendors.iter().any(|v| v.tls) {
+        return Ok(None);
+    }
+    let ca = MeshCa::generate("stub vendors of weft local", SystemTime::now(), CA_LIFETIME)?;
+    for vendor in plan.vendors.iter().filter(|v| v.tls) {
+        let Some(config) = plan.configs.get_mut(&vendor.namespace) else {
+            continue;
+        };
+        let stood_for =
+            config.outbound.external_services.iter_mut().filter(|es| {
+                es.namespace == vendor.namespace && es.name == vendor.external_service
+            });
+        for es in stood_for {
+            for tls in es.ports.iter_mut().filter_map(|p| p.tls.as_mut()) {
+                tls.ca_certificates = Some(ca.trust_bundle());
+            }
+        }
+    }
+    Ok(Some(ca))
+}
+
+/// A stub vendor's certificate (for the names it answers to) and key,
+/// readable by the user it runs as.
+fn write_vendor_files(
+    dir: &Path,
+    vendor: &VendorPlan,
+    ca: &MeshCa,
+    mode: Mode,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = dir.join("vendors").join(&vendor.name);
+    std::fs::create_dir_all(&root)?;
+    for d in [&dir.join("vendors"), &root] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let leaf = ca.issue_server(&vendor.names, SystemTime::now(), LEAF_LIFETIME)?;
+    let (crt, key) = (root.join("tls.crt"), root.join("tls.key"));
+    std::fs::write(&crt, &leaf.cert_pem).with_context(|| format!("writing {}", crt.display()))?;
+    std::fs::set_permissions(&crt, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::write(&key, &leaf.key_pem).with_context(|| format!("writing {}", key.display()))?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    if mode == Mode::Netns {
+        std::os::unix::fs::chown(&key, Some(APP_UID), Some(APP_UID))
+            .with_context(|| format!("handing {} to the vendor's user", key.display()))?;
+    }
+    Ok((crt, key))
+}
+
 /// GET `path` from 127.0.0.1:`port` as seen inside the pod: (status, body).
 fn get(pod: &PodState, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let timeout = Duration::from_secs(2);
@@ -968,7 +1104,12 @@ pub fn down(args: &StateArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|n| existing.contains(n))
         .collect();
-    let pids: Vec<u32> = state.pods.iter().flat_map(|p| p.pids.clone()).collect();
+    let pids: Vec<u32> = state
+        .pods
+        .iter()
+        .flat_map(|p| p.pids.clone())
+        .chain(state.vendors.iter().flat_map(|v| v.pids.clone()))
+        .collect();
     let processes_left: Vec<&u32> = pids.iter().filter(|p| alive(**p)).collect();
     if !namespaces_left.is_empty() || !processes_left.is_empty() {
         eprintln!(
@@ -977,8 +1118,9 @@ pub fn down(args: &StateArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     println!(
-        "weft local is down: {} pods, {} network namespaces and {} processes are gone{}",
+        "weft local is down: {} pods, {} stub vendors, {} network namespaces and {} processes are gone{}",
         state.pods.len(),
+        state.vendors.len(),
         state.namespaces.len(),
         pids.len(),
         if swept > 0 {
@@ -997,6 +1139,7 @@ fn cleanup(dir: &Path, state: &State) {
         .pods
         .iter()
         .flat_map(|p| p.pids.iter().copied())
+        .chain(state.vendors.iter().flat_map(|v| v.pids.iter().copied()))
         .filter(|p| alive(*p))
         .collect();
     for pid in &pids {
@@ -1014,6 +1157,7 @@ fn cleanup(dir: &Path, state: &State) {
         netns::delete_namespace(ns);
     }
     let _ = std::fs::remove_dir_all(dir.join("pods"));
+    let _ = std::fs::remove_dir_all(dir.join("vendors"));
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
 }
 

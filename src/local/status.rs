@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub edges: BTreeMap<(String, String, String), Counts>,
     /// (client workload, destination).
     pub retries: BTreeMap<(String, String), f64>,
+    /// (client workload, destination): answered by the client's response
+    /// cache without asking the destination.
+    pub cache_hits: BTreeMap<(String, String), f64>,
     /// Server workload, as its inbound proxies count.
     pub servers: BTreeMap<String, Counts>,
 }
@@ -44,8 +47,12 @@ impl Snapshot {
         for (k, d) in counts.dsts {
             *self
                 .retries
-                .entry((workload.to_owned(), k.dst))
+                .entry((workload.to_owned(), k.dst.clone()))
                 .or_default() += d.retries;
+            *self
+                .cache_hits
+                .entry((workload.to_owned(), k.dst))
+                .or_default() += d.cache_hits;
         }
         for r in counts.inbound.values() {
             self.servers.entry(workload.to_owned()).or_default().add(r);
@@ -68,6 +75,9 @@ pub struct EdgeRow {
     /// Over the refresh window when it saw traffic, else since start.
     pub success_rate: Option<f64>,
     pub retries: u64,
+    /// Since start: answered by the client's response cache, which
+    /// `requests` (what reached the destination) does not count.
+    pub cache_hits: u64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     /// For a route that splits: this destination's share of the route's
@@ -140,6 +150,11 @@ pub fn view(now: &Snapshot, earlier: Option<&Snapshot>, seconds: f64) -> Vec<Edg
                 success_rate: ratio(window.succeeded, window.requests),
                 retries: now
                     .retries
+                    .get(&(src.clone(), dst.clone()))
+                    .copied()
+                    .unwrap_or(0.0) as u64,
+                cache_hits: now
+                    .cache_hits
                     .get(&(src.clone(), dst.clone()))
                     .copied()
                     .unwrap_or(0.0) as u64,

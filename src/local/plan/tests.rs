@@ -129,8 +129,25 @@ fn loopback_pods_get_distinct_ports_and_call_through_their_sidecar() {
     assert_eq!(all.len(), n, "no port is used twice");
     assert_eq!(all[0], 20000);
     let catalog = &plan.pods[1];
-    // catalog: app, inbound, admin, probe, then one outbound map.
-    assert_eq!(catalog.host_ports.len(), 5);
+    // catalog: app, inbound, admin, probe, then an outbound map for
+    // inventory and one for the supplier's feed.
+    assert_eq!(catalog.host_ports.len(), 6);
+    let feed = catalog.host_ports[5];
+    assert!(
+        catalog
+            .app_args
+            .contains(&format!("http://127.0.0.1:{feed}/v2/products/42"))
+    );
+    assert!(
+        catalog
+            .proxy_args
+            .contains(&format!("127.0.0.1:{feed}=feed.supplier.example:443"))
+    );
+    // The stub vendors listen on ports of their own.
+    for v in &plan.vendors {
+        assert_eq!(v.ip, std::net::Ipv4Addr::LOCALHOST);
+        assert!(!all.contains(&v.port), "{} shares a pod's port", v.name);
+    }
     let out = catalog.host_ports[4];
     assert!(
         catalog
@@ -183,7 +200,7 @@ fn bad_references_name_the_topology_field() {
     )
     .expect_err("bad calls");
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    assert!(text[0].starts_with("spec.workloads[0].calls[0]: no Service \"nowhere.shop\" is reachable from namespace shop"), "{text:?}");
+    assert!(text[0].starts_with("spec.workloads[0].calls[0]: no Service or ExternalService \"nowhere.shop\" is reachable from namespace shop"), "{text:?}");
     assert_eq!(
         text[1],
         "spec.workloads[0].calls[1]: Service cart.shop has no port 81 (ports: 80)"
@@ -266,4 +283,68 @@ fn addresses(plan: &Plan, ns: &str, name: &str) -> Vec<String> {
                 .flat_map(move |e| e.addresses.iter().map(move |a| format!("{a}:{port}")))
         })
         .collect()
+}
+
+/// Each ExternalService a workload calls gets a stub vendor after the
+/// pods (its own address in network namespaces), the ExternalService's
+/// endpoints point at it, and the callers' hosts files name the vendor's
+/// hosts at an address their sidecar intercepts. A call to a port the
+/// ExternalService does not list is refused by its topology field.
+#[test]
+fn the_vendors_called_get_a_stub_each_and_the_external_services_point_at_it() {
+    let (facts, shop_topology) = shop();
+    let planned = plan(&facts, &shop_topology, Mode::Netns).expect("plans");
+    let plan_of_shop = &planned;
+    let names: Vec<(&str, &str)> = plan_of_shop
+        .vendors
+        .iter()
+        .map(|v| (v.namespace.as_str(), v.external_service.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [("payments", "payment-gateway"), ("shop", "product-feed")]
+    );
+    let feed = &plan_of_shop.vendors[1];
+    let s = crate::netns::SUBNET;
+    assert_eq!(
+        feed.ip,
+        std::net::Ipv4Addr::new(s[0], s[1], s[2], 10 + plan_of_shop.pods.len() as u8 + 1)
+    );
+    assert_eq!((feed.port, feed.tls), (VENDOR_PORT, true));
+    assert_eq!(feed.names, ["feed.supplier.example"]);
+    assert!(feed.app_args.contains(&"--cache-control".to_owned()));
+    let es = plan_of_shop.configs["shop"]
+        .outbound
+        .external_services
+        .iter()
+        .find(|es| es.name == "product-feed")
+        .expect("product-feed");
+    assert_eq!(es.endpoints, [format!("{}:{VENDOR_PORT}", feed.ip)]);
+    let catalog = plan_of_shop
+        .pods
+        .iter()
+        .find(|p| p.workload == "catalog")
+        .expect("catalog");
+    assert!(
+        catalog
+            .app_args
+            .contains(&"http://feed.supplier.example:443/v2/products/42".to_owned())
+    );
+    let hosts = catalog.hosts.as_deref().expect("hosts file");
+    assert!(
+        hosts.contains("10.96.254.1 feed.supplier.example\n"),
+        "{hosts}"
+    );
+
+    let (facts, _) = shop();
+    let bad = topo(
+        "  - name: catalog\n    namespace: shop\n    calls: [http://feed.supplier.example:80/x]\n",
+    );
+    let errors = plan(&facts, &bad, Mode::Netns).expect_err("port 80 is not listed");
+    assert_eq!(errors[0].path, "spec.workloads[0].calls[0]");
+    assert!(
+        errors[0].message.contains("no HTTP port 80"),
+        "{}",
+        errors[0]
+    );
 }
