@@ -131,12 +131,15 @@ async fn measure(
     );
     let from = Instant::now();
     tokio::time::sleep(window).await;
-    let (hits, seconds) = (vendor.hits() - hits0, from.elapsed().as_secs_f64());
+    // Every count read before the time is taken: on a loaded machine
+    // the reads themselves take a while, which must count as measured.
+    let hits = vendor.hits() - hits0;
     let each = passed
         .iter()
         .zip(each0)
         .map(|(p, before)| p.load(Ordering::Relaxed) - before)
         .collect();
+    let seconds = from.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     Measured {
         burst,
@@ -163,7 +166,9 @@ impl Measured {
             m.rate
         );
         for got in &m.each {
-            let most = share * m.seconds + 2.0;
+            // A call let through just before the window and answered in
+            // it counts in it: a few of them.
+            let most = share * m.seconds + 3.0;
             assert!(
                 *got as f64 <= most,
                 "a pod over its {share}/s: {:?}",

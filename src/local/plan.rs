@@ -35,8 +35,11 @@ const VENDOR_IPS: [u8; 3] = [10, 96, 254];
 /// Where a stub vendor listens in its own network namespace (not 443: it
 /// runs as an unprivileged user).
 pub const VENDOR_PORT: u16 = 8443;
-/// What a stub vendor tells caches about its answers: fresh for 5 s, so
-/// the catalog's feed shows cache hits (its TrafficPolicy caches).
+/// Pods and stub vendors together: the bridge's addresses from .10.
+const MAX_ADDRESSES: usize = 240;
+/// What a stub vendor tells caches about its answers, where the
+/// ExternalService's TrafficPolicy caches: fresh for 5 s, so the
+/// catalog's feed shows cache hits.
 const VENDOR_CACHE_CONTROL: &str = "max-age=5";
 
 /// Where every probe and health check goes: never retried, never a failure.
@@ -179,8 +182,10 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
     let mut ports = PortAllocator::new(mode);
     let mut pods = Vec::new();
     let mut inbound_ports = Vec::new();
-    // The ExternalServices called, by namespace and index.
+    // The ExternalServices called, by namespace and index, and the vendor
+    // hosts called (a wildcard's hosts have no entry of their own).
     let mut called: BTreeSet<(String, usize)> = BTreeSet::new();
+    let mut called_hosts: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (i, w) in topology.workloads.iter().enumerate() {
         let config = &compiled.configs[&w.namespace];
         let mut targets: Vec<(String, CallUrl, String)> = Vec::new();
@@ -194,6 +199,10 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
                     Ok(Resolved::Service(svc)) => targets.push((field.to_owned(), call, svc)),
                     Ok(Resolved::Vendor(index)) => {
                         called.insert((w.namespace.clone(), index));
+                        called_hosts
+                            .entry(w.namespace.clone())
+                            .or_default()
+                            .insert(call.host.clone());
                         // The proxy routes a vendor's call by its name.
                         let host = call.host.clone();
                         targets.push((field.to_owned(), call, host));
@@ -312,6 +321,23 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
             continue;
         };
         let es = &mut config.outbound.external_services[*index];
+        // One stub, one listener: the ExternalService's HTTP ports must
+        // agree on TLS (every port's endpoint is the stub).
+        let http_ports = es
+            .ports
+            .iter()
+            .filter(|p| p.protocol == crate::config::ExternalPortProtocol::Http);
+        let tls_modes: BTreeSet<bool> = http_ports.map(|p| p.tls.is_some()).collect();
+        if tls_modes.len() > 1 {
+            errors.push(err(
+                String::new(),
+                format!(
+                    "ExternalService {namespace}/{} has HTTP ports with and without `tls`: weft local runs one stub vendor per ExternalService; split it in two",
+                    es.name
+                ),
+            ));
+            continue;
+        }
         let ip = ports.pod_ip(pods.len() + vendors.len());
         let port = ports.next_or(VENDOR_PORT);
         let listen = SocketAddr::from((ports.listen_ip(), port));
@@ -324,23 +350,41 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         );
         names.sort();
         names.dedup();
+        // Dots: no pod (`<workload>-<i>`) and no other namespace's vendor
+        // can take the name.
+        let cached = es.policy.as_ref().is_some_and(|p| p.cache.is_some());
+        let mut app_args = vec![
+            "--listen".to_owned(),
+            listen.to_string(),
+            "--name".to_owned(),
+            es.name.clone(),
+        ];
+        if cached {
+            app_args.extend([
+                "--cache-control".to_owned(),
+                VENDOR_CACHE_CONTROL.to_owned(),
+            ]);
+        }
         vendors.push(VendorPlan {
-            name: format!("vendor-{}", es.name),
+            name: format!("vendor.{}.{namespace}", es.name),
             namespace: namespace.clone(),
             external_service: es.name.clone(),
             names,
             ip,
             port,
-            tls: es.ports.iter().any(|p| p.tls.is_some()),
-            app_args: vec![
-                "--listen".to_owned(),
-                listen.to_string(),
-                "--name".to_owned(),
-                es.name.clone(),
-                "--cache-control".to_owned(),
-                VENDOR_CACHE_CONTROL.to_owned(),
-            ],
+            tls: tls_modes.contains(&true),
+            app_args,
         });
+    }
+    if pods.len() + vendors.len() > MAX_ADDRESSES {
+        errors.push(err(
+            String::new(),
+            format!(
+                "{} pods and {} stub vendors: weft local has addresses for {MAX_ADDRESSES}",
+                pods.len(),
+                vendors.len()
+            ),
+        ));
     }
     if let Some(e) = ports.exhausted() {
         errors.push(err(String::new(), e));
@@ -456,7 +500,11 @@ pub fn plan(facts: &ClusterFacts, topology: &Topology, mode: Mode) -> Result<Pla
         .collect();
     if mode == Mode::Netns {
         for pod in &mut pods {
-            pod.hosts = Some(hosts_file(&configs[&pod.namespace], pod));
+            let called = called_hosts
+                .get(&pod.namespace)
+                .cloned()
+                .unwrap_or_default();
+            pod.hosts = Some(hosts_file(&configs[&pod.namespace], pod, &called));
         }
     }
     let trust_domain = configs
@@ -607,9 +655,10 @@ fn assign_cluster_ips(services: &mut [Service]) {
 
 /// `/etc/hosts` of a pod: every Service its namespace's config can reach,
 /// by each of its names (the short one in its own namespace), and every
-/// exact host of its namespace's ExternalServices, at an address of
-/// [`VENDOR_IPS`] the sidecar intercepts.
-fn hosts_file(config: &ProxyConfig, pod: &PodPlan) -> String {
+/// exact host of its namespace's ExternalServices and every vendor host
+/// the namespace's workloads call (one a wildcard claims), at an address
+/// of [`VENDOR_IPS`] the sidecar intercepts.
+fn hosts_file(config: &ProxyConfig, pod: &PodPlan, called: &BTreeSet<String>) -> String {
     let mut out = format!(
         "127.0.0.1 localhost\n::1 localhost\n{} {}\n",
         pod.ip, pod.name
@@ -624,14 +673,16 @@ fn hosts_file(config: &ProxyConfig, pod: &PodPlan) -> String {
         }
         out.push_str(&format!("{ip} {}\n", names.join(" ")));
     }
-    let vendor_hosts = config
+    let vendor_hosts: BTreeSet<&String> = config
         .outbound
         .external_services
         .iter()
         .filter(|es| es.namespace == pod.namespace)
         .flat_map(|es| es.hosts.iter())
-        .filter(|h| !h.starts_with("*."));
-    for (i, host) in vendor_hosts.enumerate().take(250) {
+        .filter(|h| !h.starts_with("*."))
+        .chain(called)
+        .collect();
+    for (i, host) in vendor_hosts.into_iter().enumerate().take(250) {
         let ip = Ipv4Addr::new(VENDOR_IPS[0], VENDOR_IPS[1], VENDOR_IPS[2], 1 + i as u8);
         out.push_str(&format!("{ip} {host}\n"));
     }

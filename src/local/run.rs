@@ -26,6 +26,9 @@ use crate::proxy::PROXY_UID;
 const STATE_FILE: &str = "state.json";
 /// The apps run as this user in network-namespace pods.
 const APP_UID: u32 = 1000;
+/// The stub vendors run as this user: not the apps' (a stub's key is
+/// readable by its user only).
+const VENDOR_UID: u32 = 1001;
 /// Names of the namespaces `up` creates start with these (see `Network`).
 const NETNS_PREFIXES: [&str; 2] = ["wbr-local", "wp-local"];
 const TAG: &str = "local";
@@ -647,10 +650,10 @@ fn start(
     // The stub vendors, each in a network namespace of its own after the
     // pods' (no sidecar: a vendor is outside the mesh).
     for (j, vendor) in plan.vendors.iter().enumerate() {
-        let ca = vendor_ca.context("no CA for the stub vendors")?;
         let mut argv = vec![demo.display().to_string()];
         argv.extend(vendor.app_args.iter().cloned());
         if vendor.tls {
+            let ca = vendor_ca.context("no CA for the stub vendors")?;
             let (crt, key) = write_vendor_files(dir, vendor, ca, plan.mode)?;
             argv.extend([
                 "--tls-cert".to_owned(),
@@ -678,7 +681,7 @@ fn start(
         let log = dir
             .join("logs")
             .join(format!("{}.{}.vendor.log", vendor.namespace, vendor.name));
-        let pid = running.spawn(index, Some(APP_UID), &argv, &log)?;
+        let pid = running.spawn(index, Some(VENDOR_UID), &argv, &log)?;
         println!(
             "[vendor] started {} for ExternalService {}/{} ({}:{}{})",
             vendor.name,
@@ -935,7 +938,7 @@ fn write_vendor_files(
     std::fs::write(&key, &leaf.key_pem).with_context(|| format!("writing {}", key.display()))?;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
     if mode == Mode::Netns {
-        std::os::unix::fs::chown(&key, Some(APP_UID), Some(APP_UID))
+        std::os::unix::fs::chown(&key, Some(VENDOR_UID), Some(VENDOR_UID))
             .with_context(|| format!("handing {} to the vendor's user", key.display()))?;
     }
     Ok((crt, key))

@@ -312,7 +312,14 @@ fn the_vendors_called_get_a_stub_each_and_the_external_services_point_at_it() {
     );
     assert_eq!((feed.port, feed.tls), (VENDOR_PORT, true));
     assert_eq!(feed.names, ["feed.supplier.example"]);
+    assert_eq!(feed.name, "vendor.product-feed.shop");
     assert!(feed.app_args.contains(&"--cache-control".to_owned()));
+    // The gateway's policy does not cache: its stub says nothing.
+    assert!(
+        !plan_of_shop.vendors[0]
+            .app_args
+            .contains(&"--cache-control".to_owned())
+    );
     let es = plan_of_shop.configs["shop"]
         .outbound
         .external_services

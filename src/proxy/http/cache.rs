@@ -107,9 +107,10 @@ fn grant(wanted: u64) -> u64 {
 pub struct ResponseStore {
     entries: quick_cache::sync::Cache<String, Arc<Stored>, Weigh>,
     config: CacheConfig,
-    /// Its share of [`PROXY_CACHE_BYTES`] (≤ `maxBytes`); 0: it stores
-    /// nothing (the proxy's caches hold their whole budget).
-    granted: u64,
+    /// Its share of [`PROXY_CACHE_BYTES`] (≤ `maxBytes`), topped up
+    /// when budget comes free ([`ResponseStore::stores`]); below four of
+    /// its largest answers it stores nothing.
+    granted: AtomicU64,
     /// The `policy` label of the bytes gauge.
     name: String,
     /// What this store last added to the gauge.
@@ -214,25 +215,24 @@ impl ResponseStore {
         metrics: Arc<crate::proxy::metrics::ProxyMetrics>,
     ) -> Self {
         let largest = config.max_object_bytes.max(1);
-        let mut granted = grant(config.max_bytes);
+        let granted = grant(config.max_bytes);
         if granted < 4 * largest {
-            // Too little left for a store worth having: none.
-            GRANTED.fetch_sub(granted, Ordering::AcqRel);
-            granted = 0;
             tracing::warn!(
                 policy = %name,
-                "the response caches of this proxy hold their whole 64 MiB budget: this policy's answers are not cached"
+                "the response caches of this proxy hold their 64 MiB budget: this policy's answers are not cached until some is freed"
             );
         }
+        // Sharded for the whole `maxBytes`, whatever was granted so far.
+        let sized = config.max_bytes;
         // quick_cache splits the budget among its shards and refuses (in
         // silence) an entry larger than about a shard's share: each shard
         // gets room for at least two of the largest answers.
-        let shards = (granted / (2 * largest)).clamp(1, 4);
+        let shards = (sized / (2 * largest)).clamp(1, 4);
         let shards = 1usize << (63 - shards.leading_zeros());
         let options = quick_cache::OptionsBuilder::new()
             .shards(shards)
-            .estimated_items_capacity(((granted / 2048) as usize).max(32 * shards))
-            .weight_capacity(granted)
+            .estimated_items_capacity(((sized / 2048) as usize).max(32 * shards))
+            .weight_capacity(granted.max(1))
             .build()
             .unwrap_or_else(|e| unreachable!("every option is set: {e}"));
         Self {
@@ -243,16 +243,26 @@ impl ResponseStore {
                 Default::default(),
             ),
             config,
-            granted,
+            granted: AtomicU64::new(granted),
             name,
             published: AtomicU64::new(0),
             metrics,
         }
     }
 
-    /// Whether it stores anything (it got a share of the proxy's budget).
+    /// Whether it stores anything: it holds a share of the proxy's
+    /// budget for four of its largest answers, taking more (up to its
+    /// `maxBytes`) as other stores give theirs back.
     fn stores(&self) -> bool {
-        self.granted > 0
+        let held = self.granted.load(Ordering::Acquire);
+        if held < self.config.max_bytes && GRANTED.load(Ordering::Acquire) < PROXY_CACHE_BYTES {
+            let more = grant(self.config.max_bytes - held);
+            if more > 0 {
+                let now = self.granted.fetch_add(more, Ordering::AcqRel) + more;
+                self.entries.set_capacity(now);
+            }
+        }
+        self.granted.load(Ordering::Acquire) >= 4 * self.config.max_object_bytes.max(1)
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -332,7 +342,7 @@ impl Drop for ResponseStore {
     fn drop(&mut self) {
         let was = self.published.swap(0, Ordering::AcqRel);
         self.shift(-(was as i64));
-        GRANTED.fetch_sub(self.granted, Ordering::AcqRel);
+        GRANTED.fetch_sub(*self.granted.get_mut(), Ordering::AcqRel);
     }
 }
 
@@ -1368,12 +1378,19 @@ mod tests {
         c.max_object_bytes = 1 << 20;
         let a = ResponseStore::new("a".into(), c.clone(), metrics.clone());
         let b = ResponseStore::new("b".into(), c.clone(), metrics.clone());
-        assert_eq!((a.granted, b.granted), (48 << 20, 16 << 20));
+        let granted = |s: &ResponseStore| s.granted.load(Ordering::Acquire);
+        assert_eq!((granted(&a), granted(&b)), (48 << 20, 16 << 20));
         let none = ResponseStore::new("c".into(), c.clone(), metrics.clone());
         assert!(!none.stores());
+        // Budget freed goes to the stores that want more, when they next
+        // store: a settings change (a new store while the old one still
+        // holds its share) is not left without a cache.
         drop(a);
-        let again = ResponseStore::new("d".into(), c, metrics);
-        assert_eq!(again.granted, 48 << 20);
+        assert!(b.stores());
+        assert_eq!(granted(&b), 48 << 20);
+        assert!(none.stores());
+        assert_eq!(granted(&none), 16 << 20);
+        assert_eq!(none.entries.capacity(), 16 << 20);
     }
 
     /// Freshness from `Expires` needs the crate to read an HTTP-date
