@@ -120,10 +120,12 @@ fn edges<'a>(status: &'a Value, src: Option<&str>, dst: &str) -> Vec<&'a Value> 
 }
 
 fn requests(edges: &[&Value]) -> f64 {
-    edges
-        .iter()
-        .map(|e| e["requests"].as_f64().unwrap_or(0.0))
-        .sum()
+    total(edges, "requests")
+}
+
+/// `field` summed over `edges`.
+fn total(edges: &[&Value], field: &str) -> f64 {
+    edges.iter().map(|e| e[field].as_f64().unwrap_or(0.0)).sum()
 }
 
 /// `status` once the shoppers have sent at least `orders` orders.
@@ -274,9 +276,6 @@ fn check_window(status: &Value, opened: &[String]) -> Result<(), String> {
     // Inventory fails one in five; its clients barely notice.
     let to_inventory = edges(status, None, "inventory.shop:80");
     assert!(to_inventory.len() >= 3, "{status:#}");
-    let total = |rows: &[&Value], field: &str| -> f64 {
-        rows.iter().map(|e| e[field].as_f64().unwrap_or(0.0)).sum()
-    };
     let sent = total(&to_inventory, "requests");
     let retries = total(&to_inventory, "retries");
     let client_success = total(&to_inventory, "succeeded") / sent;
@@ -319,20 +318,17 @@ fn check_the_vendors(status: &Value) {
         requests(&gateway) > 0.0,
         "no charge reached the gateway:\n{status:#}"
     );
-    let succeeded: f64 = gateway
-        .iter()
-        .map(|e| e["succeeded"].as_f64().unwrap_or(0.0))
-        .sum();
-    assert_eq!(succeeded, requests(&gateway), "{gateway:#?}");
+    assert_eq!(
+        total(&gateway, "succeeded"),
+        requests(&gateway),
+        "{gateway:#?}"
+    );
     let feed = edges(status, Some("catalog"), "feed.supplier.example:443");
     assert!(
         requests(&feed) > 0.0,
         "the feed was never read:\n{status:#}"
     );
-    let hits: f64 = feed
-        .iter()
-        .map(|e| e["cache_hits"].as_f64().unwrap_or(0.0))
-        .sum();
+    let hits = total(&feed, "cache_hits");
     assert!(
         hits > requests(&feed),
         "most feed reads come from the catalog's cache: {hits} hits, {} to the supplier\n{feed:#?}",
