@@ -144,6 +144,66 @@ pub struct InboundConfig {
     /// Access rules; a port no authorization covers admits everyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorizations: Vec<Authorization>,
+    /// Limits on the HTTP requests the namespace's Services admit, by
+    /// Service name (TrafficPolicy `inboundRateLimit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<InboundRateLimitConfig>,
+}
+
+/// The limits one Service's pods put on the requests they admit, each pod
+/// its own. Applies, as a Service's [`Authorization`] does, on the
+/// container ports the Service forwards to, in pods its selector matches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundRateLimitConfig {
+    /// The TrafficPolicy this came from, `namespace/name`, for metrics.
+    pub policy: String,
+    /// The Service whose pods enforce it.
+    pub service: String,
+    /// The Service's pod selector; unset when membership cannot be told
+    /// from labels (then every pod of the namespace applies it on `ports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// The container ports the Service forwards to.
+    pub ports: Vec<PortRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<RequestRateConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_identity: Option<RequestRateConfig>,
+    /// In order: a caller takes the first that names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<RateOverrideConfig>,
+    /// In order: a request takes the first route it matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteRateConfig>,
+}
+
+/// A token bucket's settings, the burst filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRateConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+/// Named callers sharing a limit of their own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateOverrideConfig {
+    pub identities: Vec<IdentityMatch>,
+    pub limit: RequestRateConfig,
+}
+
+/// A route's own limit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRateConfig {
+    pub name: String,
+    pub path: PathMatchConfig,
+    /// Empty: every method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<HttpMethod>,
+    pub limit: RequestRateConfig,
 }
 
 /// The inbound mTLS mode.
@@ -971,6 +1031,7 @@ mod tests {
                 mode: InboundMode::Permissive,
                 plaintext_ports: vec![],
                 authorizations: vec![],
+                rate_limits: Vec::new(),
             },
             outbound: OutboundConfig {
                 defaults: ServicePolicy {

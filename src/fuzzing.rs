@@ -149,6 +149,7 @@ pub fn inbound_path(data: &[u8]) {
                     methods: Vec::new(),
                 }],
             }],
+            rate_limits: Vec::new(),
         };
         let names = PortNames::new([]);
         let caller = SpiffeId::new("cluster.local", "shop", "checkout");

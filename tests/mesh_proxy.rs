@@ -1131,6 +1131,164 @@ async fn access_policy_answers_403_to_http_and_closes_tcp_and_counts_per_policy(
     assert_eq!(server.wait_metric(&denied("tcp"), 1.0).await, 1.0);
 }
 
+/// Sends `n` requests one after another; returns the answers and how
+/// long they took.
+async fn calls(method: &str, url: &str, n: usize) -> (Vec<Reply>, Duration) {
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(send(&client(), method, url, &[]).await);
+    }
+    (out, started.elapsed())
+}
+
+/// Tokens a bucket of 1 request/s can have refilled in `elapsed`: the
+/// slack every count below allows on a slow machine.
+fn refilled(elapsed: Duration) -> usize {
+    elapsed.as_secs() as usize + 1
+}
+
+/// TrafficPolicy `inboundRateLimit` in payments' own proxy: two meshed
+/// callers each held to their own limit (checkout to its override's),
+/// plaintext callers to one limit together, a route's limit across
+/// callers, the total over all; each refusal a 429 `rate-limited` with a
+/// `Retry-After` that is honest (after it, the caller is admitted), the
+/// application never seeing a refused request, and the refusals counted
+/// by the limit that made them.
+#[tokio::test]
+async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_retry_after() {
+    let pki = Pki::new();
+    let payments = app().await;
+    let port = payments.addr.port();
+    let mut config = server_config("permissive", &[], json!([]));
+    config["inbound"]["rateLimits"] = json!([{
+        "policy": "shop/payments", "service": "payments", "ports": [port],
+        "total": { "requestsPerSecond": 1, "burst": 12 },
+        "perIdentity": { "requestsPerSecond": 1, "burst": 3 },
+        "overrides": [{
+            "identities": [{ "namespace": "shop", "serviceAccount": "checkout" }],
+            "limit": { "requestsPerSecond": 1, "burst": 6 },
+        }],
+        "routes": [{
+            "name": "refunds", "path": { "type": "PathPrefix", "value": "/refunds" },
+            "methods": ["POST"], "limit": { "requestsPerSecond": 1, "burst": 1 },
+        }],
+    }]);
+    let (server, _sid) = server_proxy(&pki, &config, &[port]).await;
+    let endpoint = server.running.inbound[0];
+    let (checkout, _cid) = checkout_client(&pki, endpoint, true).await;
+    let cart_id = pki.dir("shop", "cart");
+    let cart = meshed(
+        &client_config(endpoint, true),
+        &["payments.shop:80"],
+        &cart_id,
+        &[],
+    )
+    .await;
+    let admitted = |replies: &[Reply]| replies.iter().filter(|r| r.status == 200).count();
+    let refused_by = |replies: &[Reply], limit: &str| {
+        replies
+            .iter()
+            .filter(|r| r.status == 429 && r.body.contains(limit))
+            .count()
+    };
+
+    // cart: its own 3, over the mesh; the rest refused by its identity
+    // limit, each saying who and why, with a Retry-After.
+    let (cart_replies, took) = calls("GET", &format!("{}/charges", cart.outbound_url(0)), 8).await;
+    let cart_ok = admitted(&cart_replies);
+    assert!(
+        (3..3 + refilled(took)).contains(&cart_ok),
+        "cart admitted {cart_ok} in {took:?}"
+    );
+    let refusal = cart_replies
+        .iter()
+        .find(|r| r.status == 429)
+        .expect("a refusal");
+    assert_eq!(refusal.proxy_error.as_deref(), Some("rate-limited"));
+    assert!(
+        refusal
+            .body
+            .contains("from each caller, and spiffe://cluster.local/ns/shop/sa/cart is over it")
+            && refusal.body.contains("TrafficPolicy shop/payments"),
+        "{}",
+        refusal.body
+    );
+    let retry_after: u64 = refusal.headers["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert_eq!(retry_after, 1, "a token a second");
+
+    // checkout: its override's 6, not perIdentity's 3.
+    let (checkout_replies, took) =
+        calls("GET", &format!("{}/charges", checkout.outbound_url(0)), 9).await;
+    let checkout_ok = admitted(&checkout_replies);
+    assert!(
+        (6..6 + refilled(took)).contains(&checkout_ok),
+        "checkout admitted {checkout_ok} in {took:?}"
+    );
+    assert_eq!(
+        refused_by(&checkout_replies, "an override shared by shop/checkout"),
+        9 - checkout_ok
+    );
+
+    // Plaintext callers are one caller together: the total (12) has
+    // about 3 left, the unverified share 3.
+    let direct = format!("http://{endpoint}/charges");
+    let (plain, took) = calls("GET", &direct, 6).await;
+    let plain_ok = admitted(&plain);
+    assert!(
+        (1..=3 + refilled(took)).contains(&plain_ok),
+        "plaintext admitted {plain_ok}"
+    );
+    assert!(
+        plain.iter().filter(|r| r.status == 429).all(|r| {
+            r.body.contains("callers without a mesh identity")
+                || r.body.contains("from all callers together")
+        }),
+        "{plain:?}"
+    );
+
+    // Every request the app saw was admitted; every other one was a 429.
+    let all = cart_ok + checkout_ok + plain_ok;
+    assert_eq!(payments.hits(), all);
+    let refusals = cart_replies.len() + checkout_replies.len() + plain.len() - all;
+    let counted = |limit: &str| {
+        format!(
+            "weft_proxy_inbound_rate_limited_total{{policy=\"shop/payments\",limit=\"{limit}\"}}"
+        )
+    };
+    let by_limit = server.metric(&counted("identity")).await
+        + server.metric(&counted("override")).await
+        + server.metric(&counted("total")).await;
+    assert_eq!(by_limit as usize, refusals);
+
+    // The Retry-After is honest: after it, cart is admitted again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_eq!(
+        get(&format!("{}/charges", cart.outbound_url(0)))
+            .await
+            .status,
+        200
+    );
+
+    // A route's limit counts every caller: one refund in its burst, and a
+    // refund refused there costs the caller's own limit nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refund = |proxy: &TestProxy| format!("{}/refunds/7", proxy.outbound_url(0));
+    let first = send(&client(), "POST", &refund(&checkout), &[]).await;
+    let second = send(&client(), "POST", &refund(&cart), &[]).await;
+    assert_eq!((first.status, second.status), (200, 429), "{second:?}");
+    assert!(
+        second.body.contains("route refunds of Service payments"),
+        "{}",
+        second.body
+    );
+    assert!(server.metric(&counted("route/refunds")).await >= 1.0);
+}
+
 /// The app's own TLS: a server with a certificate from the app's own CA
 /// (ALPN h2, nothing weft), and a client config that trusts it.
 async fn app_tls_server() -> (u16, Arc<rustls::ClientConfig>) {

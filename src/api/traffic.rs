@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Duration, HttpMethod, PolicyStatus};
+use super::common::{Duration, HttpMethod, PathMatch, PolicyStatus};
 
 /// Resilience settings every client proxy applies when calling the target
 /// Service. One per Service: when several target it the oldest wins.
@@ -37,6 +37,7 @@ use super::common::{Duration, HttpMethod, PolicyStatus};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.timeout) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(self.timeout)").message("retries.perTryTimeout must not exceed timeout: the whole request would time out before one try does"))]
 #[x_kube(validation = Rule::new("!has(self.rateLimit) || !has(self.rateLimit.serviceAccounts) || size(self.rateLimit.serviceAccounts) == 0 || self.targetRef.kind == 'ExternalService'").message("rateLimit.serviceAccounts is for an ExternalService target: for a Service, the callers are in other namespaces, whose ServiceAccounts this policy cannot name"))]
+#[x_kube(validation = Rule::new("!has(self.inboundRateLimit) || self.targetRef.kind == 'Service'").message("inboundRateLimit is enforced by the proxies of the target's own pods, and an ExternalService has none: limit the calls to it with rateLimit"))]
 pub struct TrafficPolicySpec {
     /// The Service (or ExternalService) this policy applies to, in the
     /// policy's namespace.
@@ -57,6 +58,17 @@ pub struct TrafficPolicySpec {
     /// calls only: TLS passed through is not seen request by request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Limits on the requests the target's own pods admit, enforced by
+    /// each pod's proxy after mTLS and AccessPolicy: for all callers
+    /// together, for each caller identity, for named callers, and per
+    /// route. What is over a limit is answered `429 Too Many Requests`
+    /// (`weft-proxy-error: rate-limited`, with `Retry-After`) without
+    /// reaching the application. Every limit is per pod: a Service of
+    /// three pods admits three times the rate. HTTP requests only: an
+    /// opaque TCP connection is not seen request by request. A Service
+    /// target only (an ExternalService has no pods of the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_rate_limit: Option<InboundRateLimit>,
     /// Honour the target's own back-off: after it answers `429 Too Many
     /// Requests` with `Retry-After` (or says `RateLimit-Remaining: 0` with
     /// `RateLimit-Reset`), each client proxy sends it nothing until the
@@ -129,6 +141,90 @@ pub struct ResponseCache {
     /// wins). Same exceptions as `staleIfError`. At most 1h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_while_revalidate: Option<Duration>,
+}
+
+/// What each of the target's pods admits per second, enforced by its own
+/// proxy. A request draws on every limit that applies to it (its route's,
+/// its caller's, the total) and is refused by the first that has nothing
+/// left, taking nothing from the others.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.total) || has(self.perIdentity) || (has(self.overrides) && size(self.overrides) > 0) || (has(self.routes) && size(self.routes) > 0)").message("inboundRateLimit sets no limit: give it total, perIdentity, overrides or routes"))]
+#[x_kube(validation = Rule::new("!has(self.total) || !has(self.perIdentity) || self.perIdentity.requestsPerSecond <= self.total.requestsPerSecond").message("inboundRateLimit.perIdentity.requestsPerSecond must not exceed total.requestsPerSecond: no caller could use it"))]
+#[x_kube(validation = Rule::new("!has(self.total) || !has(self.overrides) || self.overrides.all(o, o.requestsPerSecond <= self.total.requestsPerSecond)").message("inboundRateLimit.overrides[].requestsPerSecond must not exceed total.requestsPerSecond: no caller could use it"))]
+pub struct InboundRateLimit {
+    /// All callers of one pod together: what the pod can take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<RequestRate>,
+    /// Each caller identity's own share of one pod (the fairness limit: a
+    /// runaway caller cannot starve the others). Callers without a mesh
+    /// identity (plaintext, in PERMISSIVE) count as one caller together.
+    /// Callers an override names take the override's limit instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_identity: Option<RequestRate>,
+    /// Named callers with a limit of their own instead of `perIdentity`
+    /// (higher for a batch job the team trusts, lower for a noisy one).
+    /// The callers one override names share its limit; a caller named by
+    /// several takes the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub overrides: Vec<InboundRateOverride>,
+    /// Requests matching a route (path, and methods if given) share the
+    /// route's limit, all callers together, besides the other limits: an
+    /// expensive search, a checkout. A request takes the first route it
+    /// matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub routes: Vec<InboundRouteRate>,
+}
+
+/// A token bucket: a sustained rate and a burst above it.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRate {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the rate after a quiet spell;
+    /// default equals `requestsPerSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: Option<u32>,
+}
+
+/// Callers with a limit of their own.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundRateOverride {
+    /// The callers: ServiceAccounts, or every ServiceAccount of a
+    /// namespace. Callers without a mesh identity cannot be named.
+    #[schemars(length(min = 1, max = 16))]
+    pub from: Vec<super::AccessSource>,
+    /// The limit of these callers together.
+    #[serde(flatten)]
+    pub rate: RequestRate,
+}
+
+/// A route with a limit of its own.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundRouteRate {
+    /// Names the route in metrics (`weft_proxy_inbound_rate_limited_total`)
+    /// and in refusals.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The request path, compared normalised (as AccessPolicy compares it).
+    pub path: PathMatch,
+    /// HTTP methods the route covers. Empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub methods: Vec<HttpMethod>,
+    /// The limit of this route, all callers together.
+    #[serde(flatten)]
+    pub rate: RequestRate,
 }
 
 fn default_cache_bytes() -> u32 {

@@ -129,16 +129,7 @@ pub(crate) fn resolve(
             .iter()
             .enumerate()
             .map(|(i, rule)| {
-                let mut identities: Vec<IdentityMatch> = rule
-                    .from
-                    .iter()
-                    .map(|src| IdentityMatch {
-                        namespace: src.namespace.clone().unwrap_or_else(|| ns.clone()),
-                        service_account: src.service_account.clone(),
-                    })
-                    .collect();
-                identities.sort();
-                identities.dedup();
+                let identities = identities(&rule.from, &ns);
                 let ports = match service {
                     // A Service target names the Service's ports: the proxy
                     // sees the container port they forward to.
@@ -211,6 +202,21 @@ pub(crate) fn resolve(
         verdicts.push(v);
     }
     guards
+}
+
+/// The callers `from` names, each sorted and once: a ServiceAccount
+/// without a namespace is in `ns`, the policy's own.
+pub(crate) fn identities(from: &[crate::api::AccessSource], ns: &str) -> Vec<IdentityMatch> {
+    let mut out: Vec<IdentityMatch> = from
+        .iter()
+        .map(|src| IdentityMatch {
+            namespace: src.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+            service_account: src.service_account.clone(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Service port -> the container port it forwards to.

@@ -123,11 +123,11 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
 
     let mtls = mtls_modes(facts, &meshed, &mut verdicts);
     let mut externals = external::resolve(&facts.external_services, &meshed, &mut verdicts);
-    let (policies, external_policies) =
-        policy::resolve_traffic(facts, &services, &externals, &meshed, &mut verdicts);
-    for (key, policy) in external_policies {
-        if let Some(es) = externals.get_mut(&key) {
-            es.policy = Some(policy);
+    let traffic = policy::resolve_traffic(facts, &services, &externals, &meshed, &mut verdicts);
+    let policies = &traffic.services;
+    for (key, policy) in &traffic.externals {
+        if let Some(es) = externals.get_mut(key) {
+            es.policy = Some(policy.clone());
         }
     }
     let routes = policy::resolve_routes(facts, &services, &mut verdicts);
@@ -198,6 +198,7 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
                     .map(|m| m.plaintext_ports.clone())
                     .unwrap_or_default(),
                 authorizations: guards.authorizations(ns),
+                rate_limits: traffic.inbound_of(ns),
             },
             outbound: OutboundConfig {
                 defaults: defaults.clone(),
@@ -216,7 +217,7 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
         configs.insert(ns.clone(), config);
     }
 
-    policy::mark_programmed(&mut verdicts, &configs, &meshed);
+    policy::mark_programmed(&mut verdicts, &configs, &meshed, &traffic.inbound);
     access::mark_programmed(&guards, &mut verdicts, &meshed);
     Compiled {
         configs,

@@ -14,10 +14,12 @@ use crate::api::{
     HttpMethod, LoadBalancerAlgorithm, PolicyTargetKind, RateLimitScope, RetryBudget, RetryOn,
     RetryPolicy, ServiceRoute, TrafficPolicy,
 };
+use crate::api::{INJECT_ENABLED, INJECT_LABEL};
 use crate::config::{
     CircuitBreakerConfig, ExternalServiceConfig, FailureRateConfig, IDEMPOTENCY_HEADER,
-    MatchConfig, PathMatchConfig, ProxyConfig, RateLimitConfig, RetryAfterConfig,
-    RetryBudgetConfig, RetryConfig, RouteConfig, ServicePolicy, SharedLimitConfig, WeightedBackend,
+    InboundRateLimitConfig, MatchConfig, PathMatchConfig, PortRef, ProxyConfig, RateLimitConfig,
+    RateOverrideConfig, RequestRateConfig, RetryAfterConfig, RetryBudgetConfig, RetryConfig,
+    RouteConfig, RouteRateConfig, ServicePolicy, SharedLimitConfig, WeightedBackend,
 };
 
 /// Backoff when a policy sets none: 25ms doubling to 250ms.
@@ -270,10 +272,7 @@ pub(crate) fn resolve_traffic(
     externals: &BTreeMap<ServiceKey, ExternalServiceConfig>,
     meshed: &BTreeSet<String>,
     verdicts: &mut Verdicts,
-) -> (
-    HashMap<ServiceKey, ServicePolicy>,
-    HashMap<ServiceKey, ServicePolicy>,
-) {
+) -> Traffic {
     let (external, service): (Vec<&TrafficPolicy>, Vec<&TrafficPolicy>) = facts
         .traffic_policies
         .iter()
@@ -284,8 +283,27 @@ pub(crate) fn resolve_traffic(
         Targets::services(&|k| services.contains_key(k)),
         verdicts,
         |tp| tp.spec.target_ref.name.as_str(),
-        |tp, _| service_policy(tp),
+        |tp, _| {
+            let key = (
+                tp.namespace().unwrap_or_default(),
+                tp.spec.target_ref.name.clone(),
+            );
+            let inbound = services
+                .get(&key)
+                .and_then(|svc| inbound_rate_limit(tp, svc));
+            (service_policy(tp), inbound)
+        },
     );
+    let mut inbound = HashMap::new();
+    let of_services = of_services
+        .into_iter()
+        .map(|(key, (policy, limit))| {
+            if let Some(limit) = limit {
+                inbound.insert(key.clone(), limit);
+            }
+            (key, policy)
+        })
+        .collect();
     let of_externals = resolve(
         PolicyKind::TrafficPolicy,
         &external,
@@ -332,7 +350,83 @@ pub(crate) fn resolve_traffic(
             service_policy(tp)
         },
     );
-    (of_services, of_externals)
+    Traffic {
+        services: of_services,
+        externals: of_externals,
+        inbound,
+    }
+}
+
+/// The winning TrafficPolicies, compiled.
+pub(crate) struct Traffic {
+    /// What the clients of each Service apply.
+    pub services: HashMap<ServiceKey, ServicePolicy>,
+    /// What the callers of each ExternalService apply.
+    pub externals: HashMap<ServiceKey, ServicePolicy>,
+    /// What each Service's own pods admit (`inboundRateLimit`).
+    pub inbound: HashMap<ServiceKey, InboundRateLimitConfig>,
+}
+
+impl Traffic {
+    /// The inbound limits of a namespace's Services, by Service name.
+    pub(crate) fn inbound_of(&self, ns: &str) -> Vec<InboundRateLimitConfig> {
+        let mut out: Vec<InboundRateLimitConfig> = self
+            .inbound
+            .iter()
+            .filter(|(k, _)| k.0 == ns)
+            .map(|(_, l)| l.clone())
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+}
+
+/// A TrafficPolicy's `inboundRateLimit`, placed on the Service's pods as
+/// its AccessPolicy would be: the container ports it forwards to, in the
+/// pods its selector matches.
+fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<InboundRateLimitConfig> {
+    let limit = tp.spec.inbound_rate_limit.as_ref()?;
+    let ns = tp.namespace().unwrap_or_default();
+    let rate = |r: &crate::api::RequestRate| RequestRateConfig {
+        requests_per_second: r.requests_per_second,
+        burst: r.burst.unwrap_or(r.requests_per_second),
+    };
+    let mut ports: Vec<PortRef> = super::tcp_ports(svc).map(|(_, _, target)| target).collect();
+    ports.sort();
+    ports.dedup();
+    Some(InboundRateLimitConfig {
+        policy: format!("{ns}/{}", tp.name_any()),
+        service: svc.name_any(),
+        selector: svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .filter(|sel| !sel.is_empty()),
+        ports,
+        total: limit.total.as_ref().map(rate),
+        per_identity: limit.per_identity.as_ref().map(rate),
+        overrides: limit
+            .overrides
+            .iter()
+            .map(|o| RateOverrideConfig {
+                identities: super::access::identities(&o.from, &ns),
+                limit: rate(&o.rate),
+            })
+            .collect(),
+        routes: limit
+            .routes
+            .iter()
+            .map(|r| RouteRateConfig {
+                name: r.name.clone(),
+                path: PathMatchConfig {
+                    type_: r.path.type_,
+                    value: r.path.value.clone(),
+                },
+                methods: r.methods.clone(),
+                limit: rate(&r.rate),
+            })
+            .collect(),
+    })
 }
 
 pub(crate) fn resolve_routes(
@@ -424,6 +518,7 @@ pub(crate) fn mark_programmed(
     verdicts: &mut Verdicts,
     configs: &BTreeMap<String, ProxyConfig>,
     meshed: &BTreeSet<String>,
+    inbound: &HashMap<ServiceKey, InboundRateLimitConfig>,
 ) {
     for (kind, ns, name, (svc_ns, svc_name)) in verdicts.take_placements() {
         let clients: Vec<&str> = configs
@@ -442,6 +537,32 @@ pub(crate) fn mark_programmed(
         let Some(v) = verdicts.get_mut(kind, &ns, &name) else {
             continue;
         };
+        let key = (svc_ns.clone(), svc_name.clone());
+        if kind == PolicyKind::TrafficPolicy && inbound.contains_key(&key) {
+            // The server side: enforced by the Service's own pods, which
+            // only a meshed namespace has proxies in.
+            if !meshed.contains(&svc_ns) {
+                v.not_programmed(
+                    reason::NAMESPACE_NOT_MESHED,
+                    format!("namespace {svc_ns} is not labelled {INJECT_LABEL}={INJECT_ENABLED}: no proxy enforces inboundRateLimit, so Service {svc_ns}/{svc_name} admits every request"),
+                );
+                continue;
+            }
+            let enforced = format!(
+                "inboundRateLimit enforced by the proxy of each pod of Service {svc_ns}/{svc_name}"
+            );
+            if clients.is_empty() {
+                v.programmed(format!(
+                    "{enforced} (no meshed namespace may reach it, so no client applies the rest)"
+                ));
+            } else {
+                v.programmed(format!(
+                    "in the proxy config of {}; {enforced}",
+                    summarize(&clients)
+                ));
+            }
+            continue;
+        }
         if clients.is_empty() {
             let why = if meshed.is_empty() {
                 "no namespace is meshed yet (label one weft.dev/inject=enabled)".to_owned()

@@ -818,6 +818,115 @@ fn access_rule_naming_a_missing_port_is_invalid() {
     );
 }
 
+/// `inboundRateLimit` goes to the Service's own namespace, placed on its
+/// pods as its AccessPolicy would be, with bursts filled in and callers
+/// resolved; the client namespaces' entries carry none of it.
+#[test]
+fn an_inbound_rate_limit_is_placed_on_the_services_own_pods() {
+    let mut f = base();
+    let mut ledger = svc_ports(
+        "payments",
+        "ledger",
+        json!([{ "name": "http", "port": 80, "targetPort": "web" }, { "name": "grpc", "port": 9090, "targetPort": 9091 }]),
+    );
+    ledger.spec.as_mut().expect("spec").selector =
+        Some([("app".to_owned(), "ledger".to_owned())].into());
+    f.services.push(ledger);
+    f.traffic_policies.push(tp(
+        "payments",
+        "ledger",
+        None,
+        "ledger",
+        json!({ "inboundRateLimit": {
+            "total": { "requestsPerSecond": 100, "burst": 200 },
+            "perIdentity": { "requestsPerSecond": 20 },
+            "overrides": [{ "from": [{ "serviceAccount": "batch" }, { "namespace": "shop" }], "requestsPerSecond": 50 }],
+            "routes": [{ "name": "refunds", "path": { "value": "/refunds" }, "methods": ["POST"], "requestsPerSecond": 2 }],
+        } }),
+    ));
+    let c = compile(&f);
+    let limits = &c.configs["payments"].inbound.rate_limits;
+    assert_eq!(limits.len(), 1);
+    let l = &limits[0];
+    assert_eq!(
+        (l.policy.as_str(), l.service.as_str()),
+        ("payments/ledger", "ledger")
+    );
+    assert_eq!(
+        l.selector,
+        Some([("app".to_owned(), "ledger".to_owned())].into())
+    );
+    assert_eq!(
+        l.ports,
+        [PortRef::Number(9091), PortRef::Name("web".into())]
+    );
+    let rate = |requests_per_second, burst| crate::config::RequestRateConfig {
+        requests_per_second,
+        burst,
+    };
+    assert_eq!(l.total, Some(rate(100, 200)));
+    assert_eq!(
+        l.per_identity,
+        Some(rate(20, 20)),
+        "burst defaults to the rate"
+    );
+    assert_eq!(l.overrides[0].limit, rate(50, 50));
+    assert_eq!(
+        l.overrides[0].identities,
+        [
+            crate::config::IdentityMatch {
+                namespace: "payments".into(),
+                service_account: Some("batch".into())
+            },
+            crate::config::IdentityMatch {
+                namespace: "shop".into(),
+                service_account: None
+            },
+        ],
+        "an account without a namespace is the policy's own"
+    );
+    assert_eq!(l.routes[0].name, "refunds");
+    assert_eq!(l.routes[0].methods, [HttpMethod::Post]);
+    assert_eq!(l.routes[0].limit, rate(2, 2));
+    assert!(
+        c.configs["shop"].inbound.rate_limits.is_empty(),
+        "a client namespace enforces none of it"
+    );
+    let p = cond(
+        verdict(&c, PolicyKind::TrafficPolicy, "ledger"),
+        conditions::PROGRAMMED,
+    );
+    assert!(p.status, "{}", p.message);
+    assert!(
+        p.message.contains(
+            "inboundRateLimit enforced by the proxy of each pod of Service payments/ledger"
+        ),
+        "{}",
+        p.message
+    );
+}
+
+/// Only the meshed namespace's proxies enforce it: elsewhere the policy
+/// says so rather than claiming to be programmed.
+#[test]
+fn an_inbound_rate_limit_in_an_unmeshed_namespace_is_not_programmed() {
+    let mut f = base();
+    f.traffic_policies.push(tp(
+        "legacy",
+        "mainframe",
+        None,
+        "mainframe",
+        json!({ "inboundRateLimit": { "total": { "requestsPerSecond": 5 } } }),
+    ));
+    let c = compile(&f);
+    let p = cond(
+        verdict(&c, PolicyKind::TrafficPolicy, "mainframe"),
+        conditions::PROGRAMMED,
+    );
+    assert_eq!((p.status, p.reason), (false, reason::NAMESPACE_NOT_MESHED));
+    assert!(p.message.contains("admits every request"), "{}", p.message);
+}
+
 #[test]
 fn access_policy_in_an_unmeshed_namespace_warns_it_enforces_nothing() {
     let mut f = base();

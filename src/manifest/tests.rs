@@ -99,6 +99,44 @@ fn cel_rules_spanning_fields_are_checked() {
         e.message.contains("cache.staleIfError must be at most 24h"),
         "{e}"
     );
+    // Inbound limits: on a Service only, something set, no caller's
+    // limit above the total, route names unique.
+    let inbound = |spec: &str| {
+        only_error(&format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: inv, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: inventory}}\n  inboundRateLimit: {spec}\n"
+        ))
+    };
+    for (spec, says) in [
+        ("{}", "inboundRateLimit sets no limit"),
+        (
+            "{total: {requestsPerSecond: 10}, perIdentity: {requestsPerSecond: 20}}",
+            "perIdentity.requestsPerSecond must not exceed total",
+        ),
+        (
+            "{total: {requestsPerSecond: 10}, overrides: [{from: [{serviceAccount: batch}], requestsPerSecond: 20}]}",
+            "overrides[].requestsPerSecond must not exceed total",
+        ),
+    ] {
+        let e = inbound(spec);
+        assert!(e.message.contains(says), "{spec}: {e}");
+    }
+    let e = only_error(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: feed, namespace: shop}\nspec:\n  targetRef: {group: weft.dev, kind: ExternalService, name: feed}\n  inboundRateLimit: {total: {requestsPerSecond: 10}}\n",
+    );
+    assert!(
+        e.message
+            .contains("an ExternalService has none: limit the calls to it with rateLimit"),
+        "{e}"
+    );
+    let (_, errors) = load_text(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: inv, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: inventory}\n  inboundRateLimit:\n    routes:\n    - {name: search, path: {value: /search}, requestsPerSecond: 5}\n    - {name: search, path: {value: /find}, requestsPerSecond: 5}\n",
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.path.starts_with("spec.inboundRateLimit.routes")),
+        "two routes named alike are refused: {errors:#?}"
+    );
     let e = only_error(
         "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRef: {name: checkout}\n  rules:\n  - backendRefs: [{name: a, weight: 0}]\n",
     );

@@ -46,7 +46,7 @@ impl PortNames {
         Self(pairs.into_iter().collect())
     }
 
-    fn covers(&self, refs: &[PortRef], port: u16) -> bool {
+    pub(crate) fn covers(&self, refs: &[PortRef], port: u16) -> bool {
         refs.iter().any(|r| match r {
             PortRef::Number(n) => *n == port,
             PortRef::Name(name) => self.0.get(name) == Some(&port),
@@ -60,7 +60,17 @@ pub type PodLabels = BTreeMap<String, String>;
 /// Whether a Service guard applies to this pod. Unknown labels or an
 /// unknown selector count as a member.
 fn selects(auth: &Authorization, labels: Option<&PodLabels>) -> bool {
-    match (&auth.selector, labels) {
+    selector_matches(auth.selector.as_ref(), labels)
+}
+
+/// Whether a Service's selector picks this pod; unknown labels or an
+/// unknown selector count as a member (guarding too much refuses a
+/// caller, guarding too little would admit one).
+pub(crate) fn selector_matches(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: Option<&PodLabels>,
+) -> bool {
+    match (selector, labels) {
         (Some(selector), Some(labels)) => selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
         _ => true,
     }
@@ -204,6 +214,7 @@ mod tests {
                     }],
                 },
             ],
+            rate_limits: Vec::new(),
         }
     }
 
@@ -341,6 +352,7 @@ mod tests {
                 service("a-web", "web-open", None),
                 service("billing", "billing-ops-only", Some("ops")),
             ],
+            rate_limits: Vec::new(),
         };
         let names = PortNames::default();
         let (cart, ops) = (id("shop", "cart"), id("shop", "ops"));
@@ -385,6 +397,7 @@ mod tests {
                 ports: vec![],
                 rules: vec![],
             }],
+            rate_limits: Vec::new(),
         };
         let cart = id("shop", "cart");
         assert_eq!(

@@ -32,8 +32,10 @@ use super::http::errors::{self, ProxyError};
 use super::http::pool::{Endpoint, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
 use super::http::route::{ambiguous_path, normalize_path};
 use super::http::{Request, Response};
+use super::inbound_limit;
 use super::metrics::{
-    ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels, PlaintextLabels,
+    ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels,
+    InboundLimitLabels, PlaintextLabels,
 };
 use super::tls::{ALPN_H2, ALPN_TCP, peer_identity};
 use crate::config::InboundMode;
@@ -414,6 +416,41 @@ fn authorize(proxy: &Proxy, conn: &Conn, request: Option<HttpRequest<'_>>) -> Ac
     }
 }
 
+/// What becomes of an HTTP request before the application.
+enum Admission {
+    Admitted,
+    /// Refused by the AccessPolicy `namespace/name`.
+    Denied(String),
+    /// Refused by an inbound rate limit.
+    Limited(inbound_limit::Refusal),
+}
+
+/// The inbound rate limits guarding the request's port (after
+/// AccessPolicy admitted it: a caller refused there spends no token).
+fn limit(proxy: &Proxy, conn: &Conn, request: HttpRequest<'_>) -> Admission {
+    let Some(snapshot) = proxy.store.load() else {
+        return Admission::Admitted;
+    };
+    if snapshot.inbound_limits.is_empty() {
+        return Admission::Admitted;
+    }
+    let caller = inbound_limit::Caller {
+        id: conn.peer_id.as_deref(),
+        key: conn.peer_id.as_ref().map(|_| &conn.source),
+    };
+    match inbound_limit::admit(
+        &snapshot.inbound_limits,
+        &proxy.port_names,
+        proxy.pod_labels.load().as_deref(),
+        conn.port,
+        caller,
+        request,
+    ) {
+        Ok(()) => Admission::Admitted,
+        Err(refused) => Admission::Limited(refused),
+    }
+}
+
 fn deny(proxy: &Proxy, policy: &str, protocol: &str) {
     proxy
         .metrics
@@ -489,16 +526,16 @@ fn forward_http(
         line.record().to_app(conn.app.addr, conn.peer_id.is_some());
         line
     });
-    // Rules match, and the app receives, the normalised path.
+    // Rules and limits match, and the app receives, the normalised path.
     let access = normalize_uri(&mut req).map(|()| {
-        authorize(
-            &proxy,
-            &conn,
-            Some(HttpRequest {
-                method: req.method(),
-                path: req.uri().path(),
-            }),
-        )
+        let request = HttpRequest {
+            method: req.method(),
+            path: req.uri().path(),
+        };
+        match authorize(&proxy, &conn, Some(request)) {
+            Access::Allowed => limit(&proxy, &conn, request),
+            Access::Denied { policy } => Admission::Denied(policy),
+        }
     });
     // The application's answer, or the proxy's own; `sent` when it went.
     let (answer, sent): (super::http::Answer, _) = match access {
@@ -506,7 +543,7 @@ fn forward_http(
             Box::pin(std::future::ready(Ok(errors::response(&bad)))),
             None,
         ),
-        Ok(Access::Denied { policy }) => {
+        Ok(Admission::Denied(policy)) => {
             deny(&proxy, &policy, "http");
             let who = conn.peer_id.as_ref().map_or_else(
                 || "a caller without a mesh identity".to_owned(),
@@ -520,7 +557,24 @@ fn forward_http(
             )));
             (Box::pin(std::future::ready(Ok(refused))), None)
         }
-        Ok(Access::Allowed) => {
+        Ok(Admission::Limited(refused)) => {
+            let seconds =
+                refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
+            proxy
+                .metrics
+                .inbound_rate_limited
+                .get_or_create(&InboundLimitLabels {
+                    policy: refused.policy,
+                    limit: refused.limit,
+                })
+                .inc();
+            let refused = errors::response(&ProxyError::InboundRateLimited(
+                refused.message,
+                seconds.max(1),
+            ));
+            (Box::pin(std::future::ready(Ok(refused))), None)
+        }
+        Ok(Admission::Admitted) => {
             if let Some(id) = &conn.peer_id_header {
                 req.headers_mut()
                     .insert(CLIENT_ID_HEADER.clone(), id.clone());

@@ -278,6 +278,16 @@ pub struct DenialLabels {
     pub protocol: String,
 }
 
+/// A request refused by an inbound rate limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLimitLabels {
+    /// `namespace/name` of the TrafficPolicy.
+    pub policy: String,
+    /// Which limit had nothing left: `total`, `identity`, `override`, or
+    /// `route/<name>`.
+    pub limit: String,
+}
+
 /// Why spans were dropped.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -335,6 +345,9 @@ pub struct ProxyMetrics {
     pub plaintext_rejected: Family<PlaintextLabels, Counter>,
     /// Requests and connections refused by AccessPolicy.
     pub access_denied: Family<DenialLabels, Counter>,
+    /// Requests answered 429 by an inbound rate limit (TrafficPolicy
+    /// `inboundRateLimit`).
+    pub inbound_rate_limited: Family<InboundLimitLabels, Counter>,
     /// Mesh TLS handshakes that failed for a reason other than a refused
     /// certificate (those are in `tls_rejections`): timeouts, protocol.
     pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
@@ -537,6 +550,12 @@ impl ProxyMetrics {
             "Requests (http) and connections (tcp) refused by an AccessPolicy",
             access_denied.clone(),
         );
+        let inbound_rate_limited = Family::default();
+        registry.register(
+            "inbound_rate_limited",
+            "Requests answered 429 by an inbound rate limit (TrafficPolicy inboundRateLimit), by policy and the limit that had nothing left",
+            inbound_rate_limited.clone(),
+        );
         let tls_handshake_failures = Family::default();
         registry.register(
             "tls_handshake_failures",
@@ -646,6 +665,7 @@ impl ProxyMetrics {
             plaintext_connections,
             plaintext_rejected,
             access_denied,
+            inbound_rate_limited,
             tls_handshake_failures,
             plaintext_fallbacks,
             origin_failures,

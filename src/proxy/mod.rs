@@ -13,6 +13,7 @@ pub mod detect;
 pub mod hello;
 pub mod http;
 pub mod inbound;
+pub mod inbound_limit;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;

@@ -456,27 +456,72 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn try_take(&self, now: Instant) -> bool {
+        self.take(now).is_ok()
+    }
+
+    /// Takes one token, or says how long until there is one (a day at
+    /// most: a bucket that never refills says a day).
+    pub fn take(&self, now: Instant) -> Result<(), Duration> {
+        const NEVER: Duration = Duration::from_secs(86_400);
         let sharers = self.sharers.load(Ordering::Acquire);
         if sharers == 0 {
-            return false;
+            return Err(NEVER);
         }
         let capacity = self.capacity_for(sharers);
         let mut state = lock(&self.state);
         let (level, last) = &mut *state;
-        if let Some(last) = last {
-            // Each nanosecond adds `rate / sharers` units; a token is
-            // TOKEN units.
-            let refill = now.saturating_duration_since(*last).as_nanos() * u128::from(self.rate)
-                / u128::from(sharers);
-            let filled = (u128::from(*level) + refill).min(u128::from(capacity));
-            *level = u64::try_from(filled).unwrap_or(capacity);
-        }
+        *level = Self::filled(*level, *last, now, self.rate, sharers, capacity);
         *last = Some(last.map_or(now, |l| l.max(now)));
-        if *level < TOKEN {
-            return false;
+        if *level >= TOKEN {
+            *level -= TOKEN;
+            return Ok(());
         }
-        *level -= TOKEN;
-        true
+        if self.rate == 0 || capacity < TOKEN {
+            return Err(NEVER);
+        }
+        // `rate / sharers` units per nanosecond: the missing units take
+        // `missing * sharers / rate` nanoseconds.
+        let missing = u128::from(TOKEN - *level);
+        let nanos = (missing * u128::from(sharers)).div_ceil(u128::from(self.rate));
+        Err(Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(NEVER))
+    }
+
+    /// Puts back a token taken for a request that another limit then
+    /// refused, so that the refusal costs this bucket nothing.
+    pub fn give_back(&self) {
+        let capacity = self.capacity_for(self.sharers.load(Ordering::Acquire));
+        let mut state = lock(&self.state);
+        state.0 = (state.0 + TOKEN).min(capacity);
+    }
+
+    /// Whether the bucket is full at `now`: it has not been drawn on for
+    /// as long as a refill takes, and forgetting it loses nothing (a new
+    /// bucket starts full).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let sharers = self.sharers.load(Ordering::Acquire);
+        let capacity = self.capacity_for(sharers);
+        let state = lock(&self.state);
+        Self::filled(state.0, state.1, now, self.rate, sharers.max(1), capacity) >= capacity
+    }
+
+    /// The level at `now`, refilled since `last`.
+    fn filled(
+        level: u64,
+        last: Option<Instant>,
+        now: Instant,
+        rate: u64,
+        sharers: u32,
+        capacity: u64,
+    ) -> u64 {
+        let Some(last) = last else {
+            return level;
+        };
+        // Each nanosecond adds `rate / sharers` units; a token is TOKEN
+        // units.
+        let refill =
+            now.saturating_duration_since(last).as_nanos() * u128::from(rate) / u128::from(sharers);
+        let filled = (u128::from(level) + refill).min(u128::from(capacity));
+        u64::try_from(filled).unwrap_or(capacity)
     }
 }
 

@@ -65,6 +65,9 @@ pub struct Snapshot {
     external_wildcard: HashMap<String, usize>,
     /// TLS originations by (ExternalService index, port).
     originations: HashMap<(usize, u16), Result<Arc<Originate>, String>>,
+    /// The inbound rate limits' buckets, one limiter per entry of the
+    /// config's `inbound.rateLimits`.
+    pub inbound_limits: super::inbound_limit::Limits,
     /// Destinations already looked up on this snapshot, so that a request
     /// costs no label formatting or string hashing: per Service (by its
     /// index in the config) the ports seen, and per bare address.
@@ -156,6 +159,7 @@ impl Snapshot {
             external_exact,
             external_wildcard,
             originations: HashMap::new(),
+            inbound_limits: Vec::new(),
             by_service_port: Mutex::new(vec![Vec::new(); services]),
             by_address: Mutex::default(),
         }
@@ -292,6 +296,13 @@ impl Snapshot {
                 }
             }
         }
+        self
+    }
+
+    /// Takes the inbound rate limits' buckets from `built` (so a reload
+    /// that leaves a policy's limits as they were keeps them).
+    fn limit_with(mut self, built: &super::inbound_limit::Limiters) -> Self {
+        self.inbound_limits = built.of(&self.config);
         self
     }
 
@@ -546,6 +557,8 @@ pub struct ConfigStore {
     pub destinations: Destinations,
     /// TLS origination settings, built once each ([`super::origin`]).
     originations: Originations,
+    /// Inbound rate limits' buckets, kept across reloads.
+    limiters: super::inbound_limit::Limiters,
     listening: AtomicBool,
 }
 
@@ -560,6 +573,7 @@ impl ConfigStore {
             destinations: Destinations::new(locality).with_metrics(metrics.clone()),
             metrics,
             originations: Originations::default(),
+            limiters: super::inbound_limit::Limiters::default(),
             listening: AtomicBool::new(false),
         }
     }
@@ -668,13 +682,15 @@ impl ConfigStore {
             .map(|s| format!("{}.{}", s.name, s.namespace))
             .collect();
         self.originations.keep_only(&config);
+        self.limiters.keep_only(&config);
         let snapshot = Arc::new(
             Snapshot::with_endpoints(
                 config,
                 self.endpoints.load_full(),
                 self.endpoints_epoch.load(Ordering::Acquire),
             )
-            .originate_with(&self.originations),
+            .originate_with(&self.originations)
+            .limit_with(&self.limiters),
         );
         self.current.store(Some(snapshot.clone()));
         // Forget state of Services and vendor hosts that are gone;
@@ -747,7 +763,8 @@ impl ConfigStore {
         if let Some(current) = self.load() {
             self.current.store(Some(Arc::new(
                 Snapshot::with_endpoints(current.config.clone(), endpoints, epoch)
-                    .originate_with(&self.originations),
+                    .originate_with(&self.originations)
+                    .limit_with(&self.limiters),
             )));
         }
         self.metrics.endpoints_reloads.inc();

@@ -392,6 +392,7 @@ pub struct Reply {
     pub status: u16,
     pub proxy_error: Option<String>,
     pub body: String,
+    pub headers: http::HeaderMap,
 }
 
 pub async fn send(
@@ -417,11 +418,13 @@ pub async fn send(
         .get("weft-proxy-error")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let headers = rsp.headers().clone();
     let body = rsp.into_body().collect().await.expect("body").to_bytes();
     Reply {
         status,
         proxy_error,
         body: String::from_utf8_lossy(&body).into_owned(),
+        headers,
     }
 }
 

@@ -31,6 +31,10 @@ pub enum ProxyError {
     /// seconds rounded up.
     #[error("{0} asked callers to back off; try again in {1} s")]
     BackingOff(String, u64),
+    /// Refused by one of this pod's inbound rate limits: which, and the
+    /// whole seconds (rounded up) until it admits again.
+    #[error("rate limit exceeded: {0}; try again in {1} s")]
+    InboundRateLimited(String, u64),
     #[error("access denied: {0}")]
     Forbidden(String),
     #[error("bad request: {0}")]
@@ -55,9 +59,9 @@ impl ProxyError {
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ProxyError::Connect(..) => (StatusCode::BAD_GATEWAY, "connect-error"),
             ProxyError::UpstreamReset(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
-            ProxyError::RateLimited(_) | ProxyError::BackingOff(..) => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate-limited")
-            }
+            ProxyError::RateLimited(_)
+            | ProxyError::BackingOff(..)
+            | ProxyError::InboundRateLimited(..) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ProxyError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
@@ -91,7 +95,7 @@ pub fn response(err: &ProxyError) -> Response {
     *rsp.status_mut() = status;
     rsp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason));
-    if let ProxyError::BackingOff(_, seconds) = err {
+    if let ProxyError::BackingOff(_, seconds) | ProxyError::InboundRateLimited(_, seconds) = err {
         rsp.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(*seconds));
     }
