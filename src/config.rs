@@ -176,6 +176,10 @@ pub struct InboundRateLimitConfig {
     /// In order: a request takes the first route it matches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteRateConfig>,
+    /// Paths (exact, compared normalised) no limit counts: the policy's
+    /// `excludedPaths`, health checks a kubelet or a monitor sends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_paths: Vec<String>,
 }
 
 /// A token bucket's settings, the burst filled in.

@@ -1186,16 +1186,11 @@ async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_r
     )
     .await;
     let admitted = |replies: &[Reply]| replies.iter().filter(|r| r.status == 200).count();
-    let refused_by = |replies: &[Reply], limit: &str| {
-        replies
-            .iter()
-            .filter(|r| r.status == 429 && r.body.contains(limit))
-            .count()
-    };
 
     // cart: its own 3, over the mesh; the rest refused by its identity
-    // limit, each saying who and why, with a Retry-After.
-    let (cart_replies, took) = calls("GET", &format!("{}/charges", cart.outbound_url(0)), 8).await;
+    // limit, each saying who and why.
+    let cart_url = format!("{}/charges", cart.outbound_url(0));
+    let (cart_replies, took) = calls("GET", &cart_url, 8).await;
     let cart_ok = admitted(&cart_replies);
     assert!(
         (3..3 + refilled(took)).contains(&cart_ok),
@@ -1214,12 +1209,19 @@ async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_r
         "{}",
         refusal.body
     );
-    let retry_after: u64 = refusal.headers["retry-after"]
+    // The Retry-After is honest: cart is refused now, and admitted once
+    // it has passed.
+    let refused_at = std::time::Instant::now();
+    let again = get(&cart_url).await;
+    assert_eq!(again.status, 429, "{again:?}");
+    let retry_after: u64 = again.headers["retry-after"]
         .to_str()
         .expect("text")
         .parse()
         .expect("seconds");
     assert_eq!(retry_after, 1, "a token a second");
+    tokio::time::sleep_until((refused_at + Duration::from_secs(retry_after)).into()).await;
+    assert_eq!(get(&cart_url).await.status, 200);
 
     // checkout: its override's 6, not perIdentity's 3.
     let (checkout_replies, took) =
@@ -1229,13 +1231,18 @@ async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_r
         (6..6 + refilled(took)).contains(&checkout_ok),
         "checkout admitted {checkout_ok} in {took:?}"
     );
-    assert_eq!(
-        refused_by(&checkout_replies, "an override shared by shop/checkout"),
-        9 - checkout_ok
+    assert!(
+        checkout_replies
+            .iter()
+            .filter(|r| r.status == 429)
+            .all(|r| r
+                .body
+                .contains("(an override, shared by the callers it names)")),
+        "{checkout_replies:?}"
     );
 
     // Plaintext callers are one caller together: the total (12) has
-    // about 3 left, the unverified share 3.
+    // about 2 left, the unverified share 3.
     let direct = format!("http://{endpoint}/charges");
     let (plain, took) = calls("GET", &direct, 6).await;
     let plain_ok = admitted(&plain);
@@ -1251,10 +1258,11 @@ async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_r
         "{plain:?}"
     );
 
-    // Every request the app saw was admitted; every other one was a 429.
-    let all = cart_ok + checkout_ok + plain_ok;
+    // Every request the app saw was admitted (cart's after its
+    // Retry-After too); every other one was a 429, counted by its limit.
+    let all = cart_ok + 1 + checkout_ok + plain_ok;
     assert_eq!(payments.hits(), all);
-    let refusals = cart_replies.len() + checkout_replies.len() + plain.len() - all;
+    let refusals = cart_replies.len() + 2 + checkout_replies.len() + plain.len() - all;
     let counted = |limit: &str| {
         format!(
             "weft_proxy_inbound_rate_limited_total{{policy=\"shop/payments\",limit=\"{limit}\"}}"
@@ -1265,28 +1273,103 @@ async fn inbound_rate_limits_hold_each_caller_to_its_share_and_answer_429_with_r
         + server.metric(&counted("total")).await;
     assert_eq!(by_limit as usize, refusals);
 
-    // The Retry-After is honest: after it, cart is admitted again.
-    tokio::time::sleep(Duration::from_secs(retry_after)).await;
-    assert_eq!(
-        get(&format!("{}/charges", cart.outbound_url(0)))
-            .await
-            .status,
-        200
-    );
-
-    // A route's limit counts every caller: one refund in its burst, and a
-    // refund refused there costs the caller's own limit nothing.
+    // A route's limit counts every caller: one refund in its burst (of
+    // one, at 1/s: of two sent together, one goes).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let refund = |proxy: &TestProxy| format!("{}/refunds/7", proxy.outbound_url(0));
-    let first = send(&client(), "POST", &refund(&checkout), &[]).await;
-    let second = send(&client(), "POST", &refund(&cart), &[]).await;
-    assert_eq!((first.status, second.status), (200, 429), "{second:?}");
-    assert!(
-        second.body.contains("route refunds of Service payments"),
-        "{}",
-        second.body
+    let (a, b) = (refund(&checkout), refund(&cart));
+    let started = std::time::Instant::now();
+    let (c1, c2) = (client(), client());
+    let (first, second) = tokio::join!(send(&c1, "POST", &a, &[]), send(&c2, "POST", &b, &[]));
+    // (A machine so slow the pair spans a refill proves nothing here.)
+    if started.elapsed() < Duration::from_millis(900) {
+        let mut statuses = [first.status, second.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 429], "{first:?} {second:?}");
+        let refused = if first.status == 429 { &first } else { &second };
+        assert!(
+            refused.body.contains("route refunds of Service payments"),
+            "{}",
+            refused.body
+        );
+        assert_eq!(server.metric(&counted("route/refunds")).await, 1.0);
+    }
+}
+
+/// A pod whose own inbound limit refuses is steered around: its 429s
+/// come back fast, and a balancer that took them for answers would send
+/// the busiest pod the most. Nor does one pod's refusal hold the whole
+/// Service under the client's `retryAfter` (it speaks for that pod).
+#[tokio::test]
+async fn a_pod_refusing_for_its_inbound_limit_is_steered_around_not_waited_for() {
+    let pki = Pki::new();
+    let (busy_app, free_app) = (app().await, app().await);
+    let mut limited = server_config("permissive", &[], json!([]));
+    limited["inbound"]["rateLimits"] = json!([{
+        "policy": "shop/payments", "service": "payments", "ports": [busy_app.addr.port()],
+        "total": { "requestsPerSecond": 1, "burst": 1 },
+    }]);
+    let (busy, _bid) = server_proxy(&pki, &limited, &[busy_app.addr.port()]).await;
+    let open = server_config("permissive", &[], json!([]));
+    let (free, _fid) = server_proxy(&pki, &open, &[free_app.addr.port()]).await;
+    let mut svc = service(
+        "payments",
+        &[busy.running.inbound[0], free.running.inbound[0]],
+        Some(policy(json!({
+            "retryAfter": { "maxWaitMs": 2000, "maxQueued": 50, "maxBackOffMs": 60000 },
+        }))),
+        json!([]),
     );
-    assert!(server.metric(&counted("route/refunds")).await >= 1.0);
+    let mesh = json!({ "namespace": "shop", "serviceAccounts": ["payments"], "strict": true });
+    svc["mesh"] = mesh.clone();
+    // `ledger`: the busy pod alone, with the same retryAfter.
+    let mut ledger = service(
+        "ledger",
+        &[busy.running.inbound[0]],
+        svc.get("policy").cloned(),
+        json!([]),
+    );
+    ledger["mesh"] = mesh;
+    let cid = pki.dir("shop", "checkout");
+    let checkout = meshed(
+        &config(vec![svc, ledger]),
+        &["payments.shop:80", "ledger.shop:80"],
+        &cid,
+        &[],
+    )
+    .await;
+    // Timed calls: how many were refused, and the slowest.
+    let run = |url: String, n: usize| async move {
+        let (mut refused, mut slowest) = (0, Duration::ZERO);
+        for _ in 0..n {
+            let started = std::time::Instant::now();
+            let r = get(&url).await;
+            slowest = slowest.max(started.elapsed());
+            match r.status {
+                200 => {}
+                429 => refused += 1,
+                other => panic!("{other}: {}", r.body),
+            }
+        }
+        (refused, slowest)
+    };
+    let (refused, _) = run(format!("{}/charges", checkout.outbound_url(0)), 60).await;
+    assert!(
+        refused <= 10,
+        "{refused} of 60 went to the pod that was refusing (busy app saw {}, free app {})",
+        busy_app.hits(),
+        free_app.hits()
+    );
+    assert!(free_app.hits() >= 50);
+    // The busy pod's 429s pass straight back: no call waits out its
+    // Retry-After (which would hold every pod of a Service).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (refused, slowest) = run(format!("{}/charges", checkout.outbound_url(1)), 4).await;
+    assert!(refused >= 3, "{refused} of 4 refused");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a call waited {slowest:?}: the pod's Retry-After held the Service"
+    );
 }
 
 /// The app's own TLS: a server with a certificate from the app's own CA

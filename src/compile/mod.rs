@@ -217,7 +217,7 @@ pub fn compile(facts: &ClusterFacts) -> Compiled {
         configs.insert(ns.clone(), config);
     }
 
-    policy::mark_programmed(&mut verdicts, &configs, &meshed, &traffic.inbound);
+    policy::mark_programmed(&mut verdicts, &configs, &meshed, &traffic);
     access::mark_programmed(&guards, &mut verdicts, &meshed);
     Compiled {
         configs,
@@ -376,19 +376,7 @@ fn outbound_entry(
 ) -> OutboundService {
     let spec = svc.spec.clone().unwrap_or_default();
     let policy = zone_preference(&spec, policy);
-    let opaque: BTreeSet<u16> = svc
-        .annotations()
-        .get(OPAQUE_PORTS_ANNOTATION)
-        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
-        .unwrap_or_default();
-    let ports = tcp_ports(svc)
-        .map(|(p, port, target_port)| ServicePortConfig {
-            port,
-            name: p.name.clone(),
-            target_port,
-            protocol: port_protocol(port, p.app_protocol.as_deref(), opaque.contains(&port)),
-        })
-        .collect();
+    let ports = service_ports(svc);
     let cluster_ips = spec
         .cluster_ips
         .or_else(|| spec.cluster_ip.map(|ip| vec![ip]))
@@ -458,6 +446,24 @@ fn zone_preference(
     let mut policy = policy.unwrap_or_else(policy::default_service_policy);
     policy.zone_affinity = Some(policy::zone_affinity(&crate::api::ZoneAffinity::default()));
     Some(policy)
+}
+
+/// A Service's TCP ports with the container port each forwards to and
+/// the protocol its proxies speak there.
+pub(crate) fn service_ports(svc: &Service) -> Vec<ServicePortConfig> {
+    let opaque: BTreeSet<u16> = svc
+        .annotations()
+        .get(OPAQUE_PORTS_ANNOTATION)
+        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    tcp_ports(svc)
+        .map(|(p, port, target_port)| ServicePortConfig {
+            port,
+            name: p.name.clone(),
+            target_port,
+            protocol: port_protocol(port, p.app_protocol.as_deref(), opaque.contains(&port)),
+        })
+        .collect()
 }
 
 /// A Service's TCP ports (the proxy carries nothing else) with the container

@@ -104,9 +104,7 @@ pub fn retry_config(policy: Option<&RetryPolicy>) -> RetryConfig {
 
 fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
     let spec = &tp.spec;
-    let mut excluded_paths = spec.excluded_paths.clone();
-    excluded_paths.sort();
-    excluded_paths.dedup();
+    let excluded_paths = sorted_set(&spec.excluded_paths);
     ServicePolicy {
         source: Some(format!(
             "{}/{}",
@@ -166,13 +164,19 @@ fn service_policy(tp: &TrafficPolicy) -> ServicePolicy {
     }
 }
 
+/// Each once, in order: a list the CRD declares a set.
+fn sorted_set(items: &[String]) -> Vec<String> {
+    let mut out = items.to_vec();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The proxy's cache settings: one entry per path prefix, in order, and
 /// the object cap kept within the store (a CRD older than the rule may
 /// hold a larger one).
 fn cache_config(c: &crate::api::ResponseCache) -> crate::config::CacheConfig {
-    let mut paths = c.paths.clone();
-    paths.sort();
-    paths.dedup();
+    let paths = sorted_set(&c.paths);
     let max_bytes = u64::from(c.max_bytes);
     crate::config::CacheConfig {
         max_bytes,
@@ -295,11 +299,21 @@ pub(crate) fn resolve_traffic(
         },
     );
     let mut inbound = HashMap::new();
+    let mut inbound_notes = HashMap::new();
     let of_services = of_services
         .into_iter()
         .map(|(key, (policy, limit))| {
-            if let Some(limit) = limit {
-                inbound.insert(key.clone(), limit);
+            match limit {
+                Some(Placed::On(limit, note)) => {
+                    inbound.insert(key.clone(), limit);
+                    if let Some(note) = note {
+                        inbound_notes.insert(key.clone(), note);
+                    }
+                }
+                Some(Placed::Nowhere(why)) => {
+                    inbound_notes.insert(key.clone(), why);
+                }
+                None => {}
             }
             (key, policy)
         })
@@ -354,6 +368,7 @@ pub(crate) fn resolve_traffic(
         services: of_services,
         externals: of_externals,
         inbound,
+        inbound_notes,
     }
 }
 
@@ -365,6 +380,17 @@ pub(crate) struct Traffic {
     pub externals: HashMap<ServiceKey, ServicePolicy>,
     /// What each Service's own pods admit (`inboundRateLimit`).
     pub inbound: HashMap<ServiceKey, InboundRateLimitConfig>,
+    /// What `Programmed` says of an inbound limit placed in part (some
+    /// ports are not HTTP), or of one placed nowhere (and why).
+    pub inbound_notes: HashMap<ServiceKey, String>,
+}
+
+/// Where an `inboundRateLimit` goes.
+enum Placed {
+    /// On these ports and pods, with what was left out.
+    On(InboundRateLimitConfig, Option<String>),
+    /// Nowhere, for this reason.
+    Nowhere(String),
 }
 
 impl Traffic {
@@ -383,25 +409,50 @@ impl Traffic {
 
 /// A TrafficPolicy's `inboundRateLimit`, placed on the Service's pods as
 /// its AccessPolicy would be: the container ports it forwards to, in the
-/// pods its selector matches.
-fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<InboundRateLimitConfig> {
+/// pods its selector matches. Unlike an AccessPolicy it is not placed on
+/// pods the selector cannot tell (a Service without one): guarding too
+/// much refuses a caller, but limiting too much throttles other
+/// workloads. Nor on opaque ports, whose requests the proxy does not see.
+fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<Placed> {
     let limit = tp.spec.inbound_rate_limit.as_ref()?;
     let ns = tp.namespace().unwrap_or_default();
+    let name = format!("{ns}/{}", svc.name_any());
     let rate = |r: &crate::api::RequestRate| RequestRateConfig {
         requests_per_second: r.requests_per_second,
         burst: r.burst.unwrap_or(r.requests_per_second),
     };
-    let mut ports: Vec<PortRef> = super::tcp_ports(svc).map(|(_, _, target)| target).collect();
+    let Some(selector) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .filter(|sel| !sel.is_empty())
+    else {
+        return Some(Placed::Nowhere(format!(
+            "Service {name} has no selector, so its pods cannot be told from the namespace's others: no proxy enforces inboundRateLimit (give the Service a selector)"
+        )));
+    };
+    let (http, opaque): (Vec<_>, Vec<_>) = super::service_ports(svc)
+        .into_iter()
+        .partition(|p| p.protocol != crate::config::PortProtocol::Opaque);
+    if http.is_empty() {
+        return Some(Placed::Nowhere(format!(
+            "every port of Service {name} is opaque TCP, whose requests the proxy does not see: no proxy enforces inboundRateLimit"
+        )));
+    }
+    let note = (!opaque.is_empty()).then(|| {
+        let ports: Vec<String> = opaque.iter().map(|p| p.port.to_string()).collect();
+        format!(
+            "; not on port {} (opaque TCP: not seen request by request)",
+            ports.join(", ")
+        )
+    });
+    let mut ports: Vec<PortRef> = http.into_iter().map(|p| p.target_port).collect();
     ports.sort();
     ports.dedup();
-    Some(InboundRateLimitConfig {
+    let config = InboundRateLimitConfig {
         policy: format!("{ns}/{}", tp.name_any()),
         service: svc.name_any(),
-        selector: svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.clone())
-            .filter(|sel| !sel.is_empty()),
+        selector: Some(selector),
         ports,
         total: limit.total.as_ref().map(rate),
         per_identity: limit.per_identity.as_ref().map(rate),
@@ -426,7 +477,9 @@ fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<InboundRateLi
                 limit: rate(&r.rate),
             })
             .collect(),
-    })
+        excluded_paths: sorted_set(&tp.spec.excluded_paths),
+    };
+    Some(Placed::On(config, note))
 }
 
 pub(crate) fn resolve_routes(
@@ -518,7 +571,7 @@ pub(crate) fn mark_programmed(
     verdicts: &mut Verdicts,
     configs: &BTreeMap<String, ProxyConfig>,
     meshed: &BTreeSet<String>,
-    inbound: &HashMap<ServiceKey, InboundRateLimitConfig>,
+    traffic: &Traffic,
 ) {
     for (kind, ns, name, (svc_ns, svc_name)) in verdicts.take_placements() {
         let clients: Vec<&str> = configs
@@ -538,7 +591,16 @@ pub(crate) fn mark_programmed(
             continue;
         };
         let key = (svc_ns.clone(), svc_name.clone());
-        if kind == PolicyKind::TrafficPolicy && inbound.contains_key(&key) {
+        let note = traffic.inbound_notes.get(&key).map(String::as_str);
+        let placed = traffic.inbound.contains_key(&key);
+        if kind == PolicyKind::TrafficPolicy
+            && !placed
+            && let Some(why) = note
+        {
+            v.not_programmed(reason::NOT_PROGRAMMED, why.to_owned());
+            continue;
+        }
+        if kind == PolicyKind::TrafficPolicy && placed {
             // The server side: enforced by the Service's own pods, which
             // only a meshed namespace has proxies in.
             if !meshed.contains(&svc_ns) {
@@ -549,7 +611,8 @@ pub(crate) fn mark_programmed(
                 continue;
             }
             let enforced = format!(
-                "inboundRateLimit enforced by the proxy of each pod of Service {svc_ns}/{svc_name}"
+                "inboundRateLimit enforced by the proxy of each pod of Service {svc_ns}/{svc_name}{}",
+                note.unwrap_or_default()
             );
             if clients.is_empty() {
                 v.programmed(format!(

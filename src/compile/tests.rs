@@ -47,6 +47,24 @@ fn svc_ports(ns: &str, name: &str, ports: Value) -> Service {
     .expect("service")
 }
 
+/// `svc` selecting the pods labelled `app: <app>`.
+fn selecting(mut svc: Service, app: &str) -> Service {
+    svc.spec.as_mut().expect("spec").selector = Some([("app".to_owned(), app.to_owned())].into());
+    svc
+}
+
+/// A TrafficPolicy named after the Service it targets, with an
+/// `inboundRateLimit`.
+fn inbound_tp(ns: &str, service: &str, limit: Value) -> TrafficPolicy {
+    tp(
+        ns,
+        service,
+        None,
+        service,
+        json!({ "inboundRateLimit": limit }),
+    )
+}
+
 fn sa(ns: &str, name: &str) -> ServiceAccount {
     serde_json::from_value(json!({ "metadata": meta(Some(ns), name, None) })).expect("sa")
 }
@@ -824,25 +842,23 @@ fn access_rule_naming_a_missing_port_is_invalid() {
 #[test]
 fn an_inbound_rate_limit_is_placed_on_the_services_own_pods() {
     let mut f = base();
-    let mut ledger = svc_ports(
+    f.services.push(selecting(
+        svc_ports(
+            "payments",
+            "ledger",
+            json!([{ "name": "http", "port": 80, "targetPort": "web" }, { "name": "grpc", "port": 9090, "targetPort": 9091 }]),
+        ),
+        "ledger",
+    ));
+    f.traffic_policies.push(inbound_tp(
         "payments",
         "ledger",
-        json!([{ "name": "http", "port": 80, "targetPort": "web" }, { "name": "grpc", "port": 9090, "targetPort": 9091 }]),
-    );
-    ledger.spec.as_mut().expect("spec").selector =
-        Some([("app".to_owned(), "ledger".to_owned())].into());
-    f.services.push(ledger);
-    f.traffic_policies.push(tp(
-        "payments",
-        "ledger",
-        None,
-        "ledger",
-        json!({ "inboundRateLimit": {
+        json!({
             "total": { "requestsPerSecond": 100, "burst": 200 },
             "perIdentity": { "requestsPerSecond": 20 },
             "overrides": [{ "from": [{ "serviceAccount": "batch" }, { "namespace": "shop" }], "requestsPerSecond": 50 }],
             "routes": [{ "name": "refunds", "path": { "value": "/refunds" }, "methods": ["POST"], "requestsPerSecond": 2 }],
-        } }),
+        }),
     ));
     let c = compile(&f);
     let limits = &c.configs["payments"].inbound.rate_limits;
@@ -906,17 +922,70 @@ fn an_inbound_rate_limit_is_placed_on_the_services_own_pods() {
     );
 }
 
+/// Not on pods a selector cannot tell, nor on ports whose requests the
+/// proxy does not see; the status says so.
+#[test]
+fn an_inbound_rate_limit_is_not_placed_where_it_would_miss_or_overreach() {
+    let mut f = base();
+    f.traffic_policies.push(inbound_tp(
+        "payments",
+        "payments",
+        json!({ "total": { "requestsPerSecond": 5 } }),
+    ));
+    let c = compile(&f);
+    assert!(c.configs["payments"].inbound.rate_limits.is_empty());
+    let p = cond(
+        verdict(&c, PolicyKind::TrafficPolicy, "payments"),
+        conditions::PROGRAMMED,
+    );
+    assert_eq!((p.status, p.reason), (false, reason::NOT_PROGRAMMED));
+    assert!(p.message.contains("has no selector"), "{}", p.message);
+
+    let mut f = base();
+    f.services.push(selecting(
+        svc_ports(
+            "payments",
+            "ledger",
+            json!([{ "name": "http", "port": 80, "targetPort": 8080 }, { "name": "pg", "port": 5432, "targetPort": 5432 }]),
+        ),
+        "ledger",
+    ));
+    f.traffic_policies.push(inbound_tp(
+        "payments",
+        "ledger",
+        json!({ "total": { "requestsPerSecond": 5 } }),
+    ));
+    let c = compile(&f);
+    assert_eq!(
+        c.configs["payments"].inbound.rate_limits[0].ports,
+        [PortRef::Number(8080)],
+        "5432 is server-first, relayed opaque"
+    );
+    let p = cond(
+        verdict(&c, PolicyKind::TrafficPolicy, "ledger"),
+        conditions::PROGRAMMED,
+    );
+    assert!(p.status);
+    assert!(
+        p.message.contains("not on port 5432 (opaque TCP"),
+        "{}",
+        p.message
+    );
+}
+
 /// Only the meshed namespace's proxies enforce it: elsewhere the policy
 /// says so rather than claiming to be programmed.
 #[test]
 fn an_inbound_rate_limit_in_an_unmeshed_namespace_is_not_programmed() {
     let mut f = base();
-    f.traffic_policies.push(tp(
+    f.services
+        .retain(|s| s.metadata.name.as_deref() != Some("mainframe"));
+    f.services
+        .push(selecting(svc("legacy", "mainframe"), "mainframe"));
+    f.traffic_policies.push(inbound_tp(
         "legacy",
         "mainframe",
-        None,
-        "mainframe",
-        json!({ "inboundRateLimit": { "total": { "requestsPerSecond": 5 } } }),
+        json!({ "total": { "requestsPerSecond": 5 } }),
     ));
     let c = compile(&f);
     let p = cond(

@@ -431,7 +431,9 @@ fn limit(proxy: &Proxy, conn: &Conn, request: HttpRequest<'_>) -> Admission {
     let Some(snapshot) = proxy.store.load() else {
         return Admission::Admitted;
     };
-    if snapshot.inbound_limits.is_empty() {
+    // The pod's own probe paths: also what a load balancer or a monitor
+    // checks, and never worth refusing.
+    if snapshot.inbound_limits.is_empty() || proxy.health_paths.iter().any(|p| p == request.path) {
         return Admission::Admitted;
     }
     let caller = inbound_limit::Caller {

@@ -14,13 +14,23 @@
 //! limit anything, so a caller over its own limit does not drain the
 //! total the others share.
 //!
+//! Routes are matched on the path as application frameworks route it
+//! ([`routed_form`]: any case, `;parameters` and repeated or trailing
+//! slashes dropped, `%2F` read as `/`), and a route naming GET covers
+//! HEAD: a route limit must not be skipped by a spelling the application
+//! serves as the same path. (AccessPolicy matches strictly, and fails
+//! closed; a limit that matched strictly would fail open.) Health paths
+//! are never limited: the policy's `excludedPaths` and the gRPC health
+//! service ([`GRPC_HEALTH`]), which kubelet gRPC probes call on the
+//! application's own port.
+//!
 //! Callers are told apart by their verified SPIFFE id only; callers
 //! without one (plaintext, admitted in PERMISSIVE) share one bucket, as a
 //! plaintext caller could claim any name. At most [`MAX_CALLERS`] callers
 //! have buckets of their own at once; past that, buckets that are full
 //! again (idle long enough to refill: forgetting them loses nothing) are
-//! dropped, and if none is, newcomers share one overflow bucket until
-//! some are.
+//! dropped (looked for at most every [`SWEEP_EVERY`]), and if none is,
+//! newcomers share one overflow bucket until some are.
 //!
 //! The buckets of a policy live across config reloads while its limits
 //! stay the same (a reload is no fresh burst), and go when it changes or
@@ -34,10 +44,54 @@ use super::authz::{HttpRequest, PodLabels, PortNames, selector_matches};
 use super::resilience::{TokenBucket, lock};
 use crate::config::{InboundRateLimitConfig, ProxyConfig, RequestRateConfig};
 use crate::identity::SpiffeId;
-use crate::proxy::http::route::path_matches;
+use crate::proxy::http::route::{normalize_path, path_matches};
 
 /// Callers with a bucket of their own, per policy.
 pub const MAX_CALLERS: usize = 1024;
+/// How often, at most, a full set of callers is searched for idle
+/// buckets: each search looks at every one, under the lock every
+/// verified request takes.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The gRPC health service's methods (`grpc.health.v1`), which kubelet
+/// gRPC probes call on the application's port: a probe refused under load
+/// would restart a pod that is only busy.
+pub const GRPC_HEALTH: [&str; 2] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
+/// A path as application frameworks route it, for route limits: lower
+/// case (Express, ASP.NET Core), `;parameters` dropped from each segment
+/// (Servlet containers), `%2F` and `%5C` read as `/` (servers that decode
+/// `PATH_INFO`), empty segments dropped (repeated and trailing slashes),
+/// and `.`/`..` resolved after all that.
+fn routed_form(path: &str) -> String {
+    let lower = path
+        .to_ascii_lowercase()
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in lower.split('/') {
+        match seg.split(';').next().unwrap_or_default() {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            seg => segments.push(seg),
+        }
+    }
+    if segments.is_empty() {
+        return "/".to_owned();
+    }
+    segments
+        .iter()
+        .fold(String::with_capacity(lower.len()), |mut out, seg| {
+            out.push('/');
+            out.push_str(seg);
+            out
+        })
+}
 
 fn bucket(rate: RequestRateConfig) -> Arc<TokenBucket> {
     Arc::new(TokenBucket::new(
@@ -49,17 +103,24 @@ fn bucket(rate: RequestRateConfig) -> Arc<TokenBucket> {
 /// One policy's buckets.
 pub struct Limiter {
     config: InboundRateLimitConfig,
+    /// The routes' paths in [`routed_form`], in config order.
+    route_paths: Vec<String>,
+    /// The excluded paths, normalised as requests are.
+    excluded: Vec<String>,
     total: Option<Arc<TokenBucket>>,
     per_identity: Option<Arc<Callers>>,
     overrides: Vec<Arc<TokenBucket>>,
     routes: Vec<Arc<TokenBucket>>,
 }
 
+/// Buckets by the caller's SPIFFE id.
+type ByCaller = HashMap<Arc<str>, Arc<TokenBucket>>;
+
 /// The per-identity buckets of one policy.
 struct Callers {
     rate: RequestRateConfig,
-    /// By SPIFFE id.
-    known: Mutex<HashMap<Arc<str>, Arc<TokenBucket>>>,
+    /// By SPIFFE id; and when idle ones were last looked for.
+    known: Mutex<(ByCaller, Option<Instant>)>,
     /// Callers without a mesh identity, together.
     unverified: Arc<TokenBucket>,
     /// Newcomers while [`MAX_CALLERS`] callers are all drawing.
@@ -70,7 +131,7 @@ impl Callers {
     fn new(rate: RequestRateConfig) -> Self {
         Self {
             rate,
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new((HashMap::new(), None)),
             unverified: bucket(rate),
             overflow: bucket(rate),
         }
@@ -80,12 +141,16 @@ impl Callers {
         let Some(caller) = caller else {
             return self.unverified.clone();
         };
-        let mut known = lock(&self.known);
+        let mut guard = lock(&self.known);
+        let (known, swept) = &mut *guard;
         if let Some(b) = known.get(&**caller) {
             return b.clone();
         }
         if known.len() >= MAX_CALLERS {
-            known.retain(|_, b| !b.is_full(now));
+            if swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
+                *swept = Some(now);
+                known.retain(|_, b| !b.is_full(now));
+            }
             if known.len() >= MAX_CALLERS {
                 return self.overflow.clone();
             }
@@ -135,6 +200,39 @@ impl Limiter {
             per_identity: config.per_identity.map(|r| Arc::new(Callers::new(r))),
             overrides: config.overrides.iter().map(|o| bucket(o.limit)).collect(),
             routes: config.routes.iter().map(|r| bucket(r.limit)).collect(),
+            ..Self::placed(config)
+        }
+    }
+
+    /// `config`'s limits with `self`'s buckets: where it applies or what
+    /// it leaves out changed, not the limits.
+    fn moved(&self, config: InboundRateLimitConfig) -> Self {
+        Self {
+            total: self.total.clone(),
+            per_identity: self.per_identity.clone(),
+            overrides: self.overrides.clone(),
+            routes: self.routes.clone(),
+            ..Self::placed(config)
+        }
+    }
+
+    /// `config` and what is derived from it, with no bucket.
+    fn placed(config: InboundRateLimitConfig) -> Self {
+        Self {
+            route_paths: config
+                .routes
+                .iter()
+                .map(|r| routed_form(&r.path.value))
+                .collect(),
+            excluded: config
+                .excluded_paths
+                .iter()
+                .map(|p| normalize_path(p).into_owned())
+                .collect(),
+            total: None,
+            per_identity: None,
+            overrides: Vec::new(),
+            routes: Vec::new(),
             config,
         }
     }
@@ -155,10 +253,27 @@ impl Limiter {
         taken: &mut Taken,
     ) -> Result<(), Refusal> {
         let c = &self.config;
-        let route = c.routes.iter().position(|r| {
-            path_matches(r.path.type_, &r.path.value, req.path)
-                && (r.methods.is_empty()
-                    || r.methods.iter().any(|m| m.as_str() == req.method.as_str()))
+        if GRPC_HEALTH.contains(&req.path) || self.excluded.iter().any(|p| p == req.path) {
+            return Ok(());
+        }
+        // A GET route covers HEAD, which frameworks serve with the GET
+        // handler.
+        let method = match *req.method {
+            http::Method::HEAD => "GET",
+            ref m => m.as_str(),
+        };
+        let routed = (!c.routes.is_empty()).then(|| routed_form(req.path));
+        let route = routed.as_deref().and_then(|path| {
+            c.routes
+                .iter()
+                .zip(&self.route_paths)
+                .position(|(r, pattern)| {
+                    path_matches(r.path.type_, pattern, path)
+                        && (r.methods.is_empty()
+                            || r.methods
+                                .iter()
+                                .any(|m| m.as_str() == method || m.as_str() == req.method.as_str()))
+                })
         });
         if let Some(i) = route {
             let r = &c.routes[i];
@@ -194,18 +309,10 @@ impl Limiter {
                 (
                     "override".to_owned(),
                     format!(
-                        "Service {} admits {} requests/s from {} (an override shared by {})",
+                        "Service {} admits {} requests/s from {} (an override, shared by the callers it names)",
                         c.service,
                         o.limit.requests_per_second,
                         who(),
-                        o.identities
-                            .iter()
-                            .map(|m| match &m.service_account {
-                                Some(sa) => format!("{}/{sa}", m.namespace),
-                                None => format!("{}/*", m.namespace),
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
                     ),
                 )
             })?;
@@ -295,7 +402,8 @@ pub struct Limiters {
 
 impl Limiters {
     /// What identifies a limiter's buckets: the policy and its limits
-    /// (not where it applies: a Service that gains a port keeps them).
+    /// (not where it applies or what it leaves out: a Service that gains
+    /// a port keeps them).
     fn key(c: &InboundRateLimitConfig) -> String {
         serde_json::json!([
             c.policy,
@@ -321,13 +429,7 @@ impl Limiters {
                     // Same buckets; where they apply may have changed.
                     Some(l) if l.config == *c => l.clone(),
                     Some(l) => {
-                        let l = Arc::new(Limiter {
-                            config: c.clone(),
-                            total: l.total.clone(),
-                            per_identity: l.per_identity.clone(),
-                            overrides: l.overrides.clone(),
-                            routes: l.routes.clone(),
-                        });
+                        let l = Arc::new(l.moved(c.clone()));
                         built.insert(key, l.clone());
                         l
                     }
@@ -356,6 +458,7 @@ mod tests {
     use crate::config::{
         IdentityMatch, PathMatchConfig, PortRef, RateOverrideConfig, RouteRateConfig,
     };
+    use crate::proxy::resilience::TokenBucket;
 
     fn rate(rps: u32, burst: u32) -> RequestRateConfig {
         RequestRateConfig {
@@ -388,6 +491,7 @@ mod tests {
                 methods: vec![HttpMethod::Post],
                 limit: rate(1, 1),
             }],
+            excluded_paths: Vec::new(),
         }
     }
 
@@ -525,6 +629,90 @@ mod tests {
         assert_eq!(burst(&l, now, orders.caller(), &get("/refunds/7"), 5).0, 2);
     }
 
+    /// A route limit is not skipped by a spelling the application serves
+    /// as the same path, and a GET route covers HEAD.
+    #[test]
+    fn route_limits_match_the_path_as_frameworks_route_it() {
+        for (path, routed) in [
+            ("/Refunds/7", "/refunds/7"),
+            ("/refunds;jsessionid=1/7", "/refunds/7"),
+            ("/refunds%2F7", "/refunds/7"),
+            ("/refunds%5c7", "/refunds/7"),
+            ("//refunds//7/", "/refunds/7"),
+            ("/x%2F..%2Frefunds", "/refunds"),
+            ("/", "/"),
+            ("/..", "/"),
+        ] {
+            assert_eq!(routed_form(path), routed, "{path}");
+        }
+        let mut c = payments();
+        c.total = None;
+        c.per_identity = None;
+        c.overrides.clear();
+        c.routes[0].methods = vec![HttpMethod::Get];
+        c.routes[0].path.type_ = PathMatchType::Exact;
+        c.routes[0].limit = rate(1, 3);
+        let l = Limiter::new(c);
+        let now = Instant::now();
+        let cart = who("shop", "cart");
+        for spelt in ["/refunds", "/REFUNDS/", "/refunds;v=2"] {
+            assert_eq!(
+                burst(&l, now, cart.caller(), &get(spelt), 1).0,
+                1,
+                "{spelt}"
+            );
+        }
+        let head = (http::Method::HEAD, "/refunds".to_owned());
+        let (n, refused) = burst(&l, now, cart.caller(), &head, 1);
+        assert_eq!(
+            (n, refused.expect("refused").limit.as_str()),
+            (0, "route/refunds")
+        );
+    }
+
+    /// Health checks are never limited: the policy's excluded paths and
+    /// the gRPC health service a kubelet probe calls.
+    #[test]
+    fn health_paths_are_never_limited() {
+        let mut c = payments();
+        c.total = Some(rate(1, 1));
+        c.excluded_paths = vec!["/healthz".into()];
+        let l = Limiter::new(c);
+        let now = Instant::now();
+        assert_eq!(burst(&l, now, PLAINTEXT, &get("/charges"), 1).0, 1);
+        assert_eq!(burst(&l, now, PLAINTEXT, &get("/charges"), 1).0, 0);
+        assert_eq!(burst(&l, now, PLAINTEXT, &get("/healthz"), 5).0, 5);
+        let probe = (
+            http::Method::POST,
+            "/grpc.health.v1.Health/Check".to_owned(),
+        );
+        assert_eq!(burst(&l, now, PLAINTEXT, &probe, 5).0, 5);
+    }
+
+    /// The wait a refusal gives is the time to the next token: about a
+    /// millisecond at 1000/s, and a second at 1/s.
+    #[test]
+    fn a_refusal_says_when_the_next_token_comes() {
+        let now = Instant::now();
+        let fast = TokenBucket::new(1000, 1);
+        assert!(fast.take(now).is_ok());
+        let wait = fast.take(now).expect_err("empty");
+        assert_eq!(wait, Duration::from_millis(1));
+        assert_eq!(
+            fast.take(now + Duration::from_micros(400))
+                .expect_err("still empty"),
+            Duration::from_micros(600)
+        );
+        let slow = TokenBucket::new(1, 1);
+        assert!(slow.take(now).is_ok());
+        assert_eq!(slow.take(now).expect_err("empty"), Duration::from_secs(1));
+        // Given back: there again, never past the burst.
+        slow.give_back();
+        slow.give_back();
+        assert!(slow.take(now).is_ok());
+        assert!(slow.take(now).is_err());
+    }
+
     /// Past MAX_CALLERS, idle (full) buckets are forgotten; while all are
     /// drawing, newcomers share the overflow bucket.
     #[test]
@@ -541,17 +729,17 @@ mod tests {
             assert_eq!(burst(&l, now, w.caller(), &get("/"), 1).0, 1);
         }
         let callers = l.per_identity.as_ref().expect("per identity");
-        assert_eq!(lock(&callers.known).len(), MAX_CALLERS);
+        assert_eq!(lock(&callers.known).0.len(), MAX_CALLERS);
         // All drawing: two newcomers share the overflow's 3.
         let (a, b) = (who("shop", "new-a"), who("shop", "new-b"));
         assert_eq!(burst(&l, now, a.caller(), &get("/"), 2).0, 2);
         assert_eq!(burst(&l, now, b.caller(), &get("/"), 2).0, 1);
-        assert_eq!(lock(&callers.known).len(), MAX_CALLERS);
+        assert_eq!(lock(&callers.known).0.len(), MAX_CALLERS);
         // A second on, every bucket is full again: the next newcomer
         // clears them out and gets its own.
         let later = now + Duration::from_secs(1);
         assert_eq!(burst(&l, later, b.caller(), &get("/"), 5).0, 3);
-        assert_eq!(lock(&callers.known).len(), 1);
+        assert_eq!(lock(&callers.known).0.len(), 1);
     }
 
     /// A reload keeps the buckets of unchanged limits (no fresh burst),

@@ -18,7 +18,7 @@ use futures_util::future::BoxFuture;
 use tower::Service;
 
 use super::body::{BoxError, Request, Response};
-use super::breaker::{is_failure, report};
+use super::breaker::{is_failure, refused_by_peer_limit, report};
 use super::errors::ProxyError;
 use super::pool::Pool;
 use super::route::RouteCtx;
@@ -145,7 +145,10 @@ fn send(
                 Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
             },
         };
-        outcome.settle(is_failure(&result, &dst.label));
+        let saturated = result
+            .as_ref()
+            .is_ok_and(|rsp| refused_by_peer_limit(rsp, dst.mesh.is_some()));
+        outcome.settle(is_failure(&result, &dst.label), saturated);
         if let (Some(record), Ok(_)) = (&record, &result) {
             record.answered(sent.elapsed());
         }
@@ -334,7 +337,10 @@ impl Outcome {
         self.permit = None;
     }
 
-    fn settle(&mut self, failed: bool) {
+    /// `failed` counts against the endpoint everywhere; `saturated` (its
+    /// proxy refused the request for its inbound rate limit) only in the
+    /// latency estimate, as a failure's penalty.
+    fn settle(&mut self, failed: bool, saturated: bool) {
         if let Some(pending) = self.pending.take() {
             let now = Instant::now();
             // A health check says nothing about serving traffic (and a
@@ -342,7 +348,7 @@ impl Outcome {
             // outlier accounting ignores it, as the breaker does.
             if self.excluded {
                 drop(pending);
-            } else if failed {
+            } else if failed || saturated {
                 pending.fail(now);
             } else {
                 pending.complete(now);
@@ -367,7 +373,7 @@ impl Drop for Outcome {
             .deadline
             .is_some_and(|at| tokio::time::Instant::now() >= at)
         {
-            self.settle(true);
+            self.settle(true, false);
         }
     }
 }

@@ -45,6 +45,21 @@ pub fn is_failure(result: &Result<Response, BoxError>, label: &str) -> bool {
     }
 }
 
+/// Whether the answer is a meshed pod's proxy refusing the request for its
+/// own inbound rate limit (TrafficPolicy `inboundRateLimit`): that pod is
+/// saturated. The balancer must hear it (the refusal comes back fast and
+/// would make the busiest pod look the cheapest); the breaker must not
+/// (the pod is not failing), nor the destination's back-off (it speaks
+/// for one pod, not the Service).
+pub fn refused_by_peer_limit(rsp: &Response, meshed: bool) -> bool {
+    meshed
+        && rsp.status() == http::StatusCode::TOO_MANY_REQUESTS
+        && rsp
+            .headers()
+            .get(super::errors::ERROR_HEADER)
+            .is_some_and(|v| v == "rate-limited")
+}
+
 /// Reports an outcome to a permit, unless the request was on a health path.
 pub fn report(permit: BreakerPermit, excluded: bool, failed: bool) {
     let now = Instant::now();

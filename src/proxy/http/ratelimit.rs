@@ -5,7 +5,8 @@
 //! says `RateLimit-Remaining: 0` with `RateLimit-Reset`, nothing is sent to
 //! it until the time it gave. (A 503's `Retry-After` is left to the circuit
 //! breaker: from a Service with several pods it speaks for one pod, and
-//! holding the whole Service for it would be wrong.) Health paths
+//! holding the whole Service for it would be wrong; so is a meshed pod's
+//! own inbound rate limit refusing, left to the balancer.) Health paths
 //! (`excludedPaths`) are neither held nor listened to. Calls meanwhile wait in a
 //! bounded queue for a bounded time (never past their own deadline), then
 //! go; the rest are answered 429 here with the `Retry-After` left. This
@@ -144,8 +145,14 @@ fn watched(dst: &Destination, shared: &Arc<Shared>, call: super::Answer) -> supe
         return call;
     };
     let (label, shared) = (dst.label.clone(), shared.clone());
+    let meshed = dst.mesh.is_some();
     Box::pin(async move {
         let rsp = call.await?;
+        // A meshed pod's own inbound limit speaks for that pod, as a
+        // 503's Retry-After does: the balancer steers around it.
+        if super::breaker::refused_by_peer_limit(&rsp, meshed) {
+            return Ok(rsp);
+        }
         if let Some(delay) = back_off_of(rsp.status().as_u16(), rsp.headers(), SystemTime::now())
             && hold.back_off(Instant::now(), delay)
         {
