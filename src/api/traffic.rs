@@ -176,6 +176,15 @@ pub struct InboundRateLimit {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub routes: Vec<InboundRouteRate>,
+    /// Request paths (exact, query ignored, compared normalised) no limit
+    /// counts: the health checks and metrics scrapes a load balancer or a
+    /// monitor sends to the application's port. (Kubelet HTTP probes
+    /// never reach it, the injector moves them to the proxy's probe port;
+    /// gRPC health checks are never limited.) Not `/`: that would exempt
+    /// the home page.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^/[^\s?#]+$")), extend("x-kubernetes-list-type" = "set"))]
+    pub excluded_paths: Vec<String>,
 }
 
 /// A token bucket: a sustained rate and a burst above it.

@@ -431,22 +431,23 @@ fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<Placed> {
             "Service {name} has no selector, so its pods cannot be told from the namespace's others: no proxy enforces inboundRateLimit (give the Service a selector)"
         )));
     };
-    let (http, opaque): (Vec<_>, Vec<_>) = super::service_ports(svc)
-        .into_iter()
-        .partition(|p| p.protocol != crate::config::PortProtocol::Opaque);
-    if http.is_empty() {
-        return Some(Placed::Nowhere(format!(
-            "every port of Service {name} is opaque TCP, whose requests the proxy does not see: no proxy enforces inboundRateLimit"
-        )));
-    }
+    // Every port, those the Service calls opaque too: the pod's proxy
+    // decides by what the client speaks, serves HTTP as HTTP (a client
+    // must not skip per-request checks by calling a port opaque), and
+    // limits what it serves as HTTP. What the Service calls opaque is
+    // said in the status.
+    let opaque: Vec<String> = super::service_ports(svc)
+        .iter()
+        .filter(|p| p.protocol == crate::config::PortProtocol::Opaque)
+        .map(|p| p.port.to_string())
+        .collect();
     let note = (!opaque.is_empty()).then(|| {
-        let ports: Vec<String> = opaque.iter().map(|p| p.port.to_string()).collect();
         format!(
-            "; not on port {} (opaque TCP: not seen request by request)",
-            ports.join(", ")
+            "; on port {} only what comes as HTTP (the Service calls it opaque TCP)",
+            opaque.join(", ")
         )
     });
-    let mut ports: Vec<PortRef> = http.into_iter().map(|p| p.target_port).collect();
+    let mut ports: Vec<PortRef> = super::tcp_ports(svc).map(|(_, _, target)| target).collect();
     ports.sort();
     ports.dedup();
     let config = InboundRateLimitConfig {
@@ -477,7 +478,7 @@ fn inbound_rate_limit(tp: &TrafficPolicy, svc: &Service) -> Option<Placed> {
                 limit: rate(&r.rate),
             })
             .collect(),
-        excluded_paths: sorted_set(&tp.spec.excluded_paths),
+        excluded_paths: sorted_set(&limit.excluded_paths),
     };
     Some(Placed::On(config, note))
 }
@@ -593,11 +594,19 @@ pub(crate) fn mark_programmed(
         let key = (svc_ns.clone(), svc_name.clone());
         let note = traffic.inbound_notes.get(&key).map(String::as_str);
         let placed = traffic.inbound.contains_key(&key);
+        let clients_note = if clients.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (the rest of the policy is in the proxy config of {})",
+                summarize(&clients)
+            )
+        };
         if kind == PolicyKind::TrafficPolicy
             && !placed
             && let Some(why) = note
         {
-            v.not_programmed(reason::NOT_PROGRAMMED, why.to_owned());
+            v.not_programmed(reason::NOT_PROGRAMMED, format!("{why}{clients_note}"));
             continue;
         }
         if kind == PolicyKind::TrafficPolicy && placed {
@@ -606,7 +615,7 @@ pub(crate) fn mark_programmed(
             if !meshed.contains(&svc_ns) {
                 v.not_programmed(
                     reason::NAMESPACE_NOT_MESHED,
-                    format!("namespace {svc_ns} is not labelled {INJECT_LABEL}={INJECT_ENABLED}: no proxy enforces inboundRateLimit, so Service {svc_ns}/{svc_name} admits every request"),
+                    format!("namespace {svc_ns} is not labelled {INJECT_LABEL}={INJECT_ENABLED}: no proxy enforces inboundRateLimit, so Service {svc_ns}/{svc_name} admits every request{clients_note}"),
                 );
                 continue;
             }

@@ -958,8 +958,8 @@ fn an_inbound_rate_limit_is_not_placed_where_it_would_miss_or_overreach() {
     let c = compile(&f);
     assert_eq!(
         c.configs["payments"].inbound.rate_limits[0].ports,
-        [PortRef::Number(8080)],
-        "5432 is server-first, relayed opaque"
+        [PortRef::Number(5432), PortRef::Number(8080)],
+        "5432 is server-first, but the pod's proxy serves what comes as HTTP as HTTP"
     );
     let p = cond(
         verdict(&c, PolicyKind::TrafficPolicy, "ledger"),
@@ -967,7 +967,8 @@ fn an_inbound_rate_limit_is_not_placed_where_it_would_miss_or_overreach() {
     );
     assert!(p.status);
     assert!(
-        p.message.contains("not on port 5432 (opaque TCP"),
+        p.message
+            .contains("on port 5432 only what comes as HTTP (the Service calls it opaque TCP)"),
         "{}",
         p.message
     );

@@ -427,15 +427,17 @@ enum Admission {
 
 /// The inbound rate limits guarding the request's port (after
 /// AccessPolicy admitted it: a caller refused there spends no token).
-fn limit(proxy: &Proxy, conn: &Conn, request: HttpRequest<'_>) -> Admission {
+fn limit(proxy: &Proxy, conn: &Conn, req: &Request) -> Admission {
     let Some(snapshot) = proxy.store.load() else {
         return Admission::Admitted;
     };
-    // The pod's own probe paths: also what a load balancer or a monitor
-    // checks, and never worth refusing.
-    if snapshot.inbound_limits.is_empty() || proxy.health_paths.iter().any(|p| p == request.path) {
+    if snapshot.inbound_limits.is_empty() || inbound_limit::is_grpc_health_check(req) {
         return Admission::Admitted;
     }
+    let request = HttpRequest {
+        method: req.method(),
+        path: req.uri().path(),
+    };
     let caller = inbound_limit::Caller {
         id: conn.peer_id.as_deref(),
         key: conn.peer_id.as_ref().map(|_| &conn.source),
@@ -535,7 +537,7 @@ fn forward_http(
             path: req.uri().path(),
         };
         match authorize(&proxy, &conn, Some(request)) {
-            Access::Allowed => limit(&proxy, &conn, request),
+            Access::Allowed => limit(&proxy, &conn, &req),
             Access::Denied { policy } => Admission::Denied(policy),
         }
     });
@@ -586,10 +588,21 @@ fn forward_http(
         }
     };
     async move {
-        let rsp = match answer.await {
+        let mut rsp = match answer.await {
             Ok(rsp) => rsp,
             Err(e) => errors::response(&errors::classify(&e, &conn.app.addr.to_string())),
         };
+        // Only a proxy says it answered: the application's own header of
+        // that name (relayed from a call of its own, or made up) would
+        // have the caller's proxy take a pod's answer for its own peer's
+        // refusal.
+        if rsp
+            .extensions()
+            .get::<super::accesslog::ProxyAnswer>()
+            .is_none()
+        {
+            rsp.headers_mut().remove(errors::ERROR_HEADER);
+        }
         if let (Some(line), Some(sent)) = (&logged, sent)
             && rsp
                 .extensions()

@@ -19,9 +19,9 @@
 //! slashes dropped, `%2F` read as `/`), and a route naming GET covers
 //! HEAD: a route limit must not be skipped by a spelling the application
 //! serves as the same path. (AccessPolicy matches strictly, and fails
-//! closed; a limit that matched strictly would fail open.) Health paths
-//! are never limited: the policy's `excludedPaths` and the gRPC health
-//! service ([`GRPC_HEALTH`]), which kubelet gRPC probes call on the
+//! closed; a limit that matched strictly would fail open.) Health checks
+//! are never limited: the limit's `excludedPaths`, and gRPC health checks
+//! ([`is_grpc_health_check`]), which kubelet gRPC probes send to the
 //! application's own port.
 //!
 //! Callers are told apart by their verified SPIFFE id only; callers
@@ -36,6 +36,7 @@
 //! stay the same (a reload is no fresh burst), and go when it changes or
 //! goes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,12 +61,37 @@ pub const GRPC_HEALTH: [&str; 2] = [
     "/grpc.health.v1.Health/Watch",
 ];
 
+/// Whether a request is a gRPC health check: a POST of `application/grpc`
+/// to [`GRPC_HEALTH`] (an HTTP application's route of that name, reached
+/// any other way, is limited as any path).
+pub fn is_grpc_health_check<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::POST
+        && GRPC_HEALTH.contains(&req.uri().path())
+        && req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
 /// A path as application frameworks route it, for route limits: lower
 /// case (Express, ASP.NET Core), `;parameters` dropped from each segment
 /// (Servlet containers), `%2F` and `%5C` read as `/` (servers that decode
 /// `PATH_INFO`), empty segments dropped (repeated and trailing slashes),
 /// and `.`/`..` resolved after all that.
-fn routed_form(path: &str) -> String {
+fn routed_form(path: &str) -> Cow<'_, str> {
+    // Most paths already are: lower case, no escapes, parameters, empty
+    // or dot segments.
+    let plain = path.starts_with('/')
+        && (path == "/" || !path.ends_with('/'))
+        && !path.contains("//")
+        && !path.contains("/.")
+        && !path
+            .bytes()
+            .any(|b| b.is_ascii_uppercase() || matches!(b, b'%' | b';' | b'\\'));
+    if plain {
+        return Cow::Borrowed(path);
+    }
     let lower = path
         .to_ascii_lowercase()
         .replace("%2f", "/")
@@ -82,15 +108,17 @@ fn routed_form(path: &str) -> String {
         }
     }
     if segments.is_empty() {
-        return "/".to_owned();
+        return Cow::Borrowed("/");
     }
-    segments
-        .iter()
-        .fold(String::with_capacity(lower.len()), |mut out, seg| {
-            out.push('/');
-            out.push_str(seg);
-            out
-        })
+    Cow::Owned(
+        segments
+            .iter()
+            .fold(String::with_capacity(lower.len()), |mut out, seg| {
+                out.push('/');
+                out.push_str(seg);
+                out
+            }),
+    )
 }
 
 fn bucket(rate: RequestRateConfig) -> Arc<TokenBucket> {
@@ -222,7 +250,7 @@ impl Limiter {
             route_paths: config
                 .routes
                 .iter()
-                .map(|r| routed_form(&r.path.value))
+                .map(|r| routed_form(&normalize_path(&r.path.value)).into_owned())
                 .collect(),
             excluded: config
                 .excluded_paths
@@ -253,7 +281,7 @@ impl Limiter {
         taken: &mut Taken,
     ) -> Result<(), Refusal> {
         let c = &self.config;
-        if GRPC_HEALTH.contains(&req.path) || self.excluded.iter().any(|p| p == req.path) {
+        if self.excluded.iter().any(|p| p == req.path) {
             return Ok(());
         }
         // A GET route covers HEAD, which frameworks serve with the GET
@@ -682,11 +710,26 @@ mod tests {
         assert_eq!(burst(&l, now, PLAINTEXT, &get("/charges"), 1).0, 1);
         assert_eq!(burst(&l, now, PLAINTEXT, &get("/charges"), 1).0, 0);
         assert_eq!(burst(&l, now, PLAINTEXT, &get("/healthz"), 5).0, 5);
-        let probe = (
+        let grpc = |method: http::Method, content_type: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri("/grpc.health.v1.Health/Check")
+                .header("content-type", content_type)
+                .body(())
+                .expect("request")
+        };
+        assert!(is_grpc_health_check(&grpc(
             http::Method::POST,
-            "/grpc.health.v1.Health/Check".to_owned(),
-        );
-        assert_eq!(burst(&l, now, PLAINTEXT, &probe, 5).0, 5);
+            "application/grpc+proto"
+        )));
+        assert!(!is_grpc_health_check(&grpc(
+            http::Method::POST,
+            "application/json"
+        )));
+        assert!(!is_grpc_health_check(&grpc(
+            http::Method::GET,
+            "application/grpc"
+        )));
     }
 
     /// The wait a refusal gives is the time to the next token: about a

@@ -18,7 +18,7 @@ use futures_util::future::BoxFuture;
 use tower::Service;
 
 use super::body::{BoxError, Request, Response};
-use super::breaker::{is_failure, refused_by_peer_limit, report};
+use super::breaker::{PeerLimited, is_failure, refused_by_peer_limit, report};
 use super::errors::ProxyError;
 use super::pool::Pool;
 use super::route::RouteCtx;
@@ -106,6 +106,7 @@ fn send(
             .unwrap_or_else(|e| e.into_inner())
             .push(chosen.addr);
     }
+    let meshed = chosen.endpoint.mesh.is_some();
     req.extensions_mut().insert(chosen.endpoint.clone());
     let record = RecordRef::of(&req).cloned();
     if let Some(record) = &record {
@@ -145,9 +146,13 @@ fn send(
                 Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
             },
         };
+        let mut result = result;
         let saturated = result
             .as_ref()
-            .is_ok_and(|rsp| refused_by_peer_limit(rsp, dst.mesh.is_some()));
+            .is_ok_and(|rsp| refused_by_peer_limit(rsp, meshed));
+        if saturated && let Ok(rsp) = &mut result {
+            rsp.extensions_mut().insert(PeerLimited);
+        }
         outcome.settle(is_failure(&result, &dst.label), saturated);
         if let (Some(record), Ok(_)) = (&record, &result) {
             record.answered(sent.elapsed());
@@ -339,7 +344,9 @@ impl Outcome {
 
     /// `failed` counts against the endpoint everywhere; `saturated` (its
     /// proxy refused the request for its inbound rate limit) only in the
-    /// latency estimate, as a failure's penalty.
+    /// latency estimate, as a failure's penalty: the breaker hears nothing
+    /// (the application was not asked; a half-open probe so answered
+    /// proves nothing either way).
     fn settle(&mut self, failed: bool, saturated: bool) {
         if let Some(pending) = self.pending.take() {
             let now = Instant::now();
@@ -355,7 +362,7 @@ impl Outcome {
             }
         }
         if let Some(permit) = self.permit.take() {
-            report(permit, self.excluded, failed);
+            report(permit, self.excluded || saturated, failed);
         }
     }
 }

@@ -51,14 +51,22 @@ pub fn is_failure(result: &Result<Response, BoxError>, label: &str) -> bool {
 /// would make the busiest pod look the cheapest); the breaker must not
 /// (the pod is not failing), nor the destination's back-off (it speaks
 /// for one pod, not the Service).
+/// `meshed`: the endpoint that answered has a proxy of the mesh (whose
+/// inbound side removes the header from its application's answers, so
+/// only that proxy can have set it).
 pub fn refused_by_peer_limit(rsp: &Response, meshed: bool) -> bool {
     meshed
         && rsp.status() == http::StatusCode::TOO_MANY_REQUESTS
         && rsp
             .headers()
             .get(super::errors::ERROR_HEADER)
-            .is_some_and(|v| v == "rate-limited")
+            .is_some_and(|v| v == "inbound-rate-limited")
 }
+
+/// Marks an answer [`refused_by_peer_limit`], for the layers above the
+/// balancer (which alone knows the endpoint).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLimited;
 
 /// Reports an outcome to a permit, unless the request was on a health path.
 pub fn report(permit: BreakerPermit, excluded: bool, failed: bool) {

@@ -59,9 +59,14 @@ impl ProxyError {
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ProxyError::Connect(..) => (StatusCode::BAD_GATEWAY, "connect-error"),
             ProxyError::UpstreamReset(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
-            ProxyError::RateLimited(_)
-            | ProxyError::BackingOff(..)
-            | ProxyError::InboundRateLimited(..) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
+            ProxyError::RateLimited(_) | ProxyError::BackingOff(..) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate-limited")
+            }
+            // Its own name: a client proxy tells a pod's refusal (steer
+            // around that pod) from its own or the Service's back-off.
+            ProxyError::InboundRateLimited(..) => {
+                (StatusCode::TOO_MANY_REQUESTS, "inbound-rate-limited")
+            }
             ProxyError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ProxyError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),

@@ -145,12 +145,15 @@ fn watched(dst: &Destination, shared: &Arc<Shared>, call: super::Answer) -> supe
         return call;
     };
     let (label, shared) = (dst.label.clone(), shared.clone());
-    let meshed = dst.mesh.is_some();
     Box::pin(async move {
         let rsp = call.await?;
         // A meshed pod's own inbound limit speaks for that pod, as a
         // 503's Retry-After does: the balancer steers around it.
-        if super::breaker::refused_by_peer_limit(&rsp, meshed) {
+        if rsp
+            .extensions()
+            .get::<super::breaker::PeerLimited>()
+            .is_some()
+        {
             return Ok(rsp);
         }
         if let Some(delay) = back_off_of(rsp.status().as_u16(), rsp.headers(), SystemTime::now())
