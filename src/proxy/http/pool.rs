@@ -209,6 +209,16 @@ struct H2Conn {
 /// The cost is one mesh handshake per endpoint per minute.
 const MAX_H2_AGE: Duration = Duration::from_secs(60);
 
+/// An HTTP/1.1 connection's retirement age, spread between three
+/// quarters of `age` and all of it (never longer: `age` is a promise): the
+/// connections a burst made together (up to the soft limit at once) then
+/// retire apart, rather than all reconnecting in one storm of handshakes
+/// every period (which run N of bench-proxy saw as the TLS-origination
+/// tail).
+fn spread(age: Duration) -> Duration {
+    age.mul_f64(0.75 + fastrand::f64() * 0.25)
+}
+
 /// How long after a failed try to add an HTTP/2 connection the next may
 /// be made.
 const GROW_RETRY: Duration = Duration::from_secs(5);
@@ -430,9 +440,9 @@ impl Pool {
                 // A connection authenticated with a client certificate is
                 // reused for a bounded time: a renewed or withdrawn
                 // certificate reaches the vendor on the next one.
-                Some(Instant::now() + super::super::origin::CREDENTIAL_MAX_CONNECTION_AGE)
+                Some(Instant::now() + spread(super::super::origin::CREDENTIAL_MAX_CONNECTION_AGE))
             } else {
-                (ep.h2_connections > 1).then(|| Instant::now() + MAX_H2_AGE)
+                (ep.h2_connections > 1).then(|| Instant::now() + spread(MAX_H2_AGE))
             },
         };
         let (sender, conn) = http1::Builder::new()
@@ -1192,6 +1202,22 @@ mod tests {
                 "{retire_at:?}"
             );
         }
+    }
+
+    /// Retirement ages are spread over the last quarter, not all alike.
+    #[test]
+    fn retirement_ages_are_spread() {
+        let ages: Vec<Duration> = (0..200).map(|_| spread(Duration::from_secs(40))).collect();
+        assert!(
+            ages.iter()
+                .all(|a| (Duration::from_secs(30)..=Duration::from_secs(40)).contains(a))
+        );
+        let (min, max) = (ages.iter().min(), ages.iter().max());
+        assert!(
+            max.zip(min)
+                .is_some_and(|(max, min)| *max - *min > Duration::from_secs(5)),
+            "{min:?}..{max:?}"
+        );
     }
 
     #[test]
