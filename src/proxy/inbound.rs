@@ -562,8 +562,7 @@ fn forward_http(
             (Box::pin(std::future::ready(Ok(refused))), None)
         }
         Ok(Admission::Limited(refused)) => {
-            let seconds =
-                refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
+            let seconds = errors::retry_after_seconds(refused.retry_after);
             proxy
                 .metrics
                 .inbound_rate_limited
@@ -572,10 +571,8 @@ fn forward_http(
                     limit: refused.limit,
                 })
                 .inc();
-            let refused = errors::response(&ProxyError::InboundRateLimited(
-                refused.message,
-                seconds.max(1),
-            ));
+            let refused =
+                errors::response(&ProxyError::InboundRateLimited(refused.message, seconds));
             (Box::pin(std::future::ready(Ok(refused))), None)
         }
         Ok(Admission::Admitted) => {

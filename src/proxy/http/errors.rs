@@ -93,6 +93,12 @@ pub fn classify(err: &BoxError, target: &str) -> ProxyError {
     ProxyError::UpstreamReset(target.to_owned(), err.to_string())
 }
 
+/// A wait as a `Retry-After` says it: whole seconds, rounded up, at
+/// least one.
+pub fn retry_after_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 /// The response for a proxy error.
 pub fn response(err: &ProxyError) -> Response {
     let (status, reason) = err.status_and_reason();

@@ -133,8 +133,7 @@ fn over_rate(dst: &Destination) -> Option<super::Answer> {
 
 /// 429 with the back-off `left` (whole seconds, rounded up).
 fn refused(dst: &Destination, left: Duration) -> super::Answer {
-    let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-    let err = ProxyError::BackingOff(dst.label.clone(), seconds.max(1));
+    let err = ProxyError::BackingOff(dst.label.clone(), super::errors::retry_after_seconds(left));
     Box::pin(std::future::ready(Err::<Response, BoxError>(err.into())))
 }
 
