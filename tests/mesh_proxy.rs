@@ -2092,3 +2092,241 @@ async fn http1_is_not_upgraded_onto_an_h2c_connection_to_an_app_without_a_sideca
         (200, "HTTP/1.1 marker=false")
     );
 }
+
+/// What one call of the middle app to the next hop came to: when it was
+/// made and returned, its status and proxy error.
+#[derive(Clone, Debug)]
+struct OnwardCall {
+    made: std::time::Instant,
+    returned: std::time::Instant,
+    status: u16,
+    proxy_error: Option<String>,
+}
+
+/// The middle hop's app (`orders`): stalls for `stall`, then calls
+/// `payments` through its own proxy, passing the request's
+/// `weft-deadline` on as the README asks applications to (as they pass
+/// `traceparent`). The onward call runs in a task of its own, so that the
+/// test still sees how it ended after the proxy gave up on this app.
+async fn orders_app(
+    stall: Arc<Mutex<Duration>>,
+    onward: Arc<std::sync::OnceLock<String>>,
+    calls: Arc<Mutex<Vec<OnwardCall>>>,
+) -> Served {
+    let handler = move |headers: http::HeaderMap| {
+        let (onward, calls) = (onward.clone(), calls.clone());
+        let stall = *stall.lock().expect("stall");
+        async move {
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(stall).await;
+                let url = format!("{}/charges", onward.get().expect("onward url"));
+                let deadline = headers.get("weft-deadline").and_then(|v| v.to_str().ok());
+                let pass_on: Vec<(&str, &str)> =
+                    deadline.map(|d| ("weft-deadline", d)).into_iter().collect();
+                let made = std::time::Instant::now();
+                let r = send(&client(), "GET", &url, &pass_on).await;
+                calls.lock().expect("calls").push(OnwardCall {
+                    made,
+                    returned: std::time::Instant::now(),
+                    status: r.status,
+                    proxy_error: r.proxy_error,
+                });
+                r.status
+            });
+            let status = task.await.unwrap_or(500);
+            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    };
+    serve(axum::Router::new().route("/orders", axum::routing::get(handler))).await
+}
+
+/// What `probe` finds within 2 s (polled every 10 ms).
+async fn within_2s<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(found) = probe() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what} within 2 s")
+}
+
+/// Three proxies, `frontend -> orders -> payments`, with a 300 ms budget
+/// (the frontend's timeout for `orders`): the deadline travels with the
+/// request, the middle hop's call is cut at what is left of it, and a call
+/// made after it has passed is answered 504 at once without reaching
+/// `payments`.
+#[tokio::test]
+async fn a_deadline_travels_three_hops_and_nobody_works_past_it() {
+    let pki = Pki::new();
+    // payments' app: slow (2 s, far past any budget here, so that a call
+    // not cut at the deadline shows), and records when each request came
+    // and the deadline headers it carried.
+    let seen: Arc<Mutex<Vec<(SystemTime, http::HeaderMap)>>> = Arc::default();
+    let s = seen.clone();
+    let payments_app = Upstream::start(Arc::new(move |_, req| {
+        let at = SystemTime::now();
+        s.lock().expect("seen").push((at, req.headers().clone()));
+        (200, "charged".into(), Duration::from_secs(2))
+    }))
+    .await;
+    let (payments, _pid) = server_proxy(
+        &pki,
+        &server_config("permissive", &[], json!([])),
+        &[payments_app.addr.port()],
+    )
+    .await;
+    // orders: its app behind its proxy, which also carries its calls to
+    // payments.
+    let onward = Arc::new(std::sync::OnceLock::new());
+    let calls: Arc<Mutex<Vec<OnwardCall>>> = Arc::default();
+    let stall = Arc::new(Mutex::new(Duration::ZERO));
+    let orders_app = orders_app(stall.clone(), onward.clone(), calls.clone()).await;
+    let orders_id = pki.dir("shop", "orders");
+    let orders_map = format!("127.0.0.1:0={}", orders_app.addr.port());
+    let orders = meshed(
+        &client_config(payments.running.inbound[0], true),
+        &["payments.shop:80"],
+        &orders_id,
+        &["--inbound-map", &orders_map],
+    )
+    .await;
+    onward.set(orders.outbound_url(0)).expect("set once");
+    // frontend: 300 ms for a call to orders.
+    let mut svc = service(
+        "orders",
+        &[orders.running.inbound[0]],
+        Some(policy(json!({ "timeoutMs": 300 }))),
+        json!([]),
+    );
+    svc["mesh"] = json!({ "namespace": "shop", "serviceAccounts": ["orders"], "strict": true });
+    let frontend_id = pki.dir("shop", "frontend");
+    let frontend = meshed(&config(vec![svc]), &["orders.shop:80"], &frontend_id, &[]).await;
+    let url = format!("{}/orders", frontend.outbound_url(0));
+    let budget = Duration::from_millis(300);
+    // Warm up every connection on the way, so the timings below are the
+    // deadline's, not the first handshakes' (payments is too slow for
+    // the budget: the warm-up is a 504 too).
+    assert_eq!(get(&url).await.status, 504);
+    // Its onward call ends on its own (cut by orders' proxy): wait for
+    // it, so it is not taken for the next one.
+    within_2s("the warm-up's onward call", || {
+        calls.lock().expect("calls").first().cloned()
+    })
+    .await;
+    seen.lock().expect("seen").clear();
+    calls.lock().expect("calls").clear();
+    *stall.lock().expect("stall") = Duration::from_millis(200);
+
+    // 1. A 200 ms stall at orders, then payments would take 2 s.
+    let (started, wall) = (std::time::Instant::now(), SystemTime::now());
+    let r = get(&url).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        took <= Duration::from_millis(320),
+        "answered after {took:?}"
+    );
+    // payments' app was told the deadline the frontend set (as Unix ms,
+    // on its own clock), never the proxies' relative marker.
+    let (arrived, headers) = within_2s("payments never called", || {
+        seen.lock().expect("seen").first().cloned()
+    })
+    .await;
+    assert!(!headers.contains_key("weft-timeout"), "{headers:?}");
+    let told: u64 = headers["weft-deadline"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("unix ms");
+    let set = wall + budget;
+    let told = std::time::UNIX_EPOCH + Duration::from_millis(told);
+    // Near the frontend's (which started its clock a little after this
+    // test's); told 300 ms from its own arrival, it would be 200 ms late.
+    let apart = set.duration_since(told).unwrap_or_else(|e| e.duration());
+    assert!(
+        apart <= Duration::from_millis(100),
+        "payments was told {told:?}, the frontend set {set:?}"
+    );
+    assert!(arrived < told, "payments called after the deadline");
+    // orders' call to payments was cut at the deadline by orders' own
+    // proxy (or payments'), not after payments' 2 s: 504.
+    let onward_call = within_2s("orders' onward call never returned", || {
+        calls.lock().expect("calls").first().cloned()
+    })
+    .await;
+    assert_eq!(onward_call.status, 504, "{onward_call:?}");
+    let cut_at = onward_call.returned.duration_since(started);
+    assert!(
+        cut_at <= Duration::from_millis(600),
+        "orders' call to payments returned {cut_at:?} after the request began: not cut at the deadline"
+    );
+    assert!(onward_call.made.duration_since(started) >= Duration::from_millis(200));
+
+    // 2. A stall past the deadline: the call orders makes then is answered
+    // 504 at once by its own proxy, and payments never sees it.
+    let calls_before = calls.lock().expect("calls").len();
+    let hits_before = payments_app.hits();
+    *stall.lock().expect("stall") = Duration::from_millis(350);
+    let r = get(&url).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    let onward_call = within_2s("orders' late call never returned", || {
+        calls.lock().expect("calls").get(calls_before).cloned()
+    })
+    .await;
+    assert_eq!(onward_call.status, 504, "{onward_call:?}");
+    assert_eq!(
+        onward_call.proxy_error.as_deref(),
+        Some("deadline-exceeded"),
+        "{onward_call:?}"
+    );
+    assert!(
+        onward_call.returned.duration_since(onward_call.made) < Duration::from_millis(50),
+        "{onward_call:?}: not answered at once"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        payments_app.hits(),
+        hits_before,
+        "payments called past the deadline"
+    );
+
+    // 3. The mesh boundary: a plaintext caller's `weft-timeout` is not a
+    // proxy's word (ignored, and never shown to the app); gRPC's own
+    // header is anyone's, and one already spent is answered 504 at once.
+    let inbound = payments.running.inbound[0];
+    let hits_before = payments_app.hits();
+    let direct = format!("http://{inbound}/charges");
+    let r = send(&client(), "GET", &direct, &[("weft-timeout", "0")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let last = seen.lock().expect("seen").last().cloned().expect("seen");
+    assert!(!last.1.contains_key("weft-timeout") && !last.1.contains_key("weft-deadline"));
+    let grpc = [("content-type", "application/grpc"), ("grpc-timeout", "0m")];
+    let r = send(&client(), "POST", &direct, &grpc).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.proxy_error.as_deref(), Some("deadline-exceeded"));
+    assert_eq!(
+        payments_app.hits(),
+        hits_before + 1,
+        "an expired call reached the app"
+    );
+    // A server proxy cuts its app off at the caller's deadline: 504 in
+    // about 100 ms, not payments' 2 s.
+    let grpc = [
+        ("content-type", "application/grpc"),
+        ("grpc-timeout", "100m"),
+    ];
+    let started = std::time::Instant::now();
+    let r = send(&client(), "POST", &direct, &grpc).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.proxy_error.as_deref(), Some("deadline-exceeded"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let counted = payments
+        .metric("weft_proxy_proxy_errors_total{direction=\"inbound\",dst=\"unknown\",reason=\"deadline-exceeded\"}")
+        .await;
+    assert!(counted >= 2.0, "{counted}");
+}

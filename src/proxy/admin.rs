@@ -440,6 +440,8 @@ async fn forward_probe(
         Err(_) => return proxy_error(&ProxyError::BadRequest("bad probe path".to_owned())),
     };
     parts.headers.remove(&super::inbound::CLIENT_ID_HEADER);
+    // Only a proxy's word reaches the app under these names.
+    super::http::deadline::strip(&mut parts.headers);
     let req = http::Request::from_parts(parts, body::boxed(body_in));
     let app = p
         .shared

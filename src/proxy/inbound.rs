@@ -12,13 +12,15 @@
 //!    STRICT rollout waits for.
 //! 3. **Authorize** by AccessPolicy: per request for HTTP (403 with
 //!    `weft-proxy-error: forbidden`), once per connection for TCP (closed).
-//! 4. **Forward** to the application on localhost at the port the client
+//! 4. **Forward** to the application at the pod's own address and the port the client
 //!    called, HTTP-aware (counted per request, the caller's SPIFFE id in
-//!    [`CLIENT_ID_HEADER`]) or opaque.
+//!    [`CLIENT_ID_HEADER`], its deadline in `weft-deadline` and cut off
+//!    there, one already past answered 504 at once: see
+//!    [`super::http::deadline`]) or opaque.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +30,7 @@ use super::Proxy;
 use super::authz::{self, Access, HttpRequest};
 use super::detect::{self, Protocol};
 use super::hello::Hello;
+use super::http::deadline;
 use super::http::errors::{self, ProxyError};
 use super::http::pool::{Endpoint, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
 use super::http::route::{ambiguous_path, normalize_path};
@@ -35,7 +38,7 @@ use super::http::{Request, Response};
 use super::inbound_limit;
 use super::metrics::{
     ConnLabels, DenialLabels, Direction, EdgeLabels, EdgeSeries, HandshakeLabels,
-    InboundLimitLabels, PlaintextLabels,
+    InboundLimitLabels, PlaintextLabels, ProxyErrorLabels,
 };
 use super::tls::{ALPN_H2, ALPN_TCP, peer_identity};
 use crate::config::InboundMode;
@@ -423,6 +426,8 @@ enum Admission {
     Denied(String),
     /// Refused by an inbound rate limit.
     Limited(inbound_limit::Refusal),
+    /// Its caller's deadline had passed.
+    Expired,
 }
 
 /// The inbound rate limits guarding the request's port (after
@@ -507,6 +512,18 @@ fn forward_http(
 ) -> impl std::future::Future<Output = Response> + Send + 'static {
     let started = Instant::now();
     req.headers_mut().remove(&CLIENT_ID_HEADER);
+    // The caller's deadline: a mesh peer's `weft-timeout`, anyone's
+    // `grpc-timeout`; a `weft-*` header from outside the mesh is dropped.
+    let from = match conn.peer_id {
+        Some(_) => deadline::From::MeshPeer,
+        None => deadline::From::Outside,
+    };
+    let until = deadline::take(
+        req.headers_mut(),
+        from,
+        tokio::time::Instant::now(),
+        SystemTime::now(),
+    );
     super::http::pool::strip_connection_listed(req.headers_mut());
     // A client proxy carries HTTP/1.1 to this one as HTTP/2 over the mesh
     // connection; the application gets the version its client spoke. Only
@@ -537,6 +554,11 @@ fn forward_http(
             path: req.uri().path(),
         };
         match authorize(&proxy, &conn, Some(request)) {
+            // Its caller has stopped waiting: the app is not called (and
+            // no rate-limit token is spent on it).
+            Access::Allowed if until.is_some_and(|at| at <= tokio::time::Instant::now()) => {
+                Admission::Expired
+            }
             Access::Allowed => limit(&proxy, &conn, &req),
             Access::Denied { policy } => Admission::Denied(policy),
         }
@@ -581,13 +603,32 @@ fn forward_http(
                     .insert(CLIENT_ID_HEADER.clone(), id.clone());
             }
             let sent = logged.as_ref().map(|_| Instant::now());
-            (to_app(&proxy, conn.app.clone(), req), sent)
+            (to_app_until(&proxy, conn.app.clone(), req, until), sent)
+        }
+        Ok(Admission::Expired) => {
+            let expired = ProxyError::DeadlineExceeded(format!(
+                "the caller's deadline had passed when the request arrived; {} was not called",
+                proxy.shared.workload
+            ));
+            (Box::pin(std::future::ready(Err(expired.into()))), None)
         }
     };
     async move {
         let mut rsp = match answer.await {
             Ok(rsp) => rsp,
-            Err(e) => errors::response(&errors::classify(&e, &conn.app.addr.to_string())),
+            Err(e) => {
+                let err = errors::classify(&e, &conn.app.addr.to_string());
+                proxy
+                    .metrics
+                    .proxy_errors
+                    .get_or_create(&ProxyErrorLabels {
+                        direction: Direction::Inbound,
+                        dst: proxy.shared.workload.clone(),
+                        reason: err.reason().to_owned(),
+                    })
+                    .inc();
+                errors::response(&err)
+            }
         };
         // Only a proxy says it answered: the application's own header of
         // that name (relayed from a call of its own, or made up) would
@@ -633,6 +674,40 @@ fn forward_http(
 fn to_app(proxy: &Proxy, app: Endpoint, mut req: Request) -> super::http::Answer {
     req.extensions_mut().insert(app);
     super::http::call(proxy.shared.pool.clone(), req)
+}
+
+/// One request to the application, told the caller's deadline (see
+/// `deadline`) and cut off at it: 504 rather than an answer nobody waits
+/// for.
+fn to_app_until(
+    proxy: &Proxy,
+    app: Endpoint,
+    mut req: Request,
+    until: Option<tokio::time::Instant>,
+) -> super::http::Answer {
+    let Some(at) = until else {
+        return to_app(proxy, app, req);
+    };
+    let now = tokio::time::Instant::now();
+    deadline::stamp(
+        req.headers_mut(),
+        until,
+        None,
+        deadline::To::App,
+        now,
+        SystemTime::now(),
+    );
+    let label = app.addr;
+    let answer = to_app(proxy, app, req);
+    Box::pin(async move {
+        match tokio::time::timeout_at(at, answer).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::DeadlineExceeded(format!(
+                "the caller's deadline passed before the application on {label} answered"
+            ))
+            .into()),
+        }
+    })
 }
 
 /// Sends one request to the application on `app`.

@@ -67,11 +67,7 @@ pub const GRPC_HEALTH: [&str; 2] = [
 pub fn is_grpc_health_check<B>(req: &http::Request<B>) -> bool {
     req.method() == http::Method::POST
         && GRPC_HEALTH.contains(&req.uri().path())
-        && req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc"))
+        && super::http::deadline::is_grpc(req.headers())
 }
 
 /// A path as application frameworks route it, for route limits: lower

@@ -231,11 +231,7 @@ pub fn dispatch(proxy: &Arc<Proxy>, target: &Target, mut req: Request) -> stack:
             // request names the vendor it goes to: a `Host` that differs
             // from the absolute URI's authority (or a second `Host`) would
             // otherwise reach another site behind the vendor's front end.
-            let grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            if grpc {
+            if super::http::deadline::is_grpc(req.headers()) {
                 // gRPC exists only over HTTP/2, which vendors are not
                 // spoken to in (yet): say so rather than send it broken.
                 return refuse(ProxyError::BadRequest(format!(
@@ -429,10 +425,7 @@ fn vendor_authority(host: &str, port: &ExternalPortConfig) -> Option<http::Heade
 /// HTTP/1.1 — except gRPC, which exists only over HTTP/2; a port declared
 /// HTTP/2 (h2c, gRPC) gets HTTP/2 whatever the client spoke.
 pub fn upstream_version(declared: Option<PortProtocol>, req: &Request) -> http::Version {
-    let grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc = super::http::deadline::is_grpc(req.headers());
     match declared {
         Some(PortProtocol::Http1) if !grpc => http::Version::HTTP_11,
         Some(PortProtocol::Http2) => http::Version::HTTP_2,

@@ -19,10 +19,12 @@ use tower::Service;
 
 use super::body::{BoxError, Request, Response};
 use super::breaker::{PeerLimited, is_failure, refused_by_peer_limit, report};
+use super::deadline::CallersDeadline;
 use super::errors::ProxyError;
 use super::pool::Pool;
+use super::retry::is_deadline_answer;
 use super::route::RouteCtx;
-use super::timeout::Deadline;
+use super::timeout::{Deadline, caller_gave_up};
 use crate::proxy::accesslog::RecordRef;
 use crate::proxy::destination::{Destination, EndpointState, Endpoints};
 use crate::proxy::resilience::{BreakerPermit, PendingRequest, draw_two, p2c_cost, p2c_pick};
@@ -108,11 +110,19 @@ fn send(
     }
     let meshed = chosen.endpoint.mesh.is_some();
     req.extensions_mut().insert(chosen.endpoint.clone());
+    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+    // The try's deadline is its caller's (not this hop's own timeout): a
+    // try cut off there, or a meshed peer's answer that it was, says
+    // nothing about the endpoint. (Else anyone able to send a short
+    // `grpc-timeout` could open the breakers of a healthy Service.)
+    let callers = match (deadline, req.extensions().get::<CallersDeadline>()) {
+        (Some(at), Some(c)) => c.0 <= at,
+        _ => false,
+    };
     let record = RecordRef::of(&req).cloned();
     if let Some(record) = &record {
         record.attempt(chosen.addr);
     }
-    let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
     // Counted pending from the pick, so that the picks of one burst see
     // each other; timed from the first poll (below).
     let mut outcome = Outcome {
@@ -120,6 +130,7 @@ fn send(
         permit,
         excluded,
         deadline,
+        callers,
     };
     let call = super::call(pool, req);
     Box::pin(async move {
@@ -133,20 +144,40 @@ fn send(
         // Its time ran out in that queue: nothing was sent (the pool's
         // future has not run), so the try is given up without counting
         // against the endpoint.
+        let timed_out = || -> BoxError {
+            if callers {
+                caller_gave_up(&dst.label).into()
+            } else {
+                ProxyError::Timeout(dst.label.clone()).into()
+            }
+        };
         if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
             outcome.cancel();
             drop(call);
-            return Err(ProxyError::Timeout(dst.label.clone()).into());
+            return Err(timed_out());
         }
         let result = match deadline {
             None => call.await,
             Some(at) => match tokio::time::timeout_at(at, call).await {
                 Ok(result) => result,
-                // What the layer whose deadline it is would answer.
-                Err(_) => Err(ProxyError::Timeout(dst.label.clone()).into()),
+                // What the layer whose deadline it is would answer; the
+                // caller's deadline is no verdict on the endpoint.
+                Err(_) if callers => {
+                    outcome.cancel();
+                    return Err(timed_out());
+                }
+                Err(_) => Err(timed_out()),
             },
         };
         let mut result = result;
+        if callers
+            && meshed
+            && let Ok(rsp) = &result
+            && is_deadline_answer(rsp)
+        {
+            outcome.cancel();
+            return result;
+        }
         let saturated = result
             .as_ref()
             .is_ok_and(|rsp| refused_by_peer_limit(rsp, meshed));
@@ -332,6 +363,8 @@ struct Outcome {
     /// A health-check path: the breaker and the latency estimate ignore it.
     excluded: bool,
     deadline: Option<tokio::time::Instant>,
+    /// The deadline is the caller's: reaching it is no verdict.
+    callers: bool,
 }
 
 impl Outcome {
@@ -376,9 +409,10 @@ impl Drop for Outcome {
     /// it, a cancel, which says nothing about the endpoint (dropping the
     /// permit frees a half-open probe slot).
     fn drop(&mut self) {
-        if self
-            .deadline
-            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        if !self.callers
+            && self
+                .deadline
+                .is_some_and(|at| tokio::time::Instant::now() >= at)
         {
             self.settle(true, false);
         }
@@ -569,6 +603,46 @@ pub(crate) mod tests {
         assert_eq!(state(&ep), BreakerState::Open);
         let cost = ep.load.cost(Instant::now());
         assert!(cost >= FAILURE_PENALTY.as_secs_f64() * 0.99, "{cost}");
+    }
+
+    /// A try cut off by its caller's deadline (propagated, not this hop's
+    /// own timeout) is the caller's impatience, not the endpoint's fault:
+    /// its breaker stays closed and its latency estimate untouched, timed
+    /// out in flight or dropped past it. Else anyone able to send a short
+    /// `grpc-timeout` could open the breakers of a healthy Service.
+    #[tokio::test]
+    async fn a_try_cut_off_by_its_callers_deadline_says_nothing_of_the_endpoint() {
+        let (addr, _hole) = black_hole().await;
+        let dst = destination(addr, 1, json!({}));
+        let callers = |at| {
+            let mut req = request(Some(at));
+            req.extensions_mut()
+                .insert(crate::proxy::http::deadline::CallersDeadline(at));
+            req
+        };
+        let at = TokioInstant::now() + 100 * MS;
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            Balance::new(dst.clone(), Pool::default()).call(callers(at)),
+        )
+        .await
+        .expect("the balancer timed out by itself")
+        .expect_err("no answer");
+        assert_eq!(classify(&err, LABEL).reason(), "deadline-exceeded", "{err}");
+        let ep = only_endpoint(&dst).await;
+        assert_untouched(&ep);
+        let at = TokioInstant::now() + 100 * MS;
+        let mut fut = Balance::new(dst.clone(), Pool::default()).call(callers(at));
+        start(&mut fut).await;
+        tokio::time::sleep_until(at + 50 * MS).await;
+        drop(fut);
+        assert_untouched(&ep);
+        // This hop's own (earlier) timeout still counts.
+        let own = TokioInstant::now() + 100 * MS;
+        let mut req = callers(own + Duration::from_secs(10));
+        req.extensions_mut().insert(Deadline(own));
+        let _ = Balance::new(dst.clone(), Pool::default()).call(req).await;
+        assert_eq!(state(&ep), BreakerState::Open);
     }
 
     /// The requests of one HTTP/2 connection are all called before any of

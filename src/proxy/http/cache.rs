@@ -1199,13 +1199,16 @@ fn add_validators(headers: &mut HeaderMap, conditional: &HeaderMap) {
 /// The request a background revalidation sends: the client's method, URI
 /// and headers with the validators, no body, and of its extensions only
 /// the route (its timeout and retries), not the client's access-log
-/// record or trace.
+/// record or trace, nor its deadline: the client has its answer, and the
+/// refresh runs on the target's own timeout.
 fn copy_for_revalidation(req: &Request, conditional: &HeaderMap) -> Request {
     let mut copy = http::Request::new(body::empty());
     *copy.method_mut() = Method::GET;
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
+    super::deadline::strip(copy.headers_mut());
+    copy.headers_mut().remove(&super::deadline::GRPC_TIMEOUT);
     add_validators(copy.headers_mut(), conditional);
     if let Some(route) = req.extensions().get::<RouteCtx>() {
         copy.extensions_mut().insert(route.clone());

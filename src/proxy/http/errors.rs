@@ -20,6 +20,10 @@ pub enum ProxyError {
     NoBackends(String),
     #[error("request to {0} timed out")]
     Timeout(String),
+    /// The caller's own deadline (propagated: `grpc-timeout`,
+    /// `weft-timeout`, `weft-deadline`) passed: what was not done.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
     #[error("connecting to {0} failed: {1}")]
     Connect(String, String),
     #[error("{0} reset or closed the connection: {1}")]
@@ -57,6 +61,7 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-endpoints"),
             ProxyError::NoBackends(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-backends"),
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ProxyError::DeadlineExceeded(_) => (StatusCode::GATEWAY_TIMEOUT, "deadline-exceeded"),
             ProxyError::Connect(..) => (StatusCode::BAD_GATEWAY, "connect-error"),
             ProxyError::UpstreamReset(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
             ProxyError::RateLimited(_) | ProxyError::BackingOff(..) => {

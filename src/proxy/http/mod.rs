@@ -12,6 +12,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod cache;
+pub mod deadline;
 pub mod errors;
 pub mod metrics;
 pub mod pool;

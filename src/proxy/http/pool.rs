@@ -29,7 +29,9 @@ use crate::proxy::resilience::lock;
 use crate::proxy::tls::{ALPN_H2, ALPN_HTTP1};
 
 use super::body::{self, Body, BoxError, Request, Response};
+use super::deadline::{self, CallersDeadline, To};
 use super::errors::ProxyError;
+use super::timeout::Deadline;
 
 /// How long a connection attempt may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = crate::proxy::mesh::CONNECT_TIMEOUT;
@@ -549,6 +551,7 @@ impl Pool {
                     made?
                 }
             };
+            stamp_deadline(&ep, &mut req);
             match send_on_http1(&ep, sender, made, req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(SendFailure::Unsent(unsent)) if reused => {
@@ -600,6 +603,7 @@ impl Pool {
         let mut fresh = false;
         loop {
             let conn = self.http2(&ep).await?;
+            stamp_deadline(&ep, &mut req);
             match send_on_http2(&ep, conn, req).await {
                 Ok(rsp) => return Ok(rsp),
                 // The cached connection was closing (GOAWAY, the server
@@ -1117,6 +1121,32 @@ impl Forward {
         *req.version_mut() = version;
         Ok(req)
     }
+}
+
+/// Tells the next hop the time the try has left (see `deadline`), as the
+/// request is written on a connection, after any wait for one: a sidecar
+/// in `weft-timeout`, a gRPC server in the `grpc-timeout` its caller set;
+/// nothing `weft-*` leaves the mesh. (A request to the pod's own
+/// application carries no [`Deadline`]: the inbound side tells it.)
+fn stamp_deadline(ep: &Endpoint, req: &mut Request) {
+    let Some(&Deadline(until)) = req.extensions().get::<Deadline>() else {
+        return;
+    };
+    let callers = req.extensions().get::<CallersDeadline>().map(|c| c.0);
+    let to = if ep.mesh.is_some() {
+        To::MeshPeer
+    } else {
+        To::Outside
+    };
+    let now = tokio::time::Instant::now();
+    deadline::stamp(
+        req.headers_mut(),
+        Some(until),
+        callers,
+        to,
+        now,
+        std::time::SystemTime::now(),
+    );
 }
 
 /// `outer: inner: innermost`, so the cause (refused, reset) is visible.

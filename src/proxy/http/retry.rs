@@ -125,6 +125,21 @@ enum Verdict {
     RetryIfSafe,
 }
 
+/// A proxy's 504 for a deadline that passed (see `deadline`).
+pub fn is_deadline_answer(rsp: &Response) -> bool {
+    rsp.status() == http::StatusCode::GATEWAY_TIMEOUT
+        && rsp
+            .headers()
+            .get(super::errors::ERROR_HEADER)
+            .is_some_and(|v| v == "deadline-exceeded")
+}
+
+/// A retry with less time than this left before the request's deadline
+/// is not sent: it could not be answered, and would spend the budget.
+/// (A next hop told the deadline in whole milliseconds, rounded down,
+/// answers up to a millisecond before it.)
+const TOO_LITTLE_LEFT: Duration = Duration::from_millis(5);
+
 fn judge(result: &Result<Response, BoxError>, policy: &RetryConfig, label: &str) -> Verdict {
     let on = |k: RetryOn| policy.retry_on.contains(&k);
     match result {
@@ -256,10 +271,10 @@ async fn retrying<S: super::Inner>(
             Verdict::RetryAlways => true,
             Verdict::RetryIfSafe => t.safe,
         };
-        // The balancer timed the try out at the request's deadline:
-        // no time is left for another, so neither budget nor a
-        // retry is spent on it.
-        let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        // The balancer timed the try out at the request's deadline (or
+        // the next hop's proxy did, a hair before it): no time is left
+        // for another, so neither budget nor a retry is spent on it.
+        let expired = deadline.is_some_and(|d| tokio::time::Instant::now() + TOO_LITTLE_LEFT >= d);
         // The answer asked for a back-off the retry could not wait out
         // (`retryAfter`): the caller gets that answer, not the proxy's
         // refusal of a retry that would never leave.
@@ -467,5 +482,39 @@ mod tests {
         assert_eq!(shared.metrics.retry_unbuffered.get(), 1);
         drop(taken);
         assert_eq!(budget.held(), 0);
+    }
+
+    /// A next hop's 504 for a deadline (a per-try timeout it was told)
+    /// is retried as any 504: the request's own deadline, checked apart,
+    /// decides whether time is left.
+    #[test]
+    fn a_deadline_answer_is_retried_as_any_gateway_timeout() {
+        let policy: RetryConfig = serde_json::from_value(json!({
+            "maxRetries": 2, "retryOn": ["gateway-error"], "methods": ["GET"],
+            "idempotencyHeader": "idempotency-key",
+            "budget": { "percent": 20, "minPerSecond": 10, "windowMs": 10000 },
+            "backoffBaseMs": 1, "backoffMaxMs": 5,
+        }))
+        .expect("policy");
+        let answer = |reason: Option<&'static str>| {
+            let mut rsp = http::Response::new(body::empty());
+            *rsp.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
+            if let Some(r) = reason {
+                rsp.headers_mut().insert(
+                    super::super::errors::ERROR_HEADER,
+                    http::HeaderValue::from_static(r),
+                );
+            }
+            Ok(rsp)
+        };
+        for reason in [None, Some("timeout"), Some("deadline-exceeded")] {
+            assert!(
+                matches!(judge(&answer(reason), &policy, "x"), Verdict::RetryIfSafe),
+                "{reason:?}"
+            );
+        }
+        assert!(is_deadline_answer(
+            &answer(Some("deadline-exceeded")).expect("ok")
+        ));
     }
 }

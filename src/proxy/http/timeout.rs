@@ -1,5 +1,7 @@
-//! The request deadline: the route's timeout, else the Service policy's.
-//! It covers every retry; on expiry the client gets 504.
+//! The request deadline: the route's timeout, else the Service policy's,
+//! and never later than the deadline the application passed on from its
+//! own caller (`deadline`). It covers every retry; on expiry the client
+//! gets 504, at once when the caller's deadline had already passed.
 //!
 //! The deadline also travels with the request as a [`Deadline`] extension
 //! (the retry layer tightens it to each try's own limit), so that the
@@ -8,12 +10,13 @@
 //! stays for whatever happens before the balancer is reached.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::body::{BoxError, Request, Response};
+use super::deadline::{self, CallersDeadline, From};
 use super::errors::ProxyError;
 use super::route::RouteCtx;
 use crate::proxy::destination::Destination;
@@ -33,6 +36,14 @@ impl Deadline {
         };
         extensions.insert(Deadline(earliest));
     }
+}
+
+/// The error of a call cut off by its caller's deadline (not this hop's
+/// own timeout).
+pub fn caller_gave_up(label: &str) -> ProxyError {
+    ProxyError::DeadlineExceeded(format!(
+        "the caller's deadline passed before {label} answered"
+    ))
 }
 
 #[derive(Clone)]
@@ -56,16 +67,36 @@ impl<S: super::Inner> Timeout<S> {
             .get::<RouteCtx>()
             .and_then(|r| r.timeout)
             .or(self.dst.policy.timeout_ms.map(Duration::from_millis));
+        let now = Instant::now();
+        // The application's own deadline, passed on from the request it is
+        // serving (see `deadline`): this hop waits no longer than its caller.
+        let asked = deadline::take(req.headers_mut(), From::App, now, SystemTime::now());
         // A limit too large to add to the clock is no limit.
-        let Some(deadline) = limit.and_then(|l| Instant::now().checked_add(l)) else {
+        let own = limit.and_then(|l| now.checked_add(l));
+        let Some(deadline) = own.into_iter().chain(asked).min() else {
             return self.inner.call(req);
         };
+        if asked.is_some_and(|at| at <= now) {
+            // Nobody waits for the answer any more: not sent at all.
+            let why = format!(
+                "the caller's deadline had passed; {} was not called",
+                self.dst.label
+            );
+            return Box::pin(std::future::ready(Err(
+                ProxyError::DeadlineExceeded(why).into()
+            )));
+        }
         Deadline::tighten(req.extensions_mut(), deadline);
+        if let Some(at) = asked {
+            req.extensions_mut().insert(CallersDeadline(at));
+        }
+        let callers = asked.is_some_and(|at| at <= deadline);
         let fut = self.inner.call(req);
         let label = self.dst.label.clone();
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(result) => result,
+                Err(_) if callers => Err(caller_gave_up(&label).into()),
                 Err(_) => Err(ProxyError::Timeout(label).into()),
             }
         })
