@@ -591,6 +591,21 @@ impl MeshStats {
         out
     }
 
+    /// The ticks that cover only time after `start`, newest first: what
+    /// happened since then, as far as this process saw it. A tick that
+    /// began before `start` is left out (nothing from before counts).
+    pub fn since(&self, start: SystemTime) -> Vec<std::sync::Arc<Tick>> {
+        self.ticks
+            .iter()
+            .rev()
+            .take_while(|t| {
+                t.at.and_then(|at| at.checked_sub(Duration::from_secs_f64(t.seconds)))
+                    .is_some_and(|began| began >= start)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The golden signals over the last `window` ([`MeshStats::window`]
     /// and [`view_of`]).
     pub fn view(&self, window: Duration) -> StatsView {

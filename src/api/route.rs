@@ -6,7 +6,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Duration, HttpMethod, PathMatch, PolicyStatus, ServiceReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::common::{Duration, HttpMethod, PathMatch, ServiceReference};
 use super::traffic::RetryPolicy;
 
 /// Routing for calls to one Service. One per Service: when several name the
@@ -18,7 +20,7 @@ use super::traffic::RetryPolicy;
     kind = "ServiceRoute",
     namespaced,
     doc = "Ordered routing rules for calls to one Service: matches on path, method and headers send requests to weighted backend Services (canary splits).",
-    status = "PolicyStatus",
+    status = "ServiceRouteStatus",
     derive = "PartialEq",
     shortname = "sr",
     category = "weft",
@@ -33,6 +35,18 @@ use super::traffic::RetryPolicy;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"
     ),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.rollout.phase"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.rollout.step"),
+    printcolumn(
+        name = "Weight",
+        type_ = "integer",
+        json_path = ".status.rollout.weight"
+    ),
+    printcolumn(
+        name = "Verdict",
+        type_ = "string",
+        json_path = ".status.rollout.verdict"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -40,6 +54,7 @@ use super::traffic::RetryPolicy;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.rollout) || self.rules.exists(r, r.backendRefs.exists(b, b.name == self.rollout.canary))").message("rollout.canary must name a backendRef of one of the rules"))]
 pub struct ServiceRouteSpec {
     /// The Service whose callers this route steers, in the route's namespace.
     pub parent_ref: ServiceReference,
@@ -47,6 +62,222 @@ pub struct ServiceRouteSpec {
     /// Service itself.
     #[schemars(length(min = 1, max = 64))]
     pub rules: Vec<RouteRule>,
+    /// A progressive canary: the share of one backend raised step by step,
+    /// each step gated on that backend's golden signals against the other
+    /// backends' of the same rules, as the client proxies measured them.
+    /// Promoted at the last step (100), aborted (all traffic back to the
+    /// other backends) on a failed gate, paused by the annotation
+    /// `weft.dev/rollout-paused: "true"`. Any edit of the route starts it
+    /// again from the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<CanaryRollout>,
+}
+
+/// The steps and gates of a progressive canary.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.steps[size(self.steps) - 1] == 100").message("rollout.steps must end with 100 (the promotion)"))]
+#[x_kube(validation = Rule::new("self.steps.all(s, self.steps.exists_one(t, t == s))").message("rollout.steps must not repeat a weight"))]
+#[x_kube(validation = Rule::new("duration(self.interval) >= duration('10s') && duration(self.interval) <= duration('10m')").message("rollout.interval must be between 10s and 10m (the control plane keeps ten minutes of evidence)"))]
+pub struct CanaryRollout {
+    /// The backendRef (a Service name) rolled out; every rule naming it
+    /// takes part, its other backends being the stable ones.
+    #[schemars(length(min = 1, max = 63))]
+    pub canary: String,
+    /// The canary's share of each rule's requests at each step, in
+    /// percent, ascending; the last is 100 (promoted). Default 5, 25, 50,
+    /// 100.
+    #[serde(default = "default_canary_steps")]
+    #[schemars(length(min = 1, max = 20), inner(range(min = 1, max = 100)))]
+    pub steps: Vec<u32>,
+    /// How long each step is observed before it may pass (default 1m;
+    /// 10s to 10m). A failed gate aborts as soon as both sides have
+    /// `minRequests`, without waiting for the window's end.
+    #[serde(default = "default_canary_interval")]
+    pub interval: Duration,
+    /// What a step must show to pass.
+    #[serde(default)]
+    pub gates: CanaryGates,
+}
+
+/// The gates of each step, read over the step's window from the client
+/// proxies' own counts: the canary against the stable backends of the
+/// same rules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryGates {
+    /// How many percentage points the canary's success rate may fall
+    /// below the stable backends' (default 1).
+    #[serde(default = "default_max_success_rate_drop")]
+    #[schemars(range(max = 100))]
+    pub max_success_rate_drop: u32,
+    /// How many percent the canary's p99 latency may exceed the stable
+    /// backends' (default 50); differences under 5 ms never fail.
+    #[serde(default = "default_max_p99_increase")]
+    #[schemars(range(max = 10000))]
+    pub max_p99_increase_percent: u32,
+    /// Requests each side must have had in the window before a gate is
+    /// read (default 100): a quiet step never passes on no evidence.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_requests: u32,
+}
+
+impl Default for CanaryGates {
+    fn default() -> Self {
+        Self {
+            max_success_rate_drop: default_max_success_rate_drop(),
+            max_p99_increase_percent: default_max_p99_increase(),
+            min_requests: default_min_requests(),
+        }
+    }
+}
+
+fn default_canary_steps() -> Vec<u32> {
+    vec![5, 25, 50, 100]
+}
+fn default_canary_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_success_rate_drop() -> u32 {
+    1
+}
+fn default_max_p99_increase() -> u32 {
+    50
+}
+fn default_min_requests() -> u32 {
+    100
+}
+
+impl CanaryRollout {
+    /// The canary's share at `step` (from 0), in percent.
+    pub fn weight_at(&self, step: usize) -> u32 {
+        self.steps
+            .get(step)
+            .or(self.steps.last())
+            .copied()
+            .unwrap_or(100)
+            .min(100)
+    }
+
+    /// The canary's share in force for a route at `generation` whose
+    /// status says `state` (phase, step from 0, the generation it ran
+    /// for): the first step for a new or edited rollout, none after an
+    /// abort, all after promotion.
+    pub fn weight_in_force(
+        &self,
+        generation: Option<i64>,
+        state: Option<(CanaryPhase, usize, Option<i64>)>,
+    ) -> u32 {
+        match state {
+            Some((phase, step, ran_for)) if ran_for == generation => match phase {
+                CanaryPhase::Aborted => 0,
+                CanaryPhase::Promoted => 100,
+                CanaryPhase::Progressing | CanaryPhase::Paused => self.weight_at(step),
+            },
+            _ => self.weight_at(0),
+        }
+    }
+}
+
+impl ServiceRoute {
+    /// The canary backend and its share in force, when the route has a
+    /// progressive canary.
+    pub fn canary_in_force(&self) -> Option<(&str, u32)> {
+        let rollout = self.spec.rollout.as_ref()?;
+        let state = self
+            .status
+            .as_ref()
+            .and_then(|s| s.rollout.as_ref())
+            .map(|s| {
+                (
+                    s.phase,
+                    s.step.saturating_sub(1) as usize,
+                    s.observed_generation,
+                )
+            });
+        Some((
+            rollout.canary.as_str(),
+            rollout.weight_in_force(self.metadata.generation, state),
+        ))
+    }
+}
+
+/// The annotation that pauses a ServiceRoute's canary where it stands.
+pub const ROLLOUT_PAUSED_ANNOTATION: &str = "weft.dev/rollout-paused";
+
+/// A ServiceRoute's status: the compiler's conditions, and where its
+/// canary stands (written apart, by the canary's own field manager).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRouteStatus {
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`, `ResolvedRefs` and `Programmed`, as in Gateway API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The progressive canary, when `spec.rollout` asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<CanaryStatus>,
+}
+
+/// Where a progressive canary stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CanaryPhase {
+    /// At a step, observing it.
+    Progressing,
+    /// Held at its step by the pause annotation.
+    Paused,
+    /// Reached 100 %: the canary takes every request of its rules.
+    Promoted,
+    /// A gate failed: every request goes to the stable backends.
+    Aborted,
+}
+
+/// A progressive canary's status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// The route generation this rollout runs for (an edit starts again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Progressing, Paused, Promoted or Aborted.
+    pub phase: CanaryPhase,
+    /// The step in force, from 1.
+    pub step: u32,
+    /// The canary's share of its rules' requests in force, in percent.
+    pub weight: u32,
+    /// When the step (or the pause) began.
+    pub step_since: Time,
+    /// The latest verdict of the gates: `Observing`, `TooFewRequests`,
+    /// `Passed`, `SuccessRate`, `Latency`, `Paused`, `Promoted`.
+    pub verdict: String,
+    /// What the verdict is made of, with the figures.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The canary's golden signals over the step's window so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySignals>,
+    /// The stable backends', on the same rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<CanarySignals>,
+}
+
+/// Golden signals of one side of a canary over a window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySignals {
+    /// Requests counted over the window.
+    pub requests: u64,
+    /// Percent of requests answered without a 5xx or a failed exchange,
+    /// as text with one decimal (`"99.5"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<String>,
+    /// The 99th percentile latency in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<u64>,
 }
 
 /// One routing rule.

@@ -506,6 +506,9 @@ fn route_configs(
 ) -> Vec<RouteConfig> {
     let ns = sr.namespace().unwrap_or_default();
     let mut problems = Vec::new();
+    // A progressive canary's share in force (its status says where it
+    // stands; see `operator::canary`).
+    let canary = sr.canary_in_force();
     let routes = sr
         .spec
         .rules
@@ -520,7 +523,9 @@ fn route_configs(
                     backends.push(WeightedBackend {
                         service: format!("{}.{ns}", b.name),
                         port: b.port,
-                        weight: b.weight,
+                        weight: canary.map_or(b.weight, |(name, percent)| {
+                            canary_share(rule, name, percent, b)
+                        }),
                     });
                 } else {
                     problems.push(format!(
@@ -564,6 +569,41 @@ fn route_configs(
         v.unresolved(reason::BACKEND_NOT_FOUND, problems.join("; "));
     }
     routes
+}
+
+/// A backend's weight in a rule while its route's canary `canary` takes
+/// `percent` of the rule's requests: the canary that share, the other
+/// backends the rest in proportion to their own weights (in units of
+/// 1/100000 of the rule's requests). A rule that does not name the canary
+/// keeps its weights.
+fn canary_share(
+    rule: &crate::api::RouteRule,
+    canary: &str,
+    percent: u32,
+    b: &crate::api::BackendRef,
+) -> u32 {
+    if !rule.backend_refs.iter().any(|r| r.name == canary) {
+        return b.weight;
+    }
+    let stable: u64 = rule
+        .backend_refs
+        .iter()
+        .filter(|r| r.name != canary)
+        .map(|r| u64::from(r.weight))
+        .sum();
+    let percent = u64::from(percent.min(100));
+    if b.name == canary {
+        // Alone in its rule, it takes everything whatever the step.
+        return if stable == 0 {
+            100_000
+        } else {
+            (percent * 1000) as u32
+        };
+    }
+    if stable == 0 {
+        return 0;
+    }
+    ((100 - percent) * 1000 * u64::from(b.weight) / stable) as u32
 }
 
 /// `Programmed` for TrafficPolicies and ServiceRoutes: in how many meshed

@@ -254,6 +254,90 @@ fn missing_backend_is_dropped_and_its_weight_shared() {
     );
 }
 
+/// A progressive canary's share comes from the route's status: the first
+/// step for a new or edited rollout, the step in force, none after an
+/// abort, all after promotion; the stable backends share the rest in
+/// proportion to their own weights, and a rule without the canary keeps
+/// its weights.
+#[test]
+fn a_canary_takes_the_share_its_status_puts_in_force() {
+    let weights = |status: Option<Value>| {
+        let mut f = base();
+        let mut sr: ServiceRoute = policy(
+            "shop",
+            "checkout",
+            None,
+            json!({ "parentRef": { "name": "checkout" },
+                "rules": [
+                    { "name": "main", "backendRefs": [
+                        { "name": "checkout", "weight": 60 },
+                        { "name": "inventory", "weight": 20 },
+                        { "name": "checkout-canary", "weight": 20 },
+                    ]},
+                    { "name": "other", "matches": [{ "path": { "type": "PathPrefix", "value": "/v1" } }],
+                      "backendRefs": [{ "name": "checkout", "weight": 3 }, { "name": "inventory", "weight": 1 }] },
+                ],
+                "rollout": { "canary": "checkout-canary", "steps": [5, 25, 50, 100] } }),
+        );
+        if let Some(st) = status {
+            sr.status = Some(serde_json::from_value(json!({ "rollout": st })).expect("status"));
+        }
+        f.service_routes.push(sr);
+        let c = compile(&f);
+        let routes = &service(&c, "shop", "shop", "checkout")
+            .expect("checkout")
+            .routes;
+        let of = |i: usize| -> Vec<(String, u32)> {
+            routes[i]
+                .backends
+                .iter()
+                .map(|b| (b.service.clone(), b.weight))
+                .collect()
+        };
+        assert_eq!(
+            of(1),
+            [
+                ("checkout.shop".to_owned(), 3),
+                ("inventory.shop".to_owned(), 1)
+            ]
+        );
+        of(0)
+    };
+    let split = |canary: u32, checkout: u32, inventory: u32| {
+        vec![
+            ("checkout.shop".to_owned(), checkout),
+            ("inventory.shop".to_owned(), inventory),
+            ("checkout-canary.shop".to_owned(), canary),
+        ]
+    };
+    let status = |phase: &str, step: u32, generation: i64| {
+        json!({ "observedGeneration": generation, "phase": phase, "step": step,
+                "weight": 0, "stepSince": "2026-12-07T10:00:00Z", "verdict": "Observing" })
+    };
+    assert_eq!(weights(None), split(5_000, 71_250, 23_750));
+    assert_eq!(
+        weights(Some(status("Progressing", 2, 1))),
+        split(25_000, 56_250, 18_750)
+    );
+    assert_eq!(
+        weights(Some(status("Paused", 3, 1))),
+        split(50_000, 37_500, 12_500)
+    );
+    assert_eq!(
+        weights(Some(status("Aborted", 2, 1))),
+        split(0, 75_000, 25_000)
+    );
+    assert_eq!(
+        weights(Some(status("Promoted", 4, 1))),
+        split(100_000, 0, 0)
+    );
+    // Written for an earlier generation: the edit starts from step 1.
+    assert_eq!(
+        weights(Some(status("Aborted", 2, 0))),
+        split(5_000, 71_250, 23_750)
+    );
+}
+
 #[test]
 fn a_rule_with_no_existing_backend_answers_503_rather_than_falling_through() {
     let mut f = base();

@@ -52,6 +52,51 @@ fn invalid_duration_names_the_field_and_the_format() {
     );
 }
 
+/// A canary's rules, as the API server would judge them (defaults in
+/// first): a backend of the route, steps ending at 100 without repeats,
+/// an interval the control plane keeps evidence for.
+#[test]
+fn a_canary_rollout_is_checked_as_the_api_server_would() {
+    let route = |rollout: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {{name: checkout, namespace: shop}}\nspec:\n  parentRef: {{name: checkout}}\n  rules: [{{backendRefs: [{{name: checkout, weight: 90}}, {{name: checkout-canary, weight: 10}}]}}]\n  rollout: {rollout}\n"
+        )
+    };
+    let (docs, errors) = load_text(&route("{canary: checkout-canary}"));
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(docs.facts.service_routes.len(), 1);
+    for (rollout, says) in [
+        ("{canary: nobody}", "rollout.canary must name a backendRef"),
+        (
+            "{canary: checkout-canary, steps: [10, 50]}",
+            "rollout.steps must end with 100",
+        ),
+        (
+            "{canary: checkout-canary, steps: [10, 10, 100]}",
+            "must not repeat a weight",
+        ),
+        (
+            "{canary: checkout-canary, interval: 1h}",
+            "rollout.interval must be between 10s and 10m",
+        ),
+        (
+            "{canary: checkout-canary, interval: 1s}",
+            "rollout.interval must be between 10s and 10m",
+        ),
+        (
+            "{canary: checkout-canary, steps: [0, 100]}",
+            "steps[0]: must be at least 1",
+        ),
+        (
+            "{canary: checkout-canary, steps: [101]}",
+            "steps[0]: must be at most 100",
+        ),
+    ] {
+        let e = only_error(&route(rollout)).to_string();
+        assert!(e.contains(says), "{rollout}: {e}");
+    }
+}
+
 #[test]
 fn cel_rules_spanning_fields_are_checked() {
     let e = only_error(

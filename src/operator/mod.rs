@@ -3,6 +3,8 @@
 //! per ServiceAccount), policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
 pub mod ca;
+pub mod canaries;
+pub mod canary;
 pub mod desired;
 pub mod driver;
 pub mod endpoints;
@@ -281,14 +283,17 @@ pub async fn run(
             // A new context each term, as a restarted process would have:
             // nothing the last term left (its closed detached writers
             // included) carries over; the caches do.
-            let ctx = Arc::new(reconcile::Ctx::new(
-                client.clone(),
-                world.clone(),
-                Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
-                metrics.clone(),
-                opts.namespace.clone(),
-                Some(opts.identity.clone()),
-            ));
+            let ctx = Arc::new(
+                reconcile::Ctx::new(
+                    client.clone(),
+                    world.clone(),
+                    Arc::new(observe::HttpScraper::with_metrics(metrics.clone())),
+                    metrics.clone(),
+                    opts.namespace.clone(),
+                    Some(opts.identity.clone()),
+                )
+                .with_stats(opts.stats.clone()),
+            );
             lead(
                 ctx,
                 term.changes,
@@ -454,10 +459,19 @@ pub async fn lead(
     }
     let (one_tx, one) = mpsc::unbounded_channel();
     let (all_tx, all) = mpsc::unbounded_channel();
-    let writers = WriterTasks(vec![
+    let mut writers = WriterTasks(vec![
         tokio::spawn(watch_ca(ctx.clone(), all_tx.clone())),
         tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx)),
     ]);
+    // The canaries read the mesh stats this replica collects; a context
+    // without them (tests of the controller alone) runs none.
+    if let Some(stats) = ctx.stats.clone() {
+        writers.0.push(tokio::spawn(canaries::run(
+            ctx.clone(),
+            stats,
+            crate::meshstats::TICK,
+        )));
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let detached = ctx.detached.clone();
     let mut controller = tokio::spawn(driver::run_controller(

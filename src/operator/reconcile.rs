@@ -120,6 +120,9 @@ pub struct Ctx {
     /// `error_policy`, which cannot wait), stopped with the other writers
     /// when the lease is lost.
     pub(crate) detached: Detached,
+    /// The mesh's golden signals this replica collects: the evidence of
+    /// the ServiceRoutes' progressive canaries (none without them).
+    pub stats: Option<crate::meshstats::SharedStats>,
 }
 
 /// Tasks that write but belong to no caller that could wait for them: each
@@ -211,7 +214,14 @@ impl Ctx {
             bad_credentials: Mutex::default(),
             endpoints_written: Mutex::default(),
             detached: Detached::default(),
+            stats: None,
         }
+    }
+
+    /// The same, with the mesh stats the canaries read.
+    pub fn with_stats(mut self, stats: crate::meshstats::SharedStats) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// The same, compiling with `compiler` instead of the policy compiler.
@@ -407,7 +417,7 @@ pub fn backoff(n: u32) -> Duration {
 
 /// The clock, to whole seconds: what the API server stores, so a time
 /// written and read back compares equal.
-fn now_secs() -> SystemTime {
+pub(crate) fn now_secs() -> SystemTime {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

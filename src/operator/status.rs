@@ -121,9 +121,12 @@ pub fn transitions<'a>(existing: &[Condition], written: &'a [Condition]) -> Vec<
 pub fn differs(existing: Option<&Value>, desired: &Value) -> bool {
     let normal = |v: &Value| -> Value {
         match v {
+            // A ServiceRoute's `rollout` is the canary's to write (a field
+            // manager of its own: `operator::canaries`), never the
+            // conditions writer's.
             Value::Object(m) => Value::Object(
                 m.iter()
-                    .filter(|(_, v)| !v.is_null() && *v != &json!([]))
+                    .filter(|(k, v)| !v.is_null() && *v != &json!([]) && k.as_str() != "rollout")
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ),
