@@ -518,6 +518,16 @@ async fn apply(
     Ok(Applied { object, warnings })
 }
 
+/// A cluster of this test's own (the others wait: the guard, dropped
+/// last when bound first), with weft's CRDs and the example shop applied.
+async fn shop_cluster(assets: &Path) -> (tokio::sync::MutexGuard<'static, ()>, Cluster, Discovery) {
+    let one = ONE_AT_A_TIME.lock().await;
+    let cluster = start_cluster(assets).await;
+    let discovery = install_crds(&cluster.client).await;
+    apply_all(&cluster.client, &discovery, &shop_documents()).await;
+    (one, cluster, discovery)
+}
+
 /// Applies every document; each must be accepted without a warning.
 async fn apply_all(client: &kube::Client, discovery: &Discovery, docs: &[Value]) -> Vec<Value> {
     let mut applied = Vec::new();
@@ -648,12 +658,8 @@ fn assert_refused(result: Result<Applied, kube::Error>, field: &str, why: &str) 
 #[tokio::test]
 async fn tier5_crds_install_cleanly_and_the_api_server_refuses_invalid_policies_by_field() {
     let Some(assets) = assets() else { return };
-    let _one = ONE_AT_A_TIME.lock().await;
-    let cluster = start_cluster(&assets).await;
+    let (_one, cluster, discovery) = shop_cluster(&assets).await;
     let client = cluster.client.clone();
-    let discovery = install_crds(&client).await;
-
-    apply_all(&client, &discovery, &shop_documents()).await;
     let (a, b, c) = SERVICE_RANGE;
     let range = format!("{a}.{b}.{c}.");
     for ns in ["shop", "payments"] {
@@ -706,6 +712,103 @@ async fn tier5_crds_install_cleanly_and_the_api_server_refuses_invalid_policies_
     let mut fixed = all_weights_zero.clone();
     fixed["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(1);
     apply_all(&client, &discovery, &[fixed]).await;
+}
+
+/// A ServiceRoute's status has two writers, each with its own field
+/// manager (server-side apply of the status subresource): the compiler's
+/// conditions (`weft-operator`) and the canary's `rollout`
+/// (`weft-canary`). Neither may remove the other's fields, and the canary
+/// removes its own by applying none. The API server also refuses, by
+/// field, the rollouts the CRD's rules forbid.
+#[tokio::test]
+async fn tier5_the_canary_and_the_compiler_write_one_status_without_erasing_each_other() {
+    let Some(assets) = assets() else { return };
+    let (_one, cluster, discovery) = shop_cluster(&assets).await;
+    let client = cluster.client.clone();
+
+    let route = |rollout: Value| {
+        json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "ServiceRoute",
+            "metadata": { "name": "checkout-canary-rollout", "namespace": "shop" },
+            "spec": {
+                "parentRef": { "kind": "Service", "name": "checkout" },
+                "rules": [{ "backendRefs": [
+                    { "name": "checkout", "weight": 90 },
+                    { "name": "checkout-canary", "weight": 10 },
+                ] }],
+                "rollout": rollout,
+            },
+        })
+    };
+    assert_refused(
+        apply(
+            &client,
+            &discovery,
+            &route(json!({ "canary": "checkout-canary", "steps": [10, 50] })),
+        )
+        .await,
+        "spec.rollout",
+        "rollout.steps must end with 100",
+    );
+    assert_refused(
+        apply(&client, &discovery, &route(json!({ "canary": "checkout" }))).await,
+        "spec",
+        "rollout.canary must be another Service than parentRef",
+    );
+    apply_all(
+        &client,
+        &discovery,
+        &[route(
+            json!({ "canary": "checkout-canary", "interval": "30s" }),
+        )],
+    )
+    .await;
+
+    let api: Api<weft::api::ServiceRoute> = Api::namespaced(client.clone(), "shop");
+    let name = "checkout-canary-rollout";
+    let conditions = |message: &str| {
+        json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "ServiceRoute",
+            "status": { "observedGeneration": 1, "conditions": [{
+                "type": "Accepted", "status": "True", "reason": "Accepted", "message": message,
+                "lastTransitionTime": "2026-12-07T10:00:00Z", "observedGeneration": 1,
+            }] },
+        })
+    };
+    let by = |manager: &'static str| PatchParams::apply(manager).force();
+    api.patch_status(name, &by(OPERATOR), &Patch::Apply(conditions("first")))
+        .await
+        .expect("the compiler's conditions");
+    let rollout = json!({
+        "revision": "0123456789abcdef", "phase": "Progressing", "step": 1, "weight": 5,
+        "stepSince": "2026-12-07T10:00:00Z", "verdict": "Started",
+    });
+    weft::operator::canaries::apply_status(&api, name, json!({ "rollout": rollout }))
+        .await
+        .expect("the canary's status");
+    // The compiler writes again (its conditions only): the rollout stays.
+    api.patch_status(name, &by(OPERATOR), &Patch::Apply(conditions("second")))
+        .await
+        .expect("the compiler's conditions again");
+    let read = api.get_status(name).await.expect("read back");
+    let status = read.status.expect("a status");
+    assert_eq!(status.conditions[0].message, "second");
+    let kept = status
+        .rollout
+        .expect("the canary's rollout survived the compiler's write");
+    assert_eq!((kept.step, kept.weight), (1, 5));
+    // The canary drops its part: the conditions stay.
+    weft::operator::canaries::apply_status(&api, name, json!({}))
+        .await
+        .expect("the canary's removal");
+    let status = api
+        .get_status(name)
+        .await
+        .expect("read back")
+        .status
+        .expect("a status");
+    assert!(status.rollout.is_none(), "{:?}", status.rollout);
+    assert_eq!(status.conditions.len(), 1);
 }
 
 /// The control plane under the RBAC that manifests/ gives it, not as an

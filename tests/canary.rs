@@ -1,16 +1,18 @@
-//! Tier 3: the progressive canary of a ServiceRoute with a real client
-//! proxy on loopback in front of a stable and a canary upstream. Each
-//! look does what the control plane does on a cluster, with the same
-//! code: read the proxy's `/metrics` into the mesh stats, gather the
-//! canary's and the stable backends' golden signals on the route's
-//! edges, take the state machine's step, write it as the route's status,
-//! compile the mesh, and hand the proxy the config with the weights the
-//! compiler put in force. Only the API server is left out (its writes are
+//! Tier 3: the progressive canary of a ServiceRoute with real proxies on
+//! loopback: a client proxy routing `checkout` by the compiled route to
+//! a stable and a canary pod, each an app behind its own proxy. Each look
+//! does what the control plane does on a cluster, with the same code:
+//! read every proxy's `/metrics` into the mesh stats, gather what the
+//! canary's and the stable backends' own pods served, take the state
+//! machine's step, write it as the route's status, compile the mesh, and
+//! hand the client proxy the config with the weights the compiler put in
+//! force. Only the API server is left out (its writes are
 //! the `weft-canary` field manager's server-side apply, tier 5), and the
 //! step's window is shortened to a second.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -57,10 +59,23 @@ spec:
 /// The route, loaded and checked as `weft compile` and the API server
 /// would; its window shortened to a second (below what the CRD allows,
 /// so that a test runs in seconds).
-fn route(min_requests: u32) -> (weft::compile::ClusterFacts, ServiceRoute, CanaryRollout) {
+fn route(
+    min_requests: u32,
+    retries: bool,
+) -> (weft::compile::ClusterFacts, ServiceRoute, CanaryRollout) {
     let mut loaded = weft::manifest::Loaded::default();
     let mut errors = Vec::new();
-    weft::manifest::load_str(Path::new("shop.yaml"), SHOP, &mut loaded, &mut errors);
+    let shop = if retries {
+        // Two retries of any 5xx: a client sees almost none of a
+        // canary's failures.
+        SHOP.replace(
+            "  - name: all\n",
+            "  - name: all\n    retries: {attempts: 3, retryOn: [5xx], budget: {percent: 100}}\n",
+        )
+    } else {
+        SHOP.to_owned()
+    };
+    weft::manifest::load_str(Path::new("shop.yaml"), &shop, &mut loaded, &mut errors);
     assert!(errors.is_empty(), "{errors:#?}");
     let facts = loaded.facts;
     let route = facts.service_routes[0].clone();
@@ -80,6 +95,9 @@ struct Look {
     proxy: TestProxy,
     stable: Upstream,
     canary: Upstream,
+    /// The stable and the canary pod's own proxies.
+    stable_pod: TestProxy,
+    canary_pod: TestProxy,
 }
 
 impl Look {
@@ -96,8 +114,18 @@ impl Look {
             .find(|s| s.name == "checkout")
             .map(|s| serde_json::to_value(&s.routes).expect("routes"))
             .expect("checkout compiled");
-        let checkout = service("checkout", &[self.stable.addr], None, routes);
-        let canary = service("checkout-canary", &[self.canary.addr], None, json!([]));
+        let checkout = service(
+            "checkout",
+            &[self.stable_pod.running.inbound[0]],
+            None,
+            routes,
+        );
+        let canary = service(
+            "checkout-canary",
+            &[self.canary_pod.running.inbound[0]],
+            None,
+            json!([]),
+        );
         config(vec![checkout, canary])
     }
 
@@ -124,16 +152,22 @@ impl Look {
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 
-    /// Reads the proxy's metrics into the stats, as the control plane's
-    /// collector does every tick.
+    /// Reads every proxy's metrics into the stats, as the control
+    /// plane's collector does every tick.
     async fn read(&mut self) {
-        let text = self.proxy.metrics().await;
-        let counts = ProxyCounts::read("shop", &text).expect("readable");
-        let reading = Reading {
-            id: ("shop".into(), "frontend-0".into()),
-            counts: Ok(counts),
-        };
-        self.stats.record(SystemTime::now(), vec![reading]);
+        let mut readings = Vec::new();
+        for (pod, proxy) in [
+            ("frontend-0", &self.proxy),
+            ("checkout-0", &self.stable_pod),
+            ("checkout-canary-0", &self.canary_pod),
+        ] {
+            let text = proxy.metrics().await;
+            readings.push(Reading {
+                id: ("shop".into(), pod.into()),
+                counts: Ok(ProxyCounts::read("shop", &text).expect("readable")),
+            });
+        }
+        self.stats.record(SystemTime::now(), readings);
     }
 
     /// One look of the control plane: the decision, written as the
@@ -141,6 +175,7 @@ impl Look {
     async fn look(&mut self) -> Decision {
         self.read().await;
         let generation = self.route.metadata.generation;
+        let revision = self.route.canary_revision().expect("a rollout");
         let current = self
             .route
             .status
@@ -149,17 +184,23 @@ impl Look {
             .map(current_of);
         let since = current.as_ref().map_or(SystemTime::now(), |c| c.since);
         let ticks = self.stats.since(since);
-        let evidence = gather(&ticks, "shop", "checkout", &self.route, &self.rollout);
+        // The workloads the pods' proxies report under (on a cluster, from
+        // the Services' EndpointSlices and the pods' labels).
+        let (canary, stable): (BTreeSet<String>, BTreeSet<String>) = (
+            ["checkout-canary".to_owned()].into(),
+            ["checkout".to_owned()].into(),
+        );
+        let evidence = gather(&ticks, "shop", &canary, &stable);
         let d = canary::step(
             &self.rollout,
-            generation,
+            &revision,
             false,
             current.as_ref(),
             &evidence,
             SystemTime::now(),
         );
         let status = self.route.status.get_or_insert_with(Default::default);
-        status.rollout = Some(status_of(&d, generation));
+        status.rollout = Some(status_of(&d, generation, &revision));
         self.reload().await;
         d
     }
@@ -176,8 +217,9 @@ impl Look {
 }
 
 /// A stable upstream, a canary failing `fail_every`-th request (0: never),
-/// a proxy routing by the compiled route, the first look taken.
-async fn start(fail_every: usize, min_requests: u32) -> Look {
+/// a proxy routing by the compiled route (its rule retrying 5xx, if
+/// `retries`), the first look taken.
+async fn start(fail_every: usize, min_requests: u32, retries: bool) -> Look {
     let stable = Upstream::fixed(200, "stable").await;
     let canary = Upstream::start(Arc::new(move |n, _| {
         let failed = fail_every > 0 && n % fail_every == fail_every - 1;
@@ -188,9 +230,23 @@ async fn start(fail_every: usize, min_requests: u32) -> Look {
         )
     }))
     .await;
-    let (facts, route, rollout) = route(min_requests);
+    let (facts, route, rollout) = route(min_requests, retries);
     let placeholder = config(vec![]);
     let proxy = start_proxy(&placeholder, &["checkout.shop:80"], &[]).await;
+    let pod = |app: &Upstream, workload: &'static str| {
+        let map = format!("127.0.0.1:0={}", app.addr.port());
+        let placeholder = placeholder.clone();
+        async move {
+            start_proxy(
+                &placeholder,
+                &[],
+                &["--inbound-map", &map, "--workload", workload],
+            )
+            .await
+        }
+    };
+    let stable_pod = pod(&stable, "checkout").await;
+    let canary_pod = pod(&canary, "checkout-canary").await;
     let mut look = Look {
         facts,
         route,
@@ -199,6 +255,8 @@ async fn start(fail_every: usize, min_requests: u32) -> Look {
         proxy,
         stable,
         canary,
+        stable_pod,
+        canary_pod,
     };
     look.reload().await;
     // The collector's first reading is a baseline.
@@ -213,7 +271,7 @@ async fn start(fail_every: usize, min_requests: u32) -> Look {
 
 #[tokio::test]
 async fn a_healthy_canary_reaches_all_traffic_through_every_step() {
-    let mut look = start(0, 30).await;
+    let mut look = start(0, 30, false).await;
     let mut weights = vec![look.weight_in_config()];
     for _ in 0..12 {
         // Enough for 30 canary requests at 5 %.
@@ -239,9 +297,10 @@ async fn a_healthy_canary_reaches_all_traffic_through_every_step() {
     );
 }
 
-#[tokio::test]
-async fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_and_gets_no_more() {
-    let mut look = start(5, 30).await;
+/// A canary failing a fifth of its requests, the client's calls retried
+/// (`retries`) or not: aborted at its first step, and no more traffic.
+async fn failing_canary_is_aborted(retries: bool) {
+    let mut look = start(5, 30, retries).await;
     let mut looks = 0;
     let d = loop {
         look.traffic(800).await;
@@ -270,9 +329,22 @@ async fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_a
 }
 
 #[tokio::test]
+async fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_and_gets_no_more() {
+    failing_canary_is_aborted(false).await;
+}
+
+/// The client's retries hide the canary's failures from its callers (two
+/// retries make a fifth about a hundredth); the canary's own pods count
+/// every try, so the gate still sees a fifth.
+#[tokio::test]
+async fn a_failing_canary_is_aborted_even_when_the_clients_retries_hide_its_failures() {
+    failing_canary_is_aborted(true).await;
+}
+
+#[tokio::test]
 async fn a_quiet_canary_never_passes_a_gate() {
     // 2000 requests a step: far more than the traffic gives at 5 %.
-    let mut look = start(0, 2000).await;
+    let mut look = start(0, 2000, false).await;
     for _ in 0..4 {
         look.traffic(200).await;
         tokio::time::sleep(Duration::from_millis(800)).await;

@@ -55,6 +55,7 @@ use super::traffic::RetryPolicy;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.rollout) || self.rules.exists(r, r.backendRefs.exists(b, b.name == self.rollout.canary))").message("rollout.canary must name a backendRef of one of the rules"))]
+#[x_kube(validation = Rule::new("!has(self.rollout) || self.rollout.canary != self.parentRef.name").message("rollout.canary must be another Service than parentRef (the canary backend, not the Service its callers call)"))]
 pub struct ServiceRouteSpec {
     /// The Service whose callers this route steers, in the route's namespace.
     pub parent_ref: ServiceReference,
@@ -78,7 +79,7 @@ pub struct ServiceRouteSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.steps[size(self.steps) - 1] == 100").message("rollout.steps must end with 100 (the promotion)"))]
 #[x_kube(validation = Rule::new("self.steps.all(s, self.steps.exists_one(t, t == s))").message("rollout.steps must not repeat a weight"))]
-#[x_kube(validation = Rule::new("duration(self.interval) >= duration('10s') && duration(self.interval) <= duration('10m')").message("rollout.interval must be between 10s and 10m (the control plane keeps ten minutes of evidence)"))]
+#[x_kube(validation = Rule::new("duration(self.interval) >= duration('10s') && duration(self.interval) <= duration('9m')").message("rollout.interval must be between 10s and 9m (the control plane keeps ten minutes of evidence)"))]
 pub struct CanaryRollout {
     /// The backendRef (a Service name) rolled out; every rule naming it
     /// takes part, its other backends being the stable ones.
@@ -91,7 +92,7 @@ pub struct CanaryRollout {
     #[schemars(length(min = 1, max = 20), inner(range(min = 1, max = 100)))]
     pub steps: Vec<u32>,
     /// How long each step is observed before it may pass (default 1m;
-    /// 10s to 10m). A failed gate aborts as soon as both sides have
+    /// 10s to 9m). A failed gate aborts as soon as both sides have
     /// `minRequests`, without waiting for the window's end.
     #[serde(default = "default_canary_interval")]
     pub interval: Duration,
@@ -100,9 +101,9 @@ pub struct CanaryRollout {
     pub gates: CanaryGates,
 }
 
-/// The gates of each step, read over the step's window from the client
-/// proxies' own counts: the canary against the stable backends of the
-/// same rules.
+/// The gates of each step, read over the step's window from the proxies
+/// of the backends' own pods (every request each served, retries
+/// included): the canary against the stable backends of the same rules.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryGates {
@@ -116,8 +117,9 @@ pub struct CanaryGates {
     #[serde(default = "default_max_p99_increase")]
     #[schemars(range(max = 10000))]
     pub max_p99_increase_percent: u32,
-    /// Requests each side must have had in the window before a gate is
-    /// read (default 100): a quiet step never passes on no evidence.
+    /// Requests each side's pods must have served in the window before a
+    /// gate is read (default 100): a quiet step never passes on no
+    /// evidence.
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_requests: u32,
@@ -160,17 +162,26 @@ impl CanaryRollout {
             .min(100)
     }
 
-    /// The canary's share in force for a route at `generation` whose
-    /// status says `state` (phase, step from 0, the generation it ran
-    /// for): the first step for a new or edited rollout, none after an
-    /// abort, all after promotion.
+    /// Whether the steps ascend (the CRD checks the last and repeats; a
+    /// rollout whose steps do not ascend puts no traffic on the canary).
+    pub fn steps_ascend(&self) -> bool {
+        self.steps.windows(2).all(|w| w[0] < w[1])
+    }
+
+    /// The canary's share in force for a rollout at `revision` whose
+    /// status says `state` (phase, step from 0, the revision it ran
+    /// for): the first step for a new or changed rollout, none after an
+    /// abort or with steps that do not ascend, all after promotion.
     pub fn weight_in_force(
         &self,
-        generation: Option<i64>,
-        state: Option<(CanaryPhase, usize, Option<i64>)>,
+        revision: &str,
+        state: Option<(CanaryPhase, usize, Option<&str>)>,
     ) -> u32 {
+        if !self.steps_ascend() {
+            return 0;
+        }
         match state {
-            Some((phase, step, ran_for)) if ran_for == generation => match phase {
+            Some((phase, step, ran_for)) if ran_for == Some(revision) => match phase {
                 CanaryPhase::Aborted => 0,
                 CanaryPhase::Promoted => 100,
                 CanaryPhase::Progressing | CanaryPhase::Paused => self.weight_at(step),
@@ -185,6 +196,7 @@ impl ServiceRoute {
     /// progressive canary.
     pub fn canary_in_force(&self) -> Option<(&str, u32)> {
         let rollout = self.spec.rollout.as_ref()?;
+        let revision = self.canary_revision()?;
         let state = self
             .status
             .as_ref()
@@ -193,13 +205,32 @@ impl ServiceRoute {
                 (
                     s.phase,
                     s.step.saturating_sub(1) as usize,
-                    s.observed_generation,
+                    s.revision.as_deref(),
                 )
             });
         Some((
             rollout.canary.as_str(),
-            rollout.weight_in_force(self.metadata.generation, state),
+            rollout.weight_in_force(&revision, state),
         ))
+    }
+
+    /// What the canary's rollout runs for: its `rollout` and the
+    /// backends of the rules naming the canary, hashed. A change of
+    /// either starts the rollout again; any other edit (a timeout, a
+    /// match) leaves it where it stands.
+    pub fn canary_revision(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let rollout = self.spec.rollout.as_ref()?;
+        let backends: Vec<&Vec<BackendRef>> = self
+            .spec
+            .rules
+            .iter()
+            .filter(|r| r.backend_refs.iter().any(|b| b.name == rollout.canary))
+            .map(|r| &r.backend_refs)
+            .collect();
+        let text = serde_json::to_vec(&(rollout, backends)).ok()?;
+        let digest = Sha256::digest(&text);
+        Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
@@ -228,7 +259,8 @@ pub struct ServiceRouteStatus {
 pub enum CanaryPhase {
     /// At a step, observing it.
     Progressing,
-    /// Held at its step by the pause annotation.
+    /// Held at its step by the pause annotation (or by steps that do
+    /// not ascend); a failing gate still aborts it.
     Paused,
     /// Reached 100 %: the canary takes every request of its rules.
     Promoted,
@@ -240,9 +272,13 @@ pub enum CanaryPhase {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatus {
-    /// The route generation this rollout runs for (an edit starts again).
+    /// The route generation last looked at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What the rollout runs for: a hash of `spec.rollout` and the
+    /// backends of the canary's rules (a change of either starts again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Progressing, Paused, Promoted or Aborted.
     pub phase: CanaryPhase,
     /// The step in force, from 1.
@@ -251,13 +287,15 @@ pub struct CanaryStatus {
     pub weight: u32,
     /// When the step (or the pause) began.
     pub step_since: Time,
-    /// The latest verdict of the gates: `Observing`, `TooFewRequests`,
-    /// `Passed`, `SuccessRate`, `Latency`, `Paused`, `Promoted`.
+    /// The latest verdict of the gates: `Started`, `Observing`,
+    /// `TooFewRequests`, `NoEvidence`, `Passed`, `SuccessRate`,
+    /// `Latency`, `Paused`, `Resumed`, `Promoted`.
     pub verdict: String,
     /// What the verdict is made of, with the figures.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
-    /// The canary's golden signals over the step's window so far.
+    /// The canary's golden signals over the step's window so far (the
+    /// window that settled it, once promoted or aborted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanarySignals>,
     /// The stable backends', on the same rules.

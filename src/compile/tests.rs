@@ -279,9 +279,14 @@ fn a_canary_takes_the_share_its_status_puts_in_force() {
                 ],
                 "rollout": { "canary": "checkout-canary", "steps": [5, 25, 50, 100] } }),
         );
-        if let Some(st) = status {
+        if let Some(mut st) = status {
+            // Written for this rollout, unless the test says otherwise.
+            if st["revision"].is_null() {
+                st["revision"] = json!(sr.canary_revision().expect("a rollout"));
+            }
             sr.status = Some(serde_json::from_value(json!({ "rollout": st })).expect("status"));
         }
+
         f.service_routes.push(sr);
         let c = compile(&f);
         let routes = &service(&c, "shop", "shop", "checkout")
@@ -331,10 +336,37 @@ fn a_canary_takes_the_share_its_status_puts_in_force() {
         weights(Some(status("Promoted", 4, 1))),
         split(100_000, 0, 0)
     );
-    // Written for an earlier generation: the edit starts from step 1.
-    assert_eq!(
-        weights(Some(status("Aborted", 2, 0))),
-        split(5_000, 71_250, 23_750)
+    // Written for another rollout (its steps or its rules' backends
+    // changed): it starts again from step 1.
+    let mut stale = status("Aborted", 2, 1);
+    stale["revision"] = json!("0123456789abcdef");
+    assert_eq!(weights(Some(stale)), split(5_000, 71_250, 23_750));
+}
+
+/// What a canary runs for: its rollout and its rules' backends. Editing
+/// anything else (a timeout, a match) leaves it where it stands.
+#[test]
+fn only_a_change_of_the_rollout_or_its_backends_restarts_a_canary() {
+    let route = |timeout: &str, weight: u32, steps: Value| -> ServiceRoute {
+        policy(
+            "shop",
+            "checkout",
+            None,
+            json!({ "parentRef": { "name": "checkout" },
+                "rules": [{ "timeout": timeout, "backendRefs": [
+                    { "name": "checkout", "weight": weight },
+                    { "name": "checkout-canary", "weight": 10 },
+                ]}],
+                "rollout": { "canary": "checkout-canary", "steps": steps } }),
+        )
+    };
+    let base = route("1s", 90, json!([5, 50, 100])).canary_revision();
+    assert!(base.is_some());
+    assert_eq!(route("3s", 90, json!([5, 50, 100])).canary_revision(), base);
+    assert_ne!(route("1s", 80, json!([5, 50, 100])).canary_revision(), base);
+    assert_ne!(
+        route("1s", 90, json!([10, 50, 100])).canary_revision(),
+        base
     );
 }
 

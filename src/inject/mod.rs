@@ -1059,11 +1059,13 @@ fn warn_about_app(pod: &Pod, opaque: &[u16], native: bool, warnings: &mut Vec<St
 }
 
 /// The workload's name for metrics: the app label, else the ServiceAccount.
-fn workload_name(pod: &Pod, service_account: &str) -> String {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+/// (The operator's pod cache keeps it, computed the same way, for the
+/// canary's evidence: see `operator::world::prune_pod`.)
+pub(crate) fn workload_name(pod: &Pod, service_account: &str) -> String {
+    let labels = pod.metadata.labels.as_ref();
     ["app.kubernetes.io/name", "app"]
         .iter()
-        .find_map(|k| labels.get(*k).cloned())
+        .find_map(|k| labels.and_then(|l| l.get(*k)).cloned())
         .unwrap_or_else(|| service_account.to_owned())
 }
 

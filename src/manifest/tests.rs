@@ -77,11 +77,11 @@ fn a_canary_rollout_is_checked_as_the_api_server_would() {
         ),
         (
             "{canary: checkout-canary, interval: 1h}",
-            "rollout.interval must be between 10s and 10m",
+            "rollout.interval must be between 10s and 9m",
         ),
         (
             "{canary: checkout-canary, interval: 1s}",
-            "rollout.interval must be between 10s and 10m",
+            "rollout.interval must be between 10s and 9m",
         ),
         (
             "{canary: checkout-canary, steps: [0, 100]}",
@@ -90,6 +90,10 @@ fn a_canary_rollout_is_checked_as_the_api_server_would() {
         (
             "{canary: checkout-canary, steps: [101]}",
             "steps[0]: must be at most 100",
+        ),
+        (
+            "{canary: checkout}",
+            "rollout.canary must be another Service than parentRef",
         ),
     ] {
         let e = only_error(&route(rollout)).to_string();

@@ -1,9 +1,14 @@
 //! The loop that drives every ServiceRoute's progressive canary: each
 //! look reads the route's status (where the canary stands), the golden
-//! signals the client proxies reported since its step began (the mesh
-//! stats the control plane already keeps), and writes the pure
-//! [`canary::step`]'s decision into `status.rollout`, with an Event for
-//! every transition. The compiler reads the weight back from the status
+//! signals the backends' own pods reported since its step began (their
+//! proxies' inbound counts, from the mesh stats the control plane already
+//! keeps), and writes the pure [`canary::step`]'s decision into
+//! `status.rollout`, with an Event for every transition.
+//!
+//! Which pods are whose comes from the Services' EndpointSlices and the
+//! workload name each pod's proxy reports under (the pod cache keeps it,
+//! [`WORKLOAD_ANNOTATION`]); only pods of the route's own namespace count,
+//! so no proxy elsewhere in the mesh can speak for the canary. The compiler reads the weight back from the status
 //! (a status write is a change of the route, so the mesh recompiles), so
 //! nothing the loop holds in memory decides anything: a restarted
 //! operator goes on from the status.
@@ -24,8 +29,9 @@ use serde_json::json;
 
 use super::canary::{self, Current, Decision, Evidence};
 use super::reconcile::{Ctx, now_secs};
-use crate::api::{CanaryRollout, CanaryStatus, ROLLOUT_PAUSED_ANNOTATION, ServiceRoute};
-use crate::meshstats::{Requests, SharedStats, Tick};
+use super::world::{SERVICE_NAME_LABEL, WORKLOAD_ANNOTATION};
+use crate::api::{CanaryPhase, CanaryStatus, ROLLOUT_PAUSED_ANNOTATION, ServiceRoute};
+use crate::meshstats::{Requests, SharedStats, Tick, WorkloadKey};
 
 /// The field manager of `status.rollout`.
 pub const CANARY_FIELD_MANAGER: &str = "weft-canary";
@@ -74,15 +80,14 @@ async fn look(
     let ns = route.namespace().unwrap_or_default();
     let api: Api<ServiceRoute> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = route.status.as_ref().and_then(|s| s.rollout.as_ref());
-    let Some(rollout) = &route.spec.rollout else {
+    let (Some(rollout), Some(revision)) = (&route.spec.rollout, route.canary_revision()) else {
         if existing.is_some() {
             // The rollout was removed: so is what the canary wrote.
-            apply(&api, &route.name_any(), json!({})).await?;
+            apply_status(&api, &route.name_any(), json!({})).await?;
             return Ok(true);
         }
         return Ok(false);
     };
-    let generation = route.metadata.generation;
     let current = existing.map(current_of);
     let paused = route
         .annotations()
@@ -91,39 +96,44 @@ async fn look(
     let now = now_secs();
     let since = current
         .as_ref()
-        .filter(|c| c.observed_generation == generation)
+        .filter(|c| c.revision.as_deref() == Some(revision.as_str()))
         .map_or(now, |c| c.since);
+    let (canary_pods, stable_pods) = sides(ctx, &ns, route, &rollout.canary);
     let evidence = {
         let ticks = crate::proxy::resilience::lock(stats).since(since);
-        gather(&ticks, &ns, &route.name_any(), route, rollout)
+        gather(&ticks, &ns, &canary_pods, &stable_pods)
     };
-    let d = canary::step(
-        rollout,
-        generation,
-        paused,
-        current.as_ref(),
-        &evidence,
-        now,
-    );
-    let status = status_of(&d, generation);
+    let d = canary::step(rollout, &revision, paused, current.as_ref(), &evidence, now);
+    let status = status_of(&d, route.metadata.generation, &revision);
     let moved = existing.is_none_or(|e| {
-        (e.phase, e.step, e.weight, e.verdict.as_str(), &e.step_since)
-            != (
-                status.phase,
-                status.step,
-                status.weight,
-                status.verdict.as_str(),
-                &status.step_since,
-            )
-            || e.observed_generation != status.observed_generation
+        (
+            e.phase,
+            e.step,
+            e.weight,
+            e.verdict.as_str(),
+            &e.step_since,
+            &e.revision,
+        ) != (
+            status.phase,
+            status.step,
+            status.weight,
+            status.verdict.as_str(),
+            &status.step_since,
+            &status.revision,
+        )
     });
-    let refreshed = existing.is_some_and(|e| e != &status)
+    // A settled canary keeps the figures that settled it; a running one
+    // has them refreshed now and then (each write makes the mesh
+    // recompile).
+    let settled = matches!(d.phase, CanaryPhase::Aborted | CanaryPhase::Promoted);
+    let refreshed = !settled
+        && existing.is_some_and(|e| e != &status)
         && last_write.is_none_or(|at| at.elapsed() >= FIGURES_EVERY);
     if !moved && !refreshed {
         return Ok(false);
     }
     let value = serde_json::to_value(&status).unwrap_or_default();
-    apply(&api, &route.name_any(), json!({ "rollout": value })).await?;
+    apply_status(&api, &route.name_any(), json!({ "rollout": value })).await?;
     ctx.metrics.wrote("ServiceRoute", "status");
     if d.event {
         ctx.event(route, d.warning, d.verdict, "Canary", d.message.clone())
@@ -132,8 +142,9 @@ async fn look(
     Ok(true)
 }
 
-/// Server-side apply of `status` (the canary's part) on the route.
-async fn apply(
+/// Server-side apply of `status` (the canary's part) on the route, under
+/// [`CANARY_FIELD_MANAGER`]: fields it wrote before and leaves out now go.
+pub async fn apply_status(
     api: &Api<ServiceRoute>,
     name: &str,
     status: serde_json::Value,
@@ -158,16 +169,17 @@ pub fn current_of(s: &CanaryStatus) -> Current {
         phase: s.phase,
         step: s.step.saturating_sub(1) as usize,
         since: SystemTime::from(s.step_since.0),
-        observed_generation: s.observed_generation,
+        revision: s.revision.clone(),
         verdict: s.verdict.clone(),
         message: s.message.clone(),
     }
 }
 
 /// The status a decision writes.
-pub fn status_of(d: &Decision, generation: Option<i64>) -> CanaryStatus {
+pub fn status_of(d: &Decision, generation: Option<i64>, revision: &str) -> CanaryStatus {
     CanaryStatus {
         observed_generation: generation,
+        revision: Some(revision.to_owned()),
         phase: d.phase,
         step: u32::try_from(d.step + 1).unwrap_or(u32::MAX),
         weight: d.weight,
@@ -179,47 +191,201 @@ pub fn status_of(d: &Decision, generation: Option<i64>) -> CanaryStatus {
     }
 }
 
-/// The canary's and the stable backends' requests on the rules that name
-/// the canary, summed over `ticks` (every caller's proxies), and how much
-/// time the ticks cover.
-pub fn gather(
-    ticks: &[Arc<Tick>],
+/// The workloads (the names their proxies report under) of the pods
+/// behind the canary Service, and behind the other backends of the rules
+/// naming it, in the route's namespace.
+fn sides(
+    ctx: &Ctx,
     ns: &str,
-    name: &str,
     route: &ServiceRoute,
-    rollout: &CanaryRollout,
-) -> Evidence {
-    // The route label each rule's edges carry (as the compiler names it).
-    let rules: BTreeSet<String> = route
+    canary: &str,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let stable: BTreeSet<&str> = route
         .spec
         .rules
         .iter()
-        .enumerate()
-        .filter(|(_, r)| r.backend_refs.iter().any(|b| b.name == rollout.canary))
-        .map(|(i, r)| {
-            let rule = r.name.clone().unwrap_or_else(|| i.to_string());
-            format!("{ns}/{name}/{rule}")
-        })
+        .filter(|r| r.backend_refs.iter().any(|b| b.name == canary))
+        .flat_map(|r| &r.backend_refs)
+        .map(|b| b.name.as_str())
+        .filter(|name| *name != canary)
         .collect();
-    let canary_dst = format!("{}.{ns}:", rollout.canary);
-    let (mut canary, mut stable) = (Requests::default(), Requests::default());
-    let mut covered = 0.0;
-    for t in ticks {
-        covered += t.seconds;
-        for (edge, requests) in &t.counts.edges {
-            if !rules.contains(&edge.route) {
+    let mut canary_pods = BTreeSet::new();
+    let mut stable_pods = BTreeSet::new();
+    for slice in ctx.world.endpoint_slices.state() {
+        if slice.namespace().as_deref() != Some(ns) {
+            continue;
+        }
+        let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) else {
+            continue;
+        };
+        let side = if service == canary {
+            &mut canary_pods
+        } else if stable.contains(service.as_str()) {
+            &mut stable_pods
+        } else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(pod) = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .and_then(|t| t.name.as_deref())
+            else {
                 continue;
-            }
-            if edge.dst.starts_with(&canary_dst) {
-                canary.add(requests);
-            } else {
-                stable.add(requests);
+            };
+            let workload = ctx
+                .world
+                .pods
+                .get(&kube::runtime::reflector::ObjectRef::new(pod).within(ns))
+                .and_then(|p| p.annotations().get(WORKLOAD_ANNOTATION).cloned());
+            if let Some(w) = workload {
+                side.insert(w);
             }
         }
     }
+    (canary_pods, stable_pods)
+}
+
+/// What the pods of `canary` and `stable` workloads of namespace `ns`
+/// served (their proxies' inbound counts), summed over `ticks`, and how
+/// much time the ticks cover. Workloads on both sides cannot be told
+/// apart: nothing is judged until the canary's pods report under a name
+/// of their own.
+pub fn gather(
+    ticks: &[Arc<Tick>],
+    ns: &str,
+    canary: &BTreeSet<String>,
+    stable: &BTreeSet<String>,
+) -> Evidence {
+    let covered = Duration::from_secs_f64(ticks.iter().map(|t| t.seconds).sum());
+    let shared: Vec<&String> = canary.intersection(stable).collect();
+    let unreadable = if canary.is_empty() {
+        Some(
+            "no pod of the canary's Service is known yet (its EndpointSlices name none)".to_owned(),
+        )
+    } else if !shared.is_empty() {
+        Some(format!(
+            "the canary's pods and the stable backends' report under the same workload name ({}): give the canary's pods an app label of their own",
+            shared
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    } else {
+        None
+    };
+    let (mut canary_served, mut stable_served) = (Requests::default(), Requests::default());
+    if unreadable.is_none() {
+        let sum = |workloads: &BTreeSet<String>, into: &mut Requests| {
+            for t in ticks {
+                for w in workloads {
+                    let key = WorkloadKey {
+                        namespace: ns.to_owned(),
+                        workload: w.clone(),
+                    };
+                    if let Some(r) = t.counts.inbound.get(&key) {
+                        into.add(r);
+                    }
+                }
+            }
+        };
+        sum(canary, &mut canary_served);
+        sum(stable, &mut stable_served);
+    }
     Evidence {
-        canary,
-        stable,
-        covered: Duration::from_secs_f64(covered),
+        canary: canary_served,
+        stable: stable_served,
+        covered,
+        unreadable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::meshstats::{MeshStats, ProxyCounts, Reading};
+
+    /// A proxy's inbound metrics: `ok` and `failed` requests served by
+    /// `workload`.
+    fn served(workload: &str, ok: u32, failed: u32) -> String {
+        format!(
+            "weft_proxy_requests_total{{direction=\"inbound\",src=\"spiffe://cluster.local/ns/web/sa/frontend\",dst=\"{workload}\",route=\"default\",status_class=\"2xx\",tls=\"true\"}} {ok}\n\
+             weft_proxy_requests_total{{direction=\"inbound\",src=\"spiffe://cluster.local/ns/web/sa/frontend\",dst=\"{workload}\",route=\"default\",status_class=\"5xx\",tls=\"true\"}} {failed}\n"
+        )
+    }
+
+    fn reading(ns: &str, pod: &str, text: &str) -> Reading {
+        Reading {
+            id: (ns.to_owned(), pod.to_owned()),
+            counts: ProxyCounts::read(ns, text),
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// The evidence is what each side's own pods served in the route's
+    /// namespace since the step began: a proxy of another namespace
+    /// claiming the same workload name counts for nothing, and time
+    /// before the step is left out.
+    #[test]
+    fn the_evidence_is_the_backends_own_pods_since_the_step_began() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut stats = MeshStats::default();
+        let look = |stats: &mut MeshStats,
+                    at: u64,
+                    canary: (u32, u32),
+                    stable: (u32, u32),
+                    forged: u32| {
+            stats.record(
+                t0 + Duration::from_secs(at),
+                vec![
+                    reading(
+                        "shop",
+                        "checkout-canary-0",
+                        &served("checkout-canary", canary.0, canary.1),
+                    ),
+                    reading(
+                        "shop",
+                        "checkout-0",
+                        &served("checkout", stable.0, stable.1),
+                    ),
+                    // Another tenant's pod claiming to be the canary.
+                    reading("evil", "liar-0", &served("checkout-canary", forged, 0)),
+                ],
+            );
+        };
+        look(&mut stats, 0, (0, 0), (0, 0), 0);
+        look(&mut stats, 10, (90, 10), (1000, 0), 1_000_000);
+        // The step begins here.
+        look(&mut stats, 20, (180, 20), (2000, 0), 2_000_000);
+        look(&mut stats, 30, (270, 30), (3000, 0), 3_000_000);
+        let ticks = stats.since(t0 + Duration::from_secs(10));
+        let e = gather(
+            &ticks,
+            "shop",
+            &set(&["checkout-canary"]),
+            &set(&["checkout"]),
+        );
+        assert_eq!(e.unreadable, None);
+        assert_eq!((e.canary.requests, e.canary.succeeded), (200.0, 180.0));
+        assert_eq!((e.stable.requests, e.stable.succeeded), (2000.0, 2000.0));
+        assert_eq!(e.covered, Duration::from_secs(20));
+        // Pods that cannot be told apart, or a canary without pods: no
+        // evidence, not a verdict.
+        let e = gather(&ticks, "shop", &set(&["checkout"]), &set(&["checkout"]));
+        assert!(
+            e.unreadable
+                .expect("unreadable")
+                .contains("same workload name")
+        );
+        assert_eq!(e.canary.requests, 0.0);
+        let e = gather(&ticks, "shop", &set(&[]), &set(&["checkout"]));
+        assert!(e.unreadable.is_some());
     }
 }

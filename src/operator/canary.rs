@@ -14,6 +14,10 @@
 //!                           Paused
 //! ```
 //!
+//! - The evidence is what the backends' own pods served (their proxies'
+//!   inbound counts, every try of a retried call included, in the
+//!   route's namespace): a proxy elsewhere in the mesh cannot speak for
+//!   them, and a client's retries cannot hide a canary's failures.
 //! - A step passes once its window (`interval`) is covered by evidence
 //!   and both the canary and the stable backends had `minRequests` in it,
 //!   with the canary's success rate and p99 within the gates of the
@@ -21,8 +25,11 @@
 //!   judged (`TooFewRequests` once the window is over): a quiet canary
 //!   never passes.
 //! - A gate fails as soon as both sides have `minRequests`, before the
-//!   window ends: the canary is aborted and gets no more traffic until
-//!   the route is edited.
+//!   window ends, paused or not: the canary is aborted and gets no more
+//!   traffic until its rollout (or its rules' backends) change.
+//! - What the rollout runs for is a revision: a hash of `spec.rollout`
+//!   and the backends of the canary's rules. A change of it starts again
+//!   from the first step; any other edit of the route leaves it alone.
 //! - The window counts from the step's start as written in the status,
 //!   over what the control plane observed since; an operator that
 //!   restarted (or another replica that took over) keeps the step and
@@ -41,6 +48,7 @@ pub mod verdict {
     pub const STARTED: &str = "Started";
     pub const OBSERVING: &str = "Observing";
     pub const TOO_FEW_REQUESTS: &str = "TooFewRequests";
+    pub const NO_EVIDENCE: &str = "NoEvidence";
     pub const PASSED: &str = "Passed";
     pub const SUCCESS_RATE: &str = "SuccessRate";
     pub const LATENCY: &str = "Latency";
@@ -65,22 +73,24 @@ pub struct Current {
     /// The step in force, from 0.
     pub step: usize,
     pub since: SystemTime,
-    /// The route generation the rollout runs for.
-    pub observed_generation: Option<i64>,
+    /// What the rollout ran for ([`crate::api::ServiceRoute::canary_revision`]).
+    pub revision: Option<String>,
     pub verdict: String,
     pub message: String,
 }
 
-/// What the client proxies measured over the current step.
+/// What the backends' pods served over the current step.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Evidence {
-    /// Requests to the canary backend on its rules.
+    /// Requests the canary backend's pods served.
     pub canary: Requests,
-    /// Requests to the other backends of the same rules.
+    /// Requests the pods of the rules' other backends served.
     pub stable: Requests,
     /// How much of the step the evidence covers: from the step's start,
     /// or from the control plane's first reading after it.
     pub covered: Duration,
+    /// Why the two sides cannot be told apart (nothing is judged).
+    pub unreadable: Option<String>,
 }
 
 /// What to write and when to look again.
@@ -108,44 +118,84 @@ pub fn weight_at(rollout: &CanaryRollout, step: usize) -> u32 {
     rollout.weight_at(step)
 }
 
-/// The canary's share the compiler puts in force for a route at
-/// `generation` whose status says `current` (see
+/// The canary's share the compiler puts in force for a rollout at
+/// `revision` whose status says `current` (see
 /// [`CanaryRollout::weight_in_force`]).
-pub fn weight_in_force(
-    rollout: &CanaryRollout,
-    generation: Option<i64>,
-    current: Option<&Current>,
-) -> u32 {
+pub fn weight_in_force(rollout: &CanaryRollout, revision: &str, current: Option<&Current>) -> u32 {
     rollout.weight_in_force(
-        generation,
-        current.map(|c| (c.phase, c.step, c.observed_generation)),
+        revision,
+        current.map(|c| (c.phase, c.step, c.revision.as_deref())),
     )
 }
 
-/// Why the steps cannot run as written, if they cannot: the CRD's rules
-/// check the last step and repeats, this the order.
-pub fn invalid_steps(rollout: &CanaryRollout) -> Option<String> {
-    let ascending = rollout.steps.windows(2).all(|w| w[0] < w[1]);
-    (!ascending).then(|| {
-        format!(
-            "rollout.steps {:?} must ascend (each step a larger share than the one before)",
-            rollout.steps
-        )
-    })
+/// What the gates say of the evidence.
+enum Judged {
+    /// Too few requests on a side (or no telling them apart).
+    Quiet(String),
+    /// A gate failed: the verdict and why.
+    Failed(&'static str, String),
+    /// Within every gate.
+    Within,
 }
 
-/// One look at a canary whose route is at `generation`.
+fn judge(rollout: &CanaryRollout, evidence: &Evidence, figures: &str) -> Judged {
+    if let Some(why) = &evidence.unreadable {
+        return Judged::Quiet(why.clone());
+    }
+    let gates = &rollout.gates;
+    let min = f64::from(gates.min_requests);
+    let (canary, stable) = (&evidence.canary, &evidence.stable);
+    if canary.requests < min || stable.requests < min {
+        let quiet = if canary.requests < min {
+            "the canary's pods"
+        } else {
+            "the stable backends' pods"
+        };
+        return Judged::Quiet(format!(
+            "{quiet} served fewer than the {} requests a gate needs; {figures}",
+            gates.min_requests
+        ));
+    }
+    let rate = |r: &Requests| 100.0 * r.succeeded / r.requests;
+    let drop = rate(stable) - rate(canary);
+    if drop > f64::from(gates.max_success_rate_drop) {
+        return Judged::Failed(
+            verdict::SUCCESS_RATE,
+            format!(
+                "the canary's success rate is {drop:.1} points below the stable backends' (at most {} allowed); {figures}",
+                gates.max_success_rate_drop
+            ),
+        );
+    }
+    if let (Some(c99), Some(s99)) = (canary.quantile(0.99), stable.quantile(0.99)) {
+        let allowed = s99 * (1.0 + f64::from(gates.max_p99_increase_percent) / 100.0);
+        if c99 > allowed && c99 - s99 > LATENCY_SLACK_MS {
+            return Judged::Failed(
+                verdict::LATENCY,
+                format!(
+                    "the canary's p99 is {c99:.0} ms against the stable backends' {s99:.0} ms (at most {} % more allowed); {figures}",
+                    gates.max_p99_increase_percent
+                ),
+            );
+        }
+    }
+    Judged::Within
+}
+
+/// One look at a canary whose rollout is at `revision`.
 pub fn step(
     rollout: &CanaryRollout,
-    generation: Option<i64>,
+    revision: &str,
     paused: bool,
     current: Option<&Current>,
     evidence: &Evidence,
     now: SystemTime,
 ) -> Decision {
     let signals = (signals(&evidence.canary), signals(&evidence.stable));
+    let valid = rollout.steps_ascend();
     let decide = |phase, step: usize, since, verdict, message: String, event, requeue_after| {
         let weight = match phase {
+            _ if !valid => 0,
             CanaryPhase::Aborted => 0,
             CanaryPhase::Promoted => 100,
             _ => weight_at(rollout, step),
@@ -164,15 +214,18 @@ pub fn step(
             requeue_after,
         }
     };
-    let restarted = current.is_none_or(|c| c.observed_generation != generation);
-    if let Some(why) = invalid_steps(rollout) {
-        // The compiler keeps the first step's weight; nothing moves.
+    let restarted = current.is_none_or(|c| c.revision.as_deref() != Some(revision));
+    if !valid {
+        // No traffic on the canary until the steps are fixed.
         return decide(
             CanaryPhase::Paused,
             0,
             current.filter(|_| !restarted).map_or(now, |c| c.since),
             verdict::PAUSED,
-            why,
+            format!(
+                "rollout.steps {:?} must ascend (each step a larger share than the one before); the canary gets no traffic until they do",
+                rollout.steps
+            ),
             restarted,
             IDLE,
         );
@@ -195,17 +248,35 @@ pub fn step(
     };
     let last = rollout.steps.len().saturating_sub(1);
     let at = c.step.min(last);
+    let w = weight_at(rollout, at);
+    let figures = format!(
+        "canary {} (stable {})",
+        describe(&evidence.canary),
+        describe(&evidence.stable)
+    );
+    let aborted = |verdict, why: String| {
+        decide(
+            CanaryPhase::Aborted,
+            at,
+            now,
+            verdict,
+            format!(
+                "aborted at step {} ({w} %): {why}; every request of its rules goes to the stable backends until its rollout changes",
+                at + 1
+            ),
+            true,
+            IDLE,
+        )
+    };
     match c.phase {
-        // Settled until the route is edited (which starts it again).
+        // Settled until the rollout changes (which starts it again).
         CanaryPhase::Aborted | CanaryPhase::Promoted => {
-            let verdict = if c.phase == CanaryPhase::Promoted {
-                verdict::PROMOTED
-            } else if c.verdict == verdict::LATENCY {
-                verdict::LATENCY
-            } else {
-                verdict::SUCCESS_RATE
+            let verdict = match (c.phase, c.verdict.as_str()) {
+                (CanaryPhase::Promoted, _) => verdict::PROMOTED,
+                (_, verdict::LATENCY) => verdict::LATENCY,
+                _ => verdict::SUCCESS_RATE,
             };
-            let mut d = decide(
+            return decide(
                 c.phase,
                 at,
                 c.since,
@@ -214,12 +285,12 @@ pub fn step(
                 false,
                 IDLE,
             );
-            // The figures that settled it stay as they were written.
-            d.canary = None;
-            d.stable = None;
-            return d;
         }
         CanaryPhase::Progressing | CanaryPhase::Paused if paused => {
+            // Held, but not blind: a failing gate still aborts.
+            if let Judged::Failed(verdict, why) = judge(rollout, evidence, &figures) {
+                return aborted(verdict, why);
+            }
             let event = c.phase != CanaryPhase::Paused;
             let since = if event { now } else { c.since };
             return decide(
@@ -228,9 +299,8 @@ pub fn step(
                 since,
                 verdict::PAUSED,
                 format!(
-                    "paused at step {} ({} %) by the annotation weft.dev/rollout-paused; remove it to resume (the step's window starts again)",
-                    at + 1,
-                    weight_at(rollout, at)
+                    "paused at step {} ({w} %) by the annotation weft.dev/rollout-paused (a failing gate still aborts); remove it to resume (the step's window starts again)",
+                    at + 1
                 ),
                 event,
                 IDLE,
@@ -243,9 +313,8 @@ pub fn step(
                 now,
                 verdict::RESUMED,
                 format!(
-                    "resumed at step {} ({} %): its window starts again",
-                    at + 1,
-                    weight_at(rollout, at)
+                    "resumed at step {} ({w} %): its window starts again",
+                    at + 1
                 ),
                 true,
                 RECHECK,
@@ -253,7 +322,7 @@ pub fn step(
         }
         CanaryPhase::Progressing => {}
     }
-    if weight_at(rollout, at) >= 100 {
+    if w >= 100 {
         return decide(
             CanaryPhase::Promoted,
             at,
@@ -267,125 +336,78 @@ pub fn step(
             IDLE,
         );
     }
-    let gates = &rollout.gates;
-    let min = f64::from(gates.min_requests);
-    let (canary, stable) = (&evidence.canary, &evidence.stable);
     let window = rollout.interval.as_std();
     let over = evidence.covered >= window;
-    let figures = format!("canary {} (stable {})", describe(canary), describe(stable));
-    if canary.requests < min || stable.requests < min {
-        let (verdict, requeue) = if over {
-            (verdict::TOO_FEW_REQUESTS, RECHECK)
-        } else {
-            (verdict::OBSERVING, RECHECK.min(window - evidence.covered))
-        };
-        let quiet = if canary.requests < min {
-            "the canary"
-        } else {
-            "the stable backends"
-        };
-        return decide(
-            CanaryPhase::Progressing,
-            at,
-            c.since,
-            verdict,
-            format!(
-                "step {} ({} %): {quiet} had fewer than the {} requests a gate needs; {figures}",
-                at + 1,
-                weight_at(rollout, at),
-                gates.min_requests
-            ),
-            false,
-            requeue.max(Duration::from_secs(1)),
-        );
-    }
-    let rate = |r: &Requests| 100.0 * r.succeeded / r.requests;
-    let drop = rate(stable) - rate(canary);
-    if drop > f64::from(gates.max_success_rate_drop) {
-        return decide(
-            CanaryPhase::Aborted,
-            at,
-            now,
-            verdict::SUCCESS_RATE,
-            format!(
-                "aborted at step {} ({} %): the canary's success rate is {drop:.1} points below the stable backends' (at most {} allowed); {figures}; every request goes to the stable backends until the route is edited",
-                at + 1,
-                weight_at(rollout, at),
-                gates.max_success_rate_drop
-            ),
-            true,
-            IDLE,
-        );
-    }
-    if let (Some(c99), Some(s99)) = (canary.quantile(0.99), stable.quantile(0.99)) {
-        let allowed = s99 * (1.0 + f64::from(gates.max_p99_increase_percent) / 100.0);
-        if c99 > allowed && c99 - s99 > LATENCY_SLACK_MS {
-            return decide(
-                CanaryPhase::Aborted,
+    let left = || {
+        RECHECK
+            .min(window.saturating_sub(evidence.covered))
+            .max(Duration::from_secs(1))
+    };
+    match judge(rollout, evidence, &figures) {
+        Judged::Failed(verdict, why) => aborted(verdict, why),
+        Judged::Quiet(why) => {
+            let verdict = match (&evidence.unreadable, over) {
+                (Some(_), _) => verdict::NO_EVIDENCE,
+                (None, true) => verdict::TOO_FEW_REQUESTS,
+                (None, false) => verdict::OBSERVING,
+            };
+            decide(
+                CanaryPhase::Progressing,
                 at,
-                now,
-                verdict::LATENCY,
-                format!(
-                    "aborted at step {} ({} %): the canary's p99 is {c99:.0} ms against the stable backends' {s99:.0} ms (at most {} % more allowed); {figures}; every request goes to the stable backends until the route is edited",
-                    at + 1,
-                    weight_at(rollout, at),
-                    gates.max_p99_increase_percent
-                ),
-                true,
-                IDLE,
-            );
+                c.since,
+                verdict,
+                format!("step {} ({w} %): {why}", at + 1),
+                false,
+                if over { RECHECK } else { left() },
+            )
         }
-    }
-    if !over {
-        return decide(
+        Judged::Within if !over => decide(
             CanaryPhase::Progressing,
             at,
             c.since,
             verdict::OBSERVING,
             format!(
-                "step {} ({} %): within the gates so far, {:.0} s of {} s observed; {figures}",
+                "step {} ({w} %): within the gates so far, {:.0} s of {} s observed; {figures}",
                 at + 1,
-                weight_at(rollout, at),
                 evidence.covered.as_secs_f64(),
                 window.as_secs()
             ),
             false,
-            RECHECK
-                .min(window - evidence.covered)
-                .max(Duration::from_secs(1)),
-        );
-    }
-    let next = at + 1;
-    if weight_at(rollout, next) >= 100 || next > last {
-        return decide(
-            CanaryPhase::Promoted,
-            next.min(last),
-            now,
-            verdict::PROMOTED,
-            format!(
-                "canary {} passed step {} and is promoted: it takes every request of its rules; make it the stable backend and remove spec.rollout; {figures}",
-                rollout.canary,
-                at + 1
-            ),
-            true,
-            IDLE,
-        );
-    }
-    decide(
-        CanaryPhase::Progressing,
-        next,
-        now,
-        verdict::PASSED,
-        format!(
-            "step {} ({} %) passed; step {} sends the canary {} %; {figures}",
-            at + 1,
-            weight_at(rollout, at),
-            next + 1,
-            weight_at(rollout, next)
+            left(),
         ),
-        true,
-        RECHECK,
-    )
+        Judged::Within => {
+            let next = at + 1;
+            if next > last || weight_at(rollout, next) >= 100 {
+                return decide(
+                    CanaryPhase::Promoted,
+                    next.min(last),
+                    now,
+                    verdict::PROMOTED,
+                    format!(
+                        "canary {} passed step {} and is promoted: it takes every request of its rules; make it the stable backend and remove spec.rollout; {figures}",
+                        rollout.canary,
+                        at + 1
+                    ),
+                    true,
+                    IDLE,
+                );
+            }
+            decide(
+                CanaryPhase::Progressing,
+                next,
+                now,
+                verdict::PASSED,
+                format!(
+                    "step {} ({w} %) passed; step {} sends the canary {} %; {figures}",
+                    at + 1,
+                    next + 1,
+                    weight_at(rollout, next)
+                ),
+                true,
+                RECHECK,
+            )
+        }
+    }
 }
 
 /// One side's figures, for the status.

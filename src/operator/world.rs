@@ -391,18 +391,26 @@ fn spawn_watch_pruned<K>(
 /// and mounts, other volumes, conditions, container statuses.
 pub fn prune_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, SecretVolumeSource, Volume};
+    // The name its proxy's metrics go by (as the injector computes it from
+    // the labels about to go): a canary's evidence is its pods' own.
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let workload = crate::inject::workload_name(pod, &account);
     let meta = &mut pod.metadata;
     meta.labels = None;
     // The injector's own annotations say the webhook injected the pod.
-    meta.annotations = meta
+    let mut kept: std::collections::BTreeMap<String, String> = meta
         .annotations
         .take()
-        .map(|a| {
-            a.into_iter()
-                .filter(|(k, _)| k.starts_with("weft.dev/"))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        })
-        .filter(|a| !a.is_empty());
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("weft.dev/"))
+        .collect();
+    kept.insert(WORKLOAD_ANNOTATION.to_owned(), workload);
+    meta.annotations = Some(kept);
     meta.owner_references = None;
     meta.finalizers = None;
     meta.generate_name = None;
@@ -461,6 +469,11 @@ pub fn prune_pod(pod: &mut Pod) {
         ..PodStatus::default()
     });
 }
+
+/// Where the operator's pod cache keeps a pod's workload name (the name
+/// its proxy's metrics go by), in place of the labels it drops. Only in
+/// the cache: never written to the cluster.
+pub const WORKLOAD_ANNOTATION: &str = "weft.dev/workload";
 
 /// The label that names an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -613,7 +626,8 @@ mod tests {
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "shop", "name": "checkout-0", "uid": "u1",
-                             "annotations": {"weft.dev/injection-hash": "h1"}},
+                             "annotations": {"weft.dev/injection-hash": "h1",
+                                             "weft.dev/workload": "checkout"}},
                 "spec": {
                     "hostNetwork": false,
                     "initContainers": [{"name": "weft-init", "args": ["init"]}, {"name": "weft-proxy"}],

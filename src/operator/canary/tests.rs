@@ -45,6 +45,7 @@ fn evidence(canary: Requests, stable: Requests, covered: Duration) -> Evidence {
         canary,
         stable,
         covered,
+        unreadable: None,
     }
 }
 
@@ -53,7 +54,7 @@ fn current(phase: CanaryPhase, step: usize, since: SystemTime) -> Current {
         phase,
         step,
         since,
-        observed_generation: Some(1),
+        revision: Some("r1".into()),
         verdict: String::new(),
         message: String::new(),
     }
@@ -68,7 +69,7 @@ fn at_step(d: &Decision) -> (CanaryPhase, usize, u32) {
 fn a_new_rollout_starts_at_its_first_step_and_says_so() {
     let d = step(
         &rollout(),
-        Some(1),
+        "r1",
         false,
         None,
         &Evidence::default(),
@@ -85,28 +86,28 @@ fn a_new_rollout_starts_at_its_first_step_and_says_so() {
 fn a_healthy_canary_passes_every_step_and_is_promoted() {
     let r = rollout();
     let mut c = current(CanaryPhase::Progressing, 0, at(Duration::ZERO));
-    let mut weights = vec![weight_in_force(&r, Some(1), Some(&c))];
+    let mut weights = vec![weight_in_force(&r, "r1", Some(&c))];
     for look in 1..=3u32 {
         let now = at(MINUTE * look);
         let healthy = evidence(requests(200, 0, 20.0), requests(2000, 2, 20.0), MINUTE);
-        let d = step(&r, Some(1), false, Some(&c), &healthy, now);
+        let d = step(&r, "r1", false, Some(&c), &healthy, now);
         assert!(d.event, "{d:?}");
         c = Current {
             phase: d.phase,
             step: d.step,
             since: d.since,
-            observed_generation: Some(1),
+            revision: Some("r1".into()),
             verdict: d.verdict.into(),
             message: d.message.clone(),
         };
-        weights.push(weight_in_force(&r, Some(1), Some(&c)));
+        weights.push(weight_in_force(&r, "r1", Some(&c)));
     }
     assert_eq!(weights, [5, 25, 50, 100]);
     assert_eq!(c.phase, CanaryPhase::Promoted);
     assert_eq!(c.verdict, verdict::PROMOTED);
     // Settled: nothing more happens, whatever comes.
     let bad = evidence(requests(200, 200, 20.0), requests(200, 0, 20.0), MINUTE);
-    let d = step(&r, Some(1), false, Some(&c), &bad, at(MINUTE * 9));
+    let d = step(&r, "r1", false, Some(&c), &bad, at(MINUTE * 9));
     assert_eq!(at_step(&d), (CanaryPhase::Promoted, 3, 100));
     assert!(!d.event);
 }
@@ -117,7 +118,7 @@ fn a_step_waits_for_its_whole_window_before_passing() {
     let healthy = |covered| evidence(requests(500, 0, 20.0), requests(1500, 0, 20.0), covered);
     let d = step(
         &rollout(),
-        Some(1),
+        "r1",
         false,
         Some(&c),
         &healthy(MINUTE / 2),
@@ -128,7 +129,7 @@ fn a_step_waits_for_its_whole_window_before_passing() {
     assert!(d.requeue_after <= Duration::from_secs(10));
     let d = step(
         &rollout(),
-        Some(1),
+        "r1",
         false,
         Some(&c),
         &healthy(MINUTE),
@@ -143,14 +144,7 @@ fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_at_once
     let c = current(CanaryPhase::Progressing, 0, at(Duration::ZERO));
     // Ten seconds into a one-minute window: enough requests, failed.
     let failing = evidence(requests(120, 24, 20.0), requests(2000, 0, 20.0), MINUTE / 6);
-    let d = step(
-        &rollout(),
-        Some(1),
-        false,
-        Some(&c),
-        &failing,
-        at(MINUTE / 6),
-    );
+    let d = step(&rollout(), "r1", false, Some(&c), &failing, at(MINUTE / 6));
     assert_eq!(at_step(&d), (CanaryPhase::Aborted, 0, 0));
     assert_eq!(d.verdict, verdict::SUCCESS_RATE);
     assert!(d.event && d.warning);
@@ -164,7 +158,7 @@ fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_at_once
     let healthy = evidence(requests(500, 0, 20.0), requests(500, 0, 20.0), MINUTE);
     let d = step(
         &rollout(),
-        Some(1),
+        "r1",
         false,
         Some(&aborted),
         &healthy,
@@ -173,7 +167,7 @@ fn a_canary_failing_a_fifth_of_its_requests_is_aborted_at_its_first_step_at_once
     assert_eq!(at_step(&d), (CanaryPhase::Aborted, 0, 0));
     assert_eq!(d.verdict, verdict::SUCCESS_RATE);
     assert!(!d.event);
-    assert_eq!(weight_in_force(&rollout(), Some(1), Some(&aborted)), 0);
+    assert_eq!(weight_in_force(&rollout(), "r1", Some(&aborted)), 0);
 }
 
 #[test]
@@ -181,7 +175,7 @@ fn a_drop_within_the_gate_passes() {
     let c = current(CanaryPhase::Progressing, 0, at(Duration::ZERO));
     // 99.0 % against 99.5 %: half a point, within the 1 allowed.
     let close = evidence(requests(1000, 10, 20.0), requests(2000, 10, 20.0), MINUTE);
-    let d = step(&rollout(), Some(1), false, Some(&c), &close, at(MINUTE));
+    let d = step(&rollout(), "r1", false, Some(&c), &close, at(MINUTE));
     assert_eq!(at_step(&d), (CanaryPhase::Progressing, 1, 25));
 }
 
@@ -189,12 +183,12 @@ fn a_drop_within_the_gate_passes() {
 fn a_slow_canary_is_aborted_on_latency_but_a_few_milliseconds_never_fail() {
     let c = current(CanaryPhase::Progressing, 0, at(Duration::ZERO));
     let slow = evidence(requests(200, 0, 250.0), requests(2000, 0, 50.0), MINUTE / 2);
-    let d = step(&rollout(), Some(1), false, Some(&c), &slow, at(MINUTE / 2));
+    let d = step(&rollout(), "r1", false, Some(&c), &slow, at(MINUTE / 2));
     assert_eq!(at_step(&d), (CanaryPhase::Aborted, 0, 0));
     assert_eq!(d.verdict, verdict::LATENCY);
     // 5 ms against 1 ms is +400 %, but within the slack.
     let fast = evidence(requests(200, 0, 5.0), requests(2000, 0, 1.0), MINUTE);
-    let d = step(&rollout(), Some(1), false, Some(&c), &fast, at(MINUTE));
+    let d = step(&rollout(), "r1", false, Some(&c), &fast, at(MINUTE));
     assert_eq!(at_step(&d), (CanaryPhase::Progressing, 1, 25));
 }
 
@@ -208,7 +202,7 @@ fn a_quiet_canary_never_passes_a_gate() {
                 requests(stable, 0, 20.0),
                 covered,
             );
-            let d = step(&rollout(), Some(1), false, Some(&c), &quiet, at(covered));
+            let d = step(&rollout(), "r1", false, Some(&c), &quiet, at(covered));
             assert_eq!(
                 at_step(&d),
                 (CanaryPhase::Progressing, 0, 5),
@@ -220,7 +214,7 @@ fn a_quiet_canary_never_passes_a_gate() {
     }
     // Nor fails one: a few failures among too few requests prove nothing.
     let few = evidence(requests(50, 25, 20.0), requests(5000, 0, 20.0), MINUTE);
-    let d = step(&rollout(), Some(1), false, Some(&c), &few, at(MINUTE));
+    let d = step(&rollout(), "r1", false, Some(&c), &few, at(MINUTE));
     assert_eq!(d.phase, CanaryPhase::Progressing);
 }
 
@@ -229,27 +223,26 @@ fn the_annotation_pauses_the_step_and_removing_it_restarts_the_window() {
     let r = rollout();
     let c = current(CanaryPhase::Progressing, 1, at(Duration::ZERO));
     let healthy = evidence(requests(500, 0, 20.0), requests(1500, 0, 20.0), MINUTE * 2);
-    let d = step(&r, Some(1), true, Some(&c), &healthy, at(MINUTE * 2));
+    let d = step(&r, "r1", true, Some(&c), &healthy, at(MINUTE * 2));
     assert_eq!(at_step(&d), (CanaryPhase::Paused, 1, 25));
     assert_eq!(
         (d.verdict, d.event, d.since),
         (verdict::PAUSED, true, at(MINUTE * 2))
     );
     let paused = current(CanaryPhase::Paused, 1, d.since);
-    assert_eq!(weight_in_force(&r, Some(1), Some(&paused)), 25);
+    assert_eq!(weight_in_force(&r, "r1", Some(&paused)), 25);
     // Still paused: no new Event, no move.
-    let d = step(&r, Some(1), true, Some(&paused), &healthy, at(MINUTE * 5));
+    let d = step(&r, "r1", true, Some(&paused), &healthy, at(MINUTE * 5));
     assert_eq!(at_step(&d), (CanaryPhase::Paused, 1, 25));
     assert!(!d.event);
     assert_eq!(d.since, at(MINUTE * 2));
-    // A failing canary while paused is not aborted either: paused is paused.
+    // Held, not blind: a canary failing while paused is aborted.
     let failing = evidence(requests(500, 250, 20.0), requests(1500, 0, 20.0), MINUTE);
-    assert_eq!(
-        step(&r, Some(1), true, Some(&paused), &failing, at(MINUTE * 6)).phase,
-        CanaryPhase::Paused
-    );
+    let d = step(&r, "r1", true, Some(&paused), &failing, at(MINUTE * 6));
+    assert_eq!(at_step(&d), (CanaryPhase::Aborted, 1, 0));
+    assert!(d.warning);
     // Resumed: the same step, its window from now.
-    let d = step(&r, Some(1), false, Some(&paused), &healthy, at(MINUTE * 7));
+    let d = step(&r, "r1", false, Some(&paused), &healthy, at(MINUTE * 7));
     assert_eq!(at_step(&d), (CanaryPhase::Progressing, 1, 25));
     assert_eq!(
         (d.verdict, d.event, d.since),
@@ -258,7 +251,7 @@ fn the_annotation_pauses_the_step_and_removing_it_restarts_the_window() {
 }
 
 #[test]
-fn an_edit_starts_the_rollout_again_from_its_first_step() {
+fn a_changed_rollout_starts_again_from_its_first_step() {
     let r = rollout();
     for phase in [
         CanaryPhase::Aborted,
@@ -266,20 +259,13 @@ fn an_edit_starts_the_rollout_again_from_its_first_step() {
         CanaryPhase::Progressing,
     ] {
         let c = current(phase, 2, at(Duration::ZERO));
-        // The compiler already routes an edited route by its first step.
-        assert_eq!(weight_in_force(&r, Some(2), Some(&c)), 5);
-        let d = step(
-            &r,
-            Some(2),
-            false,
-            Some(&c),
-            &Evidence::default(),
-            at(MINUTE),
-        );
+        // The compiler already routes a changed rollout by its first step.
+        assert_eq!(weight_in_force(&r, "r2", Some(&c)), 5);
+        let d = step(&r, "r2", false, Some(&c), &Evidence::default(), at(MINUTE));
         assert_eq!(at_step(&d), (CanaryPhase::Progressing, 0, 5), "{phase:?}");
         assert_eq!((d.verdict, d.event), (verdict::STARTED, true));
     }
-    assert_eq!(weight_in_force(&r, Some(1), None), 5);
+    assert_eq!(weight_in_force(&r, "r1", None), 5);
 }
 
 /// An operator that restarted (or a replica that took over) reads where
@@ -295,7 +281,7 @@ fn a_restarted_operator_resumes_from_the_status_not_from_memory() {
         requests(300, 0, 20.0),
         Duration::from_secs(10),
     );
-    let d = step(&r, Some(1), false, Some(&c), &seen, at(MINUTE * 10));
+    let d = step(&r, "r1", false, Some(&c), &seen, at(MINUTE * 10));
     assert_eq!(at_step(&d), (CanaryPhase::Progressing, 2, 50));
     assert_eq!(d.verdict, verdict::OBSERVING);
     assert_eq!(
@@ -307,7 +293,7 @@ fn a_restarted_operator_resumes_from_the_status_not_from_memory() {
     // Nothing seen at all: still the same step.
     let d = step(
         &r,
-        Some(1),
+        "r1",
         false,
         Some(&c),
         &Evidence::default(),
@@ -319,7 +305,7 @@ fn a_restarted_operator_resumes_from_the_status_not_from_memory() {
         let c = current(phase, 1, at(Duration::ZERO));
         let d = step(
             &r,
-            Some(1),
+            "r1",
             phase == CanaryPhase::Paused,
             Some(&c),
             &Evidence::default(),
@@ -331,11 +317,33 @@ fn a_restarted_operator_resumes_from_the_status_not_from_memory() {
 }
 
 #[test]
-fn steps_out_of_order_hold_the_first_weight_and_say_why() {
+fn steps_out_of_order_put_no_traffic_on_the_canary_and_say_why() {
     let mut r = rollout();
     r.steps = vec![50, 25, 100];
-    let d = step(&r, Some(1), false, None, &Evidence::default(), at(MINUTE));
-    assert_eq!(at_step(&d), (CanaryPhase::Paused, 0, 50));
+    let d = step(&r, "r1", false, None, &Evidence::default(), at(MINUTE));
+    assert_eq!(at_step(&d), (CanaryPhase::Paused, 0, 0));
     assert!(d.message.contains("must ascend"), "{}", d.message);
     assert!(d.event);
+    assert_eq!(weight_in_force(&r, "r1", None), 0);
+}
+
+/// Pods that cannot be told apart (or none yet) give no verdict either
+/// way, however the requests went.
+#[test]
+fn without_evidence_nothing_is_judged() {
+    let c = current(CanaryPhase::Progressing, 0, at(Duration::ZERO));
+    let mut e = evidence(
+        requests(500, 250, 20.0),
+        requests(1500, 0, 20.0),
+        MINUTE * 2,
+    );
+    e.unreadable = Some("the same workload name".into());
+    let d = step(&rollout(), "r1", false, Some(&c), &e, at(MINUTE * 2));
+    assert_eq!(at_step(&d), (CanaryPhase::Progressing, 0, 5));
+    assert_eq!(d.verdict, verdict::NO_EVIDENCE);
+    assert!(
+        d.message.contains("the same workload name"),
+        "{}",
+        d.message
+    );
 }
