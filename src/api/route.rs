@@ -65,11 +65,11 @@ pub struct ServiceRouteSpec {
     pub rules: Vec<RouteRule>,
     /// A progressive canary: the share of one backend raised step by step,
     /// each step gated on that backend's golden signals against the other
-    /// backends' of the same rules, as the client proxies measured them.
-    /// Promoted at the last step (100), aborted (all traffic back to the
-    /// other backends) on a failed gate, paused by the annotation
-    /// `weft.dev/rollout-paused: "true"`. Any edit of the route starts it
-    /// again from the first step.
+    /// backends' of the same rules, as their own pods' proxies counted
+    /// them. Promoted at the last step (100), aborted (all traffic back to
+    /// the other backends) on a failed gate, paused by the annotation
+    /// `weft.dev/rollout-paused: "true"`. A change of `rollout` or of the
+    /// canary's rules' backends starts it again from the first step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<CanaryRollout>,
 }

@@ -288,6 +288,12 @@ pub fn gather(
                     if let Some(r) = t.counts.inbound.get(&key) {
                         into.add(r);
                     }
+                    // Shed at the pod's in-flight cap: answered 503 by its
+                    // proxy before it counted the request, a failure all
+                    // the same.
+                    if let Some(&shed) = t.counts.shed.get(&key) {
+                        into.requests += shed;
+                    }
                 }
             }
         };
@@ -348,7 +354,11 @@ mod tests {
                     reading(
                         "shop",
                         "checkout-canary-0",
-                        &served("checkout-canary", canary.0, canary.1),
+                        &format!(
+                            "{}weft_proxy_requests_shed_total{{direction=\"inbound\"}} {}\n",
+                            served("checkout-canary", canary.0, canary.1),
+                            canary.1
+                        ),
                     ),
                     reading(
                         "shop",
@@ -373,7 +383,8 @@ mod tests {
             &set(&["checkout"]),
         );
         assert_eq!(e.unreadable, None);
-        assert_eq!((e.canary.requests, e.canary.succeeded), (200.0, 180.0));
+        // 200 served, 20 of them failed, and 20 shed at the cap.
+        assert_eq!((e.canary.requests, e.canary.succeeded), (220.0, 180.0));
         assert_eq!((e.stable.requests, e.stable.succeeded), (2000.0, 2000.0));
         assert_eq!(e.covered, Duration::from_secs(20));
         // Pods that cannot be told apart, or a canary without pods: no

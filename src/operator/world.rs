@@ -391,14 +391,20 @@ fn spawn_watch_pruned<K>(
 /// and mounts, other volumes, conditions, container statuses.
 pub fn prune_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, SecretVolumeSource, Volume};
-    // The name its proxy's metrics go by (as the injector computes it from
-    // the labels about to go): a canary's evidence is its pods' own.
-    let account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_owned());
-    let workload = crate::inject::workload_name(pod, &account);
+    // The name its proxy's metrics go by: the `WEFT_WORKLOAD` the
+    // injector gave the sidecar when the pod was admitted (labels changed
+    // since do not rename it); for a sidecar without one, what the
+    // injector would compute from the labels about to go. A canary's
+    // evidence is its pods' own.
+    let workload = proxy_workload(pod).unwrap_or_else(|| {
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        crate::inject::workload_name(pod, &account)
+    });
     let meta = &mut pod.metadata;
     meta.labels = None;
     // The injector's own annotations say the webhook injected the pod.
@@ -468,6 +474,23 @@ pub fn prune_pod(pod: &mut Pod) {
         pod_ips: s.pod_ips,
         ..PodStatus::default()
     });
+}
+
+/// The `WEFT_WORKLOAD` of the pod's weft-proxy container (a regular or a
+/// native sidecar), when it has one.
+fn proxy_workload(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == crate::inject::PROXY_CONTAINER)?
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "WEFT_WORKLOAD")?
+        .value
+        .clone()
+        .filter(|v| !v.is_empty())
 }
 
 /// Where the operator's pod cache keeps a pod's workload name (the name
@@ -601,7 +624,8 @@ mod tests {
                 "initContainers": [
                     {"name": "weft-init", "image": "weft", "args": ["init"]},
                     {"name": "weft-proxy", "image": "weft", "restartPolicy": "Always",
-                     "env": [{"name": "WEFT_POD_IP", "value": "10.1.0.7"}]},
+                     "env": [{"name": "WEFT_POD_IP", "value": "10.1.0.7"},
+                             {"name": "WEFT_WORKLOAD", "value": "checkout-v1"}]},
                 ],
                 "containers": [{
                     "name": "checkout", "image": "shop/checkout:1",
@@ -627,7 +651,7 @@ mod tests {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "shop", "name": "checkout-0", "uid": "u1",
                              "annotations": {"weft.dev/injection-hash": "h1",
-                                             "weft.dev/workload": "checkout"}},
+                                             "weft.dev/workload": "checkout-v1"}},
                 "spec": {
                     "hostNetwork": false,
                     "initContainers": [{"name": "weft-init", "args": ["init"]}, {"name": "weft-proxy"}],
