@@ -113,21 +113,6 @@ pub struct Decision {
     pub requeue_after: Duration,
 }
 
-/// The canary's share at `step` of `rollout`, in percent.
-pub fn weight_at(rollout: &CanaryRollout, step: usize) -> u32 {
-    rollout.weight_at(step)
-}
-
-/// The canary's share the compiler puts in force for a rollout at
-/// `revision` whose status says `current` (see
-/// [`CanaryRollout::weight_in_force`]).
-pub fn weight_in_force(rollout: &CanaryRollout, revision: &str, current: Option<&Current>) -> u32 {
-    rollout.weight_in_force(
-        revision,
-        current.map(|c| (c.phase, c.step, c.revision.as_deref())),
-    )
-}
-
 /// What the gates say of the evidence.
 enum Judged {
     /// Too few requests on a side (or no telling them apart).
@@ -194,12 +179,8 @@ pub fn step(
     let signals = (signals(&evidence.canary), signals(&evidence.stable));
     let valid = rollout.steps_ascend();
     let decide = |phase, step: usize, since, verdict, message: String, event, requeue_after| {
-        let weight = match phase {
-            _ if !valid => 0,
-            CanaryPhase::Aborted => 0,
-            CanaryPhase::Promoted => 100,
-            _ => weight_at(rollout, step),
-        };
+        // What the compiler will put in force once this is the status.
+        let weight = rollout.weight_in_force(revision, Some((phase, step, Some(revision))));
         Decision {
             phase,
             step,
@@ -231,7 +212,7 @@ pub fn step(
         );
     }
     let Some(c) = current.filter(|_| !restarted) else {
-        let w = weight_at(rollout, 0);
+        let w = rollout.weight_at(0);
         return decide(
             CanaryPhase::Progressing,
             0,
@@ -248,7 +229,7 @@ pub fn step(
     };
     let last = rollout.steps.len().saturating_sub(1);
     let at = c.step.min(last);
-    let w = weight_at(rollout, at);
+    let w = rollout.weight_at(at);
     let figures = format!(
         "canary {} (stable {})",
         describe(&evidence.canary),
@@ -377,7 +358,7 @@ pub fn step(
         ),
         Judged::Within => {
             let next = at + 1;
-            if next > last || weight_at(rollout, next) >= 100 {
+            if next > last || rollout.weight_at(next) >= 100 {
                 return decide(
                     CanaryPhase::Promoted,
                     next.min(last),
@@ -401,7 +382,7 @@ pub fn step(
                     "step {} ({w} %) passed; step {} sends the canary {} %; {figures}",
                     at + 1,
                     next + 1,
-                    weight_at(rollout, next)
+                    rollout.weight_at(next)
                 ),
                 true,
                 RECHECK,

@@ -40,6 +40,14 @@ fn requests(n: u32, failed: u32, ms: f64) -> Requests {
     r
 }
 
+/// The canary's share the compiler puts in force for a status `current`.
+fn weight_in_force(rollout: &CanaryRollout, revision: &str, current: Option<&Current>) -> u32 {
+    rollout.weight_in_force(
+        revision,
+        current.map(|c| (c.phase, c.step, c.revision.as_deref())),
+    )
+}
+
 fn evidence(canary: Requests, stable: Requests, covered: Duration) -> Evidence {
     Evidence {
         canary,
