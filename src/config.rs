@@ -240,6 +240,21 @@ pub struct Authorization {
     /// A request is admitted when any rule matches; none denies all.
     #[serde(default)]
     pub rules: Vec<AccessRuleConfig>,
+    /// The policy only audits: its rules refuse nobody, and each request
+    /// (or TCP connection) is counted in
+    /// `weft_proxy_access_audit_total` by caller, port, method, first
+    /// path segment and the verdict the rules would have given. An
+    /// auditing guard never tightens: on a Service whose guard audits, a
+    /// request passes when the namespace-wide guard or the audited rules
+    /// admit it (`proxy::authz::check_audited`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
+    /// The policy's rules as the operator hashes them (its
+    /// `status.enforcement.revision`); audit counts carry it as the
+    /// `rules` label, so a verdict is judged against the rules it was
+    /// given under. Set on auditing guards only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
 }
 
 /// A container port by number or by name.

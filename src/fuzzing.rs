@@ -148,6 +148,8 @@ pub fn inbound_path(data: &[u8]) {
                     }],
                     methods: Vec::new(),
                 }],
+                audit: false,
+                revision: String::new(),
             }],
             rate_limits: Vec::new(),
         };

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod authzcli;
 pub mod compile;
 pub mod config;
 pub mod controlplane;

@@ -49,6 +49,10 @@ enum Command {
     Edges(weft::statcli::StatArgs),
     /// `weft edges`, busiest first, refreshed every 10 s.
     Top(weft::statcli::StatArgs),
+    /// AccessPolicy helpers: `suggest NAMESPACE[/SERVICE]` prints the
+    /// least-privilege policy that admits exactly the callers an audited
+    /// policy saw.
+    Authz(weft::authzcli::AuthzArgs),
     /// The mesh's web dashboard (service graph, edges, mTLS rollouts) on
     /// this machine, through the API server's service proxy.
     Dashboard(weft::dashboard::proxy::DashboardArgs),
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Init(args) => weft::init::main(&args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane(args) => weft::controlplane::main(args).map(|()| ExitCode::SUCCESS),
         Command::Local(args) => weft::local::main(args),
+        Command::Authz(args) => weft::authzcli::main(&args),
         Command::Stat(args) => weft::statcli::main(weft::statcli::Table::Workloads, &args),
         Command::Edges(args) => weft::statcli::main(weft::statcli::Table::Edges, &args),
         Command::Top(mut args) => {

@@ -77,6 +77,30 @@ pub struct PeerKey {
     pub src: String,
 }
 
+/// Requests an auditing AccessPolicy let through, as the proxies of a
+/// workload counted them (`weft_proxy_access_audit_total`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuditKey {
+    pub namespace: String,
+    /// The pod whose proxy counted, as the control plane knows it (never
+    /// the proxy's own word): set when the reading is recorded.
+    pub pod: String,
+    /// `namespace/name` of the AccessPolicy.
+    pub policy: String,
+    /// `namespace/serviceAccount`, `plaintext`, or `other`.
+    pub src: String,
+    /// The container port, or `other`.
+    pub port: String,
+    /// The method, `*`, `other`, or empty for TCP.
+    pub method: String,
+    /// The first path segment, `*`, `other`, or empty for TCP.
+    pub path: String,
+    /// Whether the policy's rules would have admitted them.
+    pub admitted: bool,
+    /// The revision of the rules that verdict was given under.
+    pub rules: String,
+}
+
 /// Requests and their latency: cumulative for one proxy, or growth.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Requests {
@@ -232,6 +256,8 @@ pub struct ProxyCounts {
     pub peers: BTreeMap<PeerKey, Requests>,
     /// Requests shed at the in-flight cap, by the workload whose proxy shed.
     pub shed: BTreeMap<WorkloadKey, f64>,
+    /// Requests auditing AccessPolicies let through.
+    pub audit: BTreeMap<AuditKey, f64>,
 }
 
 impl ProxyCounts {
@@ -244,7 +270,8 @@ impl ProxyCounts {
             + counts.dsts.len()
             + counts.circuits.len()
             + counts.inbound.len()
-            + counts.peers.len();
+            + counts.peers.len()
+            + counts.audit.len();
         if series > MAX_SERIES_PER_PROXY {
             return Err(format!(
                 "{series} series, more than the {MAX_SERIES_PER_PROXY} a proxy has"
@@ -361,6 +388,21 @@ impl ProxyCounts {
                         _ => c.closed += 1,
                     }
                 }
+                "weft_proxy_access_audit_total" => {
+                    // Keyed by pod when recorded (`MeshStats::record`).
+                    let key = AuditKey {
+                        namespace: namespace.to_owned(),
+                        pod: String::new(),
+                        policy: label("policy").to_owned(),
+                        src: label("src").to_owned(),
+                        port: label("port").to_owned(),
+                        method: label("method").to_owned(),
+                        path: label("path").to_owned(),
+                        admitted: label("verdict") == "admitted",
+                        rules: label("rules").to_owned(),
+                    };
+                    *out.audit.entry(key).or_default() += s.value;
+                }
                 "weft_proxy_requests_shed_total" => {
                     // Keyed once the workload is known (below).
                     *out.shed
@@ -422,13 +464,8 @@ impl ProxyCounts {
             circuits: self.circuits.clone(),
             inbound: each(&self.inbound, &before.inbound, Requests::since),
             peers: each(&self.peers, &before.peers, Requests::since),
-            shed: each(
-                &self.shed,
-                &before.shed,
-                |n, w| {
-                    if n < w { *n } else { n - w }
-                },
-            ),
+            shed: each(&self.shed, &before.shed, grew),
+            audit: each(&self.audit, &before.audit, grew),
         };
         // A tick keeps what grew (and the circuits, a state) only.
         grown.edges.retain(|_, r| r.requests > 0.0);
@@ -436,6 +473,7 @@ impl ProxyCounts {
         grown.peers.retain(|_, r| r.requests > 0.0);
         grown.dsts.retain(|_, d| *d != DstCounts::default());
         grown.shed.retain(|_, v| *v > 0.0);
+        grown.audit.retain(|_, v| *v > 0.0);
         grown
     }
 
@@ -461,6 +499,9 @@ impl ProxyCounts {
         for (k, v) in &o.shed {
             *self.shed.entry(k.clone()).or_default() += v;
         }
+        for (k, v) in &o.audit {
+            *self.audit.entry(k.clone()).or_default() += v;
+        }
     }
 
     fn add_circuits(&mut self, circuits: &BTreeMap<DstKey, Circuits>) {
@@ -471,6 +512,12 @@ impl ProxyCounts {
             c.half_open += v.half_open;
         }
     }
+}
+
+/// A counter's growth: what it holds now over what it held, or all it
+/// holds after a reset (the proxy restarted).
+fn grew(now: &f64, was: &f64) -> f64 {
+    if now < was { *now } else { now - was }
 }
 
 /// A proxy, by namespace and pod name.
@@ -493,6 +540,10 @@ pub struct Tick {
     pub counts: ProxyCounts,
     pub proxies: usize,
     pub unreadable: usize,
+    /// The proxies not read in this tick: what they counted since their
+    /// last reading is lost (the next one is a baseline), so nothing can
+    /// be said of what they saw in the tick's time.
+    pub unreadable_pods: std::collections::BTreeSet<ProxyId>,
 }
 
 /// The rolling window, and each proxy's last reading.
@@ -548,7 +599,23 @@ impl MeshStats {
         let mut last = HashMap::with_capacity(readings.len());
         for r in readings {
             match r.counts {
-                Ok(counts) => {
+                Ok(mut counts) => {
+                    // Audit counts are judged by the pod that counted
+                    // them, by the control plane's own word.
+                    if !counts.audit.is_empty() {
+                        counts.audit = std::mem::take(&mut counts.audit)
+                            .into_iter()
+                            .map(|(k, v)| {
+                                (
+                                    AuditKey {
+                                        pod: r.id.1.clone(),
+                                        ..k
+                                    },
+                                    v,
+                                )
+                            })
+                            .collect();
+                    }
                     tick.proxies += 1;
                     if let Some(before) = self.last.get(&r.id) {
                         tick.counts.add(&counts.since(before));
@@ -559,7 +626,10 @@ impl MeshStats {
                     }
                     last.insert(r.id, counts);
                 }
-                Err(_) => tick.unreadable += 1,
+                Err(_) => {
+                    tick.unreadable += 1;
+                    tick.unreadable_pods.insert(r.id);
+                }
             }
         }
         self.last = last;
@@ -602,6 +672,20 @@ impl MeshStats {
                 t.at.and_then(|at| at.checked_sub(Duration::from_secs_f64(t.seconds)))
                     .is_some_and(|began| began >= start)
             })
+            .cloned()
+            .collect()
+    }
+
+    /// The ticks that cover any time after `start`, newest first: those
+    /// of [`MeshStats::since`] and the one that began before `start` and
+    /// ended after it. For evidence that can only hold a change back
+    /// (a caller seen), where counting a little before `start` is the
+    /// safe side.
+    pub fn touching(&self, start: SystemTime) -> Vec<std::sync::Arc<Tick>> {
+        self.ticks
+            .iter()
+            .rev()
+            .take_while(|t| t.at.is_some_and(|at| at > start))
             .cloned()
             .collect()
     }

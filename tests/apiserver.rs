@@ -55,10 +55,11 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::Discovery;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Discovery, ResourceExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use weft::api::AccessPolicy;
 use weft::config::{CONFIG_KEY, CONFIG_MAP_NAME, ProxyConfig};
 use weft::identity::{
     CA_CERT_KEY, CA_SECRET, LEGACY_IDENTITY_SECRET, MeshCa, identity_secret_name,
@@ -809,6 +810,96 @@ async fn tier5_the_canary_and_the_compiler_write_one_status_without_erasing_each
         .expect("a status");
     assert!(status.rollout.is_none(), "{:?}", status.rollout);
     assert_eq!(status.conditions.len(), 1);
+}
+
+/// An AccessPolicy's audit fields and the compiler's conditions on one
+/// status, each under its own field manager; the audit's write is
+/// conditional on the version it read (a policy edited meanwhile gets
+/// 409, not a phase decided for its old rules); and the CRD's rules on
+/// `mode` and `observationWindow` on a real API server.
+#[tokio::test]
+async fn tier5_the_audit_writes_its_status_only_over_the_version_it_read() {
+    let Some(assets) = assets() else { return };
+    let (_one, cluster, discovery) = shop_cluster(&assets).await;
+    let client = cluster.client.clone();
+    let policy = |mode: &str, window: &str| {
+        json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "AccessPolicy",
+            "metadata": { "name": "payments-audit", "namespace": "shop" },
+            "spec": {
+                "targetRef": { "kind": "Service", "name": "checkout" },
+                "mode": mode, "observationWindow": window,
+            },
+        })
+    };
+    assert_refused(
+        apply(&client, &discovery, &policy("Audit", "10m")).await,
+        "spec",
+        "observationWindow must be at most 9m",
+    );
+    apply_all(&client, &discovery, &[policy("Audit", "2m")]).await;
+    let api: Api<AccessPolicy> = Api::namespaced(client.clone(), "shop");
+    let name = "payments-audit";
+    let by = |manager: &'static str| PatchParams::apply(manager).force();
+    let conditions = json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "AccessPolicy",
+        "status": { "observedGeneration": 1, "conditions": [{
+            "type": "Accepted", "status": "True", "reason": "Accepted", "message": "ok",
+            "lastTransitionTime": "2026-12-07T10:00:00Z", "observedGeneration": 1,
+        }] },
+    });
+    api.patch_status(name, &by(OPERATOR), &Patch::Apply(&conditions))
+        .await
+        .expect("the compiler's conditions");
+    let read = api.get(name).await.expect("read");
+    let audit = json!({
+        "enforcement": { "phase": "Auditing", "since": "2026-12-07T10:00:00Z" },
+        "observedCallers": [{ "caller": "shop/checkout", "port": 80, "method": "GET",
+                              "pathPrefix": "/status", "requests": 3, "admitted": false,
+                              "lastSeen": "2026-12-07T10:00:10Z" }],
+    });
+    weft::operator::canaries::apply_status_as(
+        &api,
+        name,
+        weft::operator::audits::AUDIT_FIELD_MANAGER,
+        read.resource_version(),
+        audit.clone(),
+    )
+    .await
+    .expect("the audit's status over the version it read");
+    // Read again (the audit's own write made a new version), then
+    // edited by someone else: the audit's write over what it read is
+    // refused.
+    let read = api.get(name).await.expect("read again");
+    apply_all(&client, &discovery, &[policy("Enforce", "2m")]).await;
+    let stale = weft::operator::canaries::apply_status_as(
+        &api,
+        name,
+        weft::operator::audits::AUDIT_FIELD_MANAGER,
+        read.resource_version(),
+        audit,
+    )
+    .await;
+    assert!(
+        matches!(&stale, Err(kube::Error::Api(e)) if e.code == 409),
+        "{stale:?}"
+    );
+    // The compiler writes again: the audit's fields stay.
+    api.patch_status(name, &by(OPERATOR), &Patch::Apply(&conditions))
+        .await
+        .expect("the compiler's conditions again");
+    let status = api
+        .get_status(name)
+        .await
+        .expect("read back")
+        .status
+        .expect("a status");
+    assert_eq!(status.conditions.len(), 1);
+    assert_eq!(
+        status.enforcement.map(|e| e.phase),
+        Some(weft::api::EnforcementPhase::Auditing)
+    );
+    assert_eq!(status.observed_callers.len(), 1);
 }
 
 /// The control plane under the RBAC that manifests/ gives it, not as an

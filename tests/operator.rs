@@ -2312,3 +2312,196 @@ async fn a_namespace_wide_limit_has_its_client_pods_counted_and_recounted_as_the
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(h.writes().is_empty(), "{:#?}", h.writes());
 }
+
+/// A proxy's metrics: requests `workload` served, and what an auditing
+/// `shop/payments` counted, as (caller, container port, method, path,
+/// admitted, count).
+fn audit_metrics(
+    workload: &str,
+    rules: &str,
+    rows: &[(&str, u16, &str, &str, bool, u32)],
+) -> String {
+    let mut text = format!(
+        "weft_proxy_requests_total{{direction=\"inbound\",src=\"x\",dst=\"{workload}\",route=\"default\",status_class=\"2xx\",tls=\"true\"}} 1\n"
+    );
+    for (src, port, method, path, admitted, n) in rows {
+        let verdict = if *admitted { "admitted" } else { "refused" };
+        text.push_str(&format!(
+            "weft_proxy_access_audit_total{{policy=\"shop/payments\",src=\"{src}\",port=\"{port}\",method=\"{method}\",path=\"{path}\",verdict=\"{verdict}\",rules=\"{rules}\"}} {n}\n"
+        ));
+    }
+    text
+}
+
+/// The audit's loop writes `status.enforcement` and
+/// `status.observedCallers` under a field manager of its own, from the
+/// counts of the guarded Service's own pods only, with an Event per
+/// transition; a caller outside the rules blocks the move to Enforce.
+#[tokio::test]
+async fn an_audited_policy_learns_its_callers_and_a_stranger_blocks_enforce() {
+    use weft::api::EnforcementPhase;
+    use weft::meshstats::{MeshStats, ProxyCounts, Reading};
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    // With a selector, the guard is on the Service's own pods only (its
+    // EndpointSlices say which).
+    let mut payments = service("shop", "payments", "10.0.0.20");
+    payments.spec.as_mut().expect("spec").selector =
+        Some([("app".to_owned(), "payments".to_owned())].into());
+    put(&mut h.writers.services, payments);
+    let pod: Pod = obj(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": "payments-0",
+                     "annotations": {weft::operator::world::WORKLOAD_ANNOTATION: "payments"}}}));
+    put(&mut h.writers.pods, pod);
+    let slice: EndpointSlice = obj(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "shop", "name": "payments-abc",
+                     "labels": {"kubernetes.io/service-name": "payments"}},
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+        "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "name": "payments-0", "namespace": "shop"}}]}),
+    );
+    put(&mut h.writers.endpoint_slices, slice);
+    let path = "/apis/weft.dev/v1alpha1/namespaces/shop/accesspolicies/payments";
+    let policy: AccessPolicy = obj(
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AccessPolicy",
+        "metadata": {"namespace": "shop", "name": "payments", "generation": 1},
+        "spec": {"targetRef": {"kind": "Service", "name": "payments"}, "mode": "Audit",
+                 "observationWindow": "5m",
+                 "rules": [{"from": [{"serviceAccount": "checkout"}]}]}}),
+    );
+    h.seed(path, &policy);
+    let rules = policy.rules_revision();
+    let stats = Arc::new(Mutex::new(MeshStats::default()));
+    let record = |rows: &[(&str, u16, &str, &str, bool, u32)], forged: u32| {
+        let read = |ns: &str, pod: &str, text: String| Reading {
+            id: (ns.to_owned(), pod.to_owned()),
+            counts: ProxyCounts::read(ns, &text),
+        };
+        stats.lock().expect("stats").record(
+            std::time::SystemTime::now(),
+            vec![
+                read(
+                    "shop",
+                    "payments-0",
+                    audit_metrics("payments", &rules, rows),
+                ),
+                // Another namespace's proxy speaking for shop/payments.
+                read(
+                    "evil",
+                    "liar-0",
+                    audit_metrics(
+                        "payments",
+                        &rules,
+                        &[("evil/x", 8080, "GET", "/", false, forged)],
+                    ),
+                ),
+                // A pod of shop that is not behind the Service, claiming
+                // to be payments.
+                read(
+                    "shop",
+                    "cart-0",
+                    audit_metrics(
+                        "payments",
+                        &rules,
+                        &[("shop/y", 8080, "GET", "/", false, forged)],
+                    ),
+                ),
+            ],
+        );
+    };
+    record(&[], 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let seen = [
+        ("shop/checkout", 8080, "POST", "/charges", true, 7),
+        ("shop/cart", 8080, "GET", "/status", false, 2),
+    ];
+    record(&seen, 1000);
+
+    let look = |p: &AccessPolicy| {
+        let (ctx, stats, p) = (h.ctx.clone(), stats.clone(), p.clone());
+        async move {
+            weft::operator::audits::look(&ctx, &stats, &p, None)
+                .await
+                .expect("written")
+        }
+    };
+    assert!(look(&policy).await);
+    let writes = h.writes();
+    assert_eq!(writes.len(), 1, "{writes:#?}");
+    let w = &writes[0];
+    assert_eq!(w.path, format!("{path}/status"));
+    assert!(query_has(
+        w,
+        &[("fieldManager", "weft-audit"), ("force", "true")]
+    ));
+    let status = &w.body["status"];
+    assert!(
+        status.get("conditions").is_none(),
+        "the compiler's, never the audit's: {status:#}"
+    );
+    assert_eq!(status["enforcement"]["phase"], "Auditing");
+    let callers: Vec<(String, u64, u64)> = status["observedCallers"]
+        .as_array()
+        .expect("callers")
+        .iter()
+        .map(|c| {
+            (
+                c["caller"].as_str().expect("caller").to_owned(),
+                c["port"].as_u64().expect("the Service's port"),
+                c["requests"].as_u64().expect("requests"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        callers,
+        [
+            ("shop/checkout".to_owned(), 80, 7),
+            ("shop/cart".to_owned(), 80, 2)
+        ],
+        "only the guarded pods' own counts, in the Service's ports"
+    );
+    assert_eq!(h.events()[0]["reason"], "Auditing");
+
+    let enforcement_of = |p: &AccessPolicy| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.enforcement.clone())
+            .expect("enforcement")
+    };
+    // Switched to Enforce: Observing; then a caller outside the rules
+    // blocks it, by name, with a Warning.
+    let mut stored: AccessPolicy = h.stored(path).expect("stored");
+    stored.spec.mode = weft::api::AccessMode::Enforce;
+    h.seed(path, &stored);
+    h.clear();
+    assert!(look(&stored).await);
+    let stored: AccessPolicy = h.stored(path).expect("stored");
+    let enforcement = enforcement_of(&stored);
+    assert_eq!(enforcement.phase, EnforcementPhase::Observing);
+    assert!(stored.audits(), "the proxies keep auditing");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let more = [
+        ("shop/checkout", 8080, "POST", "/charges", true, 9),
+        ("shop/cart", 8080, "GET", "/status", false, 5),
+    ];
+    record(&more, 5000);
+    h.clear();
+    assert!(look(&stored).await);
+    let stored: AccessPolicy = h.stored(path).expect("stored");
+    let enforcement = enforcement_of(&stored);
+    assert_eq!(
+        enforcement.phase,
+        EnforcementPhase::Blocked,
+        "{}",
+        enforcement.message
+    );
+    assert_eq!(enforcement.unlisted, ["shop/cart"]);
+    let events = h.events();
+    assert_eq!(
+        (events[0]["reason"].as_str(), events[0]["type"].as_str()),
+        (Some("Blocked"), Some("Warning"))
+    );
+    assert!(stored.audits());
+}

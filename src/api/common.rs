@@ -223,6 +223,25 @@ impl HttpMethod {
             HttpMethod::Patch => "PATCH",
         }
     }
+
+    /// Every method, in declaration order.
+    pub const ALL: [HttpMethod; 9] = [
+        HttpMethod::Get,
+        HttpMethod::Head,
+        HttpMethod::Post,
+        HttpMethod::Put,
+        HttpMethod::Delete,
+        HttpMethod::Connect,
+        HttpMethod::Options,
+        HttpMethod::Trace,
+        HttpMethod::Patch,
+    ];
+
+    /// The method named exactly `name` (methods are case-sensitive,
+    /// RFC 9110 §9.1); `None` for extension methods.
+    pub fn from_name(name: &str) -> Option<HttpMethod> {
+        Self::ALL.into_iter().find(|m| m.as_str() == name)
+    }
 }
 
 /// How a path is compared.

@@ -31,7 +31,7 @@ pub(crate) struct Guards {
     services: HashMap<ServiceKey, Guard>,
     namespaces: HashMap<String, Guard>,
     /// Winning policies by namespace, for `Programmed`.
-    placed: Vec<(String, String)>,
+    placed: Vec<(String, String, bool)>,
 }
 
 impl Guards {
@@ -43,19 +43,26 @@ impl Guards {
         client_accounts: &BTreeSet<String>,
         key: &ServiceKey,
     ) -> bool {
-        let Some(guard) = self
-            .services
-            .get(key)
-            .or_else(|| self.namespaces.get(&key.0))
-        else {
-            return true;
+        let admits = |guard: &Guard| {
+            guard.sources.iter().any(|s| {
+                s.namespace == client_ns
+                    && s.service_account.as_deref().is_none_or(|sa| {
+                        sa == DEFAULT_SERVICE_ACCOUNT || client_accounts.contains(sa)
+                    })
+            })
         };
-        guard.sources.iter().any(|s| {
-            s.namespace == client_ns
-                && s.service_account
-                    .as_deref()
-                    .is_none_or(|sa| sa == DEFAULT_SERVICE_ACCOUNT || client_accounts.contains(sa))
-        })
+        let namespace = self
+            .namespaces
+            .get(&key.0)
+            .filter(|g| !g.authorization.audit);
+        match self.services.get(key) {
+            Some(guard) if !guard.authorization.audit => admits(guard),
+            // An auditing Service guard admits what its own rules or the
+            // namespace's guard admit (as the proxy does).
+            Some(guard) => namespace.is_none_or(|ns| admits(ns) || admits(guard)),
+            // An auditing namespace guard admits everyone.
+            None => namespace.is_none_or(admits),
+        }
     }
 
     /// The inbound authorizations of a namespace's workloads: Service-level
@@ -192,9 +199,17 @@ pub(crate) fn resolve(
                     .filter(|sel| !sel.is_empty()),
                 ports: guarded,
                 rules,
+                audit: policy.audits(),
+                revision: if policy.audits() {
+                    policy.rules_revision()
+                } else {
+                    String::new()
+                },
             },
         };
-        guards.placed.push((ns.clone(), policy.name_any()));
+        guards
+            .placed
+            .push((ns.clone(), policy.name_any(), guard.authorization.audit));
         match service_name {
             Some(name) => guards.services.insert((ns, name), guard),
             None => guards.namespaces.insert(ns, guard),
@@ -229,13 +244,18 @@ fn target_ports(svc: &Service) -> BTreeMap<u16, PortRef> {
 /// `Programmed`: an AccessPolicy is enforced by the proxies of its own
 /// namespace, so it is programmed exactly when that namespace is meshed.
 pub(crate) fn mark_programmed(guards: &Guards, verdicts: &mut Verdicts, meshed: &BTreeSet<String>) {
-    for (ns, name) in &guards.placed {
+    for (ns, name, audit) in &guards.placed {
         let Some(v) = verdicts.get_mut(PolicyKind::AccessPolicy, ns, name) else {
             continue;
         };
         if meshed.contains(ns) {
+            let how = if *audit {
+                "audited (callers admitted, refusals counted)"
+            } else {
+                "enforced"
+            };
             v.programmed(format!(
-                "enforced by the proxies of {}",
+                "{how} by the proxies of {}",
                 summarize(&[ns.as_str()])
             ));
         } else {

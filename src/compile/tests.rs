@@ -844,6 +844,63 @@ fn access_allows_by_default_then_denies_by_default() {
     }
 }
 
+/// An audited policy is compiled for auditing: callers its rules leave
+/// out still find the Service in their config (they are admitted). It
+/// stays so after `mode: Enforce` until the status says the staged move
+/// completed; a policy that never audited enforces at once.
+#[test]
+fn an_audited_policy_audits_until_its_status_says_enforced() {
+    use crate::api::{AccessPolicy, AccessPolicyStatus, Enforcement, EnforcementPhase};
+    let checkout_only = |mode: &str| {
+        json!({ "targetRef": { "kind": "Service", "name": "payments" }, "mode": mode,
+                "rules": [{ "from": [{ "serviceAccount": "checkout", "namespace": "shop" }] }] })
+    };
+    let with_phase = |mode: &str, phase: Option<EnforcementPhase>| {
+        let mut p: AccessPolicy = policy("payments", "ap", None, checkout_only(mode));
+        p.status = phase.map(|phase| AccessPolicyStatus {
+            enforcement: Some(Enforcement {
+                phase,
+                since: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                revision: None,
+                message: String::new(),
+                unlisted: Vec::new(),
+            }),
+            ..AccessPolicyStatus::default()
+        });
+        p
+    };
+    let cases = [
+        ("Audit", None, true),
+        ("Audit", Some(EnforcementPhase::Enforced), true),
+        ("Enforce", Some(EnforcementPhase::Auditing), true),
+        ("Enforce", Some(EnforcementPhase::Observing), true),
+        ("Enforce", Some(EnforcementPhase::Blocked), true),
+        ("Enforce", Some(EnforcementPhase::Enforced), false),
+        ("Enforce", None, false),
+    ];
+    for (mode, phase, audits) in cases {
+        let mut f = base();
+        f.access_policies.push(with_phase(mode, phase));
+        let c = compile(&f);
+        let auth = &c.configs["payments"].inbound.authorizations;
+        assert_eq!(auth[0].audit, audits, "{mode} {phase:?}");
+        // No identity of namespace `payments` is listed: its own config
+        // lists the Service only while the policy audits.
+        assert_eq!(
+            service(&c, "payments", "payments", "payments").is_some(),
+            audits,
+            "{mode} {phase:?}: an audited Service stays reachable for callers its rules leave out"
+        );
+        let programmed = cond(verdict(&c, PolicyKind::AccessPolicy, "ap"), "Programmed");
+        assert_eq!(
+            programmed.message.starts_with("audited"),
+            audits,
+            "{}",
+            programmed.message
+        );
+    }
+}
+
 /// Every workload of a namespace shares its config: a Service's guard
 /// carries the Service's selector, so a proxy applies it to that Service's
 /// pods only.

@@ -101,6 +101,38 @@ fn a_canary_rollout_is_checked_as_the_api_server_would() {
     }
 }
 
+/// An AccessPolicy's mode and observation window, as the API server
+/// would judge them.
+#[test]
+fn an_access_policys_mode_and_window_are_checked_as_the_api_server_would() {
+    let policy = |extra: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: payments, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: payments}}\n{extra}"
+        )
+    };
+    for ok in [
+        "",
+        "  mode: Audit\n",
+        "  mode: Enforce\n  observationWindow: 0s\n",
+        "  observationWindow: 9m\n",
+    ] {
+        let (docs, errors) = load_text(&policy(ok));
+        assert!(errors.is_empty(), "{ok}: {errors:#?}");
+        assert_eq!(docs.facts.access_policies.len(), 1);
+    }
+    for (extra, says) in [
+        ("  mode: audit\n", "spec.mode"),
+        (
+            "  observationWindow: 10m\n",
+            "observationWindow must be at most 9m",
+        ),
+        ("  observationWindow: 5 minutes\n", "spec.observationWindow"),
+    ] {
+        let e = only_error(&policy(extra)).to_string();
+        assert!(e.contains(says), "{extra}: {e}");
+    }
+}
+
 #[test]
 fn cel_rules_spanning_fields_are_checked() {
     let e = only_error(

@@ -43,27 +43,56 @@ const FIGURES_EVERY: Duration = Duration::from_secs(30);
 /// Looks at every canary every `every` until the task is aborted (the
 /// lease lost, or shutdown).
 pub async fn run(ctx: Arc<Ctx>, stats: SharedStats, every: Duration) {
+    let routes = {
+        let ctx = ctx.clone();
+        move || ctx.world.service_routes.state()
+    };
+    look_at_each(every, "canary", routes, |route, last| {
+        let (ctx, stats) = (ctx.clone(), stats.clone());
+        async move { look(&ctx, &stats, &route, last).await }
+    })
+    .await
+}
+
+/// Looks at every object `list` gives every `every`, until the task is
+/// aborted; `look(object, last_write)` says whether it wrote the
+/// object's status (and is told when it last did). An object changed
+/// since the cache showed it (409) is looked at again next tick.
+pub(crate) async fn look_at_each<K, F, Fut>(
+    every: Duration,
+    what: &'static str,
+    list: impl Fn() -> Vec<Arc<K>>,
+    mut look: F,
+) where
+    K: kube::Resource,
+    F: FnMut(Arc<K>, Option<Instant>) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: HashMap<(String, String), Instant> = HashMap::new();
     loop {
         tick.tick().await;
-        let routes = ctx.world.service_routes.state();
+        let objects = list();
         written.retain(|(ns, name), _| {
-            routes
+            objects
                 .iter()
-                .any(|r| r.namespace().as_deref() == Some(ns) && &r.name_any() == name)
+                .any(|o| o.namespace().as_deref() == Some(ns) && &o.name_any() == name)
         });
-        for route in routes {
-            let key = (route.namespace().unwrap_or_default(), route.name_any());
+        for object in objects {
+            let key = (object.namespace().unwrap_or_default(), object.name_any());
             let last = written.get(&key).copied();
-            match look(&ctx, &stats, &route, last).await {
+            let at = format!("{}/{}", key.0, key.1);
+            match look(object, last).await {
                 Ok(true) => {
                     written.insert(key, Instant::now());
                 }
                 Ok(false) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::debug!(object = %at, "{what}: changed since the cache showed it; looked at again next tick");
+                }
                 Err(e) => {
-                    tracing::warn!(route = %format!("{}/{}", key.0, key.1), error = %e, "canary status not written");
+                    tracing::warn!(object = %at, error = %e, "{what} status not written");
                 }
             }
         }
@@ -149,14 +178,36 @@ pub async fn apply_status(
     name: &str,
     status: serde_json::Value,
 ) -> Result<(), kube::Error> {
-    let patch = json!({
-        "apiVersion": "weft.dev/v1alpha1",
-        "kind": "ServiceRoute",
+    apply_status_as(api, name, CANARY_FIELD_MANAGER, None, status).await
+}
+
+/// Server-side apply of `status` on `name` under `manager`, a field
+/// manager of the status's own: the compiler's conditions (another
+/// manager) are left as they are, and fields `manager` wrote before and
+/// leaves out now go. With `resource_version`, only over that version of
+/// the object (the API server answers 409 Conflict otherwise: a server-side
+/// apply naming `metadata.resourceVersion` is conditional on it).
+pub async fn apply_status_as<K>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    resource_version: Option<String>,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "name": name, "resourceVersion": rv });
+    }
     api.patch_status(
         name,
-        &PatchParams::apply(CANARY_FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(&patch),
     )
     .await
@@ -209,22 +260,31 @@ fn sides(
         .map(|b| b.name.as_str())
         .filter(|name| *name != canary)
         .collect();
-    let mut canary_pods = BTreeSet::new();
-    let mut stable_pods = BTreeSet::new();
+    let mut behind = workloads_behind(ctx, ns, |service| {
+        service == canary || stable.contains(service)
+    });
+    let canary_pods = behind.remove(canary).unwrap_or_default();
+    let stable_pods = behind.into_values().flatten().collect();
+    (canary_pods, stable_pods)
+}
+
+/// The workloads (the names their proxies report under, kept by the pod
+/// cache) of the pods behind each Service of namespace `ns` that
+/// `wanted` picks, from the Services' EndpointSlices.
+fn workloads_behind(
+    ctx: &Ctx,
+    ns: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> HashMap<String, BTreeSet<String>> {
+    let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
     for slice in ctx.world.endpoint_slices.state() {
         if slice.namespace().as_deref() != Some(ns) {
             continue;
         }
-        let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) else {
+        let Some(service) = slice.labels().get(SERVICE_NAME_LABEL).filter(|s| wanted(s)) else {
             continue;
         };
-        let side = if service == canary {
-            &mut canary_pods
-        } else if stable.contains(service.as_str()) {
-            &mut stable_pods
-        } else {
-            continue;
-        };
+        let side = out.entry(service.clone()).or_default();
         for endpoint in slice.endpoints.iter().flatten() {
             let Some(pod) = endpoint
                 .target_ref
@@ -244,7 +304,7 @@ fn sides(
             }
         }
     }
-    (canary_pods, stable_pods)
+    out
 }
 
 /// What the pods of `canary` and `stable` workloads of namespace `ns`

@@ -2,6 +2,8 @@
 //! namespace's `weft-proxy-config` ConfigMap and its identity Secrets (one
 //! per ServiceAccount), policy status, the mesh CA, and the staged PERMISSIVE → STRICT rollout.
 
+pub mod audit;
+pub mod audits;
 pub mod ca;
 pub mod canaries;
 pub mod canary;
@@ -463,10 +465,16 @@ pub async fn lead(
         tokio::spawn(watch_ca(ctx.clone(), all_tx.clone())),
         tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx)),
     ]);
-    // The canaries read the mesh stats this replica collects; a context
-    // without them (tests of the controller alone) runs none.
+    // The canaries and the audits read the mesh stats this replica
+    // collects; a context without them (tests of the controller alone)
+    // runs neither.
     if let Some(stats) = ctx.stats.clone() {
         writers.0.push(tokio::spawn(canaries::run(
+            ctx.clone(),
+            stats.clone(),
+            crate::meshstats::TICK,
+        )));
+        writers.0.push(tokio::spawn(audits::run(
             ctx.clone(),
             stats,
             crate::meshstats::TICK,

@@ -116,17 +116,29 @@ pub fn transitions<'a>(existing: &[Condition], written: &'a [Condition]) -> Vec<
         .collect()
 }
 
+/// Status fields other loops write under field managers of their own.
+const WRITTEN_APART: [&str; 5] = [
+    "rollout",
+    "enforcement",
+    "observedCallers",
+    "observedCallersDropped",
+    "observedThrough",
+];
+
 /// Whether writing `desired` would change `existing` (a `status` value as
 /// read back); empty lists and absent fields are the same.
 pub fn differs(existing: Option<&Value>, desired: &Value) -> bool {
     let normal = |v: &Value| -> Value {
         match v {
-            // A ServiceRoute's `rollout` is the canary's to write (a field
-            // manager of its own: `operator::canaries`), never the
-            // conditions writer's.
+            // A ServiceRoute's `rollout` is the canary's to write, and an
+            // AccessPolicy's audit fields the audit's (field managers of
+            // their own: `operator::canaries`, `operator::audits`), never
+            // the conditions writer's.
             Value::Object(m) => Value::Object(
                 m.iter()
-                    .filter(|(k, v)| !v.is_null() && *v != &json!([]) && k.as_str() != "rollout")
+                    .filter(|(k, v)| {
+                        !v.is_null() && *v != &json!([]) && !WRITTEN_APART.contains(&k.as_str())
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ),

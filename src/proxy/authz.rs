@@ -118,7 +118,8 @@ fn rule_admits(
 
 /// Decides one connection (`request: None`) or one HTTP request: by the
 /// guards of the Services that list `port` and select this pod, every one
-/// of which must admit it, else by the namespace-wide guard.
+/// of which must admit it, else by the namespace-wide guard. Guards that
+/// only audit are left out ([`check_audited`] reports them).
 pub fn check(
     inbound: &InboundConfig,
     names: &PortNames,
@@ -127,32 +128,81 @@ pub fn check(
     peer: Option<&SpiffeId>,
     request: Option<HttpRequest<'_>>,
 ) -> Access {
+    check_audited(inbound, names, labels, port, peer, request, |_, _| {})
+}
+
+/// [`check`], and for a request it admits, `audit(guard, admitted)` for
+/// every auditing guard that would decide it once enforced, with the
+/// verdict that guard's rules give. A request refused is never reported
+/// (it never reached the app).
+///
+/// An auditing guard never tightens what is enforced around it: on the
+/// ports of a Service whose guard only audits (and no enforcing Service
+/// guard applies), a request is admitted when the namespace-wide guard
+/// admits it *or* the auditing guards' own rules do (what they list they
+/// already admit, as they will once enforced); so the callers refused
+/// while auditing are those refused either way. An auditing
+/// namespace-wide guard admits everyone.
+pub fn check_audited(
+    inbound: &InboundConfig,
+    names: &PortNames,
+    labels: Option<&PodLabels>,
+    port: u16,
+    peer: Option<&SpiffeId>,
+    request: Option<HttpRequest<'_>>,
+    mut audit: impl FnMut(&Authorization, bool),
+) -> Access {
     let admits = |auth: &Authorization| {
         auth.rules
             .iter()
             .any(|r| rule_admits(r, names, port, peer, request))
     };
+    let applies = |a: &&Authorization| {
+        a.service.is_some() && names.covers(&a.ports, port) && selects(a, labels)
+    };
     let denied = |auth: &Authorization| Access::Denied {
         policy: auth.policy.clone(),
     };
-    let mut guarded = false;
-    for auth in inbound
-        .authorizations
-        .iter()
-        .filter(|a| a.service.is_some() && names.covers(&a.ports, port) && selects(a, labels))
-    {
+    let (mut enforcing, mut auditing) = (false, false);
+    for auth in inbound.authorizations.iter().filter(applies) {
+        if auth.audit {
+            auditing = true;
+            continue;
+        }
         if !admits(auth) {
             return denied(auth);
         }
-        guarded = true;
+        enforcing = true;
     }
-    if guarded {
-        return Access::Allowed;
+    let fallback = inbound.authorizations.iter().find(|a| a.service.is_none());
+    if !enforcing && let Some(ns) = fallback.filter(|a| !a.audit) {
+        let audited_admit = || {
+            inbound
+                .authorizations
+                .iter()
+                .filter(applies)
+                .filter(|a| a.audit)
+                .all(admits)
+        };
+        let passes = admits(ns) || (auditing && audited_admit());
+        if !passes {
+            return denied(ns);
+        }
     }
-    match inbound.authorizations.iter().find(|a| a.service.is_none()) {
-        Some(auth) if !admits(auth) => denied(auth),
-        _ => Access::Allowed,
+    // Admitted: what the auditing guards that would decide it say.
+    if inbound.authorizations.iter().any(|a| a.audit) {
+        for auth in inbound.authorizations.iter().filter(|a| a.audit) {
+            let decides = if auth.service.is_some() {
+                applies(&auth)
+            } else {
+                !enforcing && !auditing
+            };
+            if decides {
+                audit(auth, admits(auth));
+            }
+        }
     }
+    Access::Allowed
 }
 
 #[cfg(test)]
@@ -200,6 +250,8 @@ mod tests {
                             methods: vec![],
                         },
                     ],
+                    audit: false,
+                    revision: String::new(),
                 },
                 Authorization {
                     policy: "shop/namespace-wide".into(),
@@ -212,6 +264,8 @@ mod tests {
                         paths: vec![],
                         methods: vec![],
                     }],
+                    audit: false,
+                    revision: String::new(),
                 },
             ],
             rate_limits: Vec::new(),
@@ -343,6 +397,8 @@ mod tests {
                 paths: vec![],
                 methods: vec![],
             }],
+            audit: false,
+            revision: String::new(),
         };
         let cfg = InboundConfig {
             mode: InboundMode::Permissive,
@@ -383,6 +439,92 @@ mod tests {
         assert_eq!(at(Some(&pod("cart")), &cart), Access::Allowed);
     }
 
+    /// An auditing guard reports what its rules would have done, and
+    /// neither loosens nor tightens another: on a Service whose guard
+    /// only audits, what the namespace-wide guard or the audited rules
+    /// admit passes; a request refused is not reported (it never reached
+    /// the app).
+    #[test]
+    fn an_auditing_guard_admits_and_reports_what_it_would_have_done() {
+        let names = PortNames::new([("admin".to_owned(), 9090)]);
+        let mut cfg = inbound();
+        cfg.authorizations[0].audit = true;
+        let (post, get) = (http::Method::POST, http::Method::GET);
+        let req = |method, path| Some(HttpRequest { method, path });
+        let (checkout, cart, ops) = (
+            id("shop", "checkout"),
+            id("shop", "cart"),
+            id("ops", "oncall"),
+        );
+        let run = |cfg: &InboundConfig, peer: &SpiffeId, request| {
+            let mut seen = Vec::new();
+            let access = check_audited(cfg, &names, None, 8080, Some(peer), request, |a, ok| {
+                seen.push((a.policy.clone(), ok));
+            });
+            (access, seen)
+        };
+        let audited = |ok: bool| vec![("shop/payments-callers".to_owned(), ok)];
+        // Listed: admitted, and the audit says the rules admit it.
+        assert_eq!(
+            run(&cfg, &checkout, req(&post, "/charges")),
+            (Access::Allowed, audited(true))
+        );
+        // Not listed by the audited policy, but of the namespace the
+        // enforcing namespace-wide guard admits: admitted, reported.
+        assert_eq!(
+            run(&cfg, &cart, req(&get, "/charges")),
+            (Access::Allowed, audited(false))
+        );
+        // The namespace-wide guard still refuses another namespace the
+        // audited rules do not admit either, and that request is not
+        // reported as audited.
+        assert_eq!(
+            run(&cfg, &ops, req(&get, "/")),
+            (
+                Access::Denied {
+                    policy: "shop/namespace-wide".into()
+                },
+                vec![]
+            )
+        );
+        // Auditing never tightens: what the audited policy's own rules
+        // admit passes although the namespace guard would refuse it.
+        let ops_admin = |cfg: &InboundConfig| {
+            let mut seen = Vec::new();
+            let access = check_audited(cfg, &names, None, 9090, Some(&ops), None, |a, ok| {
+                seen.push((a.policy.clone(), ok));
+            });
+            (access, seen)
+        };
+        assert_eq!(ops_admin(&cfg), (Access::Allowed, audited(true)));
+        // Without the namespace guard: everyone admitted, refusals reported.
+        cfg.authorizations.pop();
+        assert_eq!(
+            run(&cfg, &ops, req(&get, "/")),
+            (Access::Allowed, audited(false))
+        );
+        // And `check` alone admits them too, reporting nothing.
+        assert_eq!(
+            check(&cfg, &names, None, 8080, Some(&ops), None),
+            Access::Allowed
+        );
+        // An auditing namespace-wide guard reports for the ports no
+        // enforcing Service guard decides.
+        let mut cfg = inbound();
+        cfg.authorizations[1].audit = true;
+        let mut seen = Vec::new();
+        let access = check_audited(&cfg, &names, None, 7000, Some(&ops), None, |a, ok| {
+            seen.push((a.policy.clone(), ok));
+        });
+        assert_eq!(
+            (access, seen),
+            (
+                Access::Allowed,
+                vec![("shop/namespace-wide".to_owned(), false)]
+            )
+        );
+    }
+
     /// The namespace-wide fallback is the namespace's policy, never a
     /// Service's guard that lists no port.
     #[test]
@@ -396,6 +538,8 @@ mod tests {
                 selector: None,
                 ports: vec![],
                 rules: vec![],
+                audit: false,
+                revision: String::new(),
             }],
             rate_limits: Vec::new(),
         };

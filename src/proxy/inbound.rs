@@ -404,18 +404,74 @@ where
 
 fn authorize(proxy: &Proxy, conn: &Conn, request: Option<HttpRequest<'_>>) -> Access {
     match proxy.store.load() {
-        Some(s) => authz::check(
+        Some(s) => authz::check_audited(
             &s.config.inbound,
             &proxy.port_names,
             proxy.pod_labels.load().as_deref(),
             conn.port,
             conn.peer_id.as_deref(),
             request,
+            |auth, admitted| audited(proxy, conn, request, auth, admitted),
         ),
         // Connections are refused before a config loads (see `serve`).
         None => Access::Denied {
             policy: "(no config loaded)".to_owned(),
         },
+    }
+}
+
+/// Counts a request (or connection) an auditing AccessPolicy let
+/// through: who, where, and what its rules would have done.
+fn audited(
+    proxy: &Proxy,
+    conn: &Conn,
+    request: Option<HttpRequest<'_>>,
+    auth: &crate::config::Authorization,
+    admitted: bool,
+) {
+    use super::metrics::{AuditLabels, MAX_AUDIT_SEGMENT};
+    let src = conn.peer_id.as_ref().map_or_else(
+        || "plaintext".to_owned(),
+        |id| format!("{}/{}", id.namespace, id.service_account),
+    );
+    let (method, path) = match request {
+        None => (String::new(), String::new()),
+        Some(r) => {
+            let method = match crate::api::HttpMethod::from_name(r.method.as_str()) {
+                Some(m) => m.as_str().to_owned(),
+                None => "*".to_owned(),
+            };
+            (method, audit_segment(r.path, MAX_AUDIT_SEGMENT))
+        }
+    };
+    let labels = proxy.metrics.bounds.audit(AuditLabels {
+        policy: auth.policy.clone(),
+        src,
+        port: super::metrics::PortLabel(conn.port),
+        method,
+        path,
+        verdict: if admitted { "admitted" } else { "refused" },
+        rules: auth.revision.clone(),
+    });
+    proxy.metrics.access_audit.get_or_create(&labels).inc();
+}
+
+/// The first segment of a normalised path as an audit label: `/charges`
+/// for `/charges/7`, `/` for `/` itself; `*` (a path no segment names)
+/// when longer than `max` bytes, empty (`//x`), or not a path at all
+/// (`OPTIONS *`).
+fn audit_segment(path: &str, max: usize) -> String {
+    if path == "/" {
+        return "/".to_owned();
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return "*".to_owned();
+    };
+    let first = rest.split('/').next().unwrap_or_default();
+    if first.is_empty() || first.len() > max {
+        "*".to_owned()
+    } else {
+        format!("/{first}")
     }
 }
 
@@ -716,5 +772,24 @@ pub async fn send_to_app(proxy: &Proxy, app: Endpoint, req: Request) -> Response
     match to_app(proxy, app, req).await {
         Ok(rsp) => rsp,
         Err(e) => errors::response(&errors::classify(&e, &label.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::audit_segment;
+
+    #[test]
+    fn an_audit_label_names_a_first_segment_or_nothing() {
+        for (path, label) in [
+            ("/charges/7", "/charges"),
+            ("/charges", "/charges"),
+            ("/", "/"),
+            ("//x", "*"),
+            ("*", "*"),
+            ("/aaaaaaaaa/b", "*"),
+        ] {
+            assert_eq!(audit_segment(path, 8), label, "{path}");
+        }
     }
 }

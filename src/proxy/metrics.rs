@@ -185,6 +185,9 @@ pub struct LabelBounds {
     /// filling up does not take the other's series.
     unregistered: std::sync::Mutex<std::collections::HashSet<String>>,
     vendor_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Audit label sets seen (without verdict and revision), and the
+    /// shapes each (policy, caller, port) has.
+    audits: std::sync::Mutex<AuditBounds>,
 }
 
 impl Default for LabelBounds {
@@ -203,6 +206,111 @@ impl LabelBounds {
             max_sources,
             unregistered: Default::default(),
             vendor_hosts: Default::default(),
+            audits: Default::default(),
+        }
+    }
+
+    /// `labels`; past [`MAX_AUDIT_SHAPES_PER_CALLER`] shapes of its
+    /// caller on its port, with method and path `*`; and once
+    /// [`MAX_AUDIT_LABELS`] other sets were seen first, the policy's
+    /// `other` series (caller, port, method and path all `other`), which
+    /// the operator reads as callers it cannot name.
+    pub fn audit(&self, mut labels: AuditLabels) -> AuditLabels {
+        let key = |l: &AuditLabels| AuditKey {
+            policy: l.policy.clone(),
+            rules: l.rules.clone(),
+            src: l.src.clone(),
+            port: l.port,
+            method: l.method.clone(),
+            path: l.path.clone(),
+        };
+        let mut b = self.audits.lock().unwrap_or_else(|e| e.into_inner());
+        if b.seen.contains(&key(&labels)) {
+            return labels;
+        }
+        let caller = (
+            labels.policy.clone(),
+            labels.rules.clone(),
+            labels.src.clone(),
+            labels.port,
+        );
+        if b.shapes.get(&caller).copied().unwrap_or(0) >= MAX_AUDIT_SHAPES_PER_CALLER {
+            labels.method = "*".to_owned();
+            labels.path = "*".to_owned();
+            if b.seen.contains(&key(&labels)) {
+                return labels;
+            }
+        }
+        if b.seen.len() < MAX_AUDIT_LABELS {
+            b.seen.insert(key(&labels));
+            *b.shapes.entry(caller).or_default() += 1;
+            return labels;
+        }
+        AuditLabels {
+            policy: labels.policy,
+            src: OTHER.to_owned(),
+            port: PortLabel(0),
+            method: OTHER.to_owned(),
+            path: OTHER.to_owned(),
+            verdict: labels.verdict,
+            rules: labels.rules,
+        }
+    }
+
+    /// Forgets the audit series of (policy, rules) pairs not in `keep`
+    /// (a policy that stopped auditing, rules edited since), removing
+    /// them from `family` too: only the rules audited now take places in
+    /// the bounds. The counts of removed series not yet read are lost;
+    /// the control plane's window runs for the rules in force anyway.
+    pub fn retain_audits(
+        &self,
+        keep: &std::collections::HashSet<(String, String)>,
+        family: &Family<AuditLabels, Counter>,
+    ) {
+        let mut b = self.audits.lock().unwrap_or_else(|e| e.into_inner());
+        let kept =
+            |policy: &String, rules: &String| keep.contains(&(policy.clone(), rules.clone()));
+        let gone: Vec<AuditKey> = b
+            .seen
+            .iter()
+            .filter(|k| !kept(&k.policy, &k.rules))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let series = |k: &AuditKey, verdict| AuditLabels {
+            policy: k.policy.clone(),
+            src: k.src.clone(),
+            port: k.port,
+            method: k.method.clone(),
+            path: k.path.clone(),
+            verdict,
+            rules: k.rules.clone(),
+        };
+        let mut pairs = std::collections::HashSet::new();
+        for k in &gone {
+            b.seen.remove(k);
+            for verdict in ["admitted", "refused"] {
+                family.remove(&series(k, verdict));
+            }
+            pairs.insert((k.policy.clone(), k.rules.clone()));
+        }
+        b.shapes
+            .retain(|(policy, rules, _, _), _| kept(policy, rules));
+        // The pairs' `other` series (never in `seen`).
+        for (policy, rules) in pairs {
+            let other = AuditKey {
+                policy,
+                rules,
+                src: OTHER.to_owned(),
+                port: PortLabel(0),
+                method: OTHER.to_owned(),
+                path: OTHER.to_owned(),
+            };
+            for verdict in ["admitted", "refused"] {
+                family.remove(&series(&other, verdict));
+            }
         }
     }
 
@@ -278,6 +386,59 @@ pub struct DenialLabels {
     pub protocol: String,
 }
 
+/// A request (or TCP connection) an auditing AccessPolicy let through,
+/// with the verdict its rules would have given. Built from network input
+/// and bounded ([`LabelBounds::audit`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// `namespace/name` of the AccessPolicy.
+    pub policy: String,
+    /// The caller's verified identity as `namespace/serviceAccount`,
+    /// `plaintext` without one, `other` past the bound.
+    pub src: String,
+    /// The container port called.
+    pub port: PortLabel,
+    /// The method; `*` for extension methods, empty for TCP.
+    pub method: String,
+    /// The normalised path's first segment (`/charges`); `*` when longer
+    /// than [`MAX_AUDIT_SEGMENT`], empty for TCP.
+    pub path: String,
+    /// `admitted` or `refused`: what the rules would have done.
+    pub verdict: &'static str,
+    /// The revision of the rules the verdict was given under.
+    pub rules: String,
+}
+
+/// Distinct audit label sets (policy, caller, port, method, path) one
+/// proxy keeps apart; later new ones are counted under `other`.
+pub const MAX_AUDIT_LABELS: usize = 512;
+/// Distinct (method, path) shapes one caller of one policy gets on a
+/// port before its further new ones are counted as method and path `*`
+/// (the caller still named): one caller calling many paths cannot fill
+/// [`MAX_AUDIT_LABELS`] and hide everyone after it.
+pub const MAX_AUDIT_SHAPES_PER_CALLER: usize = 32;
+/// The longest first path segment an audit series names.
+pub const MAX_AUDIT_SEGMENT: usize = 64;
+
+/// What [`LabelBounds::audit`] has seen.
+#[derive(Default)]
+struct AuditBounds {
+    seen: std::collections::HashSet<AuditKey>,
+    /// Shapes per (policy, rules, caller, port).
+    shapes: std::collections::HashMap<(String, String, String, PortLabel), usize>,
+}
+
+/// An audit series without its verdict.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct AuditKey {
+    policy: String,
+    rules: String,
+    src: String,
+    port: PortLabel,
+    method: String,
+    path: String,
+}
+
 /// A request refused by an inbound rate limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InboundLimitLabels {
@@ -345,6 +506,8 @@ pub struct ProxyMetrics {
     pub plaintext_rejected: Family<PlaintextLabels, Counter>,
     /// Requests and connections refused by AccessPolicy.
     pub access_denied: Family<DenialLabels, Counter>,
+    /// Requests and connections an auditing AccessPolicy let through.
+    pub access_audit: Family<AuditLabels, Counter>,
     /// Requests answered 429 by an inbound rate limit (TrafficPolicy
     /// `inboundRateLimit`).
     pub inbound_rate_limited: Family<InboundLimitLabels, Counter>,
@@ -550,6 +713,12 @@ impl ProxyMetrics {
             "Requests (http) and connections (tcp) refused by an AccessPolicy",
             access_denied.clone(),
         );
+        let access_audit = Family::default();
+        registry.register(
+            "access_audit",
+            "Requests (and TCP connections) an AccessPolicy in mode Audit let through, by caller, container port, method, first path segment, and the verdict its rules would have given",
+            access_audit.clone(),
+        );
         let inbound_rate_limited = Family::default();
         registry.register(
             "inbound_rate_limited",
@@ -665,6 +834,7 @@ impl ProxyMetrics {
             plaintext_connections,
             plaintext_rejected,
             access_denied,
+            access_audit,
             inbound_rate_limited,
             tls_handshake_failures,
             plaintext_fallbacks,
@@ -790,6 +960,66 @@ pub fn status_class(status: http::StatusCode) -> String {
 #[cfg(test)]
 mod bound_tests {
     use super::*;
+
+    /// Audit series are bounded per caller first (its shapes past the
+    /// bound read `*`, the caller still named), then in all (`other`).
+    #[test]
+    fn audit_labels_are_bounded_per_caller_then_in_all() {
+        let bounds = LabelBounds::default();
+        let label = |src: &str, path: &str| {
+            bounds.audit(AuditLabels {
+                policy: "shop/payments".into(),
+                src: src.into(),
+                port: PortLabel(8080),
+                method: "GET".into(),
+                path: path.into(),
+                verdict: "refused",
+                rules: "r1".into(),
+            })
+        };
+        for i in 0..MAX_AUDIT_SHAPES_PER_CALLER {
+            assert_eq!(
+                label("shop/noisy", &format!("/p{i}")).path,
+                format!("/p{i}")
+            );
+        }
+        let past = label("shop/noisy", "/more");
+        assert_eq!(
+            (past.src.as_str(), past.method.as_str(), past.path.as_str()),
+            ("shop/noisy", "*", "*")
+        );
+        assert_eq!(
+            label("shop/noisy", "/p0").path,
+            "/p0",
+            "a shape seen keeps its own"
+        );
+        assert_eq!(
+            label("shop/quiet", "/status").path,
+            "/status",
+            "others unaffected"
+        );
+        for i in 0..MAX_AUDIT_LABELS {
+            label(&format!("shop/sa-{i}"), "/");
+        }
+        let full = label("shop/late", "/status");
+        assert_eq!((full.src.as_str(), full.port), (OTHER, PortLabel(0)));
+        assert_eq!(label("shop/quiet", "/status").src, "shop/quiet");
+        // Rules edited: the old rules' series go, with their places.
+        let family: Family<AuditLabels, Counter> = Family::default();
+        family.get_or_create(&label("shop/quiet", "/status")).inc();
+        family.get_or_create(&full).inc();
+        bounds.retain_audits(
+            &[("shop/payments".to_owned(), "r2".to_owned())].into(),
+            &family,
+        );
+        assert!(!family.remove(&label("shop/quiet", "/status")), "removed");
+        assert!(!family.remove(&full), "the `other` series too");
+        let fresh = bounds.audit(AuditLabels {
+            rules: "r2".into(),
+            ..label("shop/late", "/status")
+        });
+        assert_eq!(fresh.src, "shop/late", "places freed");
+    }
 
     /// A client knocking from many addresses on many ports makes at most
     /// the bound's series; the rest read `other`, and values already seen

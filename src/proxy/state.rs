@@ -693,6 +693,19 @@ impl ConfigStore {
             .limit_with(&self.limiters),
         );
         self.current.store(Some(snapshot.clone()));
+        // Audit series of rules no longer audited go, so that edits of an
+        // auditing policy do not pile series up.
+        let auditing: std::collections::HashSet<(String, String)> = snapshot
+            .config
+            .inbound
+            .authorizations
+            .iter()
+            .filter(|a| a.audit)
+            .map(|a| (a.policy.clone(), a.revision.clone()))
+            .collect();
+        self.metrics
+            .bounds
+            .retain_audits(&auditing, &self.metrics.access_audit);
         // Forget state of Services and vendor hosts that are gone;
         // addresses are kept.
         self.destinations.retain(|label| {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
