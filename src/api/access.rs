@@ -117,11 +117,7 @@ impl AccessPolicy {
     /// What an observation window runs for: the target and the rules,
     /// hashed. A change of either starts the window again.
     pub fn rules_revision(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let text =
-            serde_json::to_vec(&(&self.spec.target_ref, &self.spec.rules)).unwrap_or_default();
-        let digest = Sha256::digest(&text);
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        super::common::revision_of(&(&self.spec.target_ref, &self.spec.rules))
     }
 }
 

@@ -47,6 +47,15 @@ impl Duration {
     }
 }
 
+/// A short, stable revision of `value` (the first 8 bytes of the SHA-256
+/// of its JSON, in hex): what a staged change runs for, so that an edit
+/// of it, and only of it, starts the change again.
+pub fn revision_of<T: Serialize + ?Sized>(value: &T) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_vec(value).unwrap_or_default();
+    hex::encode(&Sha256::digest(&text)[..8])
+}
+
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

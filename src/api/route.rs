@@ -219,7 +219,6 @@ impl ServiceRoute {
     /// either starts the rollout again; any other edit (a timeout, a
     /// match) leaves it where it stands.
     pub fn canary_revision(&self) -> Option<String> {
-        use sha2::{Digest, Sha256};
         let rollout = self.spec.rollout.as_ref()?;
         let backends: Vec<&Vec<BackendRef>> = self
             .spec
@@ -228,9 +227,7 @@ impl ServiceRoute {
             .filter(|r| r.backend_refs.iter().any(|b| b.name == rollout.canary))
             .map(|r| &r.backend_refs)
             .collect();
-        let text = serde_json::to_vec(&(rollout, backends)).ok()?;
-        let digest = Sha256::digest(&text);
-        Some(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+        Some(super::common::revision_of(&(rollout, backends)))
     }
 }
 
