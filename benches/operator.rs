@@ -113,7 +113,9 @@ impl Mesh {
             None,
         ));
         let ca = MeshCa::generate("cluster.local", SystemTime::now(), CA_LIFETIME).expect("ca");
-        ctx.ca.store(Arc::new(CaState::Ready(Arc::new(ca))));
+        ctx.ca.store(Arc::new(CaState::Ready(Arc::new(
+            weft::operator::ca::TrustPlan::single(Arc::new(ca)),
+        ))));
         let mut names = Vec::new();
         for i in 0..SERVING_NAMESPACES {
             let ns = format!("svc-{i}");

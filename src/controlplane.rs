@@ -412,7 +412,10 @@ async fn watch_mesh(client: Client, hook: Arc<Webhook>, first_listed: Arc<Atomic
                 None
             }
         };
-        let Some(spec) = spec else { continue };
+        let Some(mut spec) = spec else { continue };
+        // The CA settings do not shape a pod: left out, a rotation
+        // request does not change every pod's injection hash.
+        spec.ca = None;
         if hook.settings.load().mesh != spec {
             // rcu: the kubelet watch writes the settings too.
             hook.settings.rcu(|current| {

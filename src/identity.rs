@@ -59,6 +59,9 @@ pub fn identity_secret_name(sa: &str) -> String {
     let cut = cut.trim_end_matches(['-', '.']);
     format!("{IDENTITY_SECRET_PREFIX}{cut}-{hash}")
 }
+/// Key of the root in `weft-ca` when its CA is an intermediate under an
+/// offline root (absent: `ca.crt` is the root).
+pub const CA_ANCHOR_KEY: &str = "anchor.crt";
 /// Key of the CA's private key in `weft-ca`.
 pub const CA_KEY_KEY: &str = "ca.key";
 /// How long the mesh CA is valid: ten years.
@@ -165,10 +168,19 @@ pub enum IdentityError {
     Parse(String),
 }
 
-/// The mesh CA: signs every workload certificate.
+/// The mesh CA: signs every workload certificate. Its trust anchor (the
+/// root every proxy trusts) is its own certificate when it is a root, or
+/// a root above it when it is an intermediate (a CA supplied by the user,
+/// under an offline root); then every leaf it issues carries its chain.
 pub struct MeshCa {
+    /// The issuing certificate, then the intermediates above it.
     cert_pem: String,
     key_pem: String,
+    /// The root its leaves chain to.
+    anchor_pem: String,
+    /// What an issued leaf carries after itself: nothing under a root,
+    /// the intermediates (`cert_pem`) under an offline root.
+    chain_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -220,20 +232,82 @@ impl MeshCa {
         let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
         Ok(Self {
             issuer: Issuer::new(params, key),
+            anchor_pem: cert_pem.clone(),
+            chain_pem: String::new(),
             cert_pem,
             key_pem,
         })
     }
 
-    /// The CA stored in Secret `weft-ca`.
+    /// The CA stored in Secret `weft-ca`: a root, its own anchor.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        Self::from_parts(cert_pem, key_pem, None)
+    }
+
+    /// A CA from its certificate (the issuing certificate first, then any
+    /// intermediates above it), its key, and the root its leaves chain
+    /// to (`None`: the certificate is that root). Refused unless a leaf
+    /// it issues verifies against that root, so a key that does not
+    /// match, or a chain that does not reach the root, is found here and
+    /// not in the proxies' handshakes.
+    pub fn from_parts(
+        cert_pem: &str,
+        key_pem: &str,
+        anchor_pem: Option<&str>,
+    ) -> Result<Self, IdentityError> {
+        let certs = pem_blocks(cert_pem);
+        let Some(first) = certs.first() else {
+            return Err(IdentityError::Parse(
+                "no PEM certificate in the CA certificate".into(),
+            ));
+        };
+        if !inspect_pem(first)?.is_ca {
+            return Err(IdentityError::Parse(
+                "the CA certificate is not a CA (basicConstraints CA:TRUE)".into(),
+            ));
+        }
+        let anchor = match anchor_pem {
+            Some(a) => match pem_blocks(a).as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(IdentityError::Parse(
+                        "no PEM certificate in the root".into(),
+                    ));
+                }
+                _ => {
+                    return Err(IdentityError::Parse(
+                        "the root holds more than one certificate; give the one root".into(),
+                    ));
+                }
+            },
+            None => first.clone(),
+        };
+        let fp = |pem: &str| fingerprint(pem).unwrap_or_default();
+        // Leaves carry the intermediates; never the root itself.
+        let chain: Vec<&String> = certs.iter().filter(|c| fp(c) != fp(&anchor)).collect();
         let key = KeyPair::from_pem(key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self {
+        let issuer = Issuer::from_ca_cert_pem(first, key)?;
+        let ca = Self {
             issuer,
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
-        })
+            anchor_pem: anchor,
+            chain_pem: chain.iter().map(|c| format!("{c}\n")).collect(),
+        };
+        let probe = ca.issue(
+            &SpiffeId::new("probe.invalid", "probe", "probe"),
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )?;
+        if !chains_to(&probe.cert_pem, &ca.anchor_pem, SystemTime::now()) {
+            return Err(IdentityError::Parse(
+                "a certificate this CA issues does not verify against its root: the key does \
+                 not match the certificate, the chain does not reach the root, or a \
+                 certificate is expired"
+                    .into(),
+            ));
+        }
+        Ok(ca)
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -244,9 +318,14 @@ impl MeshCa {
         &self.key_pem
     }
 
-    /// The PEM every proxy trusts.
+    /// The root its leaves chain to.
+    pub fn anchor_pem(&self) -> &str {
+        &self.anchor_pem
+    }
+
+    /// The PEM every proxy trusts when this CA is the only one.
     pub fn trust_bundle(&self) -> String {
-        self.cert_pem.clone()
+        bundle_of(&[&self.anchor_pem])
     }
 
     /// A workload certificate for `id`, valid from `now` for `lifetime`.
@@ -315,7 +394,7 @@ impl MeshCa {
         params.not_after = offset(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(WorkloadCert {
-            cert_pem: cert.pem(),
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: key.serialize_pem(),
             issued_at: now,
             not_after,
@@ -487,6 +566,100 @@ pub fn bundle_hash(pem: &str) -> String {
     hex::encode(&Sha256::digest(pem.trim().as_bytes())[..8])
 }
 
+/// The trust bundle that holds `roots`, in that order, written the one
+/// way: the same roots always give the same text, and so the same
+/// [`bundle_hash`] (the operator and the proxies compare hashes).
+pub fn bundle_of(roots: &[&str]) -> String {
+    roots
+        .iter()
+        .flat_map(|r| pem_blocks(r))
+        .map(|b| format!("{b}\n"))
+        .collect()
+}
+
+/// Each `CERTIFICATE` block of a PEM text, as written, trimmed; anything
+/// around or between them (comments, other blocks) is left out.
+pub fn pem_blocks(text: &str) -> Vec<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + len + END.len();
+        out.push(
+            rest[start..end]
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The SHA-256 fingerprint of a PEM certificate's DER, its first 8 bytes
+/// in hex: how the operator and the proxies name a root. (Every root
+/// weft generates has the same subject, so the subject names none.)
+pub fn fingerprint(pem: &str) -> Option<String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    Some(hex::encode(&Sha256::digest(der.as_ref())[..8]))
+}
+
+/// Whether the certificate chain `chain_pem` (a leaf, then its
+/// intermediates) verifies as a mesh client certificate against the
+/// roots in `anchor_pem` at `now`: the check a peer proxy makes, by
+/// rustls' webpki.
+pub fn chains_to(chain_pem: &str, anchor_pem: &str, now: SystemTime) -> bool {
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    static PROVIDER: std::sync::LazyLock<std::sync::Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::LazyLock::new(|| {
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+        });
+    let Ok(certs) =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()
+    else {
+        return false;
+    };
+    let Some((leaf, intermediates)) = certs.split_first() else {
+        return false;
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(anchor_pem.as_bytes()) {
+        let Ok(root) = root else { return false };
+        if roots.add(root).is_err() {
+            return false;
+        }
+    }
+    let Ok(verifier) =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), PROVIDER.clone())
+            .build()
+    else {
+        return false;
+    };
+    let at = UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    verifier.verify_client_cert(leaf, intermediates, at).is_ok()
+}
+
+/// The fingerprint of the root in `bundle_pem` that the certificate
+/// chain `chain_pem` verifies against: which root a proxy's identity
+/// presents, so a CA rotation can tell when every proxy moved.
+pub fn root_of(chain_pem: &str, bundle_pem: &str, now: SystemTime) -> Option<String> {
+    pem_blocks(bundle_pem)
+        .into_iter()
+        .find(|root| chains_to(chain_pem, root, now))
+        .and_then(|root| fingerprint(&root))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,6 +787,93 @@ mod tests {
             "signed by the original root key"
         );
         assert!(MeshCa::from_pem(ca.cert_pem(), "not a key").is_err());
+    }
+
+    /// An offline root and an intermediate under it, as a user hands
+    /// weft (cert-manager's CA `Certificate`, or a PKI team's issuer).
+    fn offline_root_and_intermediate() -> (String, String, String) {
+        let t = now();
+        let ca_params = |cn: &str| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.not_before = offset(t - BACKDATE);
+            p.not_after = offset(t + CA_LIFETIME);
+            p
+        };
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let root_params = ca_params("offline root");
+        let root = root_params.self_signed(&root_key).expect("root");
+        let root_issuer = Issuer::new(root_params, root_key);
+        let inter_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let inter = ca_params("weft issuer")
+            .signed_by(&inter_key, &root_issuer)
+            .expect("intermediate");
+        (root.pem(), inter.pem(), inter_key.serialize_pem())
+    }
+
+    #[test]
+    fn a_user_ca_under_an_offline_root_issues_leaves_that_carry_its_chain() {
+        let t = now();
+        let (root, inter, key) = offline_root_and_intermediate();
+        let ca = MeshCa::from_parts(&inter, &key, Some(&root)).expect("usable");
+        assert_eq!(fingerprint(ca.anchor_pem()), fingerprint(&root));
+        assert_eq!(ca.trust_bundle(), bundle_of(&[&root]));
+        let leaf = ca
+            .issue(
+                &SpiffeId::new("cluster.local", "shop", "cart"),
+                t,
+                Duration::from_secs(3600),
+            )
+            .expect("leaf");
+        assert_eq!(
+            pem_blocks(&leaf.cert_pem).len(),
+            2,
+            "the leaf, then the intermediate"
+        );
+        assert!(chains_to(&leaf.cert_pem, &root, t));
+        // Which root of a two-root bundle it presents, by fingerprint.
+        let other = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let both = bundle_of(&[other.anchor_pem(), &root]);
+        assert_eq!(root_of(&leaf.cert_pem, &both, t), fingerprint(&root));
+        assert_eq!(root_of(&leaf.cert_pem, &other.trust_bundle(), t), None);
+        // Without its root the intermediate would be the anchor: its
+        // leaves then verify against it alone.
+        let alone = MeshCa::from_parts(&inter, &key, None).expect("usable as its own anchor");
+        assert_eq!(fingerprint(alone.anchor_pem()), fingerprint(&inter));
+
+        // Refused, saying why: the wrong key, a root the chain does not
+        // reach, a certificate that is not a CA, two roots.
+        let wrong_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let err = MeshCa::from_parts(&inter, &wrong_key.serialize_pem(), Some(&root)).unwrap_err();
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        assert!(MeshCa::from_parts(&inter, &key, Some(other.anchor_pem())).is_err());
+        let err = MeshCa::from_parts(&leaf.cert_pem, &leaf.key_pem, None).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        assert!(MeshCa::from_parts(&inter, &key, Some(&both)).is_err());
+    }
+
+    #[test]
+    fn a_bundle_is_written_one_way_so_its_hash_is_stable() {
+        let t = now();
+        let a = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let b = MeshCa::generate("cluster.local", t, CA_LIFETIME).expect("ca");
+        let both = bundle_of(&[a.anchor_pem(), b.anchor_pem()]);
+        // However the roots were written (CRLF, padding, comments).
+        let messy = format!(
+            "# a comment\r\n  {}\r\n\r\n{}",
+            a.cert_pem().replace('\n', "\r\n"),
+            b.cert_pem()
+        );
+        assert_eq!(bundle_of(&[&messy]), both);
+        assert_eq!(
+            bundle_hash(&bundle_of(&[a.anchor_pem()])),
+            bundle_hash(a.cert_pem())
+        );
+        assert_ne!(fingerprint(a.cert_pem()), fingerprint(b.cert_pem()));
+        assert_eq!(pem_blocks(&both).len(), 2);
     }
 
     #[test]

@@ -101,6 +101,28 @@ pub struct AuditKey {
     pub rules: String,
 }
 
+/// Peer certificates a proxy refused (`weft_proxy_tls_rejections_total`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RejectKey {
+    /// The pod whose proxy refused, as the control plane knows it: set
+    /// when the reading is recorded.
+    pub pod: ProxyId,
+    /// `inbound` (a client's certificate) or `outbound` (a server's).
+    pub direction: String,
+    /// `unknown-ca`, `expired`, ...
+    pub reason: String,
+}
+
+/// What a proxy says of its own identity: a state, not a count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyIdentity {
+    /// The hash of the trust bundle in force.
+    pub bundle: Option<String>,
+    /// The fingerprint of the bundle's root its certificate chains to
+    /// (an older proxy does not say).
+    pub root: Option<String>,
+}
+
 /// Requests and their latency: cumulative for one proxy, or growth.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Requests {
@@ -258,6 +280,11 @@ pub struct ProxyCounts {
     pub shed: BTreeMap<WorkloadKey, f64>,
     /// Requests auditing AccessPolicies let through.
     pub audit: BTreeMap<AuditKey, f64>,
+    /// Peer certificates refused.
+    pub rejections: BTreeMap<RejectKey, f64>,
+    /// Its identity as it reports it (kept apart from the counts: a
+    /// tick's sum has none).
+    pub identity: ProxyIdentity,
 }
 
 impl ProxyCounts {
@@ -271,7 +298,8 @@ impl ProxyCounts {
             + counts.circuits.len()
             + counts.inbound.len()
             + counts.peers.len()
-            + counts.audit.len();
+            + counts.audit.len()
+            + counts.rejections.len();
         if series > MAX_SERIES_PER_PROXY {
             return Err(format!(
                 "{series} series, more than the {MAX_SERIES_PER_PROXY} a proxy has"
@@ -403,6 +431,21 @@ impl ProxyCounts {
                     };
                     *out.audit.entry(key).or_default() += s.value;
                 }
+                "weft_proxy_tls_rejections_total" => {
+                    // Keyed by pod when recorded (`MeshStats::record`).
+                    let key = RejectKey {
+                        pod: (namespace.to_owned(), String::new()),
+                        direction: label("direction").to_owned(),
+                        reason: label("reason").to_owned(),
+                    };
+                    *out.rejections.entry(key).or_default() += s.value;
+                }
+                "weft_proxy_trust_bundle" if s.value >= 1.0 => {
+                    out.identity.bundle = Some(label("hash").to_owned());
+                }
+                "weft_proxy_certificate_root" if s.value >= 1.0 => {
+                    out.identity.root = Some(label("fingerprint").to_owned());
+                }
                 "weft_proxy_requests_shed_total" => {
                     // Keyed once the workload is known (below).
                     *out.shed
@@ -466,6 +509,8 @@ impl ProxyCounts {
             peers: each(&self.peers, &before.peers, Requests::since),
             shed: each(&self.shed, &before.shed, grew),
             audit: each(&self.audit, &before.audit, grew),
+            rejections: each(&self.rejections, &before.rejections, grew),
+            identity: ProxyIdentity::default(),
         };
         // A tick keeps what grew (and the circuits, a state) only.
         grown.edges.retain(|_, r| r.requests > 0.0);
@@ -474,6 +519,7 @@ impl ProxyCounts {
         grown.dsts.retain(|_, d| *d != DstCounts::default());
         grown.shed.retain(|_, v| *v > 0.0);
         grown.audit.retain(|_, v| *v > 0.0);
+        grown.rejections.retain(|_, v| *v > 0.0);
         grown
     }
 
@@ -501,6 +547,9 @@ impl ProxyCounts {
         }
         for (k, v) in &o.audit {
             *self.audit.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.rejections {
+            *self.rejections.entry(k.clone()).or_default() += v;
         }
     }
 
@@ -544,6 +593,8 @@ pub struct Tick {
     /// last reading is lost (the next one is a baseline), so nothing can
     /// be said of what they saw in the tick's time.
     pub unreadable_pods: std::collections::BTreeSet<ProxyId>,
+    /// What each proxy read in this tick says of its identity.
+    pub identities: BTreeMap<ProxyId, ProxyIdentity>,
 }
 
 /// The rolling window, and each proxy's last reading.
@@ -616,6 +667,22 @@ impl MeshStats {
                             })
                             .collect();
                     }
+                    if !counts.rejections.is_empty() {
+                        counts.rejections = std::mem::take(&mut counts.rejections)
+                            .into_iter()
+                            .map(|(k, v)| {
+                                (
+                                    RejectKey {
+                                        pod: r.id.clone(),
+                                        ..k
+                                    },
+                                    v,
+                                )
+                            })
+                            .collect();
+                    }
+                    tick.identities
+                        .insert(r.id.clone(), std::mem::take(&mut counts.identity));
                     tick.proxies += 1;
                     if let Some(before) = self.last.get(&r.id) {
                         tick.counts.add(&counts.since(before));

@@ -1506,3 +1506,111 @@ fn identity_secret(pod: &Pod) -> Option<String> {
         .find(|v| v.name == "weft-identity")
         .and_then(|v| v.secret.as_ref()?.secret_name.clone())
 }
+
+/// The CA rotation request and its status as a real API server keeps
+/// them: the source of a rotation is fixed for its id (a transition rule,
+/// judged on update), the rotation's status is written under its own
+/// field manager over the version it read, and the compiler's conditions
+/// written afterwards leave it in place.
+#[tokio::test]
+async fn tier5_a_ca_rotation_keeps_its_source_and_its_status_beside_the_conditions() {
+    use weft::api::{CaRotationPhase, Mesh};
+    let Some(assets) = assets() else { return };
+    let (_one, cluster, discovery) = shop_cluster(&assets).await;
+    let client = cluster.client.clone();
+    let mesh = |rotation: Value| {
+        json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
+            "metadata": { "name": "default" },
+            "spec": { "ca": { "rotation": rotation } },
+        })
+    };
+    apply_all(&client, &discovery, &[mesh(json!({ "id": "r1" }))]).await;
+    assert_refused(
+        apply(
+            &client,
+            &discovery,
+            &mesh(json!({ "id": "r1", "source": { "secretName": "shop-root" } })),
+        )
+        .await,
+        "spec.ca.rotation",
+        "ca.rotation.source is fixed for a rotation",
+    );
+    assert_refused(
+        apply(
+            &client,
+            &discovery,
+            &mesh(json!({ "id": "r1", "gateTimeout": "1m" })),
+        )
+        .await,
+        "spec.ca.rotation",
+        "gateTimeout must be between 2m and 168h",
+    );
+    // A new id may name another source.
+    apply_all(
+        &client,
+        &discovery,
+        &[mesh(
+            json!({ "id": "r2", "source": { "secretName": "shop-root", "anchorKey": "ca.crt" } }),
+        )],
+    )
+    .await;
+
+    let api: Api<Mesh> = Api::all(client.clone());
+    let by = |manager: &'static str| PatchParams::apply(manager).force();
+    let conditions = json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
+        "status": { "observedGeneration": 1, "conditions": [{
+            "type": "CertificateAuthority", "status": "True", "reason": "Ready", "message": "ok",
+            "lastTransitionTime": "2026-12-07T10:00:00Z", "observedGeneration": 1,
+        }] },
+    });
+    api.patch_status("default", &by(OPERATOR), &Patch::Apply(&conditions))
+        .await
+        .expect("the compiler's conditions");
+    let read = api.get("default").await.expect("read");
+    let rotation = json!({ "ca": { "rotation": {
+        "id": "r2", "phase": "AddingRoot", "since": "2026-12-07T10:00:00Z",
+        "retry": 0, "message": "adding root", "oldRoot": "00aa", "newRoot": "11bb",
+        "source": { "secretName": "shop-root", "certKey": "tls.crt", "keyKey": "tls.key", "anchorKey": "ca.crt" },
+    } } });
+    weft::operator::canaries::apply_status_as(
+        &api,
+        "default",
+        weft::operator::carotations::FIELD_MANAGER,
+        read.resource_version(),
+        rotation.clone(),
+    )
+    .await
+    .expect("the rotation's status over the version it read");
+    // Someone edits the Mesh: a write over the version read before is
+    // refused.
+    let read = api.get("default").await.expect("read again");
+    apply_all(&client, &discovery, &[mesh(json!({ "id": "r2", "action": "Pause", "source": { "secretName": "shop-root", "anchorKey": "ca.crt" } }))]).await;
+    let stale = weft::operator::canaries::apply_status_as(
+        &api,
+        "default",
+        weft::operator::carotations::FIELD_MANAGER,
+        read.resource_version(),
+        rotation,
+    )
+    .await;
+    assert!(
+        matches!(&stale, Err(kube::Error::Api(e)) if e.code == 409),
+        "{stale:?}"
+    );
+    api.patch_status("default", &by(OPERATOR), &Patch::Apply(&conditions))
+        .await
+        .expect("the compiler's conditions again");
+    let status = api
+        .get_status("default")
+        .await
+        .expect("read back")
+        .status
+        .expect("a status");
+    assert_eq!(status.conditions.len(), 1);
+    assert_eq!(
+        status.ca.and_then(|c| c.rotation).map(|r| r.phase),
+        Some(CaRotationPhase::AddingRoot)
+    );
+}

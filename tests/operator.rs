@@ -290,7 +290,9 @@ impl Harness {
     async fn with_ca(&self) {
         let ca = MeshCa::generate("cluster.local", std::time::SystemTime::now(), CA_LIFETIME)
             .expect("ca");
-        self.ctx.ca.store(Arc::new(CaState::Ready(Arc::new(ca))));
+        self.ctx.ca.store(Arc::new(CaState::Ready(Arc::new(
+            weft::operator::ca::TrustPlan::single(Arc::new(ca)),
+        ))));
     }
 }
 
@@ -1393,7 +1395,7 @@ impl Harness {
         refused: &[(&str, u64)],
     ) {
         let bundle = match self.ctx.ca.load().as_ref() {
-            CaState::Ready(ca) => weft::identity::bundle_hash(&ca.trust_bundle()),
+            CaState::Ready(ca) => weft::identity::bundle_hash(&ca.bundle),
             _ => panic!("no CA"),
         };
         let text = format!(
@@ -2504,4 +2506,188 @@ async fn an_audited_policy_learns_its_callers_and_a_stranger_blocks_enforce() {
         (Some("Blocked"), Some("Warning"))
     );
     assert!(stored.audits());
+}
+
+/// A CA rotation driven through the operator's own loop against the
+/// fake API server: it generates the new root into `weft-ca-next`,
+/// writes `status.ca.rotation` under its own field manager over the
+/// version it read, moves on the proxies' reports, re-issues the
+/// namespace's identities from the new root, makes the new root `weft-ca`
+/// at the end and removes its copy.
+#[tokio::test]
+async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_root() {
+    use weft::api::{CaRotationPhase, Mesh};
+    use weft::identity::{bundle_hash, bundle_of, fingerprint};
+    use weft::meshstats::{MeshStats, ProxyCounts, Reading};
+    use weft::operator::carotations;
+    let mut h = harness().await;
+    put(&mut h.writers.namespaces, namespace("shop", true));
+    put(&mut h.writers.service_accounts, account("shop", "payments"));
+    let old =
+        MeshCa::generate("cluster.local", std::time::SystemTime::now(), CA_LIFETIME).expect("ca");
+    h.seed(
+        CA_PATH,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "weft-ca", "namespace": "weft-system", "resourceVersion": "1"},
+            "data": {"ca.crt": b64(old.cert_pem()), "ca.key": b64(old.key_pem())}}),
+    );
+    let mesh = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
+        "metadata": {"name": "default", "generation": 2, "resourceVersion": "5"},
+        "spec": {"ca": {"rotation": {"id": "2027-q1"}}}});
+    h.seed(MESH_PATH, &mesh);
+    put(&mut h.writers.meshes, obj(mesh));
+    driver::recompile(&h.ctx).await;
+    ca::ensure(&h.ctx).await.expect("ensure");
+    h.reconcile("shop").await;
+    let identity_path = "/api/v1/namespaces/shop/secrets/weft-identity-payments";
+    let text = |h: &Harness, path: &str, key: &str| -> String {
+        let s: Secret = h.stored(path).expect("secret");
+        String::from_utf8(s.data.expect("data")[key].0.clone()).expect("utf8")
+    };
+    let first_leaf = text(&h, identity_path, "tls.crt");
+
+    let stats = Arc::new(Mutex::new(MeshStats::default()));
+    let report = |bundle: &str, root: &str| {
+        let metrics = format!(
+            "weft_proxy_trust_bundle{{hash=\"{bundle}\"}} 1\n\
+             weft_proxy_certificate_root{{fingerprint=\"{root}\"}} 1\n\
+             weft_proxy_tls_rejections_total{{direction=\"inbound\",reason=\"expired\"}} 4\n"
+        );
+        stats.lock().expect("stats").record(
+            std::time::SystemTime::now(),
+            vec![Reading {
+                id: ("shop".into(), "payments-0".into()),
+                counts: ProxyCounts::read("shop", &metrics),
+            }],
+        );
+    };
+    // Two readings wholly after the phase began (its `since` is in
+    // whole seconds, as the API server keeps it).
+    let report_after = |bundle: String, root: String| {
+        let report = &report;
+        async move {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            report(&bundle, &root);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            report(&bundle, &root);
+        }
+    };
+    // One look: the status, then the CA re-read and every namespace
+    // reconciled, then the watch delivering what was written.
+    let step = |h: &Harness| {
+        let (ctx, stats) = (h.ctx.clone(), stats.clone());
+        async move {
+            let wrote = carotations::look(&ctx, &stats).await.expect("look");
+            ca::ensure(&ctx).await.expect("ensure");
+            wrote
+        }
+    };
+    let sync = |h: &mut Harness| {
+        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
+        put(&mut h.writers.meshes, m);
+        h.sync_children(&["shop"]);
+    };
+    let phase = |h: &Harness| -> (CaRotationPhase, String) {
+        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
+        let r = m
+            .status
+            .and_then(|s| s.ca)
+            .and_then(|c| c.rotation)
+            .expect("rotation");
+        (r.phase, r.message)
+    };
+
+    // Start: the new root is generated once, into weft-ca-next.
+    h.clear();
+    assert!(step(&h).await);
+    let next_path = "/api/v1/namespaces/weft-system/secrets/weft-ca-next";
+    let next_pem = text(&h, next_path, "ca.crt");
+    let new_fp = fingerprint(&next_pem).expect("fp");
+    let w: Vec<Seen> = h.writes();
+    let status_write = w
+        .iter()
+        .find(|s| s.path == format!("{MESH_PATH}/status"))
+        .expect("status written");
+    assert!(query_has(
+        status_write,
+        &[("fieldManager", "weft-ca-rotation"), ("force", "true")]
+    ));
+    assert_eq!(status_write.body["metadata"]["resourceVersion"], "5");
+    assert!(status_write.body["status"].get("conditions").is_none());
+    assert_eq!(phase(&h).0, CaRotationPhase::AddingRoot);
+    assert_eq!(h.events()[0]["reason"], "CARotationStarted");
+    sync(&mut h);
+    h.reconcile("shop").await;
+    let both = bundle_of(&[old.cert_pem(), &next_pem]);
+    assert_eq!(
+        text(&h, identity_path, "ca.crt"),
+        both,
+        "both roots trusted"
+    );
+    assert_eq!(
+        text(&h, identity_path, "tls.crt"),
+        first_leaf,
+        "nothing re-issued yet"
+    );
+
+    // The proxy reports the two-root bundle: certificates come from the
+    // new root.
+    let old_fp = fingerprint(old.cert_pem()).expect("fp");
+    report_after(bundle_hash(&both), old_fp.clone()).await;
+    assert!(step(&h).await);
+    assert_eq!(phase(&h).0, CaRotationPhase::Reissuing, "{}", phase(&h).1);
+    sync(&mut h);
+    h.reconcile("shop").await;
+    let reissued = text(&h, identity_path, "tls.crt");
+    assert_ne!(reissued, first_leaf);
+    assert!(weft::identity::chains_to(
+        &reissued,
+        &next_pem,
+        std::time::SystemTime::now()
+    ));
+    sync(&mut h);
+
+    // Every Secret holds a new-root leaf; then the proxy presents it;
+    // then it trusts the new root alone.
+    report_after(bundle_hash(&both), old_fp.clone()).await;
+    assert!(step(&h).await);
+    assert_eq!(phase(&h).0, CaRotationPhase::Presenting, "{}", phase(&h).1);
+    sync(&mut h);
+    report_after(bundle_hash(&both), new_fp.clone()).await;
+    assert!(step(&h).await);
+    assert_eq!(phase(&h).0, CaRotationPhase::RemovingOld, "{}", phase(&h).1);
+    sync(&mut h);
+    h.reconcile("shop").await;
+    let new_only = bundle_of(&[&next_pem]);
+    assert_eq!(text(&h, identity_path, "ca.crt"), new_only);
+    sync(&mut h);
+    report_after(bundle_hash(&new_only), new_fp.clone()).await;
+    h.clear();
+    assert!(step(&h).await);
+    assert_eq!(phase(&h).0, CaRotationPhase::Complete, "{}", phase(&h).1);
+    // weft-ca holds the new root (an update over the version read), its
+    // copy is gone, and the namespace's Secret does not change again.
+    let puts: Vec<Seen> = h
+        .writes()
+        .into_iter()
+        .filter(|s| s.path == CA_PATH)
+        .collect();
+    assert_eq!(puts.len(), 1, "{puts:#?}");
+    assert_eq!(puts[0].method, Method::PUT);
+    assert!(puts[0].body["metadata"]["resourceVersion"].is_string());
+    assert_eq!(
+        fingerprint(&text(&h, CA_PATH, "ca.crt")),
+        Some(new_fp.clone())
+    );
+    assert!(h.stored::<Secret>(next_path).is_none());
+    sync(&mut h);
+    h.clear();
+    h.reconcile("shop").await;
+    assert!(
+        !h.writes().iter().any(|s| s.path == identity_path),
+        "{:#?}",
+        h.writes()
+    );
+    // Done: the loop has nothing more to write.
+    assert!(!step(&h).await);
 }

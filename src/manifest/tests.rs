@@ -370,3 +370,41 @@ fn external_services_and_their_policies_are_checked_as_the_api_server_would() {
         );
     }
 }
+
+/// The Mesh's CA rotation request, as the API server would judge it
+/// (the rule that fixes the source per id holds on updates only).
+#[test]
+fn a_ca_rotation_request_is_checked_as_the_api_server_would() {
+    let mesh = |ca: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec:\n  ca:\n{ca}"
+        )
+    };
+    for ok in [
+        "    expiryWarning: 720h\n",
+        "    rotation: {id: 2027-q1}\n",
+        "    rotation: {id: r2, action: Pause, retry: 3, gateTimeout: 2m}\n",
+        "    rotation:\n      id: r3\n      source: {secretName: shop-root, anchorKey: ca.crt}\n",
+    ] {
+        let (_, errors) = load_text(&mesh(ok));
+        assert!(errors.is_empty(), "{ok}: {errors:#?}");
+    }
+    for (bad, says) in [
+        ("    rotation: {id: Q1}\n", "spec.ca.rotation.id"),
+        (
+            "    rotation: {id: r1, gateTimeout: 1m}\n",
+            "gateTimeout must be between 2m and 168h",
+        ),
+        (
+            "    rotation: {id: r1, action: Stop}\n",
+            "spec.ca.rotation.action",
+        ),
+        (
+            "    rotation: {id: r1, source: {certKey: tls.crt}}\n",
+            "secretName",
+        ),
+    ] {
+        let e = only_error(&mesh(bad)).to_string();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+}

@@ -1,11 +1,19 @@
 //! The mesh CA in Secret `weft-ca` (namespace `weft-system`): created once,
-//! with a create that fails if anything is already there, and never written
-//! again by weft. Losing it breaks every connection in the mesh, so when it
-//! is gone (or unreadable) while namespaces still hold certificates from
-//! it, the operator mints nothing, sets the Mesh's `CertificateAuthority`
-//! condition and emits an Event instead of generating a new root. Restoring
-//! the Secret from a backup heals it; so does deleting the namespaces'
-//! `weft-identity-*` Secrets, which tells the operator to start a new CA.
+//! with a create that fails if anything is already there, and written
+//! again only by a CA rotation that completed (which makes the new root
+//! `weft-ca`, [`promote`]). Losing it breaks every connection in the mesh,
+//! so when it is gone (or unreadable) while namespaces still hold
+//! certificates from it, the operator mints nothing, sets the Mesh's
+//! `CertificateAuthority` condition and emits an Event instead of
+//! generating a new root. Restoring the Secret from a backup heals it; so
+//! does deleting the namespaces' `weft-identity-*` Secrets, which tells
+//! the operator to start a new CA.
+//!
+//! While a rotation ([`super::carotation`]) is under way, the CA in force
+//! is a [`TrustPlan`]: which CA issues, and which roots the bundles hold,
+//! as the rotation's phase in the Mesh's status says. The new CA is read
+//! from `weft-ca-next` (a root the operator generated) or from the
+//! user's Secret; when it cannot be read, nothing is minted, as above.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +27,54 @@ use kube::{Api, ResourceExt};
 
 use super::desired::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::reconcile::{CaState, Ctx, Error};
-use crate::identity::{CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, MeshCa};
+use crate::api::{CaRotationStatus, CaSource, MESH_NAME, Mesh};
+use crate::identity::{
+    CA_ANCHOR_KEY, CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, MeshCa, bundle_of, fingerprint,
+};
+
+/// The Secret (in the control plane's namespace) that holds a root the
+/// operator generated for a rotation, until the rotation completes.
+pub const NEXT_SECRET: &str = "weft-ca-next";
+/// Annotation on [`NEXT_SECRET`]: the rotation it was generated for.
+pub const ROTATION_ANNOTATION: &str = "weft.dev/ca-rotation";
+
+/// What the mesh CA puts in force: the CA that issues every workload
+/// certificate, and the trust bundle every identity Secret carries.
+#[derive(Debug)]
+pub struct TrustPlan {
+    pub issuer: Arc<MeshCa>,
+    pub bundle: String,
+    /// The CA in `weft-ca`.
+    pub base: Arc<MeshCa>,
+}
+
+impl TrustPlan {
+    /// One CA, trusted alone: no rotation under way.
+    pub fn single(ca: Arc<MeshCa>) -> Self {
+        Self {
+            bundle: ca.trust_bundle(),
+            issuer: ca.clone(),
+            base: ca,
+        }
+    }
+
+    /// What `rotation` puts in force, `base` being the CA in `weft-ca`
+    /// and `new` the rotation's.
+    pub fn rotating(base: Arc<MeshCa>, new: Arc<MeshCa>, rotation: &CaRotationStatus) -> Self {
+        use super::carotation::Root;
+        let plan = super::carotation::plan_of(rotation);
+        let of = |r: Root| match r {
+            Root::Old => base.clone(),
+            Root::New => new.clone(),
+        };
+        let roots: Vec<Arc<MeshCa>> = plan.bundle.iter().map(|r| of(*r)).collect();
+        Self {
+            issuer: of(plan.issuer),
+            bundle: bundle_of(&roots.iter().map(|c| c.anchor_pem()).collect::<Vec<_>>()),
+            base,
+        }
+    }
+}
 
 /// Condition type on the Mesh, and Event reasons.
 pub const CONDITION: &str = "CertificateAuthority";
@@ -28,7 +83,16 @@ pub mod reason {
     pub const CREATED: &str = "Created";
     pub const MISSING: &str = "CAMissing";
     pub const INVALID: &str = "CAInvalid";
+    /// A rotation is under way and its new CA cannot be read.
+    pub const ROTATION_ROOT_MISSING: &str = "RotationRootMissing";
+    pub const NOT_SOON: &str = "NotSoon";
+    pub const EXPIRES_SOON: &str = "ExpiresSoon";
+    pub const EXPIRED: &str = "Expired";
 }
+
+/// Condition type on the Mesh: True (a warning) when the root expires
+/// within `spec.ca.expiryWarning`.
+pub const EXPIRY_CONDITION: &str = "CARootExpiring";
 
 /// Looks at `weft-ca` and updates `ctx.ca`: loads it, creates it when
 /// nothing in the mesh depends on an old one, or records why it cannot.
@@ -47,7 +111,7 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
         .get_opt(CA_SECRET)
         .await
         .map_err(|e| api_err("reading", e))?;
-    let next = match found {
+    let base = match found {
         Some(secret) => load(&secret),
         None => {
             let holders = holders(ctx);
@@ -71,8 +135,14 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
             }
         }
     };
+    let next = match base {
+        CaState::Ready(plan) => with_rotation(ctx, plan.base.clone()).await?,
+        other => other,
+    };
     let changed = match (ctx.ca.load().as_ref(), &next) {
-        (CaState::Ready(a), CaState::Ready(b)) => a.cert_pem() != b.cert_pem(),
+        (CaState::Ready(a), CaState::Ready(b)) => {
+            a.issuer.cert_pem() != b.issuer.cert_pem() || a.bundle != b.bundle
+        }
         (CaState::Ready(_), _) | (_, CaState::Ready(_)) => true,
         _ => false,
     };
@@ -93,6 +163,165 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
     }
     ctx.ca.store(Arc::new(next));
     Ok(changed)
+}
+
+/// The plan the Mesh's rotation (read from the API server, not the
+/// cache, so a phase just written is the one put in force) asks of
+/// `base`.
+async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
+    let meshes: Api<Mesh> = Api::all(ctx.client.clone());
+    let mesh = meshes.get_opt(MESH_NAME).await.map_err(|e| Error::Api {
+        action: "reading",
+        kind: "Mesh".into(),
+        namespace: String::new(),
+        name: MESH_NAME.into(),
+        source: e,
+    })?;
+    let rotation = mesh
+        .and_then(|m| m.status)
+        .and_then(|s| s.ca)
+        .and_then(|c| c.rotation)
+        .filter(|r| !r.phase.ended() && !r.new_root.is_empty());
+    let Some(rotation) = rotation else {
+        return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
+    };
+    // Promoted already (the status not yet written): the new root alone.
+    if fingerprint(base.anchor_pem()).as_deref() == Some(rotation.new_root.as_str()) {
+        return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
+    }
+    match read_source(ctx, rotation.source.as_ref(), &rotation.id).await {
+        Ok(new) if fingerprint(new.anchor_pem()).as_deref() == Some(rotation.new_root.as_str()) => {
+            Ok(CaState::Ready(Arc::new(TrustPlan::rotating(
+                base,
+                Arc::new(new),
+                &rotation,
+            ))))
+        }
+        Ok(new) => Ok(CaState::Missing {
+            reason: reason::ROTATION_ROOT_MISSING,
+            message: format!(
+                "CA rotation {} began with root {}, but its source now holds root {}: nothing \
+                 is issued until it is put back (or the rotation aborted)",
+                rotation.id,
+                rotation.new_root,
+                fingerprint(new.anchor_pem()).unwrap_or_default()
+            ),
+        }),
+        Err(why) => Ok(CaState::Missing {
+            reason: reason::ROTATION_ROOT_MISSING,
+            message: format!(
+                "CA rotation {} is in {:?} but its new CA cannot be used: {why}; nothing is \
+                 issued until it can",
+                rotation.id, rotation.phase
+            ),
+        }),
+    }
+}
+
+/// The CA in `weft-ca`, read from the API server; Err says why it
+/// cannot be used.
+pub async fn read_base(ctx: &Ctx) -> Result<MeshCa, String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
+    let at = format!("Secret {}/{CA_SECRET}", ctx.control_namespace);
+    let secret = api
+        .get_opt(CA_SECRET)
+        .await
+        .map_err(|e| format!("reading {at}: {e}"))?
+        .ok_or_else(|| format!("{at} is not there"))?;
+    let anchor = secret
+        .data
+        .as_ref()
+        .is_some_and(|d| d.contains_key(CA_ANCHOR_KEY))
+        .then_some(CA_ANCHOR_KEY);
+    material(&secret, CA_CERT_KEY, CA_KEY_KEY, anchor).map_err(|e| format!("{at}: {e}"))
+}
+
+/// The CA a rotation rotates to: the user's Secret (`source`), or the
+/// root the operator generated for rotation `id` in [`NEXT_SECRET`].
+/// Err says what is wrong, naming the Secret and the key.
+pub async fn read_source(ctx: &Ctx, source: Option<&CaSource>, id: &str) -> Result<MeshCa, String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
+    let (name, cert_key, key_key, anchor_key) = match source {
+        Some(s) => (
+            s.secret_name.as_str(),
+            s.cert_key.as_str(),
+            s.key_key.as_str(),
+            s.anchor_key.as_deref(),
+        ),
+        None => (NEXT_SECRET, CA_CERT_KEY, CA_KEY_KEY, None),
+    };
+    let at = format!("Secret {}/{name}", ctx.control_namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading {at}: {e}"))?
+        .ok_or_else(|| format!("{at} is not there"))?;
+    if source.is_none()
+        && secret
+            .annotations()
+            .get(ROTATION_ANNOTATION)
+            .map(String::as_str)
+            != Some(id)
+    {
+        return Err(format!("{at} was not generated for rotation {id}"));
+    }
+    material(&secret, cert_key, key_key, anchor_key).map_err(|e| format!("{at}: {e}"))
+}
+
+/// A CA from a Secret's keys.
+fn material(
+    secret: &Secret,
+    cert_key: &str,
+    key_key: &str,
+    anchor_key: Option<&str>,
+) -> Result<MeshCa, String> {
+    let text = |k: &str| -> Result<String, String> {
+        let v = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .ok_or_else(|| format!("it has no key `{k}`"))?;
+        String::from_utf8(v.0.clone()).map_err(|_| format!("`{k}` is not PEM text"))
+    };
+    let anchor = anchor_key.map(text).transpose()?;
+    MeshCa::from_parts(&text(cert_key)?, &text(key_key)?, anchor.as_deref())
+        .map_err(|e| format!("it does not hold a usable CA: {e}"))
+}
+
+/// The Secret data that holds `ca`, as `weft-ca` keeps it.
+pub fn secret_data(ca: &MeshCa) -> BTreeMap<String, ByteString> {
+    let mut data = BTreeMap::from([
+        (
+            CA_CERT_KEY.to_owned(),
+            ByteString(ca.cert_pem().as_bytes().to_vec()),
+        ),
+        (
+            CA_KEY_KEY.to_owned(),
+            ByteString(ca.key_pem().as_bytes().to_vec()),
+        ),
+    ]);
+    if fingerprint(ca.anchor_pem()) != fingerprint(ca.cert_pem()) {
+        data.insert(
+            CA_ANCHOR_KEY.to_owned(),
+            ByteString(ca.anchor_pem().as_bytes().to_vec()),
+        );
+    }
+    data
+}
+
+/// Makes `new` the CA in `weft-ca`: the last step of a rotation, once no
+/// proxy trusts or presents the old root. An update over the version
+/// read, so a Secret changed meanwhile (a restore from backup) is not
+/// overwritten.
+pub async fn promote(ctx: &Ctx, new: &MeshCa) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
+    let mut secret = api.get(CA_SECRET).await?;
+    secret.data = Some(secret_data(new));
+    secret.string_data = None;
+    api.replace(CA_SECRET, &PostParams::default(), &secret)
+        .await?;
+    ctx.metrics.wrote("Secret", "update");
+    Ok(())
 }
 
 /// Namespaces with an identity Secret that holds a trust bundle.
@@ -128,16 +357,18 @@ fn load(secret: &Secret) -> CaState {
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
     };
     match (text(CA_CERT_KEY), text(CA_KEY_KEY)) {
-        (Some(cert), Some(key)) => match MeshCa::from_pem(&cert, &key) {
-            Ok(ca) => CaState::Ready(Arc::new(ca)),
-            Err(e) => CaState::Missing {
-                reason: reason::INVALID,
-                message: format!(
-                    "Secret {}/{CA_SECRET} does not hold a usable CA ({e}); fix or restore it",
-                    secret.namespace().unwrap_or_default()
-                ),
-            },
-        },
+        (Some(cert), Some(key)) => {
+            match MeshCa::from_parts(&cert, &key, text(CA_ANCHOR_KEY).as_deref()) {
+                Ok(ca) => CaState::Ready(Arc::new(TrustPlan::single(Arc::new(ca)))),
+                Err(e) => CaState::Missing {
+                    reason: reason::INVALID,
+                    message: format!(
+                        "Secret {}/{CA_SECRET} does not hold a usable CA ({e}); fix or restore it",
+                        secret.namespace().unwrap_or_default()
+                    ),
+                },
+            }
+        }
         _ => CaState::Missing {
             reason: reason::INVALID,
             message: format!(
@@ -172,16 +403,7 @@ async fn create(ctx: &Ctx, api: &Api<Secret>) -> Result<CaState, kube::Error> {
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([
-            (
-                CA_CERT_KEY.to_owned(),
-                ByteString(ca.cert_pem().as_bytes().to_vec()),
-            ),
-            (
-                CA_KEY_KEY.to_owned(),
-                ByteString(ca.key_pem().as_bytes().to_vec()),
-            ),
-        ])),
+        data: Some(secret_data(&ca)),
         ..Secret::default()
     };
     match api.create(&PostParams::default(), &secret).await {
@@ -196,7 +418,7 @@ async fn create(ctx: &Ctx, api: &Api<Secret>) -> Result<CaState, kube::Error> {
                 format!("created the mesh CA for trust domain {trust_domain}"),
             )
             .await;
-            Ok(CaState::Ready(Arc::new(ca)))
+            Ok(CaState::Ready(Arc::new(TrustPlan::single(Arc::new(ca)))))
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let theirs = api.get(CA_SECRET).await?;
@@ -207,7 +429,7 @@ async fn create(ctx: &Ctx, api: &Api<Secret>) -> Result<CaState, kube::Error> {
 }
 
 /// What Events about the CA point at (it may not exist).
-fn ca_ref(namespace: &str) -> Secret {
+pub(crate) fn ca_ref(namespace: &str) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(CA_SECRET.into()),
@@ -221,19 +443,72 @@ fn ca_ref(namespace: &str) -> Secret {
 /// The Mesh condition for the CA as it stands.
 pub fn condition(state: &CaState) -> (bool, &'static str, String) {
     match state {
-        CaState::Ready(ca) => (
+        CaState::Ready(plan) => (
             true,
             reason::READY,
             format!(
-                "the mesh CA is loaded; it expires at {}",
-                crate::identity::inspect_pem(ca.cert_pem())
-                    .map(|i| humantime(i.not_after))
-                    .unwrap_or_else(|_| "an unknown time".into())
+                "the mesh CA is loaded; its root expires at {}{}",
+                root_expiry(plan)
+                    .map(humantime)
+                    .unwrap_or_else(|| "an unknown time".into()),
+                if std::ptr::eq(plan.issuer.as_ref(), plan.base.as_ref()) {
+                    ""
+                } else {
+                    "; a rotation issues from the new root"
+                }
             ),
         ),
         CaState::Missing { reason, message } => (false, reason, message.clone()),
         CaState::Unknown => (false, "Pending", "the CA has not been read yet".into()),
     }
+}
+
+/// When the root in `weft-ca` expires.
+fn root_expiry(plan: &TrustPlan) -> Option<SystemTime> {
+    crate::identity::inspect_pem(plan.base.anchor_pem())
+        .ok()
+        .map(|i| i.not_after)
+}
+
+/// The Mesh's `CARootExpiring` condition: True (a warning) once the
+/// root in `weft-ca` expires within `warning` of `now`. None while no
+/// CA is loaded (the `CertificateAuthority` condition says why).
+pub fn expiry_condition(
+    state: &CaState,
+    warning: std::time::Duration,
+    now: SystemTime,
+) -> Option<(bool, &'static str, String)> {
+    let CaState::Ready(plan) = state else {
+        return None;
+    };
+    let expires = root_expiry(plan)?;
+    let at = humantime(expires);
+    Some(if expires <= now {
+        (
+            true,
+            reason::EXPIRED,
+            format!(
+                "the mesh root expired at {at}: no proxy accepts its certificates; rotate it \
+                 (spec.ca.rotation)"
+            ),
+        )
+    } else if expires.duration_since(now).unwrap_or_default() <= warning {
+        (
+            true,
+            reason::EXPIRES_SOON,
+            format!(
+                "the mesh root expires at {at}, within spec.ca.expiryWarning ({}h): rotate it \
+                 with spec.ca.rotation before then",
+                warning.as_secs() / 3600
+            ),
+        )
+    } else {
+        (
+            false,
+            reason::NOT_SOON,
+            format!("the mesh root expires at {at}"),
+        )
+    })
 }
 
 fn humantime(t: SystemTime) -> String {

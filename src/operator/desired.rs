@@ -13,13 +13,14 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
 
+use super::ca::TrustPlan;
 use crate::config::{
     CONFIG_GZ_KEY, CONFIG_KEY, CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME, ENDPOINTS_GZ_KEY,
     ENDPOINTS_KEY, EndpointsConfig, ProxyConfig, StoredConfig,
 };
 use crate::identity::{
-    CA_CERT_KEY, IDENTITY_SECRET_PREFIX, IdentityError, LEGACY_IDENTITY_SECRET, MeshCa, SpiffeId,
-    TLS_CERT_KEY, TLS_KEY_KEY, bundle_hash, identity_secret_name, inspect_pem,
+    CA_CERT_KEY, IDENTITY_SECRET_PREFIX, IdentityError, LEGACY_IDENTITY_SECRET, SpiffeId,
+    TLS_CERT_KEY, TLS_KEY_KEY, bundle_hash, chains_to, identity_secret_name, inspect_pem,
 };
 
 /// The field manager of everything the operator writes.
@@ -239,29 +240,28 @@ pub fn collision_message(refused: &[String]) -> String {
 }
 
 /// ServiceAccount `sa`'s identity in namespace `ns`: the key pair in
-/// `existing` (its Secret's data) is kept while it is from this CA, names
-/// the right SPIFFE id and is not yet two thirds through its life;
-/// otherwise a new one is issued.
+/// `existing` (its Secret's data) is kept while its certificate chains
+/// to the root of the CA that issues now, names the right SPIFFE id and
+/// is not yet two thirds through its life; otherwise a new one is
+/// issued. The Secret carries the plan's trust bundle, which a CA
+/// rotation changes without re-issuing anything.
 pub fn identity(
     ns: &str,
     trust_domain: &str,
     sa: &str,
     existing: &BTreeMap<String, String>,
-    ca: &MeshCa,
+    plan: &TrustPlan,
     ttl: Duration,
     now: SystemTime,
 ) -> Result<Identity, IdentityError> {
-    let bundle = ca.trust_bundle();
-    let same_ca = existing.get(CA_CERT_KEY).map(|s| s.trim()) == Some(bundle.trim());
+    let ca = &plan.issuer;
+    let bundle = plan.bundle.clone();
     let id = SpiffeId::new(trust_domain, ns, sa);
-    let kept = match (
-        same_ca,
-        existing.get(TLS_CERT_KEY),
-        existing.get(TLS_KEY_KEY),
-    ) {
-        (true, Some(cert), Some(key)) => inspect_pem(cert)
+    let kept = match (existing.get(TLS_CERT_KEY), existing.get(TLS_KEY_KEY)) {
+        (Some(cert), Some(key)) => inspect_pem(cert)
             .ok()
             .filter(|info| info.spiffe_id().as_ref() == Some(&id) && now < info.renew_at())
+            .filter(|_| chains_to(cert, ca.anchor_pem(), now))
             .map(|info| (cert.clone(), key.clone(), info.renew_at(), info.not_after)),
         _ => None,
     };
@@ -411,8 +411,10 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::identity::CA_LIFETIME;
+    use crate::identity::{CA_LIFETIME, MeshCa};
 
     fn ns() -> Namespace {
         Namespace {
@@ -431,10 +433,11 @@ mod tests {
     fn shop_identity(
         sa: &str,
         existing: &BTreeMap<String, String>,
-        ca: &MeshCa,
+        ca: &Arc<MeshCa>,
         now: SystemTime,
     ) -> Result<Identity, IdentityError> {
-        identity("shop", "cluster.local", sa, existing, ca, DAY, now)
+        let plan = TrustPlan::single(ca.clone());
+        identity("shop", "cluster.local", sa, existing, &plan, DAY, now)
     }
 
     #[test]
@@ -483,7 +486,7 @@ mod tests {
     #[test]
     fn no_secret_holds_the_keys_of_two_service_accounts() {
         let t0 = SystemTime::now();
-        let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
+        let ca = Arc::new(MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca"));
         // `ca` once collided with the trust bundle's key; with a Secret per
         // account it is an account like any other.
         let accounts = ["ca", "cart", "checkout"].map(String::from).to_vec();
@@ -541,7 +544,7 @@ mod tests {
     #[test]
     fn identities_are_kept_until_two_thirds_of_their_life_then_reissued() {
         let t0 = SystemTime::now();
-        let ca = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
+        let ca = Arc::new(MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca"));
         let first = shop_identity("cart", &BTreeMap::new(), &ca, t0).expect("issue");
         assert!(first.issued);
         let life = first.renew_at.duration_since(t0).expect("after");
@@ -571,12 +574,74 @@ mod tests {
 
         // Another CA's certificates are replaced at once, and so is a pair
         // that names another account (a Secret edited by hand).
-        let other = MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca");
+        let other = Arc::new(MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca"));
         let moved = shop_identity("cart", &first.data, &other, later).expect("re-issue");
         assert!(moved.issued);
         assert_eq!(moved.data[CA_CERT_KEY], other.trust_bundle());
         let swapped = shop_identity("checkout", &first.data, &ca, later).expect("re-issue");
         assert!(swapped.issued, "cart's pair is not checkout's");
+    }
+
+    #[test]
+    fn a_rotation_changes_the_bundle_without_reissuing_until_the_new_root_issues() {
+        let t0 = SystemTime::now();
+        let old = Arc::new(MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca"));
+        let new = Arc::new(MeshCa::generate("cluster.local", t0, CA_LIFETIME).expect("ca"));
+        let first = shop_identity("cart", &BTreeMap::new(), &old, t0).expect("issue");
+        let status = |phase| crate::api::CaRotationStatus {
+            id: "r1".into(),
+            phase,
+            since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+            blocked_in: None,
+            retry: 0,
+            message: String::new(),
+            waiting_on: Vec::new(),
+            old_root: String::new(),
+            new_root: String::new(),
+            new_root_expires: None,
+            source: None,
+        };
+        let at = |phase| TrustPlan::rotating(old.clone(), new.clone(), &status(phase));
+        let id = |plan: &TrustPlan, existing: &BTreeMap<String, String>| {
+            identity("shop", "cluster.local", "cart", existing, plan, DAY, t0).expect("identity")
+        };
+        use crate::api::CaRotationPhase::*;
+        // Adding the root: the same key pair, a bundle of both roots.
+        let adding = id(&at(AddingRoot), &first.data);
+        assert!(!adding.issued);
+        assert_eq!(adding.data[TLS_CERT_KEY], first.data[TLS_CERT_KEY]);
+        assert_eq!(
+            adding.data[CA_CERT_KEY],
+            crate::identity::bundle_of(&[old.anchor_pem(), new.anchor_pem()])
+        );
+        // Re-issuing: a certificate from the new root, both still trusted.
+        let reissued = id(&at(Reissuing), &adding.data);
+        assert!(reissued.issued);
+        assert!(chains_to(
+            &reissued.data[TLS_CERT_KEY],
+            new.anchor_pem(),
+            t0
+        ));
+        assert_eq!(reissued.data[CA_CERT_KEY], adding.data[CA_CERT_KEY]);
+        // Presenting keeps it; removing the old root changes the bundle only.
+        assert!(!id(&at(Presenting), &reissued.data).issued);
+        let removing = id(&at(RemovingOld), &reissued.data);
+        assert!(!removing.issued);
+        assert_eq!(removing.data[CA_CERT_KEY], new.trust_bundle());
+        // The bundle text is the same once the new root is weft-ca: no
+        // Secret changes at the end.
+        let after = shop_identity("cart", &removing.data, &new, t0).expect("identity");
+        assert_eq!(after.data, removing.data);
+        // Reverting issues from the old root again.
+        let reverted = id(&at(Reverting), &reissued.data);
+        assert!(reverted.issued);
+        assert!(chains_to(
+            &reverted.data[TLS_CERT_KEY],
+            old.anchor_pem(),
+            t0
+        ));
     }
 
     #[test]

@@ -270,6 +270,16 @@ fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_js
     let ca_state = ctx.ca.load();
     let (ok, reason, message) = ca::condition(&ca_state);
     let (owned, owned_reason, owned_message) = objects_owned(&ctx.not_ours());
+    let warning = ctx
+        .snapshot
+        .load()
+        .mesh
+        .ca
+        .as_ref()
+        .map_or_else(crate::api::CaSettings::default, Clone::clone)
+        .expiry_warning
+        .as_std();
+    let expiry = ca::expiry_condition(&ca_state, warning, std::time::SystemTime::now());
     if v.name == MESH_NAME {
         wanted.push(Wanted {
             type_: ca::CONDITION,
@@ -277,6 +287,14 @@ fn mesh_status(ctx: &Ctx, v: &PolicyVerdict, existing: &[Condition]) -> serde_js
             reason,
             message: &message,
         });
+        if let Some((expiring, reason, message)) = &expiry {
+            wanted.push(Wanted {
+                type_: ca::EXPIRY_CONDITION,
+                status: *expiring,
+                reason,
+                message,
+            });
+        }
         wanted.push(Wanted {
             type_: OBJECTS_OWNED,
             status: owned,

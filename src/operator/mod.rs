@@ -7,6 +7,8 @@ pub mod audits;
 pub mod ca;
 pub mod canaries;
 pub mod canary;
+pub mod carotation;
+pub mod carotations;
 pub mod desired;
 pub mod driver;
 pub mod endpoints;
@@ -463,9 +465,14 @@ pub async fn lead(
     let (all_tx, all) = mpsc::unbounded_channel();
     let mut writers = WriterTasks(vec![
         tokio::spawn(watch_ca(ctx.clone(), all_tx.clone())),
-        tokio::spawn(driver::compile_loop(ctx.clone(), changes, one_tx, all_tx)),
+        tokio::spawn(driver::compile_loop(
+            ctx.clone(),
+            changes,
+            one_tx,
+            all_tx.clone(),
+        )),
     ]);
-    // The canaries and the audits read the mesh stats this replica
+    // The canaries, the audits and the CA rotation read the mesh stats this replica
     // collects; a context without them (tests of the controller alone)
     // runs neither.
     if let Some(stats) = ctx.stats.clone() {
@@ -476,8 +483,14 @@ pub async fn lead(
         )));
         writers.0.push(tokio::spawn(audits::run(
             ctx.clone(),
+            stats.clone(),
+            crate::meshstats::TICK,
+        )));
+        writers.0.push(tokio::spawn(carotations::run(
+            ctx.clone(),
             stats,
             crate::meshstats::TICK,
+            all_tx,
         )));
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -39,7 +39,7 @@ use super::world::World;
 use crate::api::{MTLSPolicy, MeshSpec, RolloutPhase};
 use crate::compile::{ClusterFacts, Compiled, PolicyKind, PolicyVerdict};
 use crate::config::{CONFIG_MAP_NAME, ENDPOINTS_CONFIG_MAP_NAME, ProxyConfig};
-use crate::identity::{IdentityError, MeshCa, bundle_hash};
+use crate::identity::{IdentityError, bundle_hash};
 use crate::inject::PROXY_CONTAINER;
 
 /// The latest compile of the whole mesh.
@@ -67,7 +67,7 @@ pub enum CaState {
     /// Not looked at yet.
     #[default]
     Unknown,
-    Ready(Arc<MeshCa>),
+    Ready(Arc<super::ca::TrustPlan>),
     /// `weft-ca` is gone (or unreadable) while these namespaces hold
     /// certificates from it: nothing is minted until a human restores it.
     Missing {
@@ -565,7 +565,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
     let mut requeue = RESYNC;
     let ca = ctx.ca.load_full();
     let bundle = match ca.as_ref() {
-        CaState::Ready(ca) => {
+        CaState::Ready(plan) => {
             let mut accounts: Vec<String> = w
                 .service_accounts
                 .state()
@@ -601,7 +601,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
                     &snap.mesh.trust_domain,
                     sa,
                     &existing,
-                    ca,
+                    plan,
                     snap.mesh.certificates.workload_ttl.as_std(),
                     SystemTime::now(),
                 );
@@ -685,7 +685,7 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             if let Err(e) = prune_identities(ctx, &name, &named).await {
                 failed.push(e);
             }
-            bundle_hash(&ca.trust_bundle())
+            bundle_hash(&plan.bundle)
         }
         // Without a CA nothing is minted; the Secret the namespace holds
         // stays as it is, and the Mesh status says why.

@@ -117,7 +117,8 @@ pub fn transitions<'a>(existing: &[Condition], written: &'a [Condition]) -> Vec<
 }
 
 /// Status fields other loops write under field managers of their own.
-const WRITTEN_APART: [&str; 5] = [
+const WRITTEN_APART: [&str; 6] = [
+    "ca",
     "rollout",
     "enforcement",
     "observedCallers",

@@ -497,6 +497,10 @@ pub struct ProxyMetrics {
     pub certificate_expiry: Gauge,
     /// The trust bundle in use (value 1 on the current hash).
     pub trust_bundle: Family<BundleLabels, Gauge>,
+    /// The root of the trust bundle its own certificate chains to (value
+    /// 1 on its fingerprint): a CA rotation's "every proxy presents the
+    /// new root" gate.
+    pub certificate_root: Family<RootLabels, Gauge>,
     pub identity_reload_failures: Counter,
     /// Plaintext inbound connections by port and source address.
     pub plaintext_connections: Family<PlaintextLabels, Counter>,
@@ -558,6 +562,11 @@ pub struct ProxyMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BundleLabels {
     pub hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RootLabels {
+    pub fingerprint: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -688,6 +697,12 @@ impl ProxyMetrics {
             "trust_bundle",
             "The trust bundle in use (value 1 on the current hash)",
             trust_bundle.clone(),
+        );
+        let certificate_root = Family::default();
+        registry.register(
+            "certificate_root",
+            "The trust bundle's root that the proxy's own certificate chains to (value 1 on its SHA-256 fingerprint, first 8 bytes)",
+            certificate_root.clone(),
         );
         let identity_reload_failures = Counter::default();
         registry.register(
@@ -846,6 +861,7 @@ impl ProxyMetrics {
             tls_rejections,
             certificate_expiry,
             trust_bundle,
+            certificate_root,
             identity_reload_failures,
             requests,
             latency,

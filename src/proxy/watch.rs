@@ -270,6 +270,17 @@ fn load_identity(
             .get_or_create(&super::metrics::BundleLabels { hash })
             .set(1);
     }
+    // Which root its certificate chains to (none: a peer would refuse
+    // it, and the series says so by its absence).
+    metrics.certificate_root.clear();
+    if let Some(fingerprint) =
+        crate::identity::root_of(&cert, &bundle, std::time::SystemTime::now())
+    {
+        metrics
+            .certificate_root
+            .get_or_create(&super::metrics::RootLabels { fingerprint })
+            .set(1);
+    }
     Ok(())
 }
 
