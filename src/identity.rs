@@ -294,16 +294,40 @@ impl MeshCa {
             anchor_pem: anchor,
             chain_pem: chain.iter().map(|c| format!("{c}\n")).collect(),
         };
+        // Probed at a time every certificate of the chain is valid, not
+        // now: an expired root still loads (its expiry is a condition,
+        // and a rotation away from it must be able to run).
+        let mut windows = vec![inspect_pem(&ca.anchor_pem)?];
+        for c in &certs {
+            windows.push(inspect_pem(c)?);
+        }
+        let from = windows
+            .iter()
+            .map(|w| w.not_before)
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let to = windows
+            .iter()
+            .map(|w| w.not_after)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let at = from + BACKDATE + Duration::from_secs(1);
+        if at + Duration::from_secs(1) >= to {
+            return Err(IdentityError::Parse(
+                "the CA certificate and its root are never valid at the same time".into(),
+            ));
+        }
         let probe = ca.issue(
             &SpiffeId::new("probe.invalid", "probe", "probe"),
-            SystemTime::now(),
+            at,
             Duration::from_secs(600),
         )?;
-        if !chains_to(&probe.cert_pem, &ca.anchor_pem, SystemTime::now()) {
+        if !chains_to(&probe.cert_pem, &ca.anchor_pem, at) {
             return Err(IdentityError::Parse(
-                "a certificate this CA issues does not verify against its root: the key does \
-                 not match the certificate, the chain does not reach the root, or a \
-                 certificate is expired"
+                "a certificate this CA issues does not verify against its root, as a client \
+                 or as a server: the key does not match the certificate, the chain does not \
+                 reach the root, or a certificate of the chain forbids the use (extended key \
+                 usage, name constraints)"
                     .into(),
             ));
         }
@@ -637,6 +661,7 @@ pub fn chains_to(chain_pem: &str, anchor_pem: &str, now: SystemTime) -> bool {
             return false;
         }
     }
+    let roots_again = roots.clone();
     let Ok(verifier) =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), PROVIDER.clone())
             .build()
@@ -647,7 +672,20 @@ pub fn chains_to(chain_pem: &str, anchor_pem: &str, now: SystemTime) -> bool {
         now.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
+    // A mesh leaf is both: the client of one hop, the server of another
+    // (the server side is checked as the proxies check it, `tls.rs`).
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(leaf) else {
+        return false;
+    };
     verifier.verify_client_cert(leaf, intermediates, at).is_ok()
+        && rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots_again,
+            intermediates,
+            at,
+            PROVIDER.signature_verification_algorithms.all,
+        )
+        .is_ok()
 }
 
 /// The fingerprint of the root in `bundle_pem` that the certificate
@@ -853,6 +891,22 @@ mod tests {
         let err = MeshCa::from_parts(&leaf.cert_pem, &leaf.key_pem, None).unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");
         assert!(MeshCa::from_parts(&inter, &key, Some(&both)).is_err());
+    }
+
+    #[test]
+    fn an_expired_root_still_loads_so_a_rotation_away_from_it_can_run() {
+        let long_ago = now() - Duration::from_secs(7200);
+        let expired =
+            MeshCa::generate("cluster.local", long_ago, Duration::from_secs(600)).expect("ca");
+        let loaded = MeshCa::from_pem(expired.cert_pem(), expired.key_pem()).expect("loads");
+        assert_eq!(
+            fingerprint(loaded.anchor_pem()),
+            fingerprint(expired.cert_pem())
+        );
+        // A key that is not the certificate's is still refused.
+        let other =
+            MeshCa::generate("cluster.local", long_ago, Duration::from_secs(600)).expect("ca");
+        assert!(MeshCa::from_pem(expired.cert_pem(), other.key_pem()).is_err());
     }
 
     #[test]

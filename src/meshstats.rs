@@ -593,14 +593,25 @@ pub struct Tick {
     /// last reading is lost (the next one is a baseline), so nothing can
     /// be said of what they saw in the tick's time.
     pub unreadable_pods: std::collections::BTreeSet<ProxyId>,
-    /// What each proxy read in this tick says of its identity.
+}
+
+/// The latest reading of the proxies' identities: a state, so only the
+/// latest is kept (not one per tick).
+#[derive(Clone, Debug)]
+pub struct Latest {
+    /// When the proxies were read.
+    pub at: SystemTime,
+    /// What each proxy read says of its identity.
     pub identities: BTreeMap<ProxyId, ProxyIdentity>,
+    /// The proxies that could not be read.
+    pub unreadable: std::collections::BTreeSet<ProxyId>,
 }
 
 /// The rolling window, and each proxy's last reading.
 #[derive(Default)]
 pub struct MeshStats {
     last: HashMap<ProxyId, ProxyCounts>,
+    latest: Option<Latest>,
     ticks: VecDeque<std::sync::Arc<Tick>>,
     /// Ticks kept; 0 is [`WINDOW_TICKS`].
     keep: usize,
@@ -648,6 +659,7 @@ impl MeshStats {
             ..Tick::default()
         };
         let mut last = HashMap::with_capacity(readings.len());
+        let mut identities = BTreeMap::new();
         for r in readings {
             match r.counts {
                 Ok(mut counts) => {
@@ -681,8 +693,7 @@ impl MeshStats {
                             })
                             .collect();
                     }
-                    tick.identities
-                        .insert(r.id.clone(), std::mem::take(&mut counts.identity));
+                    identities.insert(r.id.clone(), std::mem::take(&mut counts.identity));
                     tick.proxies += 1;
                     if let Some(before) = self.last.get(&r.id) {
                         tick.counts.add(&counts.since(before));
@@ -700,6 +711,11 @@ impl MeshStats {
             }
         }
         self.last = last;
+        self.latest = Some(Latest {
+            at,
+            identities,
+            unreadable: tick.unreadable_pods.clone(),
+        });
         self.ticks.push_back(std::sync::Arc::new(tick));
         let keep = if self.keep == 0 {
             WINDOW_TICKS
@@ -755,6 +771,11 @@ impl MeshStats {
             .take_while(|t| t.at.is_some_and(|at| at > start))
             .cloned()
             .collect()
+    }
+
+    /// The proxies' identities as last read.
+    pub fn identities(&self) -> Option<&Latest> {
+        self.latest.as_ref()
     }
 
     /// The golden signals over the last `window` ([`MeshStats::window`]

@@ -117,7 +117,13 @@ impl Mesh {
                 if fingerprint(self.base.anchor_pem()).as_deref() == Some(s.new_root.as_str()) {
                     TrustPlan::single(self.base.clone())
                 } else {
-                    TrustPlan::rotating(self.base.clone(), self.new.clone(), s)
+                    TrustPlan::rotating(
+                        self.base.clone(),
+                        Some(self.new.clone()),
+                        self.new.anchor_pem(),
+                        s,
+                    )
+                    .expect("plan")
                 }
             }
             _ => TrustPlan::single(self.base.clone()),
@@ -166,6 +172,7 @@ impl Mesh {
             base_root: fingerprint(self.base.anchor_pem()).expect("fp"),
             new_root: Some(Ok(NewRoot {
                 fingerprint: fingerprint(self.new.anchor_pem()).expect("fp"),
+                certificate: self.new.anchor_pem().to_owned(),
                 expires: None,
             })),
             roots: Roots {
@@ -185,7 +192,12 @@ impl Mesh {
         }
         if let Some(s) = &self.status {
             let since = SystemTime::from(s.since.0);
-            carotations::read_ticks(&self.stats.since(since), &mut ev);
+            carotations::read_ticks(
+                &self.stats.touching(since),
+                self.stats.identities(),
+                since,
+                &mut ev,
+            );
         }
         let d = carotation::step(Some(spec), self.status.as_ref(), &ev, now)?;
         if d.promote {
@@ -565,7 +577,7 @@ async fn a_proxy_that_never_takes_the_new_bundle_blocks_the_rotation_by_name_unt
     assert_eq!(s.blocked_in, Some(CaRotationPhase::Presenting));
     assert_eq!(
         s.waiting_on,
-        vec!["shop/payments-1 (inbound)".to_owned()],
+        vec!["shop/payments-1 (inbound unknown-ca)".to_owned()],
         "{}",
         s.message
     );

@@ -2647,6 +2647,50 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     ));
     sync(&mut h);
 
+    // The Mesh is replaced without its status (a GitOps replace, a
+    // restore): nothing is issued (no bundle drops the new root that
+    // certificates now chain to), and the loop writes the rotation back
+    // as Blocked where it stood, from the marks on weft-ca-next.
+    let mut replaced: Mesh = h.stored(MESH_PATH).expect("mesh");
+    replaced.status = None;
+    h.seed(MESH_PATH, &replaced);
+    put(&mut h.writers.meshes, replaced.clone());
+    ca::ensure(&h.ctx).await.expect("ensure");
+    assert!(
+        matches!(h.ctx.ca.load().as_ref(), CaState::Missing { reason, .. } if *reason == "RotationInconsistent"),
+        "nothing minted while the rotation's state is lost"
+    );
+    h.clear();
+    h.reconcile("shop").await;
+    assert!(!h.writes().iter().any(|w| w.path == identity_path));
+    assert!(step(&h).await);
+    let m: Mesh = h.stored(MESH_PATH).expect("mesh");
+    let rebuilt = m
+        .status
+        .and_then(|s| s.ca)
+        .and_then(|c| c.rotation)
+        .expect("rebuilt");
+    assert_eq!(
+        (rebuilt.phase, rebuilt.blocked_in),
+        (CaRotationPhase::Blocked, Some(CaRotationPhase::Reissuing))
+    );
+    assert_eq!(rebuilt.new_root, new_fp);
+    // The plan is back (Reissuing's), and a raised retry goes on.
+    assert!(matches!(h.ctx.ca.load().as_ref(), CaState::Ready(_)));
+    let mut retried: Mesh = h.stored(MESH_PATH).expect("mesh");
+    retried
+        .spec
+        .ca
+        .as_mut()
+        .and_then(|c| c.rotation.as_mut())
+        .expect("rotation")
+        .retry = 1;
+    h.seed(MESH_PATH, &retried);
+    put(&mut h.writers.meshes, retried);
+    assert!(step(&h).await);
+    assert_eq!(phase(&h).0, CaRotationPhase::Reissuing, "{}", phase(&h).1);
+    sync(&mut h);
+
     // Every Secret holds a new-root leaf; then the proxy presents it;
     // then it trusts the new root alone.
     report_after(bundle_hash(&both), old_fp.clone()).await;

@@ -234,11 +234,21 @@ pub struct CaRotationStatus {
     /// The fingerprint of the new root; empty while the rotation has not
     /// begun (its new root could not be used yet).
     pub new_root: String,
+    /// The new root's certificate (PEM; public): the bundles can hold it,
+    /// and a rotation can be reverted, even when its key is lost.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub new_root_certificate: String,
     /// When the new root expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_root_expires: Option<Time>,
-    /// Where the new root comes from (absent: generated, in
-    /// `weft-ca-next`), fixed when the rotation began.
+    /// The rotation was paused when this status was written: once it
+    /// proceeds, the phase starts over (a pause never counts towards
+    /// `gateTimeout`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Where the new root came from (absent: generated), fixed when the
+    /// rotation began; either way the rotation works from its copy in
+    /// `weft-ca-next`, never from a Secret the user may change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<CaSource>,
 }

@@ -27,7 +27,7 @@ use kube::{Api, ResourceExt};
 
 use super::desired::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::reconcile::{CaState, Ctx, Error};
-use crate::api::{CaRotationStatus, CaSource, MESH_NAME, Mesh};
+use crate::api::{CaRotationPhase, CaRotationStatus, CaSource, MESH_NAME, Mesh};
 use crate::identity::{
     CA_ANCHOR_KEY, CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, MeshCa, bundle_of, fingerprint,
 };
@@ -58,21 +58,38 @@ impl TrustPlan {
         }
     }
 
-    /// What `rotation` puts in force, `base` being the CA in `weft-ca`
-    /// and `new` the rotation's.
-    pub fn rotating(base: Arc<MeshCa>, new: Arc<MeshCa>, rotation: &CaRotationStatus) -> Self {
+    /// What `rotation` puts in force, `base` being the CA in `weft-ca`,
+    /// `new_root` the rotation's new root (PEM) and `new` its CA, which
+    /// only the phases that issue from the new root need: the others
+    /// (adding the root, reverting, aborted) go on without its key.
+    pub fn rotating(
+        base: Arc<MeshCa>,
+        new: Option<Arc<MeshCa>>,
+        new_root: &str,
+        rotation: &CaRotationStatus,
+    ) -> Result<Self, String> {
         use super::carotation::Root;
         let plan = super::carotation::plan_of(rotation);
-        let of = |r: Root| match r {
-            Root::Old => base.clone(),
-            Root::New => new.clone(),
+        let pem = |r: &Root| match r {
+            Root::Old => base.anchor_pem(),
+            Root::New => new_root,
         };
-        let roots: Vec<Arc<MeshCa>> = plan.bundle.iter().map(|r| of(*r)).collect();
-        Self {
-            issuer: of(plan.issuer),
-            bundle: bundle_of(&roots.iter().map(|c| c.anchor_pem()).collect::<Vec<_>>()),
+        let bundle = bundle_of(&plan.bundle.iter().map(pem).collect::<Vec<_>>());
+        let issuer = match (plan.issuer, new) {
+            (Root::Old, _) => base.clone(),
+            (Root::New, Some(new)) => new,
+            (Root::New, None) => {
+                return Err(format!(
+                    "rotation {} in {:?} issues from the new root, whose key cannot be read",
+                    rotation.id, rotation.phase
+                ));
+            }
+        };
+        Ok(Self {
+            issuer,
+            bundle,
             base,
-        }
+        })
     }
 }
 
@@ -83,8 +100,9 @@ pub mod reason {
     pub const CREATED: &str = "Created";
     pub const MISSING: &str = "CAMissing";
     pub const INVALID: &str = "CAInvalid";
-    /// A rotation is under way and its new CA cannot be read.
-    pub const ROTATION_ROOT_MISSING: &str = "RotationRootMissing";
+    /// A rotation is under way and what it needs does not add up (its
+    /// new CA unreadable or changed, weft-ca changed, its status lost).
+    pub const ROTATION_INCONSISTENT: &str = "RotationInconsistent";
     pub const NOT_SOON: &str = "NotSoon";
     pub const EXPIRES_SOON: &str = "ExpiresSoon";
     pub const EXPIRED: &str = "Expired";
@@ -167,7 +185,10 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
 
 /// The plan the Mesh's rotation (read from the API server, not the
 /// cache, so a phase just written is the one put in force) asks of
-/// `base`.
+/// `base`. Whatever does not add up (weft-ca holding another root than
+/// the rotation's old one, the new root's copy gone or changed, a copy
+/// in `weft-ca-next` whose rotation the status no longer shows) mints
+/// nothing: the Secrets stay as they are, and the proxies with them.
 async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
     let meshes: Api<Mesh> = Api::all(ctx.client.clone());
     let mesh = meshes.get_opt(MESH_NAME).await.map_err(|e| Error::Api {
@@ -177,45 +198,174 @@ async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
         name: MESH_NAME.into(),
         source: e,
     })?;
-    let rotation = mesh
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
+    let next = secrets.get_opt(NEXT_SECRET).await.map_err(|e| Error::Api {
+        action: "reading",
+        kind: "Secret".into(),
+        namespace: ctx.control_namespace.clone(),
+        name: NEXT_SECRET.into(),
+        source: e,
+    })?;
+    let shown = mesh
         .and_then(|m| m.status)
         .and_then(|s| s.ca)
-        .and_then(|c| c.rotation)
+        .and_then(|c| c.rotation);
+    let rotation = shown
+        .clone()
         .filter(|r| !r.phase.ended() && !r.new_root.is_empty());
+    let missing = |message: String| CaState::Missing {
+        reason: reason::ROTATION_INCONSISTENT,
+        message,
+    };
     let Some(rotation) = rotation else {
+        if let Some(m) = next.as_ref().and_then(Marker::of)
+            && m.issued()
+            && !shown.is_some_and(|r| r.id == m.id && r.phase.ended())
+        {
+            return Ok(missing(format!(
+                "Secret {}/{NEXT_SECRET} holds the new root of CA rotation {}, which had reached \
+                 {:?}, but the Mesh's status.ca.rotation no longer shows it (the Mesh replaced, \
+                 or restored without its status): nothing is issued, so no bundle drops a root \
+                 a proxy presents. The rotation's loop writes it back as Blocked; raise \
+                 spec.ca.rotation.retry (with the same id) to go on",
+                ctx.control_namespace, m.id, m.phase
+            )));
+        }
         return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
     };
-    // Promoted already (the status not yet written): the new root alone.
-    if fingerprint(base.anchor_pem()).as_deref() == Some(rotation.new_root.as_str()) {
-        return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
-    }
-    match read_source(ctx, rotation.source.as_ref(), &rotation.id).await {
-        Ok(new) if fingerprint(new.anchor_pem()).as_deref() == Some(rotation.new_root.as_str()) => {
-            Ok(CaState::Ready(Arc::new(TrustPlan::rotating(
-                base,
-                Arc::new(new),
-                &rotation,
-            ))))
+    let stage = super::carotation::stage(&rotation);
+    let base_root = fingerprint(base.anchor_pem()).unwrap_or_default();
+    if base_root == rotation.new_root {
+        if stage == CaRotationPhase::RemovingOld {
+            // Promoted already (the status not yet written).
+            return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
         }
-        Ok(new) => Ok(CaState::Missing {
-            reason: reason::ROTATION_ROOT_MISSING,
-            message: format!(
-                "CA rotation {} began with root {}, but its source now holds root {}: nothing \
-                 is issued until it is put back (or the rotation aborted)",
-                rotation.id,
-                rotation.new_root,
-                fingerprint(new.anchor_pem()).unwrap_or_default()
-            ),
-        }),
-        Err(why) => Ok(CaState::Missing {
-            reason: reason::ROTATION_ROOT_MISSING,
-            message: format!(
-                "CA rotation {} is in {:?} but its new CA cannot be used: {why}; nothing is \
-                 issued until it can",
-                rotation.id, rotation.phase
-            ),
-        }),
+        return Ok(missing(format!(
+            "Secret {}/{CA_SECRET} holds the new root {} of CA rotation {} while it is only in \
+             {stage:?}: nothing is issued until the old root {} is back in it",
+            ctx.control_namespace, rotation.new_root, rotation.id, rotation.old_root
+        )));
     }
+    if base_root != rotation.old_root {
+        return Ok(missing(format!(
+            "Secret {}/{CA_SECRET} holds root {base_root}, not the old root {} of CA rotation {}: \
+             nothing is issued until it is back",
+            ctx.control_namespace, rotation.old_root, rotation.id
+        )));
+    }
+    let new = next
+        .as_ref()
+        .ok_or_else(|| {
+            format!(
+                "Secret {}/{NEXT_SECRET} is not there",
+                ctx.control_namespace
+            )
+        })
+        .and_then(|s| next_material(s, &rotation.id))
+        .and_then(|ca| {
+            let fp = fingerprint(ca.anchor_pem()).unwrap_or_default();
+            if fp == rotation.new_root {
+                Ok(Arc::new(ca))
+            } else {
+                Err(format!(
+                    "its copy of the new root is root {fp}, not {} that the rotation began with",
+                    rotation.new_root
+                ))
+            }
+        });
+    let new_root = if rotation.new_root_certificate.is_empty() {
+        new.as_ref()
+            .map(|c| c.anchor_pem().to_owned())
+            .unwrap_or_default()
+    } else {
+        rotation.new_root_certificate.clone()
+    };
+    if fingerprint(&new_root).as_deref() != Some(rotation.new_root.as_str()) {
+        return Ok(missing(format!(
+            "CA rotation {} cannot tell its new root {}: {}",
+            rotation.id,
+            rotation.new_root,
+            new.err()
+                .unwrap_or_else(|| "the status holds another certificate".into())
+        )));
+    }
+    let why = new.as_ref().err().cloned();
+    match TrustPlan::rotating(base, new.ok(), &new_root, &rotation) {
+        Ok(plan) => Ok(CaState::Ready(Arc::new(plan))),
+        Err(e) => Ok(missing(format!(
+            "{e} ({}); nothing is issued until it can be, or abort the rotation (certificates \
+             go back to the old root without the new key)",
+            why.unwrap_or_default()
+        ))),
+    }
+}
+
+/// What `weft-ca-next` says of the rotation it was made for: its
+/// annotations, written before each status write that moves the phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    pub id: String,
+    /// The furthest phase the rotation was in (Blocked ones by the phase
+    /// they stopped in).
+    pub phase: CaRotationPhase,
+    pub old_root: String,
+}
+
+/// Annotations on [`NEXT_SECRET`]: the phase and the old root.
+pub const ROTATION_PHASE_ANNOTATION: &str = "weft.dev/ca-rotation-phase";
+pub const ROTATION_OLD_ROOT_ANNOTATION: &str = "weft.dev/ca-rotation-old-root";
+
+impl Marker {
+    pub fn of(secret: &Secret) -> Option<Self> {
+        let a = secret.annotations();
+        Some(Self {
+            id: a.get(ROTATION_ANNOTATION)?.clone(),
+            phase: serde_json::from_value(serde_json::Value::String(
+                a.get(ROTATION_PHASE_ANNOTATION)?.clone(),
+            ))
+            .ok()?,
+            old_root: a
+                .get(ROTATION_OLD_ROOT_ANNOTATION)
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Whether certificates may have been issued from the new root.
+    pub fn issued(&self) -> bool {
+        !matches!(
+            self.phase,
+            CaRotationPhase::AddingRoot | CaRotationPhase::Complete | CaRotationPhase::Aborted
+        )
+    }
+}
+
+/// The rotation's copy of its new CA, in `weft-ca-next`.
+pub fn next_material(secret: &Secret, id: &str) -> Result<MeshCa, String> {
+    let at = format!(
+        "Secret {}/{NEXT_SECRET}",
+        secret.namespace().unwrap_or_default()
+    );
+    if secret
+        .annotations()
+        .get(ROTATION_ANNOTATION)
+        .map(String::as_str)
+        != Some(id)
+    {
+        return Err(format!("{at} was not made for rotation {id}"));
+    }
+    stored(secret).map_err(|e| format!("{at}: {e}"))
+}
+
+/// A CA as weft keeps it (`weft-ca`, `weft-ca-next`): [`secret_data`]'s
+/// keys.
+fn stored(secret: &Secret) -> Result<MeshCa, String> {
+    let anchor = secret
+        .data
+        .as_ref()
+        .is_some_and(|d| d.contains_key(CA_ANCHOR_KEY))
+        .then_some(CA_ANCHOR_KEY);
+    material(secret, CA_CERT_KEY, CA_KEY_KEY, anchor)
 }
 
 /// The CA in `weft-ca`, read from the API server; Err says why it
@@ -228,44 +378,26 @@ pub async fn read_base(ctx: &Ctx) -> Result<MeshCa, String> {
         .await
         .map_err(|e| format!("reading {at}: {e}"))?
         .ok_or_else(|| format!("{at} is not there"))?;
-    let anchor = secret
-        .data
-        .as_ref()
-        .is_some_and(|d| d.contains_key(CA_ANCHOR_KEY))
-        .then_some(CA_ANCHOR_KEY);
-    material(&secret, CA_CERT_KEY, CA_KEY_KEY, anchor).map_err(|e| format!("{at}: {e}"))
+    stored(&secret).map_err(|e| format!("{at}: {e}"))
 }
 
-/// The CA a rotation rotates to: the user's Secret (`source`), or the
-/// root the operator generated for rotation `id` in [`NEXT_SECRET`].
-/// Err says what is wrong, naming the Secret and the key.
-pub async fn read_source(ctx: &Ctx, source: Option<&CaSource>, id: &str) -> Result<MeshCa, String> {
+/// The CA in the user's Secret `source` (in the control plane's
+/// namespace). Err says what is wrong, naming the Secret and the key.
+pub async fn read_source(ctx: &Ctx, source: &CaSource) -> Result<MeshCa, String> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
-    let (name, cert_key, key_key, anchor_key) = match source {
-        Some(s) => (
-            s.secret_name.as_str(),
-            s.cert_key.as_str(),
-            s.key_key.as_str(),
-            s.anchor_key.as_deref(),
-        ),
-        None => (NEXT_SECRET, CA_CERT_KEY, CA_KEY_KEY, None),
-    };
-    let at = format!("Secret {}/{name}", ctx.control_namespace);
+    let at = format!("Secret {}/{}", ctx.control_namespace, source.secret_name);
     let secret = api
-        .get_opt(name)
+        .get_opt(&source.secret_name)
         .await
         .map_err(|e| format!("reading {at}: {e}"))?
         .ok_or_else(|| format!("{at} is not there"))?;
-    if source.is_none()
-        && secret
-            .annotations()
-            .get(ROTATION_ANNOTATION)
-            .map(String::as_str)
-            != Some(id)
-    {
-        return Err(format!("{at} was not generated for rotation {id}"));
-    }
-    material(&secret, cert_key, key_key, anchor_key).map_err(|e| format!("{at}: {e}"))
+    material(
+        &secret,
+        &source.cert_key,
+        &source.key_key,
+        source.anchor_key.as_deref(),
+    )
+    .map_err(|e| format!("{at}: {e}"))
 }
 
 /// A CA from a Secret's keys.
@@ -310,16 +442,27 @@ pub fn secret_data(ca: &MeshCa) -> BTreeMap<String, ByteString> {
 }
 
 /// Makes `new` the CA in `weft-ca`: the last step of a rotation, once no
-/// proxy trusts or presents the old root. An update over the version
-/// read, so a Secret changed meanwhile (a restore from backup) is not
-/// overwritten.
-pub async fn promote(ctx: &Ctx, new: &MeshCa) -> Result<(), kube::Error> {
+/// proxy trusts or presents the old root; only while it still holds the
+/// rotation's old root, and by an update over the version read.
+pub async fn promote(ctx: &Ctx, new: &MeshCa, old_root: &str) -> Result<(), String> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
-    let mut secret = api.get(CA_SECRET).await?;
+    let mut secret = api.get(CA_SECRET).await.map_err(|e| e.to_string())?;
+    let held = stored(&secret)
+        .ok()
+        .and_then(|ca| fingerprint(ca.anchor_pem()));
+    if held.as_deref() != Some(old_root) {
+        return Err(format!(
+            "Secret {}/{CA_SECRET} no longer holds the old root {old_root} (it holds {}): not \
+             overwritten",
+            ctx.control_namespace,
+            held.unwrap_or_else(|| "no usable CA".into())
+        ));
+    }
     secret.data = Some(secret_data(new));
     secret.string_data = None;
     api.replace(CA_SECRET, &PostParams::default(), &secret)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     ctx.metrics.wrote("Secret", "update");
     Ok(())
 }

@@ -49,11 +49,25 @@ pub mod reason {
     pub const BLOCKED: &str = "CARotationBlocked";
     pub const RETRIED: &str = "CARotationRetried";
     pub const REVERTING: &str = "CARotationReverting";
+    pub const RESUMED: &str = "CARotationResumed";
     pub const ABORTED: &str = "CARotationAborted";
 }
 
 /// How many names a status or Event carries.
 pub const MAX_NAMES: usize = 20;
+
+/// The least time Reverting waits before its gate can pass. Its
+/// evidence (a proxy presenting the old root) also held before any
+/// proxy took a new-root certificate, so a proxy whose kubelet brings the
+/// new-root Secret late would pass for reverted: this covers the
+/// kubelet's sync period (1 min by default) and its Secret cache.
+pub const REVERT_SETTLE: Duration = Duration::from_secs(150);
+
+/// The rejection reasons that stop a rotation: a peer's chain that
+/// reaches no trusted root (`unknown-ca`), or whose root or intermediate
+/// is not valid yet or forbids the use (`not-yet-valid`,
+/// `bad-certificate`): what a rotation can cause.
+pub const BLOCKING_REASONS: [&str; 3] = ["unknown-ca", "not-yet-valid", "bad-certificate"];
 
 /// Which root issues the workload certificates, and which roots every
 /// trust bundle holds, in a phase.
@@ -67,6 +81,14 @@ pub struct Plan {
 pub enum Root {
     Old,
     New,
+}
+
+/// The phase a rotation is in, a Blocked one by the phase it stopped in.
+pub fn stage(status: &CaRotationStatus) -> CaRotationPhase {
+    match status.phase {
+        CaRotationPhase::Blocked => status.blocked_in.unwrap_or(CaRotationPhase::AddingRoot),
+        p => p,
+    }
 }
 
 /// What a rotation in `status` puts in force. A Blocked rotation holds
@@ -111,9 +133,11 @@ pub struct Roots {
 }
 
 /// The new root a rotation starts with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NewRoot {
     pub fingerprint: String,
+    /// Its certificate (PEM).
+    pub certificate: String,
     pub expires: Option<SystemTime>,
 }
 
@@ -138,9 +162,9 @@ pub struct Evidence {
     /// fingerprint of the root its certificate chains to, None when
     /// neither (or it holds none).
     pub secrets: BTreeMap<String, Option<String>>,
-    /// Handshakes refused as `unknown-ca` since the phase began, by
-    /// `namespace/pod (direction)`.
-    pub unknown_ca: BTreeMap<String, u64>,
+    /// Handshakes refused for one of the [`BLOCKING_REASONS`] since the
+    /// phase began, by `namespace/pod (direction reason)`.
+    pub refused: BTreeMap<String, u64>,
 }
 
 /// What [`step`] decided.
@@ -154,7 +178,7 @@ pub struct Decision {
     pub event: Option<(&'static str, String, bool)>,
 }
 
-fn time(t: SystemTime) -> Time {
+pub(crate) fn time(t: SystemTime) -> Time {
     Time(
         k8s_openapi::jiff::Timestamp::try_from(t)
             .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
@@ -211,8 +235,28 @@ pub fn step(
         return (d.status != *cur || d.event.is_some()).then_some(d);
     }
 
+    let stage = phase(cur);
+    // weft-ca must hold the old root until the rotation makes the new one
+    // weft-ca at its very end; anything else there (a restore, a hand
+    // edit) would change every bundle under the proxies.
+    let base_trouble = if ev.base_root == cur.new_root && stage != CaRotationPhase::RemovingOld {
+        Some(format!(
+            "Secret weft-ca holds the new root {} while proxies may still present the old \
+             root {}: put the old root back in weft-ca",
+            cur.new_root, cur.old_root
+        ))
+    } else if ev.base_root != cur.new_root && ev.base_root != cur.old_root {
+        Some(format!(
+            "Secret weft-ca holds root {}, neither the old root {} nor the new root {} of the \
+             rotation: put the old root back in weft-ca",
+            ev.base_root, cur.old_root, cur.new_root
+        ))
+    } else {
+        None
+    };
+
     // The new root was made weft-ca, the status not yet written: done.
-    if ev.base_root == cur.new_root {
+    if ev.base_root == cur.new_root && base_trouble.is_none() {
         next.phase = CaRotationPhase::Complete;
         next.blocked_in = None;
         next.since = time(now);
@@ -262,6 +306,20 @@ pub fn step(
         Some(s) => s.action,
         None => RotationAction::Pause,
     };
+    // Resumed after a pause: the phase starts over, so the pause does not
+    // count towards its timeout (and what was gathered was for before).
+    if cur.paused && action != RotationAction::Pause {
+        next.paused = false;
+        next.since = time(now);
+        next.waiting_on.clear();
+        next.message = format!("resumed: {:?} starts over", phase(cur));
+        return Some(Decision {
+            event: Some((reason::RESUMED, next.message.clone(), false)),
+            status: next,
+            promote: false,
+        });
+    }
+    next.paused = action == RotationAction::Pause;
     let mut note = match spec {
         Some(s) if s.id != cur.id => format!(
             "; spec.ca.rotation.id is {} but rotation {} is under way: it stays where it is \
@@ -349,6 +407,20 @@ pub fn step(
         Some((reason::BLOCKED, next.message.clone(), true))
     };
 
+    if let Some(why) = base_trouble {
+        let message = format!(
+            "blocked in {:?}: {why}; then raise spec.ca.rotation.retry",
+            next.phase
+        );
+        event = block(&mut next, message, Vec::new());
+        return finish(next, event, promote);
+    }
+
+    // Reverting issues from the old root and needs only the new root's
+    // certificate (in the status) for the bundles.
+    let root_trouble = root_trouble.filter(|_| {
+        next.phase != CaRotationPhase::Reverting || cur.new_root_certificate.is_empty()
+    });
     if let Some(why) = root_trouble {
         let message = format!(
             "blocked in {:?}: {why}; then raise spec.ca.rotation.retry",
@@ -358,13 +430,14 @@ pub fn step(
         return finish(next, event, promote);
     }
 
-    if !ev.unknown_ca.is_empty() {
-        let total: u64 = ev.unknown_ca.values().sum();
-        let (who, more) = names(ev.unknown_ca.keys());
+    if !ev.refused.is_empty() {
+        let total: u64 = ev.refused.values().sum();
+        let (who, more) = names(ev.refused.keys());
         let message = format!(
-            "blocked in {:?}: {total} TLS handshakes were refused as unknown-ca, by {}{more}. \
-             A proxy presents a certificate from a root its peer does not trust yet: find it \
-             (its bundle hash is not the others'), fix it, then raise spec.ca.rotation.retry",
+            "blocked in {:?}: {total} TLS handshakes were refused (unknown-ca, not-yet-valid or \
+             bad-certificate), by {}{more}. A proxy presents a certificate from a root its peer \
+             does not trust yet, or one its peer cannot use: find it (its bundle hash is not \
+             the others'), fix it, then raise spec.ca.rotation.retry",
             next.phase,
             who.join(", ")
         );
@@ -372,9 +445,17 @@ pub fn step(
         return finish(next, event, promote);
     }
 
-    let (passed, waiting, what) = gate(next.phase, ev);
+    let (mut passed, mut waiting, mut what) = gate(next.phase, ev);
     let since = system(&next.since);
     let waited = now.duration_since(since).unwrap_or_default();
+    if passed && next.phase == CaRotationPhase::Reverting && waited < REVERT_SETTLE {
+        passed = false;
+        waiting = Vec::new();
+        what = format!(
+            "every proxy presents the old root; waiting {}s in all for late kubelet syncs",
+            REVERT_SETTLE.as_secs()
+        );
+    }
     let timeout = same.map_or(Duration::MAX, |s| s.gate_timeout.as_std());
     // Abort moves on too: through Reverting, or on past a refusal.
     let moving = action != RotationAction::Pause;
@@ -422,7 +503,7 @@ pub fn step(
         event = Some((r, format!("{from:?} -> {to:?}: {}", next.message), false));
         return finish(next, event, promote);
     }
-    if !passed && moving && waited > timeout {
+    if !passed && moving && waited > timeout && !waiting.is_empty() {
         let (who, more) = names(&waiting);
         let message = format!(
             "blocked in {:?}: the gate was not met within gateTimeout ({}s): {what}, by {}{more}; \
@@ -537,7 +618,9 @@ fn start(
         waiting_on: Vec::new(),
         old_root: ev.base_root.clone(),
         new_root: String::new(),
+        new_root_certificate: String::new(),
         new_root_expires: None,
+        paused: false,
         source: spec.source.clone(),
     };
     let not_yet = |mut status: CaRotationStatus, why: String| {
@@ -549,8 +632,9 @@ fn start(
         if let Some(p) = previous.filter(|p| p.id == spec.id) {
             status.since = p.since.clone();
         }
+        let warning = spec.action != RotationAction::Pause;
         Decision {
-            event: (!said).then(|| (reason::BLOCKED, status.message.clone(), true)),
+            event: (!said).then(|| (reason::BLOCKED, status.message.clone(), warning)),
             status,
             promote: false,
         }
@@ -578,6 +662,7 @@ fn start(
         ),
         Some(Ok(new)) => {
             status.new_root = new.fingerprint.clone();
+            status.new_root_certificate = new.certificate.clone();
             status.new_root_expires = new.expires.map(time);
             status.message = format!(
                 "adding root {} to every trust bundle next to {}",

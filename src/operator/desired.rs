@@ -600,10 +600,20 @@ mod tests {
             waiting_on: Vec::new(),
             old_root: String::new(),
             new_root: String::new(),
+            new_root_certificate: String::new(),
             new_root_expires: None,
+            paused: false,
             source: None,
         };
-        let at = |phase| TrustPlan::rotating(old.clone(), new.clone(), &status(phase));
+        let at = |phase| {
+            TrustPlan::rotating(
+                old.clone(),
+                Some(new.clone()),
+                new.anchor_pem(),
+                &status(phase),
+            )
+            .expect("plan")
+        };
         let id = |plan: &TrustPlan, existing: &BTreeMap<String, String>| {
             identity("shop", "cluster.local", "cart", existing, plan, DAY, t0).expect("identity")
         };

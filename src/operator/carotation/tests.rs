@@ -42,6 +42,7 @@ fn ev() -> Evidence {
     Evidence {
         base_root: OLD.into(),
         new_root: Some(Ok(NewRoot {
+            certificate: String::new(),
             fingerprint: NEW.into(),
             expires: Some(at(10 * 365 * 86400)),
         })),
@@ -60,7 +61,7 @@ fn ev() -> Evidence {
             ("shop/weft-identity-cart".into(), Some(OLD.into())),
             ("shop/weft-identity-checkout".into(), Some(OLD.into())),
         ]),
-        unknown_ca: BTreeMap::new(),
+        refused: BTreeMap::new(),
     }
 }
 
@@ -217,19 +218,20 @@ fn no_gate_passes_without_a_reading_taken_after_the_phase_began_or_on_an_unreada
 }
 
 #[test]
-fn an_unknown_ca_rejection_blocks_in_any_phase_paused_or_not_until_retry() {
+fn a_refused_handshake_blocks_in_any_phase_paused_or_not_until_retry() {
     for phase in [AddingRoot, Reissuing, Presenting, RemovingOld, Reverting] {
         for action in [RotationAction::Proceed, RotationAction::Pause] {
             let s = in_phase(phase, at(0));
             let mut e = ev();
             all_proxies(&mut e, BOTH, NEW);
-            e.unknown_ca.insert("shop/cart-1 (inbound)".into(), 3);
+            e.refused
+                .insert("shop/cart-1 (inbound unknown-ca)".into(), 3);
             let d = step(Some(&with(action)), Some(&s), &e, at(30)).expect("blocks");
             assert_eq!(d.status.phase, Blocked, "{phase:?} {action:?}");
             assert_eq!(d.status.blocked_in, Some(phase));
             assert_eq!(
                 d.status.waiting_on,
-                vec!["shop/cart-1 (inbound)".to_owned()]
+                vec!["shop/cart-1 (inbound unknown-ca)".to_owned()]
             );
             assert!(
                 d.status.message.contains("unknown-ca"),
@@ -310,8 +312,75 @@ fn pause_holds_a_met_gate_and_proceed_moves_on() {
         "{}",
         d.status.message
     );
-    let d = step(Some(&spec()), Some(&d.status), &e, at(40)).expect("moves");
+    assert!(d.status.paused);
+    // Paused past the gate timeout: resuming starts the phase over, so
+    // the pause never counts towards it.
+    let mut lagging = e.clone();
+    lagging
+        .proxies
+        .insert("shop/cart-1".into(), proxy("oldonly", OLD));
+    let d = step(Some(&spec()), Some(&d.status), &lagging, at(3600)).expect("resumes");
+    assert_eq!((d.status.phase, d.status.paused), (AddingRoot, false));
+    assert_eq!(d.status.since, time(at(3600)));
+    assert_eq!(d.event.as_ref().map(|e| e.0), Some(reason::RESUMED));
+    let d2 = step(Some(&spec()), Some(&d.status), &lagging, at(3610)).expect("waits");
+    assert_eq!(
+        d2.status.phase, AddingRoot,
+        "not timed out: {}",
+        d2.status.message
+    );
+    let d = step(Some(&spec()), Some(&d2.status), &e, at(3620)).expect("moves");
     assert_eq!(d.status.phase, Reissuing);
+}
+
+#[test]
+fn weft_ca_holding_another_root_than_the_old_one_blocks_the_rotation() {
+    // The new root put into weft-ca by hand before the old one left the
+    // bundles; or a third root restored from a backup.
+    for (base, says) in [(NEW, "holds the new root"), ("3333333333333333", "neither")] {
+        let mut e = ev();
+        e.base_root = base.into();
+        all_proxies(&mut e, BOTH, NEW);
+        let d = step(
+            Some(&spec()),
+            Some(&in_phase(Presenting, at(0))),
+            &e,
+            at(10),
+        )
+        .expect("blocks");
+        assert_eq!(
+            (d.status.phase, d.status.blocked_in),
+            (Blocked, Some(Presenting))
+        );
+        assert!(d.status.message.contains(says), "{}", d.status.message);
+        assert!(!d.promote);
+    }
+}
+
+#[test]
+fn a_lost_new_key_blocks_the_phases_that_issue_from_it_but_not_the_revert() {
+    let mut e = ev();
+    e.new_root = Some(Err("Secret weft-system/weft-ca-next is not there".into()));
+    let d = step(
+        Some(&spec()),
+        Some(&in_phase(Presenting, at(0))),
+        &e,
+        at(10),
+    )
+    .expect("blocks");
+    assert_eq!(
+        (d.status.phase, d.status.blocked_in),
+        (Blocked, Some(Presenting))
+    );
+    // Aborting goes back to the old root, which needs only the new root's
+    // certificate (kept in the status) for the bundles.
+    let abort = with(RotationAction::Abort);
+    let d = step(Some(&abort), Some(&d.status), &e, at(20)).expect("reverts");
+    assert_eq!(d.status.phase, Reverting);
+    let mut reverting = d.status;
+    reverting.new_root_certificate = "-----BEGIN CERTIFICATE-----".into();
+    let d = step(Some(&abort), Some(&reverting), &e, at(30)).expect("waits");
+    assert_eq!(d.status.phase, Reverting, "{}", d.status.message);
 }
 
 #[test]
@@ -351,8 +420,18 @@ fn abort_drops_an_unused_root_at_once_reverts_an_issued_one_and_is_refused_late(
             "{:?}",
             waiting.status.waiting_on
         );
+        // Every proxy back on the old root: the rotation still waits out
+        // late kubelet syncs (the same evidence held before any proxy
+        // took a new-root certificate).
         let e = ev();
-        let done = step(Some(&abort), Some(&waiting.status), &e, at(30)).expect("done");
+        let settling = step(Some(&abort), Some(&waiting.status), &e, at(30)).expect("settles");
+        assert_eq!(settling.status.phase, Reverting);
+        assert!(
+            settling.status.message.contains("late kubelet syncs"),
+            "{}",
+            settling.status.message
+        );
+        let done = step(Some(&abort), Some(&settling.status), &e, at(10 + 151)).expect("done");
         assert_eq!(done.status.phase, Aborted);
         assert!(!done.promote);
     }
@@ -423,6 +502,7 @@ fn a_new_root_that_changed_or_vanished_under_the_rotation_blocks_it() {
     let s = in_phase(Reissuing, at(0));
     let mut e = ev();
     e.new_root = Some(Ok(NewRoot {
+        certificate: String::new(),
         fingerprint: "ffffffffffffffff".into(),
         expires: None,
     }));
@@ -446,6 +526,7 @@ fn a_rotation_begins_only_with_a_usable_new_root_and_not_while_paused() {
     // The source holds the root in force.
     let mut e = ev();
     e.new_root = Some(Ok(NewRoot {
+        certificate: String::new(),
         fingerprint: OLD.into(),
         expires: None,
     }));
@@ -508,6 +589,7 @@ fn another_id_waits_for_the_rotation_under_way_and_starts_after_it_ended() {
     let mut e = ev();
     e.base_root = NEW.into();
     e.new_root = Some(Ok(NewRoot {
+        certificate: String::new(),
         fingerprint: "2222222222222222".into(),
         expires: None,
     }));
