@@ -181,6 +181,10 @@ pub struct MeshCa {
     /// What an issued leaf carries after itself: nothing under a root,
     /// the intermediates (`cert_pem`) under an offline root.
     chain_pem: String,
+    /// When the first certificate of the chain it issues under (itself
+    /// and its intermediates, the root aside) expires; leaves never
+    /// outlive it.
+    chain_not_after: Option<SystemTime>,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -234,6 +238,7 @@ impl MeshCa {
             issuer: Issuer::new(params, key),
             anchor_pem: cert_pem.clone(),
             chain_pem: String::new(),
+            chain_not_after: None,
             cert_pem,
             key_pem,
         })
@@ -287,12 +292,32 @@ impl MeshCa {
         let chain: Vec<&String> = certs.iter().filter(|c| fp(c) != fp(&anchor)).collect();
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(first, key)?;
+        // Proxies hold a root to no dates (webpki does not check a
+        // trust anchor's), but every intermediate must be valid now.
+        let now = SystemTime::now();
+        let mut chain_not_after = None;
+        for c in &chain {
+            let info = inspect_pem(c)?;
+            if info.not_after <= now {
+                return Err(IdentityError::Parse(
+                    "an intermediate of the CA certificate has expired".into(),
+                ));
+            }
+            if info.not_before > now + BACKDATE {
+                return Err(IdentityError::Parse(
+                    "an intermediate of the CA certificate is not valid yet".into(),
+                ));
+            }
+            chain_not_after =
+                Some(chain_not_after.map_or(info.not_after, |t: SystemTime| t.min(info.not_after)));
+        }
         let ca = Self {
             issuer,
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
             anchor_pem: anchor,
             chain_pem: chain.iter().map(|c| format!("{c}\n")).collect(),
+            chain_not_after,
         };
         // Probed at a time every certificate of the chain is valid, not
         // now: an expired root still loads (its expiry is a condition,
@@ -345,6 +370,16 @@ impl MeshCa {
     /// The root its leaves chain to.
     pub fn anchor_pem(&self) -> &str {
         &self.anchor_pem
+    }
+
+    /// When the CA stops being usable: the earliest expiry of its root
+    /// and the intermediates it issues under.
+    pub fn expires(&self) -> Option<SystemTime> {
+        let root = inspect_pem(&self.anchor_pem).ok().map(|i| i.not_after);
+        match (root, self.chain_not_after) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
     }
 
     /// The PEM every proxy trusts when this CA is the only one.
@@ -413,7 +448,10 @@ impl MeshCa {
         params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let not_before = now - BACKDATE;
-        let not_after = now + lifetime;
+        let not_after = match self.chain_not_after {
+            Some(limit) => (now + lifetime).min(limit),
+            None => now + lifetime,
+        };
         params.not_before = offset(not_before);
         params.not_after = offset(not_after);
         let cert = params.signed_by(&key, &self.issuer)?;

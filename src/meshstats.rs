@@ -599,7 +599,8 @@ pub struct Tick {
 /// latest is kept (not one per tick).
 #[derive(Clone, Debug)]
 pub struct Latest {
-    /// When the proxies were read.
+    /// When the proxies were read, at the earliest: the end of the tick
+    /// before.
     pub at: SystemTime,
     /// What each proxy read says of its identity.
     pub identities: BTreeMap<ProxyId, ProxyIdentity>,
@@ -711,8 +712,16 @@ impl MeshStats {
             }
         }
         self.last = last;
+        // The proxies were read after the tick before was recorded (the
+        // first reading: within a tick before `at`, at the earliest).
+        let began = self
+            .ticks
+            .back()
+            .and_then(|t| t.at)
+            .filter(|before| *before <= at)
+            .unwrap_or_else(|| at.checked_sub(TICK).unwrap_or(at));
         self.latest = Some(Latest {
-            at,
+            at: began,
             identities,
             unreadable: tick.unreadable_pods.clone(),
         });
@@ -1099,6 +1108,59 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// What a CA rotation reads: each proxy's identity as of its latest
+    /// reading (kept once, not per tick, and dated by when the reading
+    /// could have begun), and refused handshakes as growth, by the pod
+    /// the control plane read them from (a proxy's own labels are not
+    /// believed).
+    #[test]
+    fn identities_are_the_latest_reading_and_refusals_grow_by_the_pod_read() {
+        let id = |bundle: &str, refused: u32| {
+            format!(
+                "weft_proxy_trust_bundle{{hash=\"{bundle}\"}} 1\n\
+                 weft_proxy_certificate_root{{fingerprint=\"f1\"}} 1\n\
+                 weft_proxy_tls_rejections_total{{direction=\"inbound\",reason=\"unknown-ca\",pod=\"forged\"}} {refused}\n"
+            )
+        };
+        let mut stats = MeshStats::default();
+        stats.record(at(0), vec![reading("cart-1", &id("b1", 5))]);
+        let first = stats.identities().expect("read");
+        assert_eq!(
+            first.at,
+            at(0) - TICK,
+            "a first reading began within a tick before"
+        );
+        assert_eq!(
+            stats.ticks[0].counts.rejections.len(),
+            0,
+            "a baseline, not growth"
+        );
+        stats.record(
+            at(10),
+            vec![
+                reading("cart-1", &id("b2", 7)),
+                Reading {
+                    id: ("shop".into(), "gone-1".into()),
+                    counts: Err("refused".into()),
+                },
+            ],
+        );
+        let latest = stats.identities().expect("read");
+        assert_eq!(latest.at, at(0), "read after the tick before");
+        let key = ("shop".to_owned(), "cart-1".to_owned());
+        assert_eq!(latest.identities[&key].bundle.as_deref(), Some("b2"));
+        assert_eq!(latest.identities[&key].root.as_deref(), Some("f1"));
+        assert!(
+            latest
+                .unreadable
+                .contains(&("shop".to_owned(), "gone-1".to_owned()))
+        );
+        let grown: Vec<(&RejectKey, &f64)> = stats.ticks[1].counts.rejections.iter().collect();
+        assert_eq!(grown.len(), 1);
+        assert_eq!((&grown[0].0.pod, grown[0].1), (&key, &2.0));
+        assert_eq!(grown[0].0.reason, "unknown-ca");
     }
 
     /// Two replicas of the caller: the edge is their sum, its success

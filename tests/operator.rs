@@ -2508,6 +2508,66 @@ async fn an_audited_policy_learns_its_callers_and_a_stranger_blocks_enforce() {
     assert!(stored.audits());
 }
 
+/// Helpers of the CA rotation tests: one look of the rotation's loop and
+/// the CA re-read after it (as `carotations::run` does), the watches
+/// delivering what was written, and what the fake holds.
+mod rotation {
+    use super::*;
+    use weft::api::{CaRotationStatus, Mesh};
+
+    /// The shop (ServiceAccount payments) with a CA in weft-ca and the
+    /// Mesh asking for `rotation`, reconciled once; and that CA.
+    pub async fn shop(rotation: Value) -> (Harness, MeshCa) {
+        let mut h = harness().await;
+        put(&mut h.writers.namespaces, namespace("shop", true));
+        put(&mut h.writers.service_accounts, account("shop", "payments"));
+        let old = MeshCa::generate("cluster.local", std::time::SystemTime::now(), CA_LIFETIME)
+            .expect("ca");
+        h.seed(
+            CA_PATH,
+            &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "weft-ca", "namespace": "weft-system", "resourceVersion": "1"},
+                "data": {"ca.crt": b64(old.cert_pem()), "ca.key": b64(old.key_pem())}}),
+        );
+        let mesh = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
+            "metadata": {"name": "default", "generation": 2, "resourceVersion": "5"},
+            "spec": {"ca": {"rotation": rotation}}});
+        h.seed(MESH_PATH, &mesh);
+        put(&mut h.writers.meshes, obj(mesh));
+        driver::recompile(&h.ctx).await;
+        ca::ensure(&h.ctx).await.expect("ensure");
+        h.reconcile("shop").await;
+        (h, old)
+    }
+
+    pub async fn look(h: &Harness, stats: &weft::meshstats::SharedStats) -> bool {
+        let wrote = weft::operator::carotations::look(&h.ctx, stats)
+            .await
+            .expect("look");
+        ca::ensure(&h.ctx).await.expect("ensure");
+        wrote
+    }
+
+    pub fn sync(h: &mut Harness) {
+        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
+        put(&mut h.writers.meshes, m);
+        h.sync_children(&["shop"]);
+    }
+
+    pub fn status(h: &Harness) -> CaRotationStatus {
+        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
+        m.status
+            .and_then(|s| s.ca)
+            .and_then(|c| c.rotation)
+            .expect("rotation")
+    }
+
+    pub fn text(h: &Harness, path: &str, key: &str) -> String {
+        let s: Secret = h.stored(path).expect("secret");
+        String::from_utf8(s.data.expect("data")[key].0.clone()).expect("utf8")
+    }
+}
+
 /// A CA rotation driven through the operator's own loop against the
 /// fake API server: it generates the new root into `weft-ca-next`,
 /// writes `status.ca.rotation` under its own field manager over the
@@ -2519,32 +2579,9 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     use weft::api::{CaRotationPhase, Mesh};
     use weft::identity::{bundle_hash, bundle_of, fingerprint};
     use weft::meshstats::{MeshStats, ProxyCounts, Reading};
-    use weft::operator::carotations;
-    let mut h = harness().await;
-    put(&mut h.writers.namespaces, namespace("shop", true));
-    put(&mut h.writers.service_accounts, account("shop", "payments"));
-    let old =
-        MeshCa::generate("cluster.local", std::time::SystemTime::now(), CA_LIFETIME).expect("ca");
-    h.seed(
-        CA_PATH,
-        &json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "weft-ca", "namespace": "weft-system", "resourceVersion": "1"},
-            "data": {"ca.crt": b64(old.cert_pem()), "ca.key": b64(old.key_pem())}}),
-    );
-    let mesh = json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Mesh",
-        "metadata": {"name": "default", "generation": 2, "resourceVersion": "5"},
-        "spec": {"ca": {"rotation": {"id": "2027-q1"}}}});
-    h.seed(MESH_PATH, &mesh);
-    put(&mut h.writers.meshes, obj(mesh));
-    driver::recompile(&h.ctx).await;
-    ca::ensure(&h.ctx).await.expect("ensure");
-    h.reconcile("shop").await;
+    let (mut h, old) = rotation::shop(json!({"id": "2027-q1"})).await;
     let identity_path = "/api/v1/namespaces/shop/secrets/weft-identity-payments";
-    let text = |h: &Harness, path: &str, key: &str| -> String {
-        let s: Secret = h.stored(path).expect("secret");
-        String::from_utf8(s.data.expect("data")[key].0.clone()).expect("utf8")
-    };
-    let first_leaf = text(&h, identity_path, "tls.crt");
+    let first_leaf = rotation::text(&h, identity_path, "tls.crt");
 
     let stats = Arc::new(Mutex::new(MeshStats::default()));
     let report = |bundle: &str, root: &str| {
@@ -2574,34 +2611,12 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     };
     // One look: the status, then the CA re-read and every namespace
     // reconciled, then the watch delivering what was written.
-    let step = |h: &Harness| {
-        let (ctx, stats) = (h.ctx.clone(), stats.clone());
-        async move {
-            let wrote = carotations::look(&ctx, &stats).await.expect("look");
-            ca::ensure(&ctx).await.expect("ensure");
-            wrote
-        }
-    };
-    let sync = |h: &mut Harness| {
-        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
-        put(&mut h.writers.meshes, m);
-        h.sync_children(&["shop"]);
-    };
-    let phase = |h: &Harness| -> (CaRotationPhase, String) {
-        let m: Mesh = h.stored(MESH_PATH).expect("mesh");
-        let r = m
-            .status
-            .and_then(|s| s.ca)
-            .and_then(|c| c.rotation)
-            .expect("rotation");
-        (r.phase, r.message)
-    };
 
     // Start: the new root is generated once, into weft-ca-next.
     h.clear();
-    assert!(step(&h).await);
+    assert!(rotation::look(&h, &stats).await);
     let next_path = "/api/v1/namespaces/weft-system/secrets/weft-ca-next";
-    let next_pem = text(&h, next_path, "ca.crt");
+    let next_pem = rotation::text(&h, next_path, "ca.crt");
     let new_fp = fingerprint(&next_pem).expect("fp");
     let w: Vec<Seen> = h.writes();
     let status_write = w
@@ -2614,18 +2629,18 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     ));
     assert_eq!(status_write.body["metadata"]["resourceVersion"], "5");
     assert!(status_write.body["status"].get("conditions").is_none());
-    assert_eq!(phase(&h).0, CaRotationPhase::AddingRoot);
+    assert_eq!(rotation::status(&h).phase, CaRotationPhase::AddingRoot);
     assert_eq!(h.events()[0]["reason"], "CARotationStarted");
-    sync(&mut h);
+    rotation::sync(&mut h);
     h.reconcile("shop").await;
     let both = bundle_of(&[old.cert_pem(), &next_pem]);
     assert_eq!(
-        text(&h, identity_path, "ca.crt"),
+        rotation::text(&h, identity_path, "ca.crt"),
         both,
         "both roots trusted"
     );
     assert_eq!(
-        text(&h, identity_path, "tls.crt"),
+        rotation::text(&h, identity_path, "tls.crt"),
         first_leaf,
         "nothing re-issued yet"
     );
@@ -2634,18 +2649,23 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     // new root.
     let old_fp = fingerprint(old.cert_pem()).expect("fp");
     report_after(bundle_hash(&both), old_fp.clone()).await;
-    assert!(step(&h).await);
-    assert_eq!(phase(&h).0, CaRotationPhase::Reissuing, "{}", phase(&h).1);
-    sync(&mut h);
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::Reissuing,
+        "{}",
+        rotation::status(&h).message
+    );
+    rotation::sync(&mut h);
     h.reconcile("shop").await;
-    let reissued = text(&h, identity_path, "tls.crt");
+    let reissued = rotation::text(&h, identity_path, "tls.crt");
     assert_ne!(reissued, first_leaf);
     assert!(weft::identity::chains_to(
         &reissued,
         &next_pem,
         std::time::SystemTime::now()
     ));
-    sync(&mut h);
+    rotation::sync(&mut h);
 
     // The Mesh is replaced without its status (a GitOps replace, a
     // restore): nothing is issued (no bundle drops the new root that
@@ -2663,7 +2683,7 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     h.clear();
     h.reconcile("shop").await;
     assert!(!h.writes().iter().any(|w| w.path == identity_path));
-    assert!(step(&h).await);
+    assert!(rotation::look(&h, &stats).await);
     let m: Mesh = h.stored(MESH_PATH).expect("mesh");
     let rebuilt = m
         .status
@@ -2687,28 +2707,48 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
         .retry = 1;
     h.seed(MESH_PATH, &retried);
     put(&mut h.writers.meshes, retried);
-    assert!(step(&h).await);
-    assert_eq!(phase(&h).0, CaRotationPhase::Reissuing, "{}", phase(&h).1);
-    sync(&mut h);
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::Reissuing,
+        "{}",
+        rotation::status(&h).message
+    );
+    rotation::sync(&mut h);
 
     // Every Secret holds a new-root leaf; then the proxy presents it;
     // then it trusts the new root alone.
     report_after(bundle_hash(&both), old_fp.clone()).await;
-    assert!(step(&h).await);
-    assert_eq!(phase(&h).0, CaRotationPhase::Presenting, "{}", phase(&h).1);
-    sync(&mut h);
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::Presenting,
+        "{}",
+        rotation::status(&h).message
+    );
+    rotation::sync(&mut h);
     report_after(bundle_hash(&both), new_fp.clone()).await;
-    assert!(step(&h).await);
-    assert_eq!(phase(&h).0, CaRotationPhase::RemovingOld, "{}", phase(&h).1);
-    sync(&mut h);
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::RemovingOld,
+        "{}",
+        rotation::status(&h).message
+    );
+    rotation::sync(&mut h);
     h.reconcile("shop").await;
     let new_only = bundle_of(&[&next_pem]);
-    assert_eq!(text(&h, identity_path, "ca.crt"), new_only);
-    sync(&mut h);
+    assert_eq!(rotation::text(&h, identity_path, "ca.crt"), new_only);
+    rotation::sync(&mut h);
     report_after(bundle_hash(&new_only), new_fp.clone()).await;
     h.clear();
-    assert!(step(&h).await);
-    assert_eq!(phase(&h).0, CaRotationPhase::Complete, "{}", phase(&h).1);
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::Complete,
+        "{}",
+        rotation::status(&h).message
+    );
     // weft-ca holds the new root (an update over the version read), its
     // copy is gone, and the namespace's Secret does not change again.
     let puts: Vec<Seen> = h
@@ -2720,11 +2760,11 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     assert_eq!(puts[0].method, Method::PUT);
     assert!(puts[0].body["metadata"]["resourceVersion"].is_string());
     assert_eq!(
-        fingerprint(&text(&h, CA_PATH, "ca.crt")),
+        fingerprint(&rotation::text(&h, CA_PATH, "ca.crt")),
         Some(new_fp.clone())
     );
     assert!(h.stored::<Secret>(next_path).is_none());
-    sync(&mut h);
+    rotation::sync(&mut h);
     h.clear();
     h.reconcile("shop").await;
     assert!(
@@ -2733,5 +2773,119 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
         h.writes()
     );
     // Done: the loop has nothing more to write.
-    assert!(!step(&h).await);
+    assert!(!rotation::look(&h, &stats).await);
+}
+
+/// A rotation to a CA the user supplies: an intermediate under an
+/// offline root, as cert-manager writes a CA `Certificate` (`tls.crt`,
+/// `tls.key`, `ca.crt`). The rotation copies it into `weft-ca-next` when
+/// it begins and works from the copy, so the source re-keyed meanwhile
+/// (a renewal) changes nothing; the bundles hold the offline root, and
+/// every leaf carries the intermediate.
+#[tokio::test]
+async fn a_ca_rotation_to_a_users_intermediate_works_from_its_own_copy() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    use weft::api::CaRotationPhase;
+    use weft::identity::{bundle_hash, bundle_of, fingerprint, pem_blocks};
+    use weft::meshstats::{MeshStats, ProxyCounts, Reading};
+    let (mut h, old) = rotation::shop(json!({"id": "shop-2027",
+        "source": {"secretName": "shop-root", "anchorKey": "ca.crt"}}))
+    .await;
+    // The PKI team's offline root, and the issuer they hand the mesh.
+    let ca_params = |cn: &str| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = KeyPair::generate().expect("key");
+    let root = ca_params("shop offline root")
+        .self_signed(&root_key)
+        .expect("root");
+    let root_issuer = Issuer::new(ca_params("shop offline root"), root_key);
+    let issue_intermediate = || {
+        let key = KeyPair::generate().expect("key");
+        let cert = ca_params("shop mesh issuer")
+            .signed_by(&key, &root_issuer)
+            .expect("intermediate");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (inter, inter_key) = issue_intermediate();
+    let source_path = "/api/v1/namespaces/weft-system/secrets/shop-root";
+    let source = |cert: &str, key: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "shop-root", "namespace": "weft-system"},
+            "type": "kubernetes.io/tls",
+            "data": {"tls.crt": b64(cert), "tls.key": b64(key), "ca.crt": b64(&root.pem())}})
+    };
+    h.seed(source_path, &source(&inter, &inter_key));
+
+    let stats = Arc::new(Mutex::new(MeshStats::default()));
+    assert!(rotation::look(&h, &stats).await);
+    let r = rotation::status(&h);
+    let root_fp = fingerprint(&root.pem()).expect("fp");
+    assert_eq!(
+        (r.phase, r.new_root.as_str()),
+        (CaRotationPhase::AddingRoot, root_fp.as_str())
+    );
+    let next_path = "/api/v1/namespaces/weft-system/secrets/weft-ca-next";
+    assert_eq!(
+        fingerprint(&rotation::text(&h, next_path, "anchor.crt")),
+        Some(root_fp.clone()),
+        "the copy keeps the offline root apart from the issuer"
+    );
+    rotation::sync(&mut h);
+    h.reconcile("shop").await;
+    let identity_path = "/api/v1/namespaces/shop/secrets/weft-identity-payments";
+    let both = bundle_of(&[old.cert_pem(), &root.pem()]);
+    assert_eq!(
+        rotation::text(&h, identity_path, "ca.crt"),
+        both,
+        "the proxies trust the offline root"
+    );
+
+    // cert-manager renews the issuer with a new key: the rotation goes
+    // on from its copy.
+    let (renewed, renewed_key) = issue_intermediate();
+    h.seed(source_path, &source(&renewed, &renewed_key));
+    let old_fp = fingerprint(old.cert_pem()).expect("fp");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..2 {
+        let metrics = format!(
+            "weft_proxy_trust_bundle{{hash=\"{}\"}} 1\nweft_proxy_certificate_root{{fingerprint=\"{old_fp}\"}} 1\n",
+            bundle_hash(&both)
+        );
+        stats.lock().expect("stats").record(
+            std::time::SystemTime::now(),
+            vec![Reading {
+                id: ("shop".into(), "payments-0".into()),
+                counts: ProxyCounts::read("shop", &metrics),
+            }],
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotation::look(&h, &stats).await);
+    assert_eq!(
+        rotation::status(&h).phase,
+        CaRotationPhase::Reissuing,
+        "{}",
+        rotation::status(&h).message
+    );
+    rotation::sync(&mut h);
+    h.reconcile("shop").await;
+    // The leaf comes from the issuer copied when the rotation began, and
+    // carries it: peers that trust only the offline root verify it.
+    let leaf = rotation::text(&h, identity_path, "tls.crt");
+    let blocks = pem_blocks(&leaf);
+    assert_eq!(blocks.len(), 2, "the leaf, then the intermediate");
+    assert_eq!(fingerprint(&blocks[1]), fingerprint(&inter));
+    assert!(weft::identity::chains_to(
+        &leaf,
+        &root.pem(),
+        std::time::SystemTime::now()
+    ));
 }

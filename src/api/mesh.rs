@@ -246,6 +246,11 @@ pub struct CaRotationStatus {
     /// `gateTimeout`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// Reverting: since when every identity Secret holds a certificate
+    /// from the old root again; the proxies are judged from a while after
+    /// (kubelets that bring a Secret late).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_back_since: Option<Time>,
     /// Where the new root came from (absent: generated), fixed when the
     /// rotation began; either way the rotation works from its copy in
     /// `weft-ca-next`, never from a Secret the user may change.

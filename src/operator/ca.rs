@@ -30,6 +30,7 @@ use super::reconcile::{CaState, Ctx, Error};
 use crate::api::{CaRotationPhase, CaRotationStatus, CaSource, MESH_NAME, Mesh};
 use crate::identity::{
     CA_ANCHOR_KEY, CA_CERT_KEY, CA_KEY_KEY, CA_LIFETIME, CA_SECRET, MeshCa, bundle_of, fingerprint,
+    pem_blocks,
 };
 
 /// The Secret (in the control plane's namespace) that holds a root the
@@ -117,6 +118,15 @@ pub const EXPIRY_CONDITION: &str = "CARootExpiring";
 /// Returns whether the CA in use changed (every namespace then needs its
 /// identities re-issued).
 pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
+    // One at a time (the CA watch and the rotation both call it): what
+    // one stores is never older than what it replaces.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Read in the reverse of the order a rotation writes them (weft-ca,
+    // then weft-ca-next's marks, the Mesh's status, weft-ca-next's
+    // deletion): whatever a rotation wrote meanwhile, what is read of
+    // the later writes is never newer than what is read of the earlier.
+    let rotation = read_rotation(ctx).await?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
     let api_err = |action, source| Error::Api {
         action,
@@ -154,7 +164,7 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
         }
     };
     let next = match base {
-        CaState::Ready(plan) => with_rotation(ctx, plan.base.clone()).await?,
+        CaState::Ready(plan) => with_rotation(ctx, plan.base.clone(), rotation),
         other => other,
     };
     let changed = match (ctx.ca.load().as_ref(), &next) {
@@ -189,15 +199,14 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
 /// the rotation's old one, the new root's copy gone or changed, a copy
 /// in `weft-ca-next` whose rotation the status no longer shows) mints
 /// nothing: the Secrets stay as they are, and the proxies with them.
-async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
-    let meshes: Api<Mesh> = Api::all(ctx.client.clone());
-    let mesh = meshes.get_opt(MESH_NAME).await.map_err(|e| Error::Api {
-        action: "reading",
-        kind: "Mesh".into(),
-        namespace: String::new(),
-        name: MESH_NAME.into(),
-        source: e,
-    })?;
+/// What a rotation's plan is made from: `weft-ca-next`, and the
+/// rotation the Mesh's status shows.
+struct RotationState {
+    next: Option<Secret>,
+    shown: Option<CaRotationStatus>,
+}
+
+async fn read_rotation(ctx: &Ctx) -> Result<RotationState, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
     let next = secrets.get_opt(NEXT_SECRET).await.map_err(|e| Error::Api {
         action: "reading",
@@ -206,10 +215,23 @@ async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
         name: NEXT_SECRET.into(),
         source: e,
     })?;
+    let meshes: Api<Mesh> = Api::all(ctx.client.clone());
+    let mesh = meshes.get_opt(MESH_NAME).await.map_err(|e| Error::Api {
+        action: "reading",
+        kind: "Mesh".into(),
+        namespace: String::new(),
+        name: MESH_NAME.into(),
+        source: e,
+    })?;
     let shown = mesh
         .and_then(|m| m.status)
         .and_then(|s| s.ca)
         .and_then(|c| c.rotation);
+    Ok(RotationState { next, shown })
+}
+
+fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>, state: RotationState) -> CaState {
+    let RotationState { next, shown } = state;
     let rotation = shown
         .clone()
         .filter(|r| !r.phase.ended() && !r.new_root.is_empty());
@@ -222,36 +244,36 @@ async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
             && m.issued()
             && !shown.is_some_and(|r| r.id == m.id && r.phase.ended())
         {
-            return Ok(missing(format!(
+            return missing(format!(
                 "Secret {}/{NEXT_SECRET} holds the new root of CA rotation {}, which had reached \
                  {:?}, but the Mesh's status.ca.rotation no longer shows it (the Mesh replaced, \
                  or restored without its status): nothing is issued, so no bundle drops a root \
                  a proxy presents. The rotation's loop writes it back as Blocked; raise \
                  spec.ca.rotation.retry (with the same id) to go on",
                 ctx.control_namespace, m.id, m.phase
-            )));
+            ));
         }
-        return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
+        return CaState::Ready(Arc::new(TrustPlan::single(base)));
     };
     let stage = super::carotation::stage(&rotation);
     let base_root = fingerprint(base.anchor_pem()).unwrap_or_default();
     if base_root == rotation.new_root {
         if stage == CaRotationPhase::RemovingOld {
             // Promoted already (the status not yet written).
-            return Ok(CaState::Ready(Arc::new(TrustPlan::single(base))));
+            return CaState::Ready(Arc::new(TrustPlan::single(base)));
         }
-        return Ok(missing(format!(
+        return missing(format!(
             "Secret {}/{CA_SECRET} holds the new root {} of CA rotation {} while it is only in \
              {stage:?}: nothing is issued until the old root {} is back in it",
             ctx.control_namespace, rotation.new_root, rotation.id, rotation.old_root
-        )));
+        ));
     }
     if base_root != rotation.old_root {
-        return Ok(missing(format!(
+        return missing(format!(
             "Secret {}/{CA_SECRET} holds root {base_root}, not the old root {} of CA rotation {}: \
              nothing is issued until it is back",
             ctx.control_namespace, rotation.old_root, rotation.id
-        )));
+        ));
     }
     let new = next
         .as_ref()
@@ -281,22 +303,22 @@ async fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>) -> Result<CaState, Error> {
         rotation.new_root_certificate.clone()
     };
     if fingerprint(&new_root).as_deref() != Some(rotation.new_root.as_str()) {
-        return Ok(missing(format!(
+        return missing(format!(
             "CA rotation {} cannot tell its new root {}: {}",
             rotation.id,
             rotation.new_root,
             new.err()
                 .unwrap_or_else(|| "the status holds another certificate".into())
-        )));
+        ));
     }
     let why = new.as_ref().err().cloned();
     match TrustPlan::rotating(base, new.ok(), &new_root, &rotation) {
-        Ok(plan) => Ok(CaState::Ready(Arc::new(plan))),
-        Err(e) => Ok(missing(format!(
+        Ok(plan) => CaState::Ready(Arc::new(plan)),
+        Err(e) => missing(format!(
             "{e} ({}); nothing is issued until it can be, or abort the rotation (certificates \
              go back to the old root without the new key)",
             why.unwrap_or_default()
-        ))),
+        )),
     }
 }
 
@@ -338,6 +360,20 @@ impl Marker {
             CaRotationPhase::AddingRoot | CaRotationPhase::Complete | CaRotationPhase::Aborted
         )
     }
+}
+
+/// The root of the rotation's copy in `weft-ca-next` (PEM), read
+/// without its key.
+pub fn next_root(secret: &Secret) -> Option<String> {
+    let text = |k: &str| {
+        secret
+            .data
+            .as_ref()?
+            .get(k)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+    };
+    let root = text(CA_ANCHOR_KEY).or_else(|| text(CA_CERT_KEY))?;
+    pem_blocks(&root).into_iter().next()
 }
 
 /// The rotation's copy of its new CA, in `weft-ca-next`.
@@ -606,11 +642,10 @@ pub fn condition(state: &CaState) -> (bool, &'static str, String) {
     }
 }
 
-/// When the root in `weft-ca` expires.
+/// When the CA in `weft-ca` expires: its root, or an intermediate it
+/// issues under, whichever is first.
 fn root_expiry(plan: &TrustPlan) -> Option<SystemTime> {
-    crate::identity::inspect_pem(plan.base.anchor_pem())
-        .ok()
-        .map(|i| i.not_after)
+    plan.base.expires()
 }
 
 /// The Mesh's `CARootExpiring` condition: True (a warning) once the
@@ -631,8 +666,9 @@ pub fn expiry_condition(
             true,
             reason::EXPIRED,
             format!(
-                "the mesh root expired at {at}: no proxy accepts its certificates; rotate it \
-                 (spec.ca.rotation)"
+                "the mesh CA expired at {at} (its root, or an intermediate it issues under): \
+                 clients outside the mesh refuse its certificates, and proxies too once an \
+                 intermediate expired; rotate it (spec.ca.rotation)"
             ),
         )
     } else if expires.duration_since(now).unwrap_or_default() <= warning {
@@ -640,8 +676,8 @@ pub fn expiry_condition(
             true,
             reason::EXPIRES_SOON,
             format!(
-                "the mesh root expires at {at}, within spec.ca.expiryWarning ({}h): rotate it \
-                 with spec.ca.rotation before then",
+                "the mesh CA expires at {at} (its root, or an intermediate it issues under), \
+                 within spec.ca.expiryWarning ({}h): rotate it with spec.ca.rotation before then",
                 warning.as_secs() / 3600
             ),
         )
@@ -649,7 +685,7 @@ pub fn expiry_condition(
         (
             false,
             reason::NOT_SOON,
-            format!("the mesh root expires at {at}"),
+            format!("the mesh CA expires at {at}"),
         )
     })
 }

@@ -56,18 +56,20 @@ pub mod reason {
 /// How many names a status or Event carries.
 pub const MAX_NAMES: usize = 20;
 
-/// The least time Reverting waits before its gate can pass. Its
-/// evidence (a proxy presenting the old root) also held before any
-/// proxy took a new-root certificate, so a proxy whose kubelet brings the
-/// new-root Secret late would pass for reverted: this covers the
-/// kubelet's sync period (1 min by default) and its Secret cache.
+/// How long Reverting waits, once every identity Secret is back on the
+/// old root, before it believes the proxies. Its evidence (a proxy
+/// presenting the old root) also held before any proxy took a new-root
+/// certificate, so a proxy whose kubelet brings the new-root Secret late
+/// would pass for reverted: this covers the kubelet's sync period (1 min
+/// by default) and its Secret cache.
 pub const REVERT_SETTLE: Duration = Duration::from_secs(150);
 
 /// The rejection reasons that stop a rotation: a peer's chain that
-/// reaches no trusted root (`unknown-ca`), or whose root or intermediate
-/// is not valid yet or forbids the use (`not-yet-valid`,
-/// `bad-certificate`): what a rotation can cause.
-pub const BLOCKING_REASONS: [&str; 3] = ["unknown-ca", "not-yet-valid", "bad-certificate"];
+/// reaches no trusted root (`unknown-ca`), or whose intermediate is not
+/// valid (yet, or any more) or forbids the use (`not-yet-valid`,
+/// `expired`, `bad-certificate`): what a rotation can cause.
+pub const BLOCKING_REASONS: [&str; 4] =
+    ["unknown-ca", "not-yet-valid", "bad-certificate", "expired"];
 
 /// Which root issues the workload certificates, and which roots every
 /// trust bundle holds, in a phase.
@@ -448,13 +450,30 @@ pub fn step(
     let (mut passed, mut waiting, mut what) = gate(next.phase, ev);
     let since = system(&next.since);
     let waited = now.duration_since(since).unwrap_or_default();
-    if passed && next.phase == CaRotationPhase::Reverting && waited < REVERT_SETTLE {
-        passed = false;
-        waiting = Vec::new();
-        what = format!(
-            "every proxy presents the old root; waiting {}s in all for late kubelet syncs",
-            REVERT_SETTLE.as_secs()
-        );
+    if next.phase == CaRotationPhase::Reverting {
+        let secrets_back = ev.read
+            && ev
+                .secrets
+                .values()
+                .all(|r| r.as_deref() == Some(ev.roots.old.as_str()));
+        if !secrets_back {
+            next.secrets_back_since = None;
+        } else if next.secrets_back_since.is_none() {
+            next.secrets_back_since = Some(time(now));
+        }
+        let settled = next
+            .secrets_back_since
+            .as_ref()
+            .is_some_and(|t| now.duration_since(system(t)).unwrap_or_default() >= REVERT_SETTLE);
+        if passed && !settled {
+            passed = false;
+            waiting = Vec::new();
+            what = format!(
+                "every identity Secret and proxy is back on the old root; the proxies are judged \
+                 again {}s after the Secrets were, for kubelets that bring a Secret late",
+                REVERT_SETTLE.as_secs()
+            );
+        }
     }
     let timeout = same.map_or(Duration::MAX, |s| s.gate_timeout.as_std());
     // Abort moves on too: through Reverting, or on past a refusal.
@@ -472,6 +491,7 @@ pub fn step(
         next.phase = to;
         next.since = time(now);
         next.waiting_on.clear();
+        next.secrets_back_since = None;
         next.message = match to {
             CaRotationPhase::Reissuing => {
                 "every proxy trusts both roots: issuing every certificate from the new one".into()
@@ -621,6 +641,7 @@ fn start(
         new_root_certificate: String::new(),
         new_root_expires: None,
         paused: false,
+        secrets_back_since: None,
         source: spec.source.clone(),
     };
     let not_yet = |mut status: CaRotationStatus, why: String| {

@@ -90,53 +90,50 @@ pub async fn look(ctx: &Ctx, stats: &SharedStats) -> Result<bool, String> {
         .and_then(|s| s.ca.as_ref())
         .and_then(|c| c.rotation.as_ref());
     let under_way = current.filter(|c| !c.phase.ended());
-    if spec.is_none() && current.is_none() {
-        return Ok(false);
-    }
+    let begun = under_way.filter(|c| !c.new_root.is_empty());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.control_namespace);
     let next_secret = secrets
         .get_opt(NEXT_SECRET)
         .await
         .map_err(|e| format!("reading {NEXT_SECRET}: {e}"))?;
     let marker = next_secret.as_ref().and_then(Marker::of);
+    let ended_here = |m: &Marker| current.is_some_and(|c| c.id == m.id && c.phase.ended());
 
+    // A rotation that issued from its new root, which the status no
+    // longer shows (whatever the spec says now): written back as Blocked
+    // where it stood, once; the CA mints nothing meanwhile.
+    if let Some(m) = marker.as_ref().filter(|m| m.issued() && !ended_here(m))
+        && begun.is_none()
+    {
+        let lost = lost_status(m, next_secret.as_ref(), spec, SystemTime::now());
+        if write(ctx, &mesh, &lost, None).await? {
+            tracing::warn!(rotation = %m.id, "{}", lost.message);
+            ctx.event(
+                mesh.as_ref(),
+                true,
+                carotation::reason::BLOCKED,
+                "RotateCA",
+                lost.message,
+            )
+            .await;
+        }
+        return Ok(true);
+    }
     // The copy of an ended rotation's new root goes (its deletion may
     // have failed when it ended).
-    if let (Some(c), Some(m)) = (current.filter(|c| c.phase.ended()), &marker)
-        && c.id == m.id
-    {
+    if marker.as_ref().is_some_and(ended_here) {
         delete_next(ctx).await;
-        return Ok(false);
-    }
-    if spec.is_some_and(|s| current.is_some_and(|c| c.id == s.id && c.phase.ended())) {
         return Ok(false);
     }
     if spec.is_none() && under_way.is_none() {
         return Ok(false);
     }
+    if spec.is_some_and(|s| current.is_some_and(|c| c.id == s.id && c.phase.ended())) {
+        return Ok(false);
+    }
 
     let base = ca::read_base(ctx).await?;
     let now = SystemTime::now();
-    let begun = under_way.filter(|c| !c.new_root.is_empty());
-
-    // A rotation that issued from its new root, which the status no
-    // longer shows: written back as Blocked where it stood.
-    if let Some(m) = marker.as_ref().filter(|m| m.issued())
-        && begun.is_none_or(|c| c.id != m.id)
-    {
-        let lost = lost_status(m, next_secret.as_ref(), spec.map_or(0, |s| s.retry), now);
-        write(ctx, &mesh, &lost, None).await?;
-        tracing::warn!(rotation = %m.id, "{}", lost.message);
-        ctx.event(
-            mesh.as_ref(),
-            true,
-            carotation::reason::BLOCKED,
-            "RotateCA",
-            lost.message,
-        )
-        .await;
-        return Ok(true);
-    }
 
     let mut ev = Evidence {
         base_root: fingerprint(base.anchor_pem()).unwrap_or_default(),
@@ -270,22 +267,25 @@ async fn write(
     }
 }
 
-/// A rotation's status rebuilt from the marks on its new root's copy.
-fn lost_status(m: &Marker, next: Option<&Secret>, retry: u32, now: SystemTime) -> CaRotationStatus {
-    let root = next
-        .and_then(|s| ca::next_material(s, &m.id).ok())
-        .map(|ca| ca.anchor_pem().to_owned())
-        .unwrap_or_default();
+/// A rotation's status rebuilt from the marks on its new root's copy
+/// (its root read without its key). A retry already in the spec for this
+/// id does not count: the next raise does.
+fn lost_status(
+    m: &Marker,
+    next: Option<&Secret>,
+    spec: Option<&CaRotation>,
+    now: SystemTime,
+) -> CaRotationStatus {
+    let root = next.and_then(ca::next_root).unwrap_or_default();
     CaRotationStatus {
         id: m.id.clone(),
         phase: CaRotationPhase::Blocked,
         since: carotation::time(now),
         blocked_in: Some(m.phase),
-        // A retry asked for before the loss does not count.
-        retry,
+        retry: spec.filter(|s| s.id == m.id).map_or(0, |s| s.retry),
         message: format!(
             "the status of rotation {} was lost while it was in {:?} (the Mesh replaced, or \
-             restored without its status); rebuilt from Secret {NEXT_SECRET}. Nothing was \
+             restored without its status); rebuilt from Secret {NEXT_SECRET}. Nothing is \
              issued meanwhile. Set spec.ca.rotation.id to {} and raise its retry to go on from \
              {:?}, or abort it",
             m.id, m.phase, m.id, m.phase
@@ -296,6 +296,7 @@ fn lost_status(m: &Marker, next: Option<&Secret>, retry: u32, now: SystemTime) -
         new_root_certificate: root,
         new_root_expires: None,
         paused: false,
+        secrets_back_since: None,
         source: None,
     }
 }

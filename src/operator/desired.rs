@@ -603,6 +603,7 @@ mod tests {
             new_root_certificate: String::new(),
             new_root_expires: None,
             paused: false,
+            secrets_back_since: None,
             source: None,
         };
         let at = |phase| {

@@ -427,11 +427,18 @@ fn abort_drops_an_unused_root_at_once_reverts_an_issued_one_and_is_refused_late(
         let settling = step(Some(&abort), Some(&waiting.status), &e, at(30)).expect("settles");
         assert_eq!(settling.status.phase, Reverting);
         assert!(
-            settling.status.message.contains("late kubelet syncs"),
+            settling.status.message.contains("bring a Secret late"),
             "{}",
             settling.status.message
         );
-        let done = step(Some(&abort), Some(&settling.status), &e, at(10 + 151)).expect("done");
+        assert_eq!(settling.status.secrets_back_since, Some(time(at(30))));
+        // Counted from when the Secrets were back, not from the phase's
+        // start (re-issuing a large mesh takes a while).
+        assert_eq!(
+            step(Some(&abort), Some(&settling.status), &e, at(170)),
+            None
+        );
+        let done = step(Some(&abort), Some(&settling.status), &e, at(30 + 150)).expect("done");
         assert_eq!(done.status.phase, Aborted);
         assert!(!done.promote);
     }
