@@ -68,6 +68,9 @@ pub const CA_KEY_KEY: &str = "ca.key";
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates are valid from a little before issue, for clock skew.
 const BACKDATE: Duration = Duration::from_secs(300);
+/// The shortest life a leaf is issued with (under an intermediate about
+/// to expire, none is).
+const MIN_LEAF_LIFE: Duration = Duration::from_secs(3600);
 
 /// A workload identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -292,22 +295,11 @@ impl MeshCa {
         let chain: Vec<&String> = certs.iter().filter(|c| fp(c) != fp(&anchor)).collect();
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(first, key)?;
-        // Proxies hold a root to no dates (webpki does not check a
-        // trust anchor's), but every intermediate must be valid now.
-        let now = SystemTime::now();
+        // Leaves never outlive the intermediates they carry (proxies hold
+        // a root to no dates, as webpki does not check a trust anchor's).
         let mut chain_not_after = None;
         for c in &chain {
             let info = inspect_pem(c)?;
-            if info.not_after <= now {
-                return Err(IdentityError::Parse(
-                    "an intermediate of the CA certificate has expired".into(),
-                ));
-            }
-            if info.not_before > now + BACKDATE {
-                return Err(IdentityError::Parse(
-                    "an intermediate of the CA certificate is not valid yet".into(),
-                ));
-            }
             chain_not_after =
                 Some(chain_not_after.map_or(info.not_after, |t: SystemTime| t.min(info.not_after)));
         }
@@ -370,6 +362,34 @@ impl MeshCa {
     /// The root its leaves chain to.
     pub fn anchor_pem(&self) -> &str {
         &self.anchor_pem
+    }
+
+    /// Whether the intermediates it issues under are valid at `now` and
+    /// will be for `margin` more: asked of a CA about to be rotated to.
+    /// (A CA already in use loads whatever its dates, so a rotation away
+    /// from it can run; it only stops issuing, [`MeshCa::issue`].)
+    pub fn usable_for(&self, now: SystemTime, margin: Duration) -> Result<(), IdentityError> {
+        for c in pem_blocks(&self.chain_pem) {
+            let info = inspect_pem(&c)?;
+            if info.not_before > now + BACKDATE {
+                return Err(IdentityError::Parse(
+                    "an intermediate of the CA certificate is not valid yet".into(),
+                ));
+            }
+            if info.not_after <= now + margin {
+                return Err(IdentityError::Parse(format!(
+                    "an intermediate of the CA certificate expires within {}h",
+                    margin.as_secs() / 3600
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The intermediates every leaf it issues carries (none under a
+    /// root), as PEM blocks.
+    pub fn chain(&self) -> Vec<String> {
+        pem_blocks(&self.chain_pem)
     }
 
     /// When the CA stops being usable: the earliest expiry of its root
@@ -449,6 +469,17 @@ impl MeshCa {
         params.use_authority_key_identifier_extension = true;
         let not_before = now - BACKDATE;
         let not_after = match self.chain_not_after {
+            // Too little left to be worth a leaf: nothing is issued (a
+            // leaf cut shorter each time would be re-issued ever faster).
+            Some(limit) if limit <= now + MIN_LEAF_LIFE => {
+                return Err(IdentityError::Parse(format!(
+                    "an intermediate of the mesh CA expires at {}: nothing more can be issued \
+                     from it; rotate to another CA",
+                    k8s_openapi::jiff::Timestamp::try_from(limit)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                )));
+            }
             Some(limit) => (now + lifetime).min(limit),
             None => now + lifetime,
         };
@@ -946,6 +977,61 @@ mod tests {
             MeshCa::generate("cluster.local", long_ago, Duration::from_secs(600)).expect("ca");
         assert!(MeshCa::from_pem(expired.cert_pem(), other.key_pem()).is_err());
     }
+
+    #[test]
+    fn leaves_never_outlive_their_intermediate_and_none_is_issued_near_its_end() {
+        let t = now();
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut root_params = CertificateParams::default();
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, "root");
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = root_params.self_signed(&root_key).expect("root");
+        let root_issuer = Issuer::new(root_params, root_key);
+        let intermediate = |life: Duration| {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, "issuer");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            p.not_before = offset(t - Duration::from_secs(86400));
+            p.not_after = offset(t + life);
+            let cert = p.signed_by(&key, &root_issuer).expect("intermediate");
+            MeshCa::from_parts(&cert.pem(), &key.serialize_pem(), Some(&root.pem()))
+        };
+        let id = SpiffeId::new("cluster.local", "shop", "cart");
+        // Ten hours left: a day's leaf is cut to them.
+        let ca = intermediate(Duration::from_secs(10 * 3600)).expect("loads");
+        let leaf = ca.issue(&id, t, DAY_FOR_TESTS).expect("leaf");
+        let life = leaf.not_after.duration_since(t).expect("later").as_secs();
+        assert!((10 * 3600 - 2..=10 * 3600).contains(&life), "{life}");
+        assert!(
+            ca.usable_for(t, DAY_FOR_TESTS).is_err(),
+            "not worth rotating to"
+        );
+        assert!(ca.usable_for(t, Duration::from_secs(3600)).is_ok());
+        // Half an hour left: nothing is issued; expired: it still loads
+        // (a rotation away from it must run), and issues nothing.
+        let err = intermediate(Duration::from_secs(1800))
+            .expect("loads")
+            .issue(&id, t, DAY_FOR_TESTS)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("nothing more can be issued"),
+            "{err}"
+        );
+        let expired = intermediate(Duration::ZERO).expect("an expired intermediate loads");
+        assert!(expired.issue(&id, t, DAY_FOR_TESTS).is_err());
+        assert!(
+            expired
+                .expires()
+                .is_some_and(|e| e <= t + Duration::from_secs(1))
+        );
+    }
+
+    const DAY_FOR_TESTS: Duration = Duration::from_secs(24 * 3600);
 
     #[test]
     fn a_bundle_is_written_one_way_so_its_hash_is_stable() {

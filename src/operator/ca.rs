@@ -193,12 +193,6 @@ pub async fn ensure(ctx: &Ctx) -> Result<bool, Error> {
     Ok(changed)
 }
 
-/// The plan the Mesh's rotation (read from the API server, not the
-/// cache, so a phase just written is the one put in force) asks of
-/// `base`. Whatever does not add up (weft-ca holding another root than
-/// the rotation's old one, the new root's copy gone or changed, a copy
-/// in `weft-ca-next` whose rotation the status no longer shows) mints
-/// nothing: the Secrets stay as they are, and the proxies with them.
 /// What a rotation's plan is made from: `weft-ca-next`, and the
 /// rotation the Mesh's status shows.
 struct RotationState {
@@ -230,6 +224,12 @@ async fn read_rotation(ctx: &Ctx) -> Result<RotationState, Error> {
     Ok(RotationState { next, shown })
 }
 
+/// The plan the Mesh's rotation (read from the API server, not the
+/// cache, so a phase just written is the one put in force) asks of
+/// `base`. Whatever does not add up (weft-ca holding another root than
+/// the rotation's old one, the new root's copy gone or changed, a copy
+/// in `weft-ca-next` whose rotation the status no longer shows) mints
+/// nothing: the Secrets stay as they are, and the proxies with them.
 fn with_rotation(ctx: &Ctx, base: Arc<MeshCa>, state: RotationState) -> CaState {
     let RotationState { next, shown } = state;
     let rotation = shown
@@ -677,7 +677,9 @@ pub fn expiry_condition(
             reason::EXPIRES_SOON,
             format!(
                 "the mesh CA expires at {at} (its root, or an intermediate it issues under), \
-                 within spec.ca.expiryWarning ({}h): rotate it with spec.ca.rotation before then",
+                 within spec.ca.expiryWarning ({}h): rotate it with spec.ca.rotation before then \
+                 (for a renewed intermediate under the same root, replace ca.crt and ca.key of \
+                 weft-ca with it instead)",
                 warning.as_secs() / 3600
             ),
         )

@@ -281,6 +281,7 @@ pub fn step(
             next.blocked_in = None;
             next.since = time(now);
             next.waiting_on.clear();
+            next.secrets_back_since = None;
             next.message = format!("retried: {:?} starts over", next.phase);
             // What was gathered was for the phase as it stood: the next
             // look reads it afresh.
@@ -404,6 +405,7 @@ pub fn step(
         next.blocked_in = Some(next.phase);
         next.phase = CaRotationPhase::Blocked;
         next.since = time(now);
+        next.secrets_back_since = None;
         next.message = message;
         next.waiting_on = who;
         Some((reason::BLOCKED, next.message.clone(), true))
@@ -436,8 +438,8 @@ pub fn step(
         let total: u64 = ev.refused.values().sum();
         let (who, more) = names(ev.refused.keys());
         let message = format!(
-            "blocked in {:?}: {total} TLS handshakes were refused (unknown-ca, not-yet-valid or \
-             bad-certificate), by {}{more}. A proxy presents a certificate from a root its peer \
+            "blocked in {:?}: {total} TLS handshakes were refused (unknown-ca, not-yet-valid, \
+             expired or bad-certificate), by {}{more}. A proxy presents a certificate from a root its peer \
              does not trust yet, or one its peer cannot use: find it (its bundle hash is not \
              the others'), fix it, then raise spec.ca.rotation.retry",
             next.phase,

@@ -285,8 +285,8 @@ fn lost_status(
         retry: spec.filter(|s| s.id == m.id).map_or(0, |s| s.retry),
         message: format!(
             "the status of rotation {} was lost while it was in {:?} (the Mesh replaced, or \
-             restored without its status); rebuilt from Secret {NEXT_SECRET}. Nothing is \
-             issued meanwhile. Set spec.ca.rotation.id to {} and raise its retry to go on from \
+             restored without its status); rebuilt from Secret {NEXT_SECRET}, and nothing \
+             was issued while it was lost. Set spec.ca.rotation.id to {} and raise its retry to go on from \
              {:?}, or abort it",
             m.id, m.phase, m.id, m.phase
         ),
@@ -327,8 +327,15 @@ async fn prepare(
 ) -> Result<MeshCa, String> {
     let at = format!("Secret {}/{NEXT_SECRET}", ctx.control_namespace);
     let marker = existing.and_then(Marker::of);
+    // A CA to rotate to must be able to issue for a good while.
+    let ttl = ctx.snapshot.load().mesh.certificates.workload_ttl.as_std();
+    let usable = |ca: MeshCa| -> Result<MeshCa, String> {
+        ca.usable_for(SystemTime::now(), ttl)
+            .map_err(|e| format!("the new CA cannot be used: {e}"))?;
+        Ok(ca)
+    };
     if marker.as_ref().is_some_and(|m| m.id == spec.id) {
-        return ca::next_material(existing.expect("marked"), &spec.id);
+        return ca::next_material(existing.expect("marked"), &spec.id).and_then(usable);
     }
     if let Some(m) = marker.as_ref().filter(|m| m.issued()) {
         let meshes: Api<Mesh> = Api::all(ctx.client.clone());
@@ -347,7 +354,7 @@ async fn prepare(
         }
     }
     let new = match &spec.source {
-        Some(source) => ca::read_source(ctx, source).await?,
+        Some(source) => usable(ca::read_source(ctx, source).await?)?,
         None => {
             let trust_domain = ctx.snapshot.load().mesh.trust_domain.clone();
             MeshCa::generate(&trust_domain, SystemTime::now(), CA_LIFETIME)

@@ -21,6 +21,7 @@ use crate::config::{
 use crate::identity::{
     CA_CERT_KEY, IDENTITY_SECRET_PREFIX, IdentityError, LEGACY_IDENTITY_SECRET, SpiffeId,
     TLS_CERT_KEY, TLS_KEY_KEY, bundle_hash, chains_to, identity_secret_name, inspect_pem,
+    pem_blocks,
 };
 
 /// The field manager of everything the operator writes.
@@ -262,6 +263,10 @@ pub fn identity(
             .ok()
             .filter(|info| info.spiffe_id().as_ref() == Some(&id) && now < info.renew_at())
             .filter(|_| chains_to(cert, ca.anchor_pem(), now))
+            // Carries the chain the CA issues under now: a leaf from an
+            // intermediate since replaced under the same root is
+            // re-issued at once.
+            .filter(|_| pem_blocks(cert).get(1..) == Some(ca.chain().as_slice()))
             .map(|info| (cert.clone(), key.clone(), info.renew_at(), info.not_after)),
         _ => None,
     };
