@@ -1446,6 +1446,21 @@ impl Harness {
     }
 }
 
+/// [`payments_rollout`] from Preparing, its proxy reporting `plaintext`
+/// connections so far, reconciled once (the window opens); and the
+/// compiled generation.
+async fn payments_window_opened(plaintext: u64) -> (Harness, String) {
+    let h = payments_rollout(
+        json!({"phase": "Preparing", "phaseSince": "2020-01-01T00:00:00Z",
+            "observedGeneration": 1}),
+    )
+    .await;
+    let generation = h.compiled_generation("payments");
+    h.payments_proxy_reports(&generation, plaintext);
+    h.reconcile("payments").await;
+    (h, generation)
+}
+
 fn rollout_reason(status: &Value) -> String {
     status["conditions"]
         .as_array()
@@ -1463,14 +1478,7 @@ fn rollout_reason(status: &Value) -> String {
 /// window, not those of the first look after.)
 #[tokio::test]
 async fn plaintext_right_after_the_window_opens_is_seen() {
-    let mut h = payments_rollout(
-        json!({"phase": "Preparing", "phaseSince": "2020-01-01T00:00:00Z",
-            "observedGeneration": 1}),
-    )
-    .await;
-    let generation = h.compiled_generation("payments");
-    h.payments_proxy_reports(&generation, 5);
-    h.reconcile("payments").await;
+    let (mut h, generation) = payments_window_opened(5).await;
     let st = h.the_payments_status();
     assert_eq!(st["phase"], "Observing");
     assert_eq!(rollout_reason(&st), "Observing");
@@ -1484,6 +1492,35 @@ async fn plaintext_right_after_the_window_opens_is_seen() {
     assert_eq!(st["phase"], "Observing");
     assert_eq!(rollout_reason(&st), "PlaintextSeen", "{:#}", st);
     assert!(st["blockers"].to_string().contains("10.9.9.9"), "{:#}", st);
+}
+
+/// A CA that cannot be used for a while (a rotation that does not add
+/// up, `weft-ca` unreadable) mints nothing and leaves every Secret as it
+/// is: a rollout under way goes on judging the proxies against the bundle
+/// those Secrets carry, instead of reading every proxy as distrusting the
+/// CA and starting over from Preparing.
+#[tokio::test]
+async fn a_rollout_keeps_its_phase_while_the_ca_cannot_be_used() {
+    let (mut h, _) = payments_window_opened(0).await;
+    assert_eq!(h.the_payments_status()["phase"], "Observing");
+    h.sync_payments_policy();
+    h.sync_children(&["payments"]);
+    h.ctx.ca.store(Arc::new(CaState::Missing {
+        reason: "RotationInconsistent",
+        message: "weft-ca holds another root".into(),
+    }));
+    h.clear();
+    h.reconcile("payments").await;
+    let statuses = h.payments_statuses();
+    assert!(
+        statuses.iter().all(|st| st["phase"] == "Observing"),
+        "{statuses:#?}"
+    );
+    assert!(
+        !h.writes().iter().any(|w| w.path.contains("/secrets/")),
+        "nothing minted: {:#?}",
+        h.writes()
+    );
 }
 
 /// A replica that starts (or takes over) holds no counters from the

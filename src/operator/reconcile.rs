@@ -687,9 +687,12 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             }
             bundle_hash(&plan.bundle)
         }
-        // Without a CA nothing is minted; the Secret the namespace holds
-        // stays as it is, and the Mesh status says why.
-        CaState::Missing { .. } | CaState::Unknown => String::new(),
+        // Without a CA nothing is minted; the Secrets the namespace holds
+        // stay as they are, and the Mesh status says why. An mTLS rollout
+        // goes on judging against the bundle they all carry (what the
+        // proxies hold and will keep holding), rather than read every
+        // proxy as distrusting a CA that is merely not readable now.
+        CaState::Missing { .. } | CaState::Unknown => held_bundle(ctx, &name),
     };
 
     match write_mtls_status(ns, ctx, &snap, Some(&bundle), now).await {
@@ -710,6 +713,41 @@ async fn reconcile_inner(ns: &Namespace, ctx: &Ctx) -> Result<Action, Error> {
             }
             Err(first)
         }
+    }
+}
+
+/// The trust bundle hash every identity Secret of namespace `ns` carries
+/// (their [`desired::BUNDLE_HASH_ANNOTATION`]), or empty when they do not
+/// agree (or there are none): then no proxy passes a rollout's "trusts
+/// the current CA" gate.
+fn held_bundle(ctx: &Ctx, ns: &str) -> String {
+    let mut hashes = ctx
+        .world
+        .secrets
+        .state()
+        .into_iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(ns)
+                && s.name_any()
+                    .starts_with(crate::identity::IDENTITY_SECRET_PREFIX)
+                && s.labels()
+                    .get(desired::MANAGED_BY_LABEL)
+                    .map(String::as_str)
+                    == Some(desired::MANAGED_BY)
+        })
+        .map(|s| {
+            s.annotations()
+                .get(desired::BUNDLE_HASH_ANNOTATION)
+                .cloned()
+                .unwrap_or_default()
+        });
+    let Some(first) = hashes.next() else {
+        return String::new();
+    };
+    if hashes.all(|h| h == first) {
+        first
+    } else {
+        String::new()
     }
 }
 
