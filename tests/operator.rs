@@ -2585,6 +2585,17 @@ mod rotation {
         wrote
     }
 
+    /// One look that writes, after which the rotation is in `phase`.
+    pub async fn moves_to(
+        h: &Harness,
+        stats: &weft::meshstats::SharedStats,
+        phase: weft::api::CaRotationPhase,
+    ) {
+        assert!(look(h, stats).await);
+        let s = status(h);
+        assert_eq!(s.phase, phase, "{}", s.message);
+    }
+
     pub fn sync(h: &mut Harness) {
         let m: Mesh = h.stored(MESH_PATH).expect("mesh");
         put(&mut h.writers.meshes, m);
@@ -2686,13 +2697,7 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     // new root.
     let old_fp = fingerprint(old.cert_pem()).expect("fp");
     report_after(bundle_hash(&both), old_fp.clone()).await;
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::Reissuing,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::Reissuing).await;
     rotation::sync(&mut h);
     h.reconcile("shop").await;
     let reissued = rotation::text(&h, identity_path, "tls.crt");
@@ -2744,34 +2749,16 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
         .retry = 1;
     h.seed(MESH_PATH, &retried);
     put(&mut h.writers.meshes, retried);
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::Reissuing,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::Reissuing).await;
     rotation::sync(&mut h);
 
     // Every Secret holds a new-root leaf; then the proxy presents it;
     // then it trusts the new root alone.
     report_after(bundle_hash(&both), old_fp.clone()).await;
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::Presenting,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::Presenting).await;
     rotation::sync(&mut h);
     report_after(bundle_hash(&both), new_fp.clone()).await;
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::RemovingOld,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::RemovingOld).await;
     rotation::sync(&mut h);
     h.reconcile("shop").await;
     let new_only = bundle_of(&[&next_pem]);
@@ -2779,13 +2766,7 @@ async fn a_ca_rotation_walks_its_phases_through_the_api_and_promotes_the_new_roo
     rotation::sync(&mut h);
     report_after(bundle_hash(&new_only), new_fp.clone()).await;
     h.clear();
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::Complete,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::Complete).await;
     // weft-ca holds the new root (an update over the version read), its
     // copy is gone, and the namespace's Secret does not change again.
     let puts: Vec<Seen> = h
@@ -2905,13 +2886,7 @@ async fn a_ca_rotation_to_a_users_intermediate_works_from_its_own_copy() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(rotation::look(&h, &stats).await);
-    assert_eq!(
-        rotation::status(&h).phase,
-        CaRotationPhase::Reissuing,
-        "{}",
-        rotation::status(&h).message
-    );
+    rotation::moves_to(&h, &stats, CaRotationPhase::Reissuing).await;
     rotation::sync(&mut h);
     h.reconcile("shop").await;
     // The leaf comes from the issuer copied when the rotation began, and
